@@ -1,0 +1,200 @@
+"""Distributed start-up: torch.distributed, Megatron's parallel state, seeds.
+
+:func:`initialize` is the single entry point every command uses. It reads the torchrun environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; a plain ``python``
+process is a world of one), picks NCCL when CUDA is present and gloo plus
+:mod:`megatron_renio.cpu_backend` otherwise, builds Megatron's tensor / pipeline / data-parallel
+groups (virtual pipeline off; DP = world / (TP x PP)) and seeds every generator the way
+Megatron-LM does. Layout errors are reported as one-line :class:`UserInputError` before any
+collective that could hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from megatron_renio import cpu_backend
+from megatron_renio.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The parallel layout: TP and PP sizes; DP is derived from the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self) -> None:
+        for flag, value in (
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise UserInputError(f"{flag} must be an integer >= 1, got {value!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise UserInputError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise UserInputError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                f"{self.pipeline_model_parallel_size} = {model_parallel}"
+            )
+        return world_size // model_parallel
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """What a process knows about its place in the job after :func:`initialize`."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserInputError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_ranks_agree(config_fingerprint: str) -> None:
+    """All ranks must run with the same configuration: compare fingerprints, name the first odd rank."""
+    fingerprints: list[str] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(fingerprints, config_fingerprint)
+    for rank, fingerprint in enumerate(fingerprints):
+        if fingerprint != fingerprints[0]:
+            raise UserInputError(
+                f"ranks disagree on the configuration: rank {rank} differs from rank 0 "
+                "(launch every rank with the same flags, config file and checkpoint)"
+            )
+
+
+def fingerprint(*configs) -> str:
+    """A stable hash of dataclass configs (or plain JSON-able values) for cross-rank comparison."""
+    payload = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in configs]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def set_seeds(seed: int) -> None:
+    """Megatron-LM's seeding: a per-pipeline-stage base seed for python / numpy / torch, then
+    Megatron's model-parallel tracker (a distinct stream per TP rank inside ``fork()``)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % 2**32)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def initialize(
+    parallel: ParallelConfig,
+    seed: int = 1234,
+    config_fingerprint: str | None = None,
+    timeout_minutes: float = 10.0,
+) -> DistributedContext:
+    """Initialise torch.distributed and Megatron's parallel state for ``parallel``.
+
+    ``config_fingerprint`` (see :func:`fingerprint`) is compared across ranks; a mismatch is a
+    one-line error. ``timeout_minutes`` bounds every collective, so a dead rank never makes the
+    others hang forever.
+    """
+    from megatron.core import parallel_state
+
+    parallel.validate()
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dp_size = parallel.data_parallel_size(world_size)
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        cpu_backend.activate()
+        device = torch.device("cpu")
+        backend = "gloo"
+
+    if not torch.distributed.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a plain single-process run
+            if world_size != 1:
+                raise UserInputError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        torch.distributed.init_process_group(
+            backend=backend, rank=rank, world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    if config_fingerprint is not None:
+        _check_ranks_agree(config_fingerprint)
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=None,
+        distributed_timeout_minutes=int(max(1, timeout_minutes)),
+    )
+    set_seeds(seed)
+    return DistributedContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        tp_size=parallel.tensor_model_parallel_size,
+        pp_size=parallel.pipeline_model_parallel_size,
+        dp_size=dp_size,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy() -> None:
+    """Tear down Megatron's groups, then the default process group (in that order: destroying
+    the model-parallel groups first avoids an abort at interpreter exit on gloo)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

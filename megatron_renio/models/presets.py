@@ -1,0 +1,257 @@
+"""Model presets: the architecture of a decoder-only LLM, independent of how it is parallelised.
+
+A :class:`ModelPreset` holds the Hugging Face view of an architecture (the fields of its
+``config.json``). Named presets cover Qwen3, Qwen2/Qwen2.5 (DeepSeek-R1-Distill-Qwen) and
+Llama-3 shapes plus a ``tiny-*`` family for tests; :func:`preset_from_hf_config` builds one from
+any supported ``config.json``. :mod:`megatron_renio.models.builder` turns a preset into a
+Megatron-Core ``TransformerConfig`` + layer spec + ``GPTModel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_renio.errors import UserInputError
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama-3.x RoPE frequency scaling (``rope_type: llama3`` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A decoder-only transformer in Hugging Face terms.
+
+    ``vocab_size`` is the TRUE vocabulary size (``config.json``'s ``vocab_size``); the Megatron
+    model pads it (see ``builder.padded_vocab_size``) and the padded rows are masked in every loss.
+    """
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    qk_layernorm: bool = False
+    add_qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    rope_scaling: Llama3RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelPreset":
+        data = dict(data)
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = Llama3RopeScaling(**data["rope_scaling"])
+        return cls(**data)
+
+    def replace(self, **changes) -> "ModelPreset":
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unpadded model (embeddings counted once when tied)."""
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_query_groups * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.add_qkv_bias else 0)
+        attn += 2 * self.head_dim if self.qk_layernorm else 0
+        layer = attn + 3 * h * f + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * layer + embed + h
+
+
+def _qwen3(layers, hidden, ffn, heads, kv, tie) -> ModelPreset:
+    return ModelPreset(
+        "Qwen3ForCausalLM", layers, hidden, ffn, heads, kv, 128, 151936, 40960, 1_000_000.0,
+        1e-6, qk_layernorm=True, tie_word_embeddings=tie, bos_token_id=151643, eos_token_id=151645,
+    )
+
+
+def _qwen2(layers, hidden, ffn, heads, kv, vocab, rope, tie, max_pos=131072) -> ModelPreset:
+    return ModelPreset(
+        "Qwen2ForCausalLM", layers, hidden, ffn, heads, kv, hidden // heads, vocab, max_pos, rope,
+        1e-6, add_qkv_bias=True, tie_word_embeddings=tie, bos_token_id=151643, eos_token_id=151643,
+    )
+
+
+def _llama3(layers, hidden, ffn, heads, kv, head_dim, tie, factor) -> ModelPreset:
+    return ModelPreset(
+        "LlamaForCausalLM", layers, hidden, ffn, heads, kv, head_dim, 128256, 131072, 500_000.0,
+        1e-5, tie_word_embeddings=tie, rope_scaling=Llama3RopeScaling(factor=factor),
+        bos_token_id=128000, eos_token_id=128009,
+    )
+
+
+def _tiny(architecture, vocab=256, **kw) -> ModelPreset:
+    base = dict(
+        architecture=architecture, num_layers=2, hidden_size=64, ffn_hidden_size=128,
+        num_attention_heads=4, num_query_groups=2, head_dim=16, vocab_size=vocab,
+        max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+    )
+    base.update(kw)
+    return ModelPreset(**base)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "qwen3-0.6b": _qwen3(28, 1024, 3072, 16, 8, tie=True),
+    "qwen3-1.7b": _qwen3(28, 2048, 6144, 16, 8, tie=True),
+    "qwen3-4b": _qwen3(36, 2560, 9728, 32, 8, tie=True),
+    "qwen3-8b": _qwen3(36, 4096, 12288, 32, 8, tie=False),
+    "qwen3-14b": _qwen3(40, 5120, 17408, 40, 8, tie=False),
+    "qwen3-32b": _qwen3(64, 5120, 25600, 64, 8, tie=False),
+    "qwen2.5-1.5b": _qwen2(28, 1536, 8960, 12, 2, 151936, 1_000_000.0, tie=True, max_pos=32768),
+    "qwen2.5-7b": _qwen2(28, 3584, 18944, 28, 4, 152064, 1_000_000.0, tie=False, max_pos=32768),
+    "deepseek-r1-distill-qwen-1.5b": _qwen2(28, 1536, 8960, 12, 2, 151936, 10000.0, tie=False),
+    "deepseek-r1-distill-qwen-7b": _qwen2(28, 3584, 18944, 28, 4, 152064, 10000.0, tie=False),
+    "llama-3.1-8b": _llama3(32, 4096, 14336, 32, 8, 128, tie=False, factor=8.0),
+    "llama-3.2-1b": _llama3(16, 2048, 8192, 32, 8, 64, tie=True, factor=32.0),
+    "llama-3.2-3b": _llama3(28, 3072, 8192, 24, 8, 128, tie=True, factor=32.0),
+    # Tiny shapes for tests and the CPU quickstart: same features as the real families.
+    "tiny-qwen3": _tiny("Qwen3ForCausalLM", qk_layernorm=True, tie_word_embeddings=True),
+    "tiny-qwen3-untied": _tiny("Qwen3ForCausalLM", qk_layernorm=True),
+    "tiny-qwen2": _tiny("Qwen2ForCausalLM", add_qkv_bias=True),
+    "tiny-llama3": _tiny("LlamaForCausalLM", rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 64)),
+    "tiny-qwen3-wide": _tiny(
+        "Qwen3ForCausalLM", num_layers=3, hidden_size=96, ffn_hidden_size=192, num_attention_heads=6,
+        num_query_groups=2, qk_layernorm=True, tie_word_embeddings=True,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """A named preset; unknown names list the known ones."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise UserInputError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling | None:
+    if not rope_scaling:
+        return None
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise UserInputError(f"{source}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+    return Llama3RopeScaling(
+        factor=float(rope_scaling["factor"]),
+        low_freq_factor=float(rope_scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope_scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rope_scaling.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _first_token_id(value) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPreset:
+    """Build a preset from the dict of an HF ``config.json``; ``source`` names the file in errors."""
+    architectures = config.get("architectures") or []
+    architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if architecture is None:
+        raise UserInputError(
+            f"{source}: unsupported architecture {architectures or config.get('model_type')!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    def field(name, default=None):
+        value = config.get(name, default)
+        if value is None:
+            raise UserInputError(f"{source}: missing field {name!r}")
+        return value
+
+    heads = int(field("num_attention_heads"))
+    hidden = int(field("hidden_size"))
+    rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
+    rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+    if architecture == "Qwen3ForCausalLM" and config.get("use_sliding_window"):
+        raise UserInputError(f"{source}: sliding-window attention is not supported")
+    return ModelPreset(
+        architecture=architecture,
+        num_layers=int(field("num_hidden_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(field("intermediate_size")),
+        num_attention_heads=heads,
+        num_query_groups=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        vocab_size=int(field("vocab_size")),
+        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        qk_layernorm=architecture == "Qwen3ForCausalLM",
+        add_qkv_bias=architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_scaling=_llama3_scaling(scaling, source),
+        bos_token_id=_first_token_id(config.get("bos_token_id")),
+        eos_token_id=_first_token_id(config.get("eos_token_id")),
+    )
+
+
+def load_hf_config(hf_dir: str | Path) -> ModelPreset:
+    """Read ``<hf_dir>/config.json`` into a preset (one-line errors for a missing or bad file)."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise UserInputError(f"no config.json in {hf_dir}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return preset_from_hf_config(config, source=str(path))
+
+
+def hf_config_dict(preset: ModelPreset, torch_dtype: str = "bfloat16") -> dict:
+    """The HF ``config.json`` content for ``preset`` (inverse of :func:`preset_from_hf_config`)."""
+    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+    config = {
+        "architectures": [preset.architecture],
+        "model_type": model_type[preset.architecture],
+        "num_hidden_layers": preset.num_layers,
+        "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.ffn_hidden_size,
+        "num_attention_heads": preset.num_attention_heads,
+        "num_key_value_heads": preset.num_query_groups,
+        "head_dim": preset.head_dim,
+        "vocab_size": preset.vocab_size,
+        "max_position_embeddings": preset.max_position_embeddings,
+        "rope_theta": preset.rope_theta,
+        "rms_norm_eps": preset.rms_norm_eps,
+        "tie_word_embeddings": preset.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+        "bos_token_id": preset.bos_token_id,
+        "eos_token_id": preset.eos_token_id,
+    }
+    if preset.architecture == "LlamaForCausalLM":
+        config.update(attention_bias=False, mlp_bias=False)
+    if preset.architecture == "Qwen3ForCausalLM":
+        config.update(attention_bias=False, use_sliding_window=False)
+    if preset.rope_scaling is not None:
+        config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(preset.rope_scaling)}
+    return config
