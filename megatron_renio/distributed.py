@@ -126,6 +126,16 @@ def set_seeds(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def select_backend(local_rank: int = 0) -> tuple[str, torch.device]:
+    """NCCL on this process's GPU when CUDA is available; otherwise gloo with the CPU backend
+    activated. The CPU backend is never activated when CUDA is available."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return "nccl", torch.device("cuda", local_rank)
+    cpu_backend.activate()
+    return "gloo", torch.device("cpu")
+
+
 def initialize(
     parallel: ParallelConfig,
     seed: int = 1234,
@@ -145,15 +155,7 @@ def initialize(
     local_rank = _env_int("LOCAL_RANK", 0)
     dp_size = parallel.data_parallel_size(world_size)
 
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        backend = "nccl"
-    else:
-        cpu_backend.activate()
-        device = torch.device("cpu")
-        backend = "gloo"
+    backend, device = select_backend(local_rank)
 
     if not torch.distributed.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain single-process run

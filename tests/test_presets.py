@@ -1,0 +1,82 @@
+"""Model presets: HF config round trip, parameter counts against transformers, padding, errors."""
+
+import pytest
+import torch
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.models.builder import padded_vocab_size
+from megatron_renio.models.presets import PRESETS, get_preset, hf_config_dict, preset_from_hf_config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_hf_config_round_trip(name):
+    preset = PRESETS[name]
+    assert preset_from_hf_config(hf_config_dict(preset)) == preset
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-untied", "tiny-qwen2", "tiny-llama3", "tiny-qwen3-wide"])
+def test_parameter_count_matches_transformers(name):
+    import transformers
+
+    preset = PRESETS[name]
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config_dict(preset, "float32").items() if k != "architectures"})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    assert sum(unique.values()) == preset.num_parameters()
+    assert type(model).__name__ == preset.architecture
+
+
+def test_real_family_shapes():
+    assert get_preset("Qwen3-1.7B").tie_word_embeddings and get_preset("qwen3-1.7b").qk_layernorm
+    assert not get_preset("qwen3-8b").tie_word_embeddings
+    assert get_preset("deepseek-r1-distill-qwen-7b").add_qkv_bias
+    assert get_preset("llama-3.1-8b").rope_scaling.factor == 8.0
+    assert 7.5e9 < get_preset("qwen3-8b").num_parameters() < 8.5e9
+    assert 1.5e9 < get_preset("qwen3-1.7b").num_parameters() < 2.1e9
+
+
+def test_transformers_configs_are_read():
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False,
+    ).to_dict()
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    preset = preset_from_hf_config(cfg)
+    assert (preset.head_dim, preset.num_query_groups, preset.add_qkv_bias, preset.vocab_size) == (16, 2, True, 300)
+
+
+def test_unsupported_architecture_lists_supported():
+    with pytest.raises(UserInputError, match=r"unsupported architecture .*MistralForCausalLM.*supported: Qwen3ForCausalLM"):
+        preset_from_hf_config({"architectures": ["MistralForCausalLM"]})
+    with pytest.raises(UserInputError, match="unknown model preset 'gpt5'"):
+        get_preset("gpt5")
+    bad = hf_config_dict(get_preset("tiny-llama3"))
+    bad["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(UserInputError, match="rope_scaling type 'yarn' is not supported"):
+        preset_from_hf_config(bad)
+
+
+@pytest.mark.parametrize("vocab, tp, expected", [(151936, 1, 151936), (151936, 2, 152064), (250, 2, 256), (50, 1, 128)])
+def test_vocab_padding(vocab, tp, expected):
+    assert padded_vocab_size(vocab, tp) == expected
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    """The builder's inverse frequencies equal transformers' llama3 rope initialisation."""
+    import transformers
+    from megatron_renio import distributed
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+
+    preset = get_preset("tiny-llama3")
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(preset, "float32").items() if k not in ("architectures", "model_type")})
+    hf_rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        model, _ = build_gpt_model(preset, ParallelConfig())
+        torch.testing.assert_close(model.rotary_pos_emb.inv_freq, hf_rope.inv_freq.float(), rtol=1e-6, atol=0)
+        assert not torch.allclose(hf_rope.inv_freq, 1.0 / preset.rope_theta ** (torch.arange(0, 16, 2) / 16))
+    finally:
+        distributed.destroy()
