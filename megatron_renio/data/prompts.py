@@ -1,0 +1,287 @@
+"""Prompt datasets: reading prompt records from JSONL / parquet, and the per-rank prompt order.
+
+Files
+-----
+:func:`load_prompt_records` reads one or more files, in the order given, and returns one
+:class:`PromptRecord` per row. Accepted formats, chosen by extension:
+
+* ``.jsonl`` and ``.jsonl.gz``: one JSON object per line, UTF-8; blank lines are skipped; line
+  numbers in messages and in ``PromptRecord.source`` are 1-based physical line numbers.
+* ``.parquet``: one row per record (needs ``pyarrow``); row numbers are 1-based.
+
+Each row must hold a non-empty string under ``problem_field``. ``solution_field`` is optional
+unless ``require_solution`` (OPSD needs a reference solution for the teacher's privileged prompt);
+a present solution must be a string. ``answer_field`` is optional; a number is kept as its text.
+Every violation raises :class:`~megatron_renio.errors.UserInputError` with one line naming the
+file, the line (or row) and the field.
+
+Order
+-----
+:class:`PromptSampler` gives every data-parallel rank its share of each global batch of prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from megatron_renio.errors import UserInputError
+
+_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: the problem text, its reference solution and final answer when known.
+
+    ``source`` is ``"<file>:<line>"`` (``"<file>:<row>"`` for parquet), for messages and logs.
+    """
+
+    problem: str
+    solution: str | None
+    answer: str | None
+    source: str
+
+
+def load_prompt_records(
+    paths: Sequence[str] | str,
+    problem_field: str = "problem",
+    solution_field: str = "solution",
+    answer_field: str = "answer",
+    *,
+    require_solution: bool = False,
+) -> list[PromptRecord]:
+    """Read prompt records from every file in ``paths`` (JSONL, JSONL.gz or parquet), in order.
+
+    Raises :class:`UserInputError` for: no files given, a missing file, an unknown extension, a
+    malformed JSON line or non-object row (file and line), a row without ``problem_field`` or, when
+    ``require_solution``, without ``solution_field`` (field, file and line), an empty problem or
+    required solution (file and line), a field of the wrong type, and a file with no records.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise UserInputError("no prompt data files given")
+    records: list[PromptRecord] = []
+    for path in paths:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise UserInputError(f"prompt data file {path} not found")
+        if not os.path.isfile(path):
+            raise UserInputError(f"prompt data path {path} is not a file")
+        if path.endswith(".parquet"):
+            rows = _parquet_rows(path, (problem_field, solution_field, answer_field))
+            unit = "row"
+        elif path.endswith((".jsonl", ".jsonl.gz")):
+            rows = _jsonl_rows(path)
+            unit = "line"
+        else:
+            raise UserInputError(
+                f"prompt data file {path} has an unknown extension "
+                f"(expected one of {', '.join(_EXTENSIONS)})"
+            )
+        count = 0
+        for number, row in rows:
+            where = f"{path} {unit} {number}"
+            records.append(
+                PromptRecord(
+                    problem=_text_field(row, problem_field, where, required=True),
+                    solution=_text_field(row, solution_field, where, required=require_solution),
+                    answer=_answer_field(row, answer_field, where),
+                    source=f"{path}:{number}",
+                )
+            )
+            count += 1
+        if count == 0:
+            raise UserInputError(f"prompt data file {path} is empty (no records)")
+    return records
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL or gzip-compressed JSONL file."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserInputError(f"{path} line {number}: not valid UTF-8 ({exc.reason})")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserInputError(f"{path} line {number}: malformed JSON ({exc.msg})")
+                if not isinstance(row, dict):
+                    raise UserInputError(
+                        f"{path} line {number}: expected a JSON object, got {type(row).__name__}"
+                    )
+                yield number, row
+    except (OSError, EOFError) as exc:  # unreadable file, broken gzip stream
+        raise UserInputError(f"cannot read prompt data file {path}: {exc}") from exc
+
+
+def _parquet_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, row) for every row of a parquet file, reading only the columns in ``fields``."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise UserInputError(
+            f"reading parquet file {path} needs pyarrow, which is not installed "
+            "(pip install pyarrow)"
+        ) from exc
+    try:
+        parquet = pq.ParquetFile(path)
+        columns = [name for name in fields if name in parquet.schema_arrow.names]
+        table = parquet.read(columns=columns)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for broken files
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"cannot read parquet file {path}: {message}") from exc
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield number, row
+
+
+def _text_field(row: dict[str, Any], field: str, where: str, required: bool) -> str | None:
+    value = row.get(field)
+    if value is None:
+        if required:
+            raise UserInputError(f"{where}: missing field '{field}'")
+        return None
+    if not isinstance(value, str):
+        raise UserInputError(
+            f"{where}: field '{field}' must be a string, got {type(value).__name__}"
+        )
+    if required and not value.strip():
+        raise UserInputError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def _answer_field(row: dict[str, Any], field: str, where: str) -> str | None:
+    value = row.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserInputError(
+            f"{where}: field '{field}' must be a string or a number, got {type(value).__name__}"
+        )
+    return str(value)
+
+
+class PromptSampler:
+    """Deterministic, resumable order of prompt indices, split across data-parallel ranks.
+
+    Every epoch is a fresh permutation of ``range(num_records)`` drawn with a ``torch.Generator``
+    seeded from ``(seed, epoch)``, so all ranks compute the same global order without
+    communicating. Each call of :meth:`next_batch` takes the next ``global_batch_prompts`` indices
+    of the permutation (the global batch) and returns this rank's contiguous share: rank ``r`` gets
+    positions ``[r * k, (r + 1) * k)`` of the global batch, ``k = global_batch_prompts / dp_size``.
+
+    A global batch never spans two epochs: the last ``num_records % global_batch_prompts`` indices
+    of each permutation are skipped (different ones each epoch, since each epoch is reshuffled).
+
+    The state is ``(epoch, position)``, ``position`` counting prompts already taken from the
+    current epoch's permutation. It does not depend on the rank or ``dp_size``, so a run may resume
+    with another data-parallel size and the same global order.
+    """
+
+    def __init__(
+        self, num_records: int, global_batch_prompts: int, dp_rank: int, dp_size: int, seed: int
+    ):
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"invalid data-parallel rank {dp_rank} of size {dp_size}")
+        if global_batch_prompts < 1:
+            raise UserInputError(
+                f"--global-batch-size must be positive, got {global_batch_prompts}"
+            )
+        if global_batch_prompts % dp_size != 0:
+            raise UserInputError(
+                f"--global-batch-size {global_batch_prompts} is not divisible by the "
+                f"data-parallel size {dp_size}"
+            )
+        if num_records < global_batch_prompts:
+            raise UserInputError(
+                f"the prompt data holds {num_records} prompts, fewer than "
+                f"--global-batch-size {global_batch_prompts}"
+            )
+        self.num_records = num_records
+        self.global_batch_prompts = global_batch_prompts
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self._epoch = 0
+        self._position = 0
+        self._order: list[int] | None = None  # permutation of the current epoch, built lazily
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from (0-based)."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Prompts of the current epoch's permutation already handed out."""
+        return self._position
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches in one epoch (the remainder of each permutation is skipped)."""
+        return self.num_records // self.global_batch_prompts
+
+    def next_batch(self) -> list[int]:
+        """This rank's indices of the next global batch: ``global_batch_prompts / dp_size`` ids."""
+        if self._position + self.global_batch_prompts > self.num_records:
+            self._epoch += 1
+            self._position = 0
+            self._order = None
+        if self._order is None:
+            self._order = self._permutation(self._epoch)
+        share = self.global_batch_prompts // self.dp_size
+        start = self._position + self.dp_rank * share
+        self._position += self.global_batch_prompts
+        return self._order[start : start + share]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        digest = hashlib.sha256(f"prompt-sampler:{self.seed}:{epoch}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return torch.randperm(self.num_records, generator=generator).tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        """The resumable state, plus the dataset size and seed it is valid for."""
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "num_records": self.num_records,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`, possibly of another rank or DP size).
+
+        Raises :class:`UserInputError` when the state was saved for another dataset size or seed:
+        resuming would then silently follow a different order.
+        """
+        if state["num_records"] != self.num_records:
+            raise UserInputError(
+                f"the checkpoint's prompt sampler was saved for {state['num_records']} prompts, "
+                f"but the prompt data now holds {self.num_records}"
+            )
+        if state["seed"] != self.seed:
+            raise UserInputError(
+                f"the checkpoint's prompt sampler was saved with seed {state['seed']}, "
+                f"but the seed is now {self.seed}"
+            )
+        if not 0 <= state["position"] <= self.num_records or state["epoch"] < 0:
+            raise UserInputError(
+                f"invalid prompt sampler state in checkpoint: epoch {state['epoch']}, "
+                f"position {state['position']}"
+            )
+        self._epoch = int(state["epoch"])
+        self._position = int(state["position"])
+        self._order = None

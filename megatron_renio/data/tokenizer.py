@@ -1,0 +1,228 @@
+"""One tokenizer interface over Hugging Face tokenizer folders and sentencepiece models.
+
+:func:`load_tokenizer` accepts either
+
+* a folder that ``transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)`` can
+  load (a Hugging Face checkpoint or tokenizer folder), or
+* a sentencepiece model file ending in ``.model``.
+
+and returns a :class:`Tokenizer`. Nothing is ever downloaded. Anything that cannot be loaded raises
+:class:`~megatron_renio.errors.UserInputError` with one line naming the path and the reason.
+
+Contract shared by both kinds:
+
+* ``encode(text)`` returns token ids without special tokens;
+  ``encode(text, add_special_tokens=True)`` adds what the tokenizer itself adds to a whole input
+  (e.g. BOS for Llama, nothing for Qwen).
+* ``eos_id`` is required (generation stops on it); a tokenizer without one is rejected at load time.
+* ``pad_id`` is the tokenizer's pad token, or ``eos_id`` when it has none.
+* ``vocab_size`` is the true number of ids including added tokens (``len(tokenizer)`` for HF), not
+  the padded size of a model's embedding table.
+* ``apply_chat_template(messages)`` returns the rendered conversation as ids, or ``None`` when the
+  tokenizer has no chat template (callers then fall back to plain text).
+* ``fingerprint()`` is a hex digest of the id -> piece table; two tokenizers with the same digest
+  map every id to the same piece (used to check that teacher and student share a vocabulary).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+from typing import Sequence
+
+from megatron_renio.errors import UserInputError
+
+
+class Tokenizer(abc.ABC):
+    """The interface the trainer uses; see the module docstring for the contract."""
+
+    name_or_path: str
+    eos_id: int
+    pad_id: int
+    bos_id: int | None
+    vocab_size: int
+
+    @abc.abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special tokens (e.g. BOS) only when ``add_special_tokens``."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens (EOS, padding) are dropped unless asked for."""
+
+    @abc.abstractmethod
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int] | None:
+        """Ids of ``messages`` rendered through the chat template, or None without a template."""
+
+    @abc.abstractmethod
+    def _piece(self, token_id: int) -> str:
+        """The vocabulary piece of an id known to be in ``range(vocab_size)``."""
+
+    @abc.abstractmethod
+    def _vocabulary(self) -> list[tuple[int, str]]:
+        """Every (id, piece) pair of the vocabulary, added tokens included."""
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary piece of ``token_id`` (for showing pivotal tokens).
+
+        Ids outside the tokenizer's vocabulary (a model's embedding table is usually padded beyond
+        it) are shown as ``<id N>`` instead of failing.
+        """
+        token_id = int(token_id)
+        if 0 <= token_id < self.vocab_size:
+            return self._piece(token_id)
+        return f"<id {token_id}>"
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the sorted (id, piece) table; equal digest, equal vocabulary."""
+        table = sorted(self._vocabulary())
+        return hashlib.sha256(json.dumps(table, ensure_ascii=True).encode("ascii")).hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name_or_path!r}, vocab_size={self.vocab_size}, "
+            f"eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )
+
+
+# Files of which a loadable Hugging Face tokenizer folder holds at least one.
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer loaded from a local folder."""
+
+    def __init__(self, path: str):
+        import transformers  # imported here: costs seconds and only this kind needs it
+
+        if not any(os.path.exists(os.path.join(path, name)) for name in _HF_TOKENIZER_FILES):
+            raise UserInputError(
+                f"folder {path} holds no tokenizer files (none of {', '.join(_HF_TOKENIZER_FILES)})"
+            )
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
+            raise UserInputError(
+                f"cannot load a tokenizer from folder {path}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if tok.eos_token_id is None:
+            raise UserInputError(f"tokenizer in folder {path} defines no EOS token (eos_token)")
+        self._tok = tok
+        self.name_or_path = path
+        self.eos_id = int(tok.eos_token_id)
+        self.pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else self.eos_id
+        self.bos_id = int(tok.bos_token_id) if tok.bos_token_id is not None else None
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int] | None:
+        if not self._tok.chat_template:
+            return None
+        # Render to text, then tokenize without extra special tokens: the template writes its own
+        # (this is what transformers does internally, independent of its return-type conventions).
+        text = self._tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return self.encode(text, add_special_tokens=False)
+
+    def _piece(self, token_id: int) -> str:
+        return str(self._tok.convert_ids_to_tokens(token_id))
+
+    def _vocabulary(self) -> list[tuple[int, str]]:
+        return [(int(i), str(piece)) for piece, i in self._tok.get_vocab().items()]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``.model`` file. It has no chat template."""
+
+    def __init__(self, path: str):
+        import sentencepiece
+
+        try:
+            sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as exc:  # sentencepiece raises RuntimeError/OSError on unreadable files
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserInputError(
+                f"cannot load sentencepiece model {path}: {message}"
+            ) from exc
+        if sp.eos_id() < 0:
+            raise UserInputError(f"sentencepiece model {path} defines no EOS token (eos_id is -1)")
+        self._sp = sp
+        self.name_or_path = path
+        self.eos_id = int(sp.eos_id())
+        self.pad_id = int(sp.pad_id()) if sp.pad_id() >= 0 else self.eos_id
+        self.bos_id = int(sp.bos_id()) if sp.bos_id() >= 0 else None
+        self.vocab_size = int(sp.get_piece_size())
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(self._sp.encode(text))
+        if add_special_tokens and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # sentencepiece's own decode drops control pieces (BOS, EOS, padding); to show them, the
+        # ids are decoded in runs between special ids, which are written as their pieces.
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in (int(i) for i in ids):
+            if self._is_special(token_id):
+                parts.append(self._sp.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    parts.append(self.id_to_piece(token_id))
+            else:
+                run.append(token_id)
+        parts.append(self._sp.decode(run))
+        return "".join(parts)
+
+    def _is_special(self, token_id: int) -> bool:
+        return not 0 <= token_id < self.vocab_size or self._sp.is_control(token_id)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int] | None:
+        return None
+
+    def _piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def _vocabulary(self) -> list[tuple[int, str]]:
+        return [(i, self._sp.id_to_piece(i)) for i in range(self.vocab_size)]
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load the tokenizer at ``path``: a Hugging Face folder or a sentencepiece ``.model`` file.
+
+    Raises :class:`UserInputError` (one line naming ``path``) when the path does not exist, is a
+    file of another kind, or cannot be loaded.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return HFTokenizer(path)
+    if os.path.isfile(path):
+        if path.endswith(".model"):
+            return SentencePieceTokenizer(path)
+        raise UserInputError(
+            f"tokenizer path {path} is a file but not a sentencepiece .model file; "
+            "give a Hugging Face tokenizer folder or a .model file"
+        )
+    raise UserInputError(f"tokenizer path {path} does not exist")

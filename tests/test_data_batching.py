@@ -1,0 +1,147 @@
+"""pack_pairs layout (gather indices, labels, masks, padding, truncation); filter_long_prompts."""
+
+import pytest
+import torch
+
+from megatron_renio.data.batching import filter_long_prompts, pack_pairs
+from megatron_renio.errors import UserInputError
+
+EOS, PAD = 1, 0
+
+
+def _check_side(side, prompts, completions, batch):
+    """Every invariant of one model's inputs against the raw prompts and kept completions."""
+    b, seq_len = side.tokens.shape
+    assert side.tokens.dtype == side.labels.dtype == side.position_ids.dtype == torch.int64
+    assert side.loss_mask.dtype == torch.float32
+    assert torch.equal(side.labels[:, :-1], side.tokens[:, 1:])
+    assert torch.all(side.labels[:, -1] == PAD)
+    assert torch.equal(side.position_ids, torch.arange(seq_len).expand(b, -1))
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        p, c = len(prompt), len(completion)
+        assert side.prompt_lengths[i] == p
+        assert side.tokens[i, :p].tolist() == prompt
+        assert side.tokens[i, p : p + c].tolist() == completion
+        assert torch.all(side.tokens[i, p + c :] == PAD)
+        # The gather index reconstructs the completion from the tokens and from the labels.
+        index = side.gather_index[i, :c]
+        assert side.tokens[i, index + 1].tolist() == completion
+        assert side.labels[i, index].tolist() == completion
+        assert batch.completion_ids[i, :c].tolist() == completion
+        # The loss mask is 1 exactly where the label is a completion token (EOS included).
+        expected_mask = torch.zeros(seq_len)
+        expected_mask[index] = 1.0
+        assert torch.equal(side.loss_mask[i], expected_mask)
+        assert side.loss_mask[i].sum() == c
+
+
+def test_layout_reconstructs_completions_in_both_models():
+    student = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    teacher = [[5, 6, 7, 20, 21], [8, 9, 22, 23, 24, 25, 26], [10, 11, 12, 13, 27]]
+    completions = [[30, 31, EOS], [32, 33, 34, 35, 36, EOS, PAD, PAD], [37]]
+    batch = pack_pairs(student, teacher, completions, EOS, PAD, seq_length=64)
+    kept = [[30, 31, EOS], [32, 33, 34, 35, 36, EOS], [37]]
+    _check_side(batch.student, student, kept, batch)
+    _check_side(batch.teacher, teacher, kept, batch)
+    assert batch.completion_lengths.tolist() == [3, 6, 1]
+    assert batch.completion_ids.shape == (3, 6)
+    assert batch.completion_mask.tolist() == [
+        [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0],
+    ]
+    assert torch.all(batch.completion_ids[batch.completion_mask == 0] == PAD)
+    assert batch.truncated.tolist() == [False, False, False]
+    # Longest sequence: teacher of sample 1, 7 + 6 = 13 -> padded to 16.
+    assert batch.seq_len == 16 == batch.teacher.tokens.shape[1]
+    # Per-position log-probs of the labels, gathered, give each completion token's log-prob.
+    for side in (batch.student, batch.teacher):
+        logits = torch.randn(3, batch.seq_len, 40)
+        per_position = logits.log_softmax(-1).gather(-1, side.labels.unsqueeze(-1)).squeeze(-1)
+        on_grid = per_position.gather(1, side.gather_index)
+        for i, c in enumerate(batch.completion_lengths.tolist()):
+            for j in range(c):
+                position = side.prompt_lengths[i] - 1 + j
+                token = batch.completion_ids[i, j]
+                assert on_grid[i, j] == logits[i, position].log_softmax(-1)[token]
+
+
+def test_docstring_example():
+    batch = pack_pairs([[2, 3, 4]], [[5, 6, 7, 8, 9]], [[10, 11, EOS]], EOS, PAD, seq_length=8)
+    assert batch.student.tokens.tolist() == [[2, 3, 4, 10, 11, EOS, PAD, PAD]]
+    assert batch.student.labels.tolist() == [[3, 4, 10, 11, EOS, PAD, PAD, PAD]]
+    assert batch.student.loss_mask.tolist() == [[0, 0, 1, 1, 1, 0, 0, 0]]
+    assert batch.teacher.tokens.tolist() == [[5, 6, 7, 8, 9, 10, 11, EOS]]
+    assert batch.teacher.loss_mask.tolist() == [[0, 0, 0, 0, 1, 1, 1, 0]]
+    assert batch.student.gather_index.tolist() == [[2, 3, 4]]
+    assert batch.teacher.gather_index.tolist() == [[4, 5, 6]]
+
+
+def test_same_prompts_for_opd():
+    prompts = [[4, 5, 6]]
+    batch = pack_pairs(prompts, prompts, [[7, 8, EOS]], EOS, PAD, seq_length=16)
+    assert torch.equal(batch.student.tokens, batch.teacher.tokens)
+    assert torch.equal(batch.student.gather_index, batch.teacher.gather_index)
+
+
+def test_completion_without_eos_is_kept_whole():
+    batch = pack_pairs([[3, 4]], [[3, 4]], [[5, 6, 7]], EOS, PAD, seq_length=16)
+    assert batch.completion_ids.tolist() == [[5, 6, 7]]
+    assert batch.student.loss_mask.sum() == 3
+
+
+def test_truncation_to_seq_length():
+    student = [[3, 4], [3, 4]]
+    teacher = [[3, 4, 5, 6, 7, 8], [3, 4]]
+    completions = [[10, 11, 12, 13, EOS], [10, 11, EOS]]
+    batch = pack_pairs(student, teacher, completions, EOS, PAD, seq_length=8, pad_to_multiple=4)
+    # Sample 0: the teacher prompt leaves 8 - 6 = 2 tokens of room for both models.
+    assert batch.completion_lengths.tolist() == [2, 3]
+    assert batch.truncated.tolist() == [True, False]
+    assert batch.seq_len == 8
+    _check_side(batch.student, student, [[10, 11], [10, 11, EOS]], batch)
+    _check_side(batch.teacher, teacher, [[10, 11], [10, 11, EOS]], batch)
+
+
+def test_padding_to_multiple():
+    batch = pack_pairs([[3]], [[3]], [[5, EOS]], EOS, PAD, seq_length=24, pad_to_multiple=6)
+    assert batch.seq_len == 6
+    batch = pack_pairs([[3] * 6], [[3]], [[5, EOS]], EOS, PAD, seq_length=24, pad_to_multiple=6)
+    assert batch.seq_len == 12
+
+
+def test_pack_pairs_errors():
+    with pytest.raises(UserInputError, match="--seq-length 30 must be a multiple of 8"):
+        pack_pairs([[3]], [[3]], [[5]], EOS, PAD, seq_length=30)
+    with pytest.raises(ValueError, match="filter_long_prompts"):
+        pack_pairs([[3]], [[3] * 8], [[5]], EOS, PAD, seq_length=8)
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack_pairs([[]], [[3]], [[5]], EOS, PAD, seq_length=8)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        pack_pairs([[3]], [[3], [4]], [[5]], EOS, PAD, seq_length=8)
+
+
+def test_to_device_keeps_everything():
+    batch = pack_pairs([[3, 4]], [[3, 4, 5]], [[6, EOS]], EOS, PAD, seq_length=8).to("cpu")
+    assert batch.teacher.gather_index.tolist() == [[2, 3]]
+
+
+def test_filter_long_prompts():
+    records = [
+        ([1] * 3, [1] * 5),  # fits with room 3
+        ([1] * 3, [1] * 8),  # teacher prompt fills seq_length: no room -> skipped
+        ([1] * 7, [1] * 7),  # room 1: kept, budget-limited
+        ([1] * 2,),  # single prompt (OPD), room 6
+        ([1] * 9, [1] * 2),  # student prompt too long -> skipped
+    ]
+    result = filter_long_prompts(records, seq_length=8, max_new_tokens=4)
+    assert result.kept == [0, 2, 3]
+    assert result.skipped == 2
+    assert result.budget_limited == 2  # records 0 (room 3) and 2 (room 1)
+    kept, skipped, _ = result
+    assert (kept, skipped) == ([0, 2, 3], 2)
+    # Every kept record packs without error and gets at least one completion token.
+    for k in result.kept:
+        student, teacher = records[k][0], records[k][-1]
+        batch = pack_pairs([student], [teacher], [[5] * 10], EOS, PAD, seq_length=8)
+        assert batch.completion_lengths.item() >= 1
+    with pytest.raises(UserInputError, match="--max-new-tokens must be at least 1"):
+        filter_long_prompts(records, seq_length=8, max_new_tokens=0)

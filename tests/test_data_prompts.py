@@ -1,0 +1,251 @@
+"""Prompt files (JSONL, JSONL.gz, parquet), their one-line errors, the per-rank PromptSampler."""
+
+import gzip
+import json
+import sys
+
+import pytest
+
+from megatron_renio.data.prompts import PromptRecord, PromptSampler, load_prompt_records
+from megatron_renio.errors import UserInputError
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def _row(problem="What is 1 + 1?", solution="1 + 1 = 2. \\boxed{2}", answer="2", **extra):
+    row = {"problem": problem, "solution": solution, "answer": answer, **extra}
+    return json.dumps({k: v for k, v in row.items() if v is not None})
+
+
+def _error(paths, **kwargs):
+    with pytest.raises(UserInputError) as err:
+        load_prompt_records(paths, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_jsonl_records_sources_and_blank_lines(tmp_path):
+    a = _write_lines(tmp_path / "a.jsonl", [_row("p1"), "", "   ", _row("p2", answer=None)])
+    b = _write_lines(tmp_path / "b.jsonl", [_row("p3", solution=None, answer=7)])
+    records = load_prompt_records([a, b])
+    assert records == [
+        PromptRecord("p1", "1 + 1 = 2. \\boxed{2}", "2", f"{a}:1"),
+        PromptRecord("p2", "1 + 1 = 2. \\boxed{2}", None, f"{a}:4"),
+        PromptRecord("p3", None, "7", f"{b}:1"),
+    ]
+
+
+def test_custom_field_names_and_gzip(tmp_path):
+    path = tmp_path / "humaneval.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"prompt": "def f():", "canonical_solution": "    return 1"}) + "\n")
+    (record,) = load_prompt_records(
+        [str(path)], problem_field="prompt", solution_field="canonical_solution",
+        require_solution=True,
+    )
+    assert (record.problem, record.solution, record.answer) == ("def f():", "    return 1", None)
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = str(tmp_path / "data.parquet")
+    pq.write_table(
+        pa.table(
+            {"problem": ["p1", "p2"], "solution": ["s1", None], "answer": [3, 4], "x": [0, 0]}
+        ),
+        path,
+    )
+    records = load_prompt_records([path])
+    assert records == [
+        PromptRecord("p1", "s1", "3", f"{path}:1"),
+        PromptRecord("p2", None, "4", f"{path}:2"),
+    ]
+    message = _error([path], require_solution=True)
+    assert path in message and "row 2" in message and "'solution'" in message
+
+
+def test_parquet_missing_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = str(tmp_path / "data.parquet")
+    pq.write_table(pa.table({"question": ["p1"]}), path)
+    message = _error([path])
+    assert path in message and "row 1" in message and "missing field 'problem'" in message
+
+
+def test_parquet_without_pyarrow(tmp_path, monkeypatch):
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes the import fail
+    message = _error([str(path)])
+    assert str(path) in message and "pip install pyarrow" in message
+
+
+def test_broken_parquet(tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"definitely not parquet")
+    assert f"cannot read parquet file {path}" in _error([str(path)])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = _write_lines(tmp_path / "bad.jsonl", [_row(), _row(), '{"problem": "x",'])
+    message = _error([path])
+    assert message.startswith(f"{path} line 3: malformed JSON")
+
+
+def test_non_object_line(tmp_path):
+    path = _write_lines(tmp_path / "list.jsonl", [_row(), "[1, 2]"])
+    assert _error([path]) == f"{path} line 2: expected a JSON object, got list"
+
+
+def test_missing_problem_field(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", [_row(), json.dumps({"question": "q"})])
+    assert _error([path]) == f"{path} line 2: missing field 'problem'"
+
+
+def test_missing_solution_only_when_required(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", [_row(), _row(), _row(solution=None)])
+    assert load_prompt_records([path])[2].solution is None
+    assert _error([path], require_solution=True) == f"{path} line 3: missing field 'solution'"
+
+
+def test_empty_required_solution(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", [_row(solution="  ")])
+    assert _error([path], require_solution=True) == f"{path} line 1: field 'solution' is empty"
+
+
+def test_empty_problem(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", [_row(), _row(problem=" \t")])
+    assert _error([path]) == f"{path} line 2: field 'problem' is empty"
+
+
+def test_wrong_field_types(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", [_row(problem=5)])
+    assert _error([path]) == f"{path} line 1: field 'problem' must be a string, got int"
+    path = _write_lines(tmp_path / "e.jsonl", [_row(answer=[1, 2])])
+    assert "line 1: field 'answer' must be a string or a number" in _error([path])
+
+
+def test_empty_file(tmp_path):
+    good = _write_lines(tmp_path / "good.jsonl", [_row()])
+    empty = _write_lines(tmp_path / "empty.jsonl", ["", ""])
+    assert _error([good, empty]) == f"prompt data file {empty} is empty (no records)"
+
+
+def test_unknown_extension_and_missing_file(tmp_path):
+    csv = _write_lines(tmp_path / "data.csv", ["problem", "x"])
+    message = _error([csv])
+    assert csv in message and "unknown extension" in message and ".jsonl" in message
+    missing = str(tmp_path / "missing.jsonl")
+    assert _error([missing]) == f"prompt data file {missing} not found"
+    assert _error([]) == "no prompt data files given"
+
+
+def test_invalid_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(_row().encode() + b"\n" + '{"problem": "caf\xe9"}'.encode("latin-1") + b"\n")
+    assert _error([str(path)]).startswith(f"{path} line 2: not valid UTF-8")
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def _global_batches(num_records, global_batch, dp_size, seed, steps):
+    """Per step, the concatenation of every rank's share (rank order)."""
+    samplers = [PromptSampler(num_records, global_batch, r, dp_size, seed) for r in range(dp_size)]
+    return [[i for s in samplers for i in s.next_batch()] for _ in range(steps)]
+
+
+def test_sampler_deterministic():
+    first = _global_batches(50, 8, 2, seed=3, steps=10)
+    assert _global_batches(50, 8, 2, seed=3, steps=10) == first
+    assert _global_batches(50, 8, 2, seed=4, steps=10) != first
+
+
+def test_sampler_dp_shares_disjoint_and_cover_global_batch():
+    num_records, global_batch = 40, 12
+    single = _global_batches(num_records, global_batch, 1, seed=0, steps=7)
+    for dp_size in (2, 3, 4):
+        samplers = [PromptSampler(num_records, global_batch, r, dp_size, 0) for r in range(dp_size)]
+        for step in range(7):
+            shares = [s.next_batch() for s in samplers]
+            assert all(len(share) == global_batch // dp_size for share in shares)
+            flat = [i for share in shares for i in share]
+            assert len(set(flat)) == global_batch  # disjoint
+            assert flat == single[step]  # contiguous split of the same global batch
+
+
+def test_sampler_epochs_cover_data_and_reshuffle():
+    sampler = PromptSampler(30, 10, 0, 1, seed=7)
+    assert sampler.batches_per_epoch == 3
+    epoch0 = [i for _ in range(3) for i in sampler.next_batch()]
+    assert sampler.epoch == 0 and sampler.position == 30
+    epoch1 = [i for _ in range(3) for i in sampler.next_batch()]
+    assert sampler.epoch == 1
+    assert sorted(epoch0) == sorted(epoch1) == list(range(30))
+    assert epoch0 != epoch1
+
+
+def test_sampler_remainder_is_skipped_not_mixed():
+    sampler = PromptSampler(25, 10, 0, 1, seed=0)
+    first = sampler.next_batch() + sampler.next_batch()
+    assert len(set(first)) == 20
+    third = sampler.next_batch()  # 5 prompts left in epoch 0: starts epoch 1 instead
+    assert sampler.epoch == 1 and sampler.position == 10
+    assert third == sampler._permutation(1)[:10]
+
+
+def test_sampler_resume_mid_epoch():
+    reference = PromptSampler(23, 6, 1, 2, seed=11)
+    for _ in range(5):  # crosses into epoch 1
+        reference.next_batch()
+    state = reference.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 12
+    expected = [reference.next_batch() for _ in range(6)]
+
+    resumed = PromptSampler(23, 6, 1, 2, seed=11)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(6)] == expected
+
+    used = PromptSampler(23, 6, 1, 2, seed=11)
+    used.next_batch()  # holds epoch 0's order before loading a state from epoch 1
+    used.load_state_dict(state)
+    assert [used.next_batch() for _ in range(6)] == expected
+
+
+def test_sampler_resume_with_other_dp_size():
+    one = PromptSampler(40, 8, 0, 1, seed=2)
+    for _ in range(3):
+        one.next_batch()
+    state = one.state_dict()
+    expected = one.next_batch()
+    shares = []
+    for rank in range(4):
+        s = PromptSampler(40, 8, rank, 4, seed=2)
+        s.load_state_dict(state)
+        shares += s.next_batch()
+    assert shares == expected
+
+
+def test_sampler_errors():
+    with pytest.raises(UserInputError, match="--global-batch-size 10 is not divisible by .* 4"):
+        PromptSampler(100, 10, 0, 4, seed=0)
+    with pytest.raises(UserInputError, match="holds 5 prompts, fewer than --global-batch-size 8"):
+        PromptSampler(5, 8, 0, 1, seed=0)
+    sampler = PromptSampler(40, 8, 0, 1, seed=0)
+    with pytest.raises(UserInputError, match="saved for 41 prompts"):
+        sampler.load_state_dict({"epoch": 0, "position": 8, "num_records": 41, "seed": 0})
+    with pytest.raises(UserInputError, match="saved with seed 1"):
+        sampler.load_state_dict({"epoch": 0, "position": 8, "num_records": 40, "seed": 1})

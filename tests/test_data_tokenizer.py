@@ -1,0 +1,167 @@
+"""load_tokenizer over HF folders and sentencepiece models, built offline in tmp_path."""
+
+import io
+import json
+
+import pytest
+
+from megatron_renio.data.tokenizer import load_tokenizer
+from megatron_renio.errors import UserInputError
+
+CORPUS = [
+    "the student writes a solution and the teacher reads it",
+    "compute the sum of two numbers and box the answer",
+    "a quick brown fox jumps over the lazy dog",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _save_hf_tokenizer(folder, pad=True, eos=True, chat_template=None, extra_tokens=()):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    kwargs = {"unk_token": "<unk>", "bos_token": "<s>"}
+    if eos:
+        kwargs["eos_token"] = "</s>"
+    if pad:
+        kwargs["pad_token"] = "<pad>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **kwargs)
+    if extra_tokens:
+        tok.add_tokens(list(extra_tokens))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return _save_hf_tokenizer(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buffer, vocab_size=60, model_type="bpe",
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("sp") / "tok.model"
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+def test_hf_encode_decode_and_special_ids(hf_dir):
+    tok = load_tokenizer(hf_dir)
+    ids = tok.encode("the teacher reads the answer")
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert tok.decode(ids) == "the teacher reads the answer"
+    assert tok.decode(ids + [tok.eos_id]) == "the teacher reads the answer"
+    assert tok.decode(ids + [tok.eos_id], skip_special_tokens=False).endswith("</s>")
+    assert tok.eos_id == tok.encode("</s>")[0]
+    assert tok.pad_id == tok.encode("<pad>")[0] != tok.eos_id
+    assert tok.name_or_path == hf_dir
+    assert tok.id_to_piece(tok.eos_id) == "</s>"
+    assert tok.id_to_piece(tok.vocab_size + 5) == f"<id {tok.vocab_size + 5}>"
+
+
+def test_hf_pad_falls_back_to_eos(tmp_path):
+    tok = load_tokenizer(_save_hf_tokenizer(tmp_path, pad=False))
+    assert tok.pad_id == tok.eos_id
+
+
+def test_hf_vocab_size_counts_added_tokens(tmp_path, hf_dir):
+    base = load_tokenizer(hf_dir)
+    grown = load_tokenizer(_save_hf_tokenizer(tmp_path, extra_tokens=("<think>", "</think>")))
+    assert grown.vocab_size == base.vocab_size + 2
+    assert grown.encode("<think>") == [base.vocab_size]
+
+
+def test_chat_template_absent_gives_none(hf_dir, sp_model):
+    assert load_tokenizer(hf_dir).apply_chat_template([{"role": "user", "content": "hi"}]) is None
+    assert load_tokenizer(sp_model).apply_chat_template([{"role": "user", "content": "hi"}]) is None
+
+
+def test_chat_template_renders_ids(tmp_path):
+    tok = load_tokenizer(_save_hf_tokenizer(tmp_path, chat_template=CHAT_TEMPLATE))
+    messages = [{"role": "user", "content": "the sum of two numbers"}]
+    ids = tok.apply_chat_template(messages)
+    assert ids == tok.encode("<s>user: the sum of two numbers\nassistant:")
+    assert ids[0] == tok.bos_id
+    no_prompt = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert ids[: len(no_prompt)] == no_prompt and len(ids) > len(no_prompt)
+
+
+def test_fingerprint_equal_for_same_vocab_and_differs_otherwise(tmp_path, hf_dir):
+    copy = _save_hf_tokenizer(tmp_path / "copy")
+    grown = _save_hf_tokenizer(tmp_path / "grown", extra_tokens=("<tool>",))
+    fp = load_tokenizer(hf_dir).fingerprint()
+    assert len(fp) == 64
+    assert load_tokenizer(copy).fingerprint() == fp
+    assert load_tokenizer(grown).fingerprint() != fp
+
+
+def test_sentencepiece_model(sp_model):
+    tok = load_tokenizer(sp_model)
+    ids = tok.encode("the quick fox")
+    assert tok.decode(ids) == "the quick fox"
+    assert tok.vocab_size == 60
+    assert tok.pad_id == tok.eos_id  # the trained model has no pad piece
+    assert tok.encode("the quick fox", add_special_tokens=True) == [tok.bos_id] + ids
+    assert tok.decode(ids + [tok.eos_id]) == "the quick fox"
+    assert tok.decode(ids + [tok.eos_id], skip_special_tokens=False) == "the quick fox</s>"
+    assert tok.id_to_piece(tok.eos_id) == "</s>"
+    assert len(tok.fingerprint()) == 64
+
+
+def test_missing_path(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(UserInputError, match="nowhere.*does not exist"):
+        load_tokenizer(missing)
+
+
+def test_folder_without_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserInputError) as err:
+        load_tokenizer(str(tmp_path))
+    message = str(err.value)
+    assert str(tmp_path) in message and "no tokenizer files" in message and "\n" not in message
+
+
+def test_folder_with_broken_tokenizer(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserInputError) as err:
+        load_tokenizer(str(tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"cannot load a tokenizer from folder {tmp_path}:")
+    assert "\n" not in message
+
+
+def test_tokenizer_without_eos(tmp_path):
+    folder = _save_hf_tokenizer(tmp_path, eos=False)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config.get("eos_token") is None
+    with pytest.raises(UserInputError, match="no EOS token"):
+        load_tokenizer(folder)
+
+
+def test_bad_files(tmp_path):
+    other = tmp_path / "vocab.bin"
+    other.write_bytes(b"\x00")
+    with pytest.raises(UserInputError, match="vocab.bin.*not a sentencepiece .model"):
+        load_tokenizer(str(other))
+    broken = tmp_path / "broken.model"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(UserInputError, match=f"cannot load sentencepiece model {broken}"):
+        load_tokenizer(str(broken))
