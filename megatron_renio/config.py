@@ -1,0 +1,247 @@
+"""Training configuration: Megatron-LM style flags, an optional YAML file, validation.
+
+``python -m megatron_renio.train [--config run.yaml] [flags]``: the YAML keys are the flag names
+(with or without the leading dashes, ``-`` or ``_``); flags given on the command line override the
+file. :func:`parse_train_args` validates every value before any process-group work, raising
+:class:`UserInputError` with one line naming the flag and the allowed range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_renio.errors import UserInputError
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "sampled_rkl")
+RENIO_NORMS = ("none", "batch_mean", "ema", "clamp")
+RENIO_SCOPES = ("local", "global")
+TEACHERS = ("fixed", "ema", "separate")
+
+
+@dataclass
+class TrainConfig:
+    """Every training flag; field ``foo_bar`` is flag ``--foo-bar``."""
+
+    # parallelism and batch
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 4096
+    # optimisation (Megatron-LM names)
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_decay_style: str = "constant"
+    lr_warmup_iters: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    train_iters: int = 100
+    use_distributed_optimizer: bool = False
+    bf16: bool = False
+    seed: int = 1234
+    # checkpoints and logging
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 0
+    keep_last: int = 2
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    metrics_file: str | None = None
+    save_samples_interval: int = 0
+    max_skipped_steps: int = 10
+    distributed_timeout_minutes: float = 10.0
+    # models
+    mode: str = "opsd"
+    model: str | None = None
+    teacher_model: str | None = None
+    student_load: str | None = None
+    teacher_load: str | None = None
+    teacher: str = "fixed"
+    ema_decay: float = 0.999
+    # loss
+    loss: str = "forward_kl"
+    kd_beta: float = 0.0
+    kd_temperature: float = 1.1
+    kd_token_clip: float | None = 0.05
+    kd_top_k: int | None = None
+    loss_impl: str = "auto"
+    # ReNIO
+    renio: bool = False
+    renio_clip: float = 2.5
+    renio_threshold: float = 0.8
+    renio_temperature: float = 1.0
+    renio_norm: str = "batch_mean"
+    renio_scope: str = "local"
+    renio_max_weight: float = 10.0
+    # rollout
+    rollout_temperature: float = 1.1
+    rollout_top_p: float = 1.0
+    rollout_top_k: int = 0
+    max_new_tokens: int = 1024
+    samples_per_prompt: int = 1
+    # data
+    data_path: list[str] = field(default_factory=list)
+    task: str = "math"
+    problem_field: str = "problem"
+    solution_field: str = "solution"
+    answer_field: str = "answer"
+    tokenizer: str | None = None
+    debug: bool = False
+    # testing aid: make the student's logits non-finite at this iteration (1-based; 0 = never)
+    debug_inject_nonfinite: int = 0
+
+    @property
+    def divergence_kind(self) -> str:
+        return "reverse_kl" if self.loss == "sampled_rkl" else self.loss
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bool_arg(value: str) -> bool:
+    lowered = str(value).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _optional(kind):
+    def parse(value: str):
+        return None if str(value).lower() in ("none", "null", "off") else kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserInputError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`TrainConfig` field, typed from the field's default."""
+    parser = _OneLineErrorParser(prog="megatron_renio.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file whose keys are flag names; CLI flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        flag = _flag(f.name)
+        if f.name == "data_path":
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help="JSONL or parquet files")
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, nargs="?", const=True, type=_bool_arg, default=argparse.SUPPRESS)
+        else:
+            kind = {int: int, float: float}.get(type(f.default), str)
+            if f.name in ("kd_token_clip",):
+                kind = _optional(float)
+            elif f.name in ("kd_top_k",):
+                kind = _optional(int)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+    return parser
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserInputError(f"--config {path}:{where} not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"--config {path}: expected a mapping of flag names to values")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in names:
+            raise UserInputError(f"--config {path}: unknown key {key!r}")
+        out[name] = value
+    return out
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (and ``--config``), validate them, return the config."""
+    args = vars(build_parser().parse_args(argv))
+    values = _load_yaml(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    if isinstance(values.get("data_path"), str):
+        values["data_path"] = [values["data_path"]]
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def _check(condition: bool, flag: str, allowed: str, value) -> None:
+    if not condition:
+        raise UserInputError(f"{flag} must be {allowed}, got {value!r}")
+
+
+def validate(c: TrainConfig) -> None:
+    """Range checks for every flag (one line naming the flag and the allowed range)."""
+    positive_ints = (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+        "global_batch_size", "seq_length", "train_iters", "log_interval", "max_new_tokens",
+        "samples_per_prompt", "max_skipped_steps", "keep_last",
+    )
+    for name in positive_ints:
+        value = getattr(c, name)
+        _check(isinstance(value, int) and value >= 1, _flag(name), "an integer >= 1", value)
+    for name in ("save_interval", "lr_warmup_iters", "rollout_top_k", "save_samples_interval"):
+        value = getattr(c, name)
+        _check(isinstance(value, int) and value >= 0, _flag(name), "an integer >= 0", value)
+    _check(c.lr >= 0, "--lr", ">= 0", c.lr)
+    _check(0 <= c.min_lr <= max(c.lr, 0), "--min-lr", f"in [0, --lr={c.lr}]", c.min_lr)
+    _check(c.weight_decay >= 0, "--weight-decay", ">= 0", c.weight_decay)
+    _check(c.clip_grad >= 0, "--clip-grad", ">= 0 (0 disables clipping)", c.clip_grad)
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(c, name) < 1, _flag(name), "in [0, 1)", getattr(c, name))
+    _check(c.adam_eps > 0, "--adam-eps", "> 0", c.adam_eps)
+    _check(c.lr_decay_style in ("constant", "linear", "cosine"), "--lr-decay-style", "one of constant, linear, cosine", c.lr_decay_style)
+    _check(c.mode in ("opd", "opsd"), "--mode", "one of opd, opsd", c.mode)
+    _check(c.teacher in TEACHERS, "--teacher", f"one of {', '.join(TEACHERS)}", c.teacher)
+    _check(0 < c.ema_decay < 1, "--ema-decay", "in (0, 1)", c.ema_decay)
+    _check(c.loss in LOSSES, "--loss", f"one of {', '.join(LOSSES)}", c.loss)
+    _check(0 <= c.kd_beta <= 1, "--kd-beta", "in [0, 1]", c.kd_beta)
+    _check(c.kd_temperature > 0, "--kd-temperature", "> 0", c.kd_temperature)
+    _check(c.kd_token_clip is None or c.kd_token_clip > 0, "--kd-token-clip", "> 0 or none", c.kd_token_clip)
+    _check(c.kd_top_k is None or c.kd_top_k >= 1, "--kd-top-k", "an integer >= 1 or none", c.kd_top_k)
+    _check(c.loss_impl in ("auto", "fused", "unfused"), "--loss-impl", "one of auto, fused, unfused", c.loss_impl)
+    _check(c.renio_clip > 0, "--renio-clip", "> 0", c.renio_clip)
+    _check(c.renio_temperature > 0, "--renio-temperature", "> 0", c.renio_temperature)
+    _check(c.renio_norm in RENIO_NORMS, "--renio-norm", f"one of {', '.join(RENIO_NORMS)}", c.renio_norm)
+    _check(c.renio_scope in RENIO_SCOPES, "--renio-scope", f"one of {', '.join(RENIO_SCOPES)}", c.renio_scope)
+    _check(c.renio_max_weight > 0, "--renio-max-weight", "> 0", c.renio_max_weight)
+    _check(c.rollout_temperature > 0, "--rollout-temperature", "> 0", c.rollout_temperature)
+    _check(0 < c.rollout_top_p <= 1, "--rollout-top-p", "in (0, 1]", c.rollout_top_p)
+    _check(c.task in ("math", "coding"), "--task", "one of math, coding", c.task)
+    _check(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "> 0", c.distributed_timeout_minutes)
+    _check(c.max_new_tokens < c.seq_length, "--max-new-tokens", f"smaller than --seq-length ({c.seq_length})", c.max_new_tokens)
+    if c.mode == "opd" and c.teacher != "separate":
+        raise UserInputError("--mode opd needs --teacher separate (a teacher checkpoint or preset)")
+    if c.teacher == "separate" and not (c.teacher_load or c.teacher_model):
+        raise UserInputError("--teacher separate needs --teacher-load or --teacher-model")
+    if not (c.student_load or c.model or c.load):
+        raise UserInputError("no student model: give --student-load (a converted checkpoint), --load or --model")
+    if not c.data_path:
+        raise UserInputError("--data-path is required (one or more JSONL or parquet files)")
+    if c.sequence_parallel and c.tensor_model_parallel_size == 1:
+        raise UserInputError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if c.global_batch_size % c.micro_batch_size:
+        raise UserInputError(
+            f"--global-batch-size {c.global_batch_size} is not divisible by --micro-batch-size {c.micro_batch_size}"
+        )
