@@ -1,0 +1,70 @@
+"""Training flags: Megatron-LM names, YAML config with CLI override, one-line validation errors."""
+
+import pytest
+
+from megatron_renio.config import parse_train_args
+from megatron_renio.errors import UserInputError
+
+BASE = ["--model", "tiny-qwen3", "--data-path", "train.jsonl", "--seq-length", "256", "--max-new-tokens", "32"]
+
+
+def test_defaults_follow_the_reference():
+    cfg = parse_train_args(BASE)
+    assert (cfg.kd_temperature, cfg.kd_token_clip, cfg.renio_clip, cfg.renio_threshold) == (1.1, 0.05, 2.5, 0.8)
+    assert (cfg.renio_temperature, cfg.renio_norm, cfg.renio_max_weight, cfg.rollout_temperature) == (1.0, "batch_mean", 10.0, 1.1)
+    assert cfg.mode == "opsd" and cfg.teacher == "fixed"
+
+
+def test_megatron_flag_names_parse():
+    cfg = parse_train_args(BASE + [
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
+        "--micro-batch-size", "2", "--global-batch-size", "16", "--lr", "1e-5", "--min-lr", "1e-6",
+        "--lr-decay-style", "cosine", "--lr-warmup-iters", "3", "--clip-grad", "0.5", "--adam-beta2", "0.95",
+        "--bf16", "--use-distributed-optimizer", "--renio", "--kd-token-clip", "none", "--kd-top-k", "8",
+    ])
+    assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.sequence_parallel) == (2, 2, True)
+    assert cfg.bf16 and cfg.use_distributed_optimizer and cfg.renio
+    assert cfg.kd_token_clip is None and cfg.kd_top_k == 8 and cfg.lr == 1e-5
+
+
+def test_yaml_config_with_cli_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 3.0e-6\nrenio-norm: ema\n--train-iters: 7\ndata_path: [a.jsonl, b.jsonl]\nmodel: tiny-qwen3\n")
+    cfg = parse_train_args(["--config", str(path), "--lr", "4e-6", "--seq-length", "64", "--max-new-tokens", "8"])
+    assert cfg.lr == 4e-6 and cfg.renio_norm == "ema" and cfg.train_iters == 7 and cfg.data_path == ["a.jsonl", "b.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--renio-clip", "0"], "--renio-clip must be > 0, got 0.0"),
+        (["--kd-beta", "2"], r"--kd-beta must be in \[0, 1\], got 2.0"),
+        (["--rollout-top-p", "0"], r"--rollout-top-p must be in \(0, 1\], got 0.0"),
+        (["--lr", "-1"], "--lr must be >= 0, got -1.0"),
+        (["--renio-norm", "median"], "--renio-norm must be one of none, batch_mean, ema, clamp"),
+        (["--loss", "mse"], "--loss must be one of forward_kl, reverse_kl, jsd, sampled_rkl"),
+        (["--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size 8 is not divisible by --micro-batch-size 3"),
+        (["--mode", "opd"], "--mode opd needs --teacher separate"),
+        (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be an integer >= 1"),
+        (["--max-new-tokens", "300"], r"--max-new-tokens must be smaller than --seq-length \(256\)"),
+        (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
+    ],
+)
+def test_bad_flags_give_one_line_naming_the_flag(flags, message):
+    with pytest.raises(UserInputError, match=message) as err:
+        parse_train_args(BASE + flags)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(UserInputError, match="--config .*missing.yaml: file not found"):
+        parse_train_args(["--config", str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(UserInputError, match="not valid YAML"):
+        parse_train_args(["--config", str(bad)])
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("learning_rate: 1\n")
+    with pytest.raises(UserInputError, match="unknown key 'learning_rate'"):
+        parse_train_args(["--config", str(unknown)])
