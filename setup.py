@@ -24,13 +24,13 @@ setup(
         "pyyaml",
         "pyarrow",
         "tqdm",
+        "matplotlib",
         "numpy",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
         # apex is built from source (https://github.com/NVIDIA/apex#installation); it is optional.
         "gpu": ["transformer-engine[pytorch]", "triton"],
-        "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-renio=megatron_renio.cli:main"]},
 )
