@@ -42,6 +42,7 @@ class PairedModel(torch.nn.Module):
         self.student_hidden = student_hidden
         self.teacher_hidden = teacher_hidden
         self.config = _unwrap(student).config
+        self.model_type = _unwrap(student).model_type
         self._post_process = _unwrap(student).post_process
 
     def set_input_tensor(self, input_tensor) -> None:

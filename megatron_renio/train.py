@@ -1,0 +1,263 @@
+"""On-policy (self-)distillation with ReNIO: the training entry point.
+
+    torchrun --nproc-per-node N -m megatron_renio.train [--config run.yaml] [flags]
+
+One iteration: every data-parallel rank takes its share of the global batch of prompts, the
+student samples completions on its live Megatron weights (KV cache, TP/PP as trained), the pairs
+(student prompt | completion) and (teacher prompt | completion) go through one Megatron
+``forward_backward`` schedule with the ReNIO-weighted distillation loss, and Megatron's optimizer
+steps. Flags are documented in :mod:`megatron_renio.config`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from megatron_renio.config import TrainConfig, parse_train_args
+from megatron_renio.errors import UserInputError
+
+
+def _log0(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+class MetricsLogger:
+    """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.rank0 = torch.distributed.get_rank() == 0
+        self.jsonl = None
+        self.tb = None
+        self.wandb = None
+        if not self.rank0:
+            return
+        path = cfg.metrics_file or (str(Path(cfg.save) / "metrics.jsonl") if cfg.save else None)
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(path, "a")
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(cfg.tensorboard_dir)
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: --wandb-project given but wandb is not installed; skipping W&B", flush=True)
+            else:
+                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.rank0:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        for sink in (self.jsonl, self.tb):
+            if sink:
+                sink.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _ema_update(teacher, student, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter."""
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1.0 - decay)
+
+
+def _stat(records: list[dict], key: str, reduce) -> float | None:
+    values = [r[key] for r in records if key in r]
+    return float(reduce(values)) if values else None
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train for ``cfg.train_iters`` iterations; returns the last step's metrics."""
+    from megatron.core import parallel_state
+
+    from megatron_renio import distributed
+    from megatron_renio.data.batching import pack_pairs
+    from megatron_renio.data.prompts import PromptSampler
+    from megatron_renio.renio.weights import ReNIONormalizer
+    from megatron_renio.rollout.generate import generate
+    from megatron_renio.rollout.sampling import SamplingConfig
+    from megatron_renio.training import components as C
+    from megatron_renio.training.checkpointing import load_training_checkpoint, save_training_checkpoint
+    from megatron_renio.training.paired import PairedModel
+    from megatron_renio.training.step import DistillationStep
+
+    settings = C.loss_settings(cfg)
+    sampling = SamplingConfig(temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
+                              top_k=cfg.rollout_top_k, max_new_tokens=cfg.max_new_tokens)
+    sampling.validate()
+    ctx = distributed.initialize(C.parallel_config(cfg), cfg.seed, distributed.fingerprint(cfg),
+                                 cfg.distributed_timeout_minutes)
+    samples_per_rank, remainder = divmod(cfg.global_batch_size, ctx.dp_size)
+    if remainder or samples_per_rank % cfg.micro_batch_size:
+        raise UserInputError(
+            f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
+            f"{cfg.micro_batch_size} x data-parallel size {ctx.dp_size}"
+        )
+    if cfg.global_batch_size % cfg.samples_per_prompt:
+        raise UserInputError(f"--global-batch-size {cfg.global_batch_size} is not divisible by --samples-per-prompt {cfg.samples_per_prompt}")
+
+    student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load/--model")
+    teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
+                      if cfg.teacher == "separate" else None)
+    tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
+    prompts = C.load_prompts(cfg, tokenizer)
+    if prompts.skipped_too_long:
+        _log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
+
+    student, student_info = C.build_model(student_source, cfg)
+    teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student)
+    student_ddp = C.wrap_ddp(student, cfg.use_distributed_optimizer)
+    optimizer, scheduler = C.build_optimizer(student_ddp, cfg)
+    paired = PairedModel(student_ddp, teacher, student_info.preset.hidden_size, teacher_info.preset.hidden_size)
+    normalizer = ReNIONormalizer()
+    step_runner = DistillationStep(paired, [student_ddp], settings, normalizer, student_info.preset.vocab_size)
+    prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
+    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed)
+    _log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
+
+    iteration, skipped_total, skipped_in_a_row = 0, 0, 0
+    if cfg.load:
+        state = load_training_checkpoint(cfg.load, student=student, optimizer=optimizer,
+                                         teacher=teacher if cfg.teacher == "ema" else None)
+        if state is not None:
+            iteration = state["iteration"]
+            skipped_total = state["skipped_total"]
+            sampler.load_state_dict(state["sampler"])
+            normalizer.load_state_dict(state["normalizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _log0(f"resumed from {cfg.load} at iteration {iteration}")
+
+    logger = MetricsLogger(cfg)
+    progress = None
+    if ctx.rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train_iters, initial=iteration, desc="train", dynamic_ncols=True, file=sys.stderr)
+    eos = tokenizer.eos_id
+    metrics: dict = {}
+    while iteration < cfg.train_iters:
+        t0 = time.perf_counter()
+        indices = sampler.next_batch()
+        s_prompts = [prompts.student[i] for i in indices for _ in range(cfg.samples_per_prompt)]
+        t_prompts = [prompts.teacher[i] for i in indices for _ in range(cfg.samples_per_prompt)]
+        rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=student_info.preset.vocab_size,
+                           seed=cfg.seed * 1_000_003 + iteration * 1009 + ctx.dp_rank, max_sequence_length=cfg.seq_length)
+        t_rollout = time.perf_counter() - t0
+
+        batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length)
+        micro = [batch.rows(i, i + cfg.micro_batch_size) for i in range(0, samples_per_rank, cfg.micro_batch_size)]
+        t1 = time.perf_counter()
+        student_ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        result = step_runner.run(micro, inject_nonfinite=cfg.debug_inject_nonfinite == iteration + 1)
+        t_fwd_bwd = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        grad_norm = None
+        ok = not result.nonfinite and math.isfinite(result.loss)
+        if ok:
+            updated, grad_norm, _ = optimizer.step()
+            ok = bool(updated) and (grad_norm is None or math.isfinite(grad_norm))
+        if ok:
+            scheduler.step(increment=1)
+            skipped_in_a_row = 0
+            if cfg.teacher == "ema":
+                _ema_update(teacher, student, cfg.ema_decay)
+        else:
+            skipped_total += 1
+            skipped_in_a_row += 1
+            student_ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            if skipped_in_a_row >= cfg.max_skipped_steps:
+                raise UserInputError(
+                    f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
+                    f"(--max-skipped-steps {cfg.max_skipped_steps}); stopping at iteration {iteration + 1}"
+                )
+        t_opt = time.perf_counter() - t2
+        iteration += 1
+
+        lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)
+        hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] != eos) for c in rollout.completions))
+        step_time = time.perf_counter() - t0
+        trained_tokens = float(batch.student.loss_mask.sum() + (batch.student.tokens != tokenizer.pad_id).sum())
+        metrics = {
+            "loss": result.loss,
+            "skipped": not ok,
+            "skipped_total": skipped_total,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": scheduler.get_lr(optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else cfg.lr,
+            "completion_length_mean": float(lengths.mean()),
+            "completion_length_max": float(lengths.max()),
+            "completion_hit_limit_fraction": hit_limit / max(len(lengths), 1),
+            "rollout_tokens_per_s": rollout.num_generated_tokens / max(t_rollout, 1e-9),
+            "train_tokens_per_s": trained_tokens / max(t_fwd_bwd, 1e-9),
+            "time_rollout_s": t_rollout,
+            "time_forward_backward_s": t_fwd_bwd,
+            "time_optimizer_s": t_opt,
+            "time_step_s": step_time,
+            "skipped_prompts_too_long": prompts.skipped_too_long,
+            **{k: v for k, v in result.stats.items() if k != "loss"},
+        }
+        if torch.cuda.is_available():
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if iteration % cfg.log_interval == 0:
+            logger.log(iteration, metrics)
+        if progress is not None:
+            progress.set_postfix(loss=f"{result.loss:.4g}", len=f"{metrics['completion_length_mean']:.0f}")
+            progress.update(1)
+
+        if cfg.save and cfg.save_interval and (iteration % cfg.save_interval == 0 or iteration == cfg.train_iters):
+            save_training_checkpoint(
+                cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
+                teacher=teacher if cfg.teacher == "ema" else None,
+                tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
+                keep_last=cfg.keep_last,
+                train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
+                             "normalizer": normalizer.state_dict(), "scheduler": scheduler.state_dict()},
+            )
+    if progress is not None:
+        progress.close()
+    logger.close()
+    distributed.destroy()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cfg = parse_train_args(argv)
+        run(cfg)
+    except UserInputError as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        if debug:
+            raise
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

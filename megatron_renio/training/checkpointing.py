@@ -1,0 +1,181 @@
+"""Training checkpoints: crash-safe saves, keep-last-K, exact resume.
+
+Layout of ``--save DIR``::
+
+    DIR/iter_0000010/            one complete checkpoint (a model checkpoint folder, see
+        renio_model.json         megatron_renio.models.checkpoint, so export and --student-load
+        model/  tokenizer/       read it directly)
+        optimizer/               dist_checkpointing of the optimizer state (any DP size on load)
+        teacher/                 EMA teacher weights (``--teacher ema`` only)
+        train_state.pt           step, data position, ReNIO EMA, LR scheduler, counters
+        rng/rank_00000.pt        every rank's python / numpy / torch / model-parallel RNG states
+    DIR/latest_checkpointed_iteration.txt
+
+A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished; only then is
+the ``latest`` marker replaced (atomically). A save interrupted at any point leaves the previous
+checkpoint as the latest, and a ``.tmp_`` folder that the next save removes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_renio.errors import UserInputError
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    """The iteration named by the ``latest`` marker, or None when there is no checkpoint."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise UserInputError(f"{marker}: corrupt marker {text!r} (expected an iteration number)")
+    if not iteration_dir(root, int(text)).is_dir():
+        raise UserInputError(f"{marker} names iteration {text}, but {iteration_dir(root, int(text))} is missing")
+    return int(text)
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _optimizer_state_dict(optimizer, model_sd, is_loading: bool):
+    kwargs = {}
+    if getattr(optimizer.config, "use_distributed_optimizer", False):
+        kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
+
+
+def save_training_checkpoint(
+    root: str | Path, iteration: int, *, student, student_info, optimizer, train_state: dict,
+    teacher=None, tokenizer_dir: str | None = None, keep_last: int = 2,
+) -> Path:
+    """Collective: write iteration ``iteration`` under ``root`` (see the module docstring)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_renio.models.checkpoint import save_model_checkpoint
+
+    root = Path(root)
+    rank = torch.distributed.get_rank()
+    tmp = root / f".tmp_iter_{iteration:07d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_iter_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    save_model_checkpoint(student, student_info, tmp, tokenizer_dir=tokenizer_dir,
+                          extra_metadata={"iteration": iteration})
+    for name, state in (("optimizer", _optimizer_state_dict(optimizer, student.sharded_state_dict(), False)),
+                        ("teacher", teacher.sharded_state_dict() if teacher is not None else None)):
+        if state is None:
+            continue
+        if rank == 0:
+            (tmp / name).mkdir()
+        _barrier()
+        dist_checkpointing.save(state, str(tmp / name))
+    if rank == 0:
+        (tmp / "rng").mkdir()
+        torch.save(train_state, tmp / "train_state.pt")
+    _barrier()
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    _barrier()
+    final = iteration_dir(root, iteration)
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = root / (LATEST + ".tmp")
+        marker_tmp.write_text(str(iteration))
+        os.replace(marker_tmp, root / LATEST)
+        kept = sorted(root.glob("iter_*"))
+        for old in kept[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=None) -> dict | None:
+    """Collective: restore the latest checkpoint under ``root``; returns its ``train_state``
+    (None when ``root`` holds no checkpoint yet)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_renio.models.checkpoint import load_model_checkpoint
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    load_model_checkpoint(student, path)
+    if teacher is not None:
+        if not (path / "teacher").is_dir():
+            raise UserInputError(f"{path}: no EMA teacher saved (was the run started with --teacher ema?)")
+        teacher.load_state_dict(dist_checkpointing.load(teacher.sharded_state_dict(), str(path / "teacher")))
+    optimizer_dir = path / "optimizer"
+    if not optimizer_dir.is_dir():
+        raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
+    _init_optimizer_state(optimizer)
+    state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True), str(optimizer_dir))
+    optimizer.load_state_dict(state)
+    _untie_step_tensors(optimizer)
+    rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
+    train_state = torch.load(path / "train_state.pt", weights_only=False)
+    if rank_file.is_file():  # same world size: exact RNG continuation
+        _set_rng_state(torch.load(rank_file, weights_only=False))
+    return train_state
+
+
+def _inner_optimizers(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create Adam's state tensors so that the sharded load has targets."""
+    for opt in _inner_optimizers(optimizer):
+        if hasattr(opt, "init_state_fn") and opt.init_state_fn is not None:
+            opt.init_state_fn(opt.optimizer, getattr(opt, "config", None))
+
+
+def _untie_step_tensors(optimizer) -> None:
+    """After a load every parameter must own its ``step`` tensor (a shared one would be advanced
+    once per parameter)."""
+    for opt in _inner_optimizers(optimizer):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()

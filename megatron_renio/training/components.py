@@ -1,0 +1,191 @@
+"""Building the pieces of a run: tokenizer, student (DDP), teacher, optimizer, LR schedule, data.
+
+Each function takes the validated :class:`TrainConfig` and returns one piece; :mod:`megatron_renio.train`
+wires them into the loop. Everything here runs after :func:`megatron_renio.distributed.initialize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_renio.config import TrainConfig
+from megatron_renio.data.prompts import load_prompt_records
+from megatron_renio.data.templates import build_prompt_ids
+from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_renio.distributed import ParallelConfig
+from megatron_renio.errors import UserInputError
+from megatron_renio.losses.divergence import DivergenceConfig
+from megatron_renio.models.builder import ModelInfo, build_gpt_model, freeze
+from megatron_renio.models.presets import ModelPreset, get_preset
+from megatron_renio.renio.weights import ReNIOConfig
+from megatron_renio.training.step import LossSettings
+
+
+def parallel_config(cfg: TrainConfig) -> ParallelConfig:
+    return ParallelConfig(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.sequence_parallel)
+
+
+def model_dtype(cfg: TrainConfig) -> str:
+    return "bf16" if cfg.bf16 else "fp32"
+
+
+def loss_settings(cfg: TrainConfig) -> LossSettings:
+    """Map the loss / ReNIO flags onto the core configs (validated there too)."""
+    divergence = DivergenceConfig(
+        kind="jsd" if cfg.loss == "jsd" else cfg.divergence_kind,
+        beta=cfg.kd_beta, temperature=cfg.kd_temperature, token_clip=cfg.kd_token_clip, top_k=cfg.kd_top_k,
+    )
+    renio = ReNIOConfig(
+        enabled=cfg.renio, clip=cfg.renio_clip, threshold=cfg.renio_threshold, temperature=cfg.renio_temperature,
+        norm=cfg.renio_norm, scope=cfg.renio_scope, max_weight=cfg.renio_max_weight,
+    )
+    divergence.validate()
+    renio.validate()
+    return LossSettings(divergence, renio, "sampled_rkl" if cfg.loss == "sampled_rkl" else "divergence", cfg.loss_impl)
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a converted/trained checkpoint folder, or a preset (random init)."""
+
+    preset: ModelPreset
+    checkpoint: Path | None
+    tokenizer_dir: Path | None
+
+
+def resolve_model(checkpoint: str | None, preset_name: str | None, flag: str) -> ModelSource:
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+
+    if checkpoint:
+        meta = read_checkpoint_metadata(checkpoint)
+        return ModelSource(meta.preset, Path(checkpoint), meta.tokenizer_dir)
+    if preset_name:
+        return ModelSource(get_preset(preset_name), None, None)
+    raise UserInputError(f"{flag}: no checkpoint or preset given")
+
+
+def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSource | None) -> Tokenizer:
+    """``--tokenizer`` or the student checkpoint's copy; the teacher must share its vocabulary."""
+    path = cfg.tokenizer or (student.tokenizer_dir and str(student.tokenizer_dir))
+    if not path:
+        raise UserInputError("no tokenizer: give --tokenizer (an HF tokenizer folder or a sentencepiece model)")
+    tokenizer = load_tokenizer(path)
+    if teacher is not None and teacher.tokenizer_dir is not None and student.tokenizer_dir is not None:
+        other = load_tokenizer(str(teacher.tokenizer_dir))
+        if other.fingerprint() != tokenizer.fingerprint():
+            raise UserInputError(
+                f"teacher tokenizer ({teacher.tokenizer_dir}) differs from the student's ({path}): "
+                "OPD needs one shared vocabulary"
+            )
+    for source, who in ((student, "student"), (teacher, "teacher")):
+        if source is not None and source.preset.vocab_size < tokenizer.vocab_size:
+            raise UserInputError(
+                f"{who} model vocabulary ({source.preset.vocab_size}) is smaller than the tokenizer's "
+                f"({tokenizer.vocab_size})"
+            )
+    return tokenizer
+
+
+def build_model(source: ModelSource, cfg: TrainConfig):
+    """A GPTModel for this stage, with the checkpoint's weights when there is one."""
+    from megatron_renio.models.checkpoint import load_model_checkpoint
+
+    model, info = build_gpt_model(source.preset, parallel_config(cfg), model_dtype(cfg), max_sequence_length=cfg.seq_length)
+    if source.checkpoint is not None:
+        load_model_checkpoint(model, source.checkpoint)
+    return model, info
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool):
+    """Megatron DDP: fp32 gradient buffers, gradients summed (the step divides by its denominator)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model.config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(student_ddp, cfg: TrainConfig):
+    """Megatron's optimizer (Adam; fused when TE/apex are present) and its LR/WD scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [student_ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.lr_warmup_iters else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=cfg.train_iters,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=cfg.train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source: ModelSource | None, student):
+    """OPSD fixed/EMA: a frozen copy of the initial student; OPD separate: its own checkpoint/preset."""
+    if cfg.teacher == "separate":
+        teacher, info = build_model(teacher_source, cfg)
+    else:
+        teacher, info = build_gpt_model(student_source.preset, parallel_config(cfg), model_dtype(cfg),
+                                        max_sequence_length=cfg.seq_length)
+        teacher.load_state_dict(student.state_dict())
+    freeze(teacher)
+    return teacher, info
+
+
+@dataclass
+class PromptSet:
+    """Tokenised prompts of the training data (student and teacher side) and what was skipped."""
+
+    student: list[list[int]]
+    teacher: list[list[int]]
+    answers: list[str | None]
+    skipped_too_long: int
+
+
+def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
+    """Read ``--data-path``, build both prompts per record, drop prompts that cannot fit (counted)."""
+    from megatron_renio.data.batching import filter_long_prompts
+
+    records = load_prompt_records(
+        cfg.data_path, cfg.problem_field, cfg.solution_field, cfg.answer_field, require_solution=cfg.mode == "opsd"
+    )
+    student = [build_prompt_ids(tokenizer, r, cfg.task, "student", cfg.mode) for r in records]
+    teacher = [build_prompt_ids(tokenizer, r, cfg.task, "teacher", cfg.mode) for r in records]
+    kept = filter_long_prompts(list(zip(student, teacher)), cfg.seq_length, cfg.max_new_tokens)
+    if not kept.kept:
+        raise UserInputError(
+            f"every prompt of --data-path is longer than --seq-length {cfg.seq_length} allows ({kept.skipped} skipped)"
+        )
+    return PromptSet(
+        student=[student[i] for i in kept.kept],
+        teacher=[teacher[i] for i in kept.kept],
+        answers=[records[i].answer for i in kept.kept],
+        skipped_too_long=kept.skipped,
+    )
+
+
+def model_info_summary(info: ModelInfo) -> str:
+    p = info.preset
+    return (f"{p.architecture} layers={p.num_layers} hidden={p.hidden_size} heads={p.num_attention_heads}/"
+            f"{p.num_query_groups} vocab={p.vocab_size} (padded {info.padded_vocab_size})")

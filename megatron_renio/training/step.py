@@ -1,0 +1,184 @@
+"""One distillation step inside one Megatron ``forward_backward`` schedule.
+
+For every micro-batch the forward step runs :class:`PairedModel` (teacher under ``no_grad``,
+student with grad; with PP > 1 both hidden states travel together). On the last pipeline stage
+the loss function gathers each model's logits onto the shared ``[b, c_len]`` completion grid
+(``PairedBatch.*.gather_index``), computes per-token divergences and log-probs
+(:func:`token_terms`, or the fused kernel), then the ReNIO-weighted loss terms
+(:func:`distillation_loss`).
+
+Loss scaling. ``distillation_loss`` returns ``(numerator, denominator)`` per micro-batch, and the
+step's loss is ``sum(numerators) / sum(denominators)`` over every micro-batch and data-parallel
+rank. Megatron's per-token-loss machinery does exactly this deferral
+(``calculate_per_token_loss=True``: DDP sums gradients and ``finalize_model_grads`` divides them by
+a denominator it all-reduces over DP), but its schedules accumulate an *integer* token count. So
+the loss function hands the schedule a zero count and accumulates the (real-valued) denominator
+itself, and the ``finalize_model_grads_func`` installed here passes that sum to Megatron's
+``finalize_model_grads``, which broadcasts it from the last stage, all-reduces it over DP and
+scales the student's gradients by its inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from megatron_renio.data.batching import PairedBatch
+from megatron_renio.losses.distillation import distillation_loss, reduce_stats
+from megatron_renio.losses.divergence import DivergenceConfig, token_terms
+from megatron_renio.renio.vocab_parallel import VocabShard
+from megatron_renio.renio.weights import ReNIOConfig, ReNIONormalizer
+from megatron_renio.training.paired import PairedModel, PairedOutput, paired_tensor_shapes
+
+
+SUMMARY_KEYS = (
+    "loss", "nonfinite", "weight_mean", "weight_min", "weight_max", "weight_std", "pivotal_fraction",
+    "log_ratio_mean", "sample_loss_mean", "num_samples", "num_valid_tokens",
+)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the last stage computes: divergence, ReNIO, loss kind and the kernel choice."""
+
+    divergence: DivergenceConfig
+    renio: ReNIOConfig
+    loss_kind: str  # 'divergence' or 'sampled_rkl'
+    impl: str = "auto"  # 'auto' | 'fused' | 'unfused'
+
+
+@dataclass
+class StepResult:
+    """The step's loss (``sum numerators / sum denominators`` over micro-batches and DP) and logs.
+
+    ``stats`` has every :data:`SUMMARY_KEYS` entry on every rank; ``per_sample`` holds, on the last
+    pipeline stage only, this rank's weights (applied and raw) and per-sample losses in micro-batch
+    order.
+    """
+
+    loss: float
+    nonfinite: bool
+    stats: dict = field(default_factory=dict)
+    per_sample: dict = field(default_factory=dict)
+
+
+def gather_grid(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[b, S, V] -> [b, c_len, V]``: the logits that predict each completion token."""
+    return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+def _token_terms_fn(impl: str):
+    if impl == "unfused":
+        return token_terms
+    from megatron_renio.losses.fused import fused_token_terms
+
+    return fused_token_terms
+
+
+class DistillationStep:
+    """Forward/backward of one optimizer step over a list of micro-batches."""
+
+    def __init__(
+        self,
+        paired: PairedModel,
+        student_chunks: list,
+        settings: LossSettings,
+        normalizer: ReNIONormalizer,
+        true_vocab_size: int,
+    ):
+        from megatron.core import parallel_state
+
+        self.paired = paired
+        self.student_chunks = student_chunks
+        self.settings = settings
+        self.normalizer = normalizer
+        self.true_vocab_size = true_vocab_size
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.token_terms = _token_terms_fn(settings.impl)
+        self._denominator = None
+        self._losses: list = []
+        self._inject_nonfinite = False
+        config = paired.config
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = self._finalize
+        if hasattr(student_chunks[0], "no_sync"):
+            config.no_sync_func = student_chunks[0].no_sync
+
+    # -- schedule callbacks -------------------------------------------------------------------
+    def _finalize(self, model, num_tokens, pg_collection=None, force_all_reduce=False):
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads(self.student_chunks, self._denominator, pg_collection=pg_collection,
+                             force_all_reduce=force_all_reduce)
+
+    def _forward_step(self, data_iterator, model):
+        mb: PairedBatch = next(data_iterator)
+        output = model(mb.student.tokens, mb.student.position_ids, mb.teacher.tokens, mb.teacher.position_ids)
+        return output, partial(self._loss, mb)
+
+    def _loss(self, mb: PairedBatch, output: PairedOutput):
+        student = gather_grid(output.student_logits, mb.student.gather_index)
+        if self._inject_nonfinite:
+            student = student * float("nan")
+        with torch.no_grad():
+            teacher = gather_grid(output.teacher_logits, mb.teacher.gather_index)
+        shard = VocabShard.for_rank(student.shape[-1], self.true_vocab_size, self.tp_group)
+        terms = self.token_terms(student, teacher, mb.completion_ids, self.settings.divergence, shard, self.tp_group)
+        loss = distillation_loss(terms, mb.completion_mask, self.settings.renio, self.normalizer, self.settings.loss_kind)
+        self._denominator += loss.denominator
+        self._losses.append(loss)
+        return loss.numerator, torch.zeros((), dtype=torch.int), {}
+
+    # -- one step -----------------------------------------------------------------------------
+    def run(self, micro_batches: list[PairedBatch], forward_only: bool = False, inject_nonfinite: bool = False) -> StepResult:
+        """Run the schedule over ``micro_batches`` (all of one padded length and size).
+
+        ``inject_nonfinite`` (a testing aid) turns the student's logits into NaN in this step.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        device = next(self.paired.student.parameters()).device
+        self._denominator = torch.zeros((), dtype=torch.float32, device=device)
+        self._losses = []
+        self._inject_nonfinite = inject_nonfinite
+        mb0 = micro_batches[0]
+        kwargs = {}
+        if self.pp_size > 1:
+            kwargs["adjust_tensor_shapes_fn"] = paired_tensor_shapes(self.paired.student_hidden, self.paired.teacher_hidden)
+        get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter([mb.to(device) for mb in micro_batches]),
+            model=[self.paired],
+            num_microbatches=len(micro_batches),
+            seq_length=mb0.seq_len,
+            micro_batch_size=mb0.completion_ids.shape[0],
+            forward_only=forward_only,
+            **kwargs,
+        )
+        return self._result(device)
+
+    def _result(self, device) -> StepResult:
+        """Reduce the step's statistics over DP on the last stage (``reduce_stats``), then hand
+        them to every pipeline stage so that any rank can log or act on them."""
+        from megatron.core import parallel_state
+
+        values = torch.zeros(len(SUMMARY_KEYS), dtype=torch.float64, device=device)
+        per_sample = {}
+        if self._losses:
+            summary = reduce_stats(self._losses, self.dp_group)
+            values = torch.tensor([summary[k] for k in SUMMARY_KEYS], dtype=torch.float64, device=device)
+            per_sample = {
+                "weights": torch.cat([lt.sample_weights.detach().float().cpu() for lt in self._losses]),
+                "raw_weights": torch.cat([lt.stats["raw_weight"].detach().float().cpu() for lt in self._losses]),
+                "per_sample_loss": torch.cat([lt.per_sample_loss.float().cpu() for lt in self._losses]),
+            }
+            self.normalizer.end_step(self.settings.renio, self.dp_group)
+        if self.pp_size > 1:
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            torch.distributed.broadcast(values, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+        summary = dict(zip(SUMMARY_KEYS, values.tolist()))
+        return StepResult(loss=summary["loss"], nonfinite=summary["nonfinite"] > 0, stats=summary, per_sample=per_sample)
