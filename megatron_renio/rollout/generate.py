@@ -1,0 +1,216 @@
+"""On-policy rollout: the student generates completions on its live Megatron weights.
+
+:func:`generate` runs the student's own ``GPTModel`` (optionally wrapped in Megatron's DDP /
+``Float16Module``) under its tensor- and pipeline-parallel layout; nothing is copied to another
+engine. Decoding uses Megatron's ``StaticInferenceContext`` as the KV cache: one prefill, then one
+token per step. How the pieces fit:
+
+- **Prompts of different lengths.** The batch is prefilled up to the length of the shortest prompt.
+  From there every step feeds one position for the whole batch; a sample still inside its prompt
+  is fed its next prompt token (the sampled token is discarded), the others feed the token they
+  just drew. All samples share one position counter, so the KV cache needs no padding or masks;
+  a very uneven batch costs one step per prompt token beyond the shortest prompt.
+- **Tensor parallelism.** The last stage gathers the vocabulary of the last position
+  (``runtime_gather_output=True``), drops Megatron's padded vocabulary rows, and samples with a
+  generator seeded identically on every rank; TP rank 0's tokens are then broadcast over the TP
+  group, so the ranks agree even if their logits differ in the last bit.
+- **Pipeline parallelism.** Each step, a stage receives the hidden states of the step's positions
+  from the previous stage (``torch.distributed`` recv on Megatron's pipeline group, handed to the
+  model with ``set_input_tensor``), runs its layers with its own KV cache, and sends its output on;
+  the last stage samples and broadcasts the tokens to all stages of its pipeline.
+- **Sequence parallelism** is switched off for the rollout (a one-token step cannot be split
+  over the TP ranks) and restored afterwards.
+- **Stopping.** A completion ends with EOS (included), at ``max_new_tokens``, or when prompt plus
+  completion reach ``max_sequence_length`` (the KV cache length); the loop ends when every sample
+  has ended.
+
+``use_kv_cache=False`` recomputes the whole prefix at every step through the model's training
+forward (no inference context); it is the reference the tests compare the cached path against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.rollout.sampling import SamplingConfig, sample_next
+
+# Module attributes that Megatron copies from ``config.sequence_parallel`` at construction.
+_SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Completion token ids per prompt (EOS included when generated) and rollout statistics."""
+
+    completions: list[list[int]]
+    num_generated_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _check_inputs(prompts, eos_id: int, true_vocab_size: int, padded_vocab_size: int, max_sequence_length: int) -> None:
+    if not 0 < true_vocab_size <= padded_vocab_size:
+        raise UserInputError(
+            f"true vocabulary size {true_vocab_size} must be in [1, {padded_vocab_size}] (the model's padded vocabulary)"
+        )
+    if not 0 <= eos_id < true_vocab_size:
+        raise UserInputError(f"EOS id {eos_id} is outside the vocabulary [0, {true_vocab_size})")
+    if not prompts:
+        raise UserInputError("generate() needs at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not 0 < len(prompt) < max_sequence_length:
+            raise UserInputError(
+                f"prompt {i} has {len(prompt)} tokens; it must have between 1 and "
+                f"{max_sequence_length - 1} (max sequence length {max_sequence_length} minus one new token)"
+            )
+        if min(prompt) < 0 or max(prompt) >= true_vocab_size:
+            raise UserInputError(f"prompt {i} holds token ids outside the vocabulary [0, {true_vocab_size})")
+
+
+@contextlib.contextmanager
+def _sequence_parallel_off(gpt):
+    """Switch sequence parallelism off on ``gpt``'s config and every module that copied the flag;
+    restore the saved values on exit."""
+    if not gpt.config.sequence_parallel:
+        yield
+        return
+    saved = [(m, a, getattr(m, a)) for m in gpt.modules() for a in _SEQUENCE_PARALLEL_ATTRS if hasattr(m, a)]
+    gpt.config.sequence_parallel = False
+    for module, attr, _ in saved:
+        setattr(module, attr, False)
+    try:
+        yield
+    finally:
+        gpt.config.sequence_parallel = True
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def _stage_forward(model, gpt, tokens, positions, context):
+    """Run this pipeline stage on the positions in ``tokens`` [b, s]. On the last stage return the
+    full-vocabulary logits of the last position [b, V_padded] (fp32); elsewhere send the hidden
+    states to the next stage and return None."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if not parallel_state.is_pipeline_first_stage():
+        config = gpt.config
+        hidden = torch.empty(
+            (tokens.size(1), tokens.size(0), config.hidden_size),
+            dtype=config.pipeline_dtype or config.params_dtype, device=tokens.device,
+        )
+        torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank(), group=pp_group)
+        gpt.set_input_tensor(hidden)
+    out = model(
+        tokens, positions, attention_mask=None, inference_context=context,
+        runtime_gather_output=context is not None,  # Megatron's inference path gathers itself
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        torch.distributed.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank(), group=pp_group)
+        return None
+    last = out[:, -1, :]
+    if context is None:
+        last = gather_from_tensor_model_parallel_region(last.contiguous())
+    return last.float()
+
+
+def _share_tokens(sampled, batch_size: int, device) -> torch.Tensor:
+    """TP rank 0 of the last stage decides; every rank of the model-parallel group gets its tokens."""
+    from megatron.core import parallel_state
+
+    if parallel_state.is_pipeline_last_stage():
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(
+                sampled, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                group=parallel_state.get_tensor_model_parallel_group(),
+            )
+    else:
+        sampled = torch.empty(batch_size, dtype=torch.long, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            sampled, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return sampled
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    *,
+    eos_id: int,
+    true_vocab_size: int,
+    seed: int,
+    max_sequence_length: int,
+    use_kv_cache: bool = True,
+) -> GenerationResult:
+    """Sample one completion per prompt with the student ``model`` (this rank's TP/PP shard).
+
+    Every rank of the model-parallel group (TP x PP) must call this with the same arguments and
+    gets the same result. ``seed`` seeds the sampling generator (the same on all TP ranks; vary
+    it across data-parallel replicas and steps). Token ids at or above ``true_vocab_size``
+    (Megatron's padded rows) are never sampled. A prompt must be shorter than
+    ``max_sequence_length``, which bounds prompt + completion and sizes the KV cache; bad prompts,
+    EOS ids or vocabulary sizes raise :class:`UserInputError`. Runs under ``torch.no_grad`` in eval
+    mode and restores the model's training mode (and sequence parallelism) afterwards.
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.utils import unwrap_model
+
+    cfg.validate()
+    gpt = unwrap_model(model)
+    _check_inputs(prompts, eos_id, true_vocab_size, gpt.vocab_size, max_sequence_length)
+    started = time.perf_counter()
+    device = next(gpt.parameters()).device
+    batch_size = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    total = min(max(len(p) for p in prompts) + cfg.max_new_tokens, max_sequence_length)
+    tokens = torch.zeros((batch_size, total), dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    positions = torch.arange(total, device=device).expand(batch_size, total)
+    generated = torch.zeros(batch_size, dtype=torch.long, device=device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    context = StaticInferenceContext(batch_size, total) if use_kv_cache else None
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _sequence_parallel_off(gpt):
+            fed = 0  # positions already in the KV cache
+            pos = min(len(p) for p in prompts)  # the position the next token goes to
+            while True:
+                first = fed if use_kv_cache else 0
+                logits = _stage_forward(model, gpt, tokens[:, first:pos], positions[:, first:pos], context)
+                sampled = None if logits is None else sample_next(logits[:, :true_vocab_size], cfg, generator)
+                sampled = _share_tokens(sampled, batch_size, device)
+                in_prompt = pos < lengths
+                token = torch.where(in_prompt, tokens[:, pos], sampled)
+                tokens[:, pos] = token
+                generating = ~in_prompt & ~done
+                generated += generating.long()
+                done |= generating & ((token == eos_id) | (generated >= cfg.max_new_tokens))
+                if use_kv_cache:
+                    context.increment_sequence_len_offset(pos - fed)
+                    context.enable_decode_mode()
+                fed, pos = pos, pos + 1
+                if pos == total or bool(done.all()):
+                    break
+    finally:
+        gpt.set_input_tensor(None)
+        model.train(was_training)
+
+    counts = generated.tolist()
+    completions = [tokens[i, len(p) : len(p) + n].tolist() for i, (p, n) in enumerate(zip(prompts, counts))]
+    return GenerationResult(completions, sum(counts), time.perf_counter() - started)

@@ -1,0 +1,169 @@
+"""The on-policy rollout: sampling rules, and generation with the KV cache on Megatron's GPTModel
+under TP=1, TP=2 (with and without sequence parallelism) and PP=2, compared with full recompute
+and across layouts (one torchrun launch, see tests/workers/rollout_worker.py)."""
+
+import pytest
+import torch
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.rollout.sampling import SamplingConfig, sample_next
+from tests.torchrun_harness import REPO_ROOT, run_torchrun
+
+WORKER = REPO_ROOT / "tests" / "workers" / "rollout_worker.py"
+LAYOUTS = ("tp1", "tp2", "tp2_sp", "pp2")
+PROMPT_LENGTHS = (5, 3, 8, 4)  # the worker's PROMPTS
+MAX_NEW, VOCAB, DEFAULT_EOS = 12, 250, 249
+
+
+# ---------------------------------------------------------------- sampling (no process group)
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        (dict(temperature=0.0), "--rollout-temperature"),
+        (dict(temperature=-1.0), "--rollout-temperature"),
+        (dict(top_p=0.0), "--rollout-top-p"),
+        (dict(top_p=1.5), "--rollout-top-p"),
+        (dict(top_k=-1), "--rollout-top-k"),
+        (dict(top_k=2.5), "--rollout-top-k"),
+        (dict(max_new_tokens=0), "--max-new-tokens"),
+    ],
+)
+def test_sampling_config_validation_names_the_flag(changes, flag):
+    kwargs = dict(max_new_tokens=8) | changes
+    with pytest.raises(UserInputError, match=flag):
+        SamplingConfig(**kwargs).validate()
+
+
+def test_sampling_config_defaults_are_valid():
+    cfg = SamplingConfig(max_new_tokens=1)
+    cfg.validate()
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.greedy) == (1.0, 1.0, 0, False)
+
+
+def _draws(logits_row, cfg, n=4000, seed=0):
+    logits = torch.tensor(logits_row, dtype=torch.float32).expand(n, -1)
+    return sample_next(logits, cfg, torch.Generator().manual_seed(seed))
+
+
+def test_greedy_is_argmax_and_uses_no_randomness():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    cfg = SamplingConfig(max_new_tokens=1, greedy=True, temperature=3.0, top_p=0.1)
+    assert torch.equal(sample_next(logits, cfg, None), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, SamplingConfig(max_new_tokens=1, top_k=1), torch.Generator()), logits.argmax(-1))
+
+
+def test_sampling_follows_the_tempered_distribution_with_the_given_generator_only():
+    row = [2.0, 1.0, 0.0, -1.0]
+    global_state = torch.get_rng_state()
+    for temperature in (1.0, 2.0):
+        draws = _draws(row, SamplingConfig(max_new_tokens=1, temperature=temperature), n=20000)
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        expected = torch.softmax(torch.tensor(row) / temperature, -1)
+        assert torch.allclose(freq, expected, atol=0.015), (temperature, freq, expected)
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    row = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).tolist()
+    assert set(_draws(row, SamplingConfig(max_new_tokens=1, top_k=2)).tolist()) == {0, 1}
+    assert set(_draws(row, SamplingConfig(max_new_tokens=1, top_p=0.7)).tolist()) == {0, 1}
+    assert set(_draws(row, SamplingConfig(max_new_tokens=1, top_p=0.85)).tolist()) == {0, 1, 2}
+    assert set(_draws(row, SamplingConfig(max_new_tokens=1, top_p=0.3)).tolist()) == {0}  # the top token stays
+    assert set(_draws(row, SamplingConfig(max_new_tokens=1, top_k=3, top_p=0.9)).tolist()) == {0, 1, 2}
+
+
+def test_same_generator_seed_same_tokens():
+    cfg = SamplingConfig(max_new_tokens=1, temperature=1.3, top_p=0.95)
+    row = torch.randn(100, generator=torch.Generator().manual_seed(2)).tolist()
+    assert torch.equal(_draws(row, cfg, n=64, seed=5), _draws(row, cfg, n=64, seed=5))
+    assert not torch.equal(_draws(row, cfg, n=64, seed=5), _draws(row, cfg, n=64, seed=6))
+
+
+# ---------------------------------------------------------------- generation (torchrun, 2 ranks)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return run_torchrun(WORKER, 2, tmp_path_factory.mktemp("rollout"))
+
+
+def _through_first(completion, eos):
+    return completion[: completion.index(eos) + 1] if eos in completion else completion
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kv_cache_equals_full_recompute(ranks, layout):
+    r = ranks[0][layout]
+    assert r["greedy_kv"] == r["greedy_full"]
+    assert r["eos_kv"] == r["eos_full"]
+    assert r["sampled_a"] == r["sampled_full"]  # same seed, same draws (fp32 logits agree closely)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_parallel_layouts_give_the_tp1_greedy_tokens(ranks, layout):
+    assert ranks[0][layout]["greedy_kv"] == ranks[0]["tp1"]["greedy_kv"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_rank_returns_the_same_completions(ranks, layout):
+    per_rank = [{k: v for k, v in rank[layout].items() if k != "sp_flags"} for rank in ranks]
+    assert per_rank[0] == per_rank[1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sampling_with_a_seed_is_reproducible(ranks, layout):
+    r = ranks[0][layout]
+    assert r["sampled_a"] == r["sampled_a_again"]
+    assert r["sampled_a"] != r["sampled_b"]
+    assert r["sampled_a"] != r["greedy_kv"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eos_and_length_limits(ranks, layout):
+    r = ranks[0][layout]
+    greedy, eos = r["greedy_kv"], r["eos_id"]
+    for completion in greedy:  # the default EOS stops a completion, otherwise max_new_tokens does
+        assert len(completion) == MAX_NEW or completion[-1] == DEFAULT_EOS
+        assert DEFAULT_EOS not in completion[:-1]
+    assert r["greedy_kv_generated"] == sum(map(len, greedy))
+    assert r["eos_kv"] == [_through_first(c, eos) for c in greedy]
+    assert r["eos_kv"][0][-1] == eos and 4 <= len(r["eos_kv"][0]) < MAX_NEW
+    assert r["short"] == [c[:3] for c in greedy]
+    # max_sequence_length 10 bounds prompt + completion
+    assert r["seq_limit"] == [c[: 10 - n] for c, n in zip(greedy, PROMPT_LENGTHS)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prompts_of_different_lengths_decode_as_if_alone(ranks, layout):
+    r = ranks[0][layout]
+    assert r["greedy_alone"] == r["greedy_kv"]
+
+
+@pytest.mark.parametrize("layout", ("tp1", "tp2", "tp2_sp"))
+def test_padded_vocabulary_rows_are_never_sampled(ranks, layout):
+    r = ranks[0][layout]
+    assert r["unmasked_argmax"] >= VOCAB  # the boosted padded rows would win without the mask
+    for key in ("pad_greedy", "pad_hot"):
+        tokens = [t for c in r[key] for t in c]
+        assert tokens and max(tokens) < VOCAB
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_model_state_is_restored(ranks, layout):
+    r = ranks[0][layout]
+    assert r["training_restored"] is True
+    if "sp_flags" in r:  # sequence-parallel flags of the config and modules, before and after
+        before, after = r["sp_flags"]
+        assert before == after
+        assert all(before) == (layout == "tp2_sp")
+
+
+def test_bad_inputs_are_one_line_user_errors(ranks):
+    messages = ranks[0]["tp1"]["input_errors"]
+    assert None not in messages
+    expected = ["at least one prompt", "prompt 1 has 0 tokens", "prompt 0 has 64 tokens", "prompt 0 holds token ids",
+                "EOS id 250", "--max-new-tokens"]
+    for message, fragment in zip(messages, expected):
+        assert fragment in message and "\n" not in message
