@@ -23,7 +23,6 @@ last line is machine-readable: ``BENCH_ROLLOUT <json>`` with one record per (bat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -67,10 +66,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     preset = get_preset(args.preset)
     ctx = distributed.initialize(ParallelConfig(), seed=args.seed)
-    # Megatron's fused masked softmax needs its compiled extension (shipped with TE/apex builds);
-    # without it the builder's CUDA default would fail at the first long attention.
-    fused_softmax = ctx.device.type == "cuda" and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
-    model, _ = build_gpt_model(preset, ParallelConfig(), dtype=args.dtype, masked_softmax_fusion=fused_softmax)
+    model, _ = build_gpt_model(preset, ParallelConfig(), dtype=args.dtype)
     max_seq = args.prompt_len + args.max_new_tokens
     eos = preset.eos_token_id if preset.eos_token_id is not None else preset.vocab_size - 1
     g = torch.Generator().manual_seed(args.seed)

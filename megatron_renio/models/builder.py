@@ -58,6 +58,17 @@ def use_transformer_engine() -> bool:
     return True
 
 
+def fused_softmax_available() -> bool:
+    """Megatron's masked-softmax fusion needs its CUDA extension (shipped with TE / apex builds)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def transformer_config(preset: ModelPreset, parallel: ParallelConfig, dtype: str = "fp32", **overrides):
     """The Megatron ``TransformerConfig`` of ``preset`` under ``parallel`` (no dropout, SwiGLU,
     RMSNorm, no linear biases except Qwen2's QKV bias)."""
@@ -85,7 +96,7 @@ def transformer_config(preset: ModelPreset, parallel: ParallelConfig, dtype: str
         attention_dropout=0.0,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=fused_softmax_available(),
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
