@@ -50,6 +50,7 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int = 0
+    exit_interval: int = 0
     keep_last: int = 2
     log_interval: int = 1
     tensorboard_dir: str | None = None
@@ -201,7 +202,7 @@ def validate(c: TrainConfig) -> None:
     for name in positive_ints:
         value = getattr(c, name)
         _check(isinstance(value, int) and value >= 1, _flag(name), "an integer >= 1", value)
-    for name in ("save_interval", "lr_warmup_iters", "rollout_top_k", "save_samples_interval"):
+    for name in ("save_interval", "exit_interval", "lr_warmup_iters", "rollout_top_k", "save_samples_interval"):
         value = getattr(c, name)
         _check(isinstance(value, int) and value >= 0, _flag(name), "an integer >= 0", value)
     _check(c.lr >= 0, "--lr", ">= 0", c.lr)

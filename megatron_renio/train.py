@@ -229,7 +229,9 @@ def run(cfg: TrainConfig) -> dict:
             progress.set_postfix(loss=f"{result.loss:.4g}", len=f"{metrics['completion_length_mean']:.0f}")
             progress.update(1)
 
-        if cfg.save and cfg.save_interval and (iteration % cfg.save_interval == 0 or iteration == cfg.train_iters):
+        exiting = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
+        due = cfg.save_interval and (iteration % cfg.save_interval == 0 or iteration == cfg.train_iters)
+        if cfg.save and (due or exiting):
             save_training_checkpoint(
                 cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
                 teacher=teacher if cfg.teacher == "ema" else None,
@@ -238,6 +240,9 @@ def run(cfg: TrainConfig) -> dict:
                 train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
                              "normalizer": normalizer.state_dict(), "scheduler": scheduler.state_dict()},
             )
+        if exiting:
+            _log0(f"exiting at iteration {iteration} (--exit-interval {cfg.exit_interval})")
+            break
     if progress is not None:
         progress.close()
     logger.close()
