@@ -1,0 +1,186 @@
+"""Convert a Hugging Face model folder into a megatron_renio model checkpoint.
+
+    python -m checkpoints_conversion.hf_to_megatron --hf-dir DIR --save DIR
+        [--dtype bf16|fp16|fp32] [--tokenizer-dir DIR] [--overwrite] [--debug]
+
+Reads ``config.json`` (Qwen3ForCausalLM, Qwen2ForCausalLM or LlamaForCausalLM), the safetensors
+files (with or without ``model.safetensors.index.json``) and the tokenizer files, and writes the
+checkpoint of :mod:`megatron_renio.models.checkpoint`, which loads at any TP/PP layout. It runs
+in one plain process (a world of one, TP=1, PP=1). ``--dtype`` defaults to the ``dtype`` /
+``torch_dtype`` of ``config.json`` (bf16 when it names none).
+
+Everything is checked before any weight is read: the architecture and its options, that the files
+hold exactly the tensors the config implies (none missing, none unexpected), their shapes and
+dtypes, the integrity of every file header. Then the tensors are streamed file by file, one at a
+time, straight into their places in the uninitialised Megatron parameters (a QKV part, or a tensor
+whose dtype changes, goes through a temporary of its own size), so the peak memory is the Megatron
+model plus at most one HF tensor. Bad input is a one-line ``error: ...`` on stderr with exit
+status 2, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from checkpoints_conversion import safetensors_io
+from checkpoints_conversion.adapters import get_adapter
+from checkpoints_conversion.common import (
+    HF_DTYPES,
+    Mapping,
+    build_single_process_model,
+    make_parser,
+    megatron_parameters,
+    run_cli,
+)
+from megatron_renio.errors import UserInputError
+from megatron_renio.models.checkpoint import check_target_directory, save_model_checkpoint, tokenizer_files
+from megatron_renio.models.presets import ModelPreset, load_hf_config
+
+
+def _default_dtype(config: dict) -> str:
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    return next((short for short, long in HF_DTYPES.items() if long == name), "bf16")
+
+
+def plan(hf_dir: Path) -> tuple[ModelPreset, dict, list[Mapping], dict[str, safetensors_io.TensorEntry]]:
+    """Validate an HF folder without reading weights: ``(preset, config, mappings, entries)``."""
+    if not hf_dir.is_dir():
+        raise UserInputError(f"--hf-dir {hf_dir} is not a folder")
+    preset = load_hf_config(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    adapter = get_adapter(preset.architecture)
+    adapter.check_config(config, str(hf_dir / "config.json"))
+    mappings = adapter.mappings(preset)
+    entries = safetensors_io.scan(hf_dir)
+
+    expected = {name: shape for m in mappings for name, shape in zip(m.hf, m.hf_shapes)}
+    required = [name for m in mappings if not m.optional for name in m.hf]
+    unexpected = [name for name in entries if name not in expected]
+    if unexpected:
+        entry = entries[unexpected[0]]
+        raise UserInputError(
+            f"{entry.file}: unexpected tensor {entry.name} (not part of a {preset.architecture} with "
+            f"this config.json; {len(unexpected)} unexpected in all)"
+        )
+    missing = [name for name in required if name not in entries]
+    if missing:
+        raise UserInputError(
+            f"{hf_dir}: missing tensor {missing[0]} (a {preset.architecture} with this config.json "
+            f"needs it; {len(missing)} missing in all)"
+        )
+    for entry in entries.values():
+        if entry.dtype not in safetensors_io.FLOAT_DTYPES:
+            raise UserInputError(
+                f"{entry.file}: tensor {entry.name} has dtype {entry.dtype}; only floating-point "
+                f"checkpoints ({', '.join(safetensors_io.FLOAT_DTYPES)}) are supported"
+            )
+        if entry.shape != expected[entry.name]:
+            raise UserInputError(
+                f"{entry.file}: tensor {entry.name} has shape {list(entry.shape)} but config.json "
+                f"implies {list(expected[entry.name])}"
+            )
+    return preset, config, mappings, entries
+
+
+def fill_parameters(preset: ModelPreset, mappings: list[Mapping], entries, parameters: dict) -> None:
+    """Stream every HF tensor into its place in ``parameters`` (checkpoint name -> parameter).
+
+    Each HF tensor is read straight into its view of the Megatron parameter when that view is a
+    contiguous CPU slice of the file's dtype (embeddings, norms, gate/up, projections in the common
+    case); otherwise through one temporary of its own size (QKV, a dtype change, a GPU model).
+    Vocabulary padding rows are zeroed. A parameter already filled by one rule and named by another
+    (the tied ``lm_head.weight``) must be reproduced exactly by the second.
+    """
+    import torch
+
+    unmatched = set(parameters) ^ {m.megatron for m in mappings}
+    if unmatched:
+        raise RuntimeError(f"the {preset.architecture} adapter and the Megatron model disagree on {sorted(unmatched)}")
+    owner = {name: (m, part) for m in mappings for part, name in enumerate(m.hf)}
+    filled_by: dict[str, str] = {}  # Megatron name -> first HF name of the rule that filled it
+    parts_done: dict[int, int] = defaultdict(int)
+    by_file = defaultdict(list)
+    for entry in entries.values():
+        by_file[entry.file].append(entry)
+
+    with torch.no_grad():
+        for mapping in mappings:
+            padding = mapping.layout.padding(preset, parameters[mapping.megatron].detach())
+            if padding is not None:
+                padding.zero_()
+        for path, file_entries in by_file.items():
+            with safetensors_io.FileReader(path) as reader:
+                for entry in file_entries:
+                    mapping, part = owner[entry.name]
+                    view = mapping.layout.views(preset, parameters[mapping.megatron].detach())[part]
+                    if mapping.megatron in filled_by:
+                        tensor = reader.read(entry).reshape(view.shape).to(view.dtype)
+                        if not torch.equal(view, tensor.to(view.device)):
+                            raise UserInputError(
+                                f"{path}: {entry.name} differs from {filled_by[mapping.megatron]} although "
+                                "config.json sets tie_word_embeddings=true"
+                            )
+                        continue
+                    if view.is_contiguous() and view.device.type == "cpu" and view.dtype == _torch_dtype(entry):
+                        reader.read(entry, out=view)
+                    else:
+                        view.copy_(reader.read(entry).reshape(view.shape))
+                    parts_done[id(mapping)] += 1
+                    if parts_done[id(mapping)] == len(mapping.hf):
+                        filled_by[mapping.megatron] = mapping.hf[0]
+
+
+def _torch_dtype(entry: safetensors_io.TensorEntry):
+    import torch
+
+    return getattr(torch, safetensors_io.DTYPES[entry.dtype][0])
+
+
+def convert(
+    hf_dir: str | Path,
+    save: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Convert ``hf_dir`` into a model checkpoint at ``save``; returns ``save``.
+
+    ``tokenizer_dir`` defaults to ``hf_dir``; a default folder without tokenizer files gives a
+    checkpoint without a tokenizer (with a note on stderr), an explicit one is an error.
+    """
+    hf_dir, save = Path(hf_dir), Path(save)
+    check_target_directory(save, overwrite, label=f"--save {save}")
+    if save.resolve() == hf_dir.resolve():
+        raise UserInputError("--save must differ from --hf-dir")
+    preset, config, mappings, entries = plan(hf_dir)
+    dtype = dtype or _default_dtype(config)
+    if tokenizer_dir is not None and not tokenizer_files(tokenizer_dir):
+        raise UserInputError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer files")
+    if tokenizer_dir is None:
+        if tokenizer_files(hf_dir):
+            tokenizer_dir = hf_dir
+        else:
+            print(f"note: no tokenizer files in {hf_dir}; the checkpoint will have none", file=sys.stderr)
+
+    model, info = build_single_process_model(preset, dtype)
+    fill_parameters(preset, mappings, entries, megatron_parameters(model))
+    return save_model_checkpoint(
+        model, info, save, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+        extra_metadata={"source": str(hf_dir.resolve()), "converted_by": "checkpoints_conversion.hf_to_megatron"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser(
+        "checkpoints_conversion.hf_to_megatron", __doc__.split("\n\n")[0], "the dtype in config.json, else bf16"
+    )
+    parser.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model folder")
+    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer files to copy (default: --hf-dir)")
+    return run_cli(parser, lambda a: convert(a.hf_dir, a.save, a.dtype, a.overwrite, a.tokenizer_dir), argv)
+
+
+if __name__ == "__main__":  # the checkpoint writer re-imports this module in a spawned process
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Convert a megatron_renio model checkpoint into a Hugging Face model folder.
+
+    python -m checkpoints_conversion.megatron_to_hf --load DIR --save DIR
+        [--dtype bf16|fp16|fp32] [--overwrite] [--debug]
+
+Loads the checkpoint (saved at any TP/PP layout) into one process at TP=1, PP=1 and writes
+``model-0000K-of-0000N.safetensors`` shards of at most 5 GB with ``model.safetensors.index.json``,
+``config.json``, ``generation_config.json`` (the source's when the checkpoint carries one) and the
+tokenizer files, so that ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` and
+``AutoTokenizer.from_pretrained(DIR)`` load it. The vocabulary padding is dropped; a tied model
+is written with ``model.embed_tokens.weight`` only and ``tie_word_embeddings: true``. ``--dtype``
+defaults to the checkpoint's dtype. The HF tensors are produced one at a time while the shards are
+written, and everything goes to a hidden sibling folder that is renamed to ``--save`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+
+from checkpoints_conversion import safetensors_io
+from checkpoints_conversion.adapters import get_adapter
+from checkpoints_conversion.common import (
+    HF_DTYPES,
+    Mapping,
+    build_single_process_model,
+    make_parser,
+    megatron_parameters,
+    run_cli,
+)
+from megatron_renio.errors import UserInputError
+from megatron_renio.models.checkpoint import (
+    check_target_directory,
+    load_model_checkpoint,
+    publish_directory,
+    read_checkpoint_metadata,
+    staging_directory,
+    tokenizer_files,
+)
+from megatron_renio.models.presets import ModelPreset, hf_config_dict
+
+
+def _hf_tensor(preset: ModelPreset, mapping: Mapping, part: int, parameter, dtype):
+    view = mapping.layout.views(preset, parameter.detach())[part]
+    return view.reshape(mapping.hf_shapes[part]).to(dtype)
+
+
+def hf_tensors(preset: ModelPreset, parameters: dict, dtype) -> list[safetensors_io.PendingTensor]:
+    """Every HF tensor of the model, in HF order, produced lazily from ``parameters``."""
+    pending = []
+    for mapping in get_adapter(preset.architecture).mappings(preset):
+        if mapping.optional:
+            continue
+        for part, (name, shape) in enumerate(zip(mapping.hf, mapping.hf_shapes)):
+            produce = partial(_hf_tensor, preset, mapping, part, parameters[mapping.megatron], dtype)
+            pending.append(safetensors_io.PendingTensor(name, shape, dtype, produce))
+    return pending
+
+
+def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write the HF folder ``save`` from the model checkpoint ``load``; returns ``save``."""
+    load, save = Path(load), Path(save)
+    metadata = read_checkpoint_metadata(load)
+    check_target_directory(save, overwrite, label=f"--save {save}")
+    if save.resolve() == load.resolve():
+        raise UserInputError("--save must differ from --load")
+    preset = metadata.preset
+    get_adapter(preset.architecture)  # an unsupported architecture fails here, before heavy imports
+    dtype = dtype or metadata.dtype
+
+    from megatron_renio.models.builder import DTYPES  # torch: only once the input is known to be good
+
+    model, _ = build_single_process_model(preset, metadata.dtype)
+    load_model_checkpoint(model, load)
+    tensors = hf_tensors(preset, megatron_parameters(model), DTYPES[dtype])
+
+    staging = staging_directory(save)
+    staging.mkdir(parents=True)
+    try:
+        safetensors_io.write_sharded(staging, tensors)
+        (staging / "config.json").write_text(json.dumps(hf_config_dict(preset, HF_DTYPES[dtype]), indent=2) + "\n")
+        if metadata.tokenizer_dir is not None:
+            for path in tokenizer_files(metadata.tokenizer_dir):
+                shutil.copy2(path, staging / path.name)
+        else:
+            print(f"note: {load} has no tokenizer files; {save} will have none", file=sys.stderr)
+        if not (staging / "generation_config.json").exists():
+            generation = {"bos_token_id": preset.bos_token_id, "eos_token_id": preset.eos_token_id}
+            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        publish_directory(staging, save)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return save
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("checkpoints_conversion.megatron_to_hf", __doc__.split("\n\n")[0], "the checkpoint's")
+    parser.add_argument("--load", required=True, type=Path, help="megatron_renio model checkpoint folder")
+    return run_cli(parser, lambda a: convert(a.load, a.save, a.dtype, a.overwrite), argv)
+
+
+if __name__ == "__main__":  # dist_checkpointing's reader may start helper processes that re-import it
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The project's model checkpoint: what conversion writes and ``--load`` / ``--student-load`` /
+``--teacher-load`` read.
+
+A model checkpoint is a folder::
+
+    renio_model.json   format version, the ModelPreset (with the TRUE vocabulary size), dtype,
+                       the tokenizer folder (relative), the layout it was saved from, extra metadata
+    model/             a Megatron-Core dist_checkpointing (torch_dist) checkpoint of
+                       ``GPTModel.sharded_state_dict()``: loadable at any TP/PP layout, because
+                       dist_checkpointing reshards on load (vocabulary padding included)
+    tokenizer/         the tokenizer files (and ``generation_config.json``, whose sampling defaults
+                       travel with the tokenizer) copied from the tokenizer folder given to the saver
+
+Tied embeddings follow ``GPTModel.sharded_state_dict``: the output layer of a tied model is stored
+as (a replica of) ``embedding.word_embeddings.weight`` and reloaded from it on the last stage.
+Where a rank holds a whole global tensor that Megatron would write in pieces (the SwiGLU
+``linear_fc1`` at TP=1), it is written and read as one piece: same global tensors, less memory.
+
+Saving writes everything into a hidden sibling folder (``.<name>.partial-<id>``) and renames it
+to the target only when every rank is done, so an interrupted save never looks like a checkpoint.
+dist_checkpointing's writer starts helper processes (one of them by "spawn", which re-imports the
+entry script): the script that calls :func:`save_model_checkpoint` must guard its entry point with
+``if __name__ == "__main__":``, and ``psutil`` must be installed.
+
+:func:`save_model_checkpoint` and :func:`load_model_checkpoint` are collective: every rank of the
+job calls them. Problems with the folder or its content are one-line
+:class:`~megatron_renio.errors.UserInputError` s that name the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.models.presets import ModelPreset
+
+FORMAT = "megatron_renio.model"
+FORMAT_VERSION = 1
+METADATA_FILE = "renio_model.json"
+MODEL_SUBDIR = "model"
+TOKENIZER_SUBDIR = "tokenizer"
+# Files a Hugging Face tokenizer is made of, and the sampling defaults that travel with it.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+    "chat_template.json",
+)
+COMPANION_FILES = ("generation_config.json",)
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """The content of ``renio_model.json``, with ``tokenizer_dir`` resolved to a path.
+
+    ``extra`` is whatever the saver passed as ``extra_metadata``; conversion stores ``source``
+    (where the weights came from) there.
+    """
+
+    directory: Path
+    format_version: int
+    preset: ModelPreset
+    dtype: str
+    padded_vocab_size: int
+    tokenizer_dir: Path | None
+    saved_layout: dict
+    extra: dict
+
+    @property
+    def source(self) -> str | None:
+        return self.extra.get("source")
+
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The tokenizer files of ``directory`` (``TOKENIZER_FILES`` and ``*.tiktoken``) plus its
+    ``COMPANION_FILES``; empty when it holds no tokenizer file."""
+    directory = Path(directory)
+    found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    found += sorted(directory.glob("*.tiktoken"))
+    if not found:
+        return []
+    return found + [directory / name for name in COMPANION_FILES if (directory / name).is_file()]
+
+
+def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None) -> None:
+    """A save target must not exist, or be an empty folder, or (``overwrite``) be a folder.
+
+    ``label`` names the target the way a command line does (e.g. ``"--save /out"``) and adds the
+    ``--overwrite`` hint; errors name the bare path by default.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise UserInputError(f"{label or directory} exists and is not a folder")
+    if not overwrite and any(directory.iterdir()):
+        hint = " (pass --overwrite to replace it)" if label else ""
+        raise UserInputError(f"{label or directory} exists and is not empty{hint}")
+
+
+def staging_directory(target: str | Path) -> Path:
+    """A fresh hidden sibling of ``target`` to write into before :func:`publish_directory`."""
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+
+
+def publish_directory(staging: Path, target: str | Path) -> None:
+    """Move the finished ``staging`` folder to ``target``, replacing whatever ``target`` held.
+
+    An empty or absent target is replaced in one rename; a non-empty one is first renamed aside
+    and deleted only after the new folder is in place.
+    """
+    target = Path(target).absolute()
+    aside = None
+    if target.is_dir() and any(target.iterdir()):
+        aside = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(target, aside)
+    os.replace(staging, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _dtype_name(torch_dtype) -> str:
+    from megatron_renio.models.builder import DTYPES
+
+    return next(name for name, value in DTYPES.items() if value == torch_dtype)
+
+
+def _on_rank0(fn):
+    """Run ``fn`` on rank 0 only and hand its (JSON-able) result or its error to every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    payload = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", fn())]
+        except Exception as e:  # every rank must learn about it, or the others hang
+            error = e
+            payload = [("user" if isinstance(e, UserInputError) else "crash", str(e))]
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if error is not None:
+        raise error
+    if status == "user":
+        raise UserInputError(value)
+    if status == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def _whole_tensor(factory):
+    """The ShardedTensor of ``factory``'s whole tensor, when its pieces are that tensor cut along
+    one axis into slices that, in the same order, also fill that axis of the global tensor
+    completely (Megatron's SwiGLU ``linear_fc1`` factory at TP=1: the pieces are gate and up);
+    None otherwise (e.g. at TP > 1, where a rank's gate and up are not adjacent globally)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    pieces = factory.build()
+    if not isinstance(pieces, list) or not pieces or not all(isinstance(p, ShardedTensor) for p in pieces):
+        return None
+    first = pieces[0]
+    axes = {a for p in pieces for a, (x, y) in enumerate(zip(p.global_offset, first.global_offset)) if x != y}
+    same = (first.key, first.global_shape, first.replica_id)
+    if len(axes) != 1 or any((p.key, p.global_shape, p.replica_id) != same for p in pieces):
+        return None
+    (axis,) = axes
+    local_axis = axis - first.prepend_axis_num
+    if local_axis < 0 or first.global_offset[axis] != 0:
+        return None
+    position = 0
+    for piece in pieces:
+        if piece.global_offset[axis] != position:
+            return None
+        if piece.data.data_ptr() != factory.data.narrow(local_axis, position, 1).data_ptr():
+            return None
+        position += piece.local_shape[local_axis]
+    if position != first.global_shape[axis] or position != factory.data.shape[local_axis]:
+        return None
+    fragmentations = list(first.axis_fragmentations)
+    fragmentations[axis] = 1
+    return dataclasses.replace(
+        first, data=factory.data, local_shape=tuple(factory.data.shape), axis_fragmentations=tuple(fragmentations)
+    )
+
+
+def _sharded_state_dict(module) -> dict:
+    """``module.sharded_state_dict()`` with every factory that only cuts a tensor into adjacent
+    pieces of the same global tensor replaced by one ShardedTensor of the whole tensor (see
+    :func:`_whole_tensor`). The checkpoint holds the same global tensors and reloads at any layout;
+    saving no longer copies the pieces (the writer clones views) and loading reads straight into
+    the parameter instead of concatenating a copy: at TP=1 this saves about a third of a model
+    in memory."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    state = module.sharded_state_dict()
+    for key, value in state.items():
+        if isinstance(value, ShardedTensorFactory):
+            whole = _whole_tensor(value)
+            if whole is not None:
+                state[key] = whole
+    return state
+
+
+def save_model_checkpoint(
+    model,
+    info,
+    directory: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    extra_metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` (this rank's GPTModel stage, possibly DDP/Float16-wrapped) as a model checkpoint.
+
+    Collective. ``info`` is the :class:`~megatron_renio.models.builder.ModelInfo` from
+    ``build_gpt_model``. ``directory`` must not exist or be an empty folder (with ``overwrite``,
+    a non-empty folder is replaced once the new checkpoint is complete). ``tokenizer_dir``: a folder
+    whose tokenizer files are copied into ``tokenizer/`` (it must hold at least one).
+    ``extra_metadata``: JSON-able dict stored as ``extra``. Returns the checkpoint path.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    try:
+        import psutil  # noqa: F401  (dist_checkpointing's writer needs it; megatron-core does not declare it)
+    except ImportError:
+        raise RuntimeError("saving a model checkpoint needs psutil: pip install psutil") from None
+
+    directory = Path(directory).absolute()
+    module = _unwrap(model)
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "preset": info.preset.to_dict(),
+        "dtype": _dtype_name(module.config.params_dtype),
+        "padded_vocab_size": info.padded_vocab_size,
+        "tokenizer_dir": TOKENIZER_SUBDIR if tokenizer_dir is not None else None,
+        "saved_layout": {
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        },
+        "extra": dict(extra_metadata or {}),
+    }
+    json.dumps(metadata)  # fail before any collective if extra_metadata is not JSON-able
+
+    def prepare() -> str:
+        check_target_directory(directory, overwrite)
+        if tokenizer_dir is not None and not tokenizer_files(tokenizer_dir):
+            raise UserInputError(
+                f"no tokenizer files in {tokenizer_dir} (looked for {', '.join(TOKENIZER_FILES[:3])}, ...)"
+            )
+        staging = staging_directory(directory)
+        try:
+            (staging / MODEL_SUBDIR).mkdir(parents=True)
+        except OSError as e:
+            raise UserInputError(f"cannot create {staging}: {e.strerror}") from None
+        return str(staging)
+
+    staging = Path(_on_rank0(prepare))
+
+    def finish() -> None:
+        if tokenizer_dir is not None:
+            (staging / TOKENIZER_SUBDIR).mkdir()
+            for path in tokenizer_files(tokenizer_dir):
+                shutil.copy2(path, staging / TOKENIZER_SUBDIR / path.name)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        publish_directory(staging, directory)
+
+    try:
+        dist_checkpointing.save(_sharded_state_dict(module), str(staging / MODEL_SUBDIR))
+        if dist.is_initialized():
+            dist.barrier()
+        _on_rank0(finish)
+    except BaseException:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
+    """Read ``renio_model.json`` of a model checkpoint (no collective; any rank may call it)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserInputError(f"model checkpoint folder {directory} does not exist")
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        hint = (
+            ": it is a Hugging Face model folder, convert it first with "
+            "python -m checkpoints_conversion.hf_to_megatron"
+            if (directory / "config.json").is_file()
+            else ""
+        )
+        raise UserInputError(f"{directory} is not a model checkpoint (no {METADATA_FILE}){hint}")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+        version = int(data["format_version"])
+        if version > FORMAT_VERSION:
+            raise UserInputError(
+                f"{path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); "
+                "update megatron_renio"
+            )
+        tokenizer = data["tokenizer_dir"]
+        metadata = CheckpointMetadata(
+            directory=directory,
+            format_version=version,
+            preset=ModelPreset.from_dict(data["preset"]),
+            dtype=str(data["dtype"]),
+            padded_vocab_size=int(data["padded_vocab_size"]),
+            tokenizer_dir=None if tokenizer is None else directory / tokenizer,
+            saved_layout=dict(data["saved_layout"]),
+            extra=dict(data["extra"]),
+        )
+    except UserInputError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        detail = e.msg if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {e}"
+        raise UserInputError(f"{path}: corrupt checkpoint metadata ({detail})") from None
+    if metadata.tokenizer_dir is not None and not metadata.tokenizer_dir.is_dir():
+        raise UserInputError(f"{directory}: the tokenizer folder {tokenizer}/ named in {METADATA_FILE} is missing")
+    return metadata
+
+
+def _mismatches(model, preset: ModelPreset) -> list[str]:
+    """Fields where the built model differs from the checkpoint's preset."""
+    config = model.config
+    pairs = {
+        "num_layers": (config.num_layers, preset.num_layers),
+        "hidden_size": (config.hidden_size, preset.hidden_size),
+        "ffn_hidden_size": (config.ffn_hidden_size, preset.ffn_hidden_size),
+        "num_attention_heads": (config.num_attention_heads, preset.num_attention_heads),
+        "num_query_groups": (config.num_query_groups or config.num_attention_heads, preset.num_query_groups),
+        "head_dim": (config.kv_channels, preset.head_dim),
+        "qk_layernorm": (bool(config.qk_layernorm), preset.qk_layernorm),
+        "add_qkv_bias": (bool(config.add_qkv_bias), preset.add_qkv_bias),
+        "rms_norm_eps": (config.layernorm_epsilon, preset.rms_norm_eps),
+        "tie_word_embeddings": (model.share_embeddings_and_output_weights, preset.tie_word_embeddings),
+        "rope_theta": (float(model.rotary_base), preset.rope_theta),
+    }
+    result = [
+        f"{name} {ckpt} (checkpoint) vs {built} (model)" for name, (built, ckpt) in pairs.items() if built != ckpt
+    ]
+    if model.vocab_size < preset.vocab_size:
+        result.append(f"vocab_size {preset.vocab_size} (checkpoint) > {model.vocab_size} (model)")
+    return result
+
+
+def load_model_checkpoint(model, directory: str | Path, strict: bool = True) -> CheckpointMetadata:
+    """Load a model checkpoint into ``model`` (this rank's stage, any TP/PP layout). Collective.
+
+    The checkpoint's preset must describe the model's architecture. ``strict``: every tensor the
+    model asks for must be in the checkpoint and every checkpoint tensor must be used (as
+    ``torch.nn.Module.load_state_dict``); otherwise mismatches are logged and the model's other
+    tensors are left as they are. Returns the checkpoint's metadata.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    metadata = read_checkpoint_metadata(directory)
+    module = _unwrap(model)
+    mismatches = _mismatches(module, metadata.preset)
+    if mismatches:
+        raise UserInputError(f"{directory} does not fit the model: {'; '.join(mismatches)}")
+    try:
+        state_dict = dist_checkpointing.load(
+            _sharded_state_dict(module),
+            str(Path(directory) / MODEL_SUBDIR),
+            strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
+        )
+        module.load_state_dict(state_dict, strict=strict)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise UserInputError(
+            f"{directory}: cannot load the model weights, missing or corrupt files ({_describe(e)})"
+        ) from e
+    return metadata
+
+
+def _describe(error: BaseException) -> str:
+    """One short line for a load failure; torch DCP wraps per-rank failures, name the first."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    prefix = ""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = next(iter(error.failures.items()))
+        prefix = f"rank {rank}: "
+    detail = " ".join(str(error).split())[:300]
+    return prefix + type(error).__name__ + (f": {detail}" if detail else "")

@@ -1,0 +1,463 @@
+"""Checkpoint conversion HF <-> Megatron (checkpoints_conversion/, megatron_renio/models/checkpoint.py).
+
+Tiny real models are built offline by transformers (2 layers, hidden 64, GQA 4 heads / 2 groups)
+with weights re-drawn large enough that log-probs are far from uniform and every norm and bias
+matters: Qwen3 (tied embeddings, vocabulary 300, QK-norm), Qwen2 (untied, QKV bias, vocabulary 200),
+Llama-3 (untied, llama3 RoPE scaling with original context 64, vocabulary 256, saved as several
+shards with an index), and bf16 copies of Qwen3 and Qwen2.
+
+The expensive work runs in two child processes shared by all tests: one driver process runs every
+conversion command (Megatron-Core is imported once), then one 2-rank torchrun launch loads every
+converted checkpoint at TP=2, PP=2 and TP=1 and computes per-token log-probs. Bad input is checked
+through the real command line (those errors come before any heavy import, so each costs ~0.2 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints_conversion import safetensors_io
+from checkpoints_conversion.common import QKVLayout
+from megatron_renio.models.checkpoint import read_checkpoint_metadata
+from megatron_renio.models.presets import ModelPreset, load_hf_config
+from tests.torchrun_harness import REPO_ROOT, run_torchrun
+
+WORKERS = Path(__file__).parent / "workers"
+TOKENS_SHAPE = (2, 24)
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+              rope_theta=10000.0)
+MODELS = {  # name -> (transformers config class, config kwargs, dtype, max shard size)
+    "qwen3": ("Qwen3Config", dict(vocab_size=300, tie_word_embeddings=True), torch.float32, None),
+    "qwen2": ("Qwen2Config", dict(vocab_size=200, tie_word_embeddings=False), torch.float32, None),
+    "llama": (
+        "LlamaConfig",
+        dict(vocab_size=256, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}),
+        torch.float32,
+        "150KB",
+    ),
+    "qwen3_bf16": ("Qwen3Config", dict(vocab_size=300, tie_word_embeddings=True), torch.bfloat16, None),
+    "qwen2_bf16": ("Qwen2Config", dict(vocab_size=200, tie_word_embeddings=False), torch.bfloat16, None),
+}
+LAYOUTS = ("tp1", "tp2", "pp2")
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _build_hf_model(config_class: str, kwargs: dict, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**COMMON, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            else:
+                param.copy_((0.2 if name.endswith("bias") else 0.15) * torch.randn_like(param))
+    return model
+
+
+def _reference_logprobs(model, tokens):
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def _save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["the cat sat on the mat", "two plus two is four", "a dog ran after the cat"]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>", "</s>"]))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    wrapped.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """HF folders (model + tokenizer), token ids and transformers' reference log-probs."""
+    root = tmp_path_factory.mktemp("conversion")
+    (root / "hf").mkdir()
+    _save_tokenizer(root / "tokenizer")
+    from transformers import AutoModelForCausalLM
+
+    result = {"root": root, "dirs": {}, "tokens": {}, "reference": {}}
+    for seed, (name, (config_class, kwargs, dtype, shard)) in enumerate(MODELS.items()):
+        directory = root / "hf" / name
+        _build_hf_model(config_class, kwargs, seed).to(dtype).save_pretrained(
+            directory, **({"max_shard_size": shard} if shard else {})
+        )
+        # The reference is what transformers computes from the files (in fp32: a bf16 model's
+        # weights upcast exactly, its RoPE frequencies recomputed in fp32).
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        for path in (root / "tokenizer").iterdir():
+            shutil.copy(path, directory)
+        tokens = torch.randint(0, kwargs["vocab_size"], TOKENS_SHAPE, generator=torch.Generator().manual_seed(seed))
+        torch.save(tokens, root / f"tokens_{name}.pt")
+        result["dirs"][name] = directory
+        result["tokens"][name] = tokens
+        result["reference"][name] = _reference_logprobs(model, tokens)
+        if name == "llama":
+            result["unscaled_rope_reference"] = _unscaled_rope_logprobs(model, config_class, kwargs, tokens)
+    return result
+
+
+def _unscaled_rope_logprobs(model, config_class, kwargs, tokens):
+    """The same Llama weights without RoPE scaling: shows the parity check can see the scaling."""
+    import transformers
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "rope_scaling"}
+    plain = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**COMMON, **kwargs))
+    plain.load_state_dict(model.state_dict())
+    return _reference_logprobs(plain.eval(), tokens)
+
+
+def _with_lm_head(src: Path, dst: Path, offset: float) -> None:
+    """A copy of a tied HF folder that also stores lm_head.weight = embedding + offset."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + offset
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def _run_driver(root: Path, jobs: list) -> list:
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [sys.executable, str(WORKERS / "conversion_driver.py"), str(root / "jobs.json"), str(root / "results.json")]
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    return json.loads((root / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def converted(hf_models):
+    """Every conversion, run in one driver process: ``{job name: {"rc", "stderr"}}``."""
+    root = hf_models["root"]
+    ckpt, back = root / "ckpt", root / "back"
+    (ckpt / "llama").mkdir(parents=True)
+    (ckpt / "llama" / "stale.txt").write_text("replaced by --overwrite")
+    _with_lm_head(hf_models["dirs"]["qwen3"], root / "hf" / "qwen3_lm_head_equal", 0.0)
+    _with_lm_head(hf_models["dirs"]["qwen3"], root / "hf" / "qwen3_lm_head_differs", 1.0)
+    names, jobs = [], []
+
+    def add(name, job):
+        names.append(name)
+        jobs.append(job)
+
+    for name in [*MODELS, "qwen3_lm_head_equal", "qwen3_lm_head_differs"]:
+        args = ["--hf-dir", str(root / "hf" / name), "--save", str(ckpt / name)]
+        add(f"import:{name}", {"cli": "hf_to_megatron", "args": args + (["--overwrite"] if name == "llama" else [])})
+    add("truncate", {"truncate_shard": [str(ckpt / "qwen2"), str(ckpt / "broken")]})
+    for name in [*MODELS, "broken"]:
+        args = ["--load", str(ckpt / name), "--save", str(back / name)]
+        add(f"export:{name}", {"cli": "megatron_to_hf", "args": args})
+    results = dict(zip(names, _run_driver(root, jobs)))
+    return {"results": results, "ckpt": ckpt, "back": back}
+
+
+@pytest.fixture(scope="module")
+def parity(hf_models, converted):
+    """One torchrun launch (2 ranks): per-rank log-probs of every checkpoint at every layout."""
+    root, ckpt = hf_models["root"], converted["ckpt"]
+    for name in MODELS:
+        assert converted["results"][f"import:{name}"]["rc"] == 0, converted["results"][f"import:{name}"]
+    cases = {
+        "models": {
+            name: {"checkpoint": str(ckpt / name), "tokens": str(root / f"tokens_{name}.pt")} for name in MODELS
+        },
+        "resave": {"tp2": ["qwen3", str(root / "resaved_tp2")], "pp2": ["llama", str(root / "resaved_pp2")]},
+        "broken": str(ckpt / "broken"),
+        "mismatch": ["qwen2", str(ckpt / "qwen2")],
+    }
+    (root / "cases.json").write_text(json.dumps(cases))
+    return run_torchrun(WORKERS / "conversion_parity.py", 2, root / "parity", str(root / "cases.json"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Logit parity at every layout, from one conversion
+
+
+def test_reference_is_sensitive(hf_models):
+    """The references are far from uniform and the Llama one depends on the RoPE scaling."""
+    for name, reference in hf_models["reference"].items():
+        assert reference.std() > 0.3, name
+    scaling_effect = (hf_models["reference"]["llama"] - hf_models["unscaled_rope_reference"]).abs().max()
+    assert scaling_effect > 1e-2
+
+
+# Checkpoints the parity worker re-saves (save_model_checkpoint at TP=2 / PP=2) and reloads later.
+RESAVED = {"qwen3_from_tp2": ("qwen3", ("pp2", "tp1")), "llama_from_pp2": ("llama", ("tp1",))}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logit_parity(hf_models, parity, layout):
+    """Per-token log-probs of the converted checkpoint (fp32 model) match transformers within 1e-4,
+    and so do those of checkpoints re-saved at TP=2 and PP=2 and reloaded at another layout."""
+    cases = {name: name for name in MODELS}
+    cases.update({name: source for name, (source, layouts) in RESAVED.items() if layout in layouts})
+    for name, reference in cases.items():
+        reported = [r["logprobs"][(layout, name)] for r in parity]
+        reported = [r for r in reported if r is not None]
+        assert len(reported) == (1 if layout == "pp2" else 2), (layout, name)
+        for logprobs in reported:
+            diff = (logprobs - hf_models["reference"][reference]).abs().max().item()
+            assert diff < 1e-4, (layout, name, diff)
+
+
+def test_checkpoint_api_errors_reach_every_rank(converted, parity):
+    """Collective save/load errors are one-line UserInputErrors on every rank, naming the folder."""
+    for rank_result in parity:
+        errors = rank_result["errors"]
+        assert str(converted["ckpt"] / "broken") in errors["broken"]
+        assert "missing or corrupt files" in errors["broken"]
+        assert errors["mismatch"].startswith(f"{converted['ckpt'] / 'qwen2'} does not fit the model: ")
+        for layout in ("tp2", "pp2"):
+            assert "exists and is not empty" in errors[f"save_into_non_empty_{layout}"]
+
+
+def test_broken_checkpoint_is_a_one_line_error(converted):
+    """A truncated shard: megatron_to_hf exits 2 with one error line and writes nothing."""
+    result = converted["results"]["export:broken"]
+    assert result["rc"] == 2
+    assert [line for line in result["stderr"].splitlines() if line.startswith("error: ")], result["stderr"]
+    assert "Traceback" not in result["stderr"]
+    assert not (converted["back"] / "broken").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Round trip and checkpoint content
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_round_trip_is_exact(hf_models, converted, name):
+    """HF -> Megatron -> HF gives back every tensor, bit for bit, under the same names and dtypes."""
+    assert converted["results"][f"export:{name}"]["rc"] == 0, converted["results"][f"export:{name}"]
+    source_dir, back_dir = hf_models["dirs"][name], converted["back"] / name
+    source = {k: v for f in sorted(source_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    back = {k: v for f in sorted(back_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(back) == sorted(source)
+    for key, tensor in source.items():
+        assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
+    index = json.loads((back_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(source)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama", "qwen2_bf16"])
+def test_transformers_loads_the_export(hf_models, converted, name):
+    """from_pretrained gives the source's logits; AutoTokenizer encodes like the source tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    back_dir = converted["back"] / name
+    model = AutoModelForCausalLM.from_pretrained(back_dir, dtype=torch.float32).eval()
+    assert torch.equal(_reference_logprobs(model, hf_models["tokens"][name]), hf_models["reference"][name])
+    assert model.config.tie_word_embeddings == MODELS[name][1]["tie_word_embeddings"]
+    text = "the cat sat on a mat"
+    source_ids = AutoTokenizer.from_pretrained(hf_models["dirs"][name])(text)["input_ids"]
+    assert AutoTokenizer.from_pretrained(back_dir)(text)["input_ids"] == source_ids
+    assert (back_dir / "generation_config.json").is_file()
+
+
+def test_checkpoint_metadata(hf_models, converted):
+    """renio_model.json: the HF config's preset (true vocabulary), dtype, tokenizer copy, source."""
+    metadata = read_checkpoint_metadata(converted["ckpt"] / "qwen3")
+    assert metadata.preset == load_hf_config(hf_models["dirs"]["qwen3"])
+    assert metadata.preset.vocab_size == 300 and metadata.padded_vocab_size == 384
+    assert metadata.dtype == "fp32" and read_checkpoint_metadata(converted["ckpt"] / "qwen3_bf16").dtype == "bf16"
+    assert (metadata.tokenizer_dir / "tokenizer.json").is_file()
+    assert metadata.source == str(hf_models["dirs"]["qwen3"].resolve())
+    assert ModelPreset.from_dict(metadata.preset.to_dict()) == metadata.preset
+
+
+def test_overwrite_replaces_a_non_empty_folder(converted):
+    assert converted["results"]["import:llama"]["rc"] == 0
+    assert not (converted["ckpt"] / "llama" / "stale.txt").exists()
+    assert (converted["ckpt"] / "llama" / "renio_model.json").is_file()
+
+
+def test_tied_lm_head_duplicate(converted):
+    """A tied checkpoint may also store lm_head.weight, but only equal to the embedding."""
+    results = converted["results"]
+    assert results["import:qwen3_lm_head_equal"]["rc"] == 0
+    failed = results["import:qwen3_lm_head_differs"]
+    assert failed["rc"] == 2 and "tie_word_embeddings" in failed["stderr"], failed
+    assert not (converted["ckpt"] / "qwen3_lm_head_differs").exists()
+    assert not [p for p in converted["ckpt"].iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input through the real command line: exit 2, one line, nothing written
+
+
+def _rewrite(directory: Path, change) -> None:
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _truncate(directory: Path) -> None:
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _corrupt_header(directory: Path) -> None:
+    path = directory / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\x00" * 32
+    path.write_bytes(bytes(data))
+
+
+HF_BAD_INPUTS = {
+    "no_config": (lambda d: (d / "config.json").unlink(), "no config.json in"),
+    "unsupported_architecture": (
+        lambda d: _edit_config(d, architectures=["MistralForCausalLM"], model_type="mistral"),
+        "supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM",
+    ),
+    "unsupported_option": (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    "missing_tensor": (
+        lambda d: _rewrite(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "missing tensor model.layers.1.mlp.up_proj.weight",
+    ),
+    "unexpected_tensor": (
+        lambda d: _rewrite(d, lambda t: t.update({"model.extra.weight": torch.zeros(3)})),
+        "unexpected tensor model.extra.weight",
+    ),
+    "shape_mismatch": (lambda d: _edit_config(d, intermediate_size=96), "but config.json implies [64, 96]"),
+    "truncated_file": (_truncate, "truncated safetensors file"),
+    "corrupt_file": (_corrupt_header, "corrupt"),
+    "no_safetensors": (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors files"),
+}
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"checkpoints_conversion.{module}", *args]
+    return subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, expected: str, save: Path) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0], lines[0]
+    assert not save.exists() or save.is_dir() and not (save / "config.json").exists()
+    assert not [p for p in save.parent.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.parametrize("case", list(HF_BAD_INPUTS))
+def test_hf_to_megatron_bad_input(hf_models, tmp_path, case):
+    make_bad, expected = HF_BAD_INPUTS[case]
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(hf_models["dirs"]["qwen2"], hf_dir)
+    make_bad(hf_dir)
+    save = tmp_path / "out"
+    _assert_one_line_error(_cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save)), expected, save)
+
+
+def test_hf_to_megatron_refuses_a_non_empty_save(hf_models, tmp_path):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "keep.txt").write_text("mine")
+    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_models["dirs"]["qwen2"]), "--save", str(save))
+    _assert_one_line_error(proc, "exists and is not empty (pass --overwrite", save)
+    assert (save / "keep.txt").read_text() == "mine"
+
+
+def test_hf_to_megatron_checks_the_index_and_tokenizer_dir(hf_models, tmp_path):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(hf_models["dirs"]["llama"], hf_dir)
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[-1]
+    save = tmp_path / "out"
+    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save), "--tokenizer-dir", str(tmp_path))
+    _assert_one_line_error(proc, f"--tokenizer-dir {tmp_path} holds no tokenizer files", save)
+    shard.unlink()
+    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save))
+    _assert_one_line_error(proc, f"lists {shard.name}, which does not exist", save)
+
+
+def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):
+    save = tmp_path / "out"
+    proc = _cli("megatron_to_hf", "--load", str(hf_models["dirs"]["qwen2"]), "--save", str(save))
+    _assert_one_line_error(proc, "is not a model checkpoint (no renio_model.json): it is a Hugging Face", save)
+    proc = _cli("megatron_to_hf", "--load", str(tmp_path / "nowhere"), "--save", str(save))
+    _assert_one_line_error(proc, "does not exist", save)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(converted["ckpt"] / "qwen2", corrupt)
+    (corrupt / "renio_model.json").write_text("{not json")
+    proc = _cli("megatron_to_hf", "--load", str(corrupt), "--save", str(save))
+    _assert_one_line_error(proc, "corrupt checkpoint metadata", save)
+
+    save.mkdir()
+    (save / "keep.txt").write_text("mine")
+    proc = _cli("megatron_to_hf", "--load", str(converted["ckpt"] / "qwen2"), "--save", str(save))
+    _assert_one_line_error(proc, "exists and is not empty", save)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout and file-format units
+
+
+def test_qkv_layout_is_grouped_per_query_group():
+    """Megatron's fused QKV: for each query group, its query heads, then its key, then its value."""
+    preset = ModelPreset(
+        "Qwen3ForCausalLM", 1, 4, 8, num_attention_heads=4, num_query_groups=2, head_dim=1, vocab_size=8
+    )
+    q, k, v = torch.tensor([[0.0], [1], [2], [3]]), torch.tensor([[10.0], [11]]), torch.tensor([[20.0], [21]])
+    fused = torch.zeros(8, 1)
+    for view, hf in zip(QKVLayout().views(preset, fused), (q, k, v)):
+        view.copy_(hf.reshape(view.shape))
+    assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    for view, hf in zip(QKVLayout().views(preset, fused), (q, k, v)):
+        assert torch.equal(view.reshape(hf.shape), hf)
+
+
+def test_sharded_writer_round_trip(tmp_path):
+    """write_sharded splits at the byte limit (a larger tensor alone), writes a valid index, and
+    both this module's reader and the safetensors library read the tensors back."""
+    tensors = {
+        "a": torch.randn(10, 10), "b": torch.randn(300).to(torch.bfloat16), "c": torch.arange(7, dtype=torch.int64),
+        "big": torch.randn(40, 40), "d": torch.randn(2, 3).half(),
+    }
+    pending = [
+        safetensors_io.PendingTensor(name, tuple(t.shape), t.dtype, lambda t=t: t) for name, t in tensors.items()
+    ]
+    paths = safetensors_io.write_sharded(tmp_path, pending, max_shard_bytes=1000)
+    index = json.loads((tmp_path / safetensors_io.INDEX_FILE).read_text())
+    shards = [sorted(n for n, f in index["weight_map"].items() if f == p.name) for p in paths]
+    assert shards == [["a", "b"], ["c"], ["big"], ["d"]]  # 400 + 600 bytes fit in 1000
+    entries = safetensors_io.scan(tmp_path)
+    assert list(entries) == list(tensors)
+    with safetensors_io.FileReader(entries["big"].file) as reader:
+        into = torch.empty(1600)
+        assert reader.read(entries["big"], out=into) is into and torch.equal(into.view(40, 40), tensors["big"])
+    for path in paths:
+        with safetensors_io.FileReader(path) as reader:
+            for entry in (e for e in entries.values() if e.file == path):
+                assert torch.equal(reader.read(entry), tensors[entry.name])
+        for name, tensor in load_file(path).items():
+            assert torch.equal(tensor, tensors[name])
