@@ -17,6 +17,7 @@ import json
 import os
 import random
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -126,6 +127,13 @@ def set_seeds(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def quiet_megatron_notices() -> None:
+    """Silence Megatron-Core's import-time notices that TE / apex are missing (they are optional
+    accelerations here) and its default-config deprecation notice; real warnings still show."""
+    for pattern in (r".*(Transformer Engine|Apex).* not installed.*", r"full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def select_backend(local_rank: int = 0) -> tuple[str, torch.device]:
     """NCCL on this process's GPU when CUDA is available; otherwise gloo with the CPU backend
     activated. The CPU backend is never activated when CUDA is available."""
@@ -148,6 +156,7 @@ def initialize(
     one-line error. ``timeout_minutes`` bounds every collective, so a dead rank never makes the
     others hang forever.
     """
+    quiet_megatron_notices()
     from megatron.core import parallel_state
 
     parallel.validate()

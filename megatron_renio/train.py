@@ -91,9 +91,9 @@ def _stat(records: list[dict], key: str, reduce) -> float | None:
 
 def run(cfg: TrainConfig) -> dict:
     """Train for ``cfg.train_iters`` iterations; returns the last step's metrics."""
-    from megatron.core import parallel_state
-
     from megatron_renio import distributed
+
+    distributed.quiet_megatron_notices()
     from megatron_renio.data.batching import pack_pairs
     from megatron_renio.data.prompts import PromptSampler
     from megatron_renio.renio.weights import ReNIONormalizer
@@ -158,95 +158,99 @@ def run(cfg: TrainConfig) -> dict:
         progress = tqdm(total=cfg.train_iters, initial=iteration, desc="train", dynamic_ncols=True, file=sys.stderr)
     eos = tokenizer.eos_id
     metrics: dict = {}
-    while iteration < cfg.train_iters:
-        t0 = time.perf_counter()
-        indices = sampler.next_batch()
-        s_prompts = [prompts.student[i] for i in indices for _ in range(cfg.samples_per_prompt)]
-        t_prompts = [prompts.teacher[i] for i in indices for _ in range(cfg.samples_per_prompt)]
-        rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=student_info.preset.vocab_size,
-                           seed=cfg.seed * 1_000_003 + iteration * 1009 + ctx.dp_rank, max_sequence_length=cfg.seq_length)
-        t_rollout = time.perf_counter() - t0
+    try:
+        while iteration < cfg.train_iters:
+            t0 = time.perf_counter()
+            indices = sampler.next_batch()
+            s_prompts = [prompts.student[i] for i in indices for _ in range(cfg.samples_per_prompt)]
+            t_prompts = [prompts.teacher[i] for i in indices for _ in range(cfg.samples_per_prompt)]
+            # one seed per step for every replica; the noise is keyed by global sample row, so DP=1 and
+            # DP=N sample the same completions for the same prompts
+            rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=student_info.preset.vocab_size,
+                               seed=cfg.seed * 1_000_003 + iteration, max_sequence_length=cfg.seq_length,
+                               rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size))
+            t_rollout = time.perf_counter() - t0
 
-        batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length)
-        micro = [batch.rows(i, i + cfg.micro_batch_size) for i in range(0, samples_per_rank, cfg.micro_batch_size)]
-        t1 = time.perf_counter()
-        student_ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        result = step_runner.run(micro, inject_nonfinite=cfg.debug_inject_nonfinite == iteration + 1)
-        t_fwd_bwd = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
-        grad_norm = None
-        ok = not result.nonfinite and math.isfinite(result.loss)
-        if ok:
-            updated, grad_norm, _ = optimizer.step()
-            ok = bool(updated) and (grad_norm is None or math.isfinite(grad_norm))
-        if ok:
-            scheduler.step(increment=1)
-            skipped_in_a_row = 0
-            if cfg.teacher == "ema":
-                _ema_update(teacher, student, cfg.ema_decay)
-        else:
-            skipped_total += 1
-            skipped_in_a_row += 1
+            batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length)
+            micro = [batch.rows(i, i + cfg.micro_batch_size) for i in range(0, samples_per_rank, cfg.micro_batch_size)]
+            t1 = time.perf_counter()
             student_ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            if skipped_in_a_row >= cfg.max_skipped_steps:
-                raise UserInputError(
-                    f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
-                    f"(--max-skipped-steps {cfg.max_skipped_steps}); stopping at iteration {iteration + 1}"
+            result = step_runner.run(micro, inject_nonfinite=cfg.debug_inject_nonfinite == iteration + 1)
+            t_fwd_bwd = time.perf_counter() - t1
+
+            t2 = time.perf_counter()
+            grad_norm = None
+            ok = not result.nonfinite and math.isfinite(result.loss)
+            if ok:
+                updated, grad_norm, _ = optimizer.step()
+                ok = bool(updated) and (grad_norm is None or math.isfinite(grad_norm))
+            if ok:
+                scheduler.step(increment=1)
+                skipped_in_a_row = 0
+                if cfg.teacher == "ema":
+                    _ema_update(teacher, student, cfg.ema_decay)
+            else:
+                skipped_total += 1
+                skipped_in_a_row += 1
+                student_ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise UserInputError(
+                        f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
+                        f"(--max-skipped-steps {cfg.max_skipped_steps}); stopping at iteration {iteration + 1}"
+                    )
+            t_opt = time.perf_counter() - t2
+            iteration += 1
+
+            lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)
+            hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] != eos) for c in rollout.completions))
+            step_time = time.perf_counter() - t0
+            trained_tokens = float(batch.student.loss_mask.sum() + (batch.student.tokens != tokenizer.pad_id).sum())
+            metrics = {
+                "loss": result.loss,
+                "skipped": not ok,
+                "skipped_total": skipped_total,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "lr": scheduler.get_lr(optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else cfg.lr,
+                "completion_length_mean": float(lengths.mean()),
+                "completion_length_max": float(lengths.max()),
+                "completion_hit_limit_fraction": hit_limit / max(len(lengths), 1),
+                "rollout_tokens_per_s": rollout.num_generated_tokens / max(t_rollout, 1e-9),
+                "train_tokens_per_s": trained_tokens / max(t_fwd_bwd, 1e-9),
+                "time_rollout_s": t_rollout,
+                "time_forward_backward_s": t_fwd_bwd,
+                "time_optimizer_s": t_opt,
+                "time_step_s": step_time,
+                "skipped_prompts_too_long": prompts.skipped_too_long,
+                **{k: v for k, v in result.stats.items() if k != "loss"},
+            }
+            if torch.cuda.is_available():
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            if iteration % cfg.log_interval == 0:
+                logger.log(iteration, metrics)
+            if progress is not None:
+                progress.set_postfix(loss=f"{result.loss:.4g}", len=f"{metrics['completion_length_mean']:.0f}")
+                progress.update(1)
+
+            exiting = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
+            due = cfg.save_interval and (iteration % cfg.save_interval == 0 or iteration == cfg.train_iters)
+            if cfg.save and (due or exiting):
+                save_training_checkpoint(
+                    cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
+                    teacher=teacher if cfg.teacher == "ema" else None,
+                    tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
+                    keep_last=cfg.keep_last,
+                    train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
+                                 "normalizer": normalizer.state_dict(), "scheduler": scheduler.state_dict()},
                 )
-        t_opt = time.perf_counter() - t2
-        iteration += 1
-
-        lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)
-        hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] != eos) for c in rollout.completions))
-        step_time = time.perf_counter() - t0
-        trained_tokens = float(batch.student.loss_mask.sum() + (batch.student.tokens != tokenizer.pad_id).sum())
-        metrics = {
-            "loss": result.loss,
-            "skipped": not ok,
-            "skipped_total": skipped_total,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "lr": scheduler.get_lr(optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else cfg.lr,
-            "completion_length_mean": float(lengths.mean()),
-            "completion_length_max": float(lengths.max()),
-            "completion_hit_limit_fraction": hit_limit / max(len(lengths), 1),
-            "rollout_tokens_per_s": rollout.num_generated_tokens / max(t_rollout, 1e-9),
-            "train_tokens_per_s": trained_tokens / max(t_fwd_bwd, 1e-9),
-            "time_rollout_s": t_rollout,
-            "time_forward_backward_s": t_fwd_bwd,
-            "time_optimizer_s": t_opt,
-            "time_step_s": step_time,
-            "skipped_prompts_too_long": prompts.skipped_too_long,
-            **{k: v for k, v in result.stats.items() if k != "loss"},
-        }
-        if torch.cuda.is_available():
-            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if iteration % cfg.log_interval == 0:
-            logger.log(iteration, metrics)
+            if exiting:
+                _log0(f"exiting at iteration {iteration} (--exit-interval {cfg.exit_interval})")
+                break
+    finally:
         if progress is not None:
-            progress.set_postfix(loss=f"{result.loss:.4g}", len=f"{metrics['completion_length_mean']:.0f}")
-            progress.update(1)
-
-        exiting = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
-        due = cfg.save_interval and (iteration % cfg.save_interval == 0 or iteration == cfg.train_iters)
-        if cfg.save and (due or exiting):
-            save_training_checkpoint(
-                cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
-                teacher=teacher if cfg.teacher == "ema" else None,
-                tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
-                keep_last=cfg.keep_last,
-                train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
-                             "normalizer": normalizer.state_dict(), "scheduler": scheduler.state_dict()},
-            )
-        if exiting:
-            _log0(f"exiting at iteration {iteration} (--exit-interval {cfg.exit_interval})")
-            break
-    if progress is not None:
-        progress.close()
-    logger.close()
-    distributed.destroy()
+            progress.close()
+        logger.close()
     return metrics
 
 
@@ -261,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            from megatron_renio import distributed
+
+            distributed.destroy()
     return 0
 
 

@@ -143,6 +143,11 @@ def _share_tokens(sampled, batch_size: int, device) -> torch.Tensor:
     return sampled
 
 
+def _step_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for sequence position ``position`` of a run seeded with ``seed``."""
+    return (seed * 6364136223846793005 + position * 1442695040888963407) % (2**63 - 1)
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -153,12 +158,16 @@ def generate(
     seed: int,
     max_sequence_length: int,
     use_kv_cache: bool = True,
+    rows: tuple[int, int] | None = None,
 ) -> GenerationResult:
     """Sample one completion per prompt with the student ``model`` (this rank's TP/PP shard).
 
     Every rank of the model-parallel group (TP x PP) must call this with the same arguments and
-    gets the same result. ``seed`` seeds the sampling generator (the same on all TP ranks; vary
-    it across data-parallel replicas and steps). Token ids at or above ``true_vocab_size``
+    gets the same result. Sampling noise is keyed by sample, not by batch: the token at sequence
+    position ``p`` of the sample in global row ``r`` uses uniform number ``r`` of a generator seeded
+    from ``(seed, p)``, with ``rows = (first_global_row, total_rows)`` placing this batch in the
+    global batch (default: the batch is the whole batch). So data-parallel replicas sharing one
+    ``seed`` (vary it across steps) draw exactly what one replica holding every sample would. Token ids at or above ``true_vocab_size``
     (Megatron's padded rows) are never sampled. A prompt must be shorter than
     ``max_sequence_length``, which bounds prompt + completion and sizes the KV cache; bad prompts,
     EOS ids or vocabulary sizes raise :class:`UserInputError`. Runs under ``torch.no_grad`` in eval
@@ -181,7 +190,10 @@ def generate(
     positions = torch.arange(total, device=device).expand(batch_size, total)
     generated = torch.zeros(batch_size, dtype=torch.long, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    first_row, total_rows = rows if rows is not None else (0, batch_size)
+    if not (0 <= first_row and first_row + batch_size <= total_rows):
+        raise UserInputError(f"rows={rows} does not hold a batch of {batch_size} samples")
+    noise = torch.Generator(device=device)
     context = StaticInferenceContext(batch_size, total) if use_kv_cache else None
 
     was_training = model.training
@@ -193,7 +205,11 @@ def generate(
             while True:
                 first = fed if use_kv_cache else 0
                 logits = _stage_forward(model, gpt, tokens[:, first:pos], positions[:, first:pos], context)
-                sampled = None if logits is None else sample_next(logits[:, :true_vocab_size], cfg, generator)
+                sampled = None
+                if logits is not None:
+                    noise.manual_seed(_step_seed(seed, pos))
+                    uniforms = torch.rand(total_rows, generator=noise, device=device)[first_row : first_row + batch_size]
+                    sampled = sample_next(logits[:, :true_vocab_size], cfg, uniforms=uniforms)
                 sampled = _share_tokens(sampled, batch_size, device)
                 in_prompt = pos < lengths
                 token = torch.where(in_prompt, tokens[:, pos], sampled)

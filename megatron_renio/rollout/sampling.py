@@ -42,13 +42,20 @@ class SamplingConfig:
             raise UserInputError(f"--max-new-tokens must be an integer >= 1, got {self.max_new_tokens!r}")
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One token per row of ``logits`` ([b, V_true], float32): a LongTensor [b] on the same device.
 
-    Greedy: the argmax (lowest index on ties); ``generator`` may then be None. Otherwise the
-    logits are divided by the temperature, restricted to the top-k, then to the top-p nucleus
-    (the most likely token always stays), and one token is drawn with ``generator`` (which must
-    live on ``logits.device``); the global RNG is never used.
+    Greedy: the argmax (lowest index on ties). Otherwise the logits are divided by the temperature,
+    restricted to the top-k, then to the top-p nucleus (the most likely token always stays), and one
+    token is drawn by inverse-CDF sampling: row i takes the first token whose cumulative probability
+    reaches ``uniforms[i]`` (one number in [0, 1) per row; drawn from ``generator`` when not given).
+    One uniform per row and token is what makes sampling reproducible per sample, whatever batch the
+    sample sits in. The global RNG is never used.
     """
     if cfg.greedy:
         return logits.argmax(dim=-1)
@@ -64,5 +71,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniforms is None:
+        uniforms = torch.rand(scores.size(0), generator=generator, device=scores.device)
+    cdf = scores.softmax(dim=-1).double().cumsum(dim=-1)
+    # a target strictly above 0 never lands on a zero-probability entry at the front
+    target = uniforms.double().clamp(min=1e-12).unsqueeze(-1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=scores.size(-1) - 1)

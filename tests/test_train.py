@@ -1,0 +1,200 @@
+"""The trainer through its real command line: layouts, resume, skipped steps, EMA teacher, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.torchrun_harness import REPO_ROOT, free_port
+
+MAKE_MODELS = """
+import sys
+from megatron_renio import distributed
+from megatron_renio.distributed import ParallelConfig
+from megatron_renio.models.builder import build_gpt_model
+from megatron_renio.models.checkpoint import save_model_checkpoint
+from megatron_renio.models.presets import get_preset
+out, tok = sys.argv[1], sys.argv[2]
+distributed.initialize(ParallelConfig(), seed=5)
+student = get_preset("tiny-qwen3").replace(vocab_size=200)
+teacher = get_preset("tiny-qwen3-untied").replace(vocab_size=200, hidden_size=96, ffn_hidden_size=192, head_dim=24)
+for name, preset in (("student", student), ("teacher", teacher)):
+    model, info = build_gpt_model(preset, ParallelConfig())
+    save_model_checkpoint(model, info, f"{out}/{name}", tokenizer_dir=tok)
+distributed.destroy()
+"""
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def train(args, nproc=1, check=True):
+    """Run the trainer (torchrun when nproc > 1); returns the completed process."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_renio.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_renio.train"]
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def plain_tensors(path):
+    """Every tensor of a dist checkpoint, read in this (single) process."""
+    from megatron.core.dist_checkpointing import load_plain_tensors
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        return load_plain_tensors(str(path))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from megatron_renio.data.arithmetic_task import Difficulty, build_char_tokenizer, make_splits, write_jsonl
+
+    root = tmp_path_factory.mktemp("train")
+    train_split, _ = make_splits(0, 48, 4, Difficulty(min_ops=2, max_ops=2, max_operand=9))
+    write_jsonl(root / "train.jsonl", train_split)
+    build_char_tokenizer(root / "tok")
+    proc = subprocess.run([sys.executable, "-c", MAKE_MODELS, str(root / "ckpt"), str(root / "tok")],
+                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def base_args(root, **overrides):
+    args = {
+        "--student-load": root / "ckpt" / "student", "--data-path": root / "train.jsonl",
+        "--seq-length": 384, "--max-new-tokens": 12, "--micro-batch-size": 1, "--global-batch-size": 4,
+        "--train-iters": 2, "--lr": 1e-3, "--renio": None, "--seed": 3,
+    }
+    args.update(overrides)
+    out = []
+    for key, value in args.items():
+        if value is False:
+            continue
+        out.append(key)
+        if value is not None:
+            out.append(value)
+    return out
+
+
+@pytest.mark.parametrize("scope", ["global"])
+def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
+    """OPD with a separate, wider teacher: TP=2, PP=2 and DP=2 give the single-process losses."""
+    opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": scope}
+    runs = {"tp1": ({}, 1), "tp2": ({"--tensor-model-parallel-size": 2}, 2),
+            "pp2": ({"--pipeline-model-parallel-size": 2}, 2), "dp2": ({}, 2)}
+    losses = {}
+    for name, (extra, nproc) in runs.items():
+        path = workdir / f"opd_{name}.jsonl"
+        train(base_args(workdir, **opd, **extra, **{"--metrics-file": path}), nproc=nproc)
+        losses[name] = [m["loss"] for m in metrics(path)]
+    assert len(losses["tp1"]) == 2 and all(l > 0 for l in losses["tp1"])
+    for name in ("tp2", "pp2", "dp2"):
+        assert losses[name] == pytest.approx(losses["tp1"], rel=1e-4), name
+
+
+def test_resume_continues_bitwise(workdir):
+    """4 steps straight == 2 steps, exit, fresh processes with --load, 2 more steps (DP=2, EMA teacher)."""
+    common = {"--train-iters": 4, "--teacher": "ema", "--ema-decay": 0.9, "--renio-scope": "global",
+              "--rollout-temperature": 1.3}
+    straight = workdir / "straight.jsonl"
+    train(base_args(workdir, **common, **{"--metrics-file": straight}), nproc=2)
+    save = workdir / "resume"
+    resumed = workdir / "resumed.jsonl"
+    train(base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--exit-interval": 2,
+                                          "--metrics-file": resumed}), nproc=2)
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+    train(base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--load": save,
+                                          "--metrics-file": resumed}), nproc=2)
+    a, b = metrics(straight), metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert (x["loss"], x["grad_norm"], x["completion_length_mean"]) == (y["loss"], y["grad_norm"], y["completion_length_mean"])
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000004"]  # --keep-last 2
+
+
+def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
+    save = workdir / "nonfinite"
+    path = workdir / "nonfinite.jsonl"
+    train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite": 2, "--save": save,
+                                "--save-interval": 1, "--keep-last": 3, "--metrics-file": path}))
+    m = metrics(path)
+    assert [x["skipped"] for x in m] == [False, True, False]
+    assert m[1]["skipped_total"] == 1 and m[1]["nonfinite"] > 0 and m[1]["grad_norm"] is None
+    w1, w2, w3 = (plain_tensors(save / f"iter_{i:07d}" / "model") for i in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_too_many_nonfinite_steps_abort_with_a_message(workdir):
+    proc = train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite": 1, "--max-skipped-steps": 1}), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 consecutive steps had a non-finite loss")
+
+
+def test_ema_update_rule():
+    from megatron_renio.train import _ema_update
+
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    _ema_update(teacher, student, 0.75)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.75 * b + 0.25 * s.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda p: p.write_text('{"problem": "1+1", "solution": "2"}\n{"problem": \n'), r"train_bad.jsonl.*line 2"),
+        (lambda p: p.write_text('{"problem": "1+1"}\n'), r"line 1.*solution|solution.*line 1"),
+        (lambda p: p.write_text('{"problem": "", "solution": "x"}\n'), r"empty problem|problem.*empty"),
+        (lambda p: p.write_text(""), r"empty"),
+    ],
+)
+def test_bad_data_gives_one_line_error(workdir, mutate, expected):
+    bad = workdir / "train_bad.jsonl"
+    mutate(bad)
+    proc = train(base_args(workdir, **{"--data-path": bad}), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len([l for l in lines if l.startswith("error:")]) == 1 and "Traceback" not in proc.stderr
+    import re
+
+    assert re.search(expected, lines[-1]), lines[-1]
+
+
+def test_prompts_longer_than_seq_length_are_skipped_or_refused(workdir):
+    proc = train(base_args(workdir, **{"--seq-length": 64, "--max-new-tokens": 8}), check=False)
+    assert proc.returncode == 2
+    assert "longer than --seq-length 64" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"--student-load": "/nonexistent/ckpt"}, "model checkpoint folder /nonexistent/ckpt does not exist"),
+        ({"--renio-clip": 0}, "--renio-clip must be > 0"),
+        ({"--tokenizer": "/nonexistent/tok"}, "/nonexistent/tok"),
+    ],
+)
+def test_bad_flags_and_paths(workdir, overrides, expected):
+    proc = train(base_args(workdir, **overrides), check=False)
+    assert proc.returncode == 2
+    assert expected in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
