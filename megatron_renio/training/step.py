@@ -55,7 +55,8 @@ class StepResult:
 
     ``stats`` has every :data:`SUMMARY_KEYS` entry on every rank; ``per_sample`` holds, on the last
     pipeline stage only, this rank's weights (applied and raw) and per-sample losses in micro-batch
-    order.
+    order; with ``keep_token_terms`` also the per-token ``student_logprobs``, ``teacher_logprobs`` and
+    ``divergence`` [samples, c_len] on the completion grid (meaningless where the mask is 0).
     """
 
     loss: float
@@ -78,7 +79,10 @@ def _token_terms_fn(impl: str):
 
 
 class DistillationStep:
-    """Forward/backward of one optimizer step over a list of micro-batches."""
+    """Forward/backward of one optimizer step over a list of micro-batches.
+
+    ``keep_token_terms``: also hand back the per-token terms in ``StepResult.per_sample``.
+    """
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class DistillationStep:
         settings: LossSettings,
         normalizer: ReNIONormalizer,
         true_vocab_size: int,
+        keep_token_terms: bool = False,
     ):
         from megatron.core import parallel_state
 
@@ -101,6 +106,8 @@ class DistillationStep:
         self.token_terms = _token_terms_fn(settings.impl)
         self._denominator = None
         self._losses: list = []
+        self.keep_token_terms = keep_token_terms
+        self._terms: list = []
         self._inject_nonfinite = False
         config = paired.config
         config.calculate_per_token_loss = True
@@ -131,6 +138,8 @@ class DistillationStep:
         loss = distillation_loss(terms, mb.completion_mask, self.settings.renio, self.normalizer, self.settings.loss_kind)
         self._denominator += loss.denominator
         self._losses.append(loss)
+        if self.keep_token_terms:
+            self._terms.append(terms)
         return loss.numerator, torch.zeros((), dtype=torch.int), {}
 
     # -- one step -----------------------------------------------------------------------------
@@ -144,6 +153,7 @@ class DistillationStep:
         device = next(self.paired.student.parameters()).device
         self._denominator = torch.zeros((), dtype=torch.float32, device=device)
         self._losses = []
+        self._terms = []
         self._inject_nonfinite = inject_nonfinite
         mb0 = micro_batches[0]
         kwargs = {}
@@ -176,6 +186,9 @@ class DistillationStep:
                 "raw_weights": torch.cat([lt.stats["raw_weight"].detach().float().cpu() for lt in self._losses]),
                 "per_sample_loss": torch.cat([lt.per_sample_loss.float().cpu() for lt in self._losses]),
             }
+            if self._terms:
+                for key in ("student_logprobs", "teacher_logprobs", "divergence"):
+                    per_sample[key] = torch.cat([getattr(t, key).detach().float().cpu() for t in self._terms])
             self.normalizer.end_step(self.settings.renio, self.dp_group)
         if self.pp_size > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()

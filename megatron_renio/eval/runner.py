@@ -1,0 +1,409 @@
+"""``megatron-renio eval``: generate with the Megatron model on benchmarks, grade, report avg@k and pass@k.
+
+    [torchrun --nproc-per-node N] python -m megatron_renio.eval.runner --load CKPT
+        --benchmark [PRESET=]FILE_OR_NAME [...] [--samples-per-problem K] [--temperature T]
+        [--top-p P] [--top-k K] [--max-new-tokens N] [--greedy] [--out FILE] [--summary FILE]
+        [--tokenizer PATH] [--seq-length S] [--batch-size B] [--seed N] [--bf16]
+        [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P] [--debug]
+
+Benchmarks. Each ``--benchmark`` value is a benchmark file (JSONL, JSON or parquet, see
+:mod:`megatron_renio.eval.benchmarks`) or the built-in name ``humaneval``, optionally prefixed with
+a field preset: ``math500=/data/math500.jsonl``, ``minerva=/data/minerva.parquet``. Without a
+preset the layout is detected from the first record. A benchmark is reported under its preset
+name, else under its file name without extensions; two benchmarks may not share a name.
+
+Prompts. Each problem becomes the student prompt of training
+(:func:`~megatron_renio.data.templates.build_prompt_ids`, task math or coding: the problem, a blank
+line and the task instruction, rendered through the tokenizer's chat template when it has one).
+
+Generation. ``--load`` is a model checkpoint (converted or trained); it loads at any TP/PP layout.
+The training rollout (:func:`~megatron_renio.rollout.generate.generate`) samples ``K`` completions
+per problem. The list of (problem, sample) pairs is cut into one contiguous share per
+data-parallel replica and each share into batches of ``--batch-size``; the sampling noise of a
+completion is keyed by its place in the whole list, so completions depend on ``--seed`` but not on
+the layout or the batch size. Flags not given take the checkpoint tokenizer's
+``generation_config.json`` values (temperature, top_p, top_k), else 1.0, 1.0 and 0 (off);
+``--greedy`` takes the argmax. A completion ends at EOS (kept), at ``--max-new-tokens``, or when
+prompt plus completion reach ``--seq-length`` (default: the model's maximum positions).
+
+Grading. Completions are decoded without special tokens and graded by
+:func:`~megatron_renio.eval.benchmarks.grade` (math: the last box, math-verify; code: the last
+fenced Python block in the sandbox) on the first rank of each replica, then gathered on rank 0.
+
+Output (rank 0). Per benchmark: problems, samples per problem k, avg@k (the mean fraction of
+correct samples), pass@k (the unbiased estimator with n = k: the fraction of problems with a
+correct sample), the mean completion length in tokens (EOS included) and the fraction of
+completions that ended with EOS; printed, and written as JSON to ``--summary``. ``--out`` gets one
+JSON line per generation, in benchmark, problem, sample order, with the fields benchmark, id,
+sample, prompt (the prompt ids decoded with special tokens), answer (the math reference, null for
+code), completion, correct, num_tokens, finished (ended with EOS), prompt_ids, completion_ids: the
+input of ``megatron-renio analyze`` and ``megatron-renio score`` as is.
+
+Bad input (flags, files, checkpoint, prompts that do not fit): ``error: <one line>`` on stderr,
+exit status 2, no traceback (unless ``--debug``). Output files are written beside their target
+under a temporary name and renamed into place when complete, so a failed run leaves none.
+
+This module also holds what the model commands (eval, score) share: output files, gathering
+results on rank 0, and the ``main`` wrapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from megatron_renio.config import _OneLineErrorParser
+from megatron_renio.errors import UserInputError
+
+BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+# -- helpers shared by the model commands (eval, score) -------------------------------------------
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Fail before any model work when ``path`` cannot become an output file."""
+    if os.path.isdir(path):
+        raise UserInputError(f"{flag} {path} is a folder, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserInputError(f"{flag} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserInputError(f"{flag} {path}: folder {parent} is not writable")
+
+
+def write_atomic(path: str, lines: Iterable[str]) -> None:
+    """Write ``lines`` to a temporary file beside ``path``, then rename it to ``path``."""
+    target = Path(path).absolute()
+    partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(partial, "x", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise
+
+
+def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
+    """One JSON line per record."""
+    return (json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def gather_to_rank0(items: list) -> list | None:
+    """Every rank's ``items`` concatenated in rank order on rank 0, None elsewhere. Collective."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return list(items)
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, parts, dst=0)
+    return [item for part in parts for item in part] if parts is not None else None
+
+
+def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
+    """A model command's ``main``: ``run(parse(argv))``, then tear the process groups down.
+
+    Bad input prints ``error: <one line>`` on stderr (ranks other than 0 name themselves) and gives
+    exit status 2; with ``--debug`` the exception propagates with its traceback. Without
+    ``--debug``, warnings raised inside Megatron-Core and torch.distributed.checkpoint (deprecation
+    notices of checkpoint loading) are not shown.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in argv:
+        warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
+    try:
+        run(parse(argv))
+    except UserInputError as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        if "--debug" in argv:
+            raise
+        return 2
+    finally:
+        import torch
+
+        if torch.distributed.is_initialized():
+            from megatron_renio import distributed
+
+            distributed.destroy()
+    return 0
+
+
+def log0(message: str) -> None:
+    """Print on global rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
+# -- the eval command --------------------------------------------------------------------------
+
+
+def _typed(kind, check: Callable, allowed: str):
+    """An argparse ``type``: ``kind(text)`` that must pass ``check``; the message says ``allowed``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
+_SAMPLING_CHECKS = {  # name -> (kind, check, allowed)
+    "temperature": (float, lambda v: v > 0, "> 0"),
+    "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(
+        prog="megatron-renio eval", allow_abbrev=False,
+        description="Generate with the Megatron model on benchmarks, grade, report avg@k and pass@k.",
+    )
+    parser.add_argument("--load", required=True, help="model checkpoint folder (converted or trained)")
+    parser.add_argument("--benchmark", required=True, nargs="+", metavar="[PRESET=]FILE_OR_NAME",
+                        help="benchmark files or 'humaneval', optionally prefixed with a field preset")
+    parser.add_argument("--samples-per-problem", type=_positive_int, default=1, metavar="K")
+    for name, (kind, _, allowed) in _SAMPLING_CHECKS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{allowed}; default: generation_config.json, else {BUILTIN_SAMPLING[name]}")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=1024)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-p, top-k)")
+    parser.add_argument("--out", help="JSONL file for every generation with its grade")
+    parser.add_argument("--summary", help="JSON file for the per-benchmark metrics")
+    parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the checkpoint's)")
+    parser.add_argument("--seq-length", type=_typed(int, lambda v: v >= 2, "an integer >= 2"), default=None,
+                        help="longest prompt + completion (default: the model's maximum positions)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generation batch per replica")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--bf16", action="store_true", help="run the model in bf16 (default fp32)")
+    parser.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    parser.add_argument("--distributed-timeout-minutes", type=_typed(float, lambda v: v > 0, "> 0"), default=10.0)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the eval flags (cheap checks only: nothing is loaded)."""
+    args = build_parser().parse_args(argv)
+    for path, flag in ((args.out, "--out"), (args.summary, "--summary")):
+        if path is not None:
+            check_output_file(path, flag)
+    return args
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A loaded benchmark: its report name and items."""
+
+    name: str
+    items: list
+
+
+def _load_benchmarks(specs: list[str]) -> list[Benchmark]:
+    """``[PRESET=]FILE_OR_NAME`` values -> loaded benchmarks with distinct names."""
+    from megatron_renio.eval.benchmarks import PRESETS, load_benchmark
+
+    benchmarks: list[Benchmark] = []
+    for spec in specs:
+        preset, sep, path = spec.partition("=")
+        if not sep:
+            preset, path = None, spec
+        elif preset not in PRESETS:
+            raise UserInputError(f"--benchmark {spec}: unknown field preset {preset!r} (known: {', '.join(PRESETS)})")
+        name = preset or (path if path == "humaneval" else Path(path).name.split(".")[0])
+        if any(b.name == name for b in benchmarks):
+            raise UserInputError(f"--benchmark: two benchmarks are named {name!r}; prefix one with its preset")
+        benchmarks.append(Benchmark(name, load_benchmark(path, fields=preset)))
+    return benchmarks
+
+
+def _sampling(args, tokenizer_dir: Path | None):
+    """The SamplingConfig: each of temperature, top_p, top_k from its flag, else from the
+    checkpoint's ``generation_config.json``, else :data:`BUILTIN_SAMPLING`."""
+    from megatron_renio.rollout.sampling import SamplingConfig
+
+    config_file = tokenizer_dir / "generation_config.json" if tokenizer_dir is not None else None
+    defaults = {}
+    if config_file is not None and config_file.is_file():
+        try:
+            defaults = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            raise UserInputError(f"{config_file}: not a readable JSON file") from None
+    values = dict(BUILTIN_SAMPLING)
+    for name, (kind, check, allowed) in _SAMPLING_CHECKS.items():
+        if getattr(args, name) is not None:
+            value, origin = getattr(args, name), "--" + name.replace("_", "-")
+        elif defaults.get(name) is not None:
+            value, origin = defaults[name], f"{config_file}: {name}"
+        else:
+            continue
+        numeric = (int, float) if kind is float else int
+        if isinstance(value, bool) or not isinstance(value, numeric) or not check(value):
+            raise UserInputError(f"{origin} must be {allowed}, got {value!r}")
+        values[name] = kind(value)
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, **values)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One completion to generate: benchmark index, item index, sample index, prompt ids."""
+
+    benchmark: int
+    item: int
+    sample: int
+    prompt_ids: list
+
+
+def _jobs(benchmarks: list[Benchmark], tokenizer, samples: int, seq_length: int) -> list[Job]:
+    from megatron_renio.data.prompts import PromptRecord
+    from megatron_renio.data.templates import build_prompt_ids
+
+    jobs = []
+    for b, bench in enumerate(benchmarks):
+        for i, item in enumerate(bench.items):
+            record = PromptRecord(problem=item.prompt, solution=None, answer=item.answer, source=item.id)
+            ids = build_prompt_ids(tokenizer, record, "math" if item.task == "math" else "coding", "student", "opd")
+            if len(ids) >= seq_length:
+                raise UserInputError(
+                    f"benchmark {bench.name} item {item.id}: the prompt has {len(ids)} tokens, which leaves no "
+                    f"room for a completion in --seq-length {seq_length}"
+                )
+            jobs += [Job(b, i, s, ids) for s in range(samples)]
+    return jobs
+
+
+def _report(benchmarks: list[Benchmark], records: list[dict], samples: int) -> dict:
+    """Per-benchmark metrics from the graded generations (in benchmark, problem, sample order)."""
+    from megatron_renio.eval.benchmarks import avg_at_k, pass_at_k
+
+    report = {}
+    for bench in benchmarks:
+        mine = [r for r in records if r["benchmark"] == bench.name]
+        grades = [[r["correct"] for r in mine[i * samples:(i + 1) * samples]] for i in range(len(bench.items))]
+        report[bench.name] = {
+            "problems": len(bench.items),
+            "samples_per_problem": samples,
+            f"avg@{samples}": avg_at_k(grades),
+            f"pass@{samples}": sum(pass_at_k(samples, sum(g), samples) for g in grades) / len(grades),
+            "mean_completion_tokens": sum(r["num_tokens"] for r in mine) / len(mine),
+            "finished_fraction": sum(r["finished"] for r in mine) / len(mine),
+        }
+    return report
+
+
+def _graded(bench: Benchmark, job: Job, completion: list[int], tokenizer) -> dict:
+    """The output record of one generation, graded."""
+    from megatron_renio.eval.benchmarks import grade
+
+    item = bench.items[job.item]
+    text = tokenizer.decode(completion, skip_special_tokens=True)
+    return {
+        "benchmark": bench.name, "id": item.id, "sample": job.sample,
+        "prompt": tokenizer.decode(job.prompt_ids, skip_special_tokens=False), "answer": item.answer,
+        "completion": text, "correct": bool(grade(item, text)), "num_tokens": len(completion),
+        "finished": bool(completion) and completion[-1] == tokenizer.eos_id,
+        "prompt_ids": job.prompt_ids, "completion_ids": completion,
+    }
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Evaluate (collective over every rank); returns the report on rank 0, None elsewhere.
+
+    Leaves the process groups initialised (:func:`main` tears them down), so that one process may
+    run several evaluations.
+    """
+    from megatron_renio import distributed
+    from megatron_renio.data.tokenizer import load_tokenizer
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+    from megatron_renio.rollout.generate import generate
+
+    meta = read_checkpoint_metadata(args.load)
+    sampling = _sampling(args, meta.tokenizer_dir)
+    benchmarks = _load_benchmarks(args.benchmark)
+    tokenizer_path = args.tokenizer or meta.tokenizer_dir
+    if tokenizer_path is None:
+        raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    vocab = meta.preset.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise UserInputError(
+            f"the tokenizer ({tokenizer.vocab_size} ids) is larger than the model's vocabulary ({vocab})"
+        )
+    seq_length = args.seq_length or meta.preset.max_position_embeddings
+    jobs = _jobs(benchmarks, tokenizer, args.samples_per_problem, seq_length)
+
+    parallel = distributed.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    ctx = distributed.initialize(parallel, args.seed, distributed.fingerprint(vars(args)),
+                                 args.distributed_timeout_minutes)
+    model = _build_model(meta, parallel, "bf16" if args.bf16 else "fp32", seq_length)
+
+    start, end = len(jobs) * ctx.dp_rank // ctx.dp_size, len(jobs) * (ctx.dp_rank + 1) // ctx.dp_size
+    grader = ctx.tp_rank == 0 and ctx.pp_rank == 0
+    records: list[tuple[int, dict]] = []
+    batches = range(start, end, args.batch_size)
+    if ctx.rank == 0:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="eval", dynamic_ncols=True, file=sys.stderr)
+    for first in batches:
+        batch = jobs[first:min(first + args.batch_size, end)]
+        result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.eos_id,
+                          true_vocab_size=vocab, seed=args.seed, max_sequence_length=seq_length,
+                          rows=(first, len(jobs)))
+        if grader:
+            records += [(first + offset, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
+                        for offset, (job, completion) in enumerate(zip(batch, result.completions))]
+    gathered = gather_to_rank0(records)
+    if gathered is None:
+        return None
+    ordered = [record for _, record in sorted(gathered, key=lambda pair: pair[0])]
+    report = _report(benchmarks, ordered, args.samples_per_problem)
+    if args.out:
+        write_atomic(args.out, jsonl_lines(ordered))
+    if args.summary:
+        settings = {"load": args.load, "seed": args.seed, "max_new_tokens": sampling.max_new_tokens,
+                    "greedy": sampling.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                    "top_k": sampling.top_k}
+        write_atomic(args.summary, [json.dumps({"settings": settings, "benchmarks": report}, indent=2) + "\n"])
+    for name, m in report.items():
+        k = args.samples_per_problem
+        log0(f"{name}: {m['problems']} problems x {k}  avg@{k} {m[f'avg@{k}']:.4f}  pass@{k} {m[f'pass@{k}']:.4f}  "
+             f"mean length {m['mean_completion_tokens']:.1f} tokens  finished {m['finished_fraction']:.1%}")
+    return report
+
+
+def _build_model(meta, parallel, dtype: str, seq_length: int):
+    """This stage's GPTModel with the checkpoint's weights."""
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.checkpoint import load_model_checkpoint
+
+    model, _ = build_gpt_model(meta.preset, parallel, dtype, max_sequence_length=seq_length)
+    load_model_checkpoint(model, meta.directory)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``megatron-renio eval``; returns the exit status (0, or 2 on bad input)."""
+    return run_command(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

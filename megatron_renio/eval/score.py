@@ -1,0 +1,316 @@
+"""``megatron-renio score``: what ReNIO makes of given completions, through the training code path.
+
+    [torchrun --nproc-per-node N] python -m megatron_renio.eval.score --student-load S --teacher-load T
+        --data rows.jsonl [--out scores.jsonl] [--per-token] [--tokenizer PATH] [training flags]
+
+Input: a JSONL file, one object per line (blank lines skipped). Each row holds a student prompt, an
+optional teacher prompt (OPSD's privileged prompt; the student's when absent) and a completion, each
+as text (``prompt``, ``teacher_prompt``, ``completion``) or as token ids (``prompt_ids``,
+``teacher_prompt_ids``, ``completion_ids``; ids win when both are given). Text needs a tokenizer
+(``--tokenizer``, else the student checkpoint's): prompts are encoded with the tokenizer's own
+special tokens (e.g. BOS), completions without; prompt text is used verbatim, no template is
+applied. Every token of the completion is scored, an EOS included (nothing is cut at EOS). The
+output of ``megatron-renio eval`` is a valid input.
+
+Computation: the student and teacher checkpoints run as in training (:class:`PairedModel` in one
+Megatron schedule, forward only, any TP/PP; :class:`DistillationStep` with ``keep_token_terms``), so
+every number is what the trainer computes with the same flags. For each row, with s_t / u_t the
+student / teacher log-probs of completion token t at ``--kd-temperature`` and r_t = min(s_t - u_t,
+``--renio-clip``) (DESIGN.md section 2):
+
+* ``raw_weight``: w = exp(a / ``--renio-temperature``); ``mean_log_ratio``: a, the mean r_t over the
+  pivotal tokens (0 without any); ``num_pivotal``, ``pivotal_positions`` (0-based completion token
+  indices with r_t >= ``--renio-threshold``) and ``pivotal_tokens`` (their vocabulary pieces; null
+  without a tokenizer);
+* ``weight``: the raw weights normalised over the whole file as one batch (``--renio-norm``:
+  batch_mean and ema give min(w / mean(w), ``--renio-max-weight``), clamp and none as in training);
+* ``divergence``: the mean over the completion tokens of the per-token divergence (``--loss``,
+  ``--kd-beta``, ``--kd-token-clip``, ``--kd-top-k``); ``loss``: the sample's loss L_i of ``--loss``
+  (equal to ``divergence`` except for sampled_rkl);
+* ``num_tokens`` (completion tokens scored) and ``truncated`` (the completion was cut to fit
+  ``--seq-length``);
+* with ``--per-token``: ``student_logprobs`` and ``teacher_logprobs``, one per scored token.
+
+Output: JSONL, one row per input row in the same order: the input row's fields (except the token-id
+lists) followed by the fields above, so ``megatron-renio analyze`` reads it directly when the input
+carried grades. Default ``--out``: the input file name with ``.scores.jsonl``.
+
+Flags: besides ``--data``, ``--out`` and ``--per-token``, score takes these training flags, with
+their training meaning, defaults and validation: ``--student-load``, ``--teacher-load`` (both
+required), ``--tokenizer``, ``--seq-length``, ``--micro-batch-size``,
+``--tensor-model-parallel-size``, ``--pipeline-model-parallel-size``, ``--bf16``,
+``--distributed-timeout-minutes``, ``--debug`` and the loss / ReNIO flags ``--loss``, ``--kd-beta``,
+``--kd-temperature``, ``--kd-token-clip``, ``--kd-top-k``, ``--renio-clip``, ``--renio-threshold``,
+``--renio-temperature``, ``--renio-norm``, ``--renio-max-weight``.
+
+Parallelism: rows are sorted by length and dealt to the data-parallel replicas; every replica runs
+the same number of schedules of ``--micro-batch-size`` x PP rows (short ones repeat a row whose
+result is dropped); the last stage's first TP rank sends its rows to rank 0, which normalises and
+writes. Bad input: ``error: <one line>`` on stderr, exit status 2, no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from megatron_renio.config import TrainConfig, _OneLineErrorParser
+from megatron_renio.config import build_parser as build_train_parser
+from megatron_renio.config import validate as validate_train_config
+from megatron_renio.errors import UserInputError
+from megatron_renio.eval.runner import check_output_file, gather_to_rank0, jsonl_lines, log0, run_command, write_atomic
+
+TRAINING_FLAGS = (
+    "student_load", "teacher_load", "tokenizer", "seq_length", "micro_batch_size",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "bf16", "distributed_timeout_minutes", "debug",
+    "loss", "kd_beta", "kd_temperature", "kd_token_clip", "kd_top_k",
+    "renio_clip", "renio_threshold", "renio_temperature", "renio_norm", "renio_max_weight",
+)
+FIELDS = ("prompt", "teacher_prompt", "completion")  # text fields; each has an ``<name>_ids`` twin
+
+
+@dataclass
+class ScoreArgs:
+    """Parsed flags: the training config (loss, ReNIO, models, layout) and score's own flags."""
+
+    train: TrainConfig
+    data: str
+    out: str
+    per_token: bool
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Score's own flags; the training flags of :data:`TRAINING_FLAGS` are parsed by training's parser."""
+    parser = _OneLineErrorParser(
+        prog="megatron-renio score", allow_abbrev=False,
+        description="ReNIO weights, pivotal tokens and divergences of given completions.",
+        epilog="training flags accepted: " + " ".join(_flag(name) for name in TRAINING_FLAGS),
+    )
+    parser.add_argument("--data", required=True, help="JSONL rows: prompt / teacher_prompt / completion, text or _ids")
+    parser.add_argument("--out", help="output JSONL (default: the --data name with .scores.jsonl)")
+    parser.add_argument("--per-token", action="store_true", help="add every completion token's log-probs")
+    return parser
+
+
+def parse_args(argv: list[str]) -> ScoreArgs:
+    """Parse and validate every flag (nothing is loaded)."""
+    own, rest = build_parser().parse_known_args(argv)
+    for token in rest:
+        if token.startswith("--") and token[2:].split("=")[0].replace("-", "_") not in TRAINING_FLAGS:
+            raise UserInputError(f"unrecognized argument {token.split('=')[0]} (see --help)")
+    values = {k: v for k, v in vars(build_train_parser().parse_args(rest)).items() if k != "config"}
+    for name in ("student_load", "teacher_load"):
+        if not values.get(name):
+            raise UserInputError(f"{_flag(name)} is required")
+    micro_batch_size = values.get("micro_batch_size", TrainConfig.micro_batch_size)
+    # Fixed settings that make training's cross-flag checks hold for a scoring run.
+    train = TrainConfig(**values, mode="opd", teacher="separate", renio=True, data_path=[own.data],
+                        max_new_tokens=1, global_batch_size=micro_batch_size)
+    validate_train_config(train)
+    if not os.path.isfile(own.data):
+        raise UserInputError(f"--data {own.data}: no such file")
+    out = own.out or (own.data.removesuffix(".jsonl") + ".scores.jsonl")
+    check_output_file(out, "--out")
+    if os.path.abspath(out) == os.path.abspath(own.data):
+        raise UserInputError(f"--out {out} is the --data file")
+    return ScoreArgs(train, own.data, out, own.per_token)
+
+
+@dataclass
+class Row:
+    """One input row, tokenised; ``extra`` holds the fields copied to the output."""
+
+    source: str
+    student_prompt: list[int]
+    teacher_prompt: list[int]
+    completion: list[int]
+    extra: dict
+
+    @property
+    def length(self) -> int:
+        """The padded length this row needs: the longer prompt plus the completion."""
+        return max(len(self.student_prompt), len(self.teacher_prompt)) + len(self.completion)
+
+
+def _ids(record: dict, name: str, where: str, tokenizer, vocab_size: int) -> list[int] | None:
+    """The ids of field ``name``: its ``_ids`` list, else its text encoded; None when both are absent."""
+    ids_name = f"{name}_ids"
+    if record.get(ids_name) is not None:
+        ids = record[ids_name]
+        if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise UserInputError(f"{where}: field '{ids_name}' must be a list of integers")
+        if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+            raise UserInputError(f"{where}: field '{ids_name}' holds ids outside the vocabulary [0, {vocab_size})")
+        return ids
+    text = record.get(name)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise UserInputError(f"{where}: field '{name}' must be a string")
+    if tokenizer is None:
+        raise UserInputError(f"{where}: field '{name}' is text, which needs --tokenizer (the checkpoint has none)")
+    return tokenizer.encode(text, add_special_tokens=name != "completion")
+
+
+def read_rows(path: str, tokenizer, vocab_size: int, seq_length: int) -> list[Row]:
+    """Read and tokenise the ``--data`` rows; :class:`UserInputError` names the line and field."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(enumerate(f, 1))
+    except UnicodeDecodeError:
+        raise UserInputError(f"--data {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserInputError(f"--data {path}: cannot read ({e.strerror})") from None
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise UserInputError(f"{where}: expected a JSON object")
+        student, teacher, completion = (_ids(record, name, where, tokenizer, vocab_size) for name in FIELDS)
+        for name, ids in (("prompt", student), ("completion", completion)):
+            if ids is None:
+                raise UserInputError(f"{where}: missing field '{name}' or '{name}_ids'")
+        teacher = student if teacher is None else teacher
+        for name, ids in (("prompt", student), ("teacher_prompt", teacher)):
+            if not ids:
+                raise UserInputError(f"{where}: field '{name}' is empty")
+            if len(ids) >= seq_length:
+                raise UserInputError(
+                    f"{where}: field '{name}' has {len(ids)} tokens, which leaves no room for the completion "
+                    f"in --seq-length {seq_length}"
+                )
+        extra = {k: v for k, v in record.items() if k not in {f"{name}_ids" for name in FIELDS}}
+        rows.append(Row(where, student, teacher, completion, extra))
+    if not rows:
+        raise UserInputError(f"--data {path}: no rows")
+    return rows
+
+
+def _row_scores(per_sample: dict, batch, j: int, raw, completion: list[int], tokenizer, per_token: bool) -> dict:
+    """The output fields (all but ``weight``) of sample ``j`` of a scored batch."""
+    n = int(batch.completion_lengths[j])
+    positions = raw.pivotal[j, :n].nonzero().flatten().tolist()
+    scores = {
+        "raw_weight": float(raw.weight[j]),
+        "mean_log_ratio": float(raw.mean_log_ratio[j]),
+        "num_pivotal": len(positions),
+        "pivotal_positions": positions,
+        "pivotal_tokens": [tokenizer.id_to_piece(completion[p]) for p in positions] if tokenizer else None,
+        "num_tokens": n,
+        "truncated": bool(batch.truncated[j]),
+        "divergence": float(per_sample["divergence"][j, :n].double().sum() / max(n, 1)),
+        "loss": float(per_sample["per_sample_loss"][j]),
+    }
+    if per_token:
+        scores["student_logprobs"] = per_sample["student_logprobs"][j, :n].tolist()
+        scores["teacher_logprobs"] = per_sample["teacher_logprobs"][j, :n].tolist()
+    return scores
+
+
+def _schedule(rows: list[Row], dp_rank: int, dp_size: int, chunk: int) -> tuple[list[int], int]:
+    """This replica's row indices, padded to the same number of ``chunk``-row schedules on every
+    replica by repeating a row, and how many of them are real."""
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].length)
+    mine = order[dp_rank::dp_size]
+    per_replica = -(-len(rows) // dp_size)
+    total = -(-per_replica // chunk) * chunk
+    return mine + [order[0]] * (total - len(mine)), len(mine)
+
+
+def run(args: ScoreArgs) -> list[dict] | None:
+    """Score every row (collective over every rank); returns the output rows on rank 0, None elsewhere.
+
+    Leaves the process groups initialised (:func:`main` tears them down).
+    """
+    import torch
+
+    from megatron_renio import distributed
+    from megatron_renio.data.batching import pack_pairs
+    from megatron_renio.models.builder import freeze
+    from megatron_renio.renio.weights import ReNIONormalizer, raw_weights
+    from megatron_renio.training import components as C
+    from megatron_renio.training.paired import PairedModel
+    from megatron_renio.training.step import DistillationStep
+
+    cfg = args.train
+    settings = C.loss_settings(cfg)
+    student_source = C.resolve_model(cfg.student_load, None, "--student-load")
+    teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
+    vocab = student_source.preset.vocab_size
+    if teacher_source.preset.vocab_size != vocab:
+        raise UserInputError(
+            f"the student's vocabulary ({vocab}) and the teacher's ({teacher_source.preset.vocab_size}) differ: "
+            "score needs one shared vocabulary"
+        )
+    tokenizer = None
+    if cfg.tokenizer or student_source.tokenizer_dir:
+        tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
+    rows = read_rows(args.data, tokenizer, vocab, cfg.seq_length)
+
+    ctx = distributed.initialize(C.parallel_config(cfg), cfg.seed, distributed.fingerprint(args),
+                                 cfg.distributed_timeout_minutes)
+    student, student_info = C.build_model(student_source, cfg)
+    teacher, teacher_info = C.build_model(teacher_source, cfg)
+    freeze(student)
+    freeze(teacher)
+    paired = PairedModel(student, teacher, student_info.preset.hidden_size, teacher_info.preset.hidden_size)
+    step = DistillationStep(paired, [student], settings, ReNIONormalizer(), vocab, keep_token_terms=True)
+
+    chunk = cfg.micro_batch_size * ctx.pp_size
+    indices, real = _schedule(rows, ctx.dp_rank, ctx.dp_size, chunk)
+    reporter = ctx.is_last_stage and ctx.tp_rank == 0
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0
+    scored: list[tuple[int, dict]] = []
+    for first in range(0, len(indices), chunk):
+        group = [rows[i] for i in indices[first:first + chunk]]
+        batch = pack_pairs([r.student_prompt for r in group], [r.teacher_prompt for r in group],
+                           [r.completion for r in group], eos_id=-1, pad_id=pad_id, seq_length=cfg.seq_length,
+                           pad_to_multiple=1)
+        micro = [batch.rows(j, j + cfg.micro_batch_size) for j in range(0, chunk, cfg.micro_batch_size)]
+        with torch.no_grad():
+            per_sample = step.run(micro, forward_only=True).per_sample
+        if not reporter:
+            continue
+        raw = raw_weights(per_sample["student_logprobs"], per_sample["teacher_logprobs"], batch.completion_mask,
+                          settings.renio)
+        for j, index in enumerate(indices[first:first + chunk]):
+            if first + j < real:
+                scores = _row_scores(per_sample, batch, j, raw, rows[index].completion, tokenizer, args.per_token)
+                scored.append((index, scores))
+
+    gathered = gather_to_rank0(scored)
+    if gathered is None:
+        return None
+    by_row = dict(gathered)
+    raw_all = torch.tensor([by_row[i]["raw_weight"] for i in range(len(rows))], dtype=torch.float64)
+    file_batch = dataclasses.replace(settings.renio, scope="local")
+    weights = ReNIONormalizer().normalize(raw_all, file_batch).weights.tolist()
+    output = [{**row.extra, "weight": weights[i], **by_row[i]} for i, row in enumerate(rows)]
+    write_atomic(args.out, jsonl_lines(output))
+    log0(f"scored {len(output)} rows: weight {min(weights):.4g} .. {max(weights):.4g}, "
+         f"pivotal tokens {sum(r['num_pivotal'] for r in output)} of {sum(r['num_tokens'] for r in output)}; "
+         f"wrote {args.out}")
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``megatron-renio score``; returns the exit status (0, or 2 on bad input)."""
+    return run_command(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

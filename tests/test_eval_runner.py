@@ -1,0 +1,198 @@
+"""``megatron-renio eval`` (megatron_renio/eval/runner.py) end to end on a tiny converted model.
+
+The model is the tiny Qwen3 student of tests/workers/tiny_models.py (its tokenizer has
+``\\boxed{0}`` .. ``\\boxed{3}`` as single tokens). The benchmark's answers are derived from
+transformers' own greedy completions of the same prompt ids: problems whose completion ends in a box
+get that box's value (correct) or another value (wrong) in turn, so grades are known in advance.
+
+Runs: the real command line in one plain process at TP=1 (greedy, 2 samples per problem), then
+one 2-rank torchrun launch running TP=2, PP=2 and DP=2 greedily and two sampled runs with
+different layouts and batch sizes. Bad input goes through ``main`` in this process: it fails
+before any process group or model is made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_renio.eval import runner
+from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
+from tests.torchrun_harness import REPO_ROOT, run_torchrun
+from tests.workers.tiny_models import tiny_checkpoints
+
+WORKER = REPO_ROOT / "tests" / "workers" / "commands_worker.py"
+PROBLEMS = ["the cat sat on a mat", "two plus two is four", "wait so the answer", "a cat", "the mat is",
+            "four plus two", "so wait", "the answer is", "cat cat mat"]
+MAX_NEW, SAMPLES = 12, 2
+GREEDY_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"],
+                  "dp2": ["--batch-size", "4"]}
+SAMPLED = ["--temperature", "1.3", "--top-p", "0.95", "--seed", "7", "--samples-per-problem", "3"]
+SAMPLED_LAYOUTS = {"sampled_dp2": ["--batch-size", "5"], "sampled_tp2": ["--tensor-model-parallel-size", "2"]}
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1")
+
+
+def _hf_greedy(hf_dir, prompts):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    completions = []
+    for ids in prompts:
+        with torch.no_grad():
+            inputs = torch.tensor([ids])
+            out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=MAX_NEW,
+                                 do_sample=False, eos_token_id=2, pad_token_id=0)
+        completions.append(out[0, len(ids):].tolist())
+    return completions
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return tiny_checkpoints(tmp_path_factory.getbasetemp() / "tiny_models")
+
+
+@pytest.fixture(scope="module")
+def setup(paths, tmp_path_factory):
+    from megatron_renio.data.prompts import PromptRecord
+    from megatron_renio.data.templates import build_prompt_ids
+    from megatron_renio.data.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    tokenizer = load_tokenizer(str(paths["tokenizer"]))
+    prompts = [build_prompt_ids(tokenizer, PromptRecord(p, None, None, "test"), "math", "student", "opd")
+               for p in PROBLEMS]
+    reference = _hf_greedy(paths["hf_student"], prompts)
+    answers = []
+    for i, ids in enumerate(reference):
+        boxed = extract_boxed_answer(tokenizer.decode(ids))
+        answers.append("7" if boxed is None else boxed if i % 2 == 0 else str((int(boxed) + 1) % 4))
+    bench = root / "tiny_math.jsonl"
+    bench.write_text("".join(json.dumps({"problem": p, "answer": a, "id": f"q{i}"}) + "\n"
+                             for i, (p, a) in enumerate(zip(PROBLEMS, answers))))
+    base = ["--load", str(paths["student"]), "--benchmark", str(bench), "--max-new-tokens", str(MAX_NEW)]
+    greedy = base + ["--greedy", "--samples-per-problem", str(SAMPLES)]
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "megatron_renio.eval.runner", *greedy, "--batch-size", "5",
+         "--out", str(root / "tp1.jsonl"), "--summary", str(root / "tp1.json")],
+        env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert cli.returncode == 0, cli.stderr[-5000:]
+    jobs = [("megatron_renio.eval.runner", greedy + flags + ["--out", str(root / f"{name}.jsonl")])
+            for name, flags in GREEDY_LAYOUTS.items()]
+    jobs += [("megatron_renio.eval.runner", base + SAMPLED + flags + ["--out", str(root / f"{name}.jsonl")])
+             for name, flags in SAMPLED_LAYOUTS.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
+    runs = {name: _read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *GREEDY_LAYOUTS, *SAMPLED_LAYOUTS]}
+    return dict(root=root, prompts=prompts, reference=reference, answers=answers, runs=runs,
+                stdout=cli.stdout, summary=json.loads((root / "tp1.json").read_text()))
+
+
+def test_greedy_generations_equal_transformers_and_are_graded(setup):
+    records = setup["runs"]["tp1"]
+    assert len(records) == len(PROBLEMS) * SAMPLES
+    for n, record in enumerate(records):
+        i = n // SAMPLES
+        assert (record["benchmark"], record["id"], record["sample"]) == ("tiny_math", f"q{i}", n % SAMPLES)
+        assert record["prompt_ids"] == setup["prompts"][i]
+        assert record["completion_ids"] == setup["reference"][i], f"problem {i}"
+        assert record["answer"] == setup["answers"][i]
+        assert record["num_tokens"] == len(record["completion_ids"])
+        assert record["finished"] == (record["completion_ids"][-1:] == [2])
+        assert record["correct"] == grade_math(record["completion"], record["answer"])
+    grades = [r["correct"] for r in records]
+    assert 0 < sum(grades) < len(grades), "the benchmark must hold both correct and wrong completions"
+
+
+def test_report_has_avg_and_pass_at_k_and_mean_length(setup):
+    records = setup["runs"]["tp1"]
+    per_problem = [[r["correct"] for r in records[i * SAMPLES:(i + 1) * SAMPLES]] for i in range(len(PROBLEMS))]
+    metrics = setup["summary"]["benchmarks"]["tiny_math"]
+    assert metrics["problems"] == len(PROBLEMS) and metrics["samples_per_problem"] == SAMPLES
+    assert metrics[f"avg@{SAMPLES}"] == pytest.approx(sum(sum(g) / SAMPLES for g in per_problem) / len(PROBLEMS))
+    assert metrics[f"pass@{SAMPLES}"] == pytest.approx(sum(any(g) for g in per_problem) / len(PROBLEMS))
+    assert metrics["mean_completion_tokens"] == pytest.approx(sum(r["num_tokens"] for r in records) / len(records))
+    assert setup["summary"]["settings"]["greedy"] is True
+    assert f"tiny_math: {len(PROBLEMS)} problems x {SAMPLES}  avg@{SAMPLES}" in setup["stdout"]
+
+
+@pytest.mark.parametrize("layout", list(GREEDY_LAYOUTS))
+def test_greedy_grades_are_identical_across_layouts(setup, layout):
+    reference = setup["runs"]["tp1"]
+    records = setup["runs"][layout]
+    assert [r["correct"] for r in records] == [r["correct"] for r in reference]
+    assert [r["completion_ids"] for r in records] == [r["completion_ids"] for r in reference]
+
+
+def test_sampled_completions_depend_on_the_seed_not_the_layout(setup):
+    dp2, tp2 = setup["runs"]["sampled_dp2"], setup["runs"]["sampled_tp2"]
+    assert [r["completion_ids"] for r in dp2] == [r["completion_ids"] for r in tp2]
+    per_problem = [{tuple(r["completion_ids"]) for r in dp2[i * 3:(i + 1) * 3]} for i in range(len(PROBLEMS))]
+    assert any(len(samples) > 1 for samples in per_problem), "samples of a problem should differ"
+
+
+def test_output_is_analyze_input(setup):
+    from megatron_renio.eval.analysis import load_generations
+
+    generations = load_generations(str(setup["root"] / "tp1.jsonl"))
+    assert [g.correct for g in generations] == [r["correct"] for r in setup["runs"]["tp1"]]
+    assert [g.num_tokens for g in generations] == [r["num_tokens"] for r in setup["runs"]["tp1"]]
+
+
+def _bad(args, capsys, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert runner.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    return err[0]
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n{not json\n")
+    load = ["--load", str(paths["student"])]
+    cases = {
+        "--bogus": [*load, "--benchmark", str(good), "--bogus"],
+        "--samples-per-problem": [*load, "--benchmark", str(good), "--samples-per-problem", "0"],
+        "--temperature": [*load, "--benchmark", str(good), "--temperature", "0"],
+        "--top-p": [*load, "--benchmark", str(good), "--top-p", "1.5"],
+        "not a model checkpoint": ["--load", str(tmp_path), "--benchmark", str(good)],
+        "broken.jsonl:2": [*load, "--benchmark", str(broken)],
+        "no such file": [*load, "--benchmark", str(tmp_path / "missing.jsonl")],
+        "unknown field preset": [*load, "--benchmark", f"nope={good}"],
+        "two benchmarks are named": [*load, "--benchmark", str(good), str(good)],
+        "--seq-length 8": [*load, "--benchmark", str(good), "--seq-length", "8"],
+    }
+    for expected, args in cases.items():
+        assert expected in _bad(args, capsys, tmp_path), expected
+    assert "does not exist" in _bad([*load, "--benchmark", str(good), "--summary", str(tmp_path / "no" / "s.json")],
+                                    capsys, tmp_path)
+
+
+def test_command_line_error_has_no_traceback(paths, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_renio.cli", "eval", "--load", str(paths["student"]),
+         "--benchmark", str(tmp_path / "missing.jsonl")],
+        env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: benchmark file")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,257 @@
+"""``megatron-renio score`` (megatron_renio/eval/score.py) on a tiny converted student / teacher pair.
+
+The pair is tests/workers/tiny_models.py's (Qwen3, student hidden 64 tied, teacher hidden 96
+untied, vocabulary 34 of which the tokenizer knows 30). Every number is checked against
+transformers on the same ids, through the independent formulas of tests/reference_renio.py: the
+per-token log-probs at the loss temperature (1e-4), the raw ReNIO weights, the pivotal tokens, the
+weights normalised over the whole file, the per-sample divergence.
+
+Runs: the real command line in one plain process at TP=1 (micro-batch 2: the last schedule is
+padded with a repeated row), then one 2-rank torchrun launch with TP=2, PP=2 and DP=2 (which must
+reproduce the TP=1 output) and TP=2 with other loss and ReNIO flags (checked against the reference).
+Bad input goes through ``main`` in this process: it fails before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_renio.eval import score
+from tests import reference_renio as ref
+from tests.torchrun_harness import REPO_ROOT, run_torchrun
+from tests.workers.tiny_models import EXTRA_IDS, WORDS, tiny_checkpoints
+
+WORKER = REPO_ROOT / "tests" / "workers" / "commands_worker.py"
+VOCAB = len(WORDS) + EXTRA_IDS
+SEQ_LENGTH = 32
+DEFAULTS = dict(kind="forward_kl", beta=0.0, temperature=1.1, token_clip=0.05, clip=2.5, threshold=0.8, gamma=1.0,
+                norm="batch_mean")
+OTHER_FLAGS = ["--loss", "jsd", "--kd-beta", "0.3", "--kd-token-clip", "none", "--kd-temperature", "0.9",
+               "--renio-clip", "1.5", "--renio-threshold", "0.3", "--renio-temperature", "2", "--renio-norm", "clamp"]
+OTHER = dict(kind="jsd", beta=0.3, temperature=0.9, token_clip=None, clip=1.5, threshold=0.3, gamma=2.0, norm="clamp")
+LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"], "dp2": []}
+
+
+def _rows():
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    return [
+        {"id": "text", "prompt": "the cat sat on", "completion": "the mat so the answer is \\boxed{2} </s>",
+         "correct": True},
+        {"id": "ids", "prompt_ids": [1, 7, 8, 9], "teacher_prompt_ids": [1, 13, 14, 13, 15, 16],
+         "completion_ids": rand(6) + [2] + rand(8), "completion": "not what is scored: ids win", "correct": False},
+        {"id": "empty", "prompt_ids": [1, 20], "completion_ids": []},
+        {"id": "long", "prompt_ids": [1, 10, 11], "teacher_prompt": "two plus two is four wait",
+         "completion_ids": rand(40)},
+        {"id": "mixed", "prompt": "so wait", "teacher_prompt_ids": [1, 17, 18], "completion": "four plus 3 4"},
+    ]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1")
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return tiny_checkpoints(tmp_path_factory.getbasetemp() / "tiny_models")
+
+
+@pytest.fixture(scope="module")
+def runs(paths, tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()) + "\n")
+    base = ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"]), "--data", str(data),
+            "--seq-length", str(SEQ_LENGTH), "--micro-batch-size", "2", "--per-token"]
+    cli = subprocess.run([sys.executable, "-m", "megatron_renio.eval.score", *base, "--out", str(root / "tp1.jsonl")],
+                         env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-5000:]
+    jobs = [("megatron_renio.eval.score", base + flags + ["--out", str(root / f"{name}.jsonl")])
+            for name, flags in LAYOUTS.items()]
+    jobs.append(("megatron_renio.eval.score", base + OTHER_FLAGS + ["--tensor-model-parallel-size", "2",
+                                                                    "--out", str(root / "other.jsonl")]))
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
+    outputs = {name: _read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *LAYOUTS, "other"]}
+    return dict(outputs=outputs, stdout=cli.stdout)
+
+
+@pytest.fixture(scope="module")
+def reference(paths):
+    """Per row: ids as score must see them and transformers' completion-position logits of both models."""
+    import transformers
+
+    from megatron_renio.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(paths["tokenizer"]))
+    models = {side: transformers.AutoModelForCausalLM.from_pretrained(paths[f"hf_{side}"], dtype=torch.float32).eval()
+              for side in ("student", "teacher")}
+    rows = []
+    for row in _rows():
+        def ids(name, special):
+            if f"{name}_ids" in row:
+                return row[f"{name}_ids"]
+            return tokenizer.encode(row[name], add_special_tokens=special) if name in row else None
+
+        student, completion = ids("prompt", True), ids("completion", False)
+        teacher = ids("teacher_prompt", True) or student
+        n = min(len(completion), SEQ_LENGTH - max(len(student), len(teacher)))
+        completion = completion[:n]
+        logits = {}
+        for side, prompt in (("student", student), ("teacher", teacher)):
+            with torch.no_grad():
+                out = models[side](torch.tensor([prompt + completion])).logits
+            logits[side] = out[:, len(prompt) - 1:len(prompt) - 1 + n]
+        rows.append(dict(completion=completion, truncated=n < len(ids("completion", False)), logits=logits,
+                         pieces=[tokenizer.id_to_piece(t) for t in completion]))
+    return rows
+
+
+def _expected(reference, p):
+    """Reference output fields of every row for the loss / ReNIO parameters ``p``."""
+    expected = []
+    for row in reference:
+        n = len(row["completion"])
+        tokens, mask = torch.tensor([row["completion"]]), torch.ones(1, n, dtype=torch.bool)
+        s, u = (ref.sampled_logprobs(row["logits"][side], tokens, mask, VOCAB, p["temperature"])
+                for side in ("student", "teacher"))
+        r = torch.clamp(s - u, max=p["clip"])[0]
+        pivotal = (r >= p["threshold"]).nonzero().flatten().tolist()
+        divergence = ref.token_divergence(row["logits"]["student"], row["logits"]["teacher"], VOCAB, p["kind"],
+                                          p["beta"], p["temperature"], p["token_clip"], None)
+        expected.append(dict(
+            raw_weight=float(ref.renio_weights(s, u, mask, p["clip"], p["threshold"], p["gamma"])[0]),
+            mean_log_ratio=float(r[pivotal].mean()) if pivotal else 0.0,
+            pivotal_positions=pivotal, pivotal_tokens=[row["pieces"][i] for i in pivotal], num_tokens=n,
+            truncated=row["truncated"], divergence=float(divergence.sum()) / max(n, 1),
+            student_logprobs=s[0].tolist(), teacher_logprobs=u[0].tolist(),
+        ))
+    weights = ref.Normaliser(p["norm"])(torch.tensor([e["raw_weight"] for e in expected], dtype=torch.float64))
+    for e, w in zip(expected, weights.tolist()):
+        e["weight"] = w
+    return expected
+
+
+def _check_against_reference(output, expected):
+    assert len(output) == len(expected)
+    for i, (got, want) in enumerate(zip(output, expected)):
+        for key in ("pivotal_positions", "pivotal_tokens", "num_tokens", "truncated"):
+            assert got[key] == want[key], (i, key)
+        assert got["num_pivotal"] == len(want["pivotal_positions"])
+        for key in ("student_logprobs", "teacher_logprobs"):
+            torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64),
+                                       torch.tensor(want[key], dtype=torch.float64), atol=1e-4, rtol=0)
+        for key in ("raw_weight", "weight", "mean_log_ratio", "divergence"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (i, key)
+        assert got["loss"] == pytest.approx(got["divergence"], rel=1e-5, abs=1e-7)
+
+
+def test_tp1_matches_transformers_and_the_reference_formulas(runs, reference):
+    output = runs["outputs"]["tp1"]
+    _check_against_reference(output, _expected(reference, DEFAULTS))
+    assert sum(r["num_pivotal"] for r in output) > 0 and len({r["weight"] for r in output}) > 2
+    assert [r["truncated"] for r in output] == [False, False, False, True, False]
+    assert "scored 5 rows" in runs["stdout"]
+
+
+def test_output_rows_keep_order_and_input_fields(runs):
+    output = runs["outputs"]["tp1"]
+    rows = _rows()
+    assert [r["id"] for r in output] == [r["id"] for r in rows]
+    assert output[0]["correct"] is True and output[0]["prompt"] == rows[0]["prompt"]
+    assert not any(key.endswith("_ids") for r in output for key in r)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts_reproduce_tp1(runs, layout):
+    tp1, other = runs["outputs"]["tp1"], runs["outputs"][layout]
+    for a, b in zip(tp1, other, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
+                torch.testing.assert_close(torch.tensor(b[key]), torch.tensor(value), atol=1e-5, rtol=1e-5)
+            else:
+                assert b[key] == value, (a["id"], key)
+
+
+def test_loss_and_renio_flags_are_the_training_ones(runs, reference):
+    _check_against_reference(runs["outputs"]["other"], _expected(reference, OTHER))
+
+
+def test_output_feeds_analyze(runs, tmp_path):
+    from megatron_renio.eval.analysis import load_generations
+
+    graded = [r for r in runs["outputs"]["tp1"] if "correct" in r]
+    path = tmp_path / "graded.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in graded))
+    assert [g.weight for g in load_generations(str(path))] == [r["weight"] for r in graded]
+
+
+def _bad(argv, capsys, out):
+    assert score.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+    return err[0]
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path):
+    models = ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"])]
+    good = {"prompt_ids": [1, 7], "completion_ids": [8, 9]}
+    files = {
+        "good": [good],
+        "bad_json": [good, "{oops"],
+        "no_completion": [{"prompt_ids": [1, 7]}],
+        "out_of_vocab": [{"prompt_ids": [1, 7], "completion_ids": [8, VOCAB]}],
+        "not_ints": [{"prompt_ids": [1, 7], "completion_ids": [8, "9"]}],
+        "empty_prompt": [{"prompt_ids": [], "completion_ids": [8]}],
+        "long_prompt": [{"prompt_ids": [1] * 40, "completion_ids": [8]}],
+    }
+    for name, lines in files.items():
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    data = lambda name: ["--data", str(tmp_path / f"{name}.jsonl")]  # noqa: E731
+    out = tmp_path / "out.jsonl"
+    cases = {
+        "--teacher-load is required": ["--student-load", str(paths["student"]), *data("good")],
+        "unrecognized argument --lr": [*models, *data("good"), "--lr", "0.1"],
+        "--kd-beta must be in [0, 1]": [*models, *data("good"), "--kd-beta", "2"],
+        "--renio-norm must be one of": [*models, *data("good"), "--renio-norm", "median"],
+        "--micro-batch-size must be an integer >= 1": [*models, *data("good"), "--micro-batch-size", "0"],
+        "no such file": [*models, "--data", str(tmp_path / "missing.jsonl")],
+        "bad_json.jsonl:2: malformed JSON": [*models, *data("bad_json")],
+        "missing field 'completion' or 'completion_ids'": [*models, *data("no_completion")],
+        f"outside the vocabulary [0, {VOCAB})": [*models, *data("out_of_vocab")],
+        "'completion_ids' must be a list of integers": [*models, *data("not_ints")],
+        "field 'prompt' is empty": [*models, *data("empty_prompt")],
+        "leaves no room for the completion in --seq-length 32": [*models, *data("long_prompt"), "--seq-length", "32"],
+        "not a model checkpoint": ["--student-load", str(tmp_path), "--teacher-load", str(paths["teacher"]),
+                                   *data("good")],
+        "does not exist": [*models, *data("good"), "--tokenizer", str(tmp_path / "nowhere")],
+    }
+    for expected, argv in cases.items():
+        assert expected in _bad(argv, capsys, out), expected
+    assert score.main([*models, *data("good"), "--out", str(tmp_path / "good.jsonl")]) == 2
+    assert "is the --data file" in capsys.readouterr().err
+
+
+def test_command_line_error_has_no_traceback(paths, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_renio.cli", "score", "--student-load", str(paths["student"]),
+         "--teacher-load", str(paths["teacher"]), "--data", str(tmp_path / "missing.jsonl")],
+        env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --data {tmp_path / 'missing.jsonl'}: no such file"]
