@@ -1,0 +1,269 @@
+"""The fused per-token terms (megatron_renio/losses/fused.py) equal the unfused ``token_terms``.
+
+Documented tolerances of the fused path against ``token_terms`` on the same inputs:
+- float32: divergence D, sampled-token log-probs s and u, and the gradient w.r.t. the student logits
+  (of sum gD * D + gS * s, random gD and gS) within rtol 1e-5 and atol 1e-5.
+- bfloat16: both paths compute in float32 from the same bf16 values, so D, s and u keep the float32
+  tolerance. The fused gradient is rounded to bf16 twice (the stored h, then the result) against
+  once for autograd, and h can exceed the gradient it cancels to (unclamped reverse KL on peaked
+  distributions): within rtol 2^-7 and atol 2^-8 of the largest gradient entry (measured on these
+  inputs: 0.63 of that bound for unclamped reverse KL at T = 0.7, under 0.3 with the clamp).
+Every divergence kind and both JSD endpoints, the clamp binding, at 0.05, not binding and absent,
+temperature 1 and not, padded vocabulary, TP=1 here and TP=2 in one torchrun launch (which also
+runs the Triton kernels in interpreter mode when triton is installed). GPU-marked tests compare the
+Triton kernels with the chunked path on CUDA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.losses import fused
+from megatron_renio.losses.divergence import DivergenceConfig, token_terms
+from megatron_renio.losses.fused import fused_token_terms, triton_available
+from megatron_renio.renio.vocab_parallel import VocabShard
+from tests.torchrun_harness import run_torchrun
+from tests.workers.fused_loss_worker import OUTPUTS, TP_CASES, TP_LAYOUTS, TRITON_CASES, make_logits, run_path
+
+WORKER = Path(__file__).parent / "workers" / "fused_loss_worker.py"
+FP32_TOL = dict(rtol=1e-5, atol=1e-5)
+BF16_GRAD_RTOL, BF16_GRAD_ATOL = 2.0**-7, 2.0**-8
+
+CASES = [  # (kind, beta, token_clip, temperature)
+    ("forward_kl", 0.5, 0.05, 1.0),
+    ("forward_kl", 0.5, 0.001, 1.3),
+    ("forward_kl", 0.5, None, 1.0),
+    ("reverse_kl", 0.5, 0.05, 1.1),
+    ("reverse_kl", 0.5, 10.0, 1.0),
+    ("reverse_kl", 0.5, None, 0.7),
+    ("jsd", 0.5, 0.05, 1.1),
+    ("jsd", 0.5, None, 1.0),
+    ("jsd", 0.2, 0.001, 1.0),
+    ("jsd", 0.0, 0.05, 1.0),
+    ("jsd", 1.0, 0.05, 1.7),
+]
+
+
+def case_id(case) -> str:
+    kind, beta, clip, temperature = case
+    return f"{kind}{'' if kind != 'jsd' else beta}-k{clip}-T{temperature}"
+
+
+def config(case) -> DivergenceConfig:
+    kind, beta, clip, temperature = case
+    return DivergenceConfig(kind=kind, beta=beta, temperature=temperature, token_clip=clip)
+
+
+def both_paths(student, teacher, tokens, cfg, shard, grad_d, grad_s, impl="chunked"):
+    args = (student, teacher, tokens, cfg, shard, None, grad_d, grad_s)
+    return run_path(fused_token_terms, *args, impl=impl), run_path(token_terms, *args)
+
+
+def assert_same(got: dict, want: dict, bf16_grad: bool = False) -> None:
+    for key in OUTPUTS:
+        if key == "grad" and bf16_grad:
+            scale = want[key].abs().max().float()
+            torch.testing.assert_close(got[key].float(), want[key].float(), rtol=BF16_GRAD_RTOL,
+                                       atol=BF16_GRAD_ATOL * scale.item(), msg=lambda m: f"grad: {m}")
+        else:
+            torch.testing.assert_close(got[key], want[key], **FP32_TOL, msg=lambda m, k=key: f"{k}: {m}")
+    assert got["nonfinite"] == want["nonfinite"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_unfused_fp32(case, monkeypatch):
+    """Padded vocabulary (500 real of 512), ten row blocks per call."""
+    monkeypatch.setattr(fused, "_CHUNK_ELEMS", 8 * 500)
+    student, teacher, tokens, grad_d, grad_s = make_logits(2, 40, 512, seed=1)
+    got, want = both_paths(student, teacher, tokens, config(case), VocabShard(0, 512, 500), grad_d, grad_s)
+    assert_same(got, want)
+    assert not got["nonfinite"]
+
+
+def test_clamp_binds_per_entry():
+    """k = 0.001 binds (smaller D than without clamp, the gradient differs too), k = 10 does not bind above."""
+    student, teacher, tokens, grad_d, grad_s = make_logits(2, 8, 256, seed=2)
+    shard = VocabShard(0, 256, 256)
+    runs = {clip: run_path(fused_token_terms, student, teacher, tokens, config(("forward_kl", 0.5, clip, 1.0)),
+                           shard, None, grad_d, grad_s) for clip in (0.001, 10.0, None)}
+    assert (runs[0.001]["divergence"] < runs[10.0]["divergence"]).all()
+    assert not torch.allclose(runs[0.001]["grad"], runs[10.0]["grad"])
+    assert (runs[10.0]["divergence"] <= 10.0).all() and (runs[None]["divergence"] < runs[10.0]["divergence"]).all()
+
+
+def test_row_blocks_across_samples_and_megatron_layout(monkeypatch):
+    """Blocks spanning several samples; logits as Megatron's [t, b, V] transposed to [b, t, V] (a view)."""
+    monkeypatch.setattr(fused, "_CHUNK_ELEMS", 5 * 300)  # 5 rows: blocks of 2 samples x 2 positions
+    student, teacher, tokens, grad_d, grad_s = make_logits(6, 2, 320, seed=3)
+    cfg, shard = config(("jsd", 0.5, 0.05, 1.1)), VocabShard(0, 320, 300)
+    results = []
+    for fn, kwargs in ((fused_token_terms, {"impl": "chunked"}), (token_terms, {})):
+        base = student.transpose(0, 1).contiguous().requires_grad_()
+        teacher_view = teacher.transpose(0, 1).contiguous().transpose(0, 1)
+        terms = fn(base.transpose(0, 1), teacher_view, tokens, cfg, shard, None, **kwargs)
+        (terms.divergence * grad_d + terms.student_logprobs * grad_s).sum().backward()
+        results.append((terms.divergence.detach(), terms.student_logprobs.detach(), base.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **FP32_TOL)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6]], ids=case_id)
+def test_matches_unfused_bf16(case):
+    student, teacher, tokens, grad_d, grad_s = make_logits(2, 24, 512, seed=4, dtype=torch.bfloat16)
+    got, want = both_paths(student, teacher, tokens, config(case), VocabShard(0, 512, 500), grad_d, grad_s)
+    assert got["grad"].dtype == torch.bfloat16
+    assert_same(got, want, bf16_grad=True)
+
+
+def test_float64_stays_float64():
+    student, teacher, tokens, grad_d, grad_s = make_logits(2, 6, 128, seed=5, dtype=torch.float64)
+    got, want = both_paths(student, teacher, tokens, config(CASES[6]), VocabShard(0, 128, 120),
+                           grad_d.double(), grad_s.double())
+    assert got["divergence"].dtype == torch.float64
+    for key in OUTPUTS:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12)
+
+
+def test_tokens_outside_the_vocabulary_give_zero_logprobs():
+    student, teacher, tokens, grad_d, grad_s = make_logits(1, 4, 64, seed=6)
+    tokens[0, 0], tokens[0, 1] = -100, 62  # an ignore id, a padding id (60 real entries)
+    got, want = both_paths(student, teacher, tokens, config(CASES[0]), VocabShard(0, 64, 60), grad_d, grad_s)
+    assert_same(got, want)
+    assert (got["student_logprobs"][0, :2] == 0).all() and (got["teacher_logprobs"][0, :2] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "where, value, flagged",
+    [(("student", 3), float("inf"), True), (("teacher", 7), float("-inf"), True),
+     (("student", 61), float("nan"), False)],  # column 61 is padding: ignored
+    ids=["student-inf", "teacher-neginf", "nan-in-padding"],
+)
+def test_nonfinite_flag_without_raising(where, value, flagged):
+    student, teacher, tokens, grad_d, grad_s = make_logits(1, 4, 64, seed=7)
+    (student if where[0] == "student" else teacher)[0, 1, where[1]] = value
+    got, want = both_paths(student, teacher, tokens, config(CASES[6]), VocabShard(0, 64, 60), grad_d, grad_s)
+    assert got["nonfinite"] is flagged and want["nonfinite"] is flagged
+    if not flagged:
+        assert_same(got, want)
+
+
+def test_top_k_falls_back_to_token_terms():
+    student, teacher, tokens, _, _ = make_logits(2, 3, 64, seed=8)
+    cfg = DivergenceConfig(kind="jsd", beta=0.5, top_k=5)
+    got = fused_token_terms(student, teacher, tokens, cfg, VocabShard(0, 64, 64))
+    want = token_terms(student, teacher, tokens, cfg, VocabShard(0, 64, 64), None)
+    assert torch.equal(got.divergence, want.divergence)
+
+
+def test_no_grad_and_frozen_student_store_nothing():
+    student, teacher, tokens, _, _ = make_logits(2, 3, 64, seed=9)
+    shard, cfg = VocabShard(0, 64, 64), config(CASES[0])
+    want = token_terms(student, teacher, tokens, cfg, shard, None)
+    with torch.no_grad():
+        leaf = student.clone().requires_grad_()
+        terms = fused_token_terms(leaf, teacher, tokens, cfg, shard)
+    assert not terms.divergence.requires_grad
+    torch.testing.assert_close(terms.divergence, want.divergence, **FP32_TOL)
+    terms = fused_token_terms(student, teacher, tokens, cfg, shard)
+    assert not terms.divergence.requires_grad and not terms.student_logprobs.requires_grad
+
+
+def test_intra_op_thread_count_restored():
+    """The chunked path runs on one intra-op thread and restores the caller's setting, forward and backward."""
+    student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=13)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        leaf = student.requires_grad_()
+        fused_token_terms(leaf, teacher, tokens, config(CASES[0]), VocabShard(0, 32, 32)).divergence.sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_backward_twice_raises():
+    student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=10)
+    leaf = student.requires_grad_()
+    loss = fused_token_terms(leaf, teacher, tokens, config(CASES[0]), VocabShard(0, 32, 32)).divergence.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_bad_arguments_raise_user_input_error(monkeypatch):
+    student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=11)
+    cfg, shard = config(CASES[0]), VocabShard(0, 32, 32)
+    with pytest.raises(UserInputError, match="impl must be one of"):
+        fused_token_terms(student, teacher, tokens, cfg, shard, impl="cuda")
+    with pytest.raises(UserInputError, match="shard size"):
+        fused_token_terms(student, teacher, tokens, cfg, VocabShard(0, 16, 32))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserInputError, match="impl='triton'"):
+        fused_token_terms(student, teacher, tokens, cfg, shard, impl="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# TP=2 (and the Triton interpreter) in one torchrun launch
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")  # read by triton at import: the workers run the kernels on the CPU
+        return run_torchrun(WORKER, 2, tmp_path_factory.mktemp("fused_tp2"), timeout=300)
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS, ids=lambda lay: f"local{lay[0]}-true{lay[1]}")
+@pytest.mark.parametrize("case", TP_CASES, ids=case_id)
+def test_tp2_matches_unfused(tp2, case, layout):
+    """Per rank: fused == unfused on the shards, and == token_terms on the full vocabulary (TP=1)."""
+    for rank in tp2:
+        runs = rank["chunked"][case, layout]
+        assert_same(runs["fused"], runs["unfused"])
+        assert_same(runs["fused"], runs["full"])
+
+
+def test_tp2_bf16(tp2):
+    for rank in tp2:
+        assert_same(rank["bf16"]["fused"], rank["bf16"]["unfused"], bf16_grad=True)
+
+
+@pytest.mark.parametrize("tp", ["tp1", "tp2"])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
+def test_triton_kernels_in_interpreter(tp2, case, tp):
+    if not tp2[0]["triton_checked"]:
+        pytest.skip("triton is not installed: the Triton kernels were not run (pip install triton to check "
+                    "them on the CPU with TRITON_INTERPRET=1)")
+    for rank in tp2:
+        runs = rank["triton"][case, tp]
+        assert_same(runs["fused"], runs["unfused"])
+        assert_same(runs["fused"], runs["full"])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: Triton == chunked on CUDA
+# ------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(2, 64, 1024, 1000, torch.float32), (1, 512, 151936, 151936, torch.bfloat16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6]], ids=case_id)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-{str(s[4])[6:]}")
+def test_triton_matches_chunked_on_cuda(case, shape):
+    b, t, vocab, true_vocab, dtype = shape
+    student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(b, t, vocab, seed=12, dtype=dtype))
+    shard = VocabShard(0, vocab, true_vocab)
+    got, want = both_paths(student, teacher, tokens, config(case), shard, grad_d, grad_s, impl="triton")
+    chunked = run_path(fused_token_terms, student, teacher, tokens, config(case), shard, None, grad_d, grad_s,
+                       impl="chunked")
+    bf16 = dtype == torch.bfloat16
+    assert_same(got, chunked, bf16_grad=bf16)
+    assert_same(got, want, bf16_grad=bf16)

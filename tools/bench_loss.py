@@ -1,0 +1,345 @@
+"""Benchmark of the per-token distillation loss, forward + backward (issue 7).
+
+Side by side, on the same logits and in one run:
+
+- ``reference``: DESIGN.md section 2 on full tensors as a user of the public reference writes it, in
+  the logits' dtype: log_softmax of both models (teacher under no_grad), the per-entry divergence
+  tensor (``F.kl_div`` elements; JSD with log m = logsumexp of the stacked, beta-weighted log-probs),
+  clamp, sum over the vocabulary (the sampled-token lookups, O(tokens), are left out).
+- ``unfused``: :func:`megatron_renio.losses.divergence.token_terms` (the foundation path).
+- ``fused``: :func:`megatron_renio.losses.fused.fused_token_terms` with ``impl='auto'`` (triton on a
+  GPU with triton, chunked otherwise); ``fused[chunked]`` too on a GPU with ``--chunked``.
+- ``floor`` (GPU): read both logits once and write one logits-sized tensor (``torch.add`` with
+  ``out=``), the memory-bandwidth floor of any exact loss + gradient.
+- ``liger`` (GPU, JSD): Liger-Kernel's JSD on log-prob inputs plus the two log-softmaxes, when
+  ``liger_kernel`` imports (reported as skipped otherwise).
+
+Each path runs ``loss = D.mean(); loss.backward()`` on student logits [1, tokens, vocab] that
+require grad. Time: median over ``--iters`` after ``--warmup`` runs (CUDA events on a GPU,
+``time.perf_counter`` on the CPU). Peak extra memory: above what was allocated before the call
+(inputs), the gradient included. GPU: ``torch.cuda.max_memory_allocated``. CPU: the kernel's peak
+resident-set size (VmHWM, reset through ``/proc/self/clear_refs``) minus the resident size before
+the call, after ``malloc_trim`` returns freed heap pages; this counts every page the call touches,
+including allocator slack, so it is an upper bound of what torch allocated.
+
+The paths are timed round-robin within each divergence kind, so that changing machine load hits
+them alike. On the CPU the chunked fused path runs its block ops on one intra-op thread (see
+``_one_intra_op_thread`` in fused.py); the others use all of torch's threads. Liger-Kernel's JSD has
+no per-entry clamp: its row is a speed comparison only. A path that runs out of memory is reported
+as such and left out of the ratios.
+
+``--tp 2`` under ``torchrun --nproc-per-node 2``: each rank holds half the vocabulary; rank 0 first
+measures the TP=1 run alone, then all ranks run TP=2 together; prints per-rank time and memory and
+their ratios to TP=1 (the issue's target: both halve within 20%).
+
+The last line is machine-readable: ``speedup_vs_reference=<x> memory_vs_reference=<y>`` for the
+fused path, the worst over the measured divergence kinds (lowest speedup, highest memory ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_renio.losses.divergence import DivergenceConfig, token_terms  # noqa: E402
+from megatron_renio.losses.fused import fused_token_terms, triton_available  # noqa: E402
+from megatron_renio.renio.vocab_parallel import VocabShard  # noqa: E402
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+JSD_BETA = 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# loss paths: each takes (student, teacher, tokens, cfg, shard, group) and returns the loss
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_loss(zs, zt, tokens, cfg: DivergenceConfig, shard, group):
+    """DESIGN.md section 2 on full tensors, in the logits' dtype (no vocabulary parallelism)."""
+    log_q = F.log_softmax(zs / cfg.temperature, dim=-1)
+    with torch.no_grad():
+        log_p = F.log_softmax(zt / cfg.temperature, dim=-1)
+    beta = cfg.mix
+    if beta == 0.0:
+        elements = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    elif beta == 1.0:
+        elements = F.kl_div(log_p, log_q, reduction="none", log_target=True)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+        elements = beta * F.kl_div(log_m, log_p, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+            log_m, log_q, reduction="none", log_target=True
+        )
+    return elements.clamp(0.0, cfg.token_clip).sum(-1).float().mean()
+
+
+def unfused_loss(zs, zt, tokens, cfg, shard, group):
+    return token_terms(zs, zt, tokens, cfg, shard, group).divergence.mean()
+
+
+def fused_loss(impl):
+    def loss(zs, zt, tokens, cfg, shard, group):
+        return fused_token_terms(zs, zt, tokens, cfg, shard, group, impl=impl).divergence.mean()
+
+    return loss
+
+
+def liger_loss(zs, zt, tokens, cfg, shard, group):
+    """Liger-Kernel's JSD on the two log-softmaxes (flattened to [tokens, vocab])."""
+    from liger_kernel.transformers.jsd import LigerJSD
+
+    log_q = F.log_softmax(zs / cfg.temperature, dim=-1).flatten(0, 1)
+    with torch.no_grad():
+        log_p = F.log_softmax(zt / cfg.temperature, dim=-1).flatten(0, 1)
+    return LigerJSD(beta=cfg.beta)(log_q, log_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+
+
+class CpuMemory:
+    """Peak resident-set growth of this process during a call (Linux VmHWM, reset via clear_refs)."""
+
+    def __init__(self):
+        self._libc = ctypes.CDLL("libc.so.6")
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+    def start(self):
+        gc.collect()
+        self._libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        self._base = self._status_kib("VmRSS")
+
+    def peak_extra_bytes(self) -> int:
+        return (self._status_kib("VmHWM") - self._base) * 1024
+
+
+class CudaMemory:
+    def start(self):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._base = torch.cuda.memory_allocated()
+
+    def peak_extra_bytes(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self._base
+
+
+def timed(fn, device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(steps: dict, device, iters: int, warmup: int, memory) -> dict:
+    """{name: (median ms, peak extra bytes), or None when the step ran out of memory}.
+
+    The steps are timed round-robin (one call of each per round) so that a change of machine load
+    hits every path alike; memory comes from one extra call of each after the timed rounds.
+    """
+    result = {name: None for name in steps}
+    alive = {}
+    for name, step in steps.items():
+        try:
+            for _ in range(warmup):
+                step()
+            alive[name] = step
+        except torch.OutOfMemoryError:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    times = {name: [] for name in alive}
+    for _ in range(iters):
+        for name, step in alive.items():
+            times[name].append(timed(step, device))
+    for name, step in alive.items():
+        memory.start()
+        step()
+        result[name] = (statistics.median(times[name]), memory.peak_extra_bytes())
+    return result
+
+
+def loss_step(path, zs, zt, tokens, cfg, shard, group):
+    def step():
+        zs.grad = None
+        path(zs, zt, tokens, cfg, shard, group).backward()
+        zs.grad = None
+
+    return step
+
+
+def floor_step(zs, zt):
+    out = torch.empty_like(zs)
+
+    def step():
+        torch.add(zs.detach(), zt, out=out)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(tokens: int, vocab: int, dtype, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    zs = (2.0 * torch.randn(1, tokens, vocab, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    zt = (2.0 * torch.randn(1, tokens, vocab, generator=g)).to(device=device, dtype=dtype)
+    ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
+    return zs, zt, ids
+
+
+def fmt_row(name, kind, ms, mem, ref):
+    """One table row; ratios to ``ref`` = (ms, bytes) of the reference, when it ran."""
+    x_t = f"{ref[0] / ms:8.2f}x" if ref else "        -"
+    x_m = f"{mem / ref[1]:8.3f}x" if ref and ref[1] > 0 else "        -"
+    return f"{name:16s} {kind:11s} {ms:10.2f} {x_t} {mem / 2**20:12.1f} {x_m}"
+
+
+def run_single(args, device, dtype, memory):
+    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
+          f"tokens={args.tokens} vocab={args.vocab} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} triton={'yes' if triton_available() else 'no'}")
+    zs, zt, ids = make_inputs(args.tokens, args.vocab, dtype, device)
+    shard = VocabShard(0, args.vocab, args.vocab)
+    logits_mb = zs.numel() * zs.element_size() / 2**20
+    print(f"one logits tensor = {logits_mb:.1f} MiB; time = median ms of forward+backward; "
+          f"x = speedup vs reference; memory = peak extra MiB, x = ratio to reference")
+    print(f"{'path':16s} {'kind':11s} {'time_ms':>10s} {'x_time':>9s} {'extra_MiB':>12s} {'x_mem':>9s}")
+    if device.type == "cuda":
+        ms, mem = measure({"floor": floor_step(zs, zt)}, device, args.iters, args.warmup, memory)["floor"]
+        moved = 3 * zs.numel() * zs.element_size()
+        print(fmt_row("floor", "-", ms, mem, None) + f"   ({moved / ms / 1e9:.2f} TB/s)")
+    paths = {"reference": reference_loss, "unfused": unfused_loss, "fused": fused_loss("auto")}
+    if device.type == "cuda" and args.chunked:
+        paths["fused[chunked]"] = fused_loss("chunked")
+    if device.type == "cuda" and liger_available() and "jsd" in args.kinds:
+        paths["liger(+lsm)"] = liger_loss
+    speedups, mem_ratios = [], []
+    for kind in args.kinds:
+        cfg = DivergenceConfig(kind=kind, beta=JSD_BETA, temperature=args.temperature, token_clip=args.clip)
+        steps = {label: loss_step(path, zs, zt, ids, cfg, shard, None) for label, path in paths.items()
+                 if kind == "jsd" or path is not liger_loss}
+        results = measure(steps, device, args.iters, args.warmup, memory)
+        ref = results["reference"]
+        for label, measured in results.items():
+            if measured is None:
+                print(f"{label:16s} {kind:11s} out of memory")
+            else:
+                print(fmt_row(label, kind, *measured, None if label == "reference" else ref))
+        if ref is not None and results["fused"] is not None:
+            speedups.append(ref[0] / results["fused"][0])
+            mem_ratios.append(results["fused"][1] / ref[1])
+        if kind == "jsd" and "liger(+lsm)" not in results:
+            reason = "liger_kernel is not installed" if not liger_available() else "Liger-Kernel needs a GPU"
+            print(f"{'liger(+lsm)':16s} jsd         skipped: {reason}")
+    print(f"speedup_vs_reference={min(speedups, default=math.nan):.2f} "
+          f"memory_vs_reference={max(mem_ratios, default=math.nan):.3f}")
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_tp(args, device, dtype, memory):
+    """Per-rank time and memory of the fused and unfused paths at TP=1 (rank 0 alone) and TP=args.tp."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != args.tp:
+        raise SystemExit(f"--tp {args.tp} needs torchrun --nproc-per-node {args.tp} (got {world} processes)")
+    if args.vocab % args.tp:
+        raise SystemExit(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
+    zs, zt, ids = make_inputs(args.tokens, args.vocab, dtype, device)
+    local = args.vocab // args.tp
+    zs_local = zs.detach()[..., rank * local:(rank + 1) * local].clone().requires_grad_()
+    zt_local = zt[..., rank * local:(rank + 1) * local].clone()
+    shard_full, shard_local = VocabShard(0, args.vocab, args.vocab), VocabShard(rank * local, local, args.vocab)
+    if rank == 0:
+        print(f"device={device} tokens={args.tokens} vocab={args.vocab} dtype={args.dtype} tp={args.tp} "
+              f"threads/rank={torch.get_num_threads()}")
+        print(f"{'path':10s} {'kind':11s} {'tp1_ms':>9s} {'tp_ms':>9s} {'ratio':>6s} "
+              f"{'tp1_MiB':>9s} {'tp_MiB':>9s} {'ratio':>6s}")
+    for kind in args.kinds:
+        cfg = DivergenceConfig(kind=kind, beta=JSD_BETA, temperature=args.temperature, token_clip=args.clip)
+        paths = {"unfused": unfused_loss, "fused": fused_loss("auto")}
+        single = {}
+        if rank == 0:
+            single = measure({label: loss_step(path, zs, zt, ids, cfg, shard_full, None)
+                              for label, path in paths.items()}, device, args.iters, args.warmup, memory)
+        dist.barrier()
+        split = measure({label: loss_step(path, zs_local, zt_local, ids, cfg, shard_local, dist.group.WORLD)
+                         for label, path in paths.items()}, device, args.iters, args.warmup, memory)
+        dist.barrier()
+        for label in paths if rank == 0 else ():
+            if single[label] is None or split[label] is None:
+                print(f"{label:10s} {kind:11s} out of memory")
+                continue
+            (t1, m1), (tn, mn) = single[label], split[label]
+            print(f"{label:10s} {kind:11s} {t1:9.2f} {tn:9.2f} {tn / t1:6.2f} "
+                  f"{m1 / 2**20:9.1f} {mn / 2**20:9.1f} {mn / max(m1, 1):6.2f}")
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192 if cuda else 2048, help="b*t (GPU 8192, CPU 2048)")
+    p.add_argument("--vocab", type=int, default=151936 if cuda else 32000, help="vocabulary (GPU 151936, CPU 32000)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16" if cuda else "float32")
+    p.add_argument("--kinds", type=lambda s: s.split(","), default=["forward_kl", "jsd"],
+                   help=f"comma-separated of {', '.join(KINDS)} (jsd uses beta {JSD_BETA})")
+    p.add_argument("--clip", type=float, default=0.05, help="per-entry token clip k")
+    p.add_argument("--temperature", type=float, default=1.1)
+    p.add_argument("--iters", type=int, default=10 if cuda else 3)
+    p.add_argument("--warmup", type=int, default=2 if cuda else 1)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--chunked", action="store_true", help="on a GPU also time the chunked fused path")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
+    args = p.parse_args(argv)
+    bad = [k for k in args.kinds if k not in KINDS]
+    if bad:
+        p.error(f"--kinds: unknown {', '.join(bad)}; allowed: {', '.join(KINDS)}")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and cuda) else "cpu")
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    memory = CudaMemory() if device.type == "cuda" else CpuMemory()
+    dtype = getattr(torch, args.dtype)
+    (run_tp if args.tp > 1 else run_single)(args, device, dtype, memory)
+
+
+if __name__ == "__main__":
+    main()
