@@ -160,17 +160,20 @@ def timed(fn, device: torch.device) -> float:
 def measure(steps: dict, device, iters: int, warmup: int, memory) -> dict:
     """{name: (median ms, peak extra bytes), or None when the step ran out of memory}.
 
-    The steps are timed round-robin (one call of each per round) so that a change of machine load
-    hits every path alike; memory comes from one extra call of each after the timed rounds.
+    At least one warm-up call each (it also finds the steps that run out of memory); then the steps
+    are timed round-robin (one call of each per round) so that a change of machine load hits every
+    path alike; memory comes from one extra call of each after the timed rounds.
     """
     result = {name: None for name in steps}
     alive = {}
     for name, step in steps.items():
         try:
-            for _ in range(warmup):
+            for _ in range(max(warmup, 1)):
                 step()
             alive[name] = step
         except torch.OutOfMemoryError:
+            pass  # the traceback (and the tensors its frames hold) is released when this block ends
+        if name not in alive:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -209,10 +212,11 @@ def floor_step(zs, zt):
 
 
 def make_inputs(tokens: int, vocab: int, dtype, device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    zs = (2.0 * torch.randn(1, tokens, vocab, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    zt = (2.0 * torch.randn(1, tokens, vocab, generator=g)).to(device=device, dtype=dtype)
-    ids = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
+    """Student logits [1, tokens, vocab] (requiring grad), teacher logits, sampled ids; made on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    zs = torch.randn(1, tokens, vocab, generator=g, device=device, dtype=dtype).mul_(2.0).requires_grad_()
+    zt = torch.randn(1, tokens, vocab, generator=g, device=device, dtype=dtype).mul_(2.0)
+    ids = torch.randint(0, vocab, (1, tokens), generator=g, device=device)
     return zs, zt, ids
 
 

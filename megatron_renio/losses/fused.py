@@ -98,7 +98,7 @@ IMPLS = ("auto", "triton", "chunked")
 _FORWARD_KL, _REVERSE_KL, _JSD = 0, 1, 2
 # Elements per block of the chunked path (rows x local vocabulary): a few fp32 temporaries of this
 # size stay in a CPU core's L2 cache.
-_CHUNK_ELEMS = 1 << 17
+_CHUNK_ELEMS = 1 << 16
 # Vocabulary entries per Triton loop step.
 _TRITON_BLOCK_V = 4096
 
@@ -273,6 +273,8 @@ def _one_intra_op_thread(device: torch.device):
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
+    # N_VALID (real columns of the shard) is a compile-time constant: one compilation per shard width,
+    # and a constant loop bound, which triton 3.6's interpreter needs with numpy >= 2.4.
 
     @triton.jit
     def _row_base(ptr, row, n_t, stride_b, stride_t):
@@ -367,6 +369,7 @@ if triton is not None:
 
 
 def _triton_block(n_cols: int) -> int:
+    """Vocabulary block of the kernels: a power of two, at most _TRITON_BLOCK_V, no wider than needed."""
     return max(16, min(_TRITON_BLOCK_V, triton.next_power_of_2(max(n_cols, 1))))
 
 
