@@ -167,13 +167,13 @@ def initialize(
     backend, device = select_backend(local_rank)
 
     if not torch.distributed.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain single-process run
+        init_method = None  # torchrun's environment
+        if "MASTER_ADDR" not in os.environ:  # a plain single-process run: a private port, env untouched
             if world_size != 1:
                 raise UserInputError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         torch.distributed.init_process_group(
-            backend=backend, rank=rank, world_size=world_size,
+            backend=backend, init_method=init_method, rank=rank, world_size=world_size,
             timeout=timedelta(minutes=timeout_minutes),
         )
     if config_fingerprint is not None:
