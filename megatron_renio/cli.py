@@ -11,6 +11,8 @@ import sys
 
 COMMANDS = {
     "train": ("megatron_renio.train", "on-policy (self-)distillation with ReNIO"),
+    "sft": ("megatron_renio.sft", "supervised fine-tuning on reference solutions"),
+    "quickstart": ("megatron_renio.quickstart", "OPD, OPSD and ReNIO end to end on a built-in task (CPU)"),
     "eval": ("megatron_renio.eval.runner", "generate on benchmarks with the Megatron model, grade, avg@k / pass@k"),
     "score": ("megatron_renio.eval.score", "ReNIO weights, pivotal tokens and divergences of given completions"),
     "analyze": ("megatron_renio.eval.analysis", "correct vs incorrect analysis of graded generations"),

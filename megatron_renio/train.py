@@ -89,6 +89,34 @@ def _stat(records: list[dict], key: str, reduce) -> float | None:
     return float(reduce(values)) if values else None
 
 
+def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], completions: list[list[int]],
+                  per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
+    """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
+    step, rank (DP), index (row in this rank's batch), prompt_index (record of ``--data-path``, after
+    the too-long filter), completion (text), completion_ids (EOS included when generated), num_tokens,
+    weight (the ReNIO weight applied, 1 without ``--renio``), raw_weight (exp(a_i / gamma) before
+    normalisation), sample_loss (L_i); with ``--task math`` and an answer in the record also answer and
+    correct (:func:`~megatron_renio.eval.math_grader.grade_math`). The fields read by
+    ``megatron-renio analyze`` (completion, correct, weight, num_tokens) have its names."""
+    from megatron_renio.eval.math_grader import grade_math
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row, ids in enumerate(completions):
+            prompt_index = indices[row // cfg.samples_per_prompt]
+            text = tokenizer.decode(ids)
+            record = {
+                "step": iteration, "rank": dp_rank, "index": row, "prompt_index": prompt_index,
+                "completion": text, "completion_ids": ids, "num_tokens": len(ids),
+                "weight": float(per_sample["weights"][row]), "raw_weight": float(per_sample["raw_weights"][row]),
+                "sample_loss": float(per_sample["per_sample_loss"][row]),
+            }
+            answer = answers[prompt_index]
+            if cfg.task == "math" and answer is not None:
+                record.update(answer=answer, correct=grade_math(text, answer))
+            f.write(json.dumps(record) + "\n")
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train for ``cfg.train_iters`` iterations; returns the last step's metrics."""
     from megatron_renio import distributed
@@ -104,6 +132,8 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_renio.training.paired import PairedModel
     from megatron_renio.training.step import DistillationStep
 
+    if cfg.save_samples_interval and not cfg.save:
+        raise UserInputError("--save-samples-interval needs --save (the samples go to <save>/samples_rank<dp>.jsonl)")
     settings = C.loss_settings(cfg)
     sampling = SamplingConfig(temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
                               top_k=cfg.rollout_top_k, max_new_tokens=cfg.max_new_tokens)
@@ -202,6 +232,10 @@ def run(cfg: TrainConfig) -> dict:
                     )
             t_opt = time.perf_counter() - t2
             iteration += 1
+            if cfg.save_samples_interval and iteration % cfg.save_samples_interval == 0 and result.per_sample \
+                    and ctx.tp_rank == 0:
+                _save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, indices,
+                              rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)
             hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] != eos) for c in rollout.completions))

@@ -135,6 +135,11 @@ PRESETS: dict[str, ModelPreset] = {
         "Qwen3ForCausalLM", num_layers=3, hidden_size=96, ffn_hidden_size=192, num_attention_heads=6,
         num_query_groups=2, qk_layernorm=True, tie_word_embeddings=True,
     ),
+    # The quickstart's teacher and student architecture (megatron_renio.quickstart).
+    "quickstart": _tiny(
+        "Qwen3ForCausalLM", num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
+        num_query_groups=2, head_dim=32, qk_layernorm=True, tie_word_embeddings=True,
+    ),
 }
 
 

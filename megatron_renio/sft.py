@@ -1,0 +1,285 @@
+"""Supervised fine-tuning on reference solutions: ``python -m megatron_renio.sft [flags]``.
+
+    torchrun --nproc-per-node N -m megatron_renio.sft --model PRESET | --pretrained-checkpoint CKPT \\
+        --tokenizer TOK --data-path train.jsonl --save OUT [Megatron flags]
+
+Each example is the student prompt of :mod:`megatron_renio.data.templates` (the same text the
+distillation trainer's student reads) followed by the record's reference solution and EOS; the
+loss is the token mean of Megatron's ``vocab_parallel_cross_entropy`` over the solution tokens
+(EOS included) of the whole global batch: every micro-batch hands Megatron's schedule its summed
+loss and its token count (``calculate_per_token_loss``), and ``finalize_model_grads`` divides the
+DP-summed gradients by the DP-summed count. Padded vocabulary rows are masked to -inf first.
+
+``--privileged-prompt-fraction F`` adds, for a seeded choice of ``F`` x the records, a second
+example whose prompt is the OPSD teacher prompt (problem + worked solution + transition text): a
+model trained this way has learnt to use a worked solution in its context, which is what an OPSD
+teacher (the initial student given the solution) relies on.
+
+Everything else is the distillation trainer's machinery (:mod:`megatron_renio.training.components`):
+the same layouts (TP, PP, SP, DP = world / (TP x PP)), Megatron DDP, Megatron optimizer, LR
+schedule, seeding, metrics logger and progress bar. The flags are the trainer's flags of the same
+name (listed in :data:`SFT_FLAGS`, same types and checks) plus ``--pretrained-checkpoint`` (initial
+weights: a model checkpoint folder; ``--model`` starts from a random initialisation instead) and
+``--privileged-prompt-fraction``. At the end ``--save`` receives a model checkpoint
+(:func:`~megatron_renio.models.checkpoint.save_model_checkpoint`, tokenizer included) that
+``--student-load`` / ``--teacher-load`` read; it must not exist or be empty. There is no
+intermediate save and no resume. Metrics go to ``--metrics-file`` (JSONL), TensorBoard and W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, validate
+from megatron_renio.errors import UserInputError
+
+# The trainer's flags that supervised fine-tuning takes (same meaning, type and range checks).
+SFT_FLAGS = (
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
+    "micro_batch_size", "global_batch_size", "seq_length",
+    "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay", "clip_grad",
+    "adam_beta1", "adam_beta2", "adam_eps", "train_iters", "use_distributed_optimizer", "bf16", "seed",
+    "model", "tokenizer", "data_path", "task", "problem_field", "solution_field",
+    "save", "log_interval", "tensorboard_dir", "wandb_project", "metrics_file",
+    "distributed_timeout_minutes", "debug",
+)
+
+
+@dataclass
+class SFTConfig:
+    """``train`` holds the shared flags (validated by :func:`megatron_renio.config.validate`);
+    ``--pretrained-checkpoint`` is stored there as ``student_load``, the field the component
+    builders read."""
+
+    train: TrainConfig
+    privileged_prompt_fraction: float = 0.0
+
+
+def build_sft_parser() -> argparse.ArgumentParser:
+    """The trainer's parser actions for :data:`SFT_FLAGS` plus the two SFT flags."""
+    parser = _OneLineErrorParser(prog="megatron_renio.sft", description=__doc__.splitlines()[0])
+    shared = {action.dest: action for action in build_parser()._actions}
+    for name in SFT_FLAGS:  # the very same actions: same flag names, types and help
+        parser._add_action(shared[name])
+    parser.add_argument("--pretrained-checkpoint", default=argparse.SUPPRESS,
+                        help="model checkpoint folder with the initial weights (instead of --model)")
+    parser.add_argument("--privileged-prompt-fraction", type=float, default=argparse.SUPPRESS,
+                        help="fraction of records also trained with the OPSD teacher prompt (0..1)")
+    return parser
+
+
+def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
+    """Parse and validate; bad values raise :class:`UserInputError` naming the flag."""
+    values = vars(build_sft_parser().parse_args(argv))
+    fraction = values.pop("privileged_prompt_fraction", 0.0)
+    checkpoint = values.pop("pretrained_checkpoint", None)
+    if checkpoint and values.get("model"):
+        raise UserInputError("give either --pretrained-checkpoint or --model, not both")
+    if not (checkpoint or values.get("model")):
+        raise UserInputError("no model: give --model (a preset, random initialisation) or --pretrained-checkpoint")
+    if not values.get("save"):
+        raise UserInputError("--save is required (the folder that receives the fine-tuned model checkpoint)")
+    if not 0.0 <= fraction <= 1.0:
+        raise UserInputError(f"--privileged-prompt-fraction must be in [0, 1], got {fraction!r}")
+    # SFT generates nothing: the rollout budget only has to pass the trainer's check against --seq-length.
+    train = TrainConfig(**values, student_load=checkpoint, max_new_tokens=1)
+    validate(train)
+    return SFTConfig(train, fraction)
+
+
+@dataclass
+class SFTExamples:
+    """Token ids of every example: prompt, and target (solution + EOS); what did not fit is counted."""
+
+    prompts: list[list[int]]
+    targets: list[list[int]]
+    skipped_too_long: int
+
+
+def load_sft_examples(cfg: SFTConfig, tokenizer) -> SFTExamples:
+    """Read ``--data-path`` (solutions required) and build the examples (module docstring).
+
+    Examples longer than ``--seq-length`` are skipped and counted; :class:`UserInputError` when none
+    is left."""
+    from megatron_renio.data.prompts import load_prompt_records
+    from megatron_renio.data.templates import build_prompt_ids
+
+    t = cfg.train
+    records = load_prompt_records(t.data_path, t.problem_field, t.solution_field, require_solution=True)
+    privileged = random.Random(t.seed).sample(range(len(records)), round(cfg.privileged_prompt_fraction * len(records)))
+    pairs = [(build_prompt_ids(tokenizer, r, t.task, "student", "opsd"), r) for r in records]
+    pairs += [(build_prompt_ids(tokenizer, records[i], t.task, "teacher", "opsd"), records[i]) for i in sorted(privileged)]
+    prompts, targets = [], []
+    for prompt, record in pairs:
+        target = tokenizer.encode(record.solution.strip()) + [tokenizer.eos_id]
+        if len(prompt) + len(target) <= t.seq_length:
+            prompts.append(prompt)
+            targets.append(target)
+    if not prompts:
+        raise UserInputError(f"every example of --data-path is longer than --seq-length {t.seq_length}")
+    return SFTExamples(prompts, targets, len(pairs) - len(prompts))
+
+
+class SFTStep:
+    """Forward/backward of one optimizer step over a list of micro-batches (``ModelInputs``)."""
+
+    def __init__(self, model_ddp, true_vocab_size: int):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+
+        self.model = model_ddp
+        self.true_vocab_size = true_vocab_size
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        config = model_ddp.config
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = model_ddp.no_sync
+        self._sums: list[torch.Tensor] = []
+
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        return model(mb.tokens, mb.position_ids, attention_mask=None), partial(self._loss, mb)
+
+    def _loss(self, mb, logits: torch.Tensor):
+        """Summed cross entropy over the masked tokens and their count (Megatron's per-token-loss form)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        from megatron_renio.renio.vocab_parallel import VocabShard
+
+        shard = VocabShard.for_rank(logits.shape[-1], self.true_vocab_size, self.tp_group)
+        # masked_fill makes a new tensor: vocab_parallel_cross_entropy shifts its fp32 input in place.
+        logits = logits.float().masked_fill(~shard.valid_mask(logits.device), float("-inf"))
+        losses = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), mb.labels.transpose(0, 1).contiguous())
+        mask = mb.loss_mask.transpose(0, 1)
+        loss_sum = torch.where(mask > 0, losses, 0.0).sum()
+        num_tokens = mask.sum().to(torch.int)
+        self._sums.append(torch.stack([loss_sum.detach().double(), num_tokens.double()]))
+        return loss_sum, num_tokens, {}
+
+    def run(self, micro_batches: list) -> float:
+        """Run the schedule; return the step's token-mean loss, the same on every rank."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        device = next(self.model.parameters()).device
+        self._sums = []
+        get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter([mb.to(device) for mb in micro_batches]),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].tokens.shape[1],
+            micro_batch_size=micro_batches[0].tokens.shape[0],
+        )
+        sums = torch.stack(self._sums).sum(0) if self._sums else torch.zeros(2, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(sums, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                        group=parallel_state.get_pipeline_model_parallel_group())
+        return float(sums[0] / sums[1].clamp(min=1))
+
+
+def run(cfg: SFTConfig) -> list[float]:
+    """Fine-tune for ``--train-iters`` steps and save; returns every step's loss (the loss of the
+    batch *before* that step's update). Initialises the process group and Megatron's parallel state
+    (a caller may run it again with another layout); :func:`main` tears them down."""
+    from megatron_renio import distributed
+    from megatron_renio.data.batching import pack_pairs
+    from megatron_renio.data.prompts import PromptSampler
+    from megatron_renio.models.checkpoint import save_model_checkpoint
+    from megatron_renio.train import MetricsLogger, _log0
+    from megatron_renio.training import components as C
+
+    t = cfg.train
+    ctx = distributed.initialize(C.parallel_config(t), t.seed, distributed.fingerprint(cfg), t.distributed_timeout_minutes)
+    samples_per_rank, remainder = divmod(t.global_batch_size, ctx.dp_size)
+    if remainder or samples_per_rank % t.micro_batch_size:
+        raise UserInputError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {ctx.dp_size}"
+        )
+    source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint/--model")
+    tokenizer = C.load_run_tokenizer(t, source, None)
+    examples = load_sft_examples(cfg, tokenizer)
+    if examples.skipped_too_long:
+        _log0(f"skipped {examples.skipped_too_long} examples longer than --seq-length {t.seq_length}")
+    model, info = C.build_model(source, t)
+    model_ddp = C.wrap_ddp(model, t.use_distributed_optimizer)
+    optimizer, scheduler = C.build_optimizer(model_ddp, t)
+    step = SFTStep(model_ddp, info.preset.vocab_size)
+    sampler = PromptSampler(len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed)
+    logger = MetricsLogger(dataclasses.replace(t, save=None))  # --save is the model checkpoint folder
+    _log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
+    progress = None
+    if ctx.rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.train_iters, desc="sft", dynamic_ncols=True, file=sys.stderr)
+    losses = []
+    for iteration in range(1, t.train_iters + 1):
+        t0 = time.perf_counter()
+        indices = sampler.next_batch()
+        prompts = [examples.prompts[i] for i in indices]
+        # The student side of a (prompt, prompt, target) pair is a causal-LM example with its loss
+        # mask on the target tokens.
+        batch = pack_pairs(prompts, prompts, [examples.targets[i] for i in indices], tokenizer.eos_id,
+                           tokenizer.pad_id, t.seq_length).student
+        micro = [batch.map(lambda x, i=i: x[i:i + t.micro_batch_size]) for i in range(0, samples_per_rank, t.micro_batch_size)]
+        model_ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = step.run(micro)
+        updated, grad_norm, _ = optimizer.step() if math.isfinite(loss) else (False, None, None)
+        if updated:
+            scheduler.step(increment=1)
+        losses.append(loss)
+        if iteration % t.log_interval == 0:
+            logger.log(iteration, {
+                "loss": loss, "skipped": not updated,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "time_step_s": time.perf_counter() - t0,
+            })
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4g}")
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    logger.close()
+    save_model_checkpoint(
+        model, info, t.save, tokenizer_dir=t.tokenizer or source.tokenizer_dir,
+        extra_metadata={"source": "megatron_renio.sft", "iterations": t.train_iters,
+                        "final_loss": losses[-1], "data_path": list(t.data_path)},
+    )
+    _log0(f"saved the fine-tuned model to {t.save}")
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_renio import distributed
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        run(parse_sft_args(argv))
+    except UserInputError as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        if debug:
+            raise
+        return 2
+    finally:
+        distributed.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

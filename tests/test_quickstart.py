@@ -1,0 +1,68 @@
+"""The quickstart (`megatron-renio quickstart --quick`) end to end, through the real console entry.
+
+One run (module fixture) of the smoke-test sizes; the checks read its output folder.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_renio.quickstart import METHODS, format_table
+from tests.torchrun_harness import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_renio.cli", "quickstart", "--quick", "--out", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    return out, proc.stdout, json.loads((out / "summary.json").read_text())
+
+
+def test_outputs_exist_and_are_well_formed(quick):
+    out, stdout, summary = quick
+    assert summary["settings"]["quick"] is True
+    for name in ("accuracy.png", "weights.png", "weight_vs_correctness.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert summary["plots"] == ["accuracy.png", "weights.png", "weight_vs_correctness.png"]
+    for role in ("teacher", "student"):
+        assert 0.0 <= summary[role]["accuracy"] <= 1.0 and summary[role]["mean_length"] > 0
+        assert (out / "models" / role / "renio_model.json").is_file()
+    assert format_table(summary) in stdout  # the printed table is the summary's
+
+
+def test_teacher_beats_the_initial_student(quick):
+    _, _, summary = quick
+    assert summary["teacher"]["accuracy"] > summary["student"]["accuracy"]
+
+
+def test_every_method_completes(quick):
+    out, _, summary = quick
+    plan = summary["settings"]["plan"]
+    assert list(summary["methods"]) == [m.name for m in METHODS]
+    for name, result in summary["methods"].items():
+        steps = [point["step"] for point in result["curve"]]
+        assert steps[0] == 0 and steps[-1] == plan["distill_iters"], (name, steps)
+        assert result["curve"][0]["accuracy"] == summary["student"]["accuracy"]
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in result["curve"])
+        assert len(result["train_accuracy"]) == plan["distill_iters"] and result["time_s"] > 0
+        metrics = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == plan["distill_iters"]
+        samples = (out / "runs" / name / "samples_rank0.jsonl").read_text().splitlines()
+        assert {"completion", "correct", "weight", "raw_weight", "num_tokens"} <= set(json.loads(samples[0]))
+
+
+def test_incorrect_completions_get_higher_renio_weights(quick):
+    _, _, summary = quick
+    for m in METHODS:
+        w = summary["methods"][m.name]["weights"]
+        assert w["n_correct"] > 0 and w["n_incorrect"] > 0, (m.name, w)
+        if m.renio:
+            assert w["mean_weight_incorrect"] > w["mean_weight_correct"], (m.name, w)
