@@ -7,6 +7,7 @@ formulas of tests/reference_renio.py, then autograd. Each layout loads the same 
 dist checkpoint, and the gradients are reloaded at TP=1 and compared with the reference.
 """
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -160,6 +161,9 @@ def main(out_dir):
                 teacher_unchanged=teacher_unchanged, only_student=only_student,
             )
     save_rank_result(out_dir, results)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     distributed.destroy()
 
 
