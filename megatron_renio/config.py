@@ -51,6 +51,9 @@ class TrainConfig:
     load: str | None = None
     save_interval: int = 0
     exit_interval: int = 0
+    exit_duration_in_mins: float = 0.0
+    # per-device peak FLOP/s for the MFU log (TFLOP/s); 0 = known GPUs by name, none on the CPU
+    peak_tflops: float = 0.0
     keep_last: int = 2
     log_interval: int = 1
     tensorboard_dir: str | None = None
@@ -230,6 +233,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.rollout_temperature > 0, "--rollout-temperature", "> 0", c.rollout_temperature)
     _check(0 < c.rollout_top_p <= 1, "--rollout-top-p", "in (0, 1]", c.rollout_top_p)
     _check(c.task in ("math", "coding"), "--task", "one of math, coding", c.task)
+    _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
+    _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
     _check(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "> 0", c.distributed_timeout_minutes)
     _check(c.max_new_tokens < c.seq_length, "--max-new-tokens", f"smaller than --seq-length ({c.seq_length})", c.max_new_tokens)
     if c.mode == "opd" and c.teacher != "separate":

@@ -23,6 +23,7 @@ import torch
 
 from megatron_renio.config import TrainConfig, parse_train_args
 from megatron_renio.errors import UserInputError
+from megatron_renio.training.exit_conditions import ExitConditions
 
 
 def _log0(message: str) -> None:
@@ -188,6 +189,9 @@ def run(cfg: TrainConfig) -> dict:
         progress = tqdm(total=cfg.train_iters, initial=iteration, desc="train", dynamic_ncols=True, file=sys.stderr)
     eos = tokenizer.eos_id
     metrics: dict = {}
+    flops_per_token = 6 * student_info.preset.num_parameters() + 2 * teacher_info.preset.num_parameters()
+    peak_flops = C.peak_flops(cfg)
+    exits = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins).install()
     try:
         while iteration < cfg.train_iters:
             t0 = time.perf_counter()
@@ -240,7 +244,8 @@ def run(cfg: TrainConfig) -> dict:
             lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)
             hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] != eos) for c in rollout.completions))
             step_time = time.perf_counter() - t0
-            trained_tokens = float(batch.student.loss_mask.sum() + (batch.student.tokens != tokenizer.pad_id).sum())
+            # every sequence position of both models is computed (padding included)
+            tokens_computed = float(batch.student.tokens.numel())
             metrics = {
                 "loss": result.loss,
                 "skipped": not ok,
@@ -251,7 +256,7 @@ def run(cfg: TrainConfig) -> dict:
                 "completion_length_max": float(lengths.max()),
                 "completion_hit_limit_fraction": hit_limit / max(len(lengths), 1),
                 "rollout_tokens_per_s": rollout.num_generated_tokens / max(t_rollout, 1e-9),
-                "train_tokens_per_s": trained_tokens / max(t_fwd_bwd, 1e-9),
+                "train_tokens_per_s": tokens_computed / max(t_fwd_bwd, 1e-9),
                 "time_rollout_s": t_rollout,
                 "time_forward_backward_s": t_fwd_bwd,
                 "time_optimizer_s": t_opt,
@@ -259,6 +264,9 @@ def run(cfg: TrainConfig) -> dict:
                 "skipped_prompts_too_long": prompts.skipped_too_long,
                 **{k: v for k, v in result.stats.items() if k != "loss"},
             }
+            if peak_flops:  # this rank's share of the model FLOPs over its peak
+                world_flops = flops_per_token * tokens_computed * ctx.dp_size
+                metrics["mfu"] = world_flops / max(t_fwd_bwd, 1e-9) / (peak_flops * ctx.world_size)
             if torch.cuda.is_available():
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if iteration % cfg.log_interval == 0:
@@ -267,9 +275,9 @@ def run(cfg: TrainConfig) -> dict:
                 progress.set_postfix(loss=f"{result.loss:.4g}", len=f"{metrics['completion_length_mean']:.0f}")
                 progress.update(1)
 
-            exiting = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
+            exit_reason = exits.should_exit(iteration, ctx.device)
             due = cfg.save_interval and (iteration % cfg.save_interval == 0 or iteration == cfg.train_iters)
-            if cfg.save and (due or exiting):
+            if cfg.save and (due or exit_reason):
                 save_training_checkpoint(
                     cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
                     teacher=teacher if cfg.teacher == "ema" else None,
@@ -278,10 +286,11 @@ def run(cfg: TrainConfig) -> dict:
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
                                  "normalizer": normalizer.state_dict(), "scheduler": scheduler.state_dict()},
                 )
-            if exiting:
-                _log0(f"exiting at iteration {iteration} (--exit-interval {cfg.exit_interval})")
+            if exit_reason:
+                _log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))
                 break
     finally:
+        exits.uninstall()
         if progress is not None:
             progress.close()
         logger.close()

@@ -198,3 +198,42 @@ def test_bad_flags_and_paths(workdir, overrides, expected):
     proc = train(base_args(workdir, **overrides), check=False)
     assert proc.returncode == 2
     assert expected in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
+    """SLURM-style preemption: SIGTERM reaches one rank only; every rank agrees, saves, exits 0."""
+    import signal
+    import time
+
+    import psutil
+
+    save = workdir / "sigterm"
+    path = workdir / "sigterm.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "megatron_renio.train"]
+    args = base_args(workdir, **{"--train-iters": 1000, "--save": save, "--metrics-file": path})
+    proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 1):
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megatron_renio.train" in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "exiting after iteration" in out and "SIGTERM received" in out
+    steps = len(metrics(path))
+    assert 1 <= steps < 1000
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == str(steps)
+
+
+def test_exit_duration_in_mins(workdir):
+    save = workdir / "duration"
+    proc = train(base_args(workdir, **{"--train-iters": 1000, "--save": save, "--exit-duration-in-mins": 0.0001}))
+    assert "exiting after iteration 1: --exit-duration-in-mins" in proc.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"

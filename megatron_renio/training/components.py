@@ -189,3 +189,18 @@ def model_info_summary(info: ModelInfo) -> str:
     p = info.preset
     return (f"{p.architecture} layers={p.num_layers} hidden={p.hidden_size} heads={p.num_attention_heads}/"
             f"{p.num_query_groups} vocab={p.vocab_size} (padded {info.padded_vocab_size})")
+
+
+# Dense bf16 peak FLOP/s of GPUs by name (datasheet figures, without sparsity).
+_PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_flops(cfg: TrainConfig) -> float | None:
+    """Peak FLOP/s of one device for the MFU log: ``--peak-tflops``, or the bf16 datasheet figure of
+    a known GPU when training in bf16; None when unknown (MFU is then not logged)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if not (cfg.bf16 and torch.cuda.is_available()):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in _PEAK_TFLOPS_BF16.items() if key in name), None)
