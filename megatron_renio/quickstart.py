@@ -28,7 +28,7 @@ accuracy vs step per method), ``weights.png`` (distribution of ReNIO weights),
 ``weight_vs_correctness.png`` (ReNIO weight of correct vs incorrect sampled completions), the
 data, the models, every run's metrics / samples / checkpoints and one log per launch under
 ``logs/``. A table is printed at the end. ``--out`` must be empty, absent, or the output of an
-earlier quickstart (which is then replaced). Sizes: :data:`FULL` (about 10 minutes on 2 cores)
+earlier quickstart (which is then replaced). Sizes: :data:`FULL` (under 15 minutes on 2 cores)
 and :data:`QUICK` (``--quick``, under 3 minutes, a smoke test whose numbers mean little).
 Everything is seeded: on the same machine the same seed gives the same numbers.
 """
