@@ -24,6 +24,7 @@ import torch
 from megatron_renio.config import TrainConfig, parse_train_args
 from megatron_renio.errors import UserInputError
 from megatron_renio.training.exit_conditions import ExitConditions
+from megatron_renio.training.faults import maybe_die
 
 
 def _log0(message: str) -> None:
@@ -204,6 +205,7 @@ def run(cfg: TrainConfig) -> dict:
                                seed=cfg.seed * 1_000_003 + iteration, max_sequence_length=cfg.seq_length,
                                rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size))
             t_rollout = time.perf_counter() - t0
+            maybe_die("rollout", iteration + 1)
 
             batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length)
             micro = [batch.rows(i, i + cfg.micro_batch_size) for i in range(0, samples_per_rank, cfg.micro_batch_size)]
@@ -212,6 +214,7 @@ def run(cfg: TrainConfig) -> dict:
             optimizer.zero_grad()
             result = step_runner.run(micro, inject_nonfinite=cfg.debug_inject_nonfinite == iteration + 1)
             t_fwd_bwd = time.perf_counter() - t1
+            maybe_die("backward", iteration + 1)
 
             t2 = time.perf_counter()
             grad_norm = None

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from megatron_renio.errors import UserInputError
+from megatron_renio.training.faults import maybe_die
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -110,6 +111,7 @@ def save_training_checkpoint(
             (tmp / name).mkdir()
         _barrier()
         dist_checkpointing.save(state, str(tmp / name))
+    maybe_die("checkpoint", iteration)  # model and optimizer written, not yet published
     if rank == 0:
         (tmp / "rng").mkdir()
         torch.save(train_state, tmp / "train_state.pt")

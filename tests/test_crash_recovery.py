@@ -1,0 +1,66 @@
+"""Kill -9 and resume: every later step equals an uninterrupted run, bitwise on CPU.
+
+All ranks of a 2-process run die with SIGKILL at a chosen point (``MEGATRON_RENIO_FAULT``); a fresh
+launch with ``--load`` resumes from the latest *complete* checkpoint. A checkpoint interrupted while
+being written is never the one loaded. The rollout and backward cases are marked slow (the
+checkpoint case, which covers the most, runs in CI).
+"""
+
+import pytest
+
+from tests.test_train import _env, base_args, metrics, train, workdir  # noqa: F401  (fixture)
+
+
+def _kill_then_resume(workdir, phase, iteration, tag):
+    common = {"--train-iters": 4, "--teacher": "ema", "--ema-decay": 0.9, "--renio-scope": "global",
+              "--rollout-temperature": 1.3}
+    straight = workdir / "kill_straight.jsonl"  # one uninterrupted reference run for every case
+    if not straight.exists():
+        train(base_args(workdir, **common, **{"--metrics-file": straight}), nproc=2)
+    save, log = workdir / f"{tag}_run", workdir / f"{tag}_resumed.jsonl"
+    args = base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--metrics-file": log})
+    env = dict(_env(), MEGATRON_RENIO_FAULT=f"{phase}:{iteration}")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.torchrun_harness import REPO_ROOT, free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
+    # Own session, output to a file: a SIGKILLed rank can orphan the helper process that
+    # dist_checkpointing's writer spawned (a multiprocessing manager); it is reaped with the group.
+    with open(workdir / f"{tag}_killed.log", "w") as out:
+        killed = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            killed.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(killed.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert killed.returncode != 0  # the run really died
+    complete = iteration - 1
+    marker = save / "latest_checkpointed_iteration.txt"
+    assert marker.read_text() == str(complete)
+    assert not (save / f"iter_{iteration:07d}").exists()
+    train(args + ["--load", save], nproc=2)
+    a = {m["step"]: m for m in metrics(straight)}
+    b = metrics(log)
+    # the resumed run logs steps complete+1..4 (the killed run may have logged a step it did not save)
+    assert [m["step"] for m in b][-(4 - complete):] == list(range(complete + 1, 5))
+    for m in b:
+        x = a[m["step"]]
+        assert (m["loss"], m["grad_norm"], m["completion_length_mean"]) == (x["loss"], x["grad_norm"], x["completion_length_mean"])
+    assert os.path.exists(save / "iter_0000004")
+
+
+def test_killed_while_writing_a_checkpoint(workdir):
+    _kill_then_resume(workdir, "checkpoint", 3, "kill_ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["rollout", "backward"])
+def test_killed_during_a_step(workdir, phase):
+    _kill_then_resume(workdir, phase, 3, f"kill_{phase}")
