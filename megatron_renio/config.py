@@ -50,6 +50,7 @@ class TrainConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int = 0
+    override_save: bool = False
     exit_interval: int = 0
     exit_duration_in_mins: float = 0.0
     # per-device peak FLOP/s for the MFU log (TFLOP/s); 0 = known GPUs by name, none on the CPU

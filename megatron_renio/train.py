@@ -154,6 +154,7 @@ def run(cfg: TrainConfig) -> dict:
     student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load/--model")
     teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
                       if cfg.teacher == "separate" else None)
+    C.check_save_target(cfg, student_source.preset)
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)
     if prompts.skipped_too_long:

@@ -64,3 +64,34 @@ def test_killed_while_writing_a_checkpoint(workdir):
 @pytest.mark.parametrize("phase", ["rollout", "backward"])
 def test_killed_during_a_step(workdir, phase):
     _kill_then_resume(workdir, phase, 3, f"kill_{phase}")
+
+
+def test_a_dead_rank_ends_the_job_with_the_rank_named(workdir):
+    """Rank 1 dies mid-step: the job ends within a bounded time (no hang), and the launcher's report
+    names the failed rank."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.torchrun_harness import REPO_ROOT, free_port
+
+    args = base_args(workdir, **{"--train-iters": 4, "--distributed-timeout-minutes": 1})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
+    env = dict(_env(), MEGATRON_RENIO_FAULT="backward:2:1")
+    started = time.time()
+    with open(workdir / "dead_rank.log", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    log = (workdir / "dead_rank.log").read_text()
+    assert proc.returncode != 0 and time.time() - started < 240
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", log) and "SIGKILL" in log

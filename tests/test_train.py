@@ -237,3 +237,58 @@ def test_exit_duration_in_mins(workdir):
     proc = train(base_args(workdir, **{"--train-iters": 1000, "--save": save, "--exit-duration-in-mins": 0.0001}))
     assert "exiting after iteration 1: --exit-duration-in-mins" in proc.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def _last_error(proc):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_checkpoint_with_a_missing_shard(workdir):
+    import shutil
+
+    broken = workdir / "broken_ckpt"
+    shutil.copytree(workdir / "ckpt" / "student", broken)
+    next((broken / "model").glob("*.distcp")).unlink()
+    line = _last_error(train(base_args(workdir, **{"--student-load": broken}), check=False))
+    assert line.startswith("error:") and str(broken) in line
+
+
+def test_teacher_with_another_tokenizer_is_refused(workdir):
+    import shutil
+
+    from megatron_renio.data.arithmetic_task import build_char_tokenizer
+
+    other = workdir / "other_teacher"
+    shutil.copytree(workdir / "ckpt" / "teacher", other)
+    shutil.rmtree(other / "tokenizer")
+    build_char_tokenizer(workdir / "tok_other")
+    vocab = (workdir / "tok_other" / "tokenizer.json").read_text().replace('"0"', '"zero"', 1)
+    (other / "tokenizer").mkdir()
+    for f in (workdir / "tok_other").iterdir():
+        (other / "tokenizer" / f.name).write_text(vocab if f.name == "tokenizer.json" else f.read_text())
+    line = _last_error(train(base_args(workdir, **{"--mode": "opd", "--teacher": "separate", "--teacher-load": other}), check=False))
+    assert "teacher tokenizer" in line and "differs from the student's" in line
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"--global-batch-size": 3, "--micro-batch-size": 2}, "--global-batch-size 3 is not divisible by --micro-batch-size 2"),
+        ({"--tensor-model-parallel-size": 2}, "world size 1 is not divisible by --tensor-model-parallel-size 2"),
+    ],
+)
+def test_layout_errors(workdir, overrides, expected):
+    assert expected in _last_error(train(base_args(workdir, **overrides), check=False))
+
+
+def test_save_folder_of_another_model_is_refused(workdir):
+    save = workdir / "other_model_run"
+    train(base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1}))
+    wider = base_args(workdir, **{"--student-load": workdir / "ckpt" / "teacher", "--train-iters": 1, "--save": save,
+                                  "--save-interval": 1})
+    assert "holds checkpoints of another model" in _last_error(train(wider, check=False))
+    same = base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1})
+    assert "resume with --load" in _last_error(train(same, check=False))
+    train(wider + ["--override-save"])

@@ -204,3 +204,28 @@ def peak_flops(cfg: TrainConfig) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((tf * 1e12 for key, tf in _PEAK_TFLOPS_BF16.items() if key in name), None)
+
+
+def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
+    """``--save`` must not silently mix runs: a folder that already holds checkpoints of another
+    model is refused unless ``--override-save``; one of the same model needs ``--load`` (resume) or
+    ``--override-save`` (start over, older iterations are pruned as new ones are saved)."""
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+    from megatron_renio.training.checkpointing import iteration_dir, latest_iteration
+
+    if not cfg.save or cfg.override_save:
+        return
+    iteration = latest_iteration(cfg.save)
+    if iteration is None:
+        return
+    saved = read_checkpoint_metadata(iteration_dir(cfg.save, iteration)).preset
+    if saved != student:
+        raise UserInputError(
+            f"--save {cfg.save} holds checkpoints of another model ({saved.architecture}, "
+            f"{saved.num_layers} layers, hidden {saved.hidden_size}); choose another --save or pass --override-save"
+        )
+    if cfg.load is None or Path(cfg.load).resolve() != Path(cfg.save).resolve():
+        raise UserInputError(
+            f"--save {cfg.save} already holds iteration {iteration} of this model: resume with --load {cfg.save}, "
+            "or pass --override-save to start over"
+        )
