@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import random
 import sys
 import time
@@ -41,6 +40,7 @@ from functools import partial
 import torch
 
 from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, validate
+from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 
 # The trainer's flags that supervised fine-tuning takes (same meaning, type and range checks).
@@ -265,20 +265,8 @@ def run(cfg: SFTConfig) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_renio import distributed
-
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        run(parse_sft_args(argv))
-    except UserInputError as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        if debug:
-            raise
-        return 2
-    finally:
-        distributed.destroy()
-    return 0
+    """Entry point of ``megatron-renio sft``; returns the exit status (0, or 2 on bad input)."""
+    return run_command(parse_sft_args, run, argv)
 
 
 if __name__ == "__main__":

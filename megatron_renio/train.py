@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_renio.config import TrainConfig, parse_train_args
+from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 from megatron_renio.training.exit_conditions import ExitConditions
 from megatron_renio.training.faults import maybe_die
@@ -302,22 +302,8 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        cfg = parse_train_args(argv)
-        run(cfg)
-    except UserInputError as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        if debug:
-            raise
-        return 2
-    finally:
-        if torch.distributed.is_initialized():
-            from megatron_renio import distributed
-
-            distributed.destroy()
-    return 0
+    """Entry point of ``megatron-renio train``; returns the exit status (0, or 2 on bad input)."""
+    return run_command(parse_train_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -55,12 +55,12 @@ import json
 import os
 import sys
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from megatron_renio.config import _OneLineErrorParser
+from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 
 BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -110,33 +110,6 @@ def gather_to_rank0(items: list) -> list | None:
     return [item for part in parts for item in part] if parts is not None else None
 
 
-def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
-    """A model command's ``main``: ``run(parse(argv))``, then tear the process groups down.
-
-    Bad input prints ``error: <one line>`` on stderr (ranks other than 0 name themselves) and gives
-    exit status 2; with ``--debug`` the exception propagates with its traceback. Without
-    ``--debug``, warnings raised inside Megatron-Core and torch.distributed.checkpoint (deprecation
-    notices of checkpoint loading) are not shown.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" not in argv:
-        warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
-    try:
-        run(parse(argv))
-    except UserInputError as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        if "--debug" in argv:
-            raise
-        return 2
-    finally:
-        import torch
-
-        if torch.distributed.is_initialized():
-            from megatron_renio import distributed
-
-            distributed.destroy()
-    return 0
 
 
 def log0(message: str) -> None:

@@ -1,0 +1,39 @@
+"""The ``main`` of every command: bad input becomes one line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Callable
+
+from megatron_renio.errors import UserInputError
+
+
+def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
+    """A model command's ``main``: ``run(parse(argv))``, then tear the process groups down.
+
+    Bad input prints ``error: <one line>`` on stderr (ranks other than 0 name themselves) and gives
+    exit status 2; with ``--debug`` the exception propagates with its traceback. Without
+    ``--debug``, warnings raised inside Megatron-Core and torch.distributed.checkpoint (deprecation
+    notices of checkpoint loading) are not shown.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in argv:
+        warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
+    try:
+        run(parse(argv))
+    except UserInputError as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        if "--debug" in argv:
+            raise
+        return 2
+    finally:
+        import torch
+
+        if torch.distributed.is_initialized():
+            from megatron_renio import distributed
+
+            distributed.destroy()
+    return 0
