@@ -6,9 +6,35 @@ being written is never the one loaded. The rollout and backward cases are marked
 checkpoint case, which covers the most, runs in CI).
 """
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
+from tests.torchrun_harness import REPO_ROOT, free_port
 from tests.test_train import _env, base_args, metrics, train, workdir  # noqa: F401  (fixture)
+
+
+def _run_to_death(cmd, env, log_path, timeout):
+    """Run a launch that is expected to fail; returns its exit status.
+
+    Own session, output to a file: a SIGKILLed rank can orphan the helper process that
+    dist_checkpointing's writer spawned (a multiprocessing manager), which would hold a captured
+    pipe open; it is reaped with the process group.
+    """
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _kill_then_resume(workdir, phase, iteration, tag):
@@ -20,27 +46,9 @@ def _kill_then_resume(workdir, phase, iteration, tag):
     save, log = workdir / f"{tag}_run", workdir / f"{tag}_resumed.jsonl"
     args = base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--metrics-file": log})
     env = dict(_env(), MEGATRON_RENIO_FAULT=f"{phase}:{iteration}")
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.torchrun_harness import REPO_ROOT, free_port
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
-    # Own session, output to a file: a SIGKILLed rank can orphan the helper process that
-    # dist_checkpointing's writer spawned (a multiprocessing manager); it is reaped with the group.
-    with open(workdir / f"{tag}_killed.log", "w") as out:
-        killed = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            killed.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(killed.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert killed.returncode != 0  # the run really died
+    assert _run_to_death(cmd, env, workdir / f"{tag}_killed.log", 600) != 0  # the run really died
     complete = iteration - 1
     marker = save / "latest_checkpointed_iteration.txt"
     assert marker.read_text() == str(complete)
@@ -69,29 +77,12 @@ def test_killed_during_a_step(workdir, phase):
 def test_a_dead_rank_ends_the_job_with_the_rank_named(workdir):
     """Rank 1 dies mid-step: the job ends within a bounded time (no hang), and the launcher's report
     names the failed rank."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.torchrun_harness import REPO_ROOT, free_port
-
     args = base_args(workdir, **{"--train-iters": 4, "--distributed-timeout-minutes": 1})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
     env = dict(_env(), MEGATRON_RENIO_FAULT="backward:2:1")
     started = time.time()
-    with open(workdir / "dead_rank.log", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=240)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    returncode = _run_to_death(cmd, env, workdir / "dead_rank.log", 240)
     log = (workdir / "dead_rank.log").read_text()
-    assert proc.returncode != 0 and time.time() - started < 240
+    assert returncode != 0 and time.time() - started < 240
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", log) and "SIGKILL" in log
