@@ -22,7 +22,8 @@ out, tok = sys.argv[1], sys.argv[2]
 distributed.initialize(ParallelConfig(), seed=5)
 student = get_preset("tiny-qwen3").replace(vocab_size=200)
 teacher = get_preset("tiny-qwen3-untied").replace(vocab_size=200, hidden_size=96, ffn_hidden_size=192, head_dim=24)
-for name, preset in (("student", student), ("teacher", teacher)):
+odd = get_preset("tiny-qwen3").replace(vocab_size=200, num_attention_heads=3, num_query_groups=3)
+for name, preset in (("student", student), ("teacher", teacher), ("odd_heads", odd)):
     model, info = build_gpt_model(preset, ParallelConfig())
     save_model_checkpoint(model, info, f"{out}/{name}", tokenizer_dir=tok)
 distributed.destroy()
@@ -292,3 +293,10 @@ def test_save_folder_of_another_model_is_refused(workdir):
     same = base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1})
     assert "resume with --load" in _last_error(train(same, check=False))
     train(wider + ["--override-save"])
+
+
+def test_tp_that_does_not_divide_the_heads(workdir):
+    proc = train(base_args(workdir, **{"--student-load": workdir / "ckpt" / "odd_heads", "--tensor-model-parallel-size": 2}),
+                 nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "error: --tensor-model-parallel-size 2 does not divide the model's attention heads (3)" in proc.stderr
