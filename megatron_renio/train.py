@@ -86,11 +86,6 @@ def _ema_update(teacher, student, decay: float) -> None:
             t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1.0 - decay)
 
 
-def _stat(records: list[dict], key: str, reduce) -> float | None:
-    values = [r[key] for r in records if key in r]
-    return float(reduce(values)) if values else None
-
-
 def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], completions: list[list[int]],
                   per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
     """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
