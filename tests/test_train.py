@@ -300,3 +300,19 @@ def test_tp_that_does_not_divide_the_heads(workdir):
                  nproc=2, check=False)
     assert proc.returncode != 0
     assert "error: --tensor-model-parallel-size 2 does not divide the model's attention heads (3)" in proc.stderr
+
+
+def test_rendezvous_launch_form(workdir):
+    """torchrun's c10d rendezvous form (as used across nodes) runs the same as the static form."""
+    opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": "global"}
+    static = workdir / "opd_dp2.jsonl"  # written by test_opd_step_is_the_same_under_tp2_pp2_dp2 when it ran first
+    if not static.exists():
+        train(base_args(workdir, **opd, **{"--metrics-file": static}), nproc=2)
+    path = workdir / "rdzv.jsonl"
+    opd["--metrics-file"] = path
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=renio-test", "-m", "megatron_renio.train"]
+    proc = subprocess.run(cmd + [str(a) for a in base_args(workdir, **opd)], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["loss"] for m in metrics(path)] == [m["loss"] for m in metrics(static)]
