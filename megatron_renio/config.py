@@ -248,6 +248,12 @@ def validate(c: TrainConfig) -> None:
         raise UserInputError("--data-path is required (one or more JSONL or parquet files)")
     if c.sequence_parallel and c.tensor_model_parallel_size == 1:
         raise UserInputError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if c.global_batch_size % c.samples_per_prompt:
+        raise UserInputError(
+            f"--global-batch-size {c.global_batch_size} is not divisible by --samples-per-prompt {c.samples_per_prompt}"
+        )
+    if c.save_samples_interval and not c.save:
+        raise UserInputError("--save-samples-interval needs --save (the samples go to <save>/samples_rank<dp>.jsonl)")
     if c.global_batch_size % c.micro_batch_size:
         raise UserInputError(
             f"--global-batch-size {c.global_batch_size} is not divisible by --micro-batch-size {c.micro_batch_size}"

@@ -97,6 +97,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def log0(message: str) -> None:
+    """Print on global rank 0 only (the RANK of the launcher before process groups exist)."""
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+    else:
+        rank = _env_int("RANK", 0)
+    if rank == 0:
+        print(message, flush=True)
+
+
 def _check_ranks_agree(config_fingerprint: str) -> None:
     """All ranks must run with the same configuration: compare fingerprints, name the first odd rank."""
     fingerprints: list[str] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]

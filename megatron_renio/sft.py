@@ -197,7 +197,8 @@ def run(cfg: SFTConfig) -> list[float]:
     from megatron_renio.data.batching import pack_pairs
     from megatron_renio.data.prompts import PromptSampler
     from megatron_renio.models.checkpoint import save_model_checkpoint
-    from megatron_renio.train import MetricsLogger, _log0
+    from megatron_renio.distributed import log0
+    from megatron_renio.train import MetricsLogger
     from megatron_renio.training import components as C
 
     t = cfg.train
@@ -212,14 +213,14 @@ def run(cfg: SFTConfig) -> list[float]:
     tokenizer = C.load_run_tokenizer(t, source, None)
     examples = load_sft_examples(cfg, tokenizer)
     if examples.skipped_too_long:
-        _log0(f"skipped {examples.skipped_too_long} examples longer than --seq-length {t.seq_length}")
+        log0(f"skipped {examples.skipped_too_long} examples longer than --seq-length {t.seq_length}")
     model, info = C.build_model(source, t)
     model_ddp = C.wrap_ddp(model, t.use_distributed_optimizer)
     optimizer, scheduler = C.build_optimizer(model_ddp, t)
     step = SFTStep(model_ddp, info.preset.vocab_size)
     sampler = PromptSampler(len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed)
     logger = MetricsLogger(dataclasses.replace(t, save=None))  # --save is the model checkpoint folder
-    _log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
+    log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
     progress = None
     if ctx.rank == 0:
         from tqdm import tqdm
@@ -260,7 +261,7 @@ def run(cfg: SFTConfig) -> list[float]:
         extra_metadata={"source": "megatron_renio.sft", "iterations": t.train_iters,
                         "final_loss": losses[-1], "data_path": list(t.data_path)},
     )
-    _log0(f"saved the fine-tuned model to {t.save}")
+    log0(f"saved the fine-tuned model to {t.save}")
     return losses
 
 

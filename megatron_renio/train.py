@@ -21,15 +21,11 @@ from pathlib import Path
 import torch
 
 from megatron_renio.config import TrainConfig, parse_train_args
+from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 from megatron_renio.training.exit_conditions import ExitConditions
 from megatron_renio.training.faults import maybe_die
-
-
-def _log0(message: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(message, flush=True)
 
 
 class MetricsLogger:
@@ -129,8 +125,6 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_renio.training.paired import PairedModel
     from megatron_renio.training.step import DistillationStep
 
-    if cfg.save_samples_interval and not cfg.save:
-        raise UserInputError("--save-samples-interval needs --save (the samples go to <save>/samples_rank<dp>.jsonl)")
     settings = C.loss_settings(cfg)
     sampling = SamplingConfig(temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
                               top_k=cfg.rollout_top_k, max_new_tokens=cfg.max_new_tokens)
@@ -143,8 +137,6 @@ def run(cfg: TrainConfig) -> dict:
             f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
             f"{cfg.micro_batch_size} x data-parallel size {ctx.dp_size}"
         )
-    if cfg.global_batch_size % cfg.samples_per_prompt:
-        raise UserInputError(f"--global-batch-size {cfg.global_batch_size} is not divisible by --samples-per-prompt {cfg.samples_per_prompt}")
 
     student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load/--model")
     teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
@@ -153,7 +145,7 @@ def run(cfg: TrainConfig) -> dict:
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)
     if prompts.skipped_too_long:
-        _log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
+        log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
 
     student, student_info = C.build_model(student_source, cfg)
     teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student)
@@ -164,7 +156,7 @@ def run(cfg: TrainConfig) -> dict:
     step_runner = DistillationStep(paired, [student_ddp], settings, normalizer, student_info.preset.vocab_size)
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
     sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed)
-    _log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
+    log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0
     if cfg.load:
@@ -176,7 +168,7 @@ def run(cfg: TrainConfig) -> dict:
             sampler.load_state_dict(state["sampler"])
             normalizer.load_state_dict(state["normalizer"])
             scheduler.load_state_dict(state["scheduler"])
-            _log0(f"resumed from {cfg.load} at iteration {iteration}")
+            log0(f"resumed from {cfg.load} at iteration {iteration}")
 
     logger = MetricsLogger(cfg)
     progress = None
@@ -226,8 +218,6 @@ def run(cfg: TrainConfig) -> dict:
             else:
                 skipped_total += 1
                 skipped_in_a_row += 1
-                student_ddp.zero_grad_buffer()
-                optimizer.zero_grad()
                 if skipped_in_a_row >= cfg.max_skipped_steps:
                     raise UserInputError(
                         f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
@@ -286,7 +276,7 @@ def run(cfg: TrainConfig) -> dict:
                                  "normalizer": normalizer.state_dict(), "scheduler": scheduler.state_dict()},
                 )
             if exit_reason:
-                _log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))
+                log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))
                 break
     finally:
         exits.uninstall()

@@ -45,6 +45,8 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--loss", "mse"], "--loss must be one of forward_kl, reverse_kl, jsd, sampled_rkl"),
         (["--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size 8 is not divisible by --micro-batch-size 3"),
         (["--mode", "opd"], "--mode opd needs --teacher separate"),
+        (["--global-batch-size", "8", "--samples-per-prompt", "3"], "--global-batch-size 8 is not divisible by --samples-per-prompt 3"),
+        (["--save-samples-interval", "5"], "--save-samples-interval needs --save"),
         (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be an integer >= 1"),
         (["--max-new-tokens", "300"], r"--max-new-tokens must be smaller than --seq-length \(256\)"),
         (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from megatron_renio.config import _OneLineErrorParser
+from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 
@@ -108,14 +109,6 @@ def gather_to_rank0(items: list) -> list | None:
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(items, parts, dst=0)
     return [item for part in parts for item in part] if parts is not None else None
-
-
-
-
-def log0(message: str) -> None:
-    """Print on global rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, flush=True)
 
 
 # -- the eval command --------------------------------------------------------------------------

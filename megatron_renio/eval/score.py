@@ -63,7 +63,8 @@ from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
-from megatron_renio.eval.runner import check_output_file, gather_to_rank0, jsonl_lines, log0, write_atomic
+from megatron_renio.distributed import log0
+from megatron_renio.eval.runner import check_output_file, gather_to_rank0, jsonl_lines, write_atomic
 
 TRAINING_FLAGS = (
     "student_load", "teacher_load", "tokenizer", "seq_length", "micro_batch_size",
