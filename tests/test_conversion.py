@@ -15,7 +15,6 @@ through the real command line (those errors come before any heavy import, so eac
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from checkpoints_conversion import safetensors_io
 from checkpoints_conversion.common import QKVLayout
 from megatron_renio.models.checkpoint import read_checkpoint_metadata
 from megatron_renio.models.presets import ModelPreset, load_hf_config
-from tests.torchrun_harness import REPO_ROOT, run_torchrun
+from tests.torchrun_harness import REPO_ROOT, run_torchrun, subprocess_env
 
 WORKERS = Path(__file__).parent / "workers"
 TOKENS_SHAPE = (2, 24)
@@ -51,13 +50,6 @@ MODELS = {  # name -> (transformers config class, config kwargs, dtype, max shar
     "qwen2_bf16": ("Qwen2Config", dict(vocab_size=200, tie_word_embeddings=False), torch.bfloat16, None),
 }
 LAYOUTS = ("tp1", "tp2", "pp2")
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 def _build_hf_model(config_class: str, kwargs: dict, seed: int):
@@ -143,7 +135,7 @@ def _with_lm_head(src: Path, dst: Path, offset: float) -> None:
 def _run_driver(root: Path, jobs: list) -> list:
     (root / "jobs.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, str(WORKERS / "conversion_driver.py"), str(root / "jobs.json"), str(root / "results.json")]
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-8000:]
     return json.loads((root / "results.json").read_text())
 
@@ -356,7 +348,7 @@ HF_BAD_INPUTS = {
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", f"checkpoints_conversion.{module}", *args]
-    return subprocess.run(cmd, env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, expected: str, save: Path) -> None:

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from tests.torchrun_harness import REPO_ROOT, free_port
-from tests.test_train import _env, base_args, metrics, train, workdir  # noqa: F401  (fixture)
+from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, subprocess_env
+from tests.test_train import base_args, train, workdir  # noqa: F401  (fixture)
 
 
 def _run_to_death(cmd, env, log_path, timeout):
@@ -45,7 +45,7 @@ def _kill_then_resume(workdir, phase, iteration, tag):
         train(base_args(workdir, **common, **{"--metrics-file": straight}), nproc=2)
     save, log = workdir / f"{tag}_run", workdir / f"{tag}_resumed.jsonl"
     args = base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--metrics-file": log})
-    env = dict(_env(), MEGATRON_RENIO_FAULT=f"{phase}:{iteration}")
+    env = dict(subprocess_env(), MEGATRON_RENIO_FAULT=f"{phase}:{iteration}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
     assert _run_to_death(cmd, env, workdir / f"{tag}_killed.log", 600) != 0  # the run really died
@@ -54,8 +54,8 @@ def _kill_then_resume(workdir, phase, iteration, tag):
     assert marker.read_text() == str(complete)
     assert not (save / f"iter_{iteration:07d}").exists()
     train(args + ["--load", save], nproc=2)
-    a = {m["step"]: m for m in metrics(straight)}
-    b = metrics(log)
+    a = {m["step"]: m for m in read_jsonl(straight)}
+    b = read_jsonl(log)
     # the resumed run logs steps complete+1..4 (the killed run may have logged a step it did not save)
     assert [m["step"] for m in b][-(4 - complete):] == list(range(complete + 1, 5))
     for m in b:
@@ -80,7 +80,7 @@ def test_a_dead_rank_ends_the_job_with_the_rank_named(workdir):
     args = base_args(workdir, **{"--train-iters": 4, "--distributed-timeout-minutes": 1})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
-    env = dict(_env(), MEGATRON_RENIO_FAULT="backward:2:1")
+    env = dict(subprocess_env(), MEGATRON_RENIO_FAULT="backward:2:1")
     started = time.time()
     returncode = _run_to_death(cmd, env, workdir / "dead_rank.log", 240)
     log = (workdir / "dead_rank.log").read_text()

@@ -14,7 +14,6 @@ before any process group or model is made.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ import torch
 
 from megatron_renio.eval import runner
 from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
-from tests.torchrun_harness import REPO_ROOT, run_torchrun
+from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
 from tests.workers.tiny_models import tiny_checkpoints
 
 WORKER = REPO_ROOT / "tests" / "workers" / "commands_worker.py"
@@ -34,11 +33,6 @@ GREEDY_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipel
                   "dp2": ["--batch-size", "4"]}
 SAMPLED = ["--temperature", "1.3", "--top-p", "0.95", "--seed", "7", "--samples-per-problem", "3"]
 SAMPLED_LAYOUTS = {"sampled_dp2": ["--batch-size", "5"], "sampled_tp2": ["--tensor-model-parallel-size", "2"]}
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")
 
 
 def _hf_greedy(hf_dir, prompts):
@@ -53,11 +47,6 @@ def _hf_greedy(hf_dir, prompts):
                                  do_sample=False, eos_token_id=2, pad_token_id=0)
         completions.append(out[0, len(ids):].tolist())
     return completions
-
-
-def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +78,7 @@ def setup(paths, tmp_path_factory):
     cli = subprocess.run(
         [sys.executable, "-m", "megatron_renio.eval.runner", *greedy, "--batch-size", "5",
          "--out", str(root / "tp1.jsonl"), "--summary", str(root / "tp1.json")],
-        env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert cli.returncode == 0, cli.stderr[-5000:]
     jobs = [("megatron_renio.eval.runner", greedy + flags + ["--out", str(root / f"{name}.jsonl")])
@@ -98,7 +87,7 @@ def setup(paths, tmp_path_factory):
              for name, flags in SAMPLED_LAYOUTS.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
     run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
-    runs = {name: _read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *GREEDY_LAYOUTS, *SAMPLED_LAYOUTS]}
+    runs = {name: read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *GREEDY_LAYOUTS, *SAMPLED_LAYOUTS]}
     return dict(root=root, prompts=prompts, reference=reference, answers=answers, runs=runs,
                 stdout=cli.stdout, summary=json.loads((root / "tp1.json").read_text()))
 
@@ -191,7 +180,7 @@ def test_command_line_error_has_no_traceback(paths, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_renio.cli", "eval", "--load", str(paths["student"]),
          "--benchmark", str(tmp_path / "missing.jsonl")],
-        env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: benchmark file")

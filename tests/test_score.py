@@ -15,7 +15,6 @@ Bad input goes through ``main`` in this process: it fails before any process gro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ import torch
 
 from megatron_renio.eval import score
 from tests import reference_renio as ref
-from tests.torchrun_harness import REPO_ROOT, run_torchrun
+from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
 from tests.workers.tiny_models import EXTRA_IDS, WORDS, tiny_checkpoints
 
 WORKER = REPO_ROOT / "tests" / "workers" / "commands_worker.py"
@@ -53,16 +52,6 @@ def _rows():
     ]
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")
-
-
-def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     return tiny_checkpoints(tmp_path_factory.getbasetemp() / "tiny_models")
@@ -76,7 +65,7 @@ def runs(paths, tmp_path_factory):
     base = ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"]), "--data", str(data),
             "--seq-length", str(SEQ_LENGTH), "--micro-batch-size", "2", "--per-token"]
     cli = subprocess.run([sys.executable, "-m", "megatron_renio.eval.score", *base, "--out", str(root / "tp1.jsonl")],
-                         env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+                         env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert cli.returncode == 0, cli.stderr[-5000:]
     jobs = [("megatron_renio.eval.score", base + flags + ["--out", str(root / f"{name}.jsonl")])
             for name, flags in LAYOUTS.items()]
@@ -84,7 +73,7 @@ def runs(paths, tmp_path_factory):
                                                                     "--out", str(root / "other.jsonl")]))
     (root / "jobs.json").write_text(json.dumps(jobs))
     run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
-    outputs = {name: _read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *LAYOUTS, "other"]}
+    outputs = {name: read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *LAYOUTS, "other"]}
     return dict(outputs=outputs, stdout=cli.stdout)
 
 
@@ -251,7 +240,7 @@ def test_command_line_error_has_no_traceback(paths, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_renio.cli", "score", "--student-load", str(paths["student"]),
          "--teacher-load", str(paths["teacher"]), "--data", str(tmp_path / "missing.jsonl")],
-        env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --data {tmp_path / 'missing.jsonl'}: no such file"]

@@ -1,15 +1,12 @@
 """The trainer through its real command line: layouts, resume, skipped steps, EMA teacher, bad input."""
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.torchrun_harness import REPO_ROOT, free_port
+from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, subprocess_env
 
 MAKE_MODELS = """
 import sys
@@ -30,12 +27,6 @@ distributed.destroy()
 """
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
 def train(args, nproc=1, check=True):
     """Run the trainer (torchrun when nproc > 1); returns the completed process."""
     if nproc == 1:
@@ -43,7 +34,7 @@ def train(args, nproc=1, check=True):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_renio.train"]
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -60,10 +51,6 @@ def plain_tensors(path):
         torch.distributed.destroy_process_group()
 
 
-def metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     from megatron_renio.data.arithmetic_task import Difficulty, build_char_tokenizer, make_splits, write_jsonl
@@ -73,7 +60,7 @@ def workdir(tmp_path_factory):
     write_jsonl(root / "train.jsonl", train_split)
     build_char_tokenizer(root / "tok")
     proc = subprocess.run([sys.executable, "-c", MAKE_MODELS, str(root / "ckpt"), str(root / "tok")],
-                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 
@@ -105,7 +92,7 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     for name, (extra, nproc) in runs.items():
         path = workdir / f"opd_{name}.jsonl"
         train(base_args(workdir, **opd, **extra, **{"--metrics-file": path}), nproc=nproc)
-        losses[name] = [m["loss"] for m in metrics(path)]
+        losses[name] = [m["loss"] for m in read_jsonl(path)]
     assert len(losses["tp1"]) == 2 and all(l > 0 for l in losses["tp1"])
     for name in ("tp2", "pp2", "dp2"):
         assert losses[name] == pytest.approx(losses["tp1"], rel=1e-4), name
@@ -124,7 +111,7 @@ def test_resume_continues_bitwise(workdir):
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
     train(base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--load": save,
                                           "--metrics-file": resumed}), nproc=2)
-    a, b = metrics(straight), metrics(resumed)
+    a, b = read_jsonl(straight), read_jsonl(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert (x["loss"], x["grad_norm"], x["completion_length_mean"]) == (y["loss"], y["grad_norm"], y["completion_length_mean"])
@@ -136,7 +123,7 @@ def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     path = workdir / "nonfinite.jsonl"
     train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite": 2, "--save": save,
                                 "--save-interval": 1, "--keep-last": 3, "--metrics-file": path}))
-    m = metrics(path)
+    m = read_jsonl(path)
     assert [x["skipped"] for x in m] == [False, True, False]
     assert m[1]["skipped_total"] == 1 and m[1]["nonfinite"] > 0 and m[1]["grad_norm"] is None
     w1, w2, w3 = (plain_tensors(save / f"iter_{i:07d}" / "model") for i in (1, 2, 3))
@@ -213,7 +200,7 @@ def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "megatron_renio.train"]
     args = base_args(workdir, **{"--train-iters": 1000, "--save": save, "--metrics-file": path})
-    proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -228,7 +215,7 @@ def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert "exiting after iteration" in out and "SIGTERM received" in out
-    steps = len(metrics(path))
+    steps = len(read_jsonl(path))
     assert 1 <= steps < 1000
     assert (save / "latest_checkpointed_iteration.txt").read_text() == str(steps)
 
@@ -312,7 +299,7 @@ def test_rendezvous_launch_form(workdir):
     opd["--metrics-file"] = path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=renio-test", "-m", "megatron_renio.train"]
-    proc = subprocess.run(cmd + [str(a) for a in base_args(workdir, **opd)], cwd=REPO_ROOT, env=_env(),
+    proc = subprocess.run(cmd + [str(a) for a in base_args(workdir, **opd)], cwd=REPO_ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [m["loss"] for m in metrics(path)] == [m["loss"] for m in metrics(static)]
+    assert [m["loss"] for m in read_jsonl(path)] == [m["loss"] for m in read_jsonl(static)]

@@ -9,6 +9,7 @@ with the workers' output when the launch exits non-zero.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -26,14 +27,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str | Path, nproc: int, out_dir: str | Path, *args: str, timeout: float = 600):
-    """Run ``torchrun --nproc-per-node nproc script out_dir *args``; return each rank's result."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def subprocess_env() -> dict:
+    """The environment of a child process: this checkout importable, one OpenMP thread, no GPU."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def read_jsonl(path) -> list:
+    """Every JSON object of a JSONL file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_torchrun(script: str | Path, nproc: int, out_dir: str | Path, *args: str, timeout: float = 600):
+    """Run ``torchrun --nproc-per-node nproc script out_dir *args``; return each rank's result."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = subprocess_env()
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
