@@ -28,7 +28,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        # triton: the kernel tests run in its interpreter and compile for Hopper on the CPU.
+        "test": ["pytest>=7", "pytest-timeout", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # apex is built from source (https://github.com/NVIDIA/apex#installation); it is optional.
         "gpu": ["transformer-engine[pytorch]", "triton"],
     },

@@ -11,8 +11,11 @@ Side by side, on the same logits and in one run:
   GPU with triton, chunked otherwise); ``fused[chunked]`` too on a GPU with ``--chunked``.
 - ``floor`` (GPU): read both logits once and write one logits-sized tensor (``torch.add`` with
   ``out=``), the memory-bandwidth floor of any exact loss + gradient.
-- ``liger`` (GPU, JSD): Liger-Kernel's JSD on log-prob inputs plus the two log-softmaxes, when
-  ``liger_kernel`` imports (reported as skipped otherwise).
+- ``fused[P:W:B]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes (programs
+  per SM or 'row', warps, vocabulary block, ':lane' for a per-lane running max; see
+  ``TritonLaunch`` in fused.py), to choose the default.
+- ``liger`` (GPU, JSD): Liger-Kernel's JSD (``liger_kernel.ops.jsd``) on log-prob inputs plus the two
+  log-softmaxes, when liger-kernel imports (reported as skipped otherwise).
 
 Each path runs ``loss = D.mean(); loss.backward()`` on student logits [1, tokens, vocab] that
 require grad. Time: median over ``--iters`` after ``--warmup`` runs (CUDA events on a GPU,
@@ -30,7 +33,9 @@ as such and left out of the ratios.
 
 ``--tp 2`` under ``torchrun --nproc-per-node 2``: each rank holds half the vocabulary; rank 0 first
 measures the TP=1 run alone, then all ranks run TP=2 together; prints per-rank time and memory and
-their ratios to TP=1 (the issue's target: both halve within 20%).
+their ratios to TP=1 (the issue's target: both halve within 20%). ``--shard-proxy 2`` on a single
+device: the fused path on the full vocabulary and on one half of it (the kernel work of one rank
+at TP=2, without its three O(tokens) all-reduces and with the TP=1 kernels), for a machine with one GPU.
 
 The last line is machine-readable: ``speedup_vs_reference=<x> memory_vs_reference=<y>`` for the
 fused path, the worst over the measured divergence kinds (lowest speedup, highest memory ratio).
@@ -55,6 +60,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_renio.losses.divergence import DivergenceConfig, token_terms  # noqa: E402
+from megatron_renio.losses import fused  # noqa: E402
 from megatron_renio.losses.fused import fused_token_terms, triton_available  # noqa: E402
 from megatron_renio.renio.vocab_parallel import VocabShard  # noqa: E402
 
@@ -96,14 +102,38 @@ def fused_loss(impl):
     return loss
 
 
+def launch_loss(launch: fused.TritonLaunch):
+    """The fused Triton path with ``launch`` in place of the default launch shape."""
+
+    def loss(zs, zt, tokens, cfg, shard, group):
+        default, fused.TRITON_LAUNCH = fused.TRITON_LAUNCH, launch
+        try:
+            return fused_token_terms(zs, zt, tokens, cfg, shard, group, impl="triton").divergence.mean()
+        finally:
+            fused.TRITON_LAUNCH = default
+
+    return loss
+
+
+def parse_launch(spec: str) -> fused.TritonLaunch:
+    """'P:W:B[:lane]' (P programs per SM or 'row', W warps, B vocabulary block, lane: per-lane max) -> TritonLaunch."""
+    try:
+        pps, warps, block, *lane = spec.split(":")
+        if lane not in ([], ["lane"]):
+            raise ValueError(spec)
+        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), bool(lane))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not P:W:B[:lane] (e.g. 1:16:4096 or row:8:4096:lane)")
+
+
 def liger_loss(zs, zt, tokens, cfg, shard, group):
     """Liger-Kernel's JSD on the two log-softmaxes (flattened to [tokens, vocab])."""
-    from liger_kernel.transformers.jsd import LigerJSD
+    from liger_kernel.ops.jsd import LigerJSDFunction
 
     log_q = F.log_softmax(zs / cfg.temperature, dim=-1).flatten(0, 1)
     with torch.no_grad():
         log_p = F.log_softmax(zt / cfg.temperature, dim=-1).flatten(0, 1)
-    return LigerJSD(beta=cfg.beta)(log_q, log_p)
+    return LigerJSDFunction.apply(log_q, log_p, None, cfg.beta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +274,8 @@ def run_single(args, device, dtype, memory):
     paths = {"reference": reference_loss, "unfused": unfused_loss, "fused": fused_loss("auto")}
     if device.type == "cuda" and args.chunked:
         paths["fused[chunked]"] = fused_loss("chunked")
+    for spec, launch in args.triton_launch if device.type == "cuda" else ():
+        paths[f"fused[{spec}]"] = launch_loss(launch)
     if device.type == "cuda" and liger_available() and "jsd" in args.kinds:
         paths["liger(+lsm)"] = liger_loss
     speedups, mem_ratios = [], []
@@ -270,10 +302,31 @@ def run_single(args, device, dtype, memory):
 
 def liger_available() -> bool:
     try:
-        import liger_kernel  # noqa: F401
+        import liger_kernel.ops.jsd  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def run_shard_proxy(args, device, dtype, memory):
+    """Fused path on the full vocabulary and on 1/args.shard_proxy of it, one process (module docstring)."""
+    zs, zt, ids = make_inputs(args.tokens, args.vocab, dtype, device)
+    local = args.vocab // args.shard_proxy
+    zs_local = zs.detach()[..., :local].clone().requires_grad_()
+    zt_local = zt[..., :local].clone()
+    print(f"device={device} tokens={args.tokens} vocab={args.vocab} dtype={args.dtype} "
+          f"proxy of one rank at TP={args.shard_proxy}: a {local}-column shard, no communication")
+    print(f"{'path':10s} {'kind':11s} {'full_ms':>9s} {'shard_ms':>9s} {'ratio':>6s} "
+          f"{'full_MiB':>9s} {'shard_MiB':>9s} {'ratio':>6s}")
+    for kind in args.kinds:
+        cfg = DivergenceConfig(kind=kind, beta=JSD_BETA, temperature=args.temperature, token_clip=args.clip)
+        steps = {"full": loss_step(fused_loss("auto"), zs, zt, ids, cfg, VocabShard(0, args.vocab, args.vocab), None),
+                 "shard": loss_step(fused_loss("auto"), zs_local, zt_local, ids % local, cfg,
+                                    VocabShard(0, local, local), None)}
+        got = measure(steps, device, args.iters, args.warmup, memory)
+        (t1, m1), (tn, mn) = got["full"], got["shard"]
+        print(f"{'fused':10s} {kind:11s} {t1:9.2f} {tn:9.2f} {tn / t1:6.2f} "
+              f"{m1 / 2**20:9.1f} {mn / 2**20:9.1f} {mn / max(m1, 1):6.2f}")
 
 
 def run_tp(args, device, dtype, memory):
@@ -332,6 +385,10 @@ def main(argv=None):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--chunked", action="store_true", help="on a GPU also time the chunked fused path")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
+    p.add_argument("--shard-proxy", type=int, default=1, metavar="N",
+                   help="one device: time the fused path on 1/N of the vocabulary against the full one")
+    p.add_argument("--triton-launch", type=lambda s: [(x, parse_launch(x)) for x in s.split(",")], default=[],
+                   metavar="P:W:B[,...]", help="GPU: also time the Triton path with these launch shapes")
     args = p.parse_args(argv)
     bad = [k for k in args.kinds if k not in KINDS]
     if bad:
@@ -342,7 +399,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
     memory = CudaMemory() if device.type == "cuda" else CpuMemory()
     dtype = getattr(torch, args.dtype)
-    (run_tp if args.tp > 1 else run_single)(args, device, dtype, memory)
+    run = run_tp if args.tp > 1 else run_shard_proxy if args.shard_proxy > 1 else run_single
+    run(args, device, dtype, memory)
 
 
 if __name__ == "__main__":

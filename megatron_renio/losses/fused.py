@@ -2,23 +2,14 @@
 
 :func:`fused_token_terms` returns the same :class:`~megatron_renio.losses.divergence.TokenTerms` as
 :func:`~megatron_renio.losses.divergence.token_terms` (forward KL, reverse KL, JSD(beta) with its
-endpoints, per-entry clamp or none, temperature, padded vocabulary) while reading each logits shard
-twice in the forward and writing one logits-sized tensor, instead of materialising log-probs,
-probabilities and divergence elements of the whole vocabulary for autograd.
+endpoints, per-entry clamp or none, temperature, padded vocabulary) without materialising log-probs,
+probabilities or divergence elements of the vocabulary: nothing logits-sized is allocated besides
+the gradient itself, and nothing logits-sized is kept between forward and backward.
 
 Notation (per token; vocabulary index v over the FULL vocabulary, split across tensor-parallel ranks):
 a_v = z^S_v / T, b_v = z^T_v / T, log q_v = a_v - LSE_S, log p_v = b_v - LSE_T, where LSE is the
 log-sum-exp over the real (unpadded) vocabulary; d_v is the divergence element of DESIGN.md §2 and
 D = sum_v clamp(d_v, 0, k) (no clamp when ``token_clip`` is None).
-
-Passes over one rank's shard [b, t, V_local]:
-
-1. statistics: max and sum-exp of a and b (fp32 accumulation of any input dtype; online across
-   vocabulary blocks in the Triton kernel) and a non-finite flag. Combined across TP with two O(b*t)
-   all-reduces: M = max_r m_r, then S = sum_r S_r * exp(m_r - M); LSE = M + log S.
-2. terms: per token the local sums of clamp(d_v) and of h_v (below), the local lookups of the
-   sampled token's log-probs, all four summed over TP in one O(b*t) all-reduce; and, when the student
-   logits need a gradient, h_v written to a buffer of the logits' shape and dtype.
 
 Gradient. d log q_v / d z_j = (delta_vj - q_j) / T, so for D = sum_v c(d_v), c the clamp,
 
@@ -40,38 +31,49 @@ log-probs are constants. Per divergence kind (p, q, m are probabilities; derivat
   (beta = 0 and beta = 1 are forward and reverse KL, as in ``DivergenceConfig``; the formula above
   would give 0 at beta = 1, so the endpoints map to the KL kinds.)
 
-H couples every vocabulary entry of a token (it is the "through the normaliser" term), so it is known
-only after pass 2 and its TP all-reduce. The buffer therefore holds h, and backward finishes the
-gradient in place with per-token scalars, also covering the sampled-token log-prob s = log q_x,
-ds/dz_j = (delta_xj - q_j) / T:
+With gD, gs the incoming gradients of D and of the sampled-token log-prob s = log q_x
+(ds/dz_j = (delta_xj - q_j) / T; gs counts only for tokens of the real vocabulary, for other ids s is
+the constant 0, as in ``token_terms``):
 
-    dL/dz_j = (gD h_j - q_j (gD H + gs)) / T + [j == x] gs / T,
+    dL/dz_j = (gD h_j - q_j (gD H + gs)) / T + [j == x] gs / T.
 
-with gD, gs the incoming gradients of D and s (gs counts only for tokens of the real vocabulary:
-for other ids s is the constant 0, as in ``token_terms``). backward reads the student logits once more to form
-q_j (one exp per entry); it needs no communication (the outputs are identical on every TP rank and
-each rank differentiates its own shard, the identity-backward convention of Megatron's reductions).
-Peak extra memory is the one buffer; the returned gradient IS that buffer, so backward may run once
-(``retain_graph`` double backward raises). Memory traffic in units of one logits tensor: forward
-2 + 2 reads + 1 write (the write only with grad), backward 2 reads + 1 write: 8 units, against 3 for
-the bandwidth floor (read both logits once, write one gradient). The extra passes come from the
-exact clamp gradient: the clamp mask needs the global LSE (a full pass first), and H needs the whole
-row of the second pass before any gradient entry is final, so the gradient cannot be finished there.
+Sweeps over one rank's shard [b, t, V_local], each reading both logits shards once:
 
-Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs. The buffer holds h in the logits' dtype,
-so with bf16 logits the gradient carries the rounding of h (2^-9 |h_j| gD / T) besides its own; h
-exceeds the gradient it cancels to only for large unclamped elements (the reference clamp k = 0.05
-bounds it). tests/test_fused_loss.py states the tolerances against ``token_terms``.
+1. statistics (forward): max and sum-exp of a and b (online across vocabulary blocks: one max
+   reduction per block and one exponential per entry), the non-finite flag. Combined across TP with
+   two O(b*t) all-reduces: M = max_r m_r, then S = sum_r S_r * exp(m_r - M); LSE = M + log S.
+2. terms (forward): per token the local sums of clamp(d_v) and of h_v, and the local lookups of the
+   sampled token's log-probs, all four summed over TP in one O(b*t) all-reduce.
+3. gradient (backward): h_j and q_j recomputed from both shards and the saved per-token LSE_S,
+   LSE_T and H, the formula above written straight into the gradient. No communication (the outputs
+   are identical on every TP rank and each rank differentiates its own shard, the identity-backward
+   convention of Megatron's reductions).
 
-Implementations: ``'triton'`` (GPU kernels, one program per token row looping over vocabulary
-blocks; also runs on CPU tensors under ``TRITON_INTERPRET=1``) and ``'chunked'`` (PyTorch over
-blocks of token rows spanning the local vocabulary, about ``_CHUNK_ELEMS`` elements, so no
-temporary is larger than a block; without TP the terms of a block follow its statistics while it is
-in cache and reuse their exponentials, q = exp(a - m) / S; on one intra-op thread, see
+Why three sweeps and not the gradient inside the forward: the clamp mask g_v needs the global LSE
+(sweep 1 must finish first), H needs the whole masked row (sweep 2 must finish before any gradient
+entry is final), and gD, gs come from the loss only after the forward (the ReNIO weights are formed
+from s and u of every token). Writing a Jacobian (h - qH)/T in the forward would cost a stored
+logits-sized tensor and a scaling sweep in backward (read + write), more traffic than recomputing.
+Traffic in logits-sized units: 2 + 2 reads forward, 2 reads + 1 write backward (7, against 3 for
+the bandwidth floor: read both logits once, write one gradient). Without TP the two forward sweeps
+run in one kernel per row, the second over the vocabulary blocks in reverse order, so that its first
+reads hit the blocks the first sweep read last (still in the GPU's L2 cache when the rows in flight
+fit: a persistent grid bounds how many are).
+
+Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path); the
+gradient is rounded once, to the logits' dtype. tests/test_fused_loss.py states the tolerances
+against ``token_terms``.
+
+Implementations: ``'triton'`` (GPU kernels, each program walking token rows and looping over
+vocabulary blocks; also runs on CPU tensors under ``TRITON_INTERPRET=1``) and ``'chunked'``
+(PyTorch over blocks of token rows spanning the local vocabulary, about ``_CHUNK_ELEMS`` elements, so
+no temporary is larger than a block; without TP the terms of a block follow its statistics while it
+is in cache and reuse their exponentials, q = exp(a - m) / S; on one intra-op thread, see
 ``_one_intra_op_thread``). Both address rows through the two leading strides, so Megatron's
-[s, b, V] logits transposed to [b, s, V] are read in place. ``'auto'`` picks triton for CUDA inputs
-when triton imports, chunked otherwise. ``cfg.top_k`` (teacher top-k renormalisation) is not fused:
-such calls return :func:`~megatron_renio.losses.divergence.token_terms` unchanged.
+[s, b, V] logits transposed to [b, s, V] are read in place, and the gradient has the student's
+strides. ``'auto'`` picks triton for CUDA inputs when triton imports, chunked otherwise.
+``cfg.top_k`` (teacher top-k renormalisation) is not fused: such calls return
+:func:`~megatron_renio.losses.divergence.token_terms` unchanged.
 """
 
 from __future__ import annotations
@@ -99,8 +101,34 @@ _FORWARD_KL, _REVERSE_KL, _JSD = 0, 1, 2
 # Elements per block of the chunked path (rows x local vocabulary): a few fp32 temporaries of this
 # size stay in a CPU core's L2 cache.
 _CHUNK_ELEMS = 1 << 16
-# Vocabulary entries per Triton loop step.
-_TRITON_BLOCK_V = 4096
+
+
+@dataclass(frozen=True)
+class TritonLaunch:
+    """Launch shape of the Triton kernels.
+
+    programs_per_sm: a persistent grid of this many programs per streaming multiprocessor, program
+    p walking rows p, p + grid, ... (the grid depends only on the device: one compilation); None =
+    one program per token row. num_warps: warps per program. block_v: vocabulary entries per loop
+    step (a power of two). lane_max: the statistics sweep keeps its running max per lane (see
+    ``_online_sum_exp``).
+    """
+
+    programs_per_sm: int | None = 1
+    num_warps: int = 16
+    block_v: int = 4096
+    lane_max: bool = False
+
+    def grid(self, rows: int, device: torch.device) -> tuple[int, int]:
+        """(programs to launch, the GRID constant: the row stride of each program)."""
+        if self.programs_per_sm is None or device.type != "cuda":
+            return max(rows, 1), 1 << 30  # one row per program
+        programs = torch.cuda.get_device_properties(device).multi_processor_count * self.programs_per_sm
+        return programs, programs
+
+
+# The launch the kernels use; tools/bench_loss.py --triton-launch times alternatives side by side.
+TRITON_LAUNCH = TritonLaunch()
 
 
 @dataclass(frozen=True)
@@ -160,8 +188,8 @@ def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
     return row_max, exps.sum(-1), bad, exps
 
 
-def _chunk_terms(zs_block, zt_block, lse_s, lse_t, plan: _Plan, h_out, exps=None):
-    """Per-token clamped divergence sum and H of one block; writes h into ``h_out`` when given.
+def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: _Plan, exps=None, want_q: bool = False):
+    """(clamped d, h, q or None) of one block, elementwise (module docstring); q = student probabilities.
 
     ``exps``: optional ((exp(a - m_s), S_s), (exp(b - m_t), S_t)) from :func:`_chunk_stats` when those
     statistics are already global (no TP): then q = exp_s / S_s and p = exp_t / S_t need no new exp.
@@ -175,40 +203,33 @@ def _chunk_terms(zs_block, zt_block, lse_s, lse_t, plan: _Plan, h_out, exps=None
         e, total = exps[i]
         return e.div_(total.unsqueeze(-1))
 
+    q = None
     if plan.kind == _FORWARD_KL:
         p = prob(1, lp)
         d = lp.sub_(ls).mul_(p)
         h = p.neg_()
+        if want_q:
+            q = ls.exp_()
     elif plan.kind == _REVERSE_KL:
         q = prob(0, ls)
         d = ls.sub_(lp).mul_(q)
-        h = q.add_(d)
+        h = q + d if want_q else q.add_(d)
     else:  # with p' = beta p and q' = (1 - beta) q: m = p' + q', h = q' (ls - lm), d = p' (lp - lm) + h
         p = prob(1, lp).mul_(plan.beta)
         q = prob(0, ls).mul_(1.0 - plan.beta)
         log_m = torch.add(p, q).clamp_min_(torch.finfo(p.dtype).tiny).log_()
         h = ls.sub_(log_m).mul_(q)
         d = lp.sub_(log_m).mul_(p).add_(h)
+        q = q.div_(1.0 - plan.beta) if want_q else None
     if plan.clip is not None:
         clamped = d.clamp(0.0, plan.clip)
         h.mul_(d.eq_(clamped))  # 1 where 0 <= d <= k, else 0 (torch.clamp's gradient mask)
         d = clamped
-    if h_out is not None:
-        h_out.copy_(h)
-    return d.sum(-1), h.sum(-1)
+    return d, h, q
 
 
-def _chunk_grad(zs_block, lse_s, coef_h, coef_q, inv_temp: float, buf_block):
-    """In place on ``buf_block`` (holding h): coef_h * h - coef_q * q, per-token coefficients."""
-    q = _scaled(zs_block, inv_temp, lse_s).exp_()
-    g = buf_block.to(lse_s.dtype)  # the buffer itself unless it is bf16/fp16
-    g.mul_(coef_h.unsqueeze(-1)).addcmul_(q, coef_q.neg().unsqueeze(-1))
-    if g is not buf_block:
-        buf_block.copy_(g)
-
-
-def _chunked_forward(zs, zt, plan: _Plan, tp_group, h_buf):
-    """Both passes with the chunked path; returns per-token (lse_s, lse_t, D_local, H_local, bad)."""
+def _chunked_forward(zs, zt, plan: _Plan, tp_group):
+    """Sweeps 1 and 2 with the chunked path; returns per-token (lse_s, lse_t, D_local, H_local, bad)."""
     n_b, n_t, _ = zs.shape
     nv = plan.n_valid
     dtype = compute_dtype(zs)
@@ -220,10 +241,8 @@ def _chunked_forward(zs, zt, plan: _Plan, tp_group, h_buf):
     blocks = list(_row_blocks(n_b, n_t, nv))
 
     def terms(bs, ts, exps=None):
-        h_out = None if h_buf is None else h_buf[bs, ts, :nv]
-        sums[0, bs, ts], sums[1, bs, ts] = _chunk_terms(
-            zs[bs, ts, :nv], zt[bs, ts, :nv], lse[0, bs, ts], lse[1, bs, ts], plan, h_out, exps
-        )
+        d, h, _ = _chunk_elements(zs[bs, ts, :nv], zt[bs, ts, :nv], lse[0, bs, ts], lse[1, bs, ts], plan, exps)
+        sums[0, bs, ts], sums[1, bs, ts] = d.sum(-1), h.sum(-1)
 
     for bs, ts in blocks:
         exps = []
@@ -242,10 +261,15 @@ def _chunked_forward(zs, zt, plan: _Plan, tp_group, h_buf):
     return lse[0], lse[1], sums[0], sums[1], bad
 
 
-def _chunked_grad(zs, plan: _Plan, lse_s, coef_h, coef_q, buf):
+def _chunked_grad(zs, zt, plan: _Plan, saved, coef, grad):
+    """Sweep 3 into ``grad`` (real columns): coef_h * h - coef_q * q per block; the one-hot term follows."""
+    lse_s, lse_t = saved
+    coef_h, coef_q = coef
     nv = plan.n_valid
     for bs, ts in _row_blocks(zs.shape[0], zs.shape[1], nv):
-        _chunk_grad(zs[bs, ts, :nv], lse_s[bs, ts], coef_h[bs, ts], coef_q[bs, ts], plan.inv_temp, buf[bs, ts, :nv])
+        _, h, q = _chunk_elements(zs[bs, ts, :nv], zt[bs, ts, :nv], lse_s[bs, ts], lse_t[bs, ts], plan, want_q=True)
+        g = h.mul_(coef_h[bs, ts].unsqueeze(-1)).addcmul_(q, coef_q[bs, ts].neg().unsqueeze(-1))
+        grad[bs, ts, :nv] = g
 
 
 @contextlib.contextmanager
@@ -274,7 +298,9 @@ def _one_intra_op_thread(device: torch.device):
 
 if triton is not None:
     # N_VALID (real columns of the shard) is a compile-time constant: one compilation per shard width,
-    # and a constant loop bound, which triton 3.6's interpreter needs with numpy >= 2.4.
+    # and constant for-loop bounds, which triton 3.6's interpreter needs with numpy >= 2.4 (runtime
+    # bounds only in while loops). Every kernel walks rows pid, pid + GRID, ... (TritonLaunch). Row
+    # outputs are fp32 arrays [k, rows].
 
     @triton.jit
     def _row_base(ptr, row, n_t, stride_b, stride_t):
@@ -282,125 +308,226 @@ if triton is not None:
         return ptr + (row // n_t).to(tl.int64) * stride_b + (row % n_t).to(tl.int64) * stride_t
 
     @triton.jit
-    def _stats_kernel(z_ptr, stride_b, stride_t, n_t, inv_temp, max_ptr, sum_ptr, bad_ptr,
-                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Per row: max and sum-exp of z/T over the real columns (online, per lane), non-finite flag."""
-        row = tl.program_id(0)
-        base = _row_base(z_ptr, row, n_t, stride_b, stride_t)
-        run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        run_sum = tl.zeros([BLOCK_V], tl.float32)
+    def _online_sum_exp(x, run_max, acc, LANE_MAX: tl.constexpr):
+        """One block of the online sum-exp: running max and per-lane sums relative to it.
+
+        The max is per lane (LANE_MAX: no cross-lane reduction, two exponentials per entry) or one
+        value of shape [1] (a reduction per block, one exponential per entry); TritonLaunch.lane_max.
+        """
+        if LANE_MAX:
+            new_max = tl.maximum(run_max, x)
+        else:
+            new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        return new_max, acc * tl.exp(run_max - shift) + tl.exp(x - shift)
+
+    @triton.jit
+    def _finish_sum_exp(run_max, acc):
+        """(max, sum-exp relative to it) of a row from :func:`_online_sum_exp`'s state."""
+        row_max = tl.max(run_max, axis=0)
+        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        return row_max, tl.sum(acc * tl.exp(run_max - shift), axis=0)
+
+    @triton.jit
+    def _stats_sweep(zs_base, zt_base, inv_temp, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
+                     LANE_MAX: tl.constexpr):
+        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1) of z/T over the real columns."""
+        max_s = tl.full([BLOCK_V if LANE_MAX else 1], float("-inf"), tl.float32)
+        max_t = tl.full([BLOCK_V if LANE_MAX else 1], float("-inf"), tl.float32)
+        acc_s = tl.zeros([BLOCK_V], tl.float32)
+        acc_t = tl.zeros([BLOCK_V], tl.float32)
         bad = tl.zeros([BLOCK_V], tl.int32)
         for v0 in range(0, N_VALID, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < N_VALID
-            a = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            bad = bad | (inside & ((a != a) | (tl.abs(a) == float("inf")))).to(tl.int32)
-            new_max = tl.maximum(run_max, a)
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(a - shift)
-            run_max = new_max
-        row_max = tl.max(run_max, axis=0)
-        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        tl.store(max_ptr + row, row_max)
-        tl.store(sum_ptr + row, tl.sum(run_sum * tl.exp(run_max - shift), axis=0))
-        tl.store(bad_ptr + row, tl.max(bad, axis=0))
+            a = tl.load(zs_base + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            b = tl.load(zt_base + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))  # False for inf and NaN
+            bad = bad | (inside & ~finite).to(tl.int32)
+            max_s, acc_s = _online_sum_exp(a, max_s, acc_s, LANE_MAX)
+            max_t, acc_t = _online_sum_exp(b, max_t, acc_t, LANE_MAX)
+        max_s, sum_s = _finish_sum_exp(max_s, acc_s)
+        max_t, sum_t = _finish_sum_exp(max_t, acc_t)
+        return max_s, sum_s, max_t, sum_t, tl.max(bad, axis=0).to(tl.float32)
 
     @triton.jit
-    def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, n_t, n_local, inv_temp,
-                      lse_s_ptr, lse_t_ptr, d_ptr, hsum_ptr, h_ptr, beta, clip, N_VALID: tl.constexpr,
-                      KIND: tl.constexpr, HAS_CLIP: tl.constexpr, NEED_GRAD: tl.constexpr,
-                      BLOCK_V: tl.constexpr):
-        """Per row: sums of clamped d_v and of h_v over the real columns; h written to ``h_ptr`` there."""
-        row = tl.program_id(0)
-        zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
-        zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-        h_base = h_ptr + row.to(tl.int64) * n_local
-        lse_s = tl.load(lse_s_ptr + row)
-        lse_t = tl.load(lse_t_ptr + row)
+    def _element_terms(ls, lp, beta, clip, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+        """(clamped d_v, h_v, q_v) from log q_v and log p_v (module docstring)."""
+        q = tl.exp(ls)
+        if KIND == 0:
+            p = tl.exp(lp)
+            d = p * (lp - ls)
+            h = -p
+        elif KIND == 1:
+            d = q * (ls - lp)
+            h = d + q
+        else:
+            p = tl.exp(lp)
+            log_m = tl.log(tl.maximum(beta * p + (1.0 - beta) * q, 1.1754943508222875e-38))
+            h = (1.0 - beta) * q * (ls - log_m)
+            d = beta * p * (lp - log_m) + h
+        if HAS_CLIP:
+            h = tl.where((d >= 0.0) & (d <= clip), h, 0.0)
+            d = tl.minimum(tl.maximum(d, 0.0), clip)
+        return d, h, q
+
+    @triton.jit
+    def _terms_sweep(zs_base, zt_base, inv_temp, lse_s, lse_t, beta, clip, N_VALID: tl.constexpr,
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Sweep 2 of a row, vocabulary blocks in reverse order: (sum of clamped d_v, sum of h_v)."""
         acc_d = tl.zeros([BLOCK_V], tl.float32)
         acc_h = tl.zeros([BLOCK_V], tl.float32)
-        for v0 in range(0, N_VALID, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+        n_blocks: tl.constexpr = (N_VALID + BLOCK_V - 1) // BLOCK_V
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
             inside = cols < N_VALID
             ls = tl.load(zs_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_s
             lp = tl.load(zt_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_t
-            if KIND == 0:
-                p = tl.exp(lp)
-                d = p * (lp - ls)
-                h = -p
-            elif KIND == 1:
-                q = tl.exp(ls)
-                d = q * (ls - lp)
-                h = d + q
-            else:
-                p = tl.exp(lp)
-                q = tl.exp(ls)
-                log_m = tl.log(tl.maximum(beta * p + (1.0 - beta) * q, 1.1754943508222875e-38))
-                h = (1.0 - beta) * q * (ls - log_m)
-                d = beta * p * (lp - log_m) + h
-            if HAS_CLIP:
-                h = tl.where((d >= 0.0) & (d <= clip), h, 0.0)
-                d = tl.minimum(tl.maximum(d, 0.0), clip)
-            d = tl.where(inside, d, 0.0)
-            h = tl.where(inside, h, 0.0)
-            acc_d += d
-            acc_h += h
-            if NEED_GRAD:
-                tl.store(h_base + cols, h.to(h_ptr.dtype.element_ty), mask=inside)
-        tl.store(d_ptr + row, tl.sum(acc_d, axis=0))
-        tl.store(hsum_ptr + row, tl.sum(acc_h, axis=0))
+            d, h, _ = _element_terms(ls, lp, beta, clip, KIND, HAS_CLIP)
+            acc_d += tl.where(inside, d, 0.0)
+            acc_h += tl.where(inside, h, 0.0)
+        return tl.sum(acc_d, axis=0), tl.sum(acc_h, axis=0)
 
     @triton.jit
-    def _grad_kernel(zs_ptr, zs_sb, zs_st, n_t, n_local, inv_temp, lse_s_ptr, coef_h_ptr,
-                     coef_q_ptr, g_ptr, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Per row, in place over the real columns of ``g_ptr`` (holding h): coef_h * h - coef_q * q."""
+    def _lookup(base, col, inv_temp, lse):
+        """log-prob z[col]/T - lse of a row's sampled token; 0 when it is not here (col = -1)."""
+        hit = col >= 0
+        z = tl.load(base + tl.where(hit, col, 0)).to(tl.float32)
+        return tl.where(hit, z * inv_temp - lse, 0.0)
+
+    @triton.jit
+    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, out_ptr, n_rows, n_t, inv_temp,
+                        beta, clip, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, LANE_MAX: tl.constexpr):
+        """Without TP, sweeps 1 and 2 per row; out = [lse_s, lse_t, D, H, s, u, non-finite]."""
         row = tl.program_id(0)
-        zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
-        g_base = g_ptr + row.to(tl.int64) * n_local
-        lse_s = tl.load(lse_s_ptr + row)
-        coef_h = tl.load(coef_h_ptr + row)
-        coef_q = tl.load(coef_q_ptr + row)
-        for v0 in range(0, N_VALID, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            inside = cols < N_VALID
-            q = tl.exp(tl.load(zs_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_s)
-            h = tl.load(g_base + cols, mask=inside, other=0.0).to(tl.float32)
-            tl.store(g_base + cols, (coef_h * h - coef_q * q).to(g_ptr.dtype.element_ty), mask=inside)
+        while row < n_rows:
+            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
+            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, inv_temp, N_VALID, BLOCK_V, LANE_MAX)
+            lse_s = max_s + tl.log(sum_s)
+            lse_t = max_t + tl.log(sum_t)
+            d, h = _terms_sweep(zs_base, zt_base, inv_temp, lse_s, lse_t, beta, clip, N_VALID, KIND, HAS_CLIP,
+                                BLOCK_V)
+            col = tl.load(col_ptr + row)
+            tl.store(out_ptr + row, lse_s)
+            tl.store(out_ptr + n_rows + row, lse_t)
+            tl.store(out_ptr + 2 * n_rows + row, d)
+            tl.store(out_ptr + 3 * n_rows + row, h)
+            tl.store(out_ptr + 4 * n_rows + row, _lookup(zs_base, col, inv_temp, lse_s))
+            tl.store(out_ptr + 5 * n_rows + row, _lookup(zt_base, col, inv_temp, lse_t))
+            tl.store(out_ptr + 6 * n_rows + row, bad)
+            row += GRID
+
+    @triton.jit
+    def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, out_ptr, n_rows, n_t, inv_temp,
+                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, LANE_MAX: tl.constexpr):
+        """Under TP, sweep 1 per row; out = [max_s, sumexp_s, max_t, sumexp_t, non-finite] (this shard)."""
+        row = tl.program_id(0)
+        while row < n_rows:
+            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
+            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, inv_temp, N_VALID, BLOCK_V, LANE_MAX)
+            tl.store(out_ptr + row, max_s)
+            tl.store(out_ptr + n_rows + row, sum_s)
+            tl.store(out_ptr + 2 * n_rows + row, max_t)
+            tl.store(out_ptr + 3 * n_rows + row, sum_t)
+            tl.store(out_ptr + 4 * n_rows + row, bad)
+            row += GRID
+
+    @triton.jit
+    def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, lse_ptr, out_ptr, n_rows, n_t,
+                      inv_temp, beta, clip, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                      BLOCK_V: tl.constexpr, GRID: tl.constexpr):
+        """Under TP, sweep 2 per row from the global lse = [lse_s, lse_t]; out = [D, H, s, u] (this shard)."""
+        row = tl.program_id(0)
+        while row < n_rows:
+            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
+            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
+            lse_s = tl.load(lse_ptr + row)
+            lse_t = tl.load(lse_ptr + n_rows + row)
+            d, h = _terms_sweep(zs_base, zt_base, inv_temp, lse_s, lse_t, beta, clip, N_VALID, KIND, HAS_CLIP,
+                                BLOCK_V)
+            col = tl.load(col_ptr + row)
+            tl.store(out_ptr + row, d)
+            tl.store(out_ptr + n_rows + row, h)
+            tl.store(out_ptr + 2 * n_rows + row, _lookup(zs_base, col, inv_temp, lse_s))
+            tl.store(out_ptr + 3 * n_rows + row, _lookup(zt_base, col, inv_temp, lse_t))
+            row += GRID
+
+    @triton.jit
+    def _grad_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, g_ptr, g_sb, g_st, col_ptr, coef_ptr, n_rows,
+                     n_t, inv_temp, beta, clip, N_VALID: tl.constexpr, N_LOCAL: tl.constexpr,
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr):
+        """Sweep 3 per row from coef = [lse_s, lse_t, coef_h, coef_q, coef_x]:
+        g_j = coef_h h_j - coef_q q_j + [j == col] coef_x on the real columns, 0 on the padding."""
+        row = tl.program_id(0)
+        while row < n_rows:
+            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
+            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
+            g_base = _row_base(g_ptr, row, n_t, g_sb, g_st)
+            lse_s = tl.load(coef_ptr + row)
+            lse_t = tl.load(coef_ptr + n_rows + row)
+            coef_h = tl.load(coef_ptr + 2 * n_rows + row)
+            coef_q = tl.load(coef_ptr + 3 * n_rows + row)
+            coef_x = tl.load(coef_ptr + 4 * n_rows + row)
+            col = tl.load(col_ptr + row)
+            for v0 in range(0, N_LOCAL, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                inside = cols < N_VALID
+                ls = tl.load(zs_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_s
+                lp = tl.load(zt_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_t
+                _, h, q = _element_terms(ls, lp, beta, clip, KIND, HAS_CLIP)
+                g = coef_h * h - coef_q * q + tl.where(cols == col, coef_x, 0.0)
+                g = tl.where(inside, g, 0.0)
+                tl.store(g_base + cols, g.to(g_ptr.dtype.element_ty), mask=cols < N_LOCAL)
+            row += GRID
 
 
-def _triton_block(n_cols: int) -> int:
-    """Vocabulary block of the kernels: a power of two, at most _TRITON_BLOCK_V, no wider than needed."""
-    return max(16, min(_TRITON_BLOCK_V, triton.next_power_of_2(max(n_cols, 1))))
+def _triton_launch(plan: _Plan, zs, n_cols: int):
+    """((programs,), constants and launch options) of a kernel over ``zs``'s rows and ``n_cols`` columns."""
+    launch = TRITON_LAUNCH
+    programs, stride = launch.grid(zs.shape[0] * zs.shape[1], zs.device)
+    block = max(16, min(launch.block_v, triton.next_power_of_2(max(n_cols, 1))))
+    return (programs,), dict(KIND=plan.kind, HAS_CLIP=plan.clip is not None, BLOCK_V=block, GRID=stride,
+                             num_warps=launch.num_warps)
 
 
-def _triton_forward(zs, zt, plan: _Plan, tp_group, h_buf):
-    """Both passes with the Triton kernels; same results as :func:`_chunked_forward`."""
-    n_b, n_t, n_local = zs.shape
+def _strides(z):
+    return z, z.stride(0), z.stride(1)
+
+
+def _triton_forward(zs, zt, col, plan: _Plan, tp_group):
+    """Sweeps 1 and 2 with the Triton kernels; per-token (lse_s, lse_t, D, H, s, u) local, and the flag."""
+    n_b, n_t, _ = zs.shape
     rows = n_b * n_t
-    stats = zs.new_empty((4, n_b, n_t), dtype=torch.float32)
-    bad_rows = zs.new_empty((2, n_b, n_t), dtype=torch.int32)
-    block = _triton_block(plan.n_valid)
-    for i, z in enumerate((zs, zt)):
-        _stats_kernel[(rows,)](z, z.stride(0), z.stride(1), n_t, plan.inv_temp, stats[2 * i], stats[2 * i + 1],
-                               bad_rows[i], N_VALID=plan.n_valid, BLOCK_V=block, num_warps=8)
-    lse, bad = _combine_stats(stats, bad_rows.any(), tp_group)
-    sums = zs.new_empty((2, n_b, n_t), dtype=torch.float32)
-    need_grad = h_buf is not None
-    _terms_kernel[(rows,)](
-        zs, zs.stride(0), zs.stride(1), zt, zt.stride(0), zt.stride(1), n_t, n_local, plan.inv_temp,
-        lse[0], lse[1], sums[0], sums[1], h_buf if need_grad else zs,
-        plan.beta, 0.0 if plan.clip is None else plan.clip, N_VALID=plan.n_valid,
-        KIND=plan.kind, HAS_CLIP=plan.clip is not None, NEED_GRAD=need_grad,
-        BLOCK_V=block, num_warps=8,
-    )
-    return lse[0], lse[1], sums[0], sums[1], bad
+    grid, opts = _triton_launch(plan, zs, plan.n_valid)
+    clip = 0.0 if plan.clip is None else plan.clip
+    lane_max = TRITON_LAUNCH.lane_max
+    if group_size(tp_group) == 1:
+        out = zs.new_empty((7, n_b, n_t), dtype=torch.float32)
+        _forward_kernel[grid](*_strides(zs), *_strides(zt), col, out, rows, n_t, plan.inv_temp, plan.beta, clip,
+                              N_VALID=plan.n_valid, LANE_MAX=lane_max, **opts)
+        return (*out[:6], out[6].any())
+    stats = zs.new_empty((5, n_b, n_t), dtype=torch.float32)
+    stats_opts = {key: opts[key] for key in ("BLOCK_V", "GRID", "num_warps")}
+    _stats_kernel[grid](*_strides(zs), *_strides(zt), stats, rows, n_t, plan.inv_temp, N_VALID=plan.n_valid,
+                        LANE_MAX=lane_max, **stats_opts)
+    lse, bad = _combine_stats(stats[:4], stats[4].any(), tp_group)
+    out = zs.new_empty((4, n_b, n_t), dtype=torch.float32)
+    _terms_kernel[grid](*_strides(zs), *_strides(zt), col, lse.contiguous(), out, rows, n_t, plan.inv_temp,
+                        plan.beta, clip, N_VALID=plan.n_valid, **opts)
+    return (lse[0], lse[1], *out, bad)
 
 
-def _triton_grad(zs, plan: _Plan, lse_s, coef_h, coef_q, buf):
+def _triton_grad(zs, zt, col, plan: _Plan, saved, coef, grad):
+    """Sweep 3 into ``grad`` (every column) with the Triton kernel; coef = (coef_h, coef_q, coef_x)."""
     n_b, n_t, n_local = zs.shape
-    _grad_kernel[(n_b * n_t,)](zs, zs.stride(0), zs.stride(1), n_t, n_local, plan.inv_temp,
-                               lse_s.contiguous(), coef_h.contiguous(), coef_q.contiguous(), buf,
-                               N_VALID=plan.n_valid, BLOCK_V=_triton_block(plan.n_valid), num_warps=8)
+    packed = torch.stack([*saved, *coef]).to(torch.float32).contiguous()
+    grid, opts = _triton_launch(plan, zs, n_local)
+    _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), col, packed, n_b * n_t, n_t, plan.inv_temp,
+                       plan.beta, 0.0 if plan.clip is None else plan.clip, N_VALID=plan.n_valid, N_LOCAL=n_local,
+                       **opts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,16 +554,11 @@ def _combine_stats(stats, bad, tp_group):
     return maxes + sum_exp.log(), bad
 
 
-def _sampled_logprobs(z, lse, tokens, shard: VocabShard, plan: _Plan):
-    """This rank's share of log softmax(z/T)[x]: the value where x is a real column of the shard, else 0.
-
-    Returns (values [b, t] in the dtype of ``lse``, hit [b, t] bool, local column [b, t] int64).
-    """
-    local = tokens.to(torch.int64) - shard.start
-    hit = (local >= 0) & (local < plan.n_valid)
-    col = torch.where(hit, local, torch.zeros_like(local))
-    value = z.gather(-1, col.unsqueeze(-1)).squeeze(-1).to(lse.dtype) * plan.inv_temp - lse
-    return torch.where(hit, value, torch.zeros_like(value)), hit, col
+def _sampled_logprobs(z, lse, col, inv_temp: float):
+    """This rank's share of log softmax(z/T)[x] from the local column of x (-1 where x is not here: 0)."""
+    hit = col >= 0
+    value = z.gather(-1, col.clamp(min=0).unsqueeze(-1)).squeeze(-1).to(lse.dtype) * inv_temp - lse
+    return torch.where(hit, value, torch.zeros_like(value))
 
 
 class _FusedTokenTerms(torch.autograd.Function):
@@ -444,49 +566,45 @@ class _FusedTokenTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zs, zt, tokens, plan: _Plan, shard: VocabShard, tp_group, use_triton: bool, need_grad: bool):
-        h_buf = None
-        if need_grad:
-            h_buf = torch.empty(zs.shape, dtype=zs.dtype, device=zs.device)
-            h_buf[..., plan.n_valid:].zero_()
+        local = tokens.to(torch.int64) - shard.start
+        col = torch.where((local >= 0) & (local < plan.n_valid), local, -1)
         if use_triton:
-            lse_s, lse_t, d_sum, h_sum, bad = _triton_forward(zs, zt, plan, tp_group, h_buf)
+            col = col.to(torch.int32).contiguous()
+            lse_s, lse_t, d_sum, h_sum, s, u, bad = _triton_forward(zs, zt, col, plan, tp_group)
         else:
             with _one_intra_op_thread(zs.device):
-                lse_s, lse_t, d_sum, h_sum, bad = _chunked_forward(zs, zt, plan, tp_group, h_buf)
-        s, hit, col = _sampled_logprobs(zs, lse_s, tokens, shard, plan)
-        u, _, _ = _sampled_logprobs(zt, lse_t, tokens, shard, plan)
+                lse_s, lse_t, d_sum, h_sum, bad = _chunked_forward(zs, zt, plan, tp_group)
+            s = _sampled_logprobs(zs, lse_s, col, plan.inv_temp)
+            u = _sampled_logprobs(zt, lse_t, col, plan.inv_temp)
         per_token = torch.stack([d_sum, h_sum, s, u])
         if group_size(tp_group) > 1:
             dist.all_reduce(per_token, group=tp_group)
         d_sum, h_sum, s, u = per_token.unbind(0)
         ctx.mark_non_differentiable(u, bad)
-        in_vocab = (tokens >= 0) & (tokens < shard.true_vocab_size)  # else s = 0, a constant
-        ctx.save_for_backward(zs, lse_s, h_sum, hit, col, in_vocab)
-        ctx.plan, ctx.use_triton, ctx.h_buf = plan, use_triton, h_buf
+        if need_grad:
+            in_vocab = (tokens >= 0) & (tokens < shard.true_vocab_size)  # else s = 0, a constant
+            ctx.save_for_backward(zs, zt, lse_s, lse_t, h_sum, col, in_vocab)
+        ctx.plan, ctx.use_triton = plan, use_triton
         return d_sum, s, u, bad
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_d, grad_s, _grad_u, _grad_bad):
-        if ctx.h_buf is None:
-            raise RuntimeError(
-                "fused_token_terms: backward ran twice (the gradient is formed in place in the stored "
-                "buffer); recompute the loss instead of using retain_graph"
-            )
-        zs, lse_s, h_sum, hit, col, in_vocab = ctx.saved_tensors
-        buf, ctx.h_buf = ctx.h_buf, None
+        zs, zt, lse_s, lse_t, h_sum, col, in_vocab = ctx.saved_tensors
         plan = ctx.plan
         grad_s = torch.where(in_vocab, grad_s, 0.0)
         coef_h = grad_d * plan.inv_temp
         coef_q = (grad_d * h_sum + grad_s) * plan.inv_temp
+        coef_x = torch.where(col >= 0, grad_s * plan.inv_temp, 0.0)
+        grad = torch.empty_like(zs)  # the student's strides (dense: a view of a contiguous tensor)
         if ctx.use_triton:
-            _triton_grad(zs, plan, lse_s, coef_h, coef_q, buf)
+            _triton_grad(zs, zt, col, plan, (lse_s, lse_t), (coef_h, coef_q, coef_x), grad)
         else:
             with _one_intra_op_thread(zs.device):
-                _chunked_grad(zs, plan, lse_s, coef_h, coef_q, buf)
-        onehot = torch.where(hit, grad_s * plan.inv_temp, torch.zeros_like(coef_h))
-        buf.scatter_add_(-1, col.unsqueeze(-1), onehot.unsqueeze(-1).to(buf.dtype))
-        return buf, None, None, None, None, None, None, None
+                grad[..., plan.n_valid:] = 0
+                _chunked_grad(zs, zt, plan, (lse_s, lse_t), (coef_h, coef_q), grad)
+                grad.scatter_add_(-1, col.clamp(min=0).unsqueeze(-1), coef_x.unsqueeze(-1).to(grad.dtype))
+        return grad, None, None, None, None, None, None, None
 
 
 def triton_available() -> bool:
@@ -511,8 +629,7 @@ def fused_token_terms(
     s = u = 0). Returns ``TokenTerms`` with divergence D [b, t] (differentiable w.r.t. the student
     logits), student_logprobs s [b, t] (differentiable), teacher_logprobs u [b, t] (no grad), all
     float32 (float64 for float64 inputs), and the TP-agreed non-finite flag. The teacher logits
-    never receive a gradient. The student gradient is formed in place in one stored logits-sized
-    buffer of the student dtype (see the module docstring), so backward may run once.
+    never receive a gradient; backward reads them again (they are kept, not copied, until then).
 
     ``impl``: 'auto' (triton for CUDA inputs when triton imports, else chunked), 'triton' (CUDA
     tensors, or CPU tensors under TRITON_INTERPRET=1), 'chunked'. Arithmetic in float32; the chunked
