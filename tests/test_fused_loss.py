@@ -27,7 +27,9 @@ from megatron_renio.losses.divergence import DivergenceConfig, token_terms
 from megatron_renio.losses.fused import fused_token_terms, triton_available
 from megatron_renio.renio.vocab_parallel import VocabShard
 from tests.torchrun_harness import run_torchrun
-from tests.workers.fused_loss_worker import OUTPUTS, TP_CASES, TP_LAYOUTS, TRITON_CASES, make_logits, run_path
+from tests.workers.fused_loss_worker import (
+    OUTPUTS, TP_CASES, TP_LAYOUTS, TRITON_CASES, TRITON_NONFINITE, make_logits, run_path,
+)
 
 WORKER = Path(__file__).parent / "workers" / "fused_loss_worker.py"
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
@@ -248,12 +250,20 @@ def test_triton_kernels_in_interpreter(tp2, case, tp):
         assert_same(runs["fused"], runs["full"])
 
 
+def test_triton_nonfinite_flag_in_interpreter(tp2):
+    if not tp2[0]["triton_checked"]:
+        pytest.skip("triton is not installed: the Triton kernels were not run (pip install triton to check "
+                    "them on the CPU with TRITON_INTERPRET=1)")
+    for rank in tp2:
+        assert rank["triton_nonfinite"] == [entry[-1] for entry in TRITON_NONFINITE]
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton kernels compiled for a Hopper GPU (no GPU needed: triton's compiler and ptxas run on the CPU)
 # ------------------------------------------------------------------------------------------------
 
 KERNEL_ARG_TYPES = {"zs_ptr": "*bf16", "zt_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*fp32", "lse_ptr": "*fp32",
-                    "coef_ptr": "*fp32", "col_ptr": "*i32", "inv_temp": "fp32", "beta": "fp32", "clip": "fp32"}
+                    "coef_ptr": "*fp32", "col_ptr": "*i32", "scale": "fp32", "beta": "fp32", "clip2": "fp32"}
 
 
 def ptxas_report_for_hopper(kernel, constants: dict, tmp_path) -> str:
@@ -281,9 +291,8 @@ def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
     plan = fused._Plan.build(DivergenceConfig(kind=kind, beta=0.5, token_clip=0.05), VocabShard(0, 151936, 151936))
     common = dict(KIND=plan.kind, HAS_CLIP=True, BLOCK_V=fused.TRITON_LAUNCH.block_v, GRID=132)
     kernels = [
-        (fused._forward_kernel, dict(common, N_VALID=151936, LANE_MAX=fused.TRITON_LAUNCH.lane_max)),
-        (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=common["BLOCK_V"], GRID=132,
-                                   LANE_MAX=fused.TRITON_LAUNCH.lane_max)),
+        (fused._forward_kernel, dict(common, N_VALID=151936)),
+        (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=common["BLOCK_V"], GRID=132)),
         (fused._terms_kernel, dict(common, N_VALID=75968)),
         (fused._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064)),
     ]
@@ -321,7 +330,7 @@ def test_triton_matches_chunked_on_cuda(case, shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024), fused.TritonLaunch(1, 16, 4096),
-                                    fused.TritonLaunch(3, 4, 512, lane_max=True)], ids=str)
+                                    fused.TritonLaunch(3, 4, 512)], ids=str)
 def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
     """Every launch shape (one row per program, persistent grids) on [t, b, V] logits viewed as [b, t, V]."""
     monkeypatch.setattr(fused, "TRITON_LAUNCH", launch)

@@ -9,11 +9,11 @@ Side by side, on the same logits and in one run:
 - ``unfused``: :func:`megatron_renio.losses.divergence.token_terms` (the foundation path).
 - ``fused``: :func:`megatron_renio.losses.fused.fused_token_terms` with ``impl='auto'`` (triton on a
   GPU with triton, chunked otherwise); ``fused[chunked]`` too on a GPU with ``--chunked``.
+- ``fused(forward)`` (``--split``): the fused forward alone; backward is the rest of ``fused``.
 - ``floor`` (GPU): read both logits once and write one logits-sized tensor (``torch.add`` with
   ``out=``), the memory-bandwidth floor of any exact loss + gradient.
 - ``fused[P:W:B]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes (programs
-  per SM or 'row', warps, vocabulary block, ':lane' for a per-lane running max; see
-  ``TritonLaunch`` in fused.py), to choose the default.
+  per SM or 'row', warps, vocabulary block; see ``TritonLaunch`` in fused.py), to choose the default.
 - ``liger`` (GPU, JSD): Liger-Kernel's JSD (``liger_kernel.ops.jsd``) on log-prob inputs plus the two
   log-softmaxes, when liger-kernel imports (reported as skipped otherwise).
 
@@ -116,14 +116,12 @@ def launch_loss(launch: fused.TritonLaunch):
 
 
 def parse_launch(spec: str) -> fused.TritonLaunch:
-    """'P:W:B[:lane]' (P programs per SM or 'row', W warps, B vocabulary block, lane: per-lane max) -> TritonLaunch."""
+    """'P:W:B' (P programs per SM or 'row', W warps, B vocabulary block) -> TritonLaunch."""
     try:
-        pps, warps, block, *lane = spec.split(":")
-        if lane not in ([], ["lane"]):
-            raise ValueError(spec)
-        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), bool(lane))
+        pps, warps, block = spec.split(":")
+        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r} is not P:W:B[:lane] (e.g. 1:16:4096 or row:8:4096:lane)")
+        raise argparse.ArgumentTypeError(f"{spec!r} is not P:W:B (e.g. 1:16:4096 or row:8:4096)")
 
 
 def liger_loss(zs, zt, tokens, cfg, shard, group):
@@ -227,6 +225,15 @@ def loss_step(path, zs, zt, tokens, cfg, shard, group):
     return step
 
 
+def forward_step(path, zs, zt, tokens, cfg, shard, group):
+    """The loss forward alone (what backward adds is the difference to the full step)."""
+
+    def step():
+        path(zs, zt, tokens, cfg, shard, group)
+
+    return step
+
+
 def floor_step(zs, zt):
     out = torch.empty_like(zs)
 
@@ -283,6 +290,8 @@ def run_single(args, device, dtype, memory):
         cfg = DivergenceConfig(kind=kind, beta=JSD_BETA, temperature=args.temperature, token_clip=args.clip)
         steps = {label: loss_step(path, zs, zt, ids, cfg, shard, None) for label, path in paths.items()
                  if kind == "jsd" or path is not liger_loss}
+        if args.split:
+            steps["fused(forward)"] = forward_step(paths["fused"], zs, zt, ids, cfg, shard, None)
         results = measure(steps, device, args.iters, args.warmup, memory)
         ref = results["reference"]
         for label, measured in results.items():
@@ -384,6 +393,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2 if cuda else 1)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--chunked", action="store_true", help="on a GPU also time the chunked fused path")
+    p.add_argument("--split", action="store_true", help="also time the fused forward alone")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
     p.add_argument("--shard-proxy", type=int, default=1, metavar="N",
                    help="one device: time the fused path on 1/N of the vocabulary against the full one")

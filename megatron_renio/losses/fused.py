@@ -79,6 +79,7 @@ strides. ``'auto'`` picks triton for CUDA inputs when triton imports, chunked ot
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -108,23 +109,21 @@ class TritonLaunch:
     """Launch shape of the Triton kernels.
 
     programs_per_sm: a persistent grid of this many programs per streaming multiprocessor, program
-    p walking rows p, p + grid, ... (the grid depends only on the device: one compilation); None =
-    one program per token row. num_warps: warps per program. block_v: vocabulary entries per loop
-    step (a power of two). lane_max: the statistics sweep keeps its running max per lane (see
-    ``_online_sum_exp``).
+    p walking rows p, p + grid, ... (the grid depends only on the device: one compilation; the
+    interpreter on the CPU counts one multiprocessor); None = one program per token row. num_warps: warps per program. block_v: vocabulary entries per loop
+    step (a power of two).
     """
 
-    programs_per_sm: int | None = 1
-    num_warps: int = 16
-    block_v: int = 4096
-    lane_max: bool = False
+    programs_per_sm: int | None = None
+    num_warps: int = 4
+    block_v: int = 1024
 
     def grid(self, rows: int, device: torch.device) -> tuple[int, int]:
         """(programs to launch, the GRID constant: the row stride of each program)."""
-        if self.programs_per_sm is None or device.type != "cuda":
+        if self.programs_per_sm is None:
             return max(rows, 1), 1 << 30  # one row per program
-        programs = torch.cuda.get_device_properties(device).multi_processor_count * self.programs_per_sm
-        return programs, programs
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        return sms * self.programs_per_sm, sms * self.programs_per_sm
 
 
 # The launch the kernels use; tools/bench_loss.py --triton-launch times alternatives side by side.
@@ -297,10 +296,15 @@ def _one_intra_op_thread(device: torch.device):
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-    # N_VALID (real columns of the shard) is a compile-time constant: one compilation per shard width,
-    # and constant for-loop bounds, which triton 3.6's interpreter needs with numpy >= 2.4 (runtime
-    # bounds only in while loops). Every kernel walks rows pid, pid + GRID, ... (TritonLaunch). Row
-    # outputs are fp32 arrays [k, rows].
+    # Arithmetic in base 2 (ex2 and lg2 are the GPU's native exponentials): A_v = z_v log2(e) / T and
+    # log2 q_v = A_v - LSE2_S. Elements d are formed in bits (d / ln 2, clamped at k / ln 2) and their
+    # sum converted once; h, H and every stored statistic are in natural units. N_VALID (real columns
+    # of the shard) is a compile-time constant, one compilation per shard width: each sweep runs its
+    # full blocks unmasked and masks only the tail, and for-loops get the constant bounds that
+    # triton 3.6's interpreter needs with numpy >= 2.4 (runtime bounds only in while loops). Every
+    # kernel walks rows pid, pid + GRID, ... (TritonLaunch). Row outputs are fp32 arrays [k, rows].
+    _LN2 = tl.constexpr(0.6931471805599453)
+    _LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
     def _row_base(ptr, row, n_t, stride_b, stride_t):
@@ -308,126 +312,152 @@ if triton is not None:
         return ptr + (row // n_t).to(tl.int64) * stride_b + (row % n_t).to(tl.int64) * stride_t
 
     @triton.jit
-    def _online_sum_exp(x, run_max, acc, LANE_MAX: tl.constexpr):
-        """One block of the online sum-exp: running max and per-lane sums relative to it.
-
-        The max is per lane (LANE_MAX: no cross-lane reduction, two exponentials per entry) or one
-        value of shape [1] (a reduction per block, one exponential per entry); TritonLaunch.lane_max.
-        """
-        if LANE_MAX:
-            new_max = tl.maximum(run_max, x)
+    def _load_pair(zs_base, zt_base, cols, N_VALID: tl.constexpr, MASKED: tl.constexpr):
+        """Both logits at ``cols`` in fp32; MASKED: 0 beyond the real columns (a tail block)."""
+        if MASKED:
+            inside = cols < N_VALID
+            zs = tl.load(zs_base + cols, mask=inside, other=0.0)
+            zt = tl.load(zt_base + cols, mask=inside, other=0.0)
         else:
-            new_max = tl.maximum(run_max, tl.max(x, axis=0))
+            zs = tl.load(zs_base + cols)
+            zt = tl.load(zt_base + cols)
+        return zs.to(tl.float32), zt.to(tl.float32)
+
+    @triton.jit
+    def _online_sum_exp(z, scale, run_max, acc):
+        """One block of the online sum-exp: the running max of the raw logits z (a scalar) and per-lane
+        sums of 2^((z - max) scale) = e^((z - max) / T)."""
+        new_max = tl.maximum(run_max, tl.max(z, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        return new_max, acc * tl.exp(run_max - shift) + tl.exp(x - shift)
+        return new_max, acc * tl.exp2((run_max - shift) * scale) + tl.exp2(z * scale - shift * scale)
 
     @triton.jit
-    def _finish_sum_exp(run_max, acc):
-        """(max, sum-exp relative to it) of a row from :func:`_online_sum_exp`'s state."""
-        row_max = tl.max(run_max, axis=0)
-        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        return row_max, tl.sum(acc * tl.exp(run_max - shift), axis=0)
+    def _stats_block(zs_base, zt_base, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, N_VALID: tl.constexpr,
+                     MASKED: tl.constexpr):
+        zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, MASKED)
+        acc_z += zs + zt
+        if MASKED:
+            zs = tl.where(cols < N_VALID, zs, float("-inf"))
+            zt = tl.where(cols < N_VALID, zt, float("-inf"))
+        max_s, acc_s = _online_sum_exp(zs, scale, max_s, acc_s)
+        max_t, acc_t = _online_sum_exp(zt, scale, max_t, acc_t)
+        return max_s, acc_s, max_t, acc_t, acc_z
 
     @triton.jit
-    def _stats_sweep(zs_base, zt_base, inv_temp, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
-                     LANE_MAX: tl.constexpr):
-        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1) of z/T over the real columns."""
-        max_s = tl.full([BLOCK_V if LANE_MAX else 1], float("-inf"), tl.float32)
-        max_t = tl.full([BLOCK_V if LANE_MAX else 1], float("-inf"), tl.float32)
+    def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1), natural units, real columns.
+
+        Non-finite: the plain sum of both rows' logits is not finite (inf, -inf or NaN anywhere; a sum
+        that overflows float32 counts too).
+        """
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
+        max_s = tl.full([], float("-inf"), tl.float32)
+        max_t = tl.full([], float("-inf"), tl.float32)
         acc_s = tl.zeros([BLOCK_V], tl.float32)
         acc_t = tl.zeros([BLOCK_V], tl.float32)
-        bad = tl.zeros([BLOCK_V], tl.int32)
-        for v0 in range(0, N_VALID, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            inside = cols < N_VALID
-            a = tl.load(zs_base + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            b = tl.load(zt_base + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-            finite = (tl.abs(a) < float("inf")) & (tl.abs(b) < float("inf"))  # False for inf and NaN
-            bad = bad | (inside & ~finite).to(tl.int32)
-            max_s, acc_s = _online_sum_exp(a, max_s, acc_s, LANE_MAX)
-            max_t, acc_t = _online_sum_exp(b, max_t, acc_t, LANE_MAX)
-        max_s, sum_s = _finish_sum_exp(max_s, acc_s)
-        max_t, sum_t = _finish_sum_exp(max_t, acc_t)
-        return max_s, sum_s, max_t, sum_t, tl.max(bad, axis=0).to(tl.float32)
+        acc_z = tl.zeros([BLOCK_V], tl.float32)
+        for v0 in range(0, N_FULL, BLOCK_V):
+            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs_base, zt_base, v0 + tl.arange(0, BLOCK_V), scale,
+                                                             max_s, acc_s, max_t, acc_t, acc_z, N_VALID, False)
+        for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
+            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs_base, zt_base, v0 + tl.arange(0, BLOCK_V), scale,
+                                                             max_s, acc_s, max_t, acc_t, acc_z, N_VALID, True)
+        total = tl.sum(acc_z, axis=0)
+        bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
+        return max_s * scale * _LN2, tl.sum(acc_s, axis=0), max_t * scale * _LN2, tl.sum(acc_t, axis=0), bad
 
     @triton.jit
-    def _element_terms(ls, lp, beta, clip, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
-        """(clamped d_v, h_v, q_v) from log q_v and log p_v (module docstring)."""
-        q = tl.exp(ls)
+    def _element_terms(ls2, lp2, beta, clip2, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+        """(clamped d_v / ln 2, h_v, q_v) from log2 q_v and log2 p_v (module docstring)."""
+        q = tl.exp2(ls2)
         if KIND == 0:
-            p = tl.exp(lp)
-            d = p * (lp - ls)
+            p = tl.exp2(lp2)
+            d = p * (lp2 - ls2)
             h = -p
         elif KIND == 1:
-            d = q * (ls - lp)
-            h = d + q
+            d = q * (ls2 - lp2)
+            h = d * _LN2 + q
         else:
-            p = tl.exp(lp)
-            log_m = tl.log(tl.maximum(beta * p + (1.0 - beta) * q, 1.1754943508222875e-38))
-            h = (1.0 - beta) * q * (ls - log_m)
-            d = beta * p * (lp - log_m) + h
+            p_part = beta * tl.exp2(lp2)
+            q_part = (1.0 - beta) * q
+            lm2 = tl.log2(tl.maximum(p_part + q_part, 1.1754943508222875e-38))
+            h2 = q_part * (ls2 - lm2)
+            d = p_part * (lp2 - lm2) + h2
+            h = h2 * _LN2
         if HAS_CLIP:
-            h = tl.where((d >= 0.0) & (d <= clip), h, 0.0)
-            d = tl.minimum(tl.maximum(d, 0.0), clip)
+            clamped = tl.minimum(tl.maximum(d, 0.0), clip2)
+            h = tl.where(clamped == d, h, 0.0)  # 0 <= d <= k (False for NaN): torch.clamp's gradient mask
+            d = clamped
         return d, h, q
 
     @triton.jit
-    def _terms_sweep(zs_base, zt_base, inv_temp, lse_s, lse_t, beta, clip, N_VALID: tl.constexpr,
+    def _terms_block(zs_base, zt_base, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h,
+                     N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, MASKED: tl.constexpr):
+        zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, MASKED)
+        d, h, _ = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
+        if MASKED:
+            d = tl.where(cols < N_VALID, d, 0.0)
+            h = tl.where(cols < N_VALID, h, 0.0)
+        return acc_d + d, acc_h + h
+
+    @triton.jit
+    def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID: tl.constexpr,
                      KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Sweep 2 of a row, vocabulary blocks in reverse order: (sum of clamped d_v, sum of h_v)."""
+        """Sweep 2 of a row, tail first, then the full blocks in reverse order: (sum of clamped d_v, sum of h_v)."""
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
+        lse2_s = lse_s * _LOG2E
+        lse2_t = lse_t * _LOG2E
         acc_d = tl.zeros([BLOCK_V], tl.float32)
         acc_h = tl.zeros([BLOCK_V], tl.float32)
-        n_blocks: tl.constexpr = (N_VALID + BLOCK_V - 1) // BLOCK_V
-        for i in range(0, n_blocks):
-            cols = (n_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
-            inside = cols < N_VALID
-            ls = tl.load(zs_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_s
-            lp = tl.load(zt_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_t
-            d, h, _ = _element_terms(ls, lp, beta, clip, KIND, HAS_CLIP)
-            acc_d += tl.where(inside, d, 0.0)
-            acc_h += tl.where(inside, h, 0.0)
-        return tl.sum(acc_d, axis=0), tl.sum(acc_h, axis=0)
+        for v0 in range(N_FULL, N_VALID, BLOCK_V):
+            acc_d, acc_h = _terms_block(zs_base, zt_base, v0 + tl.arange(0, BLOCK_V), scale, lse2_s, lse2_t, beta,
+                                        clip2, acc_d, acc_h, N_VALID, KIND, HAS_CLIP, True)
+        for i in range(0, N_FULL // BLOCK_V):
+            cols = N_FULL - (i + 1) * BLOCK_V + tl.arange(0, BLOCK_V)
+            acc_d, acc_h = _terms_block(zs_base, zt_base, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h,
+                                        N_VALID, KIND, HAS_CLIP, False)
+        return tl.sum(acc_d, axis=0) * _LN2, tl.sum(acc_h, axis=0)
 
     @triton.jit
-    def _lookup(base, col, inv_temp, lse):
-        """log-prob z[col]/T - lse of a row's sampled token; 0 when it is not here (col = -1)."""
+    def _lookup(base, col, scale, lse):
+        """Natural log-prob z[col]/T - lse of a row's sampled token; 0 when it is not here (col = -1)."""
         hit = col >= 0
         z = tl.load(base + tl.where(hit, col, 0)).to(tl.float32)
-        return tl.where(hit, z * inv_temp - lse, 0.0)
+        return tl.where(hit, z * scale * _LN2 - lse, 0.0)
 
     @triton.jit
-    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, out_ptr, n_rows, n_t, inv_temp,
-                        beta, clip, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, LANE_MAX: tl.constexpr):
+    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, out_ptr, n_rows, n_t, scale,
+                        beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                        BLOCK_V: tl.constexpr, GRID: tl.constexpr):
         """Without TP, sweeps 1 and 2 per row; out = [lse_s, lse_t, D, H, s, u, non-finite]."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, inv_temp, N_VALID, BLOCK_V, LANE_MAX)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V)
             lse_s = max_s + tl.log(sum_s)
             lse_t = max_t + tl.log(sum_t)
-            d, h = _terms_sweep(zs_base, zt_base, inv_temp, lse_s, lse_t, beta, clip, N_VALID, KIND, HAS_CLIP,
+            d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP,
                                 BLOCK_V)
             col = tl.load(col_ptr + row)
             tl.store(out_ptr + row, lse_s)
             tl.store(out_ptr + n_rows + row, lse_t)
             tl.store(out_ptr + 2 * n_rows + row, d)
             tl.store(out_ptr + 3 * n_rows + row, h)
-            tl.store(out_ptr + 4 * n_rows + row, _lookup(zs_base, col, inv_temp, lse_s))
-            tl.store(out_ptr + 5 * n_rows + row, _lookup(zt_base, col, inv_temp, lse_t))
+            tl.store(out_ptr + 4 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
+            tl.store(out_ptr + 5 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
             tl.store(out_ptr + 6 * n_rows + row, bad)
             row += GRID
 
     @triton.jit
-    def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, out_ptr, n_rows, n_t, inv_temp,
-                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, LANE_MAX: tl.constexpr):
+    def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, out_ptr, n_rows, n_t, scale,
+                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr):
         """Under TP, sweep 1 per row; out = [max_s, sumexp_s, max_t, sumexp_t, non-finite] (this shard)."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, inv_temp, N_VALID, BLOCK_V, LANE_MAX)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V)
             tl.store(out_ptr + row, max_s)
             tl.store(out_ptr + n_rows + row, sum_s)
             tl.store(out_ptr + 2 * n_rows + row, max_t)
@@ -437,7 +467,7 @@ if triton is not None:
 
     @triton.jit
     def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, lse_ptr, out_ptr, n_rows, n_t,
-                      inv_temp, beta, clip, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                      scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
                       BLOCK_V: tl.constexpr, GRID: tl.constexpr):
         """Under TP, sweep 2 per row from the global lse = [lse_s, lse_t]; out = [D, H, s, u] (this shard)."""
         row = tl.program_id(0)
@@ -446,41 +476,63 @@ if triton is not None:
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
             lse_s = tl.load(lse_ptr + row)
             lse_t = tl.load(lse_ptr + n_rows + row)
-            d, h = _terms_sweep(zs_base, zt_base, inv_temp, lse_s, lse_t, beta, clip, N_VALID, KIND, HAS_CLIP,
+            d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP,
                                 BLOCK_V)
             col = tl.load(col_ptr + row)
             tl.store(out_ptr + row, d)
             tl.store(out_ptr + n_rows + row, h)
-            tl.store(out_ptr + 2 * n_rows + row, _lookup(zs_base, col, inv_temp, lse_s))
-            tl.store(out_ptr + 3 * n_rows + row, _lookup(zt_base, col, inv_temp, lse_t))
+            tl.store(out_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
+            tl.store(out_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
             row += GRID
 
     @triton.jit
+    def _grad_block(zs_base, zt_base, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q,
+                    N_VALID: tl.constexpr, N_LOCAL: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                    MASKED: tl.constexpr):
+        zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, MASKED)
+        _, h, q = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
+        g = coef_h * h - coef_q * q
+        if MASKED:
+            g = tl.where(cols < N_VALID, g, 0.0)
+            tl.store(g_base + cols, g.to(g_base.dtype.element_ty), mask=cols < N_LOCAL)
+        else:
+            tl.store(g_base + cols, g.to(g_base.dtype.element_ty))
+
+    @triton.jit
     def _grad_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, g_ptr, g_sb, g_st, col_ptr, coef_ptr, n_rows,
-                     n_t, inv_temp, beta, clip, N_VALID: tl.constexpr, N_LOCAL: tl.constexpr,
+                     n_t, scale, beta, clip2, N_VALID: tl.constexpr, N_LOCAL: tl.constexpr,
                      KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr):
         """Sweep 3 per row from coef = [lse_s, lse_t, coef_h, coef_q, coef_x]:
-        g_j = coef_h h_j - coef_q q_j + [j == col] coef_x on the real columns, 0 on the padding."""
+        g_j = coef_h h_j - coef_q q_j + [j == col] coef_x on the real columns, 0 on the padding.
+
+        The sampled token's entry is formed again on its own and stored after a barrier (ordering it
+        after the block stores), so the blocks carry no per-entry comparison with ``col``.
+        """
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         row = tl.program_id(0)
         while row < n_rows:
             zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
             g_base = _row_base(g_ptr, row, n_t, g_sb, g_st)
-            lse_s = tl.load(coef_ptr + row)
-            lse_t = tl.load(coef_ptr + n_rows + row)
+            lse2_s = tl.load(coef_ptr + row) * _LOG2E
+            lse2_t = tl.load(coef_ptr + n_rows + row) * _LOG2E
             coef_h = tl.load(coef_ptr + 2 * n_rows + row)
             coef_q = tl.load(coef_ptr + 3 * n_rows + row)
-            coef_x = tl.load(coef_ptr + 4 * n_rows + row)
+            for v0 in range(0, N_FULL, BLOCK_V):
+                _grad_block(zs_base, zt_base, g_base, v0 + tl.arange(0, BLOCK_V), scale, lse2_s, lse2_t, beta,
+                            clip2, coef_h, coef_q, N_VALID, N_LOCAL, KIND, HAS_CLIP, False)
+            for v0 in range(N_FULL, N_LOCAL, BLOCK_V):
+                _grad_block(zs_base, zt_base, g_base, v0 + tl.arange(0, BLOCK_V), scale, lse2_s, lse2_t, beta,
+                            clip2, coef_h, coef_q, N_VALID, N_LOCAL, KIND, HAS_CLIP, True)
             col = tl.load(col_ptr + row)
-            for v0 in range(0, N_LOCAL, BLOCK_V):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                inside = cols < N_VALID
-                ls = tl.load(zs_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_s
-                lp = tl.load(zt_base + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp - lse_t
-                _, h, q = _element_terms(ls, lp, beta, clip, KIND, HAS_CLIP)
-                g = coef_h * h - coef_q * q + tl.where(cols == col, coef_x, 0.0)
-                g = tl.where(inside, g, 0.0)
-                tl.store(g_base + cols, g.to(g_ptr.dtype.element_ty), mask=cols < N_LOCAL)
+            hit = col >= 0
+            col = tl.where(hit, col, 0)
+            _, h, q = _element_terms(tl.load(zs_base + col).to(tl.float32) * scale - lse2_s,
+                                     tl.load(zt_base + col).to(tl.float32) * scale - lse2_t, beta, clip2, KIND,
+                                     HAS_CLIP)
+            g = coef_h * h - coef_q * q + tl.load(coef_ptr + 4 * n_rows + row)
+            tl.debug_barrier()
+            tl.store(g_base + col, g.to(g_ptr.dtype.element_ty), mask=hit)
             row += GRID
 
 
@@ -493,6 +545,12 @@ def _triton_launch(plan: _Plan, zs, n_cols: int):
                              num_warps=launch.num_warps)
 
 
+def _kernel_scalars(plan: _Plan):
+    """(scale, beta, clip2): log2(e) / T, beta, and the clamp k in bits (k / ln 2; unused without a clamp)."""
+    clip2 = 0.0 if plan.clip is None else plan.clip / math.log(2.0)
+    return plan.inv_temp / math.log(2.0), plan.beta, clip2
+
+
 def _strides(z):
     return z, z.stride(0), z.stride(1)
 
@@ -502,21 +560,19 @@ def _triton_forward(zs, zt, col, plan: _Plan, tp_group):
     n_b, n_t, _ = zs.shape
     rows = n_b * n_t
     grid, opts = _triton_launch(plan, zs, plan.n_valid)
-    clip = 0.0 if plan.clip is None else plan.clip
-    lane_max = TRITON_LAUNCH.lane_max
+    scale, beta, clip2 = _kernel_scalars(plan)
     if group_size(tp_group) == 1:
         out = zs.new_empty((7, n_b, n_t), dtype=torch.float32)
-        _forward_kernel[grid](*_strides(zs), *_strides(zt), col, out, rows, n_t, plan.inv_temp, plan.beta, clip,
-                              N_VALID=plan.n_valid, LANE_MAX=lane_max, **opts)
+        _forward_kernel[grid](*_strides(zs), *_strides(zt), col, out, rows, n_t, scale, beta, clip2,
+                              N_VALID=plan.n_valid, **opts)
         return (*out[:6], out[6].any())
     stats = zs.new_empty((5, n_b, n_t), dtype=torch.float32)
     stats_opts = {key: opts[key] for key in ("BLOCK_V", "GRID", "num_warps")}
-    _stats_kernel[grid](*_strides(zs), *_strides(zt), stats, rows, n_t, plan.inv_temp, N_VALID=plan.n_valid,
-                        LANE_MAX=lane_max, **stats_opts)
+    _stats_kernel[grid](*_strides(zs), *_strides(zt), stats, rows, n_t, scale, N_VALID=plan.n_valid, **stats_opts)
     lse, bad = _combine_stats(stats[:4], stats[4].any(), tp_group)
     out = zs.new_empty((4, n_b, n_t), dtype=torch.float32)
-    _terms_kernel[grid](*_strides(zs), *_strides(zt), col, lse.contiguous(), out, rows, n_t, plan.inv_temp,
-                        plan.beta, clip, N_VALID=plan.n_valid, **opts)
+    _terms_kernel[grid](*_strides(zs), *_strides(zt), col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,
+                        N_VALID=plan.n_valid, **opts)
     return (lse[0], lse[1], *out, bad)
 
 
@@ -525,9 +581,8 @@ def _triton_grad(zs, zt, col, plan: _Plan, saved, coef, grad):
     n_b, n_t, n_local = zs.shape
     packed = torch.stack([*saved, *coef]).to(torch.float32).contiguous()
     grid, opts = _triton_launch(plan, zs, n_local)
-    _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), col, packed, n_b * n_t, n_t, plan.inv_temp,
-                       plan.beta, 0.0 if plan.clip is None else plan.clip, N_VALID=plan.n_valid, N_LOCAL=n_local,
-                       **opts)
+    _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), col, packed, n_b * n_t, n_t,
+                       *_kernel_scalars(plan), N_VALID=plan.n_valid, N_LOCAL=n_local, **opts)
 
 
 # ----------------------------------------------------------------------------------------------

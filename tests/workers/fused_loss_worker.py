@@ -64,7 +64,10 @@ TP_CASES = [
 ]
 # (local vocabulary, true vocabulary): padding on the last rank only; the last rank all padding.
 TP_LAYOUTS = [(320, 600), (128, 100)]
-TRITON_CASES = [("forward_kl", 0.5, 0.001, 1.0), ("jsd", 0.3, 0.05, 1.1)]
+TRITON_CASES = [("forward_kl", 0.5, 0.001, 1.0), ("reverse_kl", 0.5, None, 0.7), ("jsd", 0.3, 0.05, 1.1)]
+# (which logits, column, value, flagged): non-finite entries in a full block, in the tail, in padding.
+TRITON_NONFINITE = [("student", 5, float("inf"), True), ("teacher", 386, float("-inf"), True),
+                    ("student", 395, float("nan"), False)]
 
 
 def case_results(case, local: int, true_vocab: int, group, seed: int, impl="chunked", dtype=torch.float32, b=2, t=5):
@@ -86,6 +89,14 @@ def case_results(case, local: int, true_vocab: int, group, seed: int, impl="chun
     return {"fused": fused_run, "unfused": run_path(token_terms, *args), "full": full}
 
 
+def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bool:
+    """The Triton path's non-finite flag with ``value`` at one entry of a [1, 3, 400] shard (390 real columns)."""
+    student, teacher, tokens, _, _ = make_logits(1, 3, 400, seed=7)
+    (student if which == "student" else teacher)[0, 1, column] = value
+    cfg = DivergenceConfig(kind="jsd", beta=0.5, temperature=1.0, token_clip=0.05)
+    return bool(fused_token_terms(student, teacher, tokens, cfg, VocabShard(0, 400, 390), impl="triton").nonfinite)
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     group = dist.group.WORLD
@@ -96,10 +107,15 @@ def main(out_dir: str) -> None:
     result["bf16"] = case_results(("jsd", 0.5, 0.05, 1.1), *TP_LAYOUTS[0], group, seed=99, dtype=torch.bfloat16)
     result["triton_checked"] = fused.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
     if result["triton_checked"]:
-        fused._TRITON_BLOCK_V = 64  # several vocabulary blocks per row on these tiny shapes
+        # Blocks of 64: full blocks, a tail and padding in every shard; one program per row at TP=2, and
+        # at TP=1 a persistent grid of 3 programs (the interpreter counts one SM) walking the 10 rows.
+        fused.TRITON_LAUNCH = fused.TritonLaunch(None, 4, 64)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp2"] = case_results(case, 200, 390, group, seed=i, impl="triton", t=2)
-            result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=2)
+        fused.TRITON_LAUNCH = fused.TritonLaunch(3, 4, 64)
+        for i, case in enumerate(TRITON_CASES):
+            result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=5)
+        result["triton_nonfinite"] = [nonfinite_flag(*entry) for entry in TRITON_NONFINITE]
     save_rank_result(out_dir, result)
     dist.destroy_process_group()
 
