@@ -266,8 +266,8 @@ KERNEL_ARG_TYPES = {"zs_ptr": "*bf16", "zt_ptr": "*bf16", "g_ptr": "*bf16", "out
                     "coef_ptr": "*fp32", "col_ptr": "*i32", "scale": "fp32", "beta": "fp32", "clip2": "fp32"}
 
 
-def ptxas_report_for_hopper(kernel, constants: dict, tmp_path) -> str:
-    """Compile a @triton.jit kernel for sm_90a at the default launch; returns ptxas's resource report."""
+def ptxas_report_for_hopper(kernel, constants: dict, num_warps: int, tmp_path) -> str:
+    """Compile a @triton.jit kernel for sm_90a with ``num_warps``; returns ptxas's resource report."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource, compile as triton_compile
@@ -276,7 +276,7 @@ def ptxas_report_for_hopper(kernel, constants: dict, tmp_path) -> str:
                  for name in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
     compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": fused.TRITON_LAUNCH.num_warps})
+                              options={"num_warps": num_warps})
     ptx = tmp_path / f"{kernel.fn.__name__}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".o"))],
@@ -289,15 +289,18 @@ def ptxas_report_for_hopper(kernel, constants: dict, tmp_path) -> str:
 def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
     """Each kernel compiles at Qwen3's vocabulary shard with the default launch and keeps its values in registers."""
     plan = fused._Plan.build(DivergenceConfig(kind=kind, beta=0.5, token_clip=0.05), VocabShard(0, 151936, 151936))
-    common = dict(KIND=plan.kind, HAS_CLIP=True, BLOCK_V=fused.TRITON_LAUNCH.block_v, GRID=132)
+    forward, grad = fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH
+    common = dict(KIND=plan.kind, HAS_CLIP=True, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch)
     kernels = [
-        (fused._forward_kernel, dict(common, N_VALID=151936)),
-        (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=common["BLOCK_V"], GRID=132)),
-        (fused._terms_kernel, dict(common, N_VALID=75968)),
-        (fused._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064)),
+        (fused._forward_kernel, dict(common, N_VALID=151936), forward),
+        (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch),
+         forward),
+        (fused._terms_kernel, dict(common, N_VALID=75968), forward),
+        (fused._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064, BLOCK_V=grad.block_v,
+                                  PREFETCH=grad.prefetch), grad),
     ]
-    for kernel, constants in kernels:
-        report = ptxas_report_for_hopper(kernel, constants, tmp_path)
+    for kernel, constants, launch in kernels:
+        report = ptxas_report_for_hopper(kernel, constants, launch.num_warps, tmp_path)
         assert f"Compiling entry function '{kernel.fn.__name__}' for 'sm_90a'" in report
         assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
@@ -329,11 +332,12 @@ def test_triton_matches_chunked_on_cuda(case, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024), fused.TritonLaunch(1, 16, 4096),
+@pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024), fused.TritonLaunch(1, 16, 4096, True),
                                     fused.TritonLaunch(3, 4, 512)], ids=str)
 def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
-    """Every launch shape (one row per program, persistent grids) on [t, b, V] logits viewed as [b, t, V]."""
+    """Launch shapes (one row per program, persistent grids, prefetch) on [t, b, V] logits viewed as [b, t, V]."""
     monkeypatch.setattr(fused, "TRITON_LAUNCH", launch)
+    monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", launch)
     student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(3, 200, 3000, seed=14))
     cfg, shard = config(CASES[6]), VocabShard(0, 3000, 2990)
     results = []

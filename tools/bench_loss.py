@@ -12,8 +12,9 @@ Side by side, on the same logits and in one run:
 - ``fused(forward)`` (``--split``): the fused forward alone; backward is the rest of ``fused``.
 - ``floor`` (GPU): read both logits once and write one logits-sized tensor (``torch.add`` with
   ``out=``), the memory-bandwidth floor of any exact loss + gradient.
-- ``fused[P:W:B]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes (programs
-  per SM or 'row', warps, vocabulary block; see ``TritonLaunch`` in fused.py), to choose the default.
+- ``fused[F/G]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes of the forward
+  kernels (F) and the gradient kernel (G), each P:W:B[:pf] (programs per SM or 'row', warps,
+  vocabulary block, prefetch; see ``TritonLaunch`` in fused.py), to choose the defaults.
 - ``liger`` (GPU, JSD): Liger-Kernel's JSD (``liger_kernel.ops.jsd``) on log-prob inputs plus the two
   log-softmaxes, when liger-kernel imports (reported as skipped otherwise).
 
@@ -102,26 +103,35 @@ def fused_loss(impl):
     return loss
 
 
-def launch_loss(launch: fused.TritonLaunch):
-    """The fused Triton path with ``launch`` in place of the default launch shape."""
+def launch_loss(launches: tuple):
+    """The fused Triton path with (forward, gradient) launch shapes in place of the defaults."""
 
     def loss(zs, zt, tokens, cfg, shard, group):
-        default, fused.TRITON_LAUNCH = fused.TRITON_LAUNCH, launch
+        defaults = fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH
+        fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH = launches
         try:
             return fused_token_terms(zs, zt, tokens, cfg, shard, group, impl="triton").divergence.mean()
         finally:
-            fused.TRITON_LAUNCH = default
+            fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH = defaults
 
     return loss
 
 
-def parse_launch(spec: str) -> fused.TritonLaunch:
-    """'P:W:B' (P programs per SM or 'row', W warps, B vocabulary block) -> TritonLaunch."""
+def parse_launch(spec: str) -> tuple:
+    """'F[/G]' with F, G = 'P:W:B[:pf]' (P programs per SM or 'row', W warps, B vocabulary block, pf:
+    prefetch) -> (forward, gradient) TritonLaunch; without G the gradient kernel keeps its default."""
+
+    def one(part: str):
+        pps, warps, block, *pf = part.split(":")
+        if pf not in ([], ["pf"]):
+            raise ValueError(part)
+        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), bool(pf))
+
     try:
-        pps, warps, block = spec.split(":")
-        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r} is not P:W:B (e.g. 1:16:4096 or row:8:4096)")
+        forward, *grad = spec.split("/")
+        return one(forward), one(grad[0]) if grad else fused.TRITON_GRAD_LAUNCH
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{spec!r} is not P:W:B[:pf][/P:W:B[:pf]] (e.g. row:4:2048:pf/8:4:1024)")
 
 
 def liger_loss(zs, zt, tokens, cfg, shard, group):
@@ -398,7 +408,7 @@ def main(argv=None):
     p.add_argument("--shard-proxy", type=int, default=1, metavar="N",
                    help="one device: time the fused path on 1/N of the vocabulary against the full one")
     p.add_argument("--triton-launch", type=lambda s: [(x, parse_launch(x)) for x in s.split(",")], default=[],
-                   metavar="P:W:B[,...]", help="GPU: also time the Triton path with these launch shapes")
+                   metavar="F[/G],...", help="GPU: also time the Triton path with these launch shapes")
     args = p.parse_args(argv)
     bad = [k for k in args.kinds if k not in KINDS]
     if bad:

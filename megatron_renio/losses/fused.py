@@ -110,13 +110,15 @@ class TritonLaunch:
 
     programs_per_sm: a persistent grid of this many programs per streaming multiprocessor, program
     p walking rows p, p + grid, ... (the grid depends only on the device: one compilation; the
-    interpreter on the CPU counts one multiprocessor); None = one program per token row. num_warps: warps per program. block_v: vocabulary entries per loop
-    step (a power of two).
+    interpreter on the CPU counts one multiprocessor); None = one program per token row.
+    num_warps: warps per program. block_v: vocabulary entries per loop step (a power of two).
+    prefetch: load the next block of a loop before computing on the current one.
     """
 
     programs_per_sm: int | None = None
     num_warps: int = 4
-    block_v: int = 1024
+    block_v: int = 2048
+    prefetch: bool = False
 
     def grid(self, rows: int, device: torch.device) -> tuple[int, int]:
         """(programs to launch, the GRID constant: the row stride of each program)."""
@@ -126,8 +128,10 @@ class TritonLaunch:
         return sms * self.programs_per_sm, sms * self.programs_per_sm
 
 
-# The launch the kernels use; tools/bench_loss.py --triton-launch times alternatives side by side.
+# The launches of the forward kernels and of the gradient kernel; tools/bench_loss.py --triton-launch
+# times alternatives side by side.
 TRITON_LAUNCH = TritonLaunch()
+TRITON_GRAD_LAUNCH = TritonLaunch(block_v=1024)
 
 
 @dataclass(frozen=True)
@@ -332,9 +336,8 @@ if triton is not None:
         return new_max, acc * tl.exp2((run_max - shift) * scale) + tl.exp2(z * scale - shift * scale)
 
     @triton.jit
-    def _stats_block(zs_base, zt_base, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, N_VALID: tl.constexpr,
+    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, N_VALID: tl.constexpr,
                      MASKED: tl.constexpr):
-        zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, MASKED)
         acc_z += zs + zt
         if MASKED:
             zs = tl.where(cols < N_VALID, zs, float("-inf"))
@@ -344,7 +347,7 @@ if triton is not None:
         return max_s, acc_s, max_t, acc_t, acc_z
 
     @triton.jit
-    def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
         """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1), natural units, real columns.
 
         Non-finite: the plain sum of both rows' logits is not finite (inf, -inf or NaN anywhere; a sum
@@ -356,12 +359,23 @@ if triton is not None:
         acc_s = tl.zeros([BLOCK_V], tl.float32)
         acc_t = tl.zeros([BLOCK_V], tl.float32)
         acc_z = tl.zeros([BLOCK_V], tl.float32)
+        zs, zt = _load_pair(zs_base, zt_base, tl.arange(0, BLOCK_V), N_FULL, True)  # the first full block
         for v0 in range(0, N_FULL, BLOCK_V):
-            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs_base, zt_base, v0 + tl.arange(0, BLOCK_V), scale,
-                                                             max_s, acc_s, max_t, acc_t, acc_z, N_VALID, False)
+            cols = v0 + tl.arange(0, BLOCK_V)
+            if PREFETCH:
+                next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tl.arange(0, BLOCK_V)
+                next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
+            else:
+                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
+            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
+                                                             N_VALID, False)
+            if PREFETCH:
+                zs, zt = next_zs, next_zt
         for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
-            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs_base, zt_base, v0 + tl.arange(0, BLOCK_V), scale,
-                                                             max_s, acc_s, max_t, acc_t, acc_z, N_VALID, True)
+            cols = v0 + tl.arange(0, BLOCK_V)
+            zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
+            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
+                                                             N_VALID, True)
         total = tl.sum(acc_z, axis=0)
         bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
         return max_s * scale * _LN2, tl.sum(acc_s, axis=0), max_t * scale * _LN2, tl.sum(acc_t, axis=0), bad
@@ -391,9 +405,8 @@ if triton is not None:
         return d, h, q
 
     @triton.jit
-    def _terms_block(zs_base, zt_base, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h,
+    def _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h,
                      N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, MASKED: tl.constexpr):
-        zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, MASKED)
         d, h, _ = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
         if MASKED:
             d = tl.where(cols < N_VALID, d, 0.0)
@@ -402,7 +415,7 @@ if triton is not None:
 
     @triton.jit
     def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID: tl.constexpr,
-                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr):
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
         """Sweep 2 of a row, tail first, then the full blocks in reverse order: (sum of clamped d_v, sum of h_v)."""
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         lse2_s = lse_s * _LOG2E
@@ -410,12 +423,24 @@ if triton is not None:
         acc_d = tl.zeros([BLOCK_V], tl.float32)
         acc_h = tl.zeros([BLOCK_V], tl.float32)
         for v0 in range(N_FULL, N_VALID, BLOCK_V):
-            acc_d, acc_h = _terms_block(zs_base, zt_base, v0 + tl.arange(0, BLOCK_V), scale, lse2_s, lse2_t, beta,
-                                        clip2, acc_d, acc_h, N_VALID, KIND, HAS_CLIP, True)
+            cols = v0 + tl.arange(0, BLOCK_V)
+            zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
+            acc_d, acc_h = _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h, N_VALID,
+                                        KIND, HAS_CLIP, True)
+        last = tl.maximum(N_FULL - BLOCK_V, 0) + tl.arange(0, BLOCK_V)
+        zs, zt = _load_pair(zs_base, zt_base, last, N_FULL, True)  # the last full block
         for i in range(0, N_FULL // BLOCK_V):
-            cols = N_FULL - (i + 1) * BLOCK_V + tl.arange(0, BLOCK_V)
-            acc_d, acc_h = _terms_block(zs_base, zt_base, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h,
-                                        N_VALID, KIND, HAS_CLIP, False)
+            v0 = N_FULL - (i + 1) * BLOCK_V
+            cols = v0 + tl.arange(0, BLOCK_V)
+            if PREFETCH:
+                next_cols = tl.maximum(v0 - BLOCK_V, 0) + tl.arange(0, BLOCK_V)
+                next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
+            else:
+                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
+            acc_d, acc_h = _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h, N_VALID,
+                                        KIND, HAS_CLIP, False)
+            if PREFETCH:
+                zs, zt = next_zs, next_zt
         return tl.sum(acc_d, axis=0) * _LN2, tl.sum(acc_h, axis=0)
 
     @triton.jit
@@ -428,17 +453,17 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, out_ptr, n_rows, n_t, scale,
                         beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                        BLOCK_V: tl.constexpr, GRID: tl.constexpr):
+                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
         """Without TP, sweeps 1 and 2 per row; out = [lse_s, lse_t, D, H, s, u, non-finite]."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH)
             lse_s = max_s + tl.log(sum_s)
             lse_t = max_t + tl.log(sum_t)
             d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP,
-                                BLOCK_V)
+                                BLOCK_V, PREFETCH)
             col = tl.load(col_ptr + row)
             tl.store(out_ptr + row, lse_s)
             tl.store(out_ptr + n_rows + row, lse_t)
@@ -451,13 +476,13 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, out_ptr, n_rows, n_t, scale,
-                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr):
+                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
         """Under TP, sweep 1 per row; out = [max_s, sumexp_s, max_t, sumexp_t, non-finite] (this shard)."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH)
             tl.store(out_ptr + row, max_s)
             tl.store(out_ptr + n_rows + row, sum_s)
             tl.store(out_ptr + 2 * n_rows + row, max_t)
@@ -468,7 +493,7 @@ if triton is not None:
     @triton.jit
     def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, lse_ptr, out_ptr, n_rows, n_t,
                       scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                      BLOCK_V: tl.constexpr, GRID: tl.constexpr):
+                      BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
         """Under TP, sweep 2 per row from the global lse = [lse_s, lse_t]; out = [D, H, s, u] (this shard)."""
         row = tl.program_id(0)
         while row < n_rows:
@@ -477,7 +502,7 @@ if triton is not None:
             lse_s = tl.load(lse_ptr + row)
             lse_t = tl.load(lse_ptr + n_rows + row)
             d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP,
-                                BLOCK_V)
+                                BLOCK_V, PREFETCH)
             col = tl.load(col_ptr + row)
             tl.store(out_ptr + row, d)
             tl.store(out_ptr + n_rows + row, h)
@@ -486,10 +511,9 @@ if triton is not None:
             row += GRID
 
     @triton.jit
-    def _grad_block(zs_base, zt_base, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q,
+    def _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q,
                     N_VALID: tl.constexpr, N_LOCAL: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
                     MASKED: tl.constexpr):
-        zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, MASKED)
         _, h, q = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
         g = coef_h * h - coef_q * q
         if MASKED:
@@ -501,7 +525,8 @@ if triton is not None:
     @triton.jit
     def _grad_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, g_ptr, g_sb, g_st, col_ptr, coef_ptr, n_rows,
                      n_t, scale, beta, clip2, N_VALID: tl.constexpr, N_LOCAL: tl.constexpr,
-                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr):
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         """Sweep 3 per row from coef = [lse_s, lse_t, coef_h, coef_q, coef_x]:
         g_j = coef_h h_j - coef_q q_j + [j == col] coef_x on the real columns, 0 on the padding.
 
@@ -518,12 +543,23 @@ if triton is not None:
             lse2_t = tl.load(coef_ptr + n_rows + row) * _LOG2E
             coef_h = tl.load(coef_ptr + 2 * n_rows + row)
             coef_q = tl.load(coef_ptr + 3 * n_rows + row)
+            zs, zt = _load_pair(zs_base, zt_base, tl.arange(0, BLOCK_V), N_FULL, True)  # the first full block
             for v0 in range(0, N_FULL, BLOCK_V):
-                _grad_block(zs_base, zt_base, g_base, v0 + tl.arange(0, BLOCK_V), scale, lse2_s, lse2_t, beta,
-                            clip2, coef_h, coef_q, N_VALID, N_LOCAL, KIND, HAS_CLIP, False)
+                cols = v0 + tl.arange(0, BLOCK_V)
+                if PREFETCH:
+                    next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tl.arange(0, BLOCK_V)
+                    next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
+                else:
+                    zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
+                _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
+                            N_LOCAL, KIND, HAS_CLIP, False)
+                if PREFETCH:
+                    zs, zt = next_zs, next_zt
             for v0 in range(N_FULL, N_LOCAL, BLOCK_V):
-                _grad_block(zs_base, zt_base, g_base, v0 + tl.arange(0, BLOCK_V), scale, lse2_s, lse2_t, beta,
-                            clip2, coef_h, coef_q, N_VALID, N_LOCAL, KIND, HAS_CLIP, True)
+                cols = v0 + tl.arange(0, BLOCK_V)
+                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
+                _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
+                            N_LOCAL, KIND, HAS_CLIP, True)
             col = tl.load(col_ptr + row)
             hit = col >= 0
             col = tl.where(hit, col, 0)
@@ -536,13 +572,12 @@ if triton is not None:
             row += GRID
 
 
-def _triton_launch(plan: _Plan, zs, n_cols: int):
+def _triton_launch(plan: _Plan, zs, n_cols: int, launch: TritonLaunch):
     """((programs,), constants and launch options) of a kernel over ``zs``'s rows and ``n_cols`` columns."""
-    launch = TRITON_LAUNCH
     programs, stride = launch.grid(zs.shape[0] * zs.shape[1], zs.device)
     block = max(16, min(launch.block_v, triton.next_power_of_2(max(n_cols, 1))))
     return (programs,), dict(KIND=plan.kind, HAS_CLIP=plan.clip is not None, BLOCK_V=block, GRID=stride,
-                             num_warps=launch.num_warps)
+                             PREFETCH=launch.prefetch, num_warps=launch.num_warps)
 
 
 def _kernel_scalars(plan: _Plan):
@@ -559,7 +594,7 @@ def _triton_forward(zs, zt, col, plan: _Plan, tp_group):
     """Sweeps 1 and 2 with the Triton kernels; per-token (lse_s, lse_t, D, H, s, u) local, and the flag."""
     n_b, n_t, _ = zs.shape
     rows = n_b * n_t
-    grid, opts = _triton_launch(plan, zs, plan.n_valid)
+    grid, opts = _triton_launch(plan, zs, plan.n_valid, TRITON_LAUNCH)
     scale, beta, clip2 = _kernel_scalars(plan)
     if group_size(tp_group) == 1:
         out = zs.new_empty((7, n_b, n_t), dtype=torch.float32)
@@ -567,7 +602,7 @@ def _triton_forward(zs, zt, col, plan: _Plan, tp_group):
                               N_VALID=plan.n_valid, **opts)
         return (*out[:6], out[6].any())
     stats = zs.new_empty((5, n_b, n_t), dtype=torch.float32)
-    stats_opts = {key: opts[key] for key in ("BLOCK_V", "GRID", "num_warps")}
+    stats_opts = {key: opts[key] for key in ("BLOCK_V", "GRID", "PREFETCH", "num_warps")}
     _stats_kernel[grid](*_strides(zs), *_strides(zt), stats, rows, n_t, scale, N_VALID=plan.n_valid, **stats_opts)
     lse, bad = _combine_stats(stats[:4], stats[4].any(), tp_group)
     out = zs.new_empty((4, n_b, n_t), dtype=torch.float32)
@@ -580,7 +615,7 @@ def _triton_grad(zs, zt, col, plan: _Plan, saved, coef, grad):
     """Sweep 3 into ``grad`` (every column) with the Triton kernel; coef = (coef_h, coef_q, coef_x)."""
     n_b, n_t, n_local = zs.shape
     packed = torch.stack([*saved, *coef]).to(torch.float32).contiguous()
-    grid, opts = _triton_launch(plan, zs, n_local)
+    grid, opts = _triton_launch(plan, zs, n_local, TRITON_GRAD_LAUNCH)
     _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), col, packed, n_b * n_t, n_t,
                        *_kernel_scalars(plan), N_VALID=plan.n_valid, N_LOCAL=n_local, **opts)
 
