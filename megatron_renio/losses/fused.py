@@ -116,8 +116,8 @@ class TritonLaunch:
     """
 
     programs_per_sm: int | None = None
-    num_warps: int = 4
-    block_v: int = 2048
+    num_warps: int = 2
+    block_v: int = 512
     prefetch: bool = False
 
     def grid(self, rows: int, device: torch.device) -> tuple[int, int]:
@@ -128,10 +128,11 @@ class TritonLaunch:
         return sms * self.programs_per_sm, sms * self.programs_per_sm
 
 
-# The launches of the forward kernels and of the gradient kernel; tools/bench_loss.py --triton-launch
-# times alternatives side by side.
-TRITON_LAUNCH = TritonLaunch()
-TRITON_GRAD_LAUNCH = TritonLaunch(block_v=1024)
+# The launches of the forward kernels and of the gradient kernel, chosen with tools/bench_loss.py
+# --triton-launch on an H200 at 8192 x 151936 bf16 (README, Performance): one row per program, two
+# warps, the forward over blocks of 1024 with prefetch, the gradient over blocks of 512.
+TRITON_LAUNCH = TritonLaunch(block_v=1024, prefetch=True)
+TRITON_GRAD_LAUNCH = TritonLaunch()
 
 
 @dataclass(frozen=True)
