@@ -4,9 +4,10 @@ Documented tolerances of the fused path against ``token_terms`` on the same inpu
 - float32: divergence D, sampled-token log-probs s and u, and the gradient w.r.t. the student logits
   (of sum gD * D + gS * s, random gD and gS) within rtol 1e-5 and atol 1e-5.
 - bfloat16: both paths compute in float32 from the same bf16 values, so D, s and u keep the float32
-  tolerance. Both round the gradient to bf16 once, but autograd also rounds its intermediates
-  (log-probs, probabilities, elements) to bf16 on the way: within rtol 2^-7 and atol 2^-8 of the
-  largest gradient entry.
+  tolerance, and both round the gradient to bf16 once; their float32 gradients differ in the last
+  bits (another order of operations, base-2 exponentials in the kernels), which can move a bf16
+  rounding by one step: within rtol 2^-7 and atol 2^-8 of the largest gradient entry (measured on
+  these inputs: 0.48 of that bound for unclamped reverse KL at T = 0.7, under 0.3 with the clamp).
 Every divergence kind and both JSD endpoints, the clamp binding, at 0.05, not binding and absent,
 temperature 1 and not, padded vocabulary, TP=1 here and TP=2 in one torchrun launch (which also
 runs the Triton kernels in interpreter mode when triton is installed). GPU-marked tests compare the
