@@ -154,7 +154,10 @@ def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=No
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
     _init_optimizer_state(optimizer)
     state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True), str(optimizer_dir))
-    optimizer.load_state_dict(state)
+    if getattr(optimizer.config, "use_distributed_optimizer", False):
+        _load_distributed_optimizer_state(optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
     _untie_step_tensors(optimizer)
     rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
     train_state = torch.load(path / "train_state.pt", weights_only=False)
@@ -168,10 +171,43 @@ def _inner_optimizers(optimizer):
 
 
 def _init_optimizer_state(optimizer) -> None:
-    """Create Adam's state tensors so that the sharded load has targets."""
+    """Create Adam's state tensors so that the sharded load has targets.
+
+    Megatron's ``init_state_fn`` for torch's Adam creates ``exp_avg`` and ``exp_avg_sq`` only; the
+    distributed optimizer's ``state_dict`` (called by its ``sharded_state_dict`` on load) reads every
+    parameter's ``step`` when neither Apex nor Transformer Engine provides the optimizer, so a
+    placeholder step is added here; the loaded checkpoint overwrites it.
+    """
     for opt in _inner_optimizers(optimizer):
         if hasattr(opt, "init_state_fn") and opt.init_state_fn is not None:
             opt.init_state_fn(opt.optimizer, getattr(opt, "config", None))
+            if isinstance(opt.optimizer, torch.optim.Adam):
+                for state in opt.optimizer.state.values():
+                    state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _load_distributed_optimizer_state(optimizer, state: dict) -> None:
+    """``DistributedOptimizer.load_state_dict`` in two parts, around a megatron-core 0.16 limitation.
+
+    With torch's Adam (neither Apex nor Transformer Engine installed) the inner optimizer's state
+    holds a ``step`` per parameter once its state dict is loaded, and the parameter-state loader
+    copies every state key from the checkpoint's shards, which carry no ``step``. So the step,
+    param groups and grad scaler are loaded first, then the sharded parameter state (main weights,
+    exp_avg, exp_avg_sq) with the ``step`` entries set aside.
+    """
+    inner = _inner_optimizers(optimizer)
+    if len(inner) != 1:
+        raise RuntimeError(f"expected one distributed optimizer, found {len(inner)} chained optimizers")
+    opt = inner[0]
+    state = dict(state)
+    param_state, sharding = state.pop("param_state"), state.pop("param_state_sharding_type")
+    if sharding != "fully_reshardable":
+        raise UserInputError(f"optimizer state of sharding type {sharding!r}; this trainer writes 'fully_reshardable'")
+    opt.load_state_dict(state)
+    steps = {param: entry.pop("step") for param, entry in opt.optimizer.state.items() if "step" in entry}
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for param, step in steps.items():
+        opt.optimizer.state[param]["step"] = step
 
 
 def _untie_step_tensors(optimizer) -> None:
