@@ -10,8 +10,10 @@ Documented tolerances of the fused path against ``token_terms`` on the same inpu
   these inputs: 0.48 of that bound for unclamped reverse KL at T = 0.7, under 0.3 with the clamp).
 Every divergence kind and both JSD endpoints, the clamp binding, at 0.05, not binding and absent,
 temperature 1 and not, padded vocabulary, TP=1 here and TP=2 in one torchrun launch (which also
-runs the Triton kernels in interpreter mode when triton is installed). GPU-marked tests compare the
-Triton kernels with the chunked path on CUDA.
+runs the Triton kernels in interpreter mode when triton is installed, with full blocks, tails,
+padding, a persistent grid and prefetching). Every kernel is also compiled for Hopper (sm_90a) on
+the CPU and checked by ptxas for register spills. GPU-marked tests compare the Triton kernels with
+the chunked path and ``token_terms`` on CUDA.
 """
 
 from __future__ import annotations
