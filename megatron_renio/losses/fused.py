@@ -4,7 +4,8 @@
 :func:`~megatron_renio.losses.divergence.token_terms` (forward KL, reverse KL, JSD(beta) with its
 endpoints, per-entry clamp or none, temperature, padded vocabulary) without materialising log-probs,
 probabilities or divergence elements of the vocabulary: nothing logits-sized is allocated besides
-the gradient itself, and nothing logits-sized is kept between forward and backward.
+the gradient itself; between forward and backward it keeps only per-token values and references to
+the two logits tensors, which backward reads again.
 
 Notation (per token; vocabulary index v over the FULL vocabulary, split across tensor-parallel ranks):
 a_v = z^S_v / T, b_v = z^T_v / T, log q_v = a_v - LSE_S, log p_v = b_v - LSE_T, where LSE is the
