@@ -294,10 +294,12 @@ def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
     plan = fused._Plan.build(DivergenceConfig(kind=kind, beta=0.5, token_clip=0.05), VocabShard(0, 151936, 151936))
     forward, grad = fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH
     common = dict(KIND=plan.kind, HAS_CLIP=True, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch)
+    group = forward.block_v if forward.max_group is None else forward.max_group
     kernels = [
-        (fused._forward_kernel, dict(common, N_VALID=151936), forward),
-        (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch),
-         forward),
+        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=group), forward),
+        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=8), forward),  # TritonLaunch.max_group=8
+        (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch,
+                                   GROUP=group), forward),
         (fused._terms_kernel, dict(common, N_VALID=75968), forward),
         (fused._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064, BLOCK_V=grad.block_v,
                                   PREFETCH=grad.prefetch), grad),
@@ -336,9 +338,10 @@ def test_triton_matches_chunked_on_cuda(case, shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024), fused.TritonLaunch(1, 16, 4096, True),
-                                    fused.TritonLaunch(3, 4, 512)], ids=str)
+                                    fused.TritonLaunch(3, 4, 512, max_group=8)], ids=str)
 def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
-    """Launch shapes (one row per program, persistent grids, prefetch) on [t, b, V] logits viewed as [b, t, V]."""
+    """Launch shapes (one row per program, persistent grids, prefetch, grouped running max) on [t, b, V]
+    logits viewed as [b, t, V]."""
     monkeypatch.setattr(fused, "TRITON_LAUNCH", launch)
     monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", launch)
     student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(3, 200, 3000, seed=14))

@@ -13,8 +13,9 @@ Side by side, on the same logits and in one run:
 - ``floor`` (GPU): read both logits once and write one logits-sized tensor (``torch.add`` with
   ``out=``), the memory-bandwidth floor of any exact loss + gradient.
 - ``fused[F/G]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes of the forward
-  kernels (F) and the gradient kernel (G), each P:W:B[:pf] (programs per SM or 'row', warps,
-  vocabulary block, prefetch; see ``TritonLaunch`` in fused.py), to choose the defaults.
+  kernels (F) and the gradient kernel (G), each P:W:B[:pf][:gN] (programs per SM or 'row', warps,
+  vocabulary block, prefetch, entries per running max; see ``TritonLaunch`` in fused.py), to
+  choose the defaults.
 - ``liger`` (GPU, JSD): Liger-Kernel's JSD (``liger_kernel.ops.jsd``) on log-prob inputs plus the two
   log-softmaxes, when liger-kernel imports (reported as skipped otherwise).
 
@@ -118,20 +119,24 @@ def launch_loss(launches: tuple):
 
 
 def parse_launch(spec: str) -> tuple:
-    """'F[/G]' with F, G = 'P:W:B[:pf]' (P programs per SM or 'row', W warps, B vocabulary block, pf:
-    prefetch) -> (forward, gradient) TritonLaunch; without G the gradient kernel keeps its default."""
+    """'F[/G]' with F, G = 'P:W:B[:pf][:gN]' (P programs per SM or 'row', W warps, B vocabulary block,
+    pf: prefetch, gN: a running max per N entries in the statistics sweep) -> (forward, gradient)
+    TritonLaunch; without G the gradient kernel keeps its default."""
 
     def one(part: str):
-        pps, warps, block, *pf = part.split(":")
-        if pf not in ([], ["pf"]):
+        pps, warps, block, *options = part.split(":")
+        groups = [int(o[1:]) for o in options if o.startswith("g")]
+        if any(o != "pf" and not o.startswith("g") for o in options) or len(groups) > 1:
             raise ValueError(part)
-        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), bool(pf))
+        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), "pf" in options,
+                                  groups[0] if groups else None)
 
     try:
         forward, *grad = spec.split("/")
         return one(forward), one(grad[0]) if grad else fused.TRITON_GRAD_LAUNCH
     except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"{spec!r} is not P:W:B[:pf][/P:W:B[:pf]] (e.g. row:4:2048:pf/8:4:1024)")
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not P:W:B[:pf][:gN][/P:W:B[:pf]] (e.g. row:4:2048:pf:g8/row:4:1024:pf)")
 
 
 def liger_loss(zs, zt, tokens, cfg, shard, group):

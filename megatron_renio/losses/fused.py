@@ -100,6 +100,7 @@ from megatron_renio.renio.vocab_parallel import VocabShard, compute_dtype, group
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import libdevice
 except ImportError:  # triton is optional: the chunked PyTorch path is always available
     triton = None
 
@@ -118,13 +119,18 @@ class TritonLaunch:
     p walking rows p, p + grid, ... (the grid depends only on the device: one compilation; the
     interpreter on the CPU counts one multiprocessor); None = one program per token row.
     num_warps: warps per program. block_v: vocabulary entries per loop step (a power of two).
-    prefetch: load the next block of a loop before computing on the current one.
+    prefetch: load the next block of a loop before computing on the current one. max_group: the
+    statistics sweep keeps one running max per group of this many consecutive entries (a power of
+    two); None = one per block, which costs a reduction across the program's threads (barriers
+    with more than one warp) per block and one exponential per entry; 8 = each thread's own
+    entries (128-bit bf16 loads), no cross-thread reduction and 1 + 1/8 exponentials per entry.
     """
 
     programs_per_sm: int | None = None
     num_warps: int = 4
     block_v: int = 1024
     prefetch: bool = True
+    max_group: int | None = None
 
     def grid(self, rows: int, device: torch.device) -> tuple[int, int]:
         """(programs to launch, the GRID constant: the row stride of each program)."""
@@ -320,6 +326,16 @@ if triton is not None:
     # kernel walks rows pid, pid + GRID, ... (TritonLaunch). Row outputs are fp32 arrays [k, rows].
     _LN2 = tl.constexpr(0.6931471805599453)
     _LOG2E = tl.constexpr(1.4426950408889634)
+    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+    @triton.jit
+    def _log2(x):
+        """log2 with the GPU's lg2.approx (libdevice fast_log2f; tl.log2 compiles to a longer exact
+        sequence); the interpreter, which has no libdevice, uses tl.log2."""
+        if _INTERPRETED:
+            return tl.log2(x)
+        else:
+            return libdevice.fast_log2f(x)
 
     @triton.jit
     def _row_base(ptr, row, n_t, stride_b, stride_t):
@@ -340,11 +356,12 @@ if triton is not None:
 
     @triton.jit
     def _online_sum_exp(z, scale, run_max, acc):
-        """One block of the online sum-exp: the running max of the raw logits z (a scalar) and per-lane
-        sums of 2^((z - max) scale) = e^((z - max) / T)."""
-        new_max = tl.maximum(run_max, tl.max(z, axis=0))
+        """One tile [R, G] of the online sum-exp: a running max of the raw logits z per group of G
+        entries (shape [R]), and per-entry sums of 2^((z - max) scale) = e^((z - max) / T)."""
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        return new_max, acc * tl.exp2((run_max - shift) * scale) + tl.exp2(z * scale - shift * scale)
+        rescale = tl.exp2((run_max - shift) * scale)
+        return new_max, acc * rescale[:, None] + tl.exp2(z * scale - (shift * scale)[:, None])
 
     @triton.jit
     def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, N_VALID: tl.constexpr,
@@ -358,23 +375,35 @@ if triton is not None:
         return max_s, acc_s, max_t, acc_t, acc_z
 
     @triton.jit
-    def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
+    def _finish_sum_exp(run_max, acc, scale):
+        """(max in natural units, sum-exp relative to it) of a row from :func:`_online_sum_exp`'s state."""
+        row_max = tl.max(run_max, axis=0)
+        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        total = tl.sum(tl.sum(acc, axis=1) * tl.exp2((run_max - shift) * scale), axis=0)
+        return row_max * scale * _LN2, total
+
+    @triton.jit
+    def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
+                     PREFETCH: tl.constexpr, GROUP: tl.constexpr):
         """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1), natural units, real columns.
 
-        Non-finite: the plain sum of both rows' logits is not finite (inf, -inf or NaN anywhere; a sum
-        that overflows float32 counts too).
+        Blocks are tiles [BLOCK_V / GROUP, GROUP] of consecutive entries, each tile row with its own
+        running max (TritonLaunch.max_group). Non-finite: the plain sum of both rows' logits is not
+        finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too).
         """
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
-        max_s = tl.full([], float("-inf"), tl.float32)
-        max_t = tl.full([], float("-inf"), tl.float32)
-        acc_s = tl.zeros([BLOCK_V], tl.float32)
-        acc_t = tl.zeros([BLOCK_V], tl.float32)
-        acc_z = tl.zeros([BLOCK_V], tl.float32)
-        zs, zt = _load_pair(zs_base, zt_base, tl.arange(0, BLOCK_V), N_FULL, True)  # the first full block
+        R: tl.constexpr = BLOCK_V // GROUP
+        tile = tl.arange(0, R)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        max_s = tl.full([R], float("-inf"), tl.float32)
+        max_t = tl.full([R], float("-inf"), tl.float32)
+        acc_s = tl.zeros([R, GROUP], tl.float32)
+        acc_t = tl.zeros([R, GROUP], tl.float32)
+        acc_z = tl.zeros([R, GROUP], tl.float32)
+        zs, zt = _load_pair(zs_base, zt_base, tile, N_FULL, True)  # the first full block
         for v0 in range(0, N_FULL, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = v0 + tile
             if PREFETCH:
-                next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tl.arange(0, BLOCK_V)
+                next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tile
                 next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
@@ -383,13 +412,15 @@ if triton is not None:
             if PREFETCH:
                 zs, zt = next_zs, next_zt
         for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = v0 + tile
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
             max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
                                                              N_VALID, True)
-        total = tl.sum(acc_z, axis=0)
+        total = tl.sum(tl.sum(acc_z, axis=1), axis=0)
         bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
-        return max_s * scale * _LN2, tl.sum(acc_s, axis=0), max_t * scale * _LN2, tl.sum(acc_t, axis=0), bad
+        max_s, sum_s = _finish_sum_exp(max_s, acc_s, scale)
+        max_t, sum_t = _finish_sum_exp(max_t, acc_t, scale)
+        return max_s, sum_s, max_t, sum_t, bad
 
     @triton.jit
     def _element_terms(ls2, lp2, beta, clip2, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
@@ -405,7 +436,7 @@ if triton is not None:
         else:
             p_part = beta * tl.exp2(lp2)
             q_part = (1.0 - beta) * q
-            lm2 = tl.log2(tl.maximum(p_part + q_part, 1.1754943508222875e-38))
+            lm2 = _log2(tl.maximum(p_part + q_part, 1.1754943508222875e-38))
             h2 = q_part * (ls2 - lm2)
             d = p_part * (lp2 - lm2) + h2
             h = h2 * _LN2
@@ -464,13 +495,14 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, out_ptr, n_rows, n_t, scale,
                         beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
+                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr,
+                        GROUP: tl.constexpr):
         """Without TP, sweeps 1 and 2 per row; out = [lse_s, lse_t, D, H, s, u, non-finite]."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH, GROUP)
             lse_s = max_s + tl.log(sum_s)
             lse_t = max_t + tl.log(sum_t)
             d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP,
@@ -487,13 +519,14 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, out_ptr, n_rows, n_t, scale,
-                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
+                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr,
+                      GROUP: tl.constexpr):
         """Under TP, sweep 1 per row; out = [max_s, sumexp_s, max_t, sumexp_t, non-finite] (this shard)."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH, GROUP)
             tl.store(out_ptr + row, max_s)
             tl.store(out_ptr + n_rows + row, sum_s)
             tl.store(out_ptr + 2 * n_rows + row, max_t)
@@ -606,15 +639,17 @@ def _triton_forward(zs, zt, col, plan: _Plan, tp_group):
     n_b, n_t, _ = zs.shape
     rows = n_b * n_t
     grid, opts = _triton_launch(plan, zs, plan.n_valid, TRITON_LAUNCH)
+    group = opts["BLOCK_V"] if TRITON_LAUNCH.max_group is None else min(TRITON_LAUNCH.max_group, opts["BLOCK_V"])
     scale, beta, clip2 = _kernel_scalars(plan)
     if group_size(tp_group) == 1:
         out = zs.new_empty((7, n_b, n_t), dtype=torch.float32)
         _forward_kernel[grid](*_strides(zs), *_strides(zt), col, out, rows, n_t, scale, beta, clip2,
-                              N_VALID=plan.n_valid, **opts)
+                              N_VALID=plan.n_valid, GROUP=group, **opts)
         return (*out[:6], out[6].any())
     stats = zs.new_empty((5, n_b, n_t), dtype=torch.float32)
     stats_opts = {key: opts[key] for key in ("BLOCK_V", "GRID", "PREFETCH", "num_warps")}
-    _stats_kernel[grid](*_strides(zs), *_strides(zt), stats, rows, n_t, scale, N_VALID=plan.n_valid, **stats_opts)
+    _stats_kernel[grid](*_strides(zs), *_strides(zt), stats, rows, n_t, scale, N_VALID=plan.n_valid, GROUP=group,
+                        **stats_opts)
     lse, bad = _combine_stats(stats[:4], stats[4].any(), tp_group)
     out = zs.new_empty((4, n_b, n_t), dtype=torch.float32)
     _terms_kernel[grid](*_strides(zs), *_strides(zt), col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,

@@ -107,10 +107,10 @@ def main(out_dir: str) -> None:
     result["bf16"] = case_results(("jsd", 0.5, 0.05, 1.1), *TP_LAYOUTS[0], group, seed=99, dtype=torch.bfloat16)
     result["triton_checked"] = fused.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
     if result["triton_checked"]:
-        # Blocks of 64: full blocks, a tail and padding in every shard; one program per row at TP=2, and
-        # at TP=1 a persistent grid of 3 programs (the interpreter counts one SM) walking the 10 rows,
-        # prefetching the next block.
-        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64)
+        # Blocks of 64: full blocks, a tail and padding in every shard; one program per row at TP=2
+        # with a running max per 8 entries, and at TP=1 a persistent grid of 3 programs (the
+        # interpreter counts one SM) walking the 10 rows, prefetching the next block.
+        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, max_group=8)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp2"] = case_results(case, 200, 390, group, seed=i, impl="triton", t=2)
         fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(3, 4, 64, prefetch=True)
