@@ -67,7 +67,8 @@ forward KL 5: statistics 2, terms 1, gradient 2; JSD 8: 2, 3 and 3 with the loga
 much as by bandwidth.
 
 Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path); the
-gradient is rounded once, to the logits' dtype. tests/test_fused_loss.py states the tolerances
+Triton kernels use the GPU's approximate exponential and log2 (ex2 / lg2.approx, errors of a few
+float32 ulp); the gradient is rounded once, to the logits' dtype. tests/test_fused_loss.py states the tolerances
 against ``token_terms``.
 
 Implementations: ``'triton'`` (GPU kernels, each program walking token rows and looping over
