@@ -137,6 +137,15 @@ def test_resume_at_another_layout_reshards_model_and_optimizer(workdir):
         assert (y["loss"], y["grad_norm"]) == pytest.approx((x["loss"], x["grad_norm"]), rel=1e-4), y["step"]
 
 
+def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
+    """Distributed and replicated optimizer states have different layouts: one line names the flag, exit 2."""
+    save = workdir / "plain_optimizer"
+    train(base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1}))
+    proc = train(base_args(workdir, **{"--load": save, "--use-distributed-optimizer": None}), check=False)
+    assert proc.returncode == 2
+    assert "saved without --use-distributed-optimizer; resume without it" in _last_error(proc)
+
+
 def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     save = workdir / "nonfinite"
     path = workdir / "nonfinite.jsonl"

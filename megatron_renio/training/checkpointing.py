@@ -77,9 +77,14 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _distributed(optimizer) -> bool:
+    """Whether ``optimizer`` is Megatron's distributed optimizer (its state sharded over DP)."""
+    return bool(getattr(optimizer.config, "use_distributed_optimizer", False))
+
+
 def _optimizer_state_dict(optimizer, model_sd, is_loading: bool):
     kwargs = {}
-    if getattr(optimizer.config, "use_distributed_optimizer", False):
+    if _distributed(optimizer):
         kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
 
@@ -114,7 +119,7 @@ def save_training_checkpoint(
     maybe_die("checkpoint", iteration)  # model and optimizer written, not yet published
     if rank == 0:
         (tmp / "rng").mkdir()
-        torch.save(train_state, tmp / "train_state.pt")
+        torch.save({**train_state, "distributed_optimizer": _distributed(optimizer)}, tmp / "train_state.pt")
     _barrier()
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     _barrier()
@@ -152,15 +157,20 @@ def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=No
     optimizer_dir = path / "optimizer"
     if not optimizer_dir.is_dir():
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
+    train_state = torch.load(path / "train_state.pt", weights_only=False)
+    saved_distributed = train_state.pop("distributed_optimizer", _distributed(optimizer))
+    if saved_distributed != _distributed(optimizer):
+        said = "with" if saved_distributed else "without"
+        raise UserInputError(f"{path}: the optimizer state was saved {said} --use-distributed-optimizer; "
+                             f"resume {said} it (its state layouts differ)")
     _init_optimizer_state(optimizer)
     state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True), str(optimizer_dir))
-    if getattr(optimizer.config, "use_distributed_optimizer", False):
+    if _distributed(optimizer):
         _load_distributed_optimizer_state(optimizer, state)
     else:
         optimizer.load_state_dict(state)
     _untie_step_tensors(optimizer)
     rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
-    train_state = torch.load(path / "train_state.pt", weights_only=False)
     if rank_file.is_file():  # same world size: exact RNG continuation
         _set_rng_state(torch.load(rank_file, weights_only=False))
     return train_state
