@@ -101,9 +101,12 @@ from megatron_renio.renio.vocab_parallel import VocabShard, compute_dtype, group
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import libdevice
 except ImportError:  # triton is optional: the chunked PyTorch path is always available
     triton = None
+try:
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # a triton without CUDA's libdevice wrappers: the kernels use tl.log2
+    libdevice = None
 
 IMPLS = ("auto", "triton", "chunked")
 _FORWARD_KL, _REVERSE_KL, _JSD = 0, 1, 2
@@ -327,13 +330,13 @@ if triton is not None:
     # kernel walks rows pid, pid + GRID, ... (TritonLaunch). Row outputs are fp32 arrays [k, rows].
     _LN2 = tl.constexpr(0.6931471805599453)
     _LOG2E = tl.constexpr(1.4426950408889634)
-    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+    _EXACT_LOG2 = tl.constexpr(libdevice is None or os.environ.get("TRITON_INTERPRET") == "1")
 
     @triton.jit
     def _log2(x):
         """log2 with the GPU's lg2.approx (libdevice fast_log2f; tl.log2 compiles to a longer exact
-        sequence); the interpreter, which has no libdevice, uses tl.log2."""
-        if _INTERPRETED:
+        sequence); tl.log2 in the interpreter, which has no libdevice, or without libdevice."""
+        if _EXACT_LOG2:
             return tl.log2(x)
         else:
             return libdevice.fast_log2f(x)
