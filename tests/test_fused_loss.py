@@ -79,6 +79,20 @@ def assert_same(got: dict, want: dict, bf16_grad: bool = False) -> None:
     assert got["nonfinite"] == want["nonfinite"]
 
 
+def assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg, shard, impl: str) -> None:
+    """fused_token_terms(impl) == token_terms on logits stored as Megatron's [t, b, V] and viewed as [b, t, V]:
+    D, s and the gradient (of sum gD * D + gS * s) w.r.t. the [t, b, V] storage."""
+    results = []
+    for fn, kwargs in ((fused_token_terms, {"impl": impl}), (token_terms, {})):
+        base = student.transpose(0, 1).contiguous().requires_grad_()
+        teacher_view = teacher.transpose(0, 1).contiguous().transpose(0, 1)
+        terms = fn(base.transpose(0, 1), teacher_view, tokens, cfg, shard, None, **kwargs)
+        (terms.divergence * grad_d + terms.student_logprobs * grad_s).sum().backward()
+        results.append((terms.divergence.detach(), terms.student_logprobs.detach(), base.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **FP32_TOL)
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_unfused_fp32(case, monkeypatch):
     """Padded vocabulary (500 real of 512), ten row blocks per call."""
@@ -105,15 +119,7 @@ def test_row_blocks_across_samples_and_megatron_layout(monkeypatch):
     monkeypatch.setattr(fused, "_CHUNK_ELEMS", 5 * 300)  # 5 rows: blocks of 2 samples x 2 positions
     student, teacher, tokens, grad_d, grad_s = make_logits(6, 2, 320, seed=3)
     cfg, shard = config(("jsd", 0.5, 0.05, 1.1)), VocabShard(0, 320, 300)
-    results = []
-    for fn, kwargs in ((fused_token_terms, {"impl": "chunked"}), (token_terms, {})):
-        base = student.transpose(0, 1).contiguous().requires_grad_()
-        teacher_view = teacher.transpose(0, 1).contiguous().transpose(0, 1)
-        terms = fn(base.transpose(0, 1), teacher_view, tokens, cfg, shard, None, **kwargs)
-        (terms.divergence * grad_d + terms.student_logprobs * grad_s).sum().backward()
-        results.append((terms.divergence.detach(), terms.student_logprobs.detach(), base.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, **FP32_TOL)
+    assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg, shard, "chunked")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6]], ids=case_id)
@@ -346,12 +352,4 @@ def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
     monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", launch)
     student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(3, 200, 3000, seed=14))
     cfg, shard = config(CASES[6]), VocabShard(0, 3000, 2990)
-    results = []
-    for fn, kwargs in ((fused_token_terms, {"impl": "triton"}), (token_terms, {})):
-        base = student.transpose(0, 1).contiguous().requires_grad_()
-        teacher_view = teacher.transpose(0, 1).contiguous().transpose(0, 1)
-        terms = fn(base.transpose(0, 1), teacher_view, tokens, cfg, shard, None, **kwargs)
-        (terms.divergence * grad_d + terms.student_logprobs * grad_s).sum().backward()
-        results.append((terms.divergence.detach(), terms.student_logprobs.detach(), base.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, **FP32_TOL)
+    assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg, shard, "triton")

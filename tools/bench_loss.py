@@ -332,6 +332,22 @@ def liger_available() -> bool:
     return True
 
 
+def print_pair_header(base: str, other: str) -> None:
+    """Header of the tables that set one measurement (``other``) against a baseline (``base``)."""
+    print(f"{'path':10s} {'kind':11s} {base + '_ms':>9s} {other + '_ms':>9s} {'ratio':>6s} "
+          f"{base + '_MiB':>9s} {other + '_MiB':>9s} {'ratio':>6s}")
+
+
+def print_pair_row(label: str, kind: str, base, other) -> None:
+    """One row: times, extra memory and their ratios other / base; ``None`` (out of memory) says so."""
+    if base is None or other is None:
+        print(f"{label:10s} {kind:11s} out of memory")
+        return
+    (t1, m1), (tn, mn) = base, other
+    print(f"{label:10s} {kind:11s} {t1:9.2f} {tn:9.2f} {tn / t1:6.2f} "
+          f"{m1 / 2**20:9.1f} {mn / 2**20:9.1f} {mn / max(m1, 1):6.2f}")
+
+
 def run_shard_proxy(args, device, dtype, memory):
     """Fused path on the full vocabulary and on 1/args.shard_proxy of it, one process (module docstring)."""
     zs, zt, ids = make_inputs(args.tokens, args.vocab, dtype, device)
@@ -340,17 +356,14 @@ def run_shard_proxy(args, device, dtype, memory):
     zt_local = zt[..., :local].clone()
     print(f"device={device} tokens={args.tokens} vocab={args.vocab} dtype={args.dtype} "
           f"proxy of one rank at TP={args.shard_proxy}: a {local}-column shard, no communication")
-    print(f"{'path':10s} {'kind':11s} {'full_ms':>9s} {'shard_ms':>9s} {'ratio':>6s} "
-          f"{'full_MiB':>9s} {'shard_MiB':>9s} {'ratio':>6s}")
+    print_pair_header("full", "shard")
     for kind in args.kinds:
         cfg = DivergenceConfig(kind=kind, beta=JSD_BETA, temperature=args.temperature, token_clip=args.clip)
         steps = {"full": loss_step(fused_loss("auto"), zs, zt, ids, cfg, VocabShard(0, args.vocab, args.vocab), None),
                  "shard": loss_step(fused_loss("auto"), zs_local, zt_local, ids % local, cfg,
                                     VocabShard(0, local, local), None)}
         got = measure(steps, device, args.iters, args.warmup, memory)
-        (t1, m1), (tn, mn) = got["full"], got["shard"]
-        print(f"{'fused':10s} {kind:11s} {t1:9.2f} {tn:9.2f} {tn / t1:6.2f} "
-              f"{m1 / 2**20:9.1f} {mn / 2**20:9.1f} {mn / max(m1, 1):6.2f}")
+        print_pair_row("fused", kind, got["full"], got["shard"])
 
 
 def run_tp(args, device, dtype, memory):
@@ -371,8 +384,7 @@ def run_tp(args, device, dtype, memory):
     if rank == 0:
         print(f"device={device} tokens={args.tokens} vocab={args.vocab} dtype={args.dtype} tp={args.tp} "
               f"threads/rank={torch.get_num_threads()}")
-        print(f"{'path':10s} {'kind':11s} {'tp1_ms':>9s} {'tp_ms':>9s} {'ratio':>6s} "
-              f"{'tp1_MiB':>9s} {'tp_MiB':>9s} {'ratio':>6s}")
+        print_pair_header("tp1", "tp")
     for kind in args.kinds:
         cfg = DivergenceConfig(kind=kind, beta=JSD_BETA, temperature=args.temperature, token_clip=args.clip)
         paths = {"unfused": unfused_loss, "fused": fused_loss("auto")}
@@ -385,12 +397,7 @@ def run_tp(args, device, dtype, memory):
                          for label, path in paths.items()}, device, args.iters, args.warmup, memory)
         dist.barrier()
         for label in paths if rank == 0 else ():
-            if single[label] is None or split[label] is None:
-                print(f"{label:10s} {kind:11s} out of memory")
-                continue
-            (t1, m1), (tn, mn) = single[label], split[label]
-            print(f"{label:10s} {kind:11s} {t1:9.2f} {tn:9.2f} {tn / t1:6.2f} "
-                  f"{m1 / 2**20:9.1f} {mn / 2**20:9.1f} {mn / max(m1, 1):6.2f}")
+            print_pair_row(label, kind, single[label], split[label])
     dist.destroy_process_group()
 
 

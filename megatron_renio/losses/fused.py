@@ -497,6 +497,18 @@ if triton is not None:
         return tl.where(hit, z * scale * _LN2 - lse, 0.0)
 
     @triton.jit
+    def _terms_row(zs_base, zt_base, col, terms_ptr, row, n_rows, scale, lse_s, lse_t, beta, clip2,
+                   N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+        """Sweep 2 of a row and its sampled-token lookups, stored as [D, H, s, u] (stride n_rows) at terms_ptr."""
+        d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V,
+                            PREFETCH)
+        tl.store(terms_ptr + row, d)
+        tl.store(terms_ptr + n_rows + row, h)
+        tl.store(terms_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
+        tl.store(terms_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
+
+    @triton.jit
     def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, out_ptr, n_rows, n_t, scale,
                         beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
                         BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr,
@@ -509,15 +521,10 @@ if triton is not None:
             max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH, GROUP)
             lse_s = max_s + tl.log(sum_s)
             lse_t = max_t + tl.log(sum_t)
-            d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP,
-                                BLOCK_V, PREFETCH)
-            col = tl.load(col_ptr + row)
             tl.store(out_ptr + row, lse_s)
             tl.store(out_ptr + n_rows + row, lse_t)
-            tl.store(out_ptr + 2 * n_rows + row, d)
-            tl.store(out_ptr + 3 * n_rows + row, h)
-            tl.store(out_ptr + 4 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
-            tl.store(out_ptr + 5 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
+            _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr + 2 * n_rows, row, n_rows, scale, lse_s,
+                       lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
             tl.store(out_ptr + 6 * n_rows + row, bad)
             row += GRID
 
@@ -549,13 +556,8 @@ if triton is not None:
             zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
             lse_s = tl.load(lse_ptr + row)
             lse_t = tl.load(lse_ptr + n_rows + row)
-            d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP,
-                                BLOCK_V, PREFETCH)
-            col = tl.load(col_ptr + row)
-            tl.store(out_ptr + row, d)
-            tl.store(out_ptr + n_rows + row, h)
-            tl.store(out_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
-            tl.store(out_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
+            _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr, row, n_rows, scale, lse_s, lse_t, beta,
+                       clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
             row += GRID
 
     @triton.jit
