@@ -422,6 +422,8 @@ def main(argv=None):
     p.add_argument("--triton-launch", type=lambda s: [(x, parse_launch(x)) for x in s.split(",")], default=[],
                    metavar="F[/G],...", help="GPU: also time the Triton path with these launch shapes")
     args = p.parse_args(argv)
+    if args.shard_proxy < 1 or args.vocab % args.shard_proxy:
+        p.error(f"--shard-proxy {args.shard_proxy} must be a positive divisor of --vocab {args.vocab}")
     bad = [k for k in args.kinds if k not in KINDS]
     if bad:
         p.error(f"--kinds: unknown {', '.join(bad)}; allowed: {', '.join(KINDS)}")
