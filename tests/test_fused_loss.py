@@ -31,7 +31,8 @@ from megatron_renio.losses.fused import fused_token_terms, triton_available
 from megatron_renio.renio.vocab_parallel import VocabShard
 from tests.torchrun_harness import run_torchrun
 from tests.workers.fused_loss_worker import (
-    OUTPUTS, TP_CASES, TP_LAYOUTS, TRITON_CASES, TRITON_NONFINITE, make_logits, run_path,
+    OUTPUTS, STUDENT_POSITIONS, STUDENT_ROWS, TP_CASES, TP_LAYOUTS, TRITON_CASES, TRITON_NONFINITE, make_logits,
+    rows_nonfinite_flags, rows_results, run_path, sequence_logits,
 )
 
 WORKER = Path(__file__).parent / "workers" / "fused_loss_worker.py"
@@ -93,6 +94,20 @@ def assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg
         torch.testing.assert_close(got, want, **FP32_TOL)
 
 
+def assert_rows_in_place(runs: dict) -> None:
+    """Reading rows through positions == token_terms on the gathered rows; empty cells give D = s = u = 0
+    and the student rows that no cell reads get a zero gradient."""
+    got = runs["fused"]
+    assert_same(got, runs["gathered"])
+    empty = torch.tensor(STUDENT_POSITIONS) < 0
+    for key in ("divergence", "student_logprobs", "teacher_logprobs"):
+        assert (got[key][empty] == 0).all(), key
+    read = torch.zeros(3, STUDENT_ROWS, dtype=torch.bool)
+    for i, row in enumerate(STUDENT_POSITIONS):
+        read[i, [p for p in row if p >= 0]] = True
+    assert (got["grad"][~read] == 0).all()
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_unfused_fp32(case, monkeypatch):
     """Padded vocabulary (500 real of 512), ten row blocks per call."""
@@ -120,6 +135,18 @@ def test_row_blocks_across_samples_and_megatron_layout(monkeypatch):
     student, teacher, tokens, grad_d, grad_s = make_logits(6, 2, 320, seed=3)
     cfg, shard = config(("jsd", 0.5, 0.05, 1.1)), VocabShard(0, 320, 300)
     assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg, shard, "chunked")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6], CASES[9]], ids=case_id)
+def test_positions_read_rows_in_place(case, monkeypatch):
+    """Student [3, 9, V] in Megatron's layout and teacher [3, 11, V] read through positions (a one-token
+    prompt, empty cells); row blocks of 4 cells span samples."""
+    monkeypatch.setattr(fused, "_CHUNK_ELEMS", 4 * 130)
+    assert_rows_in_place(rows_results(case, 130, 120, None, seed=15))
+
+
+def test_positions_nonfinite_flag_counts_read_rows_only():
+    assert rows_nonfinite_flags("chunked") == [False, True]
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6]], ids=case_id)
@@ -215,6 +242,12 @@ def test_bad_arguments_raise_user_input_error(monkeypatch):
         fused_token_terms(student, teacher, tokens, cfg, shard, impl="cuda")
     with pytest.raises(UserInputError, match="shard size"):
         fused_token_terms(student, teacher, tokens, cfg, VocabShard(0, 16, 32))
+    with pytest.raises(UserInputError, match="tokens \\(1, 3\\)"):
+        fused_token_terms(student, teacher, tokens[:, [0, 1, 1]], cfg, shard)
+    rows_s, rows_t, grid_tokens, _, _, (pos_s, pos_t) = sequence_logits(32, seed=11)
+    for positions in ((pos_s, pos_t[:, :2]), (pos_s.float(), pos_t)):
+        with pytest.raises(UserInputError, match="both positions"):
+            fused_token_terms(rows_s, rows_t, grid_tokens, cfg, shard, positions=positions)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UserInputError, match="impl='triton'"):
         fused_token_terms(student, teacher, tokens, cfg, shard, impl="triton")
@@ -242,6 +275,13 @@ def test_tp2_matches_unfused(tp2, case, layout):
         assert_same(runs["fused"], runs["full"])
 
 
+@pytest.mark.parametrize("layout", TP_LAYOUTS, ids=lambda lay: f"local{lay[0]}-true{lay[1]}")
+@pytest.mark.parametrize("case", TP_CASES, ids=case_id)
+def test_tp2_positions_read_rows_in_place(tp2, case, layout):
+    for rank in tp2:
+        assert_rows_in_place(rank["rows", "chunked"][case, layout])
+
+
 def test_tp2_bf16(tp2):
     for rank in tp2:
         assert_same(rank["bf16"]["fused"], rank["bf16"]["unfused"], bf16_grad=True)
@@ -257,6 +297,7 @@ def test_triton_kernels_in_interpreter(tp2, case, tp):
         runs = rank["triton"][case, tp]
         assert_same(runs["fused"], runs["unfused"])
         assert_same(runs["fused"], runs["full"])
+        assert_rows_in_place(rank["rows", "triton"][case, tp])
 
 
 def test_triton_nonfinite_flag_in_interpreter(tp2):
@@ -265,6 +306,7 @@ def test_triton_nonfinite_flag_in_interpreter(tp2):
                     "them on the CPU with TRITON_INTERPRET=1)")
     for rank in tp2:
         assert rank["triton_nonfinite"] == [entry[-1] for entry in TRITON_NONFINITE]
+        assert rank["triton_rows_nonfinite"] == [False, True]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +314,8 @@ def test_triton_nonfinite_flag_in_interpreter(tp2):
 # ------------------------------------------------------------------------------------------------
 
 KERNEL_ARG_TYPES = {"zs_ptr": "*bf16", "zt_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*fp32", "lse_ptr": "*fp32",
-                    "coef_ptr": "*fp32", "col_ptr": "*i32", "scale": "fp32", "beta": "fp32", "clip2": "fp32"}
+                    "coef_ptr": "*fp32", "col_ptr": "*i32", "spos_ptr": "*i32", "tpos_ptr": "*i32", "cell_ptr": "*i32",
+                    "scale": "fp32", "beta": "fp32", "clip2": "fp32"}
 
 
 def ptxas_report_for_hopper(kernel, constants: dict, num_warps: int, tmp_path) -> str:
@@ -353,3 +396,11 @@ def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
     student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(3, 200, 3000, seed=14))
     cfg, shard = config(CASES[6]), VocabShard(0, 3000, 2990)
     assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg, shard, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=case_id)
+def test_triton_positions_read_rows_in_place_on_cuda(case):
+    assert_rows_in_place(rows_results(case, 3000, 2990, None, seed=16, impl="triton", device="cuda"))

@@ -38,6 +38,10 @@ measures the TP=1 run alone, then all ranks run TP=2 together; prints per-rank t
 their ratios to TP=1 (the issue's target: both halve within 20%). ``--shard-proxy 2`` on a single
 device: the fused path on the full vocabulary and on one half of it (the kernel work of one rank
 at TP=2, without its three O(tokens) all-reduces and with the TP=1 kernels), for a machine with one GPU.
+``--prompt-rows P``: the fused path as the trainer calls it, on whole sequences [1, P + tokens, vocab]
+whose last ``tokens`` rows are the completion: gathering both models' completion rows into copies
+first (``gathered``, how the trainer called it before) against reading them in place through
+``positions`` (``in_place``).
 
 The last line is machine-readable: ``speedup_vs_reference=<x> memory_vs_reference=<y>`` for the
 fused path, the worst over the measured divergence kinds (lowest speedup, highest memory ratio).
@@ -61,7 +65,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_renio.losses.divergence import DivergenceConfig, token_terms  # noqa: E402
+from megatron_renio.losses.divergence import DivergenceConfig, gather_grid, token_terms  # noqa: E402
 from megatron_renio.losses import fused  # noqa: E402
 from megatron_renio.losses.fused import fused_token_terms, triton_available  # noqa: E402
 from megatron_renio.renio.vocab_parallel import VocabShard  # noqa: E402
@@ -100,6 +104,21 @@ def unfused_loss(zs, zt, tokens, cfg, shard, group):
 def fused_loss(impl):
     def loss(zs, zt, tokens, cfg, shard, group):
         return fused_token_terms(zs, zt, tokens, cfg, shard, group, impl=impl).divergence.mean()
+
+    return loss
+
+
+def rows_loss(in_place: bool):
+    """The fused path on whole sequences whose last ``tokens.shape[1]`` rows are the completion:
+    reading those rows in place (``positions``) or from gathered copies."""
+
+    def loss(zs, zt, tokens, cfg, shard, group):
+        rows = torch.arange(zs.shape[1] - tokens.shape[1], zs.shape[1], device=zs.device).expand_as(tokens)
+        if in_place:
+            terms = fused_token_terms(zs, zt, tokens, cfg, shard, group, positions=(rows, rows))
+        else:
+            terms = fused_token_terms(gather_grid(zs, rows), gather_grid(zt, rows), tokens, cfg, shard, group)
+        return terms.divergence.mean()
 
     return loss
 
@@ -366,6 +385,22 @@ def run_shard_proxy(args, device, dtype, memory):
         print_pair_row("fused", kind, got["full"], got["shard"])
 
 
+def run_rows(args, device, dtype, memory):
+    """The trainer's call on sequences of ``--prompt-rows`` + ``--tokens`` rows: gathered rows vs rows in place."""
+    zs, zt, ids = make_inputs(args.prompt_rows + args.tokens, args.vocab, dtype, device)
+    ids = ids[:, args.prompt_rows:]
+    shard = VocabShard(0, args.vocab, args.vocab)
+    print(f"device={device} tokens={args.tokens} after {args.prompt_rows} prompt rows, vocab={args.vocab} "
+          f"dtype={args.dtype}: the fused path on gathered completion rows and on the rows in place")
+    print_pair_header("gathered", "in_place")
+    for kind in args.kinds:
+        cfg = DivergenceConfig(kind=kind, beta=JSD_BETA, temperature=args.temperature, token_clip=args.clip)
+        steps = {name: loss_step(rows_loss(name == "in_place"), zs, zt, ids, cfg, shard, None)
+                 for name in ("gathered", "in_place")}
+        got = measure(steps, device, args.iters, args.warmup, memory)
+        print_pair_row("fused", kind, got["gathered"], got["in_place"])
+
+
 def run_tp(args, device, dtype, memory):
     """Per-rank time and memory of the fused and unfused paths at TP=1 (rank 0 alone) and TP=args.tp."""
     import torch.distributed as dist
@@ -419,11 +454,16 @@ def main(argv=None):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
     p.add_argument("--shard-proxy", type=int, default=1, metavar="N",
                    help="one device: time the fused path on 1/N of the vocabulary against the full one")
+    p.add_argument("--prompt-rows", type=int, default=0, metavar="P",
+                   help="time the trainer's call on sequences of P prompt rows + --tokens completion rows: "
+                        "gathered completion rows against rows read in place")
     p.add_argument("--triton-launch", type=lambda s: [(x, parse_launch(x)) for x in s.split(",")], default=[],
                    metavar="F[/G],...", help="GPU: also time the Triton path with these launch shapes")
     args = p.parse_args(argv)
     if args.shard_proxy < 1 or args.vocab % args.shard_proxy:
         p.error(f"--shard-proxy {args.shard_proxy} must be a positive divisor of --vocab {args.vocab}")
+    if args.prompt_rows < 0:
+        p.error(f"--prompt-rows {args.prompt_rows} must be >= 0")
     bad = [k for k in args.kinds if k not in KINDS]
     if bad:
         p.error(f"--kinds: unknown {', '.join(bad)}; allowed: {', '.join(KINDS)}")
@@ -433,7 +473,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
     memory = CudaMemory() if device.type == "cuda" else CpuMemory()
     dtype = getattr(torch, args.dtype)
-    run = run_tp if args.tp > 1 else run_shard_proxy if args.shard_proxy > 1 else run_single
+    run = run_tp if args.tp > 1 else run_shard_proxy if args.shard_proxy > 1 else run_rows if args.prompt_rows \
+        else run_single
     run(args, device, dtype, memory)
 
 

@@ -93,6 +93,11 @@ class TokenTerms:
     nonfinite: torch.Tensor
 
 
+def gather_grid(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[b, S, V] -> [b, t, V]``: row ``index[i, j]`` of sample i at (i, j) (a copy)."""
+    return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
 def _kl_elements(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """a_v (log a_v - log b_v) from finite log-probs."""
     return log_a.exp() * (log_a - log_b)

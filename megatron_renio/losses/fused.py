@@ -76,11 +76,17 @@ vocabulary blocks; also runs on CPU tensors under ``TRITON_INTERPRET=1``) and ``
 (PyTorch over blocks of token rows spanning the local vocabulary, about ``_CHUNK_ELEMS`` elements, so
 no temporary is larger than a block; without TP the terms of a block follow its statistics while it
 is in cache and reuse their exponentials, q = exp(a - m) / S; on one intra-op thread, see
-``_one_intra_op_thread``). Both address rows through the two leading strides, so Megatron's
-[s, b, V] logits transposed to [b, s, V] are read in place, and the gradient has the student's
-strides. ``'auto'`` picks triton for CUDA inputs when triton imports, chunked otherwise.
+``_one_intra_op_thread``). ``'auto'`` picks triton for CUDA inputs when triton imports, chunked
+otherwise.
+
+Rows are addressed through the two leading strides, so Megatron's [s, b, V] logits transposed to
+[b, s, V] are read in place and the gradient has the student's strides. With ``positions`` the
+token grid [b, t] is separate from the logits [b, S, V] (``_Cells``): each grid cell names the row
+it reads in each model, empty cells are skipped, and the gradient kernel walks every row of the
+student's logits, writing a cell's gradient or zeros; the trainer so reads the completion rows of
+whole sequences without copying them (the chunked path copies one block of rows at a time).
 ``cfg.top_k`` (teacher top-k renormalisation) is not fused: such calls return
-:func:`~megatron_renio.losses.divergence.token_terms` unchanged.
+:func:`~megatron_renio.losses.divergence.token_terms`, on gathered rows with ``positions``.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from megatron_renio.errors import UserInputError
-from megatron_renio.losses.divergence import DivergenceConfig, TokenTerms, token_terms
+from megatron_renio.losses.divergence import DivergenceConfig, TokenTerms, gather_grid, token_terms
 from megatron_renio.renio.vocab_parallel import VocabShard, compute_dtype, group_size
 
 try:
@@ -169,6 +175,70 @@ class _Plan:
         return _Plan(kind, beta, cfg.token_clip, 1.0 / cfg.temperature, shard.num_valid)
 
 
+@dataclass(frozen=True)
+class _Cells:
+    """The [b, t] token grid of one call and the logits row that each cell reads in each model.
+
+    ``positions`` None: the logits are [b, t, V] and cell (i, j) reads row (i, j) of both models.
+    Otherwise (student, teacher), each [b, t] int64: cell (i, j) reads row (i, student[i, j]) of the
+    student's logits [b, S, V] and row (i, teacher[i, j]) of the teacher's; a cell whose student
+    position is -1 is empty (``fused_token_terms``).
+    """
+
+    shape: tuple[int, int]
+    positions: tuple[torch.Tensor, torch.Tensor] | None
+
+    def filled(self) -> torch.Tensor | None:
+        """[b, t] bool, True where a cell holds a token; None when every cell does."""
+        return None if self.positions is None else self.positions[0] >= 0
+
+    def index(self, model: int, device: torch.device):
+        """(samples [b, 1], positions [b, t]): the row of every cell in ``model`` (0 student, 1 teacher);
+        empty cells point at position 0."""
+        n_b, n_t = self.shape
+        samples = torch.arange(n_b, device=device).unsqueeze(-1)
+        if self.positions is None:
+            return samples, torch.arange(n_t, device=device).expand(n_b, n_t)
+        return samples, self.positions[model].clamp(min=0)
+
+    def block(self, z: torch.Tensor, model: int, bs: slice, ts: slice, n_cols: int) -> torch.Tensor:
+        """The first ``n_cols`` columns of the rows of cells [bs, ts] in ``model``: a view without
+        positions, else a copy of those rows (an empty cell reads position 0)."""
+        if self.positions is None:
+            return z[bs, ts, :n_cols]
+        samples = torch.arange(z.shape[0], device=z.device)[bs].unsqueeze(-1)
+        return z[samples, self.positions[model][bs, ts].clamp(min=0), :n_cols]
+
+    def store(self, grad: torch.Tensor, bs: slice, ts: slice, n_cols: int, values: torch.Tensor) -> None:
+        """Write ``values`` [len bs, len ts, n_cols] into the student rows of the filled cells [bs, ts]."""
+        if self.positions is None:
+            grad[bs, ts, :n_cols] = values
+            return
+        positions = self.positions[0][bs, ts]
+        filled = positions >= 0
+        samples = torch.arange(grad.shape[0], device=grad.device)[bs].unsqueeze(-1).expand_as(positions)
+        grad[samples[filled], positions[filled], :n_cols] = values[filled].to(grad.dtype)
+
+    def kernel_positions(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) positions as contiguous int32 [b, t] for the Triton kernels (-1 kept)."""
+        if self.positions is None:
+            n_b, n_t = self.shape
+            identity = torch.arange(n_t, device=device, dtype=torch.int32).expand(n_b, n_t).contiguous()
+            return identity, identity
+        return tuple(p.to(torch.int32).contiguous() for p in self.positions)
+
+    def cell_of_row(self, n_rows: int, device: torch.device) -> torch.Tensor:
+        """[b, n_rows] int32: the cell that reads student row (i, r), -1 where none does."""
+        n_b, n_t = self.shape
+        cells = torch.arange(n_b * n_t, device=device, dtype=torch.int32).view(n_b, n_t)
+        if self.positions is None:
+            return cells
+        positions = self.positions[0]
+        target = torch.where(positions >= 0, positions, n_rows)  # empty cells land in a spare column
+        inverse = torch.full((n_b, n_rows + 1), -1, dtype=torch.int32, device=device)
+        return inverse.scatter_(1, target, cells)[:, :n_rows].contiguous()
+
+
 # ----------------------------------------------------------------------------------------------
 # Chunked PyTorch implementation
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +264,7 @@ def _scaled(z_block: torch.Tensor, inv_temp: float, shift: torch.Tensor) -> torc
 
 
 def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
-    """(max of z/T, sum of exp(z/T - max), non-finite flag, the exp block) over the last dim.
+    """(max of z/T, sum of exp(z/T - max), non-finite per row, the exp block) over the last dim.
 
     The non-finite test is a row sum of the logits (inf, -inf or NaN anywhere makes it non-finite),
     cheaper on the CPU than an elementwise isfinite.
@@ -202,12 +272,11 @@ def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
     dtype = compute_dtype(z_block)
     if z_block.shape[-1] == 0:  # a TP rank holding only vocabulary padding
         empty = z_block.new_full(z_block.shape[:-1], float("-inf"), dtype=dtype)
-        return empty, torch.zeros_like(empty), torch.zeros((), dtype=torch.bool, device=z_block.device), None
+        return empty, torch.zeros_like(empty), torch.zeros(empty.shape, dtype=torch.bool, device=empty.device), None
     row_max = z_block.amax(-1).to(dtype) * inv_temp  # max(z)/T == max(z/T) for T > 0
-    bad = ~torch.isfinite(z_block.sum(-1)).all()
+    bad = ~torch.isfinite(z_block.sum(-1))
     exps = _scaled(z_block, inv_temp, torch.where(torch.isneginf(row_max), 0.0, row_max)).exp_()
     return row_max, exps.sum(-1), bad, exps
-
 
 def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: _Plan, exps=None, want_q: bool = False):
     """(clamped d, h, q or None) of one block, elementwise (module docstring); q = student probabilities.
@@ -249,51 +318,65 @@ def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: _Plan, exps=None, wa
     return d, h, q
 
 
-def _chunked_forward(zs, zt, plan: _Plan, tp_group):
-    """Sweeps 1 and 2 with the chunked path; returns per-token (lse_s, lse_t, D_local, H_local, bad)."""
-    n_b, n_t, _ = zs.shape
+def _chunked_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
+    """Sweeps 1 and 2 with the chunked path; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
+
+    D and H are 0 at empty cells, whose rows do not count for the flag.
+    """
+    n_b, n_t = cells.shape
     nv = plan.n_valid
     dtype = compute_dtype(zs)
     stats = zs.new_empty((4, n_b, n_t), dtype=dtype)  # max_s, sumexp_s, max_t, sumexp_t
     lse = zs.new_empty((2, n_b, n_t), dtype=dtype)
     sums = zs.new_empty((2, n_b, n_t), dtype=dtype)  # D, H
     bad = torch.zeros((), dtype=torch.bool, device=zs.device)
+    filled = cells.filled()
     fuse = group_size(tp_group) == 1
     blocks = list(_row_blocks(n_b, n_t, nv))
 
-    def terms(bs, ts, exps=None):
-        d, h, _ = _chunk_elements(zs[bs, ts, :nv], zt[bs, ts, :nv], lse[0, bs, ts], lse[1, bs, ts], plan, exps)
+    def rows(bs, ts):
+        return cells.block(zs, 0, bs, ts, nv), cells.block(zt, 1, bs, ts, nv)
+
+    def terms(block, bs, ts, exps=None):
+        d, h, _ = _chunk_elements(*block, lse[0, bs, ts], lse[1, bs, ts], plan, exps)
         sums[0, bs, ts], sums[1, bs, ts] = d.sum(-1), h.sum(-1)
 
     for bs, ts in blocks:
+        block = rows(bs, ts)
         exps = []
-        for i, z in enumerate((zs, zt)):
-            row_max, sum_exp, bad_i, e = _chunk_stats(z[bs, ts, :nv], plan.inv_temp)
+        for i, z in enumerate(block):
+            row_max, sum_exp, row_bad, e = _chunk_stats(z, plan.inv_temp)
             stats[2 * i, bs, ts], stats[2 * i + 1, bs, ts] = row_max, sum_exp
             exps.append((e, sum_exp))
-            bad |= bad_i
+            bad |= (row_bad if filled is None else row_bad & filled[bs, ts]).any()
         if fuse:  # without TP a block's statistics are final: finish it while it is in cache
             lse[:, bs, ts], _ = _combine_stats(stats[:, bs, ts], bad, None)
-            terms(bs, ts, exps)
+            terms(block, bs, ts, exps)
     if not fuse:
         lse, bad = _combine_stats(stats, bad, tp_group)
         for bs, ts in blocks:
-            terms(bs, ts)
-    return lse[0], lse[1], sums[0], sums[1], bad
+            terms(rows(bs, ts), bs, ts)
+    if filled is not None:
+        sums.masked_fill_(~filled, 0.0)
+    s = _sampled_logprobs(zs, cells, 0, lse[0], col, plan.inv_temp)
+    u = _sampled_logprobs(zt, cells, 1, lse[1], col, plan.inv_temp)
+    return lse[0], lse[1], sums[0], sums[1], s, u, bad
 
 
-def _chunked_grad(zs, zt, plan: _Plan, saved, coef, grad):
-    """Sweep 3 into ``grad`` (real columns): coef_h * h - coef_q * q per block; the one-hot term follows."""
+def _chunked_grad(zs, zt, cells: _Cells, plan: _Plan, saved, coef, grad):
+    """Sweep 3 into the filled rows of ``grad`` (real columns): coef_h * h - coef_q * q per block; the
+    one-hot term follows."""
     lse_s, lse_t = saved
     coef_h, coef_q = coef
     nv = plan.n_valid
-    for bs, ts in _row_blocks(zs.shape[0], zs.shape[1], nv):
-        _, h, q = _chunk_elements(zs[bs, ts, :nv], zt[bs, ts, :nv], lse_s[bs, ts], lse_t[bs, ts], plan, want_q=True)
-        out = grad[bs, ts, :nv]
-        g = torch.mul(h, coef_h[bs, ts].unsqueeze(-1), out=h if out.dtype != h.dtype else out)
+    for bs, ts in _row_blocks(*cells.shape, nv):
+        _, h, q = _chunk_elements(cells.block(zs, 0, bs, ts, nv), cells.block(zt, 1, bs, ts, nv), lse_s[bs, ts],
+                                  lse_t[bs, ts], plan, want_q=True)
+        out = grad[bs, ts, :nv] if cells.positions is None else None  # a view to write into
+        g = torch.mul(h, coef_h[bs, ts].unsqueeze(-1), out=out if out is not None and out.dtype == h.dtype else h)
         g.addcmul_(q, coef_q[bs, ts].neg().unsqueeze(-1))
         if g is not out:
-            out.copy_(g)
+            cells.store(grad, bs, ts, nv, g)
 
 
 @contextlib.contextmanager
@@ -342,9 +425,18 @@ if triton is not None:
             return libdevice.fast_log2f(x)
 
     @triton.jit
-    def _row_base(ptr, row, n_t, stride_b, stride_t):
-        """Pointer to the first vocabulary entry of token row ``row`` of a [b, t, V] tensor."""
-        return ptr + (row // n_t).to(tl.int64) * stride_b + (row % n_t).to(tl.int64) * stride_t
+    def _row_base(ptr, sample, position, stride_b, stride_t):
+        """Pointer to the first vocabulary entry of row (sample, position) of a [b, S, V] tensor."""
+        return ptr + sample.to(tl.int64) * stride_b + position.to(tl.int64) * stride_t
+
+    @triton.jit
+    def _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, cell, n_t):
+        """(student row, teacher row, filled) of cell ``cell`` of the [b, n_t] grid (``_Cells``)."""
+        sample = cell // n_t
+        pos_s = tl.load(spos_ptr + cell)
+        pos_t = tl.load(tpos_ptr + cell)
+        zs_base = _row_base(zs_ptr, sample, tl.maximum(pos_s, 0), zs_sb, zs_st)
+        return zs_base, _row_base(zt_ptr, sample, tl.maximum(pos_t, 0), zt_sb, zt_st), pos_s >= 0
 
     @triton.jit
     def _load_pair(zs_base, zt_base, cols, N_VALID: tl.constexpr, MASKED: tl.constexpr):
@@ -509,55 +601,62 @@ if triton is not None:
         tl.store(terms_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
 
     @triton.jit
-    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, out_ptr, n_rows, n_t, scale,
-                        beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr,
-                        GROUP: tl.constexpr):
-        """Without TP, sweeps 1 and 2 per row; out = [lse_s, lse_t, D, H, s, u, non-finite]."""
+    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr, n_rows,
+                        n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr):
+        """Without TP, sweeps 1 and 2 per filled cell; out = [lse_s, lse_t, D, H, s, u, non-finite]
+        (zeros, left as they are at empty cells)."""
         row = tl.program_id(0)
         while row < n_rows:
-            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
-            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH, GROUP)
-            lse_s = max_s + tl.log(sum_s)
-            lse_t = max_t + tl.log(sum_t)
-            tl.store(out_ptr + row, lse_s)
-            tl.store(out_ptr + n_rows + row, lse_t)
-            _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr + 2 * n_rows, row, n_rows, scale, lse_s,
-                       lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
-            tl.store(out_ptr + 6 * n_rows + row, bad)
+            zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
+                                                  row, n_t)
+            if filled:
+                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH,
+                                                               GROUP)
+                lse_s = max_s + tl.log(sum_s)
+                lse_t = max_t + tl.log(sum_t)
+                tl.store(out_ptr + row, lse_s)
+                tl.store(out_ptr + n_rows + row, lse_t)
+                _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr + 2 * n_rows, row, n_rows, scale, lse_s,
+                           lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+                tl.store(out_ptr + 6 * n_rows + row, bad)
             row += GRID
 
     @triton.jit
-    def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, out_ptr, n_rows, n_t, scale,
+    def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, out_ptr, n_rows, n_t, scale,
                       N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr,
                       GROUP: tl.constexpr):
-        """Under TP, sweep 1 per row; out = [max_s, sumexp_s, max_t, sumexp_t, non-finite] (this shard)."""
+        """Under TP, sweep 1 per filled cell; out = [max_s, sumexp_s, max_t, sumexp_t, non-finite] (this shard;
+        zeros, left as they are at empty cells)."""
         row = tl.program_id(0)
         while row < n_rows:
-            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
-            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH, GROUP)
-            tl.store(out_ptr + row, max_s)
-            tl.store(out_ptr + n_rows + row, sum_s)
-            tl.store(out_ptr + 2 * n_rows + row, max_t)
-            tl.store(out_ptr + 3 * n_rows + row, sum_t)
-            tl.store(out_ptr + 4 * n_rows + row, bad)
+            zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
+                                                  row, n_t)
+            if filled:
+                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH,
+                                                               GROUP)
+                tl.store(out_ptr + row, max_s)
+                tl.store(out_ptr + n_rows + row, sum_s)
+                tl.store(out_ptr + 2 * n_rows + row, max_t)
+                tl.store(out_ptr + 3 * n_rows + row, sum_t)
+                tl.store(out_ptr + 4 * n_rows + row, bad)
             row += GRID
 
     @triton.jit
-    def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, col_ptr, lse_ptr, out_ptr, n_rows, n_t,
-                      scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                      BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
-        """Under TP, sweep 2 per row from the global lse = [lse_s, lse_t]; out = [D, H, s, u] (this shard)."""
+    def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, lse_ptr, out_ptr,
+                      n_rows, n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr,
+                      HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
+        """Under TP, sweep 2 per filled cell from the global lse = [lse_s, lse_t]; out = [D, H, s, u] (this
+        shard; zeros, left as they are at empty cells)."""
         row = tl.program_id(0)
         while row < n_rows:
-            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
-            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            lse_s = tl.load(lse_ptr + row)
-            lse_t = tl.load(lse_ptr + n_rows + row)
-            _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr, row, n_rows, scale, lse_s, lse_t, beta,
-                       clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+            zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
+                                                  row, n_t)
+            if filled:
+                lse_s = tl.load(lse_ptr + row)
+                lse_t = tl.load(lse_ptr + n_rows + row)
+                _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr, row, n_rows, scale, lse_s, lse_t, beta,
+                           clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
             row += GRID
 
     @triton.jit
@@ -573,58 +672,79 @@ if triton is not None:
             tl.store(g_base + cols, g.to(g_base.dtype.element_ty))
 
     @triton.jit
-    def _grad_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, g_ptr, g_sb, g_st, col_ptr, coef_ptr, n_rows,
-                     n_t, scale, beta, clip2, N_VALID: tl.constexpr, N_LOCAL: tl.constexpr,
-                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr,
-                     PREFETCH: tl.constexpr):
-        """Sweep 3 per row from coef = [lse_s, lse_t, coef_h, coef_q, coef_x]:
+    def _grad_row(zs_base, zt_base, g_base, cell, col_ptr, coef_ptr, n_cells, scale, beta, clip2,
+                  N_VALID: tl.constexpr, N_LOCAL: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                  BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
+        """Sweep 3 of one cell from coef = [lse_s, lse_t, coef_h, coef_q, coef_x] (stride n_cells):
         g_j = coef_h h_j - coef_q q_j + [j == col] coef_x on the real columns, 0 on the padding.
 
         The sampled token's entry is formed again on its own and stored after a barrier (ordering it
         after the block stores), so the blocks carry no per-entry comparison with ``col``.
         """
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
+        lse2_s = tl.load(coef_ptr + cell) * _LOG2E
+        lse2_t = tl.load(coef_ptr + n_cells + cell) * _LOG2E
+        coef_h = tl.load(coef_ptr + 2 * n_cells + cell)
+        coef_q = tl.load(coef_ptr + 3 * n_cells + cell)
+        zs, zt = _load_pair(zs_base, zt_base, tl.arange(0, BLOCK_V), N_FULL, True)  # the first full block
+        for v0 in range(0, N_FULL, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            if PREFETCH:
+                next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tl.arange(0, BLOCK_V)
+                next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
+            else:
+                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
+            _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
+                        N_LOCAL, KIND, HAS_CLIP, False)
+            if PREFETCH:
+                zs, zt = next_zs, next_zt
+        for v0 in range(N_FULL, N_LOCAL, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
+            _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
+                        N_LOCAL, KIND, HAS_CLIP, True)
+        col = tl.load(col_ptr + cell)
+        hit = col >= 0
+        col = tl.where(hit, col, 0)
+        _, h, q = _element_terms(tl.load(zs_base + col).to(tl.float32) * scale - lse2_s,
+                                 tl.load(zt_base + col).to(tl.float32) * scale - lse2_t, beta, clip2, KIND,
+                                 HAS_CLIP)
+        g = coef_h * h - coef_q * q + tl.load(coef_ptr + 4 * n_cells + cell)
+        tl.debug_barrier()
+        tl.store(g_base + col, g.to(g_base.dtype.element_ty), mask=hit)
+
+    @triton.jit
+    def _zero_row(g_base, N_LOCAL: tl.constexpr, BLOCK_V: tl.constexpr):
+        """A gradient row of zeros (a logits row that no cell reads)."""
+        for v0 in range(0, N_LOCAL, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            tl.store(g_base + cols, tl.zeros([BLOCK_V], g_base.dtype.element_ty), mask=cols < N_LOCAL)
+
+    @triton.jit
+    def _grad_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, g_ptr, g_sb, g_st, cell_ptr, tpos_ptr, col_ptr,
+                     coef_ptr, n_rows, n_s, n_cells, scale, beta, clip2, N_VALID: tl.constexpr, N_LOCAL: tl.constexpr,
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+        """Sweep 3 over every row of the student's logits [b, n_s, V] (n_rows = b n_s): the row of the
+        cell ``cell_ptr`` names (``_Cells.cell_of_row``; teacher row from ``tpos_ptr``), zeros where none."""
         row = tl.program_id(0)
         while row < n_rows:
-            zs_base = _row_base(zs_ptr, row, n_t, zs_sb, zs_st)
-            zt_base = _row_base(zt_ptr, row, n_t, zt_sb, zt_st)
-            g_base = _row_base(g_ptr, row, n_t, g_sb, g_st)
-            lse2_s = tl.load(coef_ptr + row) * _LOG2E
-            lse2_t = tl.load(coef_ptr + n_rows + row) * _LOG2E
-            coef_h = tl.load(coef_ptr + 2 * n_rows + row)
-            coef_q = tl.load(coef_ptr + 3 * n_rows + row)
-            zs, zt = _load_pair(zs_base, zt_base, tl.arange(0, BLOCK_V), N_FULL, True)  # the first full block
-            for v0 in range(0, N_FULL, BLOCK_V):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                if PREFETCH:
-                    next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tl.arange(0, BLOCK_V)
-                    next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
-                else:
-                    zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
-                _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
-                            N_LOCAL, KIND, HAS_CLIP, False)
-                if PREFETCH:
-                    zs, zt = next_zs, next_zt
-            for v0 in range(N_FULL, N_LOCAL, BLOCK_V):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
-                _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
-                            N_LOCAL, KIND, HAS_CLIP, True)
-            col = tl.load(col_ptr + row)
-            hit = col >= 0
-            col = tl.where(hit, col, 0)
-            _, h, q = _element_terms(tl.load(zs_base + col).to(tl.float32) * scale - lse2_s,
-                                     tl.load(zt_base + col).to(tl.float32) * scale - lse2_t, beta, clip2, KIND,
-                                     HAS_CLIP)
-            g = coef_h * h - coef_q * q + tl.load(coef_ptr + 4 * n_rows + row)
-            tl.debug_barrier()
-            tl.store(g_base + col, g.to(g_ptr.dtype.element_ty), mask=hit)
+            sample = row // n_s
+            position = row % n_s
+            cell = tl.load(cell_ptr + row)
+            g_base = _row_base(g_ptr, sample, position, g_sb, g_st)
+            if cell >= 0:
+                zs_base = _row_base(zs_ptr, sample, position, zs_sb, zs_st)
+                zt_base = _row_base(zt_ptr, sample, tl.load(tpos_ptr + cell), zt_sb, zt_st)
+                _grad_row(zs_base, zt_base, g_base, cell, col_ptr, coef_ptr, n_cells, scale, beta, clip2, N_VALID, N_LOCAL, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+            else:
+                _zero_row(g_base, N_LOCAL, BLOCK_V)
             row += GRID
 
 
-def _triton_launch(plan: _Plan, zs, n_cols: int, launch: TritonLaunch):
-    """((programs,), constants and launch options) of a kernel over ``zs``'s rows and ``n_cols`` columns."""
-    programs, stride = launch.grid(zs.shape[0] * zs.shape[1], zs.device)
+def _triton_launch(plan: _Plan, rows: int, device: torch.device, n_cols: int, launch: TritonLaunch):
+    """((programs,), constants and launch options) of a kernel over ``rows`` rows of ``n_cols`` columns."""
+    programs, stride = launch.grid(rows, device)
     block = max(16, min(launch.block_v, triton.next_power_of_2(max(n_cols, 1))))
     return (programs,), dict(KIND=plan.kind, HAS_CLIP=plan.clip is not None, BLOCK_V=block, GRID=stride,
                              PREFETCH=launch.prefetch, num_warps=launch.num_warps)
@@ -640,35 +760,39 @@ def _strides(z):
     return z, z.stride(0), z.stride(1)
 
 
-def _triton_forward(zs, zt, col, plan: _Plan, tp_group):
-    """Sweeps 1 and 2 with the Triton kernels; per-token (lse_s, lse_t, D, H, s, u) local, and the flag."""
-    n_b, n_t, _ = zs.shape
+def _triton_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
+    """Sweeps 1 and 2 with the Triton kernels; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
+
+    Every output is 0 at empty cells (the lse too, without meaning: nothing reads it there).
+    """
+    n_b, n_t = cells.shape
     rows = n_b * n_t
-    grid, opts = _triton_launch(plan, zs, plan.n_valid, TRITON_LAUNCH)
+    grid, opts = _triton_launch(plan, rows, zs.device, plan.n_valid, TRITON_LAUNCH)
     group = opts["BLOCK_V"] if TRITON_LAUNCH.max_group is None else min(TRITON_LAUNCH.max_group, opts["BLOCK_V"])
     scale, beta, clip2 = _kernel_scalars(plan)
+    addressing = (*_strides(zs), *_strides(zt), *cells.kernel_positions(zs.device))
     if group_size(tp_group) == 1:
-        out = zs.new_empty((7, n_b, n_t), dtype=torch.float32)
-        _forward_kernel[grid](*_strides(zs), *_strides(zt), col, out, rows, n_t, scale, beta, clip2,
-                              N_VALID=plan.n_valid, GROUP=group, **opts)
+        out = zs.new_zeros((7, n_b, n_t), dtype=torch.float32)
+        _forward_kernel[grid](*addressing, col, out, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid,
+                              GROUP=group, **opts)
         return (*out[:6], out[6].any())
-    stats = zs.new_empty((5, n_b, n_t), dtype=torch.float32)
+    stats = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
     stats_opts = {key: opts[key] for key in ("BLOCK_V", "GRID", "PREFETCH", "num_warps")}
-    _stats_kernel[grid](*_strides(zs), *_strides(zt), stats, rows, n_t, scale, N_VALID=plan.n_valid, GROUP=group,
-                        **stats_opts)
+    _stats_kernel[grid](*addressing, stats, rows, n_t, scale, N_VALID=plan.n_valid, GROUP=group, **stats_opts)
     lse, bad = _combine_stats(stats[:4], stats[4].any(), tp_group)
-    out = zs.new_empty((4, n_b, n_t), dtype=torch.float32)
-    _terms_kernel[grid](*_strides(zs), *_strides(zt), col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,
+    out = zs.new_zeros((4, n_b, n_t), dtype=torch.float32)
+    _terms_kernel[grid](*addressing, col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,
                         N_VALID=plan.n_valid, **opts)
     return (lse[0], lse[1], *out, bad)
 
 
-def _triton_grad(zs, zt, col, plan: _Plan, saved, coef, grad):
-    """Sweep 3 into ``grad`` (every column) with the Triton kernel; coef = (coef_h, coef_q, coef_x)."""
-    n_b, n_t, n_local = zs.shape
+def _triton_grad(zs, zt, cells: _Cells, col, plan: _Plan, saved, coef, grad):
+    """Sweep 3 into every row and column of ``grad`` with the Triton kernel; coef = (coef_h, coef_q, coef_x)."""
+    n_b, n_s, n_local = zs.shape
     packed = torch.stack([*saved, *coef]).to(torch.float32).contiguous()
-    grid, opts = _triton_launch(plan, zs, n_local, TRITON_GRAD_LAUNCH)
-    _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), col, packed, n_b * n_t, n_t,
+    grid, opts = _triton_launch(plan, n_b * n_s, zs.device, n_local, TRITON_GRAD_LAUNCH)
+    _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), cells.cell_of_row(n_s, zs.device),
+                       cells.kernel_positions(zs.device)[1], col, packed, n_b * n_s, n_s, col.numel(),
                        *_kernel_scalars(plan), N_VALID=plan.n_valid, N_LOCAL=n_local, **opts)
 
 
@@ -696,28 +820,31 @@ def _combine_stats(stats, bad, tp_group):
     return maxes + sum_exp.log(), bad
 
 
-def _sampled_logprobs(z, lse, col, inv_temp: float):
-    """This rank's share of log softmax(z/T)[x] from the local column of x (-1 where x is not here: 0)."""
+def _sampled_logprobs(z, cells: _Cells, model: int, lse, col, inv_temp: float):
+    """This rank's share of log softmax(z/T)[x] per cell from the local column of x (-1 where x is not
+    here, or the cell is empty: 0); ``model`` 0 student, 1 teacher."""
     hit = col >= 0
-    value = z.gather(-1, col.clamp(min=0).unsqueeze(-1)).squeeze(-1).to(lse.dtype) * inv_temp - lse
+    samples, positions = cells.index(model, z.device)
+    value = z[samples, positions, col.clamp(min=0)].to(lse.dtype) * inv_temp - lse
     return torch.where(hit, value, torch.zeros_like(value))
 
 
 class _FusedTokenTerms(torch.autograd.Function):
-    """(student, teacher, tokens) -> (D, s, u, nonfinite); gradient w.r.t. the student logits only."""
+    """(student, teacher, tokens) -> (D, s, u, nonfinite) per cell; gradient w.r.t. the student logits only."""
 
     @staticmethod
-    def forward(ctx, zs, zt, tokens, plan: _Plan, shard: VocabShard, tp_group, use_triton: bool, need_grad: bool):
+    def forward(ctx, zs, zt, tokens, cells: _Cells, plan: _Plan, shard: VocabShard, tp_group, use_triton: bool,
+                need_grad: bool):
         local = tokens.to(torch.int64) - shard.start
-        col = torch.where((local >= 0) & (local < plan.n_valid), local, -1)
+        here = (local >= 0) & (local < plan.n_valid)
+        filled = cells.filled()
+        col = torch.where(here if filled is None else here & filled, local, -1)
         if use_triton:
             col = col.to(torch.int32).contiguous()
-            lse_s, lse_t, d_sum, h_sum, s, u, bad = _triton_forward(zs, zt, col, plan, tp_group)
+            lse_s, lse_t, d_sum, h_sum, s, u, bad = _triton_forward(zs, zt, cells, col, plan, tp_group)
         else:
             with _one_intra_op_thread(zs.device):
-                lse_s, lse_t, d_sum, h_sum, bad = _chunked_forward(zs, zt, plan, tp_group)
-            s = _sampled_logprobs(zs, lse_s, col, plan.inv_temp)
-            u = _sampled_logprobs(zt, lse_t, col, plan.inv_temp)
+                lse_s, lse_t, d_sum, h_sum, s, u, bad = _chunked_forward(zs, zt, cells, col, plan, tp_group)
         per_token = torch.stack([d_sum, h_sum, s, u])
         if group_size(tp_group) > 1:
             dist.all_reduce(per_token, group=tp_group)
@@ -726,32 +853,55 @@ class _FusedTokenTerms(torch.autograd.Function):
         if need_grad:
             in_vocab = (tokens >= 0) & (tokens < shard.true_vocab_size)  # else s = 0, a constant
             ctx.save_for_backward(zs, zt, lse_s, lse_t, h_sum, col, in_vocab)
-        ctx.plan, ctx.use_triton = plan, use_triton
+        ctx.cells, ctx.plan, ctx.use_triton = cells, plan, use_triton
         return d_sum, s, u, bad
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_d, grad_s, _grad_u, _grad_bad):
         zs, zt, lse_s, lse_t, h_sum, col, in_vocab = ctx.saved_tensors
-        plan = ctx.plan
+        cells, plan = ctx.cells, ctx.plan
         grad_s = torch.where(in_vocab, grad_s, 0.0)
         coef_h = grad_d * plan.inv_temp
         coef_q = (grad_d * h_sum + grad_s) * plan.inv_temp
         coef_x = torch.where(col >= 0, grad_s * plan.inv_temp, 0.0)
-        grad = torch.empty_like(zs)  # the student's strides (dense: a view of a contiguous tensor)
-        if ctx.use_triton:
-            _triton_grad(zs, zt, col, plan, (lse_s, lse_t), (coef_h, coef_q, coef_x), grad)
-        else:
-            with _one_intra_op_thread(zs.device):
+        if ctx.use_triton:  # the kernel writes every entry
+            grad = torch.empty_like(zs)  # the student's strides (dense: a view of a contiguous tensor)
+            _triton_grad(zs, zt, cells, col, plan, (lse_s, lse_t), (coef_h, coef_q, coef_x), grad)
+            return grad, *[None] * 8
+        with _one_intra_op_thread(zs.device):
+            if cells.positions is None:  # every row is a cell's: only the padding columns need zeros
+                grad = torch.empty_like(zs)
                 grad[..., plan.n_valid:] = 0
-                _chunked_grad(zs, zt, plan, (lse_s, lse_t), (coef_h, coef_q), grad)
-                grad.scatter_add_(-1, col.clamp(min=0).unsqueeze(-1), coef_x.unsqueeze(-1).to(grad.dtype))
-        return grad, None, None, None, None, None, None, None
+            else:
+                grad = torch.zeros_like(zs)
+            _chunked_grad(zs, zt, cells, plan, (lse_s, lse_t), (coef_h, coef_q), grad)
+            samples, positions = cells.index(0, zs.device)  # coef_x is 0 at empty cells
+            grad.index_put_((samples.expand_as(positions), positions, col.clamp(min=0)), coef_x.to(grad.dtype),
+                            accumulate=True)
+        return grad, *[None] * 8
 
 
 def triton_available() -> bool:
     """True when the triton package imported (GPU kernels, or the interpreter on CPU)."""
     return triton is not None
+
+
+def _check_shapes(student_logits, teacher_logits, tokens, shard: VocabShard, positions) -> None:
+    """One-line UserInputError unless the logits, tokens and positions fit together (``fused_token_terms``)."""
+    shapes = f"student logits {tuple(student_logits.shape)}, teacher logits {tuple(teacher_logits.shape)}, " \
+             f"tokens {tuple(tokens.shape)}"
+    if positions is None:
+        expected = f"logits [b, t, {shard.size}] (the shard size) and tokens [b, t]"
+        fits = student_logits.shape == teacher_logits.shape and student_logits.shape[:2] == tokens.shape
+    else:
+        expected = f"logits [b, S, {shard.size}] (the shard size), tokens and both positions [b, t] (integers)"
+        shapes += ", positions " + ", ".join(str(tuple(p.shape)) for p in positions)
+        fits = (len(positions) == 2 and all(p.shape == tokens.shape and not p.is_floating_point() for p in positions)
+                and student_logits.shape[0] == teacher_logits.shape[0] == tokens.shape[0]
+                and teacher_logits.shape[-1] == student_logits.shape[-1])
+    if not fits or student_logits.dim() != 3 or student_logits.shape[-1] != shard.size:
+        raise UserInputError(f"fused_token_terms: {shapes}; expected {expected}")
 
 
 def fused_token_terms(
@@ -763,6 +913,7 @@ def fused_token_terms(
     tp_group=None,
     *,
     impl: str = "auto",
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TokenTerms:
     """Fused :func:`~megatron_renio.losses.divergence.token_terms`: same contract, same numbers.
 
@@ -773,21 +924,25 @@ def fused_token_terms(
     float32 (float64 for float64 inputs), and the TP-agreed non-finite flag. The teacher logits
     never receive a gradient; backward reads them again (they are kept, not copied, until then).
 
+    ``positions`` (student, teacher), each [b, t] integer: the logits are whole sequences
+    [b, S, V_local] (S may differ between the models) and cell (i, j) reads row (i, student[i, j]) of
+    the student's logits and row (i, teacher[i, j]) of the teacher's. A student position of -1 marks
+    an empty cell: D = s = u = 0 there, and its rows count neither for the flag nor the gradient. The
+    filled cells of a sample must read distinct student rows. The gradient is [b, S, V_local], 0 on
+    the rows no cell reads. This is how the trainer reads the completion rows where the models wrote
+    them, instead of gathering both into [b, t, V_local] copies and scattering the gradient back.
+
     ``impl``: 'auto' (triton for CUDA inputs when triton imports, else chunked), 'triton' (CUDA
     tensors, or CPU tensors under TRITON_INTERPRET=1), 'chunked'. Arithmetic in float32; the chunked
     path keeps float64 inputs in float64 as ``token_terms`` does ('auto' sends them there).
-    ``cfg.top_k`` set: falls back to ``token_terms`` (top-k is not fused).
+    ``cfg.top_k`` set: falls back to ``token_terms`` (top-k is not fused) on gathered rows.
     """
     if impl not in IMPLS:
         raise UserInputError(f"fused_token_terms: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     cfg.validate()
+    _check_shapes(student_logits, teacher_logits, tokens, shard, positions)
     if cfg.top_k is not None:
-        return token_terms(student_logits, teacher_logits, tokens, cfg, shard, tp_group)
-    if student_logits.shape != teacher_logits.shape or student_logits.shape[-1] != shard.size:
-        raise UserInputError(
-            f"fused_token_terms: student {tuple(student_logits.shape)} and teacher "
-            f"{tuple(teacher_logits.shape)} logits must both be [b, t, {shard.size}] (the shard size)"
-        )
+        return _unfused_on_rows(student_logits, teacher_logits, tokens, cfg, shard, tp_group, positions)
     fp32_compute = compute_dtype(student_logits) == torch.float32
     if impl == "triton" and (triton is None or not fp32_compute):
         raise UserInputError(
@@ -801,6 +956,19 @@ def fused_token_terms(
     teacher = teacher_logits.detach()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    cells = _Cells(tuple(tokens.shape), positions)
     plan = _Plan.build(cfg, shard)
-    d_sum, s, u, bad = _FusedTokenTerms.apply(student, teacher, tokens, plan, shard, tp_group, use_triton, need_grad)
+    d_sum, s, u, bad = _FusedTokenTerms.apply(student, teacher, tokens, cells, plan, shard, tp_group, use_triton,
+                                              need_grad)
     return TokenTerms(divergence=d_sum, student_logprobs=s, teacher_logprobs=u, nonfinite=bad)
+
+
+def _unfused_on_rows(student_logits, teacher_logits, tokens, cfg, shard, tp_group, positions) -> TokenTerms:
+    """``token_terms`` on the rows the cells read (gathered copies with ``positions``; empty cells give 0)."""
+    if positions is None:
+        return token_terms(student_logits, teacher_logits, tokens, cfg, shard, tp_group)
+    filled = positions[0] >= 0
+    student, teacher = (gather_grid(z, p.clamp(min=0)) for z, p in zip((student_logits, teacher_logits), positions))
+    terms = token_terms(student, teacher, torch.where(filled, tokens, -1), cfg, shard, tp_group)
+    terms.divergence = torch.where(filled, terms.divergence, 0.0)
+    return terms

@@ -2,10 +2,12 @@
 
 For every micro-batch the forward step runs :class:`PairedModel` (teacher under ``no_grad``,
 student with grad; with PP > 1 both hidden states travel together). On the last pipeline stage
-the loss function gathers each model's logits onto the shared ``[b, c_len]`` completion grid
-(``PairedBatch.*.gather_index``), computes per-token divergences and log-probs
-(:func:`token_terms`, or the fused kernel), then the ReNIO-weighted loss terms
-(:func:`distillation_loss`).
+the loss function computes per-token divergences and log-probs on the shared ``[b, c_len]``
+completion grid, then the ReNIO-weighted loss terms (:func:`distillation_loss`). The fused path
+reads each model's completion rows where the model wrote them (``PairedBatch.*.gather_index`` as
+``positions`` of :func:`fused_token_terms`, empty grid cells -1) and writes the gradient of the
+whole ``[b, S, V]`` logits; the unfused path (:func:`token_terms`) gathers both models' rows onto the
+grid first (two logits-sized copies, and a scatter of the gradient back).
 
 Loss scaling. ``distillation_loss`` returns ``(numerator, denominator)`` per micro-batch, and the
 step's loss is ``sum(numerators) / sum(denominators)`` over every micro-batch and data-parallel
@@ -27,7 +29,8 @@ import torch
 
 from megatron_renio.data.batching import PairedBatch
 from megatron_renio.losses.distillation import distillation_loss, reduce_stats
-from megatron_renio.losses.divergence import DivergenceConfig, token_terms
+from megatron_renio.losses.divergence import DivergenceConfig, gather_grid, token_terms
+from megatron_renio.losses.fused import fused_token_terms
 from megatron_renio.renio.vocab_parallel import VocabShard
 from megatron_renio.renio.weights import ReNIOConfig, ReNIONormalizer
 from megatron_renio.training.paired import PairedModel, PairedOutput, paired_tensor_shapes
@@ -65,19 +68,6 @@ class StepResult:
     per_sample: dict = field(default_factory=dict)
 
 
-def gather_grid(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``[b, S, V] -> [b, c_len, V]``: the logits that predict each completion token."""
-    return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-
-
-def _token_terms_fn(impl: str):
-    if impl == "unfused":
-        return token_terms
-    from megatron_renio.losses.fused import fused_token_terms
-
-    return fused_token_terms
-
-
 class DistillationStep:
     """Forward/backward of one optimizer step over a list of micro-batches.
 
@@ -103,7 +93,6 @@ class DistillationStep:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-        self.token_terms = _token_terms_fn(settings.impl)
         self._denominator = None
         self._losses: list = []
         self.keep_token_terms = keep_token_terms
@@ -127,14 +116,21 @@ class DistillationStep:
         output = model(mb.student.tokens, mb.student.position_ids, mb.teacher.tokens, mb.teacher.position_ids)
         return output, partial(self._loss, mb)
 
-    def _loss(self, mb: PairedBatch, output: PairedOutput):
-        student = gather_grid(output.student_logits, mb.student.gather_index)
+    def _token_terms(self, mb: PairedBatch, output: PairedOutput):
+        student, teacher = output.student_logits, output.teacher_logits.detach()
         if self._inject_nonfinite:
             student = student * float("nan")
-        with torch.no_grad():
-            teacher = gather_grid(output.teacher_logits, mb.teacher.gather_index)
         shard = VocabShard.for_rank(student.shape[-1], self.true_vocab_size, self.tp_group)
-        terms = self.token_terms(student, teacher, mb.completion_ids, self.settings.divergence, shard, self.tp_group)
+        args = (mb.completion_ids, self.settings.divergence, shard, self.tp_group)
+        if self.settings.impl == "unfused":
+            return token_terms(gather_grid(student, mb.student.gather_index),
+                               gather_grid(teacher, mb.teacher.gather_index), *args)
+        filled = mb.completion_mask > 0
+        positions = tuple(torch.where(filled, side.gather_index, -1) for side in (mb.student, mb.teacher))
+        return fused_token_terms(student, teacher, *args, positions=positions)
+
+    def _loss(self, mb: PairedBatch, output: PairedOutput):
+        terms = self._token_terms(mb, output)
         loss = distillation_loss(terms, mb.completion_mask, self.settings.renio, self.normalizer, self.settings.loss_kind)
         self._denominator += loss.denominator
         self._losses.append(loss)

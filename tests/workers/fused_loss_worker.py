@@ -3,8 +3,10 @@
 As a worker (argv: out_dir): every rank builds the same full-vocabulary logits, keeps its shard and
 returns, per case, the outputs of ``fused_token_terms`` and ``token_terms`` on the shards with the
 2-rank group as TP, and of ``token_terms`` on the full vocabulary (TP=1) with the gradient cut to the
-rank's shard. When triton imports and TRITON_INTERPRET=1 is set, the same comparison runs with
-impl='triton' (interpreted on the CPU) at TP=2 and at TP=1. tests/test_fused_loss.py asserts.
+rank's shard; and, reading rows of whole sequences through ``positions``, the outputs of
+``fused_token_terms`` and of ``token_terms`` on the gathered rows. When triton imports and
+TRITON_INTERPRET=1 is set, the same comparisons run with impl='triton' (interpreted on the CPU) at
+TP=2 and at TP=1. tests/test_fused_loss.py asserts.
 """
 
 from __future__ import annotations
@@ -89,6 +91,63 @@ def case_results(case, local: int, true_vocab: int, group, seed: int, impl="chun
     return {"fused": fused_run, "unfused": run_path(token_terms, *args), "full": full}
 
 
+# Grid cells reading rows of whole sequences (``fused_token_terms(positions=...)``), as the trainer
+# does: student [3, 9, V] (a slice of [3, 11, V], stored as Megatron's [s, b, V]) and teacher
+# [3, 11, V]. Sample 0 has a one-token student prompt (cell (0, 0) reads position 0, which its empty
+# cell would read too if empty cells were not skipped), sample 1 fills its row, sample 2 has two
+# tokens and three empty cells (student position -1; their teacher positions are 0, as pack_pairs
+# writes them).
+STUDENT_POSITIONS = [[0, 1, 2, 3, -1], [4, 5, 6, 7, 8], [6, 7, -1, -1, -1]]
+TEACHER_POSITIONS = [[2, 3, 4, 5, 0], [6, 7, 8, 9, 10], [9, 10, 0, 0, 0]]
+STUDENT_ROWS = 9
+
+
+def sequence_logits(vocab: int, seed: int, device="cpu"):
+    """(student [3, 9, V], teacher [3, 11, V], tokens [3, 5], grad of D, grad of s, positions) on ``device``."""
+    student, teacher, _, _, _ = make_logits(3, 11, vocab, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    tokens = torch.randint(0, vocab, (3, 5), generator=g)
+    grad_d, grad_s = torch.randn(2, 3, 5, generator=g)
+    positions = (torch.tensor(STUDENT_POSITIONS), torch.tensor(TEACHER_POSITIONS))
+    tensors = (student[:, :STUDENT_ROWS], teacher, tokens, grad_d, grad_s)
+    return (*(x.to(device) for x in tensors), tuple(p.to(device) for p in positions))
+
+
+def rows_results(case, local: int, true_vocab: int, group, seed: int, impl="chunked", device="cpu") -> dict:
+    """{'fused', 'gathered'}: ``fused_token_terms(impl)`` reading rows through positions, and
+    ``token_terms`` on the gathered rows (empty cells: D = s = u = 0), on this rank's shard; the gradient
+    is w.r.t. the student logits [3, 9, V_local]."""
+    kind, beta, clip, temperature = case
+    cfg = DivergenceConfig(kind=kind, beta=beta, temperature=temperature, token_clip=clip)
+    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+    student, teacher, tokens, grad_d, grad_s, positions = sequence_logits(world * local, seed, device)
+    cols = slice(rank * local, (rank + 1) * local)
+    shard = VocabShard(rank * local, local, true_vocab)
+    out = {}
+    for name, fn, kwargs in (("fused", fused_token_terms, {"impl": impl}), ("gathered", fused._unfused_on_rows, {})):
+        storage = student[..., cols].transpose(0, 1).contiguous().requires_grad_()  # Megatron's [s, b, V]
+        terms = fn(storage.transpose(0, 1), teacher[..., cols], tokens, cfg, shard, group, positions=positions,
+                   **kwargs)
+        (terms.divergence * grad_d + terms.student_logprobs * grad_s).sum().backward()
+        out[name] = {"divergence": terms.divergence.detach(), "student_logprobs": terms.student_logprobs.detach(),
+                     "teacher_logprobs": terms.teacher_logprobs, "grad": storage.grad.transpose(0, 1),
+                     "nonfinite": bool(terms.nonfinite)}
+        out[name] = {key: value.cpu() if torch.is_tensor(value) else value for key, value in out[name].items()}
+    return out
+
+
+def rows_nonfinite_flags(impl: str) -> list[bool]:
+    """The flag with inf in a student row no cell reads, and with NaN in a teacher row that cell (0, 0) reads."""
+    flags = []
+    for which, row in (("student", (2, 8)), ("teacher", (0, 2))):
+        student, teacher, tokens, _, _, positions = sequence_logits(64, seed=5)
+        (student if which == "student" else teacher)[row][3] = float("inf") if which == "student" else float("nan")
+        cfg = DivergenceConfig(kind="jsd", beta=0.5, temperature=1.0, token_clip=0.05)
+        terms = fused_token_terms(student, teacher, tokens, cfg, VocabShard(0, 64, 60), impl=impl, positions=positions)
+        flags.append(bool(terms.nonfinite))
+    return flags
+
+
 def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bool:
     """The Triton path's non-finite flag with ``value`` at one entry of a [1, 3, 400] shard (390 real columns)."""
     student, teacher, tokens, _, _ = make_logits(1, 3, 400, seed=7)
@@ -101,9 +160,10 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     group = dist.group.WORLD
     fused._CHUNK_ELEMS = 1024  # several row blocks per shard on these small shapes
-    result = {"chunked": {}, "triton": {}}
+    result = {"chunked": {}, "triton": {}, ("rows", "chunked"): {}, ("rows", "triton"): {}}
     for i, (layout, case) in enumerate((layout, case) for layout in TP_LAYOUTS for case in TP_CASES):
         result["chunked"][case, layout] = case_results(case, *layout, group, seed=i)
+        result["rows", "chunked"][case, layout] = rows_results(case, *layout, group, seed=i)
     result["bf16"] = case_results(("jsd", 0.5, 0.05, 1.1), *TP_LAYOUTS[0], group, seed=99, dtype=torch.bfloat16)
     result["triton_checked"] = fused.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
     if result["triton_checked"]:
@@ -113,10 +173,13 @@ def main(out_dir: str) -> None:
         fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, max_group=8)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp2"] = case_results(case, 200, 390, group, seed=i, impl="triton", t=2)
+            result["rows", "triton"][case, "tp2"] = rows_results(case, 200, 390, group, seed=i, impl="triton")
         fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(3, 4, 64, prefetch=True)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=5)
+            result["rows", "triton"][case, "tp1"] = rows_results(case, 400, 390, None, seed=i, impl="triton")
         result["triton_nonfinite"] = [nonfinite_flag(*entry) for entry in TRITON_NONFINITE]
+        result["triton_rows_nonfinite"] = rows_nonfinite_flags("triton")
     save_rank_result(out_dir, result)
     dist.destroy_process_group()
 

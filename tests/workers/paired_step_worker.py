@@ -19,13 +19,13 @@ from megatron.core import dist_checkpointing
 from megatron_renio import distributed
 from megatron_renio.data.batching import pack_pairs
 from megatron_renio.distributed import ParallelConfig
-from megatron_renio.losses.divergence import DivergenceConfig
+from megatron_renio.losses.divergence import DivergenceConfig, gather_grid
 from megatron_renio.models.builder import build_gpt_model, freeze
 from megatron_renio.models.presets import get_preset
 from megatron_renio.renio.weights import ReNIOConfig, ReNIONormalizer
 from megatron_renio.training.components import wrap_ddp
 from megatron_renio.training.paired import PairedModel
-from megatron_renio.training.step import DistillationStep, LossSettings, gather_grid
+from megatron_renio.training.step import DistillationStep, LossSettings
 from tests import reference_renio as ref
 from tests.torchrun_harness import save_rank_result
 
@@ -38,6 +38,7 @@ CASES = {
     "jsd_renio_local": dict(kind="jsd", beta=0.5, loss_kind="divergence", renio=True, scope="local", impl="unfused"),
     "reverse_kl_fused_global": dict(kind="reverse_kl", beta=1.0, loss_kind="divergence", renio=True, scope="global", impl="fused"),
     "sampled_rkl_plain": dict(kind="reverse_kl", beta=1.0, loss_kind="sampled_rkl", renio=False, scope="global", impl="unfused"),
+    "sampled_rkl_fused": dict(kind="reverse_kl", beta=1.0, loss_kind="sampled_rkl", renio=False, scope="global", impl="fused"),
 }
 TEMPERATURE, CLIP = 1.1, 0.05
 
@@ -46,6 +47,8 @@ def make_batch():
     g = torch.Generator().manual_seed(11)
     rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
     s_prompts = [torch.randint(3, VOCAB, (rand(3, 9),), generator=g).tolist() for _ in range(NUM_SAMPLES)]
+    s_prompts[4] = s_prompts[4][:1]  # a one-token prompt and a short completion: its first token is predicted at
+    # position 0, which its padded grid cells name too (gather_index 0)
     t_prompts = [p + torch.randint(3, VOCAB, (rand(0, 7),), generator=g).tolist() for p in s_prompts]  # OPSD-like
     completions = [torch.randint(3, VOCAB, (rand(1, 10),), generator=g).tolist() for _ in range(NUM_SAMPLES)]
     completions[3] = completions[3][:4] + [2]  # one ends with EOS (id 2)
