@@ -141,6 +141,16 @@ def test_prompts_of_different_lengths_decode_as_if_alone(ranks, layout):
     assert r["greedy_alone"] == r["greedy_kv"]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ended_samples_leave_the_batch_without_changing_the_others(ranks, layout):
+    """Prompts of 5, 3, 8 and 4 tokens end their 12 new tokens at different steps: the batch shrinks
+    (running rows moved to the front of the KV cache) and every completion equals the one decoded
+    with the whole batch kept to the end."""
+    r = ranks[0][layout]
+    assert r["compacted_to"] == [3, 2, 1]
+    assert r["greedy_whole_batch"] == r["greedy_kv"]
+
+
 @pytest.mark.parametrize("layout", ("tp1", "tp2", "tp2_sp"))
 def test_padded_vocabulary_rows_are_never_sampled(ranks, layout):
     r = ranks[0][layout]

@@ -23,6 +23,10 @@ token per step. How the pieces fit:
 - **Stopping.** A completion ends with EOS (included), at ``max_new_tokens``, or when prompt plus
   completion reach ``max_sequence_length`` (the KV cache length); the loop ends when every sample
   has ended.
+- **Finished samples leave the batch.** When at most ``_COMPACT_BELOW`` of the batch's rows still
+  run, the running rows move to the front of the KV cache (the positions written so far) and the
+  following steps feed only them, so ended samples stop costing compute. Sampling noise is keyed
+  by the sample's global row, so which rows share a step does not change what a sample draws.
 
 ``use_kv_cache=False`` recomputes the whole prefix at every step through the model's training
 forward (no inference context); it is the reference the tests compare the cached path against.
@@ -39,6 +43,9 @@ import torch
 from megatron_renio.errors import UserInputError
 from megatron_renio.rollout.sampling import SamplingConfig, sample_next
 
+# Compact the batch when at most this fraction of its rows still runs (halving it at most about
+# log(B) / log(4/3) times, each a copy of the KV cache written so far).
+_COMPACT_BELOW = 0.75
 # Module attributes that Megatron copies from ``config.sequence_parallel`` at construction.
 _SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
@@ -143,6 +150,13 @@ def _share_tokens(sampled, batch_size: int, device) -> torch.Tensor:
     return sampled
 
 
+def _keep_cache_rows(context, keep: torch.Tensor, length: int) -> None:
+    """Move batch rows ``keep`` (ascending) of every layer's KV cache to the front, positions [0, length)."""
+    for memories in context.key_value_memory_dict.values():
+        for memory in memories:  # [max_sequence_length, max_batch_size, ...]
+            memory[:length, : len(keep)] = memory[:length, keep]
+
+
 def _step_seed(seed: int, position: int) -> int:
     """A 63-bit seed for sequence position ``position`` of a run seeded with ``seed``."""
     return (seed * 6364136223846793005 + position * 1442695040888963407) % (2**63 - 1)
@@ -202,27 +216,37 @@ def generate(
         with torch.no_grad(), _sequence_parallel_off(gpt):
             fed = 0  # positions already in the KV cache
             pos = min(len(p) for p in prompts)  # the position the next token goes to
+            rows_in_batch = torch.arange(batch_size, device=device)  # batch (and KV cache) row -> sample
             while True:
                 first = fed if use_kv_cache else 0
-                logits = _stage_forward(model, gpt, tokens[:, first:pos], positions[:, first:pos], context)
+                logits = _stage_forward(model, gpt, tokens[rows_in_batch, first:pos],
+                                        positions[rows_in_batch, first:pos], context)
                 sampled = None
                 if logits is not None:
                     noise.manual_seed(_step_seed(seed, pos))
-                    uniforms = torch.rand(total_rows, generator=noise, device=device)[first_row : first_row + batch_size]
+                    uniforms = torch.rand(total_rows, generator=noise, device=device)[first_row + rows_in_batch]
                     sampled = sample_next(logits[:, :true_vocab_size], cfg, uniforms=uniforms)
-                sampled = _share_tokens(sampled, batch_size, device)
-                in_prompt = pos < lengths
-                token = torch.where(in_prompt, tokens[:, pos], sampled)
-                tokens[:, pos] = token
-                generating = ~in_prompt & ~done
-                generated += generating.long()
-                done |= generating & ((token == eos_id) | (generated >= cfg.max_new_tokens))
+                sampled = _share_tokens(sampled, len(rows_in_batch), device)
+                in_prompt = pos < lengths[rows_in_batch]
+                token = torch.where(in_prompt, tokens[rows_in_batch, pos], sampled)
+                tokens[rows_in_batch, pos] = token
+                generating = ~in_prompt & ~done[rows_in_batch]
+                generated[rows_in_batch] += generating.long()
+                ended = generating & ((token == eos_id) | (generated[rows_in_batch] >= cfg.max_new_tokens))
+                done[rows_in_batch] |= ended
                 if use_kv_cache:
                     context.increment_sequence_len_offset(pos - fed)
                     context.enable_decode_mode()
                 fed, pos = pos, pos + 1
-                if pos == total or bool(done.all()):
+                running = ~done[rows_in_batch]
+                num_running = int(running.sum())
+                if pos == total or num_running == 0:
                     break
+                if num_running <= _COMPACT_BELOW * len(rows_in_batch):
+                    keep = running.nonzero().squeeze(1)
+                    if use_kv_cache:
+                        _keep_cache_rows(context, keep, fed)
+                    rows_in_batch = rows_in_batch[keep]
     finally:
         gpt.set_input_tensor(None)
         model.train(was_training)

@@ -64,6 +64,31 @@ def unmasked_argmax(model, prompt):
     return int(full.argmax())
 
 
+def whole_batch_and_compactions(model):
+    """(greedy completions when ended samples never leave the batch, the batch sizes that the default
+    greedy run compacted to)."""
+    from megatron_renio.rollout import generate as rollout
+
+    sizes = []
+    keep_rows, compact_below = rollout._keep_cache_rows, rollout._COMPACT_BELOW
+
+    def counting(context, keep, length):
+        sizes.append(len(keep))
+        keep_rows(context, keep, length)
+
+    rollout._keep_cache_rows = counting
+    try:
+        run(model)
+    finally:
+        rollout._keep_cache_rows = keep_rows
+    rollout._COMPACT_BELOW = 0.0
+    try:
+        whole = run(model).completions
+    finally:
+        rollout._COMPACT_BELOW = compact_below
+    return whole, sizes
+
+
 def checks(model):
     out = {}
     model.train()
@@ -73,6 +98,7 @@ def checks(model):
     out["greedy_kv_generated"] = greedy.num_generated_tokens
     out["greedy_full"] = run(model, kv=False).completions
     out["greedy_alone"] = [run(model, prompts=[p]).completions[0] for p in PROMPTS]
+    out["greedy_whole_batch"], out["compacted_to"] = whole_batch_and_compactions(model)
     out["sampled_a"] = run(model, cfg=SAMPLED, seed=11).completions
     out["sampled_a_again"] = run(model, cfg=SAMPLED, seed=11).completions
     out["sampled_b"] = run(model, cfg=SAMPLED, seed=12).completions
