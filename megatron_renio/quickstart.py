@@ -227,7 +227,7 @@ class HeldOutEvaluator:
         result = generate(
             model, [p for p in self.prompts for _ in range(k)],
             SamplingConfig(temperature=self.plan.eval_temperature, max_new_tokens=self.plan.max_new_tokens),
-            eos_id=self.tokenizer.eos_id, true_vocab_size=preset.vocab_size, seed=self.seed,
+            eos_id=self.tokenizer.stop_ids, true_vocab_size=preset.vocab_size, seed=self.seed,
             max_sequence_length=self.plan.seq_length,
         )
         grades = [grade_math(self.tokenizer.decode(c), self.records[i // k].answer) for i, c in enumerate(result.completions)]

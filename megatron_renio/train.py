@@ -176,7 +176,7 @@ def run(cfg: TrainConfig) -> dict:
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.train_iters, initial=iteration, desc="train", dynamic_ncols=True, file=sys.stderr)
-    eos = tokenizer.eos_id
+    eos = tokenizer.stop_ids
     metrics: dict = {}
     flops_per_token = 6 * student_info.preset.num_parameters() + 2 * teacher_info.preset.num_parameters()
     peak_flops = C.peak_flops(cfg)

@@ -88,6 +88,12 @@ def test_completion_without_eos_is_kept_whole():
     assert batch.student.loss_mask.sum() == 3
 
 
+def test_completion_ends_at_the_first_of_several_stop_ids():
+    batch = pack_pairs([[3, 4], [3, 4]], [[3, 4], [3, 4]], [[5, 9, 6, EOS], [5, EOS, 9]], [EOS, 9], PAD, seq_length=16)
+    assert batch.completion_lengths.tolist() == [2, 2]
+    assert batch.completion_ids.tolist() == [[5, 9], [5, EOS]]
+
+
 def test_truncation_to_seq_length():
     student = [[3, 4], [3, 4]]
     teacher = [[3, 4, 5, 6, 7, 8], [3, 4]]

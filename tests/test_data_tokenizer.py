@@ -81,6 +81,32 @@ def test_hf_pad_falls_back_to_eos(tmp_path):
     assert tok.pad_id == tok.eos_id
 
 
+def test_stop_ids_add_the_generation_config_eos_ids(tmp_path, hf_dir, sp_model):
+    """eos_id first, then the other eos_token_id entries of generation_config.json (one id or a list)."""
+    assert load_tokenizer(hf_dir).stop_ids == (load_tokenizer(hf_dir).eos_id,)
+    assert load_tokenizer(sp_model).stop_ids == (load_tokenizer(sp_model).eos_id,)
+    folder = _save_hf_tokenizer(tmp_path / "with_config", extra_tokens=("<|end|>",))
+    tok = load_tokenizer(folder)
+    end = tok.encode("<|end|>")[0]
+    for eos_token_id, expected in (([end, tok.eos_id], (tok.eos_id, end)), (end, (tok.eos_id, end)), (None, (tok.eos_id,))):
+        (tmp_path / "with_config" / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}))
+        assert load_tokenizer(folder).stop_ids == expected
+
+
+@pytest.mark.parametrize("contents, message", [
+    ('{"eos_token_id": [2, 999]}', "eos_token_id must be ids in [0, "),
+    ('{"eos_token_id": "</s>"}', "eos_token_id must be ids in [0, "),
+    ('{"eos_token_id": [2,', "not a readable JSON file"),
+    ('[2, 3]', "expected a JSON object"),
+])
+def test_bad_generation_config_names_the_file(tmp_path, contents, message):
+    folder = _save_hf_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "generation_config.json").write_text(contents)
+    with pytest.raises(UserInputError, match="generation_config.json: ") as error:
+        load_tokenizer(folder)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_hf_vocab_size_counts_added_tokens(tmp_path, hf_dir):
     base = load_tokenizer(hf_dir)
     grown = load_tokenizer(_save_hf_tokenizer(tmp_path, extra_tokens=("<think>", "</think>")))

@@ -130,6 +130,7 @@ def test_eos_and_length_limits(ranks, layout):
     assert r["greedy_kv_generated"] == sum(map(len, greedy))
     assert r["eos_kv"] == [_through_first(c, eos) for c in greedy]
     assert r["eos_kv"][0][-1] == eos and 4 <= len(r["eos_kv"][0]) < MAX_NEW
+    assert r["eos_among_stop_ids"] == r["eos_kv"]  # the same id as the second of two stop ids
     assert r["short"] == [c[:3] for c in greedy]
     # max_sequence_length 10 bounds prompt + completion
     assert r["seq_limit"] == [c[: 10 - n] for c, n in zip(greedy, PROMPT_LENGTHS)]
@@ -174,6 +175,6 @@ def test_bad_inputs_are_one_line_user_errors(ranks):
     messages = ranks[0]["tp1"]["input_errors"]
     assert None not in messages
     expected = ["at least one prompt", "prompt 1 has 0 tokens", "prompt 0 has 64 tokens", "prompt 0 holds token ids",
-                "EOS id 250", "--max-new-tokens"]
+                "EOS ids [250]", "EOS ids []", "--max-new-tokens"]
     for message, fragment in zip(messages, expected):
         assert fragment in message and "\n" not in message

@@ -36,7 +36,7 @@ Rules:
 
 * Padding is on the right; position ids are ``0 .. S-1`` and causal attention needs no extra mask
   (padding comes after every real token).
-* A completion ends at its first ``eos_id``, which is kept (it is a token the student chose to
+* A completion ends at its first ``eos_id`` (or the first of several stop ids), which is kept (it is a token the student chose to
   emit and is trained on); anything after it (generation padding) is dropped. A completion without
   EOS (cut by the generation budget) is used as is: no EOS is added.
 * Both sequences of a sample must fit in ``seq_length``: the completion is truncated to
@@ -112,11 +112,10 @@ class PairedBatch:
         return PairedBatch(**{k: v.map(fn) if isinstance(v, ModelInputs) else fn(v) for k, v in fields.items()})
 
 
-def _cut_at_eos(completion: Sequence[int], eos_id: int) -> list[int]:
+def _cut_at_eos(completion: Sequence[int], eos_ids: frozenset[int]) -> list[int]:
     ids = [int(t) for t in completion]
-    if eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
-    return ids
+    end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    return ids if end is None else ids[: end + 1]
 
 
 def _side(
@@ -147,12 +146,14 @@ def pack_pairs(
     student_prompts: Sequence[Sequence[int]],
     teacher_prompts: Sequence[Sequence[int]],
     completions: Sequence[Sequence[int]],
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     seq_length: int,
     pad_to_multiple: int = 8,
 ) -> PairedBatch:
     """Pack one batch of (student prompt, teacher prompt, completion) triples; see the module doc.
+
+    ``eos_id``: the EOS id, or several stop ids (``Tokenizer.stop_ids``); a completion ends at the first.
 
     ``seq_length`` is the longest sequence either model may read; it must be a multiple of
     ``pad_to_multiple`` (:class:`UserInputError` naming ``--seq-length`` otherwise). A prompt that
@@ -171,6 +172,7 @@ def pack_pairs(
             f"--seq-length {seq_length} must be a multiple of {pad_to_multiple} "
             "(sequence parallelism needs the padded length divisible by the tensor-parallel size)"
         )
+    eos_ids = frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     s_prompts = [[int(t) for t in p] for p in student_prompts]
     t_prompts = [[int(t) for t in p] for p in teacher_prompts]
     kept: list[list[int]] = []
@@ -184,7 +186,7 @@ def pack_pairs(
                 f"sample {i}: prompt of {longest} tokens leaves no room for a completion in "
                 f"seq_length {seq_length} (filter_long_prompts should have removed it)"
             )
-        ids = _cut_at_eos(completion, eos_id)
+        ids = _cut_at_eos(completion, eos_ids)
         room = seq_length - longest
         truncated.append(len(ids) > room)
         kept.append(ids[:room])

@@ -15,6 +15,10 @@ Contract shared by both kinds:
   ``encode(text, add_special_tokens=True)`` adds what the tokenizer itself adds to a whole input
   (e.g. BOS for Llama, nothing for Qwen).
 * ``eos_id`` is required (generation stops on it); a tokenizer without one is rejected at load time.
+* ``stop_ids`` are the ids that end a generated completion: ``eos_id`` first, then, for a folder,
+  the other ids of ``eos_token_id`` in its ``generation_config.json`` (transformers' ``generate``
+  stops on every one of them: Qwen3's ``<|endoftext|>`` besides ``<|im_end|>``, Llama-3.1's
+  ``<|end_of_text|>`` and ``<|eom_id|>`` besides ``<|eot_id|>``).
 * ``pad_id`` is the tokenizer's pad token, or ``eos_id`` when it has none.
 * ``vocab_size`` is the true number of ids including added tokens (``len(tokenizer)`` for HF), not
   the padded size of a model's embedding table.
@@ -30,6 +34,7 @@ import abc
 import hashlib
 import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 from megatron_renio.errors import UserInputError
@@ -40,6 +45,7 @@ class Tokenizer(abc.ABC):
 
     name_or_path: str
     eos_id: int
+    stop_ids: tuple[int, ...]
     pad_id: int
     bos_id: int | None
     vocab_size: int
@@ -85,7 +91,7 @@ class Tokenizer(abc.ABC):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.name_or_path!r}, vocab_size={self.vocab_size}, "
-            f"eos_id={self.eos_id}, pad_id={self.pad_id})"
+            f"eos_id={self.eos_id}, stop_ids={self.stop_ids}, pad_id={self.pad_id})"
         )
 
 
@@ -98,6 +104,34 @@ _HF_TOKENIZER_FILES = (
     "vocab.txt",
     "spiece.model",
 )
+
+
+def read_generation_config(folder: str | os.PathLike) -> tuple[Path, dict]:
+    """(path, contents) of ``folder``'s ``generation_config.json``; contents {} when there is none.
+
+    A file that is not a JSON object raises :class:`UserInputError` naming it.
+    """
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return path, {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserInputError(f"{path}: not a readable JSON file") from None
+    if not isinstance(config, dict):
+        raise UserInputError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return path, config
+
+
+def _stop_ids(eos_id: int, folder: str, vocab_size: int) -> tuple[int, ...]:
+    """``eos_id``, then the other ids of ``eos_token_id`` (one id or a list) in ``folder``'s generation config."""
+    path, config = read_generation_config(folder)
+    ids = config.get("eos_token_id")
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    for value in ids:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+            raise UserInputError(f"{path}: eos_token_id must be ids in [0, {vocab_size}), got {value!r}")
+    return tuple(dict.fromkeys([eos_id, *ids]))
 
 
 class HFTokenizer(Tokenizer):
@@ -124,6 +158,7 @@ class HFTokenizer(Tokenizer):
         self.pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else self.eos_id
         self.bos_id = int(tok.bos_token_id) if tok.bos_token_id is not None else None
         self.vocab_size = len(tok)
+        self.stop_ids = _stop_ids(self.eos_id, path, self.vocab_size)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
@@ -168,6 +203,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = sp
         self.name_or_path = path
         self.eos_id = int(sp.eos_id())
+        self.stop_ids = (self.eos_id,)
         self.pad_id = int(sp.pad_id()) if sp.pad_id() >= 0 else self.eos_id
         self.bos_id = int(sp.bos_id()) if sp.bos_id() >= 0 else None
         self.vocab_size = int(sp.get_piece_size())

@@ -206,13 +206,9 @@ def _sampling(args, tokenizer_dir: Path | None):
     checkpoint's ``generation_config.json``, else :data:`BUILTIN_SAMPLING`."""
     from megatron_renio.rollout.sampling import SamplingConfig
 
-    config_file = tokenizer_dir / "generation_config.json" if tokenizer_dir is not None else None
-    defaults = {}
-    if config_file is not None and config_file.is_file():
-        try:
-            defaults = json.loads(config_file.read_text())
-        except (OSError, ValueError):
-            raise UserInputError(f"{config_file}: not a readable JSON file") from None
+    from megatron_renio.data.tokenizer import read_generation_config
+
+    config_file, defaults = read_generation_config(tokenizer_dir) if tokenizer_dir is not None else (None, {})
     values = dict(BUILTIN_SAMPLING)
     for name, (kind, check, allowed) in _SAMPLING_CHECKS.items():
         if getattr(args, name) is not None:
@@ -285,7 +281,7 @@ def _graded(bench: Benchmark, job: Job, completion: list[int], tokenizer) -> dic
         "benchmark": bench.name, "id": item.id, "sample": job.sample,
         "prompt": tokenizer.decode(job.prompt_ids, skip_special_tokens=False), "answer": item.answer,
         "completion": text, "correct": bool(grade(item, text)), "num_tokens": len(completion),
-        "finished": bool(completion) and completion[-1] == tokenizer.eos_id,
+        "finished": bool(completion) and completion[-1] in tokenizer.stop_ids,
         "prompt_ids": job.prompt_ids, "completion_ids": completion,
     }
 
@@ -331,7 +327,7 @@ def run(args: argparse.Namespace) -> dict | None:
         batches = tqdm(batches, desc="eval", dynamic_ncols=True, file=sys.stderr)
     for first in batches:
         batch = jobs[first:min(first + args.batch_size, end)]
-        result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.eos_id,
+        result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
                           true_vocab_size=vocab, seed=args.seed, max_sequence_length=seq_length,
                           rows=(first, len(jobs)))
         if grader:

@@ -20,7 +20,7 @@ token per step. How the pieces fit:
   the last stage samples and broadcasts the tokens to all stages of its pipeline.
 - **Sequence parallelism** is switched off for the rollout (a one-token step cannot be split
   over the TP ranks) and restored afterwards.
-- **Stopping.** A completion ends with EOS (included), at ``max_new_tokens``, or when prompt plus
+- **Stopping.** A completion ends with EOS (included; several stop ids may be given), at ``max_new_tokens``, or when prompt plus
   completion reach ``max_sequence_length`` (the KV cache length); the loop ends when every sample
   has ended.
 - **Finished samples leave the batch.** When at most ``_COMPACT_BELOW`` of the batch's rows still
@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -63,13 +64,14 @@ class GenerationResult:
         return self.num_generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_inputs(prompts, eos_id: int, true_vocab_size: int, padded_vocab_size: int, max_sequence_length: int) -> None:
+def _check_inputs(prompts, eos_ids: list[int], true_vocab_size: int, padded_vocab_size: int,
+                  max_sequence_length: int) -> None:
     if not 0 < true_vocab_size <= padded_vocab_size:
         raise UserInputError(
             f"true vocabulary size {true_vocab_size} must be in [1, {padded_vocab_size}] (the model's padded vocabulary)"
         )
-    if not 0 <= eos_id < true_vocab_size:
-        raise UserInputError(f"EOS id {eos_id} is outside the vocabulary [0, {true_vocab_size})")
+    if not eos_ids or not all(0 <= eos_id < true_vocab_size for eos_id in eos_ids):
+        raise UserInputError(f"EOS ids {eos_ids} must be one or more ids in the vocabulary [0, {true_vocab_size})")
     if not prompts:
         raise UserInputError("generate() needs at least one prompt")
     for i, prompt in enumerate(prompts):
@@ -167,7 +169,7 @@ def generate(
     prompts: list[list[int]],
     cfg: SamplingConfig,
     *,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     true_vocab_size: int,
     seed: int,
     max_sequence_length: int,
@@ -175,6 +177,8 @@ def generate(
     rows: tuple[int, int] | None = None,
 ) -> GenerationResult:
     """Sample one completion per prompt with the student ``model`` (this rank's TP/PP shard).
+
+    ``eos_id``: the EOS id, or several (``Tokenizer.stop_ids``); a completion ends at the first one.
 
     Every rank of the model-parallel group (TP x PP) must call this with the same arguments and
     gets the same result. Sampling noise is keyed by sample, not by batch: the token at sequence
@@ -192,7 +196,8 @@ def generate(
 
     cfg.validate()
     gpt = unwrap_model(model)
-    _check_inputs(prompts, eos_id, true_vocab_size, gpt.vocab_size, max_sequence_length)
+    eos_ids = [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
+    _check_inputs(prompts, eos_ids, true_vocab_size, gpt.vocab_size, max_sequence_length)
     started = time.perf_counter()
     device = next(gpt.parameters()).device
     batch_size = len(prompts)
@@ -207,6 +212,7 @@ def generate(
     first_row, total_rows = rows if rows is not None else (0, batch_size)
     if not (0 <= first_row and first_row + batch_size <= total_rows):
         raise UserInputError(f"rows={rows} does not hold a batch of {batch_size} samples")
+    stop = torch.tensor(eos_ids, device=device)
     noise = torch.Generator(device=device)
     context = StaticInferenceContext(batch_size, total) if use_kv_cache else None
 
@@ -232,7 +238,7 @@ def generate(
                 tokens[rows_in_batch, pos] = token
                 generating = ~in_prompt & ~done[rows_in_batch]
                 generated[rows_in_batch] += generating.long()
-                ended = generating & ((token == eos_id) | (generated[rows_in_batch] >= cfg.max_new_tokens))
+                ended = generating & (torch.isin(token, stop) | (generated[rows_in_batch] >= cfg.max_new_tokens))
                 done[rows_in_batch] |= ended
                 if use_kv_cache:
                     context.increment_sequence_len_offset(pos - fed)

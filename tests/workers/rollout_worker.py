@@ -108,6 +108,7 @@ def checks(model):
     eos = next(t for i, t in enumerate(first) if i >= 3 and t not in first[:i])
     out["eos_id"] = eos
     out["eos_kv"] = run(model, eos=eos).completions
+    out["eos_among_stop_ids"] = run(model, eos=[EOS, eos]).completions
     out["eos_full"] = run(model, eos=eos, kv=False).completions
     out["short"] = run(model, cfg=SamplingConfig(max_new_tokens=3, greedy=True)).completions
     out["seq_limit"] = run(model, max_seq=10).completions  # longest prompt (8) gets 2 tokens
@@ -129,6 +130,7 @@ def input_errors(model):
         dict(prompts=[list(range(MAX_SEQ))]),
         dict(prompts=[[1, VOCAB]]),
         dict(eos=VOCAB),
+        dict(eos=[]),
         dict(cfg=SamplingConfig(max_new_tokens=0)),
     ]
     messages = []
