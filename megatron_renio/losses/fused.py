@@ -234,7 +234,7 @@ class _Cells:
         if self.positions is None:
             return cells
         positions = self.positions[0]
-        target = torch.where(positions >= 0, positions, n_rows)  # empty cells land in a spare column
+        target = torch.where(positions >= 0, positions, n_rows).long()  # empty cells land in a spare column
         inverse = torch.full((n_b, n_rows + 1), -1, dtype=torch.int32, device=device)
         return inverse.scatter_(1, target, cells)[:, :n_rows].contiguous()
 
@@ -941,6 +941,8 @@ def fused_token_terms(
         raise UserInputError(f"fused_token_terms: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     cfg.validate()
     _check_shapes(student_logits, teacher_logits, tokens, shard, positions)
+    if positions is not None:  # the teacher position of an empty cell is never read: make it -1 (reads as 0)
+        positions = (positions[0], torch.where(positions[0] >= 0, positions[1], -1))
     if cfg.top_k is not None:
         return _unfused_on_rows(student_logits, teacher_logits, tokens, cfg, shard, tp_group, positions)
     fp32_compute = compute_dtype(student_logits) == torch.float32
@@ -968,7 +970,8 @@ def _unfused_on_rows(student_logits, teacher_logits, tokens, cfg, shard, tp_grou
     if positions is None:
         return token_terms(student_logits, teacher_logits, tokens, cfg, shard, tp_group)
     filled = positions[0] >= 0
-    student, teacher = (gather_grid(z, p.clamp(min=0)) for z, p in zip((student_logits, teacher_logits), positions))
+    student, teacher = (gather_grid(z, torch.where(filled, p, 0)) for z, p in zip((student_logits, teacher_logits),
+                                                                                 positions))
     terms = token_terms(student, teacher, torch.where(filled, tokens, -1), cfg, shard, tp_group)
     terms.divergence = torch.where(filled, terms.divergence, 0.0)
     return terms

@@ -95,10 +95,10 @@ def case_results(case, local: int, true_vocab: int, group, seed: int, impl="chun
 # does: student [3, 9, V] (a slice of [3, 11, V], stored as Megatron's [s, b, V]) and teacher
 # [3, 11, V]. Sample 0 has a one-token student prompt (cell (0, 0) reads position 0, which its empty
 # cell would read too if empty cells were not skipped), sample 1 fills its row, sample 2 has two
-# tokens and three empty cells (student position -1; their teacher positions are 0, as pack_pairs
-# writes them).
+# tokens and three empty cells (student position -1; their teacher positions are never read: 0 as
+# pack_pairs writes them, and one beyond the teacher's rows).
 STUDENT_POSITIONS = [[0, 1, 2, 3, -1], [4, 5, 6, 7, 8], [6, 7, -1, -1, -1]]
-TEACHER_POSITIONS = [[2, 3, 4, 5, 0], [6, 7, 8, 9, 10], [9, 10, 0, 0, 0]]
+TEACHER_POSITIONS = [[2, 3, 4, 5, 0], [6, 7, 8, 9, 10], [9, 10, 0, 0, 99]]
 STUDENT_ROWS = 9
 
 
