@@ -1,9 +1,11 @@
 """Training configuration: Megatron-LM style flags, an optional YAML file, validation.
 
 ``python -m megatron_renio.train [--config run.yaml] [flags]``: the YAML keys are the flag names
-(with or without the leading dashes, ``-`` or ``_``); flags given on the command line override the
-file. :func:`parse_train_args` validates every value before any process-group work, raising
-:class:`UserInputError` with one line naming the flag and the allowed range.
+(with or without the leading dashes, ``-`` or ``_``) and each value is the text the flag takes on the
+command line, converted by the same function (``lr: 1e-6``, ``kd_token_clip: none``, ``bf16: true``);
+flags given on the command line override the file. :func:`parse_train_args` validates every value
+before any process-group work, raising :class:`UserInputError` with one line naming the flag (or the
+config file and key) and the allowed range.
 """
 
 from __future__ import annotations
@@ -100,8 +102,10 @@ class TrainConfig:
     answer_field: str = "answer"
     tokenizer: str | None = None
     debug: bool = False
-    # testing aid: make the student's logits non-finite at this iteration (1-based; 0 = never)
+    # testing aids (1-based iteration; 0 = never): make the student's logits non-finite, or (on global
+    # rank 0 only, after the gradients are reduced) one entry of the student's gradient
     debug_inject_nonfinite: int = 0
+    debug_inject_nonfinite_grad: int = 0
 
     @property
     def divergence_kind(self) -> str:
@@ -121,12 +125,30 @@ def _bool_arg(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
+# What each converter accepts, in words (for the one-line error on a bad YAML value).
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", _bool_arg: "true or false"}
+# YAML's spellings of null; they leave a flag whose default is None unset.
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
 def _optional(kind):
     def parse(value: str):
         return None if str(value).lower() in ("none", "null", "off") else kind(value)
 
     parse.__name__ = kind.__name__
+    parse.expects = f"{_KIND_WORDS[kind]} or none"
     return parse
+
+
+def _kind(f: dataclasses.Field):
+    """The converter from a flag's command-line text to the field's value; YAML values go through it too."""
+    if isinstance(f.default, bool):
+        return _bool_arg
+    if f.name == "kd_token_clip":
+        return _optional(float)
+    if f.name == "kd_top_k":
+        return _optional(int)
+    return {int: int, float: float}.get(type(f.default), str)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -143,38 +165,64 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "data_path":
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help="JSONL or parquet files")
         elif isinstance(f.default, bool):
-            parser.add_argument(flag, nargs="?", const=True, type=_bool_arg, default=argparse.SUPPRESS)
+            parser.add_argument(flag, nargs="?", const=True, type=_kind(f), default=argparse.SUPPRESS)
         else:
-            kind = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("kd_token_clip",):
-                kind = _optional(float)
-            elif f.name in ("kd_top_k",):
-                kind = _optional(int)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+            parser.add_argument(flag, type=_kind(f), default=argparse.SUPPRESS)
     return parser
 
 
+def _yaml_value(path: str, key, f: dataclasses.Field, value):
+    """One value of the config file (as written: a string, or a list or mapping of them) as the flag's value.
+
+    A string goes through the flag's command-line converter, so the file accepts exactly what the
+    command line does; a list is taken by ``data_path`` only; a YAML null (``~``, ``null``, empty)
+    leaves a flag whose default is None unset. Anything else raises :class:`UserInputError` naming
+    the file, the key and what the flag takes.
+    """
+    kind = _kind(f)
+    if f.name == "data_path":
+        items = value if isinstance(value, list) else [value]
+        if items and all(isinstance(item, str) and item for item in items):
+            return items
+        expected = "a file path or a list of file paths"
+    elif f.default is None and value in _YAML_NULLS:
+        return None
+    else:
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except (ValueError, argparse.ArgumentTypeError):
+                pass
+        expected = getattr(kind, "expects", None) or _KIND_WORDS[kind]
+    raise UserInputError(f"--config {path}: key {key!r} must be {expected}, got {value!r}")
+
+
 def _load_yaml(path: str) -> dict:
+    """The config file's values by field name, each converted by :func:`_yaml_value`.
+
+    The file is read with ``yaml.BaseLoader``: no scalar is typed by YAML's own rules (which read
+    ``1e-6`` as a string and ``off`` as a boolean), every one reaches the flag's converter as written.
+    """
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise UserInputError(f"--config {path}: file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=yaml.BaseLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise UserInputError(f"--config {path}:{where} not valid YAML") from None
     if not isinstance(data, dict):
         raise UserInputError(f"--config {path}: expected a mapping of flag names to values")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, value in data.items():
         name = str(key).lstrip("-").replace("-", "_")
-        if name not in names:
+        if name not in fields:
             raise UserInputError(f"--config {path}: unknown key {key!r}")
-        out[name] = value
+        out[name] = _yaml_value(path, key, fields[name], value)
     return out
 
 
@@ -184,8 +232,6 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     values = _load_yaml(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)
-    if isinstance(values.get("data_path"), str):
-        values["data_path"] = [values["data_path"]]
     config = TrainConfig(**values)
     validate(config)
     return config
@@ -197,7 +243,7 @@ def _check(condition: bool, flag: str, allowed: str, value) -> None:
 
 
 def validate(c: TrainConfig) -> None:
-    """Range checks for every flag (one line naming the flag and the allowed range)."""
+    """Range and cross-flag checks for every flag (one line naming the flag and the allowed range)."""
     positive_ints = (
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
         "global_batch_size", "seq_length", "train_iters", "log_interval", "max_new_tokens",
@@ -238,12 +284,18 @@ def validate(c: TrainConfig) -> None:
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
     _check(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "> 0", c.distributed_timeout_minutes)
     _check(c.max_new_tokens < c.seq_length, "--max-new-tokens", f"smaller than --seq-length ({c.seq_length})", c.max_new_tokens)
+    # Megatron's OptimizerParamScheduler decays over --train-iters and asserts the warmup is shorter.
+    _check(c.lr_warmup_iters < c.train_iters, "--lr-warmup-iters", f"smaller than --train-iters ({c.train_iters})",
+           c.lr_warmup_iters)
     if c.mode == "opd" and c.teacher != "separate":
         raise UserInputError("--mode opd needs --teacher separate (a teacher checkpoint or preset)")
     if c.teacher == "separate" and not (c.teacher_load or c.teacher_model):
         raise UserInputError("--teacher separate needs --teacher-load or --teacher-model")
-    if not (c.student_load or c.model or c.load):
-        raise UserInputError("no student model: give --student-load (a converted checkpoint), --load or --model")
+    if not (c.student_load or c.model):  # the trainer builds the student from these; --load only restores state
+        raise UserInputError(
+            "no student model: give --student-load (a converted checkpoint) or --model (a preset), "
+            "also when resuming with --load"
+        )
     if not c.data_path:
         raise UserInputError("--data-path is required (one or more JSONL or parquet files)")
     if c.sequence_parallel and c.tensor_model_parallel_size == 1:

@@ -49,6 +49,8 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--save-samples-interval", "5"], "--save-samples-interval needs --save"),
         (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be an integer >= 1"),
         (["--max-new-tokens", "300"], r"--max-new-tokens must be smaller than --seq-length \(256\)"),
+        (["--lr-warmup-iters", "256", "--train-iters", "256"],
+         r"--lr-warmup-iters must be smaller than --train-iters \(256\), got 256"),
         (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
     ],
@@ -70,3 +72,53 @@ def test_bad_config_files(tmp_path):
     unknown.write_text("learning_rate: 1\n")
     with pytest.raises(UserInputError, match="unknown key 'learning_rate'"):
         parse_train_args(["--config", str(unknown)])
+
+
+def test_yaml_values_are_converted_like_command_line_text(tmp_path):
+    """YAML 1.1 reads 1e-6 as a string and off as a boolean: each value goes through the flag's converter."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "lr: 1e-6\nkd_token_clip: none\nkd_top_k: 8\ntrain_iters: 7\nsave: null\nmodel: tiny-qwen3\n"
+        "data_path: train.jsonl\nseq_length: 256\nmax_new_tokens: 32\n"
+    )
+    cfg = parse_train_args(["--config", str(path)])
+    assert cfg.lr == 1e-6 and isinstance(cfg.lr, float)
+    assert cfg.kd_token_clip is None and cfg.kd_top_k == 8 and cfg.train_iters == 7 and cfg.save is None
+    assert cfg.data_path == ["train.jsonl"]
+
+
+def test_yaml_bool_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("bf16: true\nrenio: yes\nuse_distributed_optimizer: off\ndebug: 1\n")
+    cfg = parse_train_args(["--config", str(path)] + BASE)
+    assert (cfg.bf16, cfg.renio, cfg.use_distributed_optimizer, cfg.debug) == (True, True, False, True)
+    path.write_text("bf16: maybe\n")
+    with pytest.raises(UserInputError, match="run.yaml: key 'bf16' must be true or false, got 'maybe'"):
+        parse_train_args(["--config", str(path)] + BASE)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: fast", "key 'lr' must be a number, got 'fast'"),
+        ("train_iters: 2.5", "key 'train_iters' must be an integer, got '2.5'"),
+        ("kd_token_clip: [0.1]", r"key 'kd_token_clip' must be a number or none, got \['0.1'\]"),
+        ("kd_top_k: eight", "key 'kd_top_k' must be an integer or none, got 'eight'"),
+        ("model: {name: tiny}", "key 'model' must be a string, got {'name': 'tiny'}"),
+        ("data_path: [[a.jsonl]]", "key 'data_path' must be a file path or a list of file paths"),
+    ],
+)
+def test_yaml_value_of_the_wrong_type_gives_one_line(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(UserInputError, match=f"--config {path}: {message}") as err:
+        parse_train_args(["--config", str(path)] + BASE)
+    assert "\n" not in str(err.value)
+
+
+def test_load_alone_is_no_student_model():
+    """--load restores training state; the trainer builds the student from --student-load or --model."""
+    rest = ["--data-path", "train.jsonl", "--seq-length", "256", "--max-new-tokens", "32", "--load", "runs/x"]
+    with pytest.raises(UserInputError, match="no student model: give --student-load .* or --model"):
+        parse_train_args(rest)
+    assert parse_train_args(rest + ["--student-load", "ckpt/student"]).load == "runs/x"
