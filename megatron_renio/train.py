@@ -75,13 +75,6 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _ema_update(teacher, student, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student, parameter by parameter."""
-    with torch.no_grad():
-        for t, s in zip(teacher.parameters(), student.parameters()):
-            t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1.0 - decay)
-
-
 def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], completions: list[list[int]],
                   per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
     """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
@@ -122,6 +115,7 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_renio.rollout.sampling import SamplingConfig
     from megatron_renio.training import components as C
     from megatron_renio.training.checkpointing import load_training_checkpoint, save_training_checkpoint
+    from megatron_renio.training.ema import EmaTeacher
     from megatron_renio.training.paired import PairedModel
     from megatron_renio.training.step import DistillationStep
 
@@ -149,6 +143,7 @@ def run(cfg: TrainConfig) -> dict:
 
     student, student_info = C.build_model(student_source, cfg)
     teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student)
+    ema = EmaTeacher(teacher, cfg.ema_decay) if cfg.teacher == "ema" else None
     student_ddp = C.wrap_ddp(student, cfg.use_distributed_optimizer)
     optimizer, scheduler = C.build_optimizer(student_ddp, cfg)
     paired = PairedModel(student_ddp, teacher, student_info.preset.hidden_size, teacher_info.preset.hidden_size)
@@ -160,8 +155,7 @@ def run(cfg: TrainConfig) -> dict:
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0
     if cfg.load:
-        state = load_training_checkpoint(cfg.load, student=student, optimizer=optimizer,
-                                         teacher=teacher if cfg.teacher == "ema" else None)
+        state = load_training_checkpoint(cfg.load, student=student, optimizer=optimizer, teacher=ema)
         if state is not None:
             iteration = state["iteration"]
             skipped_total = state["skipped_total"]
@@ -201,20 +195,22 @@ def run(cfg: TrainConfig) -> dict:
             student_ddp.zero_grad_buffer()
             optimizer.zero_grad()
             result = step_runner.run(micro, inject_nonfinite=cfg.debug_inject_nonfinite == iteration + 1)
+            if cfg.debug_inject_nonfinite_grad == iteration + 1 and ctx.rank == 0:
+                student_ddp.buffers[0].grad_data[0] = float("nan")
             t_fwd_bwd = time.perf_counter() - t1
             maybe_die("backward", iteration + 1)
 
             t2 = time.perf_counter()
             grad_norm = None
-            ok = not result.nonfinite and math.isfinite(result.loss)
+            ok = not result.nonfinite and math.isfinite(result.loss) and C.gradients_are_finite(student_ddp)
             if ok:
                 updated, grad_norm, _ = optimizer.step()
                 ok = bool(updated) and (grad_norm is None or math.isfinite(grad_norm))
             if ok:
                 scheduler.step(increment=1)
                 skipped_in_a_row = 0
-                if cfg.teacher == "ema":
-                    _ema_update(teacher, student, cfg.ema_decay)
+                if ema is not None:
+                    ema.update(student)
             else:
                 skipped_total += 1
                 skipped_in_a_row += 1
@@ -231,7 +227,7 @@ def run(cfg: TrainConfig) -> dict:
                               rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)
-            hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] != eos) for c in rollout.completions))
+            hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] not in eos) for c in rollout.completions))
             step_time = time.perf_counter() - t0
             # every sequence position of both models is computed (padding included)
             tokens_computed = float(batch.student.tokens.numel())
@@ -265,11 +261,11 @@ def run(cfg: TrainConfig) -> dict:
                 progress.update(1)
 
             exit_reason = exits.should_exit(iteration, ctx.device)
-            due = cfg.save_interval and (iteration % cfg.save_interval == 0 or iteration == cfg.train_iters)
+            due = iteration == cfg.train_iters or (cfg.save_interval and iteration % cfg.save_interval == 0)
             if cfg.save and (due or exit_reason):
                 save_training_checkpoint(
                     cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
-                    teacher=teacher if cfg.teacher == "ema" else None,
+                    teacher=ema,
                     tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
                     keep_last=cfg.keep_last,
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),

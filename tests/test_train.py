@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from megatron_renio.training.checkpointing import iteration_dir, prune_checkpoints
 from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, subprocess_env
 
 MAKE_MODELS = """
@@ -144,6 +145,22 @@ def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
     proc = train(base_args(workdir, **{"--load": save, "--use-distributed-optimizer": None}), check=False)
     assert proc.returncode == 2
     assert "saved without --use-distributed-optimizer; resume without it" in _last_error(proc)
+
+
+def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
+    """DP=2: a NaN in global rank 0's reduced gradient only (the loss is finite) makes every rank skip
+    the step before the optimizer (which would apply it: bf16 without a loss scale and fp32 do not
+    check); the weights stay as they were and training goes on."""
+    save = workdir / "nonfinite_grad"
+    path = workdir / "nonfinite_grad.jsonl"
+    train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite-grad": 2, "--save": save,
+                                "--save-interval": 1, "--keep-last": 3, "--metrics-file": path}), nproc=2)
+    m = read_jsonl(path)
+    assert [x["skipped"] for x in m] == [False, True, False]
+    assert m[1]["grad_norm"] is None and m[1]["nonfinite"] == 0 and m[1]["loss"] > 0
+    w1, w2, w3 = (plain_tensors(save / f"iter_{i:07d}" / "model") for i in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2) and all(torch.isfinite(w3[k]).all() for k in w3)
 
 
 def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
@@ -331,3 +348,18 @@ def test_rendezvous_launch_form(workdir):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["loss"] for m in read_jsonl(path)] == [m["loss"] for m in read_jsonl(static)]
+
+
+def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
+    """--keep-last 2 after each save; a folder of a longer run started over (--override-save) loses its
+    later iterations at the first save instead of keeping them and deleting the new ones."""
+    for old in (90, 100):
+        iteration_dir(tmp_path, old).mkdir()
+    kept = []
+    for published in (1, 2, 3):
+        iteration_dir(tmp_path, published).mkdir()
+        prune_checkpoints(tmp_path, published, keep_last=2)
+        kept.append(sorted(p.name for p in tmp_path.glob("iter_*")))
+    assert kept == [["iter_0000001"], ["iter_0000001", "iter_0000002"], ["iter_0000002", "iter_0000003"]]
+    prune_checkpoints(tmp_path, 3, keep_last=1)
+    assert [p.name for p in tmp_path.glob("iter_*")] == ["iter_0000003"]

@@ -6,14 +6,15 @@ Layout of ``--save DIR``::
         renio_model.json         megatron_renio.models.checkpoint, so export and --student-load
         model/  tokenizer/       read it directly)
         optimizer/               dist_checkpointing of the optimizer state (any DP size on load)
-        teacher/                 EMA teacher weights (``--teacher ema`` only)
+        teacher/                 the EMA teacher's fp32 average (``--teacher ema`` only; EmaTeacher)
         train_state.pt           step, data position, ReNIO EMA, LR scheduler, counters
         rng/rank_00000.pt        every rank's python / numpy / torch / model-parallel RNG states
     DIR/latest_checkpointed_iteration.txt
 
 A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished; only then is
 the ``latest`` marker replaced (atomically). A save interrupted at any point leaves the previous
-checkpoint as the latest, and a ``.tmp_`` folder that the next save removes.
+checkpoint as the latest, and a ``.tmp_`` folder that the next save removes. Then older checkpoints
+are pruned (:func:`prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ def latest_iteration(root: str | Path) -> int | None:
     if not iteration_dir(root, int(text)).is_dir():
         raise UserInputError(f"{marker} names iteration {text}, but {iteration_dir(root, int(text))} is missing")
     return int(text)
+
+
+def prune_checkpoints(root: str | Path, published: int, keep_last: int) -> list[Path]:
+    """After publishing iteration ``published``: keep it and the ``keep_last - 1`` latest iterations
+    before it; remove the others, including any after it (a run started over with --override-save
+    on a folder of a longer run). Returns the removed folders."""
+    removed = []
+    older = []
+    for path in sorted(Path(root).glob("iter_*")):
+        number = path.name[len("iter_"):]
+        if not number.isdigit() or int(number) == published:
+            continue
+        (older if int(number) < published else removed).append(path)
+    removed += older[: max(len(older) - (keep_last - 1), 0)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def _barrier():
@@ -93,7 +111,8 @@ def save_training_checkpoint(
     root: str | Path, iteration: int, *, student, student_info, optimizer, train_state: dict,
     teacher=None, tokenizer_dir: str | None = None, keep_last: int = 2,
 ) -> Path:
-    """Collective: write iteration ``iteration`` under ``root`` (see the module docstring)."""
+    """Collective: write iteration ``iteration`` under ``root`` (see the module docstring); ``teacher``:
+    the :class:`~megatron_renio.training.ema.EmaTeacher` of ``--teacher ema``, else None."""
     from megatron.core import dist_checkpointing
 
     from megatron_renio.models.checkpoint import save_model_checkpoint
@@ -131,9 +150,7 @@ def save_training_checkpoint(
         marker_tmp = root / (LATEST + ".tmp")
         marker_tmp.write_text(str(iteration))
         os.replace(marker_tmp, root / LATEST)
-        kept = sorted(root.glob("iter_*"))
-        for old in kept[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, iteration, keep_last)
     _barrier()
     return final
 

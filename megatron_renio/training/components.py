@@ -113,6 +113,21 @@ def wrap_ddp(model, use_distributed_optimizer: bool):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+def gradients_are_finite(student_ddp) -> bool:
+    """Collective over every rank: True when no rank's student gradient buffer holds inf or NaN.
+
+    Checked before the optimizer step because Megatron's optimizer does not check in bf16 without a
+    loss scale, nor in fp32: a non-finite gradient would reach Adam (and the weights) before the
+    gradient norm shows it. The sum of a buffer is non-finite exactly when an entry is (gradients
+    are far too small for the sum to overflow); one MAX all-reduce makes every rank agree.
+    """
+    buffers = [*student_ddp.buffers, *student_ddp.expert_parallel_buffers]
+    sums = torch.stack([buffer.grad_data.sum(dtype=torch.float32) for buffer in buffers])
+    bad = (~torch.isfinite(sums)).any().float().reshape(1)
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
 def build_optimizer(student_ddp, cfg: TrainConfig):
     """Megatron's optimizer (Adam; fused when TE/apex are present) and its LR/WD scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
