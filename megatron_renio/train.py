@@ -75,6 +75,22 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _last_stage_state(state: dict) -> dict:
+    """``state`` as the last pipeline stage holds it, on every stage (collective over the pipeline).
+
+    The ReNIO normaliser is used by the loss, which only the last stage computes; the checkpoint's
+    ``train_state`` is written by global rank 0, the first stage.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return state
+    box = [state]
+    torch.distributed.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]
+
+
 def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], completions: list[list[int]],
                   per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
     """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
@@ -105,6 +121,7 @@ def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], 
 
 def run(cfg: TrainConfig) -> dict:
     """Train for ``cfg.train_iters`` iterations; returns the last step's metrics."""
+    started = time.monotonic()  # --exit-duration-in-mins counts model and checkpoint loading too
     from megatron_renio import distributed
 
     distributed.quiet_megatron_notices()
@@ -174,7 +191,7 @@ def run(cfg: TrainConfig) -> dict:
     metrics: dict = {}
     flops_per_token = 6 * student_info.preset.num_parameters() + 2 * teacher_info.preset.num_parameters()
     peak_flops = C.peak_flops(cfg)
-    exits = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins).install()
+    exits = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins, started).install()
     try:
         while iteration < cfg.train_iters:
             t0 = time.perf_counter()
@@ -269,7 +286,8 @@ def run(cfg: TrainConfig) -> dict:
                     tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
                     keep_last=cfg.keep_last,
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
-                                 "normalizer": normalizer.state_dict(), "scheduler": scheduler.state_dict()},
+                                 "normalizer": _last_stage_state(normalizer.state_dict()),
+                                 "scheduler": scheduler.state_dict()},
                 )
             if exit_reason:
                 log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))

@@ -99,21 +99,25 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
         assert losses[name] == pytest.approx(losses["tp1"], rel=1e-4), name
 
 
+def straight_and_resumed(workdir, name: str, common: dict, stop: dict, resume: dict):
+    """(metrics of 4 straight steps, metrics of the same run stopped after step 2 by ``stop`` and resumed
+    by fresh processes with ``--load workdir/name`` and ``resume``, the save folder); DP=2 launches."""
+    straight, resumed, save = workdir / f"{name}_straight.jsonl", workdir / f"{name}_resumed.jsonl", workdir / name
+    train(base_args(workdir, **common, **{"--metrics-file": straight}), nproc=2)
+    train(base_args(workdir, **common, **stop, **{"--save": save, "--metrics-file": resumed}), nproc=2)
+    assert [m["step"] for m in read_jsonl(resumed)] == [1, 2]
+    train(base_args(workdir, **common, **resume, **{"--load": save, "--metrics-file": resumed}), nproc=2)
+    a, b = read_jsonl(straight), read_jsonl(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    return a, b, save
+
+
 def test_resume_continues_bitwise(workdir):
     """4 steps straight == 2 steps, exit, fresh processes with --load, 2 more steps (DP=2, EMA teacher)."""
     common = {"--train-iters": 4, "--teacher": "ema", "--ema-decay": 0.9, "--renio-scope": "global",
-              "--rollout-temperature": 1.3}
-    straight = workdir / "straight.jsonl"
-    train(base_args(workdir, **common, **{"--metrics-file": straight}), nproc=2)
-    save = workdir / "resume"
-    resumed = workdir / "resumed.jsonl"
-    train(base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--exit-interval": 2,
-                                          "--metrics-file": resumed}), nproc=2)
-    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
-    train(base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--load": save,
-                                          "--metrics-file": resumed}), nproc=2)
-    a, b = read_jsonl(straight), read_jsonl(resumed)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
+              "--rollout-temperature": 1.3, "--save-interval": 1}
+    a, b, save = straight_and_resumed(workdir, "resume", common, {"--exit-interval": 2},
+                                      {"--save": workdir / "resume"})
     for x, y in zip(a, b):
         assert (x["loss"], x["grad_norm"], x["completion_length_mean"]) == (y["loss"], y["grad_norm"], y["completion_length_mean"])
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000004"]  # --keep-last 2
@@ -124,18 +128,23 @@ def test_resume_at_another_layout_reshards_model_and_optimizer(workdir):
     with --load at TP=2, DP=1: the 4 steps equal 4 straight steps at DP=2 (fp32 tolerance, as layouts).
     Step 4's loss follows step 3's update, which depends on the restored Adam moments and step count."""
     common = {"--train-iters": 4, "--use-distributed-optimizer": None, "--renio-scope": "global"}
-    straight = workdir / "layout_straight.jsonl"
-    train(base_args(workdir, **common, **{"--metrics-file": straight}), nproc=2)
-    save = workdir / "layout_resume"
-    resumed = workdir / "layout_resumed.jsonl"
-    train(base_args(workdir, **common, **{"--save": save, "--save-interval": 2, "--exit-interval": 2,
-                                          "--metrics-file": resumed}), nproc=2)
-    train(base_args(workdir, **common, **{"--load": save, "--tensor-model-parallel-size": 2,
-                                          "--metrics-file": resumed}), nproc=2)
-    a, b = read_jsonl(straight), read_jsonl(resumed)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    a, b, _ = straight_and_resumed(workdir, "layout", common, {"--save-interval": 2, "--exit-interval": 2},
+                                   {"--tensor-model-parallel-size": 2})
     for x, y in zip(a, b):
         assert (y["loss"], y["grad_norm"]) == pytest.approx((x["loss"], x["grad_norm"]), rel=1e-4), y["step"]
+
+
+def test_resume_under_pp2_keeps_the_renio_ema(workdir):
+    """PP=2 with --renio-norm ema: the EMA of the weight normaliser lives on the last pipeline stage
+    (the loss), the checkpoint's train state is written by global rank 0 (the first stage); the resumed
+    steps equal the straight ones bitwise (they would not if the EMA restarted from the next batch)."""
+    common = {"--train-iters": 4, "--pipeline-model-parallel-size": 2, "--renio-norm": "ema",
+              "--renio-scope": "global", "--save-interval": 2, "--renio-threshold": -1.0,
+              "--renio-temperature": 0.2}  # every token pivotal, weights far from 1
+    a, b, _ = straight_and_resumed(workdir, "pp2_ema", common, {"--exit-interval": 2}, {})
+    assert all(m["weight_std"] > 0.01 for m in a)
+    for x, y in zip(a, b):
+        assert (x["loss"], x["weight_mean"], x["grad_norm"]) == (y["loss"], y["weight_mean"], y["grad_norm"])
 
 
 def test_resume_with_the_other_optimizer_kind_is_refused(workdir):

@@ -18,12 +18,17 @@ import torch
 
 
 class ExitConditions:
-    """Install with :meth:`install` after process groups exist; ask :meth:`should_exit` per iteration."""
+    """Install with :meth:`install` after process groups exist; ask :meth:`should_exit` per iteration.
 
-    def __init__(self, exit_interval: int = 0, exit_duration_minutes: float = 0.0):
+    ``started``: the ``time.monotonic()`` the exit duration counts from (default: now). The trainer
+    passes the start of the run, as Megatron-LM counts from the start of ``pretrain``, so model and
+    checkpoint loading count against the job's wall time too.
+    """
+
+    def __init__(self, exit_interval: int = 0, exit_duration_minutes: float = 0.0, started: float | None = None):
         self.exit_interval = exit_interval
         self.exit_duration_s = exit_duration_minutes * 60.0
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.signal_received: int | None = None
         self._previous = None
 
