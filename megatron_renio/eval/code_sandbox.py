@@ -276,20 +276,25 @@ _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", 
 _PYTHON_TAGS = {"python", "py", "python3"}
 
 
-def extract_last_python_block(completion: str) -> str | None:
+def extract_last_python_block(completion: str, entry_point: str | None = None) -> str | None:
     """Code of the last complete fenced block tagged ``python`` / ``py`` / ``python3``; when there
     is none, of the last complete untagged block (```` ``` ````); otherwise ``None``.
 
-    A block whose closing fence is missing (a truncated completion) does not count.
+    With ``entry_point``, only the blocks that define it (a ``def <entry_point>(`` line at top
+    level) are considered when there are any, so an example-usage block after the solution is
+    not taken for it. A block whose closing fence is missing (a truncated completion) does not count.
     """
-    tagged, plain = None, None
+    blocks = []  # (tagged, code) of the Python and untagged blocks, in order
     for match in _FENCE.finditer(completion):
         tag = match.group(1).lower()
-        if tag in _PYTHON_TAGS:
-            tagged = match.group(2)
-        elif not tag:
-            plain = match.group(2)
-    return tagged if tagged is not None else plain
+        if tag in _PYTHON_TAGS or not tag:
+            blocks.append((bool(tag), match.group(2)))
+    if entry_point:
+        defines = re.compile(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", re.M)
+        blocks = [block for block in blocks if defines.search(block[1])] or blocks
+    tagged = [code for is_tagged, code in blocks if is_tagged]
+    plain = [code for is_tagged, code in blocks if not is_tagged]
+    return (tagged or plain or [None])[-1]
 
 
 def grade_code(
@@ -301,13 +306,15 @@ def grade_code(
     timeout_s: float = 10,
     memory_mb: int = 1024,
 ) -> bool:
-    """True when the last Python block of ``completion`` passes ``tests`` in the sandbox.
+    """True when the last Python block of ``completion`` (the last one defining ``entry_point``,
+    when given and some block does) passes ``tests`` in the sandbox.
 
-    The program is ``setup`` (e.g. the imports of a HumanEval prompt) followed by the extracted
-    block; ``tests`` follow it, then ``check(<entry_point>)`` when ``entry_point`` is given
-    (HumanEval's convention). A completion without a code block is graded wrong.
+    The program is ``setup`` (e.g. a HumanEval prompt, whose helper functions the tests may call)
+    followed by the extracted block (see :func:`extract_last_python_block`); ``tests`` follow it,
+    then ``check(<entry_point>)`` when ``entry_point`` is given (HumanEval's convention). A
+    completion without a code block is graded wrong.
     """
-    code = extract_last_python_block(completion)
+    code = extract_last_python_block(completion, entry_point)
     if code is None:
         return False
     program = f"{setup}\n{code}" if setup else code

@@ -8,8 +8,11 @@
 
 Benchmarks. Each ``--benchmark`` value is a benchmark file (JSONL, JSON or parquet, see
 :mod:`megatron_renio.eval.benchmarks`) or the built-in name ``humaneval``, optionally prefixed with
-a field preset: ``math500=/data/math500.jsonl``, ``minerva=/data/minerva.parquet``. Without a
-preset the layout is detected from the first record. A benchmark is reported under its preset
+a field preset: ``math500=/data/math500.jsonl``, ``minerva=/data/minerva.parquet``. A value is
+split at its first ``=`` only when the part before it is a plain word (letters, digits, ``_``,
+``-``), which must then be a preset; any other value is a path, so ``/data/run=3/aime.jsonl`` is a
+file (write a file named like ``run=3.jsonl`` in the current folder as ``./run=3.jsonl``). Without
+a preset the layout is detected from the first record. A benchmark is reported under its preset
 name, else under its file name without extensions; two benchmarks may not share a name.
 
 Prompts. Each problem becomes the student prompt of training
@@ -18,17 +21,20 @@ line and the task instruction, rendered through the tokenizer's chat template wh
 
 Generation. ``--load`` is a model checkpoint (converted or trained); it loads at any TP/PP layout.
 The training rollout (:func:`~megatron_renio.rollout.generate.generate`) samples ``K`` completions
-per problem. The list of (problem, sample) pairs is cut into one contiguous share per
-data-parallel replica and each share into batches of ``--batch-size``; the sampling noise of a
-completion is keyed by its place in the whole list, so completions depend on ``--seed`` but not on
-the layout or the batch size. Flags not given take the checkpoint tokenizer's
+per problem. The list of (problem, sample) pairs is put in a fixed pseudo-random order (the same
+for every run), so that each replica gets a mix of benchmarks and problems, easy and hard, and
+the replicas finish together; that order is cut into one contiguous share per data-parallel
+replica and each share into batches of ``--batch-size``. The sampling noise of a completion is
+keyed by its place in that order, so completions depend on ``--seed`` but not on the layout or the
+batch size. Flags not given take the checkpoint tokenizer's
 ``generation_config.json`` values (temperature, top_p, top_k), else 1.0, 1.0 and 0 (off);
 ``--greedy`` takes the argmax. A completion ends at EOS (kept), at ``--max-new-tokens``, or when
 prompt plus completion reach ``--seq-length`` (default: the model's maximum positions).
 
 Grading. Completions are decoded without special tokens and graded by
 :func:`~megatron_renio.eval.benchmarks.grade` (math: the last box, math-verify; code: the last
-fenced Python block in the sandbox) on the first rank of each replica, then gathered on rank 0.
+fenced Python block, or the last one defining the entry point when there is one, in the sandbox)
+on the first rank of each replica, then gathered on rank 0.
 
 Output (rank 0). Per benchmark: problems, samples per problem k, avg@k (the mean fraction of
 correct samples), pass@k (the unbiased estimator with n = k: the fraction of problems with a
@@ -51,8 +57,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -190,7 +198,7 @@ def _load_benchmarks(specs: list[str]) -> list[Benchmark]:
     benchmarks: list[Benchmark] = []
     for spec in specs:
         preset, sep, path = spec.partition("=")
-        if not sep:
+        if not (sep and re.fullmatch(r"[\w-]+", preset)):
             preset, path = None, spec
         elif preset not in PRESETS:
             raise UserInputError(f"--benchmark {spec}: unknown field preset {preset!r} (known: {', '.join(PRESETS)})")
@@ -250,6 +258,12 @@ def _jobs(benchmarks: list[Benchmark], tokenizer, samples: int, seq_length: int)
                 )
             jobs += [Job(b, i, s, ids) for s in range(samples)]
     return jobs
+
+
+def _spread_order(count: int) -> list[int]:
+    """A fixed permutation of ``range(count)``, the same for every run and layout: the jobs sorted by
+    a hash of their index. Cut into contiguous shares, it gives each replica a mix of the jobs."""
+    return sorted(range(count), key=lambda i: hashlib.blake2b(i.to_bytes(8, "little"), digest_size=8).digest())
 
 
 def _report(benchmarks: list[Benchmark], records: list[dict], samples: int) -> dict:
@@ -317,22 +331,24 @@ def run(args: argparse.Namespace) -> dict | None:
                                  args.distributed_timeout_minutes)
     model = _build_model(meta, parallel, "bf16" if args.bf16 else "fp32", seq_length)
 
+    order = _spread_order(len(jobs))  # rows of the generation: positions in this order
     start, end = len(jobs) * ctx.dp_rank // ctx.dp_size, len(jobs) * (ctx.dp_rank + 1) // ctx.dp_size
     grader = ctx.tp_rank == 0 and ctx.pp_rank == 0
-    records: list[tuple[int, dict]] = []
+    records: list[tuple[int, dict]] = []  # (index in jobs, record)
     batches = range(start, end, args.batch_size)
     if ctx.rank == 0:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="eval", dynamic_ncols=True, file=sys.stderr)
     for first in batches:
-        batch = jobs[first:min(first + args.batch_size, end)]
+        indices = order[first:min(first + args.batch_size, end)]
+        batch = [jobs[i] for i in indices]
         result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
                           true_vocab_size=vocab, seed=args.seed, max_sequence_length=seq_length,
                           rows=(first, len(jobs)))
         if grader:
-            records += [(first + offset, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
-                        for offset, (job, completion) in enumerate(zip(batch, result.completions))]
+            records += [(i, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
+                        for i, job, completion in zip(indices, batch, result.completions)]
     gathered = gather_to_rank0(records)
     if gathered is None:
         return None
