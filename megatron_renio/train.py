@@ -158,14 +158,15 @@ def run(cfg: TrainConfig) -> dict:
     if prompts.skipped_too_long:
         log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
 
-    student, student_info = C.build_model(student_source, cfg)
-    teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student)
+    padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
+    student, student_info = C.build_model(student_source, cfg, padded_vocab)
+    teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student, padded_vocab)
     ema = EmaTeacher(teacher, cfg.ema_decay) if cfg.teacher == "ema" else None
     student_ddp = C.wrap_ddp(student, cfg.use_distributed_optimizer)
     optimizer, scheduler = C.build_optimizer(student_ddp, cfg)
     paired = PairedModel(student_ddp, teacher, student_info.preset.hidden_size, teacher_info.preset.hidden_size)
     normalizer = ReNIONormalizer()
-    step_runner = DistillationStep(paired, [student_ddp], settings, normalizer, student_info.preset.vocab_size)
+    step_runner = DistillationStep(paired, [student_ddp], settings, normalizer, true_vocab)
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
     sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed)
     log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
@@ -200,7 +201,7 @@ def run(cfg: TrainConfig) -> dict:
             t_prompts = [prompts.teacher[i] for i in indices for _ in range(cfg.samples_per_prompt)]
             # one seed per step for every replica; the noise is keyed by global sample row, so DP=1 and
             # DP=N sample the same completions for the same prompts
-            rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=student_info.preset.vocab_size,
+            rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=true_vocab,
                                seed=cfg.seed * 1_000_003 + iteration, max_sequence_length=cfg.seq_length,
                                rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size))
             t_rollout = time.perf_counter() - t0

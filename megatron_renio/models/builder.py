@@ -170,11 +170,14 @@ def build_gpt_model(
     dtype: str = "fp32",
     vocab_multiple: int = 128,
     max_sequence_length: int | None = None,
+    padded_vocab: int | None = None,
     **config_overrides,
 ):
     """A ``GPTModel`` holding this rank's TP shard of this pipeline stage's layers.
 
     Returns ``(model, info)``. Initialisation is seeded by :func:`megatron_renio.distributed.set_seeds`.
+    ``padded_vocab``: the embedding / output width (a multiple of the TP size, at least the preset's
+    vocabulary); default :func:`padded_vocab_size` of the preset's vocabulary.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -182,7 +185,10 @@ def build_gpt_model(
     config = transformer_config(preset, parallel, dtype, **config_overrides)
     pre = parallel_state.is_pipeline_first_stage()
     post = parallel_state.is_pipeline_last_stage()
-    vocab = padded_vocab_size(preset.vocab_size, parallel.tensor_model_parallel_size, vocab_multiple)
+    vocab = padded_vocab or padded_vocab_size(preset.vocab_size, parallel.tensor_model_parallel_size, vocab_multiple)
+    if vocab < preset.vocab_size or vocab % parallel.tensor_model_parallel_size:
+        raise ValueError(f"padded vocabulary {vocab} must hold {preset.vocab_size} ids and split over "
+                         f"{parallel.tensor_model_parallel_size} TP ranks")
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(preset, config),

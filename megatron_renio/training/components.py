@@ -18,7 +18,7 @@ from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_renio.distributed import ParallelConfig
 from megatron_renio.errors import UserInputError
 from megatron_renio.losses.divergence import DivergenceConfig
-from megatron_renio.models.builder import ModelInfo, build_gpt_model, freeze
+from megatron_renio.models.builder import ModelInfo, build_gpt_model, freeze, padded_vocab_size
 from megatron_renio.models.presets import ModelPreset, get_preset
 from megatron_renio.renio.weights import ReNIOConfig
 from megatron_renio.training.step import LossSettings
@@ -89,11 +89,27 @@ def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSou
     return tokenizer
 
 
-def build_model(source: ModelSource, cfg: TrainConfig):
-    """A GPTModel for this stage, with the checkpoint's weights when there is one."""
+def paired_vocab(cfg: TrainConfig, student: ModelPreset, teacher: ModelPreset) -> tuple[int, int]:
+    """(padded width to build both models with, the real vocabulary of the rollout and the loss).
+
+    Models of one family may pad their vocabularies differently (DeepSeek-R1-Distill-Qwen-1.5B has
+    151,936 rows, -7B 152,064; both tokenizers hold 151,665 ids): both models are built with the
+    wider padded width, so that their logits split the same way at any TP size, and only the ids
+    that both models hold are real; the rest is padding, masked in both (the tokenizer's ids are
+    checked to fit, :func:`load_run_tokenizer`).
+    """
+    tp = cfg.tensor_model_parallel_size
+    width = max(padded_vocab_size(student.vocab_size, tp), padded_vocab_size(teacher.vocab_size, tp))
+    return width, min(student.vocab_size, teacher.vocab_size)
+
+
+def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None = None):
+    """A GPTModel for this stage (``padded_vocab``: see ``build_gpt_model``), with the checkpoint's
+    weights when there is one."""
     from megatron_renio.models.checkpoint import load_model_checkpoint
 
-    model, info = build_gpt_model(source.preset, parallel_config(cfg), model_dtype(cfg), max_sequence_length=cfg.seq_length)
+    model, info = build_gpt_model(source.preset, parallel_config(cfg), model_dtype(cfg), max_sequence_length=cfg.seq_length,
+                                  padded_vocab=padded_vocab)
     if source.checkpoint is not None:
         load_model_checkpoint(model, source.checkpoint)
     return model, info
@@ -156,13 +172,14 @@ def build_optimizer(student_ddp, cfg: TrainConfig):
     return optimizer, scheduler
 
 
-def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source: ModelSource | None, student):
+def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source: ModelSource | None, student,
+                  padded_vocab: int | None = None):
     """OPSD fixed/EMA: a frozen copy of the initial student; OPD separate: its own checkpoint/preset."""
     if cfg.teacher == "separate":
-        teacher, info = build_model(teacher_source, cfg)
+        teacher, info = build_model(teacher_source, cfg, padded_vocab)
     else:
         teacher, info = build_gpt_model(student_source.preset, parallel_config(cfg), model_dtype(cfg),
-                                        max_sequence_length=cfg.seq_length)
+                                        max_sequence_length=cfg.seq_length, padded_vocab=padded_vocab)
         teacher.load_state_dict(student.state_dict())
     freeze(teacher)
     return teacher, info
