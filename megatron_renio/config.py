@@ -53,6 +53,8 @@ class TrainConfig:
     load: str | None = None
     save_interval: int = 0
     override_save: bool = False
+    # on resume, take the LR / weight-decay schedule from these flags instead of refusing a change
+    override_opt_param_scheduler: bool = False
     exit_interval: int = 0
     exit_duration_in_mins: float = 0.0
     # per-device peak FLOP/s for the MFU log (TFLOP/s); 0 = known GPUs by name, none on the CPU

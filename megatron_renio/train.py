@@ -179,7 +179,7 @@ def run(cfg: TrainConfig) -> dict:
             skipped_total = state["skipped_total"]
             sampler.load_state_dict(state["sampler"])
             normalizer.load_state_dict(state["normalizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            C.load_scheduler_state(scheduler, state["scheduler"], cfg)
             log0(f"resumed from {cfg.load} at iteration {iteration}")
 
     logger = MetricsLogger(cfg)

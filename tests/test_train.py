@@ -149,6 +149,23 @@ def test_resume_under_pp2_keeps_the_renio_ema(workdir):
         assert (x["loss"], x["weight_mean"], x["grad_norm"]) == (y["loss"], y["weight_mean"], y["grad_norm"])
 
 
+def test_resume_with_another_schedule_is_refused_unless_overridden(workdir):
+    """A longer --train-iters (the LR decay length) or another --lr on resume: one line naming the flag
+    (Megatron's scheduler would keep the old schedule silently); --override-opt-param-scheduler takes it."""
+    save = workdir / "schedule"
+    common = {"--lr-decay-style": "linear", "--save": save, "--save-interval": 1}
+    train(base_args(workdir, **common, **{"--train-iters": 1}))
+    for change, flag in (({"--train-iters": 2}, "--train-iters sets lr_decay_steps=2"),
+                         ({"--train-iters": 1, "--lr": 2e-3}, "--lr sets max_lr=0.002")):
+        proc = train(base_args(workdir, **common, **change, **{"--load": save}), check=False)
+        assert proc.returncode == 2 and flag in _last_error(proc), _last_error(proc)
+    path = workdir / "schedule.jsonl"
+    train(base_args(workdir, **common, **{"--train-iters": 4, "--load": save, "--override-opt-param-scheduler": None,
+                                          "--metrics-file": path}))
+    # the linear decay now spans 4 steps: after step 2 the LR is half of --lr (the old schedule: 0)
+    assert [(m["step"], m["lr"]) for m in read_jsonl(path)][0] == (2, pytest.approx(5e-4))
+
+
 def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
     """Distributed and replicated optimizer states have different layouts: one line names the flag, exit 2."""
     save = workdir / "plain_optimizer"

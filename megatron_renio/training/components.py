@@ -168,8 +168,34 @@ def build_optimizer(student_ddp, cfg: TrainConfig):
         end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters,
         wd_incr_style="constant",
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
     )
     return optimizer, scheduler
+
+
+# The scheduler settings a checkpoint holds, and the flags that set them (build_optimizer).
+_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                   "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style",
+                   "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
+
+
+def load_scheduler_state(scheduler, state: dict, cfg: TrainConfig) -> None:
+    """Restore the LR / weight-decay scheduler on resume (its step count, and its settings).
+
+    Megatron's scheduler keeps the checkpoint's settings without a word, so a new ``--lr`` or a longer
+    ``--train-iters`` would be ignored: a setting that differs from the checkpoint's is refused in one
+    line naming its flag, unless ``--override-opt-param-scheduler`` asks for the new settings.
+    """
+    if not cfg.override_opt_param_scheduler:
+        current = scheduler.state_dict()
+        for key, flag in _SCHEDULE_FLAGS.items():
+            if key in state and state[key] != current[key]:
+                raise UserInputError(
+                    f"--load {cfg.load}: {flag} sets {key}={current[key]!r} but the run being resumed has "
+                    f"{state[key]!r}; resume with the same value, or pass --override-opt-param-scheduler"
+                )
+    scheduler.load_state_dict(state)
 
 
 def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source: ModelSource | None, student,
