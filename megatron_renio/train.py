@@ -190,7 +190,6 @@ def run(cfg: TrainConfig) -> dict:
         progress = tqdm(total=cfg.train_iters, initial=iteration, desc="train", dynamic_ncols=True, file=sys.stderr)
     eos = tokenizer.stop_ids
     metrics: dict = {}
-    flops_per_token = 6 * student_info.preset.num_parameters() + 2 * teacher_info.preset.num_parameters()
     peak_flops = C.peak_flops(cfg)
     exits = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins, started).install()
     try:
@@ -268,6 +267,8 @@ def run(cfg: TrainConfig) -> dict:
                 **{k: v for k, v in result.stats.items() if k != "loss"},
             }
             if peak_flops:  # this rank's share of the model FLOPs over its peak
+                flops_per_token = (3 * C.forward_flops_per_position(student_info.preset, batch.seq_len)
+                                   + C.forward_flops_per_position(teacher_info.preset, batch.seq_len))
                 world_flops = flops_per_token * tokens_computed * ctx.dp_size
                 metrics["mfu"] = world_flops / max(t_fwd_bwd, 1e-9) / (peak_flops * ctx.world_size)
             if torch.cuda.is_available():

@@ -381,3 +381,24 @@ def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
     assert kept == [["iter_0000001"], ["iter_0000001", "iter_0000002"], ["iter_0000002", "iter_0000003"]]
     prune_checkpoints(tmp_path, 3, keep_last=1)
     assert [p.name for p in tmp_path.glob("iter_*")] == ["iter_0000003"]
+
+
+def test_forward_flops_match_a_flop_count_of_the_hf_model():
+    """forward_flops_per_position against torch's FLOP counter on the transformers model of the same
+    preset (eager attention: the full S x S scores and values, twice the causal half counted here)."""
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_renio.models.presets import get_preset, hf_config_dict
+    from megatron_renio.training.components import forward_flops_per_position
+
+    preset, seq = get_preset("tiny-qwen3"), 64
+    config = transformers.Qwen3Config(**{k: v for k, v in hf_config_dict(preset, "float32").items()
+                                         if k not in ("architectures", "model_type")})
+    config._attn_implementation = "eager"  # attention as matmuls, which the counter sees
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, seq, dtype=torch.long))
+    full_attention_extra = 2 * preset.num_layers * seq * preset.num_attention_heads * preset.head_dim
+    counted = counter.get_total_flops() / seq - full_attention_extra
+    assert forward_flops_per_position(preset, seq) == pytest.approx(counted, rel=0.01)

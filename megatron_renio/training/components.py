@@ -249,6 +249,20 @@ def model_info_summary(info: ModelInfo) -> str:
             f"{p.num_query_groups} vocab={p.vocab_size} (padded {info.padded_vocab_size})")
 
 
+def forward_flops_per_position(preset: ModelPreset, seq_length: int) -> float:
+    """Model FLOPs of one forward pass per position of a ``seq_length`` sequence (for the MFU log).
+
+    2 per weight of a matrix multiply (the layers' and the output layer's; the input embedding is a
+    lookup; norms and biases are counted too, a rounding error), plus causal attention: scores and
+    weighted values over S/2 earlier positions on average, 2 * S * heads * head_dim per layer.
+    A training step of the student costs 3 times its forward (backward: 2), the teacher's 1.
+    """
+    embeddings = preset.vocab_size * preset.hidden_size * (1 if preset.tie_word_embeddings else 2)
+    matmul_weights = preset.num_parameters() - embeddings + preset.vocab_size * preset.hidden_size
+    attention = 2 * preset.num_layers * seq_length * preset.num_attention_heads * preset.head_dim
+    return 2 * matmul_weights + attention
+
+
 # Dense bf16 peak FLOP/s of GPUs by name (datasheet figures, without sparsity).
 _PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
