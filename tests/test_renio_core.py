@@ -214,6 +214,24 @@ def test_global_scope_one_micro_batch_equals_local(inputs, loss_kind, renio):
             rc.assert_close(effective, local["weights"], "effective weights")
 
 
+def test_reduce_stats_weight_scale_gives_the_reported_weights(inputs):
+    """Global scope over two micro-batches: w~ times weight_scale are the weights that weight_mean / min /
+    max summarise (StepResult.per_sample and the samples file report these), not w~ itself."""
+    case = rc.Case("v64", "divergence", "forward_kl", renio="batch_mean", scope="global")
+    norm = ReNIONormalizer()
+    losses = []
+    for mb in inputs["v64"]:
+        terms = token_terms(mb["student"], mb["teacher"], mb["tokens"], case.divergence_config(),
+                            VocabShard(0, 64, rc.TRUE_VOCAB), None)
+        losses.append(distillation_loss(terms, mb["mask"], case.renio_config(), norm, "divergence"))
+    stats = reduce_stats(losses)
+    tilde = torch.cat([lt.sample_weights for lt in losses]).double()
+    reported = tilde * stats["weight_scale"]
+    assert stats["weight_scale"] != pytest.approx(1.0)
+    assert stats["weight_mean"] == pytest.approx(reported.mean().item(), rel=1e-9)
+    assert (stats["weight_min"], stats["weight_max"]) == pytest.approx((reported.min().item(), reported.max().item()))
+
+
 def test_reduce_stats_single_process(inputs):
     case = rc.Case("v64", "divergence", "forward_kl", renio="batch_mean")
     norm = ReNIONormalizer()

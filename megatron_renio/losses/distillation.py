@@ -109,7 +109,9 @@ def reduce_stats(losses: Sequence[LossTerms], dp_group=None) -> dict[str, float]
     (population std) of the effective per-sample weights over all samples (global scope: w~ times
     N / sum of denominators), pivotal_fraction (pivotal / valid tokens), log_ratio_mean (clipped r over
     valid tokens), sample_loss_mean (mean L_i over samples with a valid token), num_samples,
-    num_valid_tokens, nonfinite (micro-batches with the flag set). Collectives: two sums and one min.
+    num_valid_tokens, nonfinite (micro-batches with the flag set), weight_scale (N / sum of
+    denominators: the factor from w~ to the effective weight of global-scope micro-batches; 1 when
+    there are none). Collectives: two sums and one min.
     """
     f64 = dict(dtype=torch.float64, device=losses[0].numerator.device)
 
@@ -161,4 +163,5 @@ def reduce_stats(losses: Sequence[LossTerms], dp_group=None) -> dict[str, float]
         "num_samples": n,
         "num_valid_tokens": valid,
         "nonfinite": nonfinite,
+        "weight_scale": float(scale) if pending else 1.0,
     }

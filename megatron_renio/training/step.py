@@ -57,8 +57,8 @@ class StepResult:
     """The step's loss (``sum numerators / sum denominators`` over micro-batches and DP) and logs.
 
     ``stats`` has every :data:`SUMMARY_KEYS` entry on every rank; ``per_sample`` holds, on the last
-    pipeline stage only, this rank's weights (applied and raw) and per-sample losses in micro-batch
-    order; with ``keep_token_terms`` also the per-token ``student_logprobs``, ``teacher_logprobs`` and
+    pipeline stage only, this rank's weights (the effective weights, as ``weight_mean`` averages them,
+    and the raw ones) and per-sample losses in micro-batch order; with ``keep_token_terms`` also the per-token ``student_logprobs``, ``teacher_logprobs`` and
     ``divergence`` [samples, c_len] on the completion grid (meaningless where the mask is 0).
     """
 
@@ -178,7 +178,9 @@ class DistillationStep:
             summary = reduce_stats(self._losses, self.dp_group)
             values = torch.tensor([summary[k] for k in SUMMARY_KEYS], dtype=torch.float64, device=device)
             per_sample = {
-                "weights": torch.cat([lt.sample_weights.detach().float().cpu() for lt in self._losses]),
+                "weights": torch.cat([lt.sample_weights.detach().float().cpu()
+                                      * (1.0 if lt.stats["weights_final"] else summary["weight_scale"])
+                                      for lt in self._losses]),
                 "raw_weights": torch.cat([lt.stats["raw_weight"].detach().float().cpu() for lt in self._losses]),
                 "per_sample_loss": torch.cat([lt.per_sample_loss.float().cpu() for lt in self._losses]),
             }
