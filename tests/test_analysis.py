@@ -161,6 +161,16 @@ def test_custom_phrases(tmp_path):
     groups = json.loads((out / "summary.json").read_text())["groups"]
     assert groups["incorrect"]["reflection"]["oops"]["count"] == 2
     assert groups["correct"]["reflection"]["i see"]["count"] == 1
+    out2 = tmp_path / "o2"  # a repeated phrase counts once in the total
+    assert main(["--generations", _write(tmp_path / "g.jsonl", records), "--out", str(out2),
+                 "--phrases", "oops, i see, oops"]) == 0
+    assert json.loads((out2 / "summary.json").read_text())["groups"]["incorrect"]["reflection"]["all"]["count"] == 3
+
+
+def test_phrase_named_all_is_refused(tmp_path, capsys):
+    path = _write(tmp_path / "g.jsonl", [{"completion": "all of it", "correct": True}])
+    assert main(["--generations", path, "--out", str(tmp_path / "o"), "--phrases", "wait, all"]) == 2
+    assert "'all' names the total" in capsys.readouterr().err
 
 
 def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):

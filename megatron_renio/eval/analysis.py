@@ -372,9 +372,12 @@ def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrit
 
 
 def _parse_phrases(value: str) -> list[str]:
-    phrases = [p.strip() for p in value.split(",") if p.strip()]
+    """The distinct phrases of ``--phrases`` in order; 'all' is the report's total, not a phrase."""
+    phrases = list(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
     if not phrases or any(not word_tokens(p) for p in phrases):
         raise UserInputError(f"--phrases {value!r}: give comma-separated phrases made of words")
+    if "all" in phrases:
+        raise UserInputError(f"--phrases {value!r}: 'all' names the total of the phrases; leave it out")
     return phrases
 
 
