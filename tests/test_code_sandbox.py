@@ -5,14 +5,21 @@ import gzip
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
+from megatron_renio.eval import code_sandbox
 from megatron_renio.eval.code_sandbox import (
+    TASK_HEADROOM,
     extract_last_python_block,
     grade_code,
     run_python_tests,
@@ -82,6 +89,32 @@ def test_exiting_before_the_tests_does_not_pass(host_check, exit_call):
     assert result.status == "error"
 
 
+# Run before the tests: when the runner reports their failure, find every string that looks like the
+# pass token (in the frames above and in every dict) and print it before exiting with status 0.
+FORGE_THE_PASS = (
+    "import gc, os, re, sys, traceback\n"
+    "def forge(*args, **kwargs):\n"
+    "    found, frame = set(), sys._getframe()\n"
+    "    while frame is not None:\n"
+    "        found.update(v for v in frame.f_locals.values() if isinstance(v, str))\n"
+    "        frame = frame.f_back\n"
+    "    for obj in gc.get_objects():\n"
+    "        if isinstance(obj, dict):\n"
+    "            found.update(v for v in obj.values() if isinstance(v, str))\n"
+    "    for value in found:\n"
+    "        if re.fullmatch('[0-9a-f]{32}', value):\n"
+    "            sys.stdout.write('\\n' + value + '\\n')\n"
+    "    sys.stdout.flush()\n"
+    "    os._exit(0)\n"
+    "traceback.print_exc = forge\n"
+)
+
+
+def test_a_program_cannot_forge_the_pass(host_check):
+    result = run_python_tests(FORGE_THE_PASS, "assert 1 == 2")
+    assert (result.passed, result.status) == (False, "error")
+
+
 def test_infinite_loop_times_out(host_check):
     started = time.monotonic()
     result = run_python_tests("while True:\n    pass", "", timeout_s=1)
@@ -104,6 +137,89 @@ def test_memory_hog_is_stopped(host_check, program):
 def test_fork_bomb_is_refused(host_check):
     result = run_python_tests("import os\nwhile True:\n    os.fork()", "", timeout_s=5)
     assert (result.passed, result.status) == (False, "blocked")
+
+
+THREADS = (
+    "import concurrent.futures, threading\n"
+    "def double(x):\n"
+    "    return 2 * x\n"
+    "threads = [threading.Thread(target=double, args=(i,)) for i in range(8)]\n"
+    "for t in threads:\n"
+    "    t.start()\n"
+    "for t in threads:\n"
+    "    t.join()\n"
+    "with concurrent.futures.ThreadPoolExecutor(16) as pool:\n"
+    "    results = list(pool.map(double, range(100)))\n"
+)
+THREADS_TEST = "assert results == [2 * i for i in range(100)]"
+# Forks through libc (past the prelude) until the kernel refuses; each child just waits to be killed.
+CTYPES_FORK_BOMB = (
+    "import ctypes, time\n"
+    "libc = ctypes.CDLL(None)\n"
+    "forks = 0\n"
+    "while forks < 1000:\n"
+    "    pid = libc.fork()\n"
+    "    if pid == 0:\n"
+    "        time.sleep(60)\n"
+    "    if pid < 0:\n"
+    "        break\n"
+    "    forks += 1\n"
+)
+
+
+def test_threads_are_allowed(host_check):
+    result = run_python_tests(THREADS, THREADS_TEST)
+    assert result.passed, result.stderr_tail
+
+
+def test_the_task_limit_counts_threads_and_leaves_headroom(monkeypatch):
+    def process(uid, threads):
+        uids = None if uid is None else SimpleNamespace(real=uid, effective=uid, saved=uid)
+        return SimpleNamespace(info={"uids": uids, "num_threads": threads})
+
+    processes = [process(1000, 5), process(1000, 1), process(1000, None), process(0, 40), process(None, 7)]
+    monkeypatch.setattr(psutil, "process_iter", lambda *args, **kwargs: iter(processes))
+    assert code_sandbox._nproc_limit(1000) == 5 + 1 + 1 + TASK_HEADROOM
+
+
+_SANDBOX_RUN = (
+    "import json, sys\n"
+    "from megatron_renio.eval.code_sandbox import run_python_tests\n"
+    "result = run_python_tests(*json.loads(sys.argv[1]), timeout_s=20)\n"
+    "print(json.dumps([result.status, result.stdout_tail, result.stderr_tail]))\n"
+)
+
+
+def _run_unprivileged(program, tests):
+    """``(status, stdout_tail, stderr_tail)`` of a sandbox run by a user other than root, for whom
+    ``RLIMIT_NPROC`` applies: this process when it is not root, otherwise a Python run by ``setpriv``
+    as uid 65534, given the capability to read and search any directory (the interpreter may live
+    under a directory only root may enter) but none that lifts ``RLIMIT_NPROC``."""
+    if os.geteuid() != 0:
+        result = run_python_tests(program, tests, timeout_s=20)
+        return result.status, result.stdout_tail, result.stderr_tail
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, without setpriv to run the sandbox as another user")
+    command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+               "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", sys.executable, "-c"]
+    env = {**os.environ, "PYTHONPATH": str(Path(code_sandbox.__file__).parents[2])}
+    probe = subprocess.run(command + ["pass"], capture_output=True, text=True, env=env, cwd="/")
+    if probe.returncode != 0:
+        pytest.skip(f"setpriv cannot run Python as another user here: {probe.stderr.strip()[-300:]}")
+    done = subprocess.run(command + [_SANDBOX_RUN, json.dumps([program, tests])],
+                          capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    assert done.returncode == 0, done.stderr
+    return tuple(json.loads(done.stdout))
+
+
+def test_an_unprivileged_user_can_run_threads_but_not_a_fork_bomb(host_check):
+    status, _, stderr = _run_unprivileged(THREADS, THREADS_TEST)
+    assert status == "passed", stderr
+    status, stdout, stderr = _run_unprivileged(CTYPES_FORK_BOMB, "print('forks', forks)")
+    assert status == "passed", stderr
+    forks = int(re.search(r"forks (\d+)", stdout).group(1))
+    assert 0 < forks < TASK_HEADROOM
 
 
 @pytest.mark.parametrize(
@@ -141,10 +257,18 @@ def test_children_forked_behind_the_prelude_are_killed(host_check):
             pass
 
 
-def test_signalling_other_processes_is_refused(host_check):
+@pytest.mark.parametrize(
+    "send",
+    [
+        "os.kill({pid}, signal.SIGKILL)",
+        "signal.pidfd_send_signal(os.pidfd_open({pid}), signal.SIGKILL)",
+        "signal.pidfd_send_signal(os.open('/proc/{pid}', os.O_RDONLY), signal.SIGKILL)",
+    ],
+)
+def test_signalling_other_processes_is_refused(host_check, send):
     victim = psutil.Popen(["sleep", "30"])
     try:
-        result = run_python_tests(f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)", "")
+        result = run_python_tests("import os, signal\n" + send.format(pid=victim.pid), "")
         assert (result.passed, result.status) == (False, "blocked")
         assert victim.is_running() and victim.status() != psutil.STATUS_ZOMBIE
     finally:
@@ -201,10 +325,37 @@ def test_deleting_outside_the_sandbox_is_refused(host_check, tmp_path):
     assert keep.read_text() == "precious"
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        "os.chmod(fd, 0o600)",
+        "os.fchmod(fd, 0o600)",
+        "os.utime(fd, (0, 0))",
+        "os.chown(fd, 4321, 4321)",
+        "os.fchown(fd, 4321, 4321)",
+    ],
+)
+def test_changing_a_file_outside_through_a_descriptor_is_refused(host_check, tmp_path, change):
+    target = tmp_path / "outside.txt"
+    target.write_text("precious")
+    target.chmod(0o644)
+    before = target.stat()
+    program = f"import os\nfd = os.open({str(target)!r}, os.O_RDONLY)\n{change}"
+    result = run_python_tests(program, "")
+    assert result.status == "blocked"
+    after = target.stat()
+    assert (after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns) == (
+        before.st_mode, before.st_uid, before.st_gid, before.st_mtime_ns
+    )
+
+
 def test_files_inside_the_sandbox_are_allowed_and_removed(host_check):
     program = (
         "import os, pathlib, shutil, tempfile\n"
         "open('a.txt', 'w').write('x')\n"
+        "fd = os.open('a.txt', os.O_RDONLY)\n"
+        "os.fchmod(fd, 0o600)\n"
+        "os.utime(fd, (0, 0))\n"
         "pathlib.Path('d/e').mkdir(parents=True)\n"
         "pathlib.Path('d/e/f.txt').write_text('y')\n"
         "tempfile.mkstemp()\n"

@@ -10,9 +10,10 @@
 * **Kernel limits** (set in ``preexec_fn``, never above the limits the caller already has):
   ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_CPU`` (``timeout_s`` rounded up, plus one second),
   ``RLIMIT_FSIZE`` (:data:`MAX_FILE_BYTES` per file), ``RLIMIT_CORE`` 0, and when not running as
-  root ``RLIMIT_NPROC`` at the user's current process count, which makes every ``fork`` in the
-  child fail. Root is exempt from ``RLIMIT_NPROC`` (and could raise the other hard limits), so it
-  is not set for root.
+  root ``RLIMIT_NPROC`` at the user's current number of tasks (threads, which the kernel counts
+  against it, not processes) plus :data:`TASK_HEADROOM`, so the child can run threads (a thread
+  pool) while a fork bomb stops after that many tasks. Root is exempt from ``RLIMIT_NPROC`` (and
+  could raise the other hard limits), so it is not set for root.
 * **Wall clock**: after ``timeout_s`` seconds, or as soon as the child exits, the whole process
   group is killed with ``SIGKILL``; the child is always reaped, so no process of the group is left.
 * **Output**: stdout and stderr are read incrementally; once together they pass
@@ -21,18 +22,28 @@
 * **Prelude** (a best-effort guard, *not* a security boundary; code that reaches C directly, e.g.
   through ``ctypes``, gets around it): before the program runs, the child replaces ``os.fork``,
   ``os.forkpty``, ``os.system``, ``os.popen``, the ``os.exec*`` / ``os.spawn*`` /
-  ``os.posix_spawn*`` family, ``os.kill`` / ``os.killpg``, ``subprocess`` process creation and
+  ``os.posix_spawn*`` family, ``os.kill`` / ``os.killpg`` / ``os.pidfd_open``,
+  ``signal.pidfd_send_signal``, ``subprocess`` process creation and
   ``_posixsubprocess.fork_exec`` with functions that refuse; sockets (``socket.socket``,
   ``_socket.socket``, ``socketpair``, ``fromfd``, ``create_connection``, name resolution) refuse
   too, which blocks the network; ``open`` (``builtins``, ``io``, ``_io``), ``io.FileIO``,
   ``os.open`` and the ``os`` functions that create, remove, rename, link or modify paths refuse
-  any target whose real path is outside the working directory (reading is allowed). Any refused
-  attempt makes the run ``"blocked"``, even if the program catches the exception.
+  any target whose real path is outside the working directory, and those that modify the file of
+  an open descriptor (``os.fchmod``, ``os.fchown``, ``os.ftruncate``, ``os.chmod`` / ``os.chown``
+  / ``os.utime`` / ``os.truncate`` / ``os.setxattr`` / ``os.removexattr`` given a descriptor)
+  refuse one that is not of a file inside it, as ``/proc/self/fd`` names it (reading is
+  allowed). Any refused attempt makes the run ``"blocked"``, even if the program catches the
+  exception.
 * **Clean-up**: the temporary directory is removed afterwards.
 
-A run passes only when the child ran the program and all tests to the end and said so with a
-random token given to it on stdin, so a program that exits early (``sys.exit(0)``,
-``os._exit(0)``) does not pass. Statuses: ``passed``; ``failed`` (an ``AssertionError``);
+A run passes only when the child exits with status 0 after it ran the program and all tests to
+the end and then put a random token, given to it on stdin, last on stdout. The child never reads
+the token into its memory, where the program could find it (through its frames, ``gc`` or
+``/proc/self/mem``): the token waits in the stdin pipe until ``os.splice`` moves it to stdout
+within the kernel. So a program that exits early (``sys.exit(0)``, ``os._exit(0)``), even after
+printing whatever it finds, does not pass. One that reads the child's copy of the stdin pipe
+itself, or gets around the prelude, can still forge a pass: like the prelude, this is not a
+security boundary. Statuses: ``passed``; ``failed`` (an ``AssertionError``);
 ``error`` (any other exception, a syntax error, an early exit, death by a signal); ``timeout``
 (wall clock or CPU limit); ``memory`` (``MemoryError``); ``blocked`` (the prelude refused an
 operation); ``output_limit``.
@@ -60,8 +71,13 @@ import time
 TAIL_CHARS = 4096
 #: Largest file the child may write (``RLIMIT_FSIZE``).
 MAX_FILE_BYTES = 64 << 20
+#: Tasks (threads or processes, the child itself included) the child's user may have beyond its
+#: count when the child starts (``RLIMIT_NPROC``; not set for root).
+TASK_HEADROOM = 64
 
 _SOLUTION_FILE = "solution.py"
+# Random bytes in the pass token (sent as a line of hex digits).
+_TOKEN_BYTES = 16
 # Exit codes the child uses to report its outcome (0 = passed, only together with the token).
 _EXIT_FAILED, _EXIT_ERROR, _EXIT_MEMORY, _EXIT_BLOCKED = 101, 102, 103, 104
 _EXIT_STATUS = {
@@ -94,16 +110,17 @@ class SandboxResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _user_process_count(uid: int) -> int:
-    """Number of processes whose real uid is ``uid`` (what ``RLIMIT_NPROC`` counts)."""
+def _nproc_limit(uid: int) -> int:
+    """``RLIMIT_NPROC`` for a child of user ``uid``: the user's current number of tasks (threads,
+    which is what the kernel counts, not processes) plus :data:`TASK_HEADROOM`."""
     import psutil
 
-    count = 0
-    for proc in psutil.process_iter(["uids"]):
+    tasks = 0
+    for proc in psutil.process_iter(["uids", "num_threads"]):
         uids = proc.info["uids"]
         if uids is not None and uids.real == uid:
-            count += 1
-    return count
+            tasks += proc.info["num_threads"] or 1  # a process whose threads cannot be read has one
+    return tasks + TASK_HEADROOM
 
 
 def _limit_setter(memory_mb: int, timeout_s: float):
@@ -118,7 +135,7 @@ def _limit_setter(memory_mb: int, timeout_s: float):
         (resource.RLIMIT_CORE, 0),
     ]
     if os.geteuid() != 0:
-        limits.append((resource.RLIMIT_NPROC, _user_process_count(os.getuid())))
+        limits.append((resource.RLIMIT_NPROC, _nproc_limit(os.getuid())))
 
     def apply() -> None:
         for res, value in limits:
@@ -213,7 +230,7 @@ def run_python_tests(
     try:
         with open(os.path.join(workdir, _SOLUTION_FILE), "w", encoding="utf-8") as f:
             f.write(program + "\n\n" + tests + "\n")
-        token = secrets.token_hex(16)
+        token = secrets.token_hex(_TOKEN_BYTES)
         started = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-I", "-B", os.path.abspath(__file__)],
@@ -336,6 +353,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
     """The prelude: patch process creation, signalling, sockets and writes outside ``root``."""
     import _io
     import _posixsubprocess
+    import _signal
     import _socket
     import builtins
     import io
@@ -353,11 +371,14 @@ def _install_guards(root: str, violations: list[str]) -> None:
         return refuse
 
     process_calls = [n for n in dir(os) if n.startswith(("exec", "spawn", "posix_spawn"))]
-    process_calls += ["fork", "forkpty", "system", "popen", "kill", "killpg"]
+    process_calls += ["fork", "forkpty", "system", "popen", "kill", "killpg", "pidfd_open"]
     for module in (os, posix):
         for name in process_calls:
             if hasattr(module, name):
                 setattr(module, name, refuser(f"os.{name}"))
+    for module in (signal, _signal):
+        if hasattr(module, "pidfd_send_signal"):  # also takes an fd of a /proc/<pid> directory
+            module.pidfd_send_signal = refuser("signal.pidfd_send_signal")
     _posixsubprocess.fork_exec = refuser("starting a process")
     subprocess.Popen._execute_child = refuser("starting a process")
     subprocess._fork_exec = refuser("starting a process")
@@ -380,22 +401,31 @@ def _install_guards(root: str, violations: list[str]) -> None:
 
     readlink = os.readlink
 
-    def check_write(path, dir_fd=None) -> None:
-        if isinstance(path, int):
-            return  # an already opened descriptor
-        path = os.fsdecode(path)
-        if dir_fd is not None and not os.path.isabs(path):
-            base = readlink(f"/proc/self/fd/{dir_fd}")
+    def check_write(target, dir_fd=None) -> None:
+        """Refuse unless ``target`` lies inside ``root``: a path (relative to the descriptor
+        ``dir_fd`` when given) or an open descriptor, whose file ``/proc/self/fd`` names (a pipe
+        or socket shows there as ``pipe:[...]`` / ``socket:[...]``, never inside)."""
+        if isinstance(target, int):
+            full = readlink(f"/proc/self/fd/{target}")
         else:
-            base = os.getcwd()
-        full = os.path.realpath(os.path.join(base, path))
+            path = os.fsdecode(target)
+            if dir_fd is not None and not os.path.isabs(path):
+                base = readlink(f"/proc/self/fd/{dir_fd}")
+            else:
+                base = os.getcwd()
+            full = os.path.realpath(os.path.join(base, path))
         if full != root and not full.startswith(root + os.sep):
             deny(f"writing {full}")
+
+    def opens_for_writing(file, mode: str) -> bool:
+        # Writing through an already open descriptor needs it open for writing, which was checked
+        # when it was opened (or it was inherited: stdout and stderr).
+        return not isinstance(file, int) and any(c in mode for c in "wax+")
 
     real_open = _io.open
 
     def guarded_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+"):
+        if opens_for_writing(file, mode):
             check_write(file)
         return real_open(file, mode, *args, **kwargs)
 
@@ -403,7 +433,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
 
     class _GuardedFileIO(_io.FileIO):
         def __init__(self, file, mode="r", *args, **kwargs):
-            if any(c in mode for c in "wax+"):
+            if opens_for_writing(file, mode):
                 check_write(file)
             super().__init__(file, mode, *args, **kwargs)
 
@@ -445,7 +475,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
     wrappers.update(dict.fromkeys(("rename", "replace", "link"), guard_two))
     wrappers.update(dict.fromkeys(
         ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "truncate", "utime",
-         "mkfifo", "mknod", "setxattr", "removexattr"),
+         "mkfifo", "mknod", "setxattr", "removexattr", "fchmod", "fchown", "ftruncate"),
         guard_one,
     ))
     for name, wrap in wrappers.items():
@@ -456,10 +486,16 @@ def _install_guards(root: str, violations: list[str]) -> None:
 
 
 def _child_main() -> None:
-    """Read the token, install the guards, run ``solution.py`` and report through the exit status."""
+    """Install the guards, run ``solution.py`` and report through the exit status; when all ran,
+    move the token line from the pipe it came on (stdin) to stdout after a newline.
+
+    The token is never read into this process's memory, where the program could find it (through
+    its frames, ``gc`` or ``/proc/self/mem``): it waits in the pipe and ``os.splice`` moves it
+    within the kernel.
+    """
     import traceback
 
-    token = sys.stdin.readline().strip()
+    token_fd = os.dup(0)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -489,11 +525,12 @@ def _child_main() -> None:
     if violations:
         code = _EXIT_BLOCKED
         print(f"sandbox refused: {violations[0]}", file=sys.stderr)
-    if code == 0:
-        sys.stdout.write("\n" + token + "\n")
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        if code == 0:
+            os.write(1, b"\n")
+            os.splice(token_fd, 1, 2 * _TOKEN_BYTES + 1)
     finally:
         os._exit(code)  # skip atexit handlers and non-daemon threads the program left behind
 
