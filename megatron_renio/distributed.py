@@ -213,9 +213,11 @@ def initialize(
 
 def destroy() -> None:
     """Tear down Megatron's groups, then the default process group (in that order: destroying
-    the model-parallel groups first avoids an abort at interpreter exit on gloo)."""
+    the model-parallel groups first avoids an abort at interpreter exit on gloo), then undo the CPU
+    backend's patches, so that code running later in the process sees torch as it is."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    cpu_backend.deactivate()

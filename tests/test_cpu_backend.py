@@ -116,3 +116,18 @@ def test_seeded_builds_are_deterministic(worker_results):
     for r in worker_results:
         assert r["same_seed_same_weights"]
         assert r["other_seed_other_weights"]
+
+
+def test_destroy_undoes_the_patches():
+    """After distributed.destroy() code in the same process sees torch unpatched (transformers models
+    loaded later in a process that trained on the CPU)."""
+    from megatron_renio import cpu_backend, distributed
+    from megatron_renio.distributed import ParallelConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is about a machine without CUDA")
+    original_zeros = torch.zeros
+    distributed.initialize(ParallelConfig(), seed=0)
+    assert cpu_backend.is_active() and torch.zeros is not original_zeros
+    distributed.destroy()
+    assert not cpu_backend.is_active() and torch.zeros is original_zeros
