@@ -5,12 +5,13 @@
 
 Loads the checkpoint (saved at any TP/PP layout) into one process at TP=1, PP=1 and writes
 ``model-0000K-of-0000N.safetensors`` shards of at most 5 GB with ``model.safetensors.index.json``,
-``config.json``, ``generation_config.json`` (the source's when the checkpoint carries one) and the
-tokenizer files, so that ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` and
-``AutoTokenizer.from_pretrained(DIR)`` load it. The vocabulary padding is dropped; a tied model
-is written with ``model.embed_tokens.weight`` only and ``tie_word_embeddings: true``. ``--dtype``
-defaults to the checkpoint's dtype. The HF tensors are produced one at a time while the shards are
-written, and everything goes to a hidden sibling folder that is renamed to ``--save`` at the end.
+``config.json``, ``generation_config.json`` (the source's when the checkpoint carries one, else the
+BOS and EOS ids of ``config.json``, a list of EOS ids kept whole) and the tokenizer files, so that
+``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)``
+load it. The vocabulary padding is dropped; a tied model is written with ``model.embed_tokens.weight``
+only and ``tie_word_embeddings: true``. ``--dtype`` defaults to the checkpoint's dtype. The HF tensors
+are produced one at a time while the shards are written, and everything goes to a hidden sibling
+folder that is renamed to ``--save`` at the end.
 """
 
 from __future__ import annotations
@@ -81,14 +82,15 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
     staging.mkdir(parents=True)
     try:
         safetensors_io.write_sharded(staging, tensors)
-        (staging / "config.json").write_text(json.dumps(hf_config_dict(preset, HF_DTYPES[dtype]), indent=2) + "\n")
+        config = hf_config_dict(preset, HF_DTYPES[dtype])
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if metadata.tokenizer_dir is not None:
             for path in tokenizer_files(metadata.tokenizer_dir):
                 shutil.copy2(path, staging / path.name)
         else:
             print(f"note: {load} has no tokenizer files; {save} will have none", file=sys.stderr)
         if not (staging / "generation_config.json").exists():
-            generation = {"bos_token_id": preset.bos_token_id, "eos_token_id": preset.eos_token_id}
+            generation = {name: config[name] for name in ("bos_token_id", "eos_token_id")}
             (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         publish_directory(staging, save)
     except BaseException:

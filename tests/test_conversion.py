@@ -3,8 +3,8 @@
 Tiny real models are built offline by transformers (2 layers, hidden 64, GQA 4 heads / 2 groups)
 with weights re-drawn large enough that log-probs are far from uniform and every norm and bias
 matters: Qwen3 (tied embeddings, vocabulary 300, QK-norm), Qwen2 (untied, QKV bias, vocabulary 200),
-Llama-3 (untied, llama3 RoPE scaling with original context 64, vocabulary 256, saved as several
-shards with an index), and bf16 copies of Qwen3 and Qwen2.
+Llama-3 (untied, llama3 RoPE scaling with original context 64, vocabulary 256, a list of EOS ids like
+Llama-3.1-Instruct's, saved as several shards with an index), and bf16 copies of Qwen3 and Qwen2.
 
 The expensive work runs in two child processes shared by all tests: one driver process runs every
 conversion command (Megatron-Core is imported once), then one 2-rank torchrun launch loads every
@@ -40,7 +40,7 @@ MODELS = {  # name -> (transformers config class, config kwargs, dtype, max shar
     "qwen2": ("Qwen2Config", dict(vocab_size=200, tie_word_embeddings=False), torch.float32, None),
     "llama": (
         "LlamaConfig",
-        dict(vocab_size=256, tie_word_embeddings=False, rope_scaling={
+        dict(vocab_size=256, tie_word_embeddings=False, eos_token_id=[2, 5, 7], rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}),
         torch.float32,
@@ -158,8 +158,12 @@ def converted(hf_models):
     for name in [*MODELS, "qwen3_lm_head_equal", "qwen3_lm_head_differs"]:
         args = ["--hf-dir", str(root / "hf" / name), "--save", str(ckpt / name)]
         add(f"import:{name}", {"cli": "hf_to_megatron", "args": args + (["--overwrite"] if name == "llama" else [])})
+    # The tokenizer folder has no generation_config.json: the export writes its own.
+    args = ["--hf-dir", str(root / "hf" / "llama"), "--save", str(ckpt / "llama_no_generation_config")]
+    add("import:llama_no_generation_config", {"cli": "hf_to_megatron", "args": args + [
+        "--tokenizer-dir", str(root / "tokenizer")]})
     add("truncate", {"truncate_shard": [str(ckpt / "qwen2"), str(ckpt / "broken")]})
-    for name in [*MODELS, "broken"]:
+    for name in [*MODELS, "llama_no_generation_config", "broken"]:
         args = ["--load", str(ckpt / name), "--save", str(back / name)]
         add(f"export:{name}", {"cli": "megatron_to_hf", "args": args})
     results = dict(zip(names, _run_driver(root, jobs)))
@@ -266,6 +270,17 @@ def test_transformers_loads_the_export(hf_models, converted, name):
     source_ids = AutoTokenizer.from_pretrained(hf_models["dirs"][name])(text)["input_ids"]
     assert AutoTokenizer.from_pretrained(back_dir)(text)["input_ids"] == source_ids
     assert (back_dir / "generation_config.json").is_file()
+
+
+def test_a_list_of_eos_ids_survives_the_round_trip(converted):
+    """config.json's list of EOS ids comes back whole in config.json and in generation_config.json, the
+    source's or, when the checkpoint carries none, the one the export writes (transformers stops on each)."""
+    eos = MODELS["llama"][1]["eos_token_id"]
+    assert not (converted["ckpt"] / "llama_no_generation_config" / "tokenizer" / "generation_config.json").exists()
+    for name in ("llama", "llama_no_generation_config"):
+        assert converted["results"][f"export:{name}"]["rc"] == 0, converted["results"][f"export:{name}"]
+        for file in ("config.json", "generation_config.json"):
+            assert json.loads((converted["back"] / name / file).read_text())["eos_token_id"] == eos, (name, file)
 
 
 def test_checkpoint_metadata(hf_models, converted):

@@ -14,6 +14,8 @@ before any process group or model is made.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -175,6 +177,43 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         assert expected in _bad(args, capsys, tmp_path), expected
     assert "does not exist" in _bad([*load, "--benchmark", str(good), "--summary", str(tmp_path / "no" / "s.json")],
                                     capsys, tmp_path)
+
+
+def test_sampling_defaults_come_from_the_tokenizer_folder(paths, capsys, tmp_path):
+    """The generation_config.json of --tokenizer's folder (the one that gives the stop ids), not the
+    checkpoint's, gives the sampling defaults; a flag overrides its value."""
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(paths["tokenizer"], tokenizer)
+    config = tokenizer / "generation_config.json"
+    config.write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6, "top_p": 0.95, "top_k": 20}))
+    args = runner.parse_args(["--load", str(paths["student"]), "--benchmark", "b", "--top-k", "5"])
+    sampling = runner._sampling(args, tokenizer)
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.greedy) == (0.6, 0.95, 5, False)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
+    config.write_text(json.dumps({"top_p": 1.5}))
+    err = _bad(["--load", str(paths["student"]), "--benchmark", str(good), "--tokenizer", str(tokenizer)],
+               capsys, tmp_path)
+    assert err == f"error: {config}: top_p must be in (0, 1], got 1.5"
+
+
+def test_do_sample_false_is_greedy_unless_a_sampling_flag_is_given(tmp_path):
+    """As transformers, do_sample false decodes greedily; --temperature, --top-p or --top-k asks for sampling
+    (the other values still from the file); without do_sample the defaults are sampled."""
+    config = tmp_path / "generation_config.json"
+
+    def sampling(generation_config: dict, *flags: str):
+        config.write_text(json.dumps(generation_config))
+        return runner._sampling(runner.parse_args(["--load", "ckpt", "--benchmark", "b", *flags]), tmp_path)
+
+    assert sampling({"do_sample": False, "temperature": 0.6}).greedy
+    for flag in (["--temperature", "0.7"], ["--top-p", "0.9"], ["--top-k", "5"]):
+        assert not sampling({"do_sample": False, "temperature": 0.6}, *flag).greedy, flag
+    assert sampling({"do_sample": False, "temperature": 0.6}, "--top-k", "5").temperature == 0.6
+    assert not sampling({"temperature": 0.6}).greedy and not sampling({"do_sample": True}).greedy
+    assert sampling({"do_sample": True}, "--greedy").greedy
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(config))}: do_sample must be true or false, got 'no'$"):
+        sampling({"do_sample": "no"})
 
 
 def test_benchmark_paths_may_hold_an_equals_sign(tmp_path):

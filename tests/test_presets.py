@@ -1,11 +1,13 @@
 """Model presets: HF config round trip, parameter counts against transformers, padding, errors."""
 
+import json
+
 import pytest
 import torch
 
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.builder import padded_vocab_size
-from megatron_renio.models.presets import PRESETS, get_preset, hf_config_dict, preset_from_hf_config
+from megatron_renio.models.presets import PRESETS, ModelPreset, get_preset, hf_config_dict, preset_from_hf_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -45,6 +47,23 @@ def test_transformers_configs_are_read():
     cfg["architectures"] = ["Qwen2ForCausalLM"]
     preset = preset_from_hf_config(cfg)
     assert (preset.head_dim, preset.num_query_groups, preset.add_qkv_bias, preset.vocab_size) == (16, 2, True, 300)
+
+
+def test_a_list_of_eos_ids_is_kept():
+    """Llama-3.1-Instruct's three EOS ids survive config.json -> preset -> checkpoint metadata (JSON) -> config.json;
+    one id stays an int (metadata of older checkpoints holds one), and a bad value is a one-line error."""
+    config = hf_config_dict(get_preset("llama-3.1-8b"))
+    config["eos_token_id"] = [128001, 128008, 128009]
+    preset = preset_from_hf_config(config)
+    assert preset.eos_token_id == (128001, 128008, 128009) and preset.bos_token_id == 128000
+    assert ModelPreset.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
+    assert hash(preset) == hash(ModelPreset.from_dict(preset.to_dict()))
+    assert hf_config_dict(preset)["eos_token_id"] == [128001, 128008, 128009]
+    single = ModelPreset.from_dict(json.loads(json.dumps(get_preset("llama-3.1-8b").to_dict())))
+    assert single.eos_token_id == 128009 and hf_config_dict(single)["eos_token_id"] == 128009
+    config["eos_token_id"] = [128001, "<|eot_id|>"]
+    with pytest.raises(UserInputError, match=r"^/m/config.json: eos_token_id must be a token id or a list of token"):
+        preset_from_hf_config(config, source="/m/config.json")
 
 
 def test_unsupported_architecture_lists_supported():

@@ -26,10 +26,16 @@ for every run), so that each replica gets a mix of benchmarks and problems, easy
 the replicas finish together; that order is cut into one contiguous share per data-parallel
 replica and each share into batches of ``--batch-size``. The sampling noise of a completion is
 keyed by its place in that order, so completions depend on ``--seed`` but not on the layout or the
-batch size. Flags not given take the checkpoint tokenizer's
-``generation_config.json`` values (temperature, top_p, top_k), else 1.0, 1.0 and 0 (off);
-``--greedy`` takes the argmax. A completion ends at EOS (kept), at ``--max-new-tokens``, or when
-prompt plus completion reach ``--seq-length`` (default: the model's maximum positions).
+batch size. A completion ends at a stop id (``Tokenizer.stop_ids``, kept), at ``--max-new-tokens``,
+or when prompt plus completion reach ``--seq-length`` (default: the model's maximum positions).
+
+Sampling. The defaults come from the ``generation_config.json`` of the folder the tokenizer is
+loaded from (``--tokenizer`` when given, else the checkpoint's; the file that also gives the stop
+ids; a sentencepiece ``.model`` file has none): each of ``--temperature``, ``--top-p``, ``--top-k``
+not given takes its ``temperature``, ``top_p``, ``top_k``, else 1.0, 1.0 and 0 (off). ``--greedy``
+takes the argmax; so does ``do_sample: false`` in that file (transformers then decodes greedily),
+unless ``--temperature``, ``--top-p`` or ``--top-k`` is given, which asks for sampling. Without
+``do_sample`` the defaults are sampled.
 
 Grading. Completions are decoded without special tokens and graded by
 :func:`~megatron_renio.eval.benchmarks.grade` (math: the last box, math-verify; code: the last
@@ -158,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"{allowed}; default: generation_config.json, else {BUILTIN_SAMPLING[name]}")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=1024)
-    parser.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-p, top-k)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="argmax decoding (ignores temperature, top-p, top-k); default: on when "
+                             "generation_config.json has do_sample false and no sampling flag is given")
     parser.add_argument("--out", help="JSONL file for every generation with its grade")
     parser.add_argument("--summary", help="JSON file for the per-benchmark metrics")
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the checkpoint's)")
@@ -209,14 +217,20 @@ def _load_benchmarks(specs: list[str]) -> list[Benchmark]:
     return benchmarks
 
 
-def _sampling(args, tokenizer_dir: Path | None):
-    """The SamplingConfig: each of temperature, top_p, top_k from its flag, else from the
-    checkpoint's ``generation_config.json``, else :data:`BUILTIN_SAMPLING`."""
+def _sampling(args, tokenizer_path: str | Path):
+    """The SamplingConfig, by the rule of the module docstring: each of temperature, top_p, top_k
+    from its flag, else from the ``generation_config.json`` beside the tokenizer at
+    ``tokenizer_path``, else :data:`BUILTIN_SAMPLING`; greedy with ``--greedy``, or when that file
+    says ``do_sample: false`` and no sampling flag is given."""
     from megatron_renio.rollout.sampling import SamplingConfig
 
     from megatron_renio.data.tokenizer import read_generation_config
 
-    config_file, defaults = read_generation_config(tokenizer_dir) if tokenizer_dir is not None else (None, {})
+    config_file, defaults = read_generation_config(tokenizer_path)
+    do_sample = defaults.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise UserInputError(f"{config_file}: do_sample must be true or false, got {do_sample!r}")
+    sampling_flags = any(getattr(args, name) is not None for name in _SAMPLING_CHECKS)
     values = dict(BUILTIN_SAMPLING)
     for name, (kind, check, allowed) in _SAMPLING_CHECKS.items():
         if getattr(args, name) is not None:
@@ -229,7 +243,8 @@ def _sampling(args, tokenizer_dir: Path | None):
         if isinstance(value, bool) or not isinstance(value, numeric) or not check(value):
             raise UserInputError(f"{origin} must be {allowed}, got {value!r}")
         values[name] = kind(value)
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy, **values)
+    greedy = args.greedy or (do_sample is False and not sampling_flags)
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=greedy, **values)
 
 
 @dataclass(frozen=True)
@@ -312,11 +327,11 @@ def run(args: argparse.Namespace) -> dict | None:
     from megatron_renio.rollout.generate import generate
 
     meta = read_checkpoint_metadata(args.load)
-    sampling = _sampling(args, meta.tokenizer_dir)
-    benchmarks = _load_benchmarks(args.benchmark)
     tokenizer_path = args.tokenizer or meta.tokenizer_dir
     if tokenizer_path is None:
         raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
+    sampling = _sampling(args, tokenizer_path)
+    benchmarks = _load_benchmarks(args.benchmark)
     tokenizer = load_tokenizer(str(tokenizer_path))
     vocab = meta.preset.vocab_size
     if tokenizer.vocab_size > vocab:

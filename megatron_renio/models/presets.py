@@ -17,6 +17,7 @@ from pathlib import Path
 from megatron_renio.errors import UserInputError
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class ModelPreset:
 
     ``vocab_size`` is the TRUE vocabulary size (``config.json``'s ``vocab_size``); the Megatron
     model pads it (see ``builder.padded_vocab_size``) and the padded rows are masked in every loss.
+    ``bos_token_id`` / ``eos_token_id`` are what ``config.json`` holds: one id (an int), several ids
+    (a tuple here, a list in JSON: Llama-3.1-Instruct stops on any of three) or None; they are
+    written back unchanged.
     """
 
     architecture: str
@@ -52,17 +56,21 @@ class ModelPreset:
     add_qkv_bias: bool = False
     tie_word_embeddings: bool = False
     rope_scaling: Llama3RopeScaling | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    bos_token_id: int | tuple[int, ...] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelPreset":
+        """Inverse of :meth:`to_dict`, also after a JSON round trip (which turns tuples into lists)."""
         data = dict(data)
         if data.get("rope_scaling") is not None:
             data["rope_scaling"] = Llama3RopeScaling(**data["rope_scaling"])
+        for name in _TOKEN_ID_FIELDS:
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def replace(self, **changes) -> "ModelPreset":
@@ -167,10 +175,13 @@ def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling
     )
 
 
-def _first_token_id(value) -> int | None:
-    if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+def _token_ids(config: dict, name: str, source: str) -> int | tuple[int, ...] | None:
+    """``config[name]`` as a preset holds it: one id stays an int, a list of ids becomes a tuple."""
+    value = config.get(name)
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(type(i) is int for i in ids):
+        raise UserInputError(f"{source}: {name} must be a token id or a list of token ids, got {value!r}")
+    return tuple(value) if isinstance(value, list) else value
 
 
 def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPreset:
@@ -212,8 +223,8 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         add_qkv_bias=architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         rope_scaling=_llama3_scaling(scaling, source),
-        bos_token_id=_first_token_id(config.get("bos_token_id")),
-        eos_token_id=_first_token_id(config.get("eos_token_id")),
+        bos_token_id=_token_ids(config, "bos_token_id", source),
+        eos_token_id=_token_ids(config, "eos_token_id", source),
     )
 
 
@@ -250,9 +261,10 @@ def hf_config_dict(preset: ModelPreset, torch_dtype: str = "bfloat16") -> dict:
         "attention_dropout": 0.0,
         "torch_dtype": torch_dtype,
         "use_cache": True,
-        "bos_token_id": preset.bos_token_id,
-        "eos_token_id": preset.eos_token_id,
     }
+    for name in _TOKEN_ID_FIELDS:
+        ids = getattr(preset, name)
+        config[name] = list(ids) if isinstance(ids, tuple) else ids
     if preset.architecture == "LlamaForCausalLM":
         config.update(attention_bias=False, mlp_bias=False)
     if preset.architecture == "Qwen3ForCausalLM":
