@@ -244,3 +244,23 @@ def test_command_line_error_has_no_traceback(paths, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --data {tmp_path / 'missing.jsonl'}: no such file"]
+
+
+class _LlamaLikeTokenizer:
+    """Characters as ids; BOS (id 1) added to a whole input, and read back from a literal '<s>'."""
+
+    bos_id = 1
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        bos = text.startswith("<s>")
+        ids = [1] * bos + [2 + ord(c) % 20 for c in text[3 * bos:]]
+        return [1] + ids if add_special_tokens else ids
+
+
+def test_a_text_prompt_that_starts_with_bos_gets_no_second_one():
+    """Eval writes its prompts decoded with special tokens ('<s>...'): scoring them as text must not add
+    another BOS; a plain text prompt still gets one, a completion none."""
+    tok = _LlamaLikeTokenizer()
+    assert score._ids({"prompt": "<s>ab"}, "prompt", "w", tok, 64) == [1, 2 + ord("a") % 20, 2 + ord("b") % 20]
+    assert score._ids({"prompt": "ab"}, "prompt", "w", tok, 64) == [1, 2 + ord("a") % 20, 2 + ord("b") % 20]
+    assert score._ids({"completion": "ab"}, "completion", "w", tok, 64) == [2 + ord("a") % 20, 2 + ord("b") % 20]

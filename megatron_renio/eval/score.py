@@ -143,7 +143,12 @@ class Row:
 
 
 def _ids(record: dict, name: str, where: str, tokenizer, vocab_size: int) -> list[int] | None:
-    """The ids of field ``name``: its ``_ids`` list, else its text encoded; None when both are absent."""
+    """The ids of field ``name``: its ``_ids`` list, else its text encoded; None when both are absent.
+
+    A prompt's text gets the special tokens the tokenizer adds to a whole input (Llama's BOS) unless
+    it already starts with BOS, as eval's ``prompt`` field does (decoded with special tokens); a
+    completion's text gets none.
+    """
     ids_name = f"{name}_ids"
     if record.get(ids_name) is not None:
         ids = record[ids_name]
@@ -159,7 +164,10 @@ def _ids(record: dict, name: str, where: str, tokenizer, vocab_size: int) -> lis
         raise UserInputError(f"{where}: field '{name}' must be a string")
     if tokenizer is None:
         raise UserInputError(f"{where}: field '{name}' is text, which needs --tokenizer (the checkpoint has none)")
-    return tokenizer.encode(text, add_special_tokens=name != "completion")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if name == "completion" or (tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id]):
+        return ids
+    return tokenizer.encode(text, add_special_tokens=True)
 
 
 def read_rows(path: str, tokenizer, vocab_size: int, seq_length: int) -> list[Row]:
