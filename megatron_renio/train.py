@@ -178,7 +178,8 @@ def run(cfg: TrainConfig) -> dict:
             iteration = state["iteration"]
             skipped_total = state["skipped_total"]
             sampler.load_state_dict(state["sampler"])
-            normalizer.load_state_dict(state["normalizer"])
+            # this rank's own EMA (local scope: each rank's differs), else the last stage's
+            normalizer.load_state_dict((state.get("rank_state") or state)["normalizer"])
             C.load_scheduler_state(scheduler, state["scheduler"], cfg)
             log0(f"resumed from {cfg.load} at iteration {iteration}")
 
@@ -286,7 +287,7 @@ def run(cfg: TrainConfig) -> dict:
                     cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
                     teacher=ema,
                     tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
-                    keep_last=cfg.keep_last,
+                    keep_last=cfg.keep_last, rank_state={"normalizer": normalizer.state_dict()},
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
                                  "normalizer": _last_stage_state(normalizer.state_dict()),
                                  "scheduler": scheduler.state_dict()},

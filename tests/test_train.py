@@ -149,6 +149,17 @@ def test_resume_under_pp2_keeps_the_renio_ema(workdir):
         assert (x["loss"], x["weight_mean"], x["grad_norm"]) == (y["loss"], y["weight_mean"], y["grad_norm"])
 
 
+def test_resume_keeps_each_ranks_local_renio_ema(workdir):
+    """Local scope with --renio-norm ema at DP=2: each rank's EMA follows its own micro-batches; the
+    resumed steps equal the straight ones bitwise (not if rank 1 resumed with rank 0's EMA)."""
+    common = {"--train-iters": 4, "--renio-norm": "ema", "--renio-scope": "local", "--save-interval": 2,
+              "--renio-threshold": -1.0, "--renio-temperature": 0.2}  # every token pivotal, weights far from 1
+    a, b, _ = straight_and_resumed(workdir, "local_ema", common, {"--exit-interval": 2}, {})
+    assert all(m["weight_std"] > 0.01 for m in a)
+    for x, y in zip(a, b):
+        assert (x["loss"], x["weight_mean"], x["grad_norm"]) == (y["loss"], y["weight_mean"], y["grad_norm"])
+
+
 def test_resume_with_another_schedule_is_refused_unless_overridden(workdir):
     """A longer --train-iters (the LR decay length) or another --lr on resume: one line naming the flag
     (Megatron's scheduler would keep the old schedule silently); --override-opt-param-scheduler takes it."""
