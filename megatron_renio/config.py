@@ -285,6 +285,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
     _check(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "> 0", c.distributed_timeout_minutes)
+    _check(c.seq_length % 8 == 0, "--seq-length", "a multiple of 8 (batches are padded to multiples of 8)",
+           c.seq_length)
     _check(c.max_new_tokens < c.seq_length, "--max-new-tokens", f"smaller than --seq-length ({c.seq_length})", c.max_new_tokens)
     # Megatron's OptimizerParamScheduler decays over --train-iters and asserts the warmup is shorter.
     _check(c.lr_warmup_iters < c.train_iters, "--lr-warmup-iters", f"smaller than --train-iters ({c.train_iters})",

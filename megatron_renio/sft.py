@@ -42,6 +42,7 @@ import torch
 from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, validate
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
+from megatron_renio.models.checkpoint import check_target_directory
 
 # The trainer's flags that supervised fine-tuning takes (same meaning, type and range checks).
 SFT_FLAGS = (
@@ -89,6 +90,7 @@ def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
         raise UserInputError("no model: give --model (a preset, random initialisation) or --pretrained-checkpoint")
     if not values.get("save"):
         raise UserInputError("--save is required (the folder that receives the fine-tuned model checkpoint)")
+    check_target_directory(values["save"])  # refused now, not after training
     if not 0.0 <= fraction <= 1.0:
         raise UserInputError(f"--privileged-prompt-fraction must be in [0, 1], got {fraction!r}")
     # SFT generates nothing: the rollout budget only has to pass the trainer's check against --seq-length.
@@ -112,7 +114,7 @@ def load_sft_examples(cfg: SFTConfig, tokenizer) -> SFTExamples:
     Examples longer than ``--seq-length`` are skipped and counted; :class:`UserInputError` when none
     is left."""
     from megatron_renio.data.prompts import load_prompt_records
-    from megatron_renio.data.templates import build_prompt_ids
+    from megatron_renio.data.templates import answer_text, build_prompt_ids
 
     t = cfg.train
     records = load_prompt_records(t.data_path, t.problem_field, t.solution_field, require_solution=True)
@@ -121,7 +123,7 @@ def load_sft_examples(cfg: SFTConfig, tokenizer) -> SFTExamples:
     pairs += [(build_prompt_ids(tokenizer, records[i], t.task, "teacher", "opsd"), records[i]) for i in sorted(privileged)]
     prompts, targets = [], []
     for prompt, record in pairs:
-        target = tokenizer.encode(record.solution.strip()) + [tokenizer.eos_id]
+        target = tokenizer.encode(answer_text(record.solution, t.task)) + [tokenizer.eos_id]
         if len(prompt) + len(target) <= t.seq_length:
             prompts.append(prompt)
             targets.append(target)
@@ -227,6 +229,7 @@ def run(cfg: SFTConfig) -> list[float]:
 
         progress = tqdm(total=t.train_iters, desc="sft", dynamic_ncols=True, file=sys.stderr)
     losses = []
+    skipped_in_a_row = 0
     for iteration in range(1, t.train_iters + 1):
         t0 = time.perf_counter()
         indices = sampler.next_batch()
@@ -239,9 +242,19 @@ def run(cfg: SFTConfig) -> list[float]:
         model_ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = step.run(micro)
-        updated, grad_norm, _ = optimizer.step() if math.isfinite(loss) else (False, None, None)
+        finite = math.isfinite(loss) and C.gradients_are_finite(model_ddp)  # else Adam would take it
+        updated, grad_norm, _ = optimizer.step() if finite else (False, None, None)
+        updated = bool(updated) and (grad_norm is None or math.isfinite(grad_norm))
         if updated:
             scheduler.step(increment=1)
+            skipped_in_a_row = 0
+        else:
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= t.max_skipped_steps:
+                raise UserInputError(
+                    f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
+                    f"(--max-skipped-steps {t.max_skipped_steps}); stopping at iteration {iteration}, nothing saved"
+                )
         losses.append(loss)
         if iteration % t.log_interval == 0:
             logger.log(iteration, {

@@ -49,6 +49,7 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--save-samples-interval", "5"], "--save-samples-interval needs --save"),
         (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be an integer >= 1"),
         (["--max-new-tokens", "300"], r"--max-new-tokens must be smaller than --seq-length \(256\)"),
+        (["--seq-length", "100"], r"--seq-length must be a multiple of 8 .*, got 100"),
         (["--lr-warmup-iters", "256", "--train-iters", "256"],
          r"--lr-warmup-iters must be smaller than --train-iters \(256\), got 256"),
         (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),

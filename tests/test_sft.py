@@ -42,6 +42,24 @@ def test_first_step_loss_is_the_same_in_every_layout(launched, layout):
     assert results[0][layout] == pytest.approx(results[0]["dp2"], rel=1e-5)
 
 
+def test_a_non_empty_save_folder_is_refused_before_training(task, tmp_path):
+    """Refused while parsing the flags, not after the last step (the folder of the starting checkpoint, say)."""
+    data, tokenizer = task
+    (tmp_path / "renio_model.json").write_text("{}")
+    with pytest.raises(UserInputError, match=f"{re.escape(str(tmp_path))} exists and is not empty"):
+        parse_sft_args(["--data-path", str(data), "--tokenizer", tokenizer, "--model", "tiny-qwen3",
+                        "--save", str(tmp_path)])
+
+
+def test_coding_targets_are_fenced_as_the_instruction_asks():
+    """Bare-code solutions become the python code block the coding instruction asks for."""
+    from megatron_renio.data.templates import answer_text
+
+    assert answer_text("def f():\n    return 1\n", "coding") == "```python\ndef f():\n    return 1\n```"
+    assert answer_text("```python\nprint(1)\n```", "coding") == "```python\nprint(1)\n```"
+    assert answer_text(" 42 \n", "math") == "42"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -2,7 +2,7 @@
 
 Side by side, on the same logits and in one run:
 
-- ``reference``: DESIGN.md section 2 on full tensors as a user of the public reference writes it, in
+- ``reference``: the per-token loss (README, 'The method, as implemented') on full tensors as a user of the public reference writes it, in
   the logits' dtype: log_softmax of both models (teacher under no_grad), the per-entry divergence
   tensor (``F.kl_div`` elements; JSD with log m = logsumexp of the stacked, beta-weighted log-probs),
   clamp, sum over the vocabulary (the sampled-token lookups, O(tokens), are left out).
@@ -80,7 +80,7 @@ JSD_BETA = 0.5
 
 
 def reference_loss(zs, zt, tokens, cfg: DivergenceConfig, shard, group):
-    """DESIGN.md section 2 on full tensors, in the logits' dtype (no vocabulary parallelism)."""
+    """The per-token loss on full tensors, in the logits' dtype (no vocabulary parallelism)."""
     log_q = F.log_softmax(zs / cfg.temperature, dim=-1)
     with torch.no_grad():
         log_p = F.log_softmax(zt / cfg.temperature, dim=-1)

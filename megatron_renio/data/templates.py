@@ -72,10 +72,16 @@ def build_prompt_text(record: PromptRecord, task: str, role: str, mode: str) -> 
             f"{record.source}: OPSD needs a reference solution for the teacher prompt, "
             "but this record has none"
         )
-    solution = record.solution.strip()
+    return f"{problem}\n\n{REFERENCE_INTRO}\n{answer_text(record.solution, task)}\n\n{TRANSITION}\n{instruction}"
+
+
+def answer_text(solution: str, task: str) -> str:
+    """A reference solution as the instruction asks for an answer: stripped, and for ``coding``
+    inside a python code fence unless it already holds one (bare code from MBPP / APPS style data)."""
+    solution = solution.strip()
     if task == "coding" and "```" not in solution:
         solution = f"```python\n{solution}\n```"
-    return f"{problem}\n\n{REFERENCE_INTRO}\n{solution}\n\n{TRANSITION}\n{instruction}"
+    return solution
 
 
 def build_prompt_ids(

@@ -16,7 +16,7 @@ Computation: the student and teacher checkpoints run as in training (:class:`Pai
 Megatron schedule, forward only, any TP/PP; :class:`DistillationStep` with ``keep_token_terms``), so
 every number is what the trainer computes with the same flags. For each row, with s_t / u_t the
 student / teacher log-probs of completion token t at ``--kd-temperature`` and r_t = min(s_t - u_t,
-``--renio-clip``) (DESIGN.md section 2):
+``--renio-clip``) (README, 'The method, as implemented'):
 
 * ``raw_weight``: w = exp(a / ``--renio-temperature``); ``mean_log_ratio``: a, the mean r_t over the
   pivotal tokens (0 without any); ``num_pivotal``, ``pivotal_positions`` (0-based completion token

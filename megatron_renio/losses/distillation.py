@@ -1,7 +1,7 @@
 """Per-micro-batch distillation loss with ReNIO sample weights, and step statistics.
 
 From the per-token terms of :func:`~megatron_renio.losses.divergence.token_terms` and the valid-token
-mask m [b, t] (DESIGN.md section 2):
+mask m [b, t] (README, 'The method, as implemented'):
 
     loss_kind 'divergence'   l_it = D_it
     loss_kind 'sampled_rkl'  l_it = -A_it s_it,  A_it = (u_it - s_it) detached

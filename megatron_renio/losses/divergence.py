@@ -1,4 +1,4 @@
-"""Per-token divergences between teacher and student on vocab-parallel logits (DESIGN.md section 2).
+"""Per-token divergences between teacher and student on vocab-parallel logits (README, 'The method, as implemented').
 
 With p = softmax(z^T / T) (teacher) and q = softmax(z^S / T) (student) over the full vocabulary, the
 divergence *element* of vocabulary entry v is

@@ -9,7 +9,7 @@ the two logits tensors, which backward reads again.
 
 Notation (per token; vocabulary index v over the FULL vocabulary, split across tensor-parallel ranks):
 a_v = z^S_v / T, b_v = z^T_v / T, log q_v = a_v - LSE_S, log p_v = b_v - LSE_T, where LSE is the
-log-sum-exp over the real (unpadded) vocabulary; d_v is the divergence element of DESIGN.md §2 and
+log-sum-exp over the real (unpadded) vocabulary; d_v is the divergence element of :mod:`~megatron_renio.losses.divergence` and
 D = sum_v clamp(d_v, 0, k) (no clamp when ``token_clip`` is None).
 
 Gradient. d log q_v / d z_j = (delta_vj - q_j) / T, so for D = sum_v c(d_v), c the clamp,

@@ -16,7 +16,7 @@ sum such as log q[x]) therefore needs an identity backward: each rank's copy alr
 gradient. An intermediate that each rank consumes only through its *local* terms (S, used by the
 local log-probs, whose contributions are later summed across ranks) needs a summing backward: the
 gradient of S is the sum of every rank's local contribution. Using the summing backward for the final
-sum would count the gradient TP times (DESIGN.md section 5).
+sum would count the gradient TP times.
 
 ``tp_group=None`` (or a group of size 1) means no tensor parallelism and no communication.
 """

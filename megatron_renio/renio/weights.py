@@ -1,7 +1,7 @@
 """ReNIO per-sample weights from prefix-conditioned token log-probs, and their normalisation.
 
 Per sample i and completion position t, with s_it / u_it the student / teacher log-probs of the
-sampled token (temperature T) and m_it = 1 on valid completion tokens (DESIGN.md section 2):
+sampled token (temperature T) and m_it = 1 on valid completion tokens (README, 'The method, as implemented'):
 
     r_it = min(s_it - u_it, c)                                  clipped log-ratio (c = ``clip``)
     P_i  = { t : m_it = 1 and r_it >= tau }                     pivotal tokens (tau = ``threshold``)

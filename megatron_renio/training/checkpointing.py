@@ -124,7 +124,8 @@ def save_training_checkpoint(
     tmp = root / f".tmp_iter_{iteration:07d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_iter_*"):
+        # an interrupted save's folder, and the model writer's staging folder inside it (..tmp_iter_*.partial-*)
+        for stale in [*root.glob(".tmp_iter_*"), *root.glob("..tmp_iter_*.partial-*")]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     save_model_checkpoint(student, student_info, tmp, tokenizer_dir=tokenizer_dir,

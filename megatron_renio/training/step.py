@@ -147,6 +147,7 @@ class DistillationStep:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.paired.student.parameters()).device
+        self.paired.config.finalize_model_grads_func = self._finalize  # this step's, if several share a model
         self._denominator = torch.zeros((), dtype=torch.float32, device=device)
         self._losses = []
         self._terms = []
