@@ -191,3 +191,24 @@ def test_bad_files(tmp_path):
     broken.write_bytes(b"not a model")
     with pytest.raises(UserInputError, match=f"cannot load sentencepiece model {broken}"):
         load_tokenizer(str(broken))
+
+
+def test_a_sentencepiece_model_file_travels_in_a_model_checkpoint(sp_model, tmp_path):
+    """save_model_checkpoint(tokenizer_dir=x.model) keeps it (as tokenizer/sentencepiece.model) and the
+    checkpoint's tokenizer folder loads as the same tokenizer (sft / train with --tokenizer x.model)."""
+    from megatron_renio import distributed
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata, save_model_checkpoint
+    from megatron_renio.models.presets import get_preset
+
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
+        save_model_checkpoint(model, info, tmp_path / "ckpt", tokenizer_dir=sp_model)
+    finally:
+        distributed.destroy()
+    saved = load_tokenizer(str(read_checkpoint_metadata(tmp_path / "ckpt").tokenizer_dir))
+    original = load_tokenizer(sp_model)
+    assert type(saved).__name__ == "SentencePieceTokenizer" and saved.fingerprint() == original.fingerprint()
+    assert saved.encode("the answer") == original.encode("the answer")

@@ -245,13 +245,23 @@ class SentencePieceTokenizer(Tokenizer):
         return [(i, self._sp.id_to_piece(i)) for i in range(self.vocab_size)]
 
 
+# The name a sentencepiece model file gets inside a folder (a model checkpoint's tokenizer/ folder);
+# a folder that holds it and no Hugging Face tokenizer file is that sentencepiece tokenizer.
+SENTENCEPIECE_FILE = "sentencepiece.model"
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-    """Load the tokenizer at ``path``: a Hugging Face folder or a sentencepiece ``.model`` file.
+    """Load the tokenizer at ``path``: a Hugging Face folder or a sentencepiece ``.model`` file (or a
+    folder holding only :data:`SENTENCEPIECE_FILE`, as a model checkpoint stores one).
 
     Raises :class:`UserInputError` (one line naming ``path``) when the path does not exist, is a
     file of another kind, or cannot be loaded.
     """
     path = os.fspath(path)
+    sentencepiece_file = os.path.join(path, SENTENCEPIECE_FILE)
+    if os.path.isfile(sentencepiece_file) and not any(
+            os.path.exists(os.path.join(path, name)) for name in _HF_TOKENIZER_FILES):
+        return SentencePieceTokenizer(sentencepiece_file)
     if os.path.isdir(path):
         return HFTokenizer(path)
     if os.path.isfile(path):

@@ -37,6 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_renio.data.tokenizer import SENTENCEPIECE_FILE
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
 
@@ -78,8 +79,11 @@ class CheckpointMetadata:
 
 def tokenizer_files(directory: str | Path) -> list[Path]:
     """The tokenizer files of ``directory`` (``TOKENIZER_FILES`` and ``*.tiktoken``) plus its
-    ``COMPANION_FILES``; empty when it holds no tokenizer file."""
+    ``COMPANION_FILES``; empty when it holds no tokenizer file. A sentencepiece ``.model`` file given
+    instead of a folder is its own one file (saved as ``SENTENCEPIECE_FILE``)."""
     directory = Path(directory)
+    if directory.is_file() and directory.suffix == ".model":
+        return [directory]
     found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
     found += sorted(directory.glob("*.tiktoken"))
     if not found:
@@ -230,7 +234,8 @@ def save_model_checkpoint(
     Collective. ``info`` is the :class:`~megatron_renio.models.builder.ModelInfo` from
     ``build_gpt_model``. ``directory`` must not exist or be an empty folder (with ``overwrite``,
     a non-empty folder is replaced once the new checkpoint is complete). ``tokenizer_dir``: a folder
-    whose tokenizer files are copied into ``tokenizer/`` (it must hold at least one).
+    whose tokenizer files are copied into ``tokenizer/`` (it must hold at least one), or a
+    sentencepiece ``.model`` file.
     ``extra_metadata``: JSON-able dict stored as ``extra``. Returns the checkpoint path.
     """
     import torch.distributed as dist
@@ -279,7 +284,8 @@ def save_model_checkpoint(
         if tokenizer_dir is not None:
             (staging / TOKENIZER_SUBDIR).mkdir()
             for path in tokenizer_files(tokenizer_dir):
-                shutil.copy2(path, staging / TOKENIZER_SUBDIR / path.name)
+                name = SENTENCEPIECE_FILE if tokenizer_dir.is_file() else path.name
+                shutil.copy2(path, staging / TOKENIZER_SUBDIR / name)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         publish_directory(staging, directory)
 
