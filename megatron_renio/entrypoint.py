@@ -10,6 +10,21 @@ from typing import Callable
 from megatron_renio.errors import UserInputError
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for ``--debug``: the flag alone (or before another flag), or with a true
+    value, ``--debug=VALUE`` or ``--debug VALUE`` (1, true, yes, on), as the flag's parser reads it."""
+    for i, arg in enumerate(argv):
+        if arg == "--debug":
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            return following is None or following.startswith("-") or following.lower() in _TRUE
+        if arg.startswith("--debug="):
+            return arg.split("=", 1)[1].lower() in _TRUE
+    return False
+
+
 def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     """A model command's ``main``: ``run(parse(argv))``, then tear the process groups down.
 
@@ -19,14 +34,15 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     notices of checkpoint loading) are not shown.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" not in argv:
+    debug = debug_requested(argv)
+    if not debug:
         warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
     try:
         run(parse(argv))
     except UserInputError as e:
         rank = os.environ.get("RANK", "0")
         print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        if "--debug" in argv:
+        if debug:
             raise
         return 2
     finally:

@@ -123,3 +123,23 @@ def test_load_alone_is_no_student_model():
     with pytest.raises(UserInputError, match="no student model: give --student-load .* or --model"):
         parse_train_args(rest)
     assert parse_train_args(rest + ["--student-load", "ckpt/student"]).load == "runs/x"
+
+
+@pytest.mark.parametrize("argv, debug", [
+    (["--lr", "1", "--debug"], True), (["--debug", "--lr", "1"], True), (["--debug=true"], True),
+    (["--debug", "yes"], True), (["--debug=false"], False), (["--debug", "0"], False), (["--lr", "1"], False),
+])
+def test_debug_flag_is_read_as_its_parser_reads_it(argv, debug):
+    """--debug=true and --debug yes show the traceback too, --debug=false does not (was: the exact word)."""
+    from megatron_renio.entrypoint import debug_requested, run_command
+
+    assert debug_requested(argv) is debug
+
+    def parse(_argv):
+        raise UserInputError("bad flag")
+
+    if debug:
+        with pytest.raises(UserInputError):
+            run_command(parse, print, argv)
+    else:
+        assert run_command(parse, print, argv) == 2
