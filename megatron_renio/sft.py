@@ -242,19 +242,13 @@ def run(cfg: SFTConfig) -> list[float]:
         model_ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = step.run(micro)
-        finite = math.isfinite(loss) and C.gradients_are_finite(model_ddp)  # else Adam would take it
-        updated, grad_norm, _ = optimizer.step() if finite else (False, None, None)
-        updated = bool(updated) and (grad_norm is None or math.isfinite(grad_norm))
+        updated, grad_norm = C.step_if_finite(optimizer, model_ddp, math.isfinite(loss))
         if updated:
             scheduler.step(increment=1)
             skipped_in_a_row = 0
         else:
             skipped_in_a_row += 1
-            if skipped_in_a_row >= t.max_skipped_steps:
-                raise UserInputError(
-                    f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
-                    f"(--max-skipped-steps {t.max_skipped_steps}); stopping at iteration {iteration}, nothing saved"
-                )
+            C.stop_after_skipped_steps(skipped_in_a_row, t, iteration)
         losses.append(loss)
         if iteration % t.log_interval == 0:
             logger.log(iteration, {

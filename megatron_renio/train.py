@@ -219,11 +219,8 @@ def run(cfg: TrainConfig) -> dict:
             maybe_die("backward", iteration + 1)
 
             t2 = time.perf_counter()
-            grad_norm = None
-            ok = not result.nonfinite and math.isfinite(result.loss) and C.gradients_are_finite(student_ddp)
-            if ok:
-                updated, grad_norm, _ = optimizer.step()
-                ok = bool(updated) and (grad_norm is None or math.isfinite(grad_norm))
+            ok, grad_norm = C.step_if_finite(optimizer, student_ddp,
+                                             not result.nonfinite and math.isfinite(result.loss))
             if ok:
                 scheduler.step(increment=1)
                 skipped_in_a_row = 0
@@ -232,11 +229,7 @@ def run(cfg: TrainConfig) -> dict:
             else:
                 skipped_total += 1
                 skipped_in_a_row += 1
-                if skipped_in_a_row >= cfg.max_skipped_steps:
-                    raise UserInputError(
-                        f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
-                        f"(--max-skipped-steps {cfg.max_skipped_steps}); stopping at iteration {iteration + 1}"
-                    )
+                C.stop_after_skipped_steps(skipped_in_a_row, cfg, iteration + 1)
             t_opt = time.perf_counter() - t2
             iteration += 1
             if cfg.save_samples_interval and iteration % cfg.save_samples_interval == 0 and result.per_sample \

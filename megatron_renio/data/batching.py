@@ -36,8 +36,9 @@ Rules:
 
 * Padding is on the right; position ids are ``0 .. S-1`` and causal attention needs no extra mask
   (padding comes after every real token).
-* A completion ends at its first ``eos_id`` (or the first of several stop ids), which is kept (it is a token the student chose to
-  emit and is trained on); anything after it (generation padding) is dropped. A completion without
+* A completion ends at its first ``eos_id`` (or the first of several stop ids), which is kept (it
+  is a token the student chose to emit and is trained on); anything after it (generation padding)
+  is dropped. A completion without
   EOS (cut by the generation budget) is used as is: no EOS is added.
 * Both sequences of a sample must fit in ``seq_length``: the completion is truncated to
   ``seq_length - max(ps, pt)`` tokens (``truncated`` records which samples were cut; a truncated

@@ -102,6 +102,13 @@ def distillation_loss(
     return LossTerms(numerator, denominator, normalized.weights, per_sample.detach(), stats)
 
 
+def effective_weights(losses: Sequence[LossTerms], weight_scale) -> torch.Tensor:
+    """The applied per-sample weights of ``losses`` (float64): final weights as they are, w~ of
+    global-scope micro-batches times ``weight_scale`` (:func:`reduce_stats`)."""
+    return torch.cat([lt.sample_weights.detach().to(torch.float64)
+                      * (1.0 if lt.stats["weights_final"] else weight_scale) for lt in losses])
+
+
 def reduce_stats(losses: Sequence[LossTerms], dp_group=None) -> dict[str, float]:
     """Logging statistics of one step's micro-batches (this rank's ``losses``), reduced over ``dp_group``.
 
@@ -126,9 +133,7 @@ def reduce_stats(losses: Sequence[LossTerms], dp_group=None) -> dict[str, float]
         scale_terms[1] += lt.denominator.detach().to(torch.float64)
     all_reduce(scale_terms)
     scale = scale_terms[0] / scale_terms[1].clamp(min=torch.finfo(torch.float64).tiny)
-    weights = torch.cat(
-        [lt.sample_weights.detach().to(torch.float64) * (1.0 if lt.stats["weights_final"] else scale) for lt in losses]
-    )
+    weights = effective_weights(losses, scale)
     num_valid = torch.cat([lt.stats["num_valid"] for lt in losses]).to(torch.float64)
     per_sample = torch.cat([lt.per_sample_loss for lt in losses]).to(torch.float64)
 

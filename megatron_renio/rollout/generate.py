@@ -20,9 +20,9 @@ token per step. How the pieces fit:
   the last stage samples and broadcasts the tokens to all stages of its pipeline.
 - **Sequence parallelism** is switched off for the rollout (a one-token step cannot be split
   over the TP ranks) and restored afterwards.
-- **Stopping.** A completion ends with EOS (included; several stop ids may be given), at ``max_new_tokens``, or when prompt plus
-  completion reach ``max_sequence_length`` (the KV cache length); the loop ends when every sample
-  has ended.
+- **Stopping.** A completion ends with EOS (included; several stop ids may be given), at
+  ``max_new_tokens``, or when prompt plus completion reach ``max_sequence_length`` (the KV cache
+  length); the loop ends when every sample has ended.
 - **Finished samples leave the batch.** When at most ``_COMPACT_BELOW`` of the batch's rows still
   run, the running rows move to the front of the KV cache (the positions written so far) and the
   following steps feed only them, so ended samples stop costing compute. Sampling noise is keyed

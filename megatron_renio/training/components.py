@@ -6,6 +6,7 @@ wires them into the loop. Everything here runs after :func:`megatron_renio.distr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,25 @@ def gradients_are_finite(student_ddp) -> bool:
     bad = (~torch.isfinite(sums)).any().float().reshape(1)
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bool(bad.item())
+
+
+def step_if_finite(optimizer, student_ddp, loss_is_finite: bool) -> tuple[bool, float | None]:
+    """(stepped, gradient norm): the optimizer step, taken only when the loss (agreed on every rank)
+    and every rank's gradient are finite; not stepped either when Megatron skips the update or its
+    gradient norm is non-finite."""
+    if not (loss_is_finite and gradients_are_finite(student_ddp)):
+        return False, None
+    updated, grad_norm, _ = optimizer.step()
+    return bool(updated) and (grad_norm is None or math.isfinite(grad_norm)), grad_norm
+
+
+def stop_after_skipped_steps(skipped_in_a_row: int, cfg: TrainConfig, iteration: int) -> None:
+    """One line (UserInputError) once ``--max-skipped-steps`` steps in a row were skipped."""
+    if skipped_in_a_row >= cfg.max_skipped_steps:
+        raise UserInputError(
+            f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
+            f"(--max-skipped-steps {cfg.max_skipped_steps}); stopping at iteration {iteration}"
+        )
 
 
 def build_optimizer(student_ddp, cfg: TrainConfig):

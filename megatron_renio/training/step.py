@@ -28,7 +28,7 @@ from functools import partial
 import torch
 
 from megatron_renio.data.batching import PairedBatch
-from megatron_renio.losses.distillation import distillation_loss, reduce_stats
+from megatron_renio.losses.distillation import distillation_loss, effective_weights, reduce_stats
 from megatron_renio.losses.divergence import DivergenceConfig, gather_grid, token_terms
 from megatron_renio.losses.fused import fused_token_terms
 from megatron_renio.renio.vocab_parallel import VocabShard
@@ -58,8 +58,9 @@ class StepResult:
 
     ``stats`` has every :data:`SUMMARY_KEYS` entry on every rank; ``per_sample`` holds, on the last
     pipeline stage only, this rank's weights (the effective weights, as ``weight_mean`` averages them,
-    and the raw ones) and per-sample losses in micro-batch order; with ``keep_token_terms`` also the per-token ``student_logprobs``, ``teacher_logprobs`` and
-    ``divergence`` [samples, c_len] on the completion grid (meaningless where the mask is 0).
+    and the raw ones) and per-sample losses in micro-batch order; with ``keep_token_terms`` also the
+    per-token ``student_logprobs``, ``teacher_logprobs`` and ``divergence`` [samples, c_len] on the
+    completion grid (meaningless where the mask is 0).
     """
 
     loss: float
@@ -100,7 +101,6 @@ class DistillationStep:
         self._inject_nonfinite = False
         config = paired.config
         config.calculate_per_token_loss = True
-        config.finalize_model_grads_func = self._finalize
         if hasattr(student_chunks[0], "no_sync"):
             config.no_sync_func = student_chunks[0].no_sync
 
@@ -147,7 +147,8 @@ class DistillationStep:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.paired.student.parameters()).device
-        self.paired.config.finalize_model_grads_func = self._finalize  # this step's, if several share a model
+        # installed per run: several steps may share one model (bench_step builds two)
+        self.paired.config.finalize_model_grads_func = self._finalize
         self._denominator = torch.zeros((), dtype=torch.float32, device=device)
         self._losses = []
         self._terms = []
@@ -179,9 +180,7 @@ class DistillationStep:
             summary = reduce_stats(self._losses, self.dp_group)
             values = torch.tensor([summary[k] for k in SUMMARY_KEYS], dtype=torch.float64, device=device)
             per_sample = {
-                "weights": torch.cat([lt.sample_weights.detach().float().cpu()
-                                      * (1.0 if lt.stats["weights_final"] else summary["weight_scale"])
-                                      for lt in self._losses]),
+                "weights": effective_weights(self._losses, summary["weight_scale"]).float().cpu(),
                 "raw_weights": torch.cat([lt.stats["raw_weight"].detach().float().cpu() for lt in self._losses]),
                 "per_sample_loss": torch.cat([lt.per_sample_loss.float().cpu() for lt in self._losses]),
             }
