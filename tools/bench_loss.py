@@ -27,11 +27,11 @@ resident-set size (VmHWM, reset through ``/proc/self/clear_refs``) minus the res
 the call, after ``malloc_trim`` returns freed heap pages; this counts every page the call touches,
 including allocator slack, so it is an upper bound of what torch allocated.
 
-The paths are timed round-robin within each divergence kind, so that changing machine load hits
-them alike. On the CPU the chunked fused path runs its block ops on one intra-op thread (see
-``_one_intra_op_thread`` in fused.py); the others use all of torch's threads. Liger-Kernel's JSD has
-no per-entry clamp: its row is a speed comparison only. A path that runs out of memory is reported
-as such and left out of the ratios.
+The paths are timed round-robin within each divergence kind, so that changing machine load hits them
+alike, each timed call right after an untimed call of the same path. On the CPU the chunked fused
+path runs its block ops on one intra-op thread (see ``_one_intra_op_thread`` in fused.py); the
+others use all of torch's threads. Liger-Kernel's JSD has no per-entry clamp: its row is a speed
+comparison only. A path that runs out of memory is reported as such and left out of the ratios.
 
 ``--tp 2`` under ``torchrun --nproc-per-node 2``: each rank holds half the vocabulary; rank 0 first
 measures the TP=1 run alone, then all ranks run TP=2 together; prints per-rank time and memory and
@@ -219,12 +219,16 @@ def timed(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(steps: dict, device, iters: int, warmup: int, memory) -> dict:
-    """{name: (median ms, peak extra bytes), or None when the step ran out of memory}.
+def measure(steps: dict, device, iters: int, warmup: int, memory, idle: bool = False) -> dict:
+    """{name: (median ms, peak extra bytes[, median idle ms]), or None when the step ran out of memory}.
 
     At least one warm-up call each (it also finds the steps that run out of memory); then the steps
-    are timed round-robin (one call of each per round) so that a change of machine load hits every
-    path alike; memory comes from one extra call of each after the timed rounds.
+    are timed round-robin (one timed call of each per round) so that a change of machine load hits
+    every path alike. Each timed call is queued behind an untimed call of the same step, so on a GPU
+    it measures the GPU's work alone, as in a training step, where the host runs ahead of the GPU
+    and its launch work is hidden. ``idle`` (GPU): also time one call started on an idle GPU, which
+    adds the host's launch work until the GPU is kept busy. Memory comes from one extra call of each
+    after the timed rounds.
     """
     result = {name: None for name in steps}
     alive = {}
@@ -240,13 +244,19 @@ def measure(steps: dict, device, iters: int, warmup: int, memory) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     times = {name: [] for name in alive}
+    idle_times = {name: [] for name in alive}
     for _ in range(iters):
         for name, step in alive.items():
+            if idle:
+                idle_times[name].append(timed(step, device))  # timed() returns with the GPU idle
+            step()
             times[name].append(timed(step, device))
     for name, step in alive.items():
         memory.start()
         step()
         result[name] = (statistics.median(times[name]), memory.peak_extra_bytes())
+        if idle:
+            result[name] += (statistics.median(idle_times[name]),)
     return result
 
 
@@ -291,11 +301,13 @@ def make_inputs(tokens: int, vocab: int, dtype, device, seed: int = 0):
     return zs, zt, ids
 
 
-def fmt_row(name, kind, ms, mem, ref):
-    """One table row; ratios to ``ref`` = (ms, bytes) of the reference, when it ran."""
+def fmt_row(name, kind, ms, mem, *idle_ms, ref=None):
+    """One table row; ratios to ``ref`` = (ms, bytes, ...) of the reference, when it ran; the idle time
+    (``measure``) last, '-' without one."""
     x_t = f"{ref[0] / ms:8.2f}x" if ref else "        -"
     x_m = f"{mem / ref[1]:8.3f}x" if ref and ref[1] > 0 else "        -"
-    return f"{name:16s} {kind:11s} {ms:10.2f} {x_t} {mem / 2**20:12.1f} {x_m}"
+    idle = f"{idle_ms[0]:10.2f}" if idle_ms else "         -"
+    return f"{name:16s} {kind:11s} {ms:10.2f} {x_t} {mem / 2**20:12.1f} {x_m} {idle}"
 
 
 def run_single(args, device, dtype, memory):
@@ -306,12 +318,13 @@ def run_single(args, device, dtype, memory):
     shard = VocabShard(0, args.vocab, args.vocab)
     logits_mb = zs.numel() * zs.element_size() / 2**20
     print(f"one logits tensor = {logits_mb:.1f} MiB; time = median ms of forward+backward; "
-          f"x = speedup vs reference; memory = peak extra MiB, x = ratio to reference")
-    print(f"{'path':16s} {'kind':11s} {'time_ms':>10s} {'x_time':>9s} {'extra_MiB':>12s} {'x_mem':>9s}")
+          f"x = speedup vs reference; memory = peak extra MiB, x = ratio to reference; "
+          f"idle = median ms of a call started on an idle GPU (host launch work included)")
+    print(f"{'path':16s} {'kind':11s} {'time_ms':>10s} {'x_time':>9s} {'extra_MiB':>12s} {'x_mem':>9s} {'idle_ms':>10s}")
     if device.type == "cuda":
-        ms, mem = measure({"floor": floor_step(zs, zt)}, device, args.iters, args.warmup, memory)["floor"]
+        ms, mem, *_ = measure({"floor": floor_step(zs, zt)}, device, args.iters, args.warmup, memory)["floor"]
         moved = 3 * zs.numel() * zs.element_size()
-        print(fmt_row("floor", "-", ms, mem, None) + f"   ({moved / ms / 1e9:.2f} TB/s)")
+        print(fmt_row("floor", "-", ms, mem) + f"   ({moved / ms / 1e9:.2f} TB/s)")
     paths = {"reference": reference_loss, "unfused": unfused_loss, "fused": fused_loss("auto")}
     if device.type == "cuda" and args.chunked:
         paths["fused[chunked]"] = fused_loss("chunked")
@@ -326,13 +339,13 @@ def run_single(args, device, dtype, memory):
                  if kind == "jsd" or path is not liger_loss}
         if args.split:
             steps["fused(forward)"] = forward_step(paths["fused"], zs, zt, ids, cfg, shard, None)
-        results = measure(steps, device, args.iters, args.warmup, memory)
+        results = measure(steps, device, args.iters, args.warmup, memory, idle=device.type == "cuda")
         ref = results["reference"]
         for label, measured in results.items():
             if measured is None:
                 print(f"{label:16s} {kind:11s} out of memory")
             else:
-                print(fmt_row(label, kind, *measured, None if label == "reference" else ref))
+                print(fmt_row(label, kind, *measured, ref=None if label == "reference" else ref))
         if ref is not None and results["fused"] is not None:
             speedups.append(ref[0] / results["fused"][0])
             mem_ratios.append(results["fused"][1] / ref[1])
