@@ -346,7 +346,7 @@ def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
     group = forward.block_v if forward.max_group is None else forward.max_group
     kernels = [
         (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=group), forward),
-        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=8), forward),  # TritonLaunch.max_group=8
+        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=forward.block_v), forward),  # max_group None
         (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch,
                                    GROUP=group), forward),
         (fused._terms_kernel, dict(common, N_VALID=75968), forward),

@@ -60,11 +60,12 @@ Traffic in logits-sized units: 2 + 2 reads forward, 2 reads + 1 write backward (
 the bandwidth floor: read both logits once, write one gradient). Without TP the two forward sweeps
 run in one kernel per row, the second over the vocabulary blocks in reverse order, so that its first
 reads hit the blocks the first sweep read last (still in the GPU's L2 cache while they are recent).
-Measured on one H200 at 8,192 x 151,936 bf16 (README, Performance): the forward 3.2 ms for forward
-KL (its 4 units take 2.3 ms at the floor's bandwidth), forward + backward 2.9x the floor for forward
-KL and 3.8x for JSD; the kernels are bound by memory latency and by the exponentials (per entry,
-forward KL 5: statistics 2, terms 1, gradient 2; JSD 8: 2, 3 and 3 with the logarithm of m) as
-much as by bandwidth.
+Measured on one H200 at 8,192 x 151,936 bf16 (README, Performance): the forward 2.36 ms for forward
+KL (its 4 units take 2.27 ms at the floor's bandwidth), the backward 1.86 ms (3 units: 1.70 ms),
+forward + backward 2.5x the floor for forward KL and 2.6x for JSD: the kernels run at about the
+copy bandwidth for the traffic they make, and the 7 units are what is left between them and the
+floor. (Sharing each row among several programs, so that the second forward sweep re-reads only a
+recently read part of the row, was built and measured slower: the programs wait for each other.)
 
 Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path); the
 Triton kernels use the GPU's approximate exponential and log2 (ex2 / lg2.approx, errors of a few
@@ -153,8 +154,8 @@ class TritonLaunch:
 # The launches of the forward kernels and of the gradient kernel, chosen with tools/bench_loss.py
 # --triton-launch on an H200 at 8192 x 151936 bf16 (README, Performance; shapes within 5% of each
 # other there are ties): one row per program of four warps, prefetching the next block; the forward
-# over blocks of 2048, the gradient over blocks of 1024.
-TRITON_LAUNCH = TritonLaunch(block_v=2048)
+# over blocks of 2048 with a running max per thread's 8 entries, the gradient over blocks of 1024.
+TRITON_LAUNCH = TritonLaunch(block_v=2048, max_group=8)
 TRITON_GRAD_LAUNCH = TritonLaunch()
 
 
