@@ -42,6 +42,8 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--rollout-top-p", "0"], r"--rollout-top-p must be in \(0, 1\], got 0.0"),
         (["--lr", "-1"], "--lr must be >= 0, got -1.0"),
         (["--renio-norm", "median"], "--renio-norm must be one of none, batch_mean, ema, clamp"),
+        (["--renio-temperature", "0.01"],
+         r"--renio-temperature must be >= max\(--renio-clip, -\(--renio-threshold\)\) / 60 .*, got 0.01"),
         (["--loss", "mse"], "--loss must be one of forward_kl, reverse_kl, jsd, sampled_rkl"),
         (["--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size 8 is not divisible by --micro-batch-size 3"),
         (["--mode", "opd"], "--mode opd needs --teacher separate"),

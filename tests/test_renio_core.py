@@ -3,6 +3,7 @@ the independent reference in tests/reference_renio.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -270,7 +271,25 @@ INVALID = [
     (lambda: ReNIOConfig(clamp_min=0.0), "ReNIOConfig.clamp_min", "> 0"),
     (lambda: ReNIOConfig(clamp_min=2.0, clamp_max=1.0), "ReNIOConfig.clamp_max", ">= clamp_min"),
     (lambda: ReNIOConfig(threshold=float("nan")), "ReNIOConfig.threshold", "finite"),
+    (lambda: ReNIOConfig(clip=2.5, temperature=0.025), "ReNIOConfig.temperature", "max(clip, -threshold) / 60"),
+    (lambda: ReNIOConfig(threshold=-4.0, temperature=0.05), "ReNIOConfig.temperature", "stay finite"),
 ]
+
+
+def test_smallest_allowed_weight_temperature_gives_finite_weights():
+    """At the smallest temperature validate() allows, weights at the clip and at a negative threshold
+    normalise to the exact values (float32 sums neither overflow nor vanish)."""
+    for a, threshold in ((2.5, 0.8), (-3.0, -3.0)):
+        cfg = ReNIOConfig(clip=2.5, threshold=threshold, temperature=max(2.5, -threshold) / 60)
+        mask = torch.ones(4, 1, dtype=torch.bool)
+        s = torch.tensor([[a], [a], [a], [a]], dtype=torch.float32)
+        u = torch.zeros_like(s)
+        s[3] = 0.0 if a > 0 else a  # one sample below the clip (a > 0) / all at the threshold
+        raw = raw_weights(s, u, mask, cfg)
+        got = ReNIONormalizer().normalize(raw.weight, dataclasses.replace(cfg, max_weight=100.0)).weights
+        exact = torch.exp(raw.mean_log_ratio.double() / cfg.temperature)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exact / exact.mean(), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("make, field, allowed", INVALID, ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(INVALID)])

@@ -52,6 +52,9 @@ from megatron_renio.errors import UserInputError
 from megatron_renio.renio.vocab_parallel import group_size
 
 NORM_MODES = ("none", "batch_mean", "ema", "clamp")
+# Largest |a_i / gamma| allowed (a_i lies in {0} and [threshold, clip]): exp(60) = 1.1e26, so sums of
+# up to 1e12 weights stay finite in float32, and exp(-60) = 8.8e-27 stays a normal float32.
+MAX_EXPONENT = 60.0
 SCOPES = ("local", "global")
 
 
@@ -89,6 +92,9 @@ class ReNIOConfig:
                 raise bad(field, "a number > 0")
         if not (isinstance(self.threshold, (int, float)) and -float("inf") < self.threshold < float("inf")):
             raise bad("threshold", "a finite number")
+        if max(self.clip, -self.threshold) / self.temperature > MAX_EXPONENT:
+            raise bad("temperature", f"a number >= max(clip, -threshold) / {MAX_EXPONENT} (exp(a_i / temperature) "
+                                     "and its batch sums must stay finite and nonzero in float32)")
         if not (_positive(self.ema_alpha) and self.ema_alpha <= 1):
             raise bad("ema_alpha", "a number in (0, 1]")
         if not (_positive(self.clamp_max) and self.clamp_max >= self.clamp_min):
