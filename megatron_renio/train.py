@@ -168,7 +168,9 @@ def run(cfg: TrainConfig) -> dict:
     normalizer = ReNIONormalizer()
     step_runner = DistillationStep(paired, [student_ddp], settings, normalizer, true_vocab)
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
-    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed)
+    batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "
+                   f"{prompts_per_step} prompts per step" if cfg.samples_per_prompt > 1 else None)
+    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed, batch_label)
     log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0

@@ -253,6 +253,10 @@ def test_sampler_errors():
         PromptSampler(100, 10, 0, 4, seed=0)
     with pytest.raises(UserInputError, match="holds 5 prompts, fewer than --global-batch-size 8"):
         PromptSampler(5, 8, 0, 1, seed=0)
+    with pytest.raises(UserInputError, match="^--global-batch-size 16 / --samples-per-prompt 16 = 1 prompts per step "
+                                             "is not divisible by the data-parallel size 2$"):
+        PromptSampler(100, 1, 0, 2, seed=0, batch_label="--global-batch-size 16 / --samples-per-prompt 16 = 1 prompts "
+                                                        "per step")
     sampler = PromptSampler(40, 8, 0, 1, seed=0)
     with pytest.raises(UserInputError, match="saved for 41 prompts"):
         sampler.load_state_dict({"epoch": 0, "position": 8, "num_records": 41, "seed": 0})

@@ -339,6 +339,8 @@ def test_teacher_with_another_tokenizer_is_refused(workdir):
     [
         ({"--global-batch-size": 3, "--micro-batch-size": 2}, "--global-batch-size 3 is not divisible by --micro-batch-size 2"),
         ({"--tensor-model-parallel-size": 2}, "world size 1 is not divisible by --tensor-model-parallel-size 2"),
+        ({"--global-batch-size": 128, "--samples-per-prompt": 2},  # 48 prompts in the data
+         "holds 48 prompts, fewer than --global-batch-size 128 / --samples-per-prompt 2 = 64 prompts per step"),
     ],
 )
 def test_layout_errors(workdir, overrides, expected):

@@ -136,24 +136,20 @@ class PromptSampler:
     """
 
     def __init__(
-        self, num_records: int, global_batch_prompts: int, dp_rank: int, dp_size: int, seed: int
+        self, num_records: int, global_batch_prompts: int, dp_rank: int, dp_size: int, seed: int,
+        batch_label: str | None = None,
     ):
+        """``batch_label`` names ``global_batch_prompts`` in errors by the flags it comes from (default
+        ``--global-batch-size N``)."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"invalid data-parallel rank {dp_rank} of size {dp_size}")
+        label = batch_label or f"--global-batch-size {global_batch_prompts}"
         if global_batch_prompts < 1:
-            raise UserInputError(
-                f"--global-batch-size must be positive, got {global_batch_prompts}"
-            )
+            raise UserInputError(f"{label} must be positive")
         if global_batch_prompts % dp_size != 0:
-            raise UserInputError(
-                f"--global-batch-size {global_batch_prompts} is not divisible by the "
-                f"data-parallel size {dp_size}"
-            )
+            raise UserInputError(f"{label} is not divisible by the data-parallel size {dp_size}")
         if num_records < global_batch_prompts:
-            raise UserInputError(
-                f"the prompt data holds {num_records} prompts, fewer than "
-                f"--global-batch-size {global_batch_prompts}"
-            )
+            raise UserInputError(f"the prompt data holds {num_records} prompts, fewer than {label}")
         self.num_records = num_records
         self.global_batch_prompts = global_batch_prompts
         self.dp_rank = dp_rank
