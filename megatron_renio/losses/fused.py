@@ -429,6 +429,7 @@ if triton is not None:
     _LN2 = tl.constexpr(0.6931471805599453)
     _LOG2E = tl.constexpr(1.4426950408889634)
     _EXACT_LOG2 = tl.constexpr(libdevice is None or os.environ.get("TRITON_INTERPRET") == "1")
+    _MAX_SPINS = tl.constexpr(1 << 24)  # polls of a waiting row part (_share_stats), each an L2 round trip
 
     @triton.jit
     def _log2(x):
@@ -622,7 +623,9 @@ if triton is not None:
 
         Each part stores its five values at (row, part) of stats [5, n_rows, SPLIT], counts itself in
         count[row] (release: its stores are visible first) and waits until all SPLIT have (acquire);
-        every part then reads the same values in the same order, so all agree on the result.
+        every part then reads the same values in the same order, so all agree on the result. A wait
+        longer than _MAX_SPINS polls (seconds) gives up and sets count[n_rows + 1], which the caller
+        turns into an error instead of a hung GPU.
         """
         size = n_rows * SPLIT
         mine = stats_ptr + row * SPLIT + part
@@ -633,8 +636,12 @@ if triton is not None:
         tl.store(mine + 4 * size, bad)
         tl.debug_barrier()  # every thread's stores precede the release
         arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel") + 1
-        while arrived < SPLIT:
+        spins = 0
+        while (arrived < SPLIT) & (spins < _MAX_SPINS):
             arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
+            spins += 1
+        if arrived < SPLIT:
+            tl.atomic_xchg(count_ptr + n_rows + 1, 1)
         tl.debug_barrier()
         parts = stats_ptr + row * SPLIT + tl.arange(0, SPLIT)
         lse_s = _combine_sum_exp(tl.load(parts, volatile=True), tl.load(parts + size, volatile=True))
@@ -871,9 +878,12 @@ def _triton_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
         out = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
         parts = zs.new_zeros((2, n_b, n_t, split), dtype=torch.float32)
         stats = zs.new_empty((5, rows, split), dtype=torch.float32) if split > 1 else out  # out: unused
-        count = torch.zeros(rows + 1 if split > 1 else 1, dtype=torch.int32, device=zs.device)  # arrivals, ticket
-        _forward_kernel[grid](*addressing, col, out, parts, stats, count, rows, n_t, scale, beta, clip2,
+        count = torch.zeros(rows + 2 if split > 1 else 1, dtype=torch.int32, device=zs.device)  # arrivals, ticket,
+        _forward_kernel[grid](*addressing, col, out, parts, stats, count, rows, n_t, scale, beta, clip2,  # timeout
                               N_VALID=plan.n_valid, GROUP=group, SPLIT=split, **opts)
+        if split > 1 and count[-1].item():  # a host sync, on this opt-in path only
+            raise RuntimeError(f"fused_token_terms: the row parts of TritonLaunch.split={split} waited too long "
+                               "for each other (too few programs ran at once); use split=1")
         d_sum, h_sum = parts.sum(-1)
         return out[0], out[1], d_sum, h_sum, out[2], out[3], out[4].any()
     stats = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
