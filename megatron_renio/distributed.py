@@ -148,6 +148,10 @@ def select_backend(local_rank: int = 0) -> tuple[str, torch.device]:
     """NCCL on this process's GPU when CUDA is available; otherwise gloo with the CPU backend
     activated. The CPU backend is never activated when CUDA is available."""
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserInputError(f"LOCAL_RANK {local_rank} has no GPU: this machine has {torch.cuda.device_count()} "
+                                 "(start at most that many processes per node, or hide the GPUs with "
+                                 "CUDA_VISIBLE_DEVICES= to run on the CPU)")
         torch.cuda.set_device(local_rank)
         return "nccl", torch.device("cuda", local_rank)
     cpu_backend.activate()
@@ -173,15 +177,15 @@ def initialize(
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     dp_size = parallel.data_parallel_size(world_size)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world_size > 1 and missing and not torch.distributed.is_initialized():  # before the CPU backend's patches
+        raise UserInputError(f"WORLD_SIZE={world_size} without {' and '.join(missing)}: launch with torchrun")
 
     backend, device = select_backend(local_rank)
 
     if not torch.distributed.is_initialized():
-        init_method = None  # torchrun's environment
-        if "MASTER_ADDR" not in os.environ:  # a plain single-process run: a private port, env untouched
-            if world_size != 1:
-                raise UserInputError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # One process gets a private rendezvous, whatever MASTER_ADDR the shell exports; else torchrun's.
+        init_method = f"tcp://127.0.0.1:{_free_port()}" if world_size == 1 else None
         torch.distributed.init_process_group(
             backend=backend, init_method=init_method, rank=rank, world_size=world_size,
             timeout=timedelta(minutes=timeout_minutes),
@@ -194,7 +198,7 @@ def initialize(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=None,
-        distributed_timeout_minutes=int(max(1, timeout_minutes)),
+        distributed_timeout_minutes=timeout_minutes,  # a timedelta in Megatron: fractions count
     )
     set_seeds(seed)
     return DistributedContext(

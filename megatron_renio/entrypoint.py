@@ -14,15 +14,28 @@ _TRUE = ("1", "true", "yes", "on")
 
 
 def debug_requested(argv: list[str]) -> bool:
-    """Whether ``argv`` asks for ``--debug``: the flag alone (or before another flag), or with a true
-    value, ``--debug=VALUE`` or ``--debug VALUE`` (1, true, yes, on), as the flag's parser reads it."""
+    """Whether ``argv`` asks for ``--debug``, as the flag's parser reads it: its last occurrence
+    decides, the flag alone (or before another flag) or with a true value, ``--debug=VALUE`` or
+    ``--debug VALUE`` (1, true, yes, on). Used before parsing, so that a parse error shows its
+    traceback too."""
+    requested = False
     for i, arg in enumerate(argv):
         if arg == "--debug":
             following = argv[i + 1] if i + 1 < len(argv) else None
-            return following is None or following.startswith("-") or following.lower() in _TRUE
-        if arg.startswith("--debug="):
-            return arg.split("=", 1)[1].lower() in _TRUE
-    return False
+            requested = following is None or following.startswith("-") or following.lower() in _TRUE
+        elif arg.startswith("--debug="):
+            requested = arg.split("=", 1)[1].lower() in _TRUE
+    return requested
+
+
+def _parsed_debug(parsed, requested: bool) -> bool:
+    """The parsed ``debug`` (a config file may set it), else ``requested``: commands keep it on their
+    config or on its ``train`` part."""
+    for holder in (parsed, getattr(parsed, "train", None)):
+        value = getattr(holder, "debug", None)
+        if isinstance(value, bool):
+            return value
+    return requested
 
 
 def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
@@ -35,10 +48,12 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
-    if not debug:
-        warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
     try:
-        run(parse(argv))
+        parsed = parse(argv)
+        debug = _parsed_debug(parsed, debug)
+        if not debug:
+            warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
+        run(parsed)
     except UserInputError as e:
         rank = os.environ.get("RANK", "0")
         print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
@@ -52,4 +67,8 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
             from megatron_renio import distributed
 
             distributed.destroy()
+        else:  # a failed start may have patched torch for the CPU without a process group
+            from megatron_renio import cpu_backend
+
+            cpu_backend.deactivate()
     return 0

@@ -30,7 +30,8 @@ data, the models, every run's metrics / samples / checkpoints and one log per la
 ``logs/``. A table is printed at the end. ``--out`` must be empty, absent, or the output of an
 earlier quickstart (which is then replaced). Sizes: :data:`FULL` (under 15 minutes on 2 cores)
 and :data:`QUICK` (``--quick``, under 3 minutes, a smoke test whose numbers mean little).
-Everything is seeded: on the same machine the same seed gives the same numbers.
+Everything is seeded: on the same machine the same seed gives the same numbers. It runs on the CPU
+also where GPUs are present (it hides them with ``CUDA_VISIBLE_DEVICES=``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from megatron_renio.data.arithmetic_task import Difficulty
 from megatron_renio.errors import UserInputError
 
 MARKER = ".megatron_renio_quickstart"
+# torchrun's variables, which the quickstart sets for its own launches only.
+_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ class Launcher:
         from megatron_renio.distributed import _free_port
 
         log_path = self.logs / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
         env["OMP_NUM_THREADS"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
@@ -515,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A CPU run wherever it starts: no GPU (its launches would take one per process), and the
+    # evaluation in this process is a world of one whatever launcher variables the shell exports.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    for name in _LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
     try:
         if args.tp > args.nproc:
             raise UserInputError(f"--tp {args.tp} needs --nproc {args.tp} (got --nproc {args.nproc})")

@@ -130,6 +130,7 @@ def test_load_alone_is_no_student_model():
 @pytest.mark.parametrize("argv, debug", [
     (["--lr", "1", "--debug"], True), (["--debug", "--lr", "1"], True), (["--debug=true"], True),
     (["--debug", "yes"], True), (["--debug=false"], False), (["--debug", "0"], False), (["--lr", "1"], False),
+    (["--debug", "--debug=false"], False), (["--debug=false", "--debug"], True), (["--debug", "0", "--debug"], True),
 ])
 def test_debug_flag_is_read_as_its_parser_reads_it(argv, debug):
     """--debug=true and --debug yes show the traceback too, --debug=false does not (was: the exact word)."""
@@ -145,3 +146,18 @@ def test_debug_flag_is_read_as_its_parser_reads_it(argv, debug):
             run_command(parse, print, argv)
     else:
         assert run_command(parse, print, argv) == 2
+
+
+def test_debug_from_a_config_file_shows_the_traceback(tmp_path):
+    """debug: true in --config counts once the flags parse (the command line alone does not say it)."""
+    from megatron_renio.entrypoint import run_command
+
+    config = tmp_path / "c.yaml"
+    config.write_text("debug: true\n")
+
+    def run(_cfg):
+        raise UserInputError("bad data")
+
+    with pytest.raises(UserInputError, match="bad data"):
+        run_command(parse_train_args, run, BASE + ["--config", str(config)])
+    assert run_command(parse_train_args, run, BASE) == 2

@@ -1,4 +1,8 @@
-"""Distributed start-up: layout validation and cross-rank config agreement."""
+"""Distributed start-up: layout validation, the rendezvous of a single process, cross-rank config agreement."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +60,51 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
         assert r["disagree"].startswith("ranks disagree on the configuration: rank 1 differs from rank 0")
         assert "\n" not in r["disagree"]
         assert r["dp_size"] == 2 and r["device"] == "cpu"
+
+
+def _start(env: dict, code: str) -> subprocess.CompletedProcess:
+    """``code`` after ``from megatron_renio import ...`` in a fresh interpreter with ``env`` added."""
+    prefix = "from megatron_renio import cpu_backend, distributed, entrypoint\nimport torch\n"
+    return subprocess.run([sys.executable, "-c", prefix + code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
+
+
+def test_one_process_ignores_launcher_variables_of_the_shell():
+    """A world of one rendezvouses on a private port even when the shell exports MASTER_ADDR (some
+    clusters do) without MASTER_PORT; before, that was a traceback."""
+    out = _start({"MASTER_ADDR": "10.255.255.1", "WORLD_SIZE": "1"},
+                 "ctx = distributed.initialize(distributed.ParallelConfig(), seed=0)\n"
+                 "print('ok', ctx.world_size)\ndistributed.destroy()\n")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["ok", "1"]
+
+
+def test_several_processes_without_a_rendezvous_are_one_line_and_leave_torch_unpatched():
+    out = _start({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+                 "code = entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
+                 "distributed.ParallelConfig()), [])\n"
+                 "print('exit', code, cpu_backend.is_active(), torch.distributed.is_initialized())\n")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.strip() == "error: WORLD_SIZE=2 without MASTER_PORT: launch with torchrun"
+    assert out.stdout.split()[-4:] == ["exit", "2", "False", "False"]
+
+
+def test_fractional_timeouts_reach_megatron_groups(monkeypatch):
+    """--distributed-timeout-minutes 1.5 bounds the TP / PP / DP groups by 1.5 minutes (was rounded to 1)."""
+    from megatron.core import parallel_state
+
+    from megatron_renio import distributed
+
+    seen = {}
+    original = parallel_state.initialize_model_parallel
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", spy)
+    try:
+        distributed.initialize(ParallelConfig(), seed=0, timeout_minutes=1.5)
+    finally:
+        distributed.destroy()
+    assert seen["distributed_timeout_minutes"] == 1.5

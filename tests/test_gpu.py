@@ -33,6 +33,21 @@ def test_cpu_backend_stays_off_and_nccl_is_used():
     assert out.stdout.split()[-3:] == ["nccl", "cuda", "False"]
 
 
+def test_a_local_rank_without_a_gpu_is_one_line():
+    """LOCAL_RANK beyond the visible GPUs (more processes per node than GPUs) is a one-line error, not
+    CUDA's 'invalid device ordinal' traceback."""
+    code = (
+        "from megatron_renio import distributed, entrypoint\n"
+        "raise SystemExit(entrypoint.run_command(lambda argv: None, "
+        "lambda _: distributed.initialize(distributed.ParallelConfig()), []))\n"
+    )
+    env = dict(os.environ, LOCAL_RANK=str(torch.cuda.device_count()))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().startswith(f"error: LOCAL_RANK {torch.cuda.device_count()} has no GPU")
+
+
 def test_gpu_rollout_kv_cache_equals_recompute():
     from megatron_renio import distributed
     from megatron_renio.distributed import ParallelConfig

@@ -17,7 +17,8 @@ from tests.torchrun_harness import REPO_ROOT
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "out"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               MASTER_ADDR="10.255.255.1", WORLD_SIZE="2")  # a shell's launcher variables change nothing
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_renio.cli", "quickstart", "--quick", "--out", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
