@@ -184,11 +184,12 @@ def initialize(
     backend, device = select_backend(local_rank)
 
     if not torch.distributed.is_initialized():
-        # One process gets a private rendezvous, whatever MASTER_ADDR the shell exports; else torchrun's.
-        init_method = f"tcp://127.0.0.1:{_free_port()}" if world_size == 1 else None
+        # One process needs no rendezvous: an in-process store, whatever MASTER_ADDR the shell exports
+        # and whether or not torchrun started it (its workers only connect to the agent's store).
+        rendezvous = dict(store=torch.distributed.HashStore()) if world_size == 1 else {}
         torch.distributed.init_process_group(
-            backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-            timeout=timedelta(minutes=timeout_minutes),
+            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes),
+            **rendezvous,
         )
     if config_fingerprint is not None:
         _check_ranks_agree(config_fingerprint)

@@ -79,6 +79,19 @@ def test_one_process_ignores_launcher_variables_of_the_shell():
     assert out.stdout.split()[-2:] == ["ok", "1"]
 
 
+def test_one_process_under_torchrun(tmp_path):
+    """torchrun --nproc-per-node 1 (its worker may only connect to the agent's store): starts at once."""
+    script = tmp_path / "one.py"
+    script.write_text("from megatron_renio import distributed\n"
+                      "ctx = distributed.initialize(distributed.ParallelConfig(), seed=0, timeout_minutes=0.5)\n"
+                      "print('ok', ctx.world_size, ctx.dp_size)\ndistributed.destroy()\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", str(script)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["ok", "1", "1"]
+
+
 def test_several_processes_without_a_rendezvous_are_one_line_and_leave_torch_unpatched():
     out = _start({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"},
                  "code = entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
