@@ -235,6 +235,29 @@ def test_backward_twice_recomputes_the_same_gradient():
     assert torch.equal(leaf.grad, first)
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton)")
+def test_backward_uses_the_gradient_launch_in_effect_at_the_forward(monkeypatch):
+    """A launch set around the forward (tools/bench_loss.py --triton-launch F/G) also shapes its backward,
+    which runs after the caller has put the defaults back. The kernels are stubbed: this checks the launch."""
+    launches = []
+
+    def forward_stub(zs, zt, cells, col, plan, tp_group):
+        zeros = torch.zeros(cells.shape)
+        return zeros, zeros, zeros, zeros, zeros, zeros, torch.zeros((), dtype=torch.bool)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets impl='triton' take CPU tensors
+    monkeypatch.setattr(fused, "_triton_forward", forward_stub)
+    monkeypatch.setattr(fused, "_triton_grad", lambda *args: launches.append(args[-1]))
+    student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=10)
+    leaf = student.requires_grad_()
+    chosen = fused.TritonLaunch(None, 2, 64)
+    monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", chosen)
+    loss = fused_token_terms(leaf, teacher, tokens, config(CASES[0]), VocabShard(0, 32, 30), impl="triton")
+    monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", fused.TritonLaunch())
+    loss.divergence.sum().backward()
+    assert launches == [chosen]
+
+
 def test_bad_arguments_raise_user_input_error(monkeypatch):
     student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=11)
     cfg, shard = config(CASES[0]), VocabShard(0, 32, 32)

@@ -246,6 +246,8 @@ def measure(steps: dict, device, iters: int, warmup: int, memory, idle: bool = F
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the first idle call starts on an idle GPU too
     times = {name: [] for name in alive}
     idle_times = {name: [] for name in alive}
     for _ in range(iters):
