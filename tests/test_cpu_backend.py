@@ -23,6 +23,7 @@ def test_never_activates_when_cuda_is_available():
         """
         import torch
         torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: 1
         torch.cuda.set_device = lambda device: None
         from megatron_renio import cpu_backend, distributed
         try:

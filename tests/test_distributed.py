@@ -121,3 +121,15 @@ def test_fractional_timeouts_reach_megatron_groups(monkeypatch):
     finally:
         distributed.destroy()
     assert seen["distributed_timeout_minutes"] == 1.5
+
+
+def test_a_local_rank_beyond_the_gpus_is_one_line(monkeypatch):
+    """More processes per node than GPUs: one line naming LOCAL_RANK (was CUDA's invalid-ordinal traceback)."""
+    import torch
+
+    from megatron_renio import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserInputError, match="^LOCAL_RANK 1 has no GPU: this machine has 1 "):
+        distributed.select_backend(1)
