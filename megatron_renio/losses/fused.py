@@ -425,9 +425,11 @@ if triton is not None:
     # log2 q_v = A_v - LSE2_S. Elements d are formed in bits (d / ln 2, clamped at k / ln 2) and their
     # sum converted once; h, H and every stored statistic are in natural units. N_VALID (real columns
     # of the shard) is a compile-time constant, one compilation per shard width: each sweep runs its
-    # full blocks unmasked and masks only the tail, and for-loops get the constant bounds that
-    # triton 3.6's interpreter needs with numpy >= 2.4 (runtime bounds only in while loops). Every
-    # kernel walks rows pid, pid + GRID, ... (TritonLaunch). Row outputs are fp32 arrays [k, rows].
+    # full blocks unmasked and masks only the tail (or, split, its one remaining block), and
+    # for-loops get the constant trip counts that triton 3.6's interpreter needs with numpy >= 2.4
+    # (runtime bounds only in while loops). Every kernel walks rows pid, pid + GRID, ...
+    # (TritonLaunch), except a split forward, whose programs take one row part each by ticket. Row
+    # outputs are fp32 arrays [k, rows] ([k, rows, split] for a split forward's partial sums).
     _LN2 = tl.constexpr(0.6931471805599453)
     _LOG2E = tl.constexpr(1.4426950408889634)
     _EXACT_LOG2 = tl.constexpr(libdevice is None or os.environ.get("TRITON_INTERPRET") == "1")
