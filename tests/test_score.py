@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from megatron_renio.errors import UserInputError
 from megatron_renio.eval import score
 from tests import reference_renio as ref
 from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
@@ -220,7 +221,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "--renio-norm must be one of": [*models, *data("good"), "--renio-norm", "median"],
         "--micro-batch-size must be an integer >= 1": [*models, *data("good"), "--micro-batch-size", "0"],
         "no such file": [*models, "--data", str(tmp_path / "missing.jsonl")],
-        "bad_json.jsonl:2: malformed JSON": [*models, *data("bad_json")],
+        "bad_json.jsonl line 2: malformed JSON": [*models, *data("bad_json")],
         "missing field 'completion' or 'completion_ids'": [*models, *data("no_completion")],
         f"outside the vocabulary [0, {VOCAB})": [*models, *data("out_of_vocab")],
         "'completion_ids' must be a list of integers": [*models, *data("not_ints")],
@@ -264,3 +265,21 @@ def test_a_text_prompt_that_starts_with_bos_gets_no_second_one():
     assert score._ids({"prompt": "<s>ab"}, "prompt", "w", tok, 64) == [1, 2 + ord("a") % 20, 2 + ord("b") % 20]
     assert score._ids({"prompt": "ab"}, "prompt", "w", tok, 64) == [1, 2 + ord("a") % 20, 2 + ord("b") % 20]
     assert score._ids({"completion": "ab"}, "completion", "w", tok, 64) == [2 + ord("a") % 20, 2 + ord("b") % 20]
+
+
+def test_data_rows_read_alike_from_jsonl_gzip_and_a_json_array(tmp_path):
+    """--data takes the formats of the project's other readers (megatron_renio.data.records)."""
+    import gzip
+
+    rows = [{"prompt_ids": [1, 7], "completion_ids": [8, 9], "grade": 1}, {"prompt_ids": [2], "completion_ids": [3]}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "a.jsonl").write_text(text)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(text)
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    read = [score.read_rows(str(tmp_path / name), None, VOCAB, 32) for name in ("a.jsonl", "a.jsonl.gz", "a.json")]
+    assert read[0] == read[1] == read[2]
+    assert [(r.student_prompt, r.completion, r.extra) for r in read[0]] == [([1, 7], [8, 9], {"grade": 1}),
+                                                                          ([2], [3], {})]
+    with pytest.raises(UserInputError, match="a.txt: unknown format"):
+        score.parse_args(["--student-load", "s", "--teacher-load", "t", "--data", str(tmp_path / "a.txt")])

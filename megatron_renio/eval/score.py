@@ -3,7 +3,8 @@
     [torchrun --nproc-per-node N] python -m megatron_renio.eval.score --student-load S --teacher-load T
         --data rows.jsonl [--out scores.jsonl] [--per-token] [--tokenizer PATH] [training flags]
 
-Input: a JSONL file, one object per line (blank lines skipped). Each row holds a student prompt, an
+Input: JSONL (one object per line, blank lines skipped; also gzip-compressed), a JSON array of
+objects, or parquet (:mod:`megatron_renio.data.records`). Each row holds a student prompt, an
 optional teacher prompt (OPSD's privileged prompt; the student's when absent) and a completion, each
 as text (``prompt``, ``teacher_prompt``, ``completion``) or as token ids (``prompt_ids``,
 ``teacher_prompt_ids``, ``completion_ids``; ids win when both are given). Text needs a tokenizer
@@ -33,7 +34,7 @@ student / teacher log-probs of completion token t at ``--kd-temperature`` and r_
 
 Output: JSONL, one row per input row in the same order: the input row's fields (except the token-id
 lists) followed by the fields above, so ``megatron-renio analyze`` reads it directly when the input
-carried grades. Default ``--out``: the input file name with ``.scores.jsonl``.
+carried grades. Default ``--out``: the input file name with ``.scores.jsonl`` for its extension.
 
 Flags: besides ``--data``, ``--out`` and ``--per-token``, score takes these training flags, with
 their training meaning, defaults and validation: ``--student-load``, ``--teacher-load`` (both
@@ -53,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from megatron_renio.config import TrainConfig, _OneLineErrorParser
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
+from megatron_renio.data import records
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
 from megatron_renio.distributed import log0
@@ -73,6 +74,7 @@ TRAINING_FLAGS = (
     "renio_clip", "renio_threshold", "renio_temperature", "renio_norm", "renio_max_weight",
 )
 FIELDS = ("prompt", "teacher_prompt", "completion")  # text fields; each has an ``<name>_ids`` twin
+DATA_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
 @dataclass
@@ -117,9 +119,12 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     train = TrainConfig(**values, mode="opd", teacher="separate", renio=True, data_path=[own.data],
                         max_new_tokens=1, global_batch_size=micro_batch_size)
     validate_train_config(train)
+    if not own.data.endswith(DATA_EXTENSIONS):
+        raise UserInputError(f"--data {own.data}: unknown format (expected one of {', '.join(DATA_EXTENSIONS)})")
     if not os.path.isfile(own.data):
         raise UserInputError(f"--data {own.data}: no such file")
-    out = own.out or (own.data.removesuffix(".jsonl") + ".scores.jsonl")
+    stem = own.data[: -len(next(ext for ext in sorted(DATA_EXTENSIONS, key=len, reverse=True) if own.data.endswith(ext)))]
+    out = own.out or stem + ".scores.jsonl"
     check_output_file(out, "--out")
     if os.path.abspath(out) == os.path.abspath(own.data):
         raise UserInputError(f"--out {out} is the --data file")
@@ -130,7 +135,6 @@ def parse_args(argv: list[str]) -> ScoreArgs:
 class Row:
     """One input row, tokenised; ``extra`` holds the fields copied to the output."""
 
-    source: str
     student_prompt: list[int]
     teacher_prompt: list[int]
     completion: list[int]
@@ -171,26 +175,12 @@ def _ids(record: dict, name: str, where: str, tokenizer, vocab_size: int) -> lis
 
 
 def read_rows(path: str, tokenizer, vocab_size: int, seq_length: int) -> list[Row]:
-    """Read and tokenise the ``--data`` rows; :class:`UserInputError` names the line and field."""
+    """Read and tokenise the ``--data`` rows (:func:`megatron_renio.data.records.read_rows`);
+    :class:`UserInputError` names the line and field."""
     rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = list(enumerate(f, 1))
-    except UnicodeDecodeError:
-        raise UserInputError(f"--data {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise UserInputError(f"--data {path}: cannot read ({e.strerror})") from None
-    for lineno, line in lines:
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserInputError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise UserInputError(f"{where}: expected a JSON object")
-        student, teacher, completion = (_ids(record, name, where, tokenizer, vocab_size) for name in FIELDS)
+    for record in records.read_rows(path, DATA_EXTENSIONS):
+        where, fields = record.where, record.fields
+        student, teacher, completion = (_ids(fields, name, where, tokenizer, vocab_size) for name in FIELDS)
         for name, ids in (("prompt", student), ("completion", completion)):
             if ids is None:
                 raise UserInputError(f"{where}: missing field '{name}' or '{name}_ids'")
@@ -203,8 +193,8 @@ def read_rows(path: str, tokenizer, vocab_size: int, seq_length: int) -> list[Ro
                     f"{where}: field '{name}' has {len(ids)} tokens, which leaves no room for the completion "
                     f"in --seq-length {seq_length}"
                 )
-        extra = {k: v for k, v in record.items() if k not in {f"{name}_ids" for name in FIELDS}}
-        rows.append(Row(where, student, teacher, completion, extra))
+        extra = {k: v for k, v in fields.items() if k not in {f"{name}_ids" for name in FIELDS}}
+        rows.append(Row(student, teacher, completion, extra))
     if not rows:
         raise UserInputError(f"--data {path}: no rows")
     return rows
