@@ -276,9 +276,10 @@ def validate(c: TrainConfig) -> None:
     _check(c.loss_impl in ("auto", "fused", "unfused"), "--loss-impl", "one of auto, fused, unfused", c.loss_impl)
     _check(c.renio_clip > 0, "--renio-clip", "> 0", c.renio_clip)
     _check(c.renio_temperature > 0, "--renio-temperature", "> 0", c.renio_temperature)
-    from megatron_renio.renio.weights import MAX_EXPONENT  # here: this module imports no torch
+    from megatron_renio.renio.weights import MAX_EXPONENT, weight_exponent_bound  # here: this module imports no torch
 
-    _check(max(c.renio_clip, -c.renio_threshold) / c.renio_temperature <= MAX_EXPONENT, "--renio-temperature",
+    _check(weight_exponent_bound(c.renio_clip, c.renio_threshold, c.renio_temperature) <= MAX_EXPONENT,
+           "--renio-temperature",
            f">= max(--renio-clip, -(--renio-threshold)) / {MAX_EXPONENT:g} (the weights exp(a / temperature) must "
            "stay finite in float32)", c.renio_temperature)
     _check(c.renio_norm in RENIO_NORMS, "--renio-norm", f"one of {', '.join(RENIO_NORMS)}", c.renio_norm)

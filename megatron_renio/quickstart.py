@@ -53,7 +53,7 @@ from megatron_renio.data.arithmetic_task import Difficulty
 from megatron_renio.errors import UserInputError
 
 MARKER = ".megatron_renio_quickstart"
-# torchrun's variables, which the quickstart sets for its own launches only.
+# torchrun's variables: the quickstart drops the shell's (``run``); torchrun sets them for its launches.
 _LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -150,7 +150,7 @@ class Launcher:
         from megatron_renio.distributed import _free_port
 
         log_path = self.logs / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+        env = dict(os.environ)  # without the shell's launcher variables (``run``)
         env["OMP_NUM_THREADS"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
@@ -364,6 +364,11 @@ def _weight_summary(samples: list[dict]) -> dict:
 
 def run(out: Path, plan: Plan, *, seed: int, tp: int, nproc: int, quick: bool) -> dict:
     """Run every stage (module docstring); returns the summary also written to ``summary.json``."""
+    # A CPU run wherever it starts: no GPU (its launches would take one per process), and this
+    # process and its launches see only the launcher variables they set themselves.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    for name in _LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
     from tqdm import tqdm
 
     from megatron_renio.data.arithmetic_task import make_splits, write_jsonl
@@ -518,11 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # A CPU run wherever it starts: no GPU (its launches would take one per process), and the
-    # evaluation in this process is a world of one whatever launcher variables the shell exports.
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    for name in _LAUNCHER_VARIABLES:
-        os.environ.pop(name, None)
     try:
         if args.tp > args.nproc:
             raise UserInputError(f"--tp {args.tp} needs --nproc {args.tp} (got --nproc {args.nproc})")

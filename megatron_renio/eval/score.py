@@ -123,7 +123,7 @@ def parse_args(argv: list[str]) -> ScoreArgs:
         raise UserInputError(f"--data {own.data}: unknown format (expected one of {', '.join(DATA_EXTENSIONS)})")
     if not os.path.isfile(own.data):
         raise UserInputError(f"--data {own.data}: no such file")
-    stem = own.data[: -len(next(ext for ext in sorted(DATA_EXTENSIONS, key=len, reverse=True) if own.data.endswith(ext)))]
+    stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its DATA_EXTENSIONS entry
     out = own.out or stem + ".scores.jsonl"
     check_output_file(out, "--out")
     if os.path.abspath(out) == os.path.abspath(own.data):

@@ -882,8 +882,9 @@ def _triton_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
         out = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
         parts = zs.new_zeros((2, n_b, n_t, split), dtype=torch.float32)
         stats = zs.new_empty((5, rows, split), dtype=torch.float32) if split > 1 else out  # out: unused
-        count = torch.zeros(rows + 2 if split > 1 else 1, dtype=torch.int32, device=zs.device)  # arrivals, ticket,
-        _forward_kernel[grid](*addressing, col, out, parts, stats, count, rows, n_t, scale, beta, clip2,  # gave up
+        # split: per-row arrivals, then the ticket counter and the gave-up flag (``_forward_kernel``)
+        count = torch.zeros(rows + 2 if split > 1 else 1, dtype=torch.int32, device=zs.device)
+        _forward_kernel[grid](*addressing, col, out, parts, stats, count, rows, n_t, scale, beta, clip2,
                               N_VALID=plan.n_valid, GROUP=group, SPLIT=split, **opts)
         d_sum, h_sum = parts.sum(-1)
         bad = out[4].any() if split == 1 else out[4].any() | (count[-1] != 0)  # no host sync

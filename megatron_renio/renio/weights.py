@@ -55,6 +55,11 @@ NORM_MODES = ("none", "batch_mean", "ema", "clamp")
 # Largest |a_i / gamma| allowed (a_i lies in {0} and [threshold, clip]): exp(60) = 1.1e26, so sums of
 # up to 1e12 weights stay finite in float32, and exp(-60) = 8.8e-27 stays a normal float32.
 MAX_EXPONENT = 60.0
+
+
+def weight_exponent_bound(clip: float, threshold: float, temperature: float) -> float:
+    """The largest |a_i / gamma| a configuration allows; at most :data:`MAX_EXPONENT` is accepted."""
+    return max(clip, -threshold) / temperature
 SCOPES = ("local", "global")
 
 
@@ -92,7 +97,7 @@ class ReNIOConfig:
                 raise bad(field, "a number > 0")
         if not (isinstance(self.threshold, (int, float)) and -float("inf") < self.threshold < float("inf")):
             raise bad("threshold", "a finite number")
-        if max(self.clip, -self.threshold) / self.temperature > MAX_EXPONENT:
+        if weight_exponent_bound(self.clip, self.threshold, self.temperature) > MAX_EXPONENT:
             raise bad("temperature", f"a number >= max(clip, -threshold) / {MAX_EXPONENT} (exp(a_i / temperature) "
                                      "and its batch sums must stay finite and nonzero in float32)")
         if not (_positive(self.ema_alpha) and self.ema_alpha <= 1):
