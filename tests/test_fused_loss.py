@@ -323,6 +323,22 @@ def test_triton_kernels_in_interpreter(tp2, case, tp):
         assert_rows_in_place(rank["rows", "triton"][case, tp])
 
 
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
+def test_triton_split_rows_in_interpreter(tp2, case):
+    """TritonLaunch.split on the CPU (fused_loss_worker.split_results): a part that gives up waiting sets
+    the non-finite flag; with every part's statistics in place, the row parts give the chunked numbers."""
+    if not tp2[0]["triton_checked"]:
+        pytest.skip("triton is not installed: the Triton kernels were not run (pip install triton to check "
+                    "them on the CPU with TRITON_INTERPRET=1)")
+    for rank in tp2:
+        runs = rank["triton_split"][case]
+        assert runs["gave_up"] == [True, True, True]
+        runs["fused"]["nonfinite"] = False  # the give-up flag, checked above
+        assert_same(runs["fused"], runs["chunked"])
+        runs["rows"]["fused"]["nonfinite"] = False
+        assert_rows_in_place(runs["rows"])
+
+
 def test_triton_nonfinite_flag_in_interpreter(tp2):
     if not tp2[0]["triton_checked"]:
         pytest.skip("triton is not installed: the Triton kernels were not run (pip install triton to check "

@@ -860,6 +860,25 @@ def _strides(z):
     return z, z.stride(0), z.stride(1)
 
 
+def _programs_per_row(device: torch.device) -> int:
+    """``TRITON_LAUNCH.split`` on a GPU that runs that many programs at once (one line otherwise); 1 in
+    the CPU interpreter, which runs programs one after another (a part would wait for ever)."""
+    split = TRITON_LAUNCH.split if device.type == "cuda" else 1
+    if split > 1:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if split > sms:  # progress needs `split` programs running at once (``_forward_kernel``)
+            raise UserInputError(f"fused_token_terms: TritonLaunch.split={split} exceeds the {sms} "
+                                 "multiprocessors of this GPU")
+    return split
+
+
+def _split_workspace(rows: int, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stats [5, rows, split] fp32, count [rows + 2] int32 zeros) of a split forward: each part's sweep-1
+    statistics, then per-row arrivals, the ticket counter and the gave-up flag (``_forward_kernel``)."""
+    stats = torch.empty((5, rows, split), dtype=torch.float32, device=device)
+    return stats, torch.zeros(rows + 2, dtype=torch.int32, device=device)
+
+
 def _triton_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
     """Sweeps 1 and 2 with the Triton kernels; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
 
@@ -872,18 +891,12 @@ def _triton_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
     scale, beta, clip2 = _kernel_scalars(plan)
     addressing = (*_strides(zs), *_strides(zt), *cells.kernel_positions(zs.device))
     if group_size(tp_group) == 1:
-        split = TRITON_LAUNCH.split if zs.is_cuda else 1  # the interpreter runs programs one after another
+        split = _programs_per_row(zs.device)
         if split > 1:
-            sms = torch.cuda.get_device_properties(zs.device).multi_processor_count
-            if split > sms:  # progress needs `split` programs running at once (``_forward_kernel``)
-                raise UserInputError(f"fused_token_terms: TritonLaunch.split={split} exceeds the {sms} "
-                                     "multiprocessors of this GPU")
             grid = (rows * split,)  # one program per ticket
         out = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
         parts = zs.new_zeros((2, n_b, n_t, split), dtype=torch.float32)
-        stats = zs.new_empty((5, rows, split), dtype=torch.float32) if split > 1 else out  # out: unused
-        # split: per-row arrivals, then the ticket counter and the gave-up flag (``_forward_kernel``)
-        count = torch.zeros(rows + 2 if split > 1 else 1, dtype=torch.int32, device=zs.device)
+        stats, count = _split_workspace(rows, split, zs.device) if split > 1 else (out, out)  # unused at split 1
         _forward_kernel[grid](*addressing, col, out, parts, stats, count, rows, n_t, scale, beta, clip2,
                               N_VALID=plan.n_valid, GROUP=group, SPLIT=split, **opts)
         d_sum, h_sum = parts.sum(-1)
