@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
     cases = {
         "--bogus": [*load, "--benchmark", str(good), "--bogus"],
         "--samples-per-problem": [*load, "--benchmark", str(good), "--samples-per-problem", "0"],
-        "--temperature": [*load, "--benchmark", str(good), "--temperature", "0"],
+        "--temperature": [*load, "--benchmark", str(good), "--temperature", "-0.5"],
         "--top-p": [*load, "--benchmark", str(good), "--top-p", "1.5"],
         "not a model checkpoint": ["--load", str(tmp_path), "--benchmark", str(good)],
         "broken.jsonl line 2": [*load, "--benchmark", str(broken)],
@@ -212,6 +212,10 @@ def test_do_sample_false_is_greedy_unless_a_sampling_flag_is_given(tmp_path):
     assert sampling({"do_sample": False, "temperature": 0.6}, "--top-k", "5").temperature == 0.6
     assert not sampling({"temperature": 0.6}).greedy and not sampling({"do_sample": True}).greedy
     assert sampling({"do_sample": True}, "--greedy").greedy
+    # a temperature of 0 asks for greedy decoding (vLLM's convention), from the flag or the file
+    assert sampling({"do_sample": True}, "--temperature", "0").greedy
+    assert sampling({"do_sample": False, "temperature": 0.0}).greedy
+    assert sampling({"temperature": 0}).greedy and sampling({"temperature": 0}).temperature == 0
     with pytest.raises(UserInputError, match=rf"^{re.escape(str(config))}: do_sample must be true or false, got 'no'$"):
         sampling({"do_sample": "no"})
 

@@ -23,6 +23,7 @@ MAX_NEW, VOCAB, DEFAULT_EOS = 12, 250, 249
     [
         (dict(temperature=0.0), "--rollout-temperature"),
         (dict(temperature=-1.0), "--rollout-temperature"),
+        (dict(temperature=-1.0, greedy=True), "--rollout-temperature"),
         (dict(top_p=0.0), "--rollout-top-p"),
         (dict(top_p=1.5), "--rollout-top-p"),
         (dict(top_k=-1), "--rollout-top-k"),
@@ -45,6 +46,12 @@ def test_sampling_config_defaults_are_valid():
 def _draws(logits_row, cfg, n=4000, seed=0):
     logits = torch.tensor(logits_row, dtype=torch.float32).expand(n, -1)
     return sample_next(logits, cfg, torch.Generator().manual_seed(seed))
+
+
+def test_temperature_zero_is_allowed_only_with_greedy():
+    SamplingConfig(max_new_tokens=1, greedy=True, temperature=0.0).validate()
+    with pytest.raises(UserInputError, match=r"> 0 \(or 0 with greedy decoding\), got 0.0"):
+        SamplingConfig(max_new_tokens=1, temperature=0.0).validate()
 
 
 def test_greedy_is_argmax_and_uses_no_randomness():

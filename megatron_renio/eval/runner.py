@@ -33,9 +33,10 @@ Sampling. The defaults come from the ``generation_config.json`` of the folder th
 loaded from (``--tokenizer`` when given, else the checkpoint's; the file that also gives the stop
 ids; a sentencepiece ``.model`` file has none): each of ``--temperature``, ``--top-p``, ``--top-k``
 not given takes its ``temperature``, ``top_p``, ``top_k``, else 1.0, 1.0 and 0 (off). ``--greedy``
-takes the argmax; so does ``do_sample: false`` in that file (transformers then decodes greedily),
-unless ``--temperature``, ``--top-p`` or ``--top-k`` is given, which asks for sampling. Without
-``do_sample`` the defaults are sampled.
+takes the argmax; so does a temperature of 0 (flag or file, as in vLLM), and so does
+``do_sample: false`` in that file (transformers then decodes greedily) unless ``--temperature``,
+``--top-p`` or ``--top-k`` is given, which asks for sampling. Without ``do_sample`` the defaults
+are sampled.
 
 Grading. Completions are decoded without special tokens and graded by
 :func:`~megatron_renio.eval.benchmarks.grade` (math: the last box, math-verify; code: the last
@@ -145,7 +146,7 @@ def _typed(kind, check: Callable, allowed: str):
 
 _positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
 _SAMPLING_CHECKS = {  # name -> (kind, check, allowed)
-    "temperature": (float, lambda v: v > 0, "> 0"),
+    "temperature": (float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
     "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
 }
@@ -220,8 +221,8 @@ def _load_benchmarks(specs: list[str]) -> list[Benchmark]:
 def _sampling(args, tokenizer_path: str | Path):
     """The SamplingConfig, by the rule of the module docstring: each of temperature, top_p, top_k
     from its flag, else from the ``generation_config.json`` beside the tokenizer at
-    ``tokenizer_path``, else :data:`BUILTIN_SAMPLING`; greedy with ``--greedy``, or when that file
-    says ``do_sample: false`` and no sampling flag is given."""
+    ``tokenizer_path``, else :data:`BUILTIN_SAMPLING`; greedy with ``--greedy``, a temperature of 0,
+    or when that file says ``do_sample: false`` and no sampling flag is given."""
     from megatron_renio.rollout.sampling import SamplingConfig
 
     from megatron_renio.data.tokenizer import read_generation_config
@@ -243,7 +244,7 @@ def _sampling(args, tokenizer_path: str | Path):
         if isinstance(value, bool) or not isinstance(value, numeric) or not check(value):
             raise UserInputError(f"{origin} must be {allowed}, got {value!r}")
         values[name] = kind(value)
-    greedy = args.greedy or (do_sample is False and not sampling_flags)
+    greedy = args.greedy or values["temperature"] == 0 or (do_sample is False and not sampling_flags)
     return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=greedy, **values)
 
 

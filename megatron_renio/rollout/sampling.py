@@ -20,7 +20,8 @@ class SamplingConfig:
 
     ``temperature`` divides the logits; ``top_k`` keeps the k most likely tokens (0 = off);
     ``top_p`` keeps the smallest set of most likely tokens whose probability reaches ``top_p``
-    (1.0 = off); ``greedy`` takes the argmax and ignores the three others; ``max_new_tokens``
+    (1.0 = off); ``greedy`` takes the argmax and ignores the three others (a temperature of 0 is
+    then allowed: it is how vLLM and eval configs ask for greedy decoding); ``max_new_tokens``
     bounds each completion.
     """
 
@@ -32,8 +33,10 @@ class SamplingConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserInputError` naming the flag of the first out-of-range value."""
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise UserInputError(f"--rollout-temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.temperature, (int, float)) or not (self.temperature > 0
+                                                                   or self.greedy and self.temperature == 0):
+            raise UserInputError(f"--rollout-temperature must be > 0 (or 0 with greedy decoding), "
+                                 f"got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise UserInputError(f"--rollout-top-p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
