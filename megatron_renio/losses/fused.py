@@ -499,17 +499,28 @@ if triton is not None:
         return row_max * scale * _LN2, total
 
     @triton.jit
-    def _stats_sweep(zs_base, zt_base, scale, first_col, extra_col, N_VALID: tl.constexpr, COUNT: tl.constexpr,
-                     HAS_EXTRA: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr):
-        """Sweep 1 over a range of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1), natural units.
+    def _part_columns(part, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr):
+        """(first_col, extra_col) of part ``part`` of SPLIT of a row's vocabulary blocks: COUNT = N_VALID //
+        BLOCK_V // SPLIT full blocks from first_col, then, when N_VALID > SPLIT * COUNT * BLOCK_V (HAS_EXTRA), the
+        block at extra_col masked to the real columns (the blocks beyond the parts' full ones are at most SPLIT,
+        the tail included: one each). SPLIT = 1: the whole row, its tail block at N_VALID // BLOCK_V * BLOCK_V."""
+        COUNT: tl.constexpr = N_VALID // BLOCK_V // SPLIT
+        return part * (COUNT * BLOCK_V), (SPLIT * COUNT + part) * BLOCK_V
 
-        The range is COUNT full blocks from ``first_col`` (unmasked) and, with HAS_EXTRA, the block at
-        ``extra_col`` masked to the real columns (a whole row: first_col 0, COUNT = N_VALID // BLOCK_V,
-        the tail block at N_VALID // BLOCK_V * BLOCK_V). Blocks are tiles [BLOCK_V / GROUP, GROUP] of
-        consecutive entries, each tile row with its own running max (TritonLaunch.max_group).
+    @triton.jit
+    def _stats_sweep(zs_base, zt_base, scale, part, N_VALID: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr):
+        """Sweep 1 over part ``part`` of SPLIT of a row (``_part_columns``): (max_s, sumexp_s, max_t, sumexp_t,
+        non-finite 0/1), natural units.
+
+        Blocks are tiles [BLOCK_V / GROUP, GROUP] of consecutive entries, each tile row with its own
+        running max (TritonLaunch.max_group).
         Non-finite: the plain sum of both rows' logits is not finite (inf, -inf or NaN anywhere; a sum
         that overflows float32 counts too).
         """
+        COUNT: tl.constexpr = N_VALID // BLOCK_V // SPLIT
+        HAS_EXTRA: tl.constexpr = N_VALID > SPLIT * COUNT * BLOCK_V
+        first_col, extra_col = _part_columns(part, N_VALID, BLOCK_V, SPLIT)
         R: tl.constexpr = BLOCK_V // GROUP
         tile = tl.arange(0, R)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         max_s = tl.full([R], float("-inf"), tl.float32)
@@ -575,11 +586,14 @@ if triton is not None:
         return acc_d + d, acc_h + h
 
     @triton.jit
-    def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, first_col, extra_col, N_VALID: tl.constexpr,
-                     COUNT: tl.constexpr, HAS_EXTRA: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
-                     BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
-        """Sweep 2 over the range of :func:`_stats_sweep`, its masked block first, then the full blocks in
+    def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, part, N_VALID: tl.constexpr,
+                     SPLIT: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+        """Sweep 2 over the part of :func:`_stats_sweep`, its masked block first, then the full blocks in
         reverse order: (sum of clamped d_v, sum of h_v)."""
+        COUNT: tl.constexpr = N_VALID // BLOCK_V // SPLIT
+        HAS_EXTRA: tl.constexpr = N_VALID > SPLIT * COUNT * BLOCK_V
+        first_col, extra_col = _part_columns(part, N_VALID, BLOCK_V, SPLIT)
         lse2_s = lse_s * _LOG2E
         lse2_t = lse_t * _LOG2E
         acc_d = tl.zeros([BLOCK_V], tl.float32)
@@ -658,15 +672,11 @@ if triton is not None:
                       KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
                       GROUP: tl.constexpr, SPLIT: tl.constexpr):
         """Sweeps 1 and 2 over part ``part`` of the vocabulary blocks of a filled cell's row (``_forward_kernel``)."""
-        COUNT: tl.constexpr = N_VALID // BLOCK_V // SPLIT
-        HAS_EXTRA: tl.constexpr = N_VALID > SPLIT * COUNT * BLOCK_V
-        first_col = part * (COUNT * BLOCK_V)  # COUNT full blocks, then at most one of the remaining ones
-        extra_col = (SPLIT * COUNT + part) * BLOCK_V
         zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, row,
                                               n_t)
         if filled:
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, first_col, extra_col, N_VALID,
-                                                           COUNT, HAS_EXTRA, BLOCK_V, PREFETCH, GROUP)
+            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, part, N_VALID, SPLIT, BLOCK_V,
+                                                           PREFETCH, GROUP)
             if SPLIT == 1:
                 lse_s = max_s + tl.log(sum_s)
                 lse_t = max_t + tl.log(sum_t)
@@ -680,8 +690,8 @@ if triton is not None:
                 tl.store(out_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
                 tl.store(out_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
                 tl.store(out_ptr + 4 * n_rows + row, bad)
-            d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, first_col, extra_col, N_VALID,
-                                COUNT, HAS_EXTRA, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+            d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, part, N_VALID, SPLIT, KIND,
+                                HAS_CLIP, BLOCK_V, PREFETCH)
             tl.store(parts_ptr + row * SPLIT + part, d)
             tl.store(parts_ptr + (n_rows + row) * SPLIT + part, h)
 
@@ -726,9 +736,8 @@ if triton is not None:
             zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
                                                   row, n_t)
             if filled:
-                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, 0, N_VALID // BLOCK_V * BLOCK_V,
-                                                               N_VALID, N_VALID // BLOCK_V, N_VALID % BLOCK_V > 0,
-                                                               BLOCK_V, PREFETCH, GROUP)
+                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, 0, N_VALID, 1, BLOCK_V,
+                                                               PREFETCH, GROUP)
                 tl.store(out_ptr + row, max_s)
                 tl.store(out_ptr + n_rows + row, sum_s)
                 tl.store(out_ptr + 2 * n_rows + row, max_t)
@@ -749,9 +758,8 @@ if triton is not None:
             if filled:
                 lse_s = tl.load(lse_ptr + row)
                 lse_t = tl.load(lse_ptr + n_rows + row)
-                d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, 0,
-                                    N_VALID // BLOCK_V * BLOCK_V, N_VALID, N_VALID // BLOCK_V, N_VALID % BLOCK_V > 0,
-                                    KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+                d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, 0, N_VALID, 1, KIND, HAS_CLIP,
+                                    BLOCK_V, PREFETCH)
                 col = tl.load(col_ptr + row)
                 tl.store(out_ptr + row, d)
                 tl.store(out_ptr + n_rows + row, h)
