@@ -365,20 +365,24 @@ def test_tp_that_does_not_divide_the_heads(workdir):
     assert "error: --tensor-model-parallel-size 2 does not divide the model's attention heads (3)" in proc.stderr
 
 
-def test_rendezvous_launch_form(workdir):
-    """torchrun's c10d rendezvous form (as used across nodes) runs the same as the static form."""
+def test_two_nodes_through_the_rendezvous_launch_form(workdir):
+    """Two torchrun agents of one process each joining one c10d rendezvous, as two nodes do (each rank is
+    local rank 0 of its node, the checkpoint folder is shared): the same losses as DP=2 on one node, and
+    one complete checkpoint."""
     opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": "global"}
     static = workdir / "opd_dp2.jsonl"  # written by test_opd_step_is_the_same_under_tp2_pp2_dp2 when it ran first
     if not static.exists():
         train(base_args(workdir, **opd, **{"--metrics-file": static}), nproc=2)
-    path = workdir / "rdzv.jsonl"
-    opd["--metrics-file"] = path
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=renio-test", "-m", "megatron_renio.train"]
-    proc = subprocess.run(cmd + [str(a) for a in base_args(workdir, **opd)], cwd=REPO_ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [m["loss"] for m in read_jsonl(path)] == [m["loss"] for m in read_jsonl(static)]
+    path, save = workdir / "two_nodes.jsonl", workdir / "two_nodes_save"
+    args = [str(a) for a in base_args(workdir, **opd, **{"--metrics-file": path, "--save": save})]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=renio-test", "-m", "megatron_renio.train", *args]
+    nodes = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in outputs)
+    assert [m["loss"] for m in read_jsonl(path)] == pytest.approx([m["loss"] for m in read_jsonl(static)], rel=1e-6)
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
 
 
 def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
