@@ -411,7 +411,7 @@ GPU_SHAPES = [(2, 64, 1024, 1000, torch.float32), (1, 512, 151936, 151936, torch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5], CASES[6]], ids=case_id)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-{str(s[4])[6:]}")
 def test_triton_matches_chunked_on_cuda(case, shape):
     b, t, vocab, true_vocab, dtype = shape
@@ -428,11 +428,11 @@ def test_triton_matches_chunked_on_cuda(case, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024), fused.TritonLaunch(1, 16, 4096, True),
+@pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024, prefetch=False), fused.TritonLaunch(1, 16, 4096, True),
                                     fused.TritonLaunch(3, 4, 512, max_group=8), fused.TritonLaunch(None, 8, 512, split=4),
                                     fused.TritonLaunch(None, 4, 256, split=8)], ids=str)
 def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
-    """Launch shapes (one row per program, persistent grids, prefetch, grouped running max, rows shared
+    """Launch shapes (one row per program, persistent grids, prefetch or not, grouped running max, rows shared
     by 4 or 8 programs: full blocks, remainder blocks and parts with none) on [t, b, V] logits viewed
     as [b, t, V]."""
     monkeypatch.setattr(fused, "TRITON_LAUNCH", launch)

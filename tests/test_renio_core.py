@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 
 import pytest
 import torch
 
 from megatron_renio.errors import UserInputError
 from megatron_renio.losses.distillation import distillation_loss, reduce_stats
-from megatron_renio.losses.divergence import DivergenceConfig, divergence_elements, token_terms
+from megatron_renio.losses.divergence import DivergenceConfig, TokenTerms, divergence_elements, token_terms
 from megatron_renio.renio.vocab_parallel import VocabShard, token_logprobs, vocab_parallel_log_softmax
 from megatron_renio.renio.weights import ReNIOConfig, ReNIONormalizer, raw_weights
 from tests import reference_renio as ref
@@ -290,6 +291,63 @@ def test_smallest_allowed_weight_temperature_gives_finite_weights():
         exact = torch.exp(raw.mean_log_ratio.double() / cfg.temperature)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), exact / exact.mean(), rtol=1e-5, atol=0)
+
+
+def test_pivotal_tokens_at_the_threshold_and_at_masked_positions():
+    """r = tau counts as pivotal (r >= tau); a masked position is never pivotal, also when tau <= 0 would
+    admit its r = 0 (values from the module docstring's formulas, computed by hand)."""
+    cfg = ReNIOConfig(threshold=0.5, temperature=2.0)
+    s, u = torch.tensor([[0.0, -1.0]]), torch.tensor([[-0.5, -1.0]])  # r = 0.5 (= tau) and 0
+    raw = raw_weights(s, u, torch.ones(1, 2, dtype=torch.bool), cfg)
+    assert raw.num_pivotal.tolist() == [1] and raw.mean_log_ratio.tolist() == [0.5]
+    assert raw.weight.item() == pytest.approx(math.exp(0.5 / 2.0), rel=1e-6)
+    cfg = ReNIOConfig(threshold=-1.0)
+    raw = raw_weights(torch.tensor([[-0.5, 5.0]]), torch.zeros(1, 2), torch.tensor([[True, False]]), cfg)
+    assert raw.num_pivotal.tolist() == [1] and raw.mean_log_ratio.tolist() == [-0.5]
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_clamp_mode_is_not_capped_by_max_weight(scope):
+    """Mode clamp is clamp(w) / mean(clamp(w)) (global: w~ = clamp(w)), with no max_weight cap, also where
+    a weight ends above it."""
+    cfg = ReNIOConfig(norm="clamp", scope=scope)
+    raw = torch.tensor([0.1] * 20 + [10.0])
+    clamped = raw.clamp(cfg.clamp_min, cfg.clamp_max)
+    got = ReNIONormalizer().normalize(raw, cfg)
+    want = clamped / clamped.mean() if scope == "local" else clamped
+    assert (clamped / clamped.mean()).max() > cfg.max_weight  # a cap would bind
+    torch.testing.assert_close(got.weights, want)
+    if scope == "global":
+        torch.testing.assert_close(got.denominator, clamped.sum())
+
+
+@pytest.mark.parametrize("loss_kind", ["divergence", "sampled_rkl"])
+@pytest.mark.parametrize("renio", [False, True])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_values_at_invalid_positions_never_reach_the_loss(loss_kind, renio, scope):
+    """NaN and inf in D, s and u at masked positions: the loss, weights and gradients are those of the same
+    terms with zeros there (finite, and no gradient at the masked positions)."""
+    mask = torch.tensor([[True, True, False, False], [True, False, True, False]])
+    finite = torch.tensor([[0.3, 0.7, 0.0, 0.0], [1.1, 0.0, 0.2, 0.0]]), \
+        torch.tensor([[-0.2, -1.5, 0.0, 0.0], [-0.4, 0.0, -2.0, 0.0]]), \
+        torch.tensor([[-1.2, -0.5, 0.0, 0.0], [-1.4, 0.0, -0.1, 0.0]])
+    junk = torch.tensor([[0.0, 0.0, float("nan"), float("inf")], [0.0, float("-inf"), 0.0, float("nan")]])
+    cfg = ReNIOConfig(enabled=renio, scope=scope, threshold=-1.0)
+    results = []
+    for extra in (torch.zeros_like(junk), junk):
+        d, s = (x + extra for x in finite[:2])
+        d.requires_grad_(True)
+        s.requires_grad_(True)
+        terms = TokenTerms(divergence=d, student_logprobs=s, teacher_logprobs=finite[2] + extra,
+                           nonfinite=torch.tensor(False))
+        out = distillation_loss(terms, mask, cfg, ReNIONormalizer(), loss_kind)
+        grads = torch.autograd.grad(out.numerator, (d, s), allow_unused=True)
+        grads = [torch.zeros_like(d) if g is None else g for g in grads]
+        results.append((out.numerator.detach(), out.denominator, out.sample_weights, *grads))
+    for clean, dirty in zip(*results):
+        assert torch.isfinite(dirty).all()
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+    assert (results[1][3][~mask] == 0).all() and (results[1][4][~mask] == 0).all()
 
 
 @pytest.mark.parametrize("make, field, allowed", INVALID, ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(INVALID)])

@@ -67,9 +67,12 @@ TP_CASES = [
 ]
 # (local vocabulary, true vocabulary): padding on the last rank only; the last rank all padding.
 TP_LAYOUTS = [(320, 600), (128, 100)]
-TRITON_CASES = [("forward_kl", 0.5, 0.001, 1.0), ("reverse_kl", 0.5, None, 0.7), ("jsd", 0.3, 0.05, 1.1)]
+# Reverse KL with a clamp: there h_v = d_v + q_v keeps its q_v only where the clamp does not bind (without
+# one, the q_v terms cancel in h - q H).
+TRITON_CASES = [("forward_kl", 0.5, 0.001, 1.0), ("reverse_kl", 0.5, None, 0.7), ("jsd", 0.3, 0.05, 1.1),
+                ("reverse_kl", 0.5, 0.05, 1.1)]
 # (which logits, column, value, flagged): non-finite entries in a full block, in the tail, in padding.
-SPLITS = [2, 4, 2]  # TritonLaunch.split per TRITON_CASES entry in the interpreter (split_results)
+SPLITS = [2, 4, 2, 4]  # TritonLaunch.split per TRITON_CASES entry in the interpreter (split_results)
 TRITON_NONFINITE = [("student", 5, float("inf"), True), ("teacher", 386, float("-inf"), True),
                     ("student", 395, float("nan"), False)]
 
@@ -212,7 +215,8 @@ def main(out_dir: str) -> None:
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=5)
             result["rows", "triton"][case, "tp1"] = rows_results(case, 400, 390, None, seed=i, impl="triton")
-        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, max_group=8)
+        # split rows, and every sweep without prefetching
+        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, prefetch=False, max_group=8)
         result["triton_split"] = {case: split_results(case, SPLITS[i], seed=20 + i) for i, case in enumerate(TRITON_CASES)}
         result["triton_nonfinite"] = [nonfinite_flag(*entry) for entry in TRITON_NONFINITE]
         result["triton_rows_nonfinite"] = rows_nonfinite_flags("triton")
