@@ -75,20 +75,32 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _last_stage_state(state: dict) -> dict:
-    """``state`` as the last pipeline stage holds it, on every stage (collective over the pipeline).
+def _replica_states(state: dict) -> list[dict]:
+    """Every data-parallel replica's ``state`` as its last pipeline stage holds it, in DP-rank order, on
+    every rank (collective over the data-parallel and pipeline groups).
 
-    The ReNIO normaliser is used by the loss, which only the last stage computes; the checkpoint's
-    ``train_state`` is written by global rank 0, the first stage.
+    The ReNIO normaliser is used by the loss, which only the last stage computes; in local scope each
+    replica's EMA follows its own micro-batches. The checkpoint's ``train_state`` is written by global
+    rank 0, a first-stage rank of replica 0.
     """
     from megatron.core import parallel_state
 
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return state
-    box = [state]
-    torch.distributed.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                            group=parallel_state.get_pipeline_model_parallel_group())
-    return box[0]
+    states = [None] * parallel_state.get_data_parallel_world_size()
+    torch.distributed.all_gather_object(states, state, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [states]
+        torch.distributed.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                                group=parallel_state.get_pipeline_model_parallel_group())
+        states = box[0]
+    return states
+
+
+def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
+    """The saved normaliser state that data-parallel replica ``dp_rank`` resumes from: its own at the
+    same DP size (every TP and PP rank of the replica takes the same one), replica ``dp_rank mod`` the
+    saved DP size after a DP change (a local-scope EMA is per replica: more replicas repeat the saved
+    ones, fewer keep the first ones). A single dict (checkpoints of earlier versions) serves every replica."""
+    return states if isinstance(states, dict) else states[dp_rank % len(states)]
 
 
 def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], completions: list[list[int]],
@@ -180,8 +192,7 @@ def run(cfg: TrainConfig) -> dict:
             iteration = state["iteration"]
             skipped_total = state["skipped_total"]
             sampler.load_state_dict(state["sampler"])
-            # this rank's own EMA (local scope: each rank's differs), else the last stage's
-            normalizer.load_state_dict((state.get("rank_state") or state)["normalizer"])
+            normalizer.load_state_dict(_replica_state(state["normalizer"], ctx.dp_rank))
             C.load_scheduler_state(scheduler, state["scheduler"], cfg)
             log0(f"resumed from {cfg.load} at iteration {iteration}")
 
@@ -282,9 +293,9 @@ def run(cfg: TrainConfig) -> dict:
                     cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
                     teacher=ema,
                     tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
-                    keep_last=cfg.keep_last, rank_state={"normalizer": normalizer.state_dict()},
+                    keep_last=cfg.keep_last,
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
-                                 "normalizer": _last_stage_state(normalizer.state_dict()),
+                                 "normalizer": _replica_states(normalizer.state_dict()),
                                  "scheduler": scheduler.state_dict()},
                 )
             if exit_reason:

@@ -160,6 +160,28 @@ def test_resume_keeps_each_ranks_local_renio_ema(workdir):
         assert (x["loss"], x["weight_mean"], x["grad_norm"]) == (y["loss"], y["weight_mean"], y["grad_norm"])
 
 
+def test_resume_at_another_layout_gives_a_replica_one_local_renio_ema(workdir):
+    """Local scope with --renio-norm ema, saved at DP=2 (one EMA per replica), resumed at DP=1 in one
+    process, at TP=2 and at PP=2: every rank of the replica resumes from replica 0's EMA, so the three
+    layouts take the same step 3 (fp32 tolerance); not if TP rank 1 or the PP=2 last stage took replica
+    1's EMA (their rank numbers in the DP=2 run). Without the per-entry clamp: its gradient mask flips
+    where d_v = p_v log(p_v / q_v) rounds to either side of 0, and this student and teacher are close."""
+    common = {"--train-iters": 3, "--renio-norm": "ema", "--renio-scope": "local", "--renio-threshold": -1.0,
+              "--renio-temperature": 0.2, "--kd-token-clip": "none"}  # every token pivotal, weights far from 1
+    save = workdir / "replica_ema"
+    train(base_args(workdir, **common, **{"--save": save, "--save-interval": 2, "--exit-interval": 2}), nproc=2)
+    step3 = {}
+    for name, extra, nproc in (("dp1", {}, 1), ("tp2", {"--tensor-model-parallel-size": 2}, 2),
+                               ("pp2", {"--pipeline-model-parallel-size": 2}, 2)):
+        path = workdir / f"replica_ema_{name}.jsonl"
+        train(base_args(workdir, **common, **extra, **{"--load": save, "--metrics-file": path}), nproc=nproc)
+        (step3[name],) = read_jsonl(path)
+    assert step3["dp1"]["weight_std"] > 0.01
+    for name in ("tp2", "pp2"):
+        got, want = step3[name], step3["dp1"]
+        assert (got["loss"], got["grad_norm"]) == pytest.approx((want["loss"], want["grad_norm"]), rel=1e-4), name
+
+
 def test_resume_with_another_schedule_is_refused_unless_overridden(workdir):
     """A longer --train-iters (the LR decay length) or another --lr on resume: one line naming the flag
     (Megatron's scheduler would keep the old schedule silently); --override-opt-param-scheduler takes it."""

@@ -8,8 +8,7 @@ Layout of ``--save DIR``::
         optimizer/               dist_checkpointing of the optimizer state (any DP size on load)
         teacher/                 the EMA teacher's fp32 average (``--teacher ema`` only; EmaTeacher)
         train_state.pt           step, data position, ReNIO EMA, LR scheduler, counters
-        rng/rank_00000.pt        every rank's python / numpy / torch / model-parallel RNG states, and
-                                 its own training state (``rank_state``: the ReNIO EMA of local scope)
+        rng/rank_00000.pt        every rank's python / numpy / torch / model-parallel RNG states
     DIR/latest_checkpointed_iteration.txt
 
 A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished; only then is
@@ -110,11 +109,11 @@ def _optimizer_state_dict(optimizer, model_sd, is_loading: bool):
 
 def save_training_checkpoint(
     root: str | Path, iteration: int, *, student, student_info, optimizer, train_state: dict,
-    teacher=None, tokenizer_dir: str | None = None, keep_last: int = 2, rank_state: dict | None = None,
+    teacher=None, tokenizer_dir: str | None = None, keep_last: int = 2,
 ) -> Path:
     """Collective: write iteration ``iteration`` under ``root`` (see the module docstring); ``teacher``:
     the :class:`~megatron_renio.training.ema.EmaTeacher` of ``--teacher ema``, else None;
-    ``rank_state``: this rank's own state, handed back by a resume at the same world size."""
+    ``train_state``: written by global rank 0 (the same on every rank)."""
     from megatron.core import dist_checkpointing
 
     from megatron_renio.models.checkpoint import save_model_checkpoint
@@ -143,7 +142,7 @@ def save_training_checkpoint(
         (tmp / "rng").mkdir()
         torch.save({**train_state, "distributed_optimizer": _distributed(optimizer)}, tmp / "train_state.pt")
     _barrier()
-    torch.save({**_rng_state(), "rank_state": rank_state}, tmp / "rng" / f"rank_{rank:05d}.pt")
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     _barrier()
     final = iteration_dir(root, iteration)
     if rank == 0:
@@ -159,9 +158,9 @@ def save_training_checkpoint(
 
 
 def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=None) -> dict | None:
-    """Collective: restore the latest checkpoint under ``root``; returns its ``train_state``, with
-    ``rank_state`` set to this rank's when the checkpoint holds a file for this rank (None when
-    ``root`` holds no checkpoint yet)."""
+    """Collective: restore the latest checkpoint under ``root``; returns its ``train_state`` (None when
+    ``root`` holds no checkpoint yet). A rank that finds its own RNG file (the same world size) continues
+    its RNG streams exactly."""
     from megatron.core import dist_checkpointing
 
     from megatron_renio.models.checkpoint import load_model_checkpoint
@@ -192,10 +191,8 @@ def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=No
         optimizer.load_state_dict(state)
     _untie_step_tensors(optimizer)
     rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
-    if rank_file.is_file():  # same world size: exact RNG continuation, this rank's own state
-        rank_saved = torch.load(rank_file, weights_only=False)
-        _set_rng_state(rank_saved)
-        train_state["rank_state"] = rank_saved.get("rank_state")
+    if rank_file.is_file():
+        _set_rng_state(torch.load(rank_file, weights_only=False))
     return train_state
 
 
