@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -28,10 +29,31 @@ from megatron_renio.training.exit_conditions import ExitConditions
 from megatron_renio.training.faults import maybe_die
 
 
-class MetricsLogger:
-    """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for)."""
+def _drop_steps_after(path: Path, iteration: int) -> None:
+    """Rewrite the JSONL metrics file ``path`` (atomically) without the records of steps after
+    ``iteration``, and without a line cut short by a killed process: a run resumed at ``iteration``
+    takes those steps again, so each step keeps one record."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= iteration:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
-    def __init__(self, cfg: TrainConfig):
+
+class MetricsLogger:
+    """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for). A run resumed at
+    iteration ``resumed_at`` first drops the later steps of an earlier attempt from the JSONL file and
+    from TensorBoard (``purge_step``), so that each step is recorded once."""
+
+    def __init__(self, cfg: TrainConfig, resumed_at: int = 0):
         self.rank0 = torch.distributed.get_rank() == 0
         self.jsonl = None
         self.tb = None
@@ -41,11 +63,13 @@ class MetricsLogger:
         path = cfg.metrics_file or (str(Path(cfg.save) / "metrics.jsonl") if cfg.save else None)
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if resumed_at:
+                _drop_steps_after(Path(path), resumed_at)
             self.jsonl = open(path, "a")
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(cfg.tensorboard_dir)
+            self.tb = SummaryWriter(cfg.tensorboard_dir, purge_step=resumed_at + 1 if resumed_at else None)
         if cfg.wandb_project:
             try:
                 import wandb
@@ -164,6 +188,7 @@ def run(cfg: TrainConfig) -> dict:
     student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load/--model")
     teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
                       if cfg.teacher == "separate" else None)
+    C.check_load_source(cfg)
     C.check_save_target(cfg, student_source.preset)
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)
@@ -195,8 +220,10 @@ def run(cfg: TrainConfig) -> dict:
             normalizer.load_state_dict(_replica_state(state["normalizer"], ctx.dp_rank))
             C.load_scheduler_state(scheduler, state["scheduler"], cfg)
             log0(f"resumed from {cfg.load} at iteration {iteration}")
+        else:
+            log0(f"no checkpoint in {cfg.load} yet: starting a new run")
 
-    logger = MetricsLogger(cfg)
+    logger = MetricsLogger(cfg, resumed_at=iteration)
     progress = None
     if ctx.rank == 0:
         from tqdm import tqdm

@@ -56,8 +56,8 @@ def _kill_then_resume(workdir, phase, iteration, tag):
     train(args + ["--load", save], nproc=2)
     a = {m["step"]: m for m in read_jsonl(straight)}
     b = read_jsonl(log)
-    # the resumed run logs steps complete+1..4 (the killed run may have logged a step it did not save)
-    assert [m["step"] for m in b][-(4 - complete):] == list(range(complete + 1, 5))
+    # the killed run may have logged a step it did not save: the resumed run drops it and logs it again
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
     for m in b:
         x = a[m["step"]]
         assert (m["loss"], m["grad_norm"], m["completion_length_mean"]) == (x["loss"], x["grad_norm"], x["completion_length_mean"])

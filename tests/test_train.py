@@ -284,6 +284,23 @@ def test_bad_flags_and_paths(workdir, overrides, expected):
     assert expected in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
 
 
+def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
+    """--load without a checkpoint is refused (a typo, or a model checkpoint), except when it is also --save:
+    the first launch of a requeued job starts fresh and says so."""
+    student = workdir / "ckpt" / "student"
+    for load, expected in ((workdir / "no_such_run", f"--load {workdir / 'no_such_run'} holds no checkpoint to "
+                                                      "resume (no such folder)"),
+                           (student, f"--load {student} is a model checkpoint, not a run folder: pass --student-load")):
+        proc = train(base_args(workdir, **{"--load": load, "--train-iters": 1}), check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert expected in proc.stderr.strip().splitlines()[-1]
+    run = workdir / "first_launch"
+    proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1}))
+    assert f"no checkpoint in {run} yet: starting a new run" in proc.stdout + proc.stderr
+    proc = train(base_args(workdir, **{"--load": run / "iter_0000001", "--train-iters": 2}), check=False)
+    assert f"pass --load {run} (its run folder) to resume, or --student-load" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
     """SLURM-style preemption: SIGTERM reaches one rank only; every rank agrees, saves, exits 0."""
     import signal

@@ -298,6 +298,29 @@ def peak_flops(cfg: TrainConfig) -> float | None:
     return next((tf * 1e12 for key, tf in _PEAK_TFLOPS_BF16.items() if key in name), None)
 
 
+def check_load_source(cfg: TrainConfig) -> None:
+    """``--load`` names a run folder (the ``--save`` folder of a run) and resumes its latest checkpoint.
+    It may hold none yet only when it is also ``--save``, as on the first launch of a job that is
+    requeued with the same command (the run then starts fresh, as in Megatron-LM); otherwise a folder
+    without the ``latest`` marker is refused with one line instead of silently starting over: a
+    mistyped path, or a model checkpoint such as one ``iter_*`` folder or a converted model."""
+    from megatron_renio.models.checkpoint import METADATA_FILE
+    from megatron_renio.training.checkpointing import LATEST, latest_iteration
+
+    if cfg.load is None or latest_iteration(cfg.load) is not None:
+        return
+    path = Path(cfg.load)
+    if (path / METADATA_FILE).is_file():
+        run = f"--load {path.parent} (its run folder) to resume, or " if (path.parent / LATEST).is_file() else ""
+        raise UserInputError(f"--load {cfg.load} is a model checkpoint, not a run folder: pass {run}"
+                             f"--student-load {cfg.load} to start a new run from its weights")
+    if cfg.save and path.resolve() == Path(cfg.save).resolve():
+        return
+    what = "no such folder" if not path.exists() else f"no {LATEST}"
+    raise UserInputError(f"--load {cfg.load} holds no checkpoint to resume ({what}); pass the --save folder of "
+                         "the run to resume, or leave --load out to start a new run")
+
+
 def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
     """``--save`` must not silently mix runs: a folder that already holds checkpoints of another
     model is refused unless ``--override-save``; one of the same model needs ``--load`` (resume) or
