@@ -32,7 +32,6 @@ from checkpoints_conversion.common import (
     megatron_parameters,
     run_cli,
 )
-from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import (
     check_target_directory,
     load_model_checkpoint,
@@ -65,9 +64,7 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
     """Write the HF folder ``save`` from the model checkpoint ``load``; returns ``save``."""
     load, save = Path(load), Path(save)
     metadata = read_checkpoint_metadata(load)
-    check_target_directory(save, overwrite, label=f"--save {save}")
-    if save.resolve() == load.resolve():
-        raise UserInputError("--save must differ from --load")
+    check_target_directory(save, overwrite, label=f"--save {save}", inputs=(("--load", load),))
     preset = metadata.preset
     get_adapter(preset.architecture)  # an unsupported architecture fails here, before heavy imports
     dtype = dtype or metadata.dtype

@@ -221,6 +221,10 @@ def test_missing_file_and_existing_output(tmp_path, capsys):
     assert main(["--generations", path, "--out", str(out), "--overwrite"]) == 0
     assert "old.txt" not in os.listdir(out) and "summary.json" in os.listdir(out)
     assert sorted(os.listdir(tmp_path)) == ["g.jsonl", "o"]
+    # --overwrite never replaces the input: an --out folder holding the --generations file is refused
+    assert main(["--generations", path, "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "holds the --generations file" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["g.jsonl", "o"]
 
 
 def test_default_output_directory(tmp_path):

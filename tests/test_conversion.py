@@ -424,6 +424,15 @@ def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):
     proc = _cli("megatron_to_hf", "--load", str(converted["ckpt"] / "qwen2"), "--save", str(save))
     _assert_one_line_error(proc, "exists and is not empty", save)
 
+    # --overwrite never replaces the input: --save the --load folder itself, or a folder holding it
+    parent = tmp_path / "run"
+    shutil.copytree(converted["ckpt"] / "qwen2", parent / "iter_0000006")
+    for target, verb in ((parent / "iter_0000006", "is"), (parent, "holds")):
+        proc = _cli("megatron_to_hf", "--load", str(parent / "iter_0000006"), "--save", str(target), "--overwrite")
+        _assert_one_line_error(proc, f"--save {target} {verb} the --load input, which writing there would replace",
+                               target)
+        assert (parent / "iter_0000006" / "renio_model.json").is_file()
+
 
 # ------------------------------------------------------------------------------------------------
 # Layout and file-format units

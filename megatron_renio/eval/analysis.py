@@ -332,6 +332,10 @@ def _default_out(generations_path: str) -> str:
 def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrite: bool) -> dict:
     """Analyse ``generations_path`` and write the output directory; returns the summary."""
     out_dir = os.path.abspath(out_dir)
+    source = os.path.realpath(generations_path)
+    if source.startswith(os.path.realpath(out_dir) + os.sep):
+        raise UserInputError(f"--out {out_dir} holds the --generations file, which writing there would replace; "
+                             "choose another folder")
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise UserInputError(f"--out {out_dir}: exists and is not a directory")

@@ -91,13 +91,22 @@ def tokenizer_files(directory: str | Path) -> list[Path]:
     return found + [directory / name for name in COMPANION_FILES if (directory / name).is_file()]
 
 
-def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None) -> None:
-    """A save target must not exist, or be an empty folder, or (``overwrite``) be a folder.
+def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None,
+                           inputs: tuple[tuple[str, str | Path], ...] = ()) -> None:
+    """A save target must not exist, or be an empty folder, or (``overwrite``) be a folder; and it must
+    not be, or hold, one of ``inputs`` ((flag, path) pairs: what the command reads), which replacing
+    it would delete.
 
     ``label`` names the target the way a command line does (e.g. ``"--save /out"``) and adds the
     ``--overwrite`` hint; errors name the bare path by default.
     """
     directory = Path(directory)
+    target = directory.resolve()
+    for flag, source in inputs:
+        source = Path(source).resolve()
+        if source == target or target in source.parents:
+            raise UserInputError(f"{label or directory} {'is' if source == target else 'holds'} the {flag} "
+                                 "input, which writing there would replace; choose another folder")
     if not directory.exists():
         return
     if not directory.is_dir():
