@@ -355,6 +355,12 @@ HF_BAD_INPUTS = {
         "unexpected tensor model.extra.weight",
     ),
     "shape_mismatch": (lambda d: _edit_config(d, intermediate_size=96), "but config.json implies [64, 96]"),
+    "string_field": (lambda d: _edit_config(d, num_hidden_layers="two"), "num_hidden_layers must be a positive integer, "
+                                                                          "got 'two'"),
+    "fractional_field": (lambda d: _edit_config(d, num_hidden_layers=2.7), "num_hidden_layers must be a positive "
+                                                                            "integer, got 2.7"),
+    "list_field": (lambda d: _edit_config(d, hidden_size=[64]), "hidden_size must be a positive integer, got [64]"),
+    "string_flag": (lambda d: _edit_config(d, tie_word_embeddings="yes"), "tie_word_embeddings must be true or false"),
     "truncated_file": (_truncate, "truncated safetensors file"),
     "corrupt_file": (_corrupt_header, "corrupt"),
     "no_safetensors": (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors files"),
@@ -418,6 +424,13 @@ def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):
     (corrupt / "renio_model.json").write_text("{not json")
     proc = _cli("megatron_to_hf", "--load", str(corrupt), "--save", str(save))
     _assert_one_line_error(proc, "corrupt checkpoint metadata", save)
+    metadata = json.loads((converted["ckpt"] / "qwen2" / "renio_model.json").read_text())
+    for field, value, expected in (("hidden_size", "64x", "hidden_size must be a positive integer, got '64x'"),
+                                   ("vocab_size", "191", "vocab_size must be a positive integer, got '191'"),
+                                   ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false, got 1")):
+        (corrupt / "renio_model.json").write_text(json.dumps({**metadata, "preset": {**metadata["preset"], field: value}}))
+        proc = _cli("megatron_to_hf", "--load", str(corrupt), "--save", str(save))
+        _assert_one_line_error(proc, f"corrupt checkpoint metadata (ValueError: {expected})", save)
 
     save.mkdir()
     (save / "keep.txt").write_text("mine")

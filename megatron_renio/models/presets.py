@@ -20,6 +20,25 @@ SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCaus
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
 
 
+def _check_fields(obj) -> None:
+    """ValueError naming the first field of a preset dataclass whose value has the wrong type or is not
+    positive: ints (not bools) > 0, floats (ints allowed) > 0 and finite, bools, as annotated."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.type == "int":
+            ok, allowed = type(value) is int and value > 0, "a positive integer"
+        elif f.type == "float":
+            ok, allowed = type(value) in (int, float) and 0 < value < float("inf"), "a positive number"
+        elif f.type == "bool":
+            ok, allowed = type(value) is bool, "true or false"
+        elif f.type == "str":
+            ok, allowed = type(value) is str, "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Llama3RopeScaling:
     """Llama-3.x RoPE frequency scaling (``rope_type: llama3`` in HF configs)."""
@@ -28,6 +47,9 @@ class Llama3RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        _check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,17 @@ class ModelPreset:
     rope_scaling: Llama3RopeScaling | None = None
     bos_token_id: int | tuple[int, ...] | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        """ValueError naming the first field of the wrong type (a hand-edited ``renio_model.json``, say)."""
+        _check_fields(self)
+        if not (self.rope_scaling is None or isinstance(self.rope_scaling, Llama3RopeScaling)):
+            raise ValueError(f"rope_scaling must be a llama3 scaling or none, got {self.rope_scaling!r}")
+        for name in _TOKEN_ID_FIELDS:
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) else (value,)
+            if value is not None and not all(type(i) is int and i >= 0 for i in ids):
+                raise ValueError(f"{name} must be a token id, a list of token ids or none, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,12 +200,13 @@ def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling
         return None
     if rope_type != "llama3":
         raise UserInputError(f"{source}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
-    return Llama3RopeScaling(
-        factor=float(rope_scaling["factor"]),
-        low_freq_factor=float(rope_scaling.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(rope_scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(rope_scaling.get("original_max_position_embeddings", 8192)),
-    )
+    if "factor" not in rope_scaling:
+        raise UserInputError(f"{source}: rope_scaling has no 'factor'")
+    try:
+        return Llama3RopeScaling(**{f.name: rope_scaling[f.name] for f in dataclasses.fields(Llama3RopeScaling)
+                                    if rope_scaling.get(f.name) is not None})
+    except ValueError as e:
+        raise UserInputError(f"{source}: rope_scaling.{e}") from None
 
 
 def _token_ids(config: dict, name: str, source: str) -> int | tuple[int, ...] | None:
@@ -194,14 +228,22 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
-    def field(name, default=None):
-        value = config.get(name, default)
+    def field(name, default=None, kind=int):
+        """config[name] (``default`` when absent or null) checked as a positive ``kind``, as ModelPreset holds it."""
+        value = config.get(name)
+        value = default if value is None else value
         if value is None:
             raise UserInputError(f"{source}: missing field {name!r}")
-        return value
+        if kind is int and not (type(value) is int and value > 0):
+            raise UserInputError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if kind is float and not (type(value) in (int, float) and 0 < value < float("inf")):
+            raise UserInputError(f"{source}: {name} must be a positive number, got {value!r}")
+        if kind is bool and type(value) is not bool:
+            raise UserInputError(f"{source}: {name} must be true or false, got {value!r}")
+        return kind(value)
 
-    heads = int(field("num_attention_heads"))
-    hidden = int(field("hidden_size"))
+    heads = field("num_attention_heads")
+    hidden = field("hidden_size")
     rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
     rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
@@ -209,19 +251,19 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         raise UserInputError(f"{source}: sliding-window attention is not supported")
     return ModelPreset(
         architecture=architecture,
-        num_layers=int(field("num_hidden_layers")),
+        num_layers=field("num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=int(field("intermediate_size")),
+        ffn_hidden_size=field("intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads),
-        vocab_size=int(field("vocab_size")),
-        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
-        rope_theta=float(rope_theta),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        num_query_groups=field("num_key_value_heads", heads),
+        head_dim=field("head_dim", hidden // heads),
+        vocab_size=field("vocab_size"),
+        max_position_embeddings=field("max_position_embeddings", 32768),
+        rope_theta=field("rope_theta", rope_theta, float),
+        rms_norm_eps=field("rms_norm_eps", 1e-6, float),
         qk_layernorm=architecture == "Qwen3ForCausalLM",
-        add_qkv_bias=architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        add_qkv_bias=architecture == "Qwen2ForCausalLM" or field("attention_bias", False, bool),
+        tie_word_embeddings=field("tie_word_embeddings", False, bool),
         rope_scaling=_llama3_scaling(scaling, source),
         bos_token_id=_token_ids(config, "bos_token_id", source),
         eos_token_id=_token_ids(config, "eos_token_id", source),
