@@ -19,7 +19,12 @@ The patches, each with the Megatron-Core files that need it:
    ``pipeline_parallel/schedules.py`` (``total_num_tokens``), ``optimizer/optimizer.py`` and
    ``optimizer/clip_grads.py`` (``found_inf``, norms), ``transformer/utils.py`` (attention masks),
    ``dist_checkpointing/exchange_utils.py``. Patching the factory functions works in every thread
-   (a ``TorchFunctionMode`` would only cover the thread that entered it).
+   (a ``TorchFunctionMode`` would only cover the thread that entered it). torch's default-device
+   context (``with torch.device("meta")``, which transformers' ``from_pretrained`` builds models
+   under) recognises factories by identity in a cached set, so that set is filled with the original
+   functions before they are patched; filled later, it would hold the wrappers, and a model built
+   in the same process would get some buffers (RoPE's ``inv_freq``) on the wrong device, left
+   uninitialised.
 4. ``Tensor.cuda()`` returns the tensor itself: ``optimizer/optimizer.py``,
    ``optimizer/distrib_optimizer.py``, ``dist_checkpointing/exchange_utils.py``.
 5. ``Tensor.type()`` without arguments reports the ``torch.cuda.*Tensor`` name that
@@ -171,6 +176,9 @@ def activate() -> None:
         return
     _patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
     _patch(torch.cuda, "synchronize", lambda device=None: None)
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()  # cache the original factories (module docstring, patch 3)
     for name in _FACTORIES:
         _patch(torch, name, _redirect_device(getattr(torch, name)))
     _patch(torch.Tensor, "cuda", _tensor_cuda)

@@ -63,6 +63,33 @@ def test_activation_redirects_cuda_allocations_and_is_reversible():
     assert torch.zeros is original_zeros and not cpu_backend.is_active()
 
 
+def test_default_device_context_and_transformers_loading_still_work(tmp_path):
+    """torch's default-device context recognises the patched factories (the set it caches holds the
+    originals), so transformers' from_pretrained, which builds under the meta device, loads a model
+    whose RoPE buffer is computed (it was uninitialised memory), in a process where the backend is on."""
+    import transformers
+
+    from megatron_renio import cpu_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is about a machine without CUDA")
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).model.rotary_emb.inv_freq
+    from torch.utils._device import _device_constructors
+
+    _device_constructors.cache_clear()  # as in a fresh process
+    cpu_backend.activate()
+    try:
+        with torch.device("meta"):
+            assert torch.tensor([1.0]).device.type == "meta" and torch.arange(3).device.type == "meta"
+        got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).model.rotary_emb.inv_freq
+    finally:
+        cpu_backend.deactivate()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_rng_tracker_forks_per_rank_streams_and_restores_the_default():
     from megatron_renio.cpu_backend import CPURNGStatesTracker
 
