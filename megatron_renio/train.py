@@ -119,6 +119,27 @@ def _replica_states(state: dict) -> list[dict]:
     return states
 
 
+def _step_counts(completions: list[list[int]], eos: list[int], max_new_tokens: int, generated: int,
+                 positions: int, device) -> dict[str, float]:
+    """This step's rollout and batch counts summed over the data-parallel replicas (collective over the
+    DP group; every rank of a replica holds the same completions): completions, their total and largest
+    length, those cut at ``max_new_tokens`` without a stop id, tokens generated, and sequence positions
+    computed by one model (padding included)."""
+    from megatron.core import parallel_state
+
+    lengths = [len(c) for c in completions]
+    cut = sum(n >= max_new_tokens and (not c or c[-1] not in eos) for n, c in zip(lengths, completions))
+    sums = torch.tensor([len(lengths), sum(lengths), cut, generated, positions], dtype=torch.float64, device=device)
+    longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64, device=device)
+    group = parallel_state.get_data_parallel_group()
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(sums, group=group)
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX, group=group)
+    count, total, cut, generated, positions = sums.tolist()
+    return {"completions": count, "length_sum": total, "cut": cut, "generated": generated, "positions": positions,
+            "longest": longest.item()}
+
+
 def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
     """The saved normaliser state that data-parallel replica ``dp_rank`` resumes from: its own at the
     same DP size (every TP and PP rank of the replica takes the same one), replica ``dp_rank mod`` the
@@ -277,22 +298,21 @@ def run(cfg: TrainConfig) -> dict:
                 _save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, indices,
                               rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
-            lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float64)
-            hit_limit = float(sum(len(c) >= cfg.max_new_tokens and (not c or c[-1] not in eos) for c in rollout.completions))
             step_time = time.perf_counter() - t0
-            # every sequence position of both models is computed (padding included)
-            tokens_computed = float(batch.student.tokens.numel())
+            # every sequence position of both models is computed (padding included); all replicas
+            counts = _step_counts(rollout.completions, eos, cfg.max_new_tokens, rollout.num_generated_tokens,
+                                  batch.student.tokens.numel(), ctx.device)
             metrics = {
                 "loss": result.loss,
                 "skipped": not ok,
                 "skipped_total": skipped_total,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "lr": scheduler.get_lr(optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else cfg.lr,
-                "completion_length_mean": float(lengths.mean()),
-                "completion_length_max": float(lengths.max()),
-                "completion_hit_limit_fraction": hit_limit / max(len(lengths), 1),
-                "rollout_tokens_per_s": rollout.num_generated_tokens / max(t_rollout, 1e-9),
-                "train_tokens_per_s": tokens_computed / max(t_fwd_bwd, 1e-9),
+                "completion_length_mean": counts["length_sum"] / max(counts["completions"], 1),
+                "completion_length_max": counts["longest"],
+                "completion_hit_limit_fraction": counts["cut"] / max(counts["completions"], 1),
+                "rollout_tokens_per_s": counts["generated"] / max(t_rollout, 1e-9),
+                "train_tokens_per_s": counts["positions"] / max(t_fwd_bwd, 1e-9),
                 "time_rollout_s": t_rollout,
                 "time_forward_backward_s": t_fwd_bwd,
                 "time_optimizer_s": t_opt,
@@ -300,10 +320,10 @@ def run(cfg: TrainConfig) -> dict:
                 "skipped_prompts_too_long": prompts.skipped_too_long,
                 **{k: v for k, v in result.stats.items() if k != "loss"},
             }
-            if peak_flops:  # this rank's share of the model FLOPs over its peak
+            if peak_flops:  # the model FLOPs of every replica over the peak of every rank
                 flops_per_token = (3 * C.forward_flops_per_position(student_info.preset, batch.seq_len)
                                    + C.forward_flops_per_position(teacher_info.preset, batch.seq_len))
-                world_flops = flops_per_token * tokens_computed * ctx.dp_size
+                world_flops = flops_per_token * counts["positions"]
                 metrics["mfu"] = world_flops / max(t_fwd_bwd, 1e-9) / (peak_flops * ctx.world_size)
             if torch.cuda.is_available():
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9

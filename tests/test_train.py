@@ -91,14 +91,20 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": scope}
     runs = {"tp1": ({}, 1), "tp2": ({"--tensor-model-parallel-size": 2}, 2),
             "pp2": ({"--pipeline-model-parallel-size": 2}, 2), "dp2": ({}, 2)}
-    losses = {}
+    losses, rollouts = {}, {}
     for name, (extra, nproc) in runs.items():
         path = workdir / f"opd_{name}.jsonl"
         train(base_args(workdir, **opd, **extra, **{"--metrics-file": path}), nproc=nproc)
-        losses[name] = [m["loss"] for m in read_jsonl(path)]
+        metrics = read_jsonl(path)
+        losses[name] = [m["loss"] for m in metrics]
+        rollouts[name] = [[m[key] for key in ("completion_length_mean", "completion_length_max",
+                                              "completion_hit_limit_fraction")] for m in metrics]
+        for m in metrics:  # the rollout statistics and throughput count every replica's 4 completions
+            assert m["rollout_tokens_per_s"] * m["time_rollout_s"] == pytest.approx(4 * m["completion_length_mean"])
     assert len(losses["tp1"]) == 2 and all(l > 0 for l in losses["tp1"])
     for name in ("tp2", "pp2", "dp2"):
         assert losses[name] == pytest.approx(losses["tp1"], rel=1e-4), name
+        assert rollouts[name] == rollouts["tp1"], name
 
 
 def straight_and_resumed(workdir, name: str, common: dict, stop: dict, resume: dict):
