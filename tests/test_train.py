@@ -445,20 +445,23 @@ def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
     assert [p.name for p in tmp_path.glob("iter_*")] == ["iter_0000003"]
 
 
-def test_forward_flops_match_a_flop_count_of_the_hf_model():
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-untied", "tiny-qwen2", "tiny-llama3"])
+def test_forward_flops_match_a_flop_count_of_the_hf_model(name):
     """forward_flops_per_position against torch's FLOP counter on the transformers model of the same
-    preset (eager attention: the full S x S scores and values, twice the causal half counted here)."""
+    preset (eager attention: the full S x S scores and values, twice the causal half counted here);
+    tied and untied output layers, QKV biases."""
     import transformers
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_renio.models.presets import get_preset, hf_config_dict
     from megatron_renio.training.components import forward_flops_per_position
 
-    preset, seq = get_preset("tiny-qwen3"), 64
-    config = transformers.Qwen3Config(**{k: v for k, v in hf_config_dict(preset, "float32").items()
-                                         if k not in ("architectures", "model_type")})
+    preset, seq = get_preset(name), 64
+    fields = hf_config_dict(preset, "float32")
+    config = transformers.AutoConfig.for_model(fields.pop("model_type"),
+                                               **{k: v for k, v in fields.items() if k != "architectures"})
     config._attn_implementation = "eager"  # attention as matmuls, which the counter sees
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, seq, dtype=torch.long))
     full_attention_extra = 2 * preset.num_layers * seq * preset.num_attention_heads * preset.head_dim
