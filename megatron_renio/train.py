@@ -148,11 +148,17 @@ def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
     return states if isinstance(states, dict) else states[dp_rank % len(states)]
 
 
-def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], completions: list[list[int]],
+def rows_of_prompts(indices: list[int], samples_per_prompt: int) -> list[int]:
+    """The prompt record of each row of a step's batch: ``samples_per_prompt`` consecutive rows per
+    index of ``indices`` (the student's and the teacher's prompts, and the saved samples, all read it)."""
+    return [i for i in indices for _ in range(samples_per_prompt)]
+
+
+def _save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], completions: list[list[int]],
                   per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
     """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
-    step, rank (DP), index (row in this rank's batch), prompt_index (record of ``--data-path``, after
-    the too-long filter), completion (text), completion_ids (EOS included when generated), num_tokens,
+    step, rank (DP), index (row in this rank's batch), prompt_index (``records[index]``: record of
+    ``--data-path``, after the too-long filter), completion (text), completion_ids (EOS included when generated), num_tokens,
     weight (the ReNIO weight applied, 1 without ``--renio``), raw_weight (exp(a_i / gamma) before
     normalisation), sample_loss (L_i); with ``--task math`` and an answer in the record also answer and
     correct (:func:`~megatron_renio.eval.math_grader.grade_math`). The fields read by
@@ -161,8 +167,7 @@ def _save_samples(path: Path, iteration: int, dp_rank: int, indices: list[int], 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        for row, ids in enumerate(completions):
-            prompt_index = indices[row // cfg.samples_per_prompt]
+        for row, (prompt_index, ids) in enumerate(zip(records, completions)):
             text = tokenizer.decode(ids)
             record = {
                 "step": iteration, "rank": dp_rank, "index": row, "prompt_index": prompt_index,
@@ -257,9 +262,9 @@ def run(cfg: TrainConfig) -> dict:
     try:
         while iteration < cfg.train_iters:
             t0 = time.perf_counter()
-            indices = sampler.next_batch()
-            s_prompts = [prompts.student[i] for i in indices for _ in range(cfg.samples_per_prompt)]
-            t_prompts = [prompts.teacher[i] for i in indices for _ in range(cfg.samples_per_prompt)]
+            records = rows_of_prompts(sampler.next_batch(), cfg.samples_per_prompt)
+            s_prompts = [prompts.student[i] for i in records]
+            t_prompts = [prompts.teacher[i] for i in records]
             # one seed per step for every replica; the noise is keyed by global sample row, so DP=1 and
             # DP=N sample the same completions for the same prompts
             rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=true_vocab,
@@ -295,7 +300,7 @@ def run(cfg: TrainConfig) -> dict:
             iteration += 1
             if cfg.save_samples_interval and iteration % cfg.save_samples_interval == 0 and result.per_sample \
                     and ctx.tp_rank == 0:
-                _save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, indices,
+                _save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, records,
                               rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             step_time = time.perf_counter() - t0

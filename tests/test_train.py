@@ -270,6 +270,23 @@ def test_bad_data_gives_one_line_error(workdir, mutate, expected):
     assert re.search(expected, lines[-1]), lines[-1]
 
 
+def test_samples_per_prompt_rows_share_their_prompt(workdir):
+    """--samples-per-prompt 2 at DP=2: each prompt fills two consecutive rows of a rank's batch, for the
+    student's and the teacher's prompts alike (one mapping, ``rows_of_prompts``), and its two samples
+    draw different noise; the saved samples name each row's prompt."""
+    from megatron_renio.train import rows_of_prompts
+
+    assert rows_of_prompts([7, 3], 2) == [7, 7, 3, 3] and rows_of_prompts([5], 3) == [5, 5, 5]
+    save = workdir / "grouped"
+    train(base_args(workdir, **{"--samples-per-prompt": 2, "--train-iters": 1, "--save": save,
+                                "--save-samples-interval": 1, "--rollout-temperature": 2.0}), nproc=2)
+    for rank in (0, 1):
+        rows = read_jsonl(save / f"samples_rank{rank}.jsonl")
+        assert [r["index"] for r in rows] == [0, 1]
+        assert rows[0]["prompt_index"] == rows[1]["prompt_index"]
+        assert rows[0]["completion_ids"] != rows[1]["completion_ids"]
+
+
 def test_prompts_longer_than_seq_length_are_skipped_or_refused(workdir):
     proc = train(base_args(workdir, **{"--seq-length": 64, "--max-new-tokens": 8}), check=False)
     assert proc.returncode == 2
