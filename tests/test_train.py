@@ -88,7 +88,12 @@ def base_args(root, **overrides):
 @pytest.mark.parametrize("scope", ["global"])
 def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     """OPD with a separate, wider teacher: TP=2, PP=2 and DP=2 give the single-process losses."""
-    opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": scope}
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+    from megatron_renio.training.components import forward_flops_per_position
+
+    presets = {name: read_checkpoint_metadata(workdir / "ckpt" / name).preset for name in ("student", "teacher")}
+    opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": scope,
+           "--peak-tflops": 1}
     runs = {"tp1": ({}, 1), "tp2": ({"--tensor-model-parallel-size": 2}, 2),
             "pp2": ({"--pipeline-model-parallel-size": 2}, 2), "dp2": ({}, 2)}
     losses, rollouts = {}, {}
@@ -101,6 +106,13 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
                                               "completion_hit_limit_fraction")] for m in metrics]
         for m in metrics:  # the rollout statistics and throughput count every replica's 4 completions
             assert m["rollout_tokens_per_s"] * m["time_rollout_s"] == pytest.approx(4 * m["completion_length_mean"])
+            if name != "dp2":  # one replica: 4 rows of L positions, 3 student forwards + 1 teacher's per position
+                positions = m["train_tokens_per_s"] * m["time_forward_backward_s"]
+                length = round(positions / 4)
+                assert positions == pytest.approx(4 * length)
+                flops = (3 * forward_flops_per_position(presets["student"], length)
+                         + forward_flops_per_position(presets["teacher"], length)) * positions
+                assert m["mfu"] == pytest.approx(flops / m["time_forward_backward_s"] / (1e12 * nproc))
     assert len(losses["tp1"]) == 2 and all(l > 0 for l in losses["tp1"])
     for name in ("tp2", "pp2", "dp2"):
         assert losses[name] == pytest.approx(losses["tp1"], rel=1e-4), name
