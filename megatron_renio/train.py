@@ -148,6 +148,16 @@ def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
     return states if isinstance(states, dict) else states[dp_rank % len(states)]
 
 
+def _check_resumed_settings(state: dict, cfg: TrainConfig) -> None:
+    """One line when ``--mode`` or ``--teacher`` differs from the run being resumed: either changes the
+    prompts or the teacher that the run distils from (checkpoints of earlier versions record neither)."""
+    for flag, key in (("--mode", "mode"), ("--teacher", "teacher")):
+        saved = state.get(key)
+        if saved is not None and saved != getattr(cfg, key):
+            raise UserInputError(f"--load {cfg.load}: the run was saved with {flag} {saved}; resume it with the "
+                                 f"same {flag} (another one changes the prompts or the teacher it distils from)")
+
+
 def rows_of_prompts(indices: list[int], samples_per_prompt: int) -> list[int]:
     """The prompt record of each row of a step's batch: ``samples_per_prompt`` consecutive rows per
     index of ``indices`` (the student's and the teacher's prompts, and the saved samples, all read it)."""
@@ -193,7 +203,8 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_renio.rollout.generate import generate
     from megatron_renio.rollout.sampling import SamplingConfig
     from megatron_renio.training import components as C
-    from megatron_renio.training.checkpointing import load_training_checkpoint, save_training_checkpoint
+    from megatron_renio.training.checkpointing import (load_training_checkpoint, read_train_state,
+                                                       save_training_checkpoint)
     from megatron_renio.training.ema import EmaTeacher
     from megatron_renio.training.paired import PairedModel
     from megatron_renio.training.step import DistillationStep
@@ -238,6 +249,9 @@ def run(cfg: TrainConfig) -> dict:
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0
     if cfg.load:
+        saved = read_train_state(cfg.load)
+        if saved is not None:
+            _check_resumed_settings(saved, cfg)
         state = load_training_checkpoint(cfg.load, student=student, optimizer=optimizer, teacher=ema)
         if state is not None:
             iteration = state["iteration"]
@@ -346,7 +360,8 @@ def run(cfg: TrainConfig) -> dict:
                     teacher=ema,
                     tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
                     keep_last=cfg.keep_last,
-                    train_state={"iteration": iteration, "skipped_total": skipped_total, "sampler": sampler.state_dict(),
+                    train_state={"iteration": iteration, "skipped_total": skipped_total, "mode": cfg.mode,
+                                 "teacher": cfg.teacher, "sampler": sampler.state_dict(),
                                  "normalizer": _replica_states(normalizer.state_dict()),
                                  "scheduler": scheduler.state_dict()},
                 )

@@ -1,5 +1,6 @@
 """The trainer through its real command line: layouts, resume, skipped steps, EMA teacher, bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -321,7 +322,8 @@ def test_bad_flags_and_paths(workdir, overrides, expected):
 
 def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
     """--load without a checkpoint is refused (a typo, or a model checkpoint), except when it is also --save:
-    the first launch of a requeued job starts fresh and says so."""
+    the first launch of a requeued job starts fresh and says so. Resuming with another --mode or --teacher
+    is refused."""
     student = workdir / "ckpt" / "student"
     for load, expected in ((workdir / "no_such_run", f"--load {workdir / 'no_such_run'} holds no checkpoint to "
                                                       "resume (no such folder)"),
@@ -334,6 +336,12 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
     assert f"no checkpoint in {run} yet: starting a new run" in proc.stdout + proc.stderr
     proc = train(base_args(workdir, **{"--load": run / "iter_0000001", "--train-iters": 2}), check=False)
     assert f"pass --load {run} (its run folder) to resume, or --student-load" in proc.stderr.strip().splitlines()[-1]
+    for change, saved in (({"--teacher": "ema"}, "--teacher fixed"),
+                          ({"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher"},
+                           "--mode opsd")):
+        proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 2, **change}), check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"--load {run}: the run was saved with {saved}; resume it with the same" in proc.stderr.splitlines()[-1]
 
 
 def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
@@ -349,7 +357,7 @@ def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
            f"--master-port={free_port()}", "-m", "megatron_renio.train"]
     args = base_args(workdir, **{"--train-iters": 1000, "--save": save, "--metrics-file": path})
     proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 1):
@@ -359,8 +367,9 @@ def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
         rank1.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a failed run: end the launcher and its workers (its own session)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, err[-3000:]
     assert "exiting after iteration" in out and "SIGTERM received" in out
     steps = len(read_jsonl(path))

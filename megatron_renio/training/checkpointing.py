@@ -157,6 +157,20 @@ def save_training_checkpoint(
     return final
 
 
+def read_train_state(root: str | Path) -> dict | None:
+    """The ``train_state`` of the latest checkpoint under ``root`` (None when there is none), read
+    without loading anything else: a resume checks its settings before the models load."""
+    iteration = latest_iteration(root)
+    return None if iteration is None else _load_train_state(iteration_dir(root, iteration))
+
+
+def _load_train_state(path: Path) -> dict:
+    state_file = path / "train_state.pt"
+    if not state_file.is_file():
+        raise UserInputError(f"{path}: {state_file.name} missing (incomplete checkpoint)")
+    return torch.load(state_file, weights_only=False)
+
+
 def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=None) -> dict | None:
     """Collective: restore the latest checkpoint under ``root``; returns its ``train_state`` (None when
     ``root`` holds no checkpoint yet). A rank that finds its own RNG file (the same world size) continues
@@ -177,7 +191,7 @@ def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=No
     optimizer_dir = path / "optimizer"
     if not optimizer_dir.is_dir():
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
-    train_state = torch.load(path / "train_state.pt", weights_only=False)
+    train_state = _load_train_state(path)
     saved_distributed = train_state.pop("distributed_optimizer", _distributed(optimizer))
     if saved_distributed != _distributed(optimizer):
         said = "with" if saved_distributed else "without"
