@@ -21,6 +21,50 @@ LOSSES = ("forward_kl", "reverse_kl", "jsd", "sampled_rkl")
 RENIO_NORMS = ("none", "batch_mean", "ema", "clamp")
 RENIO_SCOPES = ("local", "global")
 TEACHERS = ("fixed", "ema", "separate")
+MODES = ("opd", "opsd")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+LOSS_IMPLS = ("auto", "fused", "unfused")
+TASKS = ("math", "coding")
+# The allowed values of the flags that name a choice (``--help`` lists them; ``validate`` checks them).
+CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS_IMPLS, "renio_norm": RENIO_NORMS,
+           "renio_scope": RENIO_SCOPES, "lr_decay_style": LR_DECAY_STYLES, "task": TASKS}
+# What a flag does, for ``--help`` (flags with Megatron-LM's names and meanings are not repeated here).
+HELP = {
+    "mode": "opd: a separate teacher model; opsd: on-policy self-distillation, the teacher sees the "
+            "solution in its prompt",
+    "teacher": "fixed: a frozen copy of the initial student; ema: its exponential moving average "
+               "(--ema-decay); separate: the model of --teacher-load / --teacher-model",
+    "student_load": "model checkpoint folder (converted with checkpoints_conversion.hf_to_megatron)",
+    "teacher_load": "model checkpoint folder of the separate teacher (--teacher separate)",
+    "model": "named preset to build the student from, randomly initialised (instead of --student-load)",
+    "teacher_model": "named preset of the separate teacher, randomly initialised",
+    "load": "run folder to resume (a --save folder); may be empty only when it is the --save folder",
+    "override_save": "start a new run in a --save folder that holds checkpoints",
+    "loss": "per-token divergence (jsd with --kd-beta), or sampled_rkl: the sampled-token reverse KL",
+    "kd_beta": "JSD mixture weight (0 = forward KL, 1 = reverse KL)",
+    "kd_temperature": "temperature of both models' distributions in the loss",
+    "kd_token_clip": "clamp of each vocabulary entry of the divergence to [0, k]; none = no clamp",
+    "kd_top_k": "renormalise the teacher to its top k tokens (not fused); none = full vocabulary",
+    "loss_impl": "auto / fused: the fused vocab-parallel loss (Triton on GPUs); unfused: plain autograd",
+    "renio": "weight each sample by its ReNIO weight",
+    "renio_clip": "clip c of the log-ratio s - u",
+    "renio_threshold": "tokens with a clipped log-ratio >= this are pivotal",
+    "renio_temperature": "weight = exp(mean pivotal log-ratio / temperature)",
+    "renio_norm": "how the weights are normalised",
+    "renio_scope": "local: per micro-batch, as the reference; global: over every micro-batch and DP rank",
+    "renio_max_weight": "cap of a normalised weight (batch_mean, ema)",
+    "rollout_temperature": "sampling temperature of the student's rollout",
+    "max_new_tokens": "longest completion of the rollout",
+    "samples_per_prompt": "completions per prompt (consecutive rows of the batch)",
+    "data_path": "prompt files: JSONL or parquet",
+    "task": "how completions are graded in the saved samples",
+    "peak_tflops": "per-device peak TFLOP/s for the MFU log; 0 = known GPUs by name",
+    "metrics_file": "JSONL of the step metrics (without it: --save/metrics.jsonl)",
+    "save_samples_interval": "every N steps, write each completion with its weight to --save/samples_rank*.jsonl",
+    "max_skipped_steps": "stop after this many non-finite steps in a row",
+    "keep_last": "checkpoints kept in --save",
+    "debug": "show tracebacks instead of one-line errors",
+}
 
 
 @dataclass
@@ -159,17 +203,23 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per :class:`TrainConfig` field, typed from the field's default."""
+    """One flag per :class:`TrainConfig` field, typed from the field's default; ``--help`` shows what it
+    does (:data:`HELP`), its allowed values (:data:`CHOICES`) and its default."""
     parser = _OneLineErrorParser(prog="megatron_renio.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file whose keys are flag names; CLI flags override it")
     for f in dataclasses.fields(TrainConfig):
         flag = _flag(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        words = [HELP.get(f.name), f"one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else None,
+                 f"default: {'none' if default is None else default}"]
+        text = "; ".join(w for w in words if w).replace("%", "%%")
         if f.name == "data_path":
-            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help="JSONL or parquet files")
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)
         elif isinstance(f.default, bool):
-            parser.add_argument(flag, nargs="?", const=True, type=_kind(f), default=argparse.SUPPRESS)
+            parser.add_argument(flag, nargs="?", const=True, type=_kind(f), default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag, type=_kind(f), default=argparse.SUPPRESS)
+            parser.add_argument(flag, type=_kind(f), default=argparse.SUPPRESS, metavar=flag[2:].upper().replace("-", "_")
+                                if f.name not in CHOICES else "{" + ",".join(CHOICES[f.name]) + "}", help=text)
     return parser
 
 
@@ -264,16 +314,13 @@ def validate(c: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(c, name) < 1, _flag(name), "in [0, 1)", getattr(c, name))
     _check(c.adam_eps > 0, "--adam-eps", "> 0", c.adam_eps)
-    _check(c.lr_decay_style in ("constant", "linear", "cosine"), "--lr-decay-style", "one of constant, linear, cosine", c.lr_decay_style)
-    _check(c.mode in ("opd", "opsd"), "--mode", "one of opd, opsd", c.mode)
-    _check(c.teacher in TEACHERS, "--teacher", f"one of {', '.join(TEACHERS)}", c.teacher)
+    for name, allowed in CHOICES.items():
+        _check(getattr(c, name) in allowed, _flag(name), f"one of {', '.join(allowed)}", getattr(c, name))
     _check(0 < c.ema_decay < 1, "--ema-decay", "in (0, 1)", c.ema_decay)
-    _check(c.loss in LOSSES, "--loss", f"one of {', '.join(LOSSES)}", c.loss)
     _check(0 <= c.kd_beta <= 1, "--kd-beta", "in [0, 1]", c.kd_beta)
     _check(c.kd_temperature > 0, "--kd-temperature", "> 0", c.kd_temperature)
     _check(c.kd_token_clip is None or c.kd_token_clip > 0, "--kd-token-clip", "> 0 or none", c.kd_token_clip)
     _check(c.kd_top_k is None or c.kd_top_k >= 1, "--kd-top-k", "an integer >= 1 or none", c.kd_top_k)
-    _check(c.loss_impl in ("auto", "fused", "unfused"), "--loss-impl", "one of auto, fused, unfused", c.loss_impl)
     _check(c.renio_clip > 0, "--renio-clip", "> 0", c.renio_clip)
     _check(c.renio_temperature > 0, "--renio-temperature", "> 0", c.renio_temperature)
     from megatron_renio.renio.weights import MAX_EXPONENT, weight_exponent_bound  # here: this module imports no torch
@@ -282,12 +329,9 @@ def validate(c: TrainConfig) -> None:
            "--renio-temperature",
            f">= max(--renio-clip, -(--renio-threshold)) / {MAX_EXPONENT:g} (the weights exp(a / temperature) must "
            "stay finite in float32)", c.renio_temperature)
-    _check(c.renio_norm in RENIO_NORMS, "--renio-norm", f"one of {', '.join(RENIO_NORMS)}", c.renio_norm)
-    _check(c.renio_scope in RENIO_SCOPES, "--renio-scope", f"one of {', '.join(RENIO_SCOPES)}", c.renio_scope)
     _check(c.renio_max_weight > 0, "--renio-max-weight", "> 0", c.renio_max_weight)
     _check(c.rollout_temperature > 0, "--rollout-temperature", "> 0", c.rollout_temperature)
     _check(0 < c.rollout_top_p <= 1, "--rollout-top-p", "in (0, 1]", c.rollout_top_p)
-    _check(c.task in ("math", "coding"), "--task", "one of math, coding", c.task)
     _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
     _check(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "> 0", c.distributed_timeout_minutes)

@@ -1,8 +1,10 @@
 """Training flags: Megatron-LM names, YAML config with CLI override, one-line validation errors."""
 
+import dataclasses
+
 import pytest
 
-from megatron_renio.config import parse_train_args
+from megatron_renio.config import TrainConfig, parse_train_args
 from megatron_renio.errors import UserInputError
 
 BASE = ["--model", "tiny-qwen3", "--data-path", "train.jsonl", "--seq-length", "256", "--max-new-tokens", "32"]
@@ -161,3 +163,18 @@ def test_debug_from_a_config_file_shows_the_traceback(tmp_path):
     with pytest.raises(UserInputError, match="bad data"):
         run_command(parse_train_args, run, BASE + ["--config", str(config)])
     assert run_command(parse_train_args, run, BASE) == 2
+
+
+def test_help_names_each_flags_choices_and_default():
+    """--help shows every flag with its default, and the allowed values of the flags that name a choice
+    (the same tuples the validation checks)."""
+    from megatron_renio.config import CHOICES, build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        if f.name in CHOICES:
+            assert f"{flag} {{{','.join(CHOICES[f.name])}}}" in text and f"one of {', '.join(CHOICES[f.name])}" in text
+    assert text.count("default: ") == len(dataclasses.fields(TrainConfig))
+    assert "one of opd, opsd; default: opsd" in text
