@@ -227,6 +227,10 @@ def run(cfg: TrainConfig) -> dict:
                       if cfg.teacher == "separate" else None)
     C.check_load_source(cfg)
     C.check_save_target(cfg, student_source.preset)
+    for role, source in (("student", student_source), ("teacher", teacher_source)):
+        if source is not None and cfg.seq_length > source.preset.max_position_embeddings:
+            log0(f"note: --seq-length {cfg.seq_length} exceeds the {role}'s max_position_embeddings "
+                 f"({source.preset.max_position_embeddings}); positions beyond it were not trained")
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)
     if prompts.skipped_too_long:

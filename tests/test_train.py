@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from megatron_renio.errors import UserInputError
 from megatron_renio.training.checkpointing import iteration_dir, prune_checkpoints
 from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, subprocess_env
 
@@ -332,10 +333,17 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert expected in proc.stderr.strip().splitlines()[-1]
     run = workdir / "first_launch"
-    proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1}))
+    proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1, "--seq-length": 1024}))
     assert f"no checkpoint in {run} yet: starting a new run" in proc.stdout + proc.stderr
+    assert ("note: --seq-length 1024 exceeds the student's max_position_embeddings (512); positions beyond it were "
+            "not trained") in proc.stdout + proc.stderr
     proc = train(base_args(workdir, **{"--load": run / "iter_0000001", "--train-iters": 2}), check=False)
     assert f"pass --load {run} (its run folder) to resume, or --student-load" in proc.stderr.strip().splitlines()[-1]
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+
+    with pytest.raises(UserInputError, match=f"it is a training run folder; pass one of its checkpoints, the latest "
+                                             f"is {run / 'iter_0000001'}$"):
+        read_checkpoint_metadata(run)  # what megatron_to_hf --load, eval and score read
     for change, saved in (({"--teacher": "ema"}, "--teacher fixed"),
                           ({"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher"},
                            "--mode opsd")):

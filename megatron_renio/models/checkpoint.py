@@ -317,12 +317,14 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
         raise UserInputError(f"model checkpoint folder {directory} does not exist")
     path = directory / METADATA_FILE
     if not path.is_file():
-        hint = (
-            ": it is a Hugging Face model folder, convert it first with "
-            "python -m checkpoints_conversion.hf_to_megatron"
-            if (directory / "config.json").is_file()
-            else ""
-        )
+        from megatron_renio.training.checkpointing import LATEST, iteration_dir, latest_iteration
+
+        hint = ""
+        if (directory / "config.json").is_file():
+            hint = ": it is a Hugging Face model folder, convert it first with python -m checkpoints_conversion.hf_to_megatron"
+        elif (directory / LATEST).is_file():
+            hint = (f": it is a training run folder; pass one of its checkpoints, the latest is "
+                    f"{iteration_dir(directory, latest_iteration(directory))}")
         raise UserInputError(f"{directory} is not a model checkpoint (no {METADATA_FILE}){hint}")
     try:
         data = json.loads(path.read_text())
