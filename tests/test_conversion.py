@@ -50,6 +50,7 @@ MODELS = {  # name -> (transformers config class, config kwargs, dtype, max shar
     "qwen2_bf16": ("Qwen2Config", dict(vocab_size=200, tie_word_embeddings=False), torch.bfloat16, None),
 }
 LAYOUTS = ("tp1", "tp2", "pp2")
+DTYPE_KEYS = ("dtype", "torch_dtype")  # where config.json names the parameter dtype
 
 
 def _build_hf_model(config_class: str, kwargs: dict, seed: int):
@@ -166,6 +167,17 @@ def converted(hf_models):
     for name in [*MODELS, "llama_no_generation_config", "broken"]:
         args = ["--load", str(ckpt / name), "--save", str(back / name)]
         add(f"export:{name}", {"cli": "megatron_to_hf", "args": args})
+    # --dtype both ways, and a config.json that names no dtype (the import defaults to bf16)
+    no_dtype = root / "hf" / "qwen2_no_dtype"
+    shutil.copytree(hf_models["dirs"]["qwen2"], no_dtype)
+    config = json.loads((no_dtype / "config.json").read_text())
+    (no_dtype / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in DTYPE_KEYS}))
+    add("import:qwen2_no_dtype", {"cli": "hf_to_megatron", "args": [
+        "--hf-dir", str(no_dtype), "--save", str(ckpt / "qwen2_no_dtype")]})
+    add("import:qwen2_as_bf16", {"cli": "hf_to_megatron", "args": [
+        "--hf-dir", str(root / "hf" / "qwen2"), "--save", str(ckpt / "qwen2_as_bf16"), "--dtype", "bf16"]})
+    add("export:qwen2_to_bf16", {"cli": "megatron_to_hf", "args": [
+        "--load", str(ckpt / "qwen2"), "--save", str(back / "qwen2_to_bf16"), "--dtype", "bf16"]})
     results = dict(zip(names, _run_driver(root, jobs)))
     return {"results": results, "ckpt": ckpt, "back": back}
 
@@ -292,6 +304,110 @@ def test_checkpoint_metadata(hf_models, converted):
     assert (metadata.tokenizer_dir / "tokenizer.json").is_file()
     assert metadata.source == str(hf_models["dirs"]["qwen3"].resolve())
     assert ModelPreset.from_dict(metadata.preset.to_dict()) == metadata.preset
+
+
+def _hf_tensors(directory: Path) -> dict:
+    """Every tensor of a Hugging Face model folder, by name."""
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _checkpoint_tensors(checkpoint: Path) -> dict:
+    """Every tensor of a model checkpoint's dist checkpoint, read in this (single) process."""
+    from megatron.core.dist_checkpointing import load_plain_tensors
+
+    from tests.torchrun_harness import free_port
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        return load_plain_tensors(str(checkpoint / "model"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+VOCAB_TENSORS = {  # Megatron tensor with vocabulary rows -> its HF source tensor
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+IMPORTED = {  # checkpoint -> (source HF folder, dtype it must hold)
+    "qwen3": ("qwen3", torch.float32), "qwen2": ("qwen2", torch.float32),
+    "qwen3_bf16": ("qwen3_bf16", torch.bfloat16), "qwen2_bf16": ("qwen2_bf16", torch.bfloat16),
+    "qwen2_as_bf16": ("qwen2", torch.bfloat16),  # the fp32 folder imported with --dtype bf16
+    "qwen2_no_dtype": ("qwen2", torch.bfloat16),  # the fp32 folder whose config.json names no dtype
+}
+
+
+@pytest.mark.parametrize("name", list(IMPORTED))
+def test_import_holds_the_source_in_its_dtype_and_zero_padding(hf_models, converted, name):
+    """The saved checkpoint's vocabulary tensors hold the source rows cast to the checkpoint's dtype
+    (the source's, or --dtype) and exactly zero in the padding rows past the true vocabulary (tied
+    Qwen3: 300 of 384 rows; untied Qwen2: 200 of 256, embedding and output layer); every tensor has
+    that dtype and the metadata names it."""
+    source_name, dtype = IMPORTED[name]
+    assert converted["results"][f"import:{name}"]["rc"] == 0, converted["results"][f"import:{name}"]
+    metadata = read_checkpoint_metadata(converted["ckpt"] / name)
+    assert metadata.dtype == {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    source = _hf_tensors(hf_models["dirs"][source_name])
+    saved = _checkpoint_tensors(converted["ckpt"] / name)
+    assert all(t.dtype == dtype for t in saved.values() if t.is_floating_point())
+    vocab = metadata.preset.vocab_size
+    checked = [key for key in VOCAB_TENSORS if key in saved]
+    assert len(checked) == (1 if metadata.preset.tie_word_embeddings else 2), sorted(saved)
+    for key in checked:
+        tensor = saved[key]
+        assert tensor.shape[0] == metadata.padded_vocab_size > vocab, key
+        assert torch.equal(tensor[:vocab], source[VOCAB_TENSORS[key]].to(dtype)), key
+        assert torch.count_nonzero(tensor[vocab:]) == 0, key
+    assert torch.equal(saved["decoder.final_layernorm.weight"], source["model.norm.weight"].to(dtype))
+
+
+def test_import_without_a_dtype_in_config_json_is_bf16(hf_models, converted):
+    """hf_to_megatron: --dtype defaults to config.json's dtype / torch_dtype, and to bf16 when it
+    names none (an fp32 folder then gives a bf16 checkpoint)."""
+    source_dir = converted["ckpt"].parent / "hf" / "qwen2_no_dtype"
+    assert not set(DTYPE_KEYS) & set(json.loads((source_dir / "config.json").read_text()))
+    assert all(t.dtype == torch.float32 for t in _hf_tensors(source_dir).values())
+    result = converted["results"]["import:qwen2_no_dtype"]
+    assert result["rc"] == 0, result
+    assert read_checkpoint_metadata(converted["ckpt"] / "qwen2_no_dtype").dtype == "bf16"
+    # with the dtype named, the fp32 folder gives an fp32 checkpoint
+    assert read_checkpoint_metadata(converted["ckpt"] / "qwen2").dtype == "fp32"
+
+
+def test_export_honours_dtype_and_names_it_in_config_json(hf_models, converted):
+    """megatron_to_hf writes its tensors in --dtype (default: the checkpoint's) and config.json's
+    torch_dtype names that dtype, as transformers expects."""
+    cases = {  # export -> (source HF folder, dtype of the written tensors)
+        "qwen3": ("qwen3", torch.float32), "qwen3_bf16": ("qwen3_bf16", torch.bfloat16),
+        "qwen2_to_bf16": ("qwen2", torch.bfloat16),  # an fp32 checkpoint exported with --dtype bf16
+    }
+    for name, (source_name, dtype) in cases.items():
+        assert converted["results"][f"export:{name}"]["rc"] == 0, converted["results"][f"export:{name}"]
+        back_dir = converted["back"] / name
+        config = json.loads((back_dir / "config.json").read_text())
+        assert config["torch_dtype"] == {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype], name
+        source, back = _hf_tensors(hf_models["dirs"][source_name]), _hf_tensors(back_dir)
+        assert sorted(back) == sorted(source)
+        for key, tensor in source.items():
+            assert back[key].dtype == dtype and torch.equal(back[key], tensor.to(dtype)), (name, key)
+    assert _hf_tensors(hf_models["dirs"]["qwen2"])["lm_head.weight"].dtype == torch.float32
+
+
+def _total_size(directory: Path) -> int:
+    return json.loads((directory / safetensors_io.INDEX_FILE).read_text())["metadata"]["total_size"]
+
+
+def test_index_total_size_counts_every_byte(converted, tmp_path):
+    """model.safetensors.index.json's metadata.total_size is the bytes of all tensors (numel times
+    element size), over every shard, in the written dtype."""
+    for name in ("llama", "qwen2_bf16", "qwen2_to_bf16"):
+        tensors = _hf_tensors(converted["back"] / name)
+        assert _total_size(converted["back"] / name) == sum(t.numel() * t.element_size() for t in tensors.values())
+    tensors = {"a": torch.randn(10, 10), "b": torch.randn(300).to(torch.bfloat16), "c": torch.randn(7).half()}
+    pending = [safetensors_io.PendingTensor(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
+    assert len(safetensors_io.write_sharded(tmp_path, pending, max_shard_bytes=500)) == 3
+    assert _total_size(tmp_path) == 10 * 10 * 4 + 300 * 2 + 7 * 2
 
 
 def test_overwrite_replaces_a_non_empty_folder(converted):

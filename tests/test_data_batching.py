@@ -107,6 +107,19 @@ def test_truncation_to_seq_length():
     _check_side(batch.teacher, teacher, [[10, 11], [10, 11, EOS]], batch)
 
 
+def test_a_completion_that_exactly_fills_the_room_is_not_truncated():
+    """The room is seq_length minus the longer prompt: a completion of exactly that many tokens is
+    kept whole and not marked truncated; one token more is cut to the room and marked."""
+    batch = pack_pairs([[3, 4]], [[3, 4]], [[5] * 6], EOS, PAD, seq_length=8)  # room 8 - 2 = 6
+    assert batch.truncated.tolist() == [False]
+    assert batch.completion_ids.tolist() == [[5] * 6] and batch.seq_len == 8
+    # kept through EOS (6 tokens), the generation padding after it does not count
+    batch = pack_pairs([[3, 4]], [[3, 4, 6]], [[5, 5, 5, 5, EOS, PAD]], EOS, PAD, seq_length=8)  # room 5
+    assert batch.truncated.tolist() == [False] and batch.completion_lengths.tolist() == [5]
+    batch = pack_pairs([[3, 4]], [[3, 4]], [[5] * 7], EOS, PAD, seq_length=8)
+    assert batch.truncated.tolist() == [True] and batch.completion_lengths.tolist() == [6]
+
+
 def test_padding_to_multiple():
     batch = pack_pairs([[3]], [[3]], [[5, EOS]], EOS, PAD, seq_length=24, pad_to_multiple=6)
     assert batch.seq_len == 6

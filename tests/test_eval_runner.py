@@ -232,6 +232,31 @@ def test_benchmark_paths_may_hold_an_equals_sign(tmp_path):
         runner._load_benchmarks([f"aime={bench}"])
 
 
+def test_report_computes_pass_at_k_with_the_number_of_samples():
+    """The report's metrics from hand-graded records (benchmark, problem, sample order): avg@k is the
+    mean fraction of correct samples, pass@k (n = k) the fraction of problems with a correct sample."""
+    from megatron_renio.eval.benchmarks import BenchmarkItem
+
+    def records(name, grades):
+        return [{"benchmark": name, "correct": g, "num_tokens": 4 + 2 * s, "finished": s == 0}
+                for per_problem in grades for s, g in enumerate(per_problem)]
+
+    two = runner.Benchmark("two", [BenchmarkItem(f"q{i}", "math", "p", "1") for i in range(2)])
+    three = runner.Benchmark("three", [BenchmarkItem(f"r{i}", "math", "p", "1") for i in range(3)])
+    report = runner._report([two], records("two", [[True, False], [False, False]]), 2)["two"]
+    assert report["problems"] == 2 and report["samples_per_problem"] == 2
+    assert report["avg@2"] == pytest.approx(0.25)  # (1/2 + 0) / 2
+    assert report["pass@2"] == pytest.approx(0.5)  # one of two problems solved
+    assert report["mean_completion_tokens"] == pytest.approx(5.0)  # 4, 6, 4, 6
+    assert report["finished_fraction"] == pytest.approx(0.5)
+    graded = [[False, False, True], [False, False, False], [True, True, False]]
+    mixed = records("two", [[False, True, False], [True, True, True]]) + records("three", graded)
+    report = runner._report([two, three], mixed, 3)
+    assert report["two"]["avg@3"] == pytest.approx((1 / 3 + 1) / 2) and report["two"]["pass@3"] == pytest.approx(1.0)
+    assert report["three"]["avg@3"] == pytest.approx((1 / 3 + 0 + 2 / 3) / 3)
+    assert report["three"]["pass@3"] == pytest.approx(2 / 3)
+
+
 def test_replicas_get_a_mix_of_the_jobs():
     # Two benchmarks of 60 jobs each, the second one hard: a contiguous cut would give it all to one replica.
     order = runner._spread_order(120)

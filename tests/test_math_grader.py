@@ -100,6 +100,15 @@ def test_extract_boxed_answer(text, expected):
     assert extract_boxed_answer(text) == expected
 
 
+def test_an_escaped_brace_is_content_even_when_unbalanced():
+    """After a backslash the next character is content: a lone escaped brace neither closes nor
+    opens a level of the box."""
+    assert extract_boxed_answer(r"\boxed{a\}b}") == r"a\}b"
+    assert extract_boxed_answer(r"\boxed{x\{y} done") == r"x\{y"
+    assert extract_boxed_answer(r"\boxed{\}") is None  # the only closing brace is escaped
+    assert extract_boxed_answer(r"\boxed{1} \boxed{\}") == "1"
+
+
 def test_only_the_last_box_is_graded():
     assert grade_math(r"First \boxed{3}, no wait: \boxed{4}", "4")
     assert not grade_math(r"First \boxed{4}, no wait: \boxed{3}", "4")

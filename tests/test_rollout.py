@@ -81,6 +81,62 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(_draws(row, SamplingConfig(max_new_tokens=1, top_k=3, top_p=0.9)).tolist()) == {0, 1, 2}
 
 
+def _swept(logits_row, cfg, n=1000):
+    """Tokens drawn for one row with the uniforms (k + 0.5) / n, k < n: a deterministic sweep of
+    [0, 1), so every token of the support is drawn about n times its probability."""
+    logits = torch.tensor(logits_row, dtype=torch.float32).expand(n, -1)
+    return sample_next(logits, cfg, uniforms=(torch.arange(n, dtype=torch.float64) + 0.5) / n)
+
+
+def _log(probs):
+    return torch.log(torch.tensor(probs)).tolist()
+
+
+def test_top_p_keeps_the_most_likely_tokens_wherever_they_sit_in_the_vocabulary():
+    """The nucleus is chosen in probability order but applies to the tokens' own ids: with the most
+    likely tokens at the end of the vocabulary, top_p=0.7 keeps tokens 3 (0.5) and 2 (0.3), drawn in
+    proportion 0.5 : 0.3."""
+    draws = _swept(_log([0.05, 0.15, 0.3, 0.5]), SamplingConfig(max_new_tokens=1, top_p=0.7), n=800)
+    counts = torch.bincount(draws, minlength=4).tolist()
+    assert set(draws.tolist()) == {2, 3}
+    assert abs(counts[3] - 500) <= 1 and abs(counts[2] - 300) <= 1, counts
+    # A shuffled vocabulary: 0.4 at id 1, 0.35 at id 3 reach 0.7; 0.15 (id 0) and 0.1 (id 2) are dropped.
+    draws = _swept(_log([0.15, 0.4, 0.1, 0.35]), SamplingConfig(max_new_tokens=1, top_p=0.7))
+    assert set(draws.tolist()) == {1, 3}
+
+
+def test_top_p_applies_to_the_tempered_top_k_distribution():
+    """top_p is taken on the distribution after the temperature and the top-k cut, not on the raw
+    logits."""
+    # temperature 2: probabilities ~ sqrt([.6, .3, .1]) = [.47, .33, .19]; .47 < .5, so token 1 stays
+    # (on the raw probabilities .6 alone would reach .5)
+    hot = SamplingConfig(max_new_tokens=1, temperature=2.0, top_p=0.5)
+    assert set(_swept(_log([0.6, 0.3, 0.1]), hot).tolist()) == {0, 1}
+    # top_k=2 renormalises [.4, .35] to [.53, .47]: .53 alone reaches .5 (on the raw probabilities
+    # .4 would not, and token 1 would stay)
+    cut = SamplingConfig(max_new_tokens=1, top_k=2, top_p=0.5)
+    assert set(_swept(_log([0.4, 0.35, 0.25]), cut).tolist()) == {0}
+
+
+def test_top_p_equal_to_the_top_probability_keeps_the_top_token_only():
+    """'The smallest set whose probability reaches top_p': when the most likely token's probability
+    equals top_p exactly, that token alone reaches it."""
+    row = _log([0.5, 0.3, 0.2])
+    top = float(torch.tensor(row).softmax(-1)[0])
+    assert top == 0.5  # exact in float32, so the boundary is hit exactly
+    assert set(_swept(row, SamplingConfig(max_new_tokens=1, top_p=top)).tolist()) == {0}
+    # just above it the second token is needed
+    assert set(_swept(row, SamplingConfig(max_new_tokens=1, top_p=0.51)).tolist()) == {0, 1}
+
+
+def test_greedy_ties_go_to_the_lowest_index():
+    """Greedy decoding takes the argmax; among equal maxima, the lowest token id."""
+    cfg = SamplingConfig(max_new_tokens=1, greedy=True)
+    logits = torch.tensor([[0.0, 5.0, 5.0], [5.0, 5.0, 5.0], [-1.0, 3.0, 2.0], [1.0, 2.0, 2.0]])
+    assert sample_next(logits, cfg).tolist() == [1, 0, 1, 1]
+    assert sample_next(torch.tensor([[0.0, 5.0, 5.0]]), cfg).tolist() == [1]
+
+
 def test_same_generator_seed_same_tokens():
     cfg = SamplingConfig(max_new_tokens=1, temperature=1.3, top_p=0.95)
     row = torch.randn(100, generator=torch.Generator().manual_seed(2)).tolist()
@@ -117,6 +173,14 @@ def test_parallel_layouts_give_the_tp1_greedy_tokens(ranks, layout):
 def test_every_rank_returns_the_same_completions(ranks, layout):
     per_rank = [{k: v for k, v in rank[layout].items() if k != "sp_flags"} for rank in ranks]
     assert per_rank[0] == per_rank[1]
+
+
+@pytest.mark.parametrize("layout", ("tp2", "tp2_sp"))
+def test_tp_rank_0_decides_the_tokens(ranks, layout):
+    """Under TP, TP rank 0's sampled tokens are broadcast: when rank 1's sampler would pick other
+    tokens, both ranks still return rank 0's (the unperturbed greedy) completions."""
+    for rank in ranks:
+        assert rank[layout]["rank1_disagrees"] == ranks[0][layout]["greedy_kv"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -43,3 +43,48 @@ def test_inverse_cdf_follows_the_distribution_and_skips_zero_probability():
     assert freq[0] == 0 and freq[2] == 0
     torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
     assert int(sample_next(logits[:1], cfg, uniforms=torch.zeros(1))) == 1
+
+
+def test_a_stop_id_inside_a_longer_prompt_does_not_end_that_sample(model):
+    """Only generated tokens end a completion: a stop id that a longer prompt holds past the
+    shortest prompt's length (fed while the batch decodes the shorter one) is prompt, not EOS."""
+    eos = 2
+    short, long = [11, 12, 13], [21, 22, 23, eos, 24, eos]
+    cfg = SamplingConfig(greedy=True, max_new_tokens=6)
+    kw = dict(eos_id=eos, true_vocab_size=256, seed=0, max_sequence_length=64)
+    together = generate(model, [short, long], cfg, **kw).completions
+    alone = [generate(model, [p], cfg, **kw).completions[0] for p in (short, long)]
+    assert together[1] and together == alone
+    # the same with eos among several stop ids, and the longer prompt first
+    together = generate(model, [long, short], cfg, **{**kw, "eos_id": [7, eos]}).completions
+    assert together[0] and together == [generate(model, [p], cfg, **{**kw, "eos_id": [7, eos]}).completions[0]
+                                        for p in (long, short)]
+
+
+def test_each_position_draws_fresh_noise(model, monkeypatch):
+    """Noise is keyed by (row, position): each step of a sample draws a new uniform number (never the
+    same one at every position), the rows of a step draw different ones, and so does another seed."""
+    from megatron_renio.rollout import generate as rollout
+
+    seen = []
+
+    def recording(logits, cfg, generator=None, uniforms=None):
+        seen.append(uniforms.clone())
+        return sample_next(logits, cfg, generator, uniforms)
+
+    monkeypatch.setattr(rollout, "sample_next", recording)
+    monkeypatch.setattr(rollout, "_COMPACT_BELOW", 0.0)  # both rows stay in every step
+    cfg = SamplingConfig(temperature=1.5, max_new_tokens=8)
+    kw = dict(eos_id=2, true_vocab_size=256, seed=17, max_sequence_length=64)
+    generate(model, [[5, 6, 7], [8, 9, 10]], cfg, **kw)
+    assert len(seen) >= 2 and all(u.shape == (2,) for u in seen)
+    for row in range(2):
+        per_step = [float(u[row]) for u in seen]
+        assert len(set(per_step)) == len(per_step), per_step
+        assert all(0 <= x < 1 for x in per_step)
+    # the two samples of a step draw different numbers, and another seed draws others
+    assert all(u[0] != u[1] for u in seen)
+    first = [u.clone() for u in seen]
+    seen.clear()
+    generate(model, [[5, 6, 7], [8, 9, 10]], cfg, **{**kw, "seed": 18})
+    assert not torch.equal(seen[0], first[0])

@@ -89,6 +89,24 @@ def whole_batch_and_compactions(model):
     return whole, sizes
 
 
+def greedy_with_a_disagreeing_rank(model):
+    """Greedy completions when TP rank 1's sampler picks another token than rank 0's (the argmax
+    plus one): TP rank 0's tokens must be what every rank returns."""
+    from megatron_renio.rollout import generate as rollout
+
+    original = rollout.sample_next
+
+    def disagreeing(logits, cfg, generator=None, uniforms=None):
+        return (original(logits, cfg, generator, uniforms) + 1) % logits.size(-1)
+
+    if parallel_state.get_tensor_model_parallel_rank() == 1:
+        rollout.sample_next = disagreeing
+    try:
+        return run(model).completions
+    finally:
+        rollout.sample_next = original
+
+
 def checks(model):
     out = {}
     model.train()
@@ -97,6 +115,8 @@ def checks(model):
     out["greedy_kv"] = greedy.completions
     out["greedy_kv_generated"] = greedy.num_generated_tokens
     out["greedy_full"] = run(model, kv=False).completions
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        out["rank1_disagrees"] = greedy_with_a_disagreeing_rank(model)
     out["greedy_alone"] = [run(model, prompts=[p]).completions[0] for p in PROMPTS]
     out["greedy_whole_batch"], out["compacted_to"] = whole_batch_and_compactions(model)
     out["sampled_a"] = run(model, cfg=SAMPLED, seed=11).completions
