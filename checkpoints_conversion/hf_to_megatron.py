@@ -41,6 +41,8 @@ from megatron_renio.models.presets import ModelPreset, load_hf_config
 
 
 def _default_dtype(config: dict) -> str:
+    """The checkpoint dtype when --dtype is not given: config.json's ``dtype`` / ``torch_dtype`` when it names
+    bf16, fp16 or fp32, else bf16 (no dtype named, or another one such as float64)."""
     name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
     return next((short for short, long in HF_DTYPES.items() if long == name), "bf16")
 
