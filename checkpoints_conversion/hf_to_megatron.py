@@ -154,8 +154,8 @@ def convert(
     checkpoint without a tokenizer (with a note on stderr), an explicit one is an error.
     """
     hf_dir, save = Path(hf_dir), Path(save)
-    check_target_directory(save, overwrite, label=f"--save {save}",
-                           inputs=(("--hf-dir", hf_dir),) + ((("--tokenizer-dir", tokenizer_dir),) if tokenizer_dir else ()))
+    inputs = (("--hf-dir", hf_dir),) + ((("--tokenizer-dir", tokenizer_dir),) if tokenizer_dir else ())
+    check_target_directory(save, overwrite, label=f"--save {save}", inputs=inputs)
     preset, config, mappings, entries = plan(hf_dir)
     dtype = dtype or _default_dtype(config)
     if tokenizer_dir is not None and not tokenizer_files(tokenizer_dir):

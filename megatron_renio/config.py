@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif isinstance(f.default, bool):
             parser.add_argument(flag, nargs="?", const=True, type=_kind(f), default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag, type=_kind(f), default=argparse.SUPPRESS, metavar=flag[2:].upper().replace("-", "_")
-                                if f.name not in CHOICES else "{" + ",".join(CHOICES[f.name]) + "}", help=text)
+            metavar = "{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else f.name.upper()
+            parser.add_argument(flag, type=_kind(f), default=argparse.SUPPRESS, metavar=metavar, help=text)
     return parser
 
 

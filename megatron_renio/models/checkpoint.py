@@ -321,7 +321,8 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
 
         hint = ""
         if (directory / "config.json").is_file():
-            hint = ": it is a Hugging Face model folder, convert it first with python -m checkpoints_conversion.hf_to_megatron"
+            hint = (": it is a Hugging Face model folder, convert it first with "
+                    "python -m checkpoints_conversion.hf_to_megatron")
         elif (directory / LATEST).is_file():
             hint = (f": it is a training run folder; pass one of its checkpoints, the latest is "
                     f"{iteration_dir(directory, latest_iteration(directory))}")
