@@ -28,7 +28,7 @@ TASKS = ("math", "coding")
 # The allowed values of the flags that name a choice (``--help`` lists them; ``validate`` checks them).
 CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS_IMPLS, "renio_norm": RENIO_NORMS,
            "renio_scope": RENIO_SCOPES, "lr_decay_style": LR_DECAY_STYLES, "task": TASKS}
-# What a flag does, for ``--help`` (flags with Megatron-LM's names and meanings are not repeated here).
+# What a flag does, for ``--help`` (left out: Megatron-LM's flags, and flags whose name says it).
 HELP = {
     "mode": "opd: a separate teacher model; opsd: on-policy self-distillation, the teacher sees the "
             "solution in its prompt",
@@ -36,6 +36,11 @@ HELP = {
                "(--ema-decay); separate: the model of --teacher-load / --teacher-model",
     "student_load": "model checkpoint folder (converted with checkpoints_conversion.hf_to_megatron)",
     "teacher_load": "model checkpoint folder of the separate teacher (--teacher separate)",
+    "ema_decay": "decay of the EMA teacher (--teacher ema) per step",
+    "tokenizer": "tokenizer folder (without it: the student checkpoint's)",
+    "problem_field": "field of a data record holding the prompt",
+    "solution_field": "field holding the solution (the OPSD teacher's privileged information)",
+    "answer_field": "field holding the final answer (graded in the saved samples)",
     "model": "named preset to build the student from, randomly initialised (instead of --student-load)",
     "teacher_model": "named preset of the separate teacher, randomly initialised",
     "load": "run folder to resume (a --save folder); may be empty only when it is the --save folder",
@@ -211,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = _flag(f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         words = [HELP.get(f.name), f"one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else None,
-                 f"default: {'none' if default is None else default}"]
+                 "required" if f.name == "data_path" else f"default: {'none' if default is None else default}"]
         text = "; ".join(w for w in words if w).replace("%", "%%")
         if f.name == "data_path":
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)

@@ -29,12 +29,17 @@ from megatron_renio.training.exit_conditions import ExitConditions
 from megatron_renio.training.faults import maybe_die
 
 
+def _metrics_path(cfg: TrainConfig) -> Path | None:
+    """The JSONL metrics file: ``--metrics-file``, else ``--save/metrics.jsonl``, else none."""
+    path = cfg.metrics_file or (str(Path(cfg.save) / "metrics.jsonl") if cfg.save else None)
+    return Path(path) if path else None
+
+
 def _drop_steps_after(path: Path, iteration: int) -> None:
-    """Rewrite the JSONL metrics file ``path`` (atomically) without the records of steps after
-    ``iteration``, and without a line cut short by a killed process: a run resumed at ``iteration``
-    takes those steps again, so each step keeps one record."""
-    if not path.is_file():
-        return
+    """Rewrite the JSONL file ``path`` of per-step records (atomically) without the records of steps
+    after ``iteration``, and without a line cut short by a killed process: a run resumed at
+    ``iteration`` (0: a requeued run that had saved no checkpoint) takes those steps again, so each
+    step keeps one record."""
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -49,27 +54,26 @@ def _drop_steps_after(path: Path, iteration: int) -> None:
 
 
 class MetricsLogger:
-    """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for). A run resumed at
-    iteration ``resumed_at`` first drops the later steps of an earlier attempt from the JSONL file and
-    from TensorBoard (``purge_step``), so that each step is recorded once."""
+    """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for). A run started with
+    ``--load`` at iteration ``resumed_at`` (0 when it found no checkpoint) first drops the later steps
+    of an earlier attempt from TensorBoard (``purge_step``; the JSONL files: :func:`_drop_steps_after`),
+    so that each step is recorded once."""
 
-    def __init__(self, cfg: TrainConfig, resumed_at: int = 0):
+    def __init__(self, cfg: TrainConfig, resumed_at: int | None = None):
         self.rank0 = torch.distributed.get_rank() == 0
         self.jsonl = None
         self.tb = None
         self.wandb = None
         if not self.rank0:
             return
-        path = cfg.metrics_file or (str(Path(cfg.save) / "metrics.jsonl") if cfg.save else None)
+        path = _metrics_path(cfg)
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            if resumed_at:
-                _drop_steps_after(Path(path), resumed_at)
+            path.parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(path, "a")
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(cfg.tensorboard_dir, purge_step=resumed_at + 1 if resumed_at else None)
+            self.tb = SummaryWriter(cfg.tensorboard_dir, purge_step=None if resumed_at is None else resumed_at + 1)
         if cfg.wandb_project:
             try:
                 import wandb
@@ -120,24 +124,25 @@ def _replica_states(state: dict) -> list[dict]:
 
 
 def _step_counts(completions: list[list[int]], eos: list[int], max_new_tokens: int, generated: int,
-                 positions: int, device) -> dict[str, float]:
+                 positions: int, flops: float, device) -> dict[str, float]:
     """This step's rollout and batch counts summed over the data-parallel replicas (collective over the
     DP group; every rank of a replica holds the same completions): completions, their total and largest
-    length, those cut at ``max_new_tokens`` without a stop id, tokens generated, and sequence positions
-    computed by one model (padding included)."""
+    length, those cut at ``max_new_tokens`` without a stop id, tokens generated, sequence positions
+    computed by one model (padding included), and the model FLOPs of the replica's batch."""
     from megatron.core import parallel_state
 
     lengths = [len(c) for c in completions]
     cut = sum(n >= max_new_tokens and (not c or c[-1] not in eos) for n, c in zip(lengths, completions))
-    sums = torch.tensor([len(lengths), sum(lengths), cut, generated, positions], dtype=torch.float64, device=device)
+    sums = torch.tensor([len(lengths), sum(lengths), cut, generated, positions, flops], dtype=torch.float64,
+                        device=device)
     longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64, device=device)
     group = parallel_state.get_data_parallel_group()
     if torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(sums, group=group)
         torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX, group=group)
-    count, total, cut, generated, positions = sums.tolist()
+    count, total, cut, generated, positions, flops = sums.tolist()
     return {"completions": count, "length_sum": total, "cut": cut, "generated": generated, "positions": positions,
-            "longest": longest.item()}
+            "flops": flops, "longest": longest.item()}
 
 
 def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
@@ -226,6 +231,8 @@ def run(cfg: TrainConfig) -> dict:
     teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
                       if cfg.teacher == "separate" else None)
     C.check_load_source(cfg)
+    if cfg.load and (saved := read_train_state(cfg.load)) is not None:
+        _check_resumed_settings(saved, cfg)  # before any model is built
     C.check_save_target(cfg, student_source.preset)
     for role, source in (("student", student_source), ("teacher", teacher_source)):
         if source is not None and cfg.seq_length > source.preset.max_position_embeddings:
@@ -253,9 +260,6 @@ def run(cfg: TrainConfig) -> dict:
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0
     if cfg.load:
-        saved = read_train_state(cfg.load)
-        if saved is not None:
-            _check_resumed_settings(saved, cfg)
         state = load_training_checkpoint(cfg.load, student=student, optimizer=optimizer, teacher=ema)
         if state is not None:
             iteration = state["iteration"]
@@ -267,7 +271,12 @@ def run(cfg: TrainConfig) -> dict:
         else:
             log0(f"no checkpoint in {cfg.load} yet: starting a new run")
 
-    logger = MetricsLogger(cfg, resumed_at=iteration)
+    if cfg.load and ctx.rank == 0:  # before the first step's collectives, so before any rank appends
+        logs = [_metrics_path(cfg), *(Path(cfg.save).glob("samples_rank*.jsonl") if cfg.save else [])]
+        for path in logs:
+            if path is not None and path.is_file():
+                _drop_steps_after(path, iteration)
+    logger = MetricsLogger(cfg, resumed_at=iteration if cfg.load else None)
     progress = None
     if ctx.rank == 0:
         from tqdm import tqdm
@@ -322,9 +331,13 @@ def run(cfg: TrainConfig) -> dict:
                               rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             step_time = time.perf_counter() - t0
-            # every sequence position of both models is computed (padding included); all replicas
+            # every sequence position of both models is computed (padding included): 3 student forwards'
+            # worth (forward and backward) and the teacher's forward per position; summed over the replicas
+            positions = batch.student.tokens.numel()
+            flops = positions * (3 * C.forward_flops_per_position(student_info.preset, batch.seq_len)
+                                 + C.forward_flops_per_position(teacher_info.preset, batch.seq_len))
             counts = _step_counts(rollout.completions, eos, cfg.max_new_tokens, rollout.num_generated_tokens,
-                                  batch.student.tokens.numel(), ctx.device)
+                                  positions, flops, ctx.device)
             metrics = {
                 "loss": result.loss,
                 "skipped": not ok,
@@ -344,10 +357,7 @@ def run(cfg: TrainConfig) -> dict:
                 **{k: v for k, v in result.stats.items() if k != "loss"},
             }
             if peak_flops:  # the model FLOPs of every replica over the peak of every rank
-                flops_per_token = (3 * C.forward_flops_per_position(student_info.preset, batch.seq_len)
-                                   + C.forward_flops_per_position(teacher_info.preset, batch.seq_len))
-                world_flops = flops_per_token * counts["positions"]
-                metrics["mfu"] = world_flops / max(t_fwd_bwd, 1e-9) / (peak_flops * ctx.world_size)
+                metrics["mfu"] = counts["flops"] / max(t_fwd_bwd, 1e-9) / (peak_flops * ctx.world_size)
             if torch.cuda.is_available():
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if iteration % cfg.log_interval == 0:

@@ -61,9 +61,10 @@ def test_a_list_of_eos_ids_is_kept():
     assert hf_config_dict(preset)["eos_token_id"] == [128001, 128008, 128009]
     single = ModelPreset.from_dict(json.loads(json.dumps(get_preset("llama-3.1-8b").to_dict())))
     assert single.eos_token_id == 128009 and hf_config_dict(single)["eos_token_id"] == 128009
-    config["eos_token_id"] = [128001, "<|eot_id|>"]
-    with pytest.raises(UserInputError, match=r"^/m/config.json: eos_token_id must be a token id or a list of token"):
-        preset_from_hf_config(config, source="/m/config.json")
+    for bad in ([128001, "<|eot_id|>"], -1):
+        config["eos_token_id"] = bad
+        with pytest.raises(UserInputError, match=r"^/m/config.json: eos_token_id must be a token id or a list of "):
+            preset_from_hf_config(config, source="/m/config.json")
 
 
 def test_unsupported_architecture_lists_supported():
@@ -75,6 +76,17 @@ def test_unsupported_architecture_lists_supported():
     bad["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     with pytest.raises(UserInputError, match="rope_scaling type 'yarn' is not supported"):
         preset_from_hf_config(bad)
+    bad["rope_scaling"] = {"rope_type": "llama3", "factor": None}
+    with pytest.raises(UserInputError, match="rope_scaling has no 'factor'"):
+        preset_from_hf_config(bad)
+
+
+def test_rope_theta_from_rope_parameters_when_the_top_level_key_is_null():
+    """transformers 5 nests rope settings in rope_parameters; a config.json that also writes a null
+    rope_theta takes the nested one."""
+    config = hf_config_dict(get_preset("tiny-qwen3"))
+    config.update(rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert preset_from_hf_config(config).rope_theta == 5e5
 
 
 @pytest.mark.parametrize("vocab, tp, expected", [(151936, 1, 151936), (151936, 2, 152064), (250, 2, 256), (50, 1, 128)])

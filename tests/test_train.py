@@ -333,8 +333,15 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert expected in proc.stderr.strip().splitlines()[-1]
     run = workdir / "first_launch"
-    proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1, "--seq-length": 1024}))
+    run.mkdir()  # an earlier attempt was killed before its first checkpoint, mid-way through a record
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    (run / "samples_rank0.jsonl").write_text('{"step": 1, "index": 99}\n')
+    proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1, "--seq-length": 1024,
+                                       "--save-samples-interval": 1}))
     assert f"no checkpoint in {run} yet: starting a new run" in proc.stdout + proc.stderr
+    metrics, samples = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "samples_rank0.jsonl")
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["loss"] != 9.0  # each step recorded once
+    assert [r["index"] for r in samples] == [0, 1, 2, 3]
     assert ("note: --seq-length 1024 exceeds the student's max_position_embeddings (512); positions beyond it were "
             "not trained") in proc.stdout + proc.stderr
     proc = train(base_args(workdir, **{"--load": run / "iter_0000001", "--train-iters": 2}), check=False)

@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{allowed}; default: generation_config.json, else {BUILTIN_SAMPLING[name]}")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=1024)
     parser.add_argument("--greedy", action="store_true",
-                        help="argmax decoding (ignores temperature, top-p, top-k); default: on when "
-                             "generation_config.json has do_sample false and no sampling flag is given")
+                        help="argmax decoding (ignores temperature, top-p, top-k); also with a temperature of 0 "
+                             "(flag or file), and when generation_config.json has do_sample false and no sampling "
+                             "flag is given")
     parser.add_argument("--out", help="JSONL file for every generation with its grade")
     parser.add_argument("--summary", help="JSON file for the per-benchmark metrics")
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the checkpoint's)")

@@ -324,8 +324,11 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
             hint = (": it is a Hugging Face model folder, convert it first with "
                     "python -m checkpoints_conversion.hf_to_megatron")
         elif (directory / LATEST).is_file():
-            hint = (f": it is a training run folder; pass one of its checkpoints, the latest is "
-                    f"{iteration_dir(directory, latest_iteration(directory))}")
+            try:
+                hint = (f": it is a training run folder; pass one of its checkpoints, the latest is "
+                        f"{iteration_dir(directory, latest_iteration(directory))}")
+            except UserInputError:  # a corrupt marker: the folder is still not a model checkpoint
+                hint = ": it is a training run folder"
         raise UserInputError(f"{directory} is not a model checkpoint (no {METADATA_FILE}){hint}")
     try:
         data = json.loads(path.read_text())

@@ -25,13 +25,14 @@ def _check_fields(obj) -> None:
     positive: ints (not bools) > 0, floats (ints allowed) > 0 and finite, bools, as annotated."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.type == "int":
+        kind = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)  # postponed annotations
+        if kind is int:
             ok, allowed = type(value) is int and value > 0, "a positive integer"
-        elif f.type == "float":
+        elif kind is float:
             ok, allowed = type(value) in (int, float) and 0 < value < float("inf"), "a positive number"
-        elif f.type == "bool":
+        elif kind is bool:
             ok, allowed = type(value) is bool, "true or false"
-        elif f.type == "str":
+        elif kind is str:
             ok, allowed = type(value) is str, "a string"
         else:
             continue
@@ -200,7 +201,7 @@ def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling
         return None
     if rope_type != "llama3":
         raise UserInputError(f"{source}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
-    if "factor" not in rope_scaling:
+    if rope_scaling.get("factor") is None:
         raise UserInputError(f"{source}: rope_scaling has no 'factor'")
     try:
         return Llama3RopeScaling(**{f.name: rope_scaling[f.name] for f in dataclasses.fields(Llama3RopeScaling)
@@ -213,7 +214,7 @@ def _token_ids(config: dict, name: str, source: str) -> int | tuple[int, ...] | 
     """``config[name]`` as a preset holds it: one id stays an int, a list of ids becomes a tuple."""
     value = config.get(name)
     ids = value if isinstance(value, list) else [value]
-    if value is not None and not all(type(i) is int for i in ids):
+    if value is not None and not all(type(i) is int and i >= 0 for i in ids):
         raise UserInputError(f"{source}: {name} must be a token id or a list of token ids, got {value!r}")
     return tuple(value) if isinstance(value, list) else value
 
@@ -245,7 +246,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
     heads = field("num_attention_heads")
     hidden = field("hidden_size")
     rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
-    rope_theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
     if architecture == "Qwen3ForCausalLM" and config.get("use_sliding_window"):
         raise UserInputError(f"{source}: sliding-window attention is not supported")

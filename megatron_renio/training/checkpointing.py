@@ -173,8 +173,9 @@ def _load_train_state(path: Path) -> dict:
 
 def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=None) -> dict | None:
     """Collective: restore the latest checkpoint under ``root``; returns its ``train_state`` (None when
-    ``root`` holds no checkpoint yet). A rank that finds its own RNG file (the same world size) continues
-    its RNG streams exactly."""
+    ``root`` holds no checkpoint yet). A rank that finds the RNG file of its rank number (saved by a
+    world at least as large) continues those streams: exactly at the same layout; at another layout
+    they are the streams of another role, as any seeded continuation would be."""
     from megatron.core import dist_checkpointing
 
     from megatron_renio.models.checkpoint import load_model_checkpoint

@@ -215,11 +215,12 @@ def main(out_dir: str) -> None:
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=5)
             result["rows", "triton"][case, "tp1"] = rows_results(case, 400, 390, None, seed=i, impl="triton")
-        # split rows, and every sweep without prefetching
-        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, prefetch=False, max_group=8)
-        result["triton_split"] = {case: split_results(case, SPLITS[i], seed=20 + i) for i, case in enumerate(TRITON_CASES)}
         result["triton_nonfinite"] = [nonfinite_flag(*entry) for entry in TRITON_NONFINITE]
         result["triton_rows_nonfinite"] = rows_nonfinite_flags("triton")
+        # split rows, and every sweep without prefetching
+        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, prefetch=False, max_group=8)
+        result["triton_split"] = {case: split_results(case, SPLITS[i], seed=20 + i)
+                                  for i, case in enumerate(TRITON_CASES)}
     save_rank_result(out_dir, result)
     dist.destroy_process_group()
 
