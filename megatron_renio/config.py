@@ -203,6 +203,12 @@ def _kind(f: dataclasses.Field):
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
+    """Errors are one :class:`UserInputError` line; no abbreviated flags (``--mode`` must not pass for
+    ``--model``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message):
         raise UserInputError(message)
 

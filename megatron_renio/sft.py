@@ -34,6 +34,7 @@ import math
 import random
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from functools import partial
 
@@ -91,6 +92,11 @@ def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
     if not values.get("save"):
         raise UserInputError("--save is required (the folder that receives the fine-tuned model checkpoint)")
     check_target_directory(values["save"])  # refused now, not after training
+    save = Path(values["save"]).resolve()
+    for name in ("metrics_file", "tensorboard_dir"):  # they would fill --save before the model is written there
+        if values.get(name) and save in (Path(values[name]).resolve(), *Path(values[name]).resolve().parents):
+            raise UserInputError(f"--{name.replace('_', '-')} {values[name]} is inside --save {values['save']}, "
+                                 "which receives only the model checkpoint; choose a path outside it")
     if not 0.0 <= fraction <= 1.0:
         raise UserInputError(f"--privileged-prompt-fraction must be in [0, 1], got {fraction!r}")
     # SFT generates nothing: the rollout budget only has to pass the trainer's check against --seq-length.

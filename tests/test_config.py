@@ -58,6 +58,7 @@ def test_yaml_config_with_cli_override(tmp_path):
          r"--lr-warmup-iters must be smaller than --train-iters \(256\), got 256"),
         (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
+        (["--seq-len", "128"], "unrecognized arguments: --seq-len 128"),  # no abbreviations: --mod is not --mode
     ],
 )
 def test_bad_flags_give_one_line_naming_the_flag(flags, message):

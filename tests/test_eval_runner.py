@@ -179,6 +179,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
                                     capsys, tmp_path)
 
 
+def test_outputs_never_replace_an_input(tmp_path):
+    """--out and --summary may not name a --benchmark file (also behind a preset) or each other."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
+    for flags, message in ((["--benchmark", f"math500={good}", "--out", str(good)], "is also the --benchmark file"),
+                           (["--benchmark", str(good), "--out", str(tmp_path / "o.json"), "--summary",
+                             str(tmp_path / "o.json")], "is also the --summary file")):
+        with pytest.raises(UserInputError, match=f"^--out .* {message}; choose another$"):
+            runner.parse_args(["--load", "ckpt", *flags])
+    assert good.read_text().startswith('{"problem"')
+
+
 def test_sampling_defaults_come_from_the_tokenizer_folder(paths, capsys, tmp_path):
     """The generation_config.json of --tokenizer's folder (the one that gives the stop ids), not the
     checkpoint's, gives the sampling defaults; a flag overrides its value."""

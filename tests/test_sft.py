@@ -67,6 +67,10 @@ def test_coding_targets_are_fenced_as_the_instruction_asks():
         (["--model", "tiny-qwen3", "--pretrained-checkpoint", "x"], "either --pretrained-checkpoint or --model"),
         (["--privileged-prompt-fraction", "1.5"], "--privileged-prompt-fraction must be in [0, 1]"),
         (["--lr", "-1"], "--lr must be >= 0"),
+        (["--mode", "opd"], "unrecognized arguments: --mode opd"),  # not an abbreviation of --model
+        (["--metrics-file", "out/metrics.jsonl"], "--metrics-file out/metrics.jsonl is inside --save out, which "
+                                                  "receives only the model checkpoint"),
+        (["--tensorboard-dir", "out"], "--tensorboard-dir out is inside --save out"),
     ],
 )
 def test_bad_flags_are_one_line_errors(task, flags, message):

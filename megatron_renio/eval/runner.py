@@ -154,7 +154,7 @@ _SAMPLING_CHECKS = {  # name -> (kind, check, allowed)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(
-        prog="megatron-renio eval", allow_abbrev=False,
+        prog="megatron-renio eval",
         description="Generate with the Megatron model on benchmarks, grade, report avg@k and pass@k.",
     )
     parser.add_argument("--load", required=True, help="model checkpoint folder (converted or trained)")
@@ -187,9 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the eval flags (cheap checks only: nothing is loaded)."""
     args = build_parser().parse_args(argv)
-    for path, flag in ((args.out, "--out"), (args.summary, "--summary")):
-        if path is not None:
-            check_output_file(path, flag)
+    outputs = [(path, flag) for path, flag in ((args.out, "--out"), (args.summary, "--summary")) if path is not None]
+    for path, flag in outputs:
+        check_output_file(path, flag)
+        inputs = [(spec.partition("=")[2] or spec, "--benchmark") for spec in args.benchmark]
+        for other, other_flag in inputs + [o for o in outputs if o[1] != flag]:
+            if os.path.exists(other) and os.path.exists(path) and os.path.samefile(path, other) \
+                    or os.path.abspath(path) == os.path.abspath(other):
+                raise UserInputError(f"{flag} {path} is also the {other_flag} file; choose another")
     return args
 
 

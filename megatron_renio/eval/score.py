@@ -94,7 +94,7 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """Score's own flags; the training flags of :data:`TRAINING_FLAGS` are parsed by training's parser."""
     parser = _OneLineErrorParser(
-        prog="megatron-renio score", allow_abbrev=False,
+        prog="megatron-renio score",
         description="ReNIO weights, pivotal tokens and divergences of given completions.",
         epilog="training flags accepted: " + " ".join(_flag(name) for name in TRAINING_FLAGS),
     )
