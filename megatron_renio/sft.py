@@ -34,7 +34,6 @@ import math
 import random
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from functools import partial
 
@@ -43,7 +42,7 @@ import torch
 from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, validate
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
-from megatron_renio.models.checkpoint import check_target_directory
+from megatron_renio.models.checkpoint import check_target_directory, is_within
 
 # The trainer's flags that supervised fine-tuning takes (same meaning, type and range checks).
 SFT_FLAGS = (
@@ -92,9 +91,8 @@ def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
     if not values.get("save"):
         raise UserInputError("--save is required (the folder that receives the fine-tuned model checkpoint)")
     check_target_directory(values["save"])  # refused now, not after training
-    save = Path(values["save"]).resolve()
     for name in ("metrics_file", "tensorboard_dir"):  # they would fill --save before the model is written there
-        if values.get(name) and save in (Path(values[name]).resolve(), *Path(values[name]).resolve().parents):
+        if values.get(name) and is_within(values[name], values["save"]):
             raise UserInputError(f"--{name.replace('_', '-')} {values[name]} is inside --save {values['save']}, "
                                  "which receives only the model checkpoint; choose a path outside it")
     if not 0.0 <= fraction <= 1.0:

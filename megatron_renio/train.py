@@ -175,9 +175,9 @@ def _save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], 
     step, rank (DP), index (row in this rank's batch), prompt_index (``records[index]``: record of
     ``--data-path``, after the too-long filter), completion (text), completion_ids (EOS included when
     generated), num_tokens, weight (the ReNIO weight applied, 1 without ``--renio``), raw_weight
-    (exp(a_i / gamma) before normalisation), sample_loss (L_i); with ``--task math`` and an answer in the record also answer and
-    correct (:func:`~megatron_renio.eval.math_grader.grade_math`). The fields read by
-    ``megatron-renio analyze`` (completion, correct, weight, num_tokens) have its names."""
+    (exp(a_i / gamma) before normalisation), sample_loss (L_i); with ``--task math`` and an answer in
+    the record also answer and correct (:func:`~megatron_renio.eval.math_grader.grade_math`). The
+    fields read by ``megatron-renio analyze`` (completion, correct, weight, num_tokens) have its names."""
     from megatron_renio.eval.math_grader import grade_math
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -188,9 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the eval flags (cheap checks only: nothing is loaded)."""
     args = build_parser().parse_args(argv)
     outputs = [(path, flag) for path, flag in ((args.out, "--out"), (args.summary, "--summary")) if path is not None]
+    inputs = [(spec.partition("=")[2] or spec, "--benchmark") for spec in args.benchmark]
     for path, flag in outputs:
         check_output_file(path, flag)
-        inputs = [(spec.partition("=")[2] or spec, "--benchmark") for spec in args.benchmark]
         for other, other_flag in inputs + [o for o in outputs if o[1] != flag]:
             if os.path.exists(other) and os.path.exists(path) and os.path.samefile(path, other) \
                     or os.path.abspath(path) == os.path.abspath(other):

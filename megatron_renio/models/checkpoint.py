@@ -91,6 +91,12 @@ def tokenizer_files(directory: str | Path) -> list[Path]:
     return found + [directory / name for name in COMPANION_FILES if (directory / name).is_file()]
 
 
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None,
                            inputs: tuple[tuple[str, str | Path], ...] = ()) -> None:
     """A save target must not exist, or be an empty folder, or (``overwrite``) be a folder; and it must
@@ -101,12 +107,11 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
     ``--overwrite`` hint; errors name the bare path by default.
     """
     directory = Path(directory)
-    target = directory.resolve()
     for flag, source in inputs:
-        source = Path(source).resolve()
-        if source == target or target in source.parents:
-            raise UserInputError(f"{label or directory} {'is' if source == target else 'holds'} the {flag} "
-                                 "input, which writing there would replace; choose another folder")
+        if is_within(source, directory):
+            relation = "is" if Path(source).resolve() == directory.resolve() else "holds"
+            raise UserInputError(f"{label or directory} {relation} the {flag} input, which writing there would "
+                                 "replace; choose another folder")
     if not directory.exists():
         return
     if not directory.is_dir():

@@ -20,24 +20,23 @@ SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCaus
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
 
 
+# What a preset field of each annotated type accepts: (check, the allowed values in words). Ints are not
+# bools; floats take ints too.
+_FIELD_RULES = {
+    int: (lambda v: type(v) is int and v > 0, "a positive integer"),
+    float: (lambda v: type(v) in (int, float) and 0 < v < float("inf"), "a positive number"),
+    bool: (lambda v: type(v) is bool, "true or false"),
+    str: (lambda v: type(v) is str, "a string"),
+}
+
+
 def _check_fields(obj) -> None:
-    """ValueError naming the first field of a preset dataclass whose value has the wrong type or is not
-    positive: ints (not bools) > 0, floats (ints allowed) > 0 and finite, bools, as annotated."""
+    """ValueError naming the first field of a preset dataclass whose value breaks :data:`_FIELD_RULES`."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         kind = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)  # postponed annotations
-        if kind is int:
-            ok, allowed = type(value) is int and value > 0, "a positive integer"
-        elif kind is float:
-            ok, allowed = type(value) in (int, float) and 0 < value < float("inf"), "a positive number"
-        elif kind is bool:
-            ok, allowed = type(value) is bool, "true or false"
-        elif kind is str:
-            ok, allowed = type(value) is str, "a string"
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
+        if kind in _FIELD_RULES and not _FIELD_RULES[kind][0](value):
+            raise ValueError(f"{f.name} must be {_FIELD_RULES[kind][1]}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -230,17 +229,14 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         )
 
     def field(name, default=None, kind=int):
-        """config[name] (``default`` when absent or null) checked as a positive ``kind``, as ModelPreset holds it."""
+        """config[name] (``default`` when absent or null) checked by the ``kind`` rule of a preset field."""
         value = config.get(name)
         value = default if value is None else value
         if value is None:
             raise UserInputError(f"{source}: missing field {name!r}")
-        if kind is int and not (type(value) is int and value > 0):
-            raise UserInputError(f"{source}: {name} must be a positive integer, got {value!r}")
-        if kind is float and not (type(value) in (int, float) and 0 < value < float("inf")):
-            raise UserInputError(f"{source}: {name} must be a positive number, got {value!r}")
-        if kind is bool and type(value) is not bool:
-            raise UserInputError(f"{source}: {name} must be true or false, got {value!r}")
+        check, allowed = _FIELD_RULES[kind]
+        if not check(value):
+            raise UserInputError(f"{source}: {name} must be {allowed}, got {value!r}")
         return kind(value)
 
     heads = field("num_attention_heads")
