@@ -23,14 +23,16 @@ weights: a model checkpoint folder; ``--model`` starts from a random initialisat
 ``--privileged-prompt-fraction``. At the end ``--save`` receives a model checkpoint
 (:func:`~megatron_renio.models.checkpoint.save_model_checkpoint`, tokenizer included) that
 ``--student-load`` / ``--teacher-load`` read; it must not exist or be empty. There is no
-intermediate save and no resume. Metrics go to ``--metrics-file`` (JSONL), TensorBoard and W&B.
+intermediate save and no resume. Metrics go to ``--metrics-file`` (a new JSONL file), TensorBoard and W&B.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -54,6 +56,16 @@ SFT_FLAGS = (
     "save", "log_interval", "tensorboard_dir", "wandb_project", "metrics_file",
     "distributed_timeout_minutes", "debug",
 )
+# Whole help texts of the flags whose trainer text says something untrue of fine-tuning.
+SFT_HELP = {
+    "tokenizer": "tokenizer folder (without it: the --pretrained-checkpoint's); default: none",
+    "data_path": "records with a problem and its reference solution: JSONL or parquet; required",
+    "model": "named preset, randomly initialised (instead of --pretrained-checkpoint); default: none",
+    "solution_field": "field holding the reference solution, the training target; default: solution",
+    "task": "prompt template and answer format of the targets; one of math, coding; default: math",
+    "save": "folder that receives the fine-tuned model checkpoint, new or empty; required",
+    "metrics_file": "JSONL of the step metrics, a new file; default: none",
+}
 
 
 @dataclass
@@ -70,8 +82,12 @@ def build_sft_parser() -> argparse.ArgumentParser:
     """The trainer's parser actions for :data:`SFT_FLAGS` plus the two SFT flags."""
     parser = _OneLineErrorParser(prog="megatron_renio.sft", description=__doc__.splitlines()[0])
     shared = {action.dest: action for action in build_parser()._actions}
-    for name in SFT_FLAGS:  # the very same actions: same flag names, types and help
-        parser._add_action(shared[name])
+    for name in SFT_FLAGS:  # the very same actions: same flag names, types and checks
+        action = shared[name]
+        if name in SFT_HELP:
+            action = copy.copy(action)
+            action.help = SFT_HELP[name]
+        parser._add_action(action)
     parser.add_argument("--pretrained-checkpoint", default=argparse.SUPPRESS,
                         help="model checkpoint folder with the initial weights (instead of --model)")
     parser.add_argument("--privileged-prompt-fraction", type=float, default=argparse.SUPPRESS,
@@ -95,6 +111,10 @@ def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
         if values.get(name) and is_within(values[name], values["save"]):
             raise UserInputError(f"--{name.replace('_', '-')} {values[name]} is inside --save {values['save']}, "
                                  "which receives only the model checkpoint; choose a path outside it")
+    metrics = values.get("metrics_file")
+    if metrics and os.path.isfile(metrics) and os.path.getsize(metrics):  # SFT has no resume to continue it
+        raise UserInputError(f"--metrics-file {metrics} holds an earlier run's metrics; remove it or choose "
+                             "another path (fine-tuning starts a new file)")
     if not 0.0 <= fraction <= 1.0:
         raise UserInputError(f"--privileged-prompt-fraction must be in [0, 1], got {fraction!r}")
     # SFT generates nothing: the rollout budget only has to pass the trainer's check against --seq-length.

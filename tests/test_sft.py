@@ -51,6 +51,31 @@ def test_a_non_empty_save_folder_is_refused_before_training(task, tmp_path):
                         "--save", str(tmp_path)])
 
 
+def test_an_earlier_runs_metrics_file_is_refused_not_appended_to(task, tmp_path):
+    """SFT has no resume: a second run would mix its steps 1..N into the first run's records."""
+    data, tokenizer = task
+    metrics = tmp_path / "metrics.jsonl"
+    argv = ["--data-path", str(data), "--tokenizer", tokenizer, "--model", "tiny-qwen3",
+            "--save", str(tmp_path / "out"), "--metrics-file", str(metrics)]
+    metrics.write_text("")
+    assert parse_sft_args(argv).train.metrics_file == str(metrics)  # an empty file is a new file
+    metrics.write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(UserInputError, match=f"--metrics-file {re.escape(str(metrics))} holds an earlier run"):
+        parse_sft_args(argv)
+
+
+def test_help_describes_fine_tuning_not_distillation():
+    from megatron_renio.config import build_parser
+    from megatron_renio.sft import SFT_HELP, build_sft_parser
+
+    texts = {action.dest: action.help for action in build_sft_parser()._actions}
+    assert "--pretrained-checkpoint's" in texts["tokenizer"] and "reference solution" in texts["data_path"]
+    assert texts["metrics_file"] == SFT_HELP["metrics_file"] and "--save/metrics.jsonl" not in texts["metrics_file"]
+    assert texts["lr"] == "default: 1e-06"  # the other flags keep the trainer's text
+    trainer = {action.dest: action.help for action in build_parser()._actions}
+    assert "the student checkpoint's" in trainer["tokenizer"]  # the shared actions are not changed
+
+
 def test_coding_targets_are_fenced_as_the_instruction_asks():
     """Bare-code solutions become the python code block the coding instruction asks for."""
     from megatron_renio.data.templates import answer_text

@@ -356,7 +356,7 @@ def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrit
         else:
             plots = []
             print("note: matplotlib is not installed, plots skipped "
-                  "(pip install 'megatron_renio[plots]')", file=sys.stderr)
+                  "(pip install matplotlib)", file=sys.stderr)
         with open(os.path.join(staging, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
