@@ -236,6 +236,7 @@ def run(cfg: SFTConfig) -> list[float]:
             f"{t.micro_batch_size} x data-parallel size {ctx.dp_size}"
         )
     source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint/--model")
+    C.note_untrained_positions(t.seq_length, "model", source)
     tokenizer = C.load_run_tokenizer(t, source, None)
     examples = load_sft_examples(cfg, tokenizer)
     if examples.skipped_too_long:
@@ -244,7 +245,9 @@ def run(cfg: SFTConfig) -> list[float]:
     model_ddp = C.wrap_ddp(model, t.use_distributed_optimizer)
     optimizer, scheduler = C.build_optimizer(model_ddp, t)
     step = SFTStep(model_ddp, info.preset.vocab_size)
-    sampler = PromptSampler(len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed)
+    sampler = PromptSampler(len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed,
+                            data_label=C.fitting_data_label(len(examples.prompts), "examples",
+                                                            examples.skipped_too_long, t.seq_length))
     logger = MetricsLogger(dataclasses.replace(t, save=None))  # --save is the model checkpoint folder
     log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
     progress = None

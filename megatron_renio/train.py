@@ -235,9 +235,7 @@ def run(cfg: TrainConfig) -> dict:
         _check_resumed_settings(saved, cfg)  # before any model is built
     C.check_save_target(cfg, student_source.preset)
     for role, source in (("student", student_source), ("teacher", teacher_source)):
-        if source is not None and cfg.seq_length > source.preset.max_position_embeddings:
-            log0(f"note: --seq-length {cfg.seq_length} exceeds the {role}'s max_position_embeddings "
-                 f"({source.preset.max_position_embeddings}); positions beyond it were not trained")
+        C.note_untrained_positions(cfg.seq_length, role, source)
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)
     if prompts.skipped_too_long:
@@ -255,7 +253,8 @@ def run(cfg: TrainConfig) -> dict:
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
     batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "
                    f"{prompts_per_step} prompts per step" if cfg.samples_per_prompt > 1 else None)
-    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed, batch_label)
+    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed, batch_label,
+                            C.fitting_data_label(len(prompts.student), "prompts", prompts.skipped_too_long, cfg.seq_length))
     log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0

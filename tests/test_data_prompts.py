@@ -253,6 +253,13 @@ def test_sampler_errors():
         PromptSampler(100, 10, 0, 4, seed=0)
     with pytest.raises(UserInputError, match="holds 5 prompts, fewer than --global-batch-size 8"):
         PromptSampler(5, 8, 0, 1, seed=0)
+    from megatron_renio.training.components import fitting_data_label
+
+    label = fitting_data_label(5, "examples", 3, 64)  # the count is what is left after the length filter
+    with pytest.raises(UserInputError, match=r"^the prompt data holds 5 examples that fit --seq-length 64 \(3 longer "
+                                             r"ones skipped\), fewer than --global-batch-size 8$"):
+        PromptSampler(5, 8, 0, 1, seed=0, data_label=label)
+    assert fitting_data_label(5, "prompts", 0, 64) == "the prompt data holds 5 prompts"
     with pytest.raises(UserInputError, match="^--global-batch-size 16 / --samples-per-prompt 16 = 1 prompts per step "
                                              "is not divisible by the data-parallel size 2$"):
         PromptSampler(100, 1, 0, 2, seed=0, batch_label="--global-batch-size 16 / --samples-per-prompt 16 = 1 prompts "

@@ -520,3 +520,17 @@ def test_forward_flops_match_a_flop_count_of_the_hf_model(name):
     full_attention_extra = 2 * preset.num_layers * seq * preset.num_attention_heads * preset.head_dim
     counted = counter.get_total_flops() / seq - full_attention_extra
     assert forward_flops_per_position(preset, seq) == pytest.approx(counted, rel=0.01)
+
+def test_untrained_positions_note_names_the_role_and_limit(capsys):
+    """train, sft and score share the note; it is silent up to max_position_embeddings."""
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import ModelSource, note_untrained_positions
+
+    source = ModelSource(get_preset("tiny-qwen3"), None, None)
+    limit = source.preset.max_position_embeddings
+    note_untrained_positions(limit, "model", source)
+    note_untrained_positions(limit + 1, "teacher", None)
+    assert capsys.readouterr().out == ""
+    note_untrained_positions(limit + 1, "model", source)
+    assert capsys.readouterr().out == (f"note: --seq-length {limit + 1} exceeds the model's max_position_embeddings "
+                                       f"({limit}); positions beyond it were not trained\n")

@@ -137,10 +137,11 @@ class PromptSampler:
 
     def __init__(
         self, num_records: int, global_batch_prompts: int, dp_rank: int, dp_size: int, seed: int,
-        batch_label: str | None = None,
+        batch_label: str | None = None, data_label: str | None = None,
     ):
         """``batch_label`` names ``global_batch_prompts`` in errors by the flags it comes from (default
-        ``--global-batch-size N``)."""
+        ``--global-batch-size N``), ``data_label`` what ``num_records`` counts (default ``the prompt
+        data holds N prompts``)."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"invalid data-parallel rank {dp_rank} of size {dp_size}")
         label = batch_label or f"--global-batch-size {global_batch_prompts}"
@@ -149,7 +150,8 @@ class PromptSampler:
         if global_batch_prompts % dp_size != 0:
             raise UserInputError(f"{label} is not divisible by the data-parallel size {dp_size}")
         if num_records < global_batch_prompts:
-            raise UserInputError(f"the prompt data holds {num_records} prompts, fewer than {label}")
+            data = data_label or f"the prompt data holds {num_records} prompts"
+            raise UserInputError(f"{data}, fewer than {label}")
         self.num_records = num_records
         self.global_batch_prompts = global_batch_prompts
         self.dp_rank = dp_rank

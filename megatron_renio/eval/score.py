@@ -250,6 +250,8 @@ def run(args: ScoreArgs) -> list[dict] | None:
     settings = C.loss_settings(cfg)
     student_source = C.resolve_model(cfg.student_load, None, "--student-load")
     teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
+    for role, source in (("student", student_source), ("teacher", teacher_source)):
+        C.note_untrained_positions(cfg.seq_length, role, source)
     vocab = student_source.preset.vocab_size
     if teacher_source.preset.vocab_size != vocab:
         raise UserInputError(

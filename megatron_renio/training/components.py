@@ -16,7 +16,7 @@ from megatron_renio.config import TrainConfig
 from megatron_renio.data.prompts import load_prompt_records
 from megatron_renio.data.templates import build_prompt_ids
 from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_renio.distributed import ParallelConfig
+from megatron_renio.distributed import ParallelConfig, log0
 from megatron_renio.errors import UserInputError
 from megatron_renio.losses.divergence import DivergenceConfig
 from megatron_renio.models.builder import ModelInfo, build_gpt_model, freeze, padded_vocab_size
@@ -66,6 +66,21 @@ def resolve_model(checkpoint: str | None, preset_name: str | None, flag: str) ->
     if preset_name:
         return ModelSource(get_preset(preset_name), None, None)
     raise UserInputError(f"{flag}: no checkpoint or preset given")
+
+
+def note_untrained_positions(seq_length: int, role: str, source: ModelSource | None) -> None:
+    """Log (rank 0) when ``--seq-length`` reaches positions the model never saw in its training."""
+    if source is not None and seq_length > source.preset.max_position_embeddings:
+        log0(f"note: --seq-length {seq_length} exceeds the {role}'s max_position_embeddings "
+             f"({source.preset.max_position_embeddings}); positions beyond it were not trained")
+
+
+def fitting_data_label(count: int, unit: str, skipped_too_long: int, seq_length: int) -> str:
+    """How many prompts or examples the data gives, for the sampler's "fewer than the batch" error."""
+    if not skipped_too_long:
+        return f"the prompt data holds {count} {unit}"
+    return (f"the prompt data holds {count} {unit} that fit --seq-length {seq_length} "
+            f"({skipped_too_long} longer ones skipped)")
 
 
 def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSource | None) -> Tokenizer:
