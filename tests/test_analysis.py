@@ -4,12 +4,13 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from megatron_renio.eval.analysis import auc_incorrect, main
+from megatron_renio.eval.analysis import analyze, auc_incorrect, load_generations, main
 from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
 
 # Surface forms of each default phrase (case, punctuation, hyphenation vary).
@@ -185,13 +186,13 @@ def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "lines,message",
     [
-        (['{"completion": "a", "correct": true}', '{"completion": "b", "correct": '], r"g\.jsonl:2: malformed JSON"),
-        (['{"completion": "a"}'], r"g\.jsonl:1: missing field 'correct'"),
-        (['{"correct": false}'], r"g\.jsonl:1: missing field 'completion'"),
-        (['{"completion": "a", "correct": "yes"}'], r"g\.jsonl:1: field 'correct' must be true or false"),
-        (['{"completion": "a", "correct": true, "weight": "big"}'], r"g\.jsonl:1: field 'weight'"),
-        (['{"completion": "a", "correct": true, "num_tokens": -3}'], r"g\.jsonl:1: field 'num_tokens'"),
-        (['["a", true]'], r"g\.jsonl:1: expected a JSON object"),
+        (['{"completion": "a", "correct": true}', '{"completion": "b", "correct": '], r"g\.jsonl line 2: malformed JSON \(Expecting value, column 32\)"),
+        (['{"completion": "a"}'], r"g\.jsonl line 1: missing field 'correct'"),
+        (['{"correct": false}'], r"g\.jsonl line 1: missing field 'completion'"),
+        (['{"completion": "a", "correct": "yes"}'], r"g\.jsonl line 1: field 'correct' must be true or false"),
+        (['{"completion": "a", "correct": true, "weight": "big"}'], r"g\.jsonl line 1: field 'weight'"),
+        (['{"completion": "a", "correct": true, "num_tokens": -3}'], r"g\.jsonl line 1: field 'num_tokens'"),
+        (['["a", true]'], r"g\.jsonl line 1: expected a JSON object"),
         ([""], r"no generations"),
     ],
 )
@@ -204,6 +205,29 @@ def test_bad_input_exits_2_without_output(tmp_path, capsys, lines, message):
     assert err.startswith("error: ") and err.count("\n") == 1
     assert re.search(message, err)
     assert sorted(os.listdir(tmp_path)) == ["g.jsonl"]  # no output, no staging directory
+
+
+def test_gzipped_json_array_and_parquet_read_like_jsonl(tmp_path, capsys):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"completion": "wait, so 4", "correct": False, "weight": 0.5, "num_tokens": 4},
+               {"completion": "so 3", "correct": True, "weight": 1.5, "num_tokens": 2}]
+    plain = tmp_path / "g.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with gzip.open(tmp_path / "g.json.gz", "wt") as f:
+        json.dump(records, f)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "g.parquet")
+    expected = analyze(load_generations(str(plain)))
+    for name in ("g.json.gz", "g.parquet"):
+        assert main(["--generations", str(tmp_path / name)]) == 0
+        assert json.loads((tmp_path / "g_analysis" / "summary.json").read_text()) == expected
+        shutil.rmtree(tmp_path / "g_analysis")  # the default --out drops the whole extension
+    with pytest.raises(SystemExit):  # no abbreviated flags, as in every other command
+        main(["--generations", str(plain), "--over"])
+    assert "unrecognized arguments: --over" in capsys.readouterr().err
 
 
 def test_missing_file_and_existing_output(tmp_path, capsys):

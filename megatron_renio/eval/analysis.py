@@ -1,6 +1,7 @@
 """``megatron-renio analyze``: how correct and incorrect student-generated outputs (SGOs) differ.
 
-Input: a JSONL file of graded generations, one object per line, with the fields
+Input: a file of graded generations (JSON lines, a JSON array, either gzipped, or parquet; read by
+:func:`~megatron_renio.data.records.read_rows`), one object per record, with the fields
 
 * ``completion`` (string, required): the generated text;
 * ``correct`` (``true`` / ``false``, required): the grade;
@@ -46,10 +47,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_renio.data.records import read_rows
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
 
 _GROUPS = ("correct", "incorrect")
+GENERATIONS_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,28 +66,11 @@ class Generation:
 
 
 def load_generations(path: str) -> list[Generation]:
-    """Read and validate a graded-generations JSONL file; :class:`UserInputError` names the line."""
+    """Read and validate a graded-generations file (:data:`GENERATIONS_EXTENSIONS`, read by
+    :func:`~megatron_renio.data.records.read_rows`); :class:`UserInputError` names the line."""
     if not os.path.isfile(path):
         raise UserInputError(f"--generations {path}: no such file")
-    generations = []
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserInputError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})")
-                if not isinstance(record, dict):
-                    raise UserInputError(f"{where}: expected a JSON object")
-                generations.append(_generation(record, where))
-    except UnicodeDecodeError:
-        raise UserInputError(f"{path}:{lineno + 1}: not UTF-8 text")
-    except OSError as exc:
-        raise UserInputError(f"{path}: cannot read ({exc.strerror})")
+    generations = [_generation(row.fields, row.where) for row in read_rows(path, GENERATIONS_EXTENSIONS)]
     if not generations:
         raise UserInputError(f"{path}: no generations in the file")
     return generations
@@ -322,7 +308,7 @@ def _matplotlib_available() -> bool:
 
 def _default_out(generations_path: str) -> str:
     stem = os.path.basename(generations_path)
-    for suffix in (".jsonl", ".json"):
+    for suffix in GENERATIONS_EXTENSIONS:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break
@@ -387,13 +373,14 @@ def _parse_phrases(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="megatron-renio analyze",
+        prog="megatron-renio analyze", allow_abbrev=False,
         description="Compare correct and incorrect generations: length, reflection markers, ReNIO weights.",
     )
     parser.add_argument("--generations", required=True, metavar="FILE",
-                        help="graded generations JSONL (completion, correct, optional weight, num_tokens)")
+                        help="graded generations: JSONL, JSON, gzipped or parquet (completion, correct, optional weight, "
+                             "num_tokens)")
     parser.add_argument("--out", metavar="DIR",
-                        help="output directory (default: FILE without .jsonl, plus _analysis)")
+                        help="output directory (default: FILE without its extension, plus _analysis)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     parser.add_argument("--phrases", metavar="LIST",
                         help="comma-separated reflection phrases (default: %s)" % ", ".join(DEFAULT_PHRASES))
