@@ -269,6 +269,7 @@ def run(cfg: SFTConfig) -> list[float]:
         model_ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = step.run(micro)
+        lr = scheduler.get_lr(optimizer.param_groups[0])  # this step's, before the scheduler advances
         updated, grad_norm = C.step_if_finite(optimizer, model_ddp, math.isfinite(loss))
         if updated:
             scheduler.step(increment=1)
@@ -281,7 +282,7 @@ def run(cfg: SFTConfig) -> list[float]:
             logger.log(iteration, {
                 "loss": loss, "skipped": not updated,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "lr": lr,
                 "time_step_s": time.perf_counter() - t0,
             })
         if progress is not None:

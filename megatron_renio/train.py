@@ -123,16 +123,17 @@ def _replica_states(state: dict) -> list[dict]:
     return states
 
 
-def _step_counts(completions: list[list[int]], eos: list[int], max_new_tokens: int, generated: int,
+def _step_counts(completions: list[list[int]], eos: list[int], limits: list[int], generated: int,
                  positions: int, flops: float, device) -> dict[str, float]:
     """This step's rollout and batch counts summed over the data-parallel replicas (collective over the
     DP group; every rank of a replica holds the same completions): completions, their total and largest
-    length, those cut at ``max_new_tokens`` without a stop id, tokens generated, sequence positions
+    length, those cut at their limit (``--max-new-tokens``, or what the longer prompt leaves of
+    ``--seq-length``) without a stop id, tokens generated, sequence positions
     computed by one model (padding included), and the model FLOPs of the replica's batch."""
     from megatron.core import parallel_state
 
     lengths = [len(c) for c in completions]
-    cut = sum(n >= max_new_tokens and (not c or c[-1] not in eos) for n, c in zip(lengths, completions))
+    cut = sum(n >= limit and (not c or c[-1] not in eos) for n, limit, c in zip(lengths, limits, completions))
     sums = torch.tensor([len(lengths), sum(lengths), cut, generated, positions, flops], dtype=torch.float64,
                         device=device)
     longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64, device=device)
@@ -240,6 +241,9 @@ def run(cfg: TrainConfig) -> dict:
     prompts = C.load_prompts(cfg, tokenizer)
     if prompts.skipped_too_long:
         log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
+    if prompts.budget_limited:
+        log0(f"note: {prompts.budget_limited} prompts leave fewer than --max-new-tokens {cfg.max_new_tokens} tokens "
+             f"of --seq-length {cfg.seq_length}; their completions end there")
 
     padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
     student, student_info = C.build_model(student_source, cfg, padded_vocab)
@@ -293,9 +297,12 @@ def run(cfg: TrainConfig) -> dict:
             t_prompts = [prompts.teacher[i] for i in records]
             # one seed per step for every replica; the noise is keyed by global sample row, so DP=1 and
             # DP=N sample the same completions for the same prompts
+            # a completion may fill what the longer of its two prompts leaves of --seq-length
+            limits = [min(cfg.max_new_tokens, cfg.seq_length - max(len(sp), len(tp)))
+                      for sp, tp in zip(s_prompts, t_prompts)]
             rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=true_vocab,
                                seed=cfg.seed * 1_000_003 + iteration, max_sequence_length=cfg.seq_length,
-                               rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size))
+                               rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size), limits=limits)
             t_rollout = time.perf_counter() - t0
             maybe_die("rollout", iteration + 1)
 
@@ -311,6 +318,7 @@ def run(cfg: TrainConfig) -> dict:
             maybe_die("backward", iteration + 1)
 
             t2 = time.perf_counter()
+            lr = scheduler.get_lr(optimizer.param_groups[0])  # this step's, before the scheduler advances
             ok, grad_norm = C.step_if_finite(optimizer, student_ddp,
                                              not result.nonfinite and math.isfinite(result.loss))
             if ok:
@@ -335,14 +343,14 @@ def run(cfg: TrainConfig) -> dict:
             positions = batch.student.tokens.numel()
             flops = positions * (3 * C.forward_flops_per_position(student_info.preset, batch.seq_len)
                                  + C.forward_flops_per_position(teacher_info.preset, batch.seq_len))
-            counts = _step_counts(rollout.completions, eos, cfg.max_new_tokens, rollout.num_generated_tokens,
+            counts = _step_counts(rollout.completions, eos, limits, rollout.num_generated_tokens,
                                   positions, flops, ctx.device)
             metrics = {
                 "loss": result.loss,
                 "skipped": not ok,
                 "skipped_total": skipped_total,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "lr": scheduler.get_lr(optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else cfg.lr,
+                "lr": lr,
                 "completion_length_mean": counts["length_sum"] / max(counts["completions"], 1),
                 "completion_length_max": counts["longest"],
                 "completion_hit_limit_fraction": counts["cut"] / max(counts["completions"], 1),

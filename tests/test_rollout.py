@@ -205,6 +205,8 @@ def test_eos_and_length_limits(ranks, layout):
     assert r["short"] == [c[:3] for c in greedy]
     # max_sequence_length 10 bounds prompt + completion
     assert r["seq_limit"] == [c[: 10 - n] for c, n in zip(greedy, PROMPT_LENGTHS)]
+    # a per-prompt limit (what a longer teacher prompt leaves) bounds each completion, MAX_NEW still applies
+    assert r["row_limits"] == r["row_limits_full"] == [c[:n] for c, n in zip(greedy, (1, 5, 2, MAX_NEW))]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

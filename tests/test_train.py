@@ -215,8 +215,9 @@ def test_resume_with_another_schedule_is_refused_unless_overridden(workdir):
     path = workdir / "schedule.jsonl"
     train(base_args(workdir, **common, **{"--train-iters": 4, "--load": save, "--override-opt-param-scheduler": None,
                                           "--metrics-file": path}))
-    # the linear decay now spans 4 steps: after step 2 the LR is half of --lr (the old schedule: 0)
-    assert [(m["step"], m["lr"]) for m in read_jsonl(path)][0] == (2, pytest.approx(5e-4))
+    # the linear decay now spans 4 steps: step 2 runs at 3/4 of --lr, step 3 at half (the old schedule: 0);
+    # each step logs the LR it ran with
+    assert [(m["step"], m["lr"]) for m in read_jsonl(path)][:2] == [(2, pytest.approx(7.5e-4)), (3, pytest.approx(5e-4))]
 
 
 def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
@@ -299,6 +300,36 @@ def test_samples_per_prompt_rows_share_their_prompt(workdir):
         assert [r["index"] for r in rows] == [0, 1]
         assert rows[0]["prompt_index"] == rows[1]["prompt_index"]
         assert rows[0]["completion_ids"] != rows[1]["completion_ids"]
+
+
+def test_a_completion_fits_beside_the_longer_teacher_prompt(workdir):
+    """OPSD's teacher prompt holds the solution, so it is the longer one: each completion is generated up to
+    what that prompt leaves of --seq-length (before, the student generated up to its own room and the
+    trainer cut the completion, dropping its EOS), and one cut there counts as hitting its limit."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.data.tokenizer import load_tokenizer
+    from megatron_renio.training.components import load_prompts
+
+    tokenizer = load_tokenizer(str(workdir / "tok"))
+    longest = max(len(p) for p in load_prompts(TrainConfig(data_path=[str(workdir / "train.jsonl")], seq_length=4096),
+                                               tokenizer).teacher)
+    seq_length = -(-(longest + 6) // 8) * 8  # room for 6 to 13 tokens beside the longest teacher prompt
+    save, metrics = workdir / "teacher_room", workdir / "teacher_room.jsonl"
+    proc = train(base_args(workdir, **{"--seq-length": seq_length, "--max-new-tokens": 64, "--train-iters": 1,
+                                       "--save": save, "--save-samples-interval": 1, "--metrics-file": metrics,
+                                       "--rollout-temperature": 2.0}))
+    cfg = TrainConfig(data_path=[str(workdir / "train.jsonl")], seq_length=seq_length, max_new_tokens=64)
+    prompts = load_prompts(cfg, tokenizer)
+    rows = read_jsonl(save / "samples_rank0.jsonl")
+    rooms = [seq_length - max(len(prompts.student[r["prompt_index"]]), len(prompts.teacher[r["prompt_index"]]))
+             for r in rows]
+    assert all(len(p) < len(t) for p, t in zip(prompts.student, prompts.teacher))
+    assert all(r["num_tokens"] <= room for r, room in zip(rows, rooms))
+    cut = sum(r["num_tokens"] == room and r["completion_ids"][-1] not in tokenizer.stop_ids for r, room in zip(rows, rooms))
+    assert (f"note: 48 prompts leave fewer than --max-new-tokens 64 tokens of --seq-length {seq_length}; their "
+            "completions end there") in proc.stdout
+    (step,) = read_jsonl(metrics)
+    assert cut > 0 and step["completion_hit_limit_fraction"] == cut / len(rows)
 
 
 def test_prompts_longer_than_seq_length_are_skipped_or_refused(workdir):

@@ -231,7 +231,7 @@ def filter_long_prompts(
     ``longest + 1 <= seq_length`` (the condition :func:`pack_pairs` requires) and skipped otherwise;
     skipped records are counted, not errors, so that a few over-long problems do not stop a run.
     Kept records whose room ``seq_length - longest`` is below ``max_new_tokens`` are counted in
-    ``budget_limited``: their completions will be truncated by :func:`pack_pairs` if they run long.
+    ``budget_limited``: the trainer bounds their completions by that room (``generate``'s ``limits``).
     Raises :class:`UserInputError` naming ``--max-new-tokens`` when it is below 1.
     """
     if max_new_tokens < 1:

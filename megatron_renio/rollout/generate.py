@@ -21,7 +21,7 @@ token per step. How the pieces fit:
 - **Sequence parallelism** is switched off for the rollout (a one-token step cannot be split
   over the TP ranks) and restored afterwards.
 - **Stopping.** A completion ends with EOS (included; several stop ids may be given), at
-  ``max_new_tokens``, or when prompt plus completion reach ``max_sequence_length`` (the KV cache
+  ``max_new_tokens`` or its own limit, or when prompt plus completion reach ``max_sequence_length`` (the KV cache
   length); the loop ends when every sample has ended.
 - **Finished samples leave the batch.** When at most ``_COMPACT_BELOW`` of the batch's rows still
   run, the running rows move to the front of the KV cache (the positions written so far) and the
@@ -175,6 +175,7 @@ def generate(
     max_sequence_length: int,
     use_kv_cache: bool = True,
     rows: tuple[int, int] | None = None,
+    limits: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Sample one completion per prompt with the student ``model`` (this rank's TP/PP shard).
 
@@ -188,8 +189,10 @@ def generate(
     ``seed`` (vary it across steps) draw exactly what one replica holding every sample would. Token ids at or above ``true_vocab_size``
     (Megatron's padded rows) are never sampled. A prompt must be shorter than
     ``max_sequence_length``, which bounds prompt + completion and sizes the KV cache; bad prompts,
-    EOS ids or vocabulary sizes raise :class:`UserInputError`. Runs under ``torch.no_grad`` in eval
-    mode and restores the model's training mode (and sequence parallelism) afterwards.
+    EOS ids or vocabulary sizes raise :class:`UserInputError`. ``limits`` (one per prompt, each at
+    least 1) bounds each completion further, e.g. by what a longer teacher prompt leaves of the
+    sequence. Runs under ``torch.no_grad`` in eval mode and restores the model's training mode (and
+    sequence parallelism) afterwards.
     """
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.utils import unwrap_model
@@ -198,11 +201,15 @@ def generate(
     gpt = unwrap_model(model)
     eos_ids = [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
     _check_inputs(prompts, eos_ids, true_vocab_size, gpt.vocab_size, max_sequence_length)
+    most = [cfg.max_new_tokens] * len(prompts) if limits is None else [min(n, cfg.max_new_tokens) for n in limits]
+    if len(most) != len(prompts) or min(most) < 1:
+        raise ValueError(f"limits must hold one bound of at least 1 per prompt, got {list(limits)}")
     started = time.perf_counter()
     device = next(gpt.parameters()).device
     batch_size = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    total = min(max(len(p) for p in prompts) + cfg.max_new_tokens, max_sequence_length)
+    most_new = torch.tensor(most, device=device)
+    total = min(max(len(p) + n for p, n in zip(prompts, most)), max_sequence_length)
     tokens = torch.zeros((batch_size, total), dtype=torch.long, device=device)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
@@ -238,7 +245,7 @@ def generate(
                 tokens[rows_in_batch, pos] = token
                 generating = ~in_prompt & ~done[rows_in_batch]
                 generated[rows_in_batch] += generating.long()
-                ended = generating & (torch.isin(token, stop) | (generated[rows_in_batch] >= cfg.max_new_tokens))
+                ended = generating & (torch.isin(token, stop) | (generated[rows_in_batch] >= most_new[rows_in_batch]))
                 done[rows_in_batch] |= ended
                 if use_kv_cache:
                     context.increment_sequence_len_offset(pos - fed)

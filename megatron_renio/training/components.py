@@ -254,6 +254,7 @@ class PromptSet:
     teacher: list[list[int]]
     answers: list[str | None]
     skipped_too_long: int
+    budget_limited: int = 0  # kept prompts leaving less than --max-new-tokens of --seq-length
 
 
 def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
@@ -275,6 +276,7 @@ def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
         teacher=[teacher[i] for i in kept.kept],
         answers=[records[i].answer for i in kept.kept],
         skipped_too_long=kept.skipped,
+        budget_limited=kept.budget_limited,
     )
 
 

@@ -23,6 +23,7 @@ INIT_STD = 0.2  # peaked logits: clear argmax gaps, varied greedy tokens
 PROMPTS = [[5, 17, 42, 8, 99], [7, 3, 200], [10, 11, 12, 13, 14, 15, 16, 17], [64, 1, 2, 3]]
 MAX_NEW = 12
 MAX_SEQ = 64
+ROW_LIMITS = [1, 5, 2, 40]  # per prompt; the last is above MAX_NEW, which still applies
 GREEDY = SamplingConfig(max_new_tokens=MAX_NEW, greedy=True)
 SAMPLED = SamplingConfig(max_new_tokens=MAX_NEW, temperature=1.0, top_k=50, top_p=0.9)
 HOT = SamplingConfig(max_new_tokens=MAX_NEW, temperature=5.0)
@@ -35,10 +36,10 @@ def sequence_parallel_flags(model):
     ]
 
 
-def run(model, prompts=PROMPTS, cfg=GREEDY, eos=EOS, seed=0, max_seq=MAX_SEQ, kv=True):
+def run(model, prompts=PROMPTS, cfg=GREEDY, eos=EOS, seed=0, max_seq=MAX_SEQ, kv=True, limits=None):
     return generate(
         model, prompts, cfg, eos_id=eos, true_vocab_size=VOCAB, seed=seed,
-        max_sequence_length=max_seq, use_kv_cache=kv,
+        max_sequence_length=max_seq, use_kv_cache=kv, limits=limits,
     )
 
 
@@ -132,6 +133,8 @@ def checks(model):
     out["eos_full"] = run(model, eos=eos, kv=False).completions
     out["short"] = run(model, cfg=SamplingConfig(max_new_tokens=3, greedy=True)).completions
     out["seq_limit"] = run(model, max_seq=10).completions  # longest prompt (8) gets 2 tokens
+    out["row_limits"] = run(model, limits=ROW_LIMITS).completions
+    out["row_limits_full"] = run(model, limits=ROW_LIMITS, kv=False).completions
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         boost_padded_rows(model)
         out["unmasked_argmax"] = unmasked_argmax(model, PROMPTS[2])  # 8 tokens: splits under SP
