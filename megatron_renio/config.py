@@ -69,6 +69,8 @@ HELP = {
     "max_skipped_steps": "stop after this many non-finite steps in a row",
     "keep_last": "checkpoints kept in --save",
     "debug": "show tracebacks instead of one-line errors",
+    "distributed_timeout_minutes": "longest wait in a collective; data-parallel replicas wait there for the "
+                                   "slowest one's rollout, so keep it above the longest rollout",
 }
 
 
@@ -115,7 +117,7 @@ class TrainConfig:
     metrics_file: str | None = None
     save_samples_interval: int = 0
     max_skipped_steps: int = 10
-    distributed_timeout_minutes: float = 10.0
+    distributed_timeout_minutes: float = 60.0
     # models
     mode: str = "opsd"
     model: str | None = None

@@ -158,6 +158,26 @@ def select_backend(local_rank: int = 0) -> tuple[str, torch.device]:
     return "gloo", torch.device("cpu")
 
 
+_BACKEND_PLACES = {"nccl": "a GPU (NCCL)", "gloo": "the CPU (gloo: no GPU visible)"}
+
+
+def check_backend_agrees(store, rank: int, backend: str) -> None:
+    """Every rank's backend must be rank 0's, which rank 0 publishes in ``store``; each other rank
+    reads it once (so a world of N ranks makes N store calls). A node whose GPUs are not visible
+    (a driver fault, an empty ``CUDA_VISIBLE_DEVICES``) would otherwise join on gloo while the others
+    use NCCL, and the job would hang until the timeout."""
+    if rank == 0:
+        store.set("backend_of_rank_0", backend)
+        return
+    first = store.get("backend_of_rank_0").decode()
+    if first != backend:
+        raise UserInputError(
+            f"rank {rank} runs on {_BACKEND_PLACES.get(backend, backend)}, rank 0 on "
+            f"{_BACKEND_PLACES.get(first, first)}: every rank needs a GPU, or none does (check this node's "
+            "CUDA_VISIBLE_DEVICES and driver)"
+        )
+
+
 def initialize(
     parallel: ParallelConfig,
     seed: int = 1234,
@@ -184,13 +204,18 @@ def initialize(
     backend, device = select_backend(local_rank)
 
     if not torch.distributed.is_initialized():
-        # One process needs no rendezvous: an in-process store, whatever MASTER_ADDR the shell exports
-        # and whether or not torchrun started it (its workers only connect to the agent's store).
-        rendezvous = dict(store=torch.distributed.HashStore()) if world_size == 1 else {}
-        torch.distributed.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes),
-            **rendezvous,
-        )
+        timeout = timedelta(minutes=timeout_minutes)
+        if world_size == 1:
+            # One process needs no rendezvous: an in-process store, whatever MASTER_ADDR the shell exports
+            # and whether or not torchrun started it (its workers only connect to the agent's store).
+            store = torch.distributed.HashStore()
+        else:  # the rendezvous init_process_group would make, with the backend check before it
+            store, _, _ = next(torch.distributed.rendezvous("env://", rank, world_size, timeout=timeout))
+            store.set_timeout(timeout)
+            check_backend_agrees(torch.distributed.PrefixStore("megatron_renio", store), rank, backend)
+            store = torch.distributed.PrefixStore("default_pg", store)
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                                             store=store)
     if config_fingerprint is not None:
         _check_ranks_agree(config_fingerprint)
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -10,7 +11,7 @@ from megatron_renio.distributed import ParallelConfig, fingerprint
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.builder import check_divisibility
 from megatron_renio.models.presets import get_preset
-from tests.torchrun_harness import REPO_ROOT, run_torchrun
+from tests.torchrun_harness import REPO_ROOT, free_port, run_torchrun
 
 
 def test_world_size_must_be_divisible_by_tp_times_pp():
@@ -90,6 +91,25 @@ def test_one_process_under_torchrun(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-3:] == ["ok", "1", "1"]
+
+
+def test_a_rank_on_another_backend_is_one_line_not_a_hang(tmp_path):
+    """A node that sees no GPU joins on gloo while the others use NCCL: refused at the rendezvous with one
+    line naming both (it would hang until the timeout). Rank 1 is told it has a GPU here."""
+    script = tmp_path / "mixed.py"
+    script.write_text(
+        "import os, torch\nfrom megatron_renio import distributed, entrypoint\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    distributed.select_backend = lambda local_rank=0: ('nccl', torch.device('cpu'))\n"
+        "raise SystemExit(entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
+        "distributed.ParallelConfig(), timeout_minutes=2), []))\n")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                          f"--master-port={free_port()}", str(script)], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode != 0 and time.monotonic() - started < 60
+    assert ("error (rank 1): rank 1 runs on a GPU (NCCL), rank 0 on the CPU (gloo: no GPU visible): every rank needs a GPU, "
+            "or none does (check this node's CUDA_VISIBLE_DEVICES and driver)") in out.stderr
 
 
 def test_several_processes_without_a_rendezvous_are_one_line_and_leave_torch_unpatched():

@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="run the model in bf16 (default fp32)")
     parser.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
-    parser.add_argument("--distributed-timeout-minutes", type=_typed(float, lambda v: v > 0, "> 0"), default=10.0)
+    parser.add_argument("--distributed-timeout-minutes", type=_typed(float, lambda v: v > 0, "> 0"), default=60.0,
+                        help="longest wait in a collective; replicas wait there for the slowest one's generation "
+                             "(default 60)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     return parser
 
