@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,12 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         raise UserInputError(message)
 
 
+def pad_multiple(c: TrainConfig) -> int:
+    """What batches are padded to a multiple of: 8, and the TP size with sequence parallelism (Megatron
+    splits the sequence over the TP ranks)."""
+    return math.lcm(8, c.tensor_model_parallel_size) if c.sequence_parallel else 8
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`TrainConfig` field, typed from the field's default; ``--help`` shows what it
     does (:data:`HELP`), its allowed values (:data:`CHOICES`) and its default."""
@@ -348,7 +355,10 @@ def validate(c: TrainConfig) -> None:
     _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
     _check(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "> 0", c.distributed_timeout_minutes)
-    _check(c.seq_length % 8 == 0, "--seq-length", "a multiple of 8 (batches are padded to multiples of 8)",
+    multiple = pad_multiple(c)
+    _check(c.seq_length % multiple == 0, "--seq-length",
+           f"a multiple of {multiple} (batches are padded to multiples of 8"
+           + (", and of --tensor-model-parallel-size with --sequence-parallel)" if multiple != 8 else ")"),
            c.seq_length)
     _check(c.max_new_tokens < c.seq_length, "--max-new-tokens", f"smaller than --seq-length ({c.seq_length})", c.max_new_tokens)
     # Megatron's OptimizerParamScheduler decays over --train-iters and asserts the warmup is shorter.

@@ -41,7 +41,7 @@ from functools import partial
 
 import torch
 
-from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, validate
+from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, pad_multiple, validate
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import check_target_directory, is_within
@@ -264,7 +264,7 @@ def run(cfg: SFTConfig) -> list[float]:
         # The student side of a (prompt, prompt, target) pair is a causal-LM example with its loss
         # mask on the target tokens.
         batch = pack_pairs(prompts, prompts, [examples.targets[i] for i in indices], tokenizer.eos_id,
-                           tokenizer.pad_id, t.seq_length).student
+                           tokenizer.pad_id, t.seq_length, pad_multiple(t)).student
         micro = [batch.map(lambda x, i=i: x[i:i + t.micro_batch_size]) for i in range(0, samples_per_rank, t.micro_batch_size)]
         model_ddp.zero_grad_buffer()
         optimizer.zero_grad()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_renio.config import TrainConfig, parse_train_args
+from megatron_renio.config import TrainConfig, pad_multiple, parse_train_args
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
@@ -306,7 +306,8 @@ def run(cfg: TrainConfig) -> dict:
             t_rollout = time.perf_counter() - t0
             maybe_die("rollout", iteration + 1)
 
-            batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length)
+            batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length,
+                               pad_multiple(cfg))
             micro = [batch.rows(i, i + cfg.micro_batch_size) for i in range(0, samples_per_rank, cfg.micro_batch_size)]
             t1 = time.perf_counter()
             student_ddp.zero_grad_buffer()

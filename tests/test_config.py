@@ -54,6 +54,9 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be an integer >= 1"),
         (["--max-new-tokens", "300"], r"--max-new-tokens must be smaller than --seq-length \(256\)"),
         (["--seq-length", "100"], r"--seq-length must be a multiple of 8 .*, got 100"),
+        (["--seq-length", "264", "--tensor-model-parallel-size", "16", "--sequence-parallel"],
+         r"--seq-length must be a multiple of 16 \(batches are padded to multiples of 8, and of "
+         r"--tensor-model-parallel-size with --sequence-parallel\), got 264"),
         (["--lr-warmup-iters", "256", "--train-iters", "256"],
          r"--lr-warmup-iters must be smaller than --train-iters \(256\), got 256"),
         (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),

@@ -164,3 +164,15 @@ def test_filter_long_prompts():
         assert batch.completion_lengths.item() >= 1
     with pytest.raises(UserInputError, match="--max-new-tokens must be at least 1"):
         filter_long_prompts(records, seq_length=8, max_new_tokens=0)
+
+
+def test_sequence_parallel_pads_to_a_multiple_of_the_tp_size():
+    """Megatron splits the sequence over the TP ranks: with TP=3 or TP=16 the padded length must divide."""
+    from megatron_renio.config import TrainConfig, pad_multiple
+
+    assert pad_multiple(TrainConfig(tensor_model_parallel_size=16)) == 8  # no sequence parallelism
+    for tp, multiple in ((2, 8), (3, 24), (16, 16)):
+        cfg = TrainConfig(tensor_model_parallel_size=tp, sequence_parallel=True)
+        assert pad_multiple(cfg) == multiple
+        batch = pack_pairs([[5, 6, 7]], [[5, 6, 7, 8, 9]], [[10, 11]], 1, 0, 96, pad_multiple(cfg))
+        assert batch.seq_len % tp == 0 and batch.seq_len % 8 == 0 and batch.seq_len == multiple
