@@ -103,6 +103,20 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _renio_notes(cfg: TrainConfig) -> list[str]:
+    """ReNIO settings that leave the weights or their cap without effect (batch_mean divides by the
+    micro-batch's mean, so a normalised weight is at most the micro-batch size)."""
+    if not cfg.renio or cfg.renio_norm != "batch_mean":
+        return []
+    if cfg.renio_scope == "local" and cfg.micro_batch_size == 1:
+        return ["with --renio-scope local, --renio-norm batch_mean and --micro-batch-size 1 every ReNIO weight is 1 "
+                "(a sample is its own micro-batch's mean); use --renio-scope global or a larger micro-batch"]
+    if cfg.renio_max_weight >= cfg.micro_batch_size:
+        return [f"--renio-max-weight {cfg.renio_max_weight:g} cannot bind with --micro-batch-size "
+                f"{cfg.micro_batch_size}: a weight is at most the micro-batch size times its micro-batch's mean"]
+    return []
+
+
 def _replica_states(state: dict) -> list[dict]:
     """Every data-parallel replica's ``state`` as its last pipeline stage holds it, in DP-rank order, on
     every rank (collective over the data-parallel and pipeline groups).
@@ -244,6 +258,8 @@ def run(cfg: TrainConfig) -> dict:
     if prompts.budget_limited:
         log0(f"note: {prompts.budget_limited} prompts leave fewer than --max-new-tokens {cfg.max_new_tokens} tokens "
              f"of --seq-length {cfg.seq_length}; their completions end there")
+    for note in _renio_notes(cfg):
+        log0(f"note: {note}")
 
     padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
     student, student_info = C.build_model(student_source, cfg, padded_vocab)

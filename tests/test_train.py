@@ -565,3 +565,17 @@ def test_untrained_positions_note_names_the_role_and_limit(capsys):
     note_untrained_positions(limit + 1, "model", source)
     assert capsys.readouterr().out == (f"note: --seq-length {limit + 1} exceeds the model's max_position_embeddings "
                                        f"({limit}); positions beyond it were not trained\n")
+
+
+def test_renio_settings_without_effect_are_noted():
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _renio_notes
+
+    assert _renio_notes(TrainConfig(renio=True))[0].startswith(
+        "with --renio-scope local, --renio-norm batch_mean and --micro-batch-size 1 every ReNIO weight is 1")
+    assert _renio_notes(TrainConfig(renio=True, renio_scope="global", micro_batch_size=4)) == [
+        "--renio-max-weight 10 cannot bind with --micro-batch-size 4: a weight is at most the micro-batch size "
+        "times its micro-batch's mean"]
+    for quiet in (dict(renio=False), dict(renio=True, micro_batch_size=16), dict(renio=True, renio_norm="ema"),
+                  dict(renio=True, micro_batch_size=4, renio_max_weight=3.0)):
+        assert _renio_notes(TrainConfig(**quiet)) == [], quiet
