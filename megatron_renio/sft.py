@@ -193,18 +193,22 @@ class SFTStep:
         return loss_sum, num_tokens, {}
 
     def run(self, micro_batches: list) -> float:
-        """Run the schedule; return the step's token-mean loss, the same on every rank."""
+        """Run the schedule over micro-batches of one size, each of its own padded length; return the
+        step's token-mean loss, the same on every rank."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.model.parameters()).device
         self._sums = []
+        seq_length = max(mb.tokens.shape[1] for mb in micro_batches)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # each micro-batch has its own length
+            self.model.config.variable_seq_lengths = any(mb.tokens.shape[1] != seq_length for mb in micro_batches)
         get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iter([mb.to(device) for mb in micro_batches]),
             model=[self.model],
             num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0].tokens.shape[1],
+            seq_length=seq_length,
             micro_batch_size=micro_batches[0].tokens.shape[0],
         )
         sums = torch.stack(self._sums).sum(0) if self._sums else torch.zeros(2, dtype=torch.float64, device=device)
@@ -264,12 +268,12 @@ def run(cfg: SFTConfig) -> list[float]:
         # The student side of a (prompt, prompt, target) pair is a causal-LM example with its loss
         # mask on the target tokens.
         batch = pack_pairs(prompts, prompts, [examples.targets[i] for i in indices], tokenizer.eos_id,
-                           tokenizer.pad_id, t.seq_length, pad_multiple(t)).student
-        micro = [batch.map(lambda x, i=i: x[i:i + t.micro_batch_size]) for i in range(0, samples_per_rank, t.micro_batch_size)]
+                           tokenizer.pad_id, t.seq_length, pad_multiple(t))
+        micro = [batch.rows(i, i + t.micro_batch_size).trimmed(pad_multiple(t)).student
+                 for i in range(0, samples_per_rank, t.micro_batch_size)]
         model_ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = step.run(micro)
-        lr = scheduler.get_lr(optimizer.param_groups[0])  # this step's, before the scheduler advances
         updated, grad_norm = C.step_if_finite(optimizer, model_ddp, math.isfinite(loss))
         if updated:
             scheduler.step(increment=1)
@@ -282,7 +286,7 @@ def run(cfg: SFTConfig) -> list[float]:
             logger.log(iteration, {
                 "loss": loss, "skipped": not updated,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "lr": lr,
+                "lr": scheduler.get_lr(optimizer.param_groups[0]),  # after the update, as Megatron-LM logs it
                 "time_step_s": time.perf_counter() - t0,
             })
         if progress is not None:

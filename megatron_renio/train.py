@@ -324,7 +324,8 @@ def run(cfg: TrainConfig) -> dict:
 
             batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length,
                                pad_multiple(cfg))
-            micro = [batch.rows(i, i + cfg.micro_batch_size) for i in range(0, samples_per_rank, cfg.micro_batch_size)]
+            micro = [batch.rows(i, i + cfg.micro_batch_size).trimmed(pad_multiple(cfg))
+                     for i in range(0, samples_per_rank, cfg.micro_batch_size)]
             t1 = time.perf_counter()
             student_ddp.zero_grad_buffer()
             optimizer.zero_grad()
@@ -335,7 +336,6 @@ def run(cfg: TrainConfig) -> dict:
             maybe_die("backward", iteration + 1)
 
             t2 = time.perf_counter()
-            lr = scheduler.get_lr(optimizer.param_groups[0])  # this step's, before the scheduler advances
             ok, grad_norm = C.step_if_finite(optimizer, student_ddp,
                                              not result.nonfinite and math.isfinite(result.loss))
             if ok:
@@ -355,11 +355,13 @@ def run(cfg: TrainConfig) -> dict:
                               rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             step_time = time.perf_counter() - t0
-            # every sequence position of both models is computed (padding included): 3 student forwards'
-            # worth (forward and backward) and the teacher's forward per position; summed over the replicas
-            positions = batch.student.tokens.numel()
-            flops = positions * (3 * C.forward_flops_per_position(student_info.preset, batch.seq_len)
-                                 + C.forward_flops_per_position(teacher_info.preset, batch.seq_len))
+            # every sequence position of both models is computed (a micro-batch's padding included): 3
+            # student forwards' worth (forward and backward) and the teacher's forward per position; summed
+            # over the micro-batches and the replicas
+            positions = sum(mb.student.tokens.numel() for mb in micro)
+            flops = sum(mb.student.tokens.numel() * (3 * C.forward_flops_per_position(student_info.preset, mb.seq_len)
+                                                     + C.forward_flops_per_position(teacher_info.preset, mb.seq_len))
+                        for mb in micro)
             counts = _step_counts(rollout.completions, eos, limits, rollout.num_generated_tokens,
                                   positions, flops, ctx.device)
             metrics = {
@@ -367,7 +369,7 @@ def run(cfg: TrainConfig) -> dict:
                 "skipped": not ok,
                 "skipped_total": skipped_total,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "lr": lr,
+                "lr": scheduler.get_lr(optimizer.param_groups[0]),  # after the update, as Megatron-LM logs it
                 "completion_length_mean": counts["length_sum"] / max(counts["completions"], 1),
                 "completion_length_max": counts["longest"],
                 "completion_hit_limit_fraction": counts["cut"] / max(counts["completions"], 1),

@@ -176,3 +176,25 @@ def test_sequence_parallel_pads_to_a_multiple_of_the_tp_size():
         assert pad_multiple(cfg) == multiple
         batch = pack_pairs([[5, 6, 7]], [[5, 6, 7, 8, 9]], [[10, 11]], 1, 0, 96, pad_multiple(cfg))
         assert batch.seq_len % tp == 0 and batch.seq_len % 8 == 0 and batch.seq_len == multiple
+
+
+def test_a_trimmed_micro_batch_keeps_every_token_and_drops_only_padding():
+    """Rows 0-1 need 3 + 2 and 5 + 1 positions, row 2 (another micro-batch) 4 + 9: the first micro-batch is
+    cut from the batch's 16 positions to 8, its grid from 9 columns to 2; nothing real changes."""
+    batch = pack_pairs([[5, 6, 7], [5, 6, 7, 8, 9], [5, 6]], [[5, 6, 7], [5, 6, 7], [5, 6, 7, 8]],
+                       [[10, 11], [12], [13] * 9], 1, 0, 64)
+    assert (batch.seq_len, batch.completion_ids.shape[1]) == (16, 9)
+    first = batch.rows(0, 2).trimmed(8)
+    assert (first.seq_len, first.completion_ids.shape[1]) == (8, 2)
+    whole = batch.rows(0, 2)
+    for name in ("tokens", "labels", "loss_mask", "position_ids"):
+        for side in ("student", "teacher"):
+            full, cut = getattr(getattr(whole, side), name), getattr(getattr(first, side), name)
+            assert torch.equal(cut, full[:, :8])
+            if name != "position_ids":  # beyond the cut: padding only
+                assert torch.equal(full[:, 8:], torch.full_like(full[:, 8:], 0))
+    assert torch.equal(first.completion_mask.sum(1), whole.completion_mask.sum(1))
+    assert torch.equal(first.student.gather_index, whole.student.gather_index[:, :2])
+    last = batch.rows(2, 3).trimmed(8)
+    assert (last.seq_len, last.completion_ids.shape[1]) == (16, 9)  # the longest row keeps the batch's lengths
+    assert batch.rows(0, 2).trimmed(24).seq_len == 16  # never longer than the batch

@@ -90,31 +90,41 @@ def base_args(root, **overrides):
 @pytest.mark.parametrize("scope", ["global"])
 def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     """OPD with a separate, wider teacher: TP=2, PP=2 and DP=2 give the single-process losses."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.data.tokenizer import load_tokenizer
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
-    from megatron_renio.training.components import forward_flops_per_position
+    from megatron_renio.training.components import forward_flops_per_position, load_prompts
 
     presets = {name: read_checkpoint_metadata(workdir / "ckpt" / name).preset for name in ("student", "teacher")}
     opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": scope,
            "--peak-tflops": 1}
     runs = {"tp1": ({}, 1), "tp2": ({"--tensor-model-parallel-size": 2}, 2),
             "pp2": ({"--pipeline-model-parallel-size": 2}, 2), "dp2": ({}, 2)}
+    prompts = load_prompts(TrainConfig(data_path=[str(workdir / "train.jsonl")], seq_length=384, max_new_tokens=12,
+                                       mode="opd"), load_tokenizer(str(workdir / "tok")))
     losses, rollouts = {}, {}
     for name, (extra, nproc) in runs.items():
-        path = workdir / f"opd_{name}.jsonl"
-        train(base_args(workdir, **opd, **extra, **{"--metrics-file": path}), nproc=nproc)
+        path, save = workdir / f"opd_{name}.jsonl", workdir / f"opd_{name}"
+        train(base_args(workdir, **opd, **extra, **{"--metrics-file": path, "--save": save,
+                                                    "--save-samples-interval": 1}), nproc=nproc)
         metrics = read_jsonl(path)
         losses[name] = [m["loss"] for m in metrics]
         rollouts[name] = [[m[key] for key in ("completion_length_mean", "completion_length_max",
                                               "completion_hit_limit_fraction")] for m in metrics]
         for m in metrics:  # the rollout statistics and throughput count every replica's 4 completions
             assert m["rollout_tokens_per_s"] * m["time_rollout_s"] == pytest.approx(4 * m["completion_length_mean"])
-            if name != "dp2":  # one replica: 4 rows of L positions, 3 student forwards + 1 teacher's per position
-                positions = m["train_tokens_per_s"] * m["time_forward_backward_s"]
-                length = round(positions / 4)
-                assert positions == pytest.approx(4 * length)
-                flops = (3 * forward_flops_per_position(presets["student"], length)
-                         + forward_flops_per_position(presets["teacher"], length)) * positions
-                assert m["mfu"] == pytest.approx(flops / m["time_forward_backward_s"] / (1e12 * nproc))
+            if name != "dp2":
+                # one replica, micro-batches of one row, each padded to its own length L (a multiple of 8):
+                # L positions, 3 student forwards + 1 teacher's per position
+                lengths = [-(-(max(len(prompts.student[r["prompt_index"]]), len(prompts.teacher[r["prompt_index"]]))
+                               + r["num_tokens"]) // 8) * 8
+                           for r in read_jsonl(save / "samples_rank0.jsonl") if r["step"] == m["step"]]
+                assert len(lengths) == 4
+                t = m["time_forward_backward_s"]
+                assert m["train_tokens_per_s"] * t == pytest.approx(sum(lengths))
+                flops = sum((3 * forward_flops_per_position(presets["student"], n)
+                             + forward_flops_per_position(presets["teacher"], n)) * n for n in lengths)
+                assert m["mfu"] == pytest.approx(flops / t / (1e12 * nproc))
     assert len(losses["tp1"]) == 2 and all(l > 0 for l in losses["tp1"])
     for name in ("tp2", "pp2", "dp2"):
         assert losses[name] == pytest.approx(losses["tp1"], rel=1e-4), name
@@ -215,9 +225,9 @@ def test_resume_with_another_schedule_is_refused_unless_overridden(workdir):
     path = workdir / "schedule.jsonl"
     train(base_args(workdir, **common, **{"--train-iters": 4, "--load": save, "--override-opt-param-scheduler": None,
                                           "--metrics-file": path}))
-    # the linear decay now spans 4 steps: step 2 runs at 3/4 of --lr, step 3 at half (the old schedule: 0);
-    # each step logs the LR it ran with
-    assert [(m["step"], m["lr"]) for m in read_jsonl(path)][:2] == [(2, pytest.approx(7.5e-4)), (3, pytest.approx(5e-4))]
+    # the linear decay now spans 4 steps: after step 2 the LR is half of --lr, after step 3 a quarter (the old
+    # schedule: 0); each step logs the rate after its update, as Megatron-LM does
+    assert [(m["step"], m["lr"]) for m in read_jsonl(path)][:2] == [(2, pytest.approx(5e-4)), (3, pytest.approx(2.5e-4))]
 
 
 def test_resume_with_the_other_optimizer_kind_is_refused(workdir):

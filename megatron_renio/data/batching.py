@@ -107,6 +107,27 @@ class PairedBatch:
         """Samples ``start:end`` (a micro-batch); the padded lengths stay those of the whole batch."""
         return self.map(lambda t: t[start:end])
 
+    def trimmed(self, pad_to_multiple: int = 8) -> "PairedBatch":
+        """A copy cut to what its own samples need, so that a micro-batch costs its own length, not the
+        whole batch's longest: ``S`` = the longest ``max(ps, pt) + c`` of its rows rounded up to
+        ``pad_to_multiple`` (never above the current ``S``), ``c_len`` = its longest completion (at least 1).
+        Only padding is dropped: every real token, label and mask entry sits before the new lengths."""
+        need = int((torch.maximum(self.student.prompt_lengths, self.teacher.prompt_lengths)
+                    + self.completion_lengths).max())
+        seq_len = min(self.seq_len, -(-need // pad_to_multiple) * pad_to_multiple)
+        c_len = max(1, int(self.completion_lengths.max()))
+
+        def side(inputs: ModelInputs) -> ModelInputs:
+            cut = {name: getattr(inputs, name)[:, :seq_len].contiguous()
+                   for name in ("tokens", "labels", "loss_mask", "position_ids")}
+            return ModelInputs(**cut, gather_index=inputs.gather_index[:, :c_len].contiguous(),
+                               prompt_lengths=inputs.prompt_lengths)
+
+        return PairedBatch(student=side(self.student), teacher=side(self.teacher),
+                           completion_ids=self.completion_ids[:, :c_len].contiguous(),
+                           completion_mask=self.completion_mask[:, :c_len].contiguous(),
+                           completion_lengths=self.completion_lengths, truncated=self.truncated)
+
     def map(self, fn) -> "PairedBatch":
         """A copy with ``fn`` applied to every tensor (both sides included)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

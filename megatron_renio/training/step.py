@@ -140,7 +140,9 @@ class DistillationStep:
 
     # -- one step -----------------------------------------------------------------------------
     def run(self, micro_batches: list[PairedBatch], forward_only: bool = False, inject_nonfinite: bool = False) -> StepResult:
-        """Run the schedule over ``micro_batches`` (all of one padded length and size).
+        """Run the schedule over ``micro_batches`` (all of one size; each may have its own padded length,
+        :meth:`PairedBatch.trimmed`: under pipeline parallelism the stages then exchange each
+        micro-batch's shape before its activations, Megatron's ``variable_seq_lengths``).
 
         ``inject_nonfinite`` (a testing aid) turns the student's logits into NaN in this step.
         """
@@ -154,15 +156,17 @@ class DistillationStep:
         self._terms = []
         self._inject_nonfinite = inject_nonfinite
         mb0 = micro_batches[0]
+        seq_length = max(mb.seq_len for mb in micro_batches)
         kwargs = {}
         if self.pp_size > 1:
             kwargs["adjust_tensor_shapes_fn"] = paired_tensor_shapes(self.paired.student_hidden, self.paired.teacher_hidden)
+            self.paired.config.variable_seq_lengths = any(mb.seq_len != seq_length for mb in micro_batches)
         get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iter([mb.to(device) for mb in micro_batches]),
             model=[self.paired],
             num_microbatches=len(micro_batches),
-            seq_length=mb0.seq_len,
+            seq_length=seq_length,
             micro_batch_size=mb0.completion_ids.shape[0],
             forward_only=forward_only,
             **kwargs,
@@ -185,8 +189,11 @@ class DistillationStep:
                 "per_sample_loss": torch.cat([lt.per_sample_loss.float().cpu() for lt in self._losses]),
             }
             if self._terms:
+                width = max(t.divergence.shape[1] for t in self._terms)  # micro-batches may have their own c_len
                 for key in ("student_logprobs", "teacher_logprobs", "divergence"):
-                    per_sample[key] = torch.cat([getattr(t, key).detach().float().cpu() for t in self._terms])
+                    per_sample[key] = torch.cat([torch.nn.functional.pad(getattr(t, key).detach().float().cpu(),
+                                                                         (0, width - t.divergence.shape[1]))
+                                                 for t in self._terms])
             self.normalizer.end_step(self.settings.renio, self.dp_group)
         if self.pp_size > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
