@@ -329,6 +329,7 @@ def run(cfg: TrainConfig) -> dict:
             t1 = time.perf_counter()
             student_ddp.zero_grad_buffer()
             optimizer.zero_grad()
+            normalizer_before = normalizer.state_dict()  # a skipped step leaves the ReNIO EMA as it was
             result = step_runner.run(micro, inject_nonfinite=cfg.debug_inject_nonfinite == iteration + 1)
             if cfg.debug_inject_nonfinite_grad == iteration + 1 and ctx.rank == 0:
                 student_ddp.buffers[0].grad_data[0] = float("nan")
@@ -344,6 +345,7 @@ def run(cfg: TrainConfig) -> dict:
                 if ema is not None:
                     ema.update(student)
             else:
+                normalizer.load_state_dict(normalizer_before)
                 skipped_total += 1
                 skipped_in_a_row += 1
                 C.stop_after_skipped_steps(skipped_in_a_row, cfg, iteration + 1)

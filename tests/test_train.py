@@ -242,11 +242,15 @@ def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
 def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
     """DP=2: a NaN in global rank 0's reduced gradient only (the loss is finite) makes every rank skip
     the step before the optimizer (which would apply it: bf16 without a loss scale and fp32 do not
-    check); the weights stay as they were and training goes on."""
+    check); the weights and the ReNIO EMA stay as they were and training goes on."""
     save = workdir / "nonfinite_grad"
     path = workdir / "nonfinite_grad.jsonl"
     train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite-grad": 2, "--save": save,
-                                "--save-interval": 1, "--keep-last": 3, "--metrics-file": path}), nproc=2)
+                                "--save-interval": 1, "--keep-last": 3, "--metrics-file": path,
+                                "--renio-norm": "ema", "--renio-scope": "global", "--renio-threshold": -1}), nproc=2)
+    ema = [torch.load(save / f"iter_{i:07d}" / "train_state.pt", weights_only=False)["normalizer"][0]["ema"]
+           for i in (1, 2, 3)]
+    assert torch.equal(ema[0], ema[1]) and not torch.equal(ema[1], ema[2]) and torch.isfinite(ema[2])
     m = read_jsonl(path)
     assert [x["skipped"] for x in m] == [False, True, False]
     assert m[1]["grad_norm"] is None and m[1]["nonfinite"] == 0 and m[1]["loss"] > 0
