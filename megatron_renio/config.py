@@ -368,6 +368,13 @@ def validate(c: TrainConfig) -> None:
         raise UserInputError("--mode opd needs --teacher separate (a teacher checkpoint or preset)")
     if c.teacher == "separate" and not (c.teacher_load or c.teacher_model):
         raise UserInputError("--teacher separate needs --teacher-load or --teacher-model")
+    if c.teacher != "separate" and (c.teacher_load or c.teacher_model):
+        given = "--teacher-load" if c.teacher_load else "--teacher-model"
+        kind = "a frozen copy of the initial student" if c.teacher == "fixed" else "the student's moving average"
+        raise UserInputError(f"{given} needs --teacher separate (--teacher {c.teacher}: the teacher is {kind})")
+    for one, other in (("student_load", "model"), ("teacher_load", "teacher_model")):
+        if getattr(c, one) and getattr(c, other):
+            raise UserInputError(f"give either {_flag(one)} or {_flag(other)}, not both")
     if not (c.student_load or c.model):  # the trainer builds the student from these; --load only restores state
         raise UserInputError(
             "no student model: give --student-load (a converted checkpoint) or --model (a preset), "

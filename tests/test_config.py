@@ -49,6 +49,12 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--loss", "mse"], "--loss must be one of forward_kl, reverse_kl, jsd, sampled_rkl"),
         (["--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size 8 is not divisible by --micro-batch-size 3"),
         (["--mode", "opd"], "--mode opd needs --teacher separate"),
+        (["--teacher-load", "big"], r"--teacher-load needs --teacher separate \(--teacher fixed: the teacher is a "
+                                    r"frozen copy of the initial student\)"),  # it was ignored: self-distillation
+        (["--teacher", "ema", "--teacher-model", "tiny-qwen3"], "--teacher-model needs --teacher separate"),
+        (["--student-load", "ckpt"], "give either --student-load or --model, not both"),
+        (["--teacher", "separate", "--teacher-load", "a", "--teacher-model", "tiny-qwen3"],
+         "give either --teacher-load or --teacher-model, not both"),
         (["--global-batch-size", "8", "--samples-per-prompt", "3"], "--global-batch-size 8 is not divisible by --samples-per-prompt 3"),
         (["--save-samples-interval", "5"], "--save-samples-interval needs --save"),
         (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be an integer >= 1"),
