@@ -252,12 +252,8 @@ def run(args: ScoreArgs) -> list[dict] | None:
     teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
     for role, source in (("student", student_source), ("teacher", teacher_source)):
         C.note_untrained_positions(cfg.seq_length, role, source)
-    vocab = student_source.preset.vocab_size
-    if teacher_source.preset.vocab_size != vocab:
-        raise UserInputError(
-            f"the student's vocabulary ({vocab}) and the teacher's ({teacher_source.preset.vocab_size}) differ: "
-            "score needs one shared vocabulary"
-        )
+    # as in training: both built with the wider padded width, the ids both models hold are the vocabulary
+    padded_vocab, vocab = C.paired_vocab(cfg, student_source.preset, teacher_source.preset)
     tokenizer = None
     if cfg.tokenizer or student_source.tokenizer_dir:
         tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
@@ -265,8 +261,8 @@ def run(args: ScoreArgs) -> list[dict] | None:
 
     ctx = distributed.initialize(C.parallel_config(cfg), cfg.seed, distributed.fingerprint(args),
                                  cfg.distributed_timeout_minutes)
-    student, student_info = C.build_model(student_source, cfg)
-    teacher, teacher_info = C.build_model(teacher_source, cfg)
+    student, student_info = C.build_model(student_source, cfg, padded_vocab)
+    teacher, teacher_info = C.build_model(teacher_source, cfg, padded_vocab)
     freeze(student)
     freeze(teacher)
     paired = PairedModel(student, teacher, student_info.preset.hidden_size, teacher_info.preset.hidden_size)

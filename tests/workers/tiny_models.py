@@ -7,8 +7,8 @@ free), offline:
   as single tokens, so that a random model's greedy completions end in a gradable box now and then;
 * two Hugging Face Qwen3 models from a config (student: hidden 64, tied embeddings; teacher: hidden
   96, untied), 2 layers, weights re-drawn large so that log-probs are far from uniform; their
-  vocabulary is the tokenizer's plus 4 ids (as in real checkpoints, whose embedding tables are
-  larger than the tokenizer);
+  vocabularies are the tokenizer's plus 4 ids (student) and plus 134 (teacher), as in real
+  checkpoints, whose embedding tables are larger than the tokenizer and may differ within a family;
 * both converted by ``checkpoints_conversion.hf_to_megatron`` in one child process (this file is
   its entry script: the checkpoint writer re-imports it).
 """
@@ -24,9 +24,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORDS = (["<unk>", "<s>", "</s>"] + [f"\\boxed{{{i}}}" for i in range(4)]
          + "the cat sat on a mat two plus is four wait so answer".split() + [str(i) for i in range(10)])
 EXTRA_IDS = 4
-MODELS = {  # name -> (seed, hidden, ffn, tied)
-    "student": (0, 64, 128, True),
-    "teacher": (1, 96, 160, False),
+# name -> (seed, hidden, ffn, tied, embedding rows beyond the tokenizer's); the teacher's 134 extra rows pad
+# to 256 at TP=1 against the student's 128 (a pair like DeepSeek-R1-Distill-Qwen-1.5B and -7B)
+MODELS = {
+    "student": (0, 64, 128, True, EXTRA_IDS),
+    "teacher": (1, 96, 160, False, 134),
 }
 
 
@@ -40,13 +42,13 @@ def _save_tokenizer(directory: Path) -> None:
                             eos_token="</s>").save_pretrained(directory)
 
 
-def _save_hf_model(directory: Path, seed: int, hidden: int, ffn: int, tied: bool) -> None:
+def _save_hf_model(directory: Path, seed: int, hidden: int, ffn: int, tied: bool, extra_ids: int) -> None:
     import torch
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.Qwen3Config(
-        vocab_size=len(WORDS) + EXTRA_IDS, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2,
+        vocab_size=len(WORDS) + extra_ids, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
     )
