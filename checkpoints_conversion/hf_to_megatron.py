@@ -35,8 +35,10 @@ from checkpoints_conversion.common import (
     megatron_parameters,
     run_cli,
 )
+from megatron_renio.data.tokenizer import load_tokenizer
 from megatron_renio.errors import UserInputError
-from megatron_renio.models.checkpoint import check_target_directory, save_model_checkpoint, tokenizer_files
+from megatron_renio.models.checkpoint import (METADATA_FILE, check_target_directory, save_model_checkpoint,
+                                              tokenizer_files)
 from megatron_renio.models.presets import ModelPreset, load_hf_config
 
 
@@ -156,6 +158,10 @@ def convert(
     hf_dir, save = Path(hf_dir), Path(save)
     inputs = (("--hf-dir", hf_dir),) + ((("--tokenizer-dir", tokenizer_dir),) if tokenizer_dir else ())
     check_target_directory(save, overwrite, label=f"--save {save}", inputs=inputs)
+    if (hf_dir / METADATA_FILE).is_file():
+        raise UserInputError(f"--hf-dir {hf_dir} is a megatron_renio model checkpoint (it has {METADATA_FILE}), "
+                             "converted already: pass it to --student-load / --teacher-load, or export it with "
+                             "python -m checkpoints_conversion.megatron_to_hf")
     preset, config, mappings, entries = plan(hf_dir)
     dtype = dtype or _default_dtype(config)
     if tokenizer_dir is not None and not tokenizer_files(tokenizer_dir):
@@ -165,6 +171,12 @@ def convert(
             tokenizer_dir = hf_dir
         else:
             print(f"note: no tokenizer files in {hf_dir}; the checkpoint will have none", file=sys.stderr)
+    if tokenizer_dir is not None:  # checked now: training would refuse it after the conversion
+        ids = load_tokenizer(str(tokenizer_dir)).vocab_size
+        if ids > preset.vocab_size:
+            raise UserInputError(f"the tokenizer in {tokenizer_dir} has {ids} ids, more than the model's "
+                                 f"vocabulary of {preset.vocab_size} ({hf_dir / 'config.json'}); is it this "
+                                 "model's tokenizer?")
 
     model, info = build_single_process_model(preset, dtype)
     fill_parameters(preset, mappings, entries, megatron_parameters(model))

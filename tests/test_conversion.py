@@ -520,12 +520,38 @@ def test_hf_to_megatron_checks_the_index_and_tokenizer_dir(hf_models, tmp_path):
     hf_dir = tmp_path / "hf"
     shutil.copytree(hf_models["dirs"]["llama"], hf_dir)
     shard = sorted(hf_dir.glob("model-*.safetensors"))[-1]
-    save = tmp_path / "out"
-    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save), "--tokenizer-dir", str(tmp_path))
-    _assert_one_line_error(proc, f"--tokenizer-dir {tmp_path} holds no tokenizer files", save)
+    save, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save), "--tokenizer-dir", str(empty))
+    _assert_one_line_error(proc, f"--tokenizer-dir {empty} holds no tokenizer files", save)
     shard.unlink()
     proc = _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save))
     _assert_one_line_error(proc, f"lists {shard.name}, which does not exist", save)
+
+
+def test_hf_to_megatron_refuses_what_training_would_refuse_later(hf_models, converted, tmp_path):
+    """A tokenizer with more ids than the model's vocabulary, a converted checkpoint as --hf-dir, and a --save
+    inside the --hf-dir: each one line before anything is written."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    hf_dir = hf_models["dirs"]["qwen2"]
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    big = tmp_path / "big_tokenizer"
+    words = {f"w{i}": i for i in range(vocab + 10)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="w0")),
+                            unk_token="w0", eos_token="w1").save_pretrained(big)
+    save = tmp_path / "out"
+    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save), "--tokenizer-dir", str(big))
+    _assert_one_line_error(proc, f"the tokenizer in {big} has {vocab + 10} ids, more than the model's vocabulary of "
+                                 f"{vocab}", save)
+    proc = _cli("hf_to_megatron", "--hf-dir", str(converted["ckpt"] / "qwen2"), "--save", str(save))
+    _assert_one_line_error(proc, "is a megatron_renio model checkpoint (it has renio_model.json), converted already",
+                           save)
+    copy = tmp_path / "hf"
+    shutil.copytree(hf_dir, copy)
+    proc = _cli("hf_to_megatron", "--hf-dir", str(copy), "--save", str(copy / "sub"))
+    _assert_one_line_error(proc, f"--save {copy / 'sub'} lies inside the --hf-dir input {copy}", copy / "sub")
 
 
 def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):

@@ -100,8 +100,8 @@ def is_within(path: str | Path, folder: str | Path) -> bool:
 def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None,
                            inputs: tuple[tuple[str, str | Path], ...] = ()) -> None:
     """A save target must not exist, or be an empty folder, or (``overwrite``) be a folder; and it must
-    not be, or hold, one of ``inputs`` ((flag, path) pairs: what the command reads), which replacing
-    it would delete.
+    not be, hold or lie inside one of ``inputs`` ((flag, path) pairs: what the command reads), which
+    replacing it would delete or change.
 
     ``label`` names the target the way a command line does (e.g. ``"--save /out"``) and adds the
     ``--overwrite`` hint; errors name the bare path by default.
@@ -112,6 +112,9 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
             relation = "is" if Path(source).resolve() == directory.resolve() else "holds"
             raise UserInputError(f"{label or directory} {relation} the {flag} input, which writing there would "
                                  "replace; choose another folder")
+        if is_within(directory, source):
+            raise UserInputError(f"{label or directory} lies inside the {flag} input {source}; choose a folder "
+                                 "outside it")
     if not directory.exists():
         return
     if not directory.is_dir():
