@@ -219,6 +219,7 @@ def run(cfg: TrainConfig) -> dict:
     distributed.quiet_megatron_notices()
     from megatron_renio.data.batching import pack_pairs
     from megatron_renio.data.prompts import PromptSampler
+    from megatron_renio.models.builder import check_divisibility
     from megatron_renio.renio.weights import ReNIONormalizer
     from megatron_renio.rollout.generate import generate
     from megatron_renio.rollout.sampling import SamplingConfig
@@ -250,6 +251,8 @@ def run(cfg: TrainConfig) -> dict:
         _check_resumed_settings(saved, cfg)  # before any model is built
     C.check_save_target(cfg, student_source.preset)
     for role, source in (("student", student_source), ("teacher", teacher_source)):
+        if source is not None:
+            check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
         C.note_untrained_positions(cfg.seq_length, role, source)
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)

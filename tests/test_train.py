@@ -501,11 +501,15 @@ def test_save_folder_of_another_model_is_refused(workdir):
     train(wider + ["--override-save"])
 
 
-def test_tp_that_does_not_divide_the_heads(workdir):
-    proc = train(base_args(workdir, **{"--student-load": workdir / "ckpt" / "odd_heads", "--tensor-model-parallel-size": 2}),
-                 nproc=2, check=False)
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_tp_that_does_not_divide_the_heads(workdir, role):
+    """The error names the model whose heads do not divide (a teacher with 3 heads said "the model's")."""
+    odd = workdir / "ckpt" / "odd_heads"
+    models = ({"--student-load": odd} if role == "student" else
+              {"--mode": "opd", "--teacher": "separate", "--teacher-load": odd})
+    proc = train(base_args(workdir, **models, **{"--tensor-model-parallel-size": 2}), nproc=2, check=False)
     assert proc.returncode != 0
-    assert "error: --tensor-model-parallel-size 2 does not divide the model's attention heads (3)" in proc.stderr
+    assert f"error: --tensor-model-parallel-size 2 does not divide the {role}'s attention heads (3)" in proc.stderr
 
 
 def test_two_nodes_through_the_rendezvous_launch_form(workdir):

@@ -240,7 +240,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
 
     from megatron_renio import distributed
     from megatron_renio.data.batching import pack_pairs
-    from megatron_renio.models.builder import freeze
+    from megatron_renio.models.builder import check_divisibility, freeze
     from megatron_renio.renio.weights import ReNIONormalizer, raw_weights
     from megatron_renio.training import components as C
     from megatron_renio.training.paired import PairedModel
@@ -251,6 +251,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
     student_source = C.resolve_model(cfg.student_load, None, "--student-load")
     teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
     for role, source in (("student", student_source), ("teacher", teacher_source)):
+        check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
         C.note_untrained_positions(cfg.seq_length, role, source)
     # as in training: both built with the wider padded width, the ids both models hold are the vocabulary
     padded_vocab, vocab = C.paired_vocab(cfg, student_source.preset, teacher_source.preset)

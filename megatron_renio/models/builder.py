@@ -29,8 +29,9 @@ def padded_vocab_size(true_vocab_size: int, tp_size: int, vocab_multiple: int = 
     return int(math.ceil(true_vocab_size / multiple) * multiple)
 
 
-def check_divisibility(preset: ModelPreset, parallel: ParallelConfig) -> None:
-    """TP must divide heads, query groups and the FFN size; PP must divide the layers."""
+def check_divisibility(preset: ModelPreset, parallel: ParallelConfig, role: str = "model") -> None:
+    """TP must divide heads, query groups and the FFN size; PP must divide the layers. Errors name the
+    model by ``role`` (student, teacher)."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     for what, value in (
         ("attention heads", preset.num_attention_heads),
@@ -39,11 +40,11 @@ def check_divisibility(preset: ModelPreset, parallel: ParallelConfig) -> None:
     ):
         if value % tp:
             raise UserInputError(
-                f"--tensor-model-parallel-size {tp} does not divide the model's {what} ({value})"
+                f"--tensor-model-parallel-size {tp} does not divide the {role}'s {what} ({value})"
             )
     if preset.num_layers % pp:
         raise UserInputError(
-            f"--pipeline-model-parallel-size {pp} does not divide the model's {preset.num_layers} layers"
+            f"--pipeline-model-parallel-size {pp} does not divide the {role}'s {preset.num_layers} layers"
         )
 
 
