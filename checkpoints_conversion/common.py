@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -298,14 +299,20 @@ def make_parser(module: str, description: str, dtype_default: str) -> argparse.A
     return parser
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_cli(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and call ``run(args)``. Bad input: ``error: <one line>`` on stderr, status 2
     (a traceback with ``--debug``). Megatron-Core's and torch.distributed.checkpoint's import-time
-    and deprecation warnings are silenced unless ``--debug``. Tears the single-process world down
+    and deprecation warnings are silenced unless ``--debug``. SIGTERM exits with status 143 through
+    the writers' clean-up (their staging folders are removed). Tears the single-process world down
     at the end."""
     args = parser.parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         run(args)
     except UserInputError as e:
@@ -314,6 +321,7 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable, argv: list[str] | No
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if "megatron.core" in sys.modules:
             import torch
 

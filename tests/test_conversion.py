@@ -632,3 +632,31 @@ def test_sharded_writer_round_trip(tmp_path):
                 assert torch.equal(reader.read(entry), tensors[entry.name])
         for name, tensor in load_file(path).items():
             assert torch.equal(tensor, tensors[name])
+
+
+def test_a_killed_conversion_leaves_nothing_behind(hf_models, tmp_path):
+    """SIGTERM while converting: exit 143, its staging folder removed; the full-size leftovers of a
+    SIGKILLed one (staging and set-aside folders) go at the next save to the same --save."""
+    import signal
+    import time
+
+    save = tmp_path / "out"
+    cmd = [sys.executable, "-m", "checkpoints_conversion.hf_to_megatron", "--hf-dir", str(hf_models["dirs"]["qwen2"]),
+           "--save", str(save)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is None:  # caught while writing (a fast machine may finish first)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+        assert not save.exists() and not list(tmp_path.iterdir())
+    else:
+        proc.communicate()
+    for leftover in (".out.partial-0badf00d", ".out.replaced-0badf00d"):  # what kill -9 leaves
+        (tmp_path / leftover / "model").mkdir(parents=True)
+    (tmp_path / ".other.partial-0badf00d").mkdir()  # another target's: kept
+    assert _cli("hf_to_megatron", "--hf-dir", str(hf_models["dirs"]["qwen2"]), "--save", str(save),
+                "--overwrite").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-0badf00d", "out"]

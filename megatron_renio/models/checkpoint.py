@@ -17,7 +17,8 @@ Where a rank holds a whole global tensor that Megatron would write in pieces (th
 ``linear_fc1`` at TP=1), it is written and read as one piece: same global tensors, less memory.
 
 Saving writes everything into a hidden sibling folder (``.<name>.partial-<id>``) and renames it
-to the target only when every rank is done, so an interrupted save never looks like a checkpoint.
+to the target only when every rank is done, so an interrupted save never looks like a checkpoint;
+the next save to the same target deletes what a killed one left.
 dist_checkpointing's writer starts helper processes (one of them by "spawn", which re-imports the
 entry script): the script that calls :func:`save_model_checkpoint` must guard its entry point with
 ``if __name__ == "__main__":``, and ``psutil`` must be installed.
@@ -30,6 +31,7 @@ job calls them. Problems with the folder or its content are one-line
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -134,16 +136,17 @@ def publish_directory(staging: Path, target: str | Path) -> None:
     """Move the finished ``staging`` folder to ``target``, replacing whatever ``target`` held.
 
     An empty or absent target is replaced in one rename; a non-empty one is first renamed aside
-    and deleted only after the new folder is in place.
+    and deleted only after the new folder is in place. The hidden leftovers of earlier saves to
+    ``target`` that were killed (``.<name>.partial-*``, ``.<name>.replaced-*``: a full-size copy
+    each) are deleted then too.
     """
     target = Path(target).absolute()
-    aside = None
     if target.is_dir() and any(target.iterdir()):
-        aside = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
-        os.replace(target, aside)
+        os.replace(target, target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
     os.replace(staging, target)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    for kind in ("partial", "replaced"):
+        for leftover in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _unwrap(model):
