@@ -475,6 +475,13 @@ def test_teacher_with_another_tokenizer_is_refused(workdir):
         (other / "tokenizer" / f.name).write_text(vocab if f.name == "tokenizer.json" else f.read_text())
     line = _last_error(train(base_args(workdir, **{"--mode": "opd", "--teacher": "separate", "--teacher-load": other}), check=False))
     assert "teacher tokenizer" in line and "differs from the student's" in line
+    # --tokenizer: compared with the teacher's (named as the flag) and, as a note, with the student's
+    line = _last_error(train(base_args(workdir, **{"--mode": "opd", "--teacher": "separate", "--teacher-load": other,
+                                                   "--tokenizer": workdir / "tok_other"}), check=False))
+    assert line.startswith(f"error: teacher tokenizer ({other / 'tokenizer'}) differs from --tokenizer {workdir / 'tok_other'}")
+    proc = train(base_args(workdir, **{"--tokenizer": other / "tokenizer", "--train-iters": 1}))
+    assert (f"note: the vocabulary of --tokenizer {other / 'tokenizer'} differs from the student checkpoint's tokenizer "
+            f"({workdir / 'ckpt' / 'student' / 'tokenizer'})") in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -84,17 +84,23 @@ def fitting_data_label(count: int, unit: str, skipped_too_long: int, seq_length:
 
 
 def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSource | None) -> Tokenizer:
-    """``--tokenizer`` or the student checkpoint's copy; the teacher must share its vocabulary."""
+    """``--tokenizer`` or the student checkpoint's copy. A teacher checkpoint's tokenizer must have its
+    vocabulary (an error otherwise); a ``--tokenizer`` whose vocabulary differs from the student
+    checkpoint's gets a note (its ids would mean other tokens to the student)."""
     path = cfg.tokenizer or (student.tokenizer_dir and str(student.tokenizer_dir))
     if not path:
         raise UserInputError("no tokenizer: give --tokenizer (an HF tokenizer folder or a sentencepiece model)")
     tokenizer = load_tokenizer(path)
-    if teacher is not None and teacher.tokenizer_dir is not None and student.tokenizer_dir is not None:
+    label = f"--tokenizer {path}" if cfg.tokenizer else f"the student's ({path})"
+    if cfg.tokenizer and student.tokenizer_dir is not None:
+        if load_tokenizer(str(student.tokenizer_dir)).fingerprint() != tokenizer.fingerprint():
+            log0(f"note: the vocabulary of --tokenizer {path} differs from the student checkpoint's tokenizer "
+                 f"({student.tokenizer_dir})")
+    if teacher is not None and teacher.tokenizer_dir is not None:
         other = load_tokenizer(str(teacher.tokenizer_dir))
         if other.fingerprint() != tokenizer.fingerprint():
             raise UserInputError(
-                f"teacher tokenizer ({teacher.tokenizer_dir}) differs from the student's ({path}): "
-                "OPD needs one shared vocabulary"
+                f"teacher tokenizer ({teacher.tokenizer_dir}) differs from {label}: OPD needs one shared vocabulary"
             )
     for source, who in ((student, "student"), (teacher, "teacher")):
         if source is not None and source.preset.vocab_size < tokenizer.vocab_size:
