@@ -283,3 +283,12 @@ def test_data_rows_read_alike_from_jsonl_gzip_and_a_json_array(tmp_path):
                                                                           ([2], [3], {})]
     with pytest.raises(UserInputError, match="a.txt: unknown format"):
         score.parse_args(["--student-load", "s", "--teacher-load", "t", "--data", str(tmp_path / "a.txt")])
+
+
+def test_seq_length_defaults_to_what_the_models_were_trained_for(paths, tmp_path):
+    """Both tiny models have max_position_embeddings 256; the training default (4096) gave two notes per run."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt_ids": [1, 7], "completion_ids": [8]}\n')
+    models = ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"]), "--data", str(data)]
+    assert score.parse_args(models).train.seq_length == 256
+    assert score.parse_args(models + ["--seq-length", "64"]).train.seq_length == 64

@@ -38,7 +38,8 @@ carried grades. Default ``--out``: the input file name with ``.scores.jsonl`` fo
 
 Flags: besides ``--data``, ``--out`` and ``--per-token``, score takes these training flags, with
 their training meaning, defaults and validation: ``--student-load``, ``--teacher-load`` (both
-required), ``--tokenizer``, ``--seq-length``, ``--micro-batch-size``,
+required), ``--tokenizer``, ``--seq-length`` (default: the smaller of the two models'
+``max_position_embeddings``, rounded down to a multiple of 8), ``--micro-batch-size``,
 ``--tensor-model-parallel-size``, ``--pipeline-model-parallel-size``, ``--bf16``,
 ``--distributed-timeout-minutes``, ``--debug`` and the loss / ReNIO flags ``--loss``, ``--kd-beta``,
 ``--kd-temperature``, ``--kd-token-clip``, ``--kd-top-k``, ``--renio-clip``, ``--renio-threshold``,
@@ -114,15 +115,21 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     for name in ("student_load", "teacher_load"):
         if not values.get(name):
             raise UserInputError(f"{_flag(name)} is required")
+    if not own.data.endswith(DATA_EXTENSIONS):
+        raise UserInputError(f"--data {own.data}: unknown format (expected one of {', '.join(DATA_EXTENSIONS)})")
+    if not os.path.isfile(own.data):
+        raise UserInputError(f"--data {own.data}: no such file")
+    if "seq_length" not in values:  # what both models were trained for
+        from megatron_renio.models.checkpoint import read_checkpoint_metadata
+
+        longest = min(read_checkpoint_metadata(values[name]).preset.max_position_embeddings
+                      for name in ("student_load", "teacher_load"))
+        values["seq_length"] = max(8, longest // 8 * 8)
     micro_batch_size = values.get("micro_batch_size", TrainConfig.micro_batch_size)
     # Fixed settings that make training's cross-flag checks hold for a scoring run.
     train = TrainConfig(**values, mode="opd", teacher="separate", renio=True, data_path=[own.data],
                         max_new_tokens=1, global_batch_size=micro_batch_size)
     validate_train_config(train)
-    if not own.data.endswith(DATA_EXTENSIONS):
-        raise UserInputError(f"--data {own.data}: unknown format (expected one of {', '.join(DATA_EXTENSIONS)})")
-    if not os.path.isfile(own.data):
-        raise UserInputError(f"--data {own.data}: no such file")
     stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its DATA_EXTENSIONS entry
     out = own.out or stem + ".scores.jsonl"
     check_output_file(out, "--out")
