@@ -3,7 +3,7 @@
 A student and a (wider) teacher GPTModel are built once at TP=1 and saved with dist_checkpointing.
 The reference is computed in plain PyTorch on the full batch: Megatron TP=1 forwards, then the
 formulas of tests/reference_renio.py, then autograd. Each layout loads the same weights, runs
-:class:`DistillationStep` (Megatron DDP + schedule), writes its reduced student gradients into a
+:class:`DistillationStep` (Megatron DDP + schedule) on micro-batches each padded to its own length, writes its reduced student gradients into a
 dist checkpoint, and the gradients are reloaded at TP=1 and compared with the reference.
 """
 
@@ -109,7 +109,11 @@ def run_layout(parallel, case, batch, ckpt, out):
     per_rank = NUM_SAMPLES // ctx.dp_size
     mine = batch.rows(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
     ddp.zero_grad_buffer()
-    result = step.run([mine.rows(i, i + MICRO) for i in range(0, per_rank, MICRO)])
+    # each micro-batch padded to its own length, as the trainer does (the reference reads the whole batch at
+    # its padded length; under PP the stages exchange every micro-batch's shape)
+    micro = [mine.rows(i, i + MICRO).trimmed() for i in range(0, per_rank, MICRO)]
+    assert len({mb.seq_len for mb in micro}) > 1 or ctx.dp_size > 1, [mb.seq_len for mb in micro]
+    result = step.run(micro)
     teacher_unchanged = all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
     only_student_in_buffers = all(
         any(p is q for q in student.parameters()) for p in ddp.param_to_bucket_group
