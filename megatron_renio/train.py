@@ -138,26 +138,28 @@ def _replica_states(state: dict) -> list[dict]:
 
 
 def _step_counts(completions: list[list[int]], eos: list[int], limits: list[int], generated: int,
-                 positions: int, flops: float, device) -> dict[str, float]:
+                 positions: int, flops: float, rollout_seconds: float, device) -> dict[str, float]:
     """This step's rollout and batch counts summed over the data-parallel replicas (collective over the
     DP group; every rank of a replica holds the same completions): completions, their total and largest
     length, those cut at their limit (``--max-new-tokens``, or what the longer prompt leaves of
     ``--seq-length``) without a stop id, tokens generated, sequence positions
-    computed by one model (padding included), and the model FLOPs of the replica's batch."""
+    computed by one model (padding included), and the model FLOPs of the replica's batch; and the
+    slowest replica's rollout time (the others wait for it at the step's first collective)."""
     from megatron.core import parallel_state
 
     lengths = [len(c) for c in completions]
     cut = sum(n >= limit and (not c or c[-1] not in eos) for n, limit, c in zip(lengths, limits, completions))
     sums = torch.tensor([len(lengths), sum(lengths), cut, generated, positions, flops], dtype=torch.float64,
                         device=device)
-    longest = torch.tensor([max(lengths, default=0)], dtype=torch.float64, device=device)
+    maxima = torch.tensor([max(lengths, default=0), rollout_seconds], dtype=torch.float64, device=device)
     group = parallel_state.get_data_parallel_group()
     if torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(sums, group=group)
-        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
     count, total, cut, generated, positions, flops = sums.tolist()
+    longest, rollout_seconds = maxima.tolist()
     return {"completions": count, "length_sum": total, "cut": cut, "generated": generated, "positions": positions,
-            "flops": flops, "longest": longest.item()}
+            "flops": flops, "longest": longest, "rollout_seconds": rollout_seconds}
 
 
 def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
@@ -368,7 +370,7 @@ def run(cfg: TrainConfig) -> dict:
                                                      + C.forward_flops_per_position(teacher_info.preset, mb.seq_len))
                         for mb in micro)
             counts = _step_counts(rollout.completions, eos, limits, rollout.num_generated_tokens,
-                                  positions, flops, ctx.device)
+                                  positions, flops, t_rollout, ctx.device)
             metrics = {
                 "loss": result.loss,
                 "skipped": not ok,
@@ -378,9 +380,9 @@ def run(cfg: TrainConfig) -> dict:
                 "completion_length_mean": counts["length_sum"] / max(counts["completions"], 1),
                 "completion_length_max": counts["longest"],
                 "completion_hit_limit_fraction": counts["cut"] / max(counts["completions"], 1),
-                "rollout_tokens_per_s": counts["generated"] / max(t_rollout, 1e-9),
+                "rollout_tokens_per_s": counts["generated"] / max(counts["rollout_seconds"], 1e-9),
                 "train_tokens_per_s": counts["positions"] / max(t_fwd_bwd, 1e-9),
-                "time_rollout_s": t_rollout,
+                "time_rollout_s": counts["rollout_seconds"],
                 "time_forward_backward_s": t_fwd_bwd,
                 "time_optimizer_s": t_opt,
                 "time_step_s": step_time,

@@ -9,7 +9,7 @@ import torch
 
 from megatron_renio.errors import UserInputError
 from megatron_renio.training.checkpointing import iteration_dir, prune_checkpoints
-from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, subprocess_env
+from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun, subprocess_env
 
 MAKE_MODELS = """
 import sys
@@ -604,3 +604,11 @@ def test_renio_settings_without_effect_are_noted():
     for quiet in (dict(renio=False), dict(renio=True, micro_batch_size=16), dict(renio=True, renio_norm="ema"),
                   dict(renio=True, micro_batch_size=4, renio_max_weight=3.0)):
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
+
+
+def test_step_counts_sum_over_replicas_and_take_the_slowest_rollout(tmp_path):
+    """Counts are sums over the DP replicas, the longest completion and the rollout time their maxima
+    (the step waits for the slowest replica's rollout: throughput divides by that time)."""
+    results = run_torchrun(REPO_ROOT / "tests" / "workers" / "step_counts_worker.py", 2, tmp_path)
+    assert results[0] == results[1] == {"completions": 4.0, "length_sum": 14.0, "cut": 2.0, "generated": 14.0,
+                                        "positions": 30.0, "flops": 300.0, "longest": 8.0, "rollout_seconds": 4.0}
