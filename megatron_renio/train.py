@@ -316,11 +316,11 @@ def run(cfg: TrainConfig) -> dict:
             records = rows_of_prompts(sampler.next_batch(), cfg.samples_per_prompt)
             s_prompts = [prompts.student[i] for i in records]
             t_prompts = [prompts.teacher[i] for i in records]
-            # one seed per step for every replica; the noise is keyed by global sample row, so DP=1 and
-            # DP=N sample the same completions for the same prompts
             # a completion may fill what the longer of its two prompts leaves of --seq-length
             limits = [min(cfg.max_new_tokens, cfg.seq_length - max(len(sp), len(tp)))
                       for sp, tp in zip(s_prompts, t_prompts)]
+            # one seed per step for every replica; the noise is keyed by global sample row, so DP=1 and
+            # DP=N sample the same completions for the same prompts
             rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=true_vocab,
                                seed=cfg.seed * 1_000_003 + iteration, max_sequence_length=cfg.seq_length,
                                rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size), limits=limits)
