@@ -29,7 +29,6 @@ intermediate save and no resume. Metrics go to ``--metrics-file`` (a new JSONL f
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import math
 import os
@@ -81,12 +80,10 @@ class SFTConfig:
 def build_sft_parser() -> argparse.ArgumentParser:
     """The trainer's parser actions for :data:`SFT_FLAGS` plus the two SFT flags."""
     parser = _OneLineErrorParser(prog="megatron_renio.sft", description=__doc__.splitlines()[0])
-    shared = {action.dest: action for action in build_parser()._actions}
+    shared = {action.dest: action for action in build_parser()._actions}  # a new parser: its actions are ours
     for name in SFT_FLAGS:  # the very same actions: same flag names, types and checks
         action = shared[name]
-        if name in SFT_HELP:
-            action = copy.copy(action)
-            action.help = SFT_HELP[name]
+        action.help = SFT_HELP.get(name, action.help)
         parser._add_action(action)
     parser.add_argument("--pretrained-checkpoint", default=argparse.SUPPRESS,
                         help="model checkpoint folder with the initial weights (instead of --model)")

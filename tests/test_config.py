@@ -15,6 +15,7 @@ def test_defaults_follow_the_reference():
     assert (cfg.kd_temperature, cfg.kd_token_clip, cfg.renio_clip, cfg.renio_threshold) == (1.1, 0.05, 2.5, 0.8)
     assert (cfg.renio_temperature, cfg.renio_norm, cfg.renio_max_weight, cfg.rollout_temperature) == (1.0, "batch_mean", 10.0, 1.1)
     assert cfg.mode == "opsd" and cfg.teacher == "fixed"
+    assert cfg.distributed_timeout_minutes == 60  # replicas wait in a collective for the slowest rollout
 
 
 def test_megatron_flag_names_parse():

@@ -537,14 +537,26 @@ def test_hf_to_megatron_refuses_what_training_would_refuse_later(hf_models, conv
 
     hf_dir = hf_models["dirs"]["qwen2"]
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
-    big = tmp_path / "big_tokenizer"
-    words = {f"w{i}": i for i in range(vocab + 10)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="w0")),
-                            unk_token="w0", eos_token="w1").save_pretrained(big)
-    save = tmp_path / "out"
+
+    def tokenizer(folder, size):
+        words = {f"w{i}": i for i in range(size)}
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="w0")),
+                                unk_token="w0", eos_token="w1").save_pretrained(folder)
+        return folder
+
+    big, save = tokenizer(tmp_path / "big_tokenizer", vocab + 10), tmp_path / "out"
     proc = _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save), "--tokenizer-dir", str(big))
     _assert_one_line_error(proc, f"the tokenizer in {big} has {vocab + 10} ids, more than the model's vocabulary of "
                                  f"{vocab}", save)
+    own = tmp_path / "hf_with_a_big_tokenizer"  # the --hf-dir's own tokenizer is checked too
+    shutil.copytree(hf_dir, own)
+    tokenizer(own, vocab + 1)  # (the folder's other tokenizer files may add special tokens)
+    proc = _cli("hf_to_megatron", "--hf-dir", str(own), "--save", str(save))
+    _assert_one_line_error(proc, f"the tokenizer in {own} has ", save)
+    assert f"ids, more than the model's vocabulary of {vocab}" in proc.stderr
+    exact = tokenizer(tmp_path / "exact_tokenizer", vocab)  # every row of the vocabulary is a token: fine
+    assert _cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(tmp_path / "out_exact"), "--tokenizer-dir",
+                str(exact)).returncode == 0
     proc = _cli("hf_to_megatron", "--hf-dir", str(converted["ckpt"] / "qwen2"), "--save", str(save))
     _assert_one_line_error(proc, "is a megatron_renio model checkpoint (it has renio_model.json), converted already",
                            save)
@@ -552,6 +564,23 @@ def test_hf_to_megatron_refuses_what_training_would_refuse_later(hf_models, conv
     shutil.copytree(hf_dir, copy)
     proc = _cli("hf_to_megatron", "--hf-dir", str(copy), "--save", str(copy / "sub"))
     _assert_one_line_error(proc, f"--save {copy / 'sub'} lies inside the --hf-dir input {copy}", copy / "sub")
+
+
+def test_the_converters_restore_the_sigterm_handler(hf_models, tmp_path):
+    """In-process callers (a notebook, a launcher) keep their own SIGTERM handler after a conversion."""
+    import signal
+
+    from checkpoints_conversion import hf_to_megatron
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert hf_to_megatron.main(["--hf-dir", str(tmp_path / "missing"), "--save", str(tmp_path / "out")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):

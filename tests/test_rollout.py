@@ -248,6 +248,8 @@ def test_bad_inputs_are_one_line_user_errors(ranks):
     messages = ranks[0]["tp1"]["input_errors"]
     assert None not in messages
     expected = ["at least one prompt", "prompt 1 has 0 tokens", "prompt 0 has 64 tokens", "prompt 0 holds token ids",
-                "EOS ids [250]", "EOS ids []", "--max-new-tokens"]
+                "EOS ids [250]", "EOS ids []", "--max-new-tokens", "limits must hold one bound of at least 1 per "
+                "prompt, got [1, 1, 0, 1]", "got [1, 1]"]
+    assert len(messages) == len(expected)
     for message, fragment in zip(messages, expected):
         assert fragment in message and "\n" not in message

@@ -15,6 +15,7 @@ Bad input goes through ``main`` in this process: it fails before any process gro
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -230,9 +231,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "not a model checkpoint": ["--student-load", str(tmp_path), "--teacher-load", str(paths["teacher"]),
                                    *data("good")],
         "does not exist": [*models, *data("good"), "--tokenizer", str(tmp_path / "nowhere")],
+        "--tensor-model-parallel-size 3 does not divide the student's attention heads (4)":
+            [*models, *data("good"), "--tensor-model-parallel-size", "3"],
     }
     for expected, argv in cases.items():
         assert expected in _bad(argv, capsys, out), expected
+    assert score.main([*models, *data("good"), "--tensor-model-parallel-size", "3", "--seq-length", "512",
+                       "--out", str(out)]) == 2
+    captured = capsys.readouterr()  # the note comes before the refusal
+    assert "exceeds the student's max_position_embeddings (256)" in captured.out and "does not divide" in captured.err
     assert score.main([*models, *data("good"), "--out", str(tmp_path / "good.jsonl")]) == 2
     assert "is the --data file" in capsys.readouterr().err
 
@@ -292,3 +299,10 @@ def test_seq_length_defaults_to_what_the_models_were_trained_for(paths, tmp_path
     models = ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"]), "--data", str(data)]
     assert score.parse_args(models).train.seq_length == 256
     assert score.parse_args(models + ["--seq-length", "64"]).train.seq_length == 64
+    short = tmp_path / "short_teacher"  # the smaller of the two, rounded down to a multiple of 8
+    shutil.copytree(paths["teacher"], short)
+    meta = json.loads((short / "renio_model.json").read_text())
+    meta["preset"]["max_position_embeddings"] = 100
+    (short / "renio_model.json").write_text(json.dumps(meta))
+    models[3] = str(short)
+    assert score.parse_args(models).train.seq_length == 96

@@ -601,6 +601,7 @@ def test_renio_settings_without_effect_are_noted():
     assert _renio_notes(TrainConfig(renio=True, renio_scope="global", micro_batch_size=4)) == [
         "--renio-max-weight 10 cannot bind with --micro-batch-size 4: a weight is at most the micro-batch size "
         "times its micro-batch's mean"]
+    assert _renio_notes(TrainConfig(renio=True, micro_batch_size=4, renio_max_weight=4.0))  # w / mean < 4 here
     for quiet in (dict(renio=False), dict(renio=True, micro_batch_size=16), dict(renio=True, renio_norm="ema"),
                   dict(renio=True, micro_batch_size=4, renio_max_weight=3.0)):
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet

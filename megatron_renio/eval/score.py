@@ -258,8 +258,8 @@ def run(args: ScoreArgs) -> list[dict] | None:
     student_source = C.resolve_model(cfg.student_load, None, "--student-load")
     teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
     for role, source in (("student", student_source), ("teacher", teacher_source)):
-        check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
         C.note_untrained_positions(cfg.seq_length, role, source)
+        check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
     # as in training: both built with the wider padded width, the ids both models hold are the vocabulary
     padded_vocab, vocab = C.paired_vocab(cfg, student_source.preset, teacher_source.preset)
     tokenizer = None
@@ -286,7 +286,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
         batch = pack_pairs([r.student_prompt for r in group], [r.teacher_prompt for r in group],
                            [r.completion for r in group], eos_id=-1, pad_id=pad_id, seq_length=cfg.seq_length,
                            pad_to_multiple=1)
-        micro = [batch.rows(j, j + cfg.micro_batch_size) for j in range(0, chunk, cfg.micro_batch_size)]
+        micro = [batch.rows(j, j + cfg.micro_batch_size).trimmed(1) for j in range(0, chunk, cfg.micro_batch_size)]
         with torch.no_grad():
             per_sample = step.run(micro, forward_only=True).per_sample
         if not reporter:

@@ -163,6 +163,12 @@ def input_errors(model):
             messages.append(None)
         except UserInputError as e:
             messages.append(str(e))
+    for limits in ([1, 1, 0, 1], [1, 1]):  # a caller's error: a bound below 1, or not one per prompt
+        try:
+            run(model, limits=limits)
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
     return messages
 
 

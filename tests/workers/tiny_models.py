@@ -7,7 +7,7 @@ free), offline:
   as single tokens, so that a random model's greedy completions end in a gradable box now and then;
 * two Hugging Face Qwen3 models from a config (student: hidden 64, tied embeddings; teacher: hidden
   96, untied), 2 layers, weights re-drawn large so that log-probs are far from uniform; their
-  vocabularies are the tokenizer's plus 4 ids (student) and plus 134 (teacher), as in real
+  vocabularies are the tokenizer's plus 4 ids (student) and plus 260 (teacher), as in real
   checkpoints, whose embedding tables are larger than the tokenizer and may differ within a family;
 * both converted by ``checkpoints_conversion.hf_to_megatron`` in one child process (this file is
   its entry script: the checkpoint writer re-imports it).
@@ -24,11 +24,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORDS = (["<unk>", "<s>", "</s>"] + [f"\\boxed{{{i}}}" for i in range(4)]
          + "the cat sat on a mat two plus is four wait so answer".split() + [str(i) for i in range(10)])
 EXTRA_IDS = 4
-# name -> (seed, hidden, ffn, tied, embedding rows beyond the tokenizer's); the teacher's 134 extra rows pad
-# to 256 at TP=1 against the student's 128 (a pair like DeepSeek-R1-Distill-Qwen-1.5B and -7B)
+# name -> (seed, hidden, ffn, tied, embedding rows beyond the tokenizer's); the teacher's 260 extra rows pad
+# to 384 at TP=1 and 512 at TP=2 against the student's 128 and 256 (a pair like DeepSeek-R1-Distill-Qwen-1.5B
+# and -7B)
 MODELS = {
     "student": (0, 64, 128, True, EXTRA_IDS),
-    "teacher": (1, 96, 160, False, 134),
+    "teacher": (1, 96, 160, False, 260),
 }
 
 
