@@ -198,3 +198,5 @@ def test_a_trimmed_micro_batch_keeps_every_token_and_drops_only_padding():
     last = batch.rows(2, 3).trimmed(8)
     assert (last.seq_len, last.completion_ids.shape[1]) == (16, 9)  # the longest row keeps the batch's lengths
     assert batch.rows(0, 2).trimmed(24).seq_len == 16  # never longer than the batch
+    exact = batch.rows(2, 3).trimmed(1)  # the longer prompt decides: the teacher's 4 tokens + 9
+    assert exact.seq_len == 13 and torch.equal(exact.teacher.tokens, batch.rows(2, 3).teacher.tokens[:, :13])

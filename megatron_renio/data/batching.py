@@ -114,7 +114,7 @@ class PairedBatch:
         Only padding is dropped: every real token, label and mask entry sits before the new lengths."""
         need = int((torch.maximum(self.student.prompt_lengths, self.teacher.prompt_lengths)
                     + self.completion_lengths).max())
-        seq_len = min(self.seq_len, -(-need // pad_to_multiple) * pad_to_multiple)
+        seq_len = -(-need // pad_to_multiple) * pad_to_multiple  # the slices below stop at the current S
         c_len = max(1, int(self.completion_lengths.max()))
 
         def side(inputs: ModelInputs) -> ModelInputs:
