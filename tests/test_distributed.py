@@ -38,6 +38,8 @@ def test_tp_must_divide_ffn_and_pp_the_layers():
         check_divisibility(preset, ParallelConfig(tensor_model_parallel_size=4))
     with pytest.raises(UserInputError, match="does not divide the model's 2 layers"):
         check_divisibility(preset, ParallelConfig(pipeline_model_parallel_size=4))
+    with pytest.raises(UserInputError, match="^--pipeline-model-parallel-size 4 does not divide the teacher's 2 layers$"):
+        check_divisibility(preset, ParallelConfig(pipeline_model_parallel_size=4), "teacher")
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])

@@ -479,6 +479,11 @@ def test_teacher_with_another_tokenizer_is_refused(workdir):
     line = _last_error(train(base_args(workdir, **{"--mode": "opd", "--teacher": "separate", "--teacher-load": other,
                                                    "--tokenizer": workdir / "tok_other"}), check=False))
     assert line.startswith(f"error: teacher tokenizer ({other / 'tokenizer'}) differs from --tokenizer {workdir / 'tok_other'}")
+    # a student built from a preset has no tokenizer of its own: the teacher's is still compared
+    preset = {"--student-load": False, "--model": "tiny-qwen3", "--tokenizer": workdir / "tok"}
+    line = _last_error(train(base_args(workdir, **preset, **{"--mode": "opd", "--teacher": "separate",
+                                                              "--teacher-load": other}), check=False))
+    assert line.startswith(f"error: teacher tokenizer ({other / 'tokenizer'}) differs from --tokenizer {workdir / 'tok'}")
     proc = train(base_args(workdir, **{"--tokenizer": other / "tokenizer", "--train-iters": 1}))
     assert (f"note: the vocabulary of --tokenizer {other / 'tokenizer'} differs from the student checkpoint's tokenizer "
             f"({workdir / 'ckpt' / 'student' / 'tokenizer'})") in proc.stdout
