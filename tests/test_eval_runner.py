@@ -199,6 +199,7 @@ def test_sampling_defaults_come_from_the_tokenizer_folder(paths, capsys, tmp_pat
     config = tokenizer / "generation_config.json"
     config.write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6, "top_p": 0.95, "top_k": 20}))
     args = runner.parse_args(["--load", str(paths["student"]), "--benchmark", "b", "--top-k", "5"])
+    assert args.distributed_timeout_minutes == 60  # replicas wait for the slowest one's generation
     sampling = runner._sampling(args, tokenizer)
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.greedy) == (0.6, 0.95, 5, False)
     good = tmp_path / "good.jsonl"

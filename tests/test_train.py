@@ -342,6 +342,8 @@ def test_a_completion_fits_beside_the_longer_teacher_prompt(workdir):
     cut = sum(r["num_tokens"] == room and r["completion_ids"][-1] not in tokenizer.stop_ids for r, room in zip(rows, rooms))
     assert (f"note: 48 prompts leave fewer than --max-new-tokens 64 tokens of --seq-length {seq_length}; their "
             "completions end there") in proc.stdout
+    assert "note: with --renio-scope local, --renio-norm batch_mean and --micro-batch-size 1 every ReNIO weight is 1" \
+        in proc.stdout
     (step,) = read_jsonl(metrics)
     assert cut > 0 and step["completion_hit_limit_fraction"] == cut / len(rows)
 
@@ -616,5 +618,5 @@ def test_step_counts_sum_over_replicas_and_take_the_slowest_rollout(tmp_path):
     """Counts are sums over the DP replicas, the longest completion and the rollout time their maxima
     (the step waits for the slowest replica's rollout: throughput divides by that time)."""
     results = run_torchrun(REPO_ROOT / "tests" / "workers" / "step_counts_worker.py", 2, tmp_path)
-    assert results[0] == results[1] == {"completions": 4.0, "length_sum": 14.0, "cut": 2.0, "generated": 14.0,
+    assert results[0] == results[1] == {"completions": 5.0, "length_sum": 17.0, "cut": 2.0, "generated": 17.0,
                                         "positions": 30.0, "flops": 300.0, "longest": 8.0, "rollout_seconds": 4.0}

@@ -14,8 +14,8 @@ EOS = [2]
 
 def main(out_dir):
     ctx = distributed.initialize(ParallelConfig(), seed=0)
-    if ctx.dp_rank == 0:  # one completion ends with EOS, one is cut at its own limit of 3, one is neither
-        completions, limits, seconds = [[5, 2], [5, 6, 7], [5]], [8, 3, 8], 1.5
+    if ctx.dp_rank == 0:  # two end with EOS (one right at its limit), one is cut at its own limit of 3, one is neither
+        completions, limits, seconds = [[5, 2], [5, 6, 7], [5], [5, 6, 2]], [8, 3, 8, 3], 1.5
     else:  # cut at --max-new-tokens 8
         completions, limits, seconds = [[9] * 8], [8], 4.0
     counts = _step_counts(completions, EOS, limits, generated=sum(map(len, completions)), positions=10 * (ctx.dp_rank + 1),
