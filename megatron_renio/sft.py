@@ -195,11 +195,12 @@ class SFTStep:
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_renio.training.step import schedule_seq_length
+
         device = next(self.model.parameters()).device
         self._sums = []
-        seq_length = max(mb.tokens.shape[1] for mb in micro_batches)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # each micro-batch has its own length
-            self.model.config.variable_seq_lengths = any(mb.tokens.shape[1] != seq_length for mb in micro_batches)
+        seq_length = schedule_seq_length(self.model.config, [mb.tokens.shape[1] for mb in micro_batches],
+                                         parallel_state.get_pipeline_model_parallel_world_size() > 1)
         get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iter([mb.to(device) for mb in micro_batches]),
@@ -266,8 +267,7 @@ def run(cfg: SFTConfig) -> list[float]:
         # mask on the target tokens.
         batch = pack_pairs(prompts, prompts, [examples.targets[i] for i in indices], tokenizer.eos_id,
                            tokenizer.pad_id, t.seq_length, pad_multiple(t))
-        micro = [batch.rows(i, i + t.micro_batch_size).trimmed(pad_multiple(t)).student
-                 for i in range(0, samples_per_rank, t.micro_batch_size)]
+        micro = [mb.student for mb in batch.micro_batches(t.micro_batch_size, pad_multiple(t))]
         model_ddp.zero_grad_buffer()
         optimizer.zero_grad()
         loss = step.run(micro)

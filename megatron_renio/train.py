@@ -329,8 +329,7 @@ def run(cfg: TrainConfig) -> dict:
 
             batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length,
                                pad_multiple(cfg))
-            micro = [batch.rows(i, i + cfg.micro_batch_size).trimmed(pad_multiple(cfg))
-                     for i in range(0, samples_per_rank, cfg.micro_batch_size)]
+            micro = batch.micro_batches(cfg.micro_batch_size, pad_multiple(cfg))
             t1 = time.perf_counter()
             student_ddp.zero_grad_buffer()
             optimizer.zero_grad()

@@ -107,6 +107,10 @@ class PairedBatch:
         """Samples ``start:end`` (a micro-batch); the padded lengths stay those of the whole batch."""
         return self.map(lambda t: t[start:end])
 
+    def micro_batches(self, size: int, pad_to_multiple: int = 8) -> list["PairedBatch"]:
+        """The consecutive micro-batches of ``size`` samples, each :meth:`trimmed` to its own length."""
+        return [self.rows(i, i + size).trimmed(pad_to_multiple) for i in range(0, len(self.completion_lengths), size)]
+
     def trimmed(self, pad_to_multiple: int = 8) -> "PairedBatch":
         """A copy cut to what its own samples need, so that a micro-batch costs its own length, not the
         whole batch's longest: ``S`` = the longest ``max(ps, pt) + c`` of its rows rounded up to

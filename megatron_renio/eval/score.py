@@ -286,7 +286,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
         batch = pack_pairs([r.student_prompt for r in group], [r.teacher_prompt for r in group],
                            [r.completion for r in group], eos_id=-1, pad_id=pad_id, seq_length=cfg.seq_length,
                            pad_to_multiple=1)
-        micro = [batch.rows(j, j + cfg.micro_batch_size).trimmed(1) for j in range(0, chunk, cfg.micro_batch_size)]
+        micro = batch.micro_batches(cfg.micro_batch_size, 1)
         with torch.no_grad():
             per_sample = step.run(micro, forward_only=True).per_sample
         if not reporter:

@@ -69,6 +69,16 @@ class StepResult:
     per_sample: dict = field(default_factory=dict)
 
 
+def schedule_seq_length(config, lengths: list[int], pipeline_parallel: bool) -> int:
+    """The ``seq_length`` for Megatron's schedule over micro-batches of these padded lengths: the longest.
+    Under pipeline parallelism, micro-batches of different lengths make the stages exchange each one's
+    shape before its activations (``config.variable_seq_lengths``)."""
+    longest = max(lengths)
+    if pipeline_parallel:
+        config.variable_seq_lengths = any(n != longest for n in lengths)
+    return longest
+
+
 class DistillationStep:
     """Forward/backward of one optimizer step over a list of micro-batches.
 
@@ -156,11 +166,10 @@ class DistillationStep:
         self._terms = []
         self._inject_nonfinite = inject_nonfinite
         mb0 = micro_batches[0]
-        seq_length = max(mb.seq_len for mb in micro_batches)
+        seq_length = schedule_seq_length(self.paired.config, [mb.seq_len for mb in micro_batches], self.pp_size > 1)
         kwargs = {}
         if self.pp_size > 1:
             kwargs["adjust_tensor_shapes_fn"] = paired_tensor_shapes(self.paired.student_hidden, self.paired.teacher_hidden)
-            self.paired.config.variable_seq_lengths = any(mb.seq_len != seq_length for mb in micro_batches)
         get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iter([mb.to(device) for mb in micro_batches]),
