@@ -47,7 +47,7 @@ HELP = {
     "load": "run folder to resume (a --save folder); may be empty only when it is the --save folder",
     "override_save": "start a new run in a --save folder that holds checkpoints",
     "loss": "per-token divergence (jsd with --kd-beta), or sampled_rkl: the sampled-token reverse KL",
-    "kd_beta": "JSD mixture weight (0 = forward KL, 1 = reverse KL)",
+    "kd_beta": "JSD mixture weight of --loss jsd (0 = forward KL, 1 = reverse KL; other losses take none)",
     "kd_temperature": "temperature of both models' distributions in the loss",
     "kd_token_clip": "clamp of each vocabulary entry of the divergence to [0, k]; none = no clamp",
     "kd_top_k": "renormalise the teacher to its top k tokens (not fused); none = full vocabulary",
@@ -338,10 +338,15 @@ def validate(c: TrainConfig) -> None:
         _check(getattr(c, name) in allowed, _flag(name), f"one of {', '.join(allowed)}", getattr(c, name))
     _check(0 < c.ema_decay < 1, "--ema-decay", "in (0, 1)", c.ema_decay)
     _check(0 <= c.kd_beta <= 1, "--kd-beta", "in [0, 1]", c.kd_beta)
+    _check(c.kd_beta == 0 or c.loss == "jsd", "--kd-beta",
+           f"0 with --loss {c.loss} (only --loss jsd mixes by beta; pass --loss jsd --kd-beta {c.kd_beta:g})", c.kd_beta)
     _check(c.kd_temperature > 0, "--kd-temperature", "> 0", c.kd_temperature)
     _check(c.kd_token_clip is None or c.kd_token_clip > 0, "--kd-token-clip", "> 0 or none", c.kd_token_clip)
     _check(c.kd_top_k is None or c.kd_top_k >= 1, "--kd-top-k", "an integer >= 1 or none", c.kd_top_k)
     _check(c.renio_clip > 0, "--renio-clip", "> 0", c.renio_clip)
+    _check(c.renio_threshold <= c.renio_clip, "--renio-threshold",
+           f"<= --renio-clip {c.renio_clip:g} (a clipped log-ratio never exceeds the clip: no token would be pivotal "
+           "and every weight would be 1)", c.renio_threshold)
     _check(c.renio_temperature > 0, "--renio-temperature", "> 0", c.renio_temperature)
     from megatron_renio.renio.weights import MAX_EXPONENT, weight_exponent_bound  # here: this module imports no torch
 

@@ -25,6 +25,7 @@ from megatron_renio.config import TrainConfig, pad_multiple, parse_train_args
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
+from megatron_renio.renio.weights import batch_mean_weight_bound
 from megatron_renio.training.exit_conditions import ExitConditions
 from megatron_renio.training.faults import maybe_die
 
@@ -104,17 +105,38 @@ class MetricsLogger:
 
 
 def _renio_notes(cfg: TrainConfig) -> list[str]:
-    """ReNIO settings that leave the weights or their cap without effect (batch_mean divides by the
-    micro-batch's mean, so a normalised weight is at most the micro-batch size)."""
-    if not cfg.renio or cfg.renio_norm != "batch_mean":
+    """ReNIO settings that leave the weights or their cap without effect: in local scope batch_mean and
+    clamp divide by the micro-batch's mean (one sample: every weight 1); batch_mean's cap binds only
+    above the largest ratio to that mean (``batch_mean_weight_bound``)."""
+    if not cfg.renio or cfg.renio_norm not in ("batch_mean", "clamp"):
         return []
     if cfg.renio_scope == "local" and cfg.micro_batch_size == 1:
-        return ["with --renio-scope local, --renio-norm batch_mean and --micro-batch-size 1 every ReNIO weight is 1 "
-                "(a sample is its own micro-batch's mean); use --renio-scope global or a larger micro-batch"]
-    if cfg.renio_max_weight >= cfg.micro_batch_size:
+        return [f"with --renio-scope local, --renio-norm {cfg.renio_norm} and --micro-batch-size 1 every ReNIO weight "
+                "is 1 (a sample is its own micro-batch's mean); use --renio-scope global or a larger micro-batch"]
+    bound = batch_mean_weight_bound(cfg.renio_clip, cfg.renio_threshold, cfg.renio_temperature, cfg.micro_batch_size)
+    if cfg.renio_norm == "batch_mean" and cfg.renio_max_weight >= bound:
         return [f"--renio-max-weight {cfg.renio_max_weight:g} cannot bind with --micro-batch-size "
-                f"{cfg.micro_batch_size}: a weight is at most the micro-batch size times its micro-batch's mean"]
+                f"{cfg.micro_batch_size}: a weight is at most {bound:.4g} times its micro-batch's mean here "
+                "(one sample at exp(clip / temperature), the others at their smallest weight)"]
     return []
+
+
+def _sampled_loss_notes(cfg: TrainConfig) -> list[str]:
+    """--loss sampled_rkl estimates the reverse KL's gradient at --kd-temperature only from completions
+    sampled from that same distribution: another rollout temperature, top-p or top-k biases it."""
+    if cfg.loss != "sampled_rkl":
+        return []
+    changes = []
+    if cfg.rollout_temperature != cfg.kd_temperature:
+        changes.append(f"--rollout-temperature {cfg.rollout_temperature:g} (--kd-temperature {cfg.kd_temperature:g})")
+    if cfg.rollout_top_p < 1:
+        changes.append(f"--rollout-top-p {cfg.rollout_top_p:g}")
+    if cfg.rollout_top_k:
+        changes.append(f"--rollout-top-k {cfg.rollout_top_k}")
+    if not changes:
+        return []
+    return [f"--loss sampled_rkl with {', '.join(changes)}: completions are not sampled from the distribution the loss "
+            "compares, so the sampled-token loss is a biased estimate of the reverse KL"]
 
 
 def _replica_states(state: dict) -> list[dict]:
@@ -263,7 +285,7 @@ def run(cfg: TrainConfig) -> dict:
     if prompts.budget_limited:
         log0(f"note: {prompts.budget_limited} prompts leave fewer than --max-new-tokens {cfg.max_new_tokens} tokens "
              f"of --seq-length {cfg.seq_length}; their completions end there")
-    for note in _renio_notes(cfg):
+    for note in _renio_notes(cfg) + _sampled_loss_notes(cfg):
         log0(f"note: {note}")
 
     padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)

@@ -42,6 +42,11 @@ def test_yaml_config_with_cli_override(tmp_path):
     [
         (["--renio-clip", "0"], "--renio-clip must be > 0, got 0.0"),
         (["--kd-beta", "2"], r"--kd-beta must be in \[0, 1\], got 2.0"),
+        (["--kd-beta", "0.5"], r"--kd-beta must be 0 with --loss forward_kl \(only --loss jsd mixes by beta; pass "
+                               r"--loss jsd --kd-beta 0.5\), got 0.5"),  # was ignored: forward KL trained
+        (["--loss", "sampled_rkl", "--kd-beta", "1"], "--kd-beta must be 0 with --loss sampled_rkl"),
+        (["--renio-clip", "0.5"], r"--renio-threshold must be <= --renio-clip 0.5 \(a clipped log-ratio never "
+                                  r"exceeds the clip: no token would be pivotal and every weight would be 1\), got 0.8"),
         (["--rollout-top-p", "0"], r"--rollout-top-p must be in \(0, 1\], got 0.0"),
         (["--lr", "-1"], "--lr must be >= 0, got -1.0"),
         (["--renio-norm", "median"], "--renio-norm must be one of none, batch_mean, ema, clamp"),

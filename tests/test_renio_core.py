@@ -14,7 +14,7 @@ from megatron_renio.errors import UserInputError
 from megatron_renio.losses.distillation import distillation_loss, reduce_stats
 from megatron_renio.losses.divergence import DivergenceConfig, TokenTerms, divergence_elements, token_terms
 from megatron_renio.renio.vocab_parallel import VocabShard, token_logprobs, vocab_parallel_log_softmax
-from megatron_renio.renio.weights import ReNIOConfig, ReNIONormalizer, raw_weights
+from megatron_renio.renio.weights import ReNIOConfig, ReNIONormalizer, batch_mean_weight_bound, raw_weights
 from tests import reference_renio as ref
 from tests import renio_cases as rc
 
@@ -272,6 +272,7 @@ INVALID = [
     (lambda: ReNIOConfig(clamp_min=0.0), "ReNIOConfig.clamp_min", "> 0"),
     (lambda: ReNIOConfig(clamp_min=2.0, clamp_max=1.0), "ReNIOConfig.clamp_max", ">= clamp_min"),
     (lambda: ReNIOConfig(threshold=float("nan")), "ReNIOConfig.threshold", "finite"),
+    (lambda: ReNIOConfig(clip=0.5), "ReNIOConfig.threshold", "<= clip (0.5; a clipped log-ratio never exceeds it"),
     (lambda: ReNIOConfig(clip=2.5, temperature=0.025), "ReNIOConfig.temperature", "max(clip, -threshold) / 60"),
     (lambda: ReNIOConfig(threshold=-4.0, temperature=0.05), "ReNIOConfig.temperature", "stay finite"),
 ]
@@ -291,6 +292,30 @@ def test_smallest_allowed_weight_temperature_gives_finite_weights():
         exact = torch.exp(raw.mean_log_ratio.double() / cfg.temperature)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), exact / exact.mean(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("clip, threshold, gamma", [(2.5, 0.8, 1.0), (1.0, 1.0, 0.5), (2.0, -1.5, 2.0)])
+def test_batch_mean_weight_bound_is_the_largest_normalised_weight(clip, threshold, gamma):
+    """batch_mean_weight_bound is attained (one sample with every token at the clip, the others at the
+    smallest weight: no pivotal token, or every token at a negative threshold) and never exceeded by
+    random micro-batches; the normalised weights come from the normaliser without a binding cap."""
+    cfg = ReNIOConfig(clip=clip, threshold=threshold, temperature=gamma, max_weight=1e6)
+    for b in (2, 5, 16):
+        u = torch.zeros(b, 3)
+        low = threshold if threshold < 0 else threshold - 1.0  # r = tau < 0 is pivotal; r < tau > 0 is not
+        s = torch.full((b, 3), low)
+        s[0] = clip + 1.0  # clipped to c
+        mask = torch.ones(b, 3, dtype=torch.bool)
+        top = ReNIONormalizer().normalize(raw_weights(s, u, mask, cfg).weight, cfg).weights.max().item()
+        bound = batch_mean_weight_bound(clip, threshold, gamma, b)
+        assert top == pytest.approx(bound, rel=1e-5) and bound == pytest.approx(
+            b * math.exp(clip / gamma) / (math.exp(clip / gamma) + (b - 1) * math.exp(min(0.0, threshold) / gamma)))
+        generator = torch.Generator().manual_seed(b)
+        for _ in range(20):
+            s = torch.randn(b, 3, generator=generator) * 3
+            mask = torch.rand(b, 3, generator=generator) > 0.3
+            weights = ReNIONormalizer().normalize(raw_weights(s, u, mask, cfg).weight, cfg).weights
+            assert weights.max().item() <= bound * (1 + 1e-6)
 
 
 def test_pivotal_tokens_at_the_threshold_and_at_masked_positions():

@@ -603,15 +603,34 @@ def test_renio_settings_without_effect_are_noted():
     from megatron_renio.config import TrainConfig
     from megatron_renio.train import _renio_notes
 
-    assert _renio_notes(TrainConfig(renio=True))[0].startswith(
-        "with --renio-scope local, --renio-norm batch_mean and --micro-batch-size 1 every ReNIO weight is 1")
-    assert _renio_notes(TrainConfig(renio=True, renio_scope="global", micro_batch_size=4)) == [
-        "--renio-max-weight 10 cannot bind with --micro-batch-size 4: a weight is at most the micro-batch size "
-        "times its micro-batch's mean"]
-    assert _renio_notes(TrainConfig(renio=True, micro_batch_size=4, renio_max_weight=4.0))  # w / mean < 4 here
-    for quiet in (dict(renio=False), dict(renio=True, micro_batch_size=16), dict(renio=True, renio_norm="ema"),
-                  dict(renio=True, micro_batch_size=4, renio_max_weight=3.0)):
+    for norm in ("batch_mean", "clamp"):
+        assert _renio_notes(TrainConfig(renio=True, renio_norm=norm))[0].startswith(
+            f"with --renio-scope local, --renio-norm {norm} and --micro-batch-size 1 every ReNIO weight is 1")
+    # defaults c = 2.5, tau = 0.8, gamma = 1: at most 16 e^2.5 / (e^2.5 + 15) = 7.171 times the mean
+    assert _renio_notes(TrainConfig(renio=True, renio_scope="global", micro_batch_size=16)) == [
+        "--renio-max-weight 10 cannot bind with --micro-batch-size 16: a weight is at most 7.171 times its "
+        "micro-batch's mean here (one sample at exp(clip / temperature), the others at their smallest weight)"]
+    assert _renio_notes(TrainConfig(renio=True, micro_batch_size=4, renio_max_weight=3.21))  # bound 3.2096
+    for quiet in (dict(renio=False), dict(renio=True, micro_batch_size=64), dict(renio=True, renio_norm="ema"),
+                  dict(renio=True, micro_batch_size=4, renio_max_weight=3.2),
+                  dict(renio=True, renio_norm="clamp", micro_batch_size=4),
+                  dict(renio=True, micro_batch_size=16, renio_threshold=-1.0)):  # others as low as e^-1: 11.0
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
+
+
+def test_sampled_loss_off_its_distribution_is_noted():
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _sampled_loss_notes
+
+    assert _sampled_loss_notes(TrainConfig(loss="sampled_rkl", rollout_temperature=1.0, rollout_top_p=0.9,
+                                           rollout_top_k=20)) == [
+        "--loss sampled_rkl with --rollout-temperature 1 (--kd-temperature 1.1), --rollout-top-p 0.9, --rollout-top-k "
+        "20: completions are not sampled from the distribution the loss compares, so the sampled-token loss is a "
+        "biased estimate of the reverse KL"]
+    assert _sampled_loss_notes(TrainConfig(loss="sampled_rkl", rollout_top_k=5))[0].startswith(
+        "--loss sampled_rkl with --rollout-top-k 5: ")
+    for quiet in (dict(loss="sampled_rkl"), dict(rollout_temperature=1.0, rollout_top_p=0.5)):
+        assert _sampled_loss_notes(TrainConfig(**quiet)) == [], quiet
 
 
 def test_step_counts_sum_over_replicas_and_take_the_slowest_rollout(tmp_path):

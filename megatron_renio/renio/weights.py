@@ -43,6 +43,7 @@ EMA unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,20 @@ MAX_EXPONENT = 60.0
 def weight_exponent_bound(clip: float, threshold: float, temperature: float) -> float:
     """The largest |a_i / gamma| a configuration allows; at most :data:`MAX_EXPONENT` is accepted."""
     return max(clip, -threshold) / temperature
+
+
+def batch_mean_weight_bound(clip: float, threshold: float, temperature: float, batch_size: int) -> float:
+    """The largest w_i / mean_b(w) a micro-batch of b samples allows (``batch_mean``, before the cap).
+
+    a_i lies in {0} and [threshold, clip], so w_i in [L, W] with W = exp(clip / gamma) and
+    L = exp(min(0, threshold) / gamma); the ratio is largest with one sample at W and the others at L:
+    b W / (W + (b - 1) L).
+    """
+    high = math.exp(clip / temperature)
+    low = math.exp(min(0.0, threshold) / temperature)
+    return batch_size * high / (high + (batch_size - 1) * low)
+
+
 SCOPES = ("local", "global")
 
 
@@ -95,8 +110,9 @@ class ReNIOConfig:
         for field in ("clip", "temperature", "max_weight", "clamp_min"):
             if not _positive(getattr(self, field)):
                 raise bad(field, "a number > 0")
-        if not (isinstance(self.threshold, (int, float)) and -float("inf") < self.threshold < float("inf")):
-            raise bad("threshold", "a finite number")
+        if not (isinstance(self.threshold, (int, float)) and -float("inf") < self.threshold <= self.clip):
+            raise bad("threshold", f"a finite number <= clip ({self.clip}; a clipped log-ratio never exceeds it, so "
+                                   "no token would be pivotal)")
         if weight_exponent_bound(self.clip, self.threshold, self.temperature) > MAX_EXPONENT:
             raise bad("temperature", f"a number >= max(clip, -threshold) / {MAX_EXPONENT} (exp(a_i / temperature) "
                                      "and its batch sums must stay finite and nonzero in float32)")
