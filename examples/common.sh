@@ -12,6 +12,11 @@ CKPT=${CKPT:-/ckpt}          # converted checkpoints (python -m checkpoints_conv
 DATA=${DATA:-data/train.jsonl}
 RUNS=${RUNS:-runs}
 
+# On SIGTERM (preemption) torchrun forwards the signal and kills the workers after this many seconds;
+# they save at the end of the current step, so the default 30 is too short (torch versions without
+# the setting keep 30).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
   LAUNCH=(torchrun --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --rdzv-backend c10d
           --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-renio}")

@@ -4,7 +4,7 @@
 #         python -m checkpoints_conversion.hf_to_megatron --hf-dir /models/Qwen3-8B   --save $CKPT/qwen3-8b
 # Both models share one TP/PP layout: TP=2 fits the 8B teacher next to the student on 80 GB GPUs.
 source "$(dirname "$0")/common.sh"
-"${LAUNCH[@]}" -m megatron_renio.train \
+exec "${LAUNCH[@]}" -m megatron_renio.train \
   --mode opd --teacher separate --student-load "$CKPT/qwen3-1.7b" --teacher-load "$CKPT/qwen3-8b" \
   --data-path "$DATA" --task math \
   --tensor-model-parallel-size 2 --micro-batch-size 2 --global-batch-size 256 --samples-per-prompt 4 \

@@ -2,7 +2,7 @@
 # OPSD with ReNIO: Qwen3-1.7B teaches itself (frozen initial weights given the reference solution).
 # Before: python -m checkpoints_conversion.hf_to_megatron --hf-dir /models/Qwen3-1.7B --save $CKPT/qwen3-1.7b
 source "$(dirname "$0")/common.sh"
-"${LAUNCH[@]}" -m megatron_renio.train \
+exec "${LAUNCH[@]}" -m megatron_renio.train \
   --mode opsd --teacher fixed --student-load "$CKPT/qwen3-1.7b" \
   --data-path "$DATA" --task math \
   --tensor-model-parallel-size 1 --micro-batch-size 4 --global-batch-size 256 --samples-per-prompt 4 \

@@ -2,7 +2,7 @@
 # OPSD with ReNIO on DeepSeek-R1-Distill-Qwen-7B (Qwen2 architecture, QKV bias), TP=2.
 # Before: python -m checkpoints_conversion.hf_to_megatron --hf-dir /models/DeepSeek-R1-Distill-Qwen-7B --save $CKPT/r1-qwen-7b
 source "$(dirname "$0")/common.sh"
-"${LAUNCH[@]}" -m megatron_renio.train \
+exec "${LAUNCH[@]}" -m megatron_renio.train \
   --mode opsd --teacher fixed --student-load "$CKPT/r1-qwen-7b" \
   --data-path "$DATA" --task math \
   --tensor-model-parallel-size 2 --micro-batch-size 2 --global-batch-size 256 --samples-per-prompt 4 \

@@ -192,14 +192,83 @@ def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
     return states if isinstance(states, dict) else states[dp_rank % len(states)]
 
 
-def _check_resumed_settings(state: dict, cfg: TrainConfig) -> None:
-    """One line when ``--mode`` or ``--teacher`` differs from the run being resumed: either changes the
-    prompts or the teacher that the run distils from (checkpoints of earlier versions record neither)."""
+def _check_resumed_settings(state: dict, cfg: TrainConfig, teacher_origin: dict | None) -> None:
+    """Before any model is built, one line for a flag that the run being resumed (its ``train_state``)
+    cannot honour: ``--mode`` or ``--teacher`` (they change the prompts or the teacher the run distils
+    from), ``--use-distributed-optimizer`` and ``--bf16`` (the optimizer state's layout), Adam's betas
+    and epsilon (the checkpoint's optimizer keeps its own), the model the frozen teacher is built from
+    (``teacher_origin``), and the LR / weight-decay schedule
+    (:func:`~megatron_renio.training.components.check_resumed_schedule`). Checkpoints of earlier
+    versions record fewer of these; what they lack is not checked."""
+    from megatron_renio.training import components as C
+
     for flag, key in (("--mode", "mode"), ("--teacher", "teacher")):
         saved = state.get(key)
         if saved is not None and saved != getattr(cfg, key):
             raise UserInputError(f"--load {cfg.load}: the run was saved with {flag} {saved}; resume it with the "
                                  f"same {flag} (another one changes the prompts or the teacher it distils from)")
+    for flag, key, field in (("--use-distributed-optimizer", "distributed_optimizer", "use_distributed_optimizer"),
+                             ("--bf16", "bf16", "bf16")):
+        if key in state and state[key] != getattr(cfg, field):
+            said = "with" if state[key] else "without"
+            raise UserInputError(f"--load {cfg.load}: the run was saved {said} {flag}; resume {said} it (the "
+                                 "optimizer state's layout differs)")
+    for key, saved in state.get("adam", {}).items():
+        if saved != getattr(cfg, key):
+            raise UserInputError(f"--load {cfg.load}: the run was saved with --{key.replace('_', '-')} {saved:g}, which its "
+                                 f"optimizer state keeps; resume with the same value, not {getattr(cfg, key):g}")
+    saved_origin = state.get("teacher_origin")
+    if saved_origin is not None and teacher_origin is not None and saved_origin["identity"] != teacher_origin["identity"]:
+        raise UserInputError(
+            f"--load {cfg.load}: the run's frozen teacher was built from {saved_origin['flag']} "
+            f"{saved_origin['source']}, but {teacher_origin['flag']} {teacher_origin['source']} holds another "
+            f"model; resume with the run's {saved_origin['flag']} (the teacher must stay the one it distils from)")
+    C.check_resumed_schedule(state.get("scheduler", {}), cfg)
+
+
+def _teacher_origin(cfg: TrainConfig, student_source, teacher_source) -> dict | None:
+    """What the frozen teacher is built from, recorded in every checkpoint and compared on resume: the
+    initial student (``--teacher fixed``) or ``--teacher-load`` / ``--teacher-model`` (``separate``), as
+    {'flag', 'source', 'identity'}; a checkpoint's identity is its
+    :func:`~megatron_renio.models.checkpoint.checkpoint_fingerprint`, computed on global rank 0 only
+    and broadcast (a collective). None for ``--teacher ema``, whose teacher the checkpoint holds."""
+    from megatron_renio.models.checkpoint import checkpoint_fingerprint
+
+    if cfg.teacher == "ema":
+        return None
+    fixed = cfg.teacher == "fixed"
+    source = student_source if fixed else teacher_source
+    if source.checkpoint is None:
+        flag, identity = ("--model" if fixed else "--teacher-model"), f"preset {source.preset.name}"
+    else:
+        flag = "--student-load" if fixed else "--teacher-load"
+        box = [checkpoint_fingerprint(source.checkpoint) if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        identity = box[0]
+    return {"flag": flag, "source": str(source.checkpoint or source.preset.name), "identity": identity}
+
+
+def _run_logs(cfg: TrainConfig) -> list[Path]:
+    """The JSONL files a run appends to: its metrics file and, under ``--save``, the saved samples."""
+    metrics = _metrics_path(cfg)
+    return ([metrics] if metrics else []) + (sorted(Path(cfg.save).glob("samples_rank*.jsonl")) if cfg.save else [])
+
+
+def _check_new_run_logs(cfg: TrainConfig) -> None:
+    """A new run that does not ``--load`` must not append to an earlier run's JSONL files: one line for
+    a non-empty one, except the files inside ``--save`` with ``--override-save`` (the run starts that
+    folder over: they are emptied)."""
+    from megatron_renio.models.checkpoint import is_within
+
+    for path in _run_logs(cfg):
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        if cfg.override_save and is_within(path, cfg.save):
+            continue
+        hint = f"pass --load {cfg.save} to continue that run, or " if cfg.save and is_within(path, cfg.save) else ""
+        raise UserInputError(f"{path} holds records of an earlier run; {hint}remove it or choose another "
+                             f"{'--metrics-file' if path == _metrics_path(cfg) else '--save'}"
+                             + (", or pass --override-save to start the --save folder over" if hint else ""))
 
 
 def rows_of_prompts(indices: list[int], samples_per_prompt: int) -> list[int]:
@@ -271,9 +340,13 @@ def run(cfg: TrainConfig) -> dict:
     teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
                       if cfg.teacher == "separate" else None)
     C.check_load_source(cfg)
-    if cfg.load and (saved := read_train_state(cfg.load)) is not None:
-        _check_resumed_settings(saved, cfg)  # before any model is built
     C.check_save_target(cfg, student_source.preset)
+    teacher_origin = _teacher_origin(cfg, student_source, teacher_source)
+    saved = read_train_state(cfg.load) if cfg.load else None  # the run to resume, None for a new run
+    if saved is not None:
+        _check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
+    elif not cfg.load:
+        _check_new_run_logs(cfg)
     for role, source in (("student", student_source), ("teacher", teacher_source)):
         if source is not None:
             check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
@@ -287,6 +360,13 @@ def run(cfg: TrainConfig) -> dict:
              f"of --seq-length {cfg.seq_length}; their completions end there")
     for note in _renio_notes(cfg) + _sampled_loss_notes(cfg):
         log0(f"note: {note}")
+    prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
+    batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "
+                   f"{prompts_per_step} prompts per step" if cfg.samples_per_prompt > 1 else None)
+    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed, batch_label,
+                            C.fitting_data_label(len(prompts.student), "prompts", prompts.skipped_too_long, cfg.seq_length))
+    if saved is not None:
+        sampler.load_state_dict(saved["sampler"])  # refuses other data or another seed before the models load
 
     padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
     student, student_info = C.build_model(student_source, cfg, padded_vocab)
@@ -297,32 +377,32 @@ def run(cfg: TrainConfig) -> dict:
     paired = PairedModel(student_ddp, teacher, student_info.preset.hidden_size, teacher_info.preset.hidden_size)
     normalizer = ReNIONormalizer()
     step_runner = DistillationStep(paired, [student_ddp], settings, normalizer, true_vocab)
-    prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
-    batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "
-                   f"{prompts_per_step} prompts per step" if cfg.samples_per_prompt > 1 else None)
-    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed, batch_label,
-                            C.fitting_data_label(len(prompts.student), "prompts", prompts.skipped_too_long, cfg.seq_length))
     log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0
     if cfg.load:
         state = load_training_checkpoint(cfg.load, student=student, optimizer=optimizer, teacher=ema)
         if state is not None:
+            if saved is None or state["iteration"] != saved["iteration"]:
+                raise UserInputError(f"--load {cfg.load}: its latest checkpoint changed while this run started; "
+                                     "is another run saving there?")
             iteration = state["iteration"]
             skipped_total = state["skipped_total"]
-            sampler.load_state_dict(state["sampler"])
             normalizer.load_state_dict(_replica_state(state["normalizer"], ctx.dp_rank))
-            C.load_scheduler_state(scheduler, state["scheduler"], cfg)
+            scheduler.load_state_dict(state["scheduler"])  # its settings were checked before the models loaded
             log0(f"resumed from {cfg.load} at iteration {iteration}")
         else:
             log0(f"no checkpoint in {cfg.load} yet: starting a new run")
 
-    if cfg.load and ctx.rank == 0:  # before the first step's collectives, so before any rank appends
-        logs = [_metrics_path(cfg), *(Path(cfg.save).glob("samples_rank*.jsonl") if cfg.save else [])]
-        for path in logs:
-            if path is not None and path.is_file():
+    # a resumed run (or a requeued one that saved nothing yet) drops the steps it takes again, and
+    # --override-save starts the --save folder's logs over; before the first step's collectives, so
+    # before any rank appends
+    restarts = bool(cfg.load or cfg.override_save)
+    if restarts and ctx.rank == 0:
+        for path in _run_logs(cfg):
+            if path.is_file():
                 _drop_steps_after(path, iteration)
-    logger = MetricsLogger(cfg, resumed_at=iteration if cfg.load else None)
+    logger = MetricsLogger(cfg, resumed_at=iteration if restarts else None)
     progress = None
     if ctx.rank == 0:
         from tqdm import tqdm
@@ -426,12 +506,14 @@ def run(cfg: TrainConfig) -> dict:
                 save_training_checkpoint(
                     cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
                     teacher=ema,
-                    tokenizer_dir=str(student_source.tokenizer_dir) if student_source.tokenizer_dir else cfg.tokenizer,
+                    tokenizer_dir=cfg.tokenizer or student_source.tokenizer_dir,  # the one it trained with, as sft
                     keep_last=cfg.keep_last,
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "mode": cfg.mode,
                                  "teacher": cfg.teacher, "sampler": sampler.state_dict(),
                                  "normalizer": _replica_states(normalizer.state_dict()),
-                                 "scheduler": scheduler.state_dict()},
+                                 "scheduler": scheduler.state_dict(), "bf16": cfg.bf16,
+                                 "adam": {key: getattr(cfg, key) for key in ("adam_beta1", "adam_beta2", "adam_eps")},
+                                 "teacher_origin": teacher_origin},
                 )
             if exit_reason:
                 log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))

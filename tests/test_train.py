@@ -237,6 +237,33 @@ def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
     proc = train(base_args(workdir, **{"--load": save, "--use-distributed-optimizer": None}), check=False)
     assert proc.returncode == 2
     assert "saved without --use-distributed-optimizer; resume without it" in _last_error(proc)
+    assert "student:" not in proc.stdout  # refused before the models load
+
+
+def test_resume_refuses_what_the_checkpoint_cannot_honour_before_the_models_load(workdir):
+    """The run's train state records --bf16, Adam's betas and epsilon and what the frozen teacher was
+    built from; a resume that changes one is refused in one line before any model is built (the
+    "student:" line follows the build). They used to be ignored (Adam's settings: the checkpoint's
+    optimizer kept its own; another --student-load: another fixed teacher) or a traceback (--bf16)."""
+    from megatron_renio.models.checkpoint import checkpoint_fingerprint
+
+    save = workdir / "recorded_state"
+    train(base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1}))
+    state = torch.load(iteration_dir(save, 1) / "train_state.pt", weights_only=False)
+    student = workdir / "ckpt" / "student"
+    assert state["bf16"] is False and state["adam"] == {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}
+    assert state["teacher_origin"] == {"flag": "--student-load", "source": str(student),
+                                       "identity": checkpoint_fingerprint(student)}
+    for change, expected in (
+            ({"--bf16": None}, "the run was saved without --bf16; resume without it"),
+            ({"--adam-beta2": 0.5}, "the run was saved with --adam-beta2 0.999, which its optimizer state keeps; "
+                                    "resume with the same value, not 0.5"),
+            ({"--student-load": workdir / "ckpt" / "odd_heads"},
+             f"the run's frozen teacher was built from --student-load {student}, but --student-load "
+             f"{workdir / 'ckpt' / 'odd_heads'} holds another model"),
+            ({"--train-iters": 3}, "--train-iters sets lr_decay_steps=3")):
+        proc = train(base_args(workdir, **change, **{"--load": save}), check=False)
+        assert expected in _last_error(proc) and "student:" not in proc.stdout, proc.stdout[-2000:]
 
 
 def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
@@ -486,9 +513,12 @@ def test_teacher_with_another_tokenizer_is_refused(workdir):
     line = _last_error(train(base_args(workdir, **preset, **{"--mode": "opd", "--teacher": "separate",
                                                               "--teacher-load": other}), check=False))
     assert line.startswith(f"error: teacher tokenizer ({other / 'tokenizer'}) differs from --tokenizer {workdir / 'tok'}")
-    proc = train(base_args(workdir, **{"--tokenizer": other / "tokenizer", "--train-iters": 1}))
+    save = workdir / "other_tokenizer_run"
+    proc = train(base_args(workdir, **{"--tokenizer": other / "tokenizer", "--train-iters": 1, "--save": save}))
     assert (f"note: the vocabulary of --tokenizer {other / 'tokenizer'} differs from the student checkpoint's tokenizer "
             f"({workdir / 'ckpt' / 'student' / 'tokenizer'})") in proc.stdout
+    # the checkpoint keeps the tokenizer the run trained with (it kept the student checkpoint's)
+    assert (iteration_dir(save, 1) / "tokenizer" / "tokenizer.json").read_text() == vocab
 
 
 @pytest.mark.parametrize(
@@ -512,7 +542,10 @@ def test_save_folder_of_another_model_is_refused(workdir):
     assert "holds checkpoints of another model" in _last_error(train(wider, check=False))
     same = base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1})
     assert "resume with --load" in _last_error(train(same, check=False))
+    assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1]
     train(wider + ["--override-save"])
+    # the folder's metrics start over with the new run (they were appended: steps 1, 1)
+    assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1]
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
@@ -559,6 +592,88 @@ def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
     assert kept == [["iter_0000001"], ["iter_0000001", "iter_0000002"], ["iter_0000002", "iter_0000003"]]
     prune_checkpoints(tmp_path, 3, keep_last=1)
     assert [p.name for p in tmp_path.glob("iter_*")] == ["iter_0000003"]
+
+
+def test_checkpoint_fingerprint_follows_a_copy_and_tells_weights_apart(tmp_path):
+    import shutil
+
+    from megatron_renio.models.checkpoint import checkpoint_fingerprint
+
+    original = tmp_path / "a"
+    (original / "model").mkdir(parents=True)
+    (original / "renio_model.json").write_text('{"preset": "x"}')
+    big = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: its first and last MiB are read
+    (original / "model" / "__0_0.distcp").write_bytes(big)
+    (original / "model" / ".metadata").write_bytes(b"meta")
+    fingerprint = checkpoint_fingerprint(original)
+    shutil.copytree(original, tmp_path / "moved")
+    assert checkpoint_fingerprint(tmp_path / "moved") == fingerprint
+    for name, data in (("__0_0.distcp", b"\1" + big[1:]), ("__0_0.distcp", big[:-1] + b"\1"), (".metadata", b"metb")):
+        changed = tmp_path / f"changed_{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(original, changed)
+        (changed / "model" / name).write_bytes(data)
+        assert checkpoint_fingerprint(changed) != fingerprint, name
+    (tmp_path / "moved" / "renio_model.json").write_text('{"preset": "y"}')
+    assert checkpoint_fingerprint(tmp_path / "moved") != fingerprint
+
+
+def test_resumed_settings_are_compared_with_the_run(tmp_path):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _check_resumed_settings
+
+    cfg = TrainConfig(load="run", lr=1e-3)
+    origin = {"flag": "--student-load", "source": "s", "identity": "abc"}
+    state = {"mode": cfg.mode, "teacher": cfg.teacher, "bf16": False, "teacher_origin": origin,
+             "adam": {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8},
+             "scheduler": {"max_lr": 1e-3, "lr_decay_steps": cfg.train_iters}}
+    _check_resumed_settings(state, cfg, dict(origin, source="moved"))  # a moved copy: same identity
+    _check_resumed_settings({"mode": cfg.mode}, cfg, origin)  # an earlier version's state records less
+    for change, expected in ((dict(bf16=True), "saved without --bf16"),
+                             (dict(adam_eps=1e-6), "saved with --adam-eps 1e-08"),
+                             (dict(lr=2e-3), "--lr sets max_lr=0.002")):
+        with pytest.raises(UserInputError, match=expected):
+            _check_resumed_settings(state, TrainConfig(**{"load": "run", "lr": 1e-3, **change}), origin)
+    with pytest.raises(UserInputError, match="frozen teacher was built from --student-load s, but --model tiny"):
+        _check_resumed_settings(state, cfg, {"flag": "--model", "source": "tiny", "identity": "preset tiny"})
+    _check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
+
+
+def test_a_new_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _check_new_run_logs
+
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "metrics.jsonl").write_text("")
+    _check_new_run_logs(TrainConfig(save=str(save)))  # empty: nothing to mix
+    (save / "samples_rank0.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserInputError, match=f"{save / 'samples_rank0.jsonl'} holds records of an earlier run; pass "
+                                             f"--load {save} to continue that run, or remove it or choose another "
+                                             "--save, or pass --override-save"):
+        _check_new_run_logs(TrainConfig(save=str(save)))
+    _check_new_run_logs(TrainConfig(save=str(save), override_save=True))  # started over: emptied
+    other = tmp_path / "metrics.jsonl"
+    other.write_text('{"step": 1}\n')
+    with pytest.raises(UserInputError, match=f"^{other} holds records of an earlier run; remove it or choose another "
+                                             "--metrics-file$"):
+        _check_new_run_logs(TrainConfig(save=str(save), override_save=True, metrics_file=str(other)))
+
+
+def test_a_model_inside_the_save_folders_checkpoints_is_refused(tmp_path):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import check_save_target
+
+    save = tmp_path / "run"
+    (save / "iter_0000004").mkdir(parents=True)
+    (save / "init").mkdir()
+    for flag, key in (("--student-load", "student_load"), ("--teacher-load", "teacher_load")):
+        for override in (False, True):  # --override-save deleted it at the first save
+            with pytest.raises(UserInputError, match=f"{flag} {save / 'iter_0000004'} lies inside --save {save}, "
+                                                     "whose iter_\\* folders the run's saves prune"):
+                check_save_target(TrainConfig(save=str(save), override_save=override,
+                                              **{key: str(save / "iter_0000004")}), get_preset("tiny-qwen3"))
+    check_save_target(TrainConfig(save=str(save), student_load=str(save / "init")), get_preset("tiny-qwen3"))
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-untied", "tiny-qwen2", "tiny-llama3"])

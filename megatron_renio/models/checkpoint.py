@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -97,6 +98,25 @@ def is_within(path: str | Path, folder: str | Path) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -> str:
+    """A hex digest that tells two model checkpoints apart without reading their weights whole: SHA-256
+    of ``renio_model.json`` and, per file of ``model/`` (in name order), its relative path, its size
+    and its first and last ``sample_bytes`` bytes. It follows a checkpoint that is moved or copied and
+    differs between trainings of one architecture (their weight bytes differ)."""
+    directory = Path(directory)
+    digest = hashlib.sha256((directory / METADATA_FILE).read_bytes())
+    model = directory / MODEL_SUBDIR
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(model).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(sample_bytes))
+            if size > sample_bytes:
+                f.seek(max(size - sample_bytes, sample_bytes))
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None,

@@ -109,7 +109,7 @@ def _optimizer_state_dict(optimizer, model_sd, is_loading: bool):
 
 def save_training_checkpoint(
     root: str | Path, iteration: int, *, student, student_info, optimizer, train_state: dict,
-    teacher=None, tokenizer_dir: str | None = None, keep_last: int = 2,
+    teacher=None, tokenizer_dir: str | Path | None = None, keep_last: int = 2,
 ) -> Path:
     """Collective: write iteration ``iteration`` under ``root`` (see the module docstring); ``teacher``:
     the :class:`~megatron_renio.training.ema.EmaTeacher` of ``--teacher ema``, else None;
@@ -192,12 +192,7 @@ def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=No
     optimizer_dir = path / "optimizer"
     if not optimizer_dir.is_dir():
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
-    train_state = _load_train_state(path)
-    saved_distributed = train_state.pop("distributed_optimizer", _distributed(optimizer))
-    if saved_distributed != _distributed(optimizer):
-        said = "with" if saved_distributed else "without"
-        raise UserInputError(f"{path}: the optimizer state was saved {said} --use-distributed-optimizer; "
-                             f"resume {said} it (its state layouts differ)")
+    train_state = _load_train_state(path)  # the trainer compared its settings before building the models
     _init_optimizer_state(optimizer)
     state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True), str(optimizer_dir))
     if _distributed(optimizer):

@@ -200,14 +200,7 @@ def build_optimizer(student_ddp, cfg: TrainConfig):
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.lr_warmup_iters else cfg.lr,
-        max_lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_iters,
-        lr_decay_steps=cfg.train_iters,
-        lr_decay_style=cfg.lr_decay_style,
-        start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay,
-        wd_incr_steps=cfg.train_iters,
+        **schedule_settings(cfg),
         wd_incr_style="constant",
         override_opt_param_scheduler=cfg.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
@@ -215,28 +208,35 @@ def build_optimizer(student_ddp, cfg: TrainConfig):
     return optimizer, scheduler
 
 
-# The scheduler settings a checkpoint holds, and the flags that set them (build_optimizer).
+# The scheduler settings a checkpoint holds, and the flags that set them (schedule_settings).
 _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
                    "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style",
                    "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
 
 
-def load_scheduler_state(scheduler, state: dict, cfg: TrainConfig) -> None:
-    """Restore the LR / weight-decay scheduler on resume (its step count, and its settings).
+def schedule_settings(cfg: TrainConfig) -> dict:
+    """The LR / weight-decay settings of Megatron's ``OptimizerParamScheduler`` (constructor arguments
+    and the keys of its ``state_dict``) that the flags of ``_SCHEDULE_FLAGS`` set."""
+    return {"max_lr": cfg.lr, "min_lr": cfg.min_lr, "lr_warmup_steps": cfg.lr_warmup_iters,
+            "lr_decay_steps": cfg.train_iters, "lr_decay_style": cfg.lr_decay_style,
+            "start_wd": cfg.weight_decay, "end_wd": cfg.weight_decay, "wd_incr_steps": cfg.train_iters}
 
-    Megatron's scheduler keeps the checkpoint's settings without a word, so a new ``--lr`` or a longer
-    ``--train-iters`` would be ignored: a setting that differs from the checkpoint's is refused in one
-    line naming its flag, unless ``--override-opt-param-scheduler`` asks for the new settings.
+
+def check_resumed_schedule(state: dict, cfg: TrainConfig) -> None:
+    """Before a resume loads anything: the checkpoint's scheduler ``state`` must have the settings of
+    the flags. Megatron's scheduler keeps the checkpoint's settings without a word, so a new ``--lr``
+    or a longer ``--train-iters`` would be ignored: a setting that differs is refused in one line naming
+    its flag, unless ``--override-opt-param-scheduler`` asks for the new settings.
     """
-    if not cfg.override_opt_param_scheduler:
-        current = scheduler.state_dict()
-        for key, flag in _SCHEDULE_FLAGS.items():
-            if key in state and state[key] != current[key]:
-                raise UserInputError(
-                    f"--load {cfg.load}: {flag} sets {key}={current[key]!r} but the run being resumed has "
-                    f"{state[key]!r}; resume with the same value, or pass --override-opt-param-scheduler"
-                )
-    scheduler.load_state_dict(state)
+    if cfg.override_opt_param_scheduler:
+        return
+    current = schedule_settings(cfg)
+    for key, flag in _SCHEDULE_FLAGS.items():
+        if key in state and state[key] != current[key]:
+            raise UserInputError(
+                f"--load {cfg.load}: {flag} sets {key}={current[key]!r} but the run being resumed has "
+                f"{state[key]!r}; resume with the same value, or pass --override-opt-param-scheduler"
+            )
 
 
 def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source: ModelSource | None, student,
@@ -347,11 +347,22 @@ def check_load_source(cfg: TrainConfig) -> None:
 def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
     """``--save`` must not silently mix runs: a folder that already holds checkpoints of another
     model is refused unless ``--override-save``; one of the same model needs ``--load`` (resume) or
-    ``--override-save`` (start over, older iterations are pruned as new ones are saved)."""
-    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+    ``--override-save`` (start over, older iterations are pruned as new ones are saved). A
+    ``--student-load`` / ``--teacher-load`` inside one of its ``iter_*`` folders is refused: the saves
+    would delete the model the run starts from (a resume rebuilds a frozen teacher from it)."""
+    from megatron_renio.models.checkpoint import is_within, read_checkpoint_metadata
     from megatron_renio.training.checkpointing import iteration_dir, latest_iteration
 
-    if not cfg.save or cfg.override_save:
+    if not cfg.save:
+        return
+    save = Path(cfg.save).resolve()
+    for flag, source in (("--student-load", cfg.student_load), ("--teacher-load", cfg.teacher_load)):
+        inside = Path(source).resolve().relative_to(save).parts if source and is_within(source, save) else ()
+        if inside and inside[0].startswith("iter_"):
+            raise UserInputError(f"{flag} {source} lies inside --save {cfg.save}, whose iter_* folders the run's "
+                                 "saves prune (and --override-save replaces): copy it out of --save, or choose "
+                                 "another --save")
+    if cfg.override_save:
         return
     iteration = latest_iteration(cfg.save)
     if iteration is None:
