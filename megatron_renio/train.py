@@ -215,10 +215,11 @@ def _check_resumed_settings(state: dict, cfg: TrainConfig, teacher_origin: dict 
                                  "optimizer state's layout differs)")
     for key, saved in state.get("adam", {}).items():
         if saved != getattr(cfg, key):
-            raise UserInputError(f"--load {cfg.load}: the run was saved with --{key.replace('_', '-')} {saved:g}, which its "
-                                 f"optimizer state keeps; resume with the same value, not {getattr(cfg, key):g}")
+            flag = "--" + key.replace("_", "-")
+            raise UserInputError(f"--load {cfg.load}: the run was saved with {flag} {saved:g}, which its optimizer "
+                                 f"state keeps; resume with the same value, not {getattr(cfg, key):g}")
     saved_origin = state.get("teacher_origin")
-    if saved_origin is not None and teacher_origin is not None and saved_origin["identity"] != teacher_origin["identity"]:
+    if saved_origin and teacher_origin and saved_origin["identity"] != teacher_origin["identity"]:
         raise UserInputError(
             f"--load {cfg.load}: the run's frozen teacher was built from {saved_origin['flag']} "
             f"{saved_origin['source']}, but {teacher_origin['flag']} {teacher_origin['source']} holds another "
@@ -236,16 +237,17 @@ def _teacher_origin(cfg: TrainConfig, student_source, teacher_source) -> dict | 
 
     if cfg.teacher == "ema":
         return None
-    fixed = cfg.teacher == "fixed"
-    source = student_source if fixed else teacher_source
-    if source.checkpoint is None:
-        flag, identity = ("--model" if fixed else "--teacher-model"), f"preset {source.preset.name}"
+    if cfg.teacher == "fixed":
+        flag, value = (("--student-load", student_source.checkpoint) if student_source.checkpoint
+                       else ("--model", cfg.model))
     else:
-        flag = "--student-load" if fixed else "--teacher-load"
-        box = [checkpoint_fingerprint(source.checkpoint) if torch.distributed.get_rank() == 0 else None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        identity = box[0]
-    return {"flag": flag, "source": str(source.checkpoint or source.preset.name), "identity": identity}
+        flag, value = (("--teacher-load", teacher_source.checkpoint) if teacher_source.checkpoint
+                       else ("--teacher-model", cfg.teacher_model))
+    if flag.endswith("-model"):  # a preset: random initialisation from --seed, which the sampler state compares
+        return {"flag": flag, "source": value, "identity": f"preset {value}"}
+    box = [checkpoint_fingerprint(value) if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return {"flag": flag, "source": str(value), "identity": box[0]}
 
 
 def _run_logs(cfg: TrainConfig) -> list[Path]:

@@ -638,6 +638,21 @@ def test_resumed_settings_are_compared_with_the_run(tmp_path):
     _check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
 
 
+def test_the_teacher_origin_of_a_preset_names_its_flag():
+    """A preset model has no checkpoint to fingerprint: its name stands for it (random init from --seed)."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _teacher_origin
+    from megatron_renio.training.components import resolve_model
+
+    student = resolve_model(None, "tiny-qwen3", "--student-load/--model")
+    assert _teacher_origin(TrainConfig(model="tiny-qwen3"), student, None) == {
+        "flag": "--model", "source": "tiny-qwen3", "identity": "preset tiny-qwen3"}
+    teacher = resolve_model(None, "tiny-qwen3-untied", "--teacher-load/--teacher-model")
+    cfg = TrainConfig(model="tiny-qwen3", mode="opd", teacher="separate", teacher_model="tiny-qwen3-untied")
+    assert _teacher_origin(cfg, student, teacher)["identity"] == "preset tiny-qwen3-untied"
+    assert _teacher_origin(TrainConfig(model="tiny-qwen3", teacher="ema"), student, None) is None
+
+
 def test_a_new_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
     from megatron_renio.config import TrainConfig
     from megatron_renio.train import _check_new_run_logs
