@@ -179,8 +179,20 @@ def _bool_arg(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
+def finite_float(value: str) -> float:
+    """A number flag's converter: inf and nan are refused (an infinite --lr or temperature trains on
+    nothing, or saves a non-finite model, without an error)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
 # What each converter accepts, in words (for the one-line error on a bad YAML value).
-_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", _bool_arg: "true or false"}
+_KIND_WORDS = {int: "an integer", finite_float: "a finite number", str: "a string", _bool_arg: "true or false"}
 # YAML's spellings of null; they leave a flag whose default is None unset.
 _YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
@@ -199,10 +211,10 @@ def _kind(f: dataclasses.Field):
     if isinstance(f.default, bool):
         return _bool_arg
     if f.name == "kd_token_clip":
-        return _optional(float)
+        return _optional(finite_float)
     if f.name == "kd_top_k":
         return _optional(int)
-    return {int: int, float: float}.get(type(f.default), str)
+    return {int: int, float: finite_float}.get(type(f.default), str)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -269,6 +281,24 @@ def _yaml_value(path: str, key, f: dataclasses.Field, value):
     raise UserInputError(f"--config {path}: key {key!r} must be {expected}, got {value!r}")
 
 
+def _unique_key_loader():
+    """``yaml.BaseLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.BaseLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _load_yaml(path: str) -> dict:
     """The config file's values by field name, each converted by :func:`_yaml_value`.
 
@@ -278,14 +308,19 @@ def _load_yaml(path: str) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise UserInputError(f"--config {path} is a folder, not a YAML file")
     if not p.is_file():
         raise UserInputError(f"--config {path}: file not found")
     try:
-        data = yaml.load(p.read_text(), Loader=yaml.BaseLoader) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserInputError(f"--config {path}:{where} not valid YAML") from None
+        problem = getattr(e, "problem", None)
+        raise UserInputError(f"--config {path}:{where} not valid YAML" + (f" ({problem})" if problem else "")) from None
     if not isinstance(data, dict):
         raise UserInputError(f"--config {path}: expected a mapping of flag names to values")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -294,6 +329,8 @@ def _load_yaml(path: str) -> dict:
         name = str(key).lstrip("-").replace("-", "_")
         if name not in fields:
             raise UserInputError(f"--config {path}: unknown key {key!r}")
+        if name in out:
+            raise UserInputError(f"--config {path}: key {key!r} sets {_flag(name)} again")
         out[name] = _yaml_value(path, key, fields[name], value)
     return out
 
@@ -307,6 +344,12 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     config = TrainConfig(**values)
     validate(config)
     return config
+
+
+# Bounds of two flags every model command takes: seeds of 32 bits (numpy's range; torch's is wider); the
+# process-group timeout must stay a valid timedelta and gloo's millisecond count.
+MAX_SEED = 2**32 - 1
+MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 
 
 def _check(condition: bool, flag: str, allowed: str, value) -> None:
@@ -359,7 +402,9 @@ def validate(c: TrainConfig) -> None:
     _check(0 < c.rollout_top_p <= 1, "--rollout-top-p", "in (0, 1]", c.rollout_top_p)
     _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
-    _check(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes", "> 0", c.distributed_timeout_minutes)
+    _check(0 < c.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES, "--distributed-timeout-minutes",
+           f"in (0, {MAX_TIMEOUT_MINUTES}] (a week)", c.distributed_timeout_minutes)
+    _check(0 <= c.seed <= MAX_SEED, "--seed", f"an integer in [0, {MAX_SEED}]", c.seed)
     multiple = pad_multiple(c)
     _check(c.seq_length % multiple == 0, "--seq-length",
            f"a multiple of {multiple} (batches are padded to multiples of 8"

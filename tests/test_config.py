@@ -71,7 +71,12 @@ def test_yaml_config_with_cli_override(tmp_path):
          r"--tensor-model-parallel-size with --sequence-parallel\), got 264"),
         (["--lr-warmup-iters", "256", "--train-iters", "256"],
          r"--lr-warmup-iters must be smaller than --train-iters \(256\), got 256"),
-        (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (["--lr", "abc"], "argument --lr: expected a finite number, got 'abc'"),
+        (["--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),  # weights went inf, exit 0
+        (["--kd-temperature", "inf"], "argument --kd-temperature: expected a finite number"),  # loss 0, no error
+        (["--kd-token-clip", "nan"], "argument --kd-token-clip: expected a finite number, got 'nan'"),
+        (["--seed", "99999999999999999999"], r"--seed must be an integer in \[0, 4294967295\]"),  # a traceback
+        (["--distributed-timeout-minutes", "1e30"], r"--distributed-timeout-minutes must be in \(0, 10080\]"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
         (["--seq-len", "128"], "unrecognized arguments: --seq-len 128"),  # no abbreviations: --mod is not --mode
     ],
@@ -121,12 +126,15 @@ def test_yaml_bool_flags(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("lr: fast", "key 'lr' must be a number, got 'fast'"),
+        ("lr: fast", "key 'lr' must be a finite number, got 'fast'"),
         ("train_iters: 2.5", "key 'train_iters' must be an integer, got '2.5'"),
-        ("kd_token_clip: [0.1]", r"key 'kd_token_clip' must be a number or none, got \['0.1'\]"),
+        ("kd_token_clip: [0.1]", r"key 'kd_token_clip' must be a finite number or none, got \['0.1'\]"),
         ("kd_top_k: eight", "key 'kd_top_k' must be an integer or none, got 'eight'"),
         ("model: {name: tiny}", "key 'model' must be a string, got {'name': 'tiny'}"),
         ("data_path: [[a.jsonl]]", "key 'data_path' must be a file path or a list of file paths"),
+        ("lr: .inf", "key 'lr' must be a finite number, got '.inf'"),
+        ("lr: 1e-5\nseed: 3\nlr: 1e-6", r"line 3 not valid YAML \(key 'lr' given twice\)"),  # the last one won
+        ("lr: 1e-5\n--lr: 1e-6", "key '--lr' sets --lr again"),
     ],
 )
 def test_yaml_value_of_the_wrong_type_gives_one_line(tmp_path, text, message):
@@ -135,6 +143,15 @@ def test_yaml_value_of_the_wrong_type_gives_one_line(tmp_path, text, message):
     with pytest.raises(UserInputError, match=f"--config {path}: {message}") as err:
         parse_train_args(["--config", str(path)] + BASE)
     assert "\n" not in str(err.value)
+
+
+def test_config_file_that_is_not_yaml_text(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"lr: 1e-5\nmodel: \xff\xfe\n")
+    with pytest.raises(UserInputError, match=f"^--config {path}: not UTF-8 text \\(byte 16\\)$"):
+        parse_train_args(["--config", str(path)] + BASE)
+    with pytest.raises(UserInputError, match=f"^--config {tmp_path} is a folder, not a YAML file$"):
+        parse_train_args(["--config", str(tmp_path)] + BASE)
 
 
 def test_load_alone_is_no_student_model():

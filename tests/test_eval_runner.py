@@ -165,6 +165,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "--bogus": [*load, "--benchmark", str(good), "--bogus"],
         "--samples-per-problem": [*load, "--benchmark", str(good), "--samples-per-problem", "0"],
         "--temperature": [*load, "--benchmark", str(good), "--temperature", "-0.5"],
+        "--temperature must be a finite number >= 0": [*load, "--benchmark", str(good), "--temperature", "inf"],
+        "--seed: must be an integer in [0, 4294967295]": [*load, "--benchmark", str(good), "--seed", "-1"],
+        "--distributed-timeout-minutes: must be in (0, 10080]": [*load, "--benchmark", str(good),
+                                                                 "--distributed-timeout-minutes", "1e30"],
         "--top-p": [*load, "--benchmark", str(good), "--top-p", "1.5"],
         "not a model checkpoint": ["--load", str(tmp_path), "--benchmark", str(good)],
         "broken.jsonl line 2": [*load, "--benchmark", str(broken)],
@@ -177,6 +181,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         assert expected in _bad(args, capsys, tmp_path), expected
     assert "does not exist" in _bad([*load, "--benchmark", str(good), "--summary", str(tmp_path / "no" / "s.json")],
                                     capsys, tmp_path)
+    assert f"--summary /proc/s.json: cannot write in /proc" in _bad([*load, "--benchmark", str(good), "--summary",
+                                                                     "/proc/s.json"], capsys, tmp_path)
 
 
 def test_outputs_never_replace_an_input(tmp_path):

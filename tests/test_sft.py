@@ -96,11 +96,17 @@ def test_coding_targets_are_fenced_as_the_instruction_asks():
         (["--metrics-file", "out/metrics.jsonl"], "--metrics-file out/metrics.jsonl is inside --save out, which "
                                                   "receives only the model checkpoint"),
         (["--tensorboard-dir", "out"], "--tensorboard-dir out is inside --save out"),
+        (["--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),  # it saved an all-inf model
+        (["--save", "/proc/sft"], "/proc/sft: cannot write in /proc"),  # found only after training
+        (["--metrics-file", "/proc/m.jsonl"], "--metrics-file /proc/m.jsonl: cannot write in /proc"),
+        (["--tensorboard-dir", __file__], f"--tensorboard-dir {__file__} exists and is not a folder"),
     ],
 )
 def test_bad_flags_are_one_line_errors(task, flags, message):
     data, tokenizer = task
     base = ["--data-path", str(data), "--tokenizer", tokenizer, "--save", "out"]
+    if "--save" in flags:
+        base = base[:-2]
     if "--model" not in flags and "--pretrained-checkpoint" not in flags:
         base += ["--model", "tiny-qwen3"]
     with pytest.raises(UserInputError, match=re.escape(message)):

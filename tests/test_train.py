@@ -653,6 +653,32 @@ def test_the_teacher_origin_of_a_preset_names_its_flag():
     assert _teacher_origin(TrainConfig(model="tiny-qwen3", teacher="ema"), student, None) is None
 
 
+def test_a_model_with_non_finite_weights_is_not_saved(tmp_path):
+    """save_model_checkpoint refuses before writing anything (a run whose update overflowed saved an
+    all-inf model with exit 0)."""
+    from megatron_renio.models.checkpoint import _check_finite_weights
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    _check_finite_weights(module, tmp_path / "out")
+    with torch.no_grad():
+        module[1].bias[0] = float("inf")
+    with pytest.raises(UserInputError, match=f"^the model holds non-finite weights \\(parameter 1.bias\\); not saved "
+                                             f"to {tmp_path / 'out'}$"):
+        _check_finite_weights(module, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_kd_top_k_beyond_the_shared_vocabulary_is_refused_before_building():
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import paired_vocab
+
+    student, teacher = get_preset("tiny-qwen3").replace(vocab_size=200), get_preset("tiny-qwen3")
+    assert paired_vocab(TrainConfig(kd_top_k=200), student, teacher)[1] == 200
+    with pytest.raises(UserInputError, match=r"^--kd-top-k 201 exceeds the vocabulary that both models hold \(200\)$"):
+        paired_vocab(TrainConfig(kd_top_k=201), student, teacher)
+
+
 def test_a_new_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
     from megatron_renio.config import TrainConfig
     from megatron_renio.train import _check_new_run_logs

@@ -66,6 +66,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -74,26 +75,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from megatron_renio.config import _OneLineErrorParser
+from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, _OneLineErrorParser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
+from megatron_renio.output_paths import check_output_file
 
 BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
 # -- helpers shared by the model commands (eval, score) -------------------------------------------
-
-
-def check_output_file(path: str, flag: str) -> None:
-    """Fail before any model work when ``path`` cannot become an output file."""
-    if os.path.isdir(path):
-        raise UserInputError(f"{flag} {path} is a folder, not a file")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserInputError(f"{flag} {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserInputError(f"{flag} {path}: folder {parent} is not writable")
 
 
 def write_atomic(path: str, lines: Iterable[str]) -> None:
@@ -146,7 +137,7 @@ def _typed(kind, check: Callable, allowed: str):
 
 _positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
 _SAMPLING_CHECKS = {  # name -> (kind, check, allowed)
-    "temperature": (float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "temperature": (float, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
     "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
 }
@@ -175,11 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-length", type=_typed(int, lambda v: v >= 2, "an integer >= 2"), default=None,
                         help="longest prompt + completion (default: the model's maximum positions)")
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generation batch per replica")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=_typed(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+                        default=1234)
     parser.add_argument("--bf16", action="store_true", help="run the model in bf16 (default fp32)")
     parser.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
-    parser.add_argument("--distributed-timeout-minutes", type=_typed(float, lambda v: v > 0, "> 0"), default=60.0,
+    parser.add_argument("--distributed-timeout-minutes", default=60.0,
+                        type=_typed(float, lambda v: 0 < v <= MAX_TIMEOUT_MINUTES, f"in (0, {MAX_TIMEOUT_MINUTES}]"),
                         help="longest wait in a collective; replicas wait there for the slowest one's generation "
                              "(default 60)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -192,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     outputs = [(path, flag) for path, flag in ((args.out, "--out"), (args.summary, "--summary")) if path is not None]
     inputs = [(spec.partition("=")[2] or spec, "--benchmark") for spec in args.benchmark]
     for path, flag in outputs:
-        check_output_file(path, flag)
+        check_output_file(path, f"{flag} {path}")
         for other, other_flag in inputs + [o for o in outputs if o[1] != flag]:
             if os.path.exists(other) and os.path.exists(path) and os.path.samefile(path, other) \
                     or os.path.abspath(path) == os.path.abspath(other):

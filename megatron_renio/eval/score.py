@@ -66,7 +66,8 @@ from megatron_renio.data import records
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
 from megatron_renio.distributed import log0
-from megatron_renio.eval.runner import check_output_file, gather_to_rank0, jsonl_lines, write_atomic
+from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines, write_atomic
+from megatron_renio.output_paths import check_output_file
 
 TRAINING_FLAGS = (
     "student_load", "teacher_load", "tokenizer", "seq_length", "micro_batch_size",
@@ -132,7 +133,7 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     validate_train_config(train)
     stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its DATA_EXTENSIONS entry
     out = own.out or stem + ".scores.jsonl"
-    check_output_file(out, "--out")
+    check_output_file(out, f"--out {out}")
     if os.path.abspath(out) == os.path.abspath(own.data):
         raise UserInputError(f"--out {out} is the --data file")
     return ScoreArgs(train, own.data, out, own.per_token)

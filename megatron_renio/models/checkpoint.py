@@ -43,6 +43,7 @@ from pathlib import Path
 from megatron_renio.data.tokenizer import SENTENCEPIECE_FILE
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
+from megatron_renio.output_paths import check_output_folder
 
 FORMAT = "megatron_renio.model"
 FORMAT_VERSION = 1
@@ -121,7 +122,8 @@ def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -
 
 def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None,
                            inputs: tuple[tuple[str, str | Path], ...] = ()) -> None:
-    """A save target must not exist, or be an empty folder, or (``overwrite``) be a folder; and it must
+    """A save target must not exist (and be creatable), or be an empty folder, or (``overwrite``) be a
+    folder, written in by a probe (:func:`~megatron_renio.output_paths.check_output_folder`); and it must
     not be, hold or lie inside one of ``inputs`` ((flag, path) pairs: what the command reads), which
     replacing it would delete or change.
 
@@ -137,11 +139,8 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
         if is_within(directory, source):
             raise UserInputError(f"{label or directory} lies inside the {flag} input {source}; choose a folder "
                                  "outside it")
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise UserInputError(f"{label or directory} exists and is not a folder")
-    if not overwrite and any(directory.iterdir()):
+    check_output_folder(directory, label or str(directory))
+    if not overwrite and directory.exists() and any(directory.iterdir()):
         hint = " (pass --overwrite to replace it)" if label else ""
         raise UserInputError(f"{label or directory} exists and is not empty{hint}")
 
@@ -260,6 +259,22 @@ def _sharded_state_dict(module) -> dict:
     return state
 
 
+def _check_finite_weights(module, directory: Path) -> None:
+    """Collective: refuse to save a model with a non-finite weight on any rank (a run whose update
+    overflowed, a --lr too large for bf16): one MAX all-reduce of a flag; the rank holding one names
+    its first such parameter, the others say where to look."""
+    import torch
+    import torch.distributed as dist
+
+    bad = next((name for name, param in module.named_parameters() if not torch.isfinite(param).all()), None)
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=next(module.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        where = f"parameter {bad}" if bad else "a parameter on another rank"
+        raise UserInputError(f"the model holds non-finite weights ({where}); not saved to {directory}")
+
+
 def save_model_checkpoint(
     model,
     info,
@@ -304,6 +319,7 @@ def save_model_checkpoint(
         "extra": dict(extra_metadata or {}),
     }
     json.dumps(metadata)  # fail before any collective if extra_metadata is not JSON-able
+    _check_finite_weights(module, directory)
 
     def prepare() -> str:
         check_target_directory(directory, overwrite)

@@ -118,11 +118,15 @@ def paired_vocab(cfg: TrainConfig, student: ModelPreset, teacher: ModelPreset) -
     151,936 rows, -7B 152,064; both tokenizers hold 151,665 ids): both models are built with the
     wider padded width, so that their logits split the same way at any TP size, and only the ids
     that both models hold are real; the rest is padding, masked in both (the tokenizer's ids are
-    checked to fit, :func:`load_run_tokenizer`).
+    checked to fit, :func:`load_run_tokenizer`). ``--kd-top-k`` must not exceed the real vocabulary
+    (refused here, before the models are built).
     """
     tp = cfg.tensor_model_parallel_size
     width = max(padded_vocab_size(student.vocab_size, tp), padded_vocab_size(teacher.vocab_size, tp))
-    return width, min(student.vocab_size, teacher.vocab_size)
+    real = min(student.vocab_size, teacher.vocab_size)
+    if cfg.kd_top_k is not None and cfg.kd_top_k > real:
+        raise UserInputError(f"--kd-top-k {cfg.kd_top_k} exceeds the vocabulary that both models hold ({real})")
+    return width, real
 
 
 def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None = None):
@@ -344,15 +348,29 @@ def check_load_source(cfg: TrainConfig) -> None:
                          "the run to resume, or leave --load out to start a new run")
 
 
+def check_run_outputs(cfg: TrainConfig) -> None:
+    """``--save`` and ``--tensorboard-dir`` can be (or become) folders written in, ``--metrics-file`` a
+    file: refused in one line at start-up, not at the first save or log line."""
+    from megatron_renio.output_paths import check_output_file, check_output_folder
+
+    for flag, folder in (("--save", cfg.save), ("--tensorboard-dir", cfg.tensorboard_dir)):
+        if folder:
+            check_output_folder(folder, f"{flag} {folder}")
+    if cfg.metrics_file:
+        check_output_file(cfg.metrics_file, f"--metrics-file {cfg.metrics_file}", create_folder=True)
+
+
 def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
     """``--save`` must not silently mix runs: a folder that already holds checkpoints of another
     model is refused unless ``--override-save``; one of the same model needs ``--load`` (resume) or
-    ``--override-save`` (start over, older iterations are pruned as new ones are saved). A
+    ``--override-save`` (start over, older iterations are pruned as new ones are saved); the outputs
+    must be writable (:func:`check_run_outputs`). A
     ``--student-load`` / ``--teacher-load`` inside one of its ``iter_*`` folders is refused: the saves
     would delete the model the run starts from (a resume rebuilds a frozen teacher from it)."""
     from megatron_renio.models.checkpoint import is_within, read_checkpoint_metadata
     from megatron_renio.training.checkpointing import iteration_dir, latest_iteration
 
+    check_run_outputs(cfg)
     if not cfg.save:
         return
     save = Path(cfg.save).resolve()

@@ -1,0 +1,50 @@
+"""Checks of the paths a command writes to, made before any model work.
+
+A path that cannot receive the output must be refused at start-up with one line naming the flag, not
+found at the first save, hours into a run. Permission bits do not tell (root passes ``os.access``
+on read-only mounts such as ``/proc``), so writability is probed: a folder is created and removed
+in the nearest existing folder of the path.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from megatron_renio.errors import UserInputError
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself when it exists, else its closest existing ancestor."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_folder(path: str | Path, label: str) -> None:
+    """``path`` is a folder, or can be created as one (its missing parents too), and can be written in.
+    ``label`` starts each message (the flag and the path, as the command line has them)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"{label} exists and is not a folder")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise UserInputError(f"{label}: {base} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=base))
+    except OSError as e:
+        raise UserInputError(f"{label}: cannot write in {base} ({e.strerror or e})") from None
+
+
+def check_output_file(path: str | Path, label: str, create_folder: bool = False) -> None:
+    """``path`` is not a folder, and its folder exists (or, ``create_folder``, can be created) and can be
+    written in; ``label`` as in :func:`check_output_folder`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{label} is a folder, not a file")
+    folder = path.absolute().parent
+    if not create_folder and not folder.is_dir():
+        raise UserInputError(f"{label}: folder {folder} does not exist")
+    check_output_folder(folder, label)

@@ -1,0 +1,58 @@
+"""Output paths are checked before any model work: a path that cannot receive the output is one line
+naming the flag at start-up, not a traceback (or an error) at the first save, hours into a run."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.output_paths import check_output_file, check_output_folder
+
+
+def test_a_folder_output_must_be_or_become_a_folder_written_in(tmp_path):
+    check_output_folder(tmp_path / "new" / "deeper", "--save x")  # missing parents are created later
+    assert not (tmp_path / "new").exists() and not list(tmp_path.iterdir())  # the probe leaves nothing
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(UserInputError, match="^--save x exists and is not a folder$"):
+        check_output_folder(afile, "--save x")
+    with pytest.raises(UserInputError, match=f"^--save x: {afile} is a file, not a folder$"):
+        check_output_folder(afile / "run", "--save x")
+    # root passes os.access on /proc, where nothing can be created: the probe tells
+    with pytest.raises(UserInputError, match="^--save x: cannot write in /proc "):
+        check_output_folder("/proc/run", "--save x")
+
+
+def test_a_file_output_must_not_be_a_folder(tmp_path):
+    check_output_file(tmp_path / "m.jsonl", "--out m")
+    with pytest.raises(UserInputError, match="^--out m is a folder, not a file$"):
+        check_output_file(tmp_path, "--out m")
+    with pytest.raises(UserInputError, match=f"^--out m: folder {tmp_path / 'no'} does not exist$"):
+        check_output_file(tmp_path / "no" / "m.jsonl", "--out m")
+    check_output_file(tmp_path / "no" / "m.jsonl", "--out m", create_folder=True)
+    with pytest.raises(UserInputError, match="^--out m: cannot write in /proc "):
+        check_output_file("/proc/m.jsonl", "--out m")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("save", "/proc/run", "--save /proc/run: cannot write in /proc"),  # a traceback at the first save
+    ("metrics_file", "{tmp}", "--metrics-file {tmp} is a folder, not a file"),  # a traceback at start-up
+    ("tensorboard_dir", "{file}", "--tensorboard-dir {file} exists and is not a folder"),
+])
+def test_trainer_outputs_are_checked_at_start_up(tmp_path, field, value, message):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import check_save_target
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    value, message = (text.format(tmp=tmp_path, file=afile) for text in (value, message))
+    with pytest.raises(UserInputError, match=f"^{message}"):
+        check_save_target(TrainConfig(**{field: value}), get_preset("tiny-qwen3"))
+
+
+def test_quickstart_out_is_checked(tmp_path):
+    from megatron_renio.quickstart import _prepare_out
+
+    with pytest.raises(UserInputError, match="^--out /proc/qs: cannot write in /proc "):
+        _prepare_out(Path("/proc/qs"))
