@@ -54,6 +54,13 @@ def _drop_steps_after(path: Path, iteration: int) -> None:
     os.replace(tmp, path)
 
 
+def _standard_json(record: dict) -> dict:
+    """``record`` with non-finite floats as None: JSON has no NaN or Infinity (``jq`` and other strict
+    readers refuse them), and a skipped step's loss may be either."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
 class MetricsLogger:
     """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for). A run started with
     ``--load`` at iteration ``resumed_at`` (0 when it found no checkpoint) first drops the later steps
@@ -87,7 +94,7 @@ class MetricsLogger:
         if not self.rank0:
             return
         if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.write(json.dumps({"step": step, **_standard_json(metrics)}) + "\n")
             self.jsonl.flush()
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tb:
@@ -303,7 +310,7 @@ def _save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], 
             answer = answers[prompt_index]
             if cfg.task == "math" and answer is not None:
                 record.update(answer=answer, correct=grade_math(text, answer))
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(_standard_json(record)) + "\n")
 
 
 def run(cfg: TrainConfig) -> dict:

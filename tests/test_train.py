@@ -294,6 +294,7 @@ def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     m = read_jsonl(path)
     assert [x["skipped"] for x in m] == [False, True, False]
     assert m[1]["skipped_total"] == 1 and m[1]["nonfinite"] > 0 and m[1]["grad_norm"] is None
+    assert "NaN" not in path.read_text() and m[1]["loss"] is None  # standard JSON: a non-finite value is null
     w1, w2, w3 = (plain_tensors(save / f"iter_{i:07d}" / "model") for i in (1, 2, 3))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert any(not torch.equal(w2[k], w3[k]) for k in w2)
