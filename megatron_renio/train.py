@@ -128,11 +128,17 @@ def _renio_notes(cfg: TrainConfig) -> list[str]:
     return []
 
 
-def _sampled_loss_notes(cfg: TrainConfig) -> list[str]:
-    """--loss sampled_rkl estimates the reverse KL's gradient at --kd-temperature only from completions
-    sampled from that same distribution: another rollout temperature, top-p or top-k biases it."""
+def _loss_notes(cfg: TrainConfig) -> list[str]:
+    """Loss settings a user should know the cost or bias of: --kd-top-k runs the unfused loss on gathered
+    full-vocabulary copies of the completion rows; --loss sampled_rkl estimates the reverse KL's gradient
+    at --kd-temperature only from completions sampled from that same distribution (another rollout
+    temperature, top-p or top-k biases it)."""
+    notes = []
+    if cfg.kd_top_k is not None:
+        notes.append(f"--kd-top-k {cfg.kd_top_k} is not fused: the loss gathers full-vocabulary copies of the "
+                     "completion rows (more time and memory than without it)")
     if cfg.loss != "sampled_rkl":
-        return []
+        return notes
     changes = []
     if cfg.rollout_temperature != cfg.kd_temperature:
         changes.append(f"--rollout-temperature {cfg.rollout_temperature:g} (--kd-temperature {cfg.kd_temperature:g})")
@@ -140,10 +146,10 @@ def _sampled_loss_notes(cfg: TrainConfig) -> list[str]:
         changes.append(f"--rollout-top-p {cfg.rollout_top_p:g}")
     if cfg.rollout_top_k:
         changes.append(f"--rollout-top-k {cfg.rollout_top_k}")
-    if not changes:
-        return []
-    return [f"--loss sampled_rkl with {', '.join(changes)}: completions are not sampled from the distribution the loss "
-            "compares, so the sampled-token loss is a biased estimate of the reverse KL"]
+    if changes:
+        notes.append(f"--loss sampled_rkl with {', '.join(changes)}: completions are not sampled from the "
+                     "distribution the loss compares, so the sampled-token loss is a biased estimate of the reverse KL")
+    return notes
 
 
 def _replica_states(state: dict) -> list[dict]:
@@ -367,7 +373,7 @@ def run(cfg: TrainConfig) -> dict:
     if prompts.budget_limited:
         log0(f"note: {prompts.budget_limited} prompts leave fewer than --max-new-tokens {cfg.max_new_tokens} tokens "
              f"of --seq-length {cfg.seq_length}; their completions end there")
-    for note in _renio_notes(cfg) + _sampled_loss_notes(cfg):
+    for note in _renio_notes(cfg) + _loss_notes(cfg):
         log0(f"note: {note}")
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
     batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "

@@ -775,19 +775,23 @@ def test_renio_settings_without_effect_are_noted():
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
 
 
-def test_sampled_loss_off_its_distribution_is_noted():
+def test_loss_settings_with_a_cost_or_a_bias_are_noted():
     from megatron_renio.config import TrainConfig
-    from megatron_renio.train import _sampled_loss_notes
+    from megatron_renio.train import _loss_notes
 
-    assert _sampled_loss_notes(TrainConfig(loss="sampled_rkl", rollout_temperature=1.0, rollout_top_p=0.9,
-                                           rollout_top_k=20)) == [
+    assert _loss_notes(TrainConfig(loss="sampled_rkl", rollout_temperature=1.0, rollout_top_p=0.9,
+                                   rollout_top_k=20)) == [
         "--loss sampled_rkl with --rollout-temperature 1 (--kd-temperature 1.1), --rollout-top-p 0.9, --rollout-top-k "
         "20: completions are not sampled from the distribution the loss compares, so the sampled-token loss is a "
         "biased estimate of the reverse KL"]
-    assert _sampled_loss_notes(TrainConfig(loss="sampled_rkl", rollout_top_k=5))[0].startswith(
+    assert _loss_notes(TrainConfig(loss="sampled_rkl", rollout_top_k=5))[0].startswith(
         "--loss sampled_rkl with --rollout-top-k 5: ")
-    for quiet in (dict(loss="sampled_rkl"), dict(rollout_temperature=1.0, rollout_top_p=0.5)):
-        assert _sampled_loss_notes(TrainConfig(**quiet)) == [], quiet
+    assert _loss_notes(TrainConfig(kd_top_k=8)) == [
+        "--kd-top-k 8 is not fused: the loss gathers full-vocabulary copies of the completion rows (more time and "
+        "memory than without it)"]
+    for quiet in (dict(loss="sampled_rkl"),
+                  dict(rollout_temperature=1.0, rollout_top_p=0.5)):
+        assert _loss_notes(TrainConfig(**quiet)) == [], quiet
 
 
 def test_step_counts_sum_over_replicas_and_take_the_slowest_rollout(tmp_path):

@@ -206,7 +206,7 @@ class ReNIONormalizer:
             weights = weights.clamp(max=cfg.max_weight) if capped else weights
             return NormalizedWeights(weights, torch.ones((), dtype=w.dtype, device=w.device), final=True)
         weights = torch.minimum(w, cfg.max_weight * divisor) if capped else w
-        denominator = torch.tensor(float(w.numel()), dtype=w.dtype, device=w.device)
+        denominator = w.new_full((), float(w.numel()))  # no host-to-device copy: no sync per micro-batch
         if divisor is not None:
             denominator = denominator * divisor
         return NormalizedWeights(weights, denominator, final=norm == "none")
@@ -222,7 +222,7 @@ class ReNIONormalizer:
         if cfg.scope == "local":
             self._update_ema(mean, cfg.ema_alpha)
             return self.ema
-        sums = torch.stack([w.sum(), torch.tensor(float(w.numel()), dtype=w.dtype, device=w.device)])
+        sums = torch.stack([w.sum(), w.new_full((), float(w.numel()))])
         self._step_sums = sums if self._step_sums is None else self._step_sums + sums
         return _ema_candidate(self.ema, mean, cfg.ema_alpha)
 

@@ -43,10 +43,13 @@ class EmaTeacher:
     @torch.no_grad()
     def update(self, student: torch.nn.Module) -> None:
         """One step of the average towards ``student`` (same architecture and layout), then the teacher."""
-        for average, weight, target in zip(self.average, self.teacher.parameters(), student.parameters()):
-            average.mul_(self.decay).add_(target.detach().float(), alpha=1.0 - self.decay)
-            if average.data_ptr() != weight.data_ptr():
-                weight.copy_(average)
+        targets = [target.detach() for target in student.parameters()]
+        torch._foreach_mul_(self.average, self.decay)  # one launch per dtype group, not two per parameter
+        torch._foreach_add_(self.average, targets, alpha=1.0 - self.decay)  # bf16 targets add in fp32
+        copies = [(weight, average) for average, weight in zip(self.average, self.teacher.parameters())
+                  if average.data_ptr() != weight.data_ptr()]
+        if copies:
+            torch._foreach_copy_(*map(list, zip(*copies)))
 
     def sharded_state_dict(self) -> dict:
         """The teacher's sharded state dict with the fp32 average in place of each parameter."""
