@@ -25,12 +25,21 @@ TEACHERS = ("fixed", "ema", "separate")
 MODES = ("opd", "opsd")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 LOSS_IMPLS = ("auto", "fused", "unfused")
+RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 TASKS = ("math", "coding")
 # The allowed values of the flags that name a choice (``--help`` lists them; ``validate`` checks them).
 CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS_IMPLS, "renio_norm": RENIO_NORMS,
-           "renio_scope": RENIO_SCOPES, "lr_decay_style": LR_DECAY_STYLES, "task": TASKS}
+           "renio_scope": RENIO_SCOPES, "lr_decay_style": LR_DECAY_STYLES, "task": TASKS,
+           "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS}
 # What a flag does, for ``--help`` (left out: Megatron-LM's flags, and flags whose name says it).
 HELP = {
+    "recompute_granularity": "recompute the student's activations in backward instead of keeping them: full = "
+                             "whole layers (see --recompute-method), selective = the core attention (without TE "
+                             "its [b, heads, s, s] probabilities); none keeps everything",
+    "recompute_method": "with --recompute-granularity full: uniform = checkpoints of --recompute-num-layers layers "
+                        "each; block = only the first --recompute-num-layers layers of each pipeline stage",
+    "recompute_num_layers": "layers per checkpoint (uniform) or recomputed layers per stage (block)",
     "mode": "opd: a separate teacher model; opsd: on-policy self-distillation, the teacher sees the "
             "solution in its prompt",
     "teacher": "fixed: a frozen copy of the initial student; ema: its exponential moving average "
@@ -83,6 +92,9 @@ class TrainConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    recompute_granularity: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seq_length: int = 4096
@@ -362,7 +374,7 @@ def validate(c: TrainConfig) -> None:
     positive_ints = (
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
         "global_batch_size", "seq_length", "train_iters", "log_interval", "max_new_tokens",
-        "samples_per_prompt", "max_skipped_steps", "keep_last",
+        "samples_per_prompt", "max_skipped_steps", "keep_last", "recompute_num_layers",
     )
     for name in positive_ints:
         value = getattr(c, name)

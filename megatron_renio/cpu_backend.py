@@ -34,6 +34,11 @@ The patches, each with the Megatron-Core files that need it:
    it gives each tensor-parallel rank its own stream inside ``fork()`` (weight initialisation,
    dropout in tensor-parallel regions) and every rank the same default stream outside it, exactly
    the contract of the CUDA tracker, so runs are seeded and deterministic.
+7. The CUDA generator state that activation recompute saves and restores around each checkpointed
+   block (``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` in ``tensor_parallel/random.py``, used by
+   ``CheckpointFunction`` for ``--recompute-granularity``) is an empty placeholder: there is no CUDA
+   generator, and the streams that exist (the CPU generator and the tracker's) are saved and restored
+   by the same code.
 
 ``torch.cuda.is_available`` is left alone: Megatron's CPU fallbacks key on it.
 """
@@ -162,6 +167,8 @@ def _install_rng_tracker() -> None:
 
     mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _patch(mp_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8))
+    _patch(mp_random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
 
 
 def activate() -> None:

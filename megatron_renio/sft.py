@@ -49,6 +49,7 @@ from megatron_renio.output_paths import check_output_file, check_output_folder
 # The trainer's flags that supervised fine-tuning takes (same meaning, type and range checks).
 SFT_FLAGS = (
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
+    "recompute_granularity", "recompute_method", "recompute_num_layers",
     "micro_batch_size", "global_batch_size", "seq_length",
     "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay", "clip_grad",
     "adam_beta1", "adam_beta2", "adam_eps", "train_iters", "use_distributed_optimizer", "bf16", "seed",
@@ -244,6 +245,7 @@ def run(cfg: SFTConfig) -> list[float]:
         )
     source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint/--model")
     C.note_untrained_positions(t.seq_length, "model", source)
+    C.note_local_attention_memory(t, source.preset)
     tokenizer = C.load_run_tokenizer(t, source, None)
     examples = load_sft_examples(cfg, tokenizer)
     if examples.skipped_too_long:

@@ -366,6 +366,7 @@ def run(cfg: TrainConfig) -> dict:
         if source is not None:
             check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
         C.note_untrained_positions(cfg.seq_length, role, source)
+    C.note_local_attention_memory(cfg, student_source.preset)
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)
     if prompts.skipped_too_long:

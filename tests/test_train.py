@@ -98,8 +98,13 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     presets = {name: read_checkpoint_metadata(workdir / "ckpt" / name).preset for name in ("student", "teacher")}
     opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": scope,
            "--peak-tflops": 1}
-    runs = {"tp1": ({}, 1), "tp2": ({"--tensor-model-parallel-size": 2}, 2),
-            "pp2": ({"--pipeline-model-parallel-size": 2}, 2), "dp2": ({}, 2)}
+    # the layouts also recompute activations in the three ways (bitwise neutral on the CPU, see
+    # test_cpu_backend): across TP, across PP stages, and with the DP gradient reduction
+    runs = {"tp1": ({}, 1),
+            "tp2": ({"--tensor-model-parallel-size": 2, "--recompute-granularity": "selective"}, 2),
+            "pp2": ({"--pipeline-model-parallel-size": 2, "--recompute-granularity": "full",
+                     "--recompute-method": "block"}, 2),
+            "dp2": ({"--recompute-granularity": "full", "--recompute-method": "uniform", "--recompute-num-layers": 2}, 2)}
     prompts = load_prompts(TrainConfig(data_path=[str(workdir / "train.jsonl")], seq_length=384, max_new_tokens=12,
                                        mode="opd"), load_tokenizer(str(workdir / "tok")))
     losses, rollouts = {}, {}
@@ -754,6 +759,26 @@ def test_untrained_positions_note_names_the_role_and_limit(capsys):
     note_untrained_positions(limit + 1, "model", source)
     assert capsys.readouterr().out == (f"note: --seq-length {limit + 1} exceeds the model's max_position_embeddings "
                                        f"({limit}); positions beyond it were not trained\n")
+
+
+def test_local_attention_memory_is_noted_on_a_gpu_without_te(capsys):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import note_local_attention_memory
+
+    qwen = get_preset("qwen3-8b")  # 32 heads, 36 layers
+    cfg = TrainConfig(seq_length=8192, tensor_model_parallel_size=2, bf16=True)
+    note_local_attention_memory(cfg, qwen, gpu_without_te=True)
+    assert capsys.readouterr().out == (  # 1 x 16 heads x 8192^2 x 2 bytes
+        "note: without transformer-engine the attention keeps [micro-batch, heads, s, s] probabilities for backward: "
+        "2.1 GB per layer at --seq-length 8192 (36 layers); install transformer-engine or pass "
+        "--recompute-granularity selective\n")
+    for quiet in (dict(cfg=cfg, gpu_without_te=False), dict(cfg=TrainConfig(seq_length=4096, bf16=True,
+                                                                            tensor_model_parallel_size=8),
+                                                            gpu_without_te=True),
+                  dict(cfg=TrainConfig(seq_length=8192, recompute_granularity="selective"), gpu_without_te=True)):
+        note_local_attention_memory(quiet["cfg"], qwen, gpu_without_te=quiet["gpu_without_te"])
+        assert capsys.readouterr().out == "", quiet
 
 
 def test_renio_settings_without_effect_are_noted():

@@ -75,6 +75,25 @@ def note_untrained_positions(seq_length: int, role: str, source: ModelSource | N
              f"({source.preset.max_position_embeddings}); positions beyond it were not trained")
 
 
+def note_local_attention_memory(cfg: TrainConfig, preset: ModelPreset, gpu_without_te: bool | None = None) -> None:
+    """Log (rank 0) the size of the attention probabilities that Megatron's local attention (a GPU
+    without Transformer Engine; ``gpu_without_te`` None: as this process finds it) keeps per layer for
+    backward, [micro-batch, heads / TP, s, s], from 1 GB up and unless ``--recompute-granularity``
+    recomputes them: at 8k-16k tokens they do not fit."""
+    from megatron_renio.models.builder import use_transformer_engine
+
+    if gpu_without_te is None:
+        gpu_without_te = torch.cuda.is_available() and not use_transformer_engine()
+    if not gpu_without_te or cfg.recompute_granularity != "none":
+        return
+    heads = preset.num_attention_heads // cfg.tensor_model_parallel_size
+    gigabytes = cfg.micro_batch_size * heads * cfg.seq_length ** 2 * (2 if cfg.bf16 else 4) / 1e9
+    if gigabytes >= 1:
+        log0(f"note: without transformer-engine the attention keeps [micro-batch, heads, s, s] probabilities for "
+             f"backward: {gigabytes:.1f} GB per layer at --seq-length {cfg.seq_length} ({preset.num_layers} layers); "
+             "install transformer-engine or pass --recompute-granularity selective")
+
+
 def fitting_data_label(count: int, unit: str, skipped_too_long: int, seq_length: int) -> str:
     """How many prompts or examples the data gives, for the sampler's "fewer than the batch" error."""
     if not skipped_too_long:
@@ -129,13 +148,25 @@ def paired_vocab(cfg: TrainConfig, student: ModelPreset, teacher: ModelPreset) -
     return width, real
 
 
+def recompute_settings(cfg: TrainConfig) -> dict:
+    """Megatron ``TransformerConfig`` fields of ``--recompute-granularity`` (Megatron-LM's flags): full
+    recomputes whole layers (method and layer count), selective the core attention; none: {}. They act
+    in training mode only, so a teacher built with them (in eval mode, under no_grad) keeps none."""
+    if cfg.recompute_granularity == "none":
+        return {}
+    if cfg.recompute_granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": cfg.recompute_method,
+            "recompute_num_layers": cfg.recompute_num_layers}
+
+
 def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None = None):
     """A GPTModel for this stage (``padded_vocab``: see ``build_gpt_model``), with the checkpoint's
     weights when there is one."""
     from megatron_renio.models.checkpoint import load_model_checkpoint
 
     model, info = build_gpt_model(source.preset, parallel_config(cfg), model_dtype(cfg), max_sequence_length=cfg.seq_length,
-                                  padded_vocab=padded_vocab)
+                                  padded_vocab=padded_vocab, **recompute_settings(cfg))
     if source.checkpoint is not None:
         load_model_checkpoint(model, source.checkpoint)
     return model, info
