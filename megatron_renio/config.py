@@ -34,6 +34,8 @@ CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS
            "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS}
 # What a flag does, for ``--help`` (left out: Megatron-LM's flags, and flags whose name says it).
 HELP = {
+    "overlap_grad_reduce": "start each gradient bucket's data-parallel reduction during the last micro-batch's "
+                           "backward (Megatron-LM)",
     "recompute_granularity": "recompute the student's activations in backward instead of keeping them: full = "
                              "whole layers (see --recompute-method), selective = the core attention (without TE "
                              "its [b, heads, s, s] probabilities); none keeps everything",
@@ -110,6 +112,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     train_iters: int = 100
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
     bf16: bool = False
     seed: int = 1234
     # checkpoints and logging

@@ -52,7 +52,8 @@ SFT_FLAGS = (
     "recompute_granularity", "recompute_method", "recompute_num_layers",
     "micro_batch_size", "global_batch_size", "seq_length",
     "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay", "clip_grad",
-    "adam_beta1", "adam_beta2", "adam_eps", "train_iters", "use_distributed_optimizer", "bf16", "seed",
+    "adam_beta1", "adam_beta2", "adam_eps", "train_iters", "use_distributed_optimizer", "overlap_grad_reduce",
+    "bf16", "seed",
     "model", "tokenizer", "data_path", "task", "problem_field", "solution_field",
     "save", "log_interval", "tensorboard_dir", "wandb_project", "metrics_file",
     "distributed_timeout_minutes", "max_skipped_steps", "debug",
@@ -251,7 +252,7 @@ def run(cfg: SFTConfig) -> list[float]:
     if examples.skipped_too_long:
         log0(f"skipped {examples.skipped_too_long} examples longer than --seq-length {t.seq_length}")
     model, info = C.build_model(source, t)
-    model_ddp = C.wrap_ddp(model, t.use_distributed_optimizer)
+    model_ddp = C.wrap_ddp(model, t.use_distributed_optimizer, t.overlap_grad_reduce)
     optimizer, scheduler = C.build_optimizer(model_ddp, t)
     step = SFTStep(model_ddp, info.preset.vocab_size)
     sampler = PromptSampler(len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed,

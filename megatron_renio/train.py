@@ -388,7 +388,7 @@ def run(cfg: TrainConfig) -> dict:
     student, student_info = C.build_model(student_source, cfg, padded_vocab)
     teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student, padded_vocab)
     ema = EmaTeacher(teacher, cfg.ema_decay) if cfg.teacher == "ema" else None
-    student_ddp = C.wrap_ddp(student, cfg.use_distributed_optimizer)
+    student_ddp = C.wrap_ddp(student, cfg.use_distributed_optimizer, cfg.overlap_grad_reduce)
     optimizer, scheduler = C.build_optimizer(student_ddp, cfg)
     paired = PairedModel(student_ddp, teacher, student_info.preset.hidden_size, teacher_info.preset.hidden_size)
     normalizer = ReNIONormalizer()

@@ -99,12 +99,14 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     opd = {"--mode": "opd", "--teacher": "separate", "--teacher-load": workdir / "ckpt" / "teacher", "--renio-scope": scope,
            "--peak-tflops": 1}
     # the layouts also recompute activations in the three ways (bitwise neutral on the CPU, see
-    # test_cpu_backend): across TP, across PP stages, and with the DP gradient reduction
+    # test_cpu_backend): across TP, across PP stages, and with the DP gradient reduction, which DP=2
+    # overlaps with the backward
     runs = {"tp1": ({}, 1),
             "tp2": ({"--tensor-model-parallel-size": 2, "--recompute-granularity": "selective"}, 2),
             "pp2": ({"--pipeline-model-parallel-size": 2, "--recompute-granularity": "full",
                      "--recompute-method": "block"}, 2),
-            "dp2": ({"--recompute-granularity": "full", "--recompute-method": "uniform", "--recompute-num-layers": 2}, 2)}
+            "dp2": ({"--recompute-granularity": "full", "--recompute-method": "uniform", "--recompute-num-layers": 2,
+                     "--overlap-grad-reduce": None}, 2)}
     prompts = load_prompts(TrainConfig(data_path=[str(workdir / "train.jsonl")], seq_length=384, max_new_tokens=12,
                                        mode="opd"), load_tokenizer(str(workdir / "tok")))
     losses, rollouts = {}, {}

@@ -172,14 +172,17 @@ def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None 
     return model, info
 
 
-def wrap_ddp(model, use_distributed_optimizer: bool):
-    """Megatron DDP: fp32 gradient buffers, gradients summed (the step divides by its denominator)."""
+def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False):
+    """Megatron DDP: fp32 gradient buffers, gradients summed (the step divides by its denominator).
+    ``overlap_grad_reduce`` (Megatron-LM's ``--overlap-grad-reduce``): each bucket's data-parallel
+    reduction starts during the last micro-batch's backward, as soon as its gradients are complete;
+    ``finalize_model_grads`` waits for them."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
         average_in_collective=False,
     )
