@@ -14,8 +14,11 @@ hold exactly the tensors the config implies (none missing, none unexpected), the
 dtypes, the integrity of every file header. Then the tensors are streamed file by file, one at a
 time, straight into their places in the uninitialised Megatron parameters (a QKV part, or a tensor
 whose dtype changes, goes through a temporary of its own size), so the peak memory is the Megatron
-model plus at most one HF tensor. Bad input is a one-line ``error: ...`` on stderr with exit
-status 2, and leaves nothing behind.
+model plus at most one HF tensor. Each tensor is checked for NaN / inf once it holds its values in
+the target dtype, before anything is written: an HF tensor that holds such values is refused, and
+so is one whose values do not fit the target dtype (fp16's largest value is 65504: such a model
+needs ``--dtype bf16``). Bad input is a one-line ``error: ...`` on stderr with exit status 2, and
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -96,7 +99,9 @@ def fill_parameters(preset: ModelPreset, mappings: list[Mapping], entries, param
     contiguous CPU slice of the file's dtype (embeddings, norms, gate/up, projections in the common
     case); otherwise through one temporary of its own size (QKV, a dtype change, a GPU model).
     Vocabulary padding rows are zeroed. A parameter already filled by one rule and named by another
-    (the tied ``lm_head.weight``) must be reproduced exactly by the second.
+    (the tied ``lm_head.weight``) must be reproduced exactly by the second. Every view is checked for
+    NaN / inf once filled, in the target dtype (one pass over it): :class:`UserInputError` names the
+    file and HF tensor, and says whether the file holds them or the cast made them (fp16 overflow).
     """
     import torch
 
@@ -121,20 +126,62 @@ def fill_parameters(preset: ModelPreset, mappings: list[Mapping], entries, param
                     mapping, part = owner[entry.name]
                     view = mapping.layout.views(preset, parameters[mapping.megatron].detach())[part]
                     if mapping.megatron in filled_by:
-                        tensor = reader.read(entry).reshape(view.shape).to(view.dtype)
-                        if not torch.equal(view, tensor.to(view.device)):
+                        source = reader.read(entry).reshape(view.shape)
+                        if not torch.equal(view, source.to(view.dtype).to(view.device)):
+                            if not _all_finite(source):  # (the view was checked when it was filled)
+                                raise _nonfinite_error(path, entry, source, view.dtype)
                             raise UserInputError(
                                 f"{path}: {entry.name} differs from {filled_by[mapping.megatron]} although "
                                 "config.json sets tie_word_embeddings=true"
                             )
                         continue
+                    source = None  # the HF tensor when it goes through a temporary of its own
                     if view.is_contiguous() and view.device.type == "cpu" and view.dtype == _torch_dtype(entry):
                         reader.read(entry, out=view)
                     else:
-                        view.copy_(reader.read(entry).reshape(view.shape))
+                        source = reader.read(entry).reshape(view.shape)
+                        view.copy_(source)
+                    if not _all_finite(view):  # one pass, in the target dtype: sees what the cast made too
+                        raise _nonfinite_error(path, entry, view if source is None else source, view.dtype)
+                    del source
                     parts_done[id(mapping)] += 1
                     if parts_done[id(mapping)] == len(mapping.hf):
                         filled_by[mapping.megatron] = mapping.hf[0]
+
+
+# Rows of a tensor checked at a time by _all_finite: bounds its temporary (one byte per element).
+_FINITE_CHECK_ELEMENTS = 1 << 24
+
+
+def _all_finite(tensor) -> bool:
+    """No NaN or inf in ``tensor``: one pass, in slices of its first dim (a bool temporary of at most
+    about ``_FINITE_CHECK_ELEMENTS`` elements, never one of the tensor's size); stops at the first
+    slice with one."""
+    import torch
+
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
+
+
+def _nonfinite_error(path: Path, entry: safetensors_io.TensorEntry, source, dtype) -> UserInputError:
+    """The refusal of HF tensor ``entry`` (read from ``path`` into ``source``, in its file's dtype),
+    whose values are not all finite in the target ``dtype``: either the file holds NaN / inf, or its
+    values exceed what ``dtype`` can hold. Only called on failure: the extra passes cost nothing on a
+    good checkpoint."""
+    import torch
+
+    if source.dtype == dtype or not _all_finite(source):
+        count = int((~torch.isfinite(source)).sum())
+        return UserInputError(f"{path}: tensor {entry.name} holds non-finite values ({count} NaN or inf of "
+                              f"{source.numel()}); the checkpoint is broken and cannot be converted")
+    largest = float(source.abs().max())
+    limit = torch.finfo(dtype).max
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    hint = "--dtype bf16 (same range as fp32) or fp32" if dtype == torch.float16 else "--dtype fp32"
+    return UserInputError(f"{path}: tensor {entry.name} holds values that overflow {name} (largest magnitude "
+                          f"{largest:.6g} > {limit:.6g}, {name}'s largest value) and become inf; convert with {hint}")
 
 
 def _torch_dtype(entry: safetensors_io.TensorEntry):

@@ -507,6 +507,69 @@ def test_hf_to_megatron_bad_input(hf_models, tmp_path, case):
     _assert_one_line_error(_cli("hf_to_megatron", "--hf-dir", str(hf_dir), "--save", str(save)), expected, save)
 
 
+def _set(name: str, index: tuple, value: float, also: str | None = None):
+    """A _rewrite change: tensor ``name``[index] = value (and, first, ``also`` = a copy of ``name``)."""
+    def change(tensors):
+        if also:
+            tensors[also] = tensors[name].clone()
+        tensors[name][index] = value
+    return change
+
+
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+NONFINITE_CASES = {  # case -> (source model, change, --dtype, tensor named, expected fragment or None: converts)
+    # fp32 values beyond fp16's range: the file is fine, the cast to fp16 makes inf
+    "overflow_fp16": ("qwen2", _set("model.layers.1.mlp.up_proj.weight", (3, 5), 1e6), "fp16",
+                      "model.layers.1.mlp.up_proj.weight",
+                      f"holds values that overflow fp16 (largest magnitude 1e+06 > {FP16_MAX:.6g}"),
+    "fits_bf16": ("qwen2", _set("model.layers.1.mlp.up_proj.weight", (3, 5), 1e6), "bf16", None, None),
+    "fits_fp16": ("qwen2", _set("model.layers.1.mlp.up_proj.weight", (3, 5), -6e4), "fp16", None, None),
+    # a bf16 file, a q_proj (through a temporary into the fused QKV): -7e4 overflows fp16
+    "overflow_fp16_from_bf16_qkv": ("qwen2_bf16", _set("model.layers.0.self_attn.q_proj.weight", (1, 2), -7e4),
+                                    "fp16", "model.layers.0.self_attn.q_proj.weight",
+                                    "overflow fp16 (largest magnitude 70144 > 65504"),  # -7e4 in bf16: -70144
+    # NaN / inf in the file: read straight into the parameter (same dtype), or cast on the way
+    "nan_same_dtype": ("qwen2", _set("model.layers.1.mlp.up_proj.weight", (3, 5), float("nan")), "fp32",
+                       "model.layers.1.mlp.up_proj.weight", "holds non-finite values (1 NaN or inf of 8192)"),
+    "nan_cast_to_fp16": ("qwen2", _set("model.norm.weight", (7,), float("nan")), "fp16", "model.norm.weight",
+                         "holds non-finite values (1 NaN or inf of 64)"),
+    "inf_in_qkv": ("qwen2", _set("model.layers.0.self_attn.k_proj.bias", (4,), float("-inf")), "bf16",
+                   "model.layers.0.self_attn.k_proj.bias", "holds non-finite values (1 NaN or inf of 32)"),
+    # tied Qwen3 storing lm_head.weight too (filled first: it comes first in the file): the embedding
+    # that must reproduce it holds a NaN
+    "nan_in_tied_duplicate": ("qwen3", _set("model.embed_tokens.weight", (11, 3), float("nan"), also="lm_head.weight"),
+                              "fp32", "model.embed_tokens.weight", "holds non-finite values (1 NaN or inf of 19200)"),
+}
+
+
+def test_hf_to_megatron_refuses_non_finite_weights(hf_models, tmp_path):
+    """A weight that is NaN / inf in the HF file, or that the cast to --dtype turns into inf (fp16's range
+    ends at 65504), is one line naming the file and tensor and telling the two causes apart (the
+    overflow suggests --dtype bf16), before anything is written; the same values convert where they fit."""
+    jobs = []
+    for case, (source, change, dtype, _, _) in NONFINITE_CASES.items():
+        hf_dir = tmp_path / "hf" / case
+        shutil.copytree(hf_models["dirs"][source], hf_dir)
+        _rewrite(hf_dir, change)
+        jobs.append({"cli": "hf_to_megatron", "args": ["--hf-dir", str(hf_dir), "--save", str(tmp_path / "out" / case),
+                                                       "--dtype", dtype]})
+    (tmp_path / "out").mkdir()
+    for case, result in zip(NONFINITE_CASES, _run_driver(tmp_path, jobs)):
+        _, _, dtype, tensor, expected = NONFINITE_CASES[case]
+        save = tmp_path / "out" / case
+        if expected is None:
+            assert result["rc"] == 0, (case, result)
+            assert read_checkpoint_metadata(save).dtype == dtype
+            continue
+        lines = result["stderr"].strip().splitlines()
+        assert result["rc"] == 2 and len(lines) == 1, (case, result)
+        assert lines[0].startswith(f"error: {tmp_path / 'hf' / case / 'model.safetensors'}: tensor {tensor} "), lines
+        assert expected in lines[0], (case, lines[0])
+        assert ("--dtype bf16" in lines[0]) == case.startswith("overflow"), lines[0]
+        assert not save.exists(), case
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fits_bf16", "fits_fp16"]
+
+
 def test_hf_to_megatron_refuses_a_non_empty_save(hf_models, tmp_path):
     save = tmp_path / "out"
     save.mkdir()

@@ -185,6 +185,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
                                                                      "/proc/s.json"], capsys, tmp_path)
 
 
+def test_completions_from_non_finite_logits_are_refused(paths, capsys, tmp_path, monkeypatch):
+    """generate() flags a token drawn from NaN / inf logits (tests/test_rollout.py); eval then refuses
+    in one line and writes nothing instead of grading meaningless completions as wrong."""
+    import dataclasses
+
+    from megatron_renio.rollout import generate as rollout
+
+    real = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: dataclasses.replace(real(*a, **k), nonfinite=True))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert runner.main(["--load", str(paths["student"]), "--benchmark", str(good), "--max-new-tokens", "2",
+                        "--out", str(out), "--summary", str(tmp_path / "summary.json")]) == 2
+    *progress, line = capsys.readouterr().err.strip().splitlines()  # after the progress bar
+    assert all(p.startswith("eval:") for p in progress) and sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl"]
+    assert line == (f"error: --load {paths['student']}: the model's logits hold NaN or inf (non-finite weights, or "
+                    "values that overflow fp32); its completions would be meaningless: nothing graded, nothing written")
+
+
 def test_outputs_never_replace_an_input(tmp_path):
     """--out and --summary may not name a --benchmark file (also behind a preset) or each other."""
     good = tmp_path / "good.jsonl"

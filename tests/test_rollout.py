@@ -235,6 +235,31 @@ def test_padded_vocabulary_rows_are_never_sampled(ranks, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_finite_logits_are_flagged_on_every_rank(ranks, layout):
+    """A NaN weight (the last stage's final norm: every logit NaN) sets ``nonfinite`` on every rank of the
+    model-parallel group (under PP the first stage learns it from the last), with the KV cache or
+    without, greedy or sampled; generation still runs to its limits (it does not raise). Finite
+    logits leave it False, and so does a later call on the restored weights."""
+    for rank in ranks:
+        r = rank[layout]
+        assert r["finite_flags"] == [False, False]
+        flags, lengths = r["nan_model"]
+        assert flags == [True, True, True]
+        assert lengths == [MAX_NEW] * len(PROMPT_LENGTHS)  # argmax of NaN rows is no EOS: every limit is reached
+        assert r["after_nan_model"] is False
+
+
+@pytest.mark.parametrize("layout", ("tp1", "tp2", "tp2_sp"))
+def test_non_finite_padded_vocabulary_columns_are_not_flagged(ranks, layout):
+    """NaN in Megatron's padded vocabulary columns only (never sampled, not the model's output): the
+    flag stays False and the greedy completions are those of the unpadded weights."""
+    for rank in ranks:
+        completions, flag = rank[layout]["pad_nan"]
+        assert flag is False
+        assert completions == rank[layout]["greedy_kv"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_model_state_is_restored(ranks, layout):
     r = ranks[0][layout]
     assert r["training_restored"] is True

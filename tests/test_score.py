@@ -15,6 +15,7 @@ Bad input goes through ``main`` in this process: it fails before any process gro
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -252,6 +253,112 @@ def test_command_line_error_has_no_traceback(paths, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --data {tmp_path / 'missing.jsonl'}: no such file"]
+
+
+# A copy of a checkpoint with one embedding row NaN (argv: GOOD BAD TOKEN JOBS.json RESULTS.json), then
+# score.main on each job's argv, in this one process: {"rc", "stderr"} per job.
+_NAN_MODEL_SCRIPT = r"""
+import contextlib, io, json, shutil, sys
+from pathlib import Path
+import torch
+from megatron.core import dist_checkpointing
+from checkpoints_conversion.common import build_single_process_model
+from megatron_renio import distributed
+from megatron_renio.eval import score
+from megatron_renio.models.checkpoint import _sharded_state_dict, load_model_checkpoint, read_checkpoint_metadata
+
+good, bad, token = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+model, _ = build_single_process_model(read_checkpoint_metadata(good).preset, "fp32")
+load_model_checkpoint(model, good)
+with torch.no_grad():
+    model.embedding.word_embeddings.weight[token] = float("nan")
+shutil.copytree(good, bad, ignore=shutil.ignore_patterns("model"))
+(bad / "model").mkdir()
+dist_checkpointing.save(_sharded_state_dict(model), str(bad / "model"))  # (save_model_checkpoint refuses NaN)
+distributed.destroy()
+results = []
+for argv in json.loads(Path(sys.argv[4]).read_text()):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = score.main(argv)
+    results.append({"rc": rc, "stderr": err.getvalue()})
+Path(sys.argv[5]).write_text(json.dumps(results))
+"""
+NAN_TOKEN = 25  # its embedding row is NaN in the broken copy of the (untied) teacher
+NAN_ROWS = [
+    {"id": "fine", "prompt_ids": [1, 7, 8], "completion_ids": [9, 10, 11, 12]},
+    {"id": "in_completion", "prompt_ids": [1, 7], "completion_ids": [9, NAN_TOKEN, 10, 11]},
+    {"id": "fine_too", "prompt_ids": [1, 12, 13], "completion_ids": [14, 15]},
+    {"id": "in_prompt", "prompt_ids": [1, NAN_TOKEN, 3], "completion_ids": [13, 14]},
+]
+
+
+def test_non_finite_log_probs_are_refused_naming_the_row_and_the_model(paths, tmp_path):
+    """A checkpoint with a NaN weight (the teacher's embedding row of one token) scored as the teacher,
+    then as the student: one line naming the data file's first affected row (transformers, on the same
+    broken weights, says which rows give non-finite log-probs) and the model, exit 2, nothing written;
+    the good pair scores the same file."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(paths["hf_teacher"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[NAN_TOKEN] = float("nan")
+        affected = []
+        for i, row in enumerate(NAN_ROWS):
+            prompt, completion = row["prompt_ids"], row["completion_ids"]
+            logp = torch.log_softmax(hf(torch.tensor([prompt + completion])).logits[0], -1)
+            u = logp[len(prompt) - 1:-1].gather(-1, torch.tensor(completion)[:, None])
+            if not torch.isfinite(u).all():
+                affected.append(i)
+    assert affected == [1, 3], affected  # (the first row is fine: the error must pick the right one)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in NAN_ROWS))
+    broken = tmp_path / "broken_teacher"
+    common = ["--data", str(data), "--seq-length", str(SEQ_LENGTH), "--micro-batch-size", "2", "--per-token"]
+    jobs = {
+        "teacher": ["--student-load", str(paths["student"]), "--teacher-load", str(broken)],
+        "student": ["--student-load", str(broken), "--teacher-load", str(paths["teacher"])],
+        "good": ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"])],
+    }
+    (tmp_path / "jobs.json").write_text(json.dumps([argv + common + ["--out", str(tmp_path / f"{name}.jsonl")]
+                                                    for name, argv in jobs.items()]))
+    proc = subprocess.run([sys.executable, "-c", _NAN_MODEL_SCRIPT, str(paths["teacher"]), str(broken), str(NAN_TOKEN),
+                           str(tmp_path / "jobs.json"), str(tmp_path / "results.json")],
+                          env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = dict(zip(jobs, json.loads((tmp_path / "results.json").read_text())))
+    for side in ("teacher", "student"):
+        result = results[side]
+        lines = result["stderr"].strip().splitlines()
+        assert result["rc"] == 2 and len(lines) == 1, result
+        assert lines[0].startswith(f"error: {data} line {affected[0] + 1}: the {side} (--{side}-load {broken}) gives "
+                                   f"non-finite log-probs (NaN or inf) on this row's completion ({len(affected)} rows "
+                                   "in all)"), lines[0]
+        assert not (tmp_path / f"{side}.jsonl").exists()
+    assert results["good"]["rc"] == 0, results["good"]
+    output = read_jsonl(tmp_path / "good.jsonl")
+    assert [r["id"] for r in output] == [r["id"] for r in NAN_ROWS]
+    assert all(math.isfinite(r[key]) for r in output for key in ("raw_weight", "weight", "divergence", "loss"))
+    assert sorted(p.name for p in tmp_path.iterdir() if "jsonl" in p.name) == ["good.jsonl", "rows.jsonl"]
+
+
+def test_nonfinite_models_names_the_model_from_per_token_numbers():
+    """Which model a row's non-finite numbers come from: s (student) / u (teacher) log-probs of its
+    scored tokens (a token past them does not count); an infinite divergence with finite log-probs
+    names both as 'student or teacher'."""
+    def per_sample(s=0.0, u=0.0, d=0.0, loss=0.0):
+        tokens = lambda v: torch.tensor([[-1.0, -2.0, v, float("nan")]])  # noqa: E731  (the 4th is not scored)
+        return {"student_logprobs": tokens(s), "teacher_logprobs": tokens(u), "divergence": tokens(d),
+                "per_sample_loss": torch.tensor([loss])}
+
+    nan, inf = float("nan"), float("inf")
+    assert score._nonfinite_models(per_sample(), 0, 3) is None
+    assert score._nonfinite_models(per_sample(s=nan), 0, 3) == "student"
+    assert score._nonfinite_models(per_sample(u=-inf), 0, 3) == "teacher"
+    assert score._nonfinite_models(per_sample(s=inf, u=nan, d=nan), 0, 3) == "student and teacher"
+    assert score._nonfinite_models(per_sample(d=nan), 0, 3) == "student or teacher"
+    assert score._nonfinite_models(per_sample(loss=inf), 0, 3) == "student or teacher"
+    assert score._nonfinite_models(per_sample(s=nan), 0, 2) is None
 
 
 class _LlamaLikeTokenizer:

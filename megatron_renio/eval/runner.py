@@ -323,6 +323,8 @@ def run(args: argparse.Namespace) -> dict | None:
     Leaves the process groups initialised (:func:`main` tears them down), so that one process may
     run several evaluations.
     """
+    import torch
+
     from megatron_renio import distributed
     from megatron_renio.data.tokenizer import load_tokenizer
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
@@ -352,6 +354,7 @@ def run(args: argparse.Namespace) -> dict | None:
     start, end = len(jobs) * ctx.dp_rank // ctx.dp_size, len(jobs) * (ctx.dp_rank + 1) // ctx.dp_size
     grader = ctx.tp_rank == 0 and ctx.pp_rank == 0
     records: list[tuple[int, dict]] = []  # (index in jobs, record)
+    nonfinite = False  # a token was drawn from non-finite logits (GenerationResult.nonfinite)
     batches = range(start, end, args.batch_size)
     if ctx.rank == 0:
         from tqdm import tqdm
@@ -363,9 +366,16 @@ def run(args: argparse.Namespace) -> dict | None:
         result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
                           true_vocab_size=vocab, seed=args.seed, max_sequence_length=seq_length,
                           rows=(first, len(jobs)))
-        if grader:
+        nonfinite |= result.nonfinite
+        if grader and not nonfinite:
             records += [(i, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
                         for i, job, completion in zip(indices, batch, result.completions)]
+    flag = torch.tensor([float(nonfinite)], device=ctx.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every replica refuses together
+    if flag.item():
+        raise UserInputError(f"--load {args.load}: the model's logits hold NaN or inf (non-finite weights, or "
+                             f"values that overflow {'bf16' if args.bf16 else 'fp32'}); its completions would "
+                             "be meaningless: nothing graded, nothing written")
     gathered = gather_to_rank0(records)
     if gathered is None:
         return None

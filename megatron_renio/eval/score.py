@@ -48,7 +48,9 @@ required), ``--tokenizer``, ``--seq-length`` (default: the smaller of the two mo
 Parallelism: rows are sorted by length and dealt to the data-parallel replicas; every replica runs
 the same number of schedules of ``--micro-batch-size`` x PP rows (short ones repeat a row whose
 result is dropped); the last stage's first TP rank sends its rows to rank 0, which normalises and
-writes. Bad input: ``error: <one line>`` on stderr, exit status 2, no output file.
+writes. Bad input: ``error: <one line>`` on stderr, exit status 2, no output file. A model whose
+log-probs on a row's completion are NaN or inf (non-finite weights, overflowing logits) is bad input
+too: the error names the first such row of ``--data`` and the model.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_renio.config import TrainConfig, _OneLineErrorParser
 from megatron_renio.config import build_parser as build_train_parser
@@ -141,12 +143,14 @@ def parse_args(argv: list[str]) -> ScoreArgs:
 
 @dataclass
 class Row:
-    """One input row, tokenised; ``extra`` holds the fields copied to the output."""
+    """One input row, tokenised; ``extra`` holds the fields copied to the output; ``where`` names it
+    in messages (``data.jsonl line 3``)."""
 
     student_prompt: list[int]
     teacher_prompt: list[int]
     completion: list[int]
     extra: dict
+    where: str = field(default="", compare=False)
 
     @property
     def length(self) -> int:
@@ -202,7 +206,7 @@ def read_rows(path: str, tokenizer, vocab_size: int, seq_length: int) -> list[Ro
                     f"in --seq-length {seq_length}"
                 )
         extra = {k: v for k, v in fields.items() if k not in {f"{name}_ids" for name in FIELDS}}
-        rows.append(Row(student, teacher, completion, extra))
+        rows.append(Row(student, teacher, completion, extra, where))
     if not rows:
         raise UserInputError(f"--data {path}: no rows")
     return rows
@@ -227,6 +231,35 @@ def _row_scores(per_sample: dict, batch, j: int, raw, completion: list[int], tok
         scores["student_logprobs"] = per_sample["student_logprobs"][j, :n].tolist()
         scores["teacher_logprobs"] = per_sample["teacher_logprobs"][j, :n].tolist()
     return scores
+
+
+def _nonfinite_models(per_sample: dict, j: int, n: int) -> str | None:
+    """None when sample ``j``'s numbers are finite; else which model made them non-finite: ``student``,
+    ``teacher`` or both by the per-token log-probs s / u of its ``n`` completion tokens (a NaN or +inf
+    logit in a row makes that row's log-probs NaN), ``student or teacher`` when only the divergence or
+    loss is not finite (an -inf logit: the log-probs cannot tell which). Per-token checks only: no
+    pass over the logits."""
+    import torch
+
+    bad = [side for side in ("student", "teacher") if not torch.isfinite(per_sample[f"{side}_logprobs"][j, :n]).all()]
+    if bad:
+        return " and ".join(bad)
+    if not (torch.isfinite(per_sample["divergence"][j, :n]).all() and torch.isfinite(per_sample["per_sample_loss"][j])):
+        return "student or teacher"
+    return None
+
+
+def _nonfinite_error(row: Row, models: str, count: int, cfg: TrainConfig, out: str) -> UserInputError:
+    """The refusal of a file with ``count`` rows that ``models`` (:func:`_nonfinite_models`) scored
+    non-finite; ``row`` is the first of them."""
+    flags = {"student": f"--student-load {cfg.student_load}", "teacher": f"--teacher-load {cfg.teacher_load}"}
+    named = ", ".join(flag for side, flag in flags.items() if side in models)
+    what = ("non-finite log-probs (NaN or inf)" if models != "student or teacher"
+            else "finite log-probs but a non-finite divergence (an infinite logit)")
+    also = f" ({count} rows in all)" if count > 1 else ""
+    gives, its = ("give", "their") if " and " in models else ("gives", "its")
+    return UserInputError(f"{row.where}: the {models} ({named}) {gives} {what} on this row's completion{also}: "
+                          f"{its} weights hold NaN or inf, or {its} logits overflow; nothing written to --out {out}")
 
 
 def _schedule(rows: list[Row], dp_rank: int, dp_size: int, chunk: int) -> tuple[list[int], int]:
@@ -281,7 +314,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
     indices, real = _schedule(rows, ctx.dp_rank, ctx.dp_size, chunk)
     reporter = ctx.is_last_stage and ctx.tp_rank == 0
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
-    scored: list[tuple[int, dict]] = []
+    scored: list[tuple[int, dict, str | None]] = []  # (row, output fields, models with non-finite numbers)
     for first in range(0, len(indices), chunk):
         group = [rows[i] for i in indices[first:first + chunk]]
         batch = pack_pairs([r.student_prompt for r in group], [r.teacher_prompt for r in group],
@@ -297,12 +330,17 @@ def run(args: ScoreArgs) -> list[dict] | None:
         for j, index in enumerate(indices[first:first + chunk]):
             if first + j < real:
                 scores = _row_scores(per_sample, batch, j, raw, rows[index].completion, tokenizer, args.per_token)
-                scored.append((index, scores))
+                nonfinite = _nonfinite_models(per_sample, j, int(batch.completion_lengths[j]))
+                scored.append((index, scores, nonfinite))
 
     gathered = gather_to_rank0(scored)
     if gathered is None:
         return None
-    by_row = dict(gathered)
+    bad = sorted((index, models) for index, _, models in gathered if models is not None)
+    if bad:  # before anything is written; rank 0 alone refuses (the others have nothing left to do)
+        index, models = bad[0]
+        raise _nonfinite_error(rows[index], models, len(bad), cfg, args.out)
+    by_row = {index: scores for index, scores, _ in gathered}
     raw_all = torch.tensor([by_row[i]["raw_weight"] for i in range(len(rows))], dtype=torch.float64)
     file_batch = dataclasses.replace(settings.renio, scope="local")
     weights = ReNIONormalizer().normalize(raw_all, file_batch).weights.tolist()

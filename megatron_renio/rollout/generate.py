@@ -20,6 +20,12 @@ token per step. How the pieces fit:
   the last stage samples and broadcasts the tokens to all stages of its pipeline.
 - **Sequence parallelism** is switched off for the rollout (a one-token step cannot be split
   over the TP ranks) and restored afterwards.
+- **Non-finite logits** do not raise: a device-side flag records whether a logits row that a sample's
+  token was drawn from held NaN or inf (over the true vocabulary; Megatron's padded columns are not
+  looked at), rides along with each step's token broadcast to every rank of the model-parallel group,
+  and is read with the step's existing host sync (the count of running samples):
+  :attr:`GenerationResult.nonfinite`. The trainer skips such a step through its loss check; a
+  command that keeps completions refuses them.
 - **Stopping.** A completion ends with EOS (included; several stop ids may be given), at
   ``max_new_tokens`` or its own limit, or when prompt plus completion reach ``max_sequence_length`` (the KV cache
   length); the loop ends when every sample has ended.
@@ -53,11 +59,17 @@ _SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel",
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Completion token ids per prompt (EOS included when generated) and rollout statistics."""
+    """Completion token ids per prompt (EOS included when generated) and rollout statistics.
+
+    ``nonfinite``: some generated token was drawn from a logits row (true vocabulary) holding NaN or
+    inf, e.g. a model with non-finite weights; those completions are meaningless. The same on every
+    rank of the model-parallel group.
+    """
 
     completions: list[list[int]]
     num_generated_tokens: int
     seconds: float
+    nonfinite: bool = False
 
     @property
     def tokens_per_second(self) -> float:
@@ -133,7 +145,8 @@ def _stage_forward(model, gpt, tokens, positions, context):
 
 
 def _share_tokens(sampled, batch_size: int, device) -> torch.Tensor:
-    """TP rank 0 of the last stage decides; every rank of the model-parallel group gets its tokens."""
+    """TP rank 0 of the last stage decides; every rank of the model-parallel group gets its ``sampled``
+    ([batch_size] on the last stage, None elsewhere)."""
     from megatron.core import parallel_state
 
     if parallel_state.is_pipeline_last_stage():
@@ -192,7 +205,8 @@ def generate(
     EOS ids or vocabulary sizes raise :class:`UserInputError`. ``limits`` (one per prompt, each at
     least 1) bounds each completion further, e.g. by what a longer teacher prompt leaves of the
     sequence. Runs under ``torch.no_grad`` in eval mode and restores the model's training mode (and
-    sequence parallelism) afterwards.
+    sequence parallelism) afterwards. Non-finite logits do not raise: the result's ``nonfinite`` says
+    whether a generated token was drawn from one (the caller decides what to do with the completions).
     """
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.utils import unwrap_model
@@ -220,6 +234,7 @@ def generate(
     if not (0 <= first_row and first_row + batch_size <= total_rows):
         raise UserInputError(f"rows={rows} does not hold a batch of {batch_size} samples")
     stop = torch.tensor(eos_ids, device=device)
+    nonfinite = torch.zeros(1, dtype=torch.long, device=device)  # 1 once a token was drawn from non-finite logits
     noise = torch.Generator(device=device)
     context = StaticInferenceContext(batch_size, total) if use_kv_cache else None
 
@@ -234,16 +249,20 @@ def generate(
                 first = fed if use_kv_cache else 0
                 logits = _stage_forward(model, gpt, tokens[rows_in_batch, first:pos],
                                         positions[rows_in_batch, first:pos], context)
-                sampled = None
+                in_prompt = pos < lengths[rows_in_batch]
+                generating = ~in_prompt & ~done[rows_in_batch]  # the rows whose drawn token is kept
+                shared = None
                 if logits is not None:
+                    real = logits[:, :true_vocab_size]  # padded columns are not part of the model's output
                     noise.manual_seed(_step_seed(seed, pos))
                     uniforms = torch.rand(total_rows, generator=noise, device=device)[first_row + rows_in_batch]
-                    sampled = sample_next(logits[:, :true_vocab_size], cfg, uniforms=uniforms)
-                sampled = _share_tokens(sampled, len(rows_in_batch), device)
-                in_prompt = pos < lengths[rows_in_batch]
+                    sampled = sample_next(real, cfg, uniforms=uniforms)
+                    bad = (generating & ~torch.isfinite(real).all(dim=-1)).any()
+                    shared = torch.cat((sampled, nonfinite | bad))  # the flag travels with the tokens
+                shared = _share_tokens(shared, len(rows_in_batch) + 1, device)
+                sampled, nonfinite = shared[:-1], shared[-1:]
                 token = torch.where(in_prompt, tokens[rows_in_batch, pos], sampled)
                 tokens[rows_in_batch, pos] = token
-                generating = ~in_prompt & ~done[rows_in_batch]
                 generated[rows_in_batch] += generating.long()
                 ended = generating & (torch.isin(token, stop) | (generated[rows_in_batch] >= most_new[rows_in_batch]))
                 done[rows_in_batch] |= ended
@@ -252,7 +271,8 @@ def generate(
                     context.enable_decode_mode()
                 fed, pos = pos, pos + 1
                 running = ~done[rows_in_batch]
-                num_running = int(running.sum())
+                # the step's one host sync; it reads the flag too (the last step's value is the result)
+                num_running, any_nonfinite = torch.cat((running.sum().reshape(1), nonfinite)).tolist()
                 if pos == total or num_running == 0:
                     break
                 if num_running <= _COMPACT_BELOW * len(rows_in_batch):
@@ -266,4 +286,4 @@ def generate(
 
     counts = generated.tolist()
     completions = [tokens[i, len(p) : len(p) + n].tolist() for i, (p, n) in enumerate(zip(prompts, counts))]
-    return GenerationResult(completions, sum(counts), time.perf_counter() - started)
+    return GenerationResult(completions, sum(counts), time.perf_counter() - started, nonfinite=bool(any_nonfinite))

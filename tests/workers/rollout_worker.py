@@ -53,6 +53,31 @@ def boost_padded_rows(model):
             emb.weight[row - lo] = 50.0 * torch.randn(emb.weight.size(1), generator=g)
 
 
+def nan_padded_rows(model):
+    """Make the padded vocabulary columns of the logits NaN (PP=1, tied: the padded embedding rows)."""
+    emb = model.embedding.word_embeddings
+    lo, hi = emb.vocab_start_index, emb.vocab_end_index
+    with torch.no_grad():
+        emb.weight[max(lo, VOCAB) - lo : hi - lo] = float("nan")
+
+
+def nan_model_flags(model):
+    """``nonfinite`` of greedy / sampled / full-recompute runs with a NaN in the last stage's final norm
+    (every logit NaN), and the completions of a greedy run; the weight is restored afterwards."""
+    norm = getattr(model.decoder, "final_layernorm", None)
+    saved = None if norm is None else norm.weight.detach().clone()
+    if norm is not None:
+        with torch.no_grad():
+            norm.weight[3] = float("nan")
+    try:
+        runs = [run(model), run(model, cfg=SAMPLED, seed=11), run(model, kv=False)]
+    finally:
+        if norm is not None:
+            with torch.no_grad():
+                norm.weight.copy_(saved)
+    return [r.nonfinite for r in runs], [len(c) for c in runs[0].completions]
+
+
 def unmasked_argmax(model, prompt):
     """Argmax over the full padded vocabulary at the prompt's last position (PP=1)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -120,7 +145,9 @@ def checks(model):
         out["rank1_disagrees"] = greedy_with_a_disagreeing_rank(model)
     out["greedy_alone"] = [run(model, prompts=[p]).completions[0] for p in PROMPTS]
     out["greedy_whole_batch"], out["compacted_to"] = whole_batch_and_compactions(model)
-    out["sampled_a"] = run(model, cfg=SAMPLED, seed=11).completions
+    sampled = run(model, cfg=SAMPLED, seed=11)
+    out["sampled_a"] = sampled.completions
+    out["finite_flags"] = [greedy.nonfinite, sampled.nonfinite]
     out["sampled_a_again"] = run(model, cfg=SAMPLED, seed=11).completions
     out["sampled_b"] = run(model, cfg=SAMPLED, seed=12).completions
     out["sampled_full"] = run(model, cfg=SAMPLED, seed=11, kv=False).completions
@@ -140,6 +167,11 @@ def checks(model):
         out["unmasked_argmax"] = unmasked_argmax(model, PROMPTS[2])  # 8 tokens: splits under SP
         out["pad_greedy"] = run(model).completions
         out["pad_hot"] = run(model, cfg=HOT, seed=3).completions
+        nan_padded_rows(model)
+        padded_nan = run(model)
+        out["pad_nan"] = (padded_nan.completions, padded_nan.nonfinite)
+    out["nan_model"] = nan_model_flags(model)
+    out["after_nan_model"] = run(model).nonfinite  # the flag belongs to one call
     return out
 
 
