@@ -77,6 +77,9 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--kd-token-clip", "nan"], "argument --kd-token-clip: expected a finite number, got 'nan'"),
         (["--seed", "99999999999999999999"], r"--seed must be an integer in \[0, 4294967295\]"),  # a traceback
         (["--distributed-timeout-minutes", "1e30"], r"--distributed-timeout-minutes must be in \(0, 10080\]"),
+        (["--seed", "-1"], r"--seed must be an integer in \[0, 4294967295\], got -1"),  # numpy's traceback
+        (["--recompute-granularity", "bogus"], "--recompute-granularity must be one of none, full, selective"),
+        (["--recompute-num-layers", "0"], "--recompute-num-layers must be an integer >= 1"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
         (["--seq-len", "128"], "unrecognized arguments: --seq-len 128"),  # no abbreviations: --mod is not --mode
     ],
@@ -143,6 +146,12 @@ def test_yaml_value_of_the_wrong_type_gives_one_line(tmp_path, text, message):
     with pytest.raises(UserInputError, match=f"--config {path}: {message}") as err:
         parse_train_args(["--config", str(path)] + BASE)
     assert "\n" not in str(err.value)
+
+
+def test_threshold_at_the_clip_is_allowed():
+    """r >= tau can hold at tau = c (a token whose log-ratio reaches the clip is pivotal)."""
+    cfg = parse_train_args(BASE + ["--renio-clip", "1", "--renio-threshold", "1"])
+    assert cfg.renio_threshold == cfg.renio_clip == 1.0
 
 
 def test_config_file_that_is_not_yaml_text(tmp_path):

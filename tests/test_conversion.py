@@ -542,6 +542,18 @@ NONFINITE_CASES = {  # case -> (source model, change, --dtype, tensor named, exp
 }
 
 
+def test_the_finite_check_reads_every_slice(monkeypatch):
+    """_all_finite checks a tensor in slices of its first dim: a NaN in the last slice counts too."""
+    from checkpoints_conversion import hf_to_megatron
+
+    monkeypatch.setattr(hf_to_megatron, "_FINITE_CHECK_ELEMENTS", 4)
+    tensor = torch.zeros(10, 2)
+    assert hf_to_megatron._all_finite(tensor)
+    tensor[-1, 1] = float("inf")
+    assert not hf_to_megatron._all_finite(tensor)
+    assert not hf_to_megatron._all_finite(torch.tensor(float("nan")))
+
+
 def test_hf_to_megatron_refuses_non_finite_weights(hf_models, tmp_path):
     """A weight that is NaN / inf in the HF file, or that the cast to --dtype turns into inf (fp16's range
     ends at 65504), is one line naming the file and tensor and telling the two causes apart (the

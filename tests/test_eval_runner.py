@@ -192,13 +192,20 @@ def test_completions_from_non_finite_logits_are_refused(paths, capsys, tmp_path,
 
     from megatron_renio.rollout import generate as rollout
 
-    real = rollout.generate
-    monkeypatch.setattr(rollout, "generate", lambda *a, **k: dataclasses.replace(real(*a, **k), nonfinite=True))
+    real, calls = rollout.generate, []
+
+    def first_call_flagged(*args, **kwargs):  # a later finite batch must not clear the flag
+        calls.append(None)
+        return dataclasses.replace(real(*args, **kwargs), nonfinite=len(calls) == 1)
+
+    monkeypatch.setattr(rollout, "generate", first_call_flagged)
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
     out = tmp_path / "out.jsonl"
     assert runner.main(["--load", str(paths["student"]), "--benchmark", str(good), "--max-new-tokens", "2",
-                        "--out", str(out), "--summary", str(tmp_path / "summary.json")]) == 2
+                        "--samples-per-problem", "2", "--batch-size", "1", "--out", str(out), "--summary",
+                        str(tmp_path / "summary.json")]) == 2
+    assert len(calls) == 2
     *progress, line = capsys.readouterr().err.strip().splitlines()  # after the progress bar
     assert all(p.startswith("eval:") for p in progress) and sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl"]
     assert line == (f"error: --load {paths['student']}: the model's logits hold NaN or inf (non-finite weights, or "

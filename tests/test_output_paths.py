@@ -51,6 +51,14 @@ def test_trainer_outputs_are_checked_at_start_up(tmp_path, field, value, message
         check_save_target(TrainConfig(**{field: value}), get_preset("tiny-qwen3"))
 
 
+def test_trainer_metrics_file_may_be_in_a_folder_yet_to_be_made(tmp_path):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import check_save_target
+
+    check_save_target(TrainConfig(metrics_file=str(tmp_path / "logs" / "m.jsonl")), get_preset("tiny-qwen3"))
+
+
 def test_quickstart_out_is_checked(tmp_path):
     from megatron_renio.quickstart import _prepare_out
 

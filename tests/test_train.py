@@ -551,6 +551,10 @@ def test_save_folder_of_another_model_is_refused(workdir):
     same = base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1})
     assert "resume with --load" in _last_error(train(same, check=False))
     assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1]
+    # a new run does not append to the earlier run's metrics (refused before the models load)
+    proc = train(base_args(workdir, **{"--train-iters": 1, "--metrics-file": save / "metrics.jsonl"}), check=False)
+    assert _last_error(proc) == (f"error: {save / 'metrics.jsonl'} holds records of an earlier run; remove it or "
+                                 "choose another --metrics-file") and "student:" not in proc.stdout
     train(wider + ["--override-save"])
     # the folder's metrics start over with the new run (they were appended: steps 1, 1)
     assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1]
@@ -621,8 +625,29 @@ def test_checkpoint_fingerprint_follows_a_copy_and_tells_weights_apart(tmp_path)
         shutil.copytree(original, changed)
         (changed / "model" / name).write_bytes(data)
         assert checkpoint_fingerprint(changed) != fingerprint, name
+    # the data repeats every 256 bytes: 256 more in the middle keep the first and last MiB, only the size changes
+    longer = tmp_path / "longer"
+    shutil.copytree(original, longer)
+    (longer / "model" / "__0_0.distcp").write_bytes(big[:1 << 20] + bytes(range(256)) + big[1 << 20:])
+    assert checkpoint_fingerprint(longer) != fingerprint
     (tmp_path / "moved" / "renio_model.json").write_text('{"preset": "y"}')
     assert checkpoint_fingerprint(tmp_path / "moved") != fingerprint
+
+
+def test_checkpoint_fingerprint_does_not_depend_on_the_listing_order(tmp_path, monkeypatch):
+    """Another filesystem lists a folder in another order (a copy must keep its fingerprint)."""
+    import pathlib
+
+    from megatron_renio.models.checkpoint import checkpoint_fingerprint
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "renio_model.json").write_text("{}")
+    for name in ("a.distcp", "b.distcp", ".metadata"):
+        (tmp_path / "model" / name).write_bytes(name.encode())
+    fingerprint = checkpoint_fingerprint(tmp_path)
+    rglob = pathlib.Path.rglob
+    monkeypatch.setattr(pathlib.Path, "rglob", lambda self, pattern: reversed(list(rglob(self, pattern))))
+    assert checkpoint_fingerprint(tmp_path) == fingerprint
 
 
 def test_resumed_settings_are_compared_with_the_run(tmp_path):
@@ -636,6 +661,7 @@ def test_resumed_settings_are_compared_with_the_run(tmp_path):
              "scheduler": {"max_lr": 1e-3, "lr_decay_steps": cfg.train_iters}}
     _check_resumed_settings(state, cfg, dict(origin, source="moved"))  # a moved copy: same identity
     _check_resumed_settings({"mode": cfg.mode}, cfg, origin)  # an earlier version's state records less
+    _check_resumed_settings({"mode": cfg.mode}, TrainConfig(load="run", bf16=True), origin)
     for change, expected in ((dict(bf16=True), "saved without --bf16"),
                              (dict(adam_eps=1e-6), "saved with --adam-eps 1e-08"),
                              (dict(lr=2e-3), "--lr sets max_lr=0.002")):
@@ -663,17 +689,80 @@ def test_the_teacher_origin_of_a_preset_names_its_flag():
 
 def test_a_model_with_non_finite_weights_is_not_saved(tmp_path):
     """save_model_checkpoint refuses before writing anything (a run whose update overflowed saved an
-    all-inf model with exit 0)."""
-    from megatron_renio.models.checkpoint import _check_finite_weights
+    all-inf model with exit 0); the refusal names the parameter."""
+    from megatron_renio import distributed
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.checkpoint import save_model_checkpoint
+    from megatron_renio.models.presets import get_preset
 
-    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    _check_finite_weights(module, tmp_path / "out")
-    with torch.no_grad():
-        module[1].bias[0] = float("inf")
-    with pytest.raises(UserInputError, match=f"^the model holds non-finite weights \\(parameter 1.bias\\); not saved "
-                                             f"to {tmp_path / 'out'}$"):
-        _check_finite_weights(module, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
+        with torch.no_grad():
+            model.decoder.final_layernorm.weight[0] = float("inf")
+        with pytest.raises(UserInputError, match=f"^the model holds non-finite weights \\(parameter "
+                                                 f"decoder.final_layernorm.weight\\); not saved to {tmp_path / 'out'}$"):
+            save_model_checkpoint(model, info, tmp_path / "out")
+    finally:
+        distributed.destroy()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_and_samples_write_non_finite_values_as_null(tmp_path):
+    """NaN, inf and -inf become null in both JSONL files (json.loads with a strict parser accepts them)."""
+    import json
+    from types import SimpleNamespace
+
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _save_samples, _standard_json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+    values = {"nan": float("nan"), "inf": float("inf"), "minus": float("-inf"), "ok": 1.5, "flag": True}
+    assert strict(json.dumps(_standard_json(values))) == {"nan": None, "inf": None, "minus": None, "ok": 1.5,
+                                                          "flag": True}
+    path = tmp_path / "samples_rank0.jsonl"
+    per_sample = {"weights": torch.tensor([float("nan")]), "raw_weights": torch.tensor([float("inf")]),
+                  "per_sample_loss": torch.tensor([float("-inf")])}
+    _save_samples(path, 3, 0, [0], [[1, 2]], per_sample, SimpleNamespace(decode=lambda ids: "x"), [None],
+                  TrainConfig())
+    (record,) = [strict(line) for line in path.read_text().splitlines()]
+    assert (record["weight"], record["raw_weight"], record["sample_loss"]) == (None, None, None)
+
+
+def test_model_flags_reach_megatron(tmp_path):
+    """--recompute-* reach the student's TransformerConfig through build_model, and
+    --overlap-grad-reduce the DDP config; sft takes the same flags."""
+    from megatron_renio import distributed
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.sft import parse_sft_args
+    from megatron_renio.training import components as C
+
+    source = C.resolve_model(None, "tiny-qwen3", "--model")
+    cases = [(TrainConfig(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+              ("full", "block", 2)),
+             (TrainConfig(recompute_granularity="selective", recompute_method="block", recompute_num_layers=2),
+              ("selective", None, None)),
+             (TrainConfig(), (None, None, None))]
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        for cfg, expected in cases:
+            model, _ = C.build_model(source, cfg)
+            config = model.config
+            assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == expected
+        assert C.wrap_ddp(model, False, True).ddp_config.overlap_grad_reduce
+        assert not C.wrap_ddp(C.build_model(source, TrainConfig())[0], False).ddp_config.overlap_grad_reduce
+    finally:
+        distributed.destroy()
+    data = tmp_path / "d.jsonl"
+    sft = parse_sft_args(["--data-path", str(data), "--model", "tiny-qwen3", "--save", str(tmp_path / "out"),
+                          "--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers",
+                          "3", "--overlap-grad-reduce"]).train
+    assert (sft.recompute_granularity, sft.recompute_method, sft.recompute_num_layers, sft.overlap_grad_reduce) == (
+        "full", "block", 3, True)
 
 
 def test_kd_top_k_beyond_the_shared_vocabulary_is_refused_before_building():
