@@ -247,6 +247,7 @@ def test_non_finite_logits_are_flagged_on_every_rank(ranks, layout):
         assert flags == [True, True, True]
         assert lengths == [MAX_NEW] * len(PROMPT_LENGTHS)  # argmax of NaN rows is no EOS: every limit is reached
         assert r["after_nan_model"] is False
+        assert r["transient_nan"] == [True, False]  # kept through later finite steps; a prompt row draws nothing
 
 
 @pytest.mark.parametrize("layout", ("tp1", "tp2", "tp2_sp"))

@@ -78,6 +78,33 @@ def nan_model_flags(model):
     return [r.nonfinite for r in runs], [len(c) for c in runs[0].completions]
 
 
+def transient_nan_flags(model):
+    """``nonfinite`` when one logits row is NaN at the first step only: row 1 (the shortest prompt, its
+    first drawn token: the flag must stay set through the finite steps after it) and row 0 (still
+    in its prompt at that step: no token is drawn from it, so no flag)."""
+    from megatron_renio.rollout import generate as rollout
+
+    real = rollout._stage_forward
+    flags = []
+    for row in (1, 0):
+        calls = []
+
+        def first_step_nan(*args):
+            logits = real(*args)
+            if logits is not None and not calls:
+                logits = logits.clone()
+                logits[row] = float("nan")
+            calls.append(None)
+            return logits
+
+        rollout._stage_forward = first_step_nan
+        try:
+            flags.append(run(model).nonfinite)
+        finally:
+            rollout._stage_forward = real
+    return flags
+
+
 def unmasked_argmax(model, prompt):
     """Argmax over the full padded vocabulary at the prompt's last position (PP=1)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -171,6 +198,7 @@ def checks(model):
         padded_nan = run(model)
         out["pad_nan"] = (padded_nan.completions, padded_nan.nonfinite)
     out["nan_model"] = nan_model_flags(model)
+    out["transient_nan"] = transient_nan_flags(model)
     out["after_nan_model"] = run(model).nonfinite  # the flag belongs to one call
     return out
 
