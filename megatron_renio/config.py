@@ -214,7 +214,7 @@ _YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 def _optional(kind):
     def parse(value: str):
-        return None if str(value).lower() in ("none", "null", "off") else kind(value)
+        return None if str(value).lower() in ("none", "null", "off", "~", "") else kind(value)
 
     parse.__name__ = kind.__name__
     parse.expects = f"{_KIND_WORDS[kind]} or none"

@@ -15,6 +15,16 @@ from pathlib import Path
 from megatron_renio.errors import UserInputError
 
 
+# The probe folder's name prefix: a folder test for emptiness skips such entries (another rank of the
+# same job may be probing the same folder at that moment).
+PROBE_PREFIX = ".write-check-"
+
+
+def is_empty_folder(path: str | Path) -> bool:
+    """``path`` is a folder holding nothing but other processes' probe folders."""
+    return not any(not entry.name.startswith(PROBE_PREFIX) for entry in Path(path).iterdir())
+
+
 def _nearest_existing(path: Path) -> Path:
     """``path`` itself when it exists, else its closest existing ancestor."""
     path = path.absolute()
@@ -27,13 +37,15 @@ def check_output_folder(path: str | Path, label: str) -> None:
     """``path`` is a folder, or can be created as one (its missing parents too), and can be written in.
     ``label`` starts each message (the flag and the path, as the command line has them)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UserInputError(f"{label} is a symbolic link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
         raise UserInputError(f"{label} exists and is not a folder")
     base = _nearest_existing(path)
     if not base.is_dir():
         raise UserInputError(f"{label}: {base} is a file, not a folder")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=base))
+        os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=base))
     except OSError as e:
         raise UserInputError(f"{label}: cannot write in {base} ({e.strerror or e})") from None
 
@@ -44,6 +56,8 @@ def check_output_file(path: str | Path, label: str, create_folder: bool = False)
     path = Path(path)
     if path.is_dir():
         raise UserInputError(f"{label} is a folder, not a file")
+    if path.is_symlink() and not path.exists():
+        raise UserInputError(f"{label} is a symbolic link to {os.readlink(path)}, which does not exist")
     folder = path.absolute().parent
     if not create_folder and not folder.is_dir():
         raise UserInputError(f"{label}: folder {folder} does not exist")

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from megatron_renio.data.arithmetic_task import Difficulty
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import check_output_folder
+from megatron_renio.output_paths import check_output_folder, is_empty_folder
 
 MARKER = ".megatron_renio_quickstart"
 # torchrun's variables: the quickstart drops the shell's (``run``); torchrun sets them for its launches.
@@ -305,7 +305,7 @@ def _task_texts(problems) -> list[str]:
 def _prepare_out(out: Path) -> None:
     """``out`` must be absent, empty, or an earlier quickstart's output (cleared then)."""
     check_output_folder(out, f"--out {out}")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not is_empty_folder(out):
         if not (out / MARKER).is_file():
             raise UserInputError(f"--out {out} is not empty and was not written by the quickstart")
         shutil.rmtree(out)

@@ -246,6 +246,7 @@ def run(cfg: SFTConfig) -> list[float]:
         )
     source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint/--model")
     C.note_untrained_positions(t.seq_length, "model", source)
+    C.check_recompute(t, source.preset)
     C.note_local_attention_memory(t, source.preset)
     tokenizer = C.load_run_tokenizer(t, source, None)
     examples = load_sft_examples(cfg, tokenizer)

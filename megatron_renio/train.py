@@ -256,11 +256,21 @@ def _teacher_origin(cfg: TrainConfig, student_source, teacher_source) -> dict | 
     else:
         flag, value = (("--teacher-load", teacher_source.checkpoint) if teacher_source.checkpoint
                        else ("--teacher-model", cfg.teacher_model))
-    if flag.endswith("-model"):  # a preset: random initialisation from --seed, which the sampler state compares
-        return {"flag": flag, "source": value, "identity": f"preset {value}"}
-    box = [checkpoint_fingerprint(value) if torch.distributed.get_rank() == 0 else None]
+    if flag.endswith("-model"):  # a preset: random initialisation from --seed (the sampler state compares
+        # it), which depends on the layout
+        layout = f"TP {cfg.tensor_model_parallel_size}, PP {cfg.pipeline_model_parallel_size}"
+        return {"flag": flag, "source": f"{value} at {layout}", "identity": f"preset {value} at {layout}"}
+    box = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box = [("ok", checkpoint_fingerprint(value))]
+        except (OSError, ValueError) as e:  # every rank raises it, none waits at the broadcast
+            box = [("error", f"{flag} {value}: cannot read it to fingerprint ({e})")]
     torch.distributed.broadcast_object_list(box, src=0)
-    return {"flag": flag, "source": str(value), "identity": box[0]}
+    status, identity = box[0]
+    if status == "error":
+        raise UserInputError(identity)
+    return {"flag": flag, "source": str(value), "identity": identity}
 
 
 def _run_logs(cfg: TrainConfig) -> list[Path]:
@@ -366,6 +376,7 @@ def run(cfg: TrainConfig) -> dict:
         if source is not None:
             check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
         C.note_untrained_positions(cfg.seq_length, role, source)
+    C.check_recompute(cfg, student_source.preset)
     C.note_local_attention_memory(cfg, student_source.preset)
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)

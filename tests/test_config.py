@@ -107,7 +107,7 @@ def test_yaml_values_are_converted_like_command_line_text(tmp_path):
     """YAML 1.1 reads 1e-6 as a string and off as a boolean: each value goes through the flag's converter."""
     path = tmp_path / "run.yaml"
     path.write_text(
-        "lr: 1e-6\nkd_token_clip: none\nkd_top_k: 8\ntrain_iters: 7\nsave: null\nmodel: tiny-qwen3\n"
+        "lr: 1e-6\nkd_token_clip: ~\nkd_top_k: 8\ntrain_iters: 7\nsave: null\nmodel: tiny-qwen3\n"
         "data_path: train.jsonl\nseq_length: 256\nmax_new_tokens: 32\n"
     )
     cfg = parse_train_args(["--config", str(path)])

@@ -23,6 +23,27 @@ def test_a_folder_output_must_be_or_become_a_folder_written_in(tmp_path):
         check_output_folder("/proc/run", "--save x")
 
 
+def test_a_broken_symbolic_link_is_refused(tmp_path):
+    link = tmp_path / "dl"
+    link.symlink_to(tmp_path / "missing")
+    for check in (check_output_folder, check_output_file):  # the first save failed with FileExistsError
+        with pytest.raises(UserInputError, match=f"^--save x is a symbolic link to {tmp_path / 'missing'}, which "
+                                                 "does not exist$"):
+            check(link, "--save x")
+
+
+def test_other_ranks_probes_do_not_make_a_folder_non_empty(tmp_path):
+    """Ranks of one job probe the same --save at once: an empty folder stays empty for each of them."""
+    from megatron_renio.models.checkpoint import check_target_directory
+    from megatron_renio.output_paths import PROBE_PREFIX, is_empty_folder
+
+    (tmp_path / f"{PROBE_PREFIX}abc").mkdir()
+    assert is_empty_folder(tmp_path)
+    check_target_directory(tmp_path)
+    (tmp_path / "model").mkdir()
+    assert not is_empty_folder(tmp_path)
+
+
 def test_a_file_output_must_not_be_a_folder(tmp_path):
     check_output_file(tmp_path / "m.jsonl", "--out m")
     with pytest.raises(UserInputError, match="^--out m is a folder, not a file$"):

@@ -607,31 +607,39 @@ def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
 
 
 def test_checkpoint_fingerprint_follows_a_copy_and_tells_weights_apart(tmp_path):
+    """Same weights, same fingerprint: a copy, and the same model saved again (torch_dist's .metadata
+    holds a random id; renio_model.json's extra names where it came from). Other weights, another
+    architecture or dtype: another fingerprint."""
+    import json
     import shutil
 
     from megatron_renio.models.checkpoint import checkpoint_fingerprint
 
     original = tmp_path / "a"
     (original / "model").mkdir(parents=True)
-    (original / "renio_model.json").write_text('{"preset": "x"}')
+    (original / "renio_model.json").write_text(json.dumps({"preset": {"x": 1}, "dtype": "bf16", "extra": {}}))
     big = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: its first and last MiB are read
     (original / "model" / "__0_0.distcp").write_bytes(big)
     (original / "model" / ".metadata").write_bytes(b"meta")
     fingerprint = checkpoint_fingerprint(original)
-    shutil.copytree(original, tmp_path / "moved")
-    assert checkpoint_fingerprint(tmp_path / "moved") == fingerprint
-    for name, data in (("__0_0.distcp", b"\1" + big[1:]), ("__0_0.distcp", big[:-1] + b"\1"), (".metadata", b"metb")):
+    saved_again = tmp_path / "again"
+    shutil.copytree(original, saved_again)
+    assert checkpoint_fingerprint(saved_again) == fingerprint
+    (saved_again / "model" / ".metadata").write_bytes(b"another save id")
+    (saved_again / "renio_model.json").write_text(json.dumps({"preset": {"x": 1}, "dtype": "bf16",
+                                                              "extra": {"source": "/elsewhere"}}))
+    assert checkpoint_fingerprint(saved_again) == fingerprint
+    for name, data in (("__0_0.distcp", b"\1" + big[1:]), ("__0_0.distcp", big[:-1] + b"\1"),
+                       ("__1_0.distcp", b"one more file"),
+                       # the data repeats every 256 bytes: 256 more in the middle keep the first and last MiB
+                       ("__0_0.distcp", big[:1 << 20] + bytes(range(256)) + big[1 << 20:])):
         changed = tmp_path / f"changed_{len(list(tmp_path.iterdir()))}"
         shutil.copytree(original, changed)
         (changed / "model" / name).write_bytes(data)
         assert checkpoint_fingerprint(changed) != fingerprint, name
-    # the data repeats every 256 bytes: 256 more in the middle keep the first and last MiB, only the size changes
-    longer = tmp_path / "longer"
-    shutil.copytree(original, longer)
-    (longer / "model" / "__0_0.distcp").write_bytes(big[:1 << 20] + bytes(range(256)) + big[1 << 20:])
-    assert checkpoint_fingerprint(longer) != fingerprint
-    (tmp_path / "moved" / "renio_model.json").write_text('{"preset": "y"}')
-    assert checkpoint_fingerprint(tmp_path / "moved") != fingerprint
+    for metadata in ({"preset": {"x": 2}, "dtype": "bf16"}, {"preset": {"x": 1}, "dtype": "fp32"}):
+        (saved_again / "renio_model.json").write_text(json.dumps(metadata))
+        assert checkpoint_fingerprint(saved_again) != fingerprint, metadata
 
 
 def test_checkpoint_fingerprint_does_not_depend_on_the_listing_order(tmp_path, monkeypatch):
@@ -680,10 +688,11 @@ def test_the_teacher_origin_of_a_preset_names_its_flag():
 
     student = resolve_model(None, "tiny-qwen3", "--student-load/--model")
     assert _teacher_origin(TrainConfig(model="tiny-qwen3"), student, None) == {
-        "flag": "--model", "source": "tiny-qwen3", "identity": "preset tiny-qwen3"}
+        "flag": "--model", "source": "tiny-qwen3 at TP 1, PP 1", "identity": "preset tiny-qwen3 at TP 1, PP 1"}
     teacher = resolve_model(None, "tiny-qwen3-untied", "--teacher-load/--teacher-model")
-    cfg = TrainConfig(model="tiny-qwen3", mode="opd", teacher="separate", teacher_model="tiny-qwen3-untied")
-    assert _teacher_origin(cfg, student, teacher)["identity"] == "preset tiny-qwen3-untied"
+    cfg = TrainConfig(model="tiny-qwen3", mode="opd", teacher="separate", teacher_model="tiny-qwen3-untied",
+                      pipeline_model_parallel_size=2)  # random initialisation depends on the layout
+    assert _teacher_origin(cfg, student, teacher)["identity"] == "preset tiny-qwen3-untied at TP 1, PP 2"
     assert _teacher_origin(TrainConfig(model="tiny-qwen3", teacher="ema"), student, None) is None
 
 
@@ -774,6 +783,41 @@ def test_kd_top_k_beyond_the_shared_vocabulary_is_refused_before_building():
     assert paired_vocab(TrainConfig(kd_top_k=200), student, teacher)[1] == 200
     with pytest.raises(UserInputError, match=r"^--kd-top-k 201 exceeds the vocabulary that both models hold \(200\)$"):
         paired_vocab(TrainConfig(kd_top_k=201), student, teacher)
+
+
+def test_an_unreadable_teacher_checkpoint_is_one_line_on_every_rank(tmp_path):
+    """Rank 0 fingerprints and broadcasts what it found, an error included (the others would wait)."""
+    from megatron_renio import distributed
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.train import _teacher_origin
+    from megatron_renio.training.components import ModelSource
+
+    source = ModelSource(get_preset("tiny-qwen3"), tmp_path / "gone", None)
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        with pytest.raises(UserInputError, match=f"^--student-load {tmp_path / 'gone'}: cannot read it to fingerprint"):
+            _teacher_origin(TrainConfig(student_load=str(tmp_path / "gone")), source, None)
+    finally:
+        distributed.destroy()
+
+
+def test_recompute_layers_must_fit_a_stage():
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import check_recompute
+
+    preset = get_preset("tiny-qwen3")  # 2 layers
+    for fits in (dict(recompute_num_layers=2), dict(recompute_num_layers=1, pipeline_model_parallel_size=2),
+                 dict(recompute_method="block", recompute_num_layers=2), dict(recompute_num_layers=3,
+                                                                             recompute_granularity="selective")):
+        check_recompute(TrainConfig(**{"recompute_granularity": "full", **fits}), preset)
+    for bad, message in ((dict(recompute_num_layers=3), "must divide the 2 layers"),  # an IndexError at step 1
+                         (dict(recompute_num_layers=2, pipeline_model_parallel_size=2), "must divide the 1 layers"),
+                         (dict(recompute_method="block", recompute_num_layers=3), "must be at most the 2 layers")):
+        with pytest.raises(UserInputError, match=f"^--recompute-num-layers {bad['recompute_num_layers']} {message}"):
+            check_recompute(TrainConfig(recompute_granularity="full", **bad), preset)
 
 
 def test_a_new_run_does_not_append_to_an_earlier_runs_logs(tmp_path):

@@ -43,7 +43,7 @@ from pathlib import Path
 from megatron_renio.data.tokenizer import SENTENCEPIECE_FILE
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
-from megatron_renio.output_paths import check_output_folder
+from megatron_renio.output_paths import check_output_folder, is_empty_folder
 
 FORMAT = "megatron_renio.model"
 FORMAT_VERSION = 1
@@ -102,14 +102,17 @@ def is_within(path: str | Path, folder: str | Path) -> bool:
 
 
 def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -> str:
-    """A hex digest that tells two model checkpoints apart without reading their weights whole: SHA-256
-    of ``renio_model.json`` and, per file of ``model/`` (in name order), its relative path, its size
-    and its first and last ``sample_bytes`` bytes. It follows a checkpoint that is moved or copied and
-    differs between trainings of one architecture (their weight bytes differ)."""
+    """A hex digest that tells the weights of two model checkpoints apart without reading them whole:
+    SHA-256 of the architecture and dtype (``renio_model.json``'s preset and dtype, not its other
+    fields, which name where it came from) and, per file of ``model/`` other than ``.metadata``
+    (which torch_dist writes with a random id), in name order, its relative path, its size and its
+    first and last ``sample_bytes`` bytes. A moved or copied checkpoint keeps it, and so does the
+    same HF model converted again; trainings of one architecture differ (their weight bytes do)."""
     directory = Path(directory)
-    digest = hashlib.sha256((directory / METADATA_FILE).read_bytes())
+    metadata = json.loads((directory / METADATA_FILE).read_text())
+    digest = hashlib.sha256(json.dumps([metadata.get("preset"), metadata.get("dtype")], sort_keys=True).encode())
     model = directory / MODEL_SUBDIR
-    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+    for path in sorted(p for p in model.rglob("*") if p.is_file() and p.name != ".metadata"):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(model).as_posix()}\0{size}\0".encode())
         with open(path, "rb") as f:
@@ -140,7 +143,7 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
             raise UserInputError(f"{label or directory} lies inside the {flag} input {source}; choose a folder "
                                  "outside it")
     check_output_folder(directory, label or str(directory))
-    if not overwrite and directory.exists() and any(directory.iterdir()):
+    if not overwrite and directory.exists() and not is_empty_folder(directory):
         hint = " (pass --overwrite to replace it)" if label else ""
         raise UserInputError(f"{label or directory} exists and is not empty{hint}")
 

@@ -160,6 +160,22 @@ def recompute_settings(cfg: TrainConfig) -> dict:
             "recompute_num_layers": cfg.recompute_num_layers}
 
 
+def check_recompute(cfg: TrainConfig, preset: ModelPreset) -> None:
+    """``--recompute-num-layers`` must fit the layers of a pipeline stage (Megatron indexes past the
+    stage's last layer otherwise, at the first backward): with ``uniform`` it divides them, with
+    ``block`` it is at most their number. One line before the model is built."""
+    if cfg.recompute_granularity != "full":
+        return
+    per_stage = preset.num_layers // cfg.pipeline_model_parallel_size
+    n = cfg.recompute_num_layers
+    fits = per_stage % n == 0 if cfg.recompute_method == "uniform" else n <= per_stage
+    if not fits:
+        need = "divide" if cfg.recompute_method == "uniform" else "be at most"
+        raise UserInputError(f"--recompute-num-layers {n} must {need} the {per_stage} layers of each pipeline "
+                             f"stage with --recompute-method {cfg.recompute_method} ({preset.num_layers} layers, "
+                             f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size})")
+
+
 def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None = None):
     """A GPTModel for this stage (``padded_vocab``: see ``build_gpt_model``), with the checkpoint's
     weights when there is one."""
