@@ -97,6 +97,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def any_rank(flag, device) -> bool:
+    """Whether ``flag`` (a bool, or a bool tensor on ``device``) holds on some rank: one MAX all-reduce
+    over the world, so every rank takes the same branch (the flag itself without a process group)."""
+    value = torch.as_tensor(flag, device=device).float().reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def log0(message: str) -> None:
     """Print on global rank 0 only (the RANK of the launcher before process groups exist)."""
     if torch.distributed.is_initialized():

@@ -33,12 +33,17 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _refuse_broken_link(path: Path, label: str) -> None:
+    """A symbolic link whose target is missing looks absent, but nothing can be created in its place."""
+    if path.is_symlink() and not path.exists():
+        raise UserInputError(f"{label} is a symbolic link to {os.readlink(path)}, which does not exist")
+
+
 def check_output_folder(path: str | Path, label: str) -> None:
     """``path`` is a folder, or can be created as one (its missing parents too), and can be written in.
     ``label`` starts each message (the flag and the path, as the command line has them)."""
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise UserInputError(f"{label} is a symbolic link to {os.readlink(path)}, which does not exist")
+    _refuse_broken_link(path, label)
     if path.exists() and not path.is_dir():
         raise UserInputError(f"{label} exists and is not a folder")
     base = _nearest_existing(path)
@@ -56,9 +61,16 @@ def check_output_file(path: str | Path, label: str, create_folder: bool = False)
     path = Path(path)
     if path.is_dir():
         raise UserInputError(f"{label} is a folder, not a file")
-    if path.is_symlink() and not path.exists():
-        raise UserInputError(f"{label} is a symbolic link to {os.readlink(path)}, which does not exist")
+    _refuse_broken_link(path, label)
     folder = path.absolute().parent
     if not create_folder and not folder.is_dir():
         raise UserInputError(f"{label}: folder {folder} does not exist")
     check_output_folder(folder, label)
+
+
+def check_log_outputs(metrics_file: str | None, tensorboard_dir: str | None) -> None:
+    """A ``--metrics-file`` (its folder is made when missing) and a ``--tensorboard-dir``, when given."""
+    if metrics_file:
+        check_output_file(metrics_file, f"--metrics-file {metrics_file}", create_folder=True)
+    if tensorboard_dir:
+        check_output_folder(tensorboard_dir, f"--tensorboard-dir {tensorboard_dir}")

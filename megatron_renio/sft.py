@@ -44,7 +44,7 @@ from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import check_target_directory, is_within
-from megatron_renio.output_paths import check_output_file, check_output_folder
+from megatron_renio.output_paths import check_log_outputs
 
 # The trainer's flags that supervised fine-tuning takes (same meaning, type and range checks).
 SFT_FLAGS = (
@@ -107,10 +107,7 @@ def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
     if not values.get("save"):
         raise UserInputError("--save is required (the folder that receives the fine-tuned model checkpoint)")
     check_target_directory(values["save"])  # refused now, not after training
-    if values.get("metrics_file"):
-        check_output_file(values["metrics_file"], f"--metrics-file {values['metrics_file']}", create_folder=True)
-    if values.get("tensorboard_dir"):
-        check_output_folder(values["tensorboard_dir"], f"--tensorboard-dir {values['tensorboard_dir']}")
+    check_log_outputs(values.get("metrics_file"), values.get("tensorboard_dir"))
     for name in ("metrics_file", "tensorboard_dir"):  # they would fill --save before the model is written there
         if values.get(name) and is_within(values[name], values["save"]):
             raise UserInputError(f"--{name.replace('_', '-')} {values[name]} is inside --save {values['save']}, "

@@ -120,8 +120,10 @@ def _renio_notes(cfg: TrainConfig) -> list[str]:
     if cfg.renio_scope == "local" and cfg.micro_batch_size == 1:
         return [f"with --renio-scope local, --renio-norm {cfg.renio_norm} and --micro-batch-size 1 every ReNIO weight "
                 "is 1 (a sample is its own micro-batch's mean); use --renio-scope global or a larger micro-batch"]
+    if cfg.renio_norm != "batch_mean":
+        return []
     bound = batch_mean_weight_bound(cfg.renio_clip, cfg.renio_threshold, cfg.renio_temperature, cfg.micro_batch_size)
-    if cfg.renio_norm == "batch_mean" and cfg.renio_max_weight >= bound:
+    if cfg.renio_max_weight >= bound:
         return [f"--renio-max-weight {cfg.renio_max_weight:g} cannot bind with --micro-batch-size "
                 f"{cfg.micro_batch_size}: a weight is at most {bound:.4g} times its micro-batch's mean here "
                 "(one sample at exp(clip / temperature), the others at their smallest weight)"]
@@ -285,15 +287,18 @@ def _check_new_run_logs(cfg: TrainConfig) -> None:
     folder over: they are emptied)."""
     from megatron_renio.models.checkpoint import is_within
 
+    metrics = _metrics_path(cfg)
     for path in _run_logs(cfg):
         if not path.is_file() or path.stat().st_size == 0:
             continue
-        if cfg.override_save and is_within(path, cfg.save):
+        in_save = bool(cfg.save) and is_within(path, cfg.save)
+        if in_save and cfg.override_save:
             continue
-        hint = f"pass --load {cfg.save} to continue that run, or " if cfg.save and is_within(path, cfg.save) else ""
-        raise UserInputError(f"{path} holds records of an earlier run; {hint}remove it or choose another "
-                             f"{'--metrics-file' if path == _metrics_path(cfg) else '--save'}"
-                             + (", or pass --override-save to start the --save folder over" if hint else ""))
+        choose = f"remove it or choose another {'--metrics-file' if path == metrics else '--save'}"
+        if in_save:
+            raise UserInputError(f"{path} holds records of an earlier run; pass --load {cfg.save} to continue that "
+                                 f"run, or {choose}, or pass --override-save to start the --save folder over")
+        raise UserInputError(f"{path} holds records of an earlier run; {choose}")
 
 
 def rows_of_prompts(indices: list[int], samples_per_prompt: int) -> list[int]:
@@ -407,19 +412,15 @@ def run(cfg: TrainConfig) -> dict:
     log0(f"student: {C.model_info_summary(student_info)}; teacher ({cfg.teacher}): {C.model_info_summary(teacher_info)}")
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0
-    if cfg.load:
-        state = load_training_checkpoint(cfg.load, student=student, optimizer=optimizer, teacher=ema)
-        if state is not None:
-            if saved is None or state["iteration"] != saved["iteration"]:
-                raise UserInputError(f"--load {cfg.load}: its latest checkpoint changed while this run started; "
-                                     "is another run saving there?")
-            iteration = state["iteration"]
-            skipped_total = state["skipped_total"]
-            normalizer.load_state_dict(_replica_state(state["normalizer"], ctx.dp_rank))
-            scheduler.load_state_dict(state["scheduler"])  # its settings were checked before the models loaded
-            log0(f"resumed from {cfg.load} at iteration {iteration}")
-        else:
-            log0(f"no checkpoint in {cfg.load} yet: starting a new run")
+    if saved is not None:  # the checkpoint whose settings were checked before the models were built
+        load_training_checkpoint(cfg.load, saved, student=student, optimizer=optimizer, teacher=ema)
+        iteration = saved["iteration"]
+        skipped_total = saved["skipped_total"]
+        normalizer.load_state_dict(_replica_state(saved["normalizer"], ctx.dp_rank))
+        scheduler.load_state_dict(saved["scheduler"])
+        log0(f"resumed from {cfg.load} at iteration {iteration}")
+    elif cfg.load:
+        log0(f"no checkpoint in {cfg.load} yet: starting a new run")
 
     # a resumed run (or a requeued one that saved nothing yet) drops the steps it takes again, and
     # --override-save starts the --save folder's logs over; before the first step's collectives, so

@@ -323,8 +323,6 @@ def run(args: argparse.Namespace) -> dict | None:
     Leaves the process groups initialised (:func:`main` tears them down), so that one process may
     run several evaluations.
     """
-    import torch
-
     from megatron_renio import distributed
     from megatron_renio.data.tokenizer import load_tokenizer
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
@@ -370,9 +368,7 @@ def run(args: argparse.Namespace) -> dict | None:
         if grader and not nonfinite:
             records += [(i, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
                         for i, job, completion in zip(indices, batch, result.completions)]
-    flag = torch.tensor([float(nonfinite)], device=ctx.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every replica refuses together
-    if flag.item():
+    if distributed.any_rank(nonfinite, ctx.device):  # every replica refuses together
         raise UserInputError(f"--load {args.load}: the model's logits hold NaN or inf (non-finite weights, or "
                              f"values that overflow {'bf16' if args.bf16 else 'fp32'}); its completions would "
                              "be meaningless: nothing graded, nothing written")

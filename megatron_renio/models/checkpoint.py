@@ -264,16 +264,14 @@ def _sharded_state_dict(module) -> dict:
 
 def _check_finite_weights(module, directory: Path) -> None:
     """Collective: refuse to save a model with a non-finite weight on any rank (a run whose update
-    overflowed, a --lr too large for bf16): one MAX all-reduce of a flag; the rank holding one names
-    its first such parameter, the others say where to look."""
+    overflowed, a --lr too large for bf16): :func:`~megatron_renio.distributed.any_rank`; the rank
+    holding one names its first such parameter, the others say where to look."""
     import torch
-    import torch.distributed as dist
+
+    from megatron_renio.distributed import any_rank
 
     bad = next((name for name, param in module.named_parameters() if not torch.isfinite(param).all()), None)
-    flag = torch.tensor([0.0 if bad is None else 1.0], device=next(module.parameters()).device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
+    if any_rank(bad is not None, next(module.parameters()).device):
         where = f"parameter {bad}" if bad else "a parameter on another rank"
         raise UserInputError(f"the model holds non-finite weights ({where}); not saved to {directory}")
 

@@ -171,19 +171,17 @@ def _load_train_state(path: Path) -> dict:
     return torch.load(state_file, weights_only=False)
 
 
-def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=None) -> dict | None:
-    """Collective: restore the latest checkpoint under ``root``; returns its ``train_state`` (None when
-    ``root`` holds no checkpoint yet). A rank that finds the RNG file of its rank number (saved by a
-    world at least as large) continues those streams: exactly at the same layout; at another layout
-    they are the streams of another role, as any seeded continuation would be."""
+def load_training_checkpoint(root: str | Path, train_state: dict, *, student, optimizer, teacher=None) -> None:
+    """Collective: restore the checkpoint under ``root`` whose ``train_state`` the caller read (with
+    :func:`read_train_state`) and checked, so that what is loaded is what was checked. A rank that
+    finds the RNG file of its rank number (saved by a world at least as large) continues those
+    streams: exactly at the same layout; at another layout they are the streams of another role, as
+    any seeded continuation would be."""
     from megatron.core import dist_checkpointing
 
     from megatron_renio.models.checkpoint import load_model_checkpoint
 
-    iteration = latest_iteration(root)
-    if iteration is None:
-        return None
-    path = iteration_dir(root, iteration)
+    path = iteration_dir(root, train_state["iteration"])
     load_model_checkpoint(student, path)
     if teacher is not None:
         if not (path / "teacher").is_dir():
@@ -192,7 +190,6 @@ def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=No
     optimizer_dir = path / "optimizer"
     if not optimizer_dir.is_dir():
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
-    train_state = _load_train_state(path)  # the trainer compared its settings before building the models
     _init_optimizer_state(optimizer)
     state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True), str(optimizer_dir))
     if _distributed(optimizer):
@@ -203,7 +200,6 @@ def load_training_checkpoint(root: str | Path, *, student, optimizer, teacher=No
     rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
     if rank_file.is_file():
         _set_rng_state(torch.load(rank_file, weights_only=False))
-    return train_state
 
 
 def _inner_optimizers(optimizer):

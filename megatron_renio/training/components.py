@@ -16,7 +16,7 @@ from megatron_renio.config import TrainConfig
 from megatron_renio.data.prompts import load_prompt_records
 from megatron_renio.data.templates import build_prompt_ids
 from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_renio.distributed import ParallelConfig, log0
+from megatron_renio.distributed import ParallelConfig, any_rank, log0
 from megatron_renio.errors import UserInputError
 from megatron_renio.losses.divergence import DivergenceConfig
 from megatron_renio.models.builder import ModelInfo, build_gpt_model, freeze, padded_vocab_size
@@ -215,9 +215,7 @@ def gradients_are_finite(student_ddp) -> bool:
     """
     buffers = [*student_ddp.buffers, *student_ddp.expert_parallel_buffers]
     sums = torch.stack([buffer.grad_data.sum(dtype=torch.float32) for buffer in buffers])
-    bad = (~torch.isfinite(sums)).any().float().reshape(1)
-    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    return not bool(bad.item())
+    return not any_rank((~torch.isfinite(sums)).any(), sums.device)
 
 
 def step_if_finite(optimizer, student_ddp, loss_is_finite: bool) -> tuple[bool, float | None]:
@@ -401,13 +399,11 @@ def check_load_source(cfg: TrainConfig) -> None:
 def check_run_outputs(cfg: TrainConfig) -> None:
     """``--save`` and ``--tensorboard-dir`` can be (or become) folders written in, ``--metrics-file`` a
     file: refused in one line at start-up, not at the first save or log line."""
-    from megatron_renio.output_paths import check_output_file, check_output_folder
+    from megatron_renio.output_paths import check_log_outputs, check_output_folder
 
-    for flag, folder in (("--save", cfg.save), ("--tensorboard-dir", cfg.tensorboard_dir)):
-        if folder:
-            check_output_folder(folder, f"{flag} {folder}")
-    if cfg.metrics_file:
-        check_output_file(cfg.metrics_file, f"--metrics-file {cfg.metrics_file}", create_folder=True)
+    if cfg.save:
+        check_output_folder(cfg.save, f"--save {cfg.save}")
+    check_log_outputs(cfg.metrics_file, cfg.tensorboard_dir)
 
 
 def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
