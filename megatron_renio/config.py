@@ -36,6 +36,10 @@ CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS
 HELP = {
     "overlap_grad_reduce": "start each gradient bucket's data-parallel reduction during the last micro-batch's "
                            "backward (Megatron-LM)",
+    "dist_ckpt_optim_fully_reshardable": "save --use-distributed-optimizer's state in the format that loads at any "
+                                         "TP/PP/DP layout: each rank gathers its model-parallel shard's whole state "
+                                         "(12 bytes per parameter / (TP x PP) of host memory); without it each rank "
+                                         "writes its own shard, which loads at the same TP/PP (Megatron-LM)",
     "recompute_granularity": "recompute the student's activations in backward instead of keeping them: full = "
                              "whole layers (see --recompute-method), selective = the core attention (without TE "
                              "its [b, heads, s, s] probabilities); none keeps everything",
@@ -113,6 +117,7 @@ class TrainConfig:
     train_iters: int = 100
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    dist_ckpt_optim_fully_reshardable: bool = False
     bf16: bool = False
     seed: int = 1234
     # checkpoints and logging
@@ -453,6 +458,9 @@ def validate(c: TrainConfig) -> None:
         raise UserInputError(
             f"--global-batch-size {c.global_batch_size} is not divisible by --samples-per-prompt {c.samples_per_prompt}"
         )
+    if c.dist_ckpt_optim_fully_reshardable and not c.use_distributed_optimizer:
+        raise UserInputError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer (the other "
+                             "optimizer's state is saved in parameter shapes, which any layout loads)")
     if c.save_samples_interval and not c.save:
         raise UserInputError("--save-samples-interval needs --save (the samples go to <save>/samples_rank<dp>.jsonl)")
     if c.global_batch_size % c.micro_batch_size:

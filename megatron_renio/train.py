@@ -26,6 +26,7 @@ from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 from megatron_renio.renio.weights import batch_mean_weight_bound
+from megatron_renio.training.checkpointing import DP_RESHARDABLE
 from megatron_renio.training.exit_conditions import ExitConditions
 from megatron_renio.training.faults import maybe_die
 
@@ -210,8 +211,9 @@ def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
 def _check_resumed_settings(state: dict, cfg: TrainConfig, teacher_origin: dict | None) -> None:
     """Before any model is built, one line for a flag that the run being resumed (its ``train_state``)
     cannot honour: ``--mode`` or ``--teacher`` (they change the prompts or the teacher the run distils
-    from), ``--use-distributed-optimizer`` and ``--bf16`` (the optimizer state's layout), Adam's betas
-    and epsilon (the checkpoint's optimizer keeps its own), the model the frozen teacher is built from
+    from), ``--use-distributed-optimizer`` and ``--bf16`` (the optimizer state's layout), another TP/PP
+    layout for a distributed optimizer state saved in the format that loads only at its own
+    (:data:`~megatron_renio.training.checkpointing.DP_RESHARDABLE`), Adam's betas and epsilon (the checkpoint's optimizer keeps its own), the model the frozen teacher is built from
     (``teacher_origin``), and the LR / weight-decay schedule
     (:func:`~megatron_renio.training.components.check_resumed_schedule`). Checkpoints of earlier
     versions record fewer of these; what they lack is not checked."""
@@ -228,6 +230,14 @@ def _check_resumed_settings(state: dict, cfg: TrainConfig, teacher_origin: dict 
             said = "with" if state[key] else "without"
             raise UserInputError(f"--load {cfg.load}: the run was saved {said} {flag}; resume {said} it (the "
                                  "optimizer state's layout differs)")
+    saved_format = state.get("optimizer_format")
+    layout = {"tp": cfg.tensor_model_parallel_size, "pp": cfg.pipeline_model_parallel_size}
+    if saved_format and saved_format["sharding"] == DP_RESHARDABLE and any(saved_format[k] != v for k, v in layout.items()):
+        raise UserInputError(
+            f"--load {cfg.load}: its distributed optimizer state was saved without --dist-ckpt-optim-fully-reshardable "
+            f"(Megatron's {DP_RESHARDABLE} format), which loads only at the TP/PP it was saved at: resume with "
+            f"--tensor-model-parallel-size {saved_format['tp']} --pipeline-model-parallel-size {saved_format['pp']} "
+            "(any DP size), and add --dist-ckpt-optim-fully-reshardable to save a checkpoint that loads at any layout")
     for key, saved in state.get("adam", {}).items():
         if saved != getattr(cfg, key):
             flag = "--" + key.replace("_", "-")
@@ -535,7 +545,7 @@ def run(cfg: TrainConfig) -> dict:
                     cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
                     teacher=ema,
                     tokenizer_dir=cfg.tokenizer or student_source.tokenizer_dir,  # the one it trained with, as sft
-                    keep_last=cfg.keep_last,
+                    keep_last=cfg.keep_last, fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "mode": cfg.mode,
                                  "teacher": cfg.teacher, "sampler": sampler.state_dict(),
                                  "normalizer": _replica_states(normalizer.state_dict()),

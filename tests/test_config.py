@@ -63,6 +63,7 @@ def test_yaml_config_with_cli_override(tmp_path):
          "give either --teacher-load or --teacher-model, not both"),
         (["--global-batch-size", "8", "--samples-per-prompt", "3"], "--global-batch-size 8 is not divisible by --samples-per-prompt 3"),
         (["--save-samples-interval", "5"], "--save-samples-interval needs --save"),
+        (["--dist-ckpt-optim-fully-reshardable"], "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer"),
         (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be an integer >= 1"),
         (["--max-new-tokens", "300"], r"--max-new-tokens must be smaller than --seq-length \(256\)"),
         (["--seq-length", "100"], r"--seq-length must be a multiple of 8 .*, got 100"),

@@ -163,12 +163,39 @@ def test_resume_continues_bitwise(workdir):
 
 
 def test_resume_at_another_layout_reshards_model_and_optimizer(workdir):
-    """2 steps at DP=2 with the distributed optimizer (Adam state sharded over DP), then fresh processes
-    with --load at TP=2, DP=1: the 4 steps equal 4 straight steps at DP=2 (fp32 tolerance, as layouts).
-    Step 4's loss follows step 3's update, which depends on the restored Adam moments and step count."""
-    common = {"--train-iters": 4, "--use-distributed-optimizer": None, "--renio-scope": "global"}
+    """2 steps at DP=2 with the distributed optimizer (Adam state sharded over DP) saved in the format
+    that loads at any layout, then fresh processes with --load at TP=2, DP=1: the 4 steps equal 4
+    straight steps at DP=2 (fp32 tolerance, as layouts). Step 4's loss follows step 3's update, which
+    depends on the restored Adam moments and step count."""
+    common = {"--train-iters": 4, "--use-distributed-optimizer": None, "--renio-scope": "global",
+              "--dist-ckpt-optim-fully-reshardable": None}
     a, b, _ = straight_and_resumed(workdir, "layout", common, {"--save-interval": 2, "--exit-interval": 2},
                                    {"--tensor-model-parallel-size": 2})
+    for x, y in zip(a, b):
+        assert (y["loss"], y["grad_norm"]) == pytest.approx((x["loss"], x["grad_norm"]), rel=1e-4), y["step"]
+
+
+def test_the_default_optimizer_format_resumes_at_another_dp_size_only(workdir):
+    """Without --dist-ckpt-optim-fully-reshardable each DP rank writes its own shard (Megatron-LM's
+    default): 2 steps at DP=2 resume in one process (DP=1) and continue as 4 straight steps at DP=2;
+    a resume at TP=2 is refused before the models load, naming the layout and the flag."""
+    common = {"--train-iters": 4, "--use-distributed-optimizer": None, "--renio-scope": "global"}
+    straight, resumed, save = (workdir / "dp_format_straight.jsonl", workdir / "dp_format_resumed.jsonl",
+                               workdir / "dp_format")
+    train(base_args(workdir, **common, **{"--metrics-file": straight}), nproc=2)
+    train(base_args(workdir, **common, **{"--save-interval": 2, "--exit-interval": 2, "--save": save,
+                                          "--metrics-file": resumed}), nproc=2)
+    proc = train(base_args(workdir, **common, **{"--load": save, "--tensor-model-parallel-size": 2}), nproc=2,
+                 check=False)
+    assert proc.returncode != 0 and "[rank0]:" not in proc.stderr  # no worker traceback
+    assert proc.stderr.count(
+        f"--load {save}: its distributed optimizer state was saved without --dist-ckpt-optim-fully-reshardable "
+        "(Megatron's dp_reshardable format), which loads only at the TP/PP it was saved at: resume with "
+        "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 (any DP size), and add "
+        "--dist-ckpt-optim-fully-reshardable to save a checkpoint that loads at any layout") == 2  # on both ranks
+    train(base_args(workdir, **common, **{"--load": save, "--metrics-file": resumed}), nproc=1)
+    a, b = read_jsonl(straight), read_jsonl(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert (y["loss"], y["grad_norm"]) == pytest.approx((x["loss"], x["grad_norm"]), rel=1e-4), y["step"]
 
@@ -678,6 +705,76 @@ def test_resumed_settings_are_compared_with_the_run(tmp_path):
     with pytest.raises(UserInputError, match="frozen teacher was built from --student-load s, but --model tiny"):
         _check_resumed_settings(state, cfg, {"flag": "--model", "source": "tiny", "identity": "preset tiny"})
     _check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
+
+
+def test_a_dp_reshardable_optimizer_state_resumes_at_its_own_tp_pp_only():
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _check_resumed_settings
+
+    state = {"optimizer_format": {"sharding": "dp_reshardable", "tp": 2, "pp": 1}}
+    _check_resumed_settings(state, TrainConfig(load="run", tensor_model_parallel_size=2), None)
+    for layout in (dict(tensor_model_parallel_size=1), dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)):
+        with pytest.raises(UserInputError, match="loads only at the TP/PP it was saved at: resume with "
+                                                 "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 1"):
+            _check_resumed_settings(state, TrainConfig(load="run", **layout), None)
+    fully = {"optimizer_format": {"sharding": "fully_reshardable", "tp": 2, "pp": 1}}
+    _check_resumed_settings(fully, TrainConfig(load="run", pipeline_model_parallel_size=2), None)
+
+
+@pytest.mark.parametrize("fully_reshardable", [False, True])
+def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
+    """A training checkpoint restores the distributed optimizer's main weights, Adam moments and step in
+    both formats (the format is recorded and read back); a dp_reshardable state saved from other
+    gradient buckets is refused with one line before anything is loaded into the optimizer."""
+    from megatron_renio import distributed
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training import components as C
+    from megatron_renio.training.checkpointing import (load_training_checkpoint, read_train_state,
+                                                       save_training_checkpoint)
+
+    cfg = TrainConfig(use_distributed_optimizer=True, lr=1e-2)
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        def build():
+            model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
+            ddp = C.wrap_ddp(model, use_distributed_optimizer=True)
+            optimizer = C.build_optimizer(ddp, cfg)[0]
+            return model, info, ddp, optimizer, optimizer.chained_optimizers[0]  # the one DistributedOptimizer
+
+        def adam_state(distributed_optimizer):
+            inner = distributed_optimizer.optimizer
+            return [[p.detach().clone(), *(inner.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "step"))]
+                    for group in inner.param_groups for p in group["params"]]
+
+        model, info, ddp, optimizer, dist_opt = build()
+        tokens = torch.randint(0, 100, (2, 16))
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        ddp(tokens, torch.arange(16).expand(2, 16), attention_mask=None).float().pow(2).mean().backward()
+        ddp.finish_grad_sync()
+        assert optimizer.step()[0]
+        saved = adam_state(dist_opt)
+        save_training_checkpoint(tmp_path, 1, student=model, student_info=info, optimizer=optimizer,
+                                 train_state={"iteration": 1}, fully_reshardable=fully_reshardable)
+        state = read_train_state(tmp_path)
+        assert state["optimizer_format"] == {"sharding": "fully_reshardable" if fully_reshardable else "dp_reshardable",
+                                             "tp": 1, "pp": 1}
+        model, _, _, optimizer, dist_opt = build()
+        if not fully_reshardable:
+            good = dist_opt.per_bucket_numel_unpadded
+            dist_opt.per_bucket_numel_unpadded = [{k: [n + 64 for n in v] for k, v in d.items()} for d in good]
+            with pytest.raises(UserInputError, match="was saved from other gradient buckets"):
+                load_training_checkpoint(tmp_path, state, student=model, optimizer=optimizer)
+            dist_opt.per_bucket_numel_unpadded = good
+        load_training_checkpoint(tmp_path, state, student=model, optimizer=optimizer)
+        for before, after in zip(saved, adam_state(dist_opt), strict=True):
+            for x, y in zip(before, after, strict=True):
+                torch.testing.assert_close(y, x, rtol=0, atol=0)
+    finally:
+        distributed.destroy()
 
 
 def test_the_teacher_origin_of_a_preset_names_its_flag():

@@ -5,7 +5,8 @@ Layout of ``--save DIR``::
     DIR/iter_0000010/            one complete checkpoint (a model checkpoint folder, see
         renio_model.json         megatron_renio.models.checkpoint, so export and --student-load
         model/  tokenizer/       read it directly)
-        optimizer/               dist_checkpointing of the optimizer state (any DP size on load)
+        optimizer/               dist_checkpointing of the optimizer state (its format:
+                                 :data:`DP_RESHARDABLE` or :data:`FULLY_RESHARDABLE`)
         teacher/                 the EMA teacher's fp32 average (``--teacher ema`` only; EmaTeacher)
         train_state.pt           step, data position, ReNIO EMA, LR scheduler, counters
         rng/rank_00000.pt        every rank's python / numpy / torch / model-parallel RNG states
@@ -100,20 +101,45 @@ def _distributed(optimizer) -> bool:
     return bool(getattr(optimizer.config, "use_distributed_optimizer", False))
 
 
-def _optimizer_state_dict(optimizer, model_sd, is_loading: bool):
-    kwargs = {}
-    if _distributed(optimizer):
-        kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+# The two formats of Megatron's distributed optimizer state that this trainer writes (Megatron-LM's
+# ``--dist-ckpt-optim-fully-reshardable`` picks the second; its default is the first). Each
+# checkpoint records its format and layout (:func:`optimizer_format`), and a resume loads that format.
+# dp_reshardable: every DP rank writes its own shard of the flat gradient buckets, with no gather and no
+# extra memory; it loads at the TP/PP layout it was saved at, at any DP size whose buckets are the same.
+DP_RESHARDABLE = "dp_reshardable"
+# fully_reshardable: every DP rank all-gathers its model-parallel shard's whole state into parameter
+# shapes (main weights and Adam moments, 12 bytes per parameter / (TP x PP) of host memory at save
+# and at load); it loads at any TP / PP / DP layout.
+FULLY_RESHARDABLE = "fully_reshardable"
+
+
+def optimizer_format(optimizer, fully_reshardable: bool) -> dict | None:
+    """What a checkpoint records of its optimizer state's format: ``{'sharding', 'tp', 'pp'}`` for the
+    distributed optimizer, None for the other (its state is saved in parameter shapes, any layout)."""
+    from megatron.core import parallel_state
+
+    if not _distributed(optimizer):
+        return None
+    return {"sharding": FULLY_RESHARDABLE if fully_reshardable else DP_RESHARDABLE,
+            "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size()}
+
+
+def _optimizer_state_dict(optimizer, model_sd, is_loading: bool, sharding: str | None):
+    """Megatron's sharded state dict of ``optimizer``; ``sharding``: the distributed optimizer's format."""
+    kwargs = {"metadata": {"distrib_optim_sharding_type": sharding}} if _distributed(optimizer) else {}
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, **kwargs)
 
 
 def save_training_checkpoint(
     root: str | Path, iteration: int, *, student, student_info, optimizer, train_state: dict,
-    teacher=None, tokenizer_dir: str | Path | None = None, keep_last: int = 2,
+    teacher=None, tokenizer_dir: str | Path | None = None, keep_last: int = 2, fully_reshardable: bool = False,
 ) -> Path:
     """Collective: write iteration ``iteration`` under ``root`` (see the module docstring); ``teacher``:
     the :class:`~megatron_renio.training.ema.EmaTeacher` of ``--teacher ema``, else None;
-    ``train_state``: written by global rank 0 (the same on every rank)."""
+    ``train_state``: written by global rank 0 (the same on every rank), with the optimizer's format
+    added; ``fully_reshardable``: the distributed optimizer's state in :data:`FULLY_RESHARDABLE`
+    format instead of :data:`DP_RESHARDABLE`."""
     from megatron.core import dist_checkpointing
 
     from megatron_renio.models.checkpoint import save_model_checkpoint
@@ -129,7 +155,10 @@ def save_training_checkpoint(
     _barrier()
     save_model_checkpoint(student, student_info, tmp, tokenizer_dir=tokenizer_dir,
                           extra_metadata={"iteration": iteration})
-    for name, state in (("optimizer", _optimizer_state_dict(optimizer, student.sharded_state_dict(), False)),
+    saved_format = optimizer_format(optimizer, fully_reshardable)
+    optimizer_state = _optimizer_state_dict(optimizer, student.sharded_state_dict(), False,
+                                            saved_format and saved_format["sharding"])
+    for name, state in (("optimizer", optimizer_state),
                         ("teacher", teacher.sharded_state_dict() if teacher is not None else None)):
         if state is None:
             continue
@@ -140,7 +169,8 @@ def save_training_checkpoint(
     maybe_die("checkpoint", iteration)  # model and optimizer written, not yet published
     if rank == 0:
         (tmp / "rng").mkdir()
-        torch.save({**train_state, "distributed_optimizer": _distributed(optimizer)}, tmp / "train_state.pt")
+        torch.save({**train_state, "distributed_optimizer": _distributed(optimizer), "optimizer_format": saved_format},
+                   tmp / "train_state.pt")
     _barrier()
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     _barrier()
@@ -191,9 +221,11 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     if not optimizer_dir.is_dir():
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
     _init_optimizer_state(optimizer)
-    state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True), str(optimizer_dir))
+    sharding = saved_sharding(train_state)
+    state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True, sharding),
+                                    str(optimizer_dir))
     if _distributed(optimizer):
-        _load_distributed_optimizer_state(optimizer, state)
+        _load_distributed_optimizer_state(optimizer, state, path)
     else:
         optimizer.load_state_dict(state)
     _untie_step_tensors(optimizer)
@@ -222,14 +254,23 @@ def _init_optimizer_state(optimizer) -> None:
                     state.setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def _load_distributed_optimizer_state(optimizer, state: dict) -> None:
-    """``DistributedOptimizer.load_state_dict`` in two parts, around a megatron-core 0.16 limitation.
+def saved_sharding(train_state: dict) -> str:
+    """The distributed optimizer format of the checkpoint whose ``train_state`` this is (checkpoints
+    that record none were written in :data:`FULLY_RESHARDABLE` format)."""
+    return (train_state.get("optimizer_format") or {}).get("sharding", FULLY_RESHARDABLE)
+
+
+def _load_distributed_optimizer_state(optimizer, state: dict, path: Path) -> None:
+    """``DistributedOptimizer.load_state_dict`` in two parts, around megatron-core 0.16 limitations.
 
     With torch's Adam (neither Apex nor Transformer Engine installed) the inner optimizer's state
     holds a ``step`` per parameter once its state dict is loaded, and the parameter-state loader
     copies every state key from the checkpoint's shards, which carry no ``step``. So the step,
     param groups and grad scaler are loaded first, then the sharded parameter state (main weights,
-    exp_avg, exp_avg_sq) with the ``step`` entries set aside.
+    exp_avg, exp_avg_sq) with the ``step`` entries set aside, under ``no_grad`` (in fp32 the main
+    weights are the model's parameters, which the loader copies into in place). A
+    :data:`DP_RESHARDABLE` state must have this run's gradient buckets (``path``: the checkpoint, for
+    the message).
     """
     inner = _inner_optimizers(optimizer)
     if len(inner) != 1:
@@ -237,11 +278,20 @@ def _load_distributed_optimizer_state(optimizer, state: dict) -> None:
     opt = inner[0]
     state = dict(state)
     param_state, sharding = state.pop("param_state"), state.pop("param_state_sharding_type")
-    if sharding != "fully_reshardable":
-        raise UserInputError(f"optimizer state of sharding type {sharding!r}; this trainer writes 'fully_reshardable'")
+    if sharding == DP_RESHARDABLE and param_state["per_bucket_numel_unpadded"] != opt.per_bucket_numel_unpadded:
+        raise UserInputError(
+            f"{path}: its optimizer state ({DP_RESHARDABLE}) was saved from other gradient buckets "
+            f"({param_state['per_bucket_numel_unpadded']}, here {opt.per_bucket_numel_unpadded}): resume with the "
+            "same --overlap-grad-reduce (its bucket size grows with DP beyond 40 ranks), or resume once at the old "
+            "layout with --dist-ckpt-optim-fully-reshardable and save"
+        )
     opt.load_state_dict(state)
     steps = {param: entry.pop("step") for param, entry in opt.optimizer.state.items() if "step" in entry}
-    opt.load_parameter_state_from_fully_reshardable(param_state)
+    with torch.no_grad():
+        if sharding == DP_RESHARDABLE:
+            opt.load_parameter_state_from_dp_reshardable(param_state)
+        else:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
     for param, step in steps.items():
         opt.optimizer.state[param]["step"] = step
 
