@@ -393,6 +393,35 @@ def test_extract_last_python_block():
     assert extract_last_python_block("```python\nx = 1\n```\n```python\ntruncated") == "x = 1\n"
 
 
+ADD = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        # Inside a list item, fences and code indented by 3 spaces: the code comes out dedented.
+        ("1. Solution:\n   ```python\n   def add(a, b):\n       return a + b\n   ```\n", ADD),
+        ("Here:\r\n```python\r\ndef add(a, b):\r\n    return a + b\r\n```\r\n", ADD),
+        ("Here:\r```python\rdef add(a, b):\r    return a + b\r```\r", ADD),
+        # The closing fence right after the last line of code.
+        ("```python\ndef add(a, b):\n    return a + b```", "def add(a, b):\n    return a + b"),
+        ("````python\ndef add(a, b):\n    return a + b\n````", ADD),
+        # A four-backtick block may hold a three-backtick fence; only four backticks close it.
+        ("````python\ndoc = '''\n```\n'''\n````", "doc = '''\n```\n'''\n"),
+        ("````python\nx = 1\n```", None),
+        ("```python\nx = 1\n````", None),
+        ("```python\nx = 1\n```\n````py\ny = 2\n````", "y = 2\n"),
+    ],
+)
+def test_extract_a_block_from_ordinary_model_output(completion, expected):
+    assert extract_last_python_block(completion) == expected
+
+
+def test_grade_code_runs_a_block_indented_in_a_list_item(host_check):
+    completion = "Steps:\n1. Write it:\n   ```python\n   def add(a, b):\n       return a + b\n   ```\n"
+    assert grade_code(completion, PROBLEM_TESTS, "add")
+
+
 def test_the_block_defining_the_entry_point_wins_over_a_later_example():
     solution = "def add(a, b):\n    return a + b\n"
     completion = (

@@ -100,6 +100,30 @@ def test_extract_boxed_answer(text, expected):
     assert extract_boxed_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (r"so the answer is $\boxed 5$.", "5"),
+        (r"\boxed 5", "5"),
+        (r"\(\boxed 12\)", "12"),
+        (r"\[\fbox -3\]", "-3"),
+        ("\\boxed\n7", "7"),
+        (r"$\boxed \frac12$", r"\frac12"),
+        (r"$\boxed \$5$", r"\$5"),  # an escaped dollar is not the closing delimiter
+        (r"\boxed{3} then \boxed 4", "4"),
+        (r"\boxed 3 then a cut-off \boxed{4", "3"),
+        (r"$\boxed $", None),
+    ],
+)
+def test_a_box_without_braces_takes_the_next_token(text, expected):
+    assert extract_boxed_answer(text) == expected
+
+
+def test_a_box_without_braces_is_graded():
+    assert grade_math(r"Hence $\boxed 5$.", "5")
+    assert not grade_math(r"Hence $\boxed 6$.", "5")
+
+
 def test_an_escaped_brace_is_content_even_when_unbalanced():
     """After a backslash the next character is content: a lone escaped brace neither closes nor
     opens a level of the box."""

@@ -65,6 +65,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 #: Characters of stdout / stderr kept in :class:`SandboxResult`.
@@ -289,7 +290,13 @@ def _classify_exit(returncode: int, stdout: str, token: str) -> tuple[str, str]:
     return "error", f"exited with status {returncode}"
 
 
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
+# An opening fence of three or more backticks (then an optional tag) on a line of its own; the
+# closing fence has the same number of backticks and ends a line, alone on it or after code.
+_FENCE = re.compile(
+    r"^[ \t]*(?P<fence>`{3,})(?!`)[ \t]*(?P<tag>[\w+-]*)[^\n]*\n"
+    r"(?P<code>.*?)(?:^[ \t]*)?(?<!`)(?P=fence)(?!`)[ \t]*$",
+    re.M | re.S,
+)
 _PYTHON_TAGS = {"python", "py", "python3"}
 
 
@@ -297,15 +304,24 @@ def extract_last_python_block(completion: str, entry_point: str | None = None) -
     """Code of the last complete fenced block tagged ``python`` / ``py`` / ``python3``; when there
     is none, of the last complete untagged block (```` ``` ````); otherwise ``None``.
 
+    Line endings ``\\r\\n`` and ``\\r`` count as ``\\n`` (the code returned has ``\\n`` only). A
+    fence is three or more backticks; the block ends at the next fence of the same number of
+    backticks that ends a line, either alone on its line or right after the last line of code
+    (then the code does not end with a newline). The code is dedented (:func:`textwrap.dedent`:
+    the longest whitespace prefix common to its non-blank lines is removed, whitespace-only lines
+    become empty), so a block indented inside a list item runs.
+
     With ``entry_point``, only the blocks that define it (a ``def <entry_point>(`` line at top
-    level) are considered when there are any, so an example-usage block after the solution is
-    not taken for it. A block whose closing fence is missing (a truncated completion) does not count.
+    level, after dedenting) are considered when there are any, so an example-usage block after
+    the solution is not taken for it. A block whose closing fence is missing (a truncated
+    completion) does not count.
     """
+    completion = completion.replace("\r\n", "\n").replace("\r", "\n")
     blocks = []  # (tagged, code) of the Python and untagged blocks, in order
     for match in _FENCE.finditer(completion):
-        tag = match.group(1).lower()
+        tag = match.group("tag").lower()
         if tag in _PYTHON_TAGS or not tag:
-            blocks.append((bool(tag), match.group(2)))
+            blocks.append((bool(tag), textwrap.dedent(match.group("code"))))
     if entry_point:
         defines = re.compile(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", re.M)
         blocks = [block for block in blocks if defines.search(block[1])] or blocks

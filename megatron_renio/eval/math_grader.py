@@ -4,8 +4,9 @@ Contract
 --------
 * :func:`extract_boxed_answer` returns the content of the **last** complete ``\\boxed{...}`` or
   ``\\fbox{...}`` in a text (braces balanced, escaped braces ``\\{`` / ``\\}`` do not count), or
-  ``None`` when there is none. A box whose closing brace is missing (a truncated completion) is
-  skipped, so an earlier complete box is used if there is one.
+  the token after a brace-less ``\\boxed 5`` / ``\\fbox 5``, or ``None`` when there is none. A
+  box whose closing brace is missing (a truncated completion) is skipped, so an earlier complete
+  box is used if there is one.
 * :func:`grade_math` is ``True`` only when the completion has a box and the boxed answer is
   equivalent to the reference according to the ``math_verify`` library (``parse`` + ``verify``,
   with the reference as the gold side). A completion without a box is graded wrong, never an
@@ -47,7 +48,12 @@ import sys
 import threading
 import time
 
-_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# ``\boxed`` / ``\fbox`` and then either an opening brace, or whitespace and a token: non-space
+# characters (a backslash with the character after it as one) up to a closing ``$``, ``\)`` or
+# ``\]`` delimiter.
+_BOX_START = re.compile(
+    r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<token>(?:\\[^\s)\]]|[^\s$\\])+))"
+)
 
 # Slack for the child process's interpreter start-up and imports, on top of ``timeout_s``.
 _CHILD_STARTUP_ALLOWANCE_S = 30.0
@@ -65,12 +71,22 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 
 
 def extract_boxed_answer(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, stripped.
+    """The answer of the last complete box in ``text``: ``\\boxed`` or ``\\fbox`` followed by
+    either a braced group or, without a brace, whitespace and a token.
 
-    Nested braces are balanced (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); escaped braces
-    ``\\{`` and ``\\}`` are content, not structure. Returns ``None`` when no complete box exists.
+    * Braced (``\\boxed{...}``): the content between the braces, stripped. Nested braces are
+      balanced (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); a backslash makes the character
+      after it content, so escaped braces ``\\{`` and ``\\}`` are not structure. A box whose
+      closing brace is missing (a truncated completion) is skipped.
+    * Brace-less (``\\boxed 5``): the run of non-space characters after the
+      whitespace, ending before a closing ``$``, ``\\)`` or ``\\]`` delimiter (``$\\boxed 5$``
+      gives ``5``); an escaped ``\\$`` is part of the token.
+
+    The box whose command starts last wins; ``None`` when ``text`` has no complete box.
     """
     for match in reversed(list(_BOX_START.finditer(text))):
+        if match.group("token"):
+            return match.group("token")
         depth = 1
         i = match.end()
         while i < len(text):
