@@ -24,7 +24,7 @@ RENIO_SCOPES = ("local", "global")
 TEACHERS = ("fixed", "ema", "separate")
 MODES = ("opd", "opsd")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
-LOSS_IMPLS = ("auto", "fused", "unfused")
+LOSS_IMPLS = ("auto", "triton", "chunked", "unfused")
 RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 TASKS = ("math", "coding")
@@ -66,7 +66,9 @@ HELP = {
     "kd_temperature": "temperature of both models' distributions in the loss",
     "kd_token_clip": "clamp of each vocabulary entry of the divergence to [0, k]; none = no clamp",
     "kd_top_k": "renormalise the teacher to its top k tokens (not fused); none = full vocabulary",
-    "loss_impl": "auto / fused: the fused vocab-parallel loss (Triton on GPUs); unfused: plain autograd",
+    "loss_impl": "auto: the fused vocab-parallel loss, its Triton kernels on GPUs and the chunked PyTorch path "
+                 "elsewhere; triton / chunked: that one (triton needs a GPU and the triton package); unfused: "
+                 "plain autograd on gathered copies of the completion rows",
     "renio": "weight each sample by its ReNIO weight",
     "renio_clip": "clip c of the log-ratio s - u",
     "renio_threshold": "tokens with a clipped log-ratio >= this are pivotal",
@@ -180,10 +182,6 @@ class TrainConfig:
     # rank 0 only, after the gradients are reduced) one entry of the student's gradient
     debug_inject_nonfinite: int = 0
     debug_inject_nonfinite_grad: int = 0
-
-    @property
-    def divergence_kind(self) -> str:
-        return "reverse_kl" if self.loss == "sampled_rkl" else self.loss
 
 
 def _flag(name: str) -> str:

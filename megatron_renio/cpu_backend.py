@@ -18,7 +18,9 @@ The patches, each with the Megatron-Core files that need it:
    ``*_like``, ...) called with a literal CUDA device allocate on the CPU instead:
    ``pipeline_parallel/schedules.py`` (``total_num_tokens``), ``optimizer/optimizer.py`` and
    ``optimizer/clip_grads.py`` (``found_inf``, norms), ``transformer/utils.py`` (attention masks),
-   ``dist_checkpointing/exchange_utils.py``. Patching the factory functions works in every thread
+   ``dist_checkpointing/exchange_utils.py``. The same wrappers drop ``pin_memory`` (pinning needs an
+   accelerator, and a CPU tensor is already in host memory): ``utils.py`` (packed-sequence
+   ``cu_seqlens``) and ``models/common/embeddings/rope_utils.py`` ask for pinned buffers. Patching the factory functions works in every thread
    (a ``TorchFunctionMode`` would only cover the thread that entered it). torch's default-device
    context (``with torch.device("meta")``, which transformers' ``from_pretrained`` builds models
    under) recognises factories by identity in a cached set, so that set is filled with the original
@@ -195,7 +197,9 @@ def activate() -> None:
 
 
 def deactivate() -> None:
-    """Undo every patch (used by tests that check activation is reversible)."""
+    """Undo every patch: :func:`megatron_renio.distributed.destroy` calls it, and the command entry
+    point after a start that failed before the process group existed, so that code running later in
+    the process sees torch as it is."""
     global _ACTIVE
     for (owner, name), original in reversed(list(_ORIGINALS.items())):
         setattr(owner, name, original)

@@ -1032,6 +1032,22 @@ def test_renio_settings_without_effect_are_noted():
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
 
 
+def test_the_loss_implementation_flag_reaches_the_step_and_triton_needs_a_gpu(monkeypatch):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.losses import fused
+    from megatron_renio.training import components as C
+
+    assert [C.loss_settings(TrainConfig(loss_impl=impl)).impl for impl in ("auto", "chunked", "unfused")] == \
+        ["auto", "chunked", "unfused"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserInputError, match=r"^--loss-impl triton needs a GPU and the triton package \(here: no GPU"):
+        C.loss_settings(TrainConfig(loss_impl="triton"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fused, "triton", None)
+    with pytest.raises(UserInputError, match=r"\(here: a GPU, triton missing\)"):
+        C.loss_settings(TrainConfig(loss_impl="triton"))
+
+
 def test_loss_settings_with_a_cost_or_a_bias_are_noted():
     from megatron_renio.config import TrainConfig
     from megatron_renio.train import _loss_notes

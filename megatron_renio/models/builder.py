@@ -23,9 +23,13 @@ from megatron_renio.models.presets import ModelPreset
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def padded_vocab_size(true_vocab_size: int, tp_size: int, vocab_multiple: int = 128) -> int:
-    """Smallest multiple of ``vocab_multiple * tp_size`` that holds ``true_vocab_size``."""
-    multiple = vocab_multiple * tp_size
+# Megatron-LM's --make-vocab-size-divisible-by default: each TP rank's vocabulary shard is a multiple of it.
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
+def padded_vocab_size(true_vocab_size: int, tp_size: int) -> int:
+    """Smallest multiple of ``MAKE_VOCAB_SIZE_DIVISIBLE_BY * tp_size`` that holds ``true_vocab_size``."""
+    multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * tp_size
     return int(math.ceil(true_vocab_size / multiple) * multiple)
 
 
@@ -141,12 +145,11 @@ def layer_spec(preset: ModelPreset, config):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the loss and the checkpoint code need to know about a built model."""
+    """What the checkpoint code and the logs need to know about a built model: its preset and the
+    width its embedding and output layer were built with."""
 
     preset: ModelPreset
     padded_vocab_size: int
-    pre_process: bool
-    post_process: bool
 
 
 def _apply_llama3_rope_scaling(model, preset: ModelPreset) -> None:
@@ -169,7 +172,6 @@ def build_gpt_model(
     preset: ModelPreset,
     parallel: ParallelConfig,
     dtype: str = "fp32",
-    vocab_multiple: int = 128,
     max_sequence_length: int | None = None,
     padded_vocab: int | None = None,
     **config_overrides,
@@ -186,7 +188,7 @@ def build_gpt_model(
     config = transformer_config(preset, parallel, dtype, **config_overrides)
     pre = parallel_state.is_pipeline_first_stage()
     post = parallel_state.is_pipeline_last_stage()
-    vocab = padded_vocab or padded_vocab_size(preset.vocab_size, parallel.tensor_model_parallel_size, vocab_multiple)
+    vocab = padded_vocab or padded_vocab_size(preset.vocab_size, parallel.tensor_model_parallel_size)
     if vocab < preset.vocab_size or vocab % parallel.tensor_model_parallel_size:
         raise ValueError(f"padded vocabulary {vocab} must hold {preset.vocab_size} ids and split over "
                          f"{parallel.tensor_model_parallel_size} TP ranks")
@@ -206,7 +208,7 @@ def build_gpt_model(
         _apply_llama3_rope_scaling(model, preset)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    return model, ModelInfo(preset, vocab, pre, post)
+    return model, ModelInfo(preset, vocab)
 
 
 def freeze(model) -> None:

@@ -171,13 +171,6 @@ def publish_directory(staging: Path, target: str | Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _dtype_name(torch_dtype) -> str:
     from megatron_renio.models.builder import DTYPES
 
@@ -296,6 +289,7 @@ def save_model_checkpoint(
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.utils import unwrap_model
 
     try:
         import psutil  # noqa: F401  (dist_checkpointing's writer needs it; megatron-core does not declare it)
@@ -303,7 +297,7 @@ def save_model_checkpoint(
         raise RuntimeError("saving a model checkpoint needs psutil: pip install psutil") from None
 
     directory = Path(directory).absolute()
-    module = _unwrap(model)
+    module = unwrap_model(model)
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
     metadata = {
@@ -433,20 +427,20 @@ def _mismatches(model, preset: ModelPreset) -> list[str]:
     return result
 
 
-def load_model_checkpoint(model, directory: str | Path, strict: bool = True) -> CheckpointMetadata:
+def load_model_checkpoint(model, directory: str | Path) -> CheckpointMetadata:
     """Load a model checkpoint into ``model`` (this rank's stage, any TP/PP layout). Collective.
 
-    The checkpoint's preset must describe the model's architecture. ``strict``: every tensor the
-    model asks for must be in the checkpoint and every checkpoint tensor must be used (as
-    ``torch.nn.Module.load_state_dict``); otherwise mismatches are logged and the model's other
-    tensors are left as they are. Returns the checkpoint's metadata.
+    The checkpoint's preset must describe the model's architecture; every tensor the model asks for
+    must be in the checkpoint and every checkpoint tensor must be used (as
+    ``torch.nn.Module.load_state_dict(strict=True)``). Returns the checkpoint's metadata.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.utils import unwrap_model
     from torch.distributed.checkpoint.api import CheckpointException
 
     metadata = read_checkpoint_metadata(directory)
-    module = _unwrap(model)
+    module = unwrap_model(model)
     mismatches = _mismatches(module, metadata.preset)
     if mismatches:
         raise UserInputError(f"{directory} does not fit the model: {'; '.join(mismatches)}")
@@ -454,9 +448,9 @@ def load_model_checkpoint(model, directory: str | Path, strict: bool = True) -> 
         state_dict = dist_checkpointing.load(
             _sharded_state_dict(module),
             str(Path(directory) / MODEL_SUBDIR),
-            strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL,
+            strict=StrictHandling.RAISE_ALL,
         )
-        module.load_state_dict(state_dict, strict=strict)
+        module.load_state_dict(state_dict, strict=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise UserInputError(
             f"{directory}: cannot load the model weights, missing or corrupt files ({_describe(e)})"

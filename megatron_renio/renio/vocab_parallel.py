@@ -62,45 +62,21 @@ class VocabShard:
         return torch.arange(self.size, device=device) < self.num_valid
 
 
-class _AllReduceSumSummedGrad(torch.autograd.Function):
-    """y = sum over the group of x; dL/dx = sum over the group of dL/dy."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _AllReduceSumIdentityGrad(torch.autograd.Function):
-    """y = sum over the group of x; dL/dx = dL/dy (Megatron's reduce_from_tensor_model_parallel_region)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def all_reduce_sum_summed_grad(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable sum over ``group`` whose backward also sums (for intermediates used locally)."""
-    return x if group_size(group) == 1 else _AllReduceSumSummedGrad.apply(x, group)
+    """Differentiable sum over ``group`` whose backward also sums, dL/dx = sum over the group of dL/dy
+    (torch.distributed.nn's all-reduce; for intermediates every rank then uses locally)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return x if group_size(group) == 1 else all_reduce(x, group=group)
 
 
 def all_reduce_sum_identity_grad(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable sum over ``group`` whose backward is the identity (for final, replicated sums)."""
-    return x if group_size(group) == 1 else _AllReduceSumIdentityGrad.apply(x, group)
+    """Differentiable sum over ``group`` whose backward is the identity, dL/dx = dL/dy (Megatron's
+    ``reduce_from_tensor_model_parallel_region``, which reduces a contiguous tensor in place; for final,
+    replicated sums)."""
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    return x if group_size(group) == 1 else reduce_from_tensor_model_parallel_region(x.contiguous(), group=group)
 
 
 def all_reduce_max_(x: torch.Tensor, group) -> torch.Tensor:

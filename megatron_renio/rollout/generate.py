@@ -15,8 +15,8 @@ token per step. How the pieces fit:
   generator seeded identically on every rank; TP rank 0's tokens are then broadcast over the TP
   group, so the ranks agree even if their logits differ in the last bit.
 - **Pipeline parallelism.** Each step, a stage receives the hidden states of the step's positions
-  from the previous stage (``torch.distributed`` recv on Megatron's pipeline group, handed to the
-  model with ``set_input_tensor``), runs its layers with its own KV cache, and sends its output on;
+  from the previous stage (Megatron's inference p2p helpers, handed to the model with
+  ``set_input_tensor``), runs its layers with its own KV cache, and sends its output on;
   the last stage samples and broadcasts the tokens to all stages of its pipeline.
 - **Sequence parallelism** is switched off for the rollout (a one-token step cannot be split
   over the TP ranks) and restored afterwards.
@@ -120,23 +120,23 @@ def _stage_forward(model, gpt, tokens, positions, context):
     full-vocabulary logits of the last position [b, V_padded] (fp32); elsewhere send the hidden
     states to the next stage and return None."""
     from megatron.core import parallel_state
+    from megatron.core.inference.communication_utils import recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
     if not parallel_state.is_pipeline_first_stage():
         config = gpt.config
         hidden = torch.empty(
             (tokens.size(1), tokens.size(0), config.hidden_size),
             dtype=config.pipeline_dtype or config.params_dtype, device=tokens.device,
         )
-        torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank(), group=pp_group)
+        recv_from_prev_pipeline_rank_(hidden)
         gpt.set_input_tensor(hidden)
     out = model(
         tokens, positions, attention_mask=None, inference_context=context,
         runtime_gather_output=context is not None,  # Megatron's inference path gathers itself
     )
     if not parallel_state.is_pipeline_last_stage():
-        torch.distributed.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank(), group=pp_group)
+        send_to_next_pipeline_rank(out.contiguous())
         return None
     last = out[:, -1, :]
     if context is None:
@@ -173,7 +173,9 @@ def _keep_cache_rows(context, keep: torch.Tensor, length: int) -> None:
 
 
 def _step_seed(seed: int, position: int) -> int:
-    """A 63-bit seed for sequence position ``position`` of a run seeded with ``seed``."""
+    """The generator seed of sequence position ``position`` in a run seeded with ``seed`` (below 2**63;
+    torch's CPU generator keeps its low 32 bits, so on the CPU two positions share their noise with
+    probability about 2**-32; CUDA's keeps all 64)."""
     return (seed * 6364136223846793005 + position * 1442695040888963407) % (2**63 - 1)
 
 

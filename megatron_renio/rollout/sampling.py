@@ -18,7 +18,8 @@ from megatron_renio.errors import UserInputError
 class SamplingConfig:
     """How the student samples its completions.
 
-    ``temperature`` divides the logits; ``top_k`` keeps the k most likely tokens (0 = off);
+    ``temperature`` divides the logits; ``top_k`` keeps the k most likely tokens and any tied with the k-th,
+    as Hugging Face and vLLM do (0 = off);
     ``top_p`` keeps the smallest set of most likely tokens whose probability reaches ``top_p``
     (1.0 = off); ``greedy`` takes the argmax and ignores the three others (a temperature of 0 is
     then allowed: it is how vLLM and eval configs ask for greedy decoding); ``max_new_tokens``

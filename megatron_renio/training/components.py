@@ -34,9 +34,17 @@ def model_dtype(cfg: TrainConfig) -> str:
 
 
 def loss_settings(cfg: TrainConfig) -> LossSettings:
-    """Map the loss / ReNIO flags onto the core configs (validated there too)."""
+    """Map the loss / ReNIO flags onto the core configs (validated there too). ``--loss sampled_rkl``
+    computes the reverse KL's terms (its divergence is logged); ``--loss-impl triton`` needs a GPU
+    and the triton package (refused here, before anything is built)."""
+    from megatron_renio.losses.fused import triton_available
+
+    if cfg.loss_impl == "triton" and not (torch.cuda.is_available() and triton_available()):
+        raise UserInputError(
+            f"--loss-impl triton needs a GPU and the triton package (here: {'a GPU' if torch.cuda.is_available() else 'no GPU'}, "
+            f"triton {'importable' if triton_available() else 'missing'}); use --loss-impl auto or chunked")
     divergence = DivergenceConfig(
-        kind="jsd" if cfg.loss == "jsd" else cfg.divergence_kind,
+        kind="reverse_kl" if cfg.loss == "sampled_rkl" else cfg.loss,
         beta=cfg.kd_beta, temperature=cfg.kd_temperature, token_clip=cfg.kd_token_clip, top_k=cfg.kd_top_k,
     )
     renio = ReNIOConfig(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core.utils import unwrap_model
 
 
 @dataclass
@@ -41,9 +42,9 @@ class PairedModel(torch.nn.Module):
         self.teacher = teacher
         self.student_hidden = student_hidden
         self.teacher_hidden = teacher_hidden
-        self.config = _unwrap(student).config
-        self.model_type = _unwrap(student).model_type
-        self._post_process = _unwrap(student).post_process
+        self.config = unwrap_model(student).config
+        self.model_type = unwrap_model(student).model_type
+        self._post_process = unwrap_model(student).post_process
 
     def set_input_tensor(self, input_tensor) -> None:
         """Split the received p2p tensor between the two models (first stage receives None)."""
@@ -54,8 +55,8 @@ class PairedModel(torch.nn.Module):
         else:
             student_in, teacher_in = torch.split(input_tensor, [self.student_hidden, self.teacher_hidden], dim=-1)
             teacher_in = teacher_in.detach()
-        _unwrap(self.student).set_input_tensor(student_in)
-        _unwrap(self.teacher).set_input_tensor(teacher_in)
+        unwrap_model(self.student).set_input_tensor(student_in)
+        unwrap_model(self.teacher).set_input_tensor(teacher_in)
 
     def forward(self, student_tokens, student_position_ids, teacher_tokens, teacher_position_ids):
         with torch.no_grad():
@@ -74,10 +75,3 @@ def paired_tensor_shapes(student_hidden: int, teacher_hidden: int):
         return widen(recv_shapes), widen(send_shapes)
 
     return adjust
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module

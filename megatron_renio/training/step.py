@@ -49,7 +49,7 @@ class LossSettings:
     divergence: DivergenceConfig
     renio: ReNIOConfig
     loss_kind: str  # 'divergence' or 'sampled_rkl'
-    impl: str = "auto"  # 'auto' | 'fused' | 'unfused'
+    impl: str = "auto"  # --loss-impl: 'auto' | 'triton' | 'chunked' (fused_token_terms' impl) | 'unfused'
 
 
 @dataclass
@@ -137,7 +137,7 @@ class DistillationStep:
                                gather_grid(teacher, mb.teacher.gather_index), *args)
         filled = mb.completion_mask > 0
         positions = tuple(torch.where(filled, side.gather_index, -1) for side in (mb.student, mb.teacher))
-        return fused_token_terms(student, teacher, *args, positions=positions)
+        return fused_token_terms(student, teacher, *args, impl=self.settings.impl, positions=positions)
 
     def _loss(self, mb: PairedBatch, output: PairedOutput):
         terms = self._token_terms(mb, output)
