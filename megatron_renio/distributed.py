@@ -106,6 +106,32 @@ def any_rank(flag, device) -> bool:
     return bool(value.item())
 
 
+def on_rank0(fn):
+    """Run ``fn`` on global rank 0 only and hand its (picklable) result to every rank, or its error:
+    rank 0 re-raises it, the others raise :class:`UserInputError` with its message (or RuntimeError
+    for another exception), so no rank waits for a broadcast that never comes. Collective."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    payload = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", fn())]
+        except Exception as e:  # every rank must learn about it, or the others hang
+            error = e
+            payload = [("user" if isinstance(e, UserInputError) else "crash", str(e))]
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if error is not None:
+        raise error
+    if status == "user":
+        raise UserInputError(value)
+    if status == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
 def log0(message: str) -> None:
     """Print on global rank 0 only (the RANK of the launcher before process groups exist)."""
     if torch.distributed.is_initialized():

@@ -1,4 +1,4 @@
-"""Checks of the paths a command writes to, made before any model work.
+"""The paths a command writes to: checks made before any model work, and atomic writes.
 
 A path that cannot receive the output must be refused at start-up with one line naming the flag, not
 found at the first save, hours into a run. Permission bits do not tell (root passes ``os.access``
@@ -8,9 +8,12 @@ in the nearest existing folder of the path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Iterable
 
 from megatron_renio.errors import UserInputError
 
@@ -74,3 +77,17 @@ def check_log_outputs(metrics_file: str | None, tensorboard_dir: str | None) -> 
         check_output_file(metrics_file, f"--metrics-file {metrics_file}", create_folder=True)
     if tensorboard_dir:
         check_output_folder(tensorboard_dir, f"--tensorboard-dir {tensorboard_dir}")
+
+
+def write_atomic(path: str, lines: Iterable[str]) -> None:
+    """Write ``lines`` to a temporary file beside ``path``, then rename it to ``path``."""
+    target = Path(path).absolute()
+    partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(partial, "x", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise

@@ -230,17 +230,12 @@ def run(cfg: SFTConfig) -> list[float]:
     from megatron_renio.data.prompts import PromptSampler
     from megatron_renio.models.checkpoint import save_model_checkpoint
     from megatron_renio.distributed import log0
-    from megatron_renio.train import MetricsLogger
+    from megatron_renio.training.run_logs import MetricsLogger
     from megatron_renio.training import components as C
 
     t = cfg.train
     ctx = distributed.initialize(C.parallel_config(t), t.seed, distributed.fingerprint(cfg), t.distributed_timeout_minutes)
-    samples_per_rank, remainder = divmod(t.global_batch_size, ctx.dp_size)
-    if remainder or samples_per_rank % t.micro_batch_size:
-        raise UserInputError(
-            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-            f"{t.micro_batch_size} x data-parallel size {ctx.dp_size}"
-        )
+    C.samples_per_replica(t, ctx.dp_size)  # refuses a batch that does not split into micro-batches per replica
     source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint/--model")
     C.note_untrained_positions(t.seq_length, "model", source)
     C.check_recompute(t, source.preset)

@@ -11,12 +11,9 @@ steps. Flags are documented in :mod:`megatron_renio.config`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,92 +21,10 @@ import torch
 from megatron_renio.config import TrainConfig, pad_multiple, parse_train_args
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
-from megatron_renio.errors import UserInputError
 from megatron_renio.renio.weights import batch_mean_weight_bound
-from megatron_renio.training.checkpointing import DP_RESHARDABLE
+from megatron_renio.training import resume, run_logs
 from megatron_renio.training.exit_conditions import ExitConditions
 from megatron_renio.training.faults import maybe_die
-
-
-def _metrics_path(cfg: TrainConfig) -> Path | None:
-    """The JSONL metrics file: ``--metrics-file``, else ``--save/metrics.jsonl``, else none."""
-    path = cfg.metrics_file or (str(Path(cfg.save) / "metrics.jsonl") if cfg.save else None)
-    return Path(path) if path else None
-
-
-def _drop_steps_after(path: Path, iteration: int) -> None:
-    """Rewrite the JSONL file ``path`` of per-step records (atomically) without the records of steps
-    after ``iteration``, and without a line cut short by a killed process: a run resumed at
-    ``iteration`` (0: a requeued run that had saved no checkpoint) takes those steps again, so each
-    step keeps one record."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= iteration:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
-def _standard_json(record: dict) -> dict:
-    """``record`` with non-finite floats as None: JSON has no NaN or Infinity (``jq`` and other strict
-    readers refuse them), and a skipped step's loss may be either."""
-    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
-            for key, value in record.items()}
-
-
-class MetricsLogger:
-    """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for). A run started with
-    ``--load`` at iteration ``resumed_at`` (0 when it found no checkpoint) first drops the later steps
-    of an earlier attempt from TensorBoard (``purge_step``; the JSONL files: :func:`_drop_steps_after`),
-    so that each step is recorded once."""
-
-    def __init__(self, cfg: TrainConfig, resumed_at: int | None = None):
-        self.rank0 = torch.distributed.get_rank() == 0
-        self.jsonl = None
-        self.tb = None
-        self.wandb = None
-        if not self.rank0:
-            return
-        path = _metrics_path(cfg)
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(path, "a")
-        if cfg.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(cfg.tensorboard_dir, purge_step=None if resumed_at is None else resumed_at + 1)
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                print("warning: --wandb-project given but wandb is not installed; skipping W&B", flush=True)
-            else:
-                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.rank0:
-            return
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, **_standard_json(metrics)}) + "\n")
-            self.jsonl.flush()
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if self.tb:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, step)
-        if self.wandb:
-            self.wandb.log(scalars, step=step)
-
-    def close(self) -> None:
-        for sink in (self.jsonl, self.tb):
-            if sink:
-                sink.close()
-        if self.wandb:
-            self.wandb.finish()
 
 
 def _renio_notes(cfg: TrainConfig) -> list[str]:
@@ -155,26 +70,6 @@ def _loss_notes(cfg: TrainConfig) -> list[str]:
     return notes
 
 
-def _replica_states(state: dict) -> list[dict]:
-    """Every data-parallel replica's ``state`` as its last pipeline stage holds it, in DP-rank order, on
-    every rank (collective over the data-parallel and pipeline groups).
-
-    The ReNIO normaliser is used by the loss, which only the last stage computes; in local scope each
-    replica's EMA follows its own micro-batches. The checkpoint's ``train_state`` is written by global
-    rank 0, a first-stage rank of replica 0.
-    """
-    from megatron.core import parallel_state
-
-    states = [None] * parallel_state.get_data_parallel_world_size()
-    torch.distributed.all_gather_object(states, state, group=parallel_state.get_data_parallel_group())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        box = [states]
-        torch.distributed.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                                group=parallel_state.get_pipeline_model_parallel_group())
-        states = box[0]
-    return states
-
-
 def _step_counts(completions: list[list[int]], eos: list[int], limits: list[int], generated: int,
                  positions: int, flops: float, rollout_seconds: float, device) -> dict[str, float]:
     """This step's rollout and batch counts summed over the data-parallel replicas (collective over the
@@ -200,148 +95,10 @@ def _step_counts(completions: list[list[int]], eos: list[int], limits: list[int]
             "flops": flops, "longest": longest, "rollout_seconds": rollout_seconds}
 
 
-def _replica_state(states: list[dict] | dict, dp_rank: int) -> dict:
-    """The saved normaliser state that data-parallel replica ``dp_rank`` resumes from: its own at the
-    same DP size (every TP and PP rank of the replica takes the same one), replica ``dp_rank mod`` the
-    saved DP size after a DP change (a local-scope EMA is per replica: more replicas repeat the saved
-    ones, fewer keep the first ones). A single dict (checkpoints of earlier versions) serves every replica."""
-    return states if isinstance(states, dict) else states[dp_rank % len(states)]
-
-
-def _check_resumed_settings(state: dict, cfg: TrainConfig, teacher_origin: dict | None) -> None:
-    """Before any model is built, one line for a flag that the run being resumed (its ``train_state``)
-    cannot honour: ``--mode`` or ``--teacher`` (they change the prompts or the teacher the run distils
-    from), ``--use-distributed-optimizer`` and ``--bf16`` (the optimizer state's layout), another TP/PP
-    layout for a distributed optimizer state saved in the format that loads only at its own
-    (:data:`~megatron_renio.training.checkpointing.DP_RESHARDABLE`), Adam's betas and epsilon (the checkpoint's optimizer keeps its own), the model the frozen teacher is built from
-    (``teacher_origin``), and the LR / weight-decay schedule
-    (:func:`~megatron_renio.training.components.check_resumed_schedule`). Checkpoints of earlier
-    versions record fewer of these; what they lack is not checked."""
-    from megatron_renio.training import components as C
-
-    for flag, key in (("--mode", "mode"), ("--teacher", "teacher")):
-        saved = state.get(key)
-        if saved is not None and saved != getattr(cfg, key):
-            raise UserInputError(f"--load {cfg.load}: the run was saved with {flag} {saved}; resume it with the "
-                                 f"same {flag} (another one changes the prompts or the teacher it distils from)")
-    for flag, key, field in (("--use-distributed-optimizer", "distributed_optimizer", "use_distributed_optimizer"),
-                             ("--bf16", "bf16", "bf16")):
-        if key in state and state[key] != getattr(cfg, field):
-            said = "with" if state[key] else "without"
-            raise UserInputError(f"--load {cfg.load}: the run was saved {said} {flag}; resume {said} it (the "
-                                 "optimizer state's layout differs)")
-    saved_format = state.get("optimizer_format")
-    layout = {"tp": cfg.tensor_model_parallel_size, "pp": cfg.pipeline_model_parallel_size}
-    if saved_format and saved_format["sharding"] == DP_RESHARDABLE and any(saved_format[k] != v for k, v in layout.items()):
-        raise UserInputError(
-            f"--load {cfg.load}: its distributed optimizer state was saved without --dist-ckpt-optim-fully-reshardable "
-            f"(Megatron's {DP_RESHARDABLE} format), which loads only at the TP/PP it was saved at: resume with "
-            f"--tensor-model-parallel-size {saved_format['tp']} --pipeline-model-parallel-size {saved_format['pp']} "
-            "(any DP size), and add --dist-ckpt-optim-fully-reshardable to save a checkpoint that loads at any layout")
-    for key, saved in state.get("adam", {}).items():
-        if saved != getattr(cfg, key):
-            flag = "--" + key.replace("_", "-")
-            raise UserInputError(f"--load {cfg.load}: the run was saved with {flag} {saved:g}, which its optimizer "
-                                 f"state keeps; resume with the same value, not {getattr(cfg, key):g}")
-    saved_origin = state.get("teacher_origin")
-    if saved_origin and teacher_origin and saved_origin["identity"] != teacher_origin["identity"]:
-        raise UserInputError(
-            f"--load {cfg.load}: the run's frozen teacher was built from {saved_origin['flag']} "
-            f"{saved_origin['source']}, but {teacher_origin['flag']} {teacher_origin['source']} holds another "
-            f"model; resume with the run's {saved_origin['flag']} (the teacher must stay the one it distils from)")
-    C.check_resumed_schedule(state.get("scheduler", {}), cfg)
-
-
-def _teacher_origin(cfg: TrainConfig, student_source, teacher_source) -> dict | None:
-    """What the frozen teacher is built from, recorded in every checkpoint and compared on resume: the
-    initial student (``--teacher fixed``) or ``--teacher-load`` / ``--teacher-model`` (``separate``), as
-    {'flag', 'source', 'identity'}; a checkpoint's identity is its
-    :func:`~megatron_renio.models.checkpoint.checkpoint_fingerprint`, computed on global rank 0 only
-    and broadcast (a collective). None for ``--teacher ema``, whose teacher the checkpoint holds."""
-    from megatron_renio.models.checkpoint import checkpoint_fingerprint
-
-    if cfg.teacher == "ema":
-        return None
-    if cfg.teacher == "fixed":
-        flag, value = (("--student-load", student_source.checkpoint) if student_source.checkpoint
-                       else ("--model", cfg.model))
-    else:
-        flag, value = (("--teacher-load", teacher_source.checkpoint) if teacher_source.checkpoint
-                       else ("--teacher-model", cfg.teacher_model))
-    if flag.endswith("-model"):  # a preset: random initialisation from --seed (the sampler state compares
-        # it), which depends on the layout
-        layout = f"TP {cfg.tensor_model_parallel_size}, PP {cfg.pipeline_model_parallel_size}"
-        return {"flag": flag, "source": f"{value} at {layout}", "identity": f"preset {value} at {layout}"}
-    box = [None]
-    if torch.distributed.get_rank() == 0:
-        try:
-            box = [("ok", checkpoint_fingerprint(value))]
-        except (OSError, ValueError) as e:  # every rank raises it, none waits at the broadcast
-            box = [("error", f"{flag} {value}: cannot read it to fingerprint ({e})")]
-    torch.distributed.broadcast_object_list(box, src=0)
-    status, identity = box[0]
-    if status == "error":
-        raise UserInputError(identity)
-    return {"flag": flag, "source": str(value), "identity": identity}
-
-
-def _run_logs(cfg: TrainConfig) -> list[Path]:
-    """The JSONL files a run appends to: its metrics file and, under ``--save``, the saved samples."""
-    metrics = _metrics_path(cfg)
-    return ([metrics] if metrics else []) + (sorted(Path(cfg.save).glob("samples_rank*.jsonl")) if cfg.save else [])
-
-
-def _check_new_run_logs(cfg: TrainConfig) -> None:
-    """A new run that does not ``--load`` must not append to an earlier run's JSONL files: one line for
-    a non-empty one, except the files inside ``--save`` with ``--override-save`` (the run starts that
-    folder over: they are emptied)."""
-    from megatron_renio.models.checkpoint import is_within
-
-    metrics = _metrics_path(cfg)
-    for path in _run_logs(cfg):
-        if not path.is_file() or path.stat().st_size == 0:
-            continue
-        in_save = bool(cfg.save) and is_within(path, cfg.save)
-        if in_save and cfg.override_save:
-            continue
-        choose = f"remove it or choose another {'--metrics-file' if path == metrics else '--save'}"
-        if in_save:
-            raise UserInputError(f"{path} holds records of an earlier run; pass --load {cfg.save} to continue that "
-                                 f"run, or {choose}, or pass --override-save to start the --save folder over")
-        raise UserInputError(f"{path} holds records of an earlier run; {choose}")
-
-
 def rows_of_prompts(indices: list[int], samples_per_prompt: int) -> list[int]:
     """The prompt record of each row of a step's batch: ``samples_per_prompt`` consecutive rows per
     index of ``indices`` (the student's and the teacher's prompts, and the saved samples, all read it)."""
     return [i for i in indices for _ in range(samples_per_prompt)]
-
-
-def _save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], completions: list[list[int]],
-                  per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
-    """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
-    step, rank (DP), index (row in this rank's batch), prompt_index (``records[index]``: record of
-    ``--data-path``, after the too-long filter), completion (text), completion_ids (EOS included when
-    generated), num_tokens, weight (the ReNIO weight applied, 1 without ``--renio``), raw_weight
-    (exp(a_i / gamma) before normalisation), sample_loss (L_i); with ``--task math`` and an answer in
-    the record also answer and correct (:func:`~megatron_renio.eval.math_grader.grade_math`). The
-    fields read by ``megatron-renio analyze`` (completion, correct, weight, num_tokens) have its names."""
-    from megatron_renio.eval.math_grader import grade_math
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        for row, (prompt_index, ids) in enumerate(zip(records, completions)):
-            text = tokenizer.decode(ids)
-            record = {
-                "step": iteration, "rank": dp_rank, "index": row, "prompt_index": prompt_index,
-                "completion": text, "completion_ids": ids, "num_tokens": len(ids),
-                "weight": float(per_sample["weights"][row]), "raw_weight": float(per_sample["raw_weights"][row]),
-                "sample_loss": float(per_sample["per_sample_loss"][row]),
-            }
-            answer = answers[prompt_index]
-            if cfg.task == "math" and answer is not None:
-                record.update(answer=answer, correct=grade_math(text, answer))
-            f.write(json.dumps(_standard_json(record)) + "\n")
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -369,24 +126,19 @@ def run(cfg: TrainConfig) -> dict:
     sampling.validate()
     ctx = distributed.initialize(C.parallel_config(cfg), cfg.seed, distributed.fingerprint(cfg),
                                  cfg.distributed_timeout_minutes)
-    samples_per_rank, remainder = divmod(cfg.global_batch_size, ctx.dp_size)
-    if remainder or samples_per_rank % cfg.micro_batch_size:
-        raise UserInputError(
-            f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
-            f"{cfg.micro_batch_size} x data-parallel size {ctx.dp_size}"
-        )
+    samples_per_rank = C.samples_per_replica(cfg, ctx.dp_size)
 
     student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load/--model")
     teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
                       if cfg.teacher == "separate" else None)
     C.check_load_source(cfg)
     C.check_save_target(cfg, student_source.preset)
-    teacher_origin = _teacher_origin(cfg, student_source, teacher_source)
+    teacher_origin = resume.teacher_origin(cfg, student_source, teacher_source)
     saved = read_train_state(cfg.load) if cfg.load else None  # the run to resume, None for a new run
     if saved is not None:
-        _check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
+        resume.check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
     elif not cfg.load:
-        _check_new_run_logs(cfg)
+        run_logs.check_new_run_logs(cfg)
     for role, source in (("student", student_source), ("teacher", teacher_source)):
         if source is not None:
             check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
@@ -426,7 +178,7 @@ def run(cfg: TrainConfig) -> dict:
         load_training_checkpoint(cfg.load, saved, student=student, optimizer=optimizer, teacher=ema)
         iteration = saved["iteration"]
         skipped_total = saved["skipped_total"]
-        normalizer.load_state_dict(_replica_state(saved["normalizer"], ctx.dp_rank))
+        normalizer.load_state_dict(resume.normalizer_state_for_replica(saved["normalizer"], ctx.dp_rank))
         scheduler.load_state_dict(saved["scheduler"])
         log0(f"resumed from {cfg.load} at iteration {iteration}")
     elif cfg.load:
@@ -437,10 +189,10 @@ def run(cfg: TrainConfig) -> dict:
     # before any rank appends
     restarts = bool(cfg.load or cfg.override_save)
     if restarts and ctx.rank == 0:
-        for path in _run_logs(cfg):
+        for path in run_logs.log_files(cfg):
             if path.is_file():
-                _drop_steps_after(path, iteration)
-    logger = MetricsLogger(cfg, resumed_at=iteration if restarts else None)
+                run_logs.drop_steps_after(path, iteration)
+    logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None)
     progress = None
     if ctx.rank == 0:
         from tqdm import tqdm
@@ -497,7 +249,7 @@ def run(cfg: TrainConfig) -> dict:
             iteration += 1
             if cfg.save_samples_interval and iteration % cfg.save_samples_interval == 0 and result.per_sample \
                     and ctx.tp_rank == 0:
-                _save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, records,
+                run_logs.save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, records,
                               rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             step_time = time.perf_counter() - t0
@@ -548,7 +300,7 @@ def run(cfg: TrainConfig) -> dict:
                     keep_last=cfg.keep_last, fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "mode": cfg.mode,
                                  "teacher": cfg.teacher, "sampler": sampler.state_dict(),
-                                 "normalizer": _replica_states(normalizer.state_dict()),
+                                 "normalizer": resume.gather_normalizer_states(normalizer.state_dict()),
                                  "scheduler": scheduler.state_dict(), "bf16": cfg.bf16,
                                  "adam": {key: getattr(cfg, key) for key in ("adam_beta1", "adam_beta2", "adam_eps")},
                                  "teacher_origin": teacher_origin},

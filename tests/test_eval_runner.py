@@ -181,7 +181,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         assert expected in _bad(args, capsys, tmp_path), expected
     assert "does not exist" in _bad([*load, "--benchmark", str(good), "--summary", str(tmp_path / "no" / "s.json")],
                                     capsys, tmp_path)
-    assert f"--summary /proc/s.json: cannot write in /proc" in _bad([*load, "--benchmark", str(good), "--summary",
+    assert "--summary /proc/s.json: cannot write in /proc" in _bad([*load, "--benchmark", str(good), "--summary",
                                                                      "/proc/s.json"], capsys, tmp_path)
 
 

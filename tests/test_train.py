@@ -687,38 +687,38 @@ def test_checkpoint_fingerprint_does_not_depend_on_the_listing_order(tmp_path, m
 
 def test_resumed_settings_are_compared_with_the_run(tmp_path):
     from megatron_renio.config import TrainConfig
-    from megatron_renio.train import _check_resumed_settings
+    from megatron_renio.training.resume import check_resumed_settings
 
     cfg = TrainConfig(load="run", lr=1e-3)
     origin = {"flag": "--student-load", "source": "s", "identity": "abc"}
     state = {"mode": cfg.mode, "teacher": cfg.teacher, "bf16": False, "teacher_origin": origin,
              "adam": {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8},
              "scheduler": {"max_lr": 1e-3, "lr_decay_steps": cfg.train_iters}}
-    _check_resumed_settings(state, cfg, dict(origin, source="moved"))  # a moved copy: same identity
-    _check_resumed_settings({"mode": cfg.mode}, cfg, origin)  # an earlier version's state records less
-    _check_resumed_settings({"mode": cfg.mode}, TrainConfig(load="run", bf16=True), origin)
+    check_resumed_settings(state, cfg, dict(origin, source="moved"))  # a moved copy: same identity
+    check_resumed_settings({"mode": cfg.mode}, cfg, origin)  # an earlier version's state records less
+    check_resumed_settings({"mode": cfg.mode}, TrainConfig(load="run", bf16=True), origin)
     for change, expected in ((dict(bf16=True), "saved without --bf16"),
                              (dict(adam_eps=1e-6), "saved with --adam-eps 1e-08"),
                              (dict(lr=2e-3), "--lr sets max_lr=0.002")):
         with pytest.raises(UserInputError, match=expected):
-            _check_resumed_settings(state, TrainConfig(**{"load": "run", "lr": 1e-3, **change}), origin)
+            check_resumed_settings(state, TrainConfig(**{"load": "run", "lr": 1e-3, **change}), origin)
     with pytest.raises(UserInputError, match="frozen teacher was built from --student-load s, but --model tiny"):
-        _check_resumed_settings(state, cfg, {"flag": "--model", "source": "tiny", "identity": "preset tiny"})
-    _check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
+        check_resumed_settings(state, cfg, {"flag": "--model", "source": "tiny", "identity": "preset tiny"})
+    check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
 
 
 def test_a_dp_reshardable_optimizer_state_resumes_at_its_own_tp_pp_only():
     from megatron_renio.config import TrainConfig
-    from megatron_renio.train import _check_resumed_settings
+    from megatron_renio.training.resume import check_resumed_settings
 
     state = {"optimizer_format": {"sharding": "dp_reshardable", "tp": 2, "pp": 1}}
-    _check_resumed_settings(state, TrainConfig(load="run", tensor_model_parallel_size=2), None)
+    check_resumed_settings(state, TrainConfig(load="run", tensor_model_parallel_size=2), None)
     for layout in (dict(tensor_model_parallel_size=1), dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)):
         with pytest.raises(UserInputError, match="loads only at the TP/PP it was saved at: resume with "
                                                  "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 1"):
-            _check_resumed_settings(state, TrainConfig(load="run", **layout), None)
+            check_resumed_settings(state, TrainConfig(load="run", **layout), None)
     fully = {"optimizer_format": {"sharding": "fully_reshardable", "tp": 2, "pp": 1}}
-    _check_resumed_settings(fully, TrainConfig(load="run", pipeline_model_parallel_size=2), None)
+    check_resumed_settings(fully, TrainConfig(load="run", pipeline_model_parallel_size=2), None)
 
 
 @pytest.mark.parametrize("fully_reshardable", [False, True])
@@ -780,17 +780,17 @@ def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
 def test_the_teacher_origin_of_a_preset_names_its_flag():
     """A preset model has no checkpoint to fingerprint: its name stands for it (random init from --seed)."""
     from megatron_renio.config import TrainConfig
-    from megatron_renio.train import _teacher_origin
+    from megatron_renio.training.resume import teacher_origin
     from megatron_renio.training.components import resolve_model
 
     student = resolve_model(None, "tiny-qwen3", "--student-load/--model")
-    assert _teacher_origin(TrainConfig(model="tiny-qwen3"), student, None) == {
+    assert teacher_origin(TrainConfig(model="tiny-qwen3"), student, None) == {
         "flag": "--model", "source": "tiny-qwen3 at TP 1, PP 1", "identity": "preset tiny-qwen3 at TP 1, PP 1"}
     teacher = resolve_model(None, "tiny-qwen3-untied", "--teacher-load/--teacher-model")
     cfg = TrainConfig(model="tiny-qwen3", mode="opd", teacher="separate", teacher_model="tiny-qwen3-untied",
                       pipeline_model_parallel_size=2)  # random initialisation depends on the layout
-    assert _teacher_origin(cfg, student, teacher)["identity"] == "preset tiny-qwen3-untied at TP 1, PP 2"
-    assert _teacher_origin(TrainConfig(model="tiny-qwen3", teacher="ema"), student, None) is None
+    assert teacher_origin(cfg, student, teacher)["identity"] == "preset tiny-qwen3-untied at TP 1, PP 2"
+    assert teacher_origin(TrainConfig(model="tiny-qwen3", teacher="ema"), student, None) is None
 
 
 def test_a_model_with_non_finite_weights_is_not_saved(tmp_path):
@@ -821,18 +821,18 @@ def test_metrics_and_samples_write_non_finite_values_as_null(tmp_path):
     from types import SimpleNamespace
 
     from megatron_renio.config import TrainConfig
-    from megatron_renio.train import _save_samples, _standard_json
+    from megatron_renio.training.run_logs import save_samples, standard_json
 
     def strict(text):
         return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
 
     values = {"nan": float("nan"), "inf": float("inf"), "minus": float("-inf"), "ok": 1.5, "flag": True}
-    assert strict(json.dumps(_standard_json(values))) == {"nan": None, "inf": None, "minus": None, "ok": 1.5,
+    assert strict(json.dumps(standard_json(values))) == {"nan": None, "inf": None, "minus": None, "ok": 1.5,
                                                           "flag": True}
     path = tmp_path / "samples_rank0.jsonl"
     per_sample = {"weights": torch.tensor([float("nan")]), "raw_weights": torch.tensor([float("inf")]),
                   "per_sample_loss": torch.tensor([float("-inf")])}
-    _save_samples(path, 3, 0, [0], [[1, 2]], per_sample, SimpleNamespace(decode=lambda ids: "x"), [None],
+    save_samples(path, 3, 0, [0], [[1, 2]], per_sample, SimpleNamespace(decode=lambda ids: "x"), [None],
                   TrainConfig())
     (record,) = [strict(line) for line in path.read_text().splitlines()]
     assert (record["weight"], record["raw_weight"], record["sample_loss"]) == (None, None, None)
@@ -888,14 +888,14 @@ def test_an_unreadable_teacher_checkpoint_is_one_line_on_every_rank(tmp_path):
     from megatron_renio.config import TrainConfig
     from megatron_renio.distributed import ParallelConfig
     from megatron_renio.models.presets import get_preset
-    from megatron_renio.train import _teacher_origin
+    from megatron_renio.training.resume import teacher_origin
     from megatron_renio.training.components import ModelSource
 
     source = ModelSource(get_preset("tiny-qwen3"), tmp_path / "gone", None)
     distributed.initialize(ParallelConfig(), seed=0)
     try:
         with pytest.raises(UserInputError, match=f"^--student-load {tmp_path / 'gone'}: cannot read it to fingerprint"):
-            _teacher_origin(TrainConfig(student_load=str(tmp_path / "gone")), source, None)
+            teacher_origin(TrainConfig(student_load=str(tmp_path / "gone")), source, None)
     finally:
         distributed.destroy()
 
@@ -919,23 +919,23 @@ def test_recompute_layers_must_fit_a_stage():
 
 def test_a_new_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
     from megatron_renio.config import TrainConfig
-    from megatron_renio.train import _check_new_run_logs
+    from megatron_renio.training.run_logs import check_new_run_logs
 
     save = tmp_path / "run"
     save.mkdir()
     (save / "metrics.jsonl").write_text("")
-    _check_new_run_logs(TrainConfig(save=str(save)))  # empty: nothing to mix
+    check_new_run_logs(TrainConfig(save=str(save)))  # empty: nothing to mix
     (save / "samples_rank0.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(UserInputError, match=f"{save / 'samples_rank0.jsonl'} holds records of an earlier run; pass "
                                              f"--load {save} to continue that run, or remove it or choose another "
                                              "--save, or pass --override-save"):
-        _check_new_run_logs(TrainConfig(save=str(save)))
-    _check_new_run_logs(TrainConfig(save=str(save), override_save=True))  # started over: emptied
+        check_new_run_logs(TrainConfig(save=str(save)))
+    check_new_run_logs(TrainConfig(save=str(save), override_save=True))  # started over: emptied
     other = tmp_path / "metrics.jsonl"
     other.write_text('{"step": 1}\n')
     with pytest.raises(UserInputError, match=f"^{other} holds records of an earlier run; remove it or choose another "
                                              "--metrics-file$"):
-        _check_new_run_logs(TrainConfig(save=str(save), override_save=True, metrics_file=str(other)))
+        check_new_run_logs(TrainConfig(save=str(save), override_save=True, metrics_file=str(other)))
 
 
 def test_a_model_inside_the_save_folders_checkpoints_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmark of the per-token distillation loss, forward + backward (issue 7).
+"""Benchmark of the per-token distillation loss, forward + backward.
 
 Side by side, on the same logits and in one run:
 

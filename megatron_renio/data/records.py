@@ -29,6 +29,8 @@ from typing import Any
 from megatron_renio.errors import UserInputError
 
 _JSON_ARRAY_EXTENSIONS = (".json", ".json.gz")
+# Every extension :func:`read_rows` reads (what eval, score and analyze accept).
+RECORD_EXTENSIONS = (".jsonl", ".jsonl.gz", *_JSON_ARRAY_EXTENSIONS, ".parquet")
 
 
 @dataclasses.dataclass(frozen=True)

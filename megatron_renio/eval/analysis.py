@@ -47,12 +47,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_renio.data.records import read_rows
+from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
 
 _GROUPS = ("correct", "incorrect")
-GENERATIONS_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +65,11 @@ class Generation:
 
 
 def load_generations(path: str) -> list[Generation]:
-    """Read and validate a graded-generations file (:data:`GENERATIONS_EXTENSIONS`, read by
+    """Read and validate a graded-generations file (:data:`RECORD_EXTENSIONS`, read by
     :func:`~megatron_renio.data.records.read_rows`); :class:`UserInputError` names the line."""
     if not os.path.isfile(path):
         raise UserInputError(f"--generations {path}: no such file")
-    generations = [_generation(row.fields, row.where) for row in read_rows(path, GENERATIONS_EXTENSIONS)]
+    generations = [_generation(row.fields, row.where) for row in read_rows(path, RECORD_EXTENSIONS)]
     if not generations:
         raise UserInputError(f"{path}: no generations in the file")
     return generations
@@ -308,7 +307,7 @@ def _matplotlib_available() -> bool:
 
 def _default_out(generations_path: str) -> str:
     stem = os.path.basename(generations_path)
-    for suffix in GENERATIONS_EXTENSIONS:
+    for suffix in RECORD_EXTENSIONS:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break

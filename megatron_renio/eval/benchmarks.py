@@ -74,13 +74,12 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from megatron_renio.data.records import read_rows
+from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval.code_sandbox import grade_code
 from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
 
 TASKS = ("math", "code")
-_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 _LAYOUT_KEYS = ("prompt", "answer", "tests", "entry_point", "setup", "id")
 _REQUIRED_KEYS = {"math": ("prompt", "answer"), "code": ("prompt", "tests")}
 
@@ -244,7 +243,7 @@ def load_benchmark(
     items: list[BenchmarkItem] = []
     layout = None
     base = os.path.basename(path)
-    for row in read_rows(path, _EXTENSIONS):
+    for row in read_rows(path, RECORD_EXTENSIONS):
         if layout is None:
             layout = _resolve_layout(fields, task, row.fields)
         items.append(_item(row.fields, layout, row.where, default_id=f"{base}:{row.number}"))

@@ -63,14 +63,12 @@ results on rank 0, and the ``main`` wrapper.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -79,26 +77,12 @@ from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, _OneLineErrorPa
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import check_output_file
+from megatron_renio.output_paths import check_output_file, write_atomic
 
 BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
 # -- helpers shared by the model commands (eval, score) -------------------------------------------
-
-
-def write_atomic(path: str, lines: Iterable[str]) -> None:
-    """Write ``lines`` to a temporary file beside ``path``, then rename it to ``path``."""
-    target = Path(path).absolute()
-    partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(partial, "x", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(partial, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-        raise
 
 
 def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:

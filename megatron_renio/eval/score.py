@@ -65,11 +65,12 @@ from megatron_renio.config import TrainConfig, _OneLineErrorParser
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
 from megatron_renio.data import records
+from megatron_renio.data.records import RECORD_EXTENSIONS
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
 from megatron_renio.distributed import log0
-from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines, write_atomic
-from megatron_renio.output_paths import check_output_file
+from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines
+from megatron_renio.output_paths import check_output_file, write_atomic
 
 TRAINING_FLAGS = (
     "student_load", "teacher_load", "tokenizer", "seq_length", "micro_batch_size",
@@ -78,7 +79,6 @@ TRAINING_FLAGS = (
     "renio_clip", "renio_threshold", "renio_temperature", "renio_norm", "renio_max_weight",
 )
 FIELDS = ("prompt", "teacher_prompt", "completion")  # text fields; each has an ``<name>_ids`` twin
-DATA_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
 @dataclass
@@ -118,8 +118,8 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     for name in ("student_load", "teacher_load"):
         if not values.get(name):
             raise UserInputError(f"{_flag(name)} is required")
-    if not own.data.endswith(DATA_EXTENSIONS):
-        raise UserInputError(f"--data {own.data}: unknown format (expected one of {', '.join(DATA_EXTENSIONS)})")
+    if not own.data.endswith(RECORD_EXTENSIONS):
+        raise UserInputError(f"--data {own.data}: unknown format (expected one of {', '.join(RECORD_EXTENSIONS)})")
     if not os.path.isfile(own.data):
         raise UserInputError(f"--data {own.data}: no such file")
     if "seq_length" not in values:  # what both models were trained for
@@ -133,7 +133,7 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     train = TrainConfig(**values, mode="opd", teacher="separate", renio=True, data_path=[own.data],
                         max_new_tokens=1, global_batch_size=micro_batch_size)
     validate_train_config(train)
-    stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its DATA_EXTENSIONS entry
+    stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its RECORD_EXTENSIONS entry
     out = own.out or stem + ".scores.jsonl"
     check_output_file(out, f"--out {out}")
     if os.path.abspath(out) == os.path.abspath(own.data):
@@ -190,7 +190,7 @@ def read_rows(path: str, tokenizer, vocab_size: int, seq_length: int) -> list[Ro
     """Read and tokenise the ``--data`` rows (:func:`megatron_renio.data.records.read_rows`);
     :class:`UserInputError` names the line and field."""
     rows = []
-    for record in records.read_rows(path, DATA_EXTENSIONS):
+    for record in records.read_rows(path, RECORD_EXTENSIONS):
         where, fields = record.where, record.fields
         student, teacher, completion = (_ids(fields, name, where, tokenizer, vocab_size) for name in FIELDS)
         for name, ids in (("prompt", student), ("completion", completion)):

@@ -25,7 +25,8 @@ exactly the local (reference) loss, cap included.
 ReNIO disabled: w = 1 (local: mean_i L_i; global: sum_i L_i over sum of b). 'sampled_rkl' without
 ReNIO is the reference's token mean: local numerator = sum_it m l / max(sum_it m, 1), denominator 1;
 global numerator = sum_it m l, denominator = number of valid tokens (a step without any valid token
-has denominator 0: the trainer divides by max(total, 1)). With ReNIO it is the per-sample token mean L_i,
+has denominator 0: its gradients are all 0, Megatron's finalize_model_grads leaves them unscaled, and
+reduce_stats reports a loss of 0). With ReNIO it is the per-sample token mean L_i,
 weighted like the divergence.
 
 Values at invalid positions never reach the loss or its gradient (torch.where, not multiplication by

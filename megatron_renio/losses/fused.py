@@ -1,4 +1,4 @@
-"""Fused vocab-parallel divergence, sampled-token log-probs and student gradient (issue 7).
+"""Fused vocab-parallel divergence, sampled-token log-probs and student gradient.
 
 :func:`fused_token_terms` returns the same :class:`~megatron_renio.losses.divergence.TokenTerms` as
 :func:`~megatron_renio.losses.divergence.token_terms` (forward KL, reverse KL, JSD(beta) with its
@@ -169,8 +169,8 @@ class TritonLaunch:
 # tools/bench_loss.py --triton-launch on an H200 at 8192 x 151936 bf16 (README, Performance; shapes
 # within 5% of each other there are ties): one row per program of four warps, prefetching the next
 # block, over blocks of 2048 with a running max per thread's 8 entries. The gradient's (the same
-# over blocks of 1024, no running max) has not been compared with others on a GPU: until this
-# session's fix, the benchmark ran every gradient with the default launch.
+# over blocks of 1024, no running max) has not been compared with others on a GPU yet
+# (tools/gpu_check times three with tools/bench_loss.py --triton-launch F/G).
 TRITON_LAUNCH = TritonLaunch(block_v=2048, max_group=8)
 TRITON_GRAD_LAUNCH = TritonLaunch()
 

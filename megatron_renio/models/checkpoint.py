@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_renio.data.tokenizer import SENTENCEPIECE_FILE
+from megatron_renio.distributed import on_rank0
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
 from megatron_renio.output_paths import check_output_folder, is_empty_folder
@@ -177,31 +178,6 @@ def _dtype_name(torch_dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == torch_dtype)
 
 
-def _on_rank0(fn):
-    """Run ``fn`` on rank 0 only and hand its (JSON-able) result or its error to every rank."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn()
-    payload = [None]
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            payload = [("ok", fn())]
-        except Exception as e:  # every rank must learn about it, or the others hang
-            error = e
-            payload = [("user" if isinstance(e, UserInputError) else "crash", str(e))]
-    dist.broadcast_object_list(payload, src=0)
-    status, value = payload[0]
-    if error is not None:
-        raise error
-    if status == "user":
-        raise UserInputError(value)
-    if status == "crash":
-        raise RuntimeError(f"rank 0 failed: {value}")
-    return value
-
-
 def _whole_tensor(factory):
     """The ShardedTensor of ``factory``'s whole tensor, when its pieces are that tensor cut along
     one axis into slices that, in the same order, also fill that axis of the global tensor
@@ -329,7 +305,7 @@ def save_model_checkpoint(
             raise UserInputError(f"cannot create {staging}: {e.strerror}") from None
         return str(staging)
 
-    staging = Path(_on_rank0(prepare))
+    staging = Path(on_rank0(prepare))
 
     def finish() -> None:
         if tokenizer_dir is not None:
@@ -344,7 +320,7 @@ def save_model_checkpoint(
         dist_checkpointing.save(_sharded_state_dict(module), str(staging / MODEL_SUBDIR))
         if dist.is_initialized():
             dist.barrier()
-        _on_rank0(finish)
+        on_rank0(finish)
     except BaseException:
         if not dist.is_initialized() or dist.get_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from megatron_renio.errors import UserInputError
+from megatron_renio.output_paths import write_atomic
 from megatron_renio.training.faults import maybe_die
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -179,9 +180,7 @@ def save_training_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker_tmp = root / (LATEST + ".tmp")
-        marker_tmp.write_text(str(iteration))
-        os.replace(marker_tmp, root / LATEST)
+        write_atomic(root / LATEST, [str(iteration)])
         prune_checkpoints(root, iteration, keep_last)
     _barrier()
     return final

@@ -1,7 +1,10 @@
 """Building the pieces of a run: tokenizer, student (DDP), teacher, optimizer, LR schedule, data.
 
-Each function takes the validated :class:`TrainConfig` and returns one piece; :mod:`megatron_renio.train`
-wires them into the loop. Everything here runs after :func:`megatron_renio.distributed.initialize`.
+Each function takes the validated :class:`TrainConfig` and returns one piece, or checks one
+setting; :mod:`megatron_renio.train` and :mod:`megatron_renio.sft` wire them into their loops. The
+builders (models, DDP, optimizer) and the collective checks run after
+:func:`megatron_renio.distributed.initialize`; the flag checks, ``loss_settings``, ``resolve_model``,
+``paired_vocab`` and ``load_run_tokenizer`` also run before it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ from megatron_renio.training.step import LossSettings
 
 def parallel_config(cfg: TrainConfig) -> ParallelConfig:
     return ParallelConfig(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.sequence_parallel)
+
+
+def samples_per_replica(cfg: TrainConfig, dp_size: int) -> int:
+    """--global-batch-size / DP: a data-parallel replica's samples per step, a whole number of
+    micro-batches (refused with one line otherwise)."""
+    samples, remainder = divmod(cfg.global_batch_size, dp_size)
+    if remainder or samples % cfg.micro_batch_size:
+        raise UserInputError(f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
+                             f"{cfg.micro_batch_size} x data-parallel size {dp_size}")
+    return samples
 
 
 def model_dtype(cfg: TrainConfig) -> str:

@@ -1,0 +1,153 @@
+"""A run's logs: the step metrics (JSONL, TensorBoard, W&B) and the saved samples.
+
+Every step's metrics go to :class:`MetricsLogger` on global rank 0; with ``--save-samples-interval``
+each data-parallel rank appends its completions, weights and grades to ``--save/samples_rank<dp>.jsonl``
+(:func:`save_samples`). A run keeps one record per step across restarts: a resumed run drops the steps
+it takes again (:func:`drop_steps_after`), and a new run refuses an earlier run's records
+(:func:`check_new_run_logs`). Non-finite values are written as null (:func:`standard_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from megatron_renio.config import TrainConfig
+from megatron_renio.errors import UserInputError
+from megatron_renio.output_paths import write_atomic
+
+
+def metrics_path(cfg: TrainConfig) -> Path | None:
+    """The JSONL metrics file: ``--metrics-file``, else ``--save/metrics.jsonl``, else none."""
+    path = cfg.metrics_file or (str(Path(cfg.save) / "metrics.jsonl") if cfg.save else None)
+    return Path(path) if path else None
+
+
+def drop_steps_after(path: Path, iteration: int) -> None:
+    """Rewrite the JSONL file ``path`` of per-step records (atomically) without the records of steps
+    after ``iteration``, and without a line cut short by a killed process: a run resumed at
+    ``iteration`` (0: a requeued run that had saved no checkpoint) takes those steps again, so each
+    step keeps one record."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= iteration:
+            kept.append(line + "\n")
+    write_atomic(path, kept)
+
+
+def standard_json(record: dict) -> dict:
+    """``record`` with non-finite floats as None: JSON has no NaN or Infinity (``jq`` and other strict
+    readers refuse them), and a skipped step's loss may be either."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
+class MetricsLogger:
+    """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for). A run started with
+    ``--load`` at iteration ``resumed_at`` (0 when it found no checkpoint) first drops the later steps
+    of an earlier attempt from TensorBoard (``purge_step``; the JSONL files: :func:`drop_steps_after`),
+    so that each step is recorded once."""
+
+    def __init__(self, cfg: TrainConfig, resumed_at: int | None = None):
+        self.rank0 = torch.distributed.get_rank() == 0
+        self.jsonl = None
+        self.tb = None
+        self.wandb = None
+        if not self.rank0:
+            return
+        path = metrics_path(cfg)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(path, "a")
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(cfg.tensorboard_dir, purge_step=None if resumed_at is None else resumed_at + 1)
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: --wandb-project given but wandb is not installed; skipping W&B", flush=True)
+            else:
+                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.rank0:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **standard_json(metrics)}) + "\n")
+            self.jsonl.flush()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        for sink in (self.jsonl, self.tb):
+            if sink:
+                sink.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def log_files(cfg: TrainConfig) -> list[Path]:
+    """The JSONL files a run appends to: its metrics file and, under ``--save``, the saved samples."""
+    metrics = metrics_path(cfg)
+    return ([metrics] if metrics else []) + (sorted(Path(cfg.save).glob("samples_rank*.jsonl")) if cfg.save else [])
+
+
+def check_new_run_logs(cfg: TrainConfig) -> None:
+    """A new run that does not ``--load`` must not append to an earlier run's JSONL files: one line for
+    a non-empty one, except the files inside ``--save`` with ``--override-save`` (the run starts that
+    folder over: they are emptied)."""
+    from megatron_renio.models.checkpoint import is_within
+
+    metrics = metrics_path(cfg)
+    for path in log_files(cfg):
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        in_save = bool(cfg.save) and is_within(path, cfg.save)
+        if in_save and cfg.override_save:
+            continue
+        choose = f"remove it or choose another {'--metrics-file' if path == metrics else '--save'}"
+        if in_save:
+            raise UserInputError(f"{path} holds records of an earlier run; pass --load {cfg.save} to continue that "
+                                 f"run, or {choose}, or pass --override-save to start the --save folder over")
+        raise UserInputError(f"{path} holds records of an earlier run; {choose}")
+
+
+def save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], completions: list[list[int]],
+                  per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
+    """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
+    step, rank (DP), index (row in this rank's batch), prompt_index (``records[index]``: record of
+    ``--data-path``, after the too-long filter), completion (text), completion_ids (EOS included when
+    generated), num_tokens, weight (the ReNIO weight applied, 1 without ``--renio``), raw_weight
+    (exp(a_i / gamma) before normalisation), sample_loss (L_i); with ``--task math`` and an answer in
+    the record also answer and correct (:func:`~megatron_renio.eval.math_grader.grade_math`). The
+    fields read by ``megatron-renio analyze`` (completion, correct, weight, num_tokens) have its names."""
+    from megatron_renio.eval.math_grader import grade_math
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row, (prompt_index, ids) in enumerate(zip(records, completions)):
+            text = tokenizer.decode(ids)
+            record = {
+                "step": iteration, "rank": dp_rank, "index": row, "prompt_index": prompt_index,
+                "completion": text, "completion_ids": ids, "num_tokens": len(ids),
+                "weight": float(per_sample["weights"][row]), "raw_weight": float(per_sample["raw_weights"][row]),
+                "sample_loss": float(per_sample["per_sample_loss"][row]),
+            }
+            answer = answers[prompt_index]
+            if cfg.task == "math" and answer is not None:
+                record.update(answer=answer, correct=grade_math(text, answer))
+            f.write(json.dumps(standard_json(record)) + "\n")
