@@ -26,7 +26,7 @@ import torch
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval import score
 from tests import reference_renio as ref
-from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
+from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun, subprocess_env
 from tests.workers.tiny_models import EXTRA_IDS, WORDS, tiny_checkpoints
 
 WORKER = REPO_ROOT / "tests" / "workers" / "commands_worker.py"
@@ -335,6 +335,14 @@ def test_non_finite_log_probs_are_refused_naming_the_row_and_the_model(paths, tm
                                    f"non-finite log-probs (NaN or inf) on this row's completion ({len(affected)} rows "
                                    "in all)"), lines[0]
         assert not (tmp_path / f"{side}.jsonl").exists()
+    # with two data-parallel replicas every rank refuses (the other rank used to exit 0 in silence)
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                             "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_renio.eval.score",
+                             *jobs["teacher"], *common, "--out", str(tmp_path / "teacher.jsonl")],
+                            env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert launch.returncode != 0 and "[rank0]:" not in launch.stderr  # no traceback
+    for prefix in ("error: ", "error (rank 1): "):
+        assert f"{prefix}{data} line {affected[0] + 1}: the teacher" in launch.stderr, launch.stderr[-3000:]
     assert results["good"]["rc"] == 0, results["good"]
     output = read_jsonl(tmp_path / "good.jsonl")
     assert [r["id"] for r in output] == [r["id"] for r in NAN_ROWS]

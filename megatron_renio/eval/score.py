@@ -68,7 +68,7 @@ from megatron_renio.data import records
 from megatron_renio.data.records import RECORD_EXTENSIONS
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
-from megatron_renio.distributed import log0
+from megatron_renio.distributed import log0, on_rank0
 from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines
 from megatron_renio.output_paths import check_output_file, write_atomic
 
@@ -334,12 +334,17 @@ def run(args: ScoreArgs) -> list[dict] | None:
                 scored.append((index, scores, nonfinite))
 
     gathered = gather_to_rank0(scored)
+
+    def first_nonfinite():  # on rank 0: (row, models) of the first non-finite row and how many there are
+        bad = sorted((index, models) for index, _, models in gathered if models is not None)
+        return (bad[0], len(bad)) if bad else None
+
+    found = on_rank0(first_nonfinite)  # every rank refuses, before anything is written
+    if found is not None:
+        (index, models), count = found
+        raise _nonfinite_error(rows[index], models, count, cfg, args.out)
     if gathered is None:
         return None
-    bad = sorted((index, models) for index, _, models in gathered if models is not None)
-    if bad:  # before anything is written; rank 0 alone refuses (the others have nothing left to do)
-        index, models = bad[0]
-        raise _nonfinite_error(rows[index], models, len(bad), cfg, args.out)
     by_row = {index: scores for index, scores, _ in gathered}
     raw_all = torch.tensor([by_row[i]["raw_weight"] for i in range(len(rows))], dtype=torch.float64)
     file_batch = dataclasses.replace(settings.renio, scope="local")
