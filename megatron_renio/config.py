@@ -18,6 +18,8 @@ from pathlib import Path
 
 from megatron_renio.errors import UserInputError
 
+# The choices that the core modules also define (renio.weights, data.templates, losses.fused) are
+# repeated here so that parsing flags imports no torch; tests/test_config.py checks they agree.
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "sampled_rkl")
 RENIO_NORMS = ("none", "batch_mean", "ema", "clamp")
 RENIO_SCOPES = ("local", "global")

@@ -18,6 +18,19 @@ def test_defaults_follow_the_reference():
     assert cfg.distributed_timeout_minutes == 60  # replicas wait in a collective for the slowest rollout
 
 
+def test_the_flag_choices_are_the_ones_the_core_modules_take():
+    """config.py repeats some choices to stay torch-free; they must stay the modules' own."""
+    from megatron_renio import config
+    from megatron_renio.data import templates
+    from megatron_renio.losses import divergence, fused
+    from megatron_renio.renio import weights
+
+    assert config.RENIO_NORMS == weights.NORM_MODES and config.RENIO_SCOPES == weights.SCOPES
+    assert config.TASKS == templates.TASKS and config.MODES == templates.MODES
+    assert config.LOSS_IMPLS == (*fused.IMPLS, "unfused")
+    assert set(config.LOSSES) - {"sampled_rkl"} == set(divergence.DIVERGENCE_KINDS)
+
+
 def test_megatron_flag_names_parse():
     cfg = parse_train_args(BASE + [
         "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
