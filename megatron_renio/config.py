@@ -180,10 +180,6 @@ class TrainConfig:
     answer_field: str = "answer"
     tokenizer: str | None = None
     debug: bool = False
-    # testing aids (1-based iteration; 0 = never): make the student's logits non-finite, or (on global
-    # rank 0 only, after the gradients are reduced) one entry of the student's gradient
-    debug_inject_nonfinite: int = 0
-    debug_inject_nonfinite_grad: int = 0
 
 
 def _flag(name: str) -> str:

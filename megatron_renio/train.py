@@ -24,7 +24,7 @@ from megatron_renio.entrypoint import run_command
 from megatron_renio.renio.weights import batch_mean_weight_bound
 from megatron_renio.training import resume, run_logs
 from megatron_renio.training.exit_conditions import ExitConditions
-from megatron_renio.training.faults import maybe_die
+from megatron_renio.training.faults import injected, maybe_die
 
 
 def _renio_notes(cfg: TrainConfig) -> list[str]:
@@ -226,8 +226,8 @@ def run(cfg: TrainConfig) -> dict:
             student_ddp.zero_grad_buffer()
             optimizer.zero_grad()
             normalizer_before = normalizer.state_dict()  # a skipped step leaves the ReNIO EMA as it was
-            result = step_runner.run(micro, inject_nonfinite=cfg.debug_inject_nonfinite == iteration + 1)
-            if cfg.debug_inject_nonfinite_grad == iteration + 1 and ctx.rank == 0:
+            result = step_runner.run(micro, inject_nonfinite=injected("nan-logits", iteration + 1))
+            if injected("nan-grad", iteration + 1):
                 student_ddp.buffers[0].grad_data[0] = float("nan")
             t_fwd_bwd = time.perf_counter() - t1
             maybe_die("backward", iteration + 1)

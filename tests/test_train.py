@@ -32,14 +32,16 @@ distributed.destroy()
 """
 
 
-def train(args, nproc=1, check=True):
-    """Run the trainer (torchrun when nproc > 1); returns the completed process."""
+def train(args, nproc=1, check=True, fault=None):
+    """Run the trainer (torchrun when nproc > 1), with ``MEGATRON_RENIO_FAULT=fault`` when given
+    (megatron_renio.training.faults); returns the completed process."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_renio.train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_renio.train"]
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    env = subprocess_env() | ({"MEGATRON_RENIO_FAULT": fault} if fault else {})
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -306,9 +308,10 @@ def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
     check); the weights and the ReNIO EMA stay as they were and training goes on."""
     save = workdir / "nonfinite_grad"
     path = workdir / "nonfinite_grad.jsonl"
-    train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite-grad": 2, "--save": save,
+    train(base_args(workdir, **{"--train-iters": 3, "--save": save,
                                 "--save-interval": 1, "--keep-last": 3, "--metrics-file": path,
-                                "--renio-norm": "ema", "--renio-scope": "global", "--renio-threshold": -1}), nproc=2)
+                                "--renio-norm": "ema", "--renio-scope": "global", "--renio-threshold": -1}), nproc=2,
+          fault="nan-grad:2:0")
     ema = [torch.load(save / f"iter_{i:07d}" / "train_state.pt", weights_only=False)["normalizer"][0]["ema"]
            for i in (1, 2, 3)]
     assert torch.equal(ema[0], ema[1]) and not torch.equal(ema[1], ema[2]) and torch.isfinite(ema[2])
@@ -323,8 +326,8 @@ def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
 def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     save = workdir / "nonfinite"
     path = workdir / "nonfinite.jsonl"
-    train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite": 2, "--save": save,
-                                "--save-interval": 1, "--keep-last": 3, "--metrics-file": path}))
+    train(base_args(workdir, **{"--train-iters": 3, "--save": save,
+                                "--save-interval": 1, "--keep-last": 3, "--metrics-file": path}), fault="nan-logits:2")
     m = read_jsonl(path)
     assert [x["skipped"] for x in m] == [False, True, False]
     assert m[1]["skipped_total"] == 1 and m[1]["nonfinite"] > 0 and m[1]["grad_norm"] is None
@@ -334,8 +337,24 @@ def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     assert any(not torch.equal(w2[k], w3[k]) for k in w2)
 
 
+def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkeypatch):
+    from megatron_renio.training.faults import injected
+
+    assert not injected("nan-grad", 2)
+    monkeypatch.setenv("MEGATRON_RENIO_FAULT", "nan-grad:2:1")
+    monkeypatch.setenv("RANK", "1")
+    assert injected("nan-grad", 2) and not injected("nan-grad", 3) and not injected("nan-logits", 2)
+    monkeypatch.setenv("RANK", "0")
+    assert not injected("nan-grad", 2)
+    monkeypatch.setenv("MEGATRON_RENIO_FAULT", "nan-logits:2")
+    assert injected("nan-logits", 2)
+    monkeypatch.setenv("MEGATRON_RENIO_FAULT", "nan-logit:2")
+    with pytest.raises(ValueError, match="the fault must be one of rollout, backward, checkpoint, nan-logits, nan-grad"):
+        injected("nan-logits", 2)
+
+
 def test_too_many_nonfinite_steps_abort_with_a_message(workdir):
-    proc = train(base_args(workdir, **{"--train-iters": 3, "--debug-inject-nonfinite": 1, "--max-skipped-steps": 1}), check=False)
+    proc = train(base_args(workdir, **{"--train-iters": 3, "--max-skipped-steps": 1}), check=False, fault="nan-logits:1")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 consecutive steps had a non-finite loss")
 

@@ -1,22 +1,35 @@
-"""Fault injection for the crash-recovery tests: die with SIGKILL at a named point of an iteration.
+"""Fault injection for the tests: a process that dies at a named point of an iteration, or a step
+whose numbers turn non-finite.
 
-Set ``MEGATRON_RENIO_FAULT=<phase>:<iteration>[:<rank>]`` in the environment, with phase one of
-:data:`PHASES`, a 1-based iteration and optionally the one global rank that should die (every rank
-otherwise); the process kills itself (SIGKILL: no handler, no cleanup, like an out-of-memory kill or
-a node loss) when it reaches that point. Unset, this costs one dictionary lookup per point.
+Set ``MEGATRON_RENIO_FAULT=<fault>:<iteration>[:<rank>]`` in the environment, with a 1-based
+iteration and optionally the one global rank it applies to (every rank otherwise). ``fault`` is one
+of :data:`FATAL` (the process kills itself with SIGKILL when it reaches that point: no handler, no
+cleanup, like an out-of-memory kill or a node loss) or :data:`NONFINITE` (``nan-logits``: the
+student's logits of the step are NaN; ``nan-grad``: one entry of the reduced student gradient is
+NaN behind a finite loss). Unset, each point costs one dictionary lookup.
 """
 
 import os
 import signal
 
-PHASES = ("rollout", "backward", "checkpoint")
+FATAL = ("rollout", "backward", "checkpoint")
+NONFINITE = ("nan-logits", "nan-grad")
+
+
+def injected(fault: str, iteration: int) -> bool:
+    """Whether ``MEGATRON_RENIO_FAULT`` names ``fault`` at ``iteration`` (and this rank); a value
+    naming no known fault raises ValueError."""
+    spec = os.environ.get("MEGATRON_RENIO_FAULT")
+    if spec is None:
+        return False
+    if spec.split(":")[0] not in FATAL + NONFINITE:
+        raise ValueError(f"MEGATRON_RENIO_FAULT={spec}: the fault must be one of {', '.join(FATAL + NONFINITE)}")
+    here = f"{fault}:{iteration}"
+    return spec == here or spec == f"{here}:{os.environ.get('RANK', '0')}"
 
 
 def maybe_die(phase: str, iteration: int) -> None:
-    """SIGKILL this process if ``MEGATRON_RENIO_FAULT`` names ``phase`` at ``iteration`` (and this rank)."""
-    fault = os.environ.get("MEGATRON_RENIO_FAULT")
-    if fault is None:
-        return
-    here = f"{phase}:{iteration}"
-    if fault == here or fault == f"{here}:{os.environ.get('RANK', '0')}":
+    """SIGKILL this process if ``MEGATRON_RENIO_FAULT`` names ``phase`` (one of :data:`FATAL`) at
+    ``iteration`` (and this rank)."""
+    if injected(phase, iteration):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -154,7 +154,7 @@ class DistillationStep:
         :meth:`PairedBatch.trimmed`: under pipeline parallelism the stages then exchange each
         micro-batch's shape before its activations, Megatron's ``variable_seq_lengths``).
 
-        ``inject_nonfinite`` (a testing aid) turns the student's logits into NaN in this step.
+        ``inject_nonfinite`` (a testing aid, :mod:`~megatron_renio.training.faults`) turns the student's logits into NaN in this step.
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
