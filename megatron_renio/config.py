@@ -63,6 +63,8 @@ HELP = {
     "teacher_model": "named preset of the separate teacher, randomly initialised",
     "load": "run folder to resume (a --save folder); may be empty only when it is the --save folder",
     "override_save": "start a new run in a --save folder that holds checkpoints",
+    "override_teacher_check": "on resume, accept a frozen teacher (--student-load of --teacher fixed, --teacher-load) "
+                              "whose files differ from the saved run's, e.g. the same weights saved at another layout",
     "loss": "per-token divergence (jsd with --kd-beta), or sampled_rkl: the sampled-token reverse KL",
     "kd_beta": "JSD mixture weight of --loss jsd (0 = forward KL, 1 = reverse KL; other losses take none)",
     "kd_temperature": "temperature of both models' distributions in the loss",
@@ -131,6 +133,7 @@ class TrainConfig:
     override_save: bool = False
     # on resume, take the LR / weight-decay schedule from these flags instead of refusing a change
     override_opt_param_scheduler: bool = False
+    override_teacher_check: bool = False
     exit_interval: int = 0
     exit_duration_in_mins: float = 0.0
     # per-device peak FLOP/s for the MFU log (TFLOP/s); 0 = known GPUs by name, none on the CPU

@@ -723,6 +723,8 @@ def test_resumed_settings_are_compared_with_the_run(tmp_path):
             check_resumed_settings(state, TrainConfig(**{"load": "run", "lr": 1e-3, **change}), origin)
     with pytest.raises(UserInputError, match="frozen teacher was built from --student-load s, but --model tiny"):
         check_resumed_settings(state, cfg, {"flag": "--model", "source": "tiny", "identity": "preset tiny"})
+    check_resumed_settings(state, TrainConfig(load="run", lr=1e-3, override_teacher_check=True),
+                           {"flag": "--student-load", "source": "resaved", "identity": "other files"})
     check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
 
 

@@ -79,11 +79,12 @@ def check_resumed_settings(state: dict, cfg: TrainConfig, origin: dict | None) -
             raise UserInputError(f"--load {cfg.load}: the run was saved with {flag} {saved:g}, which its optimizer "
                                  f"state keeps; resume with the same value, not {getattr(cfg, key):g}")
     saved_origin = state.get("teacher_origin")
-    if saved_origin and origin and saved_origin["identity"] != origin["identity"]:
+    if saved_origin and origin and saved_origin["identity"] != origin["identity"] and not cfg.override_teacher_check:
         raise UserInputError(
             f"--load {cfg.load}: the run's frozen teacher was built from {saved_origin['flag']} "
             f"{saved_origin['source']}, but {origin['flag']} {origin['source']} holds another "
-            f"model; resume with the run's {saved_origin['flag']} (the teacher must stay the one it distils from)")
+            f"model; resume with the run's {saved_origin['flag']} (the teacher must stay the one it distils from), "
+            "or pass --override-teacher-check if it holds the same weights saved another way")
     C.check_resumed_schedule(state.get("scheduler", {}), cfg)
 
 
