@@ -25,7 +25,7 @@ else
           --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 fi
 
-# The reference settings of the method (DESIGN.md section 2): loss temperature = sampling temperature
+# The reference settings of the method (README, "The method, as implemented"): loss temperature = sampling temperature
 # 1.1, token clip 0.05, ReNIO clip 2.5, threshold 0.8, weight temperature 1, batch-mean normalisation.
 RENIO_ARGS=(--kd-temperature 1.1 --rollout-temperature 1.1 --kd-token-clip 0.05
             --renio --renio-clip 2.5 --renio-threshold 0.8 --renio-temperature 1.0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_renio.errors import UserInputError
+from megatron_renio.models.presets import PRESETS
 
 # The choices that the core modules also define (renio.weights, data.templates, losses.fused) are
 # repeated here so that parsing flags imports no torch; tests/test_config.py checks they agree.
@@ -59,8 +60,9 @@ HELP = {
     "problem_field": "field of a data record holding the prompt",
     "solution_field": "field holding the solution (the OPSD teacher's privileged information)",
     "answer_field": "field holding the final answer (graded in the saved samples)",
-    "model": "named preset to build the student from, randomly initialised (instead of --student-load)",
-    "teacher_model": "named preset of the separate teacher, randomly initialised",
+    "model": "named preset to build the student from, randomly initialised (instead of --student-load): "
+             + ", ".join(sorted(PRESETS)),
+    "teacher_model": "named preset of the separate teacher, randomly initialised (instead of --teacher-load)",
     "load": "run folder to resume (a --save folder); may be empty only when it is the --save folder",
     "override_save": "start a new run in a --save folder that holds checkpoints",
     "override_teacher_check": "on resume, accept a frozen teacher (--student-load of --teacher fixed, --teacher-load) "

@@ -90,7 +90,7 @@ class Plan:
 
 
 # Distillation settings of every run: rollouts and loss at temperature 1 and no per-entry divergence
-# clip (the reference's 1.1 and 0.05 slow these small models down), a short warmup.
+# clip (at the reference's 1.1 and 0.05 these small students degraded), a short warmup.
 _DISTILL_FLAGS = ("--rollout-temperature", "1.0", "--kd-temperature", "1.0", "--kd-token-clip", "none",
                   "--lr-warmup-iters", "5")
 FULL = Plan(

@@ -67,6 +67,8 @@ SFT_HELP = {
     "task": "prompt template and answer format of the targets; one of math, coding; default: math",
     "save": "folder that receives the fine-tuned model checkpoint, new or empty; required",
     "metrics_file": "JSONL of the step metrics, a new file; default: none",
+    "distributed_timeout_minutes": "minutes a collective may wait for the other ranks before the run fails; "
+                                   "default: 60",
 }
 
 
@@ -91,7 +93,7 @@ def build_sft_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained-checkpoint", default=argparse.SUPPRESS,
                         help="model checkpoint folder with the initial weights (instead of --model)")
     parser.add_argument("--privileged-prompt-fraction", type=float, default=argparse.SUPPRESS,
-                        help="fraction of records also trained with the OPSD teacher prompt (0..1)")
+                        help="fraction of records also trained with the OPSD teacher prompt (0..1); default: 0")
     return parser
 
 

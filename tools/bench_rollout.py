@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", default="1,16,64", help="comma-separated")
     parser.add_argument("--prompt-len", type=int, default=64 if on_gpu else 32)
     parser.add_argument("--max-new-tokens", type=int, default=64 if on_gpu else 32)
-    parser.add_argument("--modes", default="kv,full", help="comma-separated subset of kv,full")
+    parser.add_argument("--modes", default="kv,full", help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--repeats", type=int, default=1 if on_gpu else 3,
                         help="timed calls per row, the median is shown (default: 1 on a GPU, 3 on the shared CPU)")
     parser.add_argument("--seed", type=int, default=1234)

@@ -135,11 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True, help="model checkpoint folder (converted or trained)")
     parser.add_argument("--benchmark", required=True, nargs="+", metavar="[PRESET=]FILE_OR_NAME",
                         help="benchmark files or 'humaneval', optionally prefixed with a field preset")
-    parser.add_argument("--samples-per-problem", type=_positive_int, default=1, metavar="K")
+    parser.add_argument("--samples-per-problem", type=_positive_int, default=1, metavar="K",
+                        help="completions per problem, the k of avg@k and pass@k; default: 1")
     for name, (kind, _, allowed) in _SAMPLING_CHECKS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"{allowed}; default: generation_config.json, else {BUILTIN_SAMPLING[name]}")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=1024)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="default: 1024")
     parser.add_argument("--greedy", action="store_true",
                         help="argmax decoding (ignores temperature, top-p, top-k); also with a temperature of 0 "
                              "(flag or file), and when generation_config.json has do_sample false and no sampling "
@@ -149,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the checkpoint's)")
     parser.add_argument("--seq-length", type=_typed(int, lambda v: v >= 2, "an integer >= 2"), default=None,
                         help="longest prompt + completion (default: the model's maximum positions)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generation batch per replica")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generation batch per replica; default: 16")
     parser.add_argument("--seed", type=_typed(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
-                        default=1234)
+                        default=1234, help="sampling seed; default: 1234")
     parser.add_argument("--bf16", action="store_true", help="run the model in bf16 (default fp32)")
     parser.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
