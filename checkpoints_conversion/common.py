@@ -22,8 +22,9 @@ Layouts (the facts of Megatron-Core's GPT layers):
 An :class:`Adapter` (one small subclass per architecture under ``adapters/``) picks the per-layer
 rules of its architecture; :meth:`Adapter.mappings` expands them for a concrete preset.
 
-Both commands also share the single-process Megatron world (:func:`build_single_process_model`)
-and the command-line wrapper (:func:`make_parser`, :func:`run_cli`).
+Both commands also share the single-process Megatron world (:func:`build_single_process_model`),
+the check that every tensor they write is finite in the output dtype (:func:`all_finite`,
+:func:`nonfinite_error`) and the command-line wrapper (:func:`make_parser`, :func:`run_cli`).
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ class Adapter:
             unsupported.append("attention_bias=true")
         if config.get("use_sliding_window"):
             unsupported.append("use_sliding_window=true")
+        rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
+        for name, value in (("partial_rotary_factor", config.get("partial_rotary_factor")),
+                            ("rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor"))):
+            if value is not None and value != 1:  # RoPE on part of each head; the model rotates all of it
+                unsupported.append(f"{name}={value!r}")
         if unsupported:
             raise UserInputError(f"{source}: {self.architecture} with {', '.join(unsupported)} is not supported")
 
@@ -278,6 +284,41 @@ def build_single_process_model(preset: ModelPreset, dtype: str):
         raise UserInputError("conversion runs in one plain process: launch it with python, not torchrun")
     initialize(ParallelConfig(), seed=0)
     return build_gpt_model(preset, ParallelConfig(), dtype, perform_initialization=False)
+
+
+# Rows of a tensor checked at a time by all_finite: bounds its temporary (one byte per element).
+_FINITE_CHECK_ELEMENTS = 1 << 24
+
+
+def all_finite(tensor) -> bool:
+    """No NaN or inf in ``tensor``: one pass, in slices of its first dim (a bool temporary of at most
+    about ``_FINITE_CHECK_ELEMENTS`` elements, never one of the tensor's size); stops at the first
+    slice with one."""
+    import torch
+
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
+
+
+def nonfinite_error(where: str | Path, tensor_name: str, source, dtype) -> UserInputError:
+    """The refusal of tensor ``tensor_name`` of ``where`` (the input file or checkpoint folder), whose
+    values ``source`` (in the dtype the input holds them) are not all finite in the output ``dtype``:
+    either the input holds NaN / inf, or its values exceed what ``dtype`` can hold (the hint names the
+    --dtype that fits). Only called on failure: the extra passes cost nothing on a good checkpoint."""
+    import torch
+
+    if source.dtype == dtype or not all_finite(source):
+        count = int((~torch.isfinite(source)).sum())
+        return UserInputError(f"{where}: tensor {tensor_name} holds non-finite values ({count} NaN or inf of "
+                              f"{source.numel()}); the checkpoint is broken and cannot be converted")
+    largest = float(source.abs().max())
+    limit = torch.finfo(dtype).max
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    hint = "--dtype bf16 (same range as fp32) or fp32" if dtype == torch.float16 else "--dtype fp32"
+    return UserInputError(f"{where}: tensor {tensor_name} holds values that overflow {name} (largest magnitude "
+                          f"{largest:.6g} > {limit:.6g}, {name}'s largest value) and become inf; convert with {hint}")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,10 +4,14 @@
         [--dtype bf16|fp16|fp32] [--tokenizer-dir DIR] [--overwrite] [--debug]
 
 Reads ``config.json`` (Qwen3ForCausalLM, Qwen2ForCausalLM or LlamaForCausalLM), the safetensors
-files (with or without ``model.safetensors.index.json``) and the tokenizer files, and writes the
-checkpoint of :mod:`megatron_renio.models.checkpoint`, which loads at any TP/PP layout. It runs
-in one plain process (a world of one, TP=1, PP=1). ``--dtype`` defaults to the ``dtype`` /
-``torch_dtype`` of ``config.json`` (bf16 when it names none).
+files (with or without ``model.safetensors.index.json``), ``generation_config.json`` and the
+tokenizer files (of ``--tokenizer-dir``, else of ``--hf-dir``), and writes the checkpoint of
+:mod:`megatron_renio.models.checkpoint`, which loads at any TP/PP layout. The model's
+``generation_config.json`` (sampling defaults, every EOS id generation stops on) always goes into the
+checkpoint's tokenizer folder, where training reads its stop ids and megatron_to_hf finds it, also
+with another ``--tokenizer-dir`` or without tokenizer files (a ``--tokenizer-dir`` whose own
+differs gets a note). It runs in one plain process (a world of one, TP=1, PP=1). ``--dtype``
+defaults to the ``dtype`` / ``torch_dtype`` of ``config.json`` (bf16 when it names none).
 
 Everything is checked before any weight is read: the architecture and its options, that the files
 hold exactly the tensors the config implies (none missing, none unexpected), their shapes and
@@ -33,12 +37,14 @@ from checkpoints_conversion.adapters import get_adapter
 from checkpoints_conversion.common import (
     HF_DTYPES,
     Mapping,
+    all_finite,
     build_single_process_model,
     make_parser,
     megatron_parameters,
+    nonfinite_error,
     run_cli,
 )
-from megatron_renio.data.tokenizer import load_tokenizer
+from megatron_renio.data.tokenizer import load_tokenizer, read_generation_config
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import (METADATA_FILE, check_target_directory, save_model_checkpoint,
                                               tokenizer_files)
@@ -128,8 +134,8 @@ def fill_parameters(preset: ModelPreset, mappings: list[Mapping], entries, param
                     if mapping.megatron in filled_by:
                         source = reader.read(entry).reshape(view.shape)
                         if not torch.equal(view, source.to(view.dtype).to(view.device)):
-                            if not _all_finite(source):  # (the view was checked when it was filled)
-                                raise _nonfinite_error(path, entry, source, view.dtype)
+                            if not all_finite(source):  # (the view was checked when it was filled)
+                                raise nonfinite_error(path, entry.name, source, view.dtype)
                             raise UserInputError(
                                 f"{path}: {entry.name} differs from {filled_by[mapping.megatron]} although "
                                 "config.json sets tie_word_embeddings=true"
@@ -141,47 +147,12 @@ def fill_parameters(preset: ModelPreset, mappings: list[Mapping], entries, param
                     else:
                         source = reader.read(entry).reshape(view.shape)
                         view.copy_(source)
-                    if not _all_finite(view):  # one pass, in the target dtype: sees what the cast made too
-                        raise _nonfinite_error(path, entry, view if source is None else source, view.dtype)
+                    if not all_finite(view):  # one pass, in the target dtype: sees what the cast made too
+                        raise nonfinite_error(path, entry.name, view if source is None else source, view.dtype)
                     del source
                     parts_done[id(mapping)] += 1
                     if parts_done[id(mapping)] == len(mapping.hf):
                         filled_by[mapping.megatron] = mapping.hf[0]
-
-
-# Rows of a tensor checked at a time by _all_finite: bounds its temporary (one byte per element).
-_FINITE_CHECK_ELEMENTS = 1 << 24
-
-
-def _all_finite(tensor) -> bool:
-    """No NaN or inf in ``tensor``: one pass, in slices of its first dim (a bool temporary of at most
-    about ``_FINITE_CHECK_ELEMENTS`` elements, never one of the tensor's size); stops at the first
-    slice with one."""
-    import torch
-
-    if tensor.dim() == 0:
-        return bool(torch.isfinite(tensor))
-    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
-    return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
-
-
-def _nonfinite_error(path: Path, entry: safetensors_io.TensorEntry, source, dtype) -> UserInputError:
-    """The refusal of HF tensor ``entry`` (read from ``path`` into ``source``, in its file's dtype),
-    whose values are not all finite in the target ``dtype``: either the file holds NaN / inf, or its
-    values exceed what ``dtype`` can hold. Only called on failure: the extra passes cost nothing on a
-    good checkpoint."""
-    import torch
-
-    if source.dtype == dtype or not _all_finite(source):
-        count = int((~torch.isfinite(source)).sum())
-        return UserInputError(f"{path}: tensor {entry.name} holds non-finite values ({count} NaN or inf of "
-                              f"{source.numel()}); the checkpoint is broken and cannot be converted")
-    largest = float(source.abs().max())
-    limit = torch.finfo(dtype).max
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
-    hint = "--dtype bf16 (same range as fp32) or fp32" if dtype == torch.float16 else "--dtype fp32"
-    return UserInputError(f"{path}: tensor {entry.name} holds values that overflow {name} (largest magnitude "
-                          f"{largest:.6g} > {limit:.6g}, {name}'s largest value) and become inf; convert with {hint}")
 
 
 def _torch_dtype(entry: safetensors_io.TensorEntry):
@@ -200,7 +171,9 @@ def convert(
     """Convert ``hf_dir`` into a model checkpoint at ``save``; returns ``save``.
 
     ``tokenizer_dir`` defaults to ``hf_dir``; a default folder without tokenizer files gives a
-    checkpoint without a tokenizer (with a note on stderr), an explicit one is an error.
+    checkpoint without a tokenizer (with a note on stderr), an explicit one is an error. The checkpoint
+    keeps ``hf_dir``'s ``generation_config.json`` when it has one, else ``tokenizer_dir``'s; a note on
+    stderr names both when they differ.
     """
     hf_dir, save = Path(hf_dir), Path(save)
     inputs = (("--hf-dir", hf_dir),) + ((("--tokenizer-dir", tokenizer_dir),) if tokenizer_dir else ())
@@ -210,6 +183,7 @@ def convert(
                              "converted already: pass it to --student-load / --teacher-load, or export it with "
                              "python -m checkpoints_conversion.megatron_to_hf")
     preset, config, mappings, entries = plan(hf_dir)
+    generation_config, generation = read_generation_config(hf_dir)  # the model's, checked: a JSON object
     dtype = dtype or _default_dtype(config)
     if tokenizer_dir is not None and not tokenizer_files(tokenizer_dir):
         raise UserInputError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer files")
@@ -224,11 +198,16 @@ def convert(
             raise UserInputError(f"the tokenizer in {tokenizer_dir} has {ids} ids, more than the model's "
                                  f"vocabulary of {preset.vocab_size} ({hf_dir / 'config.json'}); is it this "
                                  "model's tokenizer?")
+        other, other_generation = read_generation_config(tokenizer_dir)
+        if generation_config.is_file() and other.is_file() and other_generation != generation:
+            print(f"note: {other} differs from the model's {generation_config}; the checkpoint keeps the model's",
+                  file=sys.stderr)
 
     model, info = build_single_process_model(preset, dtype)
     fill_parameters(preset, mappings, entries, megatron_parameters(model))
     return save_model_checkpoint(
         model, info, save, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+        generation_config=generation_config if generation_config.is_file() else None,
         extra_metadata={"source": str(hf_dir.resolve()), "converted_by": "checkpoints_conversion.hf_to_megatron"},
     )
 
@@ -238,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints_conversion.hf_to_megatron", __doc__.split("\n\n")[0], "the dtype in config.json, else bf16"
     )
     parser.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model folder")
-    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer files to copy (default: --hf-dir)")
+    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer files to copy (default: --hf-dir; "
+                        "the --hf-dir's generation_config.json is kept either way)")
     return run_cli(parser, lambda a: convert(a.hf_dir, a.save, a.dtype, a.overwrite, a.tokenizer_dir), argv)
 
 

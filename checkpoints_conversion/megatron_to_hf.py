@@ -5,13 +5,15 @@
 
 Loads the checkpoint (saved at any TP/PP layout) into one process at TP=1, PP=1 and writes
 ``model-0000K-of-0000N.safetensors`` shards of at most 5 GB with ``model.safetensors.index.json``,
-``config.json``, ``generation_config.json`` (the source's when the checkpoint carries one, else the
-BOS and EOS ids of ``config.json``, a list of EOS ids kept whole) and the tokenizer files, so that
-``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)``
-load it. The vocabulary padding is dropped; a tied model is written with ``model.embed_tokens.weight``
-only and ``tie_word_embeddings: true``. ``--dtype`` defaults to the checkpoint's dtype. The HF tensors
-are produced one at a time while the shards are written, and everything goes to a hidden sibling
-folder that is renamed to ``--save`` at the end.
+``config.json``, ``generation_config.json`` (the one the checkpoint carries, the source model's after
+a conversion, else the BOS and EOS ids of ``config.json``, a list of EOS ids kept whole) and the
+tokenizer files, so that ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` and
+``AutoTokenizer.from_pretrained(DIR)`` load it. The vocabulary padding is dropped; a tied model is
+written with ``model.embed_tokens.weight`` only and ``tie_word_embeddings: true``. ``--dtype`` defaults
+to the checkpoint's dtype. The HF tensors are produced one at a time while the shards are written, each
+checked for NaN / inf in the output dtype as hf_to_megatron checks its input: a weight beyond fp16's
+range (65504) is refused with ``--dtype fp16``, naming the tensor (use ``--dtype bf16``). Everything goes
+to a hidden sibling folder that is renamed to ``--save`` at the end, and removed on any error.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from checkpoints_conversion.adapters import get_adapter
 from checkpoints_conversion.common import (
     HF_DTYPES,
     Mapping,
+    all_finite,
     build_single_process_model,
     make_parser,
     megatron_parameters,
+    nonfinite_error,
     run_cli,
 )
+from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE
 from megatron_renio.models.checkpoint import (
     check_target_directory,
     load_model_checkpoint,
@@ -43,19 +48,25 @@ from megatron_renio.models.checkpoint import (
 from megatron_renio.models.presets import ModelPreset, hf_config_dict
 
 
-def _hf_tensor(preset: ModelPreset, mapping: Mapping, part: int, parameter, dtype):
+def _hf_tensor(load: Path, preset: ModelPreset, mapping: Mapping, part: int, parameter, dtype):
+    """HF tensor ``part`` of ``mapping`` in ``dtype``; a :class:`UserInputError` naming it and ``load``
+    when its values are not all finite in ``dtype`` (an fp16 overflow, or a broken checkpoint)."""
     view = mapping.layout.views(preset, parameter.detach())[part]
-    return view.reshape(mapping.hf_shapes[part]).to(dtype)
+    tensor = view.reshape(mapping.hf_shapes[part]).to(dtype)
+    if not all_finite(tensor):
+        raise nonfinite_error(load, mapping.hf[part], view, dtype)
+    return tensor
 
 
-def hf_tensors(preset: ModelPreset, parameters: dict, dtype) -> list[safetensors_io.PendingTensor]:
-    """Every HF tensor of the model, in HF order, produced lazily from ``parameters``."""
+def hf_tensors(load: Path, preset: ModelPreset, parameters: dict, dtype) -> list[safetensors_io.PendingTensor]:
+    """Every HF tensor of the model, in HF order, produced lazily from ``parameters`` (loaded from the
+    checkpoint ``load``, which errors name); producing one that is not finite in ``dtype`` raises."""
     pending = []
     for mapping in get_adapter(preset.architecture).mappings(preset):
         if mapping.optional:
             continue
         for part, (name, shape) in enumerate(zip(mapping.hf, mapping.hf_shapes)):
-            produce = partial(_hf_tensor, preset, mapping, part, parameters[mapping.megatron], dtype)
+            produce = partial(_hf_tensor, load, preset, mapping, part, parameters[mapping.megatron], dtype)
             pending.append(safetensors_io.PendingTensor(name, shape, dtype, produce))
     return pending
 
@@ -73,7 +84,7 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
 
     model, _ = build_single_process_model(preset, metadata.dtype)
     load_model_checkpoint(model, load)
-    tensors = hf_tensors(preset, megatron_parameters(model), DTYPES[dtype])
+    tensors = hf_tensors(load, preset, megatron_parameters(model), DTYPES[dtype])
 
     staging = staging_directory(save)
     staging.mkdir(parents=True)
@@ -86,9 +97,11 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
                 shutil.copy2(path, staging / path.name)
         else:
             print(f"note: {load} has no tokenizer files; {save} will have none", file=sys.stderr)
-        if not (staging / "generation_config.json").exists():
+        if metadata.generation_config is not None:
+            shutil.copy2(metadata.generation_config, staging / GENERATION_CONFIG_FILE)
+        else:
             generation = {name: config[name] for name in ("bos_token_id", "eos_token_id")}
-            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            (staging / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         publish_directory(staging, save)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,6 +134,25 @@ def _with_lm_head(src: Path, dst: Path, offset: float) -> None:
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
 
 
+MODEL_GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 5, 7], "do_sample": True, "temperature": 0.6,
+                           "top_p": 0.9}  # a Llama-3-Instruct-like model folder's: EOS ids beyond the tokenizer's
+LARGE_WEIGHT = "model.layers.1.mlp.up_proj.weight"
+
+
+def _generation_config_folders(root: Path, llama: Path) -> None:
+    """hf/llama_generation: the Llama folder with MODEL_GENERATION_CONFIG; tokenizer_generation: the
+    tokenizer with a generation_config.json of its own (another EOS list and temperature);
+    hf/llama_no_tokenizer: hf/llama_generation without its tokenizer files."""
+    shutil.copytree(llama, root / "hf" / "llama_generation")
+    (root / "hf" / "llama_generation" / "generation_config.json").write_text(json.dumps(MODEL_GENERATION_CONFIG))
+    shutil.copytree(root / "tokenizer", root / "tokenizer_generation")
+    (root / "tokenizer_generation" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": 2, "temperature": 1.0}))
+    shutil.copytree(root / "hf" / "llama_generation", root / "hf" / "llama_no_tokenizer")
+    for path in (root / "tokenizer").iterdir():
+        (root / "hf" / "llama_no_tokenizer" / path.name).unlink()
+
+
 def _run_driver(root: Path, jobs: list) -> list:
     (root / "jobs.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, str(WORKERS / "conversion_driver.py"), str(root / "jobs.json"), str(root / "results.json")]
@@ -159,12 +179,30 @@ def converted(hf_models):
     for name in [*MODELS, "qwen3_lm_head_equal", "qwen3_lm_head_differs"]:
         args = ["--hf-dir", str(root / "hf" / name), "--save", str(ckpt / name)]
         add(f"import:{name}", {"cli": "hf_to_megatron", "args": args + (["--overwrite"] if name == "llama" else [])})
-    # The tokenizer folder has no generation_config.json: the export writes its own.
-    args = ["--hf-dir", str(root / "hf" / "llama"), "--save", str(ckpt / "llama_no_generation_config")]
+    # Neither the model folder nor the tokenizer folder has a generation_config.json: the export writes its own.
+    no_generation_config = root / "hf" / "llama_no_generation_config"
+    shutil.copytree(hf_models["dirs"]["llama"], no_generation_config)
+    (no_generation_config / "generation_config.json").unlink()
+    args = ["--hf-dir", str(no_generation_config), "--save", str(ckpt / "llama_no_generation_config")]
     add("import:llama_no_generation_config", {"cli": "hf_to_megatron", "args": args + [
         "--tokenizer-dir", str(root / "tokenizer")]})
+    # The model's generation_config.json (sampling defaults, every EOS id) with another tokenizer folder that
+    # has a different one, and without tokenizer files
+    _generation_config_folders(root, hf_models["dirs"]["llama"])
+    add("import:llama_tokenizer_elsewhere", {"cli": "hf_to_megatron", "args": [
+        "--hf-dir", str(root / "hf" / "llama_generation"), "--save", str(ckpt / "llama_tokenizer_elsewhere"),
+        "--tokenizer-dir", str(root / "tokenizer_generation")]})
+    add("import:llama_no_tokenizer", {"cli": "hf_to_megatron", "args": [
+        "--hf-dir", str(root / "hf" / "llama_no_tokenizer"), "--save", str(ckpt / "llama_no_tokenizer")]})
+    # A weight beyond fp16's range (fine in fp32): the export to fp16 refuses it
+    shutil.copytree(hf_models["dirs"]["qwen2"], root / "hf" / "qwen2_large")
+    _rewrite(root / "hf" / "qwen2_large", _set(LARGE_WEIGHT, (3, 5), 1e6))
+    add("import:qwen2_large", {"cli": "hf_to_megatron", "args": [
+        "--hf-dir", str(root / "hf" / "qwen2_large"), "--save", str(ckpt / "qwen2_large")]})
+    add("export:qwen2_large_to_fp16", {"cli": "megatron_to_hf", "args": [
+        "--load", str(ckpt / "qwen2_large"), "--save", str(back / "qwen2_large_to_fp16"), "--dtype", "fp16"]})
     add("truncate", {"truncate_shard": [str(ckpt / "qwen2"), str(ckpt / "broken")]})
-    for name in [*MODELS, "llama_no_generation_config", "broken"]:
+    for name in [*MODELS, "llama_no_generation_config", "llama_tokenizer_elsewhere", "llama_no_tokenizer", "broken"]:
         args = ["--load", str(ckpt / name), "--save", str(back / name)]
         add(f"export:{name}", {"cli": "megatron_to_hf", "args": args})
     # --dtype both ways, and a config.json that names no dtype (the import defaults to bf16)
@@ -195,6 +233,7 @@ def parity(hf_models, converted):
         "resave": {"tp2": ["qwen3", str(root / "resaved_tp2")], "pp2": ["llama", str(root / "resaved_pp2")]},
         "broken": str(ckpt / "broken"),
         "mismatch": ["qwen2", str(ckpt / "qwen2")],
+        "rope_mismatch": str(ckpt / "llama"),
     }
     (root / "cases.json").write_text(json.dumps(cases))
     return run_torchrun(WORKERS / "conversion_parity.py", 2, root / "parity", str(root / "cases.json"))
@@ -232,12 +271,17 @@ def test_logit_parity(hf_models, parity, layout):
 
 
 def test_checkpoint_api_errors_reach_every_rank(converted, parity):
-    """Collective save/load errors are one-line UserInputErrors on every rank, naming the folder."""
+    """Collective save/load errors are one-line UserInputErrors on every rank, naming the folder; a model
+    built with another llama3 RoPE scaling factor, or none, does not load the checkpoint."""
+    rope_mismatch = (f"{converted['ckpt'] / 'llama'} does not fit the model: rope_scaling {{'factor': 8.0, "
+                     "'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 64} "
+                     "(checkpoint) vs other RoPE frequencies (model)")
     for rank_result in parity:
         errors = rank_result["errors"]
         assert str(converted["ckpt"] / "broken") in errors["broken"]
         assert "missing or corrupt files" in errors["broken"]
         assert errors["mismatch"].startswith(f"{converted['ckpt'] / 'qwen2'} does not fit the model: ")
+        assert errors["rope_factor"] == errors["rope_unscaled"] == rope_mismatch
         for layout in ("tp2", "pp2"):
             assert "exists and is not empty" in errors[f"save_into_non_empty_{layout}"]
 
@@ -293,6 +337,51 @@ def test_a_list_of_eos_ids_survives_the_round_trip(converted):
         assert converted["results"][f"export:{name}"]["rc"] == 0, converted["results"][f"export:{name}"]
         for file in ("config.json", "generation_config.json"):
             assert json.loads((converted["back"] / name / file).read_text())["eos_token_id"] == eos, (name, file)
+
+
+def test_the_model_generation_config_travels_with_the_checkpoint(converted):
+    """hf_to_megatron keeps the HF folder's generation_config.json (sampling defaults, every EOS id) in
+    the checkpoint's tokenizer folder also with a --tokenizer-dir that has another one (one note names
+    both files) and without tokenizer files; a run's stop ids then hold the model's extra EOS ids, and
+    megatron_to_hf writes it back."""
+    from megatron_renio.training.components import load_run_tokenizer, resolve_model
+
+    ckpt, root = converted["ckpt"], converted["ckpt"].parent
+    result = converted["results"]["import:llama_tokenizer_elsewhere"]
+    assert result["rc"] == 0, result
+    notes = [line for line in result["stderr"].splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {root / 'tokenizer_generation' / 'generation_config.json'} differs from the model's "
+                     f"{root / 'hf' / 'llama_generation' / 'generation_config.json'}; the checkpoint keeps the model's"]
+    assert "note: " not in converted["results"]["import:llama"]["stderr"]  # its tokenizer folder is the model's
+    checkpoint = read_checkpoint_metadata(ckpt / "llama_tokenizer_elsewhere")
+    assert json.loads(checkpoint.generation_config.read_text()) == MODEL_GENERATION_CONFIG
+    student = resolve_model(str(ckpt / "llama_tokenizer_elsewhere"), None, "--student-load")
+    tokenizer = load_run_tokenizer(SimpleNamespace(tokenizer=None), student, None)
+    assert tokenizer.eos_id == 2 and tokenizer.stop_ids == (2, 5, 7)
+
+    assert converted["results"]["import:llama_no_tokenizer"]["rc"] == 0
+    bare = read_checkpoint_metadata(ckpt / "llama_no_tokenizer")
+    assert bare.tokenizer_dir is None
+    assert json.loads(bare.generation_config.read_text()) == MODEL_GENERATION_CONFIG
+    for name in ("llama_tokenizer_elsewhere", "llama_no_tokenizer"):
+        assert converted["results"][f"export:{name}"]["rc"] == 0, converted["results"][f"export:{name}"]
+        exported = json.loads((converted["back"] / name / "generation_config.json").read_text())
+        assert exported == MODEL_GENERATION_CONFIG, name
+
+
+def test_megatron_to_hf_refuses_an_fp16_overflow(converted):
+    """megatron_to_hf --dtype fp16 of a checkpoint holding a weight beyond fp16's range: the one line
+    hf_to_megatron gives for the same cast (naming the checkpoint and the HF tensor, suggesting
+    --dtype bf16), before anything is published; its staging folder is removed."""
+    assert converted["results"]["import:qwen2_large"]["rc"] == 0, converted["results"]["import:qwen2_large"]
+    result = converted["results"]["export:qwen2_large_to_fp16"]
+    lines = result["stderr"].strip().splitlines()
+    assert result["rc"] == 2 and len(lines) == 1, result
+    assert lines[0] == (f"error: {converted['ckpt'] / 'qwen2_large'}: tensor {LARGE_WEIGHT} holds values that "
+                        f"overflow fp16 (largest magnitude 1e+06 > 65504, fp16's largest value) and become inf; "
+                        "convert with --dtype bf16 (same range as fp32) or fp32")
+    assert not (converted["back"] / "qwen2_large_to_fp16").exists()
+    assert not [p for p in converted["back"].iterdir() if p.name.startswith(".")]
 
 
 def test_checkpoint_metadata(hf_models, converted):
@@ -462,6 +551,10 @@ HF_BAD_INPUTS = {
         "supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM",
     ),
     "unsupported_option": (lambda d: _edit_config(d, hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    "partial_rotary_factor": (
+        lambda d: _edit_config(d, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
+        "Qwen2ForCausalLM with rope_parameters.partial_rotary_factor=0.5 is not supported",
+    ),
     "missing_tensor": (
         lambda d: _rewrite(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
         "missing tensor model.layers.1.mlp.up_proj.weight",
@@ -543,15 +636,15 @@ NONFINITE_CASES = {  # case -> (source model, change, --dtype, tensor named, exp
 
 
 def test_the_finite_check_reads_every_slice(monkeypatch):
-    """_all_finite checks a tensor in slices of its first dim: a NaN in the last slice counts too."""
-    from checkpoints_conversion import hf_to_megatron
+    """all_finite checks a tensor in slices of its first dim: a NaN in the last slice counts too."""
+    from checkpoints_conversion import common
 
-    monkeypatch.setattr(hf_to_megatron, "_FINITE_CHECK_ELEMENTS", 4)
+    monkeypatch.setattr(common, "_FINITE_CHECK_ELEMENTS", 4)
     tensor = torch.zeros(10, 2)
-    assert hf_to_megatron._all_finite(tensor)
+    assert common.all_finite(tensor)
     tensor[-1, 1] = float("inf")
-    assert not hf_to_megatron._all_finite(tensor)
-    assert not hf_to_megatron._all_finite(torch.tensor(float("nan")))
+    assert not common.all_finite(tensor)
+    assert not common.all_finite(torch.tensor(float("nan")))
 
 
 def test_hf_to_megatron_refuses_non_finite_weights(hf_models, tmp_path):
@@ -695,6 +788,23 @@ def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # Layout and file-format units
+
+
+def test_partial_rotary_factor_is_refused_unless_one():
+    """RoPE on part of each head (partial_rotary_factor, at the top level or in rope_parameters) is one line
+    naming the field; a factor of 1 is plain RoPE."""
+    from checkpoints_conversion.adapters import get_adapter
+    from megatron_renio.errors import UserInputError
+
+    adapter = get_adapter("LlamaForCausalLM")
+    for fine in ({"partial_rotary_factor": 1.0}, {"rope_parameters": {"partial_rotary_factor": 1}}, {}):
+        adapter.check_config(fine, "/m/config.json")
+    for bad, field in (({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+                       ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25}},
+                        "rope_parameters.partial_rotary_factor=0.25")):
+        with pytest.raises(UserInputError) as error:
+            adapter.check_config(bad, "/m/config.json")
+        assert str(error.value) == f"/m/config.json: LlamaForCausalLM with {field} is not supported"
 
 
 def test_qkv_layout_is_grouped_per_query_group():

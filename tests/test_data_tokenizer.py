@@ -93,6 +93,22 @@ def test_stop_ids_add_the_generation_config_eos_ids(tmp_path, hf_dir, sp_model):
         assert load_tokenizer(folder).stop_ids == expected
 
 
+def test_a_sentencepiece_folder_adds_its_generation_config_eos_ids(tmp_path, sp_model):
+    """A folder holding a sentencepiece model as a checkpoint stores one (sentencepiece.model) stops on the
+    eos_token_id entries of its generation_config.json too; the bare .model file has only its EOS."""
+    import shutil
+
+    from megatron_renio.data.tokenizer import SENTENCEPIECE_FILE
+
+    shutil.copy(sp_model, tmp_path / SENTENCEPIECE_FILE)
+    eos = load_tokenizer(sp_model).eos_id
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 5]}))
+    assert load_tokenizer(str(tmp_path)).stop_ids == (eos, 5)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [999]}))
+    with pytest.raises(UserInputError, match="generation_config.json: eos_token_id must be ids in "):
+        load_tokenizer(str(tmp_path))
+
+
 @pytest.mark.parametrize("contents, message", [
     ('{"eos_token_id": [2, 999]}', "eos_token_id must be ids in [0, "),
     ('{"eos_token_id": "</s>"}', "eos_token_id must be ids in [0, "),

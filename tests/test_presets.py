@@ -49,6 +49,21 @@ def test_transformers_configs_are_read():
     assert (preset.head_dim, preset.num_query_groups, preset.add_qkv_bias, preset.vocab_size) == (16, 2, True, 300)
 
 
+@pytest.mark.parametrize("architecture, config_class", [
+    ("Qwen3ForCausalLM", "Qwen3Config"), ("Qwen2ForCausalLM", "Qwen2Config"), ("LlamaForCausalLM", "LlamaConfig"),
+])
+def test_head_dim_defaults_as_transformers_reads_it(architecture, config_class):
+    """A config.json without head_dim: the head size transformers' attention gets from it (Qwen3Config's
+    default of 128; hidden_size / num_attention_heads for Qwen2 and Llama)."""
+    import transformers
+
+    config = dict(architectures=[architecture], hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=32)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**config))
+    expected = model.model.layers[0].self_attn.head_dim
+    assert preset_from_hf_config(config).head_dim == expected == (128 if architecture == "Qwen3ForCausalLM" else 16)
+
+
 def test_a_list_of_eos_ids_is_kept():
     """Llama-3.1-Instruct's three EOS ids survive config.json -> preset -> checkpoint metadata (JSON) -> config.json;
     one id stays an int (metadata of older checkpoints holds one), and a bad value is a one-line error."""

@@ -106,12 +106,17 @@ _HF_TOKENIZER_FILES = (
 )
 
 
+# The file beside a tokenizer that holds the model's sampling defaults and every EOS id it stops on.
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
 def read_generation_config(folder: str | os.PathLike) -> tuple[Path, dict]:
-    """(path, contents) of ``folder``'s ``generation_config.json``; contents {} when there is none.
+    """(path, contents) of ``folder``'s :data:`GENERATION_CONFIG_FILE`; contents {} when there is none
+    (or ``folder`` is a file).
 
     A file that is not a JSON object raises :class:`UserInputError` naming it.
     """
-    path = Path(folder) / "generation_config.json"
+    path = Path(folder) / GENERATION_CONFIG_FILE
     if not path.is_file():
         return path, {}
     try:
@@ -186,9 +191,10 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece ``.model`` file. It has no chat template."""
+    """A sentencepiece ``.model`` file. It has no chat template. ``folder``: the folder holding it as
+    :data:`SENTENCEPIECE_FILE` (a model checkpoint's ``tokenizer/``), whose generation config adds stop ids."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, folder: str | None = None):
         import sentencepiece
 
         try:
@@ -203,10 +209,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = sp
         self.name_or_path = path
         self.eos_id = int(sp.eos_id())
-        self.stop_ids = (self.eos_id,)
         self.pad_id = int(sp.pad_id()) if sp.pad_id() >= 0 else self.eos_id
         self.bos_id = int(sp.bos_id()) if sp.bos_id() >= 0 else None
         self.vocab_size = int(sp.get_piece_size())
+        self.stop_ids = (self.eos_id,) if folder is None else _stop_ids(self.eos_id, folder, self.vocab_size)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = list(self._sp.encode(text))
@@ -261,7 +267,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     sentencepiece_file = os.path.join(path, SENTENCEPIECE_FILE)
     if os.path.isfile(sentencepiece_file) and not any(
             os.path.exists(os.path.join(path, name)) for name in _HF_TOKENIZER_FILES):
-        return SentencePieceTokenizer(sentencepiece_file)
+        return SentencePieceTokenizer(sentencepiece_file, folder=path)
     if os.path.isdir(path):
         return HFTokenizer(path)
     if os.path.isfile(path):

@@ -8,8 +8,11 @@ A model checkpoint is a folder::
     model/             a Megatron-Core dist_checkpointing (torch_dist) checkpoint of
                        ``GPTModel.sharded_state_dict()``: loadable at any TP/PP layout, because
                        dist_checkpointing reshards on load (vocabulary padding included)
-    tokenizer/         the tokenizer files (and ``generation_config.json``, whose sampling defaults
-                       travel with the tokenizer) copied from the tokenizer folder given to the saver
+    tokenizer/         the tokenizer files copied from the tokenizer folder given to the saver, and
+                       ``generation_config.json`` (sampling defaults and every EOS id generation stops
+                       on, read from here by the tokenizer loader and the export): the saver's
+                       ``generation_config`` (conversion passes the source model's), else the
+                       tokenizer folder's; kept alone here when the checkpoint has no tokenizer files
 
 Tied embeddings follow ``GPTModel.sharded_state_dict``: the output layer of a tied model is stored
 as (a replica of) ``embedding.word_embeddings.weight`` and reloaded from it on the last stage.
@@ -40,7 +43,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_renio.data.tokenizer import SENTENCEPIECE_FILE
+from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE, SENTENCEPIECE_FILE
 from megatron_renio.distributed import on_rank0
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
@@ -51,13 +54,12 @@ FORMAT_VERSION = 1
 METADATA_FILE = "renio_model.json"
 MODEL_SUBDIR = "model"
 TOKENIZER_SUBDIR = "tokenizer"
-# Files a Hugging Face tokenizer is made of, and the sampling defaults that travel with it.
+# Files a Hugging Face tokenizer is made of.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
     "chat_template.json",
 )
-COMPANION_FILES = ("generation_config.json",)
 
 
 @dataclass(frozen=True)
@@ -81,19 +83,23 @@ class CheckpointMetadata:
     def source(self) -> str | None:
         return self.extra.get("source")
 
+    @property
+    def generation_config(self) -> Path | None:
+        """The checkpoint's ``generation_config.json`` (in its tokenizer folder, also when that holds
+        no tokenizer files), or None."""
+        path = (self.tokenizer_dir or self.directory / TOKENIZER_SUBDIR) / GENERATION_CONFIG_FILE
+        return path if path.is_file() else None
+
 
 def tokenizer_files(directory: str | Path) -> list[Path]:
-    """The tokenizer files of ``directory`` (``TOKENIZER_FILES`` and ``*.tiktoken``) plus its
-    ``COMPANION_FILES``; empty when it holds no tokenizer file. A sentencepiece ``.model`` file given
+    """The tokenizer files of ``directory`` (``TOKENIZER_FILES`` and ``*.tiktoken``; not its
+    ``generation_config.json``); empty when it holds none. A sentencepiece ``.model`` file given
     instead of a folder is its own one file (saved as ``SENTENCEPIECE_FILE``)."""
     directory = Path(directory)
     if directory.is_file() and directory.suffix == ".model":
         return [directory]
     found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
-    found += sorted(directory.glob("*.tiktoken"))
-    if not found:
-        return []
-    return found + [directory / name for name in COMPANION_FILES if (directory / name).is_file()]
+    return found + sorted(directory.glob("*.tiktoken"))
 
 
 def is_within(path: str | Path, folder: str | Path) -> bool:
@@ -251,6 +257,7 @@ def save_model_checkpoint(
     directory: str | Path,
     *,
     tokenizer_dir: str | Path | None = None,
+    generation_config: str | Path | None = None,
     extra_metadata: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -260,7 +267,8 @@ def save_model_checkpoint(
     ``build_gpt_model``. ``directory`` must not exist or be an empty folder (with ``overwrite``,
     a non-empty folder is replaced once the new checkpoint is complete). ``tokenizer_dir``: a folder
     whose tokenizer files are copied into ``tokenizer/`` (it must hold at least one), or a
-    sentencepiece ``.model`` file.
+    sentencepiece ``.model`` file. ``generation_config``: the ``generation_config.json`` file saved in
+    ``tokenizer/`` (also without a tokenizer); default: ``tokenizer_dir``'s, when it has one.
     ``extra_metadata``: JSON-able dict stored as ``extra``. Returns the checkpoint path.
     """
     import torch.distributed as dist
@@ -308,11 +316,18 @@ def save_model_checkpoint(
     staging = Path(on_rank0(prepare))
 
     def finish() -> None:
+        files = {}  # name in tokenizer/ -> source
         if tokenizer_dir is not None:
-            (staging / TOKENIZER_SUBDIR).mkdir()
             for path in tokenizer_files(tokenizer_dir):
-                name = SENTENCEPIECE_FILE if tokenizer_dir.is_file() else path.name
-                shutil.copy2(path, staging / TOKENIZER_SUBDIR / name)
+                files[SENTENCEPIECE_FILE if tokenizer_dir.is_file() else path.name] = path
+        if generation_config is not None:
+            files[GENERATION_CONFIG_FILE] = Path(generation_config)
+        elif tokenizer_dir is not None and (tokenizer_dir / GENERATION_CONFIG_FILE).is_file():
+            files[GENERATION_CONFIG_FILE] = tokenizer_dir / GENERATION_CONFIG_FILE
+        if files:
+            (staging / TOKENIZER_SUBDIR).mkdir()
+        for name, path in files.items():
+            shutil.copy2(path, staging / TOKENIZER_SUBDIR / name)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         publish_directory(staging, directory)
 
@@ -379,8 +394,31 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
     return metadata
 
 
+def _rope_frequencies(preset: ModelPreset):
+    """The inverse RoPE frequencies ``build_gpt_model`` gives a model of ``preset`` (on the CPU):
+    Megatron's ``RotaryEmbedding``, then the builder's llama3 scaling when the preset has one."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_renio.models.builder import _apply_llama3_rope_scaling
+
+    rope = RotaryEmbedding(preset.head_dim, 1.0, rotary_base=preset.rope_theta, use_cpu_initialization=True)
+    if preset.rope_scaling is not None:
+        _apply_llama3_rope_scaling(SimpleNamespace(rotary_pos_emb=rope), preset)
+    return rope.inv_freq
+
+
 def _mismatches(model, preset: ModelPreset) -> list[str]:
-    """Fields where the built model differs from the checkpoint's preset."""
+    """Fields where the built model differs from the checkpoint's preset.
+
+    ``rope_scaling`` is seen in the model's inverse RoPE frequencies (they are all a built model keeps
+    of it), compared with those of the model's own ``rope_theta`` and ``head_dim`` under the
+    checkpoint's scaling. ``max_position_embeddings`` is not compared: with RoPE it changes no weight
+    and no result, and a run builds its model for its own ``--seq-length``.
+    """
+    import torch
+
     config = model.config
     pairs = {
         "num_layers": (config.num_layers, preset.num_layers),
@@ -398,6 +436,9 @@ def _mismatches(model, preset: ModelPreset) -> list[str]:
     result = [
         f"{name} {ckpt} (checkpoint) vs {built} (model)" for name, (built, ckpt) in pairs.items() if built != ckpt
     ]
+    expected = _rope_frequencies(preset.replace(rope_theta=float(model.rotary_base), head_dim=config.kv_channels))
+    if not torch.allclose(model.rotary_pos_emb.inv_freq.float().cpu(), expected, rtol=1e-5, atol=0):
+        result.append(f"rope_scaling {preset.to_dict()['rope_scaling']} (checkpoint) vs other RoPE frequencies (model)")
     if model.vocab_size < preset.vocab_size:
         result.append(f"vocab_size {preset.vocab_size} (checkpoint) > {model.vocab_size} (model)")
     return result

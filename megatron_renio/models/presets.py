@@ -17,6 +17,9 @@ from pathlib import Path
 from megatron_renio.errors import UserInputError
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+# head_dim of a config.json that names none, as transformers reads it: Qwen3Config defaults it to 128;
+# Qwen2 and Llama use hidden_size / num_attention_heads.
+_DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
 
 
@@ -253,7 +256,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         ffn_hidden_size=field("intermediate_size"),
         num_attention_heads=heads,
         num_query_groups=field("num_key_value_heads", heads),
-        head_dim=field("head_dim", hidden // heads),
+        head_dim=field("head_dim", _DEFAULT_HEAD_DIM.get(architecture, hidden // heads)),
         vocab_size=field("vocab_size"),
         max_position_embeddings=field("max_position_embeddings", 32768),
         rope_theta=field("rope_theta", rope_theta, float),

@@ -4,14 +4,17 @@ later layouts; report how a broken checkpoint fails.
 
 Usage: ``conversion_parity.py OUT_DIR CASES.json``. CASES.json: ``{"models": {name: {"checkpoint":
 DIR, "tokens": FILE.pt}}, "resave": {layout: [name, DIR]}, "broken": DIR, "mismatch": [name,
-DIR]}``. Every model is built in fp32 (whatever dtype its checkpoint holds) from the checkpoint's
-preset. A model re-saved at ``layout`` is reloaded by the later layouts as ``{name}_from_{layout}``.
-Each rank saves ``{"logprobs": {(layout, name): tensor [b, s-1] or None}, "errors": {case: message
-or None}}``; log-probs are reported by the last stage only. Error cases: loading the ``broken``
-checkpoint, loading the ``mismatch`` checkpoint (of model ``name``) into another model, saving
-again into a re-save folder.
+DIR], "rope_mismatch": DIR}``. Every model is built in fp32 (whatever dtype its checkpoint holds)
+from the checkpoint's preset. A model re-saved at ``layout`` is reloaded by the later layouts as
+``{name}_from_{layout}``. Each rank saves ``{"logprobs": {(layout, name): tensor [b, s-1] or None},
+"errors": {case: message or None}}``; log-probs are reported by the last stage only. Error cases:
+loading the ``broken`` checkpoint, loading the ``mismatch`` checkpoint (of model ``name``) into
+another model, loading the ``rope_mismatch`` checkpoint (llama3 RoPE scaling) into its model with 4
+times its scaling factor (``rope_factor``) and with no scaling (``rope_unscaled``), saving again into
+a re-save folder.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -90,6 +93,12 @@ def main(out_dir: str, cases_file: str) -> None:
             result["errors"]["broken"] = error_of(load_model_checkpoint, model, cases["broken"])
             other = next(name for name in models if name != cases["mismatch"][0])
             result["errors"]["mismatch"] = error_of(load_model_checkpoint, built[other][0], cases["mismatch"][1])
+            scaled = read_checkpoint_metadata(cases["rope_mismatch"]).preset
+            factor = dataclasses.replace(scaled.rope_scaling, factor=4 * scaled.rope_scaling.factor)
+            for case, preset in (("rope_factor", scaled.replace(rope_scaling=factor)),
+                                 ("rope_unscaled", scaled.replace(rope_scaling=None))):
+                model, _ = build_gpt_model(preset, parallel, "fp32")
+                result["errors"][case] = error_of(load_model_checkpoint, model, cases["rope_mismatch"])
     save_rank_result(out_dir, result)
     destroy()
 
