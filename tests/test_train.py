@@ -193,8 +193,8 @@ def test_the_default_optimizer_format_resumes_at_another_dp_size_only(workdir):
     assert proc.stderr.count(
         f"--load {save}: its distributed optimizer state was saved without --dist-ckpt-optim-fully-reshardable "
         "(Megatron's dp_reshardable format), which loads only at the TP/PP it was saved at: resume with "
-        "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 (any DP size), and add "
-        "--dist-ckpt-optim-fully-reshardable to save a checkpoint that loads at any layout") == 2  # on both ranks
+        "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 (any DP size); to change the layout, resume "
+        "there once with --dist-ckpt-optim-fully-reshardable and save, which any layout loads") == 2  # on both ranks
     train(base_args(workdir, **common, **{"--load": save, "--metrics-file": resumed}), nproc=1)
     a, b = read_jsonl(straight), read_jsonl(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
@@ -745,8 +745,9 @@ def test_a_dp_reshardable_optimizer_state_resumes_at_its_own_tp_pp_only():
 @pytest.mark.parametrize("fully_reshardable", [False, True])
 def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
     """A training checkpoint restores the distributed optimizer's main weights, Adam moments and step in
-    both formats (the format is recorded and read back); a dp_reshardable state saved from other
-    gradient buckets is refused with one line before anything is loaded into the optimizer."""
+    both formats (the format is recorded and read back); a dp_reshardable state loaded into other
+    gradient buckets (--overlap-grad-reduce splits a model above its bucket size) is refused with one
+    line before the load."""
     from megatron_renio import distributed
     from megatron_renio.config import TrainConfig
     from megatron_renio.distributed import ParallelConfig
@@ -759,9 +760,16 @@ def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
     cfg = TrainConfig(use_distributed_optimizer=True, lr=1e-2)
     distributed.initialize(ParallelConfig(), seed=0)
     try:
-        def build():
+        def build(bucket_size=None):
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
             model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
-            ddp = C.wrap_ddp(model, use_distributed_optimizer=True)
+            if bucket_size is None:
+                ddp = C.wrap_ddp(model, use_distributed_optimizer=True)
+            else:  # as wrap_ddp with --overlap-grad-reduce, with buckets smaller than the model
+                ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+                    grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=True,
+                    average_in_collective=False, bucket_size=bucket_size), model)
             optimizer = C.build_optimizer(ddp, cfg)[0]
             return model, info, ddp, optimizer, optimizer.chained_optimizers[0]  # the one DistributedOptimizer
 
@@ -783,13 +791,12 @@ def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
         state = read_train_state(tmp_path)
         assert state["optimizer_format"] == {"sharding": "fully_reshardable" if fully_reshardable else "dp_reshardable",
                                              "tp": 1, "pp": 1}
-        model, _, _, optimizer, dist_opt = build()
         if not fully_reshardable:
-            good = dist_opt.per_bucket_numel_unpadded
-            dist_opt.per_bucket_numel_unpadded = [{k: [n + 64 for n in v] for k, v in d.items()} for d in good]
-            with pytest.raises(UserInputError, match="was saved from other gradient buckets"):
+            model, _, _, optimizer, _ = build(bucket_size=20000)
+            with pytest.raises(UserInputError, match=r"was saved from other gradient buckets \(\(bucket, size\) "
+                                                     r"\[\('0', \d+\)\], here \[\('0', \d+\), \('1', \d+\)"):
                 load_training_checkpoint(tmp_path, state, student=model, optimizer=optimizer)
-            dist_opt.per_bucket_numel_unpadded = good
+        model, _, _, optimizer, dist_opt = build()
         load_training_checkpoint(tmp_path, state, student=model, optimizer=optimizer)
         for before, after in zip(saved, adam_state(dist_opt), strict=True):
             for x, y in zip(before, after, strict=True):

@@ -221,16 +221,44 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
     _init_optimizer_state(optimizer)
     sharding = saved_sharding(train_state)
-    state = dist_checkpointing.load(_optimizer_state_dict(optimizer, student.sharded_state_dict(), True, sharding),
-                                    str(optimizer_dir))
+    request = _optimizer_state_dict(optimizer, student.sharded_state_dict(), True, sharding)
+    if _distributed(optimizer) and sharding == DP_RESHARDABLE:
+        _check_gradient_buckets(request, optimizer_dir)
+    state = dist_checkpointing.load(request, str(optimizer_dir))
     if _distributed(optimizer):
-        _load_distributed_optimizer_state(optimizer, state, path)
+        _load_distributed_optimizer_state(optimizer, state)
     else:
         optimizer.load_state_dict(state)
     _untie_step_tensors(optimizer)
     rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
     if rank_file.is_file():
         _set_rng_state(torch.load(rank_file, weights_only=False))
+
+
+def _check_gradient_buckets(request: dict, optimizer_dir: Path) -> None:
+    """A :data:`DP_RESHARDABLE` state is stored per gradient bucket: refuse one whose buckets (their
+    number or sizes, read from the checkpoint's metadata) are not the ones this run loads into
+    (``request``), in one line, before dist_checkpointing's load fails on a shape."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    wanted = {t.key: tuple(t.global_shape) for t in nested_values(request)
+              if isinstance(t, ShardedTensor) and ".bucket_idx_" in t.key}
+    if not wanted:
+        return
+    group = next(iter(wanted)).split(".gbuf_idx_")[0]  # this model-parallel rank's keys
+    saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(optimizer_dir)).items()
+             if key.startswith(group + ".") and ".bucket_idx_" in key}
+    if saved != wanted:
+        def sizes(shapes):
+            return sorted({(key.split(".bucket_idx_")[1].split(".")[0], shape[0]) for key, shape in shapes.items()})
+
+        raise UserInputError(
+            f"{optimizer_dir}: its optimizer state ({DP_RESHARDABLE}) was saved from other gradient buckets "
+            f"((bucket, size) {sizes(saved)}, here {sizes(wanted)}): resume with the run's --overlap-grad-reduce "
+            "(with it the bucket size grows with DP beyond 40 ranks), or first resume once as saved with "
+            "--dist-ckpt-optim-fully-reshardable and save")
 
 
 def _inner_optimizers(optimizer):
@@ -259,7 +287,7 @@ def saved_sharding(train_state: dict) -> str:
     return (train_state.get("optimizer_format") or {}).get("sharding", FULLY_RESHARDABLE)
 
 
-def _load_distributed_optimizer_state(optimizer, state: dict, path: Path) -> None:
+def _load_distributed_optimizer_state(optimizer, state: dict) -> None:
     """``DistributedOptimizer.load_state_dict`` in two parts, around megatron-core 0.16 limitations.
 
     With torch's Adam (neither Apex nor Transformer Engine installed) the inner optimizer's state
@@ -267,9 +295,7 @@ def _load_distributed_optimizer_state(optimizer, state: dict, path: Path) -> Non
     copies every state key from the checkpoint's shards, which carry no ``step``. So the step,
     param groups and grad scaler are loaded first, then the sharded parameter state (main weights,
     exp_avg, exp_avg_sq) with the ``step`` entries set aside, under ``no_grad`` (in fp32 the main
-    weights are the model's parameters, which the loader copies into in place). A
-    :data:`DP_RESHARDABLE` state must have this run's gradient buckets (``path``: the checkpoint, for
-    the message).
+    weights are the model's parameters, which the loader copies into in place).
     """
     inner = _inner_optimizers(optimizer)
     if len(inner) != 1:
@@ -277,13 +303,6 @@ def _load_distributed_optimizer_state(optimizer, state: dict, path: Path) -> Non
     opt = inner[0]
     state = dict(state)
     param_state, sharding = state.pop("param_state"), state.pop("param_state_sharding_type")
-    if sharding == DP_RESHARDABLE and param_state["per_bucket_numel_unpadded"] != opt.per_bucket_numel_unpadded:
-        raise UserInputError(
-            f"{path}: its optimizer state ({DP_RESHARDABLE}) was saved from other gradient buckets "
-            f"({param_state['per_bucket_numel_unpadded']}, here {opt.per_bucket_numel_unpadded}): resume with the "
-            "same --overlap-grad-reduce (its bucket size grows with DP beyond 40 ranks), or resume once at the old "
-            "layout with --dist-ckpt-optim-fully-reshardable and save"
-        )
     opt.load_state_dict(state)
     steps = {param: entry.pop("step") for param, entry in opt.optimizer.state.items() if "step" in entry}
     with torch.no_grad():

@@ -72,7 +72,8 @@ def check_resumed_settings(state: dict, cfg: TrainConfig, origin: dict | None) -
             f"--load {cfg.load}: its distributed optimizer state was saved without --dist-ckpt-optim-fully-reshardable "
             f"(Megatron's {DP_RESHARDABLE} format), which loads only at the TP/PP it was saved at: resume with "
             f"--tensor-model-parallel-size {saved_format['tp']} --pipeline-model-parallel-size {saved_format['pp']} "
-            "(any DP size), and add --dist-ckpt-optim-fully-reshardable to save a checkpoint that loads at any layout")
+            "(any DP size); to change the layout, resume there once with --dist-ckpt-optim-fully-reshardable and save, "
+            "which any layout loads")
     for key, saved in state.get("adam", {}).items():
         if saved != getattr(cfg, key):
             flag = "--" + key.replace("_", "-")
