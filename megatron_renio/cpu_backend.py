@@ -12,8 +12,9 @@ The patches, each with the Megatron-Core files that need it:
    ``torch.empty(..., device=torch.cuda.current_device())`` in ``tensor_parallel/layers.py``,
    ``tensor_parallel/mappings.py``, ``utils.py`` (global memory buffer), ``pipeline_parallel/
    p2p_communication.py`` and ``distributed/param_and_grad_buffer.py``.
-2. ``torch.cuda.synchronize()`` is a no-op: ``pipeline_parallel/p2p_communication.py`` and the
-   async checkpoint writer in ``dist_checkpointing/strategies``.
+2. ``torch.cuda.synchronize()`` is a no-op: ``pipeline_parallel/p2p_communication.py``,
+   ``inference/communication_utils.py`` (the rollout's pipeline send / receive) and the async
+   checkpoint writer in ``dist_checkpointing/strategies``.
 3. Tensor factories (``torch.empty``, ``zeros``, ``ones``, ``full``, ``tensor``, ``arange``,
    ``*_like``, ...) called with a literal CUDA device allocate on the CPU instead:
    ``pipeline_parallel/schedules.py`` (``total_num_tokens``), ``optimizer/optimizer.py`` and

@@ -296,7 +296,7 @@ def run(cfg: SFTConfig) -> list[float]:
         progress.close()
     logger.close()
     save_model_checkpoint(
-        model, info, t.save, tokenizer_dir=t.tokenizer or source.tokenizer_dir,
+        model, info, t.save, tokenizer_dir=t.tokenizer or source.tokenizer_dir, generation_config=source.generation_config,
         extra_metadata={"source": "megatron_renio.sft", "iterations": t.train_iters,
                         "final_loss": losses[-1], "data_path": list(t.data_path)},
     )

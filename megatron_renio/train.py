@@ -297,6 +297,7 @@ def run(cfg: TrainConfig) -> dict:
                     cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
                     teacher=ema,
                     tokenizer_dir=cfg.tokenizer or student_source.tokenizer_dir,  # the one it trained with, as sft
+                    generation_config=student_source.generation_config,  # the model's own, also with --tokenizer
                     keep_last=cfg.keep_last, fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
                     train_state={"iteration": iteration, "skipped_total": skipped_total, "mode": cfg.mode,
                                  "teacher": cfg.teacher, "sampler": sampler.state_dict(),

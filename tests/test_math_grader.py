@@ -110,7 +110,10 @@ def test_extract_boxed_answer(text, expected):
         ("\\boxed\n7", "7"),
         (r"$\boxed \frac12$", r"\frac12"),
         (r"$\boxed \$5$", r"\$5"),  # an escaped dollar is not the closing delimiter
-        (r"\boxed{3} then \boxed 4", "4"),
+        (r"\boxed{3} then \boxed 4", "3"),  # a braced box wins
+        (r"The answer is \boxed{5}, written with \boxed as asked.", "5"),
+        (r"answer: \boxed 5.", "5"),
+        (r"\boxed 5, so", "5"),
         (r"\boxed 3 then a cut-off \boxed{4", "3"),
         (r"$\boxed $", None),
     ],
@@ -121,6 +124,7 @@ def test_a_box_without_braces_takes_the_next_token(text, expected):
 
 def test_a_box_without_braces_is_graded():
     assert grade_math(r"Hence $\boxed 5$.", "5")
+    assert grade_math(r"answer: \boxed 5.", "5")
     assert not grade_math(r"Hence $\boxed 6$.", "5")
 
 

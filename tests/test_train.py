@@ -786,8 +786,13 @@ def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
         ddp.finish_grad_sync()
         assert optimizer.step()[0]
         saved = adam_state(dist_opt)
+        model_config = tmp_path.parent / f"generation_config_{fully_reshardable}.json"
+        model_config.write_text('{"eos_token_id": [1, 5], "temperature": 0.6}')
         save_training_checkpoint(tmp_path, 1, student=model, student_info=info, optimizer=optimizer,
-                                 train_state={"iteration": 1}, fully_reshardable=fully_reshardable)
+                                 train_state={"iteration": 1}, fully_reshardable=fully_reshardable,
+                                 generation_config=model_config)
+        # the model's generation config is kept (a run with --tokenizer passes the student checkpoint's)
+        assert (tmp_path / "iter_0000001" / "tokenizer" / "generation_config.json").read_text() == model_config.read_text()
         state = read_train_state(tmp_path)
         assert state["optimizer_format"] == {"sharding": "fully_reshardable" if fully_reshardable else "dp_reshardable",
                                              "tp": 1, "pp": 1}
@@ -1060,7 +1065,27 @@ def test_renio_settings_without_effect_are_noted():
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
 
 
-def test_the_loss_implementation_flag_reaches_the_step_and_triton_needs_a_gpu(monkeypatch):
+def test_a_tokenizer_flag_keeps_the_models_stop_ids(tmp_path):
+    """--tokenizer replaces the student checkpoint's tokenizer, not the EOS ids of the model's own
+    generation_config.json: generation stops on both."""
+    import json
+
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.data.arithmetic_task import build_char_tokenizer
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import ModelSource, load_run_tokenizer
+
+    tok = build_char_tokenizer(str(tmp_path / "tok"))
+    (tmp_path / "model_tokenizer").mkdir()
+    config = tmp_path / "model_tokenizer" / "generation_config.json"
+    config.write_text(json.dumps({"eos_token_id": [1, 5]}))
+    source = ModelSource(get_preset("tiny-qwen3"), tmp_path, None, config)
+    assert load_run_tokenizer(TrainConfig(tokenizer=tok), source, None).stop_ids == (1, 5)
+    assert load_run_tokenizer(TrainConfig(tokenizer=tok), ModelSource(get_preset("tiny-qwen3"), None, None),
+                              None).stop_ids == (1,)
+
+
+def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs_a_gpu(monkeypatch):
     from megatron_renio.config import TrainConfig
     from megatron_renio.losses import fused
     from megatron_renio.training import components as C

@@ -50,6 +50,10 @@ class Tokenizer(abc.ABC):
     bos_id: int | None
     vocab_size: int
 
+    def add_stop_ids(self, folder: str | os.PathLike) -> None:
+        """Also stop on the EOS ids of ``folder``'s generation config (validated against the vocabulary)."""
+        self.stop_ids = tuple(dict.fromkeys([*self.stop_ids, *_stop_ids(self.eos_id, str(folder), self.vocab_size)]))
+
     @abc.abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; special tokens (e.g. BOS) only when ``add_special_tokens``."""

@@ -78,15 +78,18 @@ def extract_boxed_answer(text: str) -> str | None:
       balanced (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); a backslash makes the character
       after it content, so escaped braces ``\\{`` and ``\\}`` are not structure. A box whose
       closing brace is missing (a truncated completion) is skipped.
-    * Brace-less (``\\boxed 5``): the run of non-space characters after the
-      whitespace, ending before a closing ``$``, ``\\)`` or ``\\]`` delimiter (``$\\boxed 5$``
-      gives ``5``); an escaped ``\\$`` is part of the token.
+    * Brace-less (``\\boxed 5``), read only when there is no complete braced box (a later mention of
+      the command in prose must not replace a braced answer): the run of non-space characters after
+      the whitespace, ending before a closing ``$``, ``\\)`` or ``\\]`` delimiter (``$\\boxed 5$``
+      gives ``5``), without trailing ``.``, ``,``, ``;`` or ``:`` (sentence punctuation); an escaped
+      ``\\$`` is part of the token.
 
-    The box whose command starts last wins; ``None`` when ``text`` has no complete box.
+    Of each kind the box whose command starts last wins; ``None`` when ``text`` has no complete box.
     """
-    for match in reversed(list(_BOX_START.finditer(text))):
+    matches = list(_BOX_START.finditer(text))
+    for match in reversed(matches):
         if match.group("token"):
-            return match.group("token")
+            continue
         depth = 1
         i = match.end()
         while i < len(text):
@@ -101,7 +104,8 @@ def extract_boxed_answer(text: str) -> str | None:
                 if depth == 0:
                     return text[match.end() : i].strip()
             i += 1
-    return None
+    tokens = [match.group("token").rstrip(".,;:") for match in matches if match.group("token")]
+    return next((token for token in reversed(tokens) if token), None)
 
 
 def _reference_answer(reference: str) -> str:

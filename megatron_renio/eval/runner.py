@@ -31,7 +31,8 @@ or when prompt plus completion reach ``--seq-length`` (default: the model's maxi
 
 Sampling. The defaults come from the ``generation_config.json`` of the folder the tokenizer is
 loaded from (``--tokenizer`` when given, else the checkpoint's; the file that also gives the stop
-ids; a sentencepiece ``.model`` file has none): each of ``--temperature``, ``--top-p``, ``--top-k``
+ids, to which a ``--tokenizer`` adds those of the checkpoint's own file; a sentencepiece ``.model``
+file has none): each of ``--temperature``, ``--top-p``, ``--top-k``
 not given takes its ``temperature``, ``top_p``, ``top_k``, else 1.0, 1.0 and 0 (off). ``--greedy``
 takes the argmax; so does a temperature of 0 (flag or file, as in vLLM), and so does
 ``do_sample: false`` in that file (transformers then decodes greedily) unless ``--temperature``,
@@ -320,6 +321,8 @@ def run(args: argparse.Namespace) -> dict | None:
     sampling = _sampling(args, tokenizer_path)
     benchmarks = _load_benchmarks(args.benchmark)
     tokenizer = load_tokenizer(str(tokenizer_path))
+    if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
+        tokenizer.add_stop_ids(meta.generation_config.parent)
     vocab = meta.preset.vocab_size
     if tokenizer.vocab_size > vocab:
         raise UserInputError(

@@ -1,7 +1,7 @@
 """Preset -> Megatron-Core ``TransformerConfig``, layer spec and ``GPTModel`` for this pipeline stage.
 
 The student and the frozen teacher are both built here, with the same TP/PP layout. The
-vocabulary is padded to a multiple of ``vocab_multiple x TP`` (Megatron's
+vocabulary is padded to a multiple of ``MAKE_VOCAB_SIZE_DIVISIBLE_BY x TP`` (Megatron's
 ``make_vocab_size_divisible_by`` rule, default 128); the true size stays in the preset so that
 losses mask the padded rows. The Transformer Engine layer spec is used when TE imports and CUDA is
 in use, Megatron's local spec otherwise; both save under the same parameter names.

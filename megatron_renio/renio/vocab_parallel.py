@@ -62,21 +62,39 @@ class VocabShard:
         return torch.arange(self.size, device=device) < self.num_valid
 
 
+class _AllReduceSumSummedGrad(torch.autograd.Function):
+    """y = sum over the group of x; dL/dx = sum over the group of dL/dy."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def all_reduce_sum_summed_grad(x: torch.Tensor, group) -> torch.Tensor:
     """Differentiable sum over ``group`` whose backward also sums, dL/dx = sum over the group of dL/dy
-    (torch.distributed.nn's all-reduce; for intermediates every rank then uses locally)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return x if group_size(group) == 1 else all_reduce(x, group=group)
+    (for intermediates every rank then uses locally; torch.distributed.nn's all-reduce does this but is
+    deprecated in torch 2.13, and Megatron has no such mapping)."""
+    return x if group_size(group) == 1 else _AllReduceSumSummedGrad.apply(x, group)
 
 
 def all_reduce_sum_identity_grad(x: torch.Tensor, group) -> torch.Tensor:
     """Differentiable sum over ``group`` whose backward is the identity, dL/dx = dL/dy (Megatron's
-    ``reduce_from_tensor_model_parallel_region``, which reduces a contiguous tensor in place; for final,
-    replicated sums)."""
+    ``reduce_from_tensor_model_parallel_region``; for final, replicated sums). ``x`` is left as it is:
+    Megatron's mapping reduces its input in place, so it gets a copy."""
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-    return x if group_size(group) == 1 else reduce_from_tensor_model_parallel_region(x.contiguous(), group=group)
+    if group_size(group) == 1:
+        return x
+    return reduce_from_tensor_model_parallel_region(x.clone(memory_format=torch.contiguous_format), group=group)
 
 
 def all_reduce_max_(x: torch.Tensor, group) -> torch.Tensor:

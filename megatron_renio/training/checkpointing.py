@@ -134,12 +134,14 @@ def _optimizer_state_dict(optimizer, model_sd, is_loading: bool, sharding: str |
 
 def save_training_checkpoint(
     root: str | Path, iteration: int, *, student, student_info, optimizer, train_state: dict,
-    teacher=None, tokenizer_dir: str | Path | None = None, keep_last: int = 2, fully_reshardable: bool = False,
+    teacher=None, tokenizer_dir: str | Path | None = None, generation_config: str | Path | None = None,
+    keep_last: int = 2, fully_reshardable: bool = False,
 ) -> Path:
     """Collective: write iteration ``iteration`` under ``root`` (see the module docstring); ``teacher``:
     the :class:`~megatron_renio.training.ema.EmaTeacher` of ``--teacher ema``, else None;
     ``train_state``: written by global rank 0 (the same on every rank), with the optimizer's format
-    added; ``fully_reshardable``: the distributed optimizer's state in :data:`FULLY_RESHARDABLE`
+    added; ``tokenizer_dir`` and ``generation_config``: as for
+    :func:`~megatron_renio.models.checkpoint.save_model_checkpoint`; ``fully_reshardable``: the distributed optimizer's state in :data:`FULLY_RESHARDABLE`
     format instead of :data:`DP_RESHARDABLE`."""
     from megatron.core import dist_checkpointing
 
@@ -154,7 +156,7 @@ def save_training_checkpoint(
         for stale in [*root.glob(".tmp_iter_*"), *root.glob("..tmp_iter_*.partial-*")]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
-    save_model_checkpoint(student, student_info, tmp, tokenizer_dir=tokenizer_dir,
+    save_model_checkpoint(student, student_info, tmp, tokenizer_dir=tokenizer_dir, generation_config=generation_config,
                           extra_metadata={"iteration": iteration})
     saved_format = optimizer_format(optimizer, fully_reshardable)
     optimizer_state = _optimizer_state_dict(optimizer, student.sharded_state_dict(), False,

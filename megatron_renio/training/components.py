@@ -71,11 +71,14 @@ def loss_settings(cfg: TrainConfig) -> LossSettings:
 
 @dataclass
 class ModelSource:
-    """Where a model comes from: a converted/trained checkpoint folder, or a preset (random init)."""
+    """Where a model comes from: a converted/trained checkpoint folder, or a preset (random init);
+    ``generation_config``: the checkpoint's ``generation_config.json`` (the model's sampling defaults
+    and stop ids), if it has one."""
 
     preset: ModelPreset
     checkpoint: Path | None
     tokenizer_dir: Path | None
+    generation_config: Path | None = None
 
 
 def resolve_model(checkpoint: str | None, preset_name: str | None, flag: str) -> ModelSource:
@@ -83,7 +86,7 @@ def resolve_model(checkpoint: str | None, preset_name: str | None, flag: str) ->
 
     if checkpoint:
         meta = read_checkpoint_metadata(checkpoint)
-        return ModelSource(meta.preset, Path(checkpoint), meta.tokenizer_dir)
+        return ModelSource(meta.preset, Path(checkpoint), meta.tokenizer_dir, meta.generation_config)
     if preset_name:
         return ModelSource(get_preset(preset_name), None, None)
     raise UserInputError(f"{flag}: no checkpoint or preset given")
@@ -126,11 +129,15 @@ def fitting_data_label(count: int, unit: str, skipped_too_long: int, seq_length:
 def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSource | None) -> Tokenizer:
     """``--tokenizer`` or the student checkpoint's copy. A teacher checkpoint's tokenizer must have its
     vocabulary (an error otherwise); a ``--tokenizer`` whose vocabulary differs from the student
-    checkpoint's gets a note (its ids would mean other tokens to the student)."""
+    checkpoint's gets a note (its ids would mean other tokens to the student). With ``--tokenizer``,
+    generation also stops on the EOS ids of the student checkpoint's own generation config (the ids
+    the model was trained to end with)."""
     path = cfg.tokenizer or (student.tokenizer_dir and str(student.tokenizer_dir))
     if not path:
         raise UserInputError("no tokenizer: give --tokenizer (an HF tokenizer folder or a sentencepiece model)")
     tokenizer = load_tokenizer(path)
+    if cfg.tokenizer and student.generation_config is not None:
+        tokenizer.add_stop_ids(student.generation_config.parent)
     label = f"--tokenizer {path}" if cfg.tokenizer else f"the student's ({path})"
     if cfg.tokenizer and student.tokenizer_dir is not None:
         if load_tokenizer(str(student.tokenizer_dir)).fingerprint() != tokenizer.fingerprint():
