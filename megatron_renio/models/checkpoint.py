@@ -251,6 +251,21 @@ def _check_finite_weights(module, directory: Path) -> None:
         raise UserInputError(f"the model holds non-finite weights ({where}); not saved to {directory}")
 
 
+def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
+    """``dist_checkpointing.save`` with Megatron's torch_dist writer, and with data parallelism its
+    fully parallel save (Megatron-LM's ``--ckpt-fully-parallel-save``, on by default there): a shard
+    that the data-parallel replicas hold in common is written by one of them, the writes spread
+    evenly over the group, instead of every shard by DP rank 0. Collective."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy()
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_state.get_data_parallel_group())
+    dist_checkpointing.save(sharded_state_dict, str(directory), sharded_strategy=strategy)
+
+
 def save_model_checkpoint(
     model,
     info,
@@ -272,7 +287,7 @@ def save_model_checkpoint(
     ``extra_metadata``: JSON-able dict stored as ``extra``. Returns the checkpoint path.
     """
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
 
     try:
@@ -332,7 +347,7 @@ def save_model_checkpoint(
         publish_directory(staging, directory)
 
     try:
-        dist_checkpointing.save(_sharded_state_dict(module), str(staging / MODEL_SUBDIR))
+        save_sharded(_sharded_state_dict(module), staging / MODEL_SUBDIR)
         if dist.is_initialized():
             dist.barrier()
         on_rank0(finish)

@@ -143,9 +143,7 @@ def save_training_checkpoint(
     added; ``tokenizer_dir`` and ``generation_config``: as for
     :func:`~megatron_renio.models.checkpoint.save_model_checkpoint`; ``fully_reshardable``: the distributed optimizer's state in :data:`FULLY_RESHARDABLE`
     format instead of :data:`DP_RESHARDABLE`."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_renio.models.checkpoint import save_model_checkpoint
+    from megatron_renio.models.checkpoint import save_model_checkpoint, save_sharded
 
     root = Path(root)
     rank = torch.distributed.get_rank()
@@ -168,7 +166,7 @@ def save_training_checkpoint(
         if rank == 0:
             (tmp / name).mkdir()
         _barrier()
-        dist_checkpointing.save(state, str(tmp / name))
+        save_sharded(state, tmp / name)
     maybe_die("checkpoint", iteration)  # model and optimizer written, not yet published
     if rank == 0:
         (tmp / "rng").mkdir()
