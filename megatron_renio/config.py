@@ -65,6 +65,9 @@ HELP = {
     "teacher_model": "named preset of the separate teacher, randomly initialised (instead of --teacher-load)",
     "load": "run folder to resume (a --save folder); may be empty only when it is the --save folder",
     "override_save": "start a new run in a --save folder that holds checkpoints",
+    "ckpt_fully_parallel_load": "each data-parallel replica reads a part of the checkpoint shards the replicas share "
+                                "and they exchange them (storage read once per model-parallel shard, not per "
+                                "replica; Megatron-LM)",
     "override_teacher_check": "on resume, accept a frozen teacher (--student-load of --teacher fixed, --teacher-load) "
                               "whose files differ from the saved run's, e.g. the same weights saved at another layout",
     "loss": "per-token divergence (jsd with --kd-beta), or sampled_rkl: the sampled-token reverse KL",
@@ -136,6 +139,7 @@ class TrainConfig:
     # on resume, take the LR / weight-decay schedule from these flags instead of refusing a change
     override_opt_param_scheduler: bool = False
     override_teacher_check: bool = False
+    ckpt_fully_parallel_load: bool = False
     exit_interval: int = 0
     exit_duration_in_mins: float = 0.0
     # per-device peak FLOP/s for the MFU log (TFLOP/s); 0 = known GPUs by name, none on the CPU

@@ -53,7 +53,7 @@ SFT_FLAGS = (
     "micro_batch_size", "global_batch_size", "seq_length",
     "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay", "clip_grad",
     "adam_beta1", "adam_beta2", "adam_eps", "train_iters", "use_distributed_optimizer", "overlap_grad_reduce",
-    "bf16", "seed",
+    "bf16", "seed", "ckpt_fully_parallel_load",
     "model", "tokenizer", "data_path", "task", "problem_field", "solution_field",
     "save", "log_interval", "tensorboard_dir", "wandb_project", "metrics_file",
     "distributed_timeout_minutes", "max_skipped_steps", "debug",

@@ -175,7 +175,8 @@ def run(cfg: TrainConfig) -> dict:
 
     iteration, skipped_total, skipped_in_a_row = 0, 0, 0
     if saved is not None:  # the checkpoint whose settings were checked before the models were built
-        load_training_checkpoint(cfg.load, saved, student=student, optimizer=optimizer, teacher=ema)
+        load_training_checkpoint(cfg.load, saved, student=student, optimizer=optimizer, teacher=ema,
+                                 fully_parallel=cfg.ckpt_fully_parallel_load)
         iteration = saved["iteration"]
         skipped_total = saved["skipped_total"]
         normalizer.load_state_dict(resume.normalizer_state_for_replica(saved["normalizer"], ctx.dp_rank))

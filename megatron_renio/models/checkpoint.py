@@ -266,6 +266,22 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
     dist_checkpointing.save(sharded_state_dict, str(directory), sharded_strategy=strategy)
 
 
+def load_sharded(sharded_state_dict: dict, directory: str | Path, fully_parallel: bool = False, **kwargs) -> dict:
+    """``dist_checkpointing.load`` (``kwargs``: its options); ``fully_parallel`` with data parallelism:
+    Megatron's fully parallel load (Megatron-LM's ``--ckpt-fully-parallel-load``): each data-parallel
+    replica reads its part of the shards the replicas share and the group exchanges them, so storage
+    is read once per model-parallel shard instead of once per replica. Collective."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    if fully_parallel and parallel_state.model_parallel_is_initialized() \
+            and parallel_state.get_data_parallel_world_size() > 1:
+        kwargs["sharded_strategy"] = FullyParallelLoadStrategyWrapper(
+            get_default_load_sharded_strategy(str(directory)), parallel_state.get_data_parallel_group())
+    return dist_checkpointing.load(sharded_state_dict, str(directory), **kwargs)
+
+
 def save_model_checkpoint(
     model,
     info,
@@ -459,14 +475,14 @@ def _mismatches(model, preset: ModelPreset) -> list[str]:
     return result
 
 
-def load_model_checkpoint(model, directory: str | Path) -> CheckpointMetadata:
+def load_model_checkpoint(model, directory: str | Path, fully_parallel: bool = False) -> CheckpointMetadata:
     """Load a model checkpoint into ``model`` (this rank's stage, any TP/PP layout). Collective.
 
     The checkpoint's preset must describe the model's architecture; every tensor the model asks for
     must be in the checkpoint and every checkpoint tensor must be used (as
-    ``torch.nn.Module.load_state_dict(strict=True)``). Returns the checkpoint's metadata.
+    ``torch.nn.Module.load_state_dict(strict=True)``). ``fully_parallel``: see :func:`load_sharded`.
+    Returns the checkpoint's metadata.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from megatron.core.utils import unwrap_model
     from torch.distributed.checkpoint.api import CheckpointException
@@ -477,11 +493,8 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointMetadata:
     if mismatches:
         raise UserInputError(f"{directory} does not fit the model: {'; '.join(mismatches)}")
     try:
-        state_dict = dist_checkpointing.load(
-            _sharded_state_dict(module),
-            str(Path(directory) / MODEL_SUBDIR),
-            strict=StrictHandling.RAISE_ALL,
-        )
+        state_dict = load_sharded(_sharded_state_dict(module), Path(directory) / MODEL_SUBDIR, fully_parallel,
+                                  strict=StrictHandling.RAISE_ALL)
         module.load_state_dict(state_dict, strict=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise UserInputError(

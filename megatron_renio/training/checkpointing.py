@@ -200,22 +200,22 @@ def _load_train_state(path: Path) -> dict:
     return torch.load(state_file, weights_only=False)
 
 
-def load_training_checkpoint(root: str | Path, train_state: dict, *, student, optimizer, teacher=None) -> None:
+def load_training_checkpoint(root: str | Path, train_state: dict, *, student, optimizer, teacher=None,
+                             fully_parallel: bool = False) -> None:
     """Collective: restore the checkpoint under ``root`` whose ``train_state`` the caller read (with
     :func:`read_train_state`) and checked, so that what is loaded is what was checked. A rank that
     finds the RNG file of its rank number (saved by a world at least as large) continues those
     streams: exactly at the same layout; at another layout they are the streams of another role, as
-    any seeded continuation would be."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_renio.models.checkpoint import load_model_checkpoint
+    any seeded continuation would be. ``fully_parallel``: Megatron's fully parallel load of every part
+    (:func:`~megatron_renio.models.checkpoint.load_sharded`)."""
+    from megatron_renio.models.checkpoint import load_model_checkpoint, load_sharded
 
     path = iteration_dir(root, train_state["iteration"])
-    load_model_checkpoint(student, path)
+    load_model_checkpoint(student, path, fully_parallel)
     if teacher is not None:
         if not (path / "teacher").is_dir():
             raise UserInputError(f"{path}: no EMA teacher saved (was the run started with --teacher ema?)")
-        teacher.load_state_dict(dist_checkpointing.load(teacher.sharded_state_dict(), str(path / "teacher")))
+        teacher.load_state_dict(load_sharded(teacher.sharded_state_dict(), path / "teacher", fully_parallel))
     optimizer_dir = path / "optimizer"
     if not optimizer_dir.is_dir():
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
@@ -224,7 +224,7 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     request = _optimizer_state_dict(optimizer, student.sharded_state_dict(), True, sharding)
     if _distributed(optimizer) and sharding == DP_RESHARDABLE:
         _check_gradient_buckets(request, optimizer_dir)
-    state = dist_checkpointing.load(request, str(optimizer_dir))
+    state = load_sharded(request, optimizer_dir, fully_parallel)
     if _distributed(optimizer):
         _load_distributed_optimizer_state(optimizer, state)
     else:

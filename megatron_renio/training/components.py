@@ -212,7 +212,7 @@ def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None 
     model, info = build_gpt_model(source.preset, parallel_config(cfg), model_dtype(cfg), max_sequence_length=cfg.seq_length,
                                   padded_vocab=padded_vocab, **recompute_settings(cfg))
     if source.checkpoint is not None:
-        load_model_checkpoint(model, source.checkpoint)
+        load_model_checkpoint(model, source.checkpoint, cfg.ckpt_fully_parallel_load)
     return model, info
 
 
