@@ -163,8 +163,10 @@ def run(cfg: TrainConfig) -> dict:
         sampler.load_state_dict(saved["sampler"])  # refuses other data or another seed before the models load
 
     padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
-    student, student_info = C.build_model(student_source, cfg, padded_vocab)
-    teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student, padded_vocab)
+    # a resume loads the student's weights from its checkpoint: the initial ones are not read for it
+    student, student_info = C.build_model(student_source, cfg, padded_vocab, load_weights=saved is None)
+    teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student, padded_vocab,
+                                            student_is_initial=saved is None)
     ema = EmaTeacher(teacher, cfg.ema_decay) if cfg.teacher == "ema" else None
     student_ddp = C.wrap_ddp(student, cfg.use_distributed_optimizer, cfg.overlap_grad_reduce)
     optimizer, scheduler = C.build_optimizer(student_ddp, cfg)

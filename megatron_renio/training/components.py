@@ -204,14 +204,14 @@ def check_recompute(cfg: TrainConfig, preset: ModelPreset) -> None:
                              f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size})")
 
 
-def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None = None):
+def build_model(source: ModelSource, cfg: TrainConfig, padded_vocab: int | None = None, load_weights: bool = True):
     """A GPTModel for this stage (``padded_vocab``: see ``build_gpt_model``), with the checkpoint's
-    weights when there is one."""
+    weights when there is one and ``load_weights`` (a resume loads its own)."""
     from megatron_renio.models.checkpoint import load_model_checkpoint
 
     model, info = build_gpt_model(source.preset, parallel_config(cfg), model_dtype(cfg), max_sequence_length=cfg.seq_length,
                                   padded_vocab=padded_vocab, **recompute_settings(cfg))
-    if source.checkpoint is not None:
+    if source.checkpoint is not None and load_weights:
         load_model_checkpoint(model, source.checkpoint, cfg.ckpt_fully_parallel_load)
     return model, info
 
@@ -320,14 +320,21 @@ def check_resumed_schedule(state: dict, cfg: TrainConfig) -> None:
 
 
 def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source: ModelSource | None, student,
-                  padded_vocab: int | None = None):
-    """OPSD fixed/EMA: a frozen copy of the initial student; OPD separate: its own checkpoint/preset."""
+                  padded_vocab: int | None = None, student_is_initial: bool = True):
+    """OPSD fixed/EMA: a frozen copy of the initial student; OPD separate: its own checkpoint/preset.
+    ``student_is_initial`` False (a resume, which did not load the student's initial weights): the
+    fixed teacher reads them from the student's checkpoint (the EMA teacher is restored from the run's)."""
+    from megatron_renio.models.checkpoint import load_model_checkpoint
+
     if cfg.teacher == "separate":
         teacher, info = build_model(teacher_source, cfg, padded_vocab)
     else:
         teacher, info = build_gpt_model(student_source.preset, parallel_config(cfg), model_dtype(cfg),
                                         max_sequence_length=cfg.seq_length, padded_vocab=padded_vocab)
-        teacher.load_state_dict(student.state_dict())
+        if cfg.teacher == "fixed" and not student_is_initial and student_source.checkpoint is not None:
+            load_model_checkpoint(teacher, student_source.checkpoint, cfg.ckpt_fully_parallel_load)
+        else:
+            teacher.load_state_dict(student.state_dict())
     freeze(teacher)
     return teacher, info
 
