@@ -77,9 +77,13 @@ def test_gpu_training_run_bf16(tmp_path):
     cmd = [sys.executable, "-m", "megatron_renio.train", "--model", "tiny-qwen3", "--tokenizer", str(tmp_path / "tok"),
            "--data-path", str(tmp_path / "train.jsonl"), "--seq-length", "384", "--max-new-tokens", "16",
            "--global-batch-size", "4", "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-4", "--bf16",
-           "--renio", "--renio-scope", "global", "--metrics-file", str(metrics)]
-    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert out.returncode == 0, out.stderr[-3000:]
+           "--renio", "--renio-scope", "global", "--metrics-file", str(metrics), "--use-distributed-optimizer",
+           "--save", str(tmp_path / "run")]
+    # 2 steps and a checkpoint (the distributed optimizer's default format), then a resume for step 3
+    for extra in (["--exit-interval", "2"], ["--load", str(tmp_path / "run")]):
+        out = subprocess.run(cmd + extra, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ))
+        assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert len(rows) == 3 and all(r["loss"] > 0 and not r["skipped"] for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 and not r["skipped"] for r in rows)
     assert rows[-1]["peak_memory_gb"] > 0
