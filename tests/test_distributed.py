@@ -63,6 +63,11 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
         assert r["disagree"].startswith("ranks disagree on the configuration: rank 1 differs from rank 0")
         assert "\n" not in r["disagree"]
         assert r["dp_size"] == 2 and r["device"] == "cpu"
+    # on_rank0: rank 0's value everywhere; its error raised on rank 0 as it is, on the others as one line
+    assert [r["on_rank0"] for r in results] == [{"rank": 0}, {"rank": 0}]
+    assert [r["user_error"] for r in results] == ["UserInputError: bad flag"] * 2
+    assert [r["crash"] for r in results] == ["ZeroDivisionError: division by zero",
+                                             "RuntimeError: rank 0 failed: division by zero"]
 
 
 def _start(env: dict, code: str) -> subprocess.CompletedProcess:

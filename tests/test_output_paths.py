@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import check_output_file, check_output_folder
+from megatron_renio.output_paths import check_output_file, check_output_folder, write_atomic
 
 
 def test_a_folder_output_must_be_or_become_a_folder_written_in(tmp_path):
@@ -85,3 +85,18 @@ def test_quickstart_out_is_checked(tmp_path):
 
     with pytest.raises(UserInputError, match="^--out /proc/qs: cannot write in /proc "):
         _prepare_out(Path("/proc/qs"))
+
+
+def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
+    target = tmp_path / "latest.txt"
+    target.write_text("old\n")
+
+    def lines():
+        yield "new\n"
+        raise KeyboardInterrupt  # the writer is stopped half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, lines())
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["latest.txt"]
+    write_atomic(target, ["new\n"])
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["latest.txt"]

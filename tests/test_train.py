@@ -172,10 +172,14 @@ def test_resume_at_another_layout_reshards_model_and_optimizer(workdir):
     depends on the restored Adam moments and step count."""
     common = {"--train-iters": 4, "--use-distributed-optimizer": None, "--renio-scope": "global",
               "--dist-ckpt-optim-fully-reshardable": None}
-    a, b, _ = straight_and_resumed(workdir, "layout", common, {"--save-interval": 2, "--exit-interval": 2},
-                                   {"--tensor-model-parallel-size": 2})
+    a, b, save = straight_and_resumed(workdir, "layout", common, {"--save-interval": 2, "--exit-interval": 2},
+                                      {"--tensor-model-parallel-size": 2, "--save": workdir / "layout",
+                                       "--save-interval": 2})
     for x, y in zip(a, b):
         assert (y["loss"], y["grad_norm"]) == pytest.approx((x["loss"], x["grad_norm"]), rel=1e-4), y["step"]
+    # each save records its own layout (a dp_reshardable resume is refused at another one)
+    assert [torch.load(save / f"iter_{i:07d}" / "train_state.pt", weights_only=False)["optimizer_format"]
+            for i in (2, 4)] == [{"sharding": "fully_reshardable", "tp": t, "pp": 1} for t in (1, 2)]
 
 
 def test_the_default_optimizer_format_resumes_at_another_dp_size_only(workdir):
@@ -722,8 +726,11 @@ def test_resumed_settings_are_compared_with_the_run(tmp_path):
                              (dict(lr=2e-3), "--lr sets max_lr=0.002")):
         with pytest.raises(UserInputError, match=expected):
             check_resumed_settings(state, TrainConfig(**{"load": "run", "lr": 1e-3, **change}), origin)
-    with pytest.raises(UserInputError, match="frozen teacher was built from --student-load s, but --model tiny"):
-        check_resumed_settings(state, cfg, {"flag": "--model", "source": "tiny", "identity": "preset tiny"})
+    other_teacher = {"flag": "--model", "source": "tiny", "identity": "preset tiny"}
+    for flags in ({}, {"override_opt_param_scheduler": True}):  # only --override-teacher-check lets it through
+        with pytest.raises(UserInputError, match="frozen teacher was built from --student-load s, but --model tiny "
+                                                 r".*or pass --override-teacher-check if it holds the same weights"):
+            check_resumed_settings(state, TrainConfig(load="run", lr=1e-3, **flags), other_teacher)
     check_resumed_settings(state, TrainConfig(load="run", lr=1e-3, override_teacher_check=True),
                            {"flag": "--student-load", "source": "resaved", "identity": "other files"})
     check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
@@ -803,6 +810,8 @@ def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
                                                      r"\[\('0', \d+\)\], here \[\('0', \d+\), \('1', \d+\)"):
                 load_training_checkpoint(tmp_path, state, student=model, optimizer=optimizer)
         model, _, _, optimizer, dist_opt = build()
+        if fully_reshardable:  # a checkpoint of an earlier version records no format: it was fully reshardable
+            del state["optimizer_format"]
         load_training_checkpoint(tmp_path, state, student=model, optimizer=optimizer)
         for before, after in zip(saved, adam_state(dist_opt), strict=True):
             for x, y in zip(before, after, strict=True):
@@ -825,6 +834,33 @@ def test_the_teacher_origin_of_a_preset_names_its_flag():
                       pipeline_model_parallel_size=2)  # random initialisation depends on the layout
     assert teacher_origin(cfg, student, teacher)["identity"] == "preset tiny-qwen3-untied at TP 1, PP 2"
     assert teacher_origin(TrainConfig(model="tiny-qwen3", teacher="ema"), student, None) is None
+
+
+def test_a_model_checkpoint_keeps_its_tokenizer_folders_generation_config(tmp_path):
+    """Without an explicit generation config the saver takes the tokenizer folder's, so a training or
+    sft save of a converted model keeps the model's sampling defaults and EOS ids."""
+    import json
+
+    from megatron_renio import distributed
+    from megatron_renio.data.arithmetic_task import build_char_tokenizer
+    from megatron_renio.data.tokenizer import load_tokenizer
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata, save_model_checkpoint
+    from megatron_renio.models.presets import get_preset
+
+    tok = build_char_tokenizer(str(tmp_path / "tok"))
+    config = json.dumps({"eos_token_id": [1, 5], "temperature": 0.6})
+    (tmp_path / "tok" / "generation_config.json").write_text(config)
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
+        save_model_checkpoint(model, info, tmp_path / "out", tokenizer_dir=tok)
+    finally:
+        distributed.destroy()
+    meta = read_checkpoint_metadata(tmp_path / "out")
+    assert meta.generation_config.read_text() == config
+    assert load_tokenizer(str(meta.tokenizer_dir)).stop_ids == (1, 5)
 
 
 def test_a_model_with_non_finite_weights_is_not_saved(tmp_path):
@@ -1086,6 +1122,38 @@ def test_a_tokenizer_flag_keeps_the_models_stop_ids(tmp_path):
                               None).stop_ids == (1,)
 
 
+def test_the_step_hands_the_loss_implementation_to_the_fused_loss(monkeypatch):
+    """--loss-impl chunked must not run the Triton kernels on a GPU: the step passes it on."""
+    from types import SimpleNamespace
+
+    from megatron_renio.losses.divergence import DivergenceConfig
+    from megatron_renio.training import step
+
+    seen = []
+    monkeypatch.setattr(step, "fused_token_terms", lambda *args, **kwargs: seen.append(kwargs["impl"]))
+    grid = SimpleNamespace(gather_index=torch.zeros(1, 2, dtype=torch.long))
+    batch = SimpleNamespace(completion_ids=torch.zeros(1, 2, dtype=torch.long), completion_mask=torch.ones(1, 2),
+                            student=grid, teacher=grid)
+    output = SimpleNamespace(student_logits=torch.zeros(1, 3, 8), teacher_logits=torch.zeros(1, 3, 8))
+    for impl in ("chunked", "triton", "auto"):
+        runner = SimpleNamespace(settings=SimpleNamespace(impl=impl, divergence=DivergenceConfig("forward_kl")),
+                                 true_vocab_size=8,
+                                 tp_group=None, _inject_nonfinite=False)
+        step.DistillationStep._token_terms(runner, batch, output)
+    assert seen == ["chunked", "triton", "auto"]
+
+
+def test_a_global_batch_splits_into_micro_batches_per_replica():
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.training.components import samples_per_replica
+
+    assert samples_per_replica(TrainConfig(global_batch_size=4, micro_batch_size=2), 2) == 2
+    for gbs, mbs in ((2, 2), (3, 1)):  # fine at DP 1 (config.validate), not at DP 2
+        with pytest.raises(UserInputError, match=f"^--global-batch-size {gbs} is not divisible by --micro-batch-size "
+                                                 f"{mbs} x data-parallel size 2$"):
+            samples_per_replica(TrainConfig(global_batch_size=gbs, micro_batch_size=mbs), 2)
+
+
 def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs_a_gpu(monkeypatch):
     from megatron_renio.config import TrainConfig
     from megatron_renio.losses import fused
@@ -1093,6 +1161,8 @@ def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs
 
     assert [C.loss_settings(TrainConfig(loss_impl=impl)).impl for impl in ("auto", "chunked", "unfused")] == \
         ["auto", "chunked", "unfused"]
+    assert [C.loss_settings(TrainConfig(loss=loss)).divergence.kind for loss in ("sampled_rkl", "jsd", "forward_kl")] \
+        == ["reverse_kl", "jsd", "forward_kl"]  # sampled_rkl computes (and logs) the reverse KL's terms
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserInputError, match=r"^--loss-impl triton needs a GPU and the triton package \(here: no GPU"):
         C.loss_settings(TrainConfig(loss_impl="triton"))

@@ -1,4 +1,5 @@
-"""torchrun worker (2 ranks): initialize() compares config fingerprints across ranks."""
+"""torchrun worker (2 ranks): initialize() compares config fingerprints across ranks; on_rank0 hands
+rank 0's result or error to both ranks."""
 
 import os
 import sys
@@ -16,6 +17,19 @@ def main(out_dir):
     ctx = distributed.initialize(parallel, config_fingerprint=fingerprint(parallel, {"lr": 1.0}))
     result["agree"] = "ok"
     result["dp_size"], result["device"] = ctx.dp_size, ctx.device.type
+    result["on_rank0"] = distributed.on_rank0(lambda: {"rank": rank})  # rank 0's value on both ranks
+
+    def fails(error):
+        def fn():
+            raise error
+        return fn
+
+    for name, error in (("user_error", UserInputError("bad flag")), ("crash", ZeroDivisionError("division by zero"))):
+        try:
+            distributed.on_rank0(fails(error))
+            result[name] = "no error"
+        except (UserInputError, RuntimeError, ZeroDivisionError) as e:
+            result[name] = f"{type(e).__name__}: {e}"
     try:
         distributed.initialize(parallel, config_fingerprint=fingerprint(parallel, {"lr": 1.0 + rank}))
         result["disagree"] = "no error"
