@@ -209,9 +209,8 @@ def test_bad_files(tmp_path):
         load_tokenizer(str(broken))
 
 
-def test_a_sentencepiece_model_file_travels_in_a_model_checkpoint(sp_model, tmp_path):
-    """save_model_checkpoint(tokenizer_dir=x.model) keeps it (as tokenizer/sentencepiece.model) and the
-    checkpoint's tokenizer folder loads as the same tokenizer (sft / train with --tokenizer x.model)."""
+def _save_tiny_checkpoint(directory, tokenizer_dir):
+    """A tiny-qwen3 model checkpoint at ``directory`` saved with ``tokenizer_dir``; its metadata."""
     from megatron_renio import distributed
     from megatron_renio.distributed import ParallelConfig
     from megatron_renio.models.builder import build_gpt_model
@@ -221,10 +220,29 @@ def test_a_sentencepiece_model_file_travels_in_a_model_checkpoint(sp_model, tmp_
     distributed.initialize(ParallelConfig(), seed=0)
     try:
         model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
-        save_model_checkpoint(model, info, tmp_path / "ckpt", tokenizer_dir=sp_model)
+        save_model_checkpoint(model, info, directory, tokenizer_dir=tokenizer_dir)
     finally:
         distributed.destroy()
-    saved = load_tokenizer(str(read_checkpoint_metadata(tmp_path / "ckpt").tokenizer_dir))
+    return read_checkpoint_metadata(directory)
+
+
+def test_a_sentencepiece_model_file_travels_in_a_model_checkpoint(sp_model, tmp_path):
+    """save_model_checkpoint(tokenizer_dir=x.model) keeps it (as tokenizer/sentencepiece.model) and the
+    checkpoint's tokenizer folder loads as the same tokenizer (sft / train with --tokenizer x.model)."""
+    saved = load_tokenizer(str(_save_tiny_checkpoint(tmp_path / "ckpt", sp_model).tokenizer_dir))
     original = load_tokenizer(sp_model)
     assert type(saved).__name__ == "SentencePieceTokenizer" and saved.fingerprint() == original.fingerprint()
     assert saved.encode("the answer") == original.encode("the answer")
+
+
+def test_a_model_checkpoint_keeps_its_tokenizer_folders_generation_config(tmp_path):
+    """Without an explicit generation config the saver takes the tokenizer folder's, so a training or
+    sft save of a converted model keeps the model's sampling defaults and EOS ids."""
+    from megatron_renio.data.arithmetic_task import build_char_tokenizer
+
+    tok = build_char_tokenizer(str(tmp_path / "tok"))
+    config = json.dumps({"eos_token_id": [1, 5], "temperature": 0.6})
+    (tmp_path / "tok" / "generation_config.json").write_text(config)
+    meta = _save_tiny_checkpoint(tmp_path / "out", tok)
+    assert meta.generation_config.read_text() == config
+    assert load_tokenizer(str(meta.tokenizer_dir)).stop_ids == (1, 5)

@@ -836,33 +836,6 @@ def test_the_teacher_origin_of_a_preset_names_its_flag():
     assert teacher_origin(TrainConfig(model="tiny-qwen3", teacher="ema"), student, None) is None
 
 
-def test_a_model_checkpoint_keeps_its_tokenizer_folders_generation_config(tmp_path):
-    """Without an explicit generation config the saver takes the tokenizer folder's, so a training or
-    sft save of a converted model keeps the model's sampling defaults and EOS ids."""
-    import json
-
-    from megatron_renio import distributed
-    from megatron_renio.data.arithmetic_task import build_char_tokenizer
-    from megatron_renio.data.tokenizer import load_tokenizer
-    from megatron_renio.distributed import ParallelConfig
-    from megatron_renio.models.builder import build_gpt_model
-    from megatron_renio.models.checkpoint import read_checkpoint_metadata, save_model_checkpoint
-    from megatron_renio.models.presets import get_preset
-
-    tok = build_char_tokenizer(str(tmp_path / "tok"))
-    config = json.dumps({"eos_token_id": [1, 5], "temperature": 0.6})
-    (tmp_path / "tok" / "generation_config.json").write_text(config)
-    distributed.initialize(ParallelConfig(), seed=0)
-    try:
-        model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
-        save_model_checkpoint(model, info, tmp_path / "out", tokenizer_dir=tok)
-    finally:
-        distributed.destroy()
-    meta = read_checkpoint_metadata(tmp_path / "out")
-    assert meta.generation_config.read_text() == config
-    assert load_tokenizer(str(meta.tokenizer_dir)).stop_ids == (1, 5)
-
-
 def test_a_model_with_non_finite_weights_is_not_saved(tmp_path):
     """save_model_checkpoint refuses before writing anything (a run whose update overflowed saved an
     all-inf model with exit 0); the refusal names the parameter."""

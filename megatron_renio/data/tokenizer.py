@@ -195,10 +195,9 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece ``.model`` file. It has no chat template. ``folder``: the folder holding it as
-    :data:`SENTENCEPIECE_FILE` (a model checkpoint's ``tokenizer/``), whose generation config adds stop ids."""
+    """A sentencepiece ``.model`` file. It has no chat template."""
 
-    def __init__(self, path: str, folder: str | None = None):
+    def __init__(self, path: str):
         import sentencepiece
 
         try:
@@ -216,7 +215,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id = int(sp.pad_id()) if sp.pad_id() >= 0 else self.eos_id
         self.bos_id = int(sp.bos_id()) if sp.bos_id() >= 0 else None
         self.vocab_size = int(sp.get_piece_size())
-        self.stop_ids = (self.eos_id,) if folder is None else _stop_ids(self.eos_id, folder, self.vocab_size)
+        self.stop_ids = (self.eos_id,)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = list(self._sp.encode(text))
@@ -271,7 +270,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     sentencepiece_file = os.path.join(path, SENTENCEPIECE_FILE)
     if os.path.isfile(sentencepiece_file) and not any(
             os.path.exists(os.path.join(path, name)) for name in _HF_TOKENIZER_FILES):
-        return SentencePieceTokenizer(sentencepiece_file, folder=path)
+        tokenizer = SentencePieceTokenizer(sentencepiece_file)
+        tokenizer.add_stop_ids(path)  # a model checkpoint's tokenizer/ folder: its generation config's EOS ids
+        return tokenizer
     if os.path.isdir(path):
         return HFTokenizer(path)
     if os.path.isfile(path):

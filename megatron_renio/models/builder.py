@@ -152,10 +152,10 @@ class ModelInfo:
     padded_vocab_size: int
 
 
-def _apply_llama3_rope_scaling(model, preset: ModelPreset) -> None:
+def apply_llama3_rope_scaling(rope, preset: ModelPreset) -> None:
     """Megatron's constructor fixes the llama3 low/high factors and original context to Llama-3.1's
-    (1, 4, 8192); recompute the inverse frequencies with the preset's own values."""
-    rope = model.rotary_pos_emb
+    (1, 4, 8192); recompute the inverse frequencies of ``rope`` (a ``RotaryEmbedding``) with the
+    preset's own values."""
     dim = preset.head_dim
     base_inv_freq = 1.0 / (
         preset.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim)
@@ -205,7 +205,7 @@ def build_gpt_model(
         rotary_base=preset.rope_theta,
     )
     if preset.rope_scaling is not None:
-        _apply_llama3_rope_scaling(model, preset)
+        apply_llama3_rope_scaling(model.rotary_pos_emb, preset)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model, ModelInfo(preset, vocab)

@@ -251,18 +251,28 @@ def _check_finite_weights(module, directory: Path) -> None:
         raise UserInputError(f"the model holds non-finite weights ({where}); not saved to {directory}")
 
 
+def _replica_group():
+    """The data-parallel group when there are several replicas (the fully parallel save and load
+    spread their work over it), else None."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        return parallel_state.get_data_parallel_group()
+    return None
+
+
 def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
     """``dist_checkpointing.save`` with Megatron's torch_dist writer, and with data parallelism its
     fully parallel save (Megatron-LM's ``--ckpt-fully-parallel-save``, on by default there): a shard
     that the data-parallel replicas hold in common is written by one of them, the writes spread
     evenly over the group, instead of every shard by DP rank 0. Collective."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    strategy = get_default_save_sharded_strategy()
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        strategy = FullyParallelSaveStrategyWrapper(strategy, parallel_state.get_data_parallel_group())
+    strategy, group = get_default_save_sharded_strategy(), _replica_group()
+    if group is not None:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
     dist_checkpointing.save(sharded_state_dict, str(directory), sharded_strategy=strategy)
 
 
@@ -271,14 +281,14 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path, fully_parallel
     Megatron's fully parallel load (Megatron-LM's ``--ckpt-fully-parallel-load``): each data-parallel
     replica reads its part of the shards the replicas share and the group exchanges them, so storage
     is read once per model-parallel shard instead of once per replica. Collective."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
-    if fully_parallel and parallel_state.model_parallel_is_initialized() \
-            and parallel_state.get_data_parallel_world_size() > 1:
+    group = _replica_group() if fully_parallel else None
+    if group is not None:
         kwargs["sharded_strategy"] = FullyParallelLoadStrategyWrapper(
-            get_default_load_sharded_strategy(str(directory)), parallel_state.get_data_parallel_group())
+            get_default_load_sharded_strategy(str(directory)), group)
     return dist_checkpointing.load(sharded_state_dict, str(directory), **kwargs)
 
 
@@ -428,15 +438,13 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
 def _rope_frequencies(preset: ModelPreset):
     """The inverse RoPE frequencies ``build_gpt_model`` gives a model of ``preset`` (on the CPU):
     Megatron's ``RotaryEmbedding``, then the builder's llama3 scaling when the preset has one."""
-    from types import SimpleNamespace
-
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_renio.models.builder import _apply_llama3_rope_scaling
+    from megatron_renio.models.builder import apply_llama3_rope_scaling
 
     rope = RotaryEmbedding(preset.head_dim, 1.0, rotary_base=preset.rope_theta, use_cpu_initialization=True)
     if preset.rope_scaling is not None:
-        _apply_llama3_rope_scaling(SimpleNamespace(rotary_pos_emb=rope), preset)
+        apply_llama3_rope_scaling(rope, preset)
     return rope.inv_freq
 
 

@@ -141,8 +141,8 @@ def save_training_checkpoint(
     the :class:`~megatron_renio.training.ema.EmaTeacher` of ``--teacher ema``, else None;
     ``train_state``: written by global rank 0 (the same on every rank), with the optimizer's format
     added; ``tokenizer_dir`` and ``generation_config``: as for
-    :func:`~megatron_renio.models.checkpoint.save_model_checkpoint`; ``fully_reshardable``: the distributed optimizer's state in :data:`FULLY_RESHARDABLE`
-    format instead of :data:`DP_RESHARDABLE`."""
+    :func:`~megatron_renio.models.checkpoint.save_model_checkpoint`; ``fully_reshardable``: the
+    distributed optimizer's state in :data:`FULLY_RESHARDABLE` format instead of :data:`DP_RESHARDABLE`."""
     from megatron_renio.models.checkpoint import save_model_checkpoint, save_sharded
 
     root = Path(root)
