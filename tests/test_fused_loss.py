@@ -310,7 +310,7 @@ def test_tp2_bf16(tp2):
         assert_same(rank["bf16"]["fused"], rank["bf16"]["unfused"], bf16_grad=True)
 
 
-@pytest.mark.parametrize("tp", ["tp1", "tp2"])
+@pytest.mark.parametrize("tp", ["tp1", "tp2", "tp1-no-prefetch"])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
 def test_triton_kernels_in_interpreter(tp2, case, tp):
     if not tp2[0]["triton_checked"]:
@@ -321,22 +321,6 @@ def test_triton_kernels_in_interpreter(tp2, case, tp):
         assert_same(runs["fused"], runs["unfused"])
         assert_same(runs["fused"], runs["full"])
         assert_rows_in_place(rank["rows", "triton"][case, tp])
-
-
-@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
-def test_triton_split_rows_in_interpreter(tp2, case):
-    """TritonLaunch.split on the CPU (fused_loss_worker.split_results): a part that gives up waiting sets
-    the non-finite flag; with every part's statistics in place, the row parts give the chunked numbers."""
-    if not tp2[0]["triton_checked"]:
-        pytest.skip("triton is not installed: the Triton kernels were not run (pip install triton to check "
-                    "them on the CPU with TRITON_INTERPRET=1)")
-    for rank in tp2:
-        runs = rank["triton_split"][case]
-        assert runs["gave_up"] == [True, True, True]
-        runs["fused"]["nonfinite"] = False  # the give-up flag, checked above
-        assert_same(runs["fused"], runs["chunked"])
-        runs["rows"]["fused"]["nonfinite"] = False
-        assert_rows_in_place(runs["rows"])
 
 
 def test_triton_nonfinite_flag_in_interpreter(tp2):
@@ -353,8 +337,7 @@ def test_triton_nonfinite_flag_in_interpreter(tp2):
 # ------------------------------------------------------------------------------------------------
 
 KERNEL_ARG_TYPES = {"zs_ptr": "*bf16", "zt_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*fp32", "lse_ptr": "*fp32",
-                    "coef_ptr": "*fp32", "parts_ptr": "*fp32", "stats_ptr": "*fp32", "count_ptr": "*i32",
-                    "col_ptr": "*i32", "spos_ptr": "*i32", "tpos_ptr": "*i32", "cell_ptr": "*i32",
+                    "coef_ptr": "*fp32", "col_ptr": "*i32", "spos_ptr": "*i32", "tpos_ptr": "*i32", "cell_ptr": "*i32",
                     "scale": "fp32", "beta": "fp32", "clip2": "fp32"}
 
 
@@ -385,12 +368,9 @@ def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
     common = dict(KIND=plan.kind, HAS_CLIP=True, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch)
     group = forward.block_v if forward.max_group is None else forward.max_group
     kernels = [
-        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=group, SPLIT=forward.split), forward),
-        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=forward.block_v, SPLIT=1), forward),  # max_group None
-        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=group, SPLIT=4), forward),  # TritonLaunch.split=4
-        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=group, SPLIT=16), forward),
-        (fused._stats_kernel, dict(N_VALID=75968, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch,
-                                   GROUP=group), forward),
+        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=group, STATS_ONLY=False), forward),
+        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=forward.block_v, STATS_ONLY=False), forward),
+        (fused._forward_kernel, dict(common, N_VALID=75968, GROUP=group, STATS_ONLY=True), forward),  # under TP
         (fused._terms_kernel, dict(common, N_VALID=75968), forward),
         (fused._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064, BLOCK_V=grad.block_v,
                                   PREFETCH=grad.prefetch), grad),
@@ -429,12 +409,10 @@ def test_triton_matches_chunked_on_cuda(case, shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024, prefetch=False), fused.TritonLaunch(1, 16, 4096, True),
-                                    fused.TritonLaunch(3, 4, 512, max_group=8), fused.TritonLaunch(None, 8, 512, split=4),
-                                    fused.TritonLaunch(None, 4, 256, split=8)], ids=str)
+                                    fused.TritonLaunch(3, 4, 512, max_group=8)], ids=str)
 def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
-    """Launch shapes (one row per program, persistent grids, prefetch or not, grouped running max, rows shared
-    by 4 or 8 programs: full blocks, remainder blocks and parts with none) on [t, b, V] logits viewed
-    as [b, t, V]."""
+    """Launch shapes (one row per program, persistent grids, prefetch or not, grouped running max) on
+    [t, b, V] logits viewed as [b, t, V]."""
     monkeypatch.setattr(fused, "TRITON_LAUNCH", launch)
     monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", launch)
     student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(3, 200, 3000, seed=14))
@@ -448,33 +426,3 @@ def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
 @pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=case_id)
 def test_triton_positions_read_rows_in_place_on_cuda(case):
     assert_rows_in_place(rows_results(case, 3000, 2990, None, seed=16, impl="triton", device="cuda"))
-
-
-SPLIT_LAUNCHES = [fused.TritonLaunch(None, 4, 2048, split=4, max_group=8), fused.TritonLaunch(None, 4, 1024, split=16)]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=case_id)
-@pytest.mark.parametrize("launch", SPLIT_LAUNCHES, ids=str)
-def test_triton_split_rows_on_cuda(case, launch, monkeypatch):
-    """Rows shared by several programs (TritonLaunch.split) at Qwen3's vocabulary in bf16, and reading
-    rows in place, equal the chunked path and ``token_terms``."""
-    monkeypatch.setattr(fused, "TRITON_LAUNCH", launch)
-    student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(1, 512, 151936, seed=17,
-                                                                              dtype=torch.bfloat16))
-    shard = VocabShard(0, 151936, 151936)
-    got, want = both_paths(student, teacher, tokens, config(case), shard, grad_d, grad_s, impl="triton")
-    chunked = run_path(fused_token_terms, student, teacher, tokens, config(case), shard, None, grad_d, grad_s,
-                       impl="chunked")
-    assert_same(got, chunked, bf16_grad=True)
-    assert_same(got, want, bf16_grad=True)
-    assert_rows_in_place(rows_results(case, 3000, 2990, None, seed=18, impl="triton", device="cuda"))
-
-
-def test_split_launch_takes_one_row_part_per_program():
-    with pytest.raises(ValueError, match="programs_per_sm=None"):
-        fused.TritonLaunch(1, 8, 1024, split=4)
-    with pytest.raises(ValueError, match="power of two"):
-        fused.TritonLaunch(None, 8, 1024, split=3)

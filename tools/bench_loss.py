@@ -13,8 +13,8 @@ Side by side, on the same logits and in one run:
 - ``floor`` (GPU): read both logits once and write one logits-sized tensor (``torch.add`` with
   ``out=``), the memory-bandwidth floor of any exact loss + gradient.
 - ``fused[F/G]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes of the forward
-  kernels (F) and the gradient kernel (G), each P:W:B[:pf][:gN][:sN] (programs per SM or 'row',
-  warps, vocabulary block, prefetch, entries per running max, programs per row; see
+  kernels (F) and the gradient kernel (G), each P:W:B[:pf][:gN] (programs per SM or 'row',
+  warps, vocabulary block, prefetch, entries per running max; see
   ``TritonLaunch`` in fused.py), to choose the defaults.
 - ``liger`` (GPU, JSD): Liger-Kernel's JSD (``liger_kernel.ops.jsd``) on log-prob inputs plus the two
   log-softmaxes, when liger-kernel imports (reported as skipped otherwise).
@@ -138,27 +138,24 @@ def launch_loss(launches: tuple):
 
 
 def parse_launch(spec: str) -> tuple:
-    """'F[/G]' with F, G = 'P:W:B[:pf][:gN][:sN]' (P programs per SM or 'row', W warps, B vocabulary
-    block, pf: prefetch, gN: a running max per N entries in the statistics sweep, sN: N programs per
-    row in the forward, with P = row) -> (forward, gradient) TritonLaunch; without G the gradient
-    kernel keeps its default."""
+    """'F[/G]' with F, G = 'P:W:B[:pf][:gN]' (P programs per SM or 'row', W warps, B vocabulary block,
+    pf: prefetch, gN: a running max per N entries in the statistics sweep) -> (forward, gradient)
+    TritonLaunch; without G the gradient kernel keeps its default."""
 
     def one(part: str):
         pps, warps, block, *options = part.split(":")
-        numbered = {key: [int(o[1:]) for o in options if o.startswith(key)] for key in "gs"}
-        if any(o != "pf" and o[:1] not in numbered for o in options) or any(len(v) > 1 for v in numbered.values()):
+        groups = [int(o[1:]) for o in options if o.startswith("g")]
+        if any(o != "pf" and not o.startswith("g") for o in options) or len(groups) > 1:
             raise ValueError(part)
-        groups, splits = numbered["g"], numbered["s"]
         return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), "pf" in options,
-                                  groups[0] if groups else None, splits[0] if splits else 1)
+                                  groups[0] if groups else None)
 
     try:
         forward, *grad = spec.split("/")
         return one(forward), one(grad[0]) if grad else fused.TRITON_GRAD_LAUNCH
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(
-            f"{spec!r} is not P:W:B[:pf][:gN][:sN][/P:W:B[:pf]] (e.g. row:4:2048:pf:g8/row:4:1024:pf, "
-            "row:4:1024:pf:g8:s8; sN needs P = row)")
+            f"{spec!r} is not P:W:B[:pf][:gN][/P:W:B[:pf]] (e.g. row:4:2048:pf:g8/row:4:1024:pf)")
 
 
 def liger_loss(zs, zt, tokens, cfg, shard, group):

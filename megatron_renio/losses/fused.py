@@ -61,12 +61,11 @@ the bandwidth floor: read both logits once, write one gradient). Without TP the 
 run in one kernel per row, the second over the vocabulary blocks in reverse order, so that its first
 reads hit the blocks the first sweep read last (still in the GPU's L2 cache while they are recent).
 Measured on one H200 at 8,192 x 151,936 bf16 (README, Performance): the forward 2.36 ms for forward
-KL (its 4 units take 2.27 ms at the floor's bandwidth), the backward 1.86 ms (3 units: 1.70 ms),
+KL (its 4 units take 2.27 ms at the floor's bandwidth), the backward 1.89 ms (3 units: 1.70 ms),
 forward + backward 2.5x the floor for forward KL and 2.6x for JSD: the kernels run at about the
 copy bandwidth for the traffic they make, and the 7 units are what is left between them and the
-floor. ``TritonLaunch.split`` shares each row among several programs so that the second forward
-sweep re-reads only a recently read part of the row, from the L2 cache (not the default; see the
-README for what was measured).
+floor. Rows shared by several programs, so that the second forward sweep re-reads only a part of
+a row it has just read (from the L2 cache), were built and measured on the H200: no faster (README).
 
 Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path); the
 Triton kernels use the GPU's approximate exponential and log2 (ex2 / lg2.approx, errors of a few
@@ -136,11 +135,6 @@ class TritonLaunch:
     two); None = one per block, which costs a reduction across the program's threads (barriers
     with more than one warp) per block and one exponential per entry; 8 = each thread's own
     entries (128-bit bf16 loads), no cross-thread reduction and 1 + 1/8 exponentials per entry.
-    split (the forward without TP, CUDA; needs programs_per_sm None): this many programs share each
-    row, each sweeping its part of the vocabulary twice; between the two sweeps they exchange their
-    statistics through global memory and wait for each other. The second sweep so re-reads only
-    1/split of a row per program, while it is in cache, instead of a whole row that later rows have
-    pushed out of the L2 cache. The CPU interpreter runs programs one at a time, so it always uses 1.
     """
 
     programs_per_sm: int | None = None
@@ -148,14 +142,6 @@ class TritonLaunch:
     block_v: int = 1024
     prefetch: bool = True
     max_group: int | None = None
-    split: int = 1
-
-    def __post_init__(self):
-        if self.split & (self.split - 1) or self.split < 1:
-            raise ValueError(f"TritonLaunch.split must be a power of two, got {self.split}")
-        if self.split > 1 and self.programs_per_sm is not None:
-            raise ValueError("TritonLaunch.split > 1 needs programs_per_sm=None: each program takes one part "
-                             "of one row")
 
     def grid(self, rows: int, device: torch.device) -> tuple[int, int]:
         """(programs to launch, the GRID constant: the row stride of each program)."""
@@ -168,9 +154,9 @@ class TritonLaunch:
 # The launches of the forward kernels and of the gradient kernel. The forward's was chosen with
 # tools/bench_loss.py --triton-launch on an H200 at 8192 x 151936 bf16 (README, Performance; shapes
 # within 5% of each other there are ties): one row per program of four warps, prefetching the next
-# block, over blocks of 2048 with a running max per thread's 8 entries. The gradient's (the same
-# over blocks of 1024, no running max) has not been compared with others on a GPU yet
-# (tools/gpu_check times three with tools/bench_loss.py --triton-launch F/G).
+# block, over blocks of 2048 with a running max per thread's 8 entries. The gradient's: the same
+# over blocks of 1024, no running max (blocks of 2048 with four or eight warps were ties, blocks of
+# 512 with two warps 2-3% slower; tools/gpu_check times them with bench_loss --triton-launch F/G).
 TRITON_LAUNCH = TritonLaunch(block_v=2048, max_group=8)
 TRITON_GRAD_LAUNCH = TritonLaunch()
 
@@ -425,15 +411,13 @@ if triton is not None:
     # log2 q_v = A_v - LSE2_S. Elements d are formed in bits (d / ln 2, clamped at k / ln 2) and their
     # sum converted once; h, H and every stored statistic are in natural units. N_VALID (real columns
     # of the shard) is a compile-time constant, one compilation per shard width: each sweep runs its
-    # full blocks unmasked and masks only the tail (or, split, its one remaining block), and
+    # full blocks unmasked and masks only the tail, and
     # for-loops get the constant trip counts that triton 3.6's interpreter needs with numpy >= 2.4
     # (runtime bounds only in while loops). Every kernel walks rows pid, pid + GRID, ...
-    # (TritonLaunch), except a split forward, whose programs take one row part each by ticket. Row
-    # outputs are fp32 arrays [k, rows] ([k, rows, split] for a split forward's partial sums).
+    # (TritonLaunch). Row outputs are fp32 arrays [k, rows].
     _LN2 = tl.constexpr(0.6931471805599453)
     _LOG2E = tl.constexpr(1.4426950408889634)
     _EXACT_LOG2 = tl.constexpr(libdevice is None or os.environ.get("TRITON_INTERPRET") == "1")
-    _MAX_SPINS = tl.constexpr(1 << 24)  # polls of a waiting row part (_share_stats), each an L2 round trip
 
     @triton.jit
     def _log2(x):
@@ -499,28 +483,15 @@ if triton is not None:
         return row_max * scale * _LN2, total
 
     @triton.jit
-    def _part_columns(part, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr):
-        """(first_col, extra_col) of part ``part`` of SPLIT of a row's vocabulary blocks: COUNT = N_VALID //
-        BLOCK_V // SPLIT full blocks from first_col, then, when N_VALID > SPLIT * COUNT * BLOCK_V (HAS_EXTRA), the
-        block at extra_col masked to the real columns (the blocks beyond the parts' full ones are at most SPLIT,
-        the tail included: one each). SPLIT = 1: the whole row, its tail block at N_VALID // BLOCK_V * BLOCK_V."""
-        COUNT: tl.constexpr = N_VALID // BLOCK_V // SPLIT
-        return part * (COUNT * BLOCK_V), (SPLIT * COUNT + part) * BLOCK_V
-
-    @triton.jit
-    def _stats_sweep(zs_base, zt_base, scale, part, N_VALID: tl.constexpr, SPLIT: tl.constexpr,
-                     BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr):
-        """Sweep 1 over part ``part`` of SPLIT of a row (``_part_columns``): (max_s, sumexp_s, max_t, sumexp_t,
-        non-finite 0/1), natural units.
+    def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
+                     PREFETCH: tl.constexpr, GROUP: tl.constexpr):
+        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1), natural units, real columns.
 
         Blocks are tiles [BLOCK_V / GROUP, GROUP] of consecutive entries, each tile row with its own
-        running max (TritonLaunch.max_group).
-        Non-finite: the plain sum of both rows' logits is not finite (inf, -inf or NaN anywhere; a sum
-        that overflows float32 counts too).
+        running max (TritonLaunch.max_group). Non-finite: the plain sum of both rows' logits is not
+        finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too).
         """
-        COUNT: tl.constexpr = N_VALID // BLOCK_V // SPLIT
-        HAS_EXTRA: tl.constexpr = N_VALID > SPLIT * COUNT * BLOCK_V
-        first_col, extra_col = _part_columns(part, N_VALID, BLOCK_V, SPLIT)
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         R: tl.constexpr = BLOCK_V // GROUP
         tile = tl.arange(0, R)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         max_s = tl.full([R], float("-inf"), tl.float32)
@@ -528,12 +499,11 @@ if triton is not None:
         acc_s = tl.zeros([R, GROUP], tl.float32)
         acc_t = tl.zeros([R, GROUP], tl.float32)
         acc_z = tl.zeros([R, GROUP], tl.float32)
-        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
-        zs, zt = _load_pair(zs_base, zt_base, first_col + tile, N_FULL, True)  # the first full block
-        for i in range(0, COUNT):
-            cols = first_col + i * BLOCK_V + tile
+        zs, zt = _load_pair(zs_base, zt_base, tile, N_FULL, True)  # the first full block
+        for v0 in range(0, N_FULL, BLOCK_V):
+            cols = v0 + tile
             if PREFETCH:
-                next_cols = first_col + tl.minimum(i + 1, COUNT - 1) * BLOCK_V + tile
+                next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tile
                 next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
@@ -541,8 +511,8 @@ if triton is not None:
                                                              N_VALID, False)
             if PREFETCH:
                 zs, zt = next_zs, next_zt
-        if HAS_EXTRA:
-            cols = extra_col + tile
+        for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
+            cols = v0 + tile
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
             max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
                                                              N_VALID, True)
@@ -586,31 +556,26 @@ if triton is not None:
         return acc_d + d, acc_h + h
 
     @triton.jit
-    def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, part, N_VALID: tl.constexpr,
-                     SPLIT: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
-                     PREFETCH: tl.constexpr):
-        """Sweep 2 over the part of :func:`_stats_sweep`, its masked block first, then the full blocks in
-        reverse order: (sum of clamped d_v, sum of h_v)."""
-        COUNT: tl.constexpr = N_VALID // BLOCK_V // SPLIT
-        HAS_EXTRA: tl.constexpr = N_VALID > SPLIT * COUNT * BLOCK_V
-        first_col, extra_col = _part_columns(part, N_VALID, BLOCK_V, SPLIT)
+    def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID: tl.constexpr,
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
+        """Sweep 2 of a row, tail first, then the full blocks in reverse order: (sum of clamped d_v, sum of h_v)."""
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         lse2_s = lse_s * _LOG2E
         lse2_t = lse_t * _LOG2E
         acc_d = tl.zeros([BLOCK_V], tl.float32)
         acc_h = tl.zeros([BLOCK_V], tl.float32)
-        if HAS_EXTRA:
-            cols = extra_col + tl.arange(0, BLOCK_V)
+        for v0 in range(N_FULL, N_VALID, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
             acc_d, acc_h = _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h, N_VALID,
                                         KIND, HAS_CLIP, True)
-        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
-        last = first_col + tl.maximum(COUNT - 1, 0) * BLOCK_V + tl.arange(0, BLOCK_V)
+        last = tl.maximum(N_FULL - BLOCK_V, 0) + tl.arange(0, BLOCK_V)
         zs, zt = _load_pair(zs_base, zt_base, last, N_FULL, True)  # the last full block
-        for i in range(0, COUNT):
-            v0 = first_col + COUNT * BLOCK_V - (i + 1) * BLOCK_V
+        for i in range(0, N_FULL // BLOCK_V):
+            v0 = N_FULL - (i + 1) * BLOCK_V
             cols = v0 + tl.arange(0, BLOCK_V)
             if PREFETCH:
-                next_cols = tl.maximum(v0 - BLOCK_V, first_col) + tl.arange(0, BLOCK_V)
+                next_cols = tl.maximum(v0 - BLOCK_V, 0) + tl.arange(0, BLOCK_V)
                 next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
@@ -628,121 +593,46 @@ if triton is not None:
         return tl.where(hit, z * scale * _LN2 - lse, 0.0)
 
     @triton.jit
-    def _combine_sum_exp(maxes, sums):
-        """Log-sum-exp of a row from per-part (max, sum-exp relative to it), natural units (the rule of
-        ``_combine_stats``; a part with no real entries has max -inf and sum 0)."""
-        top = tl.max(maxes, axis=0)
-        shift = tl.where(top == float("-inf"), 0.0, top)
-        return top + tl.log(tl.sum(sums * tl.exp(maxes - shift), axis=0))
+    def _terms_row(zs_base, zt_base, col, terms_ptr, row, n_rows, scale, lse_s, lse_t, beta, clip2,
+                   N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+        """Sweep 2 of a row and its sampled-token lookups, stored as [D, H, s, u] (stride n_rows) at terms_ptr."""
+        d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V,
+                            PREFETCH)
+        tl.store(terms_ptr + row, d)
+        tl.store(terms_ptr + n_rows + row, h)
+        tl.store(terms_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
+        tl.store(terms_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
 
     @triton.jit
-    def _share_stats(stats_ptr, count_ptr, row, n_rows, part, max_s, sum_s, max_t, sum_t, bad, SPLIT: tl.constexpr):
-        """The row's (lse_s, lse_t, non-finite) from the sweep-1 statistics of its SPLIT parts.
-
-        Each part stores its five values at (row, part) of stats [5, n_rows, SPLIT], counts itself in
-        count[row] (release: its stores are visible first) and waits until all SPLIT have (acquire);
-        every part then reads the same values in the same order, so all agree on the result. A wait
-        longer than _MAX_SPINS polls (seconds) gives up and sets count[n_rows + 1], which the caller
-        reports as the non-finite flag (a trainer skips the step) instead of hanging the GPU.
-        """
-        size = n_rows * SPLIT
-        mine = stats_ptr + row * SPLIT + part
-        tl.store(mine, max_s)
-        tl.store(mine + size, sum_s)
-        tl.store(mine + 2 * size, max_t)
-        tl.store(mine + 3 * size, sum_t)
-        tl.store(mine + 4 * size, bad)
-        tl.debug_barrier()  # every thread's stores precede the release
-        arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel") + 1
-        spins = 0
-        while (arrived < SPLIT) & (spins < _MAX_SPINS):
-            arrived = tl.atomic_add(count_ptr + row, 0, sem="acquire")
-            spins += 1
-        if arrived < SPLIT:
-            tl.atomic_xchg(count_ptr + n_rows + 1, 1)
-        tl.debug_barrier()
-        parts = stats_ptr + row * SPLIT + tl.arange(0, SPLIT)
-        lse_s = _combine_sum_exp(tl.load(parts, volatile=True), tl.load(parts + size, volatile=True))
-        lse_t = _combine_sum_exp(tl.load(parts + 2 * size, volatile=True), tl.load(parts + 3 * size, volatile=True))
-        return lse_s, lse_t, tl.max(tl.load(parts + 4 * size, volatile=True), axis=0)
-
-    @triton.jit
-    def _forward_part(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr, parts_ptr,
-                      stats_ptr, count_ptr, row, part, n_rows, n_t, scale, beta, clip2, N_VALID: tl.constexpr,
-                      KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
-                      GROUP: tl.constexpr, SPLIT: tl.constexpr):
-        """Sweeps 1 and 2 over part ``part`` of the vocabulary blocks of a filled cell's row (``_forward_kernel``)."""
-        zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, row,
-                                              n_t)
-        if filled:
-            max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, part, N_VALID, SPLIT, BLOCK_V,
-                                                           PREFETCH, GROUP)
-            if SPLIT == 1:
-                lse_s = max_s + tl.log(sum_s)
-                lse_t = max_t + tl.log(sum_t)
-            else:
-                lse_s, lse_t, bad = _share_stats(stats_ptr, count_ptr, row, n_rows, part, max_s, sum_s, max_t, sum_t,
-                                                 bad, SPLIT)
-            if part == 0:
-                col = tl.load(col_ptr + row)
-                tl.store(out_ptr + row, lse_s)
-                tl.store(out_ptr + n_rows + row, lse_t)
-                tl.store(out_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
-                tl.store(out_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
-                tl.store(out_ptr + 4 * n_rows + row, bad)
-            d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, part, N_VALID, SPLIT, KIND,
-                                HAS_CLIP, BLOCK_V, PREFETCH)
-            tl.store(parts_ptr + row * SPLIT + part, d)
-            tl.store(parts_ptr + (n_rows + row) * SPLIT + part, h)
-
-    @triton.jit
-    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr, parts_ptr,
-                        stats_ptr, count_ptr, n_rows, n_t, scale, beta, clip2, N_VALID: tl.constexpr,
-                        KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr,
-                        PREFETCH: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr):
-        """Without TP, sweeps 1 and 2 per filled cell: out = [lse_s, lse_t, s, u, non-finite] per cell, parts =
-        [D, H] per cell and part [2, n_rows, SPLIT] (zeros, left as they are at empty cells).
-
-        SPLIT = 1: program pid reads the whole rows pid, pid + GRID, ... SPLIT > 1 (TritonLaunch.split):
-        each program does one part of one row, SPLIT parts per row, the rows' parts agreeing on its LSE
-        between the sweeps (``_share_stats``), so that sweep 2 re-reads only the part the program has
-        just read. A program's (row, part) is ticket k = count[n_rows]++ taken when it starts: row
-        k // SPLIT, part k % SPLIT. Tickets go to running programs in order, so every row but the newest
-        has all its parts held by running programs, which arrive; only the newest row's parts wait on
-        programs yet to start, and they are at most SPLIT - 1: a GPU that runs at least SPLIT programs
-        at once always makes progress.
-        """
-        if SPLIT == 1:
-            row = tl.program_id(0)
-            while row < n_rows:
-                _forward_part(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr,
-                              parts_ptr, stats_ptr, count_ptr, row, 0, n_rows, n_t, scale, beta, clip2, N_VALID,
-                              KIND, HAS_CLIP, BLOCK_V, PREFETCH, GROUP, SPLIT)
-                row += GRID
-        else:
-            ticket = tl.atomic_add(count_ptr + n_rows, 1, sem="relaxed")
-            _forward_part(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr,
-                          parts_ptr, stats_ptr, count_ptr, ticket // SPLIT, ticket % SPLIT, n_rows, n_t, scale, beta,
-                          clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH, GROUP, SPLIT)
-
-    @triton.jit
-    def _stats_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, out_ptr, n_rows, n_t, scale,
-                      N_VALID: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr,
-                      GROUP: tl.constexpr):
-        """Under TP, sweep 1 per filled cell; out = [max_s, sumexp_s, max_t, sumexp_t, non-finite] (this shard;
-        zeros, left as they are at empty cells)."""
+    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr, n_rows,
+                        n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr,
+                        STATS_ONLY: tl.constexpr):
+        """Per filled cell, without TP sweeps 1 and 2: out = [lse_s, lse_t, D, H, s, u, non-finite]; under TP
+        (STATS_ONLY) sweep 1 of this shard: out = [max_s, sumexp_s, max_t, sumexp_t, non-finite]. Zeros, left
+        as they are at empty cells."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
                                                   row, n_t)
             if filled:
-                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, 0, N_VALID, 1, BLOCK_V,
-                                                               PREFETCH, GROUP)
-                tl.store(out_ptr + row, max_s)
-                tl.store(out_ptr + n_rows + row, sum_s)
-                tl.store(out_ptr + 2 * n_rows + row, max_t)
-                tl.store(out_ptr + 3 * n_rows + row, sum_t)
-                tl.store(out_ptr + 4 * n_rows + row, bad)
+                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH,
+                                                               GROUP)
+                if STATS_ONLY:
+                    tl.store(out_ptr + row, max_s)
+                    tl.store(out_ptr + n_rows + row, sum_s)
+                    tl.store(out_ptr + 2 * n_rows + row, max_t)
+                    tl.store(out_ptr + 3 * n_rows + row, sum_t)
+                    tl.store(out_ptr + 4 * n_rows + row, bad)
+                else:
+                    lse_s = max_s + tl.log(sum_s)
+                    lse_t = max_t + tl.log(sum_t)
+                    tl.store(out_ptr + row, lse_s)
+                    tl.store(out_ptr + n_rows + row, lse_t)
+                    _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr + 2 * n_rows, row, n_rows, scale,
+                               lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+                    tl.store(out_ptr + 6 * n_rows + row, bad)
             row += GRID
 
     @triton.jit
@@ -758,13 +648,8 @@ if triton is not None:
             if filled:
                 lse_s = tl.load(lse_ptr + row)
                 lse_t = tl.load(lse_ptr + n_rows + row)
-                d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, 0, N_VALID, 1, KIND, HAS_CLIP,
-                                    BLOCK_V, PREFETCH)
-                col = tl.load(col_ptr + row)
-                tl.store(out_ptr + row, d)
-                tl.store(out_ptr + n_rows + row, h)
-                tl.store(out_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
-                tl.store(out_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
+                _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr, row, n_rows, scale, lse_s, lse_t, beta,
+                           clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
             row += GRID
 
     @triton.jit
@@ -868,25 +753,6 @@ def _strides(z):
     return z, z.stride(0), z.stride(1)
 
 
-def _programs_per_row(device: torch.device) -> int:
-    """``TRITON_LAUNCH.split`` on a GPU that runs that many programs at once (one line otherwise); 1 in
-    the CPU interpreter, which runs programs one after another (a part would wait for ever)."""
-    split = TRITON_LAUNCH.split if device.type == "cuda" else 1
-    if split > 1:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if split > sms:  # progress needs `split` programs running at once (``_forward_kernel``)
-            raise UserInputError(f"fused_token_terms: TritonLaunch.split={split} exceeds the {sms} "
-                                 "multiprocessors of this GPU")
-    return split
-
-
-def _split_workspace(rows: int, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stats [5, rows, split] fp32, count [rows + 2] int32 zeros) of a split forward: each part's sweep-1
-    statistics, then per-row arrivals, the ticket counter and the gave-up flag (``_forward_kernel``)."""
-    stats = torch.empty((5, rows, split), dtype=torch.float32, device=device)
-    return stats, torch.zeros(rows + 2, dtype=torch.int32, device=device)
-
-
 def _triton_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
     """Sweeps 1 and 2 with the Triton kernels; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
 
@@ -899,20 +765,13 @@ def _triton_forward(zs, zt, cells: _Cells, col, plan: _Plan, tp_group):
     scale, beta, clip2 = _kernel_scalars(plan)
     addressing = (*_strides(zs), *_strides(zt), *cells.kernel_positions(zs.device))
     if group_size(tp_group) == 1:
-        split = _programs_per_row(zs.device)
-        if split > 1:
-            grid = (rows * split,)  # one program per ticket
-        out = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
-        parts = zs.new_zeros((2, n_b, n_t, split), dtype=torch.float32)
-        stats, count = _split_workspace(rows, split, zs.device) if split > 1 else (out, out)  # unused at split 1
-        _forward_kernel[grid](*addressing, col, out, parts, stats, count, rows, n_t, scale, beta, clip2,
-                              N_VALID=plan.n_valid, GROUP=group, SPLIT=split, **opts)
-        d_sum, h_sum = parts.sum(-1)
-        bad = out[4].any() if split == 1 else out[4].any() | (count[-1] != 0)  # no host sync
-        return out[0], out[1], d_sum, h_sum, out[2], out[3], bad
+        out = zs.new_zeros((7, n_b, n_t), dtype=torch.float32)
+        _forward_kernel[grid](*addressing, col, out, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid,
+                              GROUP=group, STATS_ONLY=False, **opts)
+        return (*out[:6], out[6].any())
     stats = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
-    stats_opts = {key: opts[key] for key in ("BLOCK_V", "GRID", "PREFETCH", "num_warps")}
-    _stats_kernel[grid](*addressing, stats, rows, n_t, scale, N_VALID=plan.n_valid, GROUP=group, **stats_opts)
+    _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid,
+                          GROUP=group, STATS_ONLY=True, **opts)
     lse, bad = _combine_stats(stats[:4], stats[4].any(), tp_group)
     out = zs.new_zeros((4, n_b, n_t), dtype=torch.float32)
     _terms_kernel[grid](*addressing, col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,

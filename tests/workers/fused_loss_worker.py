@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -72,7 +71,6 @@ TP_LAYOUTS = [(320, 600), (128, 100)]
 TRITON_CASES = [("forward_kl", 0.5, 0.001, 1.0), ("reverse_kl", 0.5, None, 0.7), ("jsd", 0.3, 0.05, 1.1),
                 ("reverse_kl", 0.5, 0.05, 1.1)]
 # (which logits, column, value, flagged): non-finite entries in a full block, in the tail, in padding.
-SPLITS = [2, 4, 2, 4]  # TritonLaunch.split per TRITON_CASES entry in the interpreter (split_results)
 TRITON_NONFINITE = [("student", 5, float("inf"), True), ("teacher", 386, float("-inf"), True),
                     ("student", 395, float("nan"), False)]
 
@@ -161,38 +159,6 @@ def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bo
     return bool(fused_token_terms(student, teacher, tokens, cfg, VocabShard(0, 400, 390), impl="triton").nonfinite)
 
 
-def split_results(case, split: int, seed: int) -> dict:
-    """Rows shared by ``split`` programs (TritonLaunch.split) in the interpreter, at TP=1: {'gave_up':
-    the flag of two calls, 'fused': the second call's outputs, 'chunked', 'rows': reading rows through
-    positions (second call)}.
-
-    The interpreter runs programs one after another, so the first part of each row waits for parts
-    that start only after it: with one poll allowed it gives up, which must set the non-finite flag
-    (the first call). The parts store their statistics before waiting, so a second call on the same
-    statistics workspace finds every part's (the same inputs give the same values): its numbers must
-    equal the chunked path's while its flag still reports the give-up.
-    """
-    stats, allocate = {}, fused._split_workspace
-
-    def workspace(rows, parts, device):
-        if (rows, parts) not in stats:
-            stats[rows, parts] = allocate(rows, parts, device)[0]
-        return stats[rows, parts], torch.zeros(rows + 2, dtype=torch.int32, device=device)
-
-    kind, beta, clip, temperature = case
-    cfg = DivergenceConfig(kind=kind, beta=beta, temperature=temperature, token_clip=clip)
-    student, teacher, tokens, grad_d, grad_s = make_logits(2, 5, 400, seed)
-    args = (student, teacher, tokens, cfg, VocabShard(0, 400, 390), None, grad_d, grad_s)
-    with mock.patch.object(fused, "_programs_per_row", lambda device: split), \
-            mock.patch.object(fused, "_split_workspace", workspace), mock.patch.object(fused, "_MAX_SPINS", 1):
-        first = run_path(fused_token_terms, *args, impl="triton")
-        second = run_path(fused_token_terms, *args, impl="triton")
-        rows_results(case, 400, 390, None, seed, impl="triton")
-        rows = rows_results(case, 400, 390, None, seed, impl="triton")
-    return {"gave_up": [first["nonfinite"], second["nonfinite"], rows["fused"]["nonfinite"]], "fused": second,
-            "chunked": run_path(fused_token_terms, *args, impl="chunked"), "rows": rows}
-
-
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     group = dist.group.WORLD
@@ -217,10 +183,12 @@ def main(out_dir: str) -> None:
             result["rows", "triton"][case, "tp1"] = rows_results(case, 400, 390, None, seed=i, impl="triton")
         result["triton_nonfinite"] = [nonfinite_flag(*entry) for entry in TRITON_NONFINITE]
         result["triton_rows_nonfinite"] = rows_nonfinite_flags("triton")
-        # split rows, and every sweep without prefetching
+        # every sweep without prefetching
         fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, prefetch=False, max_group=8)
-        result["triton_split"] = {case: split_results(case, SPLITS[i], seed=20 + i)
-                                  for i, case in enumerate(TRITON_CASES)}
+        for i, case in enumerate(TRITON_CASES):
+            result["triton"][case, "tp1-no-prefetch"] = case_results(case, 400, 390, None, seed=20 + i, impl="triton")
+            result["rows", "triton"][case, "tp1-no-prefetch"] = rows_results(case, 400, 390, None, seed=20 + i,
+                                                                              impl="triton")
     save_rank_result(out_dir, result)
     dist.destroy_process_group()
 
