@@ -1,4 +1,4 @@
-"""The fused per-token terms (megatron_renio/losses/fused.py) equal the unfused ``token_terms``.
+"""The fused per-token terms (megatron_renio/losses/fused*.py) equal the unfused ``token_terms``.
 
 Documented tolerances of the fused path against ``token_terms`` on the same inputs:
 - float32: divergence D, sampled-token log-probs s and u, and the gradient w.r.t. the student logits
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from megatron_renio.errors import UserInputError
-from megatron_renio.losses import fused
+from megatron_renio.losses import fused_chunked, fused_plan, fused_triton
 from megatron_renio.losses.divergence import DivergenceConfig, token_terms
 from megatron_renio.losses.fused import fused_token_terms, triton_available
 from megatron_renio.renio.vocab_parallel import VocabShard
@@ -111,7 +111,7 @@ def assert_rows_in_place(runs: dict) -> None:
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_unfused_fp32(case, monkeypatch):
     """Padded vocabulary (500 real of 512), ten row blocks per call."""
-    monkeypatch.setattr(fused, "_CHUNK_ELEMS", 8 * 500)
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 8 * 500)
     student, teacher, tokens, grad_d, grad_s = make_logits(2, 40, 512, seed=1)
     got, want = both_paths(student, teacher, tokens, config(case), VocabShard(0, 512, 500), grad_d, grad_s)
     assert_same(got, want)
@@ -131,7 +131,7 @@ def test_clamp_binds_per_entry():
 
 def test_row_blocks_across_samples_and_megatron_layout(monkeypatch):
     """Blocks spanning several samples; logits as Megatron's [t, b, V] transposed to [b, t, V] (a view)."""
-    monkeypatch.setattr(fused, "_CHUNK_ELEMS", 5 * 300)  # 5 rows: blocks of 2 samples x 2 positions
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 5 * 300)  # 5 rows: blocks of 2 samples x 2 positions
     student, teacher, tokens, grad_d, grad_s = make_logits(6, 2, 320, seed=3)
     cfg, shard = config(("jsd", 0.5, 0.05, 1.1)), VocabShard(0, 320, 300)
     assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg, shard, "chunked")
@@ -141,7 +141,7 @@ def test_row_blocks_across_samples_and_megatron_layout(monkeypatch):
 def test_positions_read_rows_in_place(case, monkeypatch):
     """Student [3, 9, V] in Megatron's layout and teacher [3, 11, V] read through positions (a one-token
     prompt, empty cells); row blocks of 4 cells span samples."""
-    monkeypatch.setattr(fused, "_CHUNK_ELEMS", 4 * 130)
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 4 * 130)
     assert_rows_in_place(rows_results(case, 130, 120, None, seed=15))
 
 
@@ -246,14 +246,14 @@ def test_backward_uses_the_gradient_launch_in_effect_at_the_forward(monkeypatch)
         return zeros, zeros, zeros, zeros, zeros, zeros, torch.zeros((), dtype=torch.bool)
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets impl='triton' take CPU tensors
-    monkeypatch.setattr(fused, "_triton_forward", forward_stub)
-    monkeypatch.setattr(fused, "_triton_grad", lambda *args: launches.append(args[-1]))
+    monkeypatch.setattr(fused_triton, "triton_forward", forward_stub)
+    monkeypatch.setattr(fused_triton, "triton_grad", lambda *args: launches.append(args[-1]))
     student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=10)
     leaf = student.requires_grad_()
-    chosen = fused.TritonLaunch(None, 2, 64)
-    monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", chosen)
+    chosen = fused_triton.TritonLaunch(None, 2, 64)
+    monkeypatch.setattr(fused_triton, "TRITON_GRAD_LAUNCH", chosen)
     loss = fused_token_terms(leaf, teacher, tokens, config(CASES[0]), VocabShard(0, 32, 30), impl="triton")
-    monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", fused.TritonLaunch())
+    monkeypatch.setattr(fused_triton, "TRITON_GRAD_LAUNCH", fused_triton.TritonLaunch())
     loss.divergence.sum().backward()
     assert launches == [chosen]
 
@@ -363,16 +363,16 @@ def ptxas_report_for_hopper(kernel, constants: dict, num_warps: int, tmp_path) -
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
     """Each kernel compiles at Qwen3's vocabulary shard with the default launch and keeps its values in registers."""
-    plan = fused._Plan.build(DivergenceConfig(kind=kind, beta=0.5, token_clip=0.05), VocabShard(0, 151936, 151936))
-    forward, grad = fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH
+    plan = fused_plan.Plan.build(DivergenceConfig(kind=kind, beta=0.5, token_clip=0.05), VocabShard(0, 151936, 151936))
+    forward, grad = fused_triton.TRITON_LAUNCH, fused_triton.TRITON_GRAD_LAUNCH
     common = dict(KIND=plan.kind, HAS_CLIP=True, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch)
     group = forward.block_v if forward.max_group is None else forward.max_group
     kernels = [
-        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=group, STATS_ONLY=False), forward),
-        (fused._forward_kernel, dict(common, N_VALID=151936, GROUP=forward.block_v, STATS_ONLY=False), forward),
-        (fused._forward_kernel, dict(common, N_VALID=75968, GROUP=group, STATS_ONLY=True), forward),  # under TP
-        (fused._terms_kernel, dict(common, N_VALID=75968), forward),
-        (fused._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064, BLOCK_V=grad.block_v,
+        (fused_triton._forward_kernel, dict(common, N_VALID=151936, GROUP=group, STATS_ONLY=False), forward),
+        (fused_triton._forward_kernel, dict(common, N_VALID=151936, GROUP=forward.block_v, STATS_ONLY=False), forward),
+        (fused_triton._forward_kernel, dict(common, N_VALID=75968, GROUP=group, STATS_ONLY=True), forward),  # under TP
+        (fused_triton._terms_kernel, dict(common, N_VALID=75968), forward),
+        (fused_triton._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064, BLOCK_V=grad.block_v,
                                   PREFETCH=grad.prefetch), grad),
     ]
     for kernel, constants, launch in kernels:
@@ -408,13 +408,13 @@ def test_triton_matches_chunked_on_cuda(case, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("launch", [fused.TritonLaunch(None, 8, 1024, prefetch=False), fused.TritonLaunch(1, 16, 4096, True),
-                                    fused.TritonLaunch(3, 4, 512, max_group=8)], ids=str)
+@pytest.mark.parametrize("launch", [fused_triton.TritonLaunch(None, 8, 1024, prefetch=False), fused_triton.TritonLaunch(1, 16, 4096, True),
+                                    fused_triton.TritonLaunch(3, 4, 512, max_group=8)], ids=str)
 def test_triton_launch_shapes_and_megatron_layout_on_cuda(launch, monkeypatch):
     """Launch shapes (one row per program, persistent grids, prefetch or not, grouped running max) on
     [t, b, V] logits viewed as [b, t, V]."""
-    monkeypatch.setattr(fused, "TRITON_LAUNCH", launch)
-    monkeypatch.setattr(fused, "TRITON_GRAD_LAUNCH", launch)
+    monkeypatch.setattr(fused_triton, "TRITON_LAUNCH", launch)
+    monkeypatch.setattr(fused_triton, "TRITON_GRAD_LAUNCH", launch)
     student, teacher, tokens, grad_d, grad_s = (x.cuda() for x in make_logits(3, 200, 3000, seed=14))
     cfg, shard = config(CASES[6]), VocabShard(0, 3000, 2990)
     assert_same_in_megatron_layout(student, teacher, tokens, grad_d, grad_s, cfg, shard, "triton")

@@ -1129,7 +1129,7 @@ def test_a_global_batch_splits_into_micro_batches_per_replica():
 
 def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs_a_gpu(monkeypatch):
     from megatron_renio.config import TrainConfig
-    from megatron_renio.losses import fused
+    from megatron_renio.losses import fused_triton
     from megatron_renio.training import components as C
 
     assert [C.loss_settings(TrainConfig(loss_impl=impl)).impl for impl in ("auto", "chunked", "unfused")] == \
@@ -1140,7 +1140,7 @@ def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs
     with pytest.raises(UserInputError, match=r"^--loss-impl triton needs a GPU and the triton package \(here: no GPU"):
         C.loss_settings(TrainConfig(loss_impl="triton"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fused, "triton", None)
+    monkeypatch.setattr(fused_triton, "triton", None)
     with pytest.raises(UserInputError, match=r"\(here: a GPU, triton missing\)"):
         C.loss_settings(TrainConfig(loss_impl="triton"))
 

@@ -15,7 +15,7 @@ Side by side, on the same logits and in one run:
 - ``fused[F/G]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes of the forward
   kernels (F) and the gradient kernel (G), each P:W:B[:pf][:gN] (programs per SM or 'row',
   warps, vocabulary block, prefetch, entries per running max; see
-  ``TritonLaunch`` in fused.py), to choose the defaults.
+  ``TritonLaunch`` in fused_triton.py), to choose the defaults.
 - ``liger`` (GPU, JSD): Liger-Kernel's JSD (``liger_kernel.ops.jsd``) on log-prob inputs plus the two
   log-softmaxes, when liger-kernel imports (reported as skipped otherwise).
 
@@ -29,7 +29,7 @@ including allocator slack, so it is an upper bound of what torch allocated.
 
 The paths are timed round-robin within each divergence kind, so that changing machine load hits them
 alike, each timed call right after an untimed call of the same path. On the CPU the chunked fused
-path runs its block ops on one intra-op thread (see ``_one_intra_op_thread`` in fused.py); the
+path runs its block ops on one intra-op thread (see ``one_intra_op_thread`` in fused_chunked.py); the
 others use all of torch's threads. Liger-Kernel's JSD has no per-entry clamp: its row is a speed
 comparison only. A path that runs out of memory is reported as such and left out of the ratios.
 
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_renio.losses.divergence import DivergenceConfig, gather_grid, token_terms  # noqa: E402
-from megatron_renio.losses import fused  # noqa: E402
+from megatron_renio.losses import fused_triton  # noqa: E402
 from megatron_renio.losses.fused import fused_token_terms, triton_available  # noqa: E402
 from megatron_renio.renio.vocab_parallel import VocabShard  # noqa: E402
 
@@ -127,12 +127,12 @@ def launch_loss(launches: tuple):
     """The fused Triton path with (forward, gradient) launch shapes in place of the defaults."""
 
     def loss(zs, zt, tokens, cfg, shard, group):
-        defaults = fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH
-        fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH = launches
+        defaults = fused_triton.TRITON_LAUNCH, fused_triton.TRITON_GRAD_LAUNCH
+        fused_triton.TRITON_LAUNCH, fused_triton.TRITON_GRAD_LAUNCH = launches
         try:
             return fused_token_terms(zs, zt, tokens, cfg, shard, group, impl="triton").divergence.mean()
         finally:
-            fused.TRITON_LAUNCH, fused.TRITON_GRAD_LAUNCH = defaults
+            fused_triton.TRITON_LAUNCH, fused_triton.TRITON_GRAD_LAUNCH = defaults
 
     return loss
 
@@ -147,12 +147,12 @@ def parse_launch(spec: str) -> tuple:
         groups = [int(o[1:]) for o in options if o.startswith("g")]
         if any(o != "pf" and not o.startswith("g") for o in options) or len(groups) > 1:
             raise ValueError(part)
-        return fused.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), "pf" in options,
+        return fused_triton.TritonLaunch(None if pps == "row" else int(pps), int(warps), int(block), "pf" in options,
                                   groups[0] if groups else None)
 
     try:
         forward, *grad = spec.split("/")
-        return one(forward), one(grad[0]) if grad else fused.TRITON_GRAD_LAUNCH
+        return one(forward), one(grad[0]) if grad else fused_triton.TRITON_GRAD_LAUNCH
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(
             f"{spec!r} is not P:W:B[:pf][:gN][/P:W:B[:pf]] (e.g. row:4:2048:pf:g8/row:4:1024:pf)")

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_renio.losses import fused
+from megatron_renio.losses import fused, fused_chunked, fused_triton
 from megatron_renio.losses.divergence import DivergenceConfig, token_terms
 from megatron_renio.losses.fused import fused_token_terms
 from megatron_renio.renio.vocab_parallel import VocabShard
@@ -162,29 +162,29 @@ def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bo
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     group = dist.group.WORLD
-    fused._CHUNK_ELEMS = 1024  # several row blocks per shard on these small shapes
+    fused_chunked._CHUNK_ELEMS = 1024  # several row blocks per shard on these small shapes
     result = {"chunked": {}, "triton": {}, ("rows", "chunked"): {}, ("rows", "triton"): {}}
     for i, (layout, case) in enumerate((layout, case) for layout in TP_LAYOUTS for case in TP_CASES):
         result["chunked"][case, layout] = case_results(case, *layout, group, seed=i)
         result["rows", "chunked"][case, layout] = rows_results(case, *layout, group, seed=i)
     result["bf16"] = case_results(("jsd", 0.5, 0.05, 1.1), *TP_LAYOUTS[0], group, seed=99, dtype=torch.bfloat16)
-    result["triton_checked"] = fused.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
+    result["triton_checked"] = fused_triton.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
     if result["triton_checked"]:
         # Blocks of 64: full blocks, a tail and padding in every shard; one program per row at TP=2
         # with a running max per 8 entries, and at TP=1 a persistent grid of 3 programs (the
         # interpreter counts one SM) walking the 10 rows, prefetching the next block.
-        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, max_group=8)
+        fused_triton.TRITON_LAUNCH = fused_triton.TRITON_GRAD_LAUNCH = fused_triton.TritonLaunch(None, 4, 64, max_group=8)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp2"] = case_results(case, 200, 390, group, seed=i, impl="triton", t=2)
             result["rows", "triton"][case, "tp2"] = rows_results(case, 200, 390, group, seed=i, impl="triton")
-        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(3, 4, 64, prefetch=True)
+        fused_triton.TRITON_LAUNCH = fused_triton.TRITON_GRAD_LAUNCH = fused_triton.TritonLaunch(3, 4, 64, prefetch=True)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=5)
             result["rows", "triton"][case, "tp1"] = rows_results(case, 400, 390, None, seed=i, impl="triton")
         result["triton_nonfinite"] = [nonfinite_flag(*entry) for entry in TRITON_NONFINITE]
         result["triton_rows_nonfinite"] = rows_nonfinite_flags("triton")
         # every sweep without prefetching
-        fused.TRITON_LAUNCH = fused.TRITON_GRAD_LAUNCH = fused.TritonLaunch(None, 4, 64, prefetch=False, max_group=8)
+        fused_triton.TRITON_LAUNCH = fused_triton.TRITON_GRAD_LAUNCH = fused_triton.TritonLaunch(None, 4, 64, prefetch=False, max_group=8)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp1-no-prefetch"] = case_results(case, 400, 390, None, seed=20 + i, impl="triton")
             result["rows", "triton"][case, "tp1-no-prefetch"] = rows_results(case, 400, 390, None, seed=20 + i,

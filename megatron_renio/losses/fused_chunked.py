@@ -1,0 +1,186 @@
+"""The chunked PyTorch implementation of the fused loss (formulas: :mod:`~megatron_renio.losses.fused`).
+
+Blocks of token rows spanning the local vocabulary, about ``_CHUNK_ELEMS`` elements each, so that no
+temporary is larger than a block. Without TP the terms of a block follow its statistics while it is
+in cache and reuse their exponentials (q = exp(a - m) / S). The block ops run on one intra-op thread
+(:func:`one_intra_op_thread`). Arithmetic in float32, float64 inputs kept in float64. This is the
+CPU path and the fallback wherever the Triton kernels do not apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megatron_renio.losses.fused_plan import FORWARD_KL, REVERSE_KL, Cells, Plan, combine_stats
+from megatron_renio.renio.vocab_parallel import compute_dtype, group_size
+
+# Elements per block (rows x local vocabulary): a few fp32 temporaries of this size stay in a CPU
+# core's L2 cache.
+_CHUNK_ELEMS = 1 << 16
+
+
+def _row_blocks(n_b: int, n_t: int, n_cols: int):
+    """Yield (b-slice, t-slice) pairs tiling the [n_b, n_t] token grid, each about _CHUNK_ELEMS / n_cols rows.
+
+    Slicing the two leading dimensions (rather than flattening them) keeps every block a view, also
+    for Megatron's [s, b, V] logits transposed to [b, s, V].
+    """
+    rows = max(1, _CHUNK_ELEMS // max(n_cols, 1))
+    t_step = min(n_t, rows)
+    b_step = max(1, rows // t_step)
+    for b0 in range(0, n_b, b_step):
+        for t0 in range(0, n_t, t_step):
+            yield slice(b0, b0 + b_step), slice(t0, t0 + t_step)
+
+
+def _scaled(z_block: torch.Tensor, inv_temp: float, shift: torch.Tensor) -> torch.Tensor:
+    """New tensor z/T - shift (shift per row) in the dtype of ``shift``, in one pass over the block."""
+    return torch.add(shift.neg().unsqueeze(-1), z_block, alpha=inv_temp)
+
+
+def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
+    """(max of z/T, sum of exp(z/T - max), non-finite per row, the exp block) over the last dim.
+
+    The non-finite test is a row sum of the logits (inf, -inf or NaN anywhere makes it non-finite),
+    cheaper on the CPU than an elementwise isfinite.
+    """
+    dtype = compute_dtype(z_block)
+    if z_block.shape[-1] == 0:  # a TP rank holding only vocabulary padding
+        empty = z_block.new_full(z_block.shape[:-1], float("-inf"), dtype=dtype)
+        return empty, torch.zeros_like(empty), torch.zeros(empty.shape, dtype=torch.bool, device=empty.device), None
+    row_max = z_block.amax(-1).to(dtype) * inv_temp  # max(z)/T == max(z/T) for T > 0
+    bad = ~torch.isfinite(z_block.sum(-1))
+    exps = _scaled(z_block, inv_temp, torch.where(torch.isneginf(row_max), 0.0, row_max)).exp_()
+    return row_max, exps.sum(-1), bad, exps
+
+def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: Plan, exps=None, want_q: bool = False):
+    """(clamped d, h, q or None) of one block, elementwise (module docstring); q = student probabilities.
+
+    ``exps``: optional ((exp(a - m_s), S_s), (exp(b - m_t), S_t)) from :func:`_chunk_stats` when those
+    statistics are already global (no TP): then q = exp_s / S_s and p = exp_t / S_t need no new exp.
+    """
+    ls = _scaled(zs_block, plan.inv_temp, lse_s)
+    lp = _scaled(zt_block, plan.inv_temp, lse_t)
+
+    def prob(i, log_prob):
+        if exps is None:
+            return log_prob.exp()
+        e, total = exps[i]
+        return e.div_(total.unsqueeze(-1))
+
+    q = None
+    if plan.kind == FORWARD_KL:
+        p = prob(1, lp)
+        d = lp.sub_(ls).mul_(p)
+        h = p.neg_()
+        if want_q:
+            q = ls.exp_()
+    elif plan.kind == REVERSE_KL:
+        q = prob(0, ls)
+        d = ls.sub_(lp).mul_(q)
+        h = q + d if want_q else q.add_(d)
+    else:  # with p' = beta p and q' = (1 - beta) q: m = p' + q', h = q' (ls - lm), d = p' (lp - lm) + h
+        p = prob(1, lp).mul_(plan.beta)
+        q = prob(0, ls).mul_(1.0 - plan.beta)
+        log_m = torch.add(p, q).clamp_min_(torch.finfo(p.dtype).tiny).log_()
+        h = ls.sub_(log_m).mul_(q)
+        d = lp.sub_(log_m).mul_(p).add_(h)
+        q = q.div_(1.0 - plan.beta) if want_q else None
+    if plan.clip is not None:
+        clamped = d.clamp(0.0, plan.clip)
+        h.mul_(d.eq_(clamped))  # 1 where 0 <= d <= k, else 0 (torch.clamp's gradient mask)
+        d = clamped
+    return d, h, q
+
+
+def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
+    """Sweeps 1 and 2 with the chunked path; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
+
+    D and H are 0 at empty cells, whose rows do not count for the flag.
+    """
+    n_b, n_t = cells.shape
+    nv = plan.n_valid
+    dtype = compute_dtype(zs)
+    stats = zs.new_empty((4, n_b, n_t), dtype=dtype)  # max_s, sumexp_s, max_t, sumexp_t
+    lse = zs.new_empty((2, n_b, n_t), dtype=dtype)
+    sums = zs.new_empty((2, n_b, n_t), dtype=dtype)  # D, H
+    bad = torch.zeros((), dtype=torch.bool, device=zs.device)
+    filled = cells.filled()
+    fuse = group_size(tp_group) == 1
+    blocks = list(_row_blocks(n_b, n_t, nv))
+
+    def rows(bs, ts):
+        return cells.block(zs, 0, bs, ts, nv), cells.block(zt, 1, bs, ts, nv)
+
+    def terms(block, bs, ts, exps=None):
+        d, h, _ = _chunk_elements(*block, lse[0, bs, ts], lse[1, bs, ts], plan, exps)
+        sums[0, bs, ts], sums[1, bs, ts] = d.sum(-1), h.sum(-1)
+
+    for bs, ts in blocks:
+        block = rows(bs, ts)
+        exps = []
+        for i, z in enumerate(block):
+            row_max, sum_exp, row_bad, e = _chunk_stats(z, plan.inv_temp)
+            stats[2 * i, bs, ts], stats[2 * i + 1, bs, ts] = row_max, sum_exp
+            exps.append((e, sum_exp))
+            bad |= (row_bad if filled is None else row_bad & filled[bs, ts]).any()
+        if fuse:  # without TP a block's statistics are final: finish it while it is in cache
+            lse[:, bs, ts], _ = combine_stats(stats[:, bs, ts], bad, None)
+            terms(block, bs, ts, exps)
+    if not fuse:
+        lse, bad = combine_stats(stats, bad, tp_group)
+        for bs, ts in blocks:
+            terms(rows(bs, ts), bs, ts)
+    if filled is not None:
+        sums.masked_fill_(~filled, 0.0)
+    s = _sampled_logprobs(zs, cells, 0, lse[0], col, plan.inv_temp)
+    u = _sampled_logprobs(zt, cells, 1, lse[1], col, plan.inv_temp)
+    return lse[0], lse[1], sums[0], sums[1], s, u, bad
+
+
+def chunked_grad(zs, zt, cells: Cells, plan: Plan, saved, coef, grad):
+    """Sweep 3 into the filled rows of ``grad`` (real columns): coef_h * h - coef_q * q per block; the
+    one-hot term follows."""
+    lse_s, lse_t = saved
+    coef_h, coef_q = coef
+    nv = plan.n_valid
+    for bs, ts in _row_blocks(*cells.shape, nv):
+        _, h, q = _chunk_elements(cells.block(zs, 0, bs, ts, nv), cells.block(zt, 1, bs, ts, nv), lse_s[bs, ts],
+                                  lse_t[bs, ts], plan, want_q=True)
+        out = grad[bs, ts, :nv] if cells.positions is None else None  # a view to write into
+        g = torch.mul(h, coef_h[bs, ts].unsqueeze(-1), out=out if out is not None and out.dtype == h.dtype else h)
+        g.addcmul_(q, coef_q[bs, ts].neg().unsqueeze(-1))
+        if g is not out:
+            cells.store(grad, bs, ts, nv, g)
+
+
+@contextlib.contextmanager
+def one_intra_op_thread(device: torch.device):
+    """Run the chunked loops on the calling thread only (CPU), restoring the thread count after.
+
+    Each block op is small (tens of microseconds): a second intra-op thread gains nothing there but
+    adds a synchronisation per op, and when the machine is oversubscribed a preempted thread stalls
+    every op. Measured on 2 shared cores at 2048 x 32000 fp32, forward + backward, CPU time: 1 thread
+    0.5-1.0 s, 2 threads 1.0-17 s (the high end whenever other processes were running).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+
+def _sampled_logprobs(z, cells: Cells, model: int, lse, col, inv_temp: float):
+    """This rank's share of log softmax(z/T)[x] per cell from the local column of x (-1 where x is not
+    here, or the cell is empty: 0); ``model`` 0 student, 1 teacher."""
+    hit = col >= 0
+    samples, positions = cells.index(model, z.device)
+    value = z[samples, positions, col.clamp(min=0)].to(lse.dtype) * inv_temp - lse
+    return torch.where(hit, value, torch.zeros_like(value))

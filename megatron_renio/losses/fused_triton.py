@@ -1,0 +1,467 @@
+"""The Triton implementation of the fused loss (formulas: :mod:`~megatron_renio.losses.fused`).
+
+One program per token row (or a persistent grid, :class:`TritonLaunch`) loops over vocabulary
+blocks; fp32 arithmetic on fp32/bf16/fp16 logits with the GPU's approximate exponential and log2
+(ex2 / lg2.approx, errors of a few float32 ulp); the gradient is rounded once, to the logits' dtype.
+The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests check them).
+
+Traffic in logits-sized units: 2 + 2 reads forward, 2 reads + 1 write backward (7, against 3 for
+the bandwidth floor: read both logits once, write one gradient). Without TP the two forward sweeps
+run in one kernel per row, the second over the vocabulary blocks in reverse order, so that its first
+reads hit the blocks the first sweep read last (still in the GPU's L2 cache while they are recent).
+Measured on one H200 at 8,192 x 151,936 bf16 (README, Performance): the forward 2.36 ms for forward
+KL (its 4 units take 2.27 ms at the floor's bandwidth), the backward 1.89 ms (3 units: 1.70 ms),
+forward + backward 2.5x the floor for forward KL and 2.6x for JSD: the kernels run at about the
+copy bandwidth for the traffic they make, and the 7 units are what is left between them and the
+floor. Rows shared by several programs, so that the second forward sweep re-reads only a part of
+a row it has just read (from the L2 cache), were built and measured on the H200: no faster (README).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron_renio.losses.fused_plan import Cells, Plan, combine_stats
+from megatron_renio.renio.vocab_parallel import group_size
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the chunked PyTorch path is always available
+    triton = None
+try:
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # a triton without CUDA's libdevice wrappers: the kernels use tl.log2
+    libdevice = None
+
+
+def triton_available() -> bool:
+    """True when the triton package imported (GPU kernels, or the interpreter on CPU)."""
+    return triton is not None
+
+
+@dataclass(frozen=True)
+class TritonLaunch:
+    """Launch shape of the Triton kernels.
+
+    programs_per_sm: a persistent grid of this many programs per streaming multiprocessor, program
+    p walking rows p, p + grid, ... (the grid depends only on the device: one compilation; the
+    interpreter on the CPU counts one multiprocessor); None = one program per token row.
+    num_warps: warps per program. block_v: vocabulary entries per loop step (a power of two).
+    prefetch: load the next block of a loop before computing on the current one. max_group: the
+    statistics sweep keeps one running max per group of this many consecutive entries (a power of
+    two); None = one per block, which costs a reduction across the program's threads (barriers
+    with more than one warp) per block and one exponential per entry; 8 = each thread's own
+    entries (128-bit bf16 loads), no cross-thread reduction and 1 + 1/8 exponentials per entry.
+    """
+
+    programs_per_sm: int | None = None
+    num_warps: int = 4
+    block_v: int = 1024
+    prefetch: bool = True
+    max_group: int | None = None
+
+    def grid(self, rows: int, device: torch.device) -> tuple[int, int]:
+        """(programs to launch, the GRID constant: the row stride of each program)."""
+        if self.programs_per_sm is None:
+            return max(rows, 1), 1 << 30  # one row per program
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        return sms * self.programs_per_sm, sms * self.programs_per_sm
+
+
+# The launches of the forward kernels and of the gradient kernel. The forward's was chosen with
+# tools/bench_loss.py --triton-launch on an H200 at 8192 x 151936 bf16 (README, Performance; shapes
+# within 5% of each other there are ties): one row per program of four warps, prefetching the next
+# block, over blocks of 2048 with a running max per thread's 8 entries. The gradient's: the same
+# over blocks of 1024, no running max (blocks of 2048 with four or eight warps were ties, blocks of
+# 512 with two warps 2-3% slower; tools/gpu_check times them with bench_loss --triton-launch F/G).
+TRITON_LAUNCH = TritonLaunch(block_v=2048, max_group=8)
+TRITON_GRAD_LAUNCH = TritonLaunch()
+
+
+
+if triton is not None:
+    # Arithmetic in base 2 (ex2 and lg2 are the GPU's native exponentials): A_v = z_v log2(e) / T and
+    # log2 q_v = A_v - LSE2_S. Elements d are formed in bits (d / ln 2, clamped at k / ln 2) and their
+    # sum converted once; h, H and every stored statistic are in natural units. N_VALID (real columns
+    # of the shard) is a compile-time constant, one compilation per shard width: each sweep runs its
+    # full blocks unmasked and masks only the tail, and
+    # for-loops get the constant trip counts that triton 3.6's interpreter needs with numpy >= 2.4
+    # (runtime bounds only in while loops). Every kernel walks rows pid, pid + GRID, ...
+    # (TritonLaunch). Row outputs are fp32 arrays [k, rows].
+    _LN2 = tl.constexpr(0.6931471805599453)
+    _LOG2E = tl.constexpr(1.4426950408889634)
+    _EXACT_LOG2 = tl.constexpr(libdevice is None or os.environ.get("TRITON_INTERPRET") == "1")
+
+    @triton.jit
+    def _log2(x):
+        """log2 with the GPU's lg2.approx (libdevice fast_log2f; tl.log2 compiles to a longer exact
+        sequence); tl.log2 in the interpreter, which has no libdevice, or without libdevice."""
+        if _EXACT_LOG2:
+            return tl.log2(x)
+        else:
+            return libdevice.fast_log2f(x)
+
+    @triton.jit
+    def _row_base(ptr, sample, position, stride_b, stride_t):
+        """Pointer to the first vocabulary entry of row (sample, position) of a [b, S, V] tensor."""
+        return ptr + sample.to(tl.int64) * stride_b + position.to(tl.int64) * stride_t
+
+    @triton.jit
+    def _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, cell, n_t):
+        """(student row, teacher row, filled) of cell ``cell`` of the [b, n_t] grid (``Cells``)."""
+        sample = cell // n_t
+        pos_s = tl.load(spos_ptr + cell)
+        pos_t = tl.load(tpos_ptr + cell)
+        zs_base = _row_base(zs_ptr, sample, tl.maximum(pos_s, 0), zs_sb, zs_st)
+        return zs_base, _row_base(zt_ptr, sample, tl.maximum(pos_t, 0), zt_sb, zt_st), pos_s >= 0
+
+    @triton.jit
+    def _load_pair(zs_base, zt_base, cols, N_VALID: tl.constexpr, MASKED: tl.constexpr):
+        """Both logits at ``cols`` in fp32; MASKED: 0 beyond the real columns (a tail block)."""
+        if MASKED:
+            inside = cols < N_VALID
+            zs = tl.load(zs_base + cols, mask=inside, other=0.0)
+            zt = tl.load(zt_base + cols, mask=inside, other=0.0)
+        else:
+            zs = tl.load(zs_base + cols)
+            zt = tl.load(zt_base + cols)
+        return zs.to(tl.float32), zt.to(tl.float32)
+
+    @triton.jit
+    def _online_sum_exp(z, scale, run_max, acc):
+        """One tile [R, G] of the online sum-exp: a running max of the raw logits z per group of G
+        entries (shape [R]), and per-entry sums of 2^((z - max) scale) = e^((z - max) / T)."""
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2((run_max - shift) * scale)
+        return new_max, acc * rescale[:, None] + tl.exp2(z * scale - (shift * scale)[:, None])
+
+    @triton.jit
+    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, N_VALID: tl.constexpr,
+                     MASKED: tl.constexpr):
+        acc_z += zs + zt
+        if MASKED:
+            zs = tl.where(cols < N_VALID, zs, float("-inf"))
+            zt = tl.where(cols < N_VALID, zt, float("-inf"))
+        max_s, acc_s = _online_sum_exp(zs, scale, max_s, acc_s)
+        max_t, acc_t = _online_sum_exp(zt, scale, max_t, acc_t)
+        return max_s, acc_s, max_t, acc_t, acc_z
+
+    @triton.jit
+    def _finish_sum_exp(run_max, acc, scale):
+        """(max in natural units, sum-exp relative to it) of a row from :func:`_online_sum_exp`'s state."""
+        row_max = tl.max(run_max, axis=0)
+        shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        total = tl.sum(tl.sum(acc, axis=1) * tl.exp2((run_max - shift) * scale), axis=0)
+        return row_max * scale * _LN2, total
+
+    @triton.jit
+    def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
+                     PREFETCH: tl.constexpr, GROUP: tl.constexpr):
+        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1), natural units, real columns.
+
+        Blocks are tiles [BLOCK_V / GROUP, GROUP] of consecutive entries, each tile row with its own
+        running max (TritonLaunch.max_group). Non-finite: the plain sum of both rows' logits is not
+        finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too).
+        """
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
+        R: tl.constexpr = BLOCK_V // GROUP
+        tile = tl.arange(0, R)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        max_s = tl.full([R], float("-inf"), tl.float32)
+        max_t = tl.full([R], float("-inf"), tl.float32)
+        acc_s = tl.zeros([R, GROUP], tl.float32)
+        acc_t = tl.zeros([R, GROUP], tl.float32)
+        acc_z = tl.zeros([R, GROUP], tl.float32)
+        zs, zt = _load_pair(zs_base, zt_base, tile, N_FULL, True)  # the first full block
+        for v0 in range(0, N_FULL, BLOCK_V):
+            cols = v0 + tile
+            if PREFETCH:
+                next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tile
+                next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
+            else:
+                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
+            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
+                                                             N_VALID, False)
+            if PREFETCH:
+                zs, zt = next_zs, next_zt
+        for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
+            cols = v0 + tile
+            zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
+            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
+                                                             N_VALID, True)
+        total = tl.sum(tl.sum(acc_z, axis=1), axis=0)
+        bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
+        max_s, sum_s = _finish_sum_exp(max_s, acc_s, scale)
+        max_t, sum_t = _finish_sum_exp(max_t, acc_t, scale)
+        return max_s, sum_s, max_t, sum_t, bad
+
+    @triton.jit
+    def _element_terms(ls2, lp2, beta, clip2, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
+        """(clamped d_v / ln 2, h_v, q_v) from log2 q_v and log2 p_v (module docstring)."""
+        q = tl.exp2(ls2)
+        if KIND == 0:
+            p = tl.exp2(lp2)
+            d = p * (lp2 - ls2)
+            h = -p
+        elif KIND == 1:
+            d = q * (ls2 - lp2)
+            h = d * _LN2 + q
+        else:
+            p_part = beta * tl.exp2(lp2)
+            q_part = (1.0 - beta) * q
+            lm2 = _log2(tl.maximum(p_part + q_part, 1.1754943508222875e-38))
+            h2 = q_part * (ls2 - lm2)
+            d = p_part * (lp2 - lm2) + h2
+            h = h2 * _LN2
+        if HAS_CLIP:
+            clamped = tl.minimum(tl.maximum(d, 0.0), clip2)
+            h = tl.where(clamped == d, h, 0.0)  # 0 <= d <= k (False for NaN): torch.clamp's gradient mask
+            d = clamped
+        return d, h, q
+
+    @triton.jit
+    def _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h,
+                     N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, MASKED: tl.constexpr):
+        d, h, _ = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
+        if MASKED:
+            d = tl.where(cols < N_VALID, d, 0.0)
+            h = tl.where(cols < N_VALID, h, 0.0)
+        return acc_d + d, acc_h + h
+
+    @triton.jit
+    def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID: tl.constexpr,
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
+        """Sweep 2 of a row, tail first, then the full blocks in reverse order: (sum of clamped d_v, sum of h_v)."""
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
+        lse2_s = lse_s * _LOG2E
+        lse2_t = lse_t * _LOG2E
+        acc_d = tl.zeros([BLOCK_V], tl.float32)
+        acc_h = tl.zeros([BLOCK_V], tl.float32)
+        for v0 in range(N_FULL, N_VALID, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
+            acc_d, acc_h = _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h, N_VALID,
+                                        KIND, HAS_CLIP, True)
+        last = tl.maximum(N_FULL - BLOCK_V, 0) + tl.arange(0, BLOCK_V)
+        zs, zt = _load_pair(zs_base, zt_base, last, N_FULL, True)  # the last full block
+        for i in range(0, N_FULL // BLOCK_V):
+            v0 = N_FULL - (i + 1) * BLOCK_V
+            cols = v0 + tl.arange(0, BLOCK_V)
+            if PREFETCH:
+                next_cols = tl.maximum(v0 - BLOCK_V, 0) + tl.arange(0, BLOCK_V)
+                next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
+            else:
+                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
+            acc_d, acc_h = _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h, N_VALID,
+                                        KIND, HAS_CLIP, False)
+            if PREFETCH:
+                zs, zt = next_zs, next_zt
+        return tl.sum(acc_d, axis=0) * _LN2, tl.sum(acc_h, axis=0)
+
+    @triton.jit
+    def _lookup(base, col, scale, lse):
+        """Natural log-prob z[col]/T - lse of a row's sampled token; 0 when it is not here (col = -1)."""
+        hit = col >= 0
+        z = tl.load(base + tl.where(hit, col, 0)).to(tl.float32)
+        return tl.where(hit, z * scale * _LN2 - lse, 0.0)
+
+    @triton.jit
+    def _terms_row(zs_base, zt_base, col, terms_ptr, row, n_rows, scale, lse_s, lse_t, beta, clip2,
+                   N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+        """Sweep 2 of a row and its sampled-token lookups, stored as [D, H, s, u] (stride n_rows) at terms_ptr."""
+        d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V,
+                            PREFETCH)
+        tl.store(terms_ptr + row, d)
+        tl.store(terms_ptr + n_rows + row, h)
+        tl.store(terms_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
+        tl.store(terms_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
+
+    @triton.jit
+    def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr, n_rows,
+                        n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                        BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr,
+                        STATS_ONLY: tl.constexpr):
+        """Per filled cell, without TP sweeps 1 and 2: out = [lse_s, lse_t, D, H, s, u, non-finite]; under TP
+        (STATS_ONLY) sweep 1 of this shard: out = [max_s, sumexp_s, max_t, sumexp_t, non-finite]. Zeros, left
+        as they are at empty cells."""
+        row = tl.program_id(0)
+        while row < n_rows:
+            zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
+                                                  row, n_t)
+            if filled:
+                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH,
+                                                               GROUP)
+                if STATS_ONLY:
+                    tl.store(out_ptr + row, max_s)
+                    tl.store(out_ptr + n_rows + row, sum_s)
+                    tl.store(out_ptr + 2 * n_rows + row, max_t)
+                    tl.store(out_ptr + 3 * n_rows + row, sum_t)
+                    tl.store(out_ptr + 4 * n_rows + row, bad)
+                else:
+                    lse_s = max_s + tl.log(sum_s)
+                    lse_t = max_t + tl.log(sum_t)
+                    tl.store(out_ptr + row, lse_s)
+                    tl.store(out_ptr + n_rows + row, lse_t)
+                    _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr + 2 * n_rows, row, n_rows, scale,
+                               lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+                    tl.store(out_ptr + 6 * n_rows + row, bad)
+            row += GRID
+
+    @triton.jit
+    def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, lse_ptr, out_ptr,
+                      n_rows, n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr,
+                      HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
+        """Under TP, sweep 2 per filled cell from the global lse = [lse_s, lse_t]; out = [D, H, s, u] (this
+        shard; zeros, left as they are at empty cells)."""
+        row = tl.program_id(0)
+        while row < n_rows:
+            zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
+                                                  row, n_t)
+            if filled:
+                lse_s = tl.load(lse_ptr + row)
+                lse_t = tl.load(lse_ptr + n_rows + row)
+                _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr, row, n_rows, scale, lse_s, lse_t, beta,
+                           clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+            row += GRID
+
+    @triton.jit
+    def _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q,
+                    N_VALID: tl.constexpr, N_LOCAL: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                    MASKED: tl.constexpr):
+        _, h, q = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
+        g = coef_h * h - coef_q * q
+        if MASKED:
+            g = tl.where(cols < N_VALID, g, 0.0)
+            tl.store(g_base + cols, g.to(g_base.dtype.element_ty), mask=cols < N_LOCAL)
+        else:
+            tl.store(g_base + cols, g.to(g_base.dtype.element_ty))
+
+    @triton.jit
+    def _grad_row(zs_base, zt_base, g_base, cell, col_ptr, coef_ptr, n_cells, scale, beta, clip2,
+                  N_VALID: tl.constexpr, N_LOCAL: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
+                  BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
+        """Sweep 3 of one cell from coef = [lse_s, lse_t, coef_h, coef_q, coef_x] (stride n_cells):
+        g_j = coef_h h_j - coef_q q_j + [j == col] coef_x on the real columns, 0 on the padding.
+
+        The sampled token's entry is formed again on its own and stored after a barrier (ordering it
+        after the block stores), so the blocks carry no per-entry comparison with ``col``.
+        """
+        N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
+        lse2_s = tl.load(coef_ptr + cell) * _LOG2E
+        lse2_t = tl.load(coef_ptr + n_cells + cell) * _LOG2E
+        coef_h = tl.load(coef_ptr + 2 * n_cells + cell)
+        coef_q = tl.load(coef_ptr + 3 * n_cells + cell)
+        zs, zt = _load_pair(zs_base, zt_base, tl.arange(0, BLOCK_V), N_FULL, True)  # the first full block
+        for v0 in range(0, N_FULL, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            if PREFETCH:
+                next_cols = tl.minimum(v0 + BLOCK_V, N_FULL - BLOCK_V) + tl.arange(0, BLOCK_V)
+                next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
+            else:
+                zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
+            _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
+                        N_LOCAL, KIND, HAS_CLIP, False)
+            if PREFETCH:
+                zs, zt = next_zs, next_zt
+        for v0 in range(N_FULL, N_LOCAL, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
+            _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
+                        N_LOCAL, KIND, HAS_CLIP, True)
+        col = tl.load(col_ptr + cell)
+        hit = col >= 0
+        col = tl.where(hit, col, 0)
+        _, h, q = _element_terms(tl.load(zs_base + col).to(tl.float32) * scale - lse2_s,
+                                 tl.load(zt_base + col).to(tl.float32) * scale - lse2_t, beta, clip2, KIND,
+                                 HAS_CLIP)
+        g = coef_h * h - coef_q * q + tl.load(coef_ptr + 4 * n_cells + cell)
+        tl.debug_barrier()
+        tl.store(g_base + col, g.to(g_base.dtype.element_ty), mask=hit)
+
+    @triton.jit
+    def _zero_row(g_base, N_LOCAL: tl.constexpr, BLOCK_V: tl.constexpr):
+        """A gradient row of zeros (a logits row that no cell reads)."""
+        for v0 in range(0, N_LOCAL, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            tl.store(g_base + cols, tl.zeros([BLOCK_V], g_base.dtype.element_ty), mask=cols < N_LOCAL)
+
+    @triton.jit
+    def _grad_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, g_ptr, g_sb, g_st, cell_ptr, tpos_ptr, col_ptr,
+                     coef_ptr, n_rows, n_s, n_cells, scale, beta, clip2, N_VALID: tl.constexpr, N_LOCAL: tl.constexpr,
+                     KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+        """Sweep 3 over every row of the student's logits [b, n_s, V] (n_rows = b n_s): the row of the
+        cell ``cell_ptr`` names (``Cells.cell_of_row``; teacher row from ``tpos_ptr``), zeros where none."""
+        row = tl.program_id(0)
+        while row < n_rows:
+            sample = row // n_s
+            position = row % n_s
+            cell = tl.load(cell_ptr + row)
+            g_base = _row_base(g_ptr, sample, position, g_sb, g_st)
+            if cell >= 0:
+                zs_base = _row_base(zs_ptr, sample, position, zs_sb, zs_st)
+                zt_base = _row_base(zt_ptr, sample, tl.load(tpos_ptr + cell), zt_sb, zt_st)
+                _grad_row(zs_base, zt_base, g_base, cell, col_ptr, coef_ptr, n_cells, scale, beta, clip2, N_VALID, N_LOCAL, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+            else:
+                _zero_row(g_base, N_LOCAL, BLOCK_V)
+            row += GRID
+
+
+def _triton_launch(plan: Plan, rows: int, device: torch.device, n_cols: int, launch: TritonLaunch):
+    """((programs,), constants and launch options) of a kernel over ``rows`` rows of ``n_cols`` columns."""
+    programs, stride = launch.grid(rows, device)
+    block = max(16, min(launch.block_v, triton.next_power_of_2(max(n_cols, 1))))
+    return (programs,), dict(KIND=plan.kind, HAS_CLIP=plan.clip is not None, BLOCK_V=block, GRID=stride,
+                             PREFETCH=launch.prefetch, num_warps=launch.num_warps)
+
+
+def _kernel_scalars(plan: Plan):
+    """(scale, beta, clip2): log2(e) / T, beta, and the clamp k in bits (k / ln 2; unused without a clamp)."""
+    clip2 = 0.0 if plan.clip is None else plan.clip / math.log(2.0)
+    return plan.inv_temp / math.log(2.0), plan.beta, clip2
+
+
+def _strides(z):
+    return z, z.stride(0), z.stride(1)
+
+
+def triton_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
+    """Sweeps 1 and 2 with the Triton kernels; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
+
+    Every output is 0 at empty cells (the lse too, without meaning: nothing reads it there).
+    """
+    n_b, n_t = cells.shape
+    rows = n_b * n_t
+    grid, opts = _triton_launch(plan, rows, zs.device, plan.n_valid, TRITON_LAUNCH)
+    group = opts["BLOCK_V"] if TRITON_LAUNCH.max_group is None else min(TRITON_LAUNCH.max_group, opts["BLOCK_V"])
+    scale, beta, clip2 = _kernel_scalars(plan)
+    addressing = (*_strides(zs), *_strides(zt), *cells.kernel_positions(zs.device))
+    if group_size(tp_group) == 1:
+        out = zs.new_zeros((7, n_b, n_t), dtype=torch.float32)
+        _forward_kernel[grid](*addressing, col, out, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid,
+                              GROUP=group, STATS_ONLY=False, **opts)
+        return (*out[:6], out[6].any())
+    stats = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
+    _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid,
+                          GROUP=group, STATS_ONLY=True, **opts)
+    lse, bad = combine_stats(stats[:4], stats[4].any(), tp_group)
+    out = zs.new_zeros((4, n_b, n_t), dtype=torch.float32)
+    _terms_kernel[grid](*addressing, col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,
+                        N_VALID=plan.n_valid, **opts)
+    return (lse[0], lse[1], *out, bad)
+
+
+def triton_grad(zs, zt, cells: Cells, col, plan: Plan, saved, coef, grad, launch: TritonLaunch):
+    """Sweep 3 into every row and column of ``grad`` with the Triton kernel; coef = (coef_h, coef_q, coef_x)."""
+    n_b, n_s, n_local = zs.shape
+    packed = torch.stack([*saved, *coef]).to(torch.float32).contiguous()
+    grid, opts = _triton_launch(plan, n_b * n_s, zs.device, n_local, launch)
+    _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), cells.cell_of_row(n_s, zs.device),
+                       cells.kernel_positions(zs.device)[1], col, packed, n_b * n_s, n_s, col.numel(),
+                       *_kernel_scalars(plan), N_VALID=plan.n_valid, N_LOCAL=n_local, **opts)
