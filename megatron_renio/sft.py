@@ -41,6 +41,7 @@ from functools import partial
 import torch
 
 from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, pad_multiple, validate
+from megatron_renio.data.token_sequences import TokenSequences
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import check_target_directory, is_within
@@ -130,8 +131,8 @@ def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
 class SFTExamples:
     """Token ids of every example: prompt, and target (solution + EOS); what did not fit is counted."""
 
-    prompts: list[list[int]]
-    targets: list[list[int]]
+    prompts: TokenSequences  # each read back as a list[int]; held at 4 bytes a token on every rank
+    targets: TokenSequences
     skipped_too_long: int
 
 
@@ -146,17 +147,19 @@ def load_sft_examples(cfg: SFTConfig, tokenizer) -> SFTExamples:
     t = cfg.train
     records = load_prompt_records(t.data_path, t.problem_field, t.solution_field, require_solution=True)
     privileged = random.Random(t.seed).sample(range(len(records)), round(cfg.privileged_prompt_fraction * len(records)))
-    pairs = [(build_prompt_ids(tokenizer, r, t.task, "student", "opsd"), r) for r in records]
-    pairs += [(build_prompt_ids(tokenizer, records[i], t.task, "teacher", "opsd"), records[i]) for i in sorted(privileged)]
-    prompts, targets = [], []
-    for prompt, record in pairs:
+    # every record's student prompt, then the privileged records' teacher prompts; each example goes
+    # into the compact stores as it is tokenised
+    roles = [(r, "student") for r in records] + [(records[i], "teacher") for i in sorted(privileged)]
+    prompts, targets = TokenSequences(), TokenSequences()
+    for record, role in roles:
+        prompt = build_prompt_ids(tokenizer, record, t.task, role, "opsd")
         target = tokenizer.encode(answer_text(record.solution, t.task)) + [tokenizer.eos_id]
         if len(prompt) + len(target) <= t.seq_length:
             prompts.append(prompt)
             targets.append(target)
     if not prompts:
         raise UserInputError(f"every example of --data-path is longer than --seq-length {t.seq_length}")
-    return SFTExamples(prompts, targets, len(pairs) - len(prompts))
+    return SFTExamples(prompts, targets, len(roles) - len(prompts))
 
 
 class SFTStep:

@@ -151,7 +151,8 @@ def test_filter_long_prompts():
         ([1] * 2,),  # single prompt (OPD), room 6
         ([1] * 9, [1] * 2),  # student prompt too long -> skipped
     ]
-    result = filter_long_prompts(records, seq_length=8, max_new_tokens=4)
+    lengths = [[len(ids) for ids in prompts] for prompts in records]
+    result = filter_long_prompts(lengths, seq_length=8, max_new_tokens=4)
     assert result.kept == [0, 2, 3]
     assert result.skipped == 2
     assert result.budget_limited == 2  # records 0 (room 3) and 2 (room 1)
@@ -163,7 +164,7 @@ def test_filter_long_prompts():
         batch = pack_pairs([student], [teacher], [[5] * 10], EOS, PAD, seq_length=8)
         assert batch.completion_lengths.item() >= 1
     with pytest.raises(UserInputError, match="--max-new-tokens must be at least 1"):
-        filter_long_prompts(records, seq_length=8, max_new_tokens=0)
+        filter_long_prompts(lengths, seq_length=8, max_new_tokens=0)
 
 
 def test_sequence_parallel_pads_to_a_multiple_of_the_tp_size():

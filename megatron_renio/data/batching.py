@@ -52,7 +52,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -247,12 +247,12 @@ class PromptFilterResult(NamedTuple):
 
 
 def filter_long_prompts(
-    records_ids: Sequence[Sequence[Sequence[int]]], seq_length: int, max_new_tokens: int
+    records_lengths: Iterable[Sequence[int]], seq_length: int, max_new_tokens: int
 ) -> PromptFilterResult:
     """Select the records whose prompts leave room for at least one completion token.
 
-    ``records_ids[k]`` holds the prompt id lists record ``k`` produces, e.g. ``(student_ids,
-    teacher_ids)``; the longest one decides. Policy: a record is kept when
+    ``records_lengths`` yields, per record ``k``, the lengths of the prompts it produces, e.g.
+    ``(len(student_ids), len(teacher_ids))``; the longest one decides. Policy: a record is kept when
     ``longest + 1 <= seq_length`` (the condition :func:`pack_pairs` requires) and skipped otherwise;
     skipped records are counted, not errors, so that a few over-long problems do not stop a run.
     Kept records whose room ``seq_length - longest`` is below ``max_new_tokens`` are counted in
@@ -263,13 +263,13 @@ def filter_long_prompts(
         raise UserInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     kept: list[int] = []
     budget_limited = 0
-    for k, prompts in enumerate(records_ids):
-        longest = max(len(p) for p in prompts)
+    total = 0
+    for k, lengths in enumerate(records_lengths):
+        total += 1
+        longest = max(lengths)
         if longest + 1 > seq_length:
             continue
         kept.append(k)
         if seq_length - longest < max_new_tokens:
             budget_limited += 1
-    return PromptFilterResult(
-        kept=kept, skipped=len(records_ids) - len(kept), budget_limited=budget_limited
-    )
+    return PromptFilterResult(kept=kept, skipped=total - len(kept), budget_limited=budget_limited)

@@ -18,6 +18,7 @@ import torch
 from megatron_renio.config import TrainConfig
 from megatron_renio.data.prompts import load_prompt_records
 from megatron_renio.data.templates import build_prompt_ids
+from megatron_renio.data.token_sequences import TokenSequences
 from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_renio.distributed import ParallelConfig, any_rank, log0
 from megatron_renio.errors import UserInputError
@@ -341,32 +342,40 @@ def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source:
 
 @dataclass
 class PromptSet:
-    """Tokenised prompts of the training data (student and teacher side) and what was skipped."""
+    """Tokenised prompts of the training data (student and teacher side) and what was skipped.
 
-    student: list[list[int]]
-    teacher: list[list[int]]
+    ``student[i]`` and ``teacher[i]`` are the prompts of kept record ``i`` (a ``list[int]`` each time
+    it is read); every rank holds them all, so they are stored at 4 bytes a token
+    (:class:`~megatron_renio.data.token_sequences.TokenSequences`), not as lists of Python ints (~41)."""
+
+    student: TokenSequences
+    teacher: TokenSequences
     answers: list[str | None]
     skipped_too_long: int
     budget_limited: int = 0  # kept prompts leaving less than --max-new-tokens of --seq-length
 
 
 def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
-    """Read ``--data-path``, build both prompts per record, drop prompts that cannot fit (counted)."""
+    """Read ``--data-path``, build both prompts per record, drop prompts that cannot fit (counted).
+
+    Each prompt goes into the compact store as it is tokenised: no list of every prompt's ids is built."""
     from megatron_renio.data.batching import filter_long_prompts
 
     records = load_prompt_records(
         cfg.data_path, cfg.problem_field, cfg.solution_field, cfg.answer_field, require_solution=cfg.mode == "opsd"
     )
-    student = [build_prompt_ids(tokenizer, r, cfg.task, "student", cfg.mode) for r in records]
-    teacher = [build_prompt_ids(tokenizer, r, cfg.task, "teacher", cfg.mode) for r in records]
-    kept = filter_long_prompts(list(zip(student, teacher)), cfg.seq_length, cfg.max_new_tokens)
+    student = TokenSequences(build_prompt_ids(tokenizer, r, cfg.task, "student", cfg.mode) for r in records)
+    teacher = TokenSequences(build_prompt_ids(tokenizer, r, cfg.task, "teacher", cfg.mode) for r in records)
+    kept = filter_long_prompts(zip(student.lengths(), teacher.lengths()), cfg.seq_length, cfg.max_new_tokens)
     if not kept.kept:
         raise UserInputError(
             f"every prompt of --data-path is longer than --seq-length {cfg.seq_length} allows ({kept.skipped} skipped)"
         )
+    if kept.skipped:  # else every record is kept, in order: the stores are already the result
+        student, teacher = student.select(kept.kept), teacher.select(kept.kept)
     return PromptSet(
-        student=[student[i] for i in kept.kept],
-        teacher=[teacher[i] for i in kept.kept],
+        student=student,
+        teacher=teacher,
         answers=[records[i].answer for i in kept.kept],
         skipped_too_long=kept.skipped,
         budget_limited=kept.budget_limited,
