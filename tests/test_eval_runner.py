@@ -6,9 +6,12 @@ transformers' own greedy completions of the same prompt ids: problems whose comp
 get that box's value (correct) or another value (wrong) in turn, so grades are known in advance.
 
 Runs: the real command line in one plain process at TP=1 (greedy, 2 samples per problem), then
-one 2-rank torchrun launch running TP=2, PP=2 and DP=2 greedily and two sampled runs with
-different layouts and batch sizes. Bad input goes through ``main`` in this process: it fails
-before any process group or model is made.
+one 2-rank torchrun launch running TP=2, PP=2 and DP=2 (with ``--ckpt-fully-parallel-load``)
+greedily and two sampled runs with different layouts and batch sizes; that launch also records
+which ranks took part in each gather of the results and what reached ``load_model_checkpoint``. A
+4-rank launch without a model (marked slow) checks the gather where the graders are a part of
+several replicas.
+Bad input goes through ``main`` in this process: it fails before any process group or model is made.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from megatron_renio.errors import UserInputError
 from megatron_renio.eval import runner
 from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
 from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
+from tests.workers.commands_worker import check_gather
 from tests.workers.tiny_models import tiny_checkpoints
 
 WORKER = REPO_ROOT / "tests" / "workers" / "commands_worker.py"
+GATHER_WORKER = REPO_ROOT / "tests" / "workers" / "gather_worker.py"
 PROBLEMS = ["the cat sat on a mat", "two plus two is four", "wait so the answer", "a cat", "the mat is",
             "four plus two", "so wait", "the answer is", "cat cat mat"]
 MAX_NEW, SAMPLES = 12, 2
 GREEDY_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"],
-                  "dp2": ["--batch-size", "4"]}
+                  "dp2": ["--batch-size", "4", "--ckpt-fully-parallel-load"]}
 SAMPLED = ["--temperature", "1.3", "--top-p", "0.95", "--seed", "7", "--samples-per-problem", "3"]
 SAMPLED_LAYOUTS = {"sampled_dp2": ["--batch-size", "5"], "sampled_tp2": ["--tensor-model-parallel-size", "2"]}
 
@@ -89,9 +94,9 @@ def setup(paths, tmp_path_factory):
     jobs += [("megatron_renio.eval.runner", base + SAMPLED + flags + ["--out", str(root / f"{name}.jsonl")])
              for name, flags in SAMPLED_LAYOUTS.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
-    run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
+    worker = run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
     runs = {name: read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *GREEDY_LAYOUTS, *SAMPLED_LAYOUTS]}
-    return dict(root=root, prompts=prompts, reference=reference, answers=answers, runs=runs,
+    return dict(root=root, prompts=prompts, reference=reference, answers=answers, runs=runs, worker=worker,
                 stdout=cli.stdout, summary=json.loads((root / "tp1.json").read_text()))
 
 
@@ -129,6 +134,47 @@ def test_greedy_grades_are_identical_across_layouts(setup, layout):
     records = setup["runs"][layout]
     assert [r["correct"] for r in records] == [r["correct"] for r in reference]
     assert [r["completion_ids"] for r in records] == [r["completion_ids"] for r in reference]
+
+
+def test_only_the_graders_take_part_in_the_gather(setup):
+    """The graded records go to rank 0 over the graders only (TP rank 0 of the first stage of each
+    replica): at TP=2 and PP=2 rank 1 holds nothing and makes no call (a gather over the whole world
+    had it send a buffer padded to rank 0's size), at DP=2 both gather over their data-parallel group."""
+    for j, name in enumerate([*GREEDY_LAYOUTS, *SAMPLED_LAYOUTS]):
+        entries = [rank["gathers"][j] for rank in setup["worker"]]
+        check_gather(entries, "first")
+        assert len(entries[0]["returned"]) == len(setup["runs"][name]), name
+
+
+def test_ckpt_fully_parallel_load_reaches_the_checkpoint_loader(setup):
+    """Only the dp2 run asked for it; that run loaded with it (its completions equal TP=1's:
+    test_greedy_grades_are_identical_across_layouts)."""
+    for rank in setup["worker"]:
+        assert rank["loads"] == [[name == "dp2"] for name in [*GREEDY_LAYOUTS, *SAMPLED_LAYOUTS]]
+    load = ["--load", "ckpt", "--benchmark", "b"]
+    assert runner.parse_args(load).ckpt_fully_parallel_load is False
+    assert runner.parse_args(load + ["--ckpt-fully-parallel-load"]).ckpt_fully_parallel_load is True
+    assert runner.parse_args(load + ["--ckpt-fully-parallel-load", "false"]).ckpt_fully_parallel_load is False
+    with pytest.raises(UserInputError, match="--ckpt-fully-parallel-load"):
+        runner.parse_args(load + ["--ckpt-fully-parallel-load", "maybe"])
+    assert "--ckpt-fully-parallel-load" in runner.build_parser().format_help()
+
+
+@pytest.mark.slow  # the suite's only 4-rank launch (about 13 s on two cores); the 2-rank checks above run in CI
+def test_gather_takes_only_the_holders_and_keeps_the_world_gathers_order(tmp_path):
+    """4 ranks, no model (tests/workers/gather_worker.py): at TP=2 x DP=2, PP=2 x DP=2 and TP=2 x PP=2,
+    for eval's graders (first stage) and score's reporters (last stage: gathered on their first rank,
+    which sends the list to rank 0), rank 0 gets what a gather over the whole world gives, in the same
+    order, and no other rank takes part."""
+    results = run_torchrun(GATHER_WORKER, 4, tmp_path)
+    cases = results[0]["cases"]
+    assert cases == [(tp, pp, stage) for tp, pp in ((2, 1), (1, 2), (2, 2)) for stage in ("first", "last")]
+    for i, case in enumerate(cases):
+        entries = [rank["gathers"][i] for rank in results]
+        check_gather(entries, case[2])
+        assert entries[0]["returned"] == results[0]["world"][i], case
+    holders = [sorted({item[0] for item in results[0]["world"][i]}) for i in range(len(cases))]
+    assert holders == [[0, 2], [0, 2], [0, 1], [2, 3], [0], [2]]  # graders and reporters of each layout
 
 
 def test_sampled_completions_depend_on_the_seed_not_the_layout(setup):

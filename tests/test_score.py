@@ -7,8 +7,10 @@ per-token log-probs at the loss temperature (1e-4), the raw ReNIO weights, the p
 weights normalised over the whole file, the per-sample divergence.
 
 Runs: the real command line in one plain process at TP=1 (micro-batch 2: the last schedule is
-padded with a repeated row), then one 2-rank torchrun launch with TP=2, PP=2 and DP=2 (which must
-reproduce the TP=1 output) and TP=2 with other loss and ReNIO flags (checked against the reference).
+padded with a repeated row), then one 2-rank torchrun launch with TP=2, PP=2 and DP=2 (with
+``--ckpt-fully-parallel-load``; each must reproduce the TP=1 output) and TP=2 with other loss and
+ReNIO flags (checked against the reference), which also records which ranks took part in each
+gather of the scores and what reached ``load_model_checkpoint``.
 Bad input goes through ``main`` in this process: it fails before any process group or model exists.
 """
 
@@ -27,6 +29,7 @@ from megatron_renio.errors import UserInputError
 from megatron_renio.eval import score
 from tests import reference_renio as ref
 from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun, subprocess_env
+from tests.workers.commands_worker import check_gather
 from tests.workers.tiny_models import EXTRA_IDS, WORDS, tiny_checkpoints
 
 WORKER = REPO_ROOT / "tests" / "workers" / "commands_worker.py"
@@ -37,7 +40,8 @@ DEFAULTS = dict(kind="forward_kl", beta=0.0, temperature=1.1, token_clip=0.05, c
 OTHER_FLAGS = ["--loss", "jsd", "--kd-beta", "0.3", "--kd-token-clip", "none", "--kd-temperature", "0.9",
                "--renio-clip", "1.5", "--renio-threshold", "0.3", "--renio-temperature", "2", "--renio-norm", "clamp"]
 OTHER = dict(kind="jsd", beta=0.3, temperature=0.9, token_clip=None, clip=1.5, threshold=0.3, gamma=2.0, norm="clamp")
-LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"], "dp2": []}
+LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"],
+           "dp2": ["--ckpt-fully-parallel-load"]}
 
 
 def _rows():
@@ -75,9 +79,9 @@ def runs(paths, tmp_path_factory):
     jobs.append(("megatron_renio.eval.score", base + OTHER_FLAGS + ["--tensor-model-parallel-size", "2",
                                                                     "--out", str(root / "other.jsonl")]))
     (root / "jobs.json").write_text(json.dumps(jobs))
-    run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
+    worker = run_torchrun(WORKER, 2, root / "worker", root / "jobs.json")
     outputs = {name: read_jsonl(root / f"{name}.jsonl") for name in ["tp1", *LAYOUTS, "other"]}
-    return dict(outputs=outputs, stdout=cli.stdout)
+    return dict(outputs=outputs, stdout=cli.stdout, worker=worker)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +180,33 @@ def test_layouts_reproduce_tp1(runs, layout):
                 torch.testing.assert_close(torch.tensor(b[key]), torch.tensor(value), atol=1e-5, rtol=1e-5)
             else:
                 assert b[key] == value, (a["id"], key)
+
+
+def test_only_the_reporters_take_part_in_the_gather(runs):
+    """The scores go to rank 0 over the reporters only (TP rank 0 of the last stage of each replica):
+    at TP=2 rank 1 makes no call; at PP=2 rank 0 holds nothing and receives the list from rank 1 (the
+    last stage) in one message; at DP=2 both gather over their data-parallel group. (A gather over the
+    whole world had every rank send a buffer padded to the largest one.)"""
+    for j, name in enumerate([*LAYOUTS, "other"]):
+        entries = [rank["gathers"][j] for rank in runs["worker"]]
+        check_gather(entries, "last")
+        assert sorted(index for index, _, _ in entries[0]["returned"]) == list(range(len(_rows()))), name
+    assert runs["worker"][0]["gathers"][1]["calls"] == [("recv_object_list", [0, 1], 1)]  # pp2
+
+
+def test_ckpt_fully_parallel_load_reaches_the_checkpoint_loader(runs, paths, tmp_path):
+    """Only the dp2 run asked for it; it loaded both models with it (and reproduces TP=1:
+    test_layouts_reproduce_tp1)."""
+    for rank in runs["worker"]:
+        assert rank["loads"] == [[name == "dp2"] * 2 for name in [*LAYOUTS, "other"]]
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt_ids": [1, 7], "completion_ids": [8]}\n')
+    argv = ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"]), "--data", str(data),
+            "--seq-length", "64"]
+    assert score.parse_args(argv).train.ckpt_fully_parallel_load is False
+    assert score.parse_args(argv + ["--ckpt-fully-parallel-load"]).train.ckpt_fully_parallel_load is True
+    assert score.parse_args(argv + ["--ckpt-fully-parallel-load", "false"]).train.ckpt_fully_parallel_load is False
+    assert "--ckpt-fully-parallel-load" in score.build_parser().format_help()
 
 
 def test_loss_and_renio_flags_are_the_training_ones(runs, reference):

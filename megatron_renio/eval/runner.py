@@ -4,7 +4,8 @@
         --benchmark [PRESET=]FILE_OR_NAME [...] [--samples-per-problem K] [--temperature T]
         [--top-p P] [--top-k K] [--max-new-tokens N] [--greedy] [--out FILE] [--summary FILE]
         [--tokenizer PATH] [--seq-length S] [--batch-size B] [--seed N] [--bf16]
-        [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P] [--debug]
+        [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P] [--ckpt-fully-parallel-load]
+        [--debug]
 
 Benchmarks. Each ``--benchmark`` value is a benchmark file (JSONL, JSON or parquet, see
 :mod:`megatron_renio.eval.benchmarks`) or the built-in name ``humaneval``, optionally prefixed with
@@ -20,6 +21,9 @@ Prompts. Each problem becomes the student prompt of training
 line and the task instruction, rendered through the tokenizer's chat template when it has one).
 
 Generation. ``--load`` is a model checkpoint (converted or trained); it loads at any TP/PP layout.
+With ``--ckpt-fully-parallel-load`` (training's flag, Megatron-LM's) each data-parallel replica
+reads a part of the checkpoint shards the replicas share and they exchange them, so storage is
+read once per model-parallel shard instead of once per replica.
 The training rollout (:func:`~megatron_renio.rollout.generate.generate`) samples ``K`` completions
 per problem. The list of (problem, sample) pairs is put in a fixed pseudo-random order (the same
 for every run), so that each replica gets a mix of benchmarks and problems, easy and hard, and
@@ -42,7 +46,8 @@ are sampled.
 Grading. Completions are decoded without special tokens and graded by
 :func:`~megatron_renio.eval.benchmarks.grade` (math: the last box, math-verify; code: the last
 fenced Python block, or the last one defining the entry point when there is one, in the sandbox)
-on the first rank of each replica, then gathered on rank 0.
+on the first rank of each replica, then gathered on rank 0 (over those ranks only:
+:func:`gather_to_rank0`).
 
 Output (rank 0). Per benchmark: problems, samples per problem k, avg@k (the mean fraction of
 correct samples), pass@k (the unbiased estimator with n = k: the fraction of problems with a
@@ -75,6 +80,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, _OneLineErrorParser
+from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
@@ -91,15 +97,51 @@ def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
     return (json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
-def gather_to_rank0(items: list) -> list | None:
-    """Every rank's ``items`` concatenated in rank order on rank 0, None elsewhere. Collective."""
+def gather_to_rank0(items: list, stage: str = "first") -> list | None:
+    """The holders' ``items`` concatenated in rank order on rank 0, None elsewhere. Collective.
+
+    The holders are the first tensor-parallel rank of pipeline stage ``stage`` (``"first"`` or
+    ``"last"``) of every data-parallel replica, i.e. one of Megatron's data-parallel groups; the other
+    ranks hold nothing (their ``items`` must be empty) and send nothing. Only the holders take part in
+    the gather: ``gather_object`` pads every sender's pickled buffer to the largest one and allocates
+    group size x largest bytes on the receiver (on its GPU with NCCL), so a gather over the whole world
+    would cost rank 0 TP x PP times the data. The holders gather on the first of them; when that is
+    not rank 0 (``stage="last"`` with PP > 1: the last stage of rank 0's pipeline), it sends the
+    gathered list to rank 0 in one message. The order is the holders' global rank order (= their
+    data-parallel rank order), as if every rank's ``items`` were gathered over the world.
+    """
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     if dist.get_world_size() == 1:
         return list(items)
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(items, parts, dst=0)
-    return [item for part in parts for item in part] if parts is not None else None
+    if stage not in ("first", "last"):
+        raise ValueError(f"stage must be 'first' or 'last', got {stage!r}")
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    holder = (parallel_state.get_tensor_model_parallel_rank() == 0
+              and parallel_state.get_pipeline_model_parallel_rank() == (0 if stage == "first" else stages - 1))
+    rank = dist.get_rank()
+    if not holder:
+        if items:
+            raise ValueError(f"rank {rank} is not a holder of the {stage} stage but has items to gather")
+        if rank != 0:
+            return None
+        received = [None]  # rank 0 is on the first stage: the last stage of its pipeline gathered them
+        dist.recv_object_list(received, src=parallel_state.get_pipeline_model_parallel_last_rank())
+        return received[0]
+    first = parallel_state.get_data_parallel_src_rank()  # the holders' first (global) rank
+    if parallel_state.get_data_parallel_world_size() == 1:
+        parts = [items]
+    else:
+        parts = [None] * parallel_state.get_data_parallel_world_size() if rank == first else None
+        dist.gather_object(items, parts, dst=first, group=parallel_state.get_data_parallel_group())
+    if rank != first:
+        return None
+    gathered = [item for part in parts for item in part]
+    if rank == 0:
+        return gathered
+    dist.send_object_list([gathered], dst=0)
+    return None
 
 
 # -- the eval command --------------------------------------------------------------------------
@@ -157,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="run the model in bf16 (default fp32)")
     parser.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    # training's own flag (same name, values and help: a bare flag or true / false), off by default
+    fully_parallel = {a.dest: a for a in build_train_parser()._actions}["ckpt_fully_parallel_load"]
+    fully_parallel.default = False
+    parser._add_action(fully_parallel)
     parser.add_argument("--distributed-timeout-minutes", default=60.0,
                         type=_typed(float, lambda v: 0 < v <= MAX_TIMEOUT_MINUTES, f"in (0, {MAX_TIMEOUT_MINUTES}]"),
                         help="longest wait in a collective; replicas wait there for the slowest one's generation "
@@ -334,7 +380,7 @@ def run(args: argparse.Namespace) -> dict | None:
     parallel = distributed.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     ctx = distributed.initialize(parallel, args.seed, distributed.fingerprint(vars(args)),
                                  args.distributed_timeout_minutes)
-    model = _build_model(meta, parallel, "bf16" if args.bf16 else "fp32", seq_length)
+    model = _build_model(meta, parallel, "bf16" if args.bf16 else "fp32", seq_length, args.ckpt_fully_parallel_load)
 
     order = _spread_order(len(jobs))  # rows of the generation: positions in this order
     start, end = len(jobs) * ctx.dp_rank // ctx.dp_size, len(jobs) * (ctx.dp_rank + 1) // ctx.dp_size
@@ -379,13 +425,13 @@ def run(args: argparse.Namespace) -> dict | None:
     return report
 
 
-def _build_model(meta, parallel, dtype: str, seq_length: int):
-    """This stage's GPTModel with the checkpoint's weights."""
+def _build_model(meta, parallel, dtype: str, seq_length: int, fully_parallel: bool = False):
+    """This stage's GPTModel with the checkpoint's weights; ``fully_parallel``: ``--ckpt-fully-parallel-load``."""
     from megatron_renio.models.builder import build_gpt_model
     from megatron_renio.models.checkpoint import load_model_checkpoint
 
     model, _ = build_gpt_model(meta.preset, parallel, dtype, max_sequence_length=seq_length)
-    load_model_checkpoint(model, meta.directory)
+    load_model_checkpoint(model, meta.directory, fully_parallel)
     return model
 
 

@@ -40,14 +40,16 @@ Flags: besides ``--data``, ``--out`` and ``--per-token``, score takes these trai
 their training meaning, defaults and validation: ``--student-load``, ``--teacher-load`` (both
 required), ``--tokenizer``, ``--seq-length`` (default: the smaller of the two models'
 ``max_position_embeddings``, rounded down to a multiple of 8), ``--micro-batch-size``,
-``--tensor-model-parallel-size``, ``--pipeline-model-parallel-size``, ``--bf16``,
-``--distributed-timeout-minutes``, ``--debug`` and the loss / ReNIO flags ``--loss``, ``--kd-beta``,
-``--kd-temperature``, ``--kd-token-clip``, ``--kd-top-k``, ``--renio-clip``, ``--renio-threshold``,
-``--renio-temperature``, ``--renio-norm``, ``--renio-max-weight``.
+``--tensor-model-parallel-size``, ``--pipeline-model-parallel-size``, ``--ckpt-fully-parallel-load``
+(for both models), ``--bf16``, ``--distributed-timeout-minutes``, ``--debug`` and the loss / ReNIO
+flags ``--loss``, ``--kd-beta``, ``--kd-temperature``, ``--kd-token-clip``, ``--kd-top-k``,
+``--renio-clip``, ``--renio-threshold``, ``--renio-temperature``, ``--renio-norm``,
+``--renio-max-weight``.
 
 Parallelism: rows are sorted by length and dealt to the data-parallel replicas; every replica runs
 the same number of schedules of ``--micro-batch-size`` x PP rows (short ones repeat a row whose
-result is dropped); the last stage's first TP rank sends its rows to rank 0, which normalises and
+result is dropped); the last stage's first TP ranks gather their rows on the first of them, which
+sends them to rank 0 (:func:`~megatron_renio.eval.runner.gather_to_rank0`), which normalises and
 writes. Bad input: ``error: <one line>`` on stderr, exit status 2, no output file. A model whose
 log-probs on a row's completion are NaN or inf (non-finite weights, overflowing logits) is bad input
 too: the error names the first such row of ``--data`` and the model.
@@ -74,7 +76,8 @@ from megatron_renio.output_paths import check_output_file, write_atomic
 
 TRAINING_FLAGS = (
     "student_load", "teacher_load", "tokenizer", "seq_length", "micro_batch_size",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "bf16", "distributed_timeout_minutes", "debug",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "ckpt_fully_parallel_load", "bf16",
+    "distributed_timeout_minutes", "debug",
     "loss", "kd_beta", "kd_temperature", "kd_token_clip", "kd_top_k",
     "renio_clip", "renio_threshold", "renio_temperature", "renio_norm", "renio_max_weight",
 )
@@ -333,7 +336,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
                 nonfinite = _nonfinite_models(per_sample, j, int(batch.completion_lengths[j]))
                 scored.append((index, scores, nonfinite))
 
-    gathered = gather_to_rank0(scored)
+    gathered = gather_to_rank0(scored, stage="last")
 
     def first_nonfinite():  # on rank 0: (row, models) of the first non-finite row and how many there are
         bad = sorted((index, models) for index, _, models in gathered if models is not None)
