@@ -106,6 +106,40 @@ def any_rank(flag, device) -> bool:
     return bool(value.item())
 
 
+def _collective_device() -> torch.device:
+    """Where a small collective's tensor lives: this process's GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def raise_if_any_rank(error: Exception | None) -> None:
+    """Collective: when some rank holds an ``error``, every rank raises, not only that one (the others
+    would wait in their next collective until the timeout). The first such rank (the lowest) raises
+    its own error; every other rank raises :class:`UserInputError` with its message (RuntimeError for
+    another exception), so each rank's log says what went wrong and where. One MIN all-reduce, and a
+    broadcast of the message only when there is an error."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    world = dist.get_world_size()
+    first = torch.tensor([dist.get_rank() if error is not None else world], device=_collective_device())
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    source = int(first.item())
+    if source == world:
+        return
+    payload = [(isinstance(error, UserInputError), str(error))] if dist.get_rank() == source else [None]
+    dist.broadcast_object_list(payload, src=source)
+    if dist.get_rank() == source:
+        raise error
+    user, message = payload[0]
+    if user:
+        raise UserInputError(message)
+    raise RuntimeError(f"rank {source} failed: {message}")
+
+
 def on_rank0(fn):
     """Run ``fn`` on global rank 0 only and hand its (picklable) result to every rank, or its error:
     rank 0 re-raises it, the others raise :class:`UserInputError` with its message (or RuntimeError
@@ -213,6 +247,23 @@ def check_backend_agrees(store, rank: int, backend: str) -> None:
         )
 
 
+# Launchers that start one process per task without torchrun's variables: (variable, launcher).
+_OTHER_LAUNCHERS = (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"), ("PMI_SIZE", "an MPI launcher"))
+
+
+def _refuse_launcher_without_torchrun() -> None:
+    """Processes started several at once by srun or mpirun, without WORLD_SIZE, would each run alone
+    (a world of one), as many separate runs writing into the same --save: one line instead."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    for variable, launcher in _OTHER_LAUNCHERS:
+        value = os.environ.get(variable, "").strip()
+        if value.isdigit() and int(value) > 1:
+            raise UserInputError(f"{variable}={value} without WORLD_SIZE: {launcher} started several "
+                                 "processes that would each train alone; launch with torchrun (e.g. one torchrun per "
+                                 "node under srun, with --nnodes and --rdzv-endpoint)")
+
+
 def initialize(
     parallel: ParallelConfig,
     seed: int = 1234,
@@ -229,6 +280,7 @@ def initialize(
     from megatron.core import parallel_state
 
     parallel.validate()
+    _refuse_launcher_without_torchrun()
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     dp_size = parallel.data_parallel_size(world_size)

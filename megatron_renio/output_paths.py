@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -56,6 +57,47 @@ def check_output_folder(path: str | Path, label: str) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=base))
     except OSError as e:
         raise UserInputError(f"{label}: cannot write in {base} ({e.strerror or e})") from None
+
+
+def check_every_rank_sees(path: str | Path, label: str) -> None:
+    """Collective: every rank must see ``path``, which rank 0 has found (a checkpoint it read, a file it
+    wrote). On storage that each node mounts on its own (node-local scratch, a stale network-file
+    cache) ranks would otherwise go separate ways: one resuming, another starting over, until a
+    collective hangs. One line names the first rank that does not see it, and its host."""
+    from megatron_renio.distributed import raise_if_any_rank
+
+    error = None
+    if not Path(path).exists():
+        error = UserInputError(f"{label}: rank {_rank()} (host {socket.gethostname()}) does not see {path}, which "
+                               "rank 0 does: every rank must reach it on one filesystem that all nodes share")
+    raise_if_any_rank(error)
+
+
+def check_shared_folder(path: str | Path, label: str) -> None:
+    """Collective: the folder ``path`` (or, before it exists, its nearest existing parent) is the same
+    folder on every rank: rank 0 writes a probe file there, every rank must see it
+    (:func:`check_every_rank_sees`), then rank 0 removes it. Ranks writing one checkpoint together need
+    this: on node-local storage each node would hold only its own shards."""
+    from megatron_renio.distributed import on_rank0
+
+    def write_probe() -> str:
+        name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        (_nearest_existing(Path(path)) / name).touch()
+        return name
+
+    probe = _nearest_existing(Path(path)) / on_rank0(write_probe)  # where this rank finds the folder
+    try:
+        check_every_rank_sees(probe, label)
+    finally:
+        if _rank() == 0:
+            probe.unlink(missing_ok=True)
+
+
+def _rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def check_output_file(path: str | Path, label: str, create_folder: bool = False) -> None:

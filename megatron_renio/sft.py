@@ -234,6 +234,7 @@ def run(cfg: SFTConfig) -> list[float]:
     from megatron_renio.data.batching import pack_pairs
     from megatron_renio.data.prompts import PromptSampler
     from megatron_renio.models.checkpoint import save_model_checkpoint
+    from megatron_renio.output_paths import check_shared_folder
     from megatron_renio.distributed import log0
     from megatron_renio.training.run_logs import MetricsLogger
     from megatron_renio.training import components as C
@@ -241,6 +242,7 @@ def run(cfg: SFTConfig) -> list[float]:
     t = cfg.train
     ctx = distributed.initialize(C.parallel_config(t), t.seed, distributed.fingerprint(cfg), t.distributed_timeout_minutes)
     C.samples_per_replica(t, ctx.dp_size)  # refuses a batch that does not split into micro-batches per replica
+    check_shared_folder(t.save, f"--save {t.save}")  # every rank writes its shards of the model there
     source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint/--model")
     C.note_untrained_positions(t.seq_length, "model", source)
     C.check_recompute(t, source.preset)

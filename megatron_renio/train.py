@@ -114,8 +114,9 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_renio.rollout.generate import generate
     from megatron_renio.rollout.sampling import SamplingConfig
     from megatron_renio.training import components as C
-    from megatron_renio.training.checkpointing import (load_training_checkpoint, read_train_state,
-                                                       save_training_checkpoint)
+    from megatron_renio.output_paths import check_every_rank_sees, check_shared_folder
+    from megatron_renio.training.checkpointing import (iteration_dir, load_training_checkpoint, read_train_state,
+                                                       save_training_checkpoint, wait_for_pruning)
     from megatron_renio.training.ema import EmaTeacher
     from megatron_renio.training.paired import PairedModel
     from megatron_renio.training.step import DistillationStep
@@ -131,14 +132,26 @@ def run(cfg: TrainConfig) -> dict:
     student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load/--model")
     teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
                       if cfg.teacher == "separate" else None)
-    C.check_load_source(cfg)
-    C.check_save_target(cfg, student_source.preset)
+
+    def read_run_folders() -> dict | None:
+        """On rank 0: the checks of --load and --save, and the train_state to resume (None: a new run)."""
+        C.check_load_source(cfg)
+        C.check_save_target(cfg, student_source.preset)
+        state = read_train_state(cfg.load) if cfg.load else None
+        if state is None and not cfg.load:
+            run_logs.check_new_run_logs(cfg)
+        return state
+
+    # Every rank acts on what rank 0 found, and must see the same folders: separate decisions on
+    # storage that nodes mount on their own would send ranks into different collectives.
+    saved = distributed.on_rank0(read_run_folders)
+    if cfg.save:
+        check_shared_folder(cfg.save, f"--save {cfg.save}")
+    if saved is not None:
+        check_every_rank_sees(iteration_dir(cfg.load, saved["iteration"]) / "train_state.pt", f"--load {cfg.load}")
     teacher_origin = resume.teacher_origin(cfg, student_source, teacher_source)
-    saved = read_train_state(cfg.load) if cfg.load else None  # the run to resume, None for a new run
     if saved is not None:
         resume.check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
-    elif not cfg.load:
-        run_logs.check_new_run_logs(cfg)
     for role, source in (("student", student_source), ("teacher", teacher_source)):
         if source is not None:
             check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
@@ -317,6 +330,7 @@ def run(cfg: TrainConfig) -> dict:
         if progress is not None:
             progress.close()
         logger.close()
+        wait_for_pruning()  # a finished run leaves only the checkpoints it keeps
     return metrics
 
 

@@ -68,6 +68,19 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
     assert [r["user_error"] for r in results] == ["UserInputError: bad flag"] * 2
     assert [r["crash"] for r in results] == ["ZeroDivisionError: division by zero",
                                              "RuntimeError: rank 0 failed: division by zero"]
+    # raise_if_any_rank: the failing rank raises its own error, every other rank the same message
+    assert [r["none_fails"] for r in results] == ["no error"] * 2
+    assert [r["rank1_fails"] for r in results] == ["UserInputError: disk full"] * 2
+    assert [r["rank1_crashes"] for r in results] == ["RuntimeError: rank 1 failed: no space", "OSError: no space"]
+    # run folders: one shared folder passes; folders each rank resolves on its own are refused on both
+    # ranks, naming rank 1 (which does not see what rank 0 does), and no probe file is left behind
+    for r in results:
+        outcomes = dict(r["shared_folders"])
+        assert outcomes["shared"] == outcomes["seen"] == "ok"
+        for label, flag in (("local", "--save run/save"), ("unseen", "--load run")):
+            assert outcomes[label].startswith(f"{flag}: rank 1 (host "), outcomes[label]
+            assert outcomes[label].endswith("every rank must reach it on one filesystem that all nodes share")
+        assert r["probes_left"] == []
 
 
 def _start(env: dict, code: str) -> subprocess.CompletedProcess:
@@ -160,3 +173,24 @@ def test_a_local_rank_beyond_the_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserInputError, match="^LOCAL_RANK 1 has no GPU: this machine has 1 "):
         distributed.select_backend(1)
+
+
+@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_tasks_of_srun_or_mpirun_without_torchrun_are_refused(variable, monkeypatch):
+    """Each of several processes started without WORLD_SIZE would train alone into the same --save: one
+    line before any process group; one such process (a batch script's own) and torchrun's workers start."""
+    from megatron_renio import distributed
+
+    for name in ("WORLD_SIZE", "RANK", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "4")
+    try:
+        with pytest.raises(UserInputError, match=f"^{variable}=4 without WORLD_SIZE: .* launch with torchrun"):
+            distributed.initialize(ParallelConfig())
+        monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's worker inside an srun task: not this check's business
+        distributed._refuse_launcher_without_torchrun()
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.setenv(variable, "1")
+        distributed._refuse_launcher_without_torchrun()
+    finally:
+        distributed.destroy()

@@ -14,8 +14,8 @@ Layout of ``--save DIR``::
 
 A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished; only then is
 the ``latest`` marker replaced (atomically). A save interrupted at any point leaves the previous
-checkpoint as the latest, and a ``.tmp_`` folder that the next save removes. Then older checkpoints
-are pruned (:func:`prune_checkpoints`).
+checkpoint as the latest, and a ``.tmp_`` folder that the next save removes. Then rank 0 prunes older
+checkpoints (:func:`prune_checkpoints`) in a background thread while training goes on.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
 from megatron_renio.output_paths import write_atomic
 from megatron_renio.training.faults import maybe_die
@@ -67,11 +69,6 @@ def prune_checkpoints(root: str | Path, published: int, keep_last: int) -> list[
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
-
-
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _rng_state() -> dict:
@@ -148,12 +145,17 @@ def save_training_checkpoint(
     root = Path(root)
     rank = torch.distributed.get_rank()
     tmp = root / f".tmp_iter_{iteration:07d}"
-    if rank == 0:
+    wait_for_pruning()
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         # an interrupted save's folder, and the model writer's staging folder inside it (..tmp_iter_*.partial-*)
         for stale in [*root.glob(".tmp_iter_*"), *root.glob("..tmp_iter_*.partial-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+
+    # Rank 0's file operations run through on_rank0: its failure (a full disk, a lost permission)
+    # ends every rank with its message instead of leaving them in the next barrier until the timeout.
+    on_rank0(prepare)
     save_model_checkpoint(student, student_info, tmp, tokenizer_dir=tokenizer_dir, generation_config=generation_config,
                           extra_metadata={"iteration": iteration})
     saved_format = optimizer_format(optimizer, fully_reshardable)
@@ -161,29 +163,53 @@ def save_training_checkpoint(
                                             saved_format and saved_format["sharding"])
     for name, state in (("optimizer", optimizer_state),
                         ("teacher", teacher.sharded_state_dict() if teacher is not None else None)):
-        if state is None:
-            continue
-        if rank == 0:
-            (tmp / name).mkdir()
-        _barrier()
-        save_sharded(state, tmp / name)
+        if state is not None:
+            on_rank0((tmp / name).mkdir)
+            save_sharded(state, tmp / name)
     maybe_die("checkpoint", iteration)  # model and optimizer written, not yet published
-    if rank == 0:
+
+    def write_train_state() -> None:
         (tmp / "rng").mkdir()
         torch.save({**train_state, "distributed_optimizer": _distributed(optimizer), "optimizer_format": saved_format},
                    tmp / "train_state.pt")
-    _barrier()
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    _barrier()
+
+    on_rank0(write_train_state)
+    rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
+    try:
+        torch.save(_rng_state(), rng_file)
+        error = None
+    except OSError as e:
+        error = UserInputError(f"{rng_file}: cannot write the checkpoint ({e.strerror or e}); the latest one stays")
+    raise_if_any_rank(error)
     final = iteration_dir(root, iteration)
-    if rank == 0:
+
+    def publish() -> None:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_atomic(root / LATEST, [str(iteration)])
-        prune_checkpoints(root, iteration, keep_last)
-    _barrier()
+
+    on_rank0(publish)
+    if rank == 0:  # nothing reads the older folders: training goes on while rank 0 deletes them
+        _start_pruning(root, iteration, keep_last)
     return final
+
+
+_pruning: list[threading.Thread] = []
+
+
+def _start_pruning(root: Path, published: int, keep_last: int) -> None:
+    thread = threading.Thread(target=prune_checkpoints, args=(root, published, keep_last), name="prune-checkpoints")
+    thread.start()
+    _pruning.append(thread)
+
+
+def wait_for_pruning() -> None:
+    """Wait until the older checkpoints that earlier saves left to a background thread are removed
+    (on rank 0; nothing to wait for elsewhere). Each save starts with it, and the process joins the
+    thread before it exits (a non-daemon thread), so a finished run leaves only the kept folders."""
+    while _pruning:
+        _pruning.pop().join()
 
 
 def read_train_state(root: str | Path) -> dict | None:
@@ -245,20 +271,23 @@ def _check_gradient_buckets(request: dict, optimizer_dir: Path) -> None:
 
     wanted = {t.key: tuple(t.global_shape) for t in nested_values(request)
               if isinstance(t, ShardedTensor) and ".bucket_idx_" in t.key}
-    if not wanted:
-        return
-    group = next(iter(wanted)).split(".gbuf_idx_")[0]  # this model-parallel rank's keys
-    saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(optimizer_dir)).items()
-             if key.startswith(group + ".") and ".bucket_idx_" in key}
-    if saved != wanted:
+    error = None
+    if wanted:
+        group = next(iter(wanted)).split(".gbuf_idx_")[0]  # this model-parallel rank's keys
+        saved = {key: tuple(t.global_shape) for key, t in
+                 dist_checkpointing.load_tensors_metadata(str(optimizer_dir)).items()
+                 if key.startswith(group + ".") and ".bucket_idx_" in key}
+
         def sizes(shapes):
             return sorted({(key.split(".bucket_idx_")[1].split(".")[0], shape[0]) for key, shape in shapes.items()})
 
-        raise UserInputError(
-            f"{optimizer_dir}: its optimizer state ({DP_RESHARDABLE}) was saved from other gradient buckets "
-            f"((bucket, size) {sizes(saved)}, here {sizes(wanted)}): resume with the run's --overlap-grad-reduce "
-            "(with it the bucket size grows with DP beyond 40 ranks), or first resume once as saved with "
-            "--dist-ckpt-optim-fully-reshardable and save")
+        if saved != wanted:
+            error = UserInputError(
+                f"{optimizer_dir}: its optimizer state ({DP_RESHARDABLE}) was saved from other gradient buckets "
+                f"((bucket, size) {sizes(saved)}, here {sizes(wanted)}): resume with the run's "
+                "--overlap-grad-reduce (with it the bucket size grows with DP beyond 40 ranks), or first resume once "
+                "as saved with --dist-ckpt-optim-fully-reshardable and save")
+    raise_if_any_rank(error)  # each stage checks its own buckets: every rank refuses, none waits in the load
 
 
 def _inner_optimizers(optimizer):

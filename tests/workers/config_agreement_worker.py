@@ -1,12 +1,15 @@
 """torchrun worker (2 ranks): initialize() compares config fingerprints across ranks; on_rank0 hands
-rank 0's result or error to both ranks."""
+rank 0's result or error to both ranks; raise_if_any_rank raises on both when one rank holds an error;
+a folder each rank resolves on its own storage (relative to a per-rank working folder) is refused."""
 
 import os
 import sys
+from pathlib import Path
 
 from megatron_renio import distributed
 from megatron_renio.distributed import ParallelConfig, fingerprint
 from megatron_renio.errors import UserInputError
+from megatron_renio.output_paths import check_every_rank_sees, check_shared_folder
 from tests.torchrun_harness import save_rank_result
 
 
@@ -30,6 +33,35 @@ def main(out_dir):
             result[name] = "no error"
         except (UserInputError, RuntimeError, ZeroDivisionError) as e:
             result[name] = f"{type(e).__name__}: {e}"
+    for name, error in (("none_fails", None), ("rank1_fails", UserInputError("disk full") if rank == 1 else None),
+                        ("rank1_crashes", OSError("no space") if rank == 1 else None)):
+        try:
+            distributed.raise_if_any_rank(error)
+            result[name] = "no error"
+        except (UserInputError, RuntimeError, OSError) as e:
+            result[name] = f"{type(e).__name__}: {e}"
+    # one shared folder, then folders that each rank finds under its own working folder (node-local storage)
+    shared = Path(out_dir) / "shared_run"
+    outcomes = []
+    for label, check in (("shared", lambda: check_shared_folder(shared / "save", "--save shared")),
+                         ("local", lambda: check_shared_folder("run/save", "--save run/save")),
+                         ("seen", lambda: check_every_rank_sees(shared, "--load shared")),
+                         ("unseen", lambda: check_every_rank_sees("run/train_state.pt", "--load run"))):
+        if label == "shared":
+            shared.mkdir(exist_ok=True)
+        if label == "local":
+            node = Path(out_dir) / f"node{rank}"
+            (node / "run").mkdir(parents=True)
+            if rank == 0:  # a checkpoint file that only rank 0's storage holds
+                (node / "run" / "train_state.pt").touch()
+            os.chdir(node)
+        try:
+            check()
+            outcomes.append((label, "ok"))
+        except UserInputError as e:
+            outcomes.append((label, str(e)))
+    result["shared_folders"] = outcomes
+    result["probes_left"] = sorted(p.name for p in Path(out_dir).rglob(".write-check-*"))
     try:
         distributed.initialize(parallel, config_fingerprint=fingerprint(parallel, {"lr": 1.0 + rank}))
         result["disagree"] = "no error"
