@@ -130,14 +130,15 @@ def raise_if_any_rank(error: Exception | None) -> None:
     source = int(first.item())
     if source == world:
         return
-    payload = [(isinstance(error, UserInputError), str(error))] if dist.get_rank() == source else [None]
+    payload = [(isinstance(error, UserInputError), f"{type(error).__name__}: {error}", str(error))] \
+        if dist.get_rank() == source else [None]
     dist.broadcast_object_list(payload, src=source)
     if dist.get_rank() == source:
         raise error
-    user, message = payload[0]
+    user, described, message = payload[0]
     if user:
         raise UserInputError(message)
-    raise RuntimeError(f"rank {source} failed: {message}")
+    raise RuntimeError(f"rank {source} failed: {described}")
 
 
 def on_rank0(fn):

@@ -66,30 +66,47 @@ def check_every_rank_sees(path: str | Path, label: str) -> None:
     collective hangs. One line names the first rank that does not see it, and its host."""
     from megatron_renio.distributed import raise_if_any_rank
 
-    error = None
-    if not Path(path).exists():
-        error = UserInputError(f"{label}: rank {_rank()} (host {socket.gethostname()}) does not see {path}, which "
-                               "rank 0 does: every rank must reach it on one filesystem that all nodes share")
-    raise_if_any_rank(error)
+    raise_if_any_rank(_unseen(path, label))
+
+
+def _unseen(path: str | Path, label: str) -> UserInputError | None:
+    """The error of a rank that does not see ``path`` (None when it does); an unreadable path (a
+    stale network-file handle, a lost permission) counts as not seen."""
+    try:
+        if Path(path).exists():
+            return None
+        reason = "does not see"
+    except OSError as e:
+        reason = f"cannot read ({e.strerror or e})"
+    return UserInputError(f"{label}: rank {_rank()} (host {socket.gethostname()}) {reason} {path}, which rank 0 "
+                          "sees: every rank must reach it on one filesystem that all nodes share")
 
 
 def check_shared_folder(path: str | Path, label: str) -> None:
-    """Collective: the folder ``path`` (or, before it exists, its nearest existing parent) is the same
-    folder on every rank: rank 0 writes a probe file there, every rank must see it
-    (:func:`check_every_rank_sees`), then rank 0 removes it. Ranks writing one checkpoint together need
-    this: on node-local storage each node would hold only its own shards."""
-    from megatron_renio.distributed import on_rank0
+    """Collective: every rank can write in the folder ``path`` (:func:`check_output_folder`), and it is
+    the same folder on every rank: rank 0 writes a probe file there (or, before the folder exists, in
+    its nearest existing parent) and every rank must see it (:func:`check_every_rank_sees`); then rank
+    0 removes it. Ranks writing one checkpoint together need both: a rank that cannot write fails at
+    the first save, and on node-local storage each node would hold only its own shards."""
+    from megatron_renio.distributed import on_rank0, raise_if_any_rank
 
     def write_probe() -> str:
         name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         (_nearest_existing(Path(path)) / name).touch()
         return name
 
-    probe = _nearest_existing(Path(path)) / on_rank0(write_probe)  # where this rank finds the folder
+    name = on_rank0(write_probe)
+    probe = None
     try:
-        check_every_rank_sees(probe, label)
+        probe = _nearest_existing(Path(path)) / name  # where this rank finds the folder
+        check_output_folder(path, label)
+        error = _unseen(probe, label)
+    except (UserInputError, OSError) as e:
+        error = e if isinstance(e, UserInputError) else UserInputError(f"{label}: {e.strerror or e}")
+    try:
+        raise_if_any_rank(error)
     finally:
-        if _rank() == 0:
+        if _rank() == 0 and probe is not None:
             probe.unlink(missing_ok=True)
 
 

@@ -71,12 +71,13 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
     # raise_if_any_rank: the failing rank raises its own error, every other rank the same message
     assert [r["none_fails"] for r in results] == ["no error"] * 2
     assert [r["rank1_fails"] for r in results] == ["UserInputError: disk full"] * 2
-    assert [r["rank1_crashes"] for r in results] == ["RuntimeError: rank 1 failed: no space", "OSError: no space"]
+    assert [r["rank1_crashes"] for r in results] == ["RuntimeError: rank 1 failed: OSError: no space", "OSError: no space"]
     # run folders: one shared folder passes; folders each rank resolves on its own are refused on both
     # ranks, naming rank 1 (which does not see what rank 0 does), and no probe file is left behind
     for r in results:
         outcomes = dict(r["shared_folders"])
         assert outcomes["shared"] == outcomes["seen"] == "ok"
+        assert outcomes["read_only"] == f"--save shared: cannot write in {r['shared_dir']} (Read-only file system)"
         for label, flag in (("local", "--save run/save"), ("unseen", "--load run")):
             assert outcomes[label].startswith(f"{flag}: rank 1 (host "), outcomes[label]
             assert outcomes[label].endswith("every rank must reach it on one filesystem that all nodes share")

@@ -751,11 +751,12 @@ def test_a_dp_reshardable_optimizer_state_resumes_at_its_own_tp_pp_only():
 
 
 @pytest.mark.parametrize("fully_reshardable", [False, True])
-def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
+def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable, monkeypatch):
     """A training checkpoint restores the distributed optimizer's main weights, Adam moments and step in
     both formats (the format is recorded and read back); a dp_reshardable state loaded into other
     gradient buckets (--overlap-grad-reduce splits a model above its bucket size) is refused with one
-    line before the load."""
+    line before the load. A save whose RNG file cannot be written (torch.save raises RuntimeError for a
+    full disk) is one line, and the checkpoint before it stays the latest."""
     from megatron_renio import distributed
     from megatron_renio.config import TrainConfig
     from megatron_renio.distributed import ParallelConfig
@@ -804,6 +805,20 @@ def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable):
         state = read_train_state(tmp_path)
         assert state["optimizer_format"] == {"sharding": "fully_reshardable" if fully_reshardable else "dp_reshardable",
                                              "tp": 1, "pp": 1}
+        if fully_reshardable:
+            save = torch.save
+
+            def full_disk(obj, path, *args, **kwargs):
+                if isinstance(path, (str, os.PathLike)) and os.path.basename(path).startswith("rank_"):
+                    raise RuntimeError("basic_ios::clear: iostream error")
+                return save(obj, path, *args, **kwargs)
+
+            monkeypatch.setattr(torch, "save", full_disk)
+            with pytest.raises(UserInputError, match=r"rank_00000\.pt: cannot write the checkpoint \(basic_ios"):
+                save_training_checkpoint(tmp_path, 2, student=model, student_info=info, optimizer=optimizer,
+                                         train_state={"iteration": 2}, fully_reshardable=True)
+            monkeypatch.setattr(torch, "save", save)
+            assert read_train_state(tmp_path)["iteration"] == 1
         if not fully_reshardable:
             model, _, _, optimizer, _ = build(bucket_size=20000)
             with pytest.raises(UserInputError, match=r"was saved from other gradient buckets \(\(bucket, size\) "

@@ -49,8 +49,8 @@ flags ``--loss``, ``--kd-beta``, ``--kd-temperature``, ``--kd-token-clip``, ``--
 Parallelism: rows are sorted by length and dealt to the data-parallel replicas; every replica runs
 the same number of schedules of ``--micro-batch-size`` x PP rows (short ones repeat a row whose
 result is dropped); the last stage's first TP ranks gather their rows on the first of them, which
-sends them to rank 0 (:func:`~megatron_renio.eval.runner.gather_to_rank0`), which normalises and
-writes. Bad input: ``error: <one line>`` on stderr, exit status 2, no output file. A model whose
+sends them to rank 0 when it is another rank (PP > 1; :func:`~megatron_renio.eval.runner.gather_to_rank0`);
+rank 0 normalises and writes. Bad input: ``error: <one line>`` on stderr, exit status 2, no output file. A model whose
 log-probs on a row's completion are NaN or inf (non-finite weights, overflowing logits) is bad input
 too: the error names the first such row of ``--data`` and the model.
 """

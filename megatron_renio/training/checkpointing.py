@@ -178,8 +178,8 @@ def save_training_checkpoint(
     try:
         torch.save(_rng_state(), rng_file)
         error = None
-    except OSError as e:
-        error = UserInputError(f"{rng_file}: cannot write the checkpoint ({e.strerror or e}); the latest one stays")
+    except Exception as e:  # torch.save reports a full disk or a lost folder as RuntimeError, not OSError
+        error = UserInputError(f"{rng_file}: cannot write the checkpoint ({e}); the latest one stays")
     raise_if_any_rank(error)
     final = iteration_dir(root, iteration)
 
@@ -274,14 +274,17 @@ def _check_gradient_buckets(request: dict, optimizer_dir: Path) -> None:
     error = None
     if wanted:
         group = next(iter(wanted)).split(".gbuf_idx_")[0]  # this model-parallel rank's keys
-        saved = {key: tuple(t.global_shape) for key, t in
-                 dist_checkpointing.load_tensors_metadata(str(optimizer_dir)).items()
+        try:
+            metadata = dist_checkpointing.load_tensors_metadata(str(optimizer_dir))
+        except Exception as e:  # every rank must reach the agreement below
+            metadata, error = {}, UserInputError(f"{optimizer_dir}: cannot read the optimizer state's metadata ({e})")
+        saved = {key: tuple(t.global_shape) for key, t in metadata.items()
                  if key.startswith(group + ".") and ".bucket_idx_" in key}
 
         def sizes(shapes):
             return sorted({(key.split(".bucket_idx_")[1].split(".")[0], shape[0]) for key, shape in shapes.items()})
 
-        if saved != wanted:
+        if error is None and saved != wanted:
             error = UserInputError(
                 f"{optimizer_dir}: its optimizer state ({DP_RESHARDABLE}) was saved from other gradient buckets "
                 f"((bucket, size) {sizes(saved)}, here {sizes(wanted)}): resume with the run's "

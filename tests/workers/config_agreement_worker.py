@@ -2,9 +2,13 @@
 rank 0's result or error to both ranks; raise_if_any_rank raises on both when one rank holds an error;
 a folder each rank resolves on its own storage (relative to a per-rank working folder) is refused."""
 
+import contextlib
+import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
+from unittest import mock
 
 from megatron_renio import distributed
 from megatron_renio.distributed import ParallelConfig, fingerprint
@@ -43,7 +47,15 @@ def main(out_dir):
     # one shared folder, then folders that each rank finds under its own working folder (node-local storage)
     shared = Path(out_dir) / "shared_run"
     outcomes = []
+    def read_only_on_rank1():  # as a node that mounts the shared folder read-only (root ignores chmod)
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        with mock.patch.object(tempfile, "mkdtemp", refuse) if rank == 1 else contextlib.nullcontext():
+            check_shared_folder(shared / "save", "--save shared")
+
     for label, check in (("shared", lambda: check_shared_folder(shared / "save", "--save shared")),
+                         ("read_only", read_only_on_rank1),
                          ("local", lambda: check_shared_folder("run/save", "--save run/save")),
                          ("seen", lambda: check_every_rank_sees(shared, "--load shared")),
                          ("unseen", lambda: check_every_rank_sees("run/train_state.pt", "--load run"))):
@@ -60,7 +72,7 @@ def main(out_dir):
             outcomes.append((label, "ok"))
         except UserInputError as e:
             outcomes.append((label, str(e)))
-    result["shared_folders"] = outcomes
+    result["shared_folders"], result["shared_dir"] = outcomes, str(shared.absolute())
     result["probes_left"] = sorted(p.name for p in Path(out_dir).rglob(".write-check-*"))
     try:
         distributed.initialize(parallel, config_fingerprint=fingerprint(parallel, {"lr": 1.0 + rank}))
