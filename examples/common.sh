@@ -10,7 +10,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 CKPT=${CKPT:-/ckpt}          # converted checkpoints (python -m checkpoints_conversion.hf_to_megatron)
 DATA=${DATA:-data/train.jsonl}
-RUNS=${RUNS:-runs}
+RUNS=${RUNS:-runs}  # the --save folders: on storage every node mounts (another node's is refused at start-up)
 
 # On SIGTERM (preemption) torchrun forwards the signal and kills the workers after this many seconds;
 # they save at the end of the current step, so the default 30 is too short (torch versions without

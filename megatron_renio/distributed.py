@@ -2,7 +2,8 @@
 
 :func:`initialize` is the single entry point every command uses. It reads the torchrun environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; a plain ``python``
-process is a world of one), picks NCCL when CUDA is present and gloo plus
+process is a world of one; several started by srun or an MPI launcher without ``WORLD_SIZE`` are
+refused), picks NCCL when CUDA is present and gloo plus
 :mod:`megatron_renio.cpu_backend` otherwise, builds Megatron's tensor / pipeline / data-parallel
 groups (virtual pipeline off; DP = world / (TP x PP)) and seeds every generator the way
 Megatron-LM does. Layout errors are reported as one-line :class:`UserInputError` before any

@@ -40,8 +40,9 @@ the constant 0, as in ``token_terms``):
 
 Sweeps over one rank's shard [b, t, V_local], each reading both logits shards once:
 
-1. statistics (forward): max and sum-exp of a and b (online across vocabulary blocks: one max
-   reduction per block and one exponential per entry), the non-finite flag. Combined across TP with
+1. statistics (forward): max and sum-exp of a and b (online across vocabulary blocks: a running max
+   per block, or per group of entries with ``TritonLaunch.max_group``, and about one exponential per
+   entry), the non-finite flag. Combined across TP with
    two O(b*t) all-reduces: M = max_r m_r, then S = sum_r S_r * exp(m_r - M); LSE = M + log S.
 2. terms (forward): per token the local sums of clamp(d_v) and of h_v, and the local lookups of the
    sampled token's log-probs, all four summed over TP in one O(b*t) all-reduce.
