@@ -82,6 +82,11 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
             assert outcomes[label].startswith(f"{flag}: rank 1 (host "), outcomes[label]
             assert outcomes[label].endswith("every rank must reach it on one filesystem that all nodes share")
         assert r["probes_left"] == []
+    # the trainer acts on it: a --save that rank 1 resolves elsewhere ends both ranks with exit status 2
+    status, line = results[0]["train_node_local_save"]
+    assert status == 2 and line.startswith("error: --save run/opd: rank 1 (host "), line
+    status, line = results[1]["train_node_local_save"]
+    assert status == 2 and line.startswith("error (rank 1): --save run/opd: rank 1 (host "), line
 
 
 def _start(env: dict, code: str) -> subprocess.CompletedProcess:

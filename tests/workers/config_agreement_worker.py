@@ -4,13 +4,17 @@ a folder each rank resolves on its own storage (relative to a per-rank working f
 
 import contextlib
 import errno
+import io
 import os
 import sys
 import tempfile
 from pathlib import Path
 from unittest import mock
 
-from megatron_renio import distributed
+import torch
+
+from megatron_renio import distributed, train
+from megatron_renio.data.arithmetic_task import build_char_tokenizer, make_splits, write_jsonl
 from megatron_renio.distributed import ParallelConfig, fingerprint
 from megatron_renio.errors import UserInputError
 from megatron_renio.output_paths import check_every_rank_sees, check_shared_folder
@@ -79,6 +83,19 @@ def main(out_dir):
         result["disagree"] = "no error"
     except UserInputError as e:
         result["disagree"] = str(e)
+    # the trainer with a relative --save that each rank resolves in its own working folder (node-local
+    # storage): refused at start-up on both ranks, before any model is built
+    data, tokenizer = Path(out_dir, "train.jsonl").absolute(), Path(out_dir, "tok").absolute()
+    if rank == 0:
+        write_jsonl(str(data), make_splits(0, 8, 0)[0])
+        build_char_tokenizer(str(tokenizer))
+    torch.distributed.barrier()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = train.main(["--model", "tiny-qwen3", "--tokenizer", str(tokenizer), "--data-path", str(data),
+                             "--mode", "opsd", "--global-batch-size", "2", "--micro-batch-size", "1",
+                             "--save", "run/opd"])
+    result["train_node_local_save"] = (status, stderr.getvalue().strip().splitlines()[-1])
     save_rank_result(out_dir, result)
     distributed.destroy()
 
