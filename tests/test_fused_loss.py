@@ -258,6 +258,40 @@ def test_backward_uses_the_gradient_launch_in_effect_at_the_forward(monkeypatch)
     assert launches == [chosen]
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton)")
+def test_each_kernel_runs_with_its_launch(monkeypatch):
+    """The forward kernel gets TRITON_LAUNCH's shape (warps, block, running-max group, prefetch) and the
+    gradient kernel TRITON_GRAD_LAUNCH's, as in effect at the forward. The kernels are stubbed by
+    recorders of their launch: this checks the launch arguments, not the numbers."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, grid, kwargs))
+
+    for name in ("_forward_kernel", "_terms_kernel", "_grad_kernel"):
+        monkeypatch.setattr(fused_triton, name, Recorder(name))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets impl='triton' take CPU tensors
+    monkeypatch.setattr(fused_triton, "TRITON_LAUNCH", fused_triton.TritonLaunch(None, 2, 64, max_group=8))
+    monkeypatch.setattr(fused_triton, "TRITON_GRAD_LAUNCH", fused_triton.TritonLaunch(3, 8, 128, prefetch=False))
+    student, teacher, tokens, _, _ = make_logits(1, 4, 500, seed=10)
+    terms = fused_token_terms(student.requires_grad_(), teacher, tokens, config(CASES[0]), VocabShard(0, 500, 490),
+                              impl="triton")
+    monkeypatch.setattr(fused_triton, "TRITON_LAUNCH", fused_triton.TritonLaunch())
+    monkeypatch.setattr(fused_triton, "TRITON_GRAD_LAUNCH", fused_triton.TritonLaunch())
+    terms.divergence.sum().backward()
+    (forward_name, forward_grid, forward), (grad_name, grad_grid, grad) = calls
+    assert (forward_name, forward_grid) == ("_forward_kernel", (4,))  # one program per token row
+    assert {key: forward[key] for key in ("num_warps", "BLOCK_V", "GROUP", "PREFETCH", "STATS_ONLY")} == \
+        {"num_warps": 2, "BLOCK_V": 64, "GROUP": 8, "PREFETCH": True, "STATS_ONLY": False}
+    assert (grad_name, grad_grid) == ("_grad_kernel", (3,))  # 3 programs per SM; the interpreter counts one
+    assert {key: grad[key] for key in ("num_warps", "BLOCK_V", "PREFETCH")} == \
+        {"num_warps": 8, "BLOCK_V": 128, "PREFETCH": False}
+
+
 def test_bad_arguments_raise_user_input_error(monkeypatch):
     student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=11)
     cfg, shard = config(CASES[0]), VocabShard(0, 32, 32)

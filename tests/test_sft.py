@@ -111,3 +111,35 @@ def test_bad_flags_are_one_line_errors(task, flags, message):
         base += ["--model", "tiny-qwen3"]
     with pytest.raises(UserInputError, match=re.escape(message)):
         parse_sft_args(base + flags)
+
+
+def test_examples_are_every_student_prompt_then_the_privileged_teacher_prompts(task):
+    """load_sft_examples against the examples built here from the records: every record's student prompt,
+    then the teacher prompts (with the reference solution) of the privileged records in record order,
+    each with its solution and EOS as the target; what does not fit --seq-length is counted, not kept."""
+    import random
+
+    from megatron_renio.data.prompts import load_prompt_records
+    from megatron_renio.data.templates import answer_text, build_prompt_ids
+    from megatron_renio.data.tokenizer import load_tokenizer
+    from megatron_renio.sft import load_sft_examples
+
+    data, tokenizer_dir = task
+    tokenizer = load_tokenizer(tokenizer_dir)
+    records = load_prompt_records(str(data), "problem", "solution", require_solution=True)
+    cfg = parse_sft_args(["--data-path", str(data), "--tokenizer", tokenizer_dir, "--model", "tiny-qwen3",
+                          "--save", "unused", "--privileged-prompt-fraction", "0.25", "--seed", "5"])
+    privileged = sorted(random.Random(5).sample(range(len(records)), round(0.25 * len(records))))
+    expected = ([(build_prompt_ids(tokenizer, r, "math", "student", "opsd"), r) for r in records]
+                + [(build_prompt_ids(tokenizer, records[i], "math", "teacher", "opsd"), records[i]) for i in privileged])
+    targets = [tokenizer.encode(answer_text(r.solution, "math")) + [tokenizer.eos_id] for _, r in expected]
+    examples = load_sft_examples(cfg, tokenizer)
+    assert len(privileged) == 16 and examples.skipped_too_long == 0
+    assert list(examples.prompts) == [prompt for prompt, _ in expected]
+    assert list(examples.targets) == targets
+    longest = max(len(p) + len(t) for (p, _), t in zip(expected, targets))
+    cfg.train.seq_length = longest - 1
+    fitting = [(p, t) for (p, _), t in zip(expected, targets) if len(p) + len(t) <= longest - 1]
+    examples = load_sft_examples(cfg, tokenizer)
+    assert examples.skipped_too_long == len(expected) - len(fitting) > 0
+    assert list(zip(examples.prompts, examples.targets)) == fitting

@@ -642,6 +642,49 @@ def test_two_nodes_through_the_rendezvous_launch_form(workdir):
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
 
 
+def test_a_save_waits_for_the_pruning_of_the_save_before(tmp_path, monkeypatch):
+    """Rank 0 prunes in a background thread after publishing. The next save joins it before writing
+    anything (pruning also removes iterations newer than the one it keeps: a thread still at work
+    would delete the new save), and the thread is no daemon (a finished process joins it). The model,
+    optimizer and teacher writers are stubbed: this checks the order."""
+    import time
+    import types
+
+    from megatron_renio import distributed
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models import checkpoint as model_checkpoint
+    from megatron_renio.training import checkpointing
+
+    events = []
+
+    def slow_prune(*args):
+        time.sleep(0.5)
+        events.append("pruned")
+        return prune_checkpoints(*args)
+
+    def model_writer(student, info, directory, **kwargs):
+        os.makedirs(directory)
+        events.append("model")
+
+    monkeypatch.setattr(checkpointing, "prune_checkpoints", slow_prune)
+    monkeypatch.setattr(model_checkpoint, "save_model_checkpoint", model_writer)
+    monkeypatch.setattr(checkpointing, "optimizer_format", lambda *args: None)
+    monkeypatch.setattr(checkpointing, "_optimizer_state_dict", lambda *args: None)
+    monkeypatch.setattr(checkpointing, "_distributed", lambda optimizer: False)
+    student = types.SimpleNamespace(sharded_state_dict=dict)
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        for iteration in (1, 2):
+            checkpointing.save_training_checkpoint(tmp_path, iteration, student=student, student_info=None,
+                                                   optimizer=None, train_state={"iteration": iteration}, keep_last=1)
+            assert [thread.daemon for thread in checkpointing._pruning] == [False]
+        checkpointing.wait_for_pruning()
+    finally:
+        distributed.destroy()
+    assert events == ["model", "pruned", "model", "pruned"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
 def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
     """--keep-last 2 after each save; a folder of a longer run started over (--override-save) loses its
     later iterations at the first save instead of keeping them and deleting the new ones."""

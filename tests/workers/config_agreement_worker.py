@@ -4,7 +4,6 @@ a folder each rank resolves on its own storage (relative to a per-rank working f
 
 import contextlib
 import errno
-import io
 import os
 import sys
 import tempfile
@@ -58,8 +57,15 @@ def main(out_dir):
         with mock.patch.object(tempfile, "mkdtemp", refuse) if rank == 1 else contextlib.nullcontext():
             check_shared_folder(shared / "save", "--save shared")
 
+    def stale_on_rank1():  # a stale network-file handle: stat raises instead of answering
+        def stale(self):
+            raise OSError(errno.ESTALE, "Stale file handle")
+
+        with mock.patch.object(Path, "exists", stale) if rank == 1 else contextlib.nullcontext():
+            check_every_rank_sees(shared, "--load shared")
+
     for label, check in (("shared", lambda: check_shared_folder(shared / "save", "--save shared")),
-                         ("read_only", read_only_on_rank1),
+                         ("read_only", read_only_on_rank1), ("stale", stale_on_rank1),
                          ("local", lambda: check_shared_folder("run/save", "--save run/save")),
                          ("seen", lambda: check_every_rank_sees(shared, "--load shared")),
                          ("unseen", lambda: check_every_rank_sees("run/train_state.pt", "--load run"))):
@@ -89,13 +95,24 @@ def main(out_dir):
     if rank == 0:
         write_jsonl(str(data), make_splits(0, 8, 0)[0])
         build_char_tokenizer(str(tokenizer))
+        # a run folder to resume that only rank 0's storage holds
+        resume = Path(out_dir, "node0", "resume")
+        (resume / "iter_0000001").mkdir(parents=True)
+        torch.save({"iteration": 1}, resume / "iter_0000001" / "train_state.pt")
+        (resume / "latest_checkpointed_iteration.txt").write_text("1\n")
     torch.distributed.barrier()
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        status = train.main(["--model", "tiny-qwen3", "--tokenizer", str(tokenizer), "--data-path", str(data),
-                             "--mode", "opsd", "--global-batch-size", "2", "--micro-batch-size", "1",
-                             "--save", "run/opd"])
-    result["train_node_local_save"] = (status, stderr.getvalue().strip().splitlines()[-1])
+
+    def train_refusal(*flags):
+        try:
+            train.run(train.parse_train_args(["--model", "tiny-qwen3", "--tokenizer", str(tokenizer), "--data-path",
+                                              str(data), "--mode", "opsd", "--global-batch-size", "2",
+                                              "--micro-batch-size", "1", *flags]))
+            return "no error"
+        except UserInputError as e:
+            return str(e)
+
+    result["train_node_local_save"] = train_refusal("--save", "run/opd")
+    result["train_node_local_load"] = train_refusal("--load", "resume")
     save_rank_result(out_dir, result)
     distributed.destroy()
 
