@@ -363,6 +363,7 @@ def test_triton_nonfinite_flag_in_interpreter(tp2):
                     "them on the CPU with TRITON_INTERPRET=1)")
     for rank in tp2:
         assert rank["triton_nonfinite"] == [entry[-1] for entry in TRITON_NONFINITE]
+        assert rank["triton_tp2_nonfinite"] == [True, True]  # inf on rank 1's shard only: both ranks flag it
         assert rank["triton_rows_nonfinite"] == [False, True]
 
 

@@ -159,6 +159,22 @@ def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bo
     return bool(fused_token_terms(student, teacher, tokens, cfg, VocabShard(0, 400, 390), impl="triton").nonfinite)
 
 
+def tp2_nonfinite_flags(group) -> list[bool]:
+    """The Triton path's flag at TP=2 with inf in a real column of rank 1's shard only (student, then
+    teacher): every rank must report it (the flag is agreed over TP)."""
+    rank = dist.get_rank(group)
+    flags = []
+    for which in ("student", "teacher"):
+        student, teacher, tokens, _, _ = make_logits(1, 3, 400, seed=7)
+        (student if which == "student" else teacher)[0, 1, 205] = float("inf")  # column 5 of rank 1's shard
+        cfg = DivergenceConfig(kind="jsd", beta=0.5, temperature=1.0, token_clip=0.05)
+        shard = VocabShard(rank * 200, 200, 390)
+        flags.append(bool(fused_token_terms(student[..., rank * 200:(rank + 1) * 200],
+                                            teacher[..., rank * 200:(rank + 1) * 200], tokens, cfg, shard, group,
+                                            impl="triton").nonfinite))
+    return flags
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     group = dist.group.WORLD
@@ -177,6 +193,7 @@ def main(out_dir: str) -> None:
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp2"] = case_results(case, 200, 390, group, seed=i, impl="triton", t=2)
             result["rows", "triton"][case, "tp2"] = rows_results(case, 200, 390, group, seed=i, impl="triton")
+        result["triton_tp2_nonfinite"] = tp2_nonfinite_flags(group)
         fused_triton.TRITON_LAUNCH = fused_triton.TRITON_GRAD_LAUNCH = fused_triton.TritonLaunch(3, 4, 64, prefetch=True)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=5)
