@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from megatron_renio import cpu_backend
-from megatron_renio.errors import UserInputError
+from megatron_renio.errors import RankFailure, UserInputError
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,9 @@ def _collective_device() -> torch.device:
 def raise_if_any_rank(error: Exception | None) -> None:
     """Collective: when some rank holds an ``error``, every rank raises, not only that one (the others
     would wait in their next collective until the timeout). The first such rank (the lowest) raises
-    its own error; every other rank raises :class:`UserInputError` with its message (RuntimeError for
-    another exception), so each rank's log says what went wrong and where. One MIN all-reduce, and a
-    broadcast of the message only when there is an error."""
+    its own error; every other rank raises a copy reported by it (:mod:`~megatron_renio.errors`): a
+    :class:`UserInputError` with its message, or :class:`RankFailure` for another exception. One MIN
+    all-reduce, and a broadcast of the message only when there is an error."""
     dist = torch.distributed
     if not dist.is_initialized() or dist.get_world_size() == 1:
         if error is not None:
@@ -138,14 +138,15 @@ def raise_if_any_rank(error: Exception | None) -> None:
         raise error
     user, described, message = payload[0]
     if user:
-        raise UserInputError(message)
-    raise RuntimeError(f"rank {source} failed: {described}")
+        raise UserInputError(message, reported_by=source)
+    raise RankFailure(source, described)
 
 
 def on_rank0(fn):
     """Run ``fn`` on global rank 0 only and hand its (picklable) result to every rank, or its error:
-    rank 0 re-raises it, the others raise :class:`UserInputError` with its message (or RuntimeError
-    for another exception), so no rank waits for a broadcast that never comes. Collective."""
+    rank 0 re-raises it, the others a copy reported by rank 0 (:class:`UserInputError` with its
+    message, or :class:`RankFailure` for another exception), so no rank waits for a broadcast that
+    never comes. Collective."""
     dist = torch.distributed
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return fn()
@@ -156,16 +157,24 @@ def on_rank0(fn):
             payload = [("ok", fn())]
         except Exception as e:  # every rank must learn about it, or the others hang
             error = e
-            payload = [("user" if isinstance(e, UserInputError) else "crash", str(e))]
+            payload = [("user", str(e)) if isinstance(e, UserInputError) else ("crash", f"{type(e).__name__}: {e}")]
     dist.broadcast_object_list(payload, src=0)
     status, value = payload[0]
     if error is not None:
         raise error
     if status == "user":
-        raise UserInputError(value)
+        raise UserInputError(value, reported_by=0)
     if status == "crash":
-        raise RuntimeError(f"rank 0 failed: {value}")
+        raise RankFailure(0, value)
     return value
+
+
+def agreed_error(error: UserInputError) -> UserInputError:
+    """``error``, found alike on every rank from values they agree on (e.g. :func:`on_rank0`'s result),
+    marked on the ranks other than 0 as a copy that rank 0 reports (printed there only)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        error.reported_by = 0
+    return error
 
 
 def log0(message: str) -> None:

@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Callable
 
-from megatron_renio.errors import UserInputError
+from megatron_renio.errors import RankFailure, UserInputError
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -42,7 +42,10 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     """A model command's ``main``: ``run(parse(argv))``, then tear the process groups down.
 
     Bad input prints ``error: <one line>`` on stderr (ranks other than 0 name themselves) and gives
-    exit status 2; with ``--debug`` the exception propagates with its traceback. Without
+    exit status 2. A copy of another rank's error (``reported_by``, :mod:`~megatron_renio.errors`) is
+    printed on rank 0 only, naming that rank, and gives exit status 2 (bad input) or 1 (another
+    failure, whose traceback is in that rank's log). With ``--debug`` the exception propagates with its
+    traceback. Without
     ``--debug``, warnings raised inside Megatron-Core and torch.distributed.checkpoint (deprecation
     notices of checkpoint loading) are not shown.
     """
@@ -54,12 +57,18 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
         if not debug:
             warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
         run(parsed)
-    except UserInputError as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+    except (UserInputError, RankFailure) as e:
+        rank = int(os.environ.get("RANK", "0"))
+        source = rank if e.reported_by is None else e.reported_by
+        if isinstance(e, RankFailure):
+            line = f"error: {e} (its traceback is in rank {source}'s log)"
+        else:
+            line = f"error: {e}" if source == 0 else f"error (rank {source}): {e}"
+        if source == rank or rank == 0:
+            print(line, file=sys.stderr, flush=True)
         if debug:
             raise
-        return 2
+        return 2 if isinstance(e, UserInputError) else 1
     finally:
         import torch
 

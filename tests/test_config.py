@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from megatron_renio.config import TrainConfig, parse_train_args
-from megatron_renio.errors import UserInputError
+from megatron_renio.errors import RankFailure, UserInputError
 
 BASE = ["--model", "tiny-qwen3", "--data-path", "train.jsonl", "--seq-length", "256", "--max-new-tokens", "32"]
 
@@ -219,6 +219,29 @@ def test_debug_from_a_config_file_shows_the_traceback(tmp_path):
     with pytest.raises(UserInputError, match="bad data"):
         run_command(parse_train_args, run, BASE + ["--config", str(config)])
     assert run_command(parse_train_args, run, BASE) == 2
+
+
+@pytest.mark.parametrize("rank, error, status, printed", [
+    ("0", UserInputError("disk full"), 2, "error: disk full"),
+    ("3", UserInputError("disk full"), 2, "error (rank 3): disk full"),
+    ("0", UserInputError("disk full", reported_by=3), 2, "error (rank 3): disk full"),
+    ("5", UserInputError("disk full", reported_by=3), 2, ""),
+    ("0", RankFailure(3, "OSError: no space"), 1,
+     "error: rank 3 failed: OSError: no space (its traceback is in rank 3's log)"),
+    ("5", RankFailure(3, "OSError: no space"), 1, ""),
+])
+def test_an_error_of_every_rank_is_printed_by_the_rank_that_found_it_and_rank_0(rank, error, status, printed,
+                                                                                monkeypatch, capsys):
+    """A copy of another rank's error (a collective made every rank raise it) is printed on rank 0 only:
+    a thousand ranks print it twice, not a thousand times; a copy of a crash gives exit status 1."""
+    from megatron_renio.entrypoint import run_command
+
+    def run(_cfg):
+        raise error
+
+    monkeypatch.setenv("RANK", rank)
+    assert run_command(lambda argv: None, run, []) == status
+    assert capsys.readouterr().err == (printed + "\n" if printed else "")
 
 
 def test_help_names_each_flags_choices_and_default():

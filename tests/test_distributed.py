@@ -65,13 +65,16 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
         assert r["dp_size"] == 2 and r["device"] == "cpu"
     # on_rank0: rank 0's value everywhere; its error raised on rank 0 as it is, on the others as one line
     assert [r["on_rank0"] for r in results] == [{"rank": 0}, {"rank": 0}]
-    assert [r["user_error"] for r in results] == ["UserInputError: bad flag"] * 2
-    assert [r["crash"] for r in results] == ["ZeroDivisionError: division by zero",
-                                             "RuntimeError: rank 0 failed: division by zero"]
-    # raise_if_any_rank: the failing rank raises its own error, every other rank the same message
+    # (a copy names the rank that reports the error: entry points print it there and on rank 0 only)
+    assert [r["user_error"] for r in results] == ["UserInputError: bad flag", "UserInputError: bad flag [reported by 0]"]
+    assert [r["crash"] for r in results] == [
+        "ZeroDivisionError: division by zero",
+        "RankFailure: rank 0 failed: ZeroDivisionError: division by zero [reported by 0]"]
+    # raise_if_any_rank: the failing rank raises its own error, every other rank a copy reported by it
     assert [r["none_fails"] for r in results] == ["no error"] * 2
-    assert [r["rank1_fails"] for r in results] == ["UserInputError: disk full"] * 2
-    assert [r["rank1_crashes"] for r in results] == ["RuntimeError: rank 1 failed: OSError: no space", "OSError: no space"]
+    assert [r["rank1_fails"] for r in results] == ["UserInputError: disk full [reported by 1]", "UserInputError: disk full"]
+    assert [r["rank1_crashes"] for r in results] == ["RankFailure: rank 1 failed: OSError: no space [reported by 1]",
+                                                     "OSError: no space"]
     # run folders: one shared folder passes; folders each rank resolves on its own are refused on both
     # ranks, naming rank 1 (which does not see what rank 0 does), and no probe file is left behind
     for r in results:

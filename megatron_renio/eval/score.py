@@ -70,7 +70,7 @@ from megatron_renio.data import records
 from megatron_renio.data.records import RECORD_EXTENSIONS
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
-from megatron_renio.distributed import log0, on_rank0
+from megatron_renio.distributed import agreed_error, log0, on_rank0
 from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines
 from megatron_renio.output_paths import check_output_file, write_atomic
 
@@ -345,7 +345,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
     found = on_rank0(first_nonfinite)  # every rank refuses, before anything is written
     if found is not None:
         (index, models), count = found
-        raise _nonfinite_error(rows[index], models, count, cfg, args.out)
+        raise agreed_error(_nonfinite_error(rows[index], models, count, cfg, args.out))
     if gathered is None:
         return None
     by_row = {index: scores for index, scores, _ in gathered}

@@ -29,6 +29,10 @@ def main(out_dir):
     result["dp_size"], result["device"] = ctx.dp_size, ctx.device.type
     result["on_rank0"] = distributed.on_rank0(lambda: {"rank": rank})  # rank 0's value on both ranks
 
+    def described(e):  # what was raised, and the rank it names as the one that reports it
+        return f"{type(e).__name__}: {e}" + ("" if getattr(e, "reported_by", None) is None else
+                                             f" [reported by {e.reported_by}]")
+
     def fails(error):
         def fn():
             raise error
@@ -39,14 +43,14 @@ def main(out_dir):
             distributed.on_rank0(fails(error))
             result[name] = "no error"
         except (UserInputError, RuntimeError, ZeroDivisionError) as e:
-            result[name] = f"{type(e).__name__}: {e}"
+            result[name] = described(e)
     for name, error in (("none_fails", None), ("rank1_fails", UserInputError("disk full") if rank == 1 else None),
                         ("rank1_crashes", OSError("no space") if rank == 1 else None)):
         try:
             distributed.raise_if_any_rank(error)
             result[name] = "no error"
         except (UserInputError, RuntimeError, OSError) as e:
-            result[name] = f"{type(e).__name__}: {e}"
+            result[name] = described(e)
     # one shared folder, then folders that each rank finds under its own working folder (node-local storage)
     shared = Path(out_dir) / "shared_run"
     outcomes = []
