@@ -31,10 +31,12 @@ LOSS_IMPLS = ("auto", "triton", "chunked", "unfused")
 RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 TASKS = ("math", "coding")
+MICRO_BATCH_ORDERS = ("data", "length")
 # The allowed values of the flags that name a choice (``--help`` lists them; ``validate`` checks them).
 CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS_IMPLS, "renio_norm": RENIO_NORMS,
            "renio_scope": RENIO_SCOPES, "lr_decay_style": LR_DECAY_STYLES, "task": TASKS,
-           "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS}
+           "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
+           "micro_batch_order": MICRO_BATCH_ORDERS}
 # What a flag does, for ``--help`` (left out: Megatron-LM's flags, and flags whose name says it).
 HELP = {
     "overlap_grad_reduce": "start each gradient bucket's data-parallel reduction during the last micro-batch's "
@@ -88,6 +90,9 @@ HELP = {
     "rollout_temperature": "sampling temperature of the student's rollout",
     "max_new_tokens": "longest completion of the rollout",
     "samples_per_prompt": "completions per prompt (consecutive rows of the batch)",
+    "micro_batch_order": "how a rank's samples form micro-batches: data = in sampling order (the reference's); "
+                         "length = longest first, so that each micro-batch pads to samples of similar length "
+                         "(needs --renio-scope global, where the grouping does not change the loss)",
     "data_path": "prompt files: JSONL or parquet",
     "task": "how completions are graded in the saved samples",
     "peak_tflops": "per-device peak TFLOP/s for the MFU log; 0 = known GPUs by name",
@@ -113,6 +118,7 @@ class TrainConfig:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     micro_batch_size: int = 1
+    micro_batch_order: str = "data"
     global_batch_size: int = 8
     seq_length: int = 4096
     # optimisation (Megatron-LM names)
@@ -468,6 +474,11 @@ def validate(c: TrainConfig) -> None:
                              "optimizer's state is saved in parameter shapes, which any layout loads)")
     if c.save_samples_interval and not c.save:
         raise UserInputError("--save-samples-interval needs --save (the samples go to <save>/samples_rank<dp>.jsonl)")
+    if c.micro_batch_order == "length" and c.renio_scope != "global":
+        raise UserInputError(
+            "--micro-batch-order length needs --renio-scope global (--renio-scope local normalises over each "
+            "micro-batch, so regrouping the samples by length would change the loss)"
+        )
     if c.global_batch_size % c.micro_batch_size:
         raise UserInputError(
             f"--global-batch-size {c.global_batch_size} is not divisible by --micro-batch-size {c.micro_batch_size}"

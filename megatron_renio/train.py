@@ -237,6 +237,11 @@ def run(cfg: TrainConfig) -> dict:
 
             batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length,
                                pad_multiple(cfg))
+            completions = rollout.completions
+            if cfg.micro_batch_order == "length":  # the samples' logs follow them in their new order
+                order = batch.longest_first()
+                batch = batch.reordered(order)
+                records, completions = [records[i] for i in order], [completions[i] for i in order]
             micro = batch.micro_batches(cfg.micro_batch_size, pad_multiple(cfg))
             t1 = time.perf_counter()
             student_ddp.zero_grad_buffer()
@@ -266,7 +271,7 @@ def run(cfg: TrainConfig) -> dict:
             if cfg.save_samples_interval and iteration % cfg.save_samples_interval == 0 and result.per_sample \
                     and ctx.tp_rank == 0:
                 run_logs.save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, records,
-                              rollout.completions, result.per_sample, tokenizer, prompts.answers, cfg)
+                                      completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             step_time = time.perf_counter() - t0
             # every sequence position of both models is computed (a micro-batch's padding included): 3

@@ -94,6 +94,9 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--seed", "-1"], r"--seed must be an integer in \[0, 4294967295\], got -1"),  # numpy's traceback
         (["--recompute-granularity", "bogus"], "--recompute-granularity must be one of none, full, selective"),
         (["--recompute-num-layers", "0"], "--recompute-num-layers must be an integer >= 1"),
+        (["--micro-batch-order", "length"], r"--micro-batch-order length needs --renio-scope global \(--renio-scope "
+                                            r"local normalises over each micro-batch"),
+        (["--micro-batch-order", "sorted"], "--micro-batch-order must be one of data, length"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
         (["--seq-len", "128"], "unrecognized arguments: --seq-len 128"),  # no abbreviations: --mod is not --mode
     ],

@@ -201,3 +201,26 @@ def test_a_trimmed_micro_batch_keeps_every_token_and_drops_only_padding():
     assert batch.rows(0, 2).trimmed(24).seq_len == 16  # never longer than the batch
     exact = batch.rows(2, 3).trimmed(1)  # the longer prompt decides: the teacher's 4 tokens + 9
     assert exact.seq_len == 13 and torch.equal(exact.teacher.tokens, batch.rows(2, 3).teacher.tokens[:, :13])
+
+
+def test_longest_first_orders_samples_by_the_positions_they_fill_and_moves_every_field_with_them():
+    """Rows need max(ps, pt) + c = 5, 13, 6, 14 positions: longest first is 3, 1, 2, 0 (a tie keeps its
+    order); every tensor of both sides (and the grid) moves with its sample, so micro-batches of two pad
+    to 16 and 8 positions instead of 16 and 16."""
+    prompts_s, prompts_t = [[5, 6, 7], [5, 6], [5, 6, 7, 8, 9], [5]], [[5, 6, 7], [5, 6, 7, 8], [5, 6, 7], [5, 6, 7]]
+    completions = [[10, 11], [13] * 9, [12], [14] * 11]
+    batch = pack_pairs(prompts_s, prompts_t, completions, 1, 0, 64)
+    assert batch.sequence_lengths().tolist() == [5, 13, 6, 14]
+    order = batch.longest_first()
+    assert order == [3, 1, 2, 0]
+    moved = batch.reordered(order)
+    alone = pack_pairs(*([lst[i] for i in order] for lst in (prompts_s, prompts_t, completions)), 1, 0, 64)
+    for field in ("completion_ids", "completion_mask", "completion_lengths", "truncated"):
+        assert torch.equal(getattr(moved, field), getattr(alone, field))
+    for side in ("student", "teacher"):
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "gather_index", "prompt_lengths"):
+            assert torch.equal(getattr(getattr(moved, side), name), getattr(getattr(alone, side), name))
+    assert [mb.seq_len for mb in moved.micro_batches(2)] == [16, 8]
+    assert [mb.seq_len for mb in batch.micro_batches(2)] == [16, 16]
+    tied = pack_pairs([[5, 6]] * 3, [[5, 6]] * 3, [[7], [8, 9], [10]], 1, 0, 64)
+    assert tied.longest_first() == [1, 0, 2]

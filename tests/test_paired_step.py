@@ -11,6 +11,9 @@ from tests.torchrun_harness import REPO_ROOT, run_torchrun
 from tests.workers.paired_step_worker import CASES
 
 LAYOUTS = ("tp2", "pp2", "dp2")
+# DP=2 with each rank's micro-batches formed longest first (--micro-batch-order length): global scope only
+# (under local scope the regrouping changes the loss; checked when this was written: jsd_renio_local moves by 1e-3)
+GLOBAL_CASES = sorted(name for name, case in CASES.items() if case["scope"] == "global")
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +21,8 @@ def results(tmp_path_factory):
     return run_torchrun(REPO_ROOT / "tests" / "workers" / "paired_step_worker.py", 2, tmp_path_factory.mktemp("paired"))[0]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case, layout", [(case, layout) for case in sorted(CASES) for layout in LAYOUTS]
+                         + [(case, "dp2-longest-first") for case in GLOBAL_CASES])
 def test_loss_and_gradients_match_single_process(results, case, layout):
     r = results[(case, layout)]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-7)

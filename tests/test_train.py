@@ -103,8 +103,10 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     # the layouts also recompute activations in the three ways (bitwise neutral on the CPU, see
     # test_cpu_backend): across TP, across PP stages, and with the DP gradient reduction, which DP=2
     # overlaps with the backward
+    # TP=2 also forms micro-batches of two rows longest first (global scope: the same loss as rows one by one)
     runs = {"tp1": ({}, 1),
-            "tp2": ({"--tensor-model-parallel-size": 2, "--recompute-granularity": "selective"}, 2),
+            "tp2": ({"--tensor-model-parallel-size": 2, "--recompute-granularity": "selective", "--micro-batch-size": 2,
+                     "--micro-batch-order": "length"}, 2),
             "pp2": ({"--pipeline-model-parallel-size": 2, "--recompute-granularity": "full",
                      "--recompute-method": "block"}, 2),
             "dp2": ({"--recompute-granularity": "full", "--recompute-method": "uniform", "--recompute-num-layers": 2,
@@ -123,16 +125,19 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
         for m in metrics:  # the rollout statistics and throughput count every replica's 4 completions
             assert m["rollout_tokens_per_s"] * m["time_rollout_s"] == pytest.approx(4 * m["completion_length_mean"])
             if name != "dp2":
-                # one replica, micro-batches of one row, each padded to its own length L (a multiple of 8):
-                # L positions, 3 student forwards + 1 teacher's per position
-                lengths = [-(-(max(len(prompts.student[r["prompt_index"]]), len(prompts.teacher[r["prompt_index"]]))
-                               + r["num_tokens"]) // 8) * 8
-                           for r in read_jsonl(save / "samples_rank0.jsonl") if r["step"] == m["step"]]
-                assert len(lengths) == 4
+                # one replica; each micro-batch (one row, two for tp2) padded to its longest row's length L
+                # rounded up to a multiple of 8: L positions per row, 3 student forwards + 1 teacher's each
+                need = [max(len(prompts.student[r["prompt_index"]]), len(prompts.teacher[r["prompt_index"]]))
+                        + r["num_tokens"] for r in read_jsonl(save / "samples_rank0.jsonl") if r["step"] == m["step"]]
+                assert len(need) == 4
+                rows = 2 if name == "tp2" else 1
+                if name == "tp2":  # the samples are saved in micro-batch order: longest first
+                    assert need == sorted(need, reverse=True), need
+                lengths = [-(-max(need[i:i + rows]) // 8) * 8 for i in range(0, 4, rows)]
                 t = m["time_forward_backward_s"]
-                assert m["train_tokens_per_s"] * t == pytest.approx(sum(lengths))
+                assert m["train_tokens_per_s"] * t == pytest.approx(rows * sum(lengths))
                 flops = sum((3 * forward_flops_per_position(presets["student"], n)
-                             + forward_flops_per_position(presets["teacher"], n)) * n for n in lengths)
+                             + forward_flops_per_position(presets["teacher"], n)) * n * rows for n in lengths)
                 assert m["mfu"] == pytest.approx(flops / t / (1e12 * nproc))
     assert len(losses["tp1"]) == 2 and all(l > 0 for l in losses["tp1"])
     for name in ("tp2", "pp2", "dp2"):

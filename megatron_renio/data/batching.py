@@ -107,6 +107,21 @@ class PairedBatch:
         """Samples ``start:end`` (a micro-batch); the padded lengths stay those of the whole batch."""
         return self.map(lambda t: t[start:end])
 
+    def sequence_lengths(self) -> torch.Tensor:
+        """[b] int64: the positions each sample fills, ``max(ps, pt) + c`` (what it must be padded to)."""
+        return torch.maximum(self.student.prompt_lengths, self.teacher.prompt_lengths) + self.completion_lengths
+
+    def longest_first(self) -> list[int]:
+        """The sample order by :meth:`sequence_lengths`, longest first (ties keep their order), so that
+        consecutive micro-batches hold samples of similar lengths and pad little."""
+        lengths = self.sequence_lengths().tolist()
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def reordered(self, order: Sequence[int]) -> "PairedBatch":
+        """The samples in ``order`` (indices into this batch); padded lengths unchanged."""
+        index = torch.as_tensor(list(order), dtype=torch.int64)
+        return self.map(lambda t: t[index])
+
     def micro_batches(self, size: int, pad_to_multiple: int = 8) -> list["PairedBatch"]:
         """The consecutive micro-batches of ``size`` samples, each :meth:`trimmed` to its own length."""
         return [self.rows(i, i + size).trimmed(pad_to_multiple) for i in range(0, len(self.completion_lengths), size)]
@@ -116,8 +131,7 @@ class PairedBatch:
         whole batch's longest: ``S`` = the longest ``max(ps, pt) + c`` of its rows rounded up to
         ``pad_to_multiple`` (never above the current ``S``), ``c_len`` = its longest completion (at least 1).
         Only padding is dropped: every real token, label and mask entry sits before the new lengths."""
-        need = int((torch.maximum(self.student.prompt_lengths, self.teacher.prompt_lengths)
-                    + self.completion_lengths).max())
+        need = int(self.sequence_lengths().max())
         seq_len = -(-need // pad_to_multiple) * pad_to_multiple  # the slices below stop at the current S
         c_len = max(1, int(self.completion_lengths.max()))
 

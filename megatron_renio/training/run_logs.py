@@ -129,7 +129,7 @@ def check_new_run_logs(cfg: TrainConfig) -> None:
 def save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], completions: list[list[int]],
                   per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
     """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
-    step, rank (DP), index (row in this rank's batch), prompt_index (``records[index]``: record of
+    step, rank (DP), index (row in this rank's batch, in micro-batch order), prompt_index (``records[index]``: record of
     ``--data-path``, after the too-long filter), completion (text), completion_ids (EOS included when
     generated), num_tokens, weight (the ReNIO weight applied, 1 without ``--renio``), raw_weight
     (exp(a_i / gamma) before normalisation), sample_loss (L_i); with ``--task math`` and an answer in

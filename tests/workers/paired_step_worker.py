@@ -95,8 +95,9 @@ def reference(student, teacher, batch, case):
     return float(loss), float(raw.max() - raw.min()), {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
-def run_layout(parallel, case, batch, ckpt, out):
-    """One DistillationStep in ``parallel``; the reduced gradients are saved to ``out``."""
+def run_layout(parallel, case, batch, ckpt, out, longest_first=False):
+    """One DistillationStep in ``parallel``; the reduced gradients are saved to ``out``. ``longest_first``:
+    each rank groups its samples into micro-batches longest first (``--micro-batch-order length``)."""
     ctx = distributed.initialize(parallel, seed=0)
     student, teacher = build(STUDENT, parallel), build(TEACHER, parallel)
     student.load_state_dict(dist_checkpointing.load(student.sharded_state_dict(), ckpt / "student"))
@@ -108,6 +109,10 @@ def run_layout(parallel, case, batch, ckpt, out):
     step = DistillationStep(paired, [ddp], settings(case), ReNIONormalizer(), VOCAB)
     per_rank = NUM_SAMPLES // ctx.dp_size
     mine = batch.rows(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
+    if longest_first:
+        order = mine.longest_first()
+        assert order != sorted(order), order  # the grouping really changes
+        mine = mine.reordered(order)
     ddp.zero_grad_buffer()
     # each micro-batch padded to its own length, as the trainer does (the reference reads the whole batch at
     # its padded length; under PP the stages exchange every micro-batch's shape)
@@ -126,6 +131,18 @@ def run_layout(parallel, case, batch, ckpt, out):
     torch.distributed.barrier()
     dist_checkpointing.save(student.sharded_state_dict(), out)
     return result.loss, teacher_unchanged, only_student_in_buffers
+
+
+def compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged, only_student) -> dict:
+    """A layout's result: its loss and the largest difference of its gradients (saved in ``out``, read
+    back at TP=1) from the reference's."""
+    distributed.initialize(ParallelConfig(), seed=0)
+    holder = build(STUDENT, ParallelConfig())
+    holder.load_state_dict(dist_checkpointing.load(holder.sharded_state_dict(), out))
+    max_err = max(float((p - ref_grads[n]).abs().max()) for n, p in holder.named_parameters())
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    return dict(loss=loss, ref_loss=ref_loss, max_grad_err=max_err, grad_scale=scale, weight_spread=weight_spread,
+                teacher_unchanged=teacher_unchanged, only_student=only_student)
 
 
 def main(out_dir):
@@ -158,16 +175,16 @@ def main(out_dir):
         for layout, parallel in layouts.items():
             out = tmp / f"grads_{name}_{layout}"
             loss, teacher_unchanged, only_student = run_layout(parallel, case, batch, ckpt, out)
-            distributed.initialize(ParallelConfig(), seed=0)
-            holder = build(STUDENT, ParallelConfig())
-            holder.load_state_dict(dist_checkpointing.load(holder.sharded_state_dict(), out))
-            max_err = max(float((p - ref_grads[n]).abs().max()) for n, p in holder.named_parameters())
-            scale = max(float(g.abs().max()) for g in ref_grads.values())
-            results[(name, layout)] = dict(
-                loss=loss, ref_loss=ref_loss, max_grad_err=max_err, grad_scale=scale, weight_spread=weight_spread,
-                teacher_unchanged=teacher_unchanged, only_student=only_student,
-            )
+            results[(name, layout)] = compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged,
+                                              only_student)
+        if case["scope"] == "global":  # where the grouping of samples into micro-batches does not change the loss
+            out = tmp / f"grads_{name}_dp2_longest_first"
+            loss, teacher_unchanged, only_student = run_layout(ParallelConfig(), case, batch, ckpt, out,
+                                                               longest_first=True)
+            results[(name, "dp2-longest-first")] = compare(out, ref_grads, loss, ref_loss, weight_spread,
+                                                           teacher_unchanged, only_student)
     save_rank_result(out_dir, results)
+
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
