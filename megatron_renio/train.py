@@ -194,7 +194,9 @@ def run(cfg: TrainConfig) -> dict:
                                  fully_parallel=cfg.ckpt_fully_parallel_load)
         iteration = saved["iteration"]
         skipped_total = saved["skipped_total"]
+        skipped_in_a_row = saved.get("skipped_in_a_row", 0)  # --max-skipped-steps counts across a requeue
         normalizer.load_state_dict(resume.normalizer_state_for_replica(saved["normalizer"], ctx.dp_rank))
+        C.override_resumed_lr_bounds(optimizer, cfg)  # before the scheduler sets the rates from them
         scheduler.load_state_dict(saved["scheduler"])
         log0(f"resumed from {cfg.load} at iteration {iteration}")
     elif cfg.load:
@@ -320,7 +322,8 @@ def run(cfg: TrainConfig) -> dict:
                     tokenizer_dir=cfg.tokenizer or student_source.tokenizer_dir,  # the one it trained with, as sft
                     generation_config=student_source.generation_config,  # the model's own, also with --tokenizer
                     keep_last=cfg.keep_last, fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
-                    train_state={"iteration": iteration, "skipped_total": skipped_total, "mode": cfg.mode,
+                    train_state={"iteration": iteration, "skipped_total": skipped_total,
+                                 "skipped_in_a_row": skipped_in_a_row, "mode": cfg.mode,
                                  "teacher": cfg.teacher, "sampler": sampler.state_dict(),
                                  "normalizer": resume.gather_normalizer_states(normalizer.state_dict()),
                                  "scheduler": scheduler.state_dict(), "bf16": cfg.bf16,

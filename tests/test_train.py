@@ -270,10 +270,13 @@ def test_resume_with_another_schedule_is_refused_unless_overridden(workdir):
         assert proc.returncode == 2 and flag in _last_error(proc), _last_error(proc)
     path = workdir / "schedule.jsonl"
     train(base_args(workdir, **common, **{"--train-iters": 4, "--load": save, "--override-opt-param-scheduler": None,
-                                          "--metrics-file": path}))
-    # the linear decay now spans 4 steps: after step 2 the LR is half of --lr, after step 3 a quarter (the old
-    # schedule: 0); each step logs the rate after its update, as Megatron-LM does
-    assert [(m["step"], m["lr"]) for m in read_jsonl(path)][:2] == [(2, pytest.approx(5e-4)), (3, pytest.approx(2.5e-4))]
+                                          "--lr": 2e-3, "--min-lr": 1e-4, "--metrics-file": path}))
+    # the linear decay from the new --lr to the new --min-lr now spans 4 steps: after step 2 the LR is halfway,
+    # after step 3 a quarter of the way above --min-lr (the old schedule: 0; the optimizer state's own bounds,
+    # which Megatron's scheduler reads first: 5e-4, then 2.5e-4); each step logs the rate after its update, as
+    # Megatron-LM does
+    assert [(m["step"], m["lr"]) for m in read_jsonl(path)][:2] == [(2, pytest.approx(1.05e-3)),
+                                                                    (3, pytest.approx(5.75e-4))]
 
 
 def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
@@ -341,6 +344,9 @@ def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     m = read_jsonl(path)
     assert [x["skipped"] for x in m] == [False, True, False]
     assert m[1]["skipped_total"] == 1 and m[1]["nonfinite"] > 0 and m[1]["grad_norm"] is None
+    # the checkpoints keep the run of skipped steps, so --max-skipped-steps counts across a requeue
+    assert [torch.load(save / f"iter_{i:07d}" / "train_state.pt", weights_only=False)["skipped_in_a_row"]
+            for i in (1, 2, 3)] == [0, 1, 0]
     assert "NaN" not in path.read_text() and m[1]["loss"] is None  # standard JSON: a non-finite value is null
     w1, w2, w3 = (plain_tensors(save / f"iter_{i:07d}" / "model") for i in (1, 2, 3))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -1233,3 +1239,33 @@ def test_step_counts_sum_over_replicas_and_take_the_slowest_rollout(tmp_path):
     results = run_torchrun(REPO_ROOT / "tests" / "workers" / "step_counts_worker.py", 2, tmp_path)
     assert results[0] == results[1] == {"completions": 5.0, "length_sum": 17.0, "cut": 2.0, "generated": 17.0,
                                         "positions": 30.0, "flops": 300.0, "longest": 8.0, "rollout_seconds": 4.0}
+
+
+def test_a_gradient_whose_norm_overflows_float32_is_not_finite():
+    """An entry of 3e19 keeps the buffer's sum finite but overflows the float32 sum of squares that
+    Megatron's gradient norm is: with it the clipped gradient is 0 and Adam would still move the
+    weights by its momentum, so the step must be skipped before the optimizer, as for inf and NaN."""
+    from types import SimpleNamespace
+
+    from megatron_renio.training.components import gradients_are_finite
+
+    def ddp(*values):
+        return SimpleNamespace(buffers=[SimpleNamespace(grad_data=torch.tensor(values, dtype=torch.bfloat16))],
+                               expert_parallel_buffers=[])
+
+    assert gradients_are_finite(ddp(1.0, -2.0, 1e18))
+    for bad in (3e19, float("inf"), float("nan")):
+        assert not gradients_are_finite(ddp(1.0, bad)), bad
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                          ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                          ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
+def test_mfu_peak_by_device_name(name, tflops, monkeypatch):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.training.components import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert peak_flops(TrainConfig(bf16=True)) == (None if tflops is None else tflops * 1e12)
+    assert peak_flops(TrainConfig(bf16=True, peak_tflops=100.0)) == 100e12

@@ -114,6 +114,8 @@ def transformer_config(preset: ModelPreset, parallel: ParallelConfig, dtype: str
         pipeline_dtype=DTYPES[dtype],
         use_cpu_initialization=on_cpu,
         init_method_std=0.02,
+        # as Megatron-LM: a stage's output sent to the next one keeps only a placeholder until its backward
+        deallocate_pipeline_outputs=True,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

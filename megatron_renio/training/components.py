@@ -9,7 +9,6 @@ builders (models, DDP, optimizer) and the collective checks run after
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,26 +234,28 @@ def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool =
 
 
 def gradients_are_finite(student_ddp) -> bool:
-    """Collective over every rank: True when no rank's student gradient buffer holds inf or NaN.
+    """Collective over every rank: True when every rank's student gradient buffer has a finite sum of
+    squares in float32: no inf or NaN, and no entry so large (about 1.8e19) that Megatron's gradient
+    norm, also a float32 sum of squares, overflows.
 
     Checked before the optimizer step because Megatron's optimizer does not check in bf16 without a
     loss scale, nor in fp32: a non-finite gradient would reach Adam (and the weights) before the
-    gradient norm shows it. The sum of a buffer is non-finite exactly when an entry is (gradients
-    are far too small for the sum to overflow); one MAX all-reduce makes every rank agree.
+    gradient norm shows it, and with an infinite norm gradient clipping scales the gradient to 0 but
+    Adam still moves the weights by its momentum. One MAX all-reduce makes every rank agree.
     """
     buffers = [*student_ddp.buffers, *student_ddp.expert_parallel_buffers]
-    sums = torch.stack([buffer.grad_data.sum(dtype=torch.float32) for buffer in buffers])
-    return not any_rank((~torch.isfinite(sums)).any(), sums.device)
+    norms = torch.stack([torch.linalg.vector_norm(buffer.grad_data, dtype=torch.float32) for buffer in buffers])
+    return not any_rank((~torch.isfinite(norms)).any(), norms.device)
 
 
 def step_if_finite(optimizer, student_ddp, loss_is_finite: bool) -> tuple[bool, float | None]:
     """(stepped, gradient norm): the optimizer step, taken only when the loss (agreed on every rank)
-    and every rank's gradient are finite; not stepped either when Megatron skips the update or its
-    gradient norm is non-finite."""
+    and every rank's gradient are finite (:func:`gradients_are_finite`). ``stepped`` is whether Megatron
+    updated the weights; the norm it reports is logged as it is."""
     if not (loss_is_finite and gradients_are_finite(student_ddp)):
         return False, None
     updated, grad_norm, _ = optimizer.step()
-    return bool(updated) and (grad_norm is None or math.isfinite(grad_norm)), grad_norm
+    return bool(updated), grad_norm
 
 
 def stop_after_skipped_steps(skipped_in_a_row: int, cfg: TrainConfig, iteration: int) -> None:
@@ -301,6 +302,16 @@ def schedule_settings(cfg: TrainConfig) -> dict:
     return {"max_lr": cfg.lr, "min_lr": cfg.min_lr, "lr_warmup_steps": cfg.lr_warmup_iters,
             "lr_decay_steps": cfg.train_iters, "lr_decay_style": cfg.lr_decay_style,
             "start_wd": cfg.weight_decay, "end_wd": cfg.weight_decay, "wd_incr_steps": cfg.train_iters}
+
+
+def override_resumed_lr_bounds(optimizer, cfg: TrainConfig) -> None:
+    """With ``--override-opt-param-scheduler``: ``--lr`` and ``--min-lr`` into every parameter group of
+    a resumed optimizer. Megatron-core keeps ``max_lr`` and ``min_lr`` in each group (one value for all
+    groups here), the loaded optimizer state brings the old ones back, and its scheduler reads them
+    before its own settings (Megatron-LM issue 1138): the new rates would be ignored."""
+    if cfg.override_opt_param_scheduler:
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = cfg.lr, cfg.min_lr
 
 
 def check_resumed_schedule(state: dict, cfg: TrainConfig) -> None:
@@ -403,7 +414,10 @@ def forward_flops_per_position(preset: ModelPreset, seq_length: int) -> float:
 
 
 # Dense bf16 peak FLOP/s of GPUs by name (datasheet figures, without sparsity).
-_PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+# Dense bf16 datasheet peaks by device name; the first key the name contains decides (PCIe and NVL
+# H100s before the SXM part's plain "H100").
+_PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
+                     "L40S": 362.0}
 
 
 def peak_flops(cfg: TrainConfig) -> float | None:

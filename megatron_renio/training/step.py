@@ -22,7 +22,7 @@ scales the student's gradients by its inverse.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -143,7 +143,9 @@ class DistillationStep:
         terms = self._token_terms(mb, output)
         loss = distillation_loss(terms, mb.completion_mask, self.settings.renio, self.normalizer, self.settings.loss_kind)
         self._denominator += loss.denominator
-        self._losses.append(loss)
+        # the schedule frees the data of the tensor it is handed on the last pipeline stage
+        # (deallocate_pipeline_outputs): the statistics keep their own copy
+        self._losses.append(replace(loss, numerator=loss.numerator.detach().clone()))
         if self.keep_token_terms:
             self._terms.append(terms)
         return loss.numerator, torch.zeros((), dtype=torch.int), {}
