@@ -39,6 +39,8 @@ CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS
            "micro_batch_order": MICRO_BATCH_ORDERS}
 # What a flag does, for ``--help`` (left out: Megatron-LM's flags, and flags whose name says it).
 HELP = {
+    "lr_decay_iters": "iterations the learning rate decays over (Megatron-LM); none = --train-iters. Set it to "
+                      "resume with more --train-iters on the same schedule",
     "overlap_grad_reduce": "start each gradient bucket's data-parallel reduction during the last micro-batch's "
                            "backward (Megatron-LM)",
     "dist_ckpt_optim_fully_reshardable": "save --use-distributed-optimizer's state in the format that loads at any "
@@ -125,6 +127,7 @@ class TrainConfig:
     lr: float = 1e-6
     min_lr: float = 0.0
     lr_decay_style: str = "constant"
+    lr_decay_iters: int | None = None
     lr_warmup_iters: int = 0
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -243,7 +246,7 @@ def _kind(f: dataclasses.Field):
         return _bool_arg
     if f.name == "kd_token_clip":
         return _optional(finite_float)
-    if f.name == "kd_top_k":
+    if f.name in ("kd_top_k", "lr_decay_iters"):
         return _optional(int)
     return {int: int, float: finite_float}.get(type(f.default), str)
 
@@ -257,6 +260,11 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserInputError(message)
+
+
+def lr_decay_iters(c: TrainConfig) -> int:
+    """The iterations the LR decays over: ``--lr-decay-iters``, else ``--train-iters`` (as Megatron-LM)."""
+    return c.train_iters if c.lr_decay_iters is None else c.lr_decay_iters
 
 
 def pad_multiple(c: TrainConfig) -> int:
@@ -443,7 +451,10 @@ def validate(c: TrainConfig) -> None:
            c.seq_length)
     _check(c.max_new_tokens < c.seq_length, "--max-new-tokens", f"smaller than --seq-length ({c.seq_length})", c.max_new_tokens)
     # Megatron's OptimizerParamScheduler decays over --train-iters and asserts the warmup is shorter.
-    _check(c.lr_warmup_iters < c.train_iters, "--lr-warmup-iters", f"smaller than --train-iters ({c.train_iters})",
+    _check(c.lr_decay_iters is None or c.lr_decay_iters >= 1, "--lr-decay-iters", "an integer >= 1 or none",
+           c.lr_decay_iters)
+    decay = "--train-iters" if c.lr_decay_iters is None else "--lr-decay-iters"
+    _check(c.lr_warmup_iters < lr_decay_iters(c), "--lr-warmup-iters", f"smaller than {decay} ({lr_decay_iters(c)})",
            c.lr_warmup_iters)
     if c.mode == "opd" and c.teacher != "separate":
         raise UserInputError("--mode opd needs --teacher separate (a teacher checkpoint or preset)")

@@ -97,6 +97,9 @@ def test_yaml_config_with_cli_override(tmp_path):
         (["--micro-batch-order", "length"], r"--micro-batch-order length needs --renio-scope global \(--renio-scope "
                                             r"local normalises over each micro-batch"),
         (["--micro-batch-order", "sorted"], "--micro-batch-order must be one of data, length"),
+        (["--lr-decay-iters", "0"], "--lr-decay-iters must be an integer >= 1 or none, got 0"),
+        (["--lr-warmup-iters", "50", "--lr-decay-iters", "50"],
+         r"--lr-warmup-iters must be smaller than --lr-decay-iters \(50\), got 50"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
         (["--seq-len", "128"], "unrecognized arguments: --seq-len 128"),  # no abbreviations: --mod is not --mode
     ],

@@ -264,7 +264,9 @@ def test_resume_with_another_schedule_is_refused_unless_overridden(workdir):
     save = workdir / "schedule"
     common = {"--lr-decay-style": "linear", "--save": save, "--save-interval": 1}
     train(base_args(workdir, **common, **{"--train-iters": 1}))
-    for change, flag in (({"--train-iters": 2}, "--train-iters sets lr_decay_steps=2"),
+    for change, flag in (({"--train-iters": 2}, "the learning rate decays over --train-iters (--lr-decay-iters not "
+                                                "given) = 2 iterations, but the run being resumed decays over 1; pass "
+                                                "--lr-decay-iters 1 to go on with its schedule"),
                          ({"--train-iters": 1, "--lr": 2e-3}, "--lr sets max_lr=0.002")):
         proc = train(base_args(workdir, **common, **change, **{"--load": save}), check=False)
         assert proc.returncode == 2 and flag in _last_error(proc), _last_error(proc)
@@ -310,7 +312,7 @@ def test_resume_refuses_what_the_checkpoint_cannot_honour_before_the_models_load
             ({"--student-load": workdir / "ckpt" / "odd_heads"},
              f"the run's frozen teacher was built from --student-load {student}, but --student-load "
              f"{workdir / 'ckpt' / 'odd_heads'} holds another model"),
-            ({"--train-iters": 3}, "--train-iters sets lr_decay_steps=3")):
+            ({"--lr-decay-style": "linear", "--lr-decay-iters": 1}, "--lr-decay-style sets lr_decay_style='linear'")):
         proc = train(base_args(workdir, **change, **{"--load": save}), check=False)
         assert expected in _last_error(proc) and "student:" not in proc.stdout, proc.stdout[-2000:]
 
@@ -788,6 +790,30 @@ def test_resumed_settings_are_compared_with_the_run(tmp_path):
     check_resumed_settings(state, TrainConfig(load="run", lr=1e-3, override_teacher_check=True),
                            {"flag": "--student-load", "source": "resaved", "identity": "other files"})
     check_resumed_settings(state, TrainConfig(load="run", lr=2e-3, override_opt_param_scheduler=True), origin)
+
+
+def test_more_train_iters_resume_a_constant_lr_and_a_decay_with_its_own_length():
+    """A constant LR never reads the decay length: more --train-iters resume it as it is. A decaying LR
+    keeps its length with --lr-decay-iters (Megatron-LM's flag); without it more --train-iters would
+    stretch the decay, refused in one line that says which flag to pass. The weight decay is constant,
+    so its increment length (--train-iters) is not compared."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.training.components import check_resumed_schedule, schedule_settings
+
+    def saved(**flags):
+        return schedule_settings(TrainConfig(**{"load": "run", "train_iters": 100, **flags}))
+
+    check_resumed_schedule(saved(), TrainConfig(load="run", train_iters=300))
+    check_resumed_schedule(saved(lr_decay_style="cosine"),
+                           TrainConfig(load="run", train_iters=300, lr_decay_style="cosine", lr_decay_iters=100))
+    for flags, expected in (
+            (dict(train_iters=300), r"decays over --train-iters \(--lr-decay-iters not given\) = 300 iterations, "
+                                    r"but the run being resumed decays over 100; pass --lr-decay-iters 100 to go on"),
+            (dict(train_iters=300, lr_decay_iters=200), "decays over --lr-decay-iters = 200 iterations"),
+            (dict(train_iters=100, lr_decay_style="linear"), "--lr-decay-style sets lr_decay_style='linear'")):
+        with pytest.raises(UserInputError, match=expected):
+            check_resumed_schedule(saved(lr_decay_style="cosine"),
+                                   TrainConfig(**{"load": "run", "lr_decay_style": "cosine", **flags}))
 
 
 def test_a_dp_reshardable_optimizer_state_resumes_at_its_own_tp_pp_only():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_renio.config import TrainConfig
+from megatron_renio.config import TrainConfig, lr_decay_iters
 from megatron_renio.data.prompts import load_prompt_records
 from megatron_renio.data.templates import build_prompt_ids
 from megatron_renio.data.token_sequences import TokenSequences
@@ -290,17 +290,18 @@ def build_optimizer(student_ddp, cfg: TrainConfig):
     return optimizer, scheduler
 
 
-# The scheduler settings a checkpoint holds, and the flags that set them (schedule_settings).
+# The scheduler settings a resume compares with its checkpoint's, and the flags that set them. The
+# weight-decay increment length is not compared: the weight decay is constant (wd_incr_style).
 _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
-                   "lr_decay_steps": "--train-iters", "lr_decay_style": "--lr-decay-style",
-                   "start_wd": "--weight-decay", "end_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
+                   "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+                   "start_wd": "--weight-decay", "end_wd": "--weight-decay"}
 
 
 def schedule_settings(cfg: TrainConfig) -> dict:
     """The LR / weight-decay settings of Megatron's ``OptimizerParamScheduler`` (constructor arguments
-    and the keys of its ``state_dict``) that the flags of ``_SCHEDULE_FLAGS`` set."""
+    and the keys of its ``state_dict``) that the flags set."""
     return {"max_lr": cfg.lr, "min_lr": cfg.min_lr, "lr_warmup_steps": cfg.lr_warmup_iters,
-            "lr_decay_steps": cfg.train_iters, "lr_decay_style": cfg.lr_decay_style,
+            "lr_decay_steps": lr_decay_iters(cfg), "lr_decay_style": cfg.lr_decay_style,
             "start_wd": cfg.weight_decay, "end_wd": cfg.weight_decay, "wd_incr_steps": cfg.train_iters}
 
 
@@ -317,18 +318,29 @@ def override_resumed_lr_bounds(optimizer, cfg: TrainConfig) -> None:
 def check_resumed_schedule(state: dict, cfg: TrainConfig) -> None:
     """Before a resume loads anything: the checkpoint's scheduler ``state`` must have the settings of
     the flags. Megatron's scheduler keeps the checkpoint's settings without a word, so a new ``--lr``
-    or a longer ``--train-iters`` would be ignored: a setting that differs is refused in one line naming
-    its flag, unless ``--override-opt-param-scheduler`` asks for the new settings.
+    or decay length would be ignored: a setting that differs is refused in one line naming its flag,
+    unless ``--override-opt-param-scheduler`` asks for the new settings. The decay length counts only
+    for a decaying LR (a constant one never reads it), so more ``--train-iters`` resume a constant-LR
+    run as they are, and a decaying one with ``--lr-decay-iters`` set to the saved length.
     """
     if cfg.override_opt_param_scheduler:
         return
     current = schedule_settings(cfg)
+    constant = cfg.lr_decay_style == "constant" and state.get("lr_decay_style", "constant") == "constant"
     for key, flag in _SCHEDULE_FLAGS.items():
-        if key in state and state[key] != current[key]:
+        if key not in state or state[key] == current[key] or (key == "lr_decay_steps" and constant):
+            continue
+        if key == "lr_decay_steps":
+            given = "--train-iters (--lr-decay-iters not given)" if cfg.lr_decay_iters is None else flag
             raise UserInputError(
-                f"--load {cfg.load}: {flag} sets {key}={current[key]!r} but the run being resumed has "
-                f"{state[key]!r}; resume with the same value, or pass --override-opt-param-scheduler"
+                f"--load {cfg.load}: the learning rate decays over {given} = {current[key]} iterations, but the run "
+                f"being resumed decays over {state[key]}; pass --lr-decay-iters {state[key]} to go on with its "
+                "schedule, or --override-opt-param-scheduler to take the new one"
             )
+        raise UserInputError(
+            f"--load {cfg.load}: {flag} sets {key}={current[key]!r} but the run being resumed has "
+            f"{state[key]!r}; resume with the same value, or pass --override-opt-param-scheduler"
+        )
 
 
 def build_teacher(cfg: TrainConfig, student_source: ModelSource, teacher_source: ModelSource | None, student,
