@@ -321,13 +321,17 @@ def _yaml_value(path: str, key, f: dataclasses.Field, value):
 
 
 def _unique_key_loader():
-    """``yaml.BaseLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+    """``yaml.BaseLoader`` that refuses a key given twice in one mapping (YAML keeps the last silently)
+    and a key that is not a plain name (a complex key, ``? [a, b]``, is a list or a mapping)."""
     import yaml
 
     class Loader(yaml.BaseLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"a key must be a flag name, not a {key_node.id}", key_node.start_mark)
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",

@@ -206,10 +206,13 @@ def run(cfg: TrainConfig) -> dict:
     # --override-save starts the --save folder's logs over; before the first step's collectives, so
     # before any rank appends
     restarts = bool(cfg.load or cfg.override_save)
-    if restarts and ctx.rank == 0:
-        for path in run_logs.log_files(cfg):
-            if path.is_file():
-                run_logs.drop_steps_after(path, iteration)
+    if restarts:
+        def drop_repeated_steps() -> None:  # on rank 0; a log it cannot read stops every rank
+            for path in run_logs.log_files(cfg):
+                if path.is_file():
+                    run_logs.drop_steps_after(path, iteration)
+
+        distributed.on_rank0(drop_repeated_steps)
     logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None)
     progress = None
     if ctx.rank == 0:

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from megatron_renio.eval.analysis import analyze, auc_incorrect, load_generations, main
+from megatron_renio.errors import UserInputError
+from megatron_renio.eval.analysis import OUTPUT_FILES, analyze, auc_incorrect, load_generations, main
 from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
 
 # Surface forms of each default phrase (case, punctuation, hyphenation vary).
@@ -225,9 +226,13 @@ def test_gzipped_json_array_and_parquet_read_like_jsonl(tmp_path, capsys):
         assert main(["--generations", str(tmp_path / name)]) == 0
         assert json.loads((tmp_path / "g_analysis" / "summary.json").read_text()) == expected
         shutil.rmtree(tmp_path / "g_analysis")  # the default --out drops the whole extension
-    with pytest.raises(SystemExit):  # no abbreviated flags, as in every other command
-        main(["--generations", str(plain), "--over"])
-    assert "unrecognized arguments: --over" in capsys.readouterr().err
+    # no abbreviated flags, as in every other command; a bad flag is one line, as any bad input
+    assert main(["--generations", str(plain), "--over"]) == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --over\n"
+    assert main(["--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --generations\n"
+    with pytest.raises(UserInputError, match="^unrecognized arguments: --bogus$"):  # --debug shows the traceback
+        main(["--generations", str(plain), "--bogus", "--debug"])
 
 
 def test_missing_file_and_existing_output(tmp_path, capsys):
@@ -235,16 +240,28 @@ def test_missing_file_and_existing_output(tmp_path, capsys):
     assert "nope.jsonl: no such file" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
-    path = _write(tmp_path / "g.jsonl", [{"completion": "wait", "correct": True}])
+    path = _write(tmp_path / "g.jsonl", [{"completion": "wait", "correct": True, "weight": 1.0},
+                                         {"completion": "so", "correct": False, "weight": 2.0}])
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert main(["--generations", path, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)  # every file analyze writes (weights, matplotlib)
+    (out / "summary.json").write_text("old")
     assert main(["--generations", path, "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert os.listdir(out) == ["old.txt"]
-    assert main(["--generations", path, "--out", str(out), "--overwrite"]) == 0
-    assert "old.txt" not in os.listdir(out) and "summary.json" in os.listdir(out)
+    assert (out / "summary.json").read_text() == "old"
+    assert main(["--generations", path, "--out", str(out), "--overwrite"]) == 0  # an earlier output is replaced
+    assert json.loads((out / "summary.json").read_text())["num_generations"] == 2
     assert sorted(os.listdir(tmp_path)) == ["g.jsonl", "o"]
+    # --overwrite replaces only a folder of analyze's files: anything else there is refused, folders too
+    for name, make in (("notes.txt", lambda p: p.write_text("mine")), ("summary.json", os.mkdir)):
+        other = tmp_path / f"other_{name}"
+        other.mkdir()
+        make(other / name)
+        assert main(["--generations", path, "--out", str(other), "--overwrite"]) == 2
+        assert capsys.readouterr().err == (f"error: --out {other}: holds {name!r}, which analyze does not write, so "
+                                           "the folder is not replaced; choose another\n")
+        assert os.listdir(other) == [name]
+        shutil.rmtree(other)
     # --overwrite never replaces the input: an --out folder holding the --generations file is refused
     assert main(["--generations", path, "--out", str(tmp_path), "--overwrite"]) == 2
     assert "holds the --generations file" in capsys.readouterr().err

@@ -208,6 +208,31 @@ def test_mistyped_fields(tmp_path):
         load_benchmark(path)
 
 
+_EMPTY, _LIST = "holds an empty answer", "must be a string or a list of strings"
+
+
+@pytest.mark.parametrize("answer,message", [("", _EMPTY), ("  ", _EMPTY), (r"\boxed{}", _EMPTY),
+                                            (r"Hence $\boxed{ }$.", _EMPTY),
+                                            (float("nan"), "must be a finite number, got nan"),
+                                            (float("-inf"), "must be a finite number, got -inf")])
+def test_an_answer_no_completion_can_match_is_refused(tmp_path, answer, message):
+    """An empty answer (also an empty last box) or a non-finite number would grade every sample wrong."""
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", "answer": answer}])
+    with pytest.raises(UserInputError, match=rf"^\S*a\.jsonl line 2: field 'answer' {message}$"):
+        load_benchmark(path)
+
+
+@pytest.mark.parametrize("tests,message", [({"a": "assert True"}, _LIST), (7, _LIST), (["assert True", 1], _LIST),
+                                           ("", "holds no test code"), (" \n", "holds no test code"),
+                                           ([], "holds no test code")])
+def test_tests_must_be_code_as_a_string_or_a_list_of_strings(tmp_path, tests, message):
+    """A dict was taken as the test code of its keys; empty tests would check nothing."""
+    record = {"prompt": "Write f.", "test": "assert f() == 1", "entry_point": "f"}
+    path = _write_jsonl(tmp_path / "c.jsonl", [record, {**record, "test": tests}])
+    with pytest.raises(UserInputError, match=rf"^\S*c\.jsonl line 2: field 'test' {message}$"):
+        load_benchmark(path)
+
+
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_empty_file_is_an_error(tmp_path, content):
     path = tmp_path / "empty.jsonl"
@@ -234,11 +259,11 @@ def test_other_input_errors(tmp_path):
 
 
 def test_parquet_needs_a_reader(tmp_path, monkeypatch):
-    for module in ("pyarrow", "pyarrow.parquet", "pandas"):
+    for module in ("pyarrow", "pyarrow.parquet"):
         monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
     path = tmp_path / "b.parquet"
     path.write_bytes(b"PAR1")
-    with pytest.raises(UserInputError, match=r"b\.parquet: reading parquet needs pyarrow or pandas"):
+    with pytest.raises(UserInputError, match=r"b\.parquet: reading parquet needs pyarrow \(pip install pyarrow\)"):
         load_benchmark(str(path))
 
 

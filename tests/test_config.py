@@ -263,3 +263,16 @@ def test_help_names_each_flags_choices_and_default():
             assert f"{flag} {{{','.join(CHOICES[f.name])}}}" in text and f"one of {', '.join(CHOICES[f.name])}" in text
     assert text.count("default: ") == len(dataclasses.fields(TrainConfig)) - 1  # --data-path: required
     assert "one of opd, opsd; default: opsd" in text
+
+
+@pytest.mark.parametrize("text, line, kind", [
+    ("? [lr, seed]\n: 1\n", 1, "sequence"),
+    ("seed: 3\n? {lr: 1}\n: 2\n", 2, "mapping"),
+])
+def test_a_yaml_complex_key_gives_one_line(tmp_path, text, line, kind):
+    """A complex key (a list or mapping, which a Python dict cannot hold as a key) names the file and line."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserInputError, match=f"^--config {path}: line {line} not valid YAML "
+                                             rf"\(a key must be a flag name, not a {kind}\)$"):
+        parse_train_args(["--config", str(path)] + BASE)

@@ -112,13 +112,16 @@ def test_non_object_line(tmp_path):
 
 def test_missing_problem_field(tmp_path):
     path = _write_lines(tmp_path / "d.jsonl", [_row(), json.dumps({"question": "q"})])
-    assert _error([path]) == f"{path} line 2: missing field 'problem'"
+    assert _error([path]) == f"{path} line 2: missing field 'problem' (name another field with --problem-field)"
+    assert _error([path], problem_field="query") == (
+        f"{path} line 1: missing field 'query' (name another field with --problem-field)")
 
 
 def test_missing_solution_only_when_required(tmp_path):
     path = _write_lines(tmp_path / "d.jsonl", [_row(), _row(), _row(solution=None)])
     assert load_prompt_records([path])[2].solution is None
-    assert _error([path], require_solution=True) == f"{path} line 3: missing field 'solution'"
+    assert _error([path], require_solution=True) == (
+        f"{path} line 3: missing field 'solution' (name another field with --solution-field)")
 
 
 def test_empty_required_solution(tmp_path):
@@ -157,6 +160,67 @@ def test_invalid_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(_row().encode() + b"\n" + '{"problem": "caf\xe9"}'.encode("latin-1") + b"\n")
     assert _error([str(path)]).startswith(f"{path} line 2: not valid UTF-8")
+
+
+def test_a_lone_surrogate_escape_is_refused_naming_file_line_and_field(tmp_path):
+    """Half of a surrogate pair (an emoji cut in two by a program that counts UTF-16 units) is valid JSON
+    but no text a tokenizer takes: refused wherever it is in a record, keys and nested values included;
+    a whole pair is an emoji."""
+    from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
+
+    good = _row(problem="a smile \U0001F600")  # json.dumps writes it as the pair \ud83d\ude00
+    assert "\\ud83d\\ude00" in good
+    cases = {
+        '{"problem": "the cat \\ud800 sat"}': "field 'problem' holds \\ud800",
+        '{"problem": "p", "meta": {"notes": ["ok", "cut \\ude00"]}}': "field 'meta' holds \\ude00",
+        '{"problem": "p", "x\\udbff": 1}': "field 'x\\udbff' holds \\udbff",
+    }
+    for line, message in cases.items():
+        path = _write_lines(tmp_path / "s.jsonl", [good, line])
+        assert _error([path]).startswith(f"{path} line 2: {message}, half of a UTF-16 surrogate pair")
+    assert load_prompt_records([_write_lines(tmp_path / "ok.jsonl", [good])])[0].problem == "a smile \U0001F600"
+    array = tmp_path / "a.json"
+    array.write_text('[{"problem": "p"}, {"problem": "\\uDFFF"}]')  # hex digits in either case
+    with pytest.raises(UserInputError, match=rf"^{array} record 2: field 'problem' holds \\udfff"):
+        list(read_rows(str(array), RECORD_EXTENSIONS))
+
+
+def test_json_nested_too_deeply_names_the_line_or_file(tmp_path):
+    from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
+
+    path = _write_lines(tmp_path / "deep.jsonl", [_row(), "[" * 100000])
+    assert _error([path]) == f"{path} line 2: JSON nested too deeply (deeper than Python's recursion limit)"
+    array = tmp_path / "deep.json"
+    array.write_text("[" * 100000)
+    with pytest.raises(UserInputError, match=rf"^{array}: JSON nested too deeply"):
+        list(read_rows(str(array), RECORD_EXTENSIONS))
+
+
+def test_a_byte_order_mark_at_the_start_of_the_file_is_skipped(tmp_path):
+    from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
+
+    bom = "\ufeff"
+    path = _write_lines(tmp_path / "bom.jsonl", [bom + _row("p1"), _row("p2")])
+    assert [r.problem for r in load_prompt_records([path])] == ["p1", "p2"]
+    packed = tmp_path / "bom.jsonl.gz"
+    packed.write_bytes(gzip.compress((bom + _row("p1") + "\n").encode()))
+    assert [r.problem for r in load_prompt_records([str(packed)])] == ["p1"]
+    array = tmp_path / "bom.json"
+    array.write_text(bom + json.dumps([{"problem": "p1"}]), encoding="utf-8")
+    assert [row.fields for row in read_rows(str(array), RECORD_EXTENSIONS)] == [{"problem": "p1"}]
+    inside = _write_lines(tmp_path / "inside.jsonl", [_row("p1"), bom + _row("p2")])  # only the file's start
+    assert _error([inside]).startswith(f"{inside} line 2: malformed JSON")
+
+
+def test_a_blank_or_nan_answer_is_no_answer_and_an_infinite_one_is_refused(tmp_path):
+    """A blank answer or NaN (JSON's NaN; a float column's missing value in a pandas-written parquet) is no answer, as a
+    missing field is (its samples are not graded), not the text "nan" that every sample would fail;
+    an infinite number is refused."""
+    rows = [_row()] + ['{"problem": "p", "answer": %s}' % value for value in ("NaN", '""', '" \\t"', "7", "0.5")]
+    path = _write_lines(tmp_path / "a.jsonl", rows)
+    assert [r.answer for r in load_prompt_records([path])][1:] == [None, None, None, "7", "0.5"]
+    path = _write_lines(tmp_path / "inf.jsonl", [_row(), '{"problem": "p", "answer": -Infinity}'])
+    assert _error([path]) == f"{path} line 2: field 'answer' must be a finite number, got -inf"
 
 
 def test_corrupt_gzip_data(tmp_path):

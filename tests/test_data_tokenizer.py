@@ -182,12 +182,48 @@ def test_folder_without_tokenizer_files(tmp_path):
 
 
 def test_folder_with_broken_tokenizer(tmp_path):
-    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(UserInputError) as err:
         load_tokenizer(str(tmp_path))
     message = str(err.value)
     assert message.startswith(f"cannot load a tokenizer from folder {tmp_path}:")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_malformed_json_file_of_the_folder_is_named(tmp_path, name):
+    folder = _save_hf_tokenizer(tmp_path)
+    (tmp_path / name).write_text('{\n  "version": 1,\n  oops\n}')
+    with pytest.raises(UserInputError) as err:
+        load_tokenizer(folder)
+    assert str(err.value) == (f"{tmp_path / name} line 3 column 3: malformed JSON (Expecting property name enclosed "
+                              f"in double quotes), so the tokenizer in folder {folder} cannot load")
+    (tmp_path / name).write_bytes(b'{"version": "\xff"}')  # not UTF-8
+    with pytest.raises(UserInputError) as err:
+        load_tokenizer(folder)
+    assert str(err.value) == (f"{tmp_path / name}: not a readable JSON file (UnicodeDecodeError), so the tokenizer "
+                              f"in folder {folder} cannot load")
+
+
+@pytest.mark.parametrize("template, reason", [
+    ("{% for m in messages %}{{ m['content'] }{% endfor %}", " (template line 1): TemplateSyntaxError: unexpected '}'"),
+    ("{{ raise_exception('this template needs a system message') }}",
+     ": TemplateError: this template needs a system message"),
+    ("{{ messages[0]['content'] + 1 }}", ": TypeError: can only concatenate str"),
+])
+def test_a_chat_template_that_cannot_render_fails_when_the_tokenizer_loads(tmp_path, template, reason):
+    folder = _save_hf_tokenizer(tmp_path, chat_template=template)
+    with pytest.raises(UserInputError) as err:
+        load_tokenizer(folder)
+    assert str(err.value).startswith(f"tokenizer folder {folder}: its chat template fails{reason}")
+
+
+def test_a_chat_template_that_fails_on_one_prompt_names_the_folder(tmp_path):
+    template = "{% if 'forbidden' in messages[0]['content'] %}{{ raise_exception('no') }}{% endif %}" + CHAT_TEMPLATE
+    tok = load_tokenizer(_save_hf_tokenizer(tmp_path, chat_template=template))  # the probe renders
+    message = f"^tokenizer folder {tmp_path}: its chat template fails: TemplateError: no$"
+    with pytest.raises(UserInputError, match=message):
+        tok.apply_chat_template([{"role": "user", "content": "a forbidden word"}])
 
 
 def test_tokenizer_without_eos(tmp_path):

@@ -41,6 +41,7 @@ GREEDY_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipel
                   "dp2": ["--batch-size", "4", "--ckpt-fully-parallel-load"]}
 SAMPLED = ["--temperature", "1.3", "--top-p", "0.95", "--seed", "7", "--samples-per-problem", "3"]
 SAMPLED_LAYOUTS = {"sampled_dp2": ["--batch-size", "5"], "sampled_tp2": ["--tensor-model-parallel-size", "2"]}
+FIELD_FLAGS = ["--problem-field", "question", "--answer-field", "final", "--id-field", "key"]
 
 
 def _hf_greedy(hf_dir, prompts):
@@ -77,10 +78,11 @@ def setup(paths, tmp_path_factory):
     for i, ids in enumerate(reference):
         boxed = extract_boxed_answer(tokenizer.decode(ids))
         answers.append("7" if boxed is None else boxed if i % 2 == 0 else str((int(boxed) + 1) % 4))
-    bench = root / "tiny_math.jsonl"
-    bench.write_text("".join(json.dumps({"problem": p, "answer": a, "id": f"q{i}"}) + "\n"
+    bench = root / "tiny_math.jsonl"  # GSM8K's field names, as --problem-field etc. name them
+    bench.write_text("".join(json.dumps({"question": p, "final": a, "key": f"q{i}", "problem": "unused"}) + "\n"
                              for i, (p, a) in enumerate(zip(PROBLEMS, answers))))
-    base = ["--load", str(paths["student"]), "--benchmark", str(bench), "--max-new-tokens", str(MAX_NEW)]
+    base = ["--load", str(paths["student"]), "--benchmark", str(bench), "--max-new-tokens", str(MAX_NEW),
+            *FIELD_FLAGS]
     greedy = base + ["--greedy", "--samples-per-problem", str(SAMPLES)]
 
     cli = subprocess.run(
@@ -259,10 +261,13 @@ def test_completions_from_non_finite_logits_are_refused(paths, capsys, tmp_path,
 
 
 def test_outputs_never_replace_an_input(tmp_path):
-    """--out and --summary may not name a --benchmark file (also behind a preset) or each other."""
+    """--out and --summary may not name a --benchmark file (also behind a preset or a link) or each other."""
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
+    (tmp_path / "link.jsonl").symlink_to(good)
     for flags, message in ((["--benchmark", f"math500={good}", "--out", str(good)], "is also the --benchmark file"),
+                           (["--benchmark", str(good), "--out", str(tmp_path / "link.jsonl")],
+                            "is also the --benchmark file"),
                            (["--benchmark", str(good), "--out", str(tmp_path / "o.json"), "--summary",
                              str(tmp_path / "o.json")], "is also the --summary file")):
         with pytest.raises(UserInputError, match=f"^--out .* {message}; choose another$"):
@@ -322,6 +327,39 @@ def test_benchmark_paths_may_hold_an_equals_sign(tmp_path):
     assert plain.items == preset.items and plain.items[0].answer == "2"
     with pytest.raises(UserInputError, match="unknown field preset 'aime'"):
         runner._load_benchmarks([f"aime={bench}"])
+    with pytest.raises(UserInputError, match="unknown field preset 'aime'"):  # before anything is loaded
+        runner.parse_args(["--load", "ckpt", "--benchmark", f"aime={bench}"])
+    # the output check reads the --benchmark value as _load_benchmarks does: this path is the file itself
+    for spec in (str(bench), f"aime24={bench}"):
+        with pytest.raises(UserInputError, match=r"^--out .* is also the --benchmark file; choose another$"):
+            runner.parse_args(["--load", "ckpt", "--benchmark", spec, "--out", str(bench)])
+    assert bench.read_text().startswith('{"problem"')
+
+
+def test_field_flags_name_the_fields_of_files_without_a_preset(tmp_path):
+    """--problem-field, --answer-field and --id-field set the layout of the files given without a preset
+    (end to end: the module fixture's benchmark uses other field names); a preset keeps its own layout,
+    and flags that apply to no benchmark are refused."""
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "1+1?", "answer": 2, "problem": "unused", "uid": "g1"}) + "\n")
+    aime = tmp_path / "aime.jsonl"
+    aime.write_text(json.dumps({"problem": "2+2?", "answer": "4", "id": "a1"}) + "\n")
+    args = runner.parse_args(["--load", "ckpt", "--benchmark", str(gsm), f"aime24={aime}",
+                              "--problem-field", "question", "--id-field", "uid"])
+    plain, preset = runner._load_benchmarks(args.benchmark, runner._benchmark_fields(args))
+    assert (plain.items[0].id, plain.items[0].prompt, plain.items[0].answer) == ("g1", "1+1?", "2")
+    assert (preset.items[0].id, preset.items[0].prompt) == ("a1", "2+2?")
+    with pytest.raises(UserInputError, match=r"gsm\.jsonl line 1: missing field 'final'$"):
+        runner._load_benchmarks([str(gsm)], {"answer": "final"})
+    for flags, message in (
+        ([f"aime24={aime}", "humaneval", "--answer-field", "final"],
+         "--answer-field applies to the benchmark files given without a preset; every --benchmark here has one"),
+        ([str(gsm), "--id-field", ""], "argument --id-field: must be a field name, got ''"),
+    ):
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            runner.parse_args(["--load", "ckpt", "--benchmark", *flags])
+    help_text = " ".join(runner.build_parser().format_help().split())
+    assert "one of math500, aime24, aime25, amc23, hmmt, minerva, humaneval, mbpp" in help_text
 
 
 def test_report_computes_pass_at_k_with_the_number_of_samples():

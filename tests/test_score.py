@@ -274,6 +274,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
     assert "exceeds the student's max_position_embeddings (256)" in captured.out and "does not divide" in captured.err
     assert score.main([*models, *data("good"), "--out", str(tmp_path / "good.jsonl")]) == 2
     assert "is the --data file" in capsys.readouterr().err
+    link = tmp_path / "link.jsonl"  # another name of the --data file, which writing would replace
+    link.symlink_to(tmp_path / "good.jsonl")
+    assert score.main([*models, *data("good"), "--out", str(link)]) == 2
+    assert capsys.readouterr().err == f"error: --out {link} is the --data file\n"
+    assert link.is_symlink() and json.loads((tmp_path / "good.jsonl").read_text()) == good
 
 
 def test_command_line_error_has_no_traceback(paths, tmp_path):

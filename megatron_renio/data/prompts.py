@@ -7,15 +7,17 @@ Files
 
 * ``.jsonl`` and ``.jsonl.gz``: one JSON object per line, UTF-8; blank lines are skipped; line
   numbers in messages and in ``PromptRecord.source`` are 1-based physical line numbers.
-* ``.parquet``: one row per record (needs ``pyarrow``, or ``pandas``); row numbers are 1-based.
+* ``.parquet``: one row per record (read with ``pyarrow``); row numbers are 1-based.
 
 (:func:`megatron_renio.data.records.read_rows` reads the files.)
 
 Each row must hold a non-empty string under ``problem_field``. ``solution_field`` is optional
 unless ``require_solution`` (OPSD needs a reference solution for the teacher's privileged prompt);
-a present solution must be a string. ``answer_field`` is optional; a number is kept as its text.
-Every violation raises :class:`~megatron_renio.errors.UserInputError` with one line naming the
-file, the line (or row) and the field.
+a present solution must be a string. ``answer_field`` is optional; a present answer must be a
+string or a finite number, kept as its text (blank or NaN: no answer). Every violation raises
+:class:`~megatron_renio.errors.UserInputError` with one line naming the file, the line (or row) and
+the field; a missing field's message also names the flag that chooses another field
+(``--problem-field``, ``--solution-field``: the trainer's and ``sft``'s flag names).
 
 Order
 -----
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from typing import Any, Sequence
 
@@ -62,8 +65,9 @@ def load_prompt_records(
 
     Raises :class:`UserInputError` for: no files given, a missing file, an unknown extension, a
     malformed JSON line or non-object row (file and line), a row without ``problem_field`` or, when
-    ``require_solution``, without ``solution_field`` (field, file and line), an empty problem or
-    required solution (file and line), a field of the wrong type, and a file with no records.
+    ``require_solution``, without ``solution_field`` (field, file and line, and the flag that names
+    another field), an empty problem or required solution, an infinite number as answer (file, line
+    and field), a field of the wrong type, and a file with no records.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -80,8 +84,9 @@ def load_prompt_records(
         for row in read_rows(path, _EXTENSIONS, parquet_columns=(problem_field, solution_field, answer_field)):
             records.append(
                 PromptRecord(
-                    problem=_text_field(row.fields, problem_field, row.where, required=True),
-                    solution=_text_field(row.fields, solution_field, row.where, required=require_solution),
+                    problem=_text_field(row.fields, problem_field, "--problem-field", row.where, required=True),
+                    solution=_text_field(row.fields, solution_field, "--solution-field", row.where,
+                                         required=require_solution),
                     answer=_answer_field(row.fields, answer_field, row.where),
                     source=f"{path}:{row.number}",
                 )
@@ -92,11 +97,12 @@ def load_prompt_records(
     return records
 
 
-def _text_field(row: dict[str, Any], field: str, where: str, required: bool) -> str | None:
+def _text_field(row: dict[str, Any], field: str, flag: str, where: str, required: bool) -> str | None:
+    """``row``'s text under ``field`` (the value of ``flag``), None when absent and not ``required``."""
     value = row.get(field)
     if value is None:
         if required:
-            raise UserInputError(f"{where}: missing field '{field}'")
+            raise UserInputError(f"{where}: missing field '{field}' (name another field with {flag})")
         return None
     if not isinstance(value, str):
         raise UserInputError(
@@ -108,6 +114,8 @@ def _text_field(row: dict[str, Any], field: str, where: str, required: bool) -> 
 
 
 def _answer_field(row: dict[str, Any], field: str, where: str) -> str | None:
+    """``row``'s answer under ``field`` as text (a number's ``str``); None when absent, blank or NaN
+    (no answer: its samples are not graded)."""
     value = row.get(field)
     if value is None:
         return None
@@ -115,7 +123,11 @@ def _answer_field(row: dict[str, Any], field: str, where: str) -> str | None:
         raise UserInputError(
             f"{where}: field '{field}' must be a string or a number, got {type(value).__name__}"
         )
-    return str(value)
+    if isinstance(value, float) and math.isnan(value):  # JSON's NaN, or a float column's missing value in a pandas-written parquet
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        raise UserInputError(f"{where}: field '{field}' must be a finite number, got {value}")
+    return str(value) if str(value).strip() else None
 
 
 class PromptSampler:

@@ -7,7 +7,10 @@
 * a sentencepiece model file ending in ``.model``.
 
 and returns a :class:`Tokenizer`. Nothing is ever downloaded. Anything that cannot be loaded raises
-:class:`~megatron_renio.errors.UserInputError` with one line naming the path and the reason.
+:class:`~megatron_renio.errors.UserInputError` with one line naming the path and the reason (the
+file, line and column of a malformed JSON file of the folder). A folder's chat template is tried on
+a probe user message at load time, so a template that does not render fails there, not at the first
+prompt.
 
 Contract shared by both kinds:
 
@@ -23,7 +26,8 @@ Contract shared by both kinds:
 * ``vocab_size`` is the true number of ids including added tokens (``len(tokenizer)`` for HF), not
   the padded size of a model's embedding table.
 * ``apply_chat_template(messages)`` returns the rendered conversation as ids, or ``None`` when the
-  tokenizer has no chat template (callers then fall back to plain text).
+  tokenizer has no chat template (callers then fall back to plain text); whatever the template
+  raises becomes a :class:`~megatron_renio.errors.UserInputError` naming the folder.
 * ``fingerprint()`` is a hex digest of the id -> piece table; two tokenizers with the same digest
   map every id to the same piece (used to check that teacher and student share a vocabulary).
 """
@@ -110,6 +114,21 @@ _HF_TOKENIZER_FILES = (
 )
 
 
+# The JSON files that loading a Hugging Face tokenizer folder reads (when present).
+_HF_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+    "config.json",
+)
+
+# The message a folder's chat template is tried on when the tokenizer loads.
+_PROBE_MESSAGES = [{"role": "user", "content": "What is 1 + 1?"}]
+
+
 # The file beside a tokenizer that holds the model's sampling defaults and every EOS id it stops on.
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -143,6 +162,28 @@ def _stop_ids(eos_id: int, folder: str, vocab_size: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys([eos_id, *ids]))
 
 
+def _refuse_malformed_json(folder: str) -> None:
+    """Raise :class:`UserInputError` naming the first of ``folder``'s :data:`_HF_JSON_FILES` that is
+    not valid JSON (its line and column), if any."""
+    for name in _HF_JSON_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as file:
+                json.load(file)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(
+                f"{path} line {exc.lineno} column {exc.colno}: malformed JSON ({exc.msg}), "
+                f"so the tokenizer in folder {folder} cannot load"
+            ) from None
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, nested too deeply
+            raise UserInputError(
+                f"{path}: not a readable JSON file ({type(exc).__name__}), so the tokenizer in folder {folder} "
+                "cannot load"
+            ) from None
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer loaded from a local folder."""
 
@@ -156,6 +197,7 @@ class HFTokenizer(Tokenizer):
         try:
             tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
+            _refuse_malformed_json(path)
             raise UserInputError(
                 f"cannot load a tokenizer from folder {path}: {type(exc).__name__}: {exc}"
             ) from exc
@@ -168,6 +210,7 @@ class HFTokenizer(Tokenizer):
         self.bos_id = int(tok.bos_token_id) if tok.bos_token_id is not None else None
         self.vocab_size = len(tok)
         self.stop_ids = _stop_ids(self.eos_id, path, self.vocab_size)
+        self.apply_chat_template(_PROBE_MESSAGES)  # a template that cannot render fails now
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
@@ -182,9 +225,16 @@ class HFTokenizer(Tokenizer):
             return None
         # Render to text, then tokenize without extra special tokens: the template writes its own
         # (this is what transformers does internally, independent of its return-type conventions).
-        text = self._tok.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            text = self._tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # the template is a program of the folder's: jinja2's errors, raise_exception, ...
+            line = getattr(exc, "lineno", None)  # a syntax error's line in the template
+            at = f" (template line {line})" if line else ""
+            raise UserInputError(
+                f"tokenizer folder {self.name_or_path}: its chat template fails{at}: {type(exc).__name__}: {exc}"
+            ) from exc
         return self.encode(text, add_special_tokens=False)
 
     def _piece(self, token_id: int) -> str:

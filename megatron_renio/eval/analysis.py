@@ -30,7 +30,9 @@ Errors in the input (missing file, malformed line, missing or mistyped field) pr
 ``error: <one line>`` on stderr and exit with status 2; nothing is written then. The output is
 assembled in a temporary directory beside the target and renamed into place at the end, so a
 failed run leaves no partial directory. An existing non-empty output directory is only replaced
-with ``--overwrite``.
+with ``--overwrite``, and only when it holds nothing but files analyze writes (:data:`OUTPUT_FILES`):
+a folder with anything else in it (another command's output, a mistyped path) is refused. A bad
+flag is one line too.
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_renio.config import _OneLineErrorParser
 from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
+from megatron_renio.entrypoint import debug_requested
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
 
 _GROUPS = ("correct", "incorrect")
+# everything an output directory holds: the summary, the report and write_plots's files
+OUTPUT_FILES = ("summary.json", "report.md", "lengths.png", "reflection.png", "weights.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +330,12 @@ def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrit
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise UserInputError(f"--out {out_dir}: exists and is not a directory")
-        if os.listdir(out_dir) and not overwrite:
+        entries = sorted(os.listdir(out_dir))
+        foreign = [e for e in entries if e not in OUTPUT_FILES or not os.path.isfile(os.path.join(out_dir, e))]
+        if foreign:
+            raise UserInputError(f"--out {out_dir}: holds {foreign[0]!r}, which analyze does not write, so the folder "
+                                 "is not replaced; choose another")
+        if entries and not overwrite:
             raise UserInputError(f"--out {out_dir}: directory is not empty (pass --overwrite to replace it)")
     generations = load_generations(generations_path)
     summary = analyze(generations, phrases)
@@ -371,8 +382,8 @@ def _parse_phrases(value: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatron-renio analyze", allow_abbrev=False,
+    parser = _OneLineErrorParser(
+        prog="megatron-renio analyze",
         description="Compare correct and incorrect generations: length, reflection markers, ReNIO weights.",
     )
     parser.add_argument("--generations", required=True, metavar="FILE",
@@ -380,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "num_tokens)")
     parser.add_argument("--out", metavar="DIR",
                         help="output directory (default: FILE without its extension, plus _analysis)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out directory that holds only an earlier analyze output")
     parser.add_argument("--phrases", metavar="LIST",
                         help="comma-separated reflection phrases (default: %s)" % ", ".join(DEFAULT_PHRASES))
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -388,14 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``megatron-renio analyze``; returns the exit status (0, or 2 on bad input)."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``megatron-renio analyze``; returns the exit status (0, or 2 on bad input, flags
+    included)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)  # until the flags are parsed
     try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
         phrases = _parse_phrases(args.phrases) if args.phrases is not None else list(DEFAULT_PHRASES)
         out_dir = args.out if args.out is not None else _default_out(args.generations)
         summary = run(args.generations, out_dir, phrases=phrases, overwrite=args.overwrite)
     except UserInputError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

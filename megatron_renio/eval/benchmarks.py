@@ -20,9 +20,11 @@ dict that overrides keys of the default layout for the task; layout keys:
   item's prompt is that text, a blank line, ``Your code should pass these tests:``, a blank line
   and the asserts one per line, as MBPP's own harness shows them: the asserts name the function
   the model has to write;
-* ``answer`` (math): the reference answer; numbers are turned into strings, and when the text
-  contains ``\\boxed{...}`` (a full solution) the last box's content is the answer;
-* ``tests`` (code): test code, a string or a list of assert strings (joined with newlines);
+* ``answer`` (math): the reference answer, a string or a finite number; numbers are turned into
+  strings, and when the text contains ``\\boxed{...}`` (a full solution) the last box's content is
+  the answer, which must not be empty or blank;
+* ``tests`` (code): test code, a string or a list of assert strings (joined with newlines), which
+  must not be empty or blank;
 * ``entry_point`` (code, may be ``None``): the function name; ``check(<entry_point>)`` is called
   after the tests (HumanEval's convention);
 * ``setup`` (code, optional field, may be ``None``): code run before the program (MBPP's
@@ -200,9 +202,14 @@ def _item(record: Mapping, layout: dict, where: str, default_id: str) -> Benchma
         answer = _field(record, name, where, required=True)
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise UserInputError(f"{where}: field '{name}' must be a string or a number")
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise UserInputError(f"{where}: field '{name}' must be a finite number, got {answer}")
         answer = str(answer)
         boxed = extract_boxed_answer(answer)
-        return BenchmarkItem(item_id, task, prompt, answer=answer if boxed is None else boxed)
+        answer = answer if boxed is None else boxed
+        if not answer.strip():  # no completion could match it: every sample would be graded wrong
+            raise UserInputError(f"{where}: field '{name}' holds an empty answer")
+        return BenchmarkItem(item_id, task, prompt, answer=answer)
     entry_point = _field(record, layout.get("entry_point"), where, required=True)
     if entry_point is not None:
         entry_point = _text(entry_point, layout["entry_point"], where)
@@ -213,12 +220,13 @@ def _item(record: Mapping, layout: dict, where: str, default_id: str) -> Benchma
         setup_parts.append(_text(setup, setup_name, where))
     name = layout["tests"]
     tests = _field(record, name, where, required=True)
-    if not isinstance(tests, str):
-        try:
-            tests = "\n".join(_text(t, name, where) for t in tests)
-        except TypeError:
-            raise UserInputError(f"{where}: field '{name}' must be a string or a list of strings")
+    if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
+        tests = "\n".join(tests)
         prompt = f"{prompt}\n\nYour code should pass these tests:\n\n{tests}"
+    elif not isinstance(tests, str):
+        raise UserInputError(f"{where}: field '{name}' must be a string or a list of strings")
+    if not tests.strip():  # nothing would be checked
+        raise UserInputError(f"{where}: field '{name}' holds no test code")
     return BenchmarkItem(item_id, task, prompt, tests=tests, entry_point=entry_point, setup="\n".join(setup_parts))
 
 

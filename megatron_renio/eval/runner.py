@@ -1,7 +1,8 @@
 """``megatron-renio eval``: generate with the Megatron model on benchmarks, grade, report avg@k and pass@k.
 
     [torchrun --nproc-per-node N] python -m megatron_renio.eval.runner --load CKPT
-        --benchmark [PRESET=]FILE_OR_NAME [...] [--samples-per-problem K] [--temperature T]
+        --benchmark [PRESET=]FILE_OR_NAME [...] [--problem-field F] [--answer-field F] [--id-field F]
+        [--samples-per-problem K] [--temperature T]
         [--top-p P] [--top-k K] [--max-new-tokens N] [--greedy] [--out FILE] [--summary FILE]
         [--tokenizer PATH] [--seq-length S] [--batch-size B] [--seed N] [--bf16]
         [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P] [--ckpt-fully-parallel-load]
@@ -13,8 +14,11 @@ a field preset: ``math500=/data/math500.jsonl``, ``minerva=/data/minerva.parquet
 split at its first ``=`` only when the part before it is a plain word (letters, digits, ``_``,
 ``-``), which must then be a preset; any other value is a path, so ``/data/run=3/aime.jsonl`` is a
 file (write a file named like ``run=3.jsonl`` in the current folder as ``./run=3.jsonl``). Without
-a preset the layout is detected from the first record. A benchmark is reported under its preset
-name, else under its file name without extensions; two benchmarks may not share a name.
+a preset the layout is detected from the first record, and ``--problem-field``, ``--answer-field``
+and ``--id-field`` name the fields that hold the problem, the reference answer (math files; a code
+file has tests instead) and the item id in every such file (GSM8K's ``question`` / ``answer``:
+``--problem-field question``). A benchmark is reported under its preset name, else under its file
+name without extensions; two benchmarks may not share a name.
 
 Prompts. Each problem becomes the student prompt of training
 (:func:`~megatron_renio.data.templates.build_prompt_ids`, task math or coding: the problem, a blank
@@ -97,6 +101,14 @@ def jsonl_lines(records: Iterable[dict]) -> Iterable[str]:
     return (json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
+def same_file(path: str, other: str) -> bool:
+    """Whether writing ``path`` would replace ``other``: the same absolute path, or (both existing) one
+    file under two names (a symbolic or hard link)."""
+    if os.path.abspath(path) == os.path.abspath(other):
+        return True
+    return os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other)
+
+
 def gather_to_rank0(items: list, stage: str = "first") -> list | None:
     """The holders' ``items`` concatenated in rank order on rank 0, None elsewhere. Collective.
 
@@ -170,14 +182,27 @@ _SAMPLING_CHECKS = {  # name -> (kind, check, allowed)
 }
 
 
+# --<name>-field flag -> the key of the benchmark field layout it sets
+FIELD_FLAGS = {"problem_field": "prompt", "answer_field": "answer", "id_field": "id"}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_renio.eval.benchmarks import PRESETS
+
     parser = _OneLineErrorParser(
         prog="megatron-renio eval",
         description="Generate with the Megatron model on benchmarks, grade, report avg@k and pass@k.",
     )
     parser.add_argument("--load", required=True, help="model checkpoint folder (converted or trained)")
     parser.add_argument("--benchmark", required=True, nargs="+", metavar="[PRESET=]FILE_OR_NAME",
-                        help="benchmark files or 'humaneval', optionally prefixed with a field preset")
+                        help="benchmark files or 'humaneval', optionally prefixed with a field preset (one of "
+                             f"{', '.join(PRESETS)}); without one the layout is detected from the first record")
+    field_name = _typed(str, bool, "a field name")
+    for flag, what in (("problem", "the problem (default: problem for math; prompt, or text with test_list, for code)"),
+                       ("answer", "the reference answer of a math file (default: answer)"),
+                       ("id", "the item id (default: id for math, task_id for code; else FILE:LINE)")):
+        parser.add_argument(f"--{flag}-field", type=field_name, metavar="FIELD",
+                            help=f"field of the benchmark files given without a preset that holds {what}")
     parser.add_argument("--samples-per-problem", type=_positive_int, default=1, metavar="K",
                         help="completions per problem, the k of avg@k and pass@k; default: 1")
     for name, (kind, _, allowed) in _SAMPLING_CHECKS.items():
@@ -211,16 +236,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _benchmark_spec(spec: str) -> tuple[str | None, str]:
+    """A ``--benchmark`` value -> (preset or None, file or built-in name), by the rule of the module
+    docstring: split at the first ``=`` only when the part before it is a plain word, which must be a
+    preset. The built-in ``humaneval`` has its preset."""
+    from megatron_renio.eval.benchmarks import PRESETS
+
+    preset, sep, path = spec.partition("=")
+    if spec == "humaneval":
+        return spec, spec
+    if not (sep and re.fullmatch(r"[\w-]+", preset)):
+        return None, spec
+    if preset not in PRESETS:
+        raise UserInputError(f"--benchmark {spec}: unknown field preset {preset!r} (known: {', '.join(PRESETS)})")
+    return preset, path
+
+
+def _benchmark_fields(args: argparse.Namespace) -> dict[str, str]:
+    """The layout keys that ``--problem-field``, ``--answer-field`` and ``--id-field`` set."""
+    return {key: getattr(args, flag) for flag, key in FIELD_FLAGS.items() if getattr(args, flag) is not None}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the eval flags (cheap checks only: nothing is loaded)."""
     args = build_parser().parse_args(argv)
+    specs = [_benchmark_spec(spec) for spec in args.benchmark]
+    if _benchmark_fields(args) and all(preset is not None for preset, _ in specs):
+        flag = next("--" + f.replace("_", "-") for f in FIELD_FLAGS if getattr(args, f) is not None)
+        raise UserInputError(f"{flag} applies to the benchmark files given without a preset; every --benchmark "
+                             "here has one (or is humaneval)")
     outputs = [(path, flag) for path, flag in ((args.out, "--out"), (args.summary, "--summary")) if path is not None]
-    inputs = [(spec.partition("=")[2] or spec, "--benchmark") for spec in args.benchmark]
+    inputs = [(path, "--benchmark") for spec, (_, path) in zip(args.benchmark, specs) if spec != "humaneval"]
     for path, flag in outputs:
         check_output_file(path, f"{flag} {path}")
         for other, other_flag in inputs + [o for o in outputs if o[1] != flag]:
-            if os.path.exists(other) and os.path.exists(path) and os.path.samefile(path, other) \
-                    or os.path.abspath(path) == os.path.abspath(other):
+            if same_file(path, other):
                 raise UserInputError(f"{flag} {path} is also the {other_flag} file; choose another")
     return args
 
@@ -233,21 +283,18 @@ class Benchmark:
     items: list
 
 
-def _load_benchmarks(specs: list[str]) -> list[Benchmark]:
-    """``[PRESET=]FILE_OR_NAME`` values -> loaded benchmarks with distinct names."""
-    from megatron_renio.eval.benchmarks import PRESETS, load_benchmark
+def _load_benchmarks(specs: list[str], fields: dict[str, str] | None = None) -> list[Benchmark]:
+    """``[PRESET=]FILE_OR_NAME`` values -> loaded benchmarks with distinct names; ``fields``
+    (:func:`_benchmark_fields`) overrides the detected layout of the files given without a preset."""
+    from megatron_renio.eval.benchmarks import load_benchmark
 
     benchmarks: list[Benchmark] = []
     for spec in specs:
-        preset, sep, path = spec.partition("=")
-        if not (sep and re.fullmatch(r"[\w-]+", preset)):
-            preset, path = None, spec
-        elif preset not in PRESETS:
-            raise UserInputError(f"--benchmark {spec}: unknown field preset {preset!r} (known: {', '.join(PRESETS)})")
-        name = preset or (path if path == "humaneval" else Path(path).name.split(".")[0])
+        preset, path = _benchmark_spec(spec)
+        name = preset or Path(path).name.split(".")[0]
         if any(b.name == name for b in benchmarks):
             raise UserInputError(f"--benchmark: two benchmarks are named {name!r}; prefix one with its preset")
-        benchmarks.append(Benchmark(name, load_benchmark(path, fields=preset)))
+        benchmarks.append(Benchmark(name, load_benchmark(path, fields=fields if preset is None else preset)))
     return benchmarks
 
 
@@ -365,7 +412,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if tokenizer_path is None:
         raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
     sampling = _sampling(args, tokenizer_path)
-    benchmarks = _load_benchmarks(args.benchmark)
+    benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
     tokenizer = load_tokenizer(str(tokenizer_path))
     if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
         tokenizer.add_stop_ids(meta.generation_config.parent)

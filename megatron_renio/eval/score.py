@@ -71,7 +71,7 @@ from megatron_renio.data.records import RECORD_EXTENSIONS
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
 from megatron_renio.distributed import agreed_error, log0, on_rank0
-from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines
+from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines, same_file
 from megatron_renio.output_paths import check_output_file, write_atomic
 
 TRAINING_FLAGS = (
@@ -139,7 +139,7 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its RECORD_EXTENSIONS entry
     out = own.out or stem + ".scores.jsonl"
     check_output_file(out, f"--out {out}")
-    if os.path.abspath(out) == os.path.abspath(own.data):
+    if same_file(out, own.data):
         raise UserInputError(f"--out {out} is the --data file")
     return ScoreArgs(train, own.data, out, own.per_token)
 

@@ -223,7 +223,37 @@ def _load_train_state(path: Path) -> dict:
     state_file = path / "train_state.pt"
     if not state_file.is_file():
         raise UserInputError(f"{path}: {state_file.name} missing (incomplete checkpoint)")
-    return torch.load(state_file, weights_only=False)
+    state = _load_file(state_file)
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        raise UserInputError(f"{state_file}: holds no training state (a file that this trainer did not write)")
+    return state
+
+
+def _load_file(file: Path):
+    """``torch.load`` of one of a checkpoint's pickled files; one line naming it when it cannot be read."""
+    from megatron_renio.models.checkpoint import _describe
+
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as e:  # torch reports a torn file as RuntimeError, EOFError, UnpicklingError, ValueError...
+        raise UserInputError(f"{file}: cannot be read (truncated or not a checkpoint file: {_describe(e)})") from e
+
+
+def _load_part(request: dict, directory: Path, what: str, fully_parallel: bool) -> dict:
+    """Collective: :func:`~megatron_renio.models.checkpoint.load_sharded` of ``request`` from the
+    checkpoint folder ``directory``, which holds ``what``; a folder that cannot be loaded (a file
+    missing, torn or not of this checkpoint) is one line naming it, on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_renio.models.checkpoint import _describe, load_sharded
+
+    state, error = None, None
+    try:
+        state = load_sharded(request, directory, fully_parallel)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        error = UserInputError(f"{directory}: cannot load {what}, missing or corrupt files ({_describe(e)})")
+    raise_if_any_rank(error)  # a rank-local failure: no rank goes on into the next collective
+    return state
 
 
 def load_training_checkpoint(root: str | Path, train_state: dict, *, student, optimizer, teacher=None,
@@ -233,15 +263,18 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     finds the RNG file of its rank number (saved by a world at least as large) continues those
     streams: exactly at the same layout; at another layout they are the streams of another role, as
     any seeded continuation would be. ``fully_parallel``: Megatron's fully parallel load of every part
-    (:func:`~megatron_renio.models.checkpoint.load_sharded`)."""
-    from megatron_renio.models.checkpoint import load_model_checkpoint, load_sharded
+    (:func:`~megatron_renio.models.checkpoint.load_sharded`). A part that cannot be loaded (a file
+    missing, truncated or of something else) stops every rank with one line naming its file or folder,
+    also where one rank alone reads it (its RNG file)."""
+    from megatron_renio.models.checkpoint import _describe, load_model_checkpoint
 
     path = iteration_dir(root, train_state["iteration"])
     load_model_checkpoint(student, path, fully_parallel)
     if teacher is not None:
         if not (path / "teacher").is_dir():
             raise UserInputError(f"{path}: no EMA teacher saved (was the run started with --teacher ema?)")
-        teacher.load_state_dict(load_sharded(teacher.sharded_state_dict(), path / "teacher", fully_parallel))
+        teacher.load_state_dict(_load_part(teacher.sharded_state_dict(), path / "teacher", "the EMA teacher",
+                                           fully_parallel))
     optimizer_dir = path / "optimizer"
     if not optimizer_dir.is_dir():
         raise UserInputError(f"{path}: optimizer state missing (incomplete checkpoint)")
@@ -250,15 +283,22 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     request = _optimizer_state_dict(optimizer, student.sharded_state_dict(), True, sharding)
     if _distributed(optimizer) and sharding == DP_RESHARDABLE:
         _check_gradient_buckets(request, optimizer_dir)
-    state = load_sharded(request, optimizer_dir, fully_parallel)
+    state = _load_part(request, optimizer_dir, "the optimizer state", fully_parallel)
     if _distributed(optimizer):
         _load_distributed_optimizer_state(optimizer, state)
     else:
         optimizer.load_state_dict(state)
     _untie_step_tensors(optimizer)
     rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
+    error = None
     if rank_file.is_file():
-        _set_rng_state(torch.load(rank_file, weights_only=False))
+        try:
+            _set_rng_state(_load_file(rank_file))
+        except UserInputError as e:
+            error = e
+        except (KeyError, TypeError, ValueError) as e:  # a readable file without the states _rng_state saves
+            error = UserInputError(f"{rank_file}: holds no RNG states ({_describe(e)})")
+    raise_if_any_rank(error)  # this rank's own file: the others must not wait for it in the next collective
 
 
 def _check_gradient_buckets(request: dict, optimizer_dir: Path) -> None:

@@ -31,9 +31,17 @@ def drop_steps_after(path: Path, iteration: int) -> None:
     """Rewrite the JSONL file ``path`` of per-step records (atomically) without the records of steps
     after ``iteration``, and without a line cut short by a killed process: a run resumed at
     ``iteration`` (0: a requeued run that had saved no checkpoint) takes those steps again, so each
-    step keeps one record."""
+    step keeps one record. A file that is not UTF-8 text (this trainer writes ASCII) is refused in one
+    line naming it and its line, and left as it is."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserInputError(f"{path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x}), so not a log "
+                             "of this trainer; repair or remove the file to resume") from None
     kept = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -1,0 +1,134 @@
+"""A resume from a damaged training checkpoint or log stops with one line naming the file or folder.
+
+One in-process world of one rank saves a training checkpoint (the default optimizer, an EMA teacher);
+each case damages one file of a copy of it and resumes from the copy as ``train`` does
+(:func:`read_train_state`, then :func:`load_training_checkpoint`).
+"""
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from megatron_renio.errors import UserInputError
+
+UNREADABLE = "cannot be read (truncated or not a checkpoint file: "
+OPTIMIZER = "cannot load the optimizer state, missing or corrupt files ("
+TEACHER = "cannot load the EMA teacher, missing or corrupt files ("
+# (file under iter_0000001/, its damage, whether the line names the file (else its folder), what it says next)
+DAMAGES = [
+    ("train_state.pt", "truncate", True, UNREADABLE),
+    ("train_state.pt", "list", True, "holds no training state"),
+    ("optimizer/__0_0.distcp", "truncate", False, OPTIMIZER),
+    ("optimizer/metadata.json", "json", False, OPTIMIZER),
+    ("optimizer/common.pt", "garbage", False, OPTIMIZER),
+    ("teacher/__0_0.distcp", "truncate", False, TEACHER),
+    ("teacher/metadata.json", "json", False, TEACHER),
+    ("rng/rank_00000.pt", "garbage", True, UNREADABLE),
+    ("rng/rank_00000.pt", "list", True, "holds no RNG states ("),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A single-process world and ``(checkpoint folder, build)``: ``build()`` makes a fresh student, its
+    optimizer and an EMA teacher to load into."""
+    from megatron_renio import distributed
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training import components as C
+    from megatron_renio.training.checkpointing import save_training_checkpoint
+    from megatron_renio.training.ema import EmaTeacher
+
+    cfg = TrainConfig()
+    distributed.initialize(ParallelConfig(), seed=0)
+
+    def build():
+        model, info = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
+        ddp = C.wrap_ddp(model, use_distributed_optimizer=False)
+        teacher, _ = build_gpt_model(get_preset("tiny-qwen3"), ParallelConfig())
+        return model, info, ddp, C.build_optimizer(ddp, cfg)[0], EmaTeacher(teacher, 0.9)
+
+    root = tmp_path_factory.mktemp("saved")
+    model, info, ddp, optimizer, ema = build()
+    tokens = torch.randint(0, 100, (2, 16))
+    ddp(tokens, torch.arange(16).expand(2, 16), attention_mask=None).float().pow(2).mean().backward()
+    ddp.finish_grad_sync()
+    assert optimizer.step()[0]  # the optimizer state a checkpoint holds exists after a step
+    save_training_checkpoint(root, 1, student=model, student_info=info, optimizer=optimizer,
+                             train_state={"iteration": 1}, teacher=ema)
+    try:
+        yield root, build
+    finally:
+        distributed.destroy()
+
+
+def _damage(path, how):
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(min(100, path.stat().st_size // 2))
+    elif how == "json":
+        path.write_text("{\n")
+    elif how == "garbage":
+        path.write_text("garbage\n")
+    else:  # a readable pickle of something else
+        torch.save([1, 2], path)
+
+
+def _resume(root, build):
+    from megatron_renio.training.checkpointing import load_training_checkpoint, read_train_state
+
+    model, _, _, optimizer, ema = build()
+    load_training_checkpoint(root, read_train_state(root), student=model, optimizer=optimizer, teacher=ema)
+
+
+def test_an_undamaged_copy_resumes(saved_run, tmp_path):
+    """The copy that each damage case starts from loads (what fails below is the damage)."""
+    root, build = saved_run
+    shutil.copytree(root, tmp_path / "run")
+    _resume(tmp_path / "run", build)
+
+
+@pytest.mark.parametrize("name, how, names_file, says", DAMAGES, ids=[f"{d[0]}-{d[1]}" for d in DAMAGES])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(saved_run, tmp_path, monkeypatch, name, how, names_file,
+                                                        says):
+    """Each damaged file of a training checkpoint stops the resume with one UserInputError that names
+    the file (a pickled one) or the folder (a dist_checkpointing one) and what is wrong; the loads of
+    every rank (all but train_state.pt, which train reads on rank 0 under on_rank0) raise it through
+    raise_if_any_rank, so that every rank stops with it, also for a file that one rank alone reads."""
+    from megatron_renio.distributed import raise_if_any_rank
+    from megatron_renio.training import checkpointing
+
+    agreed = []
+
+    def agree(error):
+        agreed.append(error)
+        raise_if_any_rank(error)
+
+    monkeypatch.setattr(checkpointing, "raise_if_any_rank", agree)
+    root, build = saved_run
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    target = run / "iter_0000001" / name
+    assert target.is_file()
+    _damage(target, how)
+    with pytest.raises(UserInputError) as caught:
+        _resume(run, build)
+    assert str(caught.value).startswith(f"{target if names_file else target.parent}: {says}"), caught.value
+    assert (caught.value in agreed) == (name != "train_state.pt")
+
+
+def test_a_metrics_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    """drop_steps_after (a resume's rewrite of the JSONL logs) names a file that is not UTF-8 text and
+    its line, and leaves it as it was."""
+    from megatron_renio.training.run_logs import drop_steps_after
+
+    path = tmp_path / "metrics.jsonl"
+    content = b'{"step": 1}\n{"step": 2, "x": "\xff\xfe"}\n'
+    path.write_bytes(content)
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: line 2 is not UTF-8 text"):
+        drop_steps_after(path, 1)
+    assert path.read_bytes() == content
