@@ -24,7 +24,9 @@ rules of its architecture; :meth:`Adapter.mappings` expands them for a concrete 
 
 Both commands also share the single-process Megatron world (:func:`build_single_process_model`),
 the check that every tensor they write is finite in the output dtype (:func:`all_finite`,
-:func:`nonfinite_error`) and the command-line wrapper (:func:`make_parser`, :func:`run_cli`).
+:func:`nonfinite_error`), the check of the tokenizer they copy (:func:`check_tokenizer`), the line
+a finished conversion prints (:func:`print_summary`) and the command-line wrapper (:func:`make_parser`,
+:func:`run_cli`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from megatron_renio.data.tokenizer import load_tokenizer
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
 
@@ -319,6 +322,24 @@ def nonfinite_error(where: str | Path, tensor_name: str, source, dtype) -> UserI
     hint = "--dtype bf16 (same range as fp32) or fp32" if dtype == torch.float16 else "--dtype fp32"
     return UserInputError(f"{where}: tensor {tensor_name} holds values that overflow {name} (largest magnitude "
                           f"{largest:.6g} > {limit:.6g}, {name}'s largest value) and become inf; convert with {hint}")
+
+
+def check_tokenizer(tokenizer_dir: str | Path, preset: ModelPreset, vocabulary_source: str | Path) -> None:
+    """Refuse a tokenizer folder that a conversion would copy but training could not use: one that does
+    not load (:func:`~megatron_renio.data.tokenizer.load_tokenizer`'s one line naming it), or one with
+    more ids than ``preset``'s vocabulary, which ``vocabulary_source`` (the file that sets it) names."""
+    ids = load_tokenizer(str(tokenizer_dir)).vocab_size
+    if ids > preset.vocab_size:
+        raise UserInputError(f"the tokenizer in {tokenizer_dir} has {ids} ids, more than the model's vocabulary of "
+                             f"{preset.vocab_size} ({vocabulary_source}); is it this model's tokenizer?")
+
+
+def print_summary(preset: ModelPreset, dtype: str, tensors: int, target: str) -> None:
+    """The one line on stdout that ends a conversion: the architecture, its parameter count (the
+    unpadded model's, as transformers counts it), ``dtype`` (bf16, fp16 or fp32), the number of tensors
+    converted and ``target`` (what was written, e.g. ``"the model checkpoint /ckpt/x"``)."""
+    print(f"converted {tensors} tensors of a {preset.architecture} ({preset.num_parameters():,} parameters, "
+          f"{dtype}) into {target}", flush=True)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,12 +22,12 @@ model plus at most one HF tensor. Each tensor is checked for NaN / inf once it h
 the target dtype, before anything is written: an HF tensor that holds such values is refused, and
 so is one whose values do not fit the target dtype (fp16's largest value is 65504: such a model
 needs ``--dtype bf16``). Bad input is a one-line ``error: ...`` on stderr with exit status 2, and
-leaves nothing behind.
+leaves nothing behind. A finished conversion prints one line on stdout: the architecture, its
+parameter count, the dtype, the number of tensors converted and the checkpoint folder.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -39,16 +39,18 @@ from checkpoints_conversion.common import (
     Mapping,
     all_finite,
     build_single_process_model,
+    check_tokenizer,
     make_parser,
     megatron_parameters,
     nonfinite_error,
+    print_summary,
     run_cli,
 )
-from megatron_renio.data.tokenizer import load_tokenizer, read_generation_config
+from megatron_renio.data.tokenizer import read_generation_config
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import (METADATA_FILE, check_target_directory, save_model_checkpoint,
                                               tokenizer_files)
-from megatron_renio.models.presets import ModelPreset, load_hf_config
+from megatron_renio.models.presets import ModelPreset, preset_from_hf_config, read_hf_config
 
 
 def _default_dtype(config: dict) -> str:
@@ -62,8 +64,8 @@ def plan(hf_dir: Path) -> tuple[ModelPreset, dict, list[Mapping], dict[str, safe
     """Validate an HF folder without reading weights: ``(preset, config, mappings, entries)``."""
     if not hf_dir.is_dir():
         raise UserInputError(f"--hf-dir {hf_dir} is not a folder")
-    preset = load_hf_config(hf_dir)
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = read_hf_config(hf_dir)
+    preset = preset_from_hf_config(config, source=str(hf_dir / "config.json"))
     adapter = get_adapter(preset.architecture)
     adapter.check_config(config, str(hf_dir / "config.json"))
     mappings = adapter.mappings(preset)
@@ -173,7 +175,9 @@ def convert(
     ``tokenizer_dir`` defaults to ``hf_dir``; a default folder without tokenizer files gives a
     checkpoint without a tokenizer (with a note on stderr), an explicit one is an error. The checkpoint
     keeps ``hf_dir``'s ``generation_config.json`` when it has one, else ``tokenizer_dir``'s; a note on
-    stderr names both when they differ.
+    stderr names both when they differ. A tokenizer that does not load, or has more ids than the model's
+    vocabulary, is refused before anything is written. Prints one summary line on stdout at the end
+    (:func:`~checkpoints_conversion.common.print_summary`).
     """
     hf_dir, save = Path(hf_dir), Path(save)
     inputs = (("--hf-dir", hf_dir),) + ((("--tokenizer-dir", tokenizer_dir),) if tokenizer_dir else ())
@@ -193,11 +197,7 @@ def convert(
         else:
             print(f"note: no tokenizer files in {hf_dir}; the checkpoint will have none", file=sys.stderr)
     if tokenizer_dir is not None:  # checked now: training would refuse it after the conversion
-        ids = load_tokenizer(str(tokenizer_dir)).vocab_size
-        if ids > preset.vocab_size:
-            raise UserInputError(f"the tokenizer in {tokenizer_dir} has {ids} ids, more than the model's "
-                                 f"vocabulary of {preset.vocab_size} ({hf_dir / 'config.json'}); is it this "
-                                 "model's tokenizer?")
+        check_tokenizer(tokenizer_dir, preset, hf_dir / "config.json")
         other, other_generation = read_generation_config(tokenizer_dir)
         if generation_config.is_file() and other.is_file() and other_generation != generation:
             print(f"note: {other} differs from the model's {generation_config}; the checkpoint keeps the model's",
@@ -205,11 +205,13 @@ def convert(
 
     model, info = build_single_process_model(preset, dtype)
     fill_parameters(preset, mappings, entries, megatron_parameters(model))
-    return save_model_checkpoint(
+    save = save_model_checkpoint(
         model, info, save, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
         generation_config=generation_config if generation_config.is_file() else None,
         extra_metadata={"source": str(hf_dir.resolve()), "converted_by": "checkpoints_conversion.hf_to_megatron"},
     )
+    print_summary(preset, dtype, len(entries), f"the model checkpoint {save}")
+    return save
 
 
 def main(argv: list[str] | None = None) -> int:

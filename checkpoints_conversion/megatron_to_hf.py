@@ -12,8 +12,11 @@ tokenizer files, so that ``transformers.AutoModelForCausalLM.from_pretrained(DIR
 written with ``model.embed_tokens.weight`` only and ``tie_word_embeddings: true``. ``--dtype`` defaults
 to the checkpoint's dtype. The HF tensors are produced one at a time while the shards are written, each
 checked for NaN / inf in the output dtype as hf_to_megatron checks its input: a weight beyond fp16's
-range (65504) is refused with ``--dtype fp16``, naming the tensor (use ``--dtype bf16``). Everything goes
-to a hidden sibling folder that is renamed to ``--save`` at the end, and removed on any error.
+range (65504) is refused with ``--dtype fp16``, naming the tensor (use ``--dtype bf16``). The checkpoint's
+tokenizer is loaded first, as hf_to_megatron checks it: one that does not load, or has more ids than
+the model's vocabulary, is refused before anything is written. Everything goes to a hidden sibling
+folder that is renamed to ``--save`` at the end, and removed on any error; then one line on stdout names
+the architecture, its parameter count, the dtype, the number of tensors written and the folder.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from checkpoints_conversion.common import (
     Mapping,
     all_finite,
     build_single_process_model,
+    check_tokenizer,
     make_parser,
     megatron_parameters,
     nonfinite_error,
+    print_summary,
     run_cli,
 )
 from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE
 from megatron_renio.models.checkpoint import (
+    METADATA_FILE,
     check_target_directory,
     load_model_checkpoint,
     publish_directory,
@@ -72,13 +78,17 @@ def hf_tensors(load: Path, preset: ModelPreset, parameters: dict, dtype) -> list
 
 
 def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Write the HF folder ``save`` from the model checkpoint ``load``; returns ``save``."""
+    """Write the HF folder ``save`` from the model checkpoint ``load``; returns ``save``. The
+    checkpoint's tokenizer must load and fit its vocabulary (checked before anything is written); prints
+    one summary line on stdout at the end (:func:`~checkpoints_conversion.common.print_summary`)."""
     load, save = Path(load), Path(save)
     metadata = read_checkpoint_metadata(load)
     check_target_directory(save, overwrite, label=f"--save {save}", inputs=(("--load", load),))
     preset = metadata.preset
     get_adapter(preset.architecture)  # an unsupported architecture fails here, before heavy imports
     dtype = dtype or metadata.dtype
+    if metadata.tokenizer_dir is not None:  # a tokenizer that does not load would make an unusable export
+        check_tokenizer(metadata.tokenizer_dir, preset, load / METADATA_FILE)
 
     from megatron_renio.models.builder import DTYPES  # torch: only once the input is known to be good
 
@@ -106,6 +116,7 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    print_summary(preset, dtype, len(tensors), f"the Hugging Face folder {save.absolute()}")
     return save
 
 

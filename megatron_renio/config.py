@@ -413,6 +413,10 @@ def validate(c: TrainConfig) -> None:
     for name in ("save_interval", "exit_interval", "lr_warmup_iters", "rollout_top_k", "save_samples_interval"):
         value = getattr(c, name)
         _check(isinstance(value, int) and value >= 0, _flag(name), "an integer >= 0", value)
+    for f in dataclasses.fields(c):  # what `--save "$SAVE"` passes when the variable is unset
+        value = getattr(c, f.name)
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise UserInputError(f"{_flag(f.name)} is empty (an unset shell variable?): give a value or leave the flag out")
     _check(c.lr >= 0, "--lr", ">= 0", c.lr)
     _check(0 <= c.min_lr <= max(c.lr, 0), "--min-lr", f"in [0, --lr={c.lr}]", c.min_lr)
     _check(c.weight_decay >= 0, "--weight-decay", ">= 0", c.weight_decay)

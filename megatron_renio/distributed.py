@@ -294,6 +294,9 @@ def initialize(
     _refuse_launcher_without_torchrun()
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):
+        raise UserInputError(f"environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} do "
+                             "not fit together (0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0): launch with torchrun")
     dp_size = parallel.data_parallel_size(world_size)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world_size > 1 and missing and not torch.distributed.is_initialized():  # before the CPU backend's patches

@@ -70,6 +70,13 @@ def _loss_notes(cfg: TrainConfig) -> list[str]:
     return notes
 
 
+def _save_notes(cfg: TrainConfig) -> list[str]:
+    """Checkpoint settings that write nothing: an interval without a folder (Megatron-LM ignores it too)."""
+    if cfg.save_interval and not cfg.save:
+        return [f"--save-interval {cfg.save_interval} without --save: no checkpoint is written"]
+    return []
+
+
 def _step_counts(completions: list[list[int]], eos: list[int], limits: list[int], generated: int,
                  positions: int, flops: float, rollout_seconds: float, device) -> dict[str, float]:
     """This step's rollout and batch counts summed over the data-parallel replicas (collective over the
@@ -165,7 +172,7 @@ def run(cfg: TrainConfig) -> dict:
     if prompts.budget_limited:
         log0(f"note: {prompts.budget_limited} prompts leave fewer than --max-new-tokens {cfg.max_new_tokens} tokens "
              f"of --seq-length {cfg.seq_length}; their completions end there")
-    for note in _renio_notes(cfg) + _loss_notes(cfg):
+    for note in _renio_notes(cfg) + _loss_notes(cfg) + _save_notes(cfg):
         log0(f"note: {note}")
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
     batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "

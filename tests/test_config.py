@@ -98,6 +98,8 @@ def test_yaml_config_with_cli_override(tmp_path):
                                             r"local normalises over each micro-batch"),
         (["--micro-batch-order", "sorted"], "--micro-batch-order must be one of data, length"),
         (["--lr-decay-iters", "0"], "--lr-decay-iters must be an integer >= 1 or none, got 0"),
+        (["--save", ""], r"--save is empty \(an unset shell variable\?\): give a value or leave the flag out"),
+        (["--data-path", "a.jsonl", ""], r"--data-path is empty \(an unset shell variable\?\)"),
         (["--lr-warmup-iters", "50", "--lr-decay-iters", "50"],
          r"--lr-warmup-iters must be smaller than --lr-decay-iters \(50\), got 50"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints_conversion import safetensors_io
 from checkpoints_conversion.common import QKVLayout
 from megatron_renio.models.checkpoint import read_checkpoint_metadata
-from megatron_renio.models.presets import ModelPreset, load_hf_config
+from megatron_renio.models.presets import ModelPreset, preset_from_hf_config, read_hf_config
 from tests.torchrun_harness import REPO_ROOT, run_torchrun, subprocess_env
 
 WORKERS = Path(__file__).parent / "workers"
@@ -387,7 +387,7 @@ def test_megatron_to_hf_refuses_an_fp16_overflow(converted):
 def test_checkpoint_metadata(hf_models, converted):
     """renio_model.json: the HF config's preset (true vocabulary), dtype, tokenizer copy, source."""
     metadata = read_checkpoint_metadata(converted["ckpt"] / "qwen3")
-    assert metadata.preset == load_hf_config(hf_models["dirs"]["qwen3"])
+    assert metadata.preset == preset_from_hf_config(read_hf_config(hf_models["dirs"]["qwen3"]))
     assert metadata.preset.vocab_size == 300 and metadata.padded_vocab_size == 384
     assert metadata.dtype == "fp32" and read_checkpoint_metadata(converted["ckpt"] / "qwen3_bf16").dtype == "bf16"
     assert (metadata.tokenizer_dir / "tokenizer.json").is_file()
@@ -573,6 +573,15 @@ HF_BAD_INPUTS = {
     "truncated_file": (_truncate, "truncated safetensors file"),
     "corrupt_file": (_corrupt_header, "corrupt"),
     "no_safetensors": (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors files"),
+    # config.json that is not a JSON object of the expected shape: one line naming it, read once
+    "config_not_an_object": (lambda d: (d / "config.json").write_text("[1, 2]"),
+                             "config.json: expected a JSON object, got list"),
+    "config_not_utf8": (lambda d: (d / "config.json").write_bytes(
+        (d / "config.json").read_bytes().replace(b'"silu"', b'"sil\xe9"')), "config.json: not UTF-8 text at line "),
+    "rope_scaling_string": (lambda d: _edit_config(d, rope_scaling="linear"),
+                            "config.json: rope_scaling must be a JSON object or null, got 'linear'"),
+    "architectures_string": (lambda d: _edit_config(d, architectures="Qwen2ForCausalLM"),
+                             "config.json: architectures must be a list of class names, got 'Qwen2ForCausalLM'"),
 }
 
 
@@ -734,6 +743,26 @@ def test_hf_to_megatron_refuses_what_training_would_refuse_later(hf_models, conv
     _assert_one_line_error(proc, f"--save {copy / 'sub'} lies inside the --hf-dir input {copy}", copy / "sub")
 
 
+def test_each_conversion_ends_with_one_summary_line(hf_models, tmp_path):
+    """Both commands print one line on stdout when done (nothing on stderr): the architecture, the
+    parameter count (the HF model's: every tensor of the untied Qwen2 once), the dtype, the number of
+    tensors converted and the absolute output folder."""
+    hf_dir = hf_models["dirs"]["qwen2"]
+    tensors = _hf_tensors(hf_dir)
+    parameters = f"{sum(t.numel() for t in tensors.values()):,} parameters"
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    runs = (("hf_to_megatron", ["--hf-dir", str(hf_dir), "--save", str(ckpt)], "fp32",
+             f"the model checkpoint {ckpt}"),
+            ("megatron_to_hf", ["--load", str(ckpt), "--save", str(back), "--dtype", "bf16"], "bf16",
+             f"the Hugging Face folder {back}"))
+    for module, args, dtype, target in runs:
+        proc = _cli(module, *args)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert proc.stdout == (f"converted {len(tensors)} tensors of a Qwen2ForCausalLM ({parameters}, {dtype}) "
+                               f"into {target}\n"), proc.stdout
+    assert len(_hf_tensors(back)) == len(tensors)
+
+
 def test_the_converters_restore_the_sigterm_handler(hf_models, tmp_path):
     """In-process callers (a notebook, a launcher) keep their own SIGTERM handler after a conversion."""
     import signal
@@ -770,6 +799,23 @@ def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):
         (corrupt / "renio_model.json").write_text(json.dumps({**metadata, "preset": {**metadata["preset"], field: value}}))
         proc = _cli("megatron_to_hf", "--load", str(corrupt), "--save", str(save))
         _assert_one_line_error(proc, f"corrupt checkpoint metadata (ValueError: {expected})", save)
+
+    for field, value, expected in (("dtype", "float64", "dtype must be one of fp32, bf16, fp16, got 'float64'"),
+                                   ("padded_vocab_size", -5, "padded_vocab_size must be an integer of at least the "
+                                                             "preset's vocab_size (200), got -5")):
+        (corrupt / "renio_model.json").write_text(json.dumps({**metadata, field: value}))
+        proc = _cli("megatron_to_hf", "--load", str(corrupt), "--save", str(save))
+        _assert_one_line_error(proc, f"{corrupt / 'renio_model.json'}: corrupt checkpoint metadata (ValueError: "
+                                     f"{expected})", save)
+
+    # a tokenizer the export would copy but that does not load (tokenizer.json gone, its config left):
+    # refused as hf_to_megatron refuses it, before anything is written
+    (corrupt / "renio_model.json").write_text(json.dumps(metadata))
+    (corrupt / "tokenizer" / "tokenizer.json").unlink()
+    assert (corrupt / "tokenizer" / "tokenizer_config.json").is_file()
+    proc = _cli("megatron_to_hf", "--load", str(corrupt), "--save", str(save))
+    _assert_one_line_error(proc, f"cannot load a tokenizer from folder {corrupt / 'tokenizer'}", save)
+    assert not save.exists()
 
     save.mkdir()
     (save / "keep.txt").write_text("mine")

@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from megatron_renio.distributed import ParallelConfig, fingerprint
 from megatron_renio.errors import UserInputError
@@ -153,6 +154,23 @@ def test_several_processes_without_a_rendezvous_are_one_line_and_leave_torch_unp
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.strip() == "error: WORLD_SIZE=2 without MASTER_PORT: launch with torchrun"
     assert out.stdout.split()[-4:] == ["exit", "2", "False", "False"]
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "1", "RANK": "1"}, {"WORLD_SIZE": "0"},
+                                 {"WORLD_SIZE": "2", "RANK": "-1"}, {"LOCAL_RANK": "-1"}])
+def test_rank_variables_that_do_not_fit_together_are_one_line(env, monkeypatch):
+    """RANK=1 in a world of 1 was gloo's 'rank < size' enforcement traceback."""
+    from megatron_renio import distributed
+    from megatron_renio.distributed import ParallelConfig
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserInputError, match=r"^environment variables RANK=-?\d+, WORLD_SIZE=\d+, LOCAL_RANK=-?\d+ "
+                                             r"do not fit together \(0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0\)"):
+        distributed.initialize(ParallelConfig())
+    assert not torch.distributed.is_initialized()
 
 
 def test_fractional_timeouts_reach_megatron_groups(monkeypatch):

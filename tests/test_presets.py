@@ -96,6 +96,20 @@ def test_unsupported_architecture_lists_supported():
         preset_from_hf_config(bad)
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("architectures", "LlamaForCausalLM", "architectures must be a list of class names, got 'LlamaForCausalLM'"),
+    ("rope_scaling", "linear", "rope_scaling must be a JSON object or null, got 'linear'"),
+    ("rope_parameters", [500000.0], "rope_parameters must be a JSON object or null, got [500000.0]"),
+])
+def test_config_json_fields_of_the_wrong_json_type(field, value, expected):
+    """A field that must be a list or an object but is not: one line naming the file and the field."""
+    config = hf_config_dict(get_preset("tiny-llama3"))
+    config[field] = value
+    with pytest.raises(UserInputError) as error:
+        preset_from_hf_config(config, source="/m/config.json")
+    assert str(error.value) == f"/m/config.json: {expected}"
+
+
 def test_rope_theta_from_rope_parameters_when_the_top_level_key_is_null():
     """transformers 5 nests rope settings in rope_parameters; a config.json that also writes a null
     rope_theta takes the nested one."""

@@ -100,6 +100,7 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(saved_run, tmp_path, mo
     every rank (all but train_state.pt, which train reads on rank 0 under on_rank0) raise it through
     raise_if_any_rank, so that every rank stops with it, also for a file that one rank alone reads."""
     from megatron_renio.distributed import raise_if_any_rank
+    from megatron_renio.models import checkpoint
     from megatron_renio.training import checkpointing
 
     agreed = []
@@ -108,7 +109,8 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(saved_run, tmp_path, mo
         agreed.append(error)
         raise_if_any_rank(error)
 
-    monkeypatch.setattr(checkpointing, "raise_if_any_rank", agree)
+    for module in (checkpointing, checkpoint):  # the RNG file's check; the sharded parts' (load_part)
+        monkeypatch.setattr(module, "raise_if_any_rank", agree)
     root, build = saved_run
     run = tmp_path / "run"
     shutil.copytree(root, run)

@@ -137,6 +137,16 @@ def test_greedy_ties_go_to_the_lowest_index():
     assert sample_next(torch.tensor([[0.0, 5.0, 5.0]]), cfg).tolist() == [1]
 
 
+def test_a_tiny_temperature_samples_the_argmax_not_the_last_column():
+    """logits / 1e-40 overflowed to inf and softmax to NaN, and every row drew the last column; shifted to a
+    maximum of 0 first, the tempered distribution is one-hot at the argmax (as greedy)."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0], [7.0, 1.0, 6.5, 0.0]])
+    for temperature in (1e-40, 1e-300):
+        cfg = SamplingConfig(temperature=temperature, max_new_tokens=1)
+        for u in (0.0, 0.5, 0.999999):
+            assert sample_next(logits, cfg, uniforms=torch.full((2,), u)).tolist() == [1, 0]
+
+
 def test_same_generator_seed_same_tokens():
     cfg = SamplingConfig(max_new_tokens=1, temperature=1.3, top_p=0.95)
     row = torch.randn(100, generator=torch.Generator().manual_seed(2)).tolist()

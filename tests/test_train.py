@@ -1170,6 +1170,14 @@ def test_renio_settings_without_effect_are_noted():
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
 
 
+def test_a_save_interval_without_a_save_folder_is_noted():
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _save_notes
+
+    assert _save_notes(TrainConfig(save_interval=10)) == ["--save-interval 10 without --save: no checkpoint is written"]
+    assert _save_notes(TrainConfig(save_interval=10, save="runs/x")) == _save_notes(TrainConfig()) == []
+
+
 def test_a_tokenizer_flag_keeps_the_models_stop_ids(tmp_path):
     """--tokenizer replaces the student checkpoint's tokenizer, not the EOS ids of the model's own
     generation_config.json: generation stops on both."""

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE, SENTENCEPIECE_FILE
-from megatron_renio.distributed import on_rank0
+from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
 from megatron_renio.output_paths import check_output_folder, is_empty_folder
@@ -385,7 +385,11 @@ def save_model_checkpoint(
 
 
 def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
-    """Read ``renio_model.json`` of a model checkpoint (no collective; any rank may call it)."""
+    """Read ``renio_model.json`` of a model checkpoint (no collective; any rank may call it). A field of
+    the wrong type or value (a preset field, a ``dtype`` that is not bf16 / fp16 / fp32, a
+    ``padded_vocab_size`` below the vocabulary) is one line naming the file and the field."""
+    from megatron_renio.models.builder import DTYPES
+
     directory = Path(directory)
     if not directory.is_dir():
         raise UserInputError(f"model checkpoint folder {directory} does not exist")
@@ -414,13 +418,19 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
                 f"{path}: format version {version} is newer than this code reads ({FORMAT_VERSION}); "
                 "update megatron_renio"
             )
-        tokenizer = data["tokenizer_dir"]
+        tokenizer, dtype, padded = data["tokenizer_dir"], data["dtype"], data["padded_vocab_size"]
+        preset = ModelPreset.from_dict(data["preset"])
+        if not (isinstance(dtype, str) and dtype in DTYPES):
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if type(padded) is not int or padded < preset.vocab_size:
+            raise ValueError(f"padded_vocab_size must be an integer of at least the preset's vocab_size "
+                             f"({preset.vocab_size}), got {padded!r}")
         metadata = CheckpointMetadata(
             directory=directory,
             format_version=version,
-            preset=ModelPreset.from_dict(data["preset"]),
-            dtype=str(data["dtype"]),
-            padded_vocab_size=int(data["padded_vocab_size"]),
+            preset=preset,
+            dtype=dtype,
+            padded_vocab_size=padded,
             tokenizer_dir=None if tokenizer is None else directory / tokenizer,
             saved_layout=dict(data["saved_layout"]),
             extra=dict(data["extra"]),
@@ -493,25 +503,35 @@ def load_model_checkpoint(model, directory: str | Path, fully_parallel: bool = F
     """
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from megatron.core.utils import unwrap_model
-    from torch.distributed.checkpoint.api import CheckpointException
 
     metadata = read_checkpoint_metadata(directory)
     module = unwrap_model(model)
     mismatches = _mismatches(module, metadata.preset)
     if mismatches:
         raise UserInputError(f"{directory} does not fit the model: {'; '.join(mismatches)}")
-    try:
-        state_dict = load_sharded(_sharded_state_dict(module), Path(directory) / MODEL_SUBDIR, fully_parallel,
-                                  strict=StrictHandling.RAISE_ALL)
-        module.load_state_dict(state_dict, strict=True)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise UserInputError(
-            f"{directory}: cannot load the model weights, missing or corrupt files ({_describe(e)})"
-        ) from e
+    state_dict = load_part(_sharded_state_dict(module), Path(directory) / MODEL_SUBDIR, "the model weights",
+                           fully_parallel, strict=StrictHandling.RAISE_ALL)
+    module.load_state_dict(state_dict, strict=True)
     return metadata
 
 
-def _describe(error: BaseException) -> str:
+def load_part(request: dict, directory: str | Path, what: str, fully_parallel: bool = False, **kwargs) -> dict:
+    """Collective: :func:`load_sharded` of ``request`` from ``directory``, which holds ``what`` (for the
+    message). A folder that cannot be loaded (a file missing, torn, or of another model) is one line
+    naming it, raised on every rank (:func:`~megatron_renio.distributed.raise_if_any_rank`: the first
+    failing rank's line; no rank goes on into the next collective)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state, error = None, None
+    try:
+        state = load_sharded(request, directory, fully_parallel, **kwargs)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        error = UserInputError(f"{directory}: cannot load {what}, missing or corrupt files ({describe_load_error(e)})")
+    raise_if_any_rank(error)
+    return state
+
+
+def describe_load_error(error: BaseException) -> str:
     """One short line for a load failure; torch DCP wraps per-rank failures, name the first."""
     from torch.distributed.checkpoint.api import CheckpointException
 

@@ -224,6 +224,11 @@ def _token_ids(config: dict, name: str, source: str) -> int | tuple[int, ...] | 
 def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPreset:
     """Build a preset from the dict of an HF ``config.json``; ``source`` names the file in errors."""
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise UserInputError(f"{source}: architectures must be a list of class names, got {architectures!r}")
+    for name in ("rope_scaling", "rope_parameters"):
+        if config.get(name) is not None and not isinstance(config[name], dict):
+            raise UserInputError(f"{source}: {name} must be a JSON object or null, got {config[name]!r}")
     architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if architecture is None:
         raise UserInputError(
@@ -270,16 +275,23 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
     )
 
 
-def load_hf_config(hf_dir: str | Path) -> ModelPreset:
-    """Read ``<hf_dir>/config.json`` into a preset (one-line errors for a missing or bad file)."""
+def read_hf_config(hf_dir: str | Path) -> dict:
+    """The JSON object of ``<hf_dir>/config.json``; one-line errors naming the file when it is missing,
+    not UTF-8, not valid JSON or not a JSON object (give the result to :func:`preset_from_hf_config`)."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise UserInputError(f"no config.json in {hf_dir}")
+    data = path.read_bytes()
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = 1 + data.count(b"\n", 0, e.start)
+        raise UserInputError(f"{path}: not UTF-8 text at line {line} ({e.reason})") from None
     except json.JSONDecodeError as e:
         raise UserInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return preset_from_hf_config(config, source=str(path))
+    if not isinstance(config, dict):
+        raise UserInputError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def hf_config_dict(preset: ModelPreset, torch_dtype: str = "bfloat16") -> dict:

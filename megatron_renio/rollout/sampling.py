@@ -54,7 +54,8 @@ def sample_next(
 ) -> torch.Tensor:
     """One token per row of ``logits`` ([b, V_true], float32): a LongTensor [b] on the same device.
 
-    Greedy: the argmax (lowest index on ties). Otherwise the logits are divided by the temperature,
+    Greedy: the argmax (lowest index on ties). Otherwise the logits, less their row maximum, are
+    divided by the temperature (a temperature near 0 tends to the argmax; ties share the draw),
     restricted to the top-k, then to the top-p nucleus (the most likely token always stays), and one
     token is drawn by inverse-CDF sampling: row i takes the first token whose cumulative probability
     reaches ``uniforms[i]`` (one number in [0, 1) per row; drawn from ``generator`` when not given).
@@ -63,7 +64,12 @@ def sample_next(
     """
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / cfg.temperature
+    # shifted to a row maximum of 0 before the division (the distribution does not change), by at least float32's
+    # smallest normal number: however small the temperature, no score is inf or NaN (the scores overflowed to
+    # inf, softmax made NaN of them and the last column was drawn); a tiny one is the argmax's one-hot
+    scores = logits.float()
+    temperature = max(cfg.temperature, torch.finfo(torch.float32).tiny)
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature
     if 0 < cfg.top_k < scores.size(-1):
         kth = torch.topk(scores, cfg.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

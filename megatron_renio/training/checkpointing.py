@@ -231,29 +231,12 @@ def _load_train_state(path: Path) -> dict:
 
 def _load_file(file: Path):
     """``torch.load`` of one of a checkpoint's pickled files; one line naming it when it cannot be read."""
-    from megatron_renio.models.checkpoint import _describe
+    from megatron_renio.models.checkpoint import describe_load_error
 
     try:
         return torch.load(file, weights_only=False)
     except Exception as e:  # torch reports a torn file as RuntimeError, EOFError, UnpicklingError, ValueError...
-        raise UserInputError(f"{file}: cannot be read (truncated or not a checkpoint file: {_describe(e)})") from e
-
-
-def _load_part(request: dict, directory: Path, what: str, fully_parallel: bool) -> dict:
-    """Collective: :func:`~megatron_renio.models.checkpoint.load_sharded` of ``request`` from the
-    checkpoint folder ``directory``, which holds ``what``; a folder that cannot be loaded (a file
-    missing, torn or not of this checkpoint) is one line naming it, on every rank."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from megatron_renio.models.checkpoint import _describe, load_sharded
-
-    state, error = None, None
-    try:
-        state = load_sharded(request, directory, fully_parallel)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        error = UserInputError(f"{directory}: cannot load {what}, missing or corrupt files ({_describe(e)})")
-    raise_if_any_rank(error)  # a rank-local failure: no rank goes on into the next collective
-    return state
+        raise UserInputError(f"{file}: cannot be read (truncated or not a checkpoint file: {describe_load_error(e)})") from e
 
 
 def load_training_checkpoint(root: str | Path, train_state: dict, *, student, optimizer, teacher=None,
@@ -266,14 +249,14 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     (:func:`~megatron_renio.models.checkpoint.load_sharded`). A part that cannot be loaded (a file
     missing, truncated or of something else) stops every rank with one line naming its file or folder,
     also where one rank alone reads it (its RNG file)."""
-    from megatron_renio.models.checkpoint import _describe, load_model_checkpoint
+    from megatron_renio.models.checkpoint import describe_load_error, load_model_checkpoint, load_part
 
     path = iteration_dir(root, train_state["iteration"])
     load_model_checkpoint(student, path, fully_parallel)
     if teacher is not None:
         if not (path / "teacher").is_dir():
             raise UserInputError(f"{path}: no EMA teacher saved (was the run started with --teacher ema?)")
-        teacher.load_state_dict(_load_part(teacher.sharded_state_dict(), path / "teacher", "the EMA teacher",
+        teacher.load_state_dict(load_part(teacher.sharded_state_dict(), path / "teacher", "the EMA teacher",
                                            fully_parallel))
     optimizer_dir = path / "optimizer"
     if not optimizer_dir.is_dir():
@@ -283,7 +266,7 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     request = _optimizer_state_dict(optimizer, student.sharded_state_dict(), True, sharding)
     if _distributed(optimizer) and sharding == DP_RESHARDABLE:
         _check_gradient_buckets(request, optimizer_dir)
-    state = _load_part(request, optimizer_dir, "the optimizer state", fully_parallel)
+    state = load_part(request, optimizer_dir, "the optimizer state", fully_parallel)
     if _distributed(optimizer):
         _load_distributed_optimizer_state(optimizer, state)
     else:
@@ -297,7 +280,7 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
         except UserInputError as e:
             error = e
         except (KeyError, TypeError, ValueError) as e:  # a readable file without the states _rng_state saves
-            error = UserInputError(f"{rank_file}: holds no RNG states ({_describe(e)})")
+            error = UserInputError(f"{rank_file}: holds no RNG states ({describe_load_error(e)})")
     raise_if_any_rank(error)  # this rank's own file: the others must not wait for it in the next collective
 
 
