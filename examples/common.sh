@@ -26,7 +26,10 @@ else
 fi
 
 # The reference settings of the method (README, "The method, as implemented"): loss temperature = sampling temperature
-# 1.1, token clip 0.05, ReNIO clip 2.5, threshold 0.8, weight temperature 1, batch-mean normalisation.
+# 1.1, token clip 0.05, ReNIO clip 2.5, threshold 0.8, weight temperature 1, batch-mean normalisation,
+# normalised over the whole step (--renio-scope global). The reference's weight cap (--renio-max-weight 10, the
+# default) is taken against a micro-batch's mean weight and cannot bind with micro-batches of a few samples (the
+# trainer notes it); micro-batches form longest first, so that each pads little.
 RENIO_ARGS=(--kd-temperature 1.1 --rollout-temperature 1.1 --kd-token-clip 0.05
             --renio --renio-clip 2.5 --renio-threshold 0.8 --renio-temperature 1.0
-            --renio-norm batch_mean --renio-max-weight 10 --renio-scope global)
+            --renio-norm batch_mean --renio-scope global --micro-batch-order length)

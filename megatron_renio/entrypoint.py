@@ -11,6 +11,8 @@ from megatron_renio.errors import RankFailure, UserInputError
 
 
 _TRUE = ("1", "true", "yes", "on")
+# The modules whose warnings a command hides without --debug (run_command).
+_QUIET_MODULES = r"megatron\.|torch\.distributed\.checkpoint\.|torch\.distributed\.c10d_logger$"
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -45,9 +47,10 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     exit status 2. A copy of another rank's error (``reported_by``, :mod:`~megatron_renio.errors`) is
     printed on rank 0 only, naming that rank, and gives exit status 2 (bad input) or 1 (another
     failure, whose traceback is in that rank's log). With ``--debug`` the exception propagates with its
-    traceback. Without
-    ``--debug``, warnings raised inside Megatron-Core and torch.distributed.checkpoint (deprecation
-    notices of checkpoint loading) are not shown.
+    traceback. Without ``--debug``, warnings raised inside Megatron-Core, torch.distributed.checkpoint
+    (deprecation notices of checkpoint loading) and torch.distributed's deprecation wrapper (the
+    collectives Megatron's distributed optimizer calls by their old names) are not shown: every rank
+    would print them, and none is the user's to act on.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
@@ -55,7 +58,7 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
         parsed = parse(argv)
         debug = _parsed_debug(parsed, debug)
         if not debug:
-            warnings.filterwarnings("ignore", module=r"(megatron|torch\.distributed\.checkpoint)\.")
+            warnings.filterwarnings("ignore", module=_QUIET_MODULES)
         run(parsed)
     except (UserInputError, RankFailure) as e:
         rank = int(os.environ.get("RANK", "0"))

@@ -36,7 +36,6 @@ also where GPUs are present (it hides them with ``CUDA_VISIBLE_DEVICES=``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from megatron_renio.config import MAX_SEED, _OneLineErrorParser
 from megatron_renio.data.arithmetic_task import Difficulty
 from megatron_renio.errors import UserInputError
 from megatron_renio.output_paths import check_output_folder, is_empty_folder
@@ -510,8 +510,8 @@ def _plots(out: Path, summary: dict, samples: dict[str, list[dict]]) -> list[str
     return ["accuracy.png", "weights.png", "weight_vs_correctness.png"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-renio quickstart", description=__doc__.splitlines()[0])
+def build_parser() -> _OneLineErrorParser:
+    parser = _OneLineErrorParser(prog="megatron-renio quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
     parser.add_argument("--quick", action="store_true", help="the small smoke-test sizes (under 3 minutes)")
     parser.add_argument("--tp", type=int, choices=(1, 2), default=1, help="tensor-parallel size of every launch")
@@ -522,8 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point of ``megatron-renio quickstart``; returns the exit status (0, or 2 on bad input, a bad
+    flag included: checked before anything runs)."""
     try:
+        args = build_parser().parse_args(argv)
+        if not 0 <= args.seed <= MAX_SEED:
+            raise UserInputError(f"--seed must be an integer in [0, {MAX_SEED}], got {args.seed}")
         if args.tp > args.nproc:
             raise UserInputError(f"--tp {args.tp} needs --nproc {args.tp} (got --nproc {args.nproc})")
         run(Path(args.out), QUICK if args.quick else FULL, seed=args.seed, tp=args.tp, nproc=args.nproc, quick=args.quick)

@@ -109,7 +109,8 @@ def parse_sft_args(argv: list[str] | None = None) -> SFTConfig:
         raise UserInputError("no model: give --model (a preset, random initialisation) or --pretrained-checkpoint")
     if not values.get("save"):
         raise UserInputError("--save is required (the folder that receives the fine-tuned model checkpoint)")
-    check_target_directory(values["save"])  # refused now, not after training
+    check_target_directory(values["save"], label=f"--save {values['save']}",  # refused now, not after training
+                           overwrite_flag=None)
     check_log_outputs(values.get("metrics_file"), values.get("tensorboard_dir"))
     for name in ("metrics_file", "tensorboard_dir"):  # they would fill --save before the model is written there
         if values.get(name) and is_within(values[name], values["save"]):
@@ -236,7 +237,7 @@ def run(cfg: SFTConfig) -> list[float]:
     from megatron_renio.models.checkpoint import save_model_checkpoint
     from megatron_renio.output_paths import check_shared_folder
     from megatron_renio.distributed import log0
-    from megatron_renio.training.run_logs import MetricsLogger
+    from megatron_renio.training.run_logs import ConsoleProgress, MetricsLogger, norm_text
     from megatron_renio.training import components as C
 
     t = cfg.train
@@ -260,11 +261,7 @@ def run(cfg: SFTConfig) -> list[float]:
                                                             examples.skipped_too_long, t.seq_length))
     logger = MetricsLogger(dataclasses.replace(t, save=None))  # --save is the model checkpoint folder
     log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
-    progress = None
-    if ctx.rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=t.train_iters, desc="sft", dynamic_ncols=True, file=sys.stderr)
+    progress = ConsoleProgress("sft", t.train_iters, 0, t.log_interval)
     losses = []
     skipped_in_a_row = 0
     for iteration in range(1, t.train_iters + 1):
@@ -294,11 +291,9 @@ def run(cfg: SFTConfig) -> list[float]:
                 "lr": scheduler.get_lr(optimizer.param_groups[0]),  # after the update, as Megatron-LM logs it
                 "time_step_s": time.perf_counter() - t0,
             })
-        if progress is not None:
-            progress.set_postfix(loss=f"{loss:.4g}")
-            progress.update(1)
-    if progress is not None:
-        progress.close()
+        progress.update(iteration, {"loss": f"{loss:.4g}", "grad norm": norm_text(grad_norm),
+                                    "lr": f"{scheduler.get_lr(optimizer.param_groups[0]):.3g}"})
+    progress.close()
     logger.close()
     save_model_checkpoint(
         model, info, t.save, tokenizer_dir=t.tokenizer or source.tokenizer_dir, generation_config=source.generation_config,

@@ -221,11 +221,11 @@ def run(cfg: TrainConfig) -> dict:
 
         distributed.on_rank0(drop_repeated_steps)
     logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None)
-    progress = None
-    if ctx.rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.train_iters, initial=iteration, desc="train", dynamic_ncols=True, file=sys.stderr)
+    progress = run_logs.ConsoleProgress("train", cfg.train_iters, iteration, cfg.log_interval)
+    first_iteration = iteration
+    if iteration >= cfg.train_iters:
+        log0(f"the run is at iteration {iteration} of --train-iters {cfg.train_iters}: nothing to train "
+             "(raise --train-iters to go on)")
     eos = tokenizer.stop_ids
     metrics: dict = {}
     peak_flops = C.peak_flops(cfg)
@@ -319,9 +319,11 @@ def run(cfg: TrainConfig) -> dict:
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if iteration % cfg.log_interval == 0:
                 logger.log(iteration, metrics)
-            if progress is not None:
-                progress.set_postfix(loss=f"{result.loss:.4g}", len=f"{metrics['completion_length_mean']:.0f}")
-                progress.update(1)
+            progress.update(iteration, {
+                "loss": f"{result.loss:.4g}", "grad norm": run_logs.norm_text(metrics["grad_norm"]),
+                "lr": f"{metrics['lr']:.3g}", "completion length": f"{metrics['completion_length_mean']:.0f}",
+                "step s": f"{step_time:.2f}", "rollout tokens/s": f"{metrics['rollout_tokens_per_s']:.0f}",
+                "skipped": str(skipped_total)})
 
             exit_reason = exits.should_exit(iteration, ctx.device)
             due = iteration == cfg.train_iters or (cfg.save_interval and iteration % cfg.save_interval == 0)
@@ -343,10 +345,13 @@ def run(cfg: TrainConfig) -> dict:
             if exit_reason:
                 log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))
                 break
+        else:
+            if iteration == cfg.train_iters > first_iteration:
+                log0(f"done: iteration {iteration} of --train-iters {cfg.train_iters}"
+                     + (f"; checkpoint in {iteration_dir(cfg.save, iteration)}" if cfg.save else ""))
     finally:
         exits.uninstall()
-        if progress is not None:
-            progress.close()
+        progress.close()
         logger.close()
         wait_for_pruning()  # a finished run leaves only the checkpoints it keeps
     return metrics

@@ -252,6 +252,27 @@ def test_an_error_of_every_rank_is_printed_by_the_rank_that_found_it_and_rank_0(
     assert capsys.readouterr().err == (printed + "\n" if printed else "")
 
 
+def test_deprecation_notices_of_megatron_and_torch_distributed_are_hidden_without_debug():
+    """Megatron's distributed optimizer calls torch's collectives by their deprecated names, and torch's
+    wrapper warns from torch.distributed.c10d_logger on every rank (4 lines a run at 2 ranks); the
+    project's own warnings still show."""
+    import warnings
+
+    from megatron_renio.entrypoint import run_command
+
+    def run(_cfg):
+        for module in ("torch.distributed.c10d_logger", "megatron.core.optimizer", "torch.distributed.checkpoint.x",
+                       "megatron_renio.train"):
+            warnings.warn_explicit(f"{module} is deprecated", FutureWarning, "f.py", 1, module=module)
+
+    for argv, shown in (([], ["megatron_renio.train"]), (["--debug"], ["torch.distributed.c10d_logger",
+                        "megatron.core.optimizer", "torch.distributed.checkpoint.x", "megatron_renio.train"])):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert run_command(lambda argv: None, run, argv) == 0
+        assert [str(w.message).split()[0] for w in seen] == shown
+
+
 def test_help_names_each_flags_choices_and_default():
     """--help shows every flag with its default (--data-path: required), and the allowed values of the
     flags that name a choice (the same tuples the validation checks)."""
@@ -278,3 +299,40 @@ def test_a_yaml_complex_key_gives_one_line(tmp_path, text, line, kind):
     with pytest.raises(UserInputError, match=f"^--config {path}: line {line} not valid YAML "
                                              rf"\(a key must be a flag name, not a {kind}\)$"):
         parse_train_args(["--config", str(path)] + BASE)
+
+
+@pytest.mark.parametrize("script", ["opsd_qwen3_1.7b.sh", "opd_qwen3_1.7b_from_8b.sh", "opsd_r1_distill_qwen_7b.sh",
+                                    "slurm_opsd.sbatch"])
+def test_the_example_scripts_pass_flags_the_trainer_accepts(script, tmp_path):
+    """Each example launches (a stand-in torchrun on PATH records its arguments; the SLURM script's srun
+    and scontrol are stand-ins too) with flags that parse and validate, and multi-node settings reach
+    torchrun."""
+    import json
+    import os
+    import subprocess
+
+    from tests.torchrun_harness import REPO_ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv.json"
+    stand_ins = {
+        "torchrun": f'#!/usr/bin/env python3\nimport json, sys\njson.dump(sys.argv[1:], open("{record}", "w"))\n',
+        "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+        "scontrol": "#!/usr/bin/env bash\necho node-a\necho node-b\n",
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "x",
+           "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", f"examples/{script}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads(record.read_text())
+    flags = argv[argv.index("megatron_renio.train") + 1:]
+    cfg = parse_train_args(flags)
+    assert cfg.renio and cfg.renio_scope == "global" and cfg.micro_batch_order == "length"
+    if script.endswith(".sbatch"):
+        assert argv[argv.index("--rdzv-endpoint") + 1] == "node-a:29500" and argv[argv.index("--nnodes") + 1] == "4"
+        assert cfg.save.startswith(str(tmp_path)) and cfg.exit_duration_in_mins == 1400 and cfg.ckpt_fully_parallel_load

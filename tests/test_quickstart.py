@@ -67,3 +67,15 @@ def test_incorrect_completions_get_higher_renio_weights(quick):
         assert w["n_correct"] > 0 and w["n_incorrect"] > 0, (m.name, w)
         if m.renio:
             assert w["mean_weight_incorrect"] > w["mean_weight_correct"], (m.name, w)
+
+
+@pytest.mark.parametrize("argv, message", [(["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
+                                           (["--tp", "3"], "argument --tp: invalid choice: 3 (choose from 1, 2)"),
+                                           (["--bogus"], "unrecognized arguments: --bogus")])
+def test_bad_flags_are_one_line_before_anything_runs(argv, message, tmp_path, capsys):
+    """A bad seed used to start the run and end in torchrun's traceback, its message only in a log file."""
+    from megatron_renio.quickstart import main
+
+    assert main(argv + ["--out", str(tmp_path / "qs")]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "qs").exists()

@@ -46,7 +46,7 @@ def test_a_non_empty_save_folder_is_refused_before_training(task, tmp_path):
     """Refused while parsing the flags, not after the last step (the folder of the starting checkpoint, say)."""
     data, tokenizer = task
     (tmp_path / "renio_model.json").write_text("{}")
-    with pytest.raises(UserInputError, match=f"{re.escape(str(tmp_path))} exists and is not empty"):
+    with pytest.raises(UserInputError, match=f"^--save {re.escape(str(tmp_path))} exists and is not empty$"):
         parse_sft_args(["--data-path", str(data), "--tokenizer", tokenizer, "--model", "tiny-qwen3",
                         "--save", str(tmp_path)])
 
@@ -97,7 +97,7 @@ def test_coding_targets_are_fenced_as_the_instruction_asks():
                                                   "receives only the model checkpoint"),
         (["--tensorboard-dir", "out"], "--tensorboard-dir out is inside --save out"),
         (["--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),  # it saved an all-inf model
-        (["--save", "/proc/sft"], "/proc/sft: cannot write in /proc"),  # found only after training
+        (["--save", "/proc/sft"], "--save /proc/sft: cannot write in /proc"),  # found only after training
         (["--metrics-file", "/proc/m.jsonl"], "--metrics-file /proc/m.jsonl: cannot write in /proc"),
         (["--tensorboard-dir", __file__], f"--tensorboard-dir {__file__} exists and is not a folder"),
     ],

@@ -341,10 +341,17 @@ def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
 def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     save = workdir / "nonfinite"
     path = workdir / "nonfinite.jsonl"
-    train(base_args(workdir, **{"--train-iters": 3, "--save": save,
-                                "--save-interval": 1, "--keep-last": 3, "--metrics-file": path}), fault="nan-logits:2")
+    proc = train(base_args(workdir, **{"--train-iters": 3, "--save": save, "--save-interval": 1, "--keep-last": 3,
+                                       "--metrics-file": path}), fault="nan-logits:2")
     m = read_jsonl(path)
     assert [x["skipped"] for x in m] == [False, True, False]
+    # a log file, not a terminal: one line per iteration (--log-interval 1), a skipped step without a norm,
+    # and a last line naming the final checkpoint
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("train iteration ")]
+    assert [line.split(" | ")[0] for line in lines] == [f"train iteration {i}/3" for i in (1, 2, 3)]
+    assert " | grad norm - | " in lines[1] and lines[1].endswith(" | skipped 1") and lines[0].endswith(" | skipped 0")
+    assert proc.stdout.splitlines()[-1] == f"done: iteration 3 of --train-iters 3; checkpoint in {save / 'iter_0000003'}"
+    assert "\r" not in proc.stderr  # no progress bar in a log file
     assert m[1]["skipped_total"] == 1 and m[1]["nonfinite"] > 0 and m[1]["grad_norm"] is None
     # the checkpoints keep the run of skipped steps, so --max-skipped-steps counts across a requeue
     assert [torch.load(save / f"iter_{i:07d}" / "train_state.pt", weights_only=False)["skipped_in_a_row"]
@@ -490,6 +497,9 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
     assert [r["index"] for r in samples] == [0, 1, 2, 3]
     assert ("note: --seq-length 1024 exceeds the student's max_position_embeddings (512); positions beyond it were "
             "not trained") in proc.stdout + proc.stderr
+    proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1, "--seq-length": 1024}))
+    assert ("the run is at iteration 1 of --train-iters 1: nothing to train (raise --train-iters to go on)"
+            in proc.stdout) and "done:" not in proc.stdout
     proc = train(base_args(workdir, **{"--load": run / "iter_0000001", "--train-iters": 2}), check=False)
     assert f"pass --load {run} (its run folder) to resume, or --student-load" in proc.stderr.strip().splitlines()[-1]
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
@@ -1168,6 +1178,30 @@ def test_renio_settings_without_effect_are_noted():
                   dict(renio=True, renio_norm="clamp", micro_batch_size=4),
                   dict(renio=True, micro_batch_size=16, renio_threshold=-1.0)):  # others as low as e^-1: 11.0
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
+
+
+def test_console_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys):
+    import io
+
+    from megatron_renio.training.run_logs import ConsoleProgress, norm_text
+
+    progress = ConsoleProgress("train", 5, 1, log_interval=2, stream=io.StringIO())  # a log file
+    for iteration in (2, 3, 4, 5):
+        progress.update(iteration, {"loss": "0.5", "grad norm": norm_text(None if iteration == 3 else 1.25)})
+    progress.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "train iteration 2/5 | loss 0.5 | grad norm 1.25", "train iteration 4/5 | loss 0.5 | grad norm 1.25",
+        "train iteration 5/5 | loss 0.5 | grad norm 1.25"]  # every 2nd, and the last
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = ConsoleProgress("train", 5, 1, log_interval=2, stream=terminal)
+    progress.update(2, {"loss": "0.5"})
+    progress.close()
+    assert capsys.readouterr().out == "" and "2/5" in terminal.getvalue() and "loss=0.5" in terminal.getvalue()
 
 
 def test_a_save_interval_without_a_save_folder_is_noted():

@@ -131,14 +131,16 @@ def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -
 
 
 def check_target_directory(directory: str | Path, overwrite: bool = False, label: str | None = None,
-                           inputs: tuple[tuple[str, str | Path], ...] = ()) -> None:
+                           inputs: tuple[tuple[str, str | Path], ...] = (),
+                           overwrite_flag: str | None = "--overwrite") -> None:
     """A save target must not exist (and be creatable), or be an empty folder, or (``overwrite``) be a
     folder, written in by a probe (:func:`~megatron_renio.output_paths.check_output_folder`); and it must
     not be, hold or lie inside one of ``inputs`` ((flag, path) pairs: what the command reads), which
     replacing it would delete or change.
 
-    ``label`` names the target the way a command line does (e.g. ``"--save /out"``) and adds the
-    ``--overwrite`` hint; errors name the bare path by default.
+    ``label`` names the target the way a command line does (e.g. ``"--save /out"``); errors name the
+    bare path by default. ``overwrite_flag``: the flag a refusal of a non-empty folder suggests (with
+    ``label``), None for a command without one.
     """
     directory = Path(directory)
     for flag, source in inputs:
@@ -151,7 +153,7 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
                                  "outside it")
     check_output_folder(directory, label or str(directory))
     if not overwrite and directory.exists() and not is_empty_folder(directory):
-        hint = " (pass --overwrite to replace it)" if label else ""
+        hint = f" (pass {overwrite_flag} to replace it)" if label and overwrite_flag else ""
         raise UserInputError(f"{label or directory} exists and is not empty{hint}")
 
 

@@ -108,6 +108,43 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def norm_text(grad_norm: float | None) -> str:
+    """A step's gradient norm for :class:`ConsoleProgress`: ``-`` for a skipped step (no norm)."""
+    return "-" if grad_norm is None else f"{grad_norm:.3g}"
+
+
+class ConsoleProgress:
+    """Global rank 0's progress on the console: a tqdm bar when ``stream`` is a terminal; otherwise (a
+    job's log file, where a bar is one long line of carriage returns) one line on stdout per
+    ``log_interval`` iterations and at the last, ``<name> iteration N/TOTAL | key value | ...``, as
+    Megatron-LM logs. Other ranks show nothing."""
+
+    def __init__(self, name: str, total: int, initial: int, log_interval: int, stream=None):
+        import sys
+
+        self.name, self.total, self.log_interval = name, total, log_interval
+        self.enabled = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        stream = sys.stderr if stream is None else stream
+        self.bar = None
+        if self.enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, file=stream)
+
+    def update(self, iteration: int, fields: dict[str, str]) -> None:
+        """Iteration ``iteration`` is done; ``fields``: what to show of it (formatted values)."""
+        if self.bar is not None:
+            self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(iteration - self.bar.n)
+        elif self.enabled and (iteration % self.log_interval == 0 or iteration == self.total):
+            parts = [f"{self.name} iteration {iteration}/{self.total}", *(f"{k} {v}" for k, v in fields.items())]
+            print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def log_files(cfg: TrainConfig) -> list[Path]:
     """The JSONL files a run appends to: its metrics file and, under ``--save``, the saved samples."""
     metrics = metrics_path(cfg)
