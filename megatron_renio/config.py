@@ -37,6 +37,8 @@ CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS
            "renio_scope": RENIO_SCOPES, "lr_decay_style": LR_DECAY_STYLES, "task": TASKS,
            "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
            "micro_batch_order": MICRO_BATCH_ORDERS}
+# Defaults that depend on other flags, in --help's words (parse_train_args applies them).
+DEFAULT_WORDS = {"teacher": "separate with --mode opd, --teacher-load or --teacher-model; else fixed"}
 # What a flag does, for ``--help`` (left out: Megatron-LM's flags, and flags whose name says it).
 HELP = {
     "lr_decay_iters": "iterations the learning rate decays over (Megatron-LM); none = --train-iters. Set it to "
@@ -282,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = _flag(f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         words = [HELP.get(f.name), f"one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else None,
-                 "required" if f.name == "data_path" else f"default: {'none' if default is None else default}"]
+                 "required" if f.name == "data_path" else
+                 f"default: {DEFAULT_WORDS.get(f.name, 'none' if default is None else default)}"]
         text = "; ".join(w for w in words if w).replace("%", "%%")
         if f.name == "data_path":
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)
@@ -384,6 +387,9 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     values = _load_yaml(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)
+    if "teacher" not in values and (values.get("mode") == "opd" or values.get("teacher_load")
+                                    or values.get("teacher_model")):
+        values["teacher"] = "separate"  # what --mode opd or a teacher model asks for (DEFAULT_WORDS)
     config = TrainConfig(**values)
     validate(config)
     return config
@@ -467,7 +473,8 @@ def validate(c: TrainConfig) -> None:
     if c.mode == "opd" and c.teacher != "separate":
         raise UserInputError("--mode opd needs --teacher separate (a teacher checkpoint or preset)")
     if c.teacher == "separate" and not (c.teacher_load or c.teacher_model):
-        raise UserInputError("--teacher separate needs --teacher-load or --teacher-model")
+        needs = "--mode opd needs a teacher model:" if c.mode == "opd" else "--teacher separate needs"
+        raise UserInputError(f"{needs} --teacher-load (a converted checkpoint) or --teacher-model (a preset)")
     if c.teacher != "separate" and (c.teacher_load or c.teacher_model):
         given = "--teacher-load" if c.teacher_load else "--teacher-model"
         kind = "a frozen copy of the initial student" if c.teacher == "fixed" else "the student's moving average"

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from megatron_renio.config import TrainConfig, parse_train_args
+from megatron_renio.config import TrainConfig, build_parser, parse_train_args
 from megatron_renio.errors import RankFailure, UserInputError
 
 BASE = ["--model", "tiny-qwen3", "--data-path", "train.jsonl", "--seq-length", "256", "--max-new-tokens", "32"]
@@ -50,6 +50,18 @@ def test_yaml_config_with_cli_override(tmp_path):
     assert cfg.lr == 4e-6 and cfg.renio_norm == "ema" and cfg.train_iters == 7 and cfg.data_path == ["a.jsonl", "b.jsonl"]
 
 
+def test_a_teacher_model_or_opd_means_a_separate_teacher_unless_told_otherwise(tmp_path):
+    for flags, teacher in ((["--mode", "opd", "--teacher-load", "t"], "separate"),
+                           (["--teacher-model", "tiny-qwen3"], "separate"), ([], "fixed"),
+                           (["--teacher", "ema"], "ema")):
+        assert parse_train_args(BASE + flags).teacher == teacher, flags
+    config = tmp_path / "run.yaml"
+    config.write_text("mode: opd\nteacher_load: t\n")
+    assert parse_train_args(BASE + ["--config", str(config)]).teacher == "separate"
+    help_text = " ".join(build_parser().format_help().split())
+    assert "default: separate with --mode opd, --teacher-load or --teacher-model; else fixed" in help_text
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -67,8 +79,11 @@ def test_yaml_config_with_cli_override(tmp_path):
          r"--renio-temperature must be >= max\(--renio-clip, -\(--renio-threshold\)\) / 60 .*, got 0.01"),
         (["--loss", "mse"], "--loss must be one of forward_kl, reverse_kl, jsd, sampled_rkl"),
         (["--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size 8 is not divisible by --micro-batch-size 3"),
-        (["--mode", "opd"], "--mode opd needs --teacher separate"),
-        (["--teacher-load", "big"], r"--teacher-load needs --teacher separate \(--teacher fixed: the teacher is a "
+        (["--mode", "opd"], r"--mode opd needs a teacher model: --teacher-load \(a converted checkpoint\) or "
+                            r"--teacher-model \(a preset\)"),
+        (["--mode", "opd", "--teacher", "fixed"], "--mode opd needs --teacher separate"),
+        (["--teacher", "separate"], "--teacher separate needs --teacher-load"),
+        (["--teacher", "fixed", "--teacher-load", "big"], r"--teacher-load needs --teacher separate \(--teacher fixed: the teacher is a "
                                     r"frozen copy of the initial student\)"),  # it was ignored: self-distillation
         (["--teacher", "ema", "--teacher-model", "tiny-qwen3"], "--teacher-model needs --teacher separate"),
         (["--student-load", "ckpt"], "give either --student-load or --model, not both"),
