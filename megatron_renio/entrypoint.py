@@ -61,12 +61,13 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
             warnings.filterwarnings("ignore", module=_QUIET_MODULES)
         run(parsed)
     except (UserInputError, RankFailure) as e:
-        rank = int(os.environ.get("RANK", "0"))
+        rank = os.environ.get("RANK", "0")
+        rank = int(rank) if rank.isdigit() else None  # a RANK that is no number is this error's own subject
         source = rank if e.reported_by is None else e.reported_by
         if isinstance(e, RankFailure):
             line = f"error: {e} (its traceback is in rank {source}'s log)"
         else:
-            line = f"error: {e}" if source == 0 else f"error (rank {source}): {e}"
+            line = f"error: {e}" if source in (0, None) else f"error (rank {source}): {e}"
         if source == rank or rank == 0:
             print(line, file=sys.stderr, flush=True)
         if debug:

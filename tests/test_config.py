@@ -252,6 +252,8 @@ def test_debug_from_a_config_file_shows_the_traceback(tmp_path):
     ("0", RankFailure(3, "OSError: no space"), 1,
      "error: rank 3 failed: OSError: no space (its traceback is in rank 3's log)"),
     ("5", RankFailure(3, "OSError: no space"), 1, ""),
+    ("", UserInputError("environment variable RANK='' is not an integer"), 2,
+     "error: environment variable RANK='' is not an integer"),  # not a traceback of int('') in the handler
 ])
 def test_an_error_of_every_rank_is_printed_by_the_rank_that_found_it_and_rank_0(rank, error, status, printed,
                                                                                 monkeypatch, capsys):

@@ -1181,27 +1181,21 @@ def test_renio_settings_without_effect_are_noted():
 
 
 def test_console_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys):
-    import io
-
     from megatron_renio.training.run_logs import ConsoleProgress, norm_text
 
-    progress = ConsoleProgress("train", 5, 1, log_interval=2, stream=io.StringIO())  # a log file
+    progress = ConsoleProgress("train", 5, 1, log_interval=2)  # pytest's captured streams: no terminal
     for iteration in (2, 3, 4, 5):
-        progress.update(iteration, {"loss": "0.5", "grad norm": norm_text(None if iteration == 3 else 1.25)})
+        progress.update(iteration, {"loss": "0.5", "grad norm": norm_text(None if iteration == 4 else 1.25)})
     progress.close()
-    assert capsys.readouterr().out.splitlines() == [
-        "train iteration 2/5 | loss 0.5 | grad norm 1.25", "train iteration 4/5 | loss 0.5 | grad norm 1.25",
-        "train iteration 5/5 | loss 0.5 | grad norm 1.25"]  # every 2nd, and the last
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    terminal = Terminal()
-    progress = ConsoleProgress("train", 5, 1, log_interval=2, stream=terminal)
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [
+        "train iteration 2/5 | loss 0.5 | grad norm 1.25", "train iteration 4/5 | loss 0.5 | grad norm -",
+        "train iteration 5/5 | loss 0.5 | grad norm 1.25"] and out.err == ""  # every 2nd, and the last
+    progress = ConsoleProgress("train", 5, 1, log_interval=2, terminal=True)
     progress.update(2, {"loss": "0.5"})
     progress.close()
-    assert capsys.readouterr().out == "" and "2/5" in terminal.getvalue() and "loss=0.5" in terminal.getvalue()
+    out = capsys.readouterr()
+    assert out.out == "" and "2/5" in out.err and "loss=0.5" in out.err
 
 
 def test_a_save_interval_without_a_save_folder_is_noted():
@@ -1312,18 +1306,21 @@ def test_step_counts_sum_over_replicas_and_take_the_slowest_rollout(tmp_path):
 def test_a_gradient_whose_norm_overflows_float32_is_not_finite():
     """An entry of 3e19 keeps the buffer's sum finite but overflows the float32 sum of squares that
     Megatron's gradient norm is: with it the clipped gradient is 0 and Adam would still move the
-    weights by its momentum, so the step must be skipped before the optimizer, as for inf and NaN."""
+    weights by its momentum, so the step must be skipped before the optimizer, as for inf and NaN.
+    The squares add up over buffers (and ranks), as the norm's do."""
     from types import SimpleNamespace
 
     from megatron_renio.training.components import gradients_are_finite
 
-    def ddp(*values):
-        return SimpleNamespace(buffers=[SimpleNamespace(grad_data=torch.tensor(values, dtype=torch.bfloat16))],
-                               expert_parallel_buffers=[])
+    def ddp(*buffers):
+        return SimpleNamespace(buffers=[SimpleNamespace(grad_data=torch.tensor(values, dtype=torch.float32))
+                                        for values in buffers], expert_parallel_buffers=[])
 
-    assert gradients_are_finite(ddp(1.0, -2.0, 1e18))
+    assert gradients_are_finite(ddp([1.0, -2.0, 1e18]))
     for bad in (3e19, float("inf"), float("nan")):
-        assert not gradients_are_finite(ddp(1.0, bad)), bad
+        assert not gradients_are_finite(ddp([1.0, bad])), bad
+    # each buffer's sum of squares is finite (2.25e38), Megatron's norm over both is not
+    assert gradients_are_finite(ddp([1.5e19])) and not gradients_are_finite(ddp([1.5e19], [1.5e19]))
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),

@@ -279,7 +279,8 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
             _set_rng_state(_load_file(rank_file))
         except UserInputError as e:
             error = e
-        except (KeyError, TypeError, ValueError) as e:  # a readable file without the states _rng_state saves
+        except Exception as e:  # a readable file without the states _rng_state saves (a state of the wrong
+            # size: torch's RuntimeError); this rank must still reach the agreement below
             error = UserInputError(f"{rank_file}: holds no RNG states ({describe_load_error(e)})")
     raise_if_any_rank(error)  # this rank's own file: the others must not wait for it in the next collective
 

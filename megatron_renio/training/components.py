@@ -19,7 +19,7 @@ from megatron_renio.data.prompts import load_prompt_records
 from megatron_renio.data.templates import build_prompt_ids
 from megatron_renio.data.token_sequences import TokenSequences
 from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_renio.distributed import ParallelConfig, any_rank, log0
+from megatron_renio.distributed import ParallelConfig, log0
 from megatron_renio.errors import UserInputError
 from megatron_renio.losses.divergence import DivergenceConfig
 from megatron_renio.models.builder import ModelInfo, build_gpt_model, freeze, padded_vocab_size
@@ -234,18 +234,22 @@ def wrap_ddp(model, use_distributed_optimizer: bool, overlap_grad_reduce: bool =
 
 
 def gradients_are_finite(student_ddp) -> bool:
-    """Collective over every rank: True when every rank's student gradient buffer has a finite sum of
-    squares in float32: no inf or NaN, and no entry so large (about 1.8e19) that Megatron's gradient
-    norm, also a float32 sum of squares, overflows.
+    """Collective over every rank: True when the float32 sum of squares of every rank's student
+    gradient buffers, summed over the world, is finite: no inf or NaN anywhere, and no gradient so
+    large that Megatron's gradient norm overflows (it sums the squares of a part of the world: the
+    model-parallel shards, once per replica; an entry of about 1.8e19 overflows it alone).
 
     Checked before the optimizer step because Megatron's optimizer does not check in bf16 without a
     loss scale, nor in fp32: a non-finite gradient would reach Adam (and the weights) before the
     gradient norm shows it, and with an infinite norm gradient clipping scales the gradient to 0 but
-    Adam still moves the weights by its momentum. One MAX all-reduce makes every rank agree.
+    Adam still moves the weights by its momentum. One SUM all-reduce makes every rank agree.
     """
     buffers = [*student_ddp.buffers, *student_ddp.expert_parallel_buffers]
-    norms = torch.stack([torch.linalg.vector_norm(buffer.grad_data, dtype=torch.float32) for buffer in buffers])
-    return not any_rank((~torch.isfinite(norms)).any(), norms.device)
+    squares = torch.stack([torch.linalg.vector_norm(buffer.grad_data, dtype=torch.float32).square()
+                           for buffer in buffers]).sum().reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squares)
+    return bool(torch.isfinite(squares).item())
 
 
 def step_if_finite(optimizer, student_ddp, loss_is_finite: bool) -> tuple[bool, float | None]:
@@ -293,7 +297,7 @@ def build_optimizer(student_ddp, cfg: TrainConfig):
 # The scheduler settings a resume compares with its checkpoint's, and the flags that set them. The
 # weight-decay increment length is not compared: the weight decay is constant (wd_incr_style).
 _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
-                   "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+                   "lr_decay_style": "--lr-decay-style", "lr_decay_steps": "--lr-decay-iters",
                    "start_wd": "--weight-decay", "end_wd": "--weight-decay"}
 
 
@@ -425,7 +429,6 @@ def forward_flops_per_position(preset: ModelPreset, seq_length: int) -> float:
     return 2 * matmul_weights + attention
 
 
-# Dense bf16 peak FLOP/s of GPUs by name (datasheet figures, without sparsity).
 # Dense bf16 datasheet peaks by device name; the first key the name contains decides (PCIe and NVL
 # H100s before the SXM part's plain "H100").
 _PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,

@@ -114,22 +114,24 @@ def norm_text(grad_norm: float | None) -> str:
 
 
 class ConsoleProgress:
-    """Global rank 0's progress on the console: a tqdm bar when ``stream`` is a terminal; otherwise (a
-    job's log file, where a bar is one long line of carriage returns) one line on stdout per
-    ``log_interval`` iterations and at the last, ``<name> iteration N/TOTAL | key value | ...``, as
-    Megatron-LM logs. Other ranks show nothing."""
+    """Global rank 0's progress on the console: a tqdm bar on stderr when both stdout and stderr are a
+    terminal (``terminal``, default: asked of them); otherwise (a job's log file, where a bar is one
+    long line of carriage returns) one line on stdout per ``log_interval`` iterations and at the
+    last, ``<name> iteration N/TOTAL | key value | ...``, as Megatron-LM logs. Other ranks show
+    nothing."""
 
-    def __init__(self, name: str, total: int, initial: int, log_interval: int, stream=None):
+    def __init__(self, name: str, total: int, initial: int, log_interval: int, terminal: bool | None = None):
         import sys
 
         self.name, self.total, self.log_interval = name, total, log_interval
         self.enabled = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        stream = sys.stderr if stream is None else stream
+        if terminal is None:
+            terminal = sys.stdout.isatty() and sys.stderr.isatty()
         self.bar = None
-        if self.enabled and stream.isatty():
+        if self.enabled and terminal:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, file=stream)
+            self.bar = tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, file=sys.stderr)
 
     def update(self, iteration: int, fields: dict[str, str]) -> None:
         """Iteration ``iteration`` is done; ``fields``: what to show of it (formatted values)."""
