@@ -27,6 +27,7 @@ DAMAGES = [
     ("teacher/metadata.json", "json", False, TEACHER),
     ("rng/rank_00000.pt", "garbage", True, UNREADABLE),
     ("rng/rank_00000.pt", "list", True, "holds no RNG states ("),
+    ("rng/rank_00000.pt", "short_state", True, "holds no RNG states (RuntimeError"),  # torch's size check
 ]
 
 
@@ -74,6 +75,9 @@ def _damage(path, how):
         path.write_text("{\n")
     elif how == "garbage":
         path.write_text("garbage\n")
+    elif how == "short_state":  # the RNG file's layout, with a torch generator state of the wrong size
+        state = torch.load(path, weights_only=False)
+        torch.save({**state, "torch": torch.zeros(10, dtype=torch.uint8)}, path)
     else:  # a readable pickle of something else
         torch.save([1, 2], path)
 
