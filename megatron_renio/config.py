@@ -206,6 +206,25 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def typed_arg(kind, check, allowed: str):
+    """An argparse ``type``: ``kind(text)`` that must pass ``check``; the message says ``allowed``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = typed_arg(int, lambda v: v >= 1, "an integer >= 1")
+NON_NEGATIVE_INT = typed_arg(int, lambda v: v >= 0, "an integer >= 0")
+
+
 def _bool_arg(value: str) -> bool:
     lowered = str(value).lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -32,7 +32,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from checkpoints_conversion.adapters import get_adapter  # noqa: E402
+from megatron_renio.config import typed_arg  # noqa: E402
 from megatron_renio.models.presets import ModelPreset, hf_config_dict  # noqa: E402
+
+
+POSITIVE_FLOAT = typed_arg(float, lambda v: v > 0, "> 0")
 
 
 def qwen3_like(params: float) -> ModelPreset:
@@ -107,9 +111,9 @@ def measure(module: str, *args: str) -> tuple[int, int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=float, default=1e9, help="approximate parameter count")
+    parser.add_argument("--params", type=POSITIVE_FLOAT, default=1e9, help="approximate parameter count")
     parser.add_argument("--work-dir", type=Path, help="where to write the three checkpoints (default: a temp dir)")
-    parser.add_argument("--shard-gb", type=float, default=1.0, help="size of the synthetic HF shards")
+    parser.add_argument("--shard-gb", type=POSITIVE_FLOAT, default=1.0, help="size of the synthetic HF shards")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
 

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_renio.config import NON_NEGATIVE_INT, POSITIVE_INT, typed_arg  # noqa: E402
 from megatron_renio.losses.divergence import DivergenceConfig, gather_grid, token_terms  # noqa: E402
 from megatron_renio.losses import fused_triton  # noqa: E402
 from megatron_renio.losses.fused import fused_token_terms, triton_available  # noqa: E402
@@ -454,31 +455,29 @@ def run_tp(args, device, dtype, memory):
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=8192 if cuda else 2048, help="b*t (GPU 8192, CPU 2048)")
-    p.add_argument("--vocab", type=int, default=151936 if cuda else 32000, help="vocabulary (GPU 151936, CPU 32000)")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=8192 if cuda else 2048, help="b*t (GPU 8192, CPU 2048)")
+    p.add_argument("--vocab", type=POSITIVE_INT, default=151936 if cuda else 32000, help="vocabulary (GPU 151936, CPU 32000)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16" if cuda else "float32")
     p.add_argument("--kinds", type=lambda s: s.split(","), default=["forward_kl", "jsd"],
                    help=f"comma-separated of {', '.join(KINDS)} (jsd uses beta {JSD_BETA})")
-    p.add_argument("--clip", type=float, default=0.05, help="per-entry token clip k")
-    p.add_argument("--temperature", type=float, default=1.1)
-    p.add_argument("--iters", type=int, default=10 if cuda else 3)
-    p.add_argument("--warmup", type=int, default=2 if cuda else 1)
+    p.add_argument("--clip", type=typed_arg(float, lambda v: v > 0, "> 0"), default=0.05, help="per-entry token clip k")
+    p.add_argument("--temperature", type=typed_arg(float, lambda v: v > 0, "> 0"), default=1.1)
+    p.add_argument("--iters", type=POSITIVE_INT, default=10 if cuda else 3)
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2 if cuda else 1)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--chunked", action="store_true", help="on a GPU also time the chunked fused path")
     p.add_argument("--split", action="store_true", help="also time the fused forward alone")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun)")
-    p.add_argument("--shard-proxy", type=int, default=1, metavar="N",
+    p.add_argument("--tp", type=POSITIVE_INT, default=1, help="tensor-parallel size (run under torchrun)")
+    p.add_argument("--shard-proxy", type=POSITIVE_INT, default=1, metavar="N",
                    help="one device: time the fused path on 1/N of the vocabulary against the full one")
-    p.add_argument("--prompt-rows", type=int, default=0, metavar="P",
+    p.add_argument("--prompt-rows", type=NON_NEGATIVE_INT, default=0, metavar="P",
                    help="time the trainer's call on sequences of P prompt rows + --tokens completion rows: "
                         "gathered completion rows against rows read in place")
     p.add_argument("--triton-launch", type=lambda s: [(x, parse_launch(x)) for x in s.split(",")], default=[],
                    metavar="F[/G],...", help="GPU: also time the Triton path with these launch shapes")
     args = p.parse_args(argv)
-    if args.shard_proxy < 1 or args.vocab % args.shard_proxy:
+    if args.vocab % args.shard_proxy:
         p.error(f"--shard-proxy {args.shard_proxy} must be a positive divisor of --vocab {args.vocab}")
-    if args.prompt_rows < 0:
-        p.error(f"--prompt-rows {args.prompt_rows} must be >= 0")
     bad = [k for k in args.kinds if k not in KINDS]
     if bad:
         p.error(f"--kinds: unknown {', '.join(bad)}; allowed: {', '.join(KINDS)}")

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_renio import distributed  # noqa: E402
 from megatron_renio.distributed import ParallelConfig  # noqa: E402
 from megatron_renio.models.builder import build_gpt_model  # noqa: E402
-from megatron_renio.models.presets import get_preset  # noqa: E402
+from megatron_renio.config import POSITIVE_INT  # noqa: E402
+from megatron_renio.models.presets import PRESETS, get_preset  # noqa: E402
 from megatron_renio.rollout import generate as rollout  # noqa: E402
 from megatron_renio.rollout.sampling import SamplingConfig  # noqa: E402
 
@@ -49,19 +50,19 @@ MODES = {"kv": True, "full": False, "kv_whole": True}  # mode -> use_kv_cache
 def parse_args(argv=None):
     on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny-qwen3")
+    parser.add_argument("--preset", default="qwen3-0.6b" if on_gpu else "tiny-qwen3", choices=sorted(PRESETS))
     parser.add_argument("--dtype", default="bf16" if on_gpu else "fp32", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--batch-sizes", default="1,16,64", help="comma-separated")
-    parser.add_argument("--prompt-len", type=int, default=64 if on_gpu else 32)
-    parser.add_argument("--max-new-tokens", type=int, default=64 if on_gpu else 32)
+    parser.add_argument("--batch-sizes", type=lambda text: [POSITIVE_INT(b) for b in text.split(",")], default=[1, 16, 64],
+                        help="comma-separated")
+    parser.add_argument("--prompt-len", type=POSITIVE_INT, default=64 if on_gpu else 32)
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64 if on_gpu else 32)
     parser.add_argument("--modes", default="kv,full", help="comma-separated subset of " + ",".join(MODES))
-    parser.add_argument("--repeats", type=int, default=1 if on_gpu else 3,
+    parser.add_argument("--repeats", type=POSITIVE_INT, default=1 if on_gpu else 3,
                         help="timed calls per row, the median is shown (default: 1 on a GPU, 3 on the shared CPU)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--eos-prob", type=float, default=0.0, metavar="Q",
                         help="end each completion at a random length: EOS with probability Q per token")
     args = parser.parse_args(argv)
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.modes = args.modes.split(",")
     unknown = set(args.modes) - set(MODES)
     if unknown:

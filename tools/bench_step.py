@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
     from megatron_renio.distributed import ParallelConfig
     from megatron_renio.losses.divergence import DivergenceConfig
     from megatron_renio.models.builder import build_gpt_model, freeze
-    from megatron_renio.models.presets import get_preset
+    from megatron_renio.config import POSITIVE_INT
+    from megatron_renio.models.presets import PRESETS, get_preset
     from megatron_renio.renio.weights import ReNIOConfig, ReNIONormalizer
     from megatron_renio.training.components import wrap_ddp
     from megatron_renio.training.paired import PairedModel
@@ -62,11 +63,11 @@ def main(argv=None) -> dict:
 
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="qwen3-0.6b" if gpu else "tiny-qwen3")
+    parser.add_argument("--preset", default="qwen3-0.6b" if gpu else "tiny-qwen3", choices=sorted(PRESETS))
     parser.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048 if gpu else 256)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=POSITIVE_INT, default=4)
+    parser.add_argument("--seq", type=POSITIVE_INT, default=2048 if gpu else 256)
+    parser.add_argument("--repeats", type=POSITIVE_INT, default=7)
     args = parser.parse_args(argv)
 
     distributed.initialize(ParallelConfig(), seed=0)

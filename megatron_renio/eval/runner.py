@@ -81,9 +81,9 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
-from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, _OneLineErrorParser
+from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, POSITIVE_INT, _OneLineErrorParser, typed_arg
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
@@ -159,22 +159,6 @@ def gather_to_rank0(items: list, stage: str = "first") -> list | None:
 # -- the eval command --------------------------------------------------------------------------
 
 
-def _typed(kind, check: Callable, allowed: str):
-    """An argparse ``type``: ``kind(text)`` that must pass ``check``; the message says ``allowed``."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _typed(int, lambda v: v >= 1, "an integer >= 1")
 _SAMPLING_CHECKS = {  # name -> (kind, check, allowed)
     "temperature": (float, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
     "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -197,18 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmark", required=True, nargs="+", metavar="[PRESET=]FILE_OR_NAME",
                         help="benchmark files or 'humaneval', optionally prefixed with a field preset (one of "
                              f"{', '.join(PRESETS)}); without one the layout is detected from the first record")
-    field_name = _typed(str, bool, "a field name")
+    field_name = typed_arg(str, bool, "a field name")
     for flag, what in (("problem", "the problem (default: problem for math; prompt, or text with test_list, for code)"),
                        ("answer", "the reference answer of a math file (default: answer)"),
                        ("id", "the item id (default: id for math, task_id for code; else FILE:LINE)")):
         parser.add_argument(f"--{flag}-field", type=field_name, metavar="FIELD",
                             help=f"field of the benchmark files given without a preset that holds {what}")
-    parser.add_argument("--samples-per-problem", type=_positive_int, default=1, metavar="K",
+    parser.add_argument("--samples-per-problem", type=POSITIVE_INT, default=1, metavar="K",
                         help="completions per problem, the k of avg@k and pass@k; default: 1")
     for name, (kind, _, allowed) in _SAMPLING_CHECKS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"{allowed}; default: generation_config.json, else {BUILTIN_SAMPLING[name]}")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="default: 1024")
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=1024, help="default: 1024")
     parser.add_argument("--greedy", action="store_true",
                         help="argmax decoding (ignores temperature, top-p, top-k); also with a temperature of 0 "
                              "(flag or file), and when generation_config.json has do_sample false and no sampling "
@@ -216,20 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="JSONL file for every generation with its grade")
     parser.add_argument("--summary", help="JSON file for the per-benchmark metrics")
     parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the checkpoint's)")
-    parser.add_argument("--seq-length", type=_typed(int, lambda v: v >= 2, "an integer >= 2"), default=None,
+    parser.add_argument("--seq-length", type=typed_arg(int, lambda v: v >= 2, "an integer >= 2"), default=None,
                         help="longest prompt + completion (default: the model's maximum positions)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generation batch per replica; default: 16")
-    parser.add_argument("--seed", type=_typed(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="prompts per generation batch per replica; default: 16")
+    parser.add_argument("--seed", type=typed_arg(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
                         default=1234, help="sampling seed; default: 1234")
     parser.add_argument("--bf16", action="store_true", help="run the model in bf16 (default fp32)")
-    parser.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    parser.add_argument("--tensor-model-parallel-size", type=POSITIVE_INT, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=POSITIVE_INT, default=1)
     # training's own flag (same name, values and help: a bare flag or true / false), off by default
     fully_parallel = {a.dest: a for a in build_train_parser()._actions}["ckpt_fully_parallel_load"]
     fully_parallel.default = False
     parser._add_action(fully_parallel)
     parser.add_argument("--distributed-timeout-minutes", default=60.0,
-                        type=_typed(float, lambda v: 0 < v <= MAX_TIMEOUT_MINUTES, f"in (0, {MAX_TIMEOUT_MINUTES}]"),
+                        type=typed_arg(float, lambda v: 0 < v <= MAX_TIMEOUT_MINUTES, f"in (0, {MAX_TIMEOUT_MINUTES}]"),
                         help="longest wait in a collective; replicas wait there for the slowest one's generation "
                              "(default 60)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
