@@ -116,7 +116,7 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print_summary(preset, dtype, len(tensors), f"the Hugging Face folder {save.absolute()}")
+    print_summary(preset, dtype, len(tensors), f"the Hugging Face folder {save.resolve()}")
     return save
 
 

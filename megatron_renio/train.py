@@ -203,8 +203,7 @@ def run(cfg: TrainConfig) -> dict:
         skipped_total = saved["skipped_total"]
         skipped_in_a_row = saved.get("skipped_in_a_row", 0)  # --max-skipped-steps counts across a requeue
         normalizer.load_state_dict(resume.normalizer_state_for_replica(saved["normalizer"], ctx.dp_rank))
-        C.override_resumed_lr_bounds(optimizer, cfg)  # before the scheduler sets the rates from them
-        scheduler.load_state_dict(saved["scheduler"])
+        C.restore_scheduler(optimizer, scheduler, saved["scheduler"], cfg)
         log0(f"resumed from {cfg.load} at iteration {iteration}")
     elif cfg.load:
         log0(f"no checkpoint in {cfg.load} yet: starting a new run")

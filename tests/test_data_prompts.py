@@ -174,6 +174,7 @@ def test_a_lone_surrogate_escape_is_refused_naming_file_line_and_field(tmp_path)
         '{"problem": "the cat \\ud800 sat"}': "field 'problem' holds \\ud800",
         '{"problem": "p", "meta": {"notes": ["ok", "cut \\ude00"]}}': "field 'meta' holds \\ude00",
         '{"problem": "p", "x\\udbff": 1}': "field 'x\\udbff' holds \\udbff",
+        '{"problem": "p", "meta": {"k\\udc00": 1}}': "field 'meta' holds \\udc00",  # a nested key
     }
     for line, message in cases.items():
         path = _write_lines(tmp_path / "s.jsonl", [good, line])

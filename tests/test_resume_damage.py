@@ -138,3 +138,48 @@ def test_a_metrics_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
     with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: line 2 is not UTF-8 text"):
         drop_steps_after(path, 1)
     assert path.read_bytes() == content
+
+
+def test_an_overridden_schedule_sets_the_rates_from_the_new_lr_bounds(saved_run):
+    """--override-opt-param-scheduler: the first resumed step trains at the new schedule's rate. The
+    loaded optimizer state brings the old max_lr / min_lr back into every parameter group, and the
+    scheduler sets the rates from them as it loads: the new bounds must be in place first (else
+    7.5e-4 from the old 1e-3..0 decay, not 1.525e-3)."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.training import components as C
+
+    _, build = saved_run
+    linear = dict(lr_decay_style="linear")
+    _, _, ddp, _, _ = build()
+    _, old_scheduler = C.build_optimizer(ddp, TrainConfig(lr=1e-3, min_lr=0.0, train_iters=1, **linear))
+    old_scheduler.step(increment=1)
+    cfg = TrainConfig(lr=2e-3, min_lr=1e-4, train_iters=4, override_opt_param_scheduler=True, **linear)
+    _, _, ddp, _, _ = build()
+    optimizer, scheduler = C.build_optimizer(ddp, cfg)
+    for group in optimizer.param_groups:  # what loading the checkpoint's optimizer state brings back
+        group["max_lr"], group["min_lr"] = 1e-3, 0.0
+    C.restore_scheduler(optimizer, scheduler, old_scheduler.state_dict(), cfg)
+    # step 1 of a linear decay over 4 from 2e-3 to 1e-4
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1.525e-3] * len(optimizer.param_groups))
+
+
+def test_a_model_checkpoint_with_tensors_the_model_lacks_is_refused(saved_run, tmp_path):
+    """renio_model.json edited to tie the embeddings of an untied checkpoint: its trained output layer
+    has no place in the tied model, and the load refuses it (strict), not drops it in silence."""
+    import json
+
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_renio.models.presets import get_preset
+
+    untied = get_preset("tiny-qwen3-untied")
+    model, info = build_gpt_model(untied, ParallelConfig())
+    save_model_checkpoint(model, info, tmp_path / "ckpt")
+    metadata = tmp_path / "ckpt" / "renio_model.json"
+    data = json.loads(metadata.read_text())
+    data["preset"]["tie_word_embeddings"] = True
+    metadata.write_text(json.dumps(data))
+    tied, _ = build_gpt_model(untied.replace(tie_word_embeddings=True), ParallelConfig())
+    with pytest.raises(UserInputError, match="cannot load the model weights, missing or corrupt files"):
+        load_model_checkpoint(tied, tmp_path / "ckpt")

@@ -323,10 +323,13 @@ def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
     check); the weights and the ReNIO EMA stay as they were and training goes on."""
     save = workdir / "nonfinite_grad"
     path = workdir / "nonfinite_grad.jsonl"
-    train(base_args(workdir, **{"--train-iters": 3, "--save": save,
+    proc = train(base_args(workdir, **{"--train-iters": 3, "--save": save,
                                 "--save-interval": 1, "--keep-last": 3, "--metrics-file": path,
                                 "--renio-norm": "ema", "--renio-scope": "global", "--renio-threshold": -1}), nproc=2,
           fault="nan-grad:2:0")
+    # rank 0 alone shows progress: one line per iteration, not one per rank
+    assert [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("train iteration ")] == \
+        [f"train iteration {i}/3" for i in (1, 2, 3)], proc.stdout
     ema = [torch.load(save / f"iter_{i:07d}" / "train_state.pt", weights_only=False)["normalizer"][0]["ema"]
            for i in (1, 2, 3)]
     assert torch.equal(ema[0], ema[1]) and not torch.equal(ema[1], ema[2]) and torch.isfinite(ema[2])
@@ -360,6 +363,17 @@ def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     w1, w2, w3 = (plain_tensors(save / f"iter_{i:07d}" / "model") for i in (1, 2, 3))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+    # a requeue that resumes right after the skipped step 2 goes on counting: one more skip in a row
+    # reaches --max-skipped-steps 2
+    import shutil
+    requeued = workdir / "nonfinite_requeued"
+    shutil.copytree(save, requeued)
+    shutil.rmtree(requeued / "iter_0000003")
+    (requeued / "latest_checkpointed_iteration.txt").write_text("2")
+    proc = train(base_args(workdir, **{"--train-iters": 3, "--load": requeued, "--max-skipped-steps": 2}),
+                 check=False, fault="nan-logits:3")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: 2 consecutive steps had a non-finite loss"), proc.stderr[-2000:]
 
 
 def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkeypatch):
@@ -820,7 +834,9 @@ def test_more_train_iters_resume_a_constant_lr_and_a_decay_with_its_own_length()
             (dict(train_iters=300), r"decays over --train-iters \(--lr-decay-iters not given\) = 300 iterations, "
                                     r"but the run being resumed decays over 100; pass --lr-decay-iters 100 to go on"),
             (dict(train_iters=300, lr_decay_iters=200), "decays over --lr-decay-iters = 200 iterations"),
-            (dict(train_iters=100, lr_decay_style="linear"), "--lr-decay-style sets lr_decay_style='linear'")):
+            (dict(train_iters=100, lr_decay_style="linear"), "--lr-decay-style sets lr_decay_style='linear'"),
+            # both differ: the style first (--lr-decay-iters could not fix the refusal)
+            (dict(train_iters=300, lr_decay_style="linear"), "--lr-decay-style sets lr_decay_style='linear'")):
         with pytest.raises(UserInputError, match=expected):
             check_resumed_schedule(saved(lr_decay_style="cosine"),
                                    TrainConfig(**{"load": "run", "lr_decay_style": "cosine", **flags}))
@@ -984,6 +1000,16 @@ def test_metrics_and_samples_write_non_finite_values_as_null(tmp_path):
                   TrainConfig())
     (record,) = [strict(line) for line in path.read_text().splitlines()]
     assert (record["weight"], record["raw_weight"], record["sample_loss"]) == (None, None, None)
+
+
+def test_pipeline_outputs_are_deallocated_as_in_megatron_lm():
+    """A stage's output keeps only a placeholder until its backward (memory under PP; on the CPU nothing
+    else shows it)."""
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import transformer_config
+    from megatron_renio.models.presets import get_preset
+
+    assert transformer_config(get_preset("tiny-qwen3"), ParallelConfig(), "fp32").deallocate_pipeline_outputs
 
 
 def test_model_flags_reach_megatron(tmp_path):
@@ -1180,7 +1206,7 @@ def test_renio_settings_without_effect_are_noted():
         assert _renio_notes(TrainConfig(**quiet)) == [], quiet
 
 
-def test_console_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys):
+def test_console_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys, monkeypatch):
     from megatron_renio.training.run_logs import ConsoleProgress, norm_text
 
     progress = ConsoleProgress("train", 5, 1, log_interval=2)  # pytest's captured streams: no terminal
@@ -1196,6 +1222,13 @@ def test_console_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys)
     progress.close()
     out = capsys.readouterr()
     assert out.out == "" and "2/5" in out.err and "loss=0.5" in out.err
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)  # `train > log` from a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    progress = ConsoleProgress("train", 2, 0, log_interval=1)
+    progress.update(1, {"loss": "0.5"})
+    progress.close()
+    out = capsys.readouterr()
+    assert out.out == "train iteration 1/2 | loss 0.5\n" and out.err == ""
 
 
 def test_a_save_interval_without_a_save_folder_is_noted():
@@ -1299,6 +1332,7 @@ def test_step_counts_sum_over_replicas_and_take_the_slowest_rollout(tmp_path):
     """Counts are sums over the DP replicas, the longest completion and the rollout time their maxima
     (the step waits for the slowest replica's rollout: throughput divides by that time)."""
     results = run_torchrun(REPO_ROOT / "tests" / "workers" / "step_counts_worker.py", 2, tmp_path)
+    assert [r.pop("finite") for r in results] == [[True, False, False]] * 2
     assert results[0] == results[1] == {"completions": 5.0, "length_sum": 17.0, "cut": 2.0, "generated": 17.0,
                                         "positions": 30.0, "flops": 300.0, "longest": 8.0, "rollout_seconds": 4.0}
 

@@ -309,14 +309,16 @@ def schedule_settings(cfg: TrainConfig) -> dict:
             "start_wd": cfg.weight_decay, "end_wd": cfg.weight_decay, "wd_incr_steps": cfg.train_iters}
 
 
-def override_resumed_lr_bounds(optimizer, cfg: TrainConfig) -> None:
-    """With ``--override-opt-param-scheduler``: ``--lr`` and ``--min-lr`` into every parameter group of
-    a resumed optimizer. Megatron-core keeps ``max_lr`` and ``min_lr`` in each group (one value for all
-    groups here), the loaded optimizer state brings the old ones back, and its scheduler reads them
-    before its own settings (Megatron-LM issue 1138): the new rates would be ignored."""
+def restore_scheduler(optimizer, scheduler, state: dict, cfg: TrainConfig) -> None:
+    """A resumed run's LR / weight-decay schedule from the checkpoint's scheduler ``state``, which sets
+    every parameter group's rate. With ``--override-opt-param-scheduler`` the flags' settings count,
+    ``--lr`` and ``--min-lr`` included: megatron-core keeps ``max_lr`` and ``min_lr`` in each group (one
+    value for all groups here), the loaded optimizer state brought the old ones back, and the scheduler
+    reads them before its own settings (Megatron-LM issue 1138), so they are set first."""
     if cfg.override_opt_param_scheduler:
         for group in optimizer.param_groups:
             group["max_lr"], group["min_lr"] = cfg.lr, cfg.min_lr
+    scheduler.load_state_dict(state)
 
 
 def check_resumed_schedule(state: dict, cfg: TrainConfig) -> None:
