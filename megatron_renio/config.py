@@ -288,6 +288,15 @@ def lr_decay_iters(c: TrainConfig) -> int:
     return c.train_iters if c.lr_decay_iters is None else c.lr_decay_iters
 
 
+class _GivenOnce(argparse.Action):
+    """A flag that may be given once (argparse keeps the last of several silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give one")
+        setattr(namespace, self.dest, values)
+
+
 def pad_multiple(c: TrainConfig) -> int:
     """What batches are padded to a multiple of: 8, and the TP size with sequence parallelism (Megatron
     splits the sequence over the TP ranks)."""
@@ -298,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`TrainConfig` field, typed from the field's default; ``--help`` shows what it
     does (:data:`HELP`), its allowed values (:data:`CHOICES`) and its default."""
     parser = _OneLineErrorParser(prog="megatron_renio.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file whose keys are flag names; CLI flags override it")
+    parser.add_argument("--config", action=_GivenOnce,
+                        help="YAML file whose keys are flag names; CLI flags override it")
     for f in dataclasses.fields(TrainConfig):
         flag = _flag(f.name)
         default = f.default if f.default is not dataclasses.MISSING else None

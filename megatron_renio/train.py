@@ -213,12 +213,7 @@ def run(cfg: TrainConfig) -> dict:
     # before any rank appends
     restarts = bool(cfg.load or cfg.override_save)
     if restarts:
-        def drop_repeated_steps() -> None:  # on rank 0; a log it cannot read stops every rank
-            for path in run_logs.log_files(cfg):
-                if path.is_file():
-                    run_logs.drop_steps_after(path, iteration)
-
-        distributed.on_rank0(drop_repeated_steps)
+        run_logs.drop_repeated_steps(cfg, iteration)
     logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None)
     progress = run_logs.ConsoleProgress("train", cfg.train_iters, iteration, cfg.log_interval)
     first_iteration = iteration

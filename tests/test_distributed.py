@@ -88,6 +88,10 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
             assert outcomes[label].startswith(f"{flag}: rank 1 (host "), outcomes[label]
             assert outcomes[label].endswith("every rank must reach it on one filesystem that all nodes share")
         assert r["probes_left"] == []
+    # a resume's log trimming runs on rank 0 only: its unreadable log stops rank 1 with rank 0's line
+    line = results[0]["log_trimming"]
+    assert line.startswith("UserInputError: ") and "metrics.jsonl: line 2 is not UTF-8 text" in line, line
+    assert [r["log_trimming"] for r in results] == [line, line + " [reported by 0]"]
     # the trainer acts on it: a --save that rank 1 resolves elsewhere, or a run to resume that only rank
     # 0's storage holds, is refused on both ranks before any model is built
     for r in results:

@@ -51,6 +51,19 @@ def drop_steps_after(path: Path, iteration: int) -> None:
     write_atomic(path, kept)
 
 
+def drop_repeated_steps(cfg: TrainConfig, iteration: int) -> None:
+    """Collective: rank 0 drops the steps after ``iteration`` from every log of the run (:func:`log_files`,
+    :func:`drop_steps_after`); a log it cannot read stops every rank with its line (``on_rank0``)."""
+    from megatron_renio.distributed import on_rank0
+
+    def drop() -> None:
+        for path in log_files(cfg):
+            if path.is_file():
+                drop_steps_after(path, iteration)
+
+    on_rank0(drop)
+
+
 def standard_json(record: dict) -> dict:
     """``record`` with non-finite floats as None: JSON has no NaN or Infinity (``jq`` and other strict
     readers refuse them), and a skipped step's loss may be either."""

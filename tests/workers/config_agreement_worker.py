@@ -14,9 +14,11 @@ import torch
 
 from megatron_renio import distributed, train
 from megatron_renio.data.arithmetic_task import build_char_tokenizer, make_splits, write_jsonl
+from megatron_renio.config import TrainConfig
 from megatron_renio.distributed import ParallelConfig, fingerprint
 from megatron_renio.errors import UserInputError
 from megatron_renio.output_paths import check_every_rank_sees, check_shared_folder
+from megatron_renio.training import run_logs
 from tests.torchrun_harness import save_rank_result
 
 
@@ -115,6 +117,17 @@ def main(out_dir):
         except UserInputError as e:
             return str(e)
 
+    # a resume's log trimming: rank 0 alone rewrites the logs, and a log it cannot read stops both ranks
+    logs = Path(out_dir, "logs_run").absolute()
+    if rank == 0:
+        logs.mkdir()
+        (logs / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"step": 2, "x": "\xff"}\n')
+    torch.distributed.barrier()
+    try:
+        run_logs.drop_repeated_steps(TrainConfig(save=str(logs)), 1)
+        result["log_trimming"] = "no error"
+    except UserInputError as e:
+        result["log_trimming"] = described(e)
     result["train_node_local_save"] = train_refusal("--save", "run/opd")
     result["train_node_local_load"] = train_refusal("--load", "resume")
     save_rank_result(out_dir, result)
