@@ -169,14 +169,6 @@ def on_rank0(fn):
     return value
 
 
-def agreed_error(error: UserInputError) -> UserInputError:
-    """``error``, found alike on every rank from values they agree on (e.g. :func:`on_rank0`'s result),
-    marked on the ranks other than 0 as a copy that rank 0 reports (printed there only)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        error.reported_by = 0
-    return error
-
-
 def log0(message: str) -> None:
     """Print on global rank 0 only (the RANK of the launcher before process groups exist)."""
     if torch.distributed.is_initialized():

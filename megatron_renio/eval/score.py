@@ -70,7 +70,7 @@ from megatron_renio.data import records
 from megatron_renio.data.records import RECORD_EXTENSIONS
 from megatron_renio.errors import UserInputError
 from megatron_renio.entrypoint import run_command
-from megatron_renio.distributed import agreed_error, log0, on_rank0
+from megatron_renio.distributed import log0, on_rank0
 from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines, same_file
 from megatron_renio.output_paths import check_output_file, write_atomic
 
@@ -338,14 +338,13 @@ def run(args: ScoreArgs) -> list[dict] | None:
 
     gathered = gather_to_rank0(scored, stage="last")
 
-    def first_nonfinite():  # on rank 0: (row, models) of the first non-finite row and how many there are
+    def refuse_nonfinite():  # on rank 0: the first row scored non-finite, and how many there are
         bad = sorted((index, models) for index, _, models in gathered if models is not None)
-        return (bad[0], len(bad)) if bad else None
+        if bad:
+            (index, models), count = bad[0], len(bad)
+            raise _nonfinite_error(rows[index], models, count, cfg, args.out)
 
-    found = on_rank0(first_nonfinite)  # every rank refuses, before anything is written
-    if found is not None:
-        (index, models), count = found
-        raise agreed_error(_nonfinite_error(rows[index], models, count, cfg, args.out))
+    on_rank0(refuse_nonfinite)  # every rank refuses (rank 0 prints it), before anything is written
     if gathered is None:
         return None
     by_row = {index: scores for index, scores, _ in gathered}

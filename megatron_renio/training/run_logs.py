@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -134,8 +135,6 @@ class ConsoleProgress:
     nothing."""
 
     def __init__(self, name: str, total: int, initial: int, log_interval: int, terminal: bool | None = None):
-        import sys
-
         self.name, self.total, self.log_interval = name, total, log_interval
         self.enabled = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if terminal is None:
