@@ -261,39 +261,38 @@ def run(cfg: SFTConfig) -> list[float]:
                                                             examples.skipped_too_long, t.seq_length))
     logger = MetricsLogger(dataclasses.replace(t, save=None))  # --save is the model checkpoint folder
     log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
-    progress = ConsoleProgress("sft", t.train_iters, 0, t.log_interval)
     losses = []
     skipped_in_a_row = 0
-    for iteration in range(1, t.train_iters + 1):
-        t0 = time.perf_counter()
-        indices = sampler.next_batch()
-        prompts = [examples.prompts[i] for i in indices]
-        # The student side of a (prompt, prompt, target) pair is a causal-LM example with its loss
-        # mask on the target tokens.
-        batch = pack_pairs(prompts, prompts, [examples.targets[i] for i in indices], tokenizer.eos_id,
-                           tokenizer.pad_id, t.seq_length, pad_multiple(t))
-        micro = [mb.student for mb in batch.micro_batches(t.micro_batch_size, pad_multiple(t))]
-        model_ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = step.run(micro)
-        updated, grad_norm = C.step_if_finite(optimizer, model_ddp, math.isfinite(loss))
-        if updated:
-            scheduler.step(increment=1)
-            skipped_in_a_row = 0
-        else:
-            skipped_in_a_row += 1
-            C.stop_after_skipped_steps(skipped_in_a_row, t, iteration)
-        losses.append(loss)
-        if iteration % t.log_interval == 0:
-            logger.log(iteration, {
-                "loss": loss, "skipped": not updated,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "lr": scheduler.get_lr(optimizer.param_groups[0]),  # after the update, as Megatron-LM logs it
-                "time_step_s": time.perf_counter() - t0,
-            })
-        progress.update(iteration, {"loss": f"{loss:.4g}", "grad norm": norm_text(grad_norm),
-                                    "lr": f"{scheduler.get_lr(optimizer.param_groups[0]):.3g}"})
-    progress.close()
+    with ConsoleProgress("sft", t.train_iters, 0, t.log_interval) as progress:
+        for iteration in range(1, t.train_iters + 1):
+            t0 = time.perf_counter()
+            indices = sampler.next_batch()
+            prompts = [examples.prompts[i] for i in indices]
+            # The student side of a (prompt, prompt, target) pair is a causal-LM example with its loss
+            # mask on the target tokens.
+            batch = pack_pairs(prompts, prompts, [examples.targets[i] for i in indices], tokenizer.eos_id,
+                               tokenizer.pad_id, t.seq_length, pad_multiple(t))
+            micro = [mb.student for mb in batch.micro_batches(t.micro_batch_size, pad_multiple(t))]
+            model_ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = step.run(micro)
+            updated, grad_norm = C.step_if_finite(optimizer, model_ddp, math.isfinite(loss))
+            if updated:
+                scheduler.step(increment=1)
+                skipped_in_a_row = 0
+            else:
+                skipped_in_a_row += 1
+                C.stop_after_skipped_steps(skipped_in_a_row, t, iteration)
+            losses.append(loss)
+            if iteration % t.log_interval == 0:
+                logger.log(iteration, {
+                    "loss": loss, "skipped": not updated,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "lr": scheduler.get_lr(optimizer.param_groups[0]),  # after the update, as Megatron-LM logs it
+                    "time_step_s": time.perf_counter() - t0,
+                })
+            progress.update(iteration, {"loss": f"{loss:.4g}", "grad norm": norm_text(grad_norm),
+                                        "lr": f"{scheduler.get_lr(optimizer.param_groups[0]):.3g}"})
     logger.close()
     save_model_checkpoint(
         model, info, t.save, tokenizer_dir=t.tokenizer or source.tokenizer_dir, generation_config=source.generation_config,

@@ -1217,11 +1217,11 @@ def test_console_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys,
     assert out.out.splitlines() == [
         "train iteration 2/5 | loss 0.5 | grad norm 1.25", "train iteration 4/5 | loss 0.5 | grad norm -",
         "train iteration 5/5 | loss 0.5 | grad norm 1.25"] and out.err == ""  # every 2nd, and the last
-    progress = ConsoleProgress("train", 5, 1, log_interval=2, terminal=True)
-    progress.update(2, {"loss": "0.5"})
-    progress.close()
+    with pytest.raises(ZeroDivisionError), ConsoleProgress("train", 5, 1, log_interval=2, terminal=True) as progress:
+        progress.update(2, {"loss": "0.5"})
+        1 / 0  # a failing step still closes the bar: the terminal goes on on a fresh line
     out = capsys.readouterr()
-    assert out.out == "" and "2/5" in out.err and "loss=0.5" in out.err
+    assert out.out == "" and "2/5" in out.err and "loss=0.5" in out.err and out.err.endswith("\n")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)  # `train > log` from a terminal
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     progress = ConsoleProgress("train", 2, 0, log_interval=1)

@@ -158,6 +158,12 @@ class ConsoleProgress:
         if self.bar is not None:
             self.bar.close()
 
+    def __enter__(self) -> "ConsoleProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on an exception: tqdm's bar leaves the terminal on a fresh line
+
 
 def log_files(cfg: TrainConfig) -> list[Path]:
     """The JSONL files a run appends to: its metrics file and, under ``--save``, the saved samples."""
