@@ -529,37 +529,66 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
         assert f"--load {run}: the run was saved with {saved}; resume it with the same" in proc.stderr.splitlines()[-1]
 
 
-def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
-    """SLURM-style preemption: SIGTERM reaches one rank only; every rank agrees, saves, exits 0."""
+def _train_until_signalled(workdir, name: str, extra: dict, ready, signal_workers):
+    """Launch a 2-rank run of 1000 iterations into ``workdir/name`` (with ``extra`` flags), wait until
+    ``ready(save, metrics)``, call ``signal_workers(launcher, workers)``; return the launcher's
+    (return code, stdout, stderr), the number of logged steps and the latest checkpoint's iteration."""
     import signal
     import time
 
     import psutil
 
-    save = workdir / "sigterm"
-    path = workdir / "sigterm.jsonl"
+    save, path = workdir / name, workdir / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "megatron_renio.train"]
-    args = base_args(workdir, **{"--train-iters": 1000, "--save": save, "--metrics-file": path})
+    args = base_args(workdir, **{"--train-iters": 1000, "--save": save, "--metrics-file": path, **extra})
     proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 1):
+        while time.time() < deadline and not ready(save, path):
             time.sleep(0.2)
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "megatron_renio.train" in " ".join(p.cmdline())]
-        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
-        rank1.send_signal(signal.SIGTERM)
+        signal_workers(proc, workers)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:  # a failed run: end the launcher and its workers (its own session)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, err[-3000:]
+    latest = save / "latest_checkpointed_iteration.txt"
+    return proc.returncode, out, err, len(read_jsonl(path)), int(latest.read_text()) if latest.exists() else None
+
+
+def test_sigterm_saves_at_the_next_safe_point_and_exits_0(workdir):
+    """SLURM-style preemption: SIGTERM reaches one rank only; every rank agrees, saves, exits 0."""
+    import signal
+
+    def rank1_only(_, workers):
+        next(p for p in workers if p.environ().get("RANK") == "1").send_signal(signal.SIGTERM)
+
+    rc, out, err, steps, latest = _train_until_signalled(
+        workdir, "sigterm", {}, lambda _, path: path.exists() and path.read_text().count("\n") >= 1, rank1_only)
+    assert rc == 0, err[-3000:]
     assert "exiting after iteration" in out and "SIGTERM received" in out
-    steps = len(read_jsonl(path))
-    assert 1 <= steps < 1000
-    assert (save / "latest_checkpointed_iteration.txt").read_text() == str(steps)
+    assert 1 <= steps < 1000 and latest == steps
+
+
+def test_sigterm_to_every_process_of_the_step_after_a_save(workdir):
+    """SLURM's ``--signal=TERM@N`` and preemption signal every process of the job step: the launcher,
+    the ranks and any process they started (Megatron's checkpoint writer kept a helper process from
+    the first save on, which the signal killed, so the save on the way out failed on every rank)."""
+    import signal
+
+    def whole_group(launcher, _):
+        os.killpg(launcher.pid, signal.SIGTERM)
+
+    rc, out, err, steps, latest = _train_until_signalled(
+        workdir, "sigterm_all", {"--save-interval": 2}, lambda save, _: (save / "iter_0000002").is_dir(), whole_group)
+    assert rc != 0  # torchrun itself was told to stop: it reports that, after its workers finished
+    assert "exiting after iteration" in out and "SIGTERM received" in out and "Error" not in err, err[-3000:]
+    assert 2 < steps < 1000 and latest == steps  # a checkpoint beyond the periodic one, at the last step
+    kept = sorted({*range(2, steps + 1, 2), steps})[-2:]  # --keep-last 2, and no half-written folder left
+    assert sorted(p.name for p in (workdir / "sigterm_all").glob("*iter_*")) == [f"iter_{i:07d}" for i in kept]
 
 
 def test_exit_duration_in_mins(workdir):

@@ -263,15 +263,33 @@ def _replica_group():
     return None
 
 
+def _write_results_in_process() -> None:
+    """Give Megatron's torch_dist writer a results queue of this process. Megatron-Core 0.16 makes it,
+    at the first save, a queue of a spawned ``multiprocessing`` Manager
+    (``dist_checkpointing.strategies.filesystem_async._get_write_results_queue``), built for its
+    asynchronous save; a synchronous save, the only kind made here, puts and gets the results in
+    the calling process. The Manager would live on as a process of its own with no SIGTERM handler:
+    the SIGTERM that SLURM sends to every process of a job step (preemption, ``--signal``) kills it,
+    and every later save, the one made on the way out included, fails with a broken pipe."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(getattr(filesystem_async, "_results_queue", None), queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
     """``dist_checkpointing.save`` with Megatron's torch_dist writer, and with data parallelism its
     fully parallel save (Megatron-LM's ``--ckpt-fully-parallel-save``, on by default there): a shard
     that the data-parallel replicas hold in common is written by one of them, the writes spread
-    evenly over the group, instead of every shard by DP rank 0. Collective."""
+    evenly over the group, instead of every shard by DP rank 0. The writer's results come back
+    through this process (:func:`_write_results_in_process`). Collective."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
+    _write_results_in_process()
     strategy, group = get_default_save_sharded_strategy(), _replica_group()
     if group is not None:
         strategy = FullyParallelSaveStrategyWrapper(strategy, group)
