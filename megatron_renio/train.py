@@ -145,8 +145,9 @@ def run(cfg: TrainConfig) -> dict:
         C.check_load_source(cfg)
         C.check_save_target(cfg, student_source.preset)
         state = read_train_state(cfg.load) if cfg.load else None
-        if state is None and not cfg.load:
-            run_logs.check_new_run_logs(cfg)
+        if state is None:
+            run_logs.check_new_run_logs(cfg, requeued=bool(cfg.load))
+            run_logs.claim_logs(cfg)
         return state
 
     # Every rank acts on what rank 0 found, and must see the same folders: separate decisions on

@@ -1,5 +1,7 @@
 """The trainer through its real command line: layouts, resume, skipped steps, EMA teacher, bad input."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -499,6 +501,13 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
         proc = train(base_args(workdir, **{"--load": load, "--train-iters": 1}), check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert expected in proc.stderr.strip().splitlines()[-1]
+    other = workdir / "another_runs_metrics.jsonl"
+    other.write_text('{"step": 1, "loss": 9.0}\n')
+    proc = train(base_args(workdir, **{"--load": workdir / "requeued", "--save": workdir / "requeued",
+                                       "--metrics-file": other, "--train-iters": 1}), check=False)
+    assert proc.returncode == 2 and other.read_text() == '{"step": 1, "loss": 9.0}\n', proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"{other} holds records of an earlier run; remove it or "
+                                                         "choose another --metrics-file")  # not this run's to trim
     run = workdir / "first_launch"
     run.mkdir()  # an earlier attempt was killed before its first checkpoint, mid-way through a record
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
@@ -509,6 +518,7 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
     metrics, samples = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "samples_rank0.jsonl")
     assert [m["step"] for m in metrics] == [1] and metrics[0]["loss"] != 9.0  # each step recorded once
     assert [r["index"] for r in samples] == [0, 1, 2, 3]
+    assert json.loads((run / "run_logs.json").read_text()) == []  # no log outside --save to claim
     assert ("note: --seq-length 1024 exceeds the student's max_position_embeddings (512); positions beyond it were "
             "not trained") in proc.stdout + proc.stderr
     proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1, "--seq-length": 1024}))
@@ -1139,6 +1149,32 @@ def test_a_new_run_does_not_append_to_an_earlier_runs_logs(tmp_path):
     with pytest.raises(UserInputError, match=f"^{other} holds records of an earlier run; remove it or choose another "
                                              "--metrics-file$"):
         check_new_run_logs(TrainConfig(save=str(save), override_save=True, metrics_file=str(other)))
+
+
+def test_a_requeue_without_a_checkpoint_trims_only_the_logs_its_run_claimed(tmp_path):
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.training.run_logs import CLAIMED_LOGS_FILE, check_new_run_logs, claim_logs
+
+    save, ours, theirs = tmp_path / "run", tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    first = TrainConfig(save=str(save), load=str(save), metrics_file=str(ours))
+    check_new_run_logs(first, requeued=True)  # the first launch: nothing logged yet
+    claim_logs(first)
+    ours.write_text('{"step": 1}\n')  # then killed before its first checkpoint
+    (save / "samples_rank0.jsonl").write_text('{"step": 1}\n')
+    check_new_run_logs(first, requeued=True)  # the requeue may drop the steps it takes again
+    theirs.write_text('{"step": 7}\n')
+    with pytest.raises(UserInputError, match=f"^{theirs} holds records of an earlier run; remove it or choose another "
+                                             "--metrics-file$"):
+        check_new_run_logs(dataclasses.replace(first, metrics_file=str(theirs)), requeued=True)
+    with pytest.raises(UserInputError, match=f"^{ours} holds records of an earlier run"):
+        check_new_run_logs(dataclasses.replace(first, save=str(tmp_path / "other_run")), requeued=True)
+    with pytest.raises(UserInputError, match=f"^{save / 'samples_rank0.jsonl'} holds records of an earlier run; pass "
+                                             f"--load {save}"):
+        check_new_run_logs(dataclasses.replace(first, load=None, metrics_file=None))  # a new run in a used folder
+    (save / CLAIMED_LOGS_FILE).write_text('{"metrics": 1}\n')
+    with pytest.raises(UserInputError, match=f"^{save / CLAIMED_LOGS_FILE}: not this trainer's record of the run's "
+                                             r"logs \(not a list of paths\); remove it to go on$"):
+        check_new_run_logs(first, requeued=True)
 
 
 def test_a_model_inside_the_save_folders_checkpoints_is_refused(tmp_path):

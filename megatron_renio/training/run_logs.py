@@ -171,18 +171,53 @@ def log_files(cfg: TrainConfig) -> list[Path]:
     return ([metrics] if metrics else []) + (sorted(Path(cfg.save).glob("samples_rank*.jsonl")) if cfg.save else [])
 
 
-def check_new_run_logs(cfg: TrainConfig) -> None:
-    """A new run that does not ``--load`` must not append to an earlier run's JSONL files: one line for
-    a non-empty one, except the files inside ``--save`` with ``--override-save`` (the run starts that
-    folder over: they are emptied)."""
+# In --save: the logs outside --save that the run writes (its --metrics-file), as a JSON list of
+# resolved paths; a requeue that finds no checkpoint yet may trim those, and no other run's.
+CLAIMED_LOGS_FILE = "run_logs.json"
+
+
+def _outside_logs(cfg: TrainConfig) -> list[Path]:
+    from megatron_renio.models.checkpoint import is_within
+
+    return [path.resolve() for path in log_files(cfg) if not (cfg.save and is_within(path, cfg.save))]
+
+
+def claim_logs(cfg: TrainConfig) -> None:
+    """Record in ``--save`` (:data:`CLAIMED_LOGS_FILE`) the run's logs outside it, at the start of a run
+    that resumes nothing (with no ``--save`` nothing is recorded)."""
+    if cfg.save:
+        Path(cfg.save).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(cfg.save) / CLAIMED_LOGS_FILE, [json.dumps([str(p) for p in _outside_logs(cfg)]) + "\n"])
+
+
+def _claimed_logs(cfg: TrainConfig) -> set[Path]:
+    path = Path(cfg.save) / CLAIMED_LOGS_FILE if cfg.save else None
+    if path is None or not path.is_file():
+        return set()
+    try:
+        claimed = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(claimed, list) and all(isinstance(p, str) for p in claimed)):
+            raise ValueError("not a list of paths")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserInputError(f"{path}: not this trainer's record of the run's logs ({e}); remove it to go on") from None
+    return {Path(p) for p in claimed}
+
+
+def check_new_run_logs(cfg: TrainConfig, requeued: bool = False) -> None:
+    """A run that resumes nothing must not append to an earlier run's JSONL files: one line for a
+    non-empty one, except the files inside ``--save`` with ``--override-save`` (the run starts that
+    folder over: they are emptied), and with ``requeued`` (a ``--load`` that found no checkpoint yet:
+    an earlier attempt of this run may have logged steps before its first save, which it drops) the
+    files inside ``--save`` and those its :data:`CLAIMED_LOGS_FILE` names."""
     from megatron_renio.models.checkpoint import is_within
 
     metrics = metrics_path(cfg)
+    claimed = _claimed_logs(cfg) if requeued else set()
     for path in log_files(cfg):
         if not path.is_file() or path.stat().st_size == 0:
             continue
         in_save = bool(cfg.save) and is_within(path, cfg.save)
-        if in_save and cfg.override_save:
+        if (in_save and (cfg.override_save or requeued)) or path.resolve() in claimed:
             continue
         choose = f"remove it or choose another {'--metrics-file' if path == metrics else '--save'}"
         if in_save:
