@@ -94,6 +94,14 @@ def test_unsupported_architecture_lists_supported():
     bad["rope_scaling"] = {"rope_type": "llama3", "factor": None}
     with pytest.raises(UserInputError, match="rope_scaling has no 'factor'"):
         preset_from_hf_config(bad)
+    bad["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    bad["original_max_position_embeddings"] = 64  # transformers reads only the rope block's (it used 8192)
+    with pytest.raises(UserInputError, match="^config.json: rope_scaling has no 'original_max_position_embeddings'$"):
+        preset_from_hf_config(bad)
+    del bad["rope_scaling"]["high_freq_factor"]
+    with pytest.raises(UserInputError, match="^config.json: rope_scaling has no 'high_freq_factor', "
+                                             "'original_max_position_embeddings'$"):
+        preset_from_hf_config(bad)
 
 
 @pytest.mark.parametrize("field, value, expected", [

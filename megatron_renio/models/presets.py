@@ -196,6 +196,9 @@ def get_preset(name: str) -> ModelPreset:
 
 
 def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling | None:
+    """The llama3 scaling of ``rope_scaling``, every one of its values given: a default would not be
+    the model's (transformers 4 refuses a block without one, transformers 5 starts the scaling at
+    ``max_position_embeddings`` without ``original_max_position_embeddings``)."""
     if not rope_scaling:
         return None
     rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
@@ -203,11 +206,12 @@ def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling
         return None
     if rope_type != "llama3":
         raise UserInputError(f"{source}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
-    if rope_scaling.get("factor") is None:
-        raise UserInputError(f"{source}: rope_scaling has no 'factor'")
+    names = [f.name for f in dataclasses.fields(Llama3RopeScaling)]
+    missing = [name for name in names if rope_scaling.get(name) is None]
+    if missing:
+        raise UserInputError(f"{source}: rope_scaling has no {', '.join(map(repr, missing))}")
     try:
-        return Llama3RopeScaling(**{f.name: rope_scaling[f.name] for f in dataclasses.fields(Llama3RopeScaling)
-                                    if rope_scaling.get(f.name) is not None})
+        return Llama3RopeScaling(**{name: rope_scaling[name] for name in names})
     except ValueError as e:
         raise UserInputError(f"{source}: rope_scaling.{e}") from None
 
