@@ -45,6 +45,7 @@ from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE
 from megatron_renio.models.checkpoint import (
     METADATA_FILE,
     check_target_directory,
+    copy_tokenizer_files,
     load_model_checkpoint,
     publish_directory,
     read_checkpoint_metadata,
@@ -103,8 +104,7 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
         config = hf_config_dict(preset, HF_DTYPES[dtype])
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if metadata.tokenizer_dir is not None:
-            for path in tokenizer_files(metadata.tokenizer_dir):
-                shutil.copy2(path, staging / path.name)
+            copy_tokenizer_files(tokenizer_files(metadata.tokenizer_dir), staging)
         else:
             print(f"note: {load} has no tokenizer files; {save} will have none", file=sys.stderr)
         if metadata.generation_config is not None:

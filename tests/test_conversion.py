@@ -85,7 +85,11 @@ def _save_tokenizer(directory: Path) -> None:
     corpus = ["the cat sat on the mat", "two plus two is four", "a dog ran after the cat"]
     tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>", "</s>"]))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    wrapped.chat_template = {  # a named template: transformers saves it in additional_chat_templates/
+        "default": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+        "tool_use": "{% for m in messages %}the {{ m['content'] }} {% endfor %}"}
     wrapped.save_pretrained(directory)
+    assert (directory / "additional_chat_templates" / "tool_use.jinja").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +109,7 @@ def hf_models(tmp_path_factory):
         # The reference is what transformers computes from the files (in fp32: a bf16 model's
         # weights upcast exactly, its RoPE frequencies recomputed in fp32).
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        for path in (root / "tokenizer").iterdir():
-            shutil.copy(path, directory)
+        shutil.copytree(root / "tokenizer", directory, dirs_exist_ok=True)
         tokens = torch.randint(0, kwargs["vocab_size"], TOKENS_SHAPE, generator=torch.Generator().manual_seed(seed))
         torch.save(tokens, root / f"tokens_{name}.pt")
         result["dirs"][name] = directory
@@ -151,7 +154,8 @@ def _generation_config_folders(root: Path, llama: Path) -> None:
         {"eos_token_id": 2, "temperature": 1.0}))
     shutil.copytree(root / "hf" / "llama_generation", root / "hf" / "llama_no_tokenizer")
     for path in (root / "tokenizer").iterdir():
-        (root / "hf" / "llama_no_tokenizer" / path.name).unlink()
+        target = root / "hf" / "llama_no_tokenizer" / path.name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 def _run_driver(root: Path, jobs: list) -> list:
@@ -326,6 +330,12 @@ def test_transformers_loads_the_export(hf_models, converted, name):
     text = "the cat sat on a mat"
     source_ids = AutoTokenizer.from_pretrained(hf_models["dirs"][name])(text)["input_ids"]
     assert AutoTokenizer.from_pretrained(back_dir)(text)["input_ids"] == source_ids
+    chat = [{"role": "user", "content": "cat"}]
+    source_tool_use = AutoTokenizer.from_pretrained(hf_models["dirs"][name]).apply_chat_template(
+        chat, chat_template="tool_use", tokenize=False)
+    assert source_tool_use == "the cat "  # a named template (it was lost: the name itself was rendered)
+    assert AutoTokenizer.from_pretrained(back_dir).apply_chat_template(chat, chat_template="tool_use",
+                                                                        tokenize=False) == source_tool_use
     assert (back_dir / "generation_config.json").is_file()
 
 

@@ -60,6 +60,8 @@ TOKENIZER_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
     "chat_template.json",
 )
+# transformers' folder of named chat templates (``<name>.jinja``), beside the tokenizer's files
+CHAT_TEMPLATES_SUBDIR = "additional_chat_templates"
 
 
 @dataclass(frozen=True)
@@ -91,15 +93,26 @@ class CheckpointMetadata:
         return path if path.is_file() else None
 
 
-def tokenizer_files(directory: str | Path) -> list[Path]:
-    """The tokenizer files of ``directory`` (``TOKENIZER_FILES`` and ``*.tiktoken``; not its
+def tokenizer_files(directory: str | Path) -> dict[str, Path]:
+    """The tokenizer files of ``directory`` by their path in a tokenizer folder (``TOKENIZER_FILES``,
+    ``*.tiktoken`` and the named chat templates of ``CHAT_TEMPLATES_SUBDIR``; not its
     ``generation_config.json``); empty when it holds none. A sentencepiece ``.model`` file given
-    instead of a folder is its own one file (saved as ``SENTENCEPIECE_FILE``)."""
+    instead of a folder is its own one file, ``SENTENCEPIECE_FILE``."""
     directory = Path(directory)
     if directory.is_file() and directory.suffix == ".model":
-        return [directory]
+        return {SENTENCEPIECE_FILE: directory}
     found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
-    return found + sorted(directory.glob("*.tiktoken"))
+    found += sorted(directory.glob("*.tiktoken"))
+    if found:
+        found += sorted((directory / CHAT_TEMPLATES_SUBDIR).glob("*.jinja"))
+    return {path.relative_to(directory).as_posix(): path for path in found}
+
+
+def copy_tokenizer_files(files: dict[str, Path], target: Path) -> None:
+    """Copy ``files`` (as :func:`tokenizer_files` names them) into the folder ``target``."""
+    for name, path in files.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / name)
 
 
 def is_within(path: str | Path, folder: str | Path) -> bool:
@@ -377,18 +390,12 @@ def save_model_checkpoint(
     staging = Path(on_rank0(prepare))
 
     def finish() -> None:
-        files = {}  # name in tokenizer/ -> source
-        if tokenizer_dir is not None:
-            for path in tokenizer_files(tokenizer_dir):
-                files[SENTENCEPIECE_FILE if tokenizer_dir.is_file() else path.name] = path
+        files = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else {}  # path in tokenizer/ -> source
         if generation_config is not None:
             files[GENERATION_CONFIG_FILE] = Path(generation_config)
         elif tokenizer_dir is not None and (tokenizer_dir / GENERATION_CONFIG_FILE).is_file():
             files[GENERATION_CONFIG_FILE] = tokenizer_dir / GENERATION_CONFIG_FILE
-        if files:
-            (staging / TOKENIZER_SUBDIR).mkdir()
-        for name, path in files.items():
-            shutil.copy2(path, staging / TOKENIZER_SUBDIR / name)
+        copy_tokenizer_files(files, staging / TOKENIZER_SUBDIR)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         publish_directory(staging, directory)
 
