@@ -80,7 +80,7 @@ HELP = {
     "kd_beta": "JSD mixture weight of --loss jsd (0 = forward KL, 1 = reverse KL; other losses take none)",
     "kd_temperature": "temperature of both models' distributions in the loss",
     "kd_token_clip": "clamp of each vocabulary entry of the divergence to [0, k]; none = no clamp",
-    "kd_top_k": "renormalise the teacher to its top k tokens (not fused); none = full vocabulary",
+    "kd_top_k": "both models restricted to the teacher's k most likely tokens and renormalised over them (not fused); none = full vocabulary",
     "loss_impl": "auto: the fused vocab-parallel loss, its Triton kernels on GPUs and the chunked PyTorch path "
                  "elsewhere; triton / chunked: that one (triton needs a GPU and the triton package); unfused: "
                  "plain autograd on gathered copies of the completion rows",
@@ -92,13 +92,16 @@ HELP = {
     "renio_scope": "local: per micro-batch, as the reference; global: over every micro-batch and DP rank",
     "renio_max_weight": "cap of a normalised weight (batch_mean, ema)",
     "rollout_temperature": "sampling temperature of the student's rollout",
+    "rollout_top_p": "nucleus sampling of the rollout: the most likely tokens whose probability reaches p; 1 = off",
+    "rollout_top_k": "the rollout samples among the k most likely tokens; 0 = off",
+    "log_interval": "console progress every N iterations (the metrics file, TensorBoard and W&B get every step)",
     "max_new_tokens": "longest completion of the rollout",
     "samples_per_prompt": "completions per prompt (consecutive rows of the batch)",
     "micro_batch_order": "how a rank's samples form micro-batches: data = in sampling order (the reference's); "
                          "length = longest first, so that each micro-batch pads to samples of similar length "
                          "(needs --renio-scope global, where the grouping does not change the loss)",
     "data_path": "prompt files: JSONL or parquet",
-    "task": "how completions are graded in the saved samples",
+    "task": "the prompts' instruction (math: reason step by step, answer in \\boxed{}; coding: one python code block); math completions are also graded in the saved samples",
     "peak_tflops": "per-device peak TFLOP/s for the MFU log; 0 = known GPUs by name",
     "metrics_file": "JSONL of the step metrics (without it: --save/metrics.jsonl)",
     "save_samples_interval": "every N steps, write each completion with its weight to --save/samples_rank*.jsonl",

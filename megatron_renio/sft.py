@@ -282,17 +282,13 @@ def run(cfg: SFTConfig) -> list[float]:
                 skipped_in_a_row = 0
             else:
                 skipped_in_a_row += 1
-                C.stop_after_skipped_steps(skipped_in_a_row, t, iteration)
             losses.append(loss)
-            if iteration % t.log_interval == 0:
-                logger.log(iteration, {
-                    "loss": loss, "skipped": not updated,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "lr": scheduler.get_lr(optimizer.param_groups[0]),  # after the update, as Megatron-LM logs it
-                    "time_step_s": time.perf_counter() - t0,
-                })
-            progress.update(iteration, {"loss": f"{loss:.4g}", "grad norm": norm_text(grad_norm),
-                                        "lr": f"{scheduler.get_lr(optimizer.param_groups[0]):.3g}"})
+            lr = scheduler.get_lr(optimizer.param_groups[0])  # after the update, as Megatron-LM logs it
+            logger.log(iteration, {"loss": loss, "skipped": not updated,
+                                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                   "lr": lr, "time_step_s": time.perf_counter() - t0})
+            progress.update(iteration, {"loss": f"{loss:.4g}", "grad norm": norm_text(grad_norm), "lr": f"{lr:.3g}"})
+            C.stop_after_skipped_steps(skipped_in_a_row, t, iteration)  # once the step that stops the run is logged
     logger.close()
     save_model_checkpoint(
         model, info, t.save, tokenizer_dir=t.tokenizer or source.tokenizer_dir, generation_config=source.generation_config,

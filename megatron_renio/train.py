@@ -218,6 +218,8 @@ def run(cfg: TrainConfig) -> dict:
     logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None)
     progress = run_logs.ConsoleProgress("train", cfg.train_iters, iteration, cfg.log_interval)
     first_iteration = iteration
+    # --override-save: the run's first save removes every checkpoint of the run it replaces
+    replaces_run = cfg.override_save and saved is None
     if iteration >= cfg.train_iters:
         log0(f"the run is at iteration {iteration} of --train-iters {cfg.train_iters}: nothing to train "
              "(raise --train-iters to go on)")
@@ -272,7 +274,6 @@ def run(cfg: TrainConfig) -> dict:
                 normalizer.load_state_dict(normalizer_before)
                 skipped_total += 1
                 skipped_in_a_row += 1
-                C.stop_after_skipped_steps(skipped_in_a_row, cfg, iteration + 1)
             t_opt = time.perf_counter() - t2
             iteration += 1
             if cfg.save_samples_interval and iteration % cfg.save_samples_interval == 0 and result.per_sample \
@@ -312,13 +313,13 @@ def run(cfg: TrainConfig) -> dict:
                 metrics["mfu"] = counts["flops"] / max(t_fwd_bwd, 1e-9) / (peak_flops * ctx.world_size)
             if torch.cuda.is_available():
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            if iteration % cfg.log_interval == 0:
-                logger.log(iteration, metrics)
+            logger.log(iteration, metrics)  # every step, as Megatron-LM's TensorBoard; the console per --log-interval
             progress.update(iteration, {
                 "loss": f"{result.loss:.4g}", "grad norm": run_logs.norm_text(metrics["grad_norm"]),
                 "lr": f"{metrics['lr']:.3g}", "completion length": f"{metrics['completion_length_mean']:.0f}",
                 "step s": f"{step_time:.2f}", "rollout tokens/s": f"{metrics['rollout_tokens_per_s']:.0f}",
                 "skipped": str(skipped_total)})
+            C.stop_after_skipped_steps(skipped_in_a_row, cfg, iteration)  # once the step that stops the run is logged
 
             exit_reason = exits.should_exit(iteration, ctx.device)
             due = iteration == cfg.train_iters or (cfg.save_interval and iteration % cfg.save_interval == 0)
@@ -328,7 +329,8 @@ def run(cfg: TrainConfig) -> dict:
                     teacher=ema,
                     tokenizer_dir=cfg.tokenizer or student_source.tokenizer_dir,  # the one it trained with, as sft
                     generation_config=student_source.generation_config,  # the model's own, also with --tokenizer
-                    keep_last=cfg.keep_last, fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
+                    keep_last=1 if replaces_run else cfg.keep_last,
+                    fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
                     train_state={"iteration": iteration, "skipped_total": skipped_total,
                                  "skipped_in_a_row": skipped_in_a_row, "mode": cfg.mode,
                                  "teacher": cfg.teacher, "sampler": sampler.state_dict(),
@@ -337,6 +339,7 @@ def run(cfg: TrainConfig) -> dict:
                                  "adam": {key: getattr(cfg, key) for key in ("adam_beta1", "adam_beta2", "adam_eps")},
                                  "teacher_origin": teacher_origin},
                 )
+                replaces_run = False
             if exit_reason:
                 log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))
                 break

@@ -1,5 +1,6 @@
 """Supervised fine-tuning (megatron_renio.sft): the loss falls, layouts agree, flags are checked."""
 
+import json
 import re
 
 import pytest
@@ -34,6 +35,9 @@ def test_loss_falls_and_a_model_checkpoint_is_saved(launched):
     meta = read_checkpoint_metadata(out / "init")
     assert meta.preset.num_layers == 2 and (meta.tokenizer_dir / "tokenizer.json").is_file()
     assert meta.extra["iterations"] == 8
+    records = [json.loads(line) for line in (out / "init_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))  # every step (--log-interval 3 paces the console)
+    assert [r["loss"] for r in records] == pytest.approx(curve, rel=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])

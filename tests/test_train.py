@@ -372,10 +372,14 @@ def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     shutil.copytree(save, requeued)
     shutil.rmtree(requeued / "iter_0000003")
     (requeued / "latest_checkpointed_iteration.txt").write_text("2")
-    proc = train(base_args(workdir, **{"--train-iters": 3, "--load": requeued, "--max-skipped-steps": 2}),
+    requeued_metrics = workdir / "nonfinite_requeued.jsonl"
+    proc = train(base_args(workdir, **{"--train-iters": 3, "--load": requeued, "--max-skipped-steps": 2,
+                                       "--log-interval": 2, "--metrics-file": requeued_metrics}),
                  check=False, fault="nan-logits:3")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "error: 2 consecutive steps had a non-finite loss"), proc.stderr[-2000:]
+    # every step reaches the metrics file (--log-interval paces the console), the one that stops the run too
+    assert [(m["step"], m["skipped"]) for m in read_jsonl(requeued_metrics)] == [(3, True)]
 
 
 def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkeypatch):
@@ -671,20 +675,22 @@ def test_layout_errors(workdir, overrides, expected):
 
 def test_save_folder_of_another_model_is_refused(workdir):
     save = workdir / "other_model_run"
-    train(base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1}))
+    train(base_args(workdir, **{"--train-iters": 2, "--save": save, "--save-interval": 1}))
     wider = base_args(workdir, **{"--student-load": workdir / "ckpt" / "teacher", "--train-iters": 1, "--save": save,
                                   "--save-interval": 1})
     assert "holds checkpoints of another model" in _last_error(train(wider, check=False))
     same = base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1})
     assert "resume with --load" in _last_error(train(same, check=False))
-    assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1]
+    assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1, 2]
     # a new run does not append to the earlier run's metrics (refused before the models load)
     proc = train(base_args(workdir, **{"--train-iters": 1, "--metrics-file": save / "metrics.jsonl"}), check=False)
     assert _last_error(proc) == (f"error: {save / 'metrics.jsonl'} holds records of an earlier run; remove it or "
                                  "choose another --metrics-file") and "student:" not in proc.stdout
-    train(wider + ["--override-save"])
-    # the folder's metrics start over with the new run (they were appended: steps 1, 1)
-    assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1]
+    train(wider + ["--override-save", "--train-iters", "3", "--save-interval", "3"])
+    # the folder's metrics start over with the new run (they were appended: steps 1, 2, 1, ...), and its
+    # first save removes the earlier run's checkpoints (with --keep-last 2 it kept iteration 2 beside 3)
+    assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1, 2, 3]
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003"]
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])

@@ -22,7 +22,8 @@ def main(out: str, data: str, tokenizer: str) -> None:
         args = ["--data-path", data, "--tokenizer", tokenizer, "--save", str(out / name), *COMMON, *flags]
         return sft.run(sft.parse_sft_args(args))
 
-    result = {"curve": run("init", "--model", "tiny-qwen3", "--train-iters", "8")}
+    result = {"curve": run("init", "--model", "tiny-qwen3", "--train-iters", "8", "--log-interval", "3",
+                           "--metrics-file", str(out / "init_metrics.jsonl"))}
     for name, layout in (("tp2", ["--tensor-model-parallel-size", "2"]),
                          ("pp2", ["--pipeline-model-parallel-size", "2"]),
                          ("dp2", [])):
