@@ -23,8 +23,8 @@ An :class:`Adapter` (one small subclass per architecture under ``adapters/``) pi
 rules of its architecture; :meth:`Adapter.mappings` expands them for a concrete preset.
 
 Both commands also share the single-process Megatron world (:func:`build_single_process_model`),
-the check that every tensor they write is finite in the output dtype (:func:`all_finite`,
-:func:`nonfinite_error`), the check of the tokenizer they copy (:func:`check_tokenizer`), the line
+the check that every tensor they write is finite in the output dtype
+(:func:`~megatron_renio.models.checkpoint.all_finite`, :func:`nonfinite_error`), the check of the tokenizer they copy (:func:`check_tokenizer`), the line
 a finished conversion prints (:func:`print_summary`) and the command-line wrapper (:func:`make_parser`,
 :func:`run_cli`).
 """
@@ -42,6 +42,7 @@ from typing import Callable
 
 from megatron_renio.data.tokenizer import load_tokenizer
 from megatron_renio.errors import UserInputError
+from megatron_renio.models.checkpoint import all_finite
 from megatron_renio.models.presets import ModelPreset
 
 Shape = tuple[int, ...]
@@ -287,22 +288,6 @@ def build_single_process_model(preset: ModelPreset, dtype: str):
         raise UserInputError("conversion runs in one plain process: launch it with python, not torchrun")
     initialize(ParallelConfig(), seed=0)
     return build_gpt_model(preset, ParallelConfig(), dtype, perform_initialization=False)
-
-
-# Rows of a tensor checked at a time by all_finite: bounds its temporary (one byte per element).
-_FINITE_CHECK_ELEMENTS = 1 << 24
-
-
-def all_finite(tensor) -> bool:
-    """No NaN or inf in ``tensor``: one pass, in slices of its first dim (a bool temporary of at most
-    about ``_FINITE_CHECK_ELEMENTS`` elements, never one of the tensor's size); stops at the first
-    slice with one."""
-    import torch
-
-    if tensor.dim() == 0:
-        return bool(torch.isfinite(tensor))
-    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
-    return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
 
 
 def nonfinite_error(where: str | Path, tensor_name: str, source, dtype) -> UserInputError:

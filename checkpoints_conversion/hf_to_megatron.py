@@ -37,7 +37,6 @@ from checkpoints_conversion.adapters import get_adapter
 from checkpoints_conversion.common import (
     HF_DTYPES,
     Mapping,
-    all_finite,
     build_single_process_model,
     check_tokenizer,
     make_parser,
@@ -48,8 +47,8 @@ from checkpoints_conversion.common import (
 )
 from megatron_renio.data.tokenizer import read_generation_config
 from megatron_renio.errors import UserInputError
-from megatron_renio.models.checkpoint import (METADATA_FILE, check_target_directory, save_model_checkpoint,
-                                              tokenizer_files)
+from megatron_renio.models.checkpoint import (METADATA_FILE, all_finite, check_target_directory,
+                                              save_model_checkpoint, tokenizer_files)
 from megatron_renio.models.presets import ModelPreset, preset_from_hf_config, read_hf_config
 
 

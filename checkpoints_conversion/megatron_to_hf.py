@@ -32,7 +32,6 @@ from checkpoints_conversion.adapters import get_adapter
 from checkpoints_conversion.common import (
     HF_DTYPES,
     Mapping,
-    all_finite,
     build_single_process_model,
     check_tokenizer,
     make_parser,
@@ -44,6 +43,7 @@ from checkpoints_conversion.common import (
 from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE
 from megatron_renio.models.checkpoint import (
     METADATA_FILE,
+    all_finite,
     check_target_directory,
     copy_tokenizer_files,
     load_model_checkpoint,

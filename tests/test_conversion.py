@@ -657,14 +657,14 @@ NONFINITE_CASES = {  # case -> (source model, change, --dtype, tensor named, exp
 
 def test_the_finite_check_reads_every_slice(monkeypatch):
     """all_finite checks a tensor in slices of its first dim: a NaN in the last slice counts too."""
-    from checkpoints_conversion import common
+    from megatron_renio.models import checkpoint
 
-    monkeypatch.setattr(common, "_FINITE_CHECK_ELEMENTS", 4)
+    monkeypatch.setattr(checkpoint, "_FINITE_CHECK_ELEMENTS", 4)
     tensor = torch.zeros(10, 2)
-    assert common.all_finite(tensor)
+    assert checkpoint.all_finite(tensor)
     tensor[-1, 1] = float("inf")
-    assert not common.all_finite(tensor)
-    assert not common.all_finite(torch.tensor(float("nan")))
+    assert not checkpoint.all_finite(tensor)
+    assert not checkpoint.all_finite(torch.tensor(float("nan")))
 
 
 def test_hf_to_megatron_refuses_non_finite_weights(hf_models, tmp_path):

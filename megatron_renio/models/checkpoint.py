@@ -252,15 +252,29 @@ def _sharded_state_dict(module) -> dict:
     return state
 
 
+# Rows of a tensor checked at a time by all_finite: bounds its temporary (one byte per element).
+_FINITE_CHECK_ELEMENTS = 1 << 24
+
+
+def all_finite(tensor) -> bool:
+    """No NaN or inf in ``tensor``: one pass, in slices of its first dim (a bool temporary of at most
+    about ``_FINITE_CHECK_ELEMENTS`` elements, never one of the tensor's size); stops at the first
+    slice with one."""
+    import torch
+
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
+
+
 def _check_finite_weights(module, directory: Path) -> None:
     """Collective: refuse to save a model with a non-finite weight on any rank (a run whose update
     overflowed, a --lr too large for bf16): :func:`~megatron_renio.distributed.any_rank`; the rank
     holding one names its first such parameter, the others say where to look."""
-    import torch
-
     from megatron_renio.distributed import any_rank
 
-    bad = next((name for name, param in module.named_parameters() if not torch.isfinite(param).all()), None)
+    bad = next((name for name, param in module.named_parameters() if not all_finite(param.detach())), None)
     if any_rank(bad is not None, next(module.parameters()).device):
         where = f"parameter {bad}" if bad else "a parameter on another rank"
         raise UserInputError(f"the model holds non-finite weights ({where}); not saved to {directory}")
