@@ -5,6 +5,7 @@ each case damages one file of a copy of it and resumes from the copy as ``train`
 (:func:`read_train_state`, then :func:`load_training_checkpoint`).
 """
 
+import json
 import re
 import shutil
 
@@ -138,6 +139,35 @@ def test_a_metrics_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
     with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: line 2 is not UTF-8 text"):
         drop_steps_after(path, 1)
     assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 20])
+def test_a_resume_cuts_each_log_after_its_last_kept_step_reading_only_its_end(tmp_path, monkeypatch, block):
+    """drop_steps_after against a plain filter of the records, with the file read backwards in blocks
+    of every size (a block boundary inside a line, on a newline, a block larger than the file); the
+    kept part is not rewritten, a last line cut short goes, and a foreign line in the part to cut is
+    refused, naming its line, with the file left as it was."""
+    from megatron_renio.training import run_logs
+
+    monkeypatch.setattr(run_logs, "_TAIL_BLOCK", block)
+    records = [{"step": step, "text": "x" * (step * 5 % 11), "i": i} for step in range(1, 7) for i in range(step % 3)]
+    lines = [json.dumps(r) + "\n" for r in records]
+    path = tmp_path / "samples_rank0.jsonl"
+    for iteration in (0, 1, 3, 6, 9):
+        path.write_text("".join(lines) + '{"step": 7, "te')  # a killed run's last record, cut short
+        inode = path.stat().st_ino
+        run_logs.drop_steps_after(path, iteration)
+        assert path.read_text() == "".join(line for r, line in zip(records, lines) if r["step"] <= iteration)
+        assert path.stat().st_ino == inode  # cut in place, not rewritten
+    assert [r["step"] for r in records[:3]] == [1, 2, 2]
+    path.write_text(lines[0] + "not a record\n" + "".join(lines[1:]))
+    content = path.read_bytes()
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(path))}: line 2 is not a JSON record of a step, so not "
+                                             "a log of this trainer; repair or remove the file to resume$"):
+        run_logs.drop_steps_after(path, 1)
+    assert path.read_bytes() == content
+    run_logs.drop_steps_after(path, 2)  # the foreign line lies in the part that is kept
+    assert path.read_text() == lines[0] + "not a record\n" + lines[1] + lines[2]
 
 
 def test_an_overridden_schedule_sets_the_rates_from_the_new_lr_bounds(saved_run):

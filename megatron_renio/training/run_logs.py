@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -28,28 +29,61 @@ def metrics_path(cfg: TrainConfig) -> Path | None:
     return Path(path) if path else None
 
 
+_TAIL_BLOCK = 1 << 20  # bytes read at a time when a log is scanned from its end
+
+
+def _lines_from_end(f, end: int):
+    """``(offset, line)`` of each line of the binary file ``f`` up to byte ``end``, the last first
+    (without its ``\n``; a file ending in ``\n`` gives an empty last line), reading blocks backwards."""
+    pending, position = b"", end
+    while position > 0:
+        start = max(0, position - _TAIL_BLOCK)
+        f.seek(start)
+        parts = (f.read(position - start) + pending).split(b"\n")
+        position, pending = start, parts[0]
+        offset = start + len(pending) + 1
+        complete = []
+        for part in parts[1:]:
+            complete.append((offset, part))
+            offset += len(part) + 1
+        yield from reversed(complete)
+    yield 0, pending
+
+
 def drop_steps_after(path: Path, iteration: int) -> None:
-    """Rewrite the JSONL file ``path`` of per-step records (atomically) without the records of steps
-    after ``iteration``, and without a line cut short by a killed process: a run resumed at
-    ``iteration`` (0: a requeued run that had saved no checkpoint) takes those steps again, so each
-    step keeps one record. A file that is not UTF-8 text (this trainer writes ASCII) is refused in one
-    line naming it and its line, and left as it is."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserInputError(f"{path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x}), so not a log "
-                             "of this trainer; repair or remove the file to resume") from None
-    kept = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= iteration:
-            kept.append(line + "\n")
-    write_atomic(path, kept)
+    """Cut the JSONL file ``path`` of per-step records after its last record of a step up to
+    ``iteration``: a run resumed at ``iteration`` (0: a requeued run that had saved no checkpoint)
+    takes the later steps again, so each step keeps one record. Records are appended in step order,
+    so only the end of the file is read (a resume does not read the run's whole samples files); the
+    last line, when a killed process cut it short (no ``\n``), goes too. A line that is not a record
+    of this trainer's (not UTF-8 text, not a JSON object with an integer ``step``) is refused in one
+    line naming the file and the line, which is left as it is."""
+
+    def refuse(f, offset: int, what: str) -> UserInputError:
+        f.seek(0)
+        line = f.read(offset).count(b"\n") + 1
+        return UserInputError(f"{path}: line {line} {what}, so not a log of this trainer; repair or remove the "
+                              "file to resume")
+
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep = 0
+        for offset, line in _lines_from_end(f, end):
+            if not line.strip() or offset + len(line) == end:  # nothing, or the last line cut short
+                continue
+            try:
+                record = json.loads(line.decode())
+            except UnicodeDecodeError as e:
+                raise refuse(f, offset, f"is not UTF-8 text (byte {line[e.start]:#04x})") from None
+            except json.JSONDecodeError:
+                record = None
+            if not (isinstance(record, dict) and type(record.get("step")) is int):
+                raise refuse(f, offset, "is not a JSON record of a step")
+            if record["step"] <= iteration:
+                keep = offset + len(line) + 1
+                break
+        if keep < end:
+            f.truncate(keep)
 
 
 def drop_repeated_steps(cfg: TrainConfig, iteration: int) -> None:
