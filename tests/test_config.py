@@ -354,3 +354,20 @@ def test_the_example_scripts_pass_flags_the_trainer_accepts(script, tmp_path):
     if script.endswith(".sbatch"):
         assert argv[argv.index("--rdzv-endpoint") + 1] == "node-a:29500" and argv[argv.index("--nnodes") + 1] == "4"
         assert cfg.save.startswith(str(tmp_path)) and cfg.exit_duration_in_mins == 1400 and cfg.ckpt_fully_parallel_load
+
+
+def test_every_loss_flag_reaches_the_loss_settings():
+    """Each loss and ReNIO flag, at a value other than its default, arrives in the configs the loss
+    reads (a flag dropped from loss_settings trained with its default silently)."""
+    from megatron_renio.losses.divergence import DivergenceConfig
+    from megatron_renio.renio.weights import ReNIOConfig
+    from megatron_renio.training import components as C
+
+    cfg = TrainConfig(loss="jsd", kd_beta=0.3, kd_temperature=0.9, kd_token_clip=None, kd_top_k=7, renio=True,
+                      renio_clip=1.5, renio_threshold=0.3, renio_temperature=2.0, renio_norm="clamp",
+                      renio_scope="global", renio_max_weight=3.0, loss_impl="unfused")
+    settings = C.loss_settings(cfg)
+    assert settings.divergence == DivergenceConfig(kind="jsd", beta=0.3, temperature=0.9, token_clip=None, top_k=7)
+    assert settings.renio == ReNIOConfig(enabled=True, clip=1.5, threshold=0.3, temperature=2.0, norm="clamp",
+                                         scope="global", max_weight=3.0)
+    assert (settings.loss_kind, settings.impl) == ("divergence", "unfused")

@@ -1,4 +1,5 @@
-"""A student + teacher GPTModel step under TP=2, PP=2 and DP=2 equals one process on the same batch.
+"""A student + teacher GPTModel step under TP=2 (with and without sequence parallelism), PP=2 and DP=2 equals
+one process on the same batch.
 
 Loss and student gradients (after Megatron DDP and finalize_model_grads) are compared with a
 plain-PyTorch computation of DESIGN.md section 2 on the full batch; the teacher must stay bitwise
@@ -10,7 +11,7 @@ import pytest
 from tests.torchrun_harness import REPO_ROOT, run_torchrun
 from tests.workers.paired_step_worker import CASES
 
-LAYOUTS = ("tp2", "pp2", "dp2")
+LAYOUTS = ("tp2", "tp2-sp", "pp2", "dp2")  # tp2-sp: --sequence-parallel (the norms' gradients are summed over TP)
 # DP=2 with each rank's micro-batches formed longest first (--micro-batch-order length): global scope only
 # (under local scope the regrouping changes the loss; checked when this was written: jsd_renio_local moves by 1e-3)
 GLOBAL_CASES = sorted(name for name, case in CASES.items() if case["scope"] == "global")

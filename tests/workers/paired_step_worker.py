@@ -1,4 +1,5 @@
-"""torchrun worker (2 ranks): one distillation step under TP=2, PP=2 and DP=2 equals one process.
+"""torchrun worker (2 ranks): one distillation step under TP=2 (also with sequence parallelism), PP=2 and DP=2
+equals one process.
 
 A student and a (wider) teacher GPTModel are built once at TP=1 and saved with dist_checkpointing.
 The reference is computed in plain PyTorch on the full batch: Megatron TP=1 forwards, then the
@@ -148,6 +149,7 @@ def compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged, on
 def main(out_dir):
     layouts = {
         "tp2": ParallelConfig(tensor_model_parallel_size=2),
+        "tp2-sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
         "pp2": ParallelConfig(pipeline_model_parallel_size=2),
         "dp2": ParallelConfig(),
     }
