@@ -32,11 +32,12 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 TASKS = ("math", "coding")
 MICRO_BATCH_ORDERS = ("data", "length")
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # The allowed values of the flags that name a choice (``--help`` lists them; ``validate`` checks them).
 CHOICES = {"mode": MODES, "teacher": TEACHERS, "loss": LOSSES, "loss_impl": LOSS_IMPLS, "renio_norm": RENIO_NORMS,
            "renio_scope": RENIO_SCOPES, "lr_decay_style": LR_DECAY_STYLES, "task": TASKS,
            "recompute_granularity": RECOMPUTE_GRANULARITIES, "recompute_method": RECOMPUTE_METHODS,
-           "micro_batch_order": MICRO_BATCH_ORDERS}
+           "micro_batch_order": MICRO_BATCH_ORDERS, "exit_signal": EXIT_SIGNALS}
 # Defaults that depend on other flags, in --help's words (parse_train_args applies them).
 DEFAULT_WORDS = {"teacher": "separate with --mode opd, --teacher-load or --teacher-model; else fixed"}
 # What a flag does, for ``--help`` (left out: Megatron-LM's flags, and flags whose name says it).
@@ -91,6 +92,8 @@ HELP = {
     "renio_norm": "how the weights are normalised",
     "renio_scope": "local: per micro-batch, as the reference; global: over every micro-batch and DP rank",
     "renio_max_weight": "cap of a normalised weight (batch_mean, ema)",
+    "exit_signal": "the signal that makes every rank save a checkpoint and exit 0 after the current step "
+                   "(Megatron-LM's; SLURM's --signal=TERM@N, or USR1 with --signal=USR1@N)",
     "rollout_temperature": "sampling temperature of the student's rollout",
     "rollout_top_p": "nucleus sampling of the rollout: the most likely tokens whose probability reaches p; 1 = off",
     "rollout_top_k": "the rollout samples among the k most likely tokens; 0 = off",
@@ -155,6 +158,7 @@ class TrainConfig:
     override_teacher_check: bool = False
     ckpt_fully_parallel_load: bool = False
     exit_interval: int = 0
+    exit_signal: str = "SIGTERM"
     exit_duration_in_mins: float = 0.0
     # per-device peak FLOP/s for the MFU log (TFLOP/s); 0 = known GPUs by name, none on the CPU
     peak_tflops: float = 0.0

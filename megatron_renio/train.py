@@ -12,6 +12,7 @@ steps. Flags are documented in :mod:`megatron_renio.config`.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -226,7 +227,8 @@ def run(cfg: TrainConfig) -> dict:
     eos = tokenizer.stop_ids
     metrics: dict = {}
     peak_flops = C.peak_flops(cfg)
-    exits = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins, started).install()
+    exits = ExitConditions(cfg.exit_interval, cfg.exit_duration_in_mins, started,
+                           signal.Signals[cfg.exit_signal]).install()
     try:
         while iteration < cfg.train_iters:
             t0 = time.perf_counter()

@@ -617,6 +617,27 @@ def test_sigterm_to_every_process_of_the_step_after_a_save(workdir):
     assert sorted(p.name for p in (workdir / "sigterm_all").glob("*iter_*")) == [f"iter_{i:07d}" for i in kept]
 
 
+def test_the_exit_signal_is_the_one_named(monkeypatch):
+    """--exit-signal SIGUSR1 (SLURM's --signal=USR1@N): that signal is recorded and ends the run after
+    the step; its previous handler comes back when the run ends."""
+    import signal
+
+    from megatron_renio.config import parse_train_args
+    from megatron_renio.training.exit_conditions import ExitConditions
+
+    assert parse_train_args(["--data-path", "d.jsonl", "--model", "tiny-qwen3",
+                             "--exit-signal", "SIGUSR1"]).exit_signal == "SIGUSR1"
+    before = signal.getsignal(signal.SIGUSR1)
+    exits = ExitConditions(exit_signal=signal.Signals["SIGUSR1"]).install()
+    try:
+        assert exits.should_exit(1, torch.device("cpu")) is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert exits.should_exit(2, torch.device("cpu")) == "SIGUSR1 received"
+    finally:
+        exits.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
 def test_exit_duration_in_mins(workdir):
     save = workdir / "duration"
     proc = train(base_args(workdir, **{"--train-iters": 1000, "--save": save, "--exit-duration-in-mins": 0.0001}))

@@ -1,6 +1,7 @@
-"""When training stops early: SIGTERM, ``--exit-duration-in-mins`` and ``--exit-interval``.
+"""When training stops early: ``--exit-signal`` (SIGTERM), ``--exit-duration-in-mins`` and ``--exit-interval``.
 
-SLURM (and most schedulers) send SIGTERM some time before killing a job. :class:`ExitConditions`
+SLURM (and most schedulers) send a signal (SIGTERM, or the one ``--signal`` names) some time before
+killing a job. :class:`ExitConditions`
 records the signal instead of dying, and the trainer asks :meth:`ExitConditions.should_exit` at the
 end of every iteration (a safe point: the optimizer step is done). The answer is agreed by all
 ranks with one all-reduce (MAX) so that every rank saves the same checkpoint and exits 0 together,
@@ -25,20 +26,22 @@ class ExitConditions:
     checkpoint loading count against the job's wall time too.
     """
 
-    def __init__(self, exit_interval: int = 0, exit_duration_minutes: float = 0.0, started: float | None = None):
+    def __init__(self, exit_interval: int = 0, exit_duration_minutes: float = 0.0, started: float | None = None,
+                 exit_signal: signal.Signals = signal.SIGTERM):
         self.exit_interval = exit_interval
+        self.exit_signal = exit_signal
         self.exit_duration_s = exit_duration_minutes * 60.0
         self.started = time.monotonic() if started is None else started
         self.signal_received: int | None = None
         self._previous = None
 
     def install(self) -> "ExitConditions":
-        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._previous = signal.signal(self.exit_signal, self._on_signal)
         return self
 
     def uninstall(self) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(self.exit_signal, self._previous)
             self._previous = None
 
     def _on_signal(self, signum, frame) -> None:
@@ -54,7 +57,7 @@ class ExitConditions:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         if flags[0] > 0:
-            return "SIGTERM received"
+            return f"{self.exit_signal.name} received"
         if flags[1] > 0:
             return f"--exit-duration-in-mins {self.exit_duration_s / 60:g} reached"
         if self.exit_interval and iteration % self.exit_interval == 0:
