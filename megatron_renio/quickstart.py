@@ -514,10 +514,11 @@ def build_parser() -> _OneLineErrorParser:
     parser = _OneLineErrorParser(prog="megatron-renio quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
     parser.add_argument("--quick", action="store_true", help="the small smoke-test sizes (under 3 minutes)")
-    parser.add_argument("--tp", type=int, choices=(1, 2), default=1, help="tensor-parallel size of every launch")
+    parser.add_argument("--tp", type=int, choices=(1, 2), default=1, help="tensor-parallel size of every launch (default: 1)")
     parser.add_argument("--nproc", type=int, choices=(1, 2), default=2,
-                        help="processes per launch (data parallelism = nproc / tp)")
-    parser.add_argument("--seed", type=int, default=1234)
+                        help="processes per launch (data parallelism = nproc / tp; default: 2)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the data, the models and the sampling "
+                        "(default: 1234, the README's table)")
     return parser
 
 
