@@ -40,6 +40,9 @@ CASES = {
     "reverse_kl_fused_global": dict(kind="reverse_kl", beta=1.0, loss_kind="divergence", renio=True, scope="global", impl="chunked"),
     "sampled_rkl_plain": dict(kind="reverse_kl", beta=1.0, loss_kind="sampled_rkl", renio=False, scope="global", impl="unfused"),
     "sampled_rkl_fused": dict(kind="reverse_kl", beta=1.0, loss_kind="sampled_rkl", renio=False, scope="global", impl="chunked"),
+    # the teacher's top-k ids (gathered over TP) and the clamp normalisation
+    "jsd_top_k_renio_clamp_local": dict(kind="jsd", beta=0.5, loss_kind="divergence", renio=True, scope="local",
+                                        impl="unfused", top_k=5, norm="clamp"),
 }
 TEMPERATURE, CLIP = 1.1, 0.05
 
@@ -57,8 +60,10 @@ def make_batch():
 
 
 def settings(case):
-    div = DivergenceConfig(kind=case["kind"], beta=case["beta"], temperature=TEMPERATURE, token_clip=CLIP)
-    renio = ReNIOConfig(enabled=case["renio"], scope=case["scope"], clip=0.6, threshold=0.05)
+    div = DivergenceConfig(kind=case["kind"], beta=case["beta"], temperature=TEMPERATURE, token_clip=CLIP,
+                           top_k=case.get("top_k"))
+    renio = ReNIOConfig(enabled=case["renio"], scope=case["scope"], clip=0.6, threshold=0.05,
+                        norm=case.get("norm", "batch_mean"))
     return LossSettings(div, renio, case["loss_kind"], case["impl"])
 
 
@@ -79,8 +84,8 @@ def reference(student, teacher, batch, case):
         rows = slice(start, start + MICRO)
         parts.append(ref.micro_batch(
             s_logits[rows], t_logits[rows], batch.completion_ids[rows], batch.completion_mask[rows], VOCAB,
-            kind=case["kind"], beta=case["beta"], temperature=TEMPERATURE, token_clip=CLIP, top_k=None,
-            loss_kind=case["loss_kind"], renio=renio, normaliser=ref.Normaliser("batch_mean"),
+            kind=case["kind"], beta=case["beta"], temperature=TEMPERATURE, token_clip=CLIP, top_k=case.get("top_k"),
+            loss_kind=case["loss_kind"], renio=renio, normaliser=ref.Normaliser(case.get("norm", "batch_mean")),
         ))
     if case["scope"] == "local":
         loss = torch.stack([p["loss"] for p in parts]).mean()
