@@ -210,17 +210,18 @@ def run(cfg: TrainConfig) -> dict:
     elif cfg.load:
         log0(f"no checkpoint in {cfg.load} yet: starting a new run")
 
-    # a resumed run (or a requeued one that saved nothing yet) drops the steps it takes again, and
-    # --override-save starts the --save folder's logs over; before the first step's collectives, so
-    # before any rank appends
+    # --override-save starts the --save folder over unless the run resumes from that folder: its logs
+    # now, every checkpoint of the run it replaces at its first save
+    replaces_run = cfg.override_save and not (
+        saved is not None and cfg.save and Path(cfg.load).resolve() == Path(cfg.save).resolve())
+    # a resumed run (or a requeued one that saved nothing yet) drops the steps it takes again; before
+    # the first step's collectives, so before any rank appends
     restarts = bool(cfg.load or cfg.override_save)
     if restarts:
-        run_logs.drop_repeated_steps(cfg, iteration)
+        run_logs.drop_repeated_steps(cfg, iteration, save_starts_over=replaces_run)
     logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None)
     progress = run_logs.ConsoleProgress("train", cfg.train_iters, iteration, cfg.log_interval)
     first_iteration = iteration
-    # --override-save: the run's first save removes every checkpoint of the run it replaces
-    replaces_run = cfg.override_save and saved is None
     if iteration >= cfg.train_iters:
         log0(f"the run is at iteration {iteration} of --train-iters {cfg.train_iters}: nothing to train "
              "(raise --train-iters to go on)")

@@ -170,6 +170,14 @@ def test_a_resume_cuts_each_log_after_its_last_kept_step_reading_only_its_end(tm
     assert path.read_text() == lines[0] + "not a record\n" + lines[1] + lines[2]
 
 
+def test_a_log_that_cannot_be_cut_is_one_line_naming_it(tmp_path):
+    from megatron_renio.training.run_logs import drop_steps_after
+
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(tmp_path))}: cannot cut the steps a resumed run takes "
+                                             r"again \(Is a directory\); make it writable to resume$"):
+        drop_steps_after(tmp_path, 1)
+
+
 def test_an_overridden_schedule_sets_the_rates_from_the_new_lr_bounds(saved_run):
     """--override-opt-param-scheduler: the first resumed step trains at the new schedule's rate. The
     loaded optimizer state brings the old max_lr / min_lr back into every parameter group, and the

@@ -719,11 +719,19 @@ def test_save_folder_of_another_model_is_refused(workdir):
     proc = train(base_args(workdir, **{"--train-iters": 1, "--metrics-file": save / "metrics.jsonl"}), check=False)
     assert _last_error(proc) == (f"error: {save / 'metrics.jsonl'} holds records of an earlier run; remove it or "
                                  "choose another --metrics-file") and "student:" not in proc.stdout
+    import shutil
+    shutil.copytree(save, workdir / "other_model_run_copy")
     train(wider + ["--override-save", "--train-iters", "3", "--save-interval", "3"])
     # the folder's metrics start over with the new run (they were appended: steps 1, 2, 1, ...), and its
     # first save removes the earlier run's checkpoints (with --keep-last 2 it kept iteration 2 beside 3)
     assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1, 2, 3]
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003"]
+    # the same when the run resumes another folder: --load save (iteration 3), --save the copy of the old run
+    copy = workdir / "other_model_run_copy"
+    train(wider + ["--override-save", "--load", str(save), "--save", str(copy), "--train-iters", "4",
+                   "--save-interval", "4"])
+    assert [m["step"] for m in read_jsonl(copy / "metrics.jsonl")] == [4]
+    assert sorted(p.name for p in copy.glob("iter_*")) == ["iter_0000004"]
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
@@ -754,7 +762,9 @@ def test_two_nodes_through_the_rendezvous_launch_form(workdir):
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in outputs)
     assert [m["loss"] for m in read_jsonl(path)] == pytest.approx([m["loss"] for m in read_jsonl(static)], rel=1e-6)
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt",
+                                                      "run_logs.json"]
+    assert json.loads((save / "run_logs.json").read_text()) == [str(path.resolve())]  # the run's log outside --save
 
 
 def test_a_save_waits_for_the_pruning_of_the_save_before(tmp_path, monkeypatch):

@@ -61,11 +61,16 @@ def drop_steps_after(path: Path, iteration: int) -> None:
 
     def refuse(f, offset: int, what: str) -> UserInputError:
         f.seek(0)
-        line = f.read(offset).count(b"\n") + 1
+        line = 1 + sum(f.read(min(_TAIL_BLOCK, offset - start)).count(b"\n") for start in range(0, offset, _TAIL_BLOCK))
         return UserInputError(f"{path}: line {line} {what}, so not a log of this trainer; repair or remove the "
                               "file to resume")
 
-    with open(path, "rb+") as f:
+    try:
+        f = open(path, "rb+")
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot cut the steps a resumed run takes again ({e.strerror}); make it "
+                             "writable to resume") from None
+    with f:
         end = f.seek(0, os.SEEK_END)
         keep = 0
         for offset, line in _lines_from_end(f, end):
@@ -86,15 +91,17 @@ def drop_steps_after(path: Path, iteration: int) -> None:
             f.truncate(keep)
 
 
-def drop_repeated_steps(cfg: TrainConfig, iteration: int) -> None:
+def drop_repeated_steps(cfg: TrainConfig, iteration: int, save_starts_over: bool = False) -> None:
     """Collective: rank 0 drops the steps after ``iteration`` from every log of the run (:func:`log_files`,
-    :func:`drop_steps_after`); a log it cannot read stops every rank with its line (``on_rank0``)."""
+    :func:`drop_steps_after`), and with ``save_starts_over`` (``--override-save``) every step from the
+    logs inside ``--save``; a log it cannot read stops every rank with its line (``on_rank0``)."""
     from megatron_renio.distributed import on_rank0
+    from megatron_renio.models.checkpoint import is_within
 
     def drop() -> None:
         for path in log_files(cfg):
             if path.is_file():
-                drop_steps_after(path, iteration)
+                drop_steps_after(path, 0 if save_starts_over and is_within(path, cfg.save) else iteration)
 
     on_rank0(drop)
 
