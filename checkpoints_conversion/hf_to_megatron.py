@@ -223,5 +223,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(parser, lambda a: convert(a.hf_dir, a.save, a.dtype, a.overwrite, a.tokenizer_dir), argv)
 
 
-if __name__ == "__main__":  # the checkpoint writer re-imports this module in a spawned process
+if __name__ == "__main__":
     sys.exit(main())
