@@ -101,7 +101,8 @@ def drop_repeated_steps(cfg: TrainConfig, iteration: int, save_starts_over: bool
     def drop() -> None:
         for path in log_files(cfg):
             if path.is_file():
-                drop_steps_after(path, 0 if save_starts_over and is_within(path, cfg.save) else iteration)
+                starts_over = save_starts_over and bool(cfg.save) and is_within(path, cfg.save)
+                drop_steps_after(path, 0 if starts_over else iteration)
 
     on_rank0(drop)
 
