@@ -1225,6 +1225,14 @@ def test_a_requeue_without_a_checkpoint_trims_only_the_logs_its_run_claimed(tmp_
                                              r"logs \(not a list of paths\); remove it to go on$"):
         check_new_run_logs(first, requeued=True)
 
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(
+            UserInputError, match=f"^{save / CLAIMED_LOGS_FILE}: cannot read it \\(Permission denied\\)$"):
+        patch.setattr(type(save), "read_text", unreadable)
+        check_new_run_logs(first, requeued=True)
+
 
 def test_a_model_inside_the_save_folders_checkpoints_is_refused(tmp_path):
     from megatron_renio.config import TrainConfig

@@ -240,6 +240,8 @@ def _claimed_logs(cfg: TrainConfig) -> set[Path]:
         claimed = json.loads(path.read_text(encoding="utf-8"))
         if not (isinstance(claimed, list) and all(isinstance(p, str) for p in claimed)):
             raise ValueError("not a list of paths")
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read it ({e.strerror})") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise UserInputError(f"{path}: not this trainer's record of the run's logs ({e}); remove it to go on") from None
     return {Path(p) for p in claimed}
