@@ -267,6 +267,23 @@ def _refuse_launcher_without_torchrun() -> None:
                                  "node under srun, with --nnodes and --rdzv-endpoint)")
 
 
+def _destroy_model_parallel_groups() -> None:
+    """Destroy the process groups of an earlier ``initialize_model_parallel`` in this process, then
+    Megatron's references to them. Megatron's ``destroy_model_parallel`` only drops the references:
+    each group stays alive with its gloo threads and sockets (two threads and a TCP loop per group,
+    a few dozen groups per layout), and a process that initialises layout after layout (tests,
+    tools) ends up with thousands of threads. Every rank runs this at the same point of
+    ``initialize``, where no collective is in flight."""
+    from megatron.core import parallel_state
+    from torch.distributed.distributed_c10d import GroupMember, _world
+
+    if torch.distributed.is_initialized():
+        for group in list(_world.pg_map):
+            if group is not GroupMember.WORLD:
+                torch.distributed.destroy_process_group(group)
+    parallel_state.destroy_model_parallel()
+
+
 def initialize(
     parallel: ParallelConfig,
     seed: int = 1234,
@@ -312,7 +329,7 @@ def initialize(
     if config_fingerprint is not None:
         _check_ranks_agree(config_fingerprint)
 
-    parallel_state.destroy_model_parallel()
+    _destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

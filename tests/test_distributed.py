@@ -198,6 +198,29 @@ def test_fractional_timeouts_reach_megatron_groups(monkeypatch):
     assert seen["distributed_timeout_minutes"] == 1.5
 
 
+def test_initialising_again_replaces_the_groups_and_their_threads():
+    """Each initialize destroys the groups of the one before (Megatron's destroy_model_parallel only
+    forgets them, and each gloo group keeps two threads and a TCP loop): a process that initialises
+    again and again keeps the same number of groups and threads."""
+    from torch.distributed.distributed_c10d import _world
+
+    from megatron_renio import distributed
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    try:
+        distributed.initialize(ParallelConfig(), seed=0)
+        groups, before = len(_world.pg_map), threads()
+        assert groups > 10  # Megatron's groups besides the default one
+        for _ in range(3):
+            distributed.initialize(ParallelConfig(), seed=0)
+            assert len(_world.pg_map) == groups
+        assert threads() <= before
+    finally:
+        distributed.destroy()
+
+
 def test_a_local_rank_beyond_the_gpus_is_one_line(monkeypatch):
     """More processes per node than GPUs: one line naming LOCAL_RANK (was CUDA's invalid-ordinal traceback)."""
     import torch
