@@ -5,7 +5,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval.analysis import OUTPUT_FILES, analyze, auc_incorrect, load_generations, main
 from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_tokens
+from tests.python_forkserver import run_python
 
 # Surface forms of each default phrase (case, punctuation, hyphenation vary).
 VARIANTS = {
@@ -275,20 +275,12 @@ def test_default_output_directory(tmp_path):
 
 
 def test_module_entry_point(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_renio.eval.analysis", "--generations", str(bad)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
+    proc = run_python(["-m", "megatron_renio.eval.analysis", "--generations", bad], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     good = _write(tmp_path / "good.jsonl", [{"completion": "wait", "correct": True}])
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_renio.eval.analysis", "--generations", good, "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
+    proc = run_python(["-m", "megatron_renio.eval.analysis", "--generations", good, "--out", tmp_path / "o"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "report.md").is_file()

@@ -43,6 +43,7 @@ def _humaneval_records():
         return {r["task_id"]: r for r in map(json.loads, f)}
 
 
+@pytest.mark.slow  # 164 programs (about 20 s); test_code_sandbox runs every canonical solution in CI
 def test_every_canonical_humaneval_function_alone_passes():
     # A completion holding only the entry point's function (no imports, no helpers of the prompt):
     # HumanEval/10, 32, 38 and 50 call a helper that only the prompt defines.

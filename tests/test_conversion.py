@@ -30,6 +30,7 @@ from checkpoints_conversion import safetensors_io
 from checkpoints_conversion.common import QKVLayout
 from megatron_renio.models.checkpoint import read_checkpoint_metadata
 from megatron_renio.models.presets import ModelPreset, preset_from_hf_config, read_hf_config
+from tests.python_forkserver import run_python
 from tests.torchrun_harness import REPO_ROOT, run_torchrun, subprocess_env
 
 WORKERS = Path(__file__).parent / "workers"
@@ -160,8 +161,7 @@ def _generation_config_folders(root: Path, llama: Path) -> None:
 
 def _run_driver(root: Path, jobs: list) -> list:
     (root / "jobs.json").write_text(json.dumps(jobs))
-    cmd = [sys.executable, str(WORKERS / "conversion_driver.py"), str(root / "jobs.json"), str(root / "results.json")]
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_python([WORKERS / "conversion_driver.py", root / "jobs.json", root / "results.json"])
     assert proc.returncode == 0, proc.stderr[-8000:]
     return json.loads((root / "results.json").read_text())
 
@@ -597,8 +597,7 @@ HF_BAD_INPUTS = {
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", f"checkpoints_conversion.{module}", *args]
-    return subprocess.run(cmd, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    return run_python(["-m", f"checkpoints_conversion.{module}", *args], timeout=120)
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, expected: str, save: Path) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,8 @@ import torch
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval import runner
 from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
-from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
+from tests.python_forkserver import run_python
+from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun
 from tests.workers.commands_worker import check_gather
 from tests.workers.tiny_models import tiny_checkpoints
 
@@ -85,11 +84,8 @@ def setup(paths, tmp_path_factory):
             *FIELD_FLAGS]
     greedy = base + ["--greedy", "--samples-per-problem", str(SAMPLES)]
 
-    cli = subprocess.run(
-        [sys.executable, "-m", "megatron_renio.eval.runner", *greedy, "--batch-size", "5",
-         "--out", str(root / "tp1.jsonl"), "--summary", str(root / "tp1.json")],
-        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
+    cli = run_python(["-m", "megatron_renio.eval.runner", *greedy, "--batch-size", "5", "--out", root / "tp1.jsonl",
+                      "--summary", root / "tp1.json"])
     assert cli.returncode == 0, cli.stderr[-5000:]
     jobs = [("megatron_renio.eval.runner", greedy + flags + ["--out", str(root / f"{name}.jsonl")])
             for name, flags in GREEDY_LAYOUTS.items()]
@@ -400,11 +396,8 @@ def test_replicas_get_a_mix_of_the_jobs():
 
 
 def test_command_line_error_has_no_traceback(paths, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_renio.cli", "eval", "--load", str(paths["student"]),
-         "--benchmark", str(tmp_path / "missing.jsonl")],
-        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_python(["-m", "megatron_renio.cli", "eval", "--load", paths["student"], "--benchmark",
+                       tmp_path / "missing.jsonl"], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: benchmark file")
     assert "Traceback" not in proc.stderr

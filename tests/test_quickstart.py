@@ -4,25 +4,19 @@ One run (module fixture) of the smoke-test sizes; the checks read its output fol
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from megatron_renio.quickstart import METHODS, format_table
-from tests.torchrun_harness import REPO_ROOT
+from tests.python_forkserver import run_python
+from tests.torchrun_harness import subprocess_env
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "out"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               MASTER_ADDR="10.255.255.1", WORLD_SIZE="2")  # a shell's launcher variables change nothing
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_renio.cli", "quickstart", "--quick", "--out", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
+    env = subprocess_env() | dict(MASTER_ADDR="10.255.255.1", WORLD_SIZE="2")  # a shell's launcher variables change nothing
+    proc = run_python(["-m", "megatron_renio.cli", "quickstart", "--quick", "--out", out], env=env, timeout=900)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
     return out, proc.stdout, json.loads((out / "summary.json").read_text())
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,8 @@ import torch
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval import score
 from tests import reference_renio as ref
-from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun, subprocess_env
+from tests.python_forkserver import run_python
+from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun
 from tests.workers.commands_worker import check_gather
 from tests.workers.tiny_models import EXTRA_IDS, WORDS, tiny_checkpoints
 
@@ -71,8 +70,7 @@ def runs(paths, tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()) + "\n")
     base = ["--student-load", str(paths["student"]), "--teacher-load", str(paths["teacher"]), "--data", str(data),
             "--seq-length", str(SEQ_LENGTH), "--micro-batch-size", "2", "--per-token"]
-    cli = subprocess.run([sys.executable, "-m", "megatron_renio.eval.score", *base, "--out", str(root / "tp1.jsonl")],
-                         env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    cli = run_python(["-m", "megatron_renio.eval.score", *base, "--out", root / "tp1.jsonl"])
     assert cli.returncode == 0, cli.stderr[-5000:]
     jobs = [("megatron_renio.eval.score", base + flags + ["--out", str(root / f"{name}.jsonl")])
             for name, flags in LAYOUTS.items()]
@@ -282,11 +280,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
 
 
 def test_command_line_error_has_no_traceback(paths, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_renio.cli", "score", "--student-load", str(paths["student"]),
-         "--teacher-load", str(paths["teacher"]), "--data", str(tmp_path / "missing.jsonl")],
-        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_python(["-m", "megatron_renio.cli", "score", "--student-load", paths["student"], "--teacher-load",
+                       paths["teacher"], "--data", tmp_path / "missing.jsonl"], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --data {tmp_path / 'missing.jsonl'}: no such file"]
 
@@ -358,9 +353,8 @@ def test_non_finite_log_probs_are_refused_naming_the_row_and_the_model(paths, tm
     }
     (tmp_path / "jobs.json").write_text(json.dumps([argv + common + ["--out", str(tmp_path / f"{name}.jsonl")]
                                                     for name, argv in jobs.items()]))
-    proc = subprocess.run([sys.executable, "-c", _NAN_MODEL_SCRIPT, str(paths["teacher"]), str(broken), str(NAN_TOKEN),
-                           str(tmp_path / "jobs.json"), str(tmp_path / "results.json")],
-                          env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_python(["-c", _NAN_MODEL_SCRIPT, paths["teacher"], broken, NAN_TOKEN, tmp_path / "jobs.json",
+                       tmp_path / "results.json"])
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = dict(zip(jobs, json.loads((tmp_path / "results.json").read_text())))
     for side in ("teacher", "student"):
@@ -372,10 +366,9 @@ def test_non_finite_log_probs_are_refused_naming_the_row_and_the_model(paths, tm
                                    "in all)"), lines[0]
         assert not (tmp_path / f"{side}.jsonl").exists()
     # with two data-parallel replicas every rank refuses (the other rank used to exit 0 in silence)
-    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                             "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_renio.eval.score",
-                             *jobs["teacher"], *common, "--out", str(tmp_path / "teacher.jsonl")],
-                            env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    launch = run_python(["-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}", "-m", "megatron_renio.eval.score", *jobs["teacher"], *common,
+                         "--out", tmp_path / "teacher.jsonl"])
     assert launch.returncode != 0 and "[rank0]:" not in launch.stderr  # no traceback
     assert f"error: {data} line {affected[0] + 1}: the teacher" in launch.stderr, launch.stderr[-3000:]
     assert "error (rank 1)" not in launch.stderr  # rank 1 stops with rank 0's finding, which rank 0 prints

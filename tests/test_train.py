@@ -11,6 +11,7 @@ import torch
 
 from megatron_renio.errors import UserInputError
 from megatron_renio.training.checkpointing import iteration_dir, prune_checkpoints
+from tests.python_forkserver import run_python
 from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun, subprocess_env
 
 MAKE_MODELS = """
@@ -37,13 +38,10 @@ distributed.destroy()
 def train(args, nproc=1, check=True, fault=None):
     """Run the trainer (torchrun when nproc > 1), with ``MEGATRON_RENIO_FAULT=fault`` when given
     (megatron_renio.training.faults); returns the completed process."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_renio.train"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_renio.train"]
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                                      "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
     env = subprocess_env() | ({"MEGATRON_RENIO_FAULT": fault} if fault else {})
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_python(launcher + ["-m", "megatron_renio.train", *args], env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -68,8 +66,7 @@ def workdir(tmp_path_factory):
     train_split, _ = make_splits(0, 48, 4, Difficulty(min_ops=2, max_ops=2, max_operand=9))
     write_jsonl(root / "train.jsonl", train_split)
     build_char_tokenizer(root / "tok")
-    proc = subprocess.run([sys.executable, "-c", MAKE_MODELS, str(root / "ckpt"), str(root / "tok")],
-                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_python(["-c", MAKE_MODELS, root / "ckpt", root / "tok"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 
@@ -201,6 +198,7 @@ def test_resume_at_another_layout_reshards_model_and_optimizer(workdir):
             for i in (2, 4)] == [{"sharding": "fully_reshardable", "tp": t, "pp": 1} for t in (1, 2)]
 
 
+@pytest.mark.slow  # about 30 s of DP=2 launches; test_resume_continues_bitwise and the layout resume run in CI
 def test_the_default_optimizer_format_resumes_at_another_dp_size_only(workdir):
     """Without --dist-ckpt-optim-fully-reshardable each DP rank writes its own shard (Megatron-LM's
     default): 2 steps at DP=2 resume in one process (DP=1) and continue as 4 straight steps at DP=2;
@@ -226,6 +224,7 @@ def test_the_default_optimizer_format_resumes_at_another_dp_size_only(workdir):
         assert (y["loss"], y["grad_norm"]) == pytest.approx((x["loss"], x["grad_norm"]), rel=1e-4), y["step"]
 
 
+@pytest.mark.slow  # about 30 s of DP=2 launches; test_resume_continues_bitwise and the layout resume run in CI
 def test_resume_under_pp2_keeps_the_renio_ema(workdir):
     """PP=2 with --renio-norm ema: the EMA of the weight normaliser lives on the last pipeline stage
     (the loss), the checkpoint's train state is written by global rank 0 (the first stage); the resumed
@@ -239,6 +238,7 @@ def test_resume_under_pp2_keeps_the_renio_ema(workdir):
         assert (x["loss"], x["weight_mean"], x["grad_norm"]) == (y["loss"], y["weight_mean"], y["grad_norm"])
 
 
+@pytest.mark.slow  # about 30 s of DP=2 launches; test_resume_continues_bitwise and the layout resume run in CI
 def test_resume_keeps_each_ranks_local_renio_ema(workdir):
     """Local scope with --renio-norm ema at DP=2: each rank's EMA follows its own micro-batches; the
     resumed steps equal the straight ones bitwise (not if rank 1 resumed with rank 0's EMA)."""
@@ -250,6 +250,7 @@ def test_resume_keeps_each_ranks_local_renio_ema(workdir):
         assert (x["loss"], x["weight_mean"], x["grad_norm"]) == (y["loss"], y["weight_mean"], y["grad_norm"])
 
 
+@pytest.mark.slow  # about 30 s of DP=2 launches; test_resume_continues_bitwise and the layout resume run in CI
 def test_resume_at_another_layout_gives_a_replica_one_local_renio_ema(workdir):
     """Local scope with --renio-norm ema, saved at DP=2 (one EMA per replica), resumed at DP=1 in one
     process, at TP=2 and at PP=2: every rank of the replica resumes from replica 0's EMA, so the three

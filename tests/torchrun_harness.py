@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -45,13 +43,10 @@ def run_torchrun(script: str | Path, nproc: int, out_dir: str | Path, *args: str
     """Run ``torchrun --nproc-per-node nproc script out_dir *args``; return each rank's result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = subprocess_env()
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-        str(script), str(out_dir), *map(str, args),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    from tests.python_forkserver import run_python
+
+    proc = run_python(["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+                       f"--master-port={free_port()}", script, out_dir, *args], timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"torchrun {Path(script).name} failed with exit code {proc.returncode}\n"

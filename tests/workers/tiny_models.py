@@ -15,8 +15,6 @@ free), offline:
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -73,9 +71,10 @@ def tiny_checkpoints(root: Path) -> dict[str, Path]:
     _save_tokenizer(paths["tokenizer"])
     for name, spec in MODELS.items():
         _save_hf_model(paths[f"hf_{name}"], *spec)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    jobs = [str(p) for name in MODELS for p in (paths[f"hf_{name}"], paths[name])]
-    subprocess.run([sys.executable, __file__, *jobs], env=env, cwd=REPO_ROOT, check=True, capture_output=True)
+    from tests.python_forkserver import run_python
+
+    proc = run_python([__file__, *[p for name in MODELS for p in (paths[f"hf_{name}"], paths[name])]])
+    assert proc.returncode == 0, proc.stderr[-5000:]
     marker.touch()
     return paths
 
