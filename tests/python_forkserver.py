@@ -211,9 +211,15 @@ class _Server:
             err.touch()
             request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
                        "timeout": timeout}
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-            reply = json.loads(self.proc.stdout.readline())
+            try:
+                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.flush()
+                line = self.proc.stdout.readline()
+            except BrokenPipeError:
+                line = ""
+            if not line:
+                raise RuntimeError(f"the tests' fork server ended (exit status {self.proc.wait()}) while running {args}")
+            reply = json.loads(line)
             read = (p.read_text(errors="replace") for p in (out, err))
             return (None if reply.get("timeout") else reply["returncode"]), *read
 

@@ -72,3 +72,16 @@ def test_another_import_time_environment_gets_a_server_started_with_it():
     server = int(run_python(["-c", report], env=other).stdout)
     assert server != int(first) and server != os.getpid()
     assert b"MEGATRON_RENIO_TEST_VARIABLE=1" in open(f"/proc/{server}/environ", "rb").read().split(b"\0")
+
+
+def test_a_server_that_died_is_started_again():
+    from tests import python_forkserver
+
+    run_python(["-c", "pass"])
+    server = python_forkserver._SERVER.proc
+    server.kill()
+    server.wait()
+    with pytest.raises(RuntimeError, match="fork server ended"):
+        python_forkserver._SERVER.run(["-c", "pass"], subprocess_env(), REPO_ROOT, 10)
+    proc = run_python(["-c", "import os; print(os.getppid())"])
+    assert proc.returncode == 0 and int(proc.stdout) not in (server.pid, os.getpid())
