@@ -120,9 +120,11 @@ def _child(request: dict) -> None:
             run()
             code = 0
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int) and e.code is not None:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:  # sys.exit("message"): the message on stderr, status 1
                 print(e.code, file=sys.stderr)
+                code = 1
         except BaseException:  # as the interpreter does: the traceback on stderr, status 1
             import traceback
 
@@ -161,11 +163,12 @@ def serve() -> None:
     os.dup2(2, 1)  # what an import prints goes to stderr, not into the replies
     _preload()
     ready = _single_threaded()
-    print(json.dumps({"ready": ready, "threads": threading.active_count()}), file=replies, flush=True)
+    print(json.dumps({"ready": ready}), file=replies, flush=True)
     if not ready:
         return
     for line in sys.stdin:
         request = json.loads(line)
+        sys.stdout.flush()  # nothing buffered by an import may reach a child's output
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
@@ -193,6 +196,7 @@ class _Server:
         return self.ready and self.proc.poll() is None
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)

@@ -19,6 +19,12 @@ sys.exit(int(sys.argv[-1]))
 """
 
 
+@pytest.fixture(autouse=True)
+def forking(monkeypatch):
+    """These tests are of the server: on also where the suite runs without it."""
+    monkeypatch.delenv("MEGATRON_RENIO_TESTS_FRESH_PYTHON", raising=False)
+
+
 def fresh(args, env=None, cwd=REPO_ROOT):
     return subprocess.run([sys.executable, *map(str, args)], env=subprocess_env() if env is None else env, cwd=cwd,
                           capture_output=True, text=True, timeout=120)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tests.python_forkserver import run_python
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,8 +45,6 @@ def run_torchrun(script: str | Path, nproc: int, out_dir: str | Path, *args: str
     """Run ``torchrun --nproc-per-node nproc script out_dir *args``; return each rank's result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from tests.python_forkserver import run_python
-
     proc = run_python(["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
                        f"--master-port={free_port()}", script, out_dir, *args], timeout=timeout)
     if proc.returncode != 0:
