@@ -11,7 +11,8 @@ Documented tolerances of the fused path against ``token_terms`` on the same inpu
 Every divergence kind and both JSD endpoints, the clamp binding, at 0.05, not binding and absent,
 temperature 1 and not, padded vocabulary, TP=1 here and TP=2 in one torchrun launch (which also
 runs the Triton kernels in interpreter mode when triton is installed, with full blocks, tails,
-padding, a persistent grid and prefetching). Every kernel is also compiled for Hopper (sm_90a) on
+padding, a shard of padding only, a persistent grid and prefetching, through both forwards: one
+sweep for a KL without a clamp, two otherwise). Every kernel is also compiled for Hopper (sm_90a) on
 the CPU and checked by ptxas for register spills. GPU-marked tests compare the Triton kernels with
 the chunked path and ``token_terms`` on CUDA.
 """
@@ -31,8 +32,8 @@ from megatron_renio.losses.fused import fused_token_terms, triton_available
 from megatron_renio.renio.vocab_parallel import VocabShard
 from tests.torchrun_harness import run_torchrun
 from tests.workers.fused_loss_worker import (
-    OUTPUTS, STUDENT_POSITIONS, STUDENT_ROWS, TP_CASES, TP_LAYOUTS, TRITON_CASES, TRITON_NONFINITE, make_logits,
-    rows_nonfinite_flags, rows_results, run_path, sequence_logits,
+    OUTPUTS, STUDENT_POSITIONS, STUDENT_ROWS, TP_CASES, TP_LAYOUTS, TRITON_CASES, TRITON_NONFINITE,
+    TRITON_PADDING_RANK_CASES, make_logits, rows_nonfinite_flags, rows_results, run_path, sequence_logits,
 )
 
 WORKER = Path(__file__).parent / "workers" / "fused_loss_worker.py"
@@ -258,11 +259,10 @@ def test_backward_uses_the_gradient_launch_in_effect_at_the_forward(monkeypatch)
     assert launches == [chosen]
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton)")
-def test_each_kernel_runs_with_its_launch(monkeypatch):
-    """The forward kernel gets TRITON_LAUNCH's shape (warps, block, running-max group, prefetch) and the
-    gradient kernel TRITON_GRAD_LAUNCH's, as in effect at the forward. The kernels are stubbed by
-    recorders of their launch: this checks the launch arguments, not the numbers."""
+@pytest.fixture
+def kernel_launches(monkeypatch) -> list:
+    """The Triton kernels stubbed by recorders of their launches, (name, grid, keyword arguments) in order:
+    for tests of the launch arguments, not of the numbers (the outputs stay zeros)."""
     calls = []
 
     class Recorder:
@@ -275,6 +275,14 @@ def test_each_kernel_runs_with_its_launch(monkeypatch):
     for name in ("_forward_kernel", "_terms_kernel", "_grad_kernel"):
         monkeypatch.setattr(fused_triton, name, Recorder(name))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets impl='triton' take CPU tensors
+    return calls
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton)")
+def test_each_kernel_runs_with_its_launch(kernel_launches, monkeypatch):
+    """The forward kernel gets TRITON_LAUNCH's shape (warps, block, running-max group, prefetch) and the
+    gradient kernel TRITON_GRAD_LAUNCH's, as in effect at the forward."""
+    calls = kernel_launches
     monkeypatch.setattr(fused_triton, "TRITON_LAUNCH", fused_triton.TritonLaunch(None, 2, 64, max_group=8))
     monkeypatch.setattr(fused_triton, "TRITON_GRAD_LAUNCH", fused_triton.TritonLaunch(3, 8, 128, prefetch=False))
     student, teacher, tokens, _, _ = make_logits(1, 4, 500, seed=10)
@@ -290,6 +298,18 @@ def test_each_kernel_runs_with_its_launch(monkeypatch):
     assert (grad_name, grad_grid) == ("_grad_kernel", (3,))  # 3 programs per SM; the interpreter counts one
     assert {key: grad[key] for key in ("num_warps", "BLOCK_V", "PREFETCH")} == \
         {"num_warps": 8, "BLOCK_V": 128, "PREFETCH": False}
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (pip install triton)")
+@pytest.mark.parametrize("case, weight", [(CASES[2], 1), (CASES[5], 2), (CASES[0], 0), (CASES[7], 0)], ids=str)
+def test_only_unclamped_kl_takes_the_one_sweep_forward(kernel_launches, case, weight):
+    """Forward KL (WEIGHT 1: teacher weights) and reverse KL (2: student weights) without a clamp: one forward
+    kernel, sweep 1 only (STATS_ONLY), so the forward reads the logits once; a clamp or JSD: sweeps 1 and 2
+    (WEIGHT 0). Either way, no second kernel without TP. The numbers: test_triton_kernels_in_interpreter."""
+    student, teacher, tokens, _, _ = make_logits(1, 4, 500, seed=10)
+    fused_token_terms(student, teacher, tokens, config(case), VocabShard(0, 500, 490), impl="triton")
+    [(name, _, forward)] = kernel_launches
+    assert (name, forward["WEIGHT"], forward["STATS_ONLY"]) == ("_forward_kernel", weight, weight != 0)
 
 
 def test_bad_arguments_raise_user_input_error(monkeypatch):
@@ -344,12 +364,16 @@ def test_tp2_bf16(tp2):
         assert_same(rank["bf16"]["fused"], rank["bf16"]["unfused"], bf16_grad=True)
 
 
-@pytest.mark.parametrize("tp", ["tp1", "tp2", "tp1-no-prefetch"])
-@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
-def test_triton_kernels_in_interpreter(tp2, case, tp):
+def skip_unless_triton_ran(tp2) -> None:
     if not tp2[0]["triton_checked"]:
         pytest.skip("triton is not installed: the Triton kernels were not run (pip install triton to check "
                     "them on the CPU with TRITON_INTERPRET=1)")
+
+
+@pytest.mark.parametrize("tp", ["tp1", "tp2", "tp1-no-prefetch"])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=case_id)
+def test_triton_kernels_in_interpreter(tp2, case, tp):
+    skip_unless_triton_ran(tp2)
     for rank in tp2:
         runs = rank["triton"][case, tp]
         assert_same(runs["fused"], runs["unfused"])
@@ -357,10 +381,18 @@ def test_triton_kernels_in_interpreter(tp2, case, tp):
         assert_rows_in_place(rank["rows", "triton"][case, tp])
 
 
+@pytest.mark.parametrize("case", TRITON_PADDING_RANK_CASES, ids=case_id)
+def test_triton_kernels_with_a_shard_of_padding_only(tp2, case):
+    """Rank 1 holds no real column (its kernels see N_VALID = 0): both ranks still match the full vocabulary."""
+    skip_unless_triton_ran(tp2)
+    for rank in tp2:
+        runs = rank["triton"][case, "tp2-padding-rank"]
+        assert_same(runs["fused"], runs["unfused"])
+        assert_same(runs["fused"], runs["full"])
+
+
 def test_triton_nonfinite_flag_in_interpreter(tp2):
-    if not tp2[0]["triton_checked"]:
-        pytest.skip("triton is not installed: the Triton kernels were not run (pip install triton to check "
-                    "them on the CPU with TRITON_INTERPRET=1)")
+    skip_unless_triton_ran(tp2)
     for rank in tp2:
         assert rank["triton_nonfinite"] == [entry[-1] for entry in TRITON_NONFINITE]
         assert rank["triton_tp2_nonfinite"] == [True, True]  # inf on rank 1's shard only: both ranks flag it
@@ -402,14 +434,20 @@ def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
     forward, grad = fused_triton.TRITON_LAUNCH, fused_triton.TRITON_GRAD_LAUNCH
     common = dict(KIND=plan.kind, HAS_CLIP=True, BLOCK_V=forward.block_v, GRID=132, PREFETCH=forward.prefetch)
     group = forward.block_v if forward.max_group is None else forward.max_group
+    two_sweeps = dict(common, WEIGHT=0)
     kernels = [
-        (fused_triton._forward_kernel, dict(common, N_VALID=151936, GROUP=group, STATS_ONLY=False), forward),
-        (fused_triton._forward_kernel, dict(common, N_VALID=151936, GROUP=forward.block_v, STATS_ONLY=False), forward),
-        (fused_triton._forward_kernel, dict(common, N_VALID=75968, GROUP=group, STATS_ONLY=True), forward),  # under TP
+        (fused_triton._forward_kernel, dict(two_sweeps, N_VALID=151936, GROUP=group, STATS_ONLY=False), forward),
+        (fused_triton._forward_kernel, dict(two_sweeps, N_VALID=151936, GROUP=forward.block_v, STATS_ONLY=False),
+         forward),
+        (fused_triton._forward_kernel, dict(two_sweeps, N_VALID=75968, GROUP=group, STATS_ONLY=True), forward),  # TP
         (fused_triton._terms_kernel, dict(common, N_VALID=75968), forward),
         (fused_triton._grad_kernel, dict(common, N_VALID=151936, N_LOCAL=152064, BLOCK_V=grad.block_v,
                                   PREFETCH=grad.prefetch), grad),
     ]
+    if kind != "jsd":  # the one-sweep forward of a KL without a clamp (Plan.one_sweep)
+        one_sweep = dict(common, HAS_CLIP=False, GROUP=group, STATS_ONLY=True, WEIGHT=1 + plan.kind)
+        kernels += [(fused_triton._forward_kernel, dict(one_sweep, N_VALID=151936), forward),
+                    (fused_triton._forward_kernel, dict(one_sweep, N_VALID=75968), forward)]
     for kernel, constants, launch in kernels:
         report = ptxas_report_for_hopper(kernel, constants, launch.num_warps, tmp_path)
         assert f"Compiling entry function '{kernel.fn.__name__}' for 'sm_90a'" in report
@@ -426,7 +464,7 @@ GPU_SHAPES = [(2, 64, 1024, 1000, torch.float32), (1, 512, 151936, 151936, torch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5], CASES[6]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]], ids=case_id)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-{str(s[4])[6:]}")
 def test_triton_matches_chunked_on_cuda(case, shape):
     b, t, vocab, true_vocab, dtype = shape

@@ -5,7 +5,7 @@ Side by side, on the same logits and in one run:
 - ``reference``: the per-token loss (README, 'The method, as implemented') on full tensors as a user of the public reference writes it, in
   the logits' dtype: log_softmax of both models (teacher under no_grad), the per-entry divergence
   tensor (``F.kl_div`` elements; JSD with log m = logsumexp of the stacked, beta-weighted log-probs),
-  clamp, sum over the vocabulary (the sampled-token lookups, O(tokens), are left out).
+  clamp (none with ``--clip none``), sum over the vocabulary (the sampled-token lookups, O(tokens), are left out).
 - ``unfused``: :func:`megatron_renio.losses.divergence.token_terms` (the foundation path).
 - ``fused``: :func:`megatron_renio.losses.fused.fused_token_terms` with ``impl='auto'`` (triton on a
   GPU with triton, chunked otherwise); ``fused[chunked]`` too on a GPU with ``--chunked``.
@@ -95,7 +95,9 @@ def reference_loss(zs, zt, tokens, cfg: DivergenceConfig, shard, group):
         elements = beta * F.kl_div(log_m, log_p, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
             log_m, log_q, reduction="none", log_target=True
         )
-    return elements.clamp(0.0, cfg.token_clip).sum(-1).float().mean()
+    if cfg.token_clip is not None:
+        elements = elements.clamp(0.0, cfg.token_clip)
+    return elements.sum(-1).float().mean()
 
 
 def unfused_loss(zs, zt, tokens, cfg, shard, group):
@@ -452,6 +454,11 @@ def run_tp(args, device, dtype, memory):
     dist.destroy_process_group()
 
 
+def clip_arg(text: str) -> float | None:
+    """--clip: a number > 0, or none (no clamp)."""
+    return None if text.lower() == "none" else typed_arg(float, lambda v: v > 0, "> 0 or none")(text)
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -460,7 +467,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16" if cuda else "float32")
     p.add_argument("--kinds", type=lambda s: s.split(","), default=["forward_kl", "jsd"],
                    help=f"comma-separated of {', '.join(KINDS)} (jsd uses beta {JSD_BETA})")
-    p.add_argument("--clip", type=typed_arg(float, lambda v: v > 0, "> 0"), default=0.05, help="per-entry token clip k")
+    p.add_argument("--clip", type=clip_arg, default=0.05,
+                   help="per-entry token clip k, or none (forward and reverse KL then take the one-sweep forward)")
     p.add_argument("--temperature", type=typed_arg(float, lambda v: v > 0, "> 0"), default=1.1)
     p.add_argument("--iters", type=POSITIVE_INT, default=10 if cuda else 3)
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2 if cuda else 1)

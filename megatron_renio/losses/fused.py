@@ -57,6 +57,19 @@ entry is final), and gD, gs come from the loss only after the forward (the ReNIO
 from s and u of every token). Writing a Jacobian (h - qH)/T in the forward would cost a stored
 logits-sized tensor and a scaling sweep in backward (read + write), more traffic than recomputing.
 
+One-sweep forward (``Plan.one_sweep``: forward or reverse KL without a clamp; Triton path). There
+D needs no per-entry normalised value: with w the weighting model (p for forward KL, q for reverse
+KL) and o the other, log w_v - log o_v = (z^w_v - z^o_v) / T - LSE_w + LSE_o, so
+
+    D = sum_v w_v (log w_v - log o_v) = E_w[z^w - z^o] / T - LSE_w + LSE_o,
+
+and E_w[z^w - z^o] = sum_v e^(z^w_v / T - M) (z^w_v - z^o_v) / S_w is one more online sum, rescaled
+with the running max exactly as S_w is. H is -1 (forward KL) or D + 1 (reverse KL), per shard
+-P_r and D_r + P_r with P_r the shard's mass of w. So sweep 1 alone gives D, H, s and u, and the
+forward reads each logits tensor once (2 logits-sized reads instead of 4; 5 units forward + backward
+instead of 7). Under TP each rank turns its shard's sums into its shares D_r, H_r after the two
+statistics all-reduces (``fused_triton._one_sweep_terms``), and the shares are summed as sweep 2's.
+
 Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path), with the
 GPU's approximate exponential and log2 in the Triton kernels; the gradient is rounded once, to the
 logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``.

@@ -26,6 +26,12 @@ class Plan:
     inv_temp: float
     n_valid: int
 
+    @property
+    def one_sweep(self) -> bool:
+        """Forward or reverse KL without a clamp: D and H follow from sweep 1's statistics and one weighted
+        sum, so the Triton forward reads the logits once (:mod:`~megatron_renio.losses.fused`)."""
+        return self.kind != JSD and self.clip is None
+
     @staticmethod
     def build(cfg: DivergenceConfig, shard: VocabShard) -> "Plan":
         beta = float(cfg.mix)

@@ -6,7 +6,8 @@ blocks; fp32 arithmetic on fp32/bf16/fp16 logits with the GPU's approximate expo
 The kernels also run on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests check them).
 
 Traffic in logits-sized units: 2 + 2 reads forward, 2 reads + 1 write backward (7, against 3 for
-the bandwidth floor: read both logits once, write one gradient). Without TP the two forward sweeps
+the bandwidth floor: read both logits once, write one gradient); 2 reads forward (5 in all) for a KL
+without a clamp, whose forward is sweep 1 alone (``Plan.one_sweep``). Without TP the two forward sweeps
 run in one kernel per row, the second over the vocabulary blocks in reverse order, so that its first
 reads hit the blocks the first sweep read last (still in the GPU's L2 cache while they are recent).
 Measured on one H200 at 8,192 x 151,936 bf16 (README, Performance): the forward 2.36 ms for forward
@@ -15,6 +16,7 @@ forward + backward 2.5x the floor for forward KL and 2.6x for JSD: the kernels r
 copy bandwidth for the traffic they make, and the 7 units are what is left between them and the
 floor. Rows shared by several programs, so that the second forward sweep re-reads only a part of
 a row it has just read (from the L2 cache), were built and measured on the H200: no faster (README).
+The one-sweep forward has not been measured on a GPU yet (tools/gpu_check, step bench_loss_unclamped).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_renio.losses.fused_plan import Cells, Plan, combine_stats
+from megatron_renio.losses.fused_plan import FORWARD_KL, Cells, Plan, combine_stats
 from megatron_renio.renio.vocab_parallel import group_size
 
 try:
@@ -133,41 +135,51 @@ if triton is not None:
         return zs.to(tl.float32), zt.to(tl.float32)
 
     @triton.jit
-    def _online_sum_exp(z, scale, run_max, acc):
+    def _online_sum_exp(z, scale, run_max, acc, diff, acc_w, WEIGHTED: tl.constexpr):
         """One tile [R, G] of the online sum-exp: a running max of the raw logits z per group of G
-        entries (shape [R]), and per-entry sums of 2^((z - max) scale) = e^((z - max) / T)."""
+        entries (shape [R]), and per-entry sums of e_v = 2^((z_v - max) scale) = e^((z_v - max) / T);
+        WEIGHTED: also per-entry sums of e_v diff_v in acc_w (else acc_w is returned as it came)."""
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp2((run_max - shift) * scale)
-        return new_max, acc * rescale[:, None] + tl.exp2(z * scale - (shift * scale)[:, None])
+        rescale = tl.exp2((run_max - shift) * scale)[:, None]
+        e = tl.exp2(z * scale - (shift * scale)[:, None])
+        if WEIGHTED:
+            acc_w = acc_w * rescale + e * diff
+        return new_max, acc * rescale + e, acc_w
 
     @triton.jit
-    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, N_VALID: tl.constexpr,
-                     MASKED: tl.constexpr):
+    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, acc_w, N_VALID: tl.constexpr,
+                     MASKED: tl.constexpr, WEIGHT: tl.constexpr):
         acc_z += zs + zt
+        diff = zt - zs  # 0 beyond the real columns, where both loads give 0
         if MASKED:
             zs = tl.where(cols < N_VALID, zs, float("-inf"))
             zt = tl.where(cols < N_VALID, zt, float("-inf"))
-        max_s, acc_s = _online_sum_exp(zs, scale, max_s, acc_s)
-        max_t, acc_t = _online_sum_exp(zt, scale, max_t, acc_t)
-        return max_s, acc_s, max_t, acc_t, acc_z
+        max_s, acc_s, acc_w = _online_sum_exp(zs, scale, max_s, acc_s, -diff, acc_w, WEIGHT == 2)
+        max_t, acc_t, acc_w = _online_sum_exp(zt, scale, max_t, acc_t, diff, acc_w, WEIGHT == 1)
+        return max_s, acc_s, max_t, acc_t, acc_z, acc_w
 
     @triton.jit
-    def _finish_sum_exp(run_max, acc, scale):
-        """(max in natural units, sum-exp relative to it) of a row from :func:`_online_sum_exp`'s state."""
+    def _finish_sum_exp(run_max, acc, acc_w, scale):
+        """(max in natural units, sum-exp relative to it, the same sum of acc_w) of a row from
+        :func:`_online_sum_exp`'s state."""
         row_max = tl.max(run_max, axis=0)
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        total = tl.sum(tl.sum(acc, axis=1) * tl.exp2((run_max - shift) * scale), axis=0)
-        return row_max * scale * _LN2, total
+        rescale = tl.exp2((run_max - shift) * scale)
+        total = tl.sum(tl.sum(acc, axis=1) * rescale, axis=0)
+        return row_max * scale * _LN2, total, tl.sum(tl.sum(acc_w, axis=1) * rescale, axis=0)
 
     @triton.jit
     def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
-                     PREFETCH: tl.constexpr, GROUP: tl.constexpr):
-        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, non-finite 0/1), natural units, real columns.
+                     PREFETCH: tl.constexpr, GROUP: tl.constexpr, WEIGHT: tl.constexpr):
+        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, W, non-finite 0/1), natural units, real columns.
 
         Blocks are tiles [BLOCK_V / GROUP, GROUP] of consecutive entries, each tile row with its own
         running max (TritonLaunch.max_group). Non-finite: the plain sum of both rows' logits is not
-        finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too).
+        finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too). W, the weighted
+        sum of a one-sweep forward (``Plan.one_sweep``), in raw logits: WEIGHT 1 (forward KL)
+        sum_v e^(b_v - max_t) (z^T_v - z^S_v), WEIGHT 2 (reverse KL) sum_v e^(a_v - max_s) (z^S_v - z^T_v),
+        WEIGHT 0: W = 0.
         """
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         R: tl.constexpr = BLOCK_V // GROUP
@@ -177,6 +189,7 @@ if triton is not None:
         acc_s = tl.zeros([R, GROUP], tl.float32)
         acc_t = tl.zeros([R, GROUP], tl.float32)
         acc_z = tl.zeros([R, GROUP], tl.float32)
+        acc_w = tl.zeros([R, GROUP], tl.float32)
         zs, zt = _load_pair(zs_base, zt_base, tile, N_FULL, True)  # the first full block
         for v0 in range(0, N_FULL, BLOCK_V):
             cols = v0 + tile
@@ -185,20 +198,20 @@ if triton is not None:
                 next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
-            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
-                                                             N_VALID, False)
+            max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
+                                                                    acc_z, acc_w, N_VALID, False, WEIGHT)
             if PREFETCH:
                 zs, zt = next_zs, next_zt
         for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
             cols = v0 + tile
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
-            max_s, acc_s, max_t, acc_t, acc_z = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z,
-                                                             N_VALID, True)
+            max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
+                                                                    acc_z, acc_w, N_VALID, True, WEIGHT)
         total = tl.sum(tl.sum(acc_z, axis=1), axis=0)
         bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
-        max_s, sum_s = _finish_sum_exp(max_s, acc_s, scale)
-        max_t, sum_t = _finish_sum_exp(max_t, acc_t, scale)
-        return max_s, sum_s, max_t, sum_t, bad
+        max_s, sum_s, w_s = _finish_sum_exp(max_s, acc_s, acc_w, scale)
+        max_t, sum_t, w_t = _finish_sum_exp(max_t, acc_t, acc_w, scale)
+        return max_s, sum_s, max_t, sum_t, w_s if WEIGHT == 2 else w_t, bad
 
     @triton.jit
     def _element_terms(ls2, lp2, beta, clip2, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
@@ -286,23 +299,29 @@ if triton is not None:
     def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr, n_rows,
                         n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
                         BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr,
-                        STATS_ONLY: tl.constexpr):
+                        STATS_ONLY: tl.constexpr, WEIGHT: tl.constexpr):
         """Per filled cell, without TP sweeps 1 and 2: out = [lse_s, lse_t, D, H, s, u, non-finite]; under TP
-        (STATS_ONLY) sweep 1 of this shard: out = [max_s, sumexp_s, max_t, sumexp_t, non-finite]. Zeros, left
-        as they are at empty cells."""
+        (STATS_ONLY) sweep 1 of this shard: out = [max_s, sumexp_s, max_t, sumexp_t, non-finite]; a one-sweep
+        forward (STATS_ONLY, WEIGHT 1 or 2, with or without TP) adds [W, z^S_x / T, z^T_x / T] (the sampled
+        token's logits where it is in this shard, else 0). Zeros, left as they are at empty cells."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
                                                   row, n_t)
             if filled:
-                max_s, sum_s, max_t, sum_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V, PREFETCH,
-                                                               GROUP)
+                max_s, sum_s, max_t, sum_t, w, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V,
+                                                                  PREFETCH, GROUP, WEIGHT)
                 if STATS_ONLY:
                     tl.store(out_ptr + row, max_s)
                     tl.store(out_ptr + n_rows + row, sum_s)
                     tl.store(out_ptr + 2 * n_rows + row, max_t)
                     tl.store(out_ptr + 3 * n_rows + row, sum_t)
                     tl.store(out_ptr + 4 * n_rows + row, bad)
+                    if WEIGHT != 0:
+                        col = tl.load(col_ptr + row)
+                        tl.store(out_ptr + 5 * n_rows + row, w)
+                        tl.store(out_ptr + 6 * n_rows + row, _lookup(zs_base, col, scale, 0.0))
+                        tl.store(out_ptr + 7 * n_rows + row, _lookup(zt_base, col, scale, 0.0))
                 else:
                     lse_s = max_s + tl.log(sum_s)
                     lse_t = max_t + tl.log(sum_t)
@@ -442,19 +461,48 @@ def triton_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
     group = opts["BLOCK_V"] if TRITON_LAUNCH.max_group is None else min(TRITON_LAUNCH.max_group, opts["BLOCK_V"])
     scale, beta, clip2 = _kernel_scalars(plan)
     addressing = (*_strides(zs), *_strides(zt), *cells.kernel_positions(zs.device))
+    launch = dict(N_VALID=plan.n_valid, GROUP=group, WEIGHT=1 + plan.kind if plan.one_sweep else 0, **opts)
+    if plan.one_sweep:
+        stats = zs.new_zeros((8, n_b, n_t), dtype=torch.float32)
+        _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, STATS_ONLY=True, **launch)
+        lse, bad = combine_stats(stats[:4], stats[4].any(), tp_group)
+        return (lse[0], lse[1], *_one_sweep_terms(stats, lse, col, cells, plan), bad)
     if group_size(tp_group) == 1:
         out = zs.new_zeros((7, n_b, n_t), dtype=torch.float32)
-        _forward_kernel[grid](*addressing, col, out, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid,
-                              GROUP=group, STATS_ONLY=False, **opts)
+        _forward_kernel[grid](*addressing, col, out, rows, n_t, scale, beta, clip2, STATS_ONLY=False, **launch)
         return (*out[:6], out[6].any())
     stats = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
-    _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid,
-                          GROUP=group, STATS_ONLY=True, **opts)
+    _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, STATS_ONLY=True, **launch)
     lse, bad = combine_stats(stats[:4], stats[4].any(), tp_group)
     out = zs.new_zeros((4, n_b, n_t), dtype=torch.float32)
     _terms_kernel[grid](*addressing, col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,
                         N_VALID=plan.n_valid, **opts)
     return (lse[0], lse[1], *out, bad)
+
+
+def _one_sweep_terms(stats, lse, col, cells: Cells, plan: Plan):
+    """This shard's (D, H, s, u) per cell from sweep 1 alone (``Plan.one_sweep``) and the global lse [2, ...].
+
+    With w the weighting model (the teacher for forward KL, the student for reverse KL), o the other,
+    m_r and S_r the shard's max and sum-exp of w's logits / T, W_r its weighted sum of z^w - z^o
+    (``_stats_sweep``), the shard's share of w's probability mass is P_r = S_r exp(m_r - LSE_w) and
+
+        D_r = exp(m_r - LSE_w) W_r / T - P_r (LSE_w - LSE_o)     (sum over the shard of w_v (log w_v - log o_v))
+        H_r = -P_r (forward KL: h_v = -p_v),   D_r + P_r (reverse KL: h_v = d_v + q_v).
+
+    s and u: the sampled token's logit / T minus the global lse where it is in this shard, else 0.
+    Empty cells get zeros.
+    """
+    w, o = (1, 0) if plan.kind == FORWARD_KL else (0, 1)
+    share = torch.exp(stats[2 * w] - lse[w])  # 0 on a shard with no real column (m_r = -inf)
+    mass = stats[2 * w + 1] * share
+    d_sum = share * stats[5] * plan.inv_temp - mass * (lse[w] - lse[o])
+    h_sum = -mass if plan.kind == FORWARD_KL else d_sum + mass
+    here = col >= 0  # false at empty cells too
+    logprobs = [torch.where(here, stats[6 + model] - lse[model], 0.0) for model in (0, 1)]
+    terms = torch.stack([d_sum, h_sum, *logprobs])
+    filled = cells.filled()
+    return (terms if filled is None else terms.masked_fill_(~filled, 0.0)).unbind(0)
 
 
 def triton_grad(zs, zt, cells: Cells, col, plan: Plan, saved, coef, grad, launch: TritonLaunch):

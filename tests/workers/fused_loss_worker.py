@@ -67,9 +67,12 @@ TP_CASES = [
 # (local vocabulary, true vocabulary): padding on the last rank only; the last rank all padding.
 TP_LAYOUTS = [(320, 600), (128, 100)]
 # Reverse KL with a clamp: there h_v = d_v + q_v keeps its q_v only where the clamp does not bind (without
-# one, the q_v terms cancel in h - q H).
+# one, the q_v terms cancel in h - q H). The two KL cases without a clamp take the one-sweep forward
+# (Plan.one_sweep), the others sweeps 1 and 2.
 TRITON_CASES = [("forward_kl", 0.5, 0.001, 1.0), ("reverse_kl", 0.5, None, 0.7), ("jsd", 0.3, 0.05, 1.1),
-                ("reverse_kl", 0.5, 0.05, 1.1)]
+                ("reverse_kl", 0.5, 0.05, 1.1), ("forward_kl", 0.5, None, 1.3)]
+# Triton at TP=2 with rank 1's shard all padding (TP_LAYOUTS[1]): a one-sweep and a two-sweep forward.
+TRITON_PADDING_RANK_CASES = [TRITON_CASES[4], TRITON_CASES[2]]
 # (which logits, column, value, flagged): non-finite entries in a full block, in the tail, in padding.
 TRITON_NONFINITE = [("student", 5, float("inf"), True), ("teacher", 386, float("-inf"), True),
                     ("student", 395, float("nan"), False)]
@@ -194,6 +197,9 @@ def main(out_dir: str) -> None:
             result["triton"][case, "tp2"] = case_results(case, 200, 390, group, seed=i, impl="triton", t=2)
             result["rows", "triton"][case, "tp2"] = rows_results(case, 200, 390, group, seed=i, impl="triton")
         result["triton_tp2_nonfinite"] = tp2_nonfinite_flags(group)
+        for case in TRITON_PADDING_RANK_CASES:
+            result["triton"][case, "tp2-padding-rank"] = case_results(case, *TP_LAYOUTS[1], group, seed=40,
+                                                                      impl="triton", t=2)
         fused_triton.TRITON_LAUNCH = fused_triton.TRITON_GRAD_LAUNCH = fused_triton.TritonLaunch(3, 4, 64, prefetch=True)
         for i, case in enumerate(TRITON_CASES):
             result["triton"][case, "tp1"] = case_results(case, 400, 390, None, seed=i, impl="triton", t=5)
