@@ -53,6 +53,7 @@ from megatron_renio.models.checkpoint import (
     tokenizer_files,
 )
 from megatron_renio.models.presets import ModelPreset, hf_config_dict
+from megatron_renio.output_paths import fsync_tree
 
 
 def _hf_tensor(load: Path, preset: ModelPreset, mapping: Mapping, part: int, parameter, dtype):
@@ -112,6 +113,7 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
         else:
             generation = {name: config[name] for name in ("bos_token_id", "eos_token_id")}
             (staging / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+        fsync_tree(staging)
         publish_directory(staging, save)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -138,15 +138,43 @@ def check_log_outputs(metrics_file: str | None, tensorboard_dir: str | None) -> 
         check_output_folder(tensorboard_dir, f"--tensorboard-dir {tensorboard_dir}")
 
 
+def fsync(path: str | Path) -> None:
+    """Flush ``path`` to stable storage: a file's data, or a folder's entries (the names created,
+    renamed or removed in it). Until then a written file or a rename may live only in the page cache
+    of the node that made it: other processes see it, but a crash of that node (power, kernel) loses
+    it, and a marker that was flushed could name a checkpoint that was not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """:func:`fsync` every file and folder under the folder ``path`` (itself included), each file and
+    folder before the folder that names it; ``path`` a file: that file."""
+    if not Path(path).is_dir():
+        fsync(path)
+        return
+    for here, _, files in os.walk(path, topdown=False):  # sub-folders come before their parent
+        for name in files:
+            fsync(os.path.join(here, name))
+        fsync(here)
+
+
 def write_atomic(path: str, lines: Iterable[str]) -> None:
-    """Write ``lines`` to a temporary file beside ``path``, then rename it to ``path``."""
+    """Write ``lines`` to a temporary file beside ``path``, flushed to stable storage, then rename it to
+    ``path`` and flush the rename (:func:`fsync`)."""
     target = Path(path).absolute()
     partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         with open(partial, "x", encoding="utf-8") as f:
             f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
         raise
+    fsync(target.parent)

@@ -1,12 +1,14 @@
 """Output paths are checked before any model work: a path that cannot receive the output is one line
-naming the flag at start-up, not a traceback (or an error) at the first save, hours into a run."""
+naming the flag at start-up, not a traceback (or an error) at the first save, hours into a run. And
+what is published is on stable storage before its name is (fsync of files, then folders)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import check_output_file, check_output_folder, write_atomic
+from megatron_renio.output_paths import check_output_file, check_output_folder, fsync_tree, write_atomic
 
 
 def test_a_folder_output_must_be_or_become_a_folder_written_in(tmp_path):
@@ -100,3 +102,46 @@ def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_partial_on
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["latest.txt"]
     write_atomic(target, ["new\n"])
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["latest.txt"]
+
+
+def record_syncs_and_renames(monkeypatch) -> list:
+    """Events in order, ("fsync", path) of every os.fsync and ("rename", source, target) of every
+    os.replace of this process (paths as strings, absolute); both still do their work."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(source, target):
+        events.append(("rename", str(Path(source).absolute()), str(Path(target).absolute())))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+def test_an_atomic_write_is_on_stable_storage_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    events = record_syncs_and_renames(monkeypatch)
+    write_atomic(tmp_path / "latest.txt", ["7\n"])
+    [(_, partial), rename, folder] = events
+    assert partial.startswith(str(tmp_path / ".latest.txt.partial-"))
+    assert rename == ("rename", partial, str(tmp_path / "latest.txt"))
+    assert folder == ("fsync", str(tmp_path))
+
+
+def test_a_tree_is_synced_file_by_file_and_each_folder_after_what_it_names(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("top.pt", "a/x.json", "a/b/y.distcp"):
+        (tmp_path / name).write_text(name)
+    events = record_syncs_and_renames(monkeypatch)
+    fsync_tree(tmp_path)
+    order = [os.path.relpath(path, tmp_path) for _, path in events]
+    assert sorted(order) == sorted([".", "a", "a/b", "top.pt", "a/x.json", "a/b/y.distcp"]) and order[-1] == "."
+    for path in order[:-1]:  # every entry is synced before the folder that names it; the top folder last
+        assert order.index(path) < order.index(os.path.dirname(path) or "."), order
+    events.clear()
+    fsync_tree(tmp_path / "top.pt")  # a file alone
+    assert events == [("fsync", str(tmp_path / "top.pt"))]

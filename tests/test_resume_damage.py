@@ -2,7 +2,8 @@
 
 One in-process world of one rank saves a training checkpoint (the default optimizer, an EMA teacher);
 each case damages one file of a copy of it and resumes from the copy as ``train`` does
-(:func:`read_train_state`, then :func:`load_training_checkpoint`).
+(:func:`read_train_state`, then :func:`load_training_checkpoint`). And a save is on stable storage
+before its marker names it, so that a node's crash cannot leave such damage behind.
 """
 
 import json
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from megatron_renio.errors import UserInputError
+from tests.test_output_paths import record_syncs_and_renames
 
 UNREADABLE = "cannot be read (truncated or not a checkpoint file: "
 OPTIMIZER = "cannot load the optimizer state, missing or corrupt files ("
@@ -42,7 +44,6 @@ def saved_run(tmp_path_factory):
     from megatron_renio.models.builder import build_gpt_model
     from megatron_renio.models.presets import get_preset
     from megatron_renio.training import components as C
-    from megatron_renio.training.checkpointing import save_training_checkpoint
     from megatron_renio.training.ema import EmaTeacher
 
     cfg = TrainConfig()
@@ -55,17 +56,48 @@ def saved_run(tmp_path_factory):
         return model, info, ddp, C.build_optimizer(ddp, cfg)[0], EmaTeacher(teacher, 0.9)
 
     root = tmp_path_factory.mktemp("saved")
+    _step_and_save(build, root, 1)
+    try:
+        yield root, build
+    finally:
+        distributed.destroy()
+
+
+def _step_and_save(build, root, iteration: int) -> None:
+    """A fresh student, teacher and optimizer (``build``), one optimizer step, then a training checkpoint."""
+    from megatron_renio.training.checkpointing import save_training_checkpoint
+
     model, info, ddp, optimizer, ema = build()
     tokens = torch.randint(0, 100, (2, 16))
     ddp(tokens, torch.arange(16).expand(2, 16), attention_mask=None).float().pow(2).mean().backward()
     ddp.finish_grad_sync()
     assert optimizer.step()[0]  # the optimizer state a checkpoint holds exists after a step
-    save_training_checkpoint(root, 1, student=model, student_info=info, optimizer=optimizer,
-                             train_state={"iteration": 1}, teacher=ema)
-    try:
-        yield root, build
-    finally:
-        distributed.destroy()
+    save_training_checkpoint(root, iteration, student=model, student_info=info, optimizer=optimizer,
+                             train_state={"iteration": iteration}, teacher=ema)
+
+
+def test_a_save_is_on_stable_storage_before_the_marker_names_it(saved_run, tmp_path, monkeypatch):
+    """Every file and folder of the published checkpoint was flushed (fsync) before the rename of the
+    ``latest`` marker, and the run folder (the checkpoint's rename) between the two renames and after
+    the marker's: a node that crashes cannot leave a marker naming a checkpoint it did not write out."""
+    from megatron_renio.training.checkpointing import LATEST
+
+    events = record_syncs_and_renames(monkeypatch)
+    _step_and_save(saved_run[1], tmp_path, 3)
+    final, marker = tmp_path / "iter_0000003", str(tmp_path / LATEST)
+
+    def published_name(path: str) -> str:  # where a path written during the save ends up
+        path = re.sub(r"/\.\.tmp_iter_(\d+)\.partial-[0-9a-f]+", r"/iter_\1", path)
+        return re.sub(r"/\.tmp_iter_(\d+)", r"/iter_\1", path)
+
+    marker_at = next(i for i, event in enumerate(events) if event[0] == "rename" and event[2] == marker)
+    checkpoint_at = next(i for i, event in enumerate(events) if event[0] == "rename" and event[2] == str(final))
+    synced = {published_name(event[1]) for event in events[:marker_at] if event[0] == "fsync"}
+    written = [final, *final.rglob("*")]
+    assert {"model", "optimizer", "teacher", "rng", "train_state.pt"} <= {p.name for p in final.iterdir()}
+    assert [str(p) for p in written if str(p) not in synced] == []
+    folder = ("fsync", str(tmp_path))
+    assert folder in events[checkpoint_at:marker_at] and folder in events[marker_at:]
 
 
 def _damage(path, how):

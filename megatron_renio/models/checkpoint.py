@@ -47,7 +47,7 @@ from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE, SENTENCEPIECE_
 from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
-from megatron_renio.output_paths import check_output_folder, is_empty_folder
+from megatron_renio.output_paths import check_output_folder, fsync, fsync_tree, is_empty_folder
 
 FORMAT = "megatron_renio.model"
 FORMAT_VERSION = 1
@@ -177,7 +177,8 @@ def staging_directory(target: str | Path) -> Path:
 
 
 def publish_directory(staging: Path, target: str | Path) -> None:
-    """Move the finished ``staging`` folder to ``target``, replacing whatever ``target`` held.
+    """Move the finished ``staging`` folder (its content already on stable storage: ``fsync_tree``) to
+    ``target``, replacing whatever ``target`` held, and flush the rename.
 
     An empty or absent target is replaced in one rename; a non-empty one is first renamed aside
     and deleted only after the new folder is in place. The hidden leftovers of earlier saves to
@@ -188,6 +189,7 @@ def publish_directory(staging: Path, target: str | Path) -> None:
     if target.is_dir() and any(target.iterdir()):
         os.replace(target, target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
     os.replace(staging, target)
+    fsync(target.parent)
     for kind in ("partial", "replaced"):
         for leftover in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -411,6 +413,7 @@ def save_model_checkpoint(
             files[GENERATION_CONFIG_FILE] = tokenizer_dir / GENERATION_CONFIG_FILE
         copy_tokenizer_files(files, staging / TOKENIZER_SUBDIR)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        fsync_tree(staging)  # also the files of model/ that dist_checkpointing does not sync (common.pt, metadata.json)
         publish_directory(staging, directory)
 
     try:

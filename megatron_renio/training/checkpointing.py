@@ -12,8 +12,9 @@ Layout of ``--save DIR``::
         rng/rank_00000.pt        every rank's python / numpy / torch / model-parallel RNG states
     DIR/latest_checkpointed_iteration.txt
 
-A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished; only then is
-the ``latest`` marker replaced (atomically). A save interrupted at any point leaves the previous
+A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished and its files
+and folders are on stable storage (fsync); only then is the ``latest`` marker replaced (atomically,
+and flushed too). A save interrupted at any point, or lost with a node that crashed, leaves the previous
 checkpoint as the latest, and a ``.tmp_`` folder that the next save removes. Then rank 0 prunes older
 checkpoints (:func:`prune_checkpoints`) in a background thread while training goes on.
 """
@@ -31,7 +32,7 @@ import torch
 
 from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import write_atomic
+from megatron_renio.output_paths import fsync, fsync_tree, write_atomic
 from megatron_renio.training.faults import maybe_die
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -177,6 +178,7 @@ def save_training_checkpoint(
     rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
     try:
         torch.save(_rng_state(), rng_file)
+        fsync(rng_file)  # by the rank that wrote it: on another node rank 0's fsync would not flush it
         error = None
     except Exception as e:  # torch.save reports a full disk or a lost folder as RuntimeError, not OSError
         error = UserInputError(f"{rng_file}: cannot write the checkpoint ({e}); the latest one stays")
@@ -184,9 +186,16 @@ def save_training_checkpoint(
     final = iteration_dir(root, iteration)
 
     def publish() -> None:
+        # on stable storage before the marker names them: what this save added to the model checkpoint
+        # (save_model_checkpoint synced its own part), then the renames
+        for part in ("optimizer", "teacher", "rng", "train_state.pt"):
+            if (tmp / part).exists():
+                fsync_tree(tmp / part)
+        fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync(root)
         write_atomic(root / LATEST, [str(iteration)])
 
     on_rank0(publish)
