@@ -655,7 +655,8 @@ NONFINITE_CASES = {  # case -> (source model, change, --dtype, tensor named, exp
 
 
 def test_the_finite_check_reads_every_slice(monkeypatch):
-    """all_finite checks a tensor in slices of its first dim: a NaN in the last slice counts too."""
+    """all_finite checks a tensor in slices of its first dim: a NaN in the last slice counts too; an empty
+    tensor is finite."""
     from megatron_renio.models import checkpoint
 
     monkeypatch.setattr(checkpoint, "_FINITE_CHECK_ELEMENTS", 4)
@@ -664,6 +665,7 @@ def test_the_finite_check_reads_every_slice(monkeypatch):
     tensor[-1, 1] = float("inf")
     assert not checkpoint.all_finite(tensor)
     assert not checkpoint.all_finite(torch.tensor(float("nan")))
+    assert checkpoint.all_finite(torch.zeros(0, 3)) and checkpoint.all_finite(torch.zeros(4, 0))  # nothing to check
 
 
 def test_hf_to_megatron_refuses_non_finite_weights(hf_models, tmp_path):

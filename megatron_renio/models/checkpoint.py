@@ -264,9 +264,9 @@ def all_finite(tensor) -> bool:
     slice with one."""
     import torch
 
-    if tensor.dim() == 0:
-        return bool(torch.isfinite(tensor))
-    rows = max(1, _FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
+    if tensor.dim() == 0 or tensor.numel() == 0:  # a scalar, or nothing to check (no first row to size by)
+        return bool(torch.isfinite(tensor).all())
+    rows = max(1, _FINITE_CHECK_ELEMENTS // (tensor.numel() // tensor.shape[0]))
     return all(bool(torch.isfinite(part).all()) for part in tensor.split(rows))
 
 
