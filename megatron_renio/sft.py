@@ -29,6 +29,7 @@ intermediate save and no resume. Metrics go to ``--metrics-file`` (a new JSONL f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -259,11 +260,13 @@ def run(cfg: SFTConfig) -> list[float]:
     sampler = PromptSampler(len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed,
                             data_label=C.fitting_data_label(len(examples.prompts), "examples",
                                                             examples.skipped_too_long, t.seq_length))
-    logger = MetricsLogger(dataclasses.replace(t, save=None))  # --save is the model checkpoint folder
     log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
     losses = []
     skipped_in_a_row = 0
-    with ConsoleProgress("sft", t.train_iters, 0, t.log_interval) as progress:
+    # The logger is closed also when the run stops with an error, so that its last steps' metrics are
+    # written out; save=None: --save is the model checkpoint folder, where no metrics go by default.
+    with contextlib.closing(MetricsLogger(dataclasses.replace(t, save=None))) as logger, \
+            ConsoleProgress("sft", t.train_iters, 0, t.log_interval) as progress:
         for iteration in range(1, t.train_iters + 1):
             t0 = time.perf_counter()
             indices = sampler.next_batch()
@@ -289,7 +292,6 @@ def run(cfg: SFTConfig) -> list[float]:
                                    "lr": lr, "time_step_s": time.perf_counter() - t0})
             progress.update(iteration, {"loss": f"{loss:.4g}", "grad norm": norm_text(grad_norm), "lr": f"{lr:.3g}"})
             C.stop_after_skipped_steps(skipped_in_a_row, t, iteration)  # once the step that stops the run is logged
-    logger.close()
     save_model_checkpoint(
         model, info, t.save, tokenizer_dir=t.tokenizer or source.tokenizer_dir, generation_config=source.generation_config,
         extra_metadata={"source": "megatron_renio.sft", "iterations": t.train_iters,
