@@ -192,6 +192,12 @@ def test_threshold_at_the_clip_is_allowed():
     assert cfg.renio_threshold == cfg.renio_clip == 1.0
 
 
+@pytest.mark.parametrize("value", ["-1e1", "-2.5E-1", "-.5", "-3"])
+def test_a_negative_number_is_a_value_in_any_notation(value):
+    """``--renio-threshold -1e1`` needs no ``=``: the value is not taken for a flag."""
+    assert parse_train_args(BASE + ["--renio-threshold", value]).renio_threshold == float(value)
+
+
 def test_config_file_that_is_not_yaml_text(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_bytes(b"lr: 1e-5\nmodel: \xff\xfe\n")
