@@ -1,5 +1,6 @@
-"""torchrun worker (2 ranks): one distillation step under TP=2 (also with sequence parallelism), PP=2 and DP=2
-equals one process.
+"""torchrun worker (2 or 4 ranks): one distillation step under TP=2 (also with sequence parallelism), PP=2 and
+DP=2 equals one process; at 4 ranks the same layouts with the other ranks as data-parallel replicas (TP=2 x
+DP=2, PP=2 x DP=2, DP=4) and TP=2 x PP=2.
 
 A student and a (wider) teacher GPTModel are built once at TP=1 and saved with dist_checkpointing.
 The reference is computed in plain PyTorch on the full batch: Megatron TP=1 forwards, then the
@@ -152,13 +153,16 @@ def compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged, on
 
 
 def main(out_dir):
-    layouts = {
+    layouts = {  # named by their model-parallel sizes; the remaining ranks are data-parallel replicas
         "tp2": ParallelConfig(tensor_model_parallel_size=2),
         "tp2-sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
         "pp2": ParallelConfig(pipeline_model_parallel_size=2),
         "dp2": ParallelConfig(),
     }
     distributed.initialize(ParallelConfig(), seed=0)
+    four_ranks = torch.distributed.get_world_size() == 4
+    if four_ranks:
+        layouts["tp2-pp2"] = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     shared = [str(Path(tempfile.mkdtemp(prefix="paired_step_")))]
     torch.distributed.broadcast_object_list(shared, src=0)
     tmp = Path(shared[0])
@@ -184,7 +188,9 @@ def main(out_dir):
             loss, teacher_unchanged, only_student = run_layout(parallel, case, batch, ckpt, out)
             results[(name, layout)] = compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged,
                                               only_student)
-        if case["scope"] == "global":  # where the grouping of samples into micro-batches does not change the loss
+        # where the grouping of samples into micro-batches does not change the loss (at 4 ranks a replica
+        # holds one micro-batch: nothing to regroup)
+        if case["scope"] == "global" and not four_ranks:
             out = tmp / f"grads_{name}_dp2_longest_first"
             loss, teacher_unchanged, only_student = run_layout(ParallelConfig(), case, batch, ckpt, out,
                                                                longest_first=True)
