@@ -10,8 +10,11 @@ Side by side, on the same logits and in one run:
 - ``fused``: :func:`megatron_renio.losses.fused.fused_token_terms` with ``impl='auto'`` (triton on a
   GPU with triton, chunked otherwise); ``fused[chunked]`` too on a GPU with ``--chunked``.
 - ``fused(forward)`` (``--split``): the fused forward alone; backward is the rest of ``fused``.
-- ``floor`` (GPU): read both logits once and write one logits-sized tensor (``torch.add`` with
-  ``out=``), the memory-bandwidth floor of any exact loss + gradient.
+- ``floor``: read both logits once and write one logits-sized tensor (``torch.add`` with ``out=``),
+  the memory-bandwidth floor of any exact loss + gradient. After each divergence kind's rows, a
+  ``ratios`` line gives what the issue's targets are about: the fused path's time as a multiple of
+  the floor's (GPU target: at most 2x), its speedup over the reference (GPU: 6x forward KL, 25x JSD;
+  CPU: 2x) and, for JSD on a GPU with liger-kernel, over Liger-Kernel (3x).
 - ``fused[F/G]`` (GPU, ``--triton-launch``): the Triton path with other launch shapes of the forward
   kernels (F) and the gradient kernel (G), each P:W:B[:pf][:gN] (programs per SM or 'row',
   warps, vocabulary block, prefetch, entries per running max; see
@@ -326,10 +329,9 @@ def run_single(args, device, dtype, memory):
           f"x = speedup vs reference; memory = peak extra MiB, x = ratio to reference; "
           f"idle = median ms of a call started on an idle GPU (host launch work included)")
     print(f"{'path':16s} {'kind':11s} {'time_ms':>10s} {'x_time':>9s} {'extra_MiB':>12s} {'x_mem':>9s} {'idle_ms':>10s}")
-    if device.type == "cuda":
-        ms, mem, *_ = measure({"floor": floor_step(zs, zt)}, device, args.iters, args.warmup, memory)["floor"]
-        moved = 3 * zs.numel() * zs.element_size()
-        print(fmt_row("floor", "-", ms, mem) + f"   ({moved / ms / 1e9:.2f} TB/s)")
+    floor_ms, mem, *_ = measure({"floor": floor_step(zs, zt)}, device, args.iters, args.warmup, memory)["floor"]
+    moved = 3 * zs.numel() * zs.element_size()
+    print(fmt_row("floor", "-", floor_ms, mem) + f"   ({moved / floor_ms / 1e9:.2f} TB/s)")
     paths = {"reference": reference_loss, "unfused": unfused_loss, "fused": fused_loss("auto")}
     if device.type == "cuda" and args.chunked:
         paths["fused[chunked]"] = fused_loss("chunked")
@@ -354,11 +356,26 @@ def run_single(args, device, dtype, memory):
         if ref is not None and results["fused"] is not None:
             speedups.append(ref[0] / results["fused"][0])
             mem_ratios.append(results["fused"][1] / ref[1])
+        print(ratios_line(kind, results, floor_ms))
         if kind == "jsd" and "liger(+lsm)" not in results:
             reason = "liger_kernel is not installed" if not liger_available() else "Liger-Kernel needs a GPU"
             print(f"{'liger(+lsm)':16s} jsd         skipped: {reason}")
     print(f"speedup_vs_reference={min(speedups, default=math.nan):.2f} "
           f"memory_vs_reference={max(mem_ratios, default=math.nan):.3f}")
+
+
+def ratios_line(kind: str, results: dict, floor_ms: float) -> str:
+    """The fused path of one divergence kind: its time as a multiple of the floor's, its speedup over the
+    reference and over Liger-Kernel's JSD, from ``measure``'s results (None: out of memory)."""
+    fused = results["fused"]
+    if fused is None:
+        return f"ratios {kind}: the fused path ran out of memory"
+    parts = [f"fused {fused[0]:.2f} ms = {fused[0] / floor_ms:.2f}x the floor"]
+    if results["reference"] is not None:
+        parts.append(f"{results['reference'][0] / fused[0]:.2f}x faster than the reference")
+    if results.get("liger(+lsm)") is not None:
+        parts.append(f"{results['liger(+lsm)'][0] / fused[0]:.2f}x faster than liger(+lsm)")
+    return f"ratios {kind}: " + "; ".join(parts)
 
 
 def liger_available() -> bool:
