@@ -9,6 +9,7 @@ in the nearest existing folder of the path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import tempfile
@@ -142,10 +143,15 @@ def fsync(path: str | Path) -> None:
     """Flush ``path`` to stable storage: a file's data, or a folder's entries (the names created,
     renamed or removed in it). Until then a written file or a rename may live only in the page cache
     of the node that made it: other processes see it, but a crash of that node (power, kernel) loses
-    it, and a marker that was flushed could name a checkpoint that was not."""
+    it, and a marker that was flushed could name a checkpoint that was not. A filesystem that cannot
+    sync a folder (FUSE mounts of object stores refuse with EINVAL or ENOTSUP) has nothing to flush
+    there: that refusal is ignored; any other error, and every error on a file, is raised."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) or not os.path.isdir(path):
+            raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         os.close(fd)
 

@@ -2,6 +2,7 @@
 naming the flag at start-up, not a traceback (or an error) at the first save, hours into a run. And
 what is published is on stable storage before its name is (fsync of files, then folders)."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -145,3 +146,27 @@ def test_a_tree_is_synced_file_by_file_and_each_folder_after_what_it_names(tmp_p
     events.clear()
     fsync_tree(tmp_path / "top.pt")  # a file alone
     assert events == [("fsync", str(tmp_path / "top.pt"))]
+
+
+def test_a_folder_that_cannot_be_synced_is_skipped_a_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    """FUSE mounts of object stores refuse to sync a folder (EINVAL): nothing to flush there. A file that
+    cannot be synced (EIO: its data may be lost) is an error naming the file."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.pt").write_text("x")
+    fsync = os.fsync
+
+    def refuse_folders(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_folders)
+    fsync_tree(tmp_path)
+
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="Input/output error") as error:
+        fsync_tree(tmp_path)
+    assert error.value.filename == str(tmp_path / "a" / "x.pt")

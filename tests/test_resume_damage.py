@@ -6,7 +6,9 @@ each case damages one file of a copy of it and resumes from the copy as ``train`
 before its marker names it, so that a node's crash cannot leave such damage behind.
 """
 
+import errno
 import json
+import os
 import re
 import shutil
 
@@ -98,6 +100,29 @@ def test_a_save_is_on_stable_storage_before_the_marker_names_it(saved_run, tmp_p
     assert [str(p) for p in written if str(p) not in synced] == []
     folder = ("fsync", str(tmp_path))
     assert folder in events[checkpoint_at:marker_at] and folder in events[marker_at:]
+
+
+@pytest.mark.parametrize("name, says", [
+    ("renio_model.json", r"\S+/\.\.tmp_iter_0000003\.partial-\w+/renio_model\.json: cannot write the model checkpoint "),
+    ("train_state.pt", r"\S+/\.tmp_iter_0000003/train_state\.pt: cannot publish checkpoint 3 "),
+])
+def test_a_checkpoint_that_cannot_be_synced_is_one_line_and_not_named_latest(saved_run, tmp_path, monkeypatch, name,
+                                                                              says):
+    """A file of the save that the storage fails to flush (EIO), in the model checkpoint or in what the
+    training checkpoint adds, stops the save with one line naming it; the ``latest`` marker is not written."""
+    from megatron_renio.training.checkpointing import LATEST
+
+    fsync = os.fsync
+
+    def fail_on_the_file(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fail_on_the_file)
+    with pytest.raises(UserInputError, match=f"^{says}.*\\(Input/output error\\)$"):
+        _step_and_save(saved_run[1], tmp_path, 3)
+    assert not (tmp_path / LATEST).exists()
 
 
 def _damage(path, how):

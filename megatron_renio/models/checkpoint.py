@@ -411,10 +411,14 @@ def save_model_checkpoint(
             files[GENERATION_CONFIG_FILE] = Path(generation_config)
         elif tokenizer_dir is not None and (tokenizer_dir / GENERATION_CONFIG_FILE).is_file():
             files[GENERATION_CONFIG_FILE] = tokenizer_dir / GENERATION_CONFIG_FILE
-        copy_tokenizer_files(files, staging / TOKENIZER_SUBDIR)
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        fsync_tree(staging)  # also the files of model/ that dist_checkpointing does not sync (common.pt, metadata.json)
-        publish_directory(staging, directory)
+        try:
+            copy_tokenizer_files(files, staging / TOKENIZER_SUBDIR)
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+            fsync_tree(staging)  # also the files of model/ that dist_checkpointing does not sync (common.pt, metadata.json)
+            publish_directory(staging, directory)
+        except OSError as e:  # a full disk, a lost permission, storage that fails to flush
+            raise UserInputError(f"{e.filename or staging}: cannot write the model checkpoint {directory} "
+                                 f"({e.strerror or e})") from None
 
     try:
         save_sharded(_sharded_state_dict(module), staging / MODEL_SUBDIR)

@@ -188,15 +188,19 @@ def save_training_checkpoint(
     def publish() -> None:
         # on stable storage before the marker names them: what this save added to the model checkpoint
         # (save_model_checkpoint synced its own part), then the renames
-        for part in ("optimizer", "teacher", "rng", "train_state.pt"):
-            if (tmp / part).exists():
-                fsync_tree(tmp / part)
-        fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync(root)
-        write_atomic(root / LATEST, [str(iteration)])
+        try:
+            for part in ("optimizer", "teacher", "rng", "train_state.pt"):
+                if (tmp / part).exists():
+                    fsync_tree(tmp / part)
+            fsync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync(root)
+            write_atomic(root / LATEST, [str(iteration)])
+        except OSError as e:
+            raise UserInputError(f"{e.filename or root}: cannot publish checkpoint {iteration} "
+                                 f"({e.strerror or e})") from None
 
     on_rank0(publish)
     if rank == 0:  # nothing reads the older folders: training goes on while rank 0 deletes them
