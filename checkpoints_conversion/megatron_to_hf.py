@@ -41,6 +41,7 @@ from checkpoints_conversion.common import (
     run_cli,
 )
 from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE
+from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import (
     METADATA_FILE,
     all_finite,
@@ -113,10 +114,13 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
         else:
             generation = {name: config[name] for name in ("bos_token_id", "eos_token_id")}
             (staging / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
-        fsync_tree(staging)
+        fsync_tree(staging, synced_by_writers=(".safetensors",))  # write_sharded syncs each file it writes
         publish_directory(staging, save)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a lost permission, storage that fails to flush
+            raise UserInputError(f"{e.filename or staging}: cannot write the Hugging Face folder {save} "
+                                 f"({e.strerror or e})") from None
         raise
     print_summary(preset, dtype, len(tensors), f"the Hugging Face folder {save.resolve()}")
     return save

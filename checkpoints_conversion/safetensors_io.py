@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from megatron_renio.errors import UserInputError
+from megatron_renio.output_paths import fsync
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9
@@ -286,5 +286,4 @@ def _write_file(path: Path, tensors: list[PendingTensor]) -> None:
                     f"{t.name}: produced {tuple(data.shape)} {data.dtype}, announced {t.shape} {t.dtype}"
                 )
             f.write(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        f.flush()
-        os.fsync(f.fileno())
+    fsync(path)

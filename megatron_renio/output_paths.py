@@ -156,15 +156,17 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(path: str | Path) -> None:
-    """:func:`fsync` every file and folder under the folder ``path`` (itself included), each file and
-    folder before the folder that names it; ``path`` a file: that file."""
+def fsync_tree(path: str | Path, synced_by_writers: tuple[str, ...] = ()) -> None:
+    """:func:`fsync` every folder under the folder ``path`` (itself included) and every file but those
+    whose name ends with one of ``synced_by_writers`` (synced by the processes that wrote them), each
+    file and folder before the folder that names it; ``path`` a file: that file."""
     if not Path(path).is_dir():
         fsync(path)
         return
     for here, _, files in os.walk(path, topdown=False):  # sub-folders come before their parent
         for name in files:
-            fsync(os.path.join(here, name))
+            if not name.endswith(synced_by_writers):  # endswith(()) is False
+                fsync(os.path.join(here, name))
         fsync(here)
 
 

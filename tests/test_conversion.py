@@ -14,8 +14,10 @@ through the real command line (those errors come before any heavy import, so eac
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -790,6 +792,25 @@ def test_the_converters_restore_the_sigterm_handler(hf_models, tmp_path):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_megatron_to_hf_storage_that_fails_to_flush_is_one_line_and_leaves_nothing(converted, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The export syncs its files before it renames the folder into place; storage that fails to flush
+    one (EIO) is one line naming that file, and neither --save nor a staging folder is left. In-process,
+    so that the failing fsync reaches the exporter."""
+    from checkpoints_conversion import megatron_to_hf
+
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    save = tmp_path / "hf"
+    assert megatron_to_hf.main(["--load", str(converted["ckpt"] / "qwen2"), "--save", str(save)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(rf"error: {re.escape(str(tmp_path))}/\.hf\.partial-\w+/\S+: cannot write the Hugging Face "
+                        rf"folder {re.escape(str(save))} \(Input/output error\)", line), line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):

@@ -105,47 +105,58 @@ def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_partial_on
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["latest.txt"]
 
 
-def record_syncs_and_renames(monkeypatch) -> list:
-    """Events in order, ("fsync", path) of every os.fsync and ("rename", source, target) of every
-    os.replace of this process (paths as strings, absolute); both still do their work."""
-    events = []
+def record_syncs_and_renames(monkeypatch, log: Path):
+    """Make every os.fsync and os.replace (which still do their work) note ("fsync", path) or ("rename",
+    source, target), absolute paths, as a line of the file ``log``, appended: processes forked from this
+    one (dist_checkpointing's writers) note theirs there too. Returns a function that reads the events
+    so far, in order."""
     fsync, replace = os.fsync, os.replace
 
+    def note(*fields: str) -> None:
+        with open(log, "a") as f:
+            f.write("\t".join(fields) + "\n")
+
     def recording_fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        note("fsync", os.readlink(f"/proc/self/fd/{fd}"))
         fsync(fd)
 
     def recording_replace(source, target):
-        events.append(("rename", str(Path(source).absolute()), str(Path(target).absolute())))
+        note("rename", str(Path(source).absolute()), str(Path(target).absolute()))
         replace(source, target)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
-    return events
+    return lambda: [tuple(line.split("\t")) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def test_an_atomic_write_is_on_stable_storage_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
-    events = record_syncs_and_renames(monkeypatch)
-    write_atomic(tmp_path / "latest.txt", ["7\n"])
-    [(_, partial), rename, folder] = events
-    assert partial.startswith(str(tmp_path / ".latest.txt.partial-"))
-    assert rename == ("rename", partial, str(tmp_path / "latest.txt"))
-    assert folder == ("fsync", str(tmp_path))
+    events = record_syncs_and_renames(monkeypatch, tmp_path / "events.log")
+    (tmp_path / "out").mkdir()
+    write_atomic(tmp_path / "out" / "latest.txt", ["7\n"])
+    [(_, partial), rename, folder] = events()
+    assert partial.startswith(str(tmp_path / "out" / ".latest.txt.partial-"))
+    assert rename == ("rename", partial, str(tmp_path / "out" / "latest.txt"))
+    assert folder == ("fsync", str(tmp_path / "out"))
 
 
 def test_a_tree_is_synced_file_by_file_and_each_folder_after_what_it_names(tmp_path, monkeypatch):
-    (tmp_path / "a" / "b").mkdir(parents=True)
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
     for name in ("top.pt", "a/x.json", "a/b/y.distcp"):
-        (tmp_path / name).write_text(name)
-    events = record_syncs_and_renames(monkeypatch)
-    fsync_tree(tmp_path)
-    order = [os.path.relpath(path, tmp_path) for _, path in events]
+        (tree / name).write_text(name)
+    log = tmp_path / "events.log"
+    events = record_syncs_and_renames(monkeypatch, log)
+    fsync_tree(tree)
+    order = [os.path.relpath(path, tree) for _, path in events()]
     assert sorted(order) == sorted([".", "a", "a/b", "top.pt", "a/x.json", "a/b/y.distcp"]) and order[-1] == "."
     for path in order[:-1]:  # every entry is synced before the folder that names it; the top folder last
         assert order.index(path) < order.index(os.path.dirname(path) or "."), order
-    events.clear()
-    fsync_tree(tmp_path / "top.pt")  # a file alone
-    assert events == [("fsync", str(tmp_path / "top.pt"))]
+    log.unlink()
+    fsync_tree(tree, synced_by_writers=(".distcp",))  # files their writers synced: only their folders
+    assert sorted(os.path.relpath(path, tree) for _, path in events()) == sorted([".", "a", "a/b", "top.pt", "a/x.json"])
+    log.unlink()
+    fsync_tree(tree / "top.pt")  # a file alone
+    assert events() == [("fsync", str(tree / "top.pt"))]
 
 
 def test_a_folder_that_cannot_be_synced_is_skipped_a_file_is_an_error_naming_it(tmp_path, monkeypatch):

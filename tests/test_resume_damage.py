@@ -80,13 +80,16 @@ def _step_and_save(build, root, iteration: int) -> None:
 
 def test_a_save_is_on_stable_storage_before_the_marker_names_it(saved_run, tmp_path, monkeypatch):
     """Every file and folder of the published checkpoint was flushed (fsync) before the rename of the
-    ``latest`` marker, and the run folder (the checkpoint's rename) between the two renames and after
-    the marker's: a node that crashes cannot leave a marker naming a checkpoint it did not write out."""
+    ``latest`` marker, the shards by dist_checkpointing's writer processes and the rest by the saver, and
+    the run folder (the checkpoint's rename) between the two renames and after the marker's: a node that
+    crashes cannot leave a marker naming a checkpoint it did not write out."""
     from megatron_renio.training.checkpointing import LATEST
 
-    events = record_syncs_and_renames(monkeypatch)
-    _step_and_save(saved_run[1], tmp_path, 3)
-    final, marker = tmp_path / "iter_0000003", str(tmp_path / LATEST)
+    read_events = record_syncs_and_renames(monkeypatch, tmp_path / "events.log")  # the writers' forks note too
+    _step_and_save(saved_run[1], tmp_path / "run", 3)
+    events = read_events()
+    root = tmp_path / "run"
+    final, marker = root / "iter_0000003", str(root / LATEST)
 
     def published_name(path: str) -> str:  # where a path written during the save ends up
         path = re.sub(r"/\.\.tmp_iter_(\d+)\.partial-[0-9a-f]+", r"/iter_\1", path)
@@ -98,7 +101,7 @@ def test_a_save_is_on_stable_storage_before_the_marker_names_it(saved_run, tmp_p
     written = [final, *final.rglob("*")]
     assert {"model", "optimizer", "teacher", "rng", "train_state.pt"} <= {p.name for p in final.iterdir()}
     assert [str(p) for p in written if str(p) not in synced] == []
-    folder = ("fsync", str(tmp_path))
+    folder = ("fsync", str(root))
     assert folder in events[checkpoint_at:marker_at] and folder in events[marker_at:]
 
 

@@ -372,9 +372,9 @@ def ratios_line(kind: str, results: dict, floor_ms: float) -> str:
         return f"ratios {kind}: the fused path ran out of memory"
     parts = [f"fused {fused[0]:.2f} ms = {fused[0] / floor_ms:.2f}x the floor"]
     if results["reference"] is not None:
-        parts.append(f"{results['reference'][0] / fused[0]:.2f}x faster than the reference")
+        parts.append(f"speedup over the reference {results['reference'][0] / fused[0]:.2f}x")
     if results.get("liger(+lsm)") is not None:
-        parts.append(f"{results['liger(+lsm)'][0] / fused[0]:.2f}x faster than liger(+lsm)")
+        parts.append(f"speedup over liger(+lsm) {results['liger(+lsm)'][0] / fused[0]:.2f}x")
     return f"ratios {kind}: " + "; ".join(parts)
 
 
@@ -485,7 +485,8 @@ def main(argv=None):
     p.add_argument("--kinds", type=lambda s: s.split(","), default=["forward_kl", "jsd"],
                    help=f"comma-separated of {', '.join(KINDS)} (jsd uses beta {JSD_BETA})")
     p.add_argument("--clip", type=clip_arg, default=0.05,
-                   help="per-entry token clip k, or none (forward and reverse KL then take the one-sweep forward)")
+                   help="per-entry token clip k, or none (on a GPU forward and reverse KL then take the one-sweep "
+                        "Triton forward)")
     p.add_argument("--temperature", type=typed_arg(float, lambda v: v > 0, "> 0"), default=1.1)
     p.add_argument("--iters", type=POSITIVE_INT, default=10 if cuda else 3)
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2 if cuda else 1)

@@ -451,9 +451,10 @@ def _strides(z):
 
 
 def triton_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
-    """Sweeps 1 and 2 with the Triton kernels; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
+    """Sweeps 1 and 2 with the Triton kernels (sweep 1 alone for ``Plan.one_sweep``); per cell (lse_s, lse_t,
+    D, H, s, u) of this shard, and the flag.
 
-    Every output is 0 at empty cells (the lse too, without meaning: nothing reads it there).
+    D, H, s and u are 0 at empty cells; the lse there is without meaning (0 or -inf: nothing reads it).
     """
     n_b, n_t = cells.shape
     rows = n_b * n_t

@@ -93,6 +93,11 @@ class CheckpointMetadata:
         return path if path.is_file() else None
 
 
+# The files of dist_checkpointing's shards (torch_dist), each synced to stable storage by the process
+# that writes it (megatron-core's FileSystemWriterAsync, use_fsync=True): savers sync only the others.
+SHARD_SUFFIX = ".distcp"
+
+
 def tokenizer_files(directory: str | Path) -> dict[str, Path]:
     """The tokenizer files of ``directory`` by their path in a tokenizer folder (``TOKENIZER_FILES``,
     ``*.tiktoken`` and the named chat templates of ``CHAT_TEMPLATES_SUBDIR``; not its
@@ -414,7 +419,8 @@ def save_model_checkpoint(
         try:
             copy_tokenizer_files(files, staging / TOKENIZER_SUBDIR)
             (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-            fsync_tree(staging)  # also the files of model/ that dist_checkpointing does not sync (common.pt, metadata.json)
+            # the files dist_checkpointing writes but does not sync (common.pt, metadata.json), not its shards
+            fsync_tree(staging, synced_by_writers=(SHARD_SUFFIX,))
             publish_directory(staging, directory)
         except OSError as e:  # a full disk, a lost permission, storage that fails to flush
             raise UserInputError(f"{e.filename or staging}: cannot write the model checkpoint {directory} "

@@ -141,7 +141,7 @@ def save_training_checkpoint(
     added; ``tokenizer_dir`` and ``generation_config``: as for
     :func:`~megatron_renio.models.checkpoint.save_model_checkpoint`; ``fully_reshardable``: the
     distributed optimizer's state in :data:`FULLY_RESHARDABLE` format instead of :data:`DP_RESHARDABLE`."""
-    from megatron_renio.models.checkpoint import save_model_checkpoint, save_sharded
+    from megatron_renio.models.checkpoint import SHARD_SUFFIX, save_model_checkpoint, save_sharded
 
     root = Path(root)
     rank = torch.distributed.get_rank()
@@ -187,12 +187,14 @@ def save_training_checkpoint(
 
     def publish() -> None:
         # on stable storage before the marker names them: what this save added to the model checkpoint
-        # (save_model_checkpoint synced its own part), then the renames
+        # (save_model_checkpoint synced its own part; each shard and RNG file was synced by its writer),
+        # then the renames
         try:
-            for part in ("optimizer", "teacher", "rng", "train_state.pt"):
+            for part in ("optimizer", "teacher"):
                 if (tmp / part).exists():
-                    fsync_tree(tmp / part)
-            fsync(tmp)
+                    fsync_tree(tmp / part, synced_by_writers=(SHARD_SUFFIX,))
+            for path in (tmp / "train_state.pt", tmp / "rng", tmp):
+                fsync(path)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
