@@ -74,9 +74,10 @@ Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunke
 GPU's approximate exponential and log2 in the Triton kernels; the gradient is rounded once, to the
 logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``. The one-sweep
 D is a difference of two terms that each grow with the offset between the two models' logits (over
-T): its absolute error grows with that offset, about 3x the two-sweep path's at offsets of 50-300
-nats (measured on the CPU), within the tolerance below offsets of about 20 at T >= 0.5; reverse
-KL's gradient inherits it through H = D + 1.
+T); the row's offset taken out of the weighted sum (``fused_triton._stats_sweep``) leaves only the
+rounding of the two LSEs, as in the two-sweep path: at offsets of 50-300 nats its error is 0.5-1.6x
+the two-sweep path's (up to 7.5x without it; measured on the CPU). Reverse KL's gradient inherits it
+through H = D + 1.
 
 Implementations: ``'triton'`` (:mod:`~megatron_renio.losses.fused_triton`: GPU kernels, each program
 walking token rows and looping over vocabulary blocks; also runs on CPU tensors under

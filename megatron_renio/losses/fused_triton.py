@@ -148,10 +148,10 @@ if triton is not None:
         return new_max, acc * rescale + e, acc_w
 
     @triton.jit
-    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, acc_w, N_VALID: tl.constexpr,
+    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, acc_w, offset, N_VALID: tl.constexpr,
                      MASKED: tl.constexpr, WEIGHT: tl.constexpr):
         acc_z += zs + zt
-        diff = zt - zs  # 0 beyond the real columns, where both loads give 0
+        diff = zt - zs - offset  # beyond the real columns its weight is e^-inf = 0
         if MASKED:
             zs = tl.where(cols < N_VALID, zs, float("-inf"))
             zt = tl.where(cols < N_VALID, zt, float("-inf"))
@@ -172,14 +172,16 @@ if triton is not None:
     @triton.jit
     def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
                      PREFETCH: tl.constexpr, GROUP: tl.constexpr, WEIGHT: tl.constexpr):
-        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, W, non-finite 0/1), natural units, real columns.
+        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, W, c, non-finite 0/1), natural units, real columns.
 
         Blocks are tiles [BLOCK_V / GROUP, GROUP] of consecutive entries, each tile row with its own
         running max (TritonLaunch.max_group). Non-finite: the plain sum of both rows' logits is not
         finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too). W, the weighted
-        sum of a one-sweep forward (``Plan.one_sweep``), in raw logits: WEIGHT 1 (forward KL)
-        sum_v e^(b_v - max_t) (z^T_v - z^S_v), WEIGHT 2 (reverse KL) sum_v e^(a_v - max_s) (z^S_v - z^T_v),
-        WEIGHT 0: W = 0.
+        sum of a one-sweep forward (``Plan.one_sweep``), in raw logits, with c the offset of the two rows
+        (``offset``: max z^T - max z^S over the first block): WEIGHT 1 (forward KL)
+        sum_v e^(b_v - max_t) (z^T_v - z^S_v - c), WEIGHT 2 (reverse KL) sum_v e^(a_v - max_s) (z^S_v - z^T_v + c),
+        WEIGHT 0: W = 0. Taking c out keeps the summands at the size of the logits' spread, not of an
+        offset between the models (which the lse's carry, and ``_one_sweep_terms`` cancels exactly).
         """
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         R: tl.constexpr = BLOCK_V // GROUP
@@ -191,6 +193,9 @@ if triton is not None:
         acc_z = tl.zeros([R, GROUP], tl.float32)
         acc_w = tl.zeros([R, GROUP], tl.float32)
         zs, zt = _load_pair(zs_base, zt_base, tile, N_FULL, True)  # the first full block
+        offset = 0.0
+        if WEIGHT != 0:
+            offset = tl.max(tl.max(zt, axis=1), axis=0) - tl.max(tl.max(zs, axis=1), axis=0)  # 0 without a full block
         for v0 in range(0, N_FULL, BLOCK_V):
             cols = v0 + tile
             if PREFETCH:
@@ -199,19 +204,19 @@ if triton is not None:
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
             max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
-                                                                    acc_z, acc_w, N_VALID, False, WEIGHT)
+                                                                    acc_z, acc_w, offset, N_VALID, False, WEIGHT)
             if PREFETCH:
                 zs, zt = next_zs, next_zt
         for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
             cols = v0 + tile
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
             max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
-                                                                    acc_z, acc_w, N_VALID, True, WEIGHT)
+                                                                    acc_z, acc_w, offset, N_VALID, True, WEIGHT)
         total = tl.sum(tl.sum(acc_z, axis=1), axis=0)
         bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
         max_s, sum_s, w_s = _finish_sum_exp(max_s, acc_s, acc_w, scale)
         max_t, sum_t, w_t = _finish_sum_exp(max_t, acc_t, acc_w, scale)
-        return max_s, sum_s, max_t, sum_t, w_s if WEIGHT == 2 else w_t, bad
+        return max_s, sum_s, max_t, sum_t, w_s if WEIGHT == 2 else w_t, offset, bad
 
     @triton.jit
     def _element_terms(ls2, lp2, beta, clip2, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
@@ -302,15 +307,15 @@ if triton is not None:
                         STATS_ONLY: tl.constexpr, WEIGHT: tl.constexpr):
         """Per filled cell, without TP sweeps 1 and 2: out = [lse_s, lse_t, D, H, s, u, non-finite]; under TP
         (STATS_ONLY) sweep 1 of this shard: out = [max_s, sumexp_s, max_t, sumexp_t, non-finite]; a one-sweep
-        forward (STATS_ONLY, WEIGHT 1 or 2, with or without TP) adds [W, z^S_x / T, z^T_x / T] (the sampled
-        token's logits where it is in this shard, else 0). Zeros, left as they are at empty cells."""
+        forward (STATS_ONLY, WEIGHT 1 or 2, with or without TP) adds [W, z^S_x / T, z^T_x / T, c] (the sampled
+        token's logits where it is in this shard, else 0; W and c of ``_stats_sweep``). Zeros, left as they are at empty cells."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
                                                   row, n_t)
             if filled:
-                max_s, sum_s, max_t, sum_t, w, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V,
-                                                                  PREFETCH, GROUP, WEIGHT)
+                max_s, sum_s, max_t, sum_t, w, offset, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V,
+                                                                          PREFETCH, GROUP, WEIGHT)
                 if STATS_ONLY:
                     tl.store(out_ptr + row, max_s)
                     tl.store(out_ptr + n_rows + row, sum_s)
@@ -322,6 +327,7 @@ if triton is not None:
                         tl.store(out_ptr + 5 * n_rows + row, w)
                         tl.store(out_ptr + 6 * n_rows + row, _lookup(zs_base, col, scale, 0.0))
                         tl.store(out_ptr + 7 * n_rows + row, _lookup(zt_base, col, scale, 0.0))
+                        tl.store(out_ptr + 8 * n_rows + row, offset)
                 else:
                     lse_s = max_s + tl.log(sum_s)
                     lse_t = max_t + tl.log(sum_t)
@@ -464,7 +470,7 @@ def triton_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
     addressing = (*_strides(zs), *_strides(zt), *cells.kernel_positions(zs.device))
     launch = dict(N_VALID=plan.n_valid, GROUP=group, WEIGHT=1 + plan.kind if plan.one_sweep else 0, **opts)
     if plan.one_sweep:
-        stats = zs.new_zeros((8, n_b, n_t), dtype=torch.float32)
+        stats = zs.new_zeros((9, n_b, n_t), dtype=torch.float32)
         _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, STATS_ONLY=True, **launch)
         lse, bad = combine_stats(stats[:4], stats[4].any(), tp_group)
         return (lse[0], lse[1], *_one_sweep_terms(stats, lse, col, cells, plan), bad)
@@ -485,19 +491,20 @@ def _one_sweep_terms(stats, lse, col, cells: Cells, plan: Plan):
     """This shard's (D, H, s, u) per cell from sweep 1 alone (``Plan.one_sweep``) and the global lse [2, ...].
 
     With w the weighting model (the teacher for forward KL, the student for reverse KL), o the other,
-    m_r and S_r the shard's max and sum-exp of w's logits / T, W_r its weighted sum of z^w - z^o
-    (``_stats_sweep``), the shard's share of w's probability mass is P_r = S_r exp(m_r - LSE_w) and
+    m_r and S_r the shard's max and sum-exp of w's logits / T, W_r its weighted sum of z^w - z^o - c_w
+    with c_w = c (forward KL) or -c (reverse KL), c the shard's row offset (``_stats_sweep``), the
+    shard's share of w's probability mass is P_r = S_r exp(m_r - LSE_w) and
 
-        D_r = exp(m_r - LSE_w) W_r / T - P_r (LSE_w - LSE_o)     (sum over the shard of w_v (log w_v - log o_v))
+        D_r = exp(m_r - LSE_w) W_r / T + P_r (c_w / T - (LSE_w - LSE_o))   (sum over the shard of w_v (log w_v - log o_v))
         H_r = -P_r (forward KL: h_v = -p_v),   D_r + P_r (reverse KL: h_v = d_v + q_v).
 
     s and u: the sampled token's logit / T minus the global lse where it is in this shard, else 0.
     Empty cells get zeros.
     """
-    w, o = (1, 0) if plan.kind == FORWARD_KL else (0, 1)
+    w, o, sign = (1, 0, 1.0) if plan.kind == FORWARD_KL else (0, 1, -1.0)
     share = torch.exp(stats[2 * w] - lse[w])  # 0 on a shard with no real column (m_r = -inf)
     mass = stats[2 * w + 1] * share
-    d_sum = share * stats[5] * plan.inv_temp - mass * (lse[w] - lse[o])
+    d_sum = share * stats[5] * plan.inv_temp + mass * (sign * plan.inv_temp * stats[8] - (lse[w] - lse[o]))
     h_sum = -mass if plan.kind == FORWARD_KL else d_sum + mass
     here = col >= 0  # false at empty cells too
     logprobs = [torch.where(here, stats[6 + model] - lse[model], 0.0) for model in (0, 1)]

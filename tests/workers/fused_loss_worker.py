@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_renio.losses import fused, fused_chunked, fused_triton
+from megatron_renio.losses import fused, fused_chunked, fused_plan, fused_triton
 from megatron_renio.losses.divergence import DivergenceConfig, token_terms
 from megatron_renio.losses.fused import fused_token_terms
 from megatron_renio.renio.vocab_parallel import VocabShard
@@ -154,6 +154,31 @@ def rows_nonfinite_flags(impl: str) -> list[bool]:
     return flags
 
 
+# (kind, offset of the teacher's logits, temperature): models whose logits sit apart, by up to 300 nats.
+OFFSET_CASES = [("forward_kl", -50.0, 0.3), ("forward_kl", 300.0, 1.0), ("reverse_kl", 300.0, 1.0),
+                ("reverse_kl", -50.0, 0.3)]
+
+
+def offset_errors(kind: str, offset: float, temperature: float) -> dict:
+    """Largest error of D against ``token_terms`` in float64, on logits whose teacher is the student's plus
+    noise plus ``offset``, of the Triton path's one-sweep forward ('one') and of its two sweeps ('two',
+    ``Plan.one_sweep`` turned off), both at the module's default launch."""
+    student, teacher, tokens, grad_d, grad_s = make_logits(2, 4, 3000, seed=31)
+    teacher = teacher + offset
+    cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=None)
+    args = (tokens, cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
+    exact = run_path(token_terms, student.double(), teacher.double(), *args)["divergence"]
+    one_sweep, errors = fused_plan.Plan.one_sweep, {}
+    try:
+        for name in ("one", "two"):
+            fused_plan.Plan.one_sweep = one_sweep if name == "one" else property(lambda plan: False)
+            got = run_path(fused_token_terms, student, teacher, *args, impl="triton")["divergence"]
+            errors[name] = float((got.double() - exact).abs().max())
+    finally:
+        fused_plan.Plan.one_sweep = one_sweep
+    return errors
+
+
 def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bool:
     """The Triton path's non-finite flag with ``value`` at one entry of a [1, 3, 400] shard (390 real columns)."""
     student, teacher, tokens, _, _ = make_logits(1, 3, 400, seed=7)
@@ -189,6 +214,8 @@ def main(out_dir: str) -> None:
     result["bf16"] = case_results(("jsd", 0.5, 0.05, 1.1), *TP_LAYOUTS[0], group, seed=99, dtype=torch.bfloat16)
     result["triton_checked"] = fused_triton.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
     if result["triton_checked"]:
+        if dist.get_rank(group) == 0:  # at the default launch, set below for the other checks
+            result["triton_offset"] = {case: offset_errors(*case) for case in OFFSET_CASES}
         # Blocks of 64: full blocks, a tail and padding in every shard; one program per row at TP=2
         # with a running max per 8 entries, and at TP=1 a persistent grid of 3 programs (the
         # interpreter counts one SM) walking the 10 rows, prefetching the next block.
