@@ -41,7 +41,6 @@ from checkpoints_conversion.common import (
     run_cli,
 )
 from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE
-from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import (
     METADATA_FILE,
     all_finite,
@@ -54,7 +53,7 @@ from megatron_renio.models.checkpoint import (
     tokenizer_files,
 )
 from megatron_renio.models.presets import ModelPreset, hf_config_dict
-from megatron_renio.output_paths import fsync_tree
+from megatron_renio.output_paths import fsync_tree, storage_error
 
 
 def _hf_tensor(load: Path, preset: ModelPreset, mapping: Mapping, part: int, parameter, dtype):
@@ -118,9 +117,8 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
         publish_directory(staging, save)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, a lost permission, storage that fails to flush
-            raise UserInputError(f"{e.filename or staging}: cannot write the Hugging Face folder {save} "
-                                 f"({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise storage_error(e, staging, f"cannot write the Hugging Face folder {save}") from None
         raise
     print_summary(preset, dtype, len(tensors), f"the Hugging Face folder {save.resolve()}")
     return save

@@ -286,7 +286,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
-        # A value of "-" and a digit is a negative number, in exponent form too (--renio-threshold -1e30):
+        # A value of "-" and a digit is a negative number, in exponent form too (--renio-threshold -1e1):
         # argparse before Python 3.13 read that as an unknown flag. 3.13's own rule; no flag starts with a digit.
         self._negative_number_matcher = re.compile(r"-\.?\d")
 

@@ -156,6 +156,12 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def storage_error(error: OSError, path: str | Path, action: str) -> UserInputError:
+    """The one line of a write or sync that failed (a full disk, a lost permission, storage that fails to
+    flush): the file ``error`` names, else ``path``; ``action``; the system's reason."""
+    return UserInputError(f"{error.filename or path}: {action} ({error.strerror or error})")
+
+
 def fsync_tree(path: str | Path, synced_by_writers: tuple[str, ...] = ()) -> None:
     """:func:`fsync` every folder under the folder ``path`` (itself included) and every file but those
     whose name ends with one of ``synced_by_writers`` (synced by the processes that wrote them), each

@@ -47,7 +47,7 @@ from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE, SENTENCEPIECE_
 from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
-from megatron_renio.output_paths import check_output_folder, fsync, fsync_tree, is_empty_folder
+from megatron_renio.output_paths import check_output_folder, fsync, fsync_tree, is_empty_folder, storage_error
 
 FORMAT = "megatron_renio.model"
 FORMAT_VERSION = 1
@@ -422,9 +422,8 @@ def save_model_checkpoint(
             # the files dist_checkpointing writes but does not sync (common.pt, metadata.json), not its shards
             fsync_tree(staging, synced_by_writers=(SHARD_SUFFIX,))
             publish_directory(staging, directory)
-        except OSError as e:  # a full disk, a lost permission, storage that fails to flush
-            raise UserInputError(f"{e.filename or staging}: cannot write the model checkpoint {directory} "
-                                 f"({e.strerror or e})") from None
+        except OSError as e:
+            raise storage_error(e, staging, f"cannot write the model checkpoint {directory}") from None
 
     try:
         save_sharded(_sharded_state_dict(module), staging / MODEL_SUBDIR)

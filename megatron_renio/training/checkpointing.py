@@ -32,7 +32,7 @@ import torch
 
 from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import fsync, fsync_tree, write_atomic
+from megatron_renio.output_paths import fsync, fsync_tree, storage_error, write_atomic
 from megatron_renio.training.faults import maybe_die
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -201,8 +201,7 @@ def save_training_checkpoint(
             fsync(root)
             write_atomic(root / LATEST, [str(iteration)])
         except OSError as e:
-            raise UserInputError(f"{e.filename or root}: cannot publish checkpoint {iteration} "
-                                 f"({e.strerror or e})") from None
+            raise storage_error(e, root, f"cannot publish checkpoint {iteration}") from None
 
     on_rank0(publish)
     if rank == 0:  # nothing reads the older folders: training goes on while rank 0 deletes them
