@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, subprocess_env
+from tests.torchrun_harness import REPO_ROOT, read_jsonl, subprocess_env, torchrun_args
 from tests.test_train import base_args, train, workdir  # noqa: F401  (fixture)
 
 
@@ -46,8 +46,7 @@ def _kill_then_resume(workdir, phase, iteration, tag):
     save, log = workdir / f"{tag}_run", workdir / f"{tag}_resumed.jsonl"
     args = base_args(workdir, **common, **{"--save": save, "--save-interval": 1, "--metrics-file": log})
     env = dict(subprocess_env(), MEGATRON_RENIO_FAULT=f"{phase}:{iteration}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
+    cmd = [sys.executable, *torchrun_args(2), "-m", "megatron_renio.train"] + [str(a) for a in args]
     assert _run_to_death(cmd, env, workdir / f"{tag}_killed.log", 600) != 0  # the run really died
     complete = iteration - 1
     marker = save / "latest_checkpointed_iteration.txt"
@@ -78,8 +77,7 @@ def test_a_dead_rank_ends_the_job_with_the_rank_named(workdir):
     """Rank 1 dies mid-step: the job ends within a bounded time (no hang), and the launcher's report
     names the failed rank."""
     args = base_args(workdir, **{"--train-iters": 4, "--distributed-timeout-minutes": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "megatron_renio.train"] + [str(a) for a in args]
+    cmd = [sys.executable, *torchrun_args(2), "-m", "megatron_renio.train"] + [str(a) for a in args]
     env = dict(subprocess_env(), MEGATRON_RENIO_FAULT="backward:2:1")
     started = time.time()
     returncode = _run_to_death(cmd, env, workdir / "dead_rank.log", 240)

@@ -12,7 +12,7 @@ from megatron_renio.distributed import ParallelConfig, fingerprint
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.builder import check_divisibility
 from megatron_renio.models.presets import get_preset
-from tests.torchrun_harness import REPO_ROOT, free_port, run_torchrun
+from tests.torchrun_harness import REPO_ROOT, run_torchrun, torchrun_args
 
 
 def test_world_size_must_be_divisible_by_tp_times_pp():
@@ -142,8 +142,7 @@ def test_a_rank_on_another_backend_is_one_line_not_a_hang(tmp_path):
         "raise SystemExit(entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
         "distributed.ParallelConfig(), timeout_minutes=2), []))\n")
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                          f"--master-port={free_port()}", str(script)], cwd=REPO_ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, *torchrun_args(2), str(script)], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert out.returncode != 0 and time.monotonic() - started < 60
     assert ("error (rank 1): rank 1 runs on a GPU (NCCL), rank 0 on the CPU (gloo: no GPU visible): every rank needs a GPU, "

@@ -27,7 +27,7 @@ from megatron_renio.errors import UserInputError
 from megatron_renio.eval import score
 from tests import reference_renio as ref
 from tests.python_forkserver import run_python
-from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun
+from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, torchrun_args
 from tests.workers.commands_worker import check_gather
 from tests.workers.tiny_models import EXTRA_IDS, WORDS, tiny_checkpoints
 
@@ -366,8 +366,7 @@ def test_non_finite_log_probs_are_refused_naming_the_row_and_the_model(paths, tm
                                    "in all)"), lines[0]
         assert not (tmp_path / f"{side}.jsonl").exists()
     # with two data-parallel replicas every rank refuses (the other rank used to exit 0 in silence)
-    launch = run_python(["-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                         f"--master-port={free_port()}", "-m", "megatron_renio.eval.score", *jobs["teacher"], *common,
+    launch = run_python([*torchrun_args(2), "-m", "megatron_renio.eval.score", *jobs["teacher"], *common,
                          "--out", tmp_path / "teacher.jsonl"])
     assert launch.returncode != 0 and "[rank0]:" not in launch.stderr  # no traceback
     assert f"error: {data} line {affected[0] + 1}: the teacher" in launch.stderr, launch.stderr[-3000:]

@@ -12,7 +12,7 @@ import torch
 from megatron_renio.errors import UserInputError
 from megatron_renio.training.checkpointing import iteration_dir, prune_checkpoints
 from tests.python_forkserver import run_python
-from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun, subprocess_env
+from tests.torchrun_harness import REPO_ROOT, free_port, read_jsonl, run_torchrun, subprocess_env, torchrun_args
 
 MAKE_MODELS = """
 import sys
@@ -38,8 +38,7 @@ distributed.destroy()
 def train(args, nproc=1, check=True, fault=None):
     """Run the trainer (torchrun when nproc > 1), with ``MEGATRON_RENIO_FAULT=fault`` when given
     (megatron_renio.training.faults); returns the completed process."""
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                                      "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    launcher = [] if nproc == 1 else torchrun_args(nproc)
     env = subprocess_env() | ({"MEGATRON_RENIO_FAULT": fault} if fault else {})
     proc = run_python(launcher + ["-m", "megatron_renio.train", *args], env=env)
     if check and proc.returncode != 0:
@@ -566,8 +565,7 @@ def _train_until_signalled(workdir, name: str, extra: dict, ready, signal_worker
     import psutil
 
     save, path = workdir / name, workdir / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "megatron_renio.train"]
+    cmd = [sys.executable, *torchrun_args(2), "-m", "megatron_renio.train"]
     args = base_args(workdir, **{"--train-iters": 1000, "--save": save, "--metrics-file": path, **extra})
     proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -41,12 +41,18 @@ def read_jsonl(path) -> list:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def torchrun_args(nproc: int) -> list[str]:
+    """Python's arguments for a one-node torchrun of ``nproc`` workers on a free local port; the script
+    (or ``-m module``) and its arguments follow."""
+    return ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}"]
+
+
 def run_torchrun(script: str | Path, nproc: int, out_dir: str | Path, *args: str, timeout: float = 600):
     """Run ``torchrun --nproc-per-node nproc script out_dir *args``; return each rank's result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc = run_python(["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-                       f"--master-port={free_port()}", script, out_dir, *args], timeout=timeout)
+    proc = run_python([*torchrun_args(nproc), script, out_dir, *args], timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"torchrun {Path(script).name} failed with exit code {proc.returncode}\n"
