@@ -165,10 +165,7 @@ def storage_error(error: OSError, path: str | Path, action: str) -> UserInputErr
 def fsync_tree(path: str | Path, synced_by_writers: tuple[str, ...] = ()) -> None:
     """:func:`fsync` every folder under the folder ``path`` (itself included) and every file but those
     whose name ends with one of ``synced_by_writers`` (synced by the processes that wrote them), each
-    file and folder before the folder that names it; ``path`` a file: that file."""
-    if not Path(path).is_dir():
-        fsync(path)
-        return
+    file and folder before the folder that names it."""
     for here, _, files in os.walk(path, topdown=False):  # sub-folders come before their parent
         for name in files:
             if not name.endswith(synced_by_writers):  # endswith(()) is False

@@ -154,9 +154,6 @@ def test_a_tree_is_synced_file_by_file_and_each_folder_after_what_it_names(tmp_p
     log.unlink()
     fsync_tree(tree, synced_by_writers=(".distcp",))  # files their writers synced: only their folders
     assert sorted(os.path.relpath(path, tree) for _, path in events()) == sorted([".", "a", "a/b", "top.pt", "a/x.json"])
-    log.unlink()
-    fsync_tree(tree / "top.pt")  # a file alone
-    assert events() == [("fsync", str(tree / "top.pt"))]
 
 
 def test_a_folder_that_cannot_be_synced_is_skipped_a_file_is_an_error_naming_it(tmp_path, monkeypatch):
