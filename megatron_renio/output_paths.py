@@ -181,8 +181,7 @@ def write_atomic(path: str, lines: Iterable[str]) -> None:
     try:
         with open(partial, "x", encoding="utf-8") as f:
             f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        fsync(partial)
         os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
