@@ -19,7 +19,10 @@ the chunked path and ``token_terms`` on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -212,7 +215,8 @@ def test_no_grad_and_frozen_student_store_nothing():
 
 
 def test_intra_op_thread_count_restored():
-    """The chunked path runs on one intra-op thread and restores the caller's setting, forward and backward."""
+    """The chunked path runs its block ops on one intra-op thread and restores the caller's setting,
+    forward and backward."""
     student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=13)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -222,6 +226,73 @@ def test_intra_op_thread_count_restored():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["rows", "positions"])
+def test_block_threads_give_the_same_bits_as_one_thread(in_place, monkeypatch):
+    """The chunked path with torch's intra-op count at 3 hands one-row blocks to 3 threads; forward and
+    backward give bit for bit what one thread gives. Through positions, cell (0, 0) writes student row
+    0 of a sample whose empty cell adds zeros to that row (Cells.store)."""
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 130)
+    workers = []
+    spread = fused_chunked.for_each_block
+    monkeypatch.setattr(fused_chunked, "for_each_block",
+                        lambda blocks, fn, count: workers.append(count) or spread(blocks, fn, count))
+    runs = {}
+    for threads in (1, 3):
+        with intra_op_threads(threads):
+            if in_place:
+                runs[threads] = rows_results(CASES[6], 130, 120, None, seed=15)["fused"]
+            else:
+                student, teacher, tokens, grad_d, grad_s = make_logits(2, 9, 130, seed=16)
+                runs[threads] = run_path(fused_token_terms, student, teacher, tokens, config(CASES[3]),
+                                         VocabShard(0, 130, 120), None, grad_d, grad_s, impl="chunked")
+    assert workers == [1, 1, 3, 3]  # forward and backward, per thread count
+    for key in OUTPUTS:
+        assert torch.equal(torch.as_tensor(runs[3][key]), torch.as_tensor(runs[1][key])), key
+
+
+def test_for_each_block_calls_every_block_once_across_threads():
+    calls, lock = [], threading.Lock()
+
+    def record(bs, ts):
+        time.sleep(0.002)  # long enough that every thread takes blocks
+        with lock:
+            calls.append(((bs.start, ts.start), threading.get_ident()))
+
+    blocks = [(slice(b, b + 1), slice(t, t + 1)) for b in range(3) for t in range(10)]
+    fused_chunked.for_each_block(blocks, record, 3)
+    assert sorted(block for block, _ in calls) == sorted((bs.start, ts.start) for bs, ts in blocks)
+    assert len({thread for _, thread in calls}) == 3
+
+
+@pytest.mark.parametrize("failing_thread", ["caller", "helper"])
+def test_for_each_block_raises_the_first_error_after_the_threads_stop(failing_thread):
+    """A block's error stops the hand-out of the remaining blocks and is raised in the caller, whichever
+    thread it happened on."""
+    caller, done, failed = threading.get_ident(), [], []
+
+    def fail_once(bs, ts):
+        time.sleep(0.002)
+        done.append(bs.start)
+        if not failed and (threading.get_ident() == caller) == (failing_thread == "caller"):
+            failed.append(bs.start)
+            raise ValueError(f"block {bs.start}")
+
+    blocks = [(slice(b, b + 1), slice(0, 1)) for b in range(200)]
+    with pytest.raises(ValueError, match="block"):
+        fused_chunked.for_each_block(blocks, fail_once, 2)
+    assert len(done) < len(blocks) // 2
 
 
 def test_backward_twice_recomputes_the_same_gradient():

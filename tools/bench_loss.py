@@ -32,8 +32,9 @@ including allocator slack, so it is an upper bound of what torch allocated.
 
 The paths are timed round-robin within each divergence kind, so that changing machine load hits them
 alike, each timed call right after an untimed call of the same path. On the CPU the chunked fused
-path runs its block ops on one intra-op thread (see ``one_intra_op_thread`` in fused_chunked.py); the
-others use all of torch's threads. Liger-Kernel's JSD has no per-entry clamp: its row is a speed
+path hands its row blocks to as many threads as torch has intra-op threads, each running its block
+ops single-threaded (see ``block_threads`` in fused_chunked.py); the others use torch's intra-op
+threads op by op. Liger-Kernel's JSD has no per-entry clamp: its row is a speed
 comparison only. A path that runs out of memory is reported as such and left out of the ratios.
 
 ``--tp 2`` under ``torchrun --nproc-per-node 2``: each rank holds half the vocabulary; rank 0 first

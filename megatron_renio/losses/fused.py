@@ -107,7 +107,7 @@ from torch.autograd.function import once_differentiable
 from megatron_renio.errors import UserInputError
 from megatron_renio.losses import fused_triton
 from megatron_renio.losses.divergence import DivergenceConfig, TokenTerms, gather_grid, token_terms
-from megatron_renio.losses.fused_chunked import chunked_forward, chunked_grad, one_intra_op_thread
+from megatron_renio.losses.fused_chunked import block_threads, chunked_forward, chunked_grad
 from megatron_renio.losses.fused_plan import Cells, Plan
 from megatron_renio.losses.fused_triton import triton_available
 from megatron_renio.renio.vocab_parallel import VocabShard, compute_dtype, group_size
@@ -131,8 +131,8 @@ class _FusedTokenTerms(torch.autograd.Function):
             col = col.to(torch.int32).contiguous()
             lse_s, lse_t, d_sum, h_sum, s, u, bad = fused_triton.triton_forward(zs, zt, cells, col, plan, tp_group)
         else:
-            with one_intra_op_thread(zs.device):
-                lse_s, lse_t, d_sum, h_sum, s, u, bad = chunked_forward(zs, zt, cells, col, plan, tp_group)
+            with block_threads(zs.device) as workers:
+                lse_s, lse_t, d_sum, h_sum, s, u, bad = chunked_forward(zs, zt, cells, col, plan, tp_group, workers)
         per_token = torch.stack([d_sum, h_sum, s, u])
         if group_size(tp_group) > 1:
             dist.all_reduce(per_token, group=tp_group)
@@ -159,13 +159,13 @@ class _FusedTokenTerms(torch.autograd.Function):
             fused_triton.triton_grad(zs, zt, cells, col, plan, (lse_s, lse_t), (coef_h, coef_q, coef_x), grad,
                                      ctx.grad_launch)
             return grad, *[None] * 8
-        with one_intra_op_thread(zs.device):
+        with block_threads(zs.device) as workers:
             if cells.positions is None:  # every row is a cell's: only the padding columns need zeros
                 grad = torch.empty_like(zs)
                 grad[..., plan.n_valid:] = 0
             else:
                 grad = torch.zeros_like(zs)
-            chunked_grad(zs, zt, cells, plan, (lse_s, lse_t), (coef_h, coef_q), grad)
+            chunked_grad(zs, zt, cells, plan, (lse_s, lse_t), (coef_h, coef_q), grad, workers)
             samples, positions = cells.index(0, zs.device)  # coef_x is 0 at empty cells
             grad.index_put_((samples.expand_as(positions), positions, col.clamp(min=0)), coef_x.to(grad.dtype),
                             accumulate=True)

@@ -2,23 +2,27 @@
 
 Blocks of token rows spanning the local vocabulary, about ``_CHUNK_ELEMS`` elements each, so that no
 temporary is larger than a block. Without TP the terms of a block follow its statistics while it is
-in cache and reuse their exponentials (q = exp(a - m) / S). The block ops run on one intra-op thread
-(:func:`one_intra_op_thread`). Arithmetic in float32, float64 inputs kept in float64. This is the
-CPU path and the fallback wherever the Triton kernels do not apply.
+in cache and reuse their exponentials (q = exp(a - m) / S). On the CPU the blocks are shared out
+among as many threads as torch's intra-op thread count, each running its block ops single-threaded
+(:func:`block_threads`); every block writes only its own rows, so the result does not depend on the
+thread count. Arithmetic in float32, float64 inputs kept in float64. This is the CPU path and the
+fallback wherever the Triton kernels do not apply.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from megatron_renio.losses.fused_plan import FORWARD_KL, REVERSE_KL, Cells, Plan, combine_stats
 from megatron_renio.renio.vocab_parallel import compute_dtype, group_size
 
-# Elements per block (rows x local vocabulary): a few fp32 temporaries of this size stay in a CPU
-# core's L2 cache.
-_CHUNK_ELEMS = 1 << 16
+# Elements per block (rows x local vocabulary): the four or so fp32 temporaries of a block fit in a
+# server core's L2 cache (2 MiB); a block is large enough that Python's per-op overhead stays small.
+_CHUNK_ELEMS = 1 << 17
 
 
 def _row_blocks(n_b: int, n_t: int, n_cols: int):
@@ -95,8 +99,9 @@ def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: Plan, exps=None, wan
     return d, h, q
 
 
-def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
-    """Sweeps 1 and 2 with the chunked path; per cell (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
+def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: int = 1):
+    """Sweeps 1 and 2 with the chunked path on ``workers`` threads (:func:`block_threads`); per cell
+    (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
 
     D and H are 0 at empty cells, whose rows do not count for the flag.
     """
@@ -106,7 +111,7 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
     stats = zs.new_empty((4, n_b, n_t), dtype=dtype)  # max_s, sumexp_s, max_t, sumexp_t
     lse = zs.new_empty((2, n_b, n_t), dtype=dtype)
     sums = zs.new_empty((2, n_b, n_t), dtype=dtype)  # D, H
-    bad = torch.zeros((), dtype=torch.bool, device=zs.device)
+    bad_rows = torch.zeros((n_b, n_t), dtype=torch.bool, device=zs.device)
     filled = cells.filled()
     fuse = group_size(tp_group) == 1
     blocks = list(_row_blocks(n_b, n_t, nv))
@@ -118,21 +123,23 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
         d, h, _ = _chunk_elements(*block, lse[0, bs, ts], lse[1, bs, ts], plan, exps)
         sums[0, bs, ts], sums[1, bs, ts] = d.sum(-1), h.sum(-1)
 
-    for bs, ts in blocks:
+    def first_sweep(bs, ts):
         block = rows(bs, ts)
         exps = []
         for i, z in enumerate(block):
             row_max, sum_exp, row_bad, e = _chunk_stats(z, plan.inv_temp)
             stats[2 * i, bs, ts], stats[2 * i + 1, bs, ts] = row_max, sum_exp
             exps.append((e, sum_exp))
-            bad |= (row_bad if filled is None else row_bad & filled[bs, ts]).any()
+            bad_rows[bs, ts] |= row_bad
         if fuse:  # without TP a block's statistics are final: finish it while it is in cache
-            lse[:, bs, ts], _ = combine_stats(stats[:, bs, ts], bad, None)
+            lse[:, bs, ts], _ = combine_stats(stats[:, bs, ts], None, None)
             terms(block, bs, ts, exps)
+
+    for_each_block(blocks, first_sweep, workers)
+    bad = (bad_rows if filled is None else bad_rows & filled).any()
     if not fuse:
         lse, bad = combine_stats(stats, bad, tp_group)
-        for bs, ts in blocks:
-            terms(rows(bs, ts), bs, ts)
+        for_each_block(blocks, lambda bs, ts: terms(rows(bs, ts), bs, ts), workers)
     if filled is not None:
         sums.masked_fill_(~filled, 0.0)
     s = _sampled_logprobs(zs, cells, 0, lse[0], col, plan.inv_temp)
@@ -140,41 +147,90 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
     return lse[0], lse[1], sums[0], sums[1], s, u, bad
 
 
-def chunked_grad(zs, zt, cells: Cells, plan: Plan, saved, coef, grad):
-    """Sweep 3 into the filled rows of ``grad`` (real columns): coef_h * h - coef_q * q per block; the
-    one-hot term follows."""
+def chunked_grad(zs, zt, cells: Cells, plan: Plan, saved, coef, grad, workers: int = 1):
+    """Sweep 3 into the filled rows of ``grad`` (real columns) on ``workers`` threads: coef_h * h -
+    coef_q * q per block; the one-hot term follows."""
     lse_s, lse_t = saved
     coef_h, coef_q = coef
     nv = plan.n_valid
-    for bs, ts in _row_blocks(*cells.shape, nv):
+    # with positions a store also adds zeros to row 0 of each sample (Cells.store), which another
+    # block may be writing: stores then take turns
+    store_lock = threading.Lock() if cells.positions is not None else contextlib.nullcontext()
+
+    def third_sweep(bs, ts):
         _, h, q = _chunk_elements(cells.block(zs, 0, bs, ts, nv), cells.block(zt, 1, bs, ts, nv), lse_s[bs, ts],
                                   lse_t[bs, ts], plan, want_q=True)
         out = grad[bs, ts, :nv] if cells.positions is None else None  # a view to write into
         g = torch.mul(h, coef_h[bs, ts].unsqueeze(-1), out=out if out is not None and out.dtype == h.dtype else h)
         g.addcmul_(q, coef_q[bs, ts].neg().unsqueeze(-1))
         if g is not out:
-            cells.store(grad, bs, ts, nv, g)
+            with store_lock:
+                cells.store(grad, bs, ts, nv, g)
+
+    for_each_block(list(_row_blocks(*cells.shape, nv)), third_sweep, workers)
 
 
 @contextlib.contextmanager
-def one_intra_op_thread(device: torch.device):
-    """Run the chunked loops on the calling thread only (CPU), restoring the thread count after.
+def block_threads(device: torch.device):
+    """Yield how many threads the chunked loops use: torch's intra-op thread count on the CPU, 1 elsewhere.
 
-    Each block op is small (tens of microseconds): a second intra-op thread gains nothing there but
-    adds a synchronisation per op, and when the machine is oversubscribed a preempted thread stalls
-    every op. Measured on 2 shared cores at 2048 x 32000 fp32, forward + backward, CPU time: 1 thread
-    0.5-1.0 s, 2 threads 1.0-17 s (the high end whenever other processes were running).
+    Meanwhile torch's intra-op thread count is 1 (restored after), so that each block op runs on the
+    thread that calls it. A block op is small (tens of microseconds): splitting it over intra-op
+    threads adds a synchronisation per op, and on an oversubscribed machine a preempted thread stalls
+    every op. Handing whole blocks to threads (:func:`for_each_block`) has no per-op synchronisation.
+    Measured on 2 shared cores at 2048 x 32000 fp32, forward + backward, forward KL: one thread per
+    op 0.9-1.2 s, two threads per op 1.0-17 s (the high end whenever other processes were running),
+    two threads of whole blocks 0.6-1.0 s. Under torchrun with several ranks per node the intra-op
+    count is 1 (OMP_NUM_THREADS=1) unless the user sets it, so each rank runs one thread.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
-        yield
+        yield 1
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
+
+def for_each_block(blocks: list, fn, workers: int) -> None:
+    """Call ``fn(bs, ts)`` once for every block, on ``workers`` threads taking the next block in turn.
+
+    ``fn`` must write only its own block's rows. The calling thread is one of the workers; the
+    others run under ``torch.no_grad()`` (grad mode is per thread; no block op needs autograd) with
+    one intra-op thread. The first exception stops the hand-out and is raised after every thread is done.
+    """
+    if workers <= 1 or len(blocks) <= 1:
+        for bs, ts in blocks:
+            fn(bs, ts)
+        return
+    todo = iter(blocks)
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def work():
+        while not failed.is_set():
+            with lock:
+                block = next(todo, None)
+            if block is None:
+                return
+            try:
+                fn(*block)
+            except BaseException:
+                failed.set()
+                raise
+
+    def helper():
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            work()
+
+    with ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="fused-loss-block") as pool:
+        helpers = [pool.submit(helper) for _ in range(workers - 1)]
+        work()  # an error here still waits for the helpers (leaving the pool joins them)
+    for future in helpers:
+        future.result()  # re-raises a helper's error
 
 
 def _sampled_logprobs(z, cells: Cells, model: int, lse, col, inv_temp: float):
