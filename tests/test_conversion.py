@@ -45,7 +45,7 @@ MODELS = {  # name -> (transformers config class, config kwargs, dtype, max shar
     "qwen2": ("Qwen2Config", dict(vocab_size=200, tie_word_embeddings=False), torch.float32, None),
     "llama": (
         "LlamaConfig",
-        dict(vocab_size=256, tie_word_embeddings=False, eos_token_id=[2, 5, 7], rope_scaling={
+        dict(vocab_size=256, tie_word_embeddings=False, eos_token_id=[2, 5, 7], pad_token_id=3, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}),
         torch.float32,
@@ -343,8 +343,11 @@ def test_transformers_loads_the_export(hf_models, converted, name):
 
 def test_a_list_of_eos_ids_survives_the_round_trip(converted):
     """config.json's list of EOS ids comes back whole in config.json and in generation_config.json, the
-    source's or, when the checkpoint carries none, the one the export writes (transformers stops on each)."""
+    source's or, when the checkpoint carries none, the one the export writes (transformers stops on each);
+    the pad id comes back in config.json (absent in the source: null)."""
     eos = MODELS["llama"][1]["eos_token_id"]
+    assert json.loads((converted["back"] / "llama" / "config.json").read_text())["pad_token_id"] == 3
+    assert json.loads((converted["back"] / "qwen2" / "config.json").read_text())["pad_token_id"] is None
     assert not (converted["ckpt"] / "llama_no_generation_config" / "tokenizer" / "generation_config.json").exists()
     for name in ("llama", "llama_no_generation_config"):
         assert converted["results"][f"export:{name}"]["rc"] == 0, converted["results"][f"export:{name}"]

@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCaus
 # head_dim of a config.json that names none, as transformers reads it: Qwen3Config defaults it to 128;
 # Qwen2 and Llama use hidden_size / num_attention_heads.
 _DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
-_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # one id or a list of ids in config.json
 
 
 # What a preset field of each annotated type accepts: (check, the allowed values in words). Ints are not
@@ -61,9 +61,9 @@ class ModelPreset:
 
     ``vocab_size`` is the TRUE vocabulary size (``config.json``'s ``vocab_size``); the Megatron
     model pads it (see ``builder.padded_vocab_size``) and the padded rows are masked in every loss.
-    ``bos_token_id`` / ``eos_token_id`` are what ``config.json`` holds: one id (an int), several ids
-    (a tuple here, a list in JSON: Llama-3.1-Instruct stops on any of three) or None; they are
-    written back unchanged.
+    ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` are what ``config.json`` holds: one id (an
+    int), several ids (a tuple here, a list in JSON: Llama-3.1-Instruct stops on any of three) or
+    None; they are written back unchanged.
     """
 
     architecture: str
@@ -83,6 +83,7 @@ class ModelPreset:
     rope_scaling: Llama3RopeScaling | None = None
     bos_token_id: int | tuple[int, ...] | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         """ValueError naming the first field of the wrong type (a hand-edited ``renio_model.json``, say)."""
@@ -276,6 +277,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         rope_scaling=_llama3_scaling(scaling, source),
         bos_token_id=_token_ids(config, "bos_token_id", source),
         eos_token_id=_token_ids(config, "eos_token_id", source),
+        pad_token_id=_token_ids(config, "pad_token_id", source),
     )
 
 
