@@ -43,11 +43,12 @@ Sweeps over one rank's shard [b, t, V_local], each reading both logits shards on
 1. statistics (forward): max and sum-exp of a and b (online across vocabulary blocks: a running max
    per block, or per group of entries with ``TritonLaunch.max_group``, and about one exponential per
    entry), the non-finite flag. Combined across TP with
-   two O(b*t) all-reduces: M = max_r m_r, then S = sum_r S_r * exp(m_r - M); LSE = M + log S.
+   two O(b*t) all-reduces: M = max_r m_r, then S = sum_r S_r * exp((m_r - M) / T); LSE = M / T + log S,
+   with m_r, M maxima of the raw logits (``fused_plan.combine_stats``).
 2. terms (forward): per token the local sums of clamp(d_v) and of h_v, and the local lookups of the
    sampled token's log-probs, all four summed over TP in one O(b*t) all-reduce.
-3. gradient (backward): h_j and q_j recomputed from both shards and the saved per-token LSE_S,
-   LSE_T and H, the formula above written straight into the gradient. No communication (the outputs
+3. gradient (backward): h_j and q_j recomputed from both shards and the saved per-token row
+   statistics (the LSEs, or for the Triton path M and log S of each model) and H, the formula above written straight into the gradient. No communication (the outputs
    are identical on every TP rank and each rank differentiates its own shard, the identity-backward
    convention of Megatron's reductions).
 
@@ -72,12 +73,14 @@ statistics all-reduces (``fused_triton._one_sweep_terms``), and the shares are s
 
 Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path), with the
 GPU's approximate exponential and log2 in the Triton kernels; the gradient is rounded once, to the
-logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``. The one-sweep
-D is a difference of two terms that each grow with the offset between the two models' logits (over
-T); the row's offset taken out of the weighted sum (``fused_triton._stats_sweep``) leaves only the
-rounding of the two LSEs, as in the two-sweep path: at offsets of 50-300 nats its error is 0.5-1.6x
-the two-sweep path's (up to 7.5x without it; measured on the CPU). Reverse KL's gradient inherits it
-through H = D + 1.
+logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``. The Triton
+kernels form log-probs as (z - M) / T - log S: z - M is exact near the max, so they keep fp32
+precision however large the logits (formed as z / T - LSE they rounded at the size of the LSE, and
+on logits of a language model's size, maxima near 30, reverse KL's gradient missed the fp32
+tolerance by 3.7-8.3x). The one-sweep D is a difference of two terms that each grow with the offset
+between the two models' logits; sweep 1 subtracts each model's first-block max from its own logits
+before the difference, and ``fused_triton._one_sweep_terms`` adds the offsets back in raw logits:
+at offsets of 50-300 nats its error is 0.6-1.5x the two-sweep path's (measured on the CPU).
 
 Implementations: ``'triton'`` (:mod:`~megatron_renio.losses.fused_triton`: GPU kernels, each program
 walking token rows and looping over vocabulary blocks; also runs on CPU tensors under
@@ -129,10 +132,10 @@ class _FusedTokenTerms(torch.autograd.Function):
         col = torch.where(here if filled is None else here & filled, local, -1)
         if use_triton:
             col = col.to(torch.int32).contiguous()
-            lse_s, lse_t, d_sum, h_sum, s, u, bad = fused_triton.triton_forward(zs, zt, cells, col, plan, tp_group)
+            row_stats, d_sum, h_sum, s, u, bad = fused_triton.triton_forward(zs, zt, cells, col, plan, tp_group)
         else:
             with block_threads(zs.device) as workers:
-                lse_s, lse_t, d_sum, h_sum, s, u, bad = chunked_forward(zs, zt, cells, col, plan, tp_group, workers)
+                row_stats, d_sum, h_sum, s, u, bad = chunked_forward(zs, zt, cells, col, plan, tp_group, workers)
         per_token = torch.stack([d_sum, h_sum, s, u])
         if group_size(tp_group) > 1:
             dist.all_reduce(per_token, group=tp_group)
@@ -140,7 +143,7 @@ class _FusedTokenTerms(torch.autograd.Function):
         ctx.mark_non_differentiable(u, bad)
         if need_grad:
             in_vocab = (tokens >= 0) & (tokens < shard.true_vocab_size)  # else s = 0, a constant
-            ctx.save_for_backward(zs, zt, lse_s, lse_t, h_sum, col, in_vocab)
+            ctx.save_for_backward(zs, zt, row_stats, h_sum, col, in_vocab)
         ctx.cells, ctx.plan, ctx.use_triton = cells, plan, use_triton
         ctx.grad_launch = fused_triton.TRITON_GRAD_LAUNCH  # the launch in effect at the forward, as for its kernels
         return d_sum, s, u, bad
@@ -148,7 +151,7 @@ class _FusedTokenTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_d, grad_s, _grad_u, _grad_bad):
-        zs, zt, lse_s, lse_t, h_sum, col, in_vocab = ctx.saved_tensors
+        zs, zt, row_stats, h_sum, col, in_vocab = ctx.saved_tensors
         cells, plan = ctx.cells, ctx.plan
         grad_s = torch.where(in_vocab, grad_s, 0.0)
         coef_h = grad_d * plan.inv_temp
@@ -156,7 +159,7 @@ class _FusedTokenTerms(torch.autograd.Function):
         coef_x = torch.where(col >= 0, grad_s * plan.inv_temp, 0.0)
         if ctx.use_triton:  # the kernel writes every entry
             grad = torch.empty_like(zs)  # the student's strides (dense: a view of a contiguous tensor)
-            fused_triton.triton_grad(zs, zt, cells, col, plan, (lse_s, lse_t), (coef_h, coef_q, coef_x), grad,
+            fused_triton.triton_grad(zs, zt, cells, col, plan, row_stats, (coef_h, coef_q, coef_x), grad,
                                      ctx.grad_launch)
             return grad, *[None] * 8
         with block_threads(zs.device) as workers:
@@ -165,7 +168,7 @@ class _FusedTokenTerms(torch.autograd.Function):
                 grad[..., plan.n_valid:] = 0
             else:
                 grad = torch.zeros_like(zs)
-            chunked_grad(zs, zt, cells, plan, (lse_s, lse_t), (coef_h, coef_q), grad, workers)
+            chunked_grad(zs, zt, cells, plan, row_stats, (coef_h, coef_q), grad, workers)
             samples, positions = cells.index(0, zs.device)  # coef_x is 0 at empty cells
             grad.index_put_((samples.expand_as(positions), positions, col.clamp(min=0)), coef_x.to(grad.dtype),
                             accumulate=True)

@@ -45,7 +45,7 @@ def _scaled(z_block: torch.Tensor, inv_temp: float, shift: torch.Tensor) -> torc
 
 
 def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
-    """(max of z/T, sum of exp(z/T - max), non-finite per row, the exp block) over the last dim.
+    """(max of z, sum of exp((z - max) / T), non-finite per row, the exp block) over the last dim.
 
     The non-finite test is a row sum of the logits (inf, -inf or NaN anywhere makes it non-finite),
     cheaper on the CPU than an elementwise isfinite.
@@ -54,9 +54,10 @@ def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
     if z_block.shape[-1] == 0:  # a TP rank holding only vocabulary padding
         empty = z_block.new_full(z_block.shape[:-1], float("-inf"), dtype=dtype)
         return empty, torch.zeros_like(empty), torch.zeros(empty.shape, dtype=torch.bool, device=empty.device), None
-    row_max = z_block.amax(-1).to(dtype) * inv_temp  # max(z)/T == max(z/T) for T > 0
+    row_max = z_block.amax(-1).to(dtype)
+    shift = row_max * inv_temp  # max(z)/T == max(z/T) for T > 0
     bad = ~torch.isfinite(z_block.sum(-1))
-    exps = _scaled(z_block, inv_temp, torch.where(torch.isneginf(row_max), 0.0, row_max)).exp_()
+    exps = _scaled(z_block, inv_temp, torch.where(torch.isneginf(shift), 0.0, shift)).exp_()
     return row_max, exps.sum(-1), bad, exps
 
 def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: Plan, exps=None, want_q: bool = False):
@@ -100,8 +101,9 @@ def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: Plan, exps=None, wan
 
 
 def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: int = 1):
-    """Sweeps 1 and 2 with the chunked path on ``workers`` threads (:func:`block_threads`); per cell
-    (lse_s, lse_t, D, H, s, u) of this shard, and the flag.
+    """Sweeps 1 and 2 with the chunked path on ``workers`` threads (:func:`block_threads`): the row
+    statistics that :func:`chunked_grad` reads ([2, b, t]: the global log-sum-exps of z^S / T and
+    z^T / T), per cell (D, H, s, u) of this shard, and the flag.
 
     D and H are 0 at empty cells, whose rows do not count for the flag.
     """
@@ -132,25 +134,27 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: in
             exps.append((e, sum_exp))
             bad_rows[bs, ts] |= row_bad
         if fuse:  # without TP a block's statistics are final: finish it while it is in cache
-            lse[:, bs, ts], _ = combine_stats(stats[:, bs, ts], None, None)
+            maxes, log_sums, _ = combine_stats(stats[:, bs, ts], None, None, plan.inv_temp)
+            lse[:, bs, ts] = maxes * plan.inv_temp + log_sums
             terms(block, bs, ts, exps)
 
     for_each_block(blocks, first_sweep, workers)
     bad = (bad_rows if filled is None else bad_rows & filled).any()
     if not fuse:
-        lse, bad = combine_stats(stats, bad, tp_group)
+        maxes, log_sums, bad = combine_stats(stats, bad, tp_group, plan.inv_temp)
+        lse = maxes * plan.inv_temp + log_sums
         for_each_block(blocks, lambda bs, ts: terms(rows(bs, ts), bs, ts), workers)
     if filled is not None:
         sums.masked_fill_(~filled, 0.0)
     s = _sampled_logprobs(zs, cells, 0, lse[0], col, plan.inv_temp)
     u = _sampled_logprobs(zt, cells, 1, lse[1], col, plan.inv_temp)
-    return lse[0], lse[1], sums[0], sums[1], s, u, bad
+    return lse, sums[0], sums[1], s, u, bad
 
 
-def chunked_grad(zs, zt, cells: Cells, plan: Plan, saved, coef, grad, workers: int = 1):
+def chunked_grad(zs, zt, cells: Cells, plan: Plan, row_stats, coef, grad, workers: int = 1):
     """Sweep 3 into the filled rows of ``grad`` (real columns) on ``workers`` threads: coef_h * h -
-    coef_q * q per block; the one-hot term follows."""
-    lse_s, lse_t = saved
+    coef_q * q per block; the one-hot term follows. ``row_stats``: from :func:`chunked_forward`."""
+    lse_s, lse_t = row_stats
     coef_h, coef_q = coef
     nv = plan.n_valid
     # with positions a store also adds zeros to row 0 of each sample (Cells.store), which another

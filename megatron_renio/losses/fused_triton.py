@@ -87,9 +87,11 @@ TRITON_GRAD_LAUNCH = TritonLaunch()
 
 
 if triton is not None:
-    # Arithmetic in base 2 (ex2 and lg2 are the GPU's native exponentials): A_v = z_v log2(e) / T and
-    # log2 q_v = A_v - LSE2_S. Elements d are formed in bits (d / ln 2, clamped at k / ln 2) and their
-    # sum converted once; h, H and every stored statistic are in natural units. N_VALID (real columns
+    # Arithmetic in base 2 (ex2 and lg2 are the GPU's native exponentials): with M_S the row's max of
+    # the raw logits and L_S the log of its sum-exp relative to M_S (combine_stats),
+    # log2 q_v = (z_v - M_S) log2(e) / T - L_S log2(e). Elements d are formed in bits (d / ln 2, clamped
+    # at k / ln 2) and their sum converted once; h, H, L and the sums are in natural units, maxima
+    # and c in raw logits. N_VALID (real columns
     # of the shard) is a compile-time constant, one compilation per shard width: each sweep runs its
     # full blocks unmasked and masks only the tail, and
     # for-loops get the constant trip counts that triton 3.6's interpreter needs with numpy >= 2.4
@@ -137,21 +139,22 @@ if triton is not None:
     @triton.jit
     def _online_sum_exp(z, scale, run_max, acc, diff, acc_w, WEIGHTED: tl.constexpr):
         """One tile [R, G] of the online sum-exp: a running max of the raw logits z per group of G
-        entries (shape [R]), and per-entry sums of e_v = 2^((z_v - max) scale) = e^((z_v - max) / T);
+        entries (shape [R]), and per-entry sums of e_v = 2^((z_v - max) scale) = e^((z_v - max) / T)
+        (z_v - max is exact near the max, however large the logits);
         WEIGHTED: also per-entry sums of e_v diff_v in acc_w (else acc_w is returned as it came)."""
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp2((run_max - shift) * scale)[:, None]
-        e = tl.exp2(z * scale - (shift * scale)[:, None])
+        e = tl.exp2((z - shift[:, None]) * scale)
         if WEIGHTED:
             acc_w = acc_w * rescale + e * diff
         return new_max, acc * rescale + e, acc_w
 
     @triton.jit
-    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, acc_w, offset, N_VALID: tl.constexpr,
+    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, acc_w, first_s, first_t, N_VALID: tl.constexpr,
                      MASKED: tl.constexpr, WEIGHT: tl.constexpr):
         acc_z += zs + zt
-        diff = zt - zs - offset  # beyond the real columns its weight is e^-inf = 0
+        diff = (zt - first_t) - (zs - first_s)  # beyond the real columns its weight is e^-inf = 0
         if MASKED:
             zs = tl.where(cols < N_VALID, zs, float("-inf"))
             zt = tl.where(cols < N_VALID, zt, float("-inf"))
@@ -161,27 +164,29 @@ if triton is not None:
 
     @triton.jit
     def _finish_sum_exp(run_max, acc, acc_w, scale):
-        """(max in natural units, sum-exp relative to it, the same sum of acc_w) of a row from
+        """(max of the raw logits, sum-exp relative to it, the same sum of acc_w) of a row from
         :func:`_online_sum_exp`'s state."""
         row_max = tl.max(run_max, axis=0)
         shift = tl.where(row_max == float("-inf"), 0.0, row_max)
         rescale = tl.exp2((run_max - shift) * scale)
         total = tl.sum(tl.sum(acc, axis=1) * rescale, axis=0)
-        return row_max * scale * _LN2, total, tl.sum(tl.sum(acc_w, axis=1) * rescale, axis=0)
+        return row_max, total, tl.sum(tl.sum(acc_w, axis=1) * rescale, axis=0)
 
     @triton.jit
     def _stats_sweep(zs_base, zt_base, scale, N_VALID: tl.constexpr, BLOCK_V: tl.constexpr,
                      PREFETCH: tl.constexpr, GROUP: tl.constexpr, WEIGHT: tl.constexpr):
-        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, W, c, non-finite 0/1), natural units, real columns.
+        """Sweep 1 of a row: (max_s, sumexp_s, max_t, sumexp_t, W, c_s, c_t, non-finite 0/1) over the real
+        columns: each max of the raw logits, each sum-exp of (z - max) / T.
 
         Blocks are tiles [BLOCK_V / GROUP, GROUP] of consecutive entries, each tile row with its own
         running max (TritonLaunch.max_group). Non-finite: the plain sum of both rows' logits is not
         finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too). W, the weighted
-        sum of a one-sweep forward (``Plan.one_sweep``), in raw logits, with c the offset of the two rows
-        (``offset``: max z^T - max z^S over the first block): WEIGHT 1 (forward KL)
-        sum_v e^(b_v - max_t) (z^T_v - z^S_v - c), WEIGHT 2 (reverse KL) sum_v e^(a_v - max_s) (z^S_v - z^T_v + c),
-        WEIGHT 0: W = 0. Taking c out keeps the summands at the size of the logits' spread, not of an
-        offset between the models (which the lse's carry, and ``_one_sweep_terms`` cancels exactly).
+        sum of a one-sweep forward (``Plan.one_sweep``), in raw logits, with c_s and c_t each row's max
+        over the first block (0 without a full block) and diff_v = (z^T_v - c_t) - (z^S_v - c_s):
+        WEIGHT 1 (forward KL) sum_v e^(b_v - max_t) diff_v, WEIGHT 2 (reverse KL) sum_v e^(a_v - max_s) (-diff_v),
+        WEIGHT 0: W = 0 (c_s = c_t = 0). Each logit less its row's c is exact near c and the summands
+        stay at the size of the logits' spread, not of an offset between the models (which
+        ``_one_sweep_terms`` adds back exactly).
         """
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         R: tl.constexpr = BLOCK_V // GROUP
@@ -193,9 +198,11 @@ if triton is not None:
         acc_z = tl.zeros([R, GROUP], tl.float32)
         acc_w = tl.zeros([R, GROUP], tl.float32)
         zs, zt = _load_pair(zs_base, zt_base, tile, N_FULL, True)  # the first full block
-        offset = 0.0
-        if WEIGHT != 0:
-            offset = tl.max(tl.max(zt, axis=1), axis=0) - tl.max(tl.max(zs, axis=1), axis=0)  # 0 without a full block
+        first_s = 0.0
+        first_t = 0.0
+        if WEIGHT != 0:  # 0 without a full block
+            first_s = tl.max(tl.max(zs, axis=1), axis=0)
+            first_t = tl.max(tl.max(zt, axis=1), axis=0)
         for v0 in range(0, N_FULL, BLOCK_V):
             cols = v0 + tile
             if PREFETCH:
@@ -204,19 +211,19 @@ if triton is not None:
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
             max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
-                                                                    acc_z, acc_w, offset, N_VALID, False, WEIGHT)
+                                                                    acc_z, acc_w, first_s, first_t, N_VALID, False, WEIGHT)
             if PREFETCH:
                 zs, zt = next_zs, next_zt
         for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
             cols = v0 + tile
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
             max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
-                                                                    acc_z, acc_w, offset, N_VALID, True, WEIGHT)
+                                                                    acc_z, acc_w, first_s, first_t, N_VALID, True, WEIGHT)
         total = tl.sum(tl.sum(acc_z, axis=1), axis=0)
         bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
         max_s, sum_s, w_s = _finish_sum_exp(max_s, acc_s, acc_w, scale)
         max_t, sum_t, w_t = _finish_sum_exp(max_t, acc_t, acc_w, scale)
-        return max_s, sum_s, max_t, sum_t, w_s if WEIGHT == 2 else w_t, offset, bad
+        return max_s, sum_s, max_t, sum_t, w_s if WEIGHT == 2 else w_t, first_s, first_t, bad
 
     @triton.jit
     def _element_terms(ls2, lp2, beta, clip2, KIND: tl.constexpr, HAS_CLIP: tl.constexpr):
@@ -243,28 +250,34 @@ if triton is not None:
         return d, h, q
 
     @triton.jit
-    def _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h,
+    def _log2_probs(zs, zt, scale, max_s, log_sum2_s, max_t, log_sum2_t):
+        """(log2 q, log2 p) = (z - max) log2(e) / T - log2 of the sum-exp, per model (``combine_stats``)."""
+        return (zs - max_s) * scale - log_sum2_s, (zt - max_t) * scale - log_sum2_t
+
+    @triton.jit
+    def _terms_block(zs, zt, cols, scale, max_s, log_sum2_s, max_t, log_sum2_t, beta, clip2, acc_d, acc_h,
                      N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, MASKED: tl.constexpr):
-        d, h, _ = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
+        ls2, lp2 = _log2_probs(zs, zt, scale, max_s, log_sum2_s, max_t, log_sum2_t)
+        d, h, _ = _element_terms(ls2, lp2, beta, clip2, KIND, HAS_CLIP)
         if MASKED:
             d = tl.where(cols < N_VALID, d, 0.0)
             h = tl.where(cols < N_VALID, h, 0.0)
         return acc_d + d, acc_h + h
 
     @triton.jit
-    def _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID: tl.constexpr,
+    def _terms_sweep(zs_base, zt_base, scale, max_s, log_sum_s, max_t, log_sum_t, beta, clip2, N_VALID: tl.constexpr,
                      KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
         """Sweep 2 of a row, tail first, then the full blocks in reverse order: (sum of clamped d_v, sum of h_v)."""
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
-        lse2_s = lse_s * _LOG2E
-        lse2_t = lse_t * _LOG2E
+        log_sum2_s = log_sum_s * _LOG2E
+        log_sum2_t = log_sum_t * _LOG2E
         acc_d = tl.zeros([BLOCK_V], tl.float32)
         acc_h = tl.zeros([BLOCK_V], tl.float32)
         for v0 in range(N_FULL, N_VALID, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
-            acc_d, acc_h = _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h, N_VALID,
-                                        KIND, HAS_CLIP, True)
+            acc_d, acc_h = _terms_block(zs, zt, cols, scale, max_s, log_sum2_s, max_t, log_sum2_t, beta, clip2,
+                                        acc_d, acc_h, N_VALID, KIND, HAS_CLIP, True)
         last = tl.maximum(N_FULL - BLOCK_V, 0) + tl.arange(0, BLOCK_V)
         zs, zt = _load_pair(zs_base, zt_base, last, N_FULL, True)  # the last full block
         for i in range(0, N_FULL // BLOCK_V):
@@ -275,46 +288,52 @@ if triton is not None:
                 next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
-            acc_d, acc_h = _terms_block(zs, zt, cols, scale, lse2_s, lse2_t, beta, clip2, acc_d, acc_h, N_VALID,
-                                        KIND, HAS_CLIP, False)
+            acc_d, acc_h = _terms_block(zs, zt, cols, scale, max_s, log_sum2_s, max_t, log_sum2_t, beta, clip2,
+                                        acc_d, acc_h, N_VALID, KIND, HAS_CLIP, False)
             if PREFETCH:
                 zs, zt = next_zs, next_zt
         return tl.sum(acc_d, axis=0) * _LN2, tl.sum(acc_h, axis=0)
 
     @triton.jit
-    def _lookup(base, col, scale, lse):
-        """Natural log-prob z[col]/T - lse of a row's sampled token; 0 when it is not here (col = -1)."""
+    def _sampled_logit(base, col):
+        """The raw logit z[col] of a row's sampled token; 0 when it is not here (col = -1)."""
         hit = col >= 0
-        z = tl.load(base + tl.where(hit, col, 0)).to(tl.float32)
-        return tl.where(hit, z * scale * _LN2 - lse, 0.0)
+        return tl.where(hit, tl.load(base + tl.where(hit, col, 0)).to(tl.float32), 0.0)
 
     @triton.jit
-    def _terms_row(zs_base, zt_base, col, terms_ptr, row, n_rows, scale, lse_s, lse_t, beta, clip2,
-                   N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
+    def _lookup(base, col, scale, row_max, log_sum):
+        """Natural log-prob (z[col] - max) / T - log_sum of a row's sampled token; 0 when it is not here (col = -1)."""
+        return tl.where(col >= 0, (_sampled_logit(base, col) - row_max) * (scale * _LN2) - log_sum, 0.0)
+
+    @triton.jit
+    def _terms_row(zs_base, zt_base, col, terms_ptr, row, n_rows, scale, max_s, log_sum_s, max_t, log_sum_t, beta,
+                   clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr,
                    PREFETCH: tl.constexpr):
         """Sweep 2 of a row and its sampled-token lookups, stored as [D, H, s, u] (stride n_rows) at terms_ptr."""
-        d, h = _terms_sweep(zs_base, zt_base, scale, lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V,
-                            PREFETCH)
+        d, h = _terms_sweep(zs_base, zt_base, scale, max_s, log_sum_s, max_t, log_sum_t, beta, clip2, N_VALID, KIND,
+                            HAS_CLIP, BLOCK_V, PREFETCH)
         tl.store(terms_ptr + row, d)
         tl.store(terms_ptr + n_rows + row, h)
-        tl.store(terms_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, lse_s))
-        tl.store(terms_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, lse_t))
+        tl.store(terms_ptr + 2 * n_rows + row, _lookup(zs_base, col, scale, max_s, log_sum_s))
+        tl.store(terms_ptr + 3 * n_rows + row, _lookup(zt_base, col, scale, max_t, log_sum_t))
 
     @triton.jit
     def _forward_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, out_ptr, n_rows,
                         n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
                         BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr, GROUP: tl.constexpr,
                         STATS_ONLY: tl.constexpr, WEIGHT: tl.constexpr):
-        """Per filled cell, without TP sweeps 1 and 2: out = [lse_s, lse_t, D, H, s, u, non-finite]; under TP
-        (STATS_ONLY) sweep 1 of this shard: out = [max_s, sumexp_s, max_t, sumexp_t, non-finite]; a one-sweep
-        forward (STATS_ONLY, WEIGHT 1 or 2, with or without TP) adds [W, z^S_x / T, z^T_x / T, c] (the sampled
-        token's logits where it is in this shard, else 0; W and c of ``_stats_sweep``). Zeros, left as they are at empty cells."""
+        """Per filled cell, without TP sweeps 1 and 2: out = [max_s, log_sum_s, max_t, log_sum_t, D, H, s, u,
+        non-finite] (``combine_stats``'s row statistics, then the terms); under TP (STATS_ONLY) sweep 1 of this
+        shard: out = [max_s, sumexp_s, max_t, sumexp_t, non-finite]; a one-sweep forward (STATS_ONLY, WEIGHT 1
+        or 2, with or without TP) adds [W, z^S_x, z^T_x, c_s, c_t] (the sampled token's raw logits where it is in
+        this shard, else 0; W, c_s and c_t of ``_stats_sweep``). Zeros, left as they are at empty cells."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
                                                   row, n_t)
             if filled:
-                max_s, sum_s, max_t, sum_t, w, offset, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID, BLOCK_V,
+                max_s, sum_s, max_t, sum_t, w, first_s, first_t, bad = _stats_sweep(zs_base, zt_base, scale, N_VALID,
+                                                                                     BLOCK_V,
                                                                           PREFETCH, GROUP, WEIGHT)
                 if STATS_ONLY:
                     tl.store(out_ptr + row, max_s)
@@ -325,41 +344,46 @@ if triton is not None:
                     if WEIGHT != 0:
                         col = tl.load(col_ptr + row)
                         tl.store(out_ptr + 5 * n_rows + row, w)
-                        tl.store(out_ptr + 6 * n_rows + row, _lookup(zs_base, col, scale, 0.0))
-                        tl.store(out_ptr + 7 * n_rows + row, _lookup(zt_base, col, scale, 0.0))
-                        tl.store(out_ptr + 8 * n_rows + row, offset)
+                        tl.store(out_ptr + 6 * n_rows + row, _sampled_logit(zs_base, col))
+                        tl.store(out_ptr + 7 * n_rows + row, _sampled_logit(zt_base, col))
+                        tl.store(out_ptr + 8 * n_rows + row, first_s)
+                        tl.store(out_ptr + 9 * n_rows + row, first_t)
                 else:
-                    lse_s = max_s + tl.log(sum_s)
-                    lse_t = max_t + tl.log(sum_t)
-                    tl.store(out_ptr + row, lse_s)
-                    tl.store(out_ptr + n_rows + row, lse_t)
-                    _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr + 2 * n_rows, row, n_rows, scale,
-                               lse_s, lse_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
-                    tl.store(out_ptr + 6 * n_rows + row, bad)
+                    log_sum_s = tl.log(sum_s)
+                    log_sum_t = tl.log(sum_t)
+                    tl.store(out_ptr + row, max_s)
+                    tl.store(out_ptr + n_rows + row, log_sum_s)
+                    tl.store(out_ptr + 2 * n_rows + row, max_t)
+                    tl.store(out_ptr + 3 * n_rows + row, log_sum_t)
+                    _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr + 4 * n_rows, row, n_rows, scale,
+                               max_s, log_sum_s, max_t, log_sum_t, beta, clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V,
+                               PREFETCH)
+                    tl.store(out_ptr + 8 * n_rows + row, bad)
             row += GRID
 
     @triton.jit
-    def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, lse_ptr, out_ptr,
+    def _terms_kernel(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr, col_ptr, stats_ptr, out_ptr,
                       n_rows, n_t, scale, beta, clip2, N_VALID: tl.constexpr, KIND: tl.constexpr,
                       HAS_CLIP: tl.constexpr, BLOCK_V: tl.constexpr, GRID: tl.constexpr, PREFETCH: tl.constexpr):
-        """Under TP, sweep 2 per filled cell from the global lse = [lse_s, lse_t]; out = [D, H, s, u] (this
-        shard; zeros, left as they are at empty cells)."""
+        """Under TP, sweep 2 per filled cell from the global row statistics [max_s, log_sum_s, max_t,
+        log_sum_t]; out = [D, H, s, u] (this shard; zeros, left as they are at empty cells)."""
         row = tl.program_id(0)
         while row < n_rows:
             zs_base, zt_base, filled = _cell_rows(zs_ptr, zs_sb, zs_st, zt_ptr, zt_sb, zt_st, spos_ptr, tpos_ptr,
                                                   row, n_t)
             if filled:
-                lse_s = tl.load(lse_ptr + row)
-                lse_t = tl.load(lse_ptr + n_rows + row)
-                _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr, row, n_rows, scale, lse_s, lse_t, beta,
-                           clip2, N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
+                _terms_row(zs_base, zt_base, tl.load(col_ptr + row), out_ptr, row, n_rows, scale,
+                           tl.load(stats_ptr + row), tl.load(stats_ptr + n_rows + row),
+                           tl.load(stats_ptr + 2 * n_rows + row), tl.load(stats_ptr + 3 * n_rows + row), beta, clip2,
+                           N_VALID, KIND, HAS_CLIP, BLOCK_V, PREFETCH)
             row += GRID
 
     @triton.jit
-    def _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q,
+    def _grad_block(zs, zt, g_base, cols, scale, max_s, log_sum2_s, max_t, log_sum2_t, beta, clip2, coef_h, coef_q,
                     N_VALID: tl.constexpr, N_LOCAL: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
                     MASKED: tl.constexpr):
-        _, h, q = _element_terms(zs * scale - lse2_s, zt * scale - lse2_t, beta, clip2, KIND, HAS_CLIP)
+        ls2, lp2 = _log2_probs(zs, zt, scale, max_s, log_sum2_s, max_t, log_sum2_t)
+        _, h, q = _element_terms(ls2, lp2, beta, clip2, KIND, HAS_CLIP)
         g = coef_h * h - coef_q * q
         if MASKED:
             g = tl.where(cols < N_VALID, g, 0.0)
@@ -371,17 +395,20 @@ if triton is not None:
     def _grad_row(zs_base, zt_base, g_base, cell, col_ptr, coef_ptr, n_cells, scale, beta, clip2,
                   N_VALID: tl.constexpr, N_LOCAL: tl.constexpr, KIND: tl.constexpr, HAS_CLIP: tl.constexpr,
                   BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr):
-        """Sweep 3 of one cell from coef = [lse_s, lse_t, coef_h, coef_q, coef_x] (stride n_cells):
+        """Sweep 3 of one cell from coef = [max_s, log_sum_s, max_t, log_sum_t, coef_h, coef_q, coef_x]
+        (stride n_cells; the row statistics of ``combine_stats``):
         g_j = coef_h h_j - coef_q q_j + [j == col] coef_x on the real columns, 0 on the padding.
 
         The sampled token's entry is formed again on its own and stored after a barrier (ordering it
         after the block stores), so the blocks carry no per-entry comparison with ``col``.
         """
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
-        lse2_s = tl.load(coef_ptr + cell) * _LOG2E
-        lse2_t = tl.load(coef_ptr + n_cells + cell) * _LOG2E
-        coef_h = tl.load(coef_ptr + 2 * n_cells + cell)
-        coef_q = tl.load(coef_ptr + 3 * n_cells + cell)
+        max_s = tl.load(coef_ptr + cell)
+        log_sum2_s = tl.load(coef_ptr + n_cells + cell) * _LOG2E
+        max_t = tl.load(coef_ptr + 2 * n_cells + cell)
+        log_sum2_t = tl.load(coef_ptr + 3 * n_cells + cell) * _LOG2E
+        coef_h = tl.load(coef_ptr + 4 * n_cells + cell)
+        coef_q = tl.load(coef_ptr + 5 * n_cells + cell)
         zs, zt = _load_pair(zs_base, zt_base, tl.arange(0, BLOCK_V), N_FULL, True)  # the first full block
         for v0 in range(0, N_FULL, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -390,22 +417,22 @@ if triton is not None:
                 next_zs, next_zt = _load_pair(zs_base, zt_base, next_cols, N_VALID, False)
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
-            _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
-                        N_LOCAL, KIND, HAS_CLIP, False)
+            _grad_block(zs, zt, g_base, cols, scale, max_s, log_sum2_s, max_t, log_sum2_t, beta, clip2, coef_h,
+                        coef_q, N_VALID, N_LOCAL, KIND, HAS_CLIP, False)
             if PREFETCH:
                 zs, zt = next_zs, next_zt
         for v0 in range(N_FULL, N_LOCAL, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
-            _grad_block(zs, zt, g_base, cols, scale, lse2_s, lse2_t, beta, clip2, coef_h, coef_q, N_VALID,
-                        N_LOCAL, KIND, HAS_CLIP, True)
+            _grad_block(zs, zt, g_base, cols, scale, max_s, log_sum2_s, max_t, log_sum2_t, beta, clip2, coef_h,
+                        coef_q, N_VALID, N_LOCAL, KIND, HAS_CLIP, True)
         col = tl.load(col_ptr + cell)
         hit = col >= 0
         col = tl.where(hit, col, 0)
-        _, h, q = _element_terms(tl.load(zs_base + col).to(tl.float32) * scale - lse2_s,
-                                 tl.load(zt_base + col).to(tl.float32) * scale - lse2_t, beta, clip2, KIND,
-                                 HAS_CLIP)
-        g = coef_h * h - coef_q * q + tl.load(coef_ptr + 4 * n_cells + cell)
+        ls2, lp2 = _log2_probs(tl.load(zs_base + col).to(tl.float32), tl.load(zt_base + col).to(tl.float32), scale,
+                               max_s, log_sum2_s, max_t, log_sum2_t)
+        _, h, q = _element_terms(ls2, lp2, beta, clip2, KIND, HAS_CLIP)
+        g = coef_h * h - coef_q * q + tl.load(coef_ptr + 6 * n_cells + cell)
         tl.debug_barrier()
         tl.store(g_base + col, g.to(g_base.dtype.element_ty), mask=hit)
 
@@ -457,10 +484,11 @@ def _strides(z):
 
 
 def triton_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
-    """Sweeps 1 and 2 with the Triton kernels (sweep 1 alone for ``Plan.one_sweep``); per cell (lse_s, lse_t,
-    D, H, s, u) of this shard, and the flag.
+    """Sweeps 1 and 2 with the Triton kernels (sweep 1 alone for ``Plan.one_sweep``): the row statistics
+    that :func:`triton_grad` reads ([4, b, t]: max_s, log_sum_s, max_t, log_sum_t of ``combine_stats``),
+    per cell (D, H, s, u) of this shard, and the flag.
 
-    D, H, s and u are 0 at empty cells; the lse there is without meaning (0 or -inf: nothing reads it).
+    D, H, s and u are 0 at empty cells; the row statistics there are without meaning (nothing reads them).
     """
     n_b, n_t = cells.shape
     rows = n_b * n_t
@@ -469,54 +497,57 @@ def triton_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group):
     scale, beta, clip2 = _kernel_scalars(plan)
     addressing = (*_strides(zs), *_strides(zt), *cells.kernel_positions(zs.device))
     launch = dict(N_VALID=plan.n_valid, GROUP=group, WEIGHT=1 + plan.kind if plan.one_sweep else 0, **opts)
-    if plan.one_sweep:
-        stats = zs.new_zeros((9, n_b, n_t), dtype=torch.float32)
-        _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, STATS_ONLY=True, **launch)
-        lse, bad = combine_stats(stats[:4], stats[4].any(), tp_group)
-        return (lse[0], lse[1], *_one_sweep_terms(stats, lse, col, cells, plan), bad)
-    if group_size(tp_group) == 1:
-        out = zs.new_zeros((7, n_b, n_t), dtype=torch.float32)
+    if not plan.one_sweep and group_size(tp_group) == 1:
+        out = zs.new_zeros((9, n_b, n_t), dtype=torch.float32)
         _forward_kernel[grid](*addressing, col, out, rows, n_t, scale, beta, clip2, STATS_ONLY=False, **launch)
-        return (*out[:6], out[6].any())
-    stats = zs.new_zeros((5, n_b, n_t), dtype=torch.float32)
+        return (out[:4], *out[4:8], out[8].any())
+    stats = zs.new_zeros((10 if plan.one_sweep else 5, n_b, n_t), dtype=torch.float32)
     _forward_kernel[grid](*addressing, col, stats, rows, n_t, scale, beta, clip2, STATS_ONLY=True, **launch)
-    lse, bad = combine_stats(stats[:4], stats[4].any(), tp_group)
+    maxes, log_sums, bad = combine_stats(stats[:4], stats[4].any(), tp_group, plan.inv_temp)
+    row_stats = torch.stack([maxes[0], log_sums[0], maxes[1], log_sums[1]])
+    if plan.one_sweep:
+        return (row_stats, *_one_sweep_terms(stats, maxes, log_sums, col, cells, plan), bad)
     out = zs.new_zeros((4, n_b, n_t), dtype=torch.float32)
-    _terms_kernel[grid](*addressing, col, lse.contiguous(), out, rows, n_t, scale, beta, clip2,
-                        N_VALID=plan.n_valid, **opts)
-    return (lse[0], lse[1], *out, bad)
+    _terms_kernel[grid](*addressing, col, row_stats, out, rows, n_t, scale, beta, clip2, N_VALID=plan.n_valid, **opts)
+    return (row_stats, *out, bad)
 
 
-def _one_sweep_terms(stats, lse, col, cells: Cells, plan: Plan):
-    """This shard's (D, H, s, u) per cell from sweep 1 alone (``Plan.one_sweep``) and the global lse [2, ...].
+def _one_sweep_terms(stats, maxes, log_sums, col, cells: Cells, plan: Plan):
+    """This shard's (D, H, s, u) per cell from sweep 1 alone (``Plan.one_sweep``) and the global row
+    statistics (max M and log_sum L [2, ...] of ``combine_stats``: LSE = M / T + L).
 
     With w the weighting model (the teacher for forward KL, the student for reverse KL), o the other,
-    m_r and S_r the shard's max and sum-exp of w's logits / T, W_r its weighted sum of z^w - z^o - c_w
-    with c_w = c (forward KL) or -c (reverse KL), c the shard's row offset (``_stats_sweep``), the
-    shard's share of w's probability mass is P_r = S_r exp(m_r - LSE_w) and
+    m_r and S_r the shard's max of w's raw logits and the sum-exp of (z^w - m_r) / T, c_w and c_o the
+    shard's first-block maxima of each model's logits and W_r the weighted sum of
+    (z^w - c_w) - (z^o - c_o) (``_stats_sweep``), the shard's share of w's probability mass is
+    P_r = S_r e_r with e_r = exp((m_r - M_w) / T - L_w), and, since LSE_w - LSE_o = (M_w - M_o) / T + L_w - L_o,
 
-        D_r = exp(m_r - LSE_w) W_r / T + P_r (c_w / T - (LSE_w - LSE_o))   (sum over the shard of w_v (log w_v - log o_v))
+        D_r = e_r W_r / T + P_r (((c_w - M_w) - (c_o - M_o)) / T - (L_w - L_o))   (sum over the shard of w_v (log w_v - log o_v))
         H_r = -P_r (forward KL: h_v = -p_v),   D_r + P_r (reverse KL: h_v = d_v + q_v).
 
-    s and u: the sampled token's logit / T minus the global lse where it is in this shard, else 0.
-    Empty cells get zeros.
+    Raw logits are subtracted from logits of their own row before any division by T, so no term is the
+    size of an LSE or of an offset between the models.
+    s and u: (z_x - M) / T - L of the sampled token where it is in this shard, else 0. Empty cells get zeros.
     """
-    w, o, sign = (1, 0, 1.0) if plan.kind == FORWARD_KL else (0, 1, -1.0)
-    share = torch.exp(stats[2 * w] - lse[w])  # 0 on a shard with no real column (m_r = -inf)
+    w, o = (1, 0) if plan.kind == FORWARD_KL else (0, 1)
+    share = torch.exp((stats[2 * w] - maxes[w]) * plan.inv_temp - log_sums[w])  # 0 on a shard with no real column
     mass = stats[2 * w + 1] * share
-    d_sum = share * stats[5] * plan.inv_temp + mass * (sign * plan.inv_temp * stats[8] - (lse[w] - lse[o]))
+    offset = ((stats[8 + w] - maxes[w]) - (stats[8 + o] - maxes[o])) * plan.inv_temp - (log_sums[w] - log_sums[o])
+    d_sum = share * stats[5] * plan.inv_temp + mass * offset
     h_sum = -mass if plan.kind == FORWARD_KL else d_sum + mass
     here = col >= 0  # false at empty cells too
-    logprobs = [torch.where(here, stats[6 + model] - lse[model], 0.0) for model in (0, 1)]
+    logprobs = [torch.where(here, (stats[6 + model] - maxes[model]) * plan.inv_temp - log_sums[model], 0.0)
+                for model in (0, 1)]
     terms = torch.stack([d_sum, h_sum, *logprobs])
     filled = cells.filled()
     return (terms if filled is None else terms.masked_fill_(~filled, 0.0)).unbind(0)
 
 
-def triton_grad(zs, zt, cells: Cells, col, plan: Plan, saved, coef, grad, launch: TritonLaunch):
-    """Sweep 3 into every row and column of ``grad`` with the Triton kernel; coef = (coef_h, coef_q, coef_x)."""
+def triton_grad(zs, zt, cells: Cells, col, plan: Plan, row_stats, coef, grad, launch: TritonLaunch):
+    """Sweep 3 into every row and column of ``grad`` with the Triton kernel; ``row_stats`` from
+    :func:`triton_forward`, coef = (coef_h, coef_q, coef_x)."""
     n_b, n_s, n_local = zs.shape
-    packed = torch.stack([*saved, *coef]).to(torch.float32).contiguous()
+    packed = torch.stack([*row_stats, *coef]).to(torch.float32).contiguous()
     grid, opts = _triton_launch(plan, n_b * n_s, zs.device, n_local, launch)
     _grad_kernel[grid](*_strides(zs), *_strides(zt), *_strides(grad), cells.cell_of_row(n_s, zs.device),
                        cells.kernel_positions(zs.device)[1], col, packed, n_b * n_s, n_s, col.numel(),

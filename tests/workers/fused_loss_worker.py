@@ -179,6 +179,34 @@ def offset_errors(kind: str, offset: float, temperature: float) -> dict:
     return errors
 
 
+# (kind, token_clip, temperature) on logits of standard deviation 8 (maxima near 30, as a language
+# model's): the Triton path's log-probs must not lose precision with the size of the logits.
+LARGE_LOGIT_CASES = [("reverse_kl", None, 0.7), ("forward_kl", None, 1.0), ("forward_kl", 0.05, 0.7),
+                     ("jsd", 0.05, 1.0)]
+
+
+def large_logit_errors(kind: str, clip, temperature: float) -> dict:
+    """{forward: {output: largest |error| / (1e-5 + 1e-5 |exact|)}} of the Triton path against ``token_terms``
+    in float64 on logits of standard deviation 8, for each forward it has for ``kind`` ('one' and 'two'
+    sweeps for a KL without a clamp, else 'two'), at the module's default launch."""
+    student, teacher, tokens, grad_d, grad_s = make_logits(2, 4, 3000, seed=32)
+    student, teacher = student * 8.0, teacher * 8.0
+    cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=clip)
+    args = (tokens, cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
+    exact = run_path(token_terms, student.double(), teacher.double(), *args)
+    one_sweep, errors = fused_plan.Plan.one_sweep, {}
+    forwards = ("one", "two") if clip is None and kind != "jsd" else ("two",)
+    try:
+        for name in forwards:
+            fused_plan.Plan.one_sweep = one_sweep if name == "one" else property(lambda plan: False)
+            got = run_path(fused_token_terms, student, teacher, *args, impl="triton")
+            errors[name] = {key: float(((got[key].double() - exact[key]).abs() / (1e-5 + 1e-5 * exact[key].abs())).max())
+                            for key in OUTPUTS if key != "nonfinite"}
+    finally:
+        fused_plan.Plan.one_sweep = one_sweep
+    return errors
+
+
 def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bool:
     """The Triton path's non-finite flag with ``value`` at one entry of a [1, 3, 400] shard (390 real columns)."""
     student, teacher, tokens, _, _ = make_logits(1, 3, 400, seed=7)
@@ -216,6 +244,8 @@ def main(out_dir: str) -> None:
     if result["triton_checked"]:
         if dist.get_rank(group) == 0:  # at the default launch, set below for the other checks
             result["triton_offset"] = {case: offset_errors(*case) for case in OFFSET_CASES}
+        else:
+            result["triton_large_logits"] = {case: large_logit_errors(*case) for case in LARGE_LOGIT_CASES}
         # Blocks of 64: full blocks, a tail and padding in every shard; one program per row at TP=2
         # with a running max per 8 entries, and at TP=1 a persistent grid of 3 programs (the
         # interpreter counts one SM) walking the 10 rows, prefetching the next block.
