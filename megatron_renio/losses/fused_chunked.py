@@ -182,10 +182,11 @@ def block_threads(device: torch.device):
     thread that calls it. A block op is small (tens of microseconds): splitting it over intra-op
     threads adds a synchronisation per op, and on an oversubscribed machine a preempted thread stalls
     every op. Handing whole blocks to threads (:func:`for_each_block`) has no per-op synchronisation.
-    Measured on 2 shared cores at 2048 x 32000 fp32, forward + backward, forward KL: one thread per
-    op 0.9-1.2 s, two threads per op 1.0-17 s (the high end whenever other processes were running),
-    two threads of whole blocks 0.6-1.0 s. Under torchrun with several ranks per node the intra-op
-    count is 1 (OMP_NUM_THREADS=1) unless the user sets it, so each rank runs one thread.
+    Measured on 2 shared cores at 2048 x 32000 fp32, forward + backward, forward KL: one thread
+    1.0-1.6 s and two threads of whole blocks 0.6-1.0 s (2026-11-28); two threads per op 1.0-17 s on
+    an earlier day (the high end whenever other processes were running). Under torchrun with several
+    ranks per node the intra-op count is 1 (OMP_NUM_THREADS=1) unless the user sets it, so each rank
+    runs one thread.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:

@@ -151,8 +151,8 @@ if triton is not None:
         return new_max, acc * rescale + e, acc_w
 
     @triton.jit
-    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, acc_w, first_s, first_t, N_VALID: tl.constexpr,
-                     MASKED: tl.constexpr, WEIGHT: tl.constexpr):
+    def _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t, acc_z, acc_w, first_s, first_t,
+                     N_VALID: tl.constexpr, MASKED: tl.constexpr, WEIGHT: tl.constexpr):
         acc_z += zs + zt
         diff = (zt - first_t) - (zs - first_s)  # beyond the real columns its weight is e^-inf = 0
         if MASKED:
@@ -211,14 +211,16 @@ if triton is not None:
             else:
                 zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, False)
             max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
-                                                                    acc_z, acc_w, first_s, first_t, N_VALID, False, WEIGHT)
+                                                                    acc_z, acc_w, first_s, first_t, N_VALID, False,
+                                                                    WEIGHT)
             if PREFETCH:
                 zs, zt = next_zs, next_zt
         for v0 in range(N_FULL, N_VALID, BLOCK_V):  # the tail, at most one block
             cols = v0 + tile
             zs, zt = _load_pair(zs_base, zt_base, cols, N_VALID, True)
             max_s, acc_s, max_t, acc_t, acc_z, acc_w = _stats_block(zs, zt, cols, scale, max_s, acc_s, max_t, acc_t,
-                                                                    acc_z, acc_w, first_s, first_t, N_VALID, True, WEIGHT)
+                                                                    acc_z, acc_w, first_s, first_t, N_VALID, True,
+                                                                    WEIGHT)
         total = tl.sum(tl.sum(acc_z, axis=1), axis=0)
         bad = tl.where(tl.abs(total) < float("inf"), 0.0, 1.0)  # False for inf and NaN
         max_s, sum_s, w_s = _finish_sum_exp(max_s, acc_s, acc_w, scale)
