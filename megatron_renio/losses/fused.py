@@ -48,7 +48,8 @@ Sweeps over one rank's shard [b, t, V_local], each reading both logits shards on
 2. terms (forward): per token the local sums of clamp(d_v) and of h_v, and the local lookups of the
    sampled token's log-probs, all four summed over TP in one O(b*t) all-reduce.
 3. gradient (backward): h_j and q_j recomputed from both shards and the saved per-token row
-   statistics (the LSEs, or for the Triton path M and log S of each model) and H, the formula above written straight into the gradient. No communication (the outputs
+   statistics (the LSEs, or for the Triton path M and log S of each model) and H, the formula above
+   written straight into the gradient. No communication (the outputs
    are identical on every TP rank and each rank differentiates its own shard, the identity-backward
    convention of Megatron's reductions).
 
