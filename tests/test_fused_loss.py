@@ -263,6 +263,15 @@ def test_block_threads_give_the_same_bits_as_one_thread(in_place, monkeypatch):
         assert torch.equal(torch.as_tensor(runs[3][key]), torch.as_tensor(runs[1][key])), key
 
 
+def test_block_threads_follow_torch_up_to_the_cap_on_the_cpu_only():
+    with intra_op_threads(2), fused_chunked.block_threads(torch.device("cpu")) as workers:
+        assert (workers, torch.get_num_threads()) == (2, 1)
+    with intra_op_threads(16), fused_chunked.block_threads(torch.device("cpu")) as workers:
+        assert workers == fused_chunked._MAX_BLOCK_THREADS == 4
+    with intra_op_threads(2), fused_chunked.block_threads(torch.device("meta")) as workers:
+        assert (workers, torch.get_num_threads()) == (1, 2)  # another device: torch's setting untouched
+
+
 def test_for_each_block_calls_every_block_once_across_threads():
     calls, lock = [], threading.Lock()
 

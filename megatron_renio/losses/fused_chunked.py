@@ -23,6 +23,10 @@ from megatron_renio.renio.vocab_parallel import compute_dtype, group_size
 # Elements per block (rows x local vocabulary): the four or so fp32 temporaries of a block fit in a
 # server core's L2 cache (2 MiB); a block is large enough that Python's per-op overhead stays small.
 _CHUNK_ELEMS = 1 << 17
+# At most this many threads share the blocks: each holds Python's GIL between its ops, about a
+# quarter of a block's time on the CPU profile at 2048 x 32000 (the rest runs without it), so more
+# threads would queue on the GIL.
+_MAX_BLOCK_THREADS = 4
 
 
 def _row_blocks(n_b: int, n_t: int, n_cols: int):
@@ -176,7 +180,8 @@ def chunked_grad(zs, zt, cells: Cells, plan: Plan, row_stats, coef, grad, worker
 
 @contextlib.contextmanager
 def block_threads(device: torch.device):
-    """Yield how many threads the chunked loops use: torch's intra-op thread count on the CPU, 1 elsewhere.
+    """Yield how many threads the chunked loops use: torch's intra-op thread count on the CPU (at most
+    ``_MAX_BLOCK_THREADS``), 1 elsewhere.
 
     Meanwhile torch's intra-op thread count is 1 (restored after), so that each block op runs on the
     thread that calls it. A block op is small (tens of microseconds): splitting it over intra-op
@@ -194,7 +199,7 @@ def block_threads(device: torch.device):
         return
     torch.set_num_threads(1)
     try:
-        yield threads
+        yield min(threads, _MAX_BLOCK_THREADS)
     finally:
         torch.set_num_threads(threads)
 
