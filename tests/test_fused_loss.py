@@ -36,8 +36,8 @@ from megatron_renio.renio.vocab_parallel import VocabShard
 from tests.torchrun_harness import run_torchrun
 from tests.workers.fused_loss_worker import (
     OUTPUTS, STUDENT_POSITIONS, STUDENT_ROWS, TP_CASES, TP_LAYOUTS, TRITON_CASES, TRITON_NONFINITE,
-    TRITON_PADDING_RANK_CASES, OFFSET_CASES, LARGE_LOGIT_CASES, make_logits, rows_nonfinite_flags, rows_results,
-    run_path, sequence_logits,
+    TRITON_PADDING_RANK_CASES, OFFSET_CASES, LARGE_LOGIT_CASES, large_logit_errors, make_logits, rows_nonfinite_flags,
+    rows_results, run_path, sequence_logits,
 )
 
 WORKER = Path(__file__).parent / "workers" / "fused_loss_worker.py"
@@ -560,6 +560,16 @@ def test_triton_kernels_compile_for_hopper_without_spills(kind, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 GPU_SHAPES = [(2, 64, 1024, 1000, torch.float32), (1, 512, 151936, 151936, torch.bfloat16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=lambda case: f"{case[0]}-k{case[1]}-T{case[2]}")
+def test_triton_keeps_fp32_precision_on_large_logits_on_cuda(case):
+    """As in the interpreter, with the GPU's approximate exponential and log2."""
+    for forward, errors in large_logit_errors(*case, device="cuda").items():
+        assert max(errors.values()) <= 1.0, (forward, errors)
 
 
 @pytest.mark.gpu

@@ -185,11 +185,11 @@ LARGE_LOGIT_CASES = [("reverse_kl", None, 0.7), ("forward_kl", None, 1.0), ("for
                      ("jsd", 0.05, 1.0)]
 
 
-def large_logit_errors(kind: str, clip, temperature: float) -> dict:
+def large_logit_errors(kind: str, clip, temperature: float, device="cpu") -> dict:
     """{forward: {output: largest |error| / (1e-5 + 1e-5 |exact|)}} of the Triton path against ``token_terms``
     in float64 on logits of standard deviation 8, for each forward it has for ``kind`` ('one' and 'two'
-    sweeps for a KL without a clamp, else 'two'), at the module's default launch."""
-    student, teacher, tokens, grad_d, grad_s = make_logits(2, 4, 3000, seed=32)
+    sweeps for a KL without a clamp, else 'two'), at the module's default launch, on ``device``."""
+    student, teacher, tokens, grad_d, grad_s = (x.to(device) for x in make_logits(2, 4, 3000, seed=32))
     student, teacher = student * 8.0, teacher * 8.0
     cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=clip)
     args = (tokens, cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
