@@ -219,7 +219,7 @@ def run(cfg: TrainConfig) -> dict:
     restarts = bool(cfg.load or cfg.override_save)
     if restarts:
         run_logs.drop_repeated_steps(cfg, iteration, save_starts_over=replaces_run)
-    logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None)
+    logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None, replaces_run=replaces_run)
     progress = run_logs.ConsoleProgress("train", cfg.train_iters, iteration, cfg.log_interval)
     first_iteration = iteration
     if iteration >= cfg.train_iters:

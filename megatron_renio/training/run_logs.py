@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -114,17 +115,46 @@ def standard_json(record: dict) -> dict:
             for key, value in record.items()}
 
 
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(cfg: TrainConfig, continues: bool) -> str | None:
+    """The W&B run id of this run: the one in ``--save/wandb_run_id`` when the run ``continues`` an
+    attempt that wrote it (a requeued or resumed run: its steps go on in the same W&B run), else a new
+    id, written there first; None without ``--save`` (W&B then starts a run of its own)."""
+    if not cfg.save:
+        return None
+    path = Path(cfg.save) / WANDB_RUN_ID_FILE
+    if continues and path.is_file():
+        run_id = path.read_text(encoding="utf-8", errors="replace").strip()
+        if not run_id or not all(c.isascii() and (c.isalnum() or c in "-_") for c in run_id):
+            raise UserInputError(f"{path}: not a W&B run id ({run_id[:40]!r}); delete the file to start a new W&B run")
+        return run_id
+    run_id = uuid.uuid4().hex[:16]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(str(path), [run_id + "\n"])
+    return run_id
+
+
 class MetricsLogger:
     """Rank-0 sinks: a JSONL file, TensorBoard and W&B (each only when asked for). A run started with
     ``--load`` at iteration ``resumed_at`` (0 when it found no checkpoint) first drops the later steps
     of an earlier attempt from TensorBoard (``purge_step``; the JSONL files: :func:`drop_steps_after`),
-    so that each step is recorded once."""
+    so that each step is recorded once, and logs to that attempt's W&B run (:func:`wandb_run_id`;
+    W&B drops a step at or below its last one, so the retaken steps keep the earlier attempt's values
+    there) unless it ``replaces_run`` (``--override-save``)."""
 
-    def __init__(self, cfg: TrainConfig, resumed_at: int | None = None):
+    def __init__(self, cfg: TrainConfig, resumed_at: int | None = None, replaces_run: bool = False):
+        """Collective with ``--wandb-project``: rank 0 reads or writes the W&B run id, and a damaged id
+        file stops every rank with its line (``on_rank0``)."""
+        from megatron_renio.distributed import on_rank0
+
         self.rank0 = torch.distributed.get_rank() == 0
         self.jsonl = None
         self.tb = None
         self.wandb = None
+        continues = resumed_at is not None and not replaces_run
+        run_id = on_rank0(lambda: wandb_run_id(cfg, continues)) if cfg.wandb_project else None
         if not self.rank0:
             return
         path = metrics_path(cfg)
@@ -141,7 +171,7 @@ class MetricsLogger:
             except ImportError:
                 print("warning: --wandb-project given but wandb is not installed; skipping W&B", flush=True)
             else:
-                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.rank0:
