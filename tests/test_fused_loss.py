@@ -263,6 +263,19 @@ def test_block_threads_give_the_same_bits_as_one_thread(in_place, monkeypatch):
         assert torch.equal(torch.as_tensor(runs[3][key]), torch.as_tensor(runs[1][key])), key
 
 
+def test_block_threads_under_inference_mode(monkeypatch):
+    """Tensors made under torch.inference_mode take in-place writes only in inference mode: the helper
+    threads run in the caller's mode, and give what one thread gives."""
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 130)
+    student, teacher, tokens, _, _ = make_logits(2, 9, 130, seed=17)
+    divergences = []
+    for threads in (1, 3):
+        with intra_op_threads(threads), torch.inference_mode():
+            divergences.append(fused_token_terms(student, teacher, tokens, config(CASES[6]), VocabShard(0, 130, 120),
+                                                 impl="chunked").divergence)
+    assert torch.equal(divergences[0], divergences[1])
+
+
 def test_block_threads_follow_torch_up_to_the_cap_on_the_cpu_only():
     with intra_op_threads(2), fused_chunked.block_threads(torch.device("cpu")) as workers:
         assert (workers, torch.get_num_threads()) == (2, 1)

@@ -208,8 +208,10 @@ def for_each_block(blocks: list, fn, workers: int) -> None:
     """Call ``fn(bs, ts)`` once for every block, on ``workers`` threads taking the next block in turn.
 
     ``fn`` must write only its own block's rows. The calling thread is one of the workers; the
-    others run under ``torch.no_grad()`` (grad mode is per thread; no block op needs autograd) with
-    one intra-op thread. The first exception stops the hand-out and is raised after every thread is done.
+    others run under ``torch.no_grad()`` and the caller's inference mode (both are per thread; no
+    block op needs autograd), with the intra-op thread count that new threads start with (1 inside
+    :func:`block_threads`). The first exception stops the hand-out and is raised after every thread
+    is done.
     """
     if workers <= 1 or len(blocks) <= 1:
         for bs, ts in blocks:
@@ -218,6 +220,7 @@ def for_each_block(blocks: list, fn, workers: int) -> None:
     todo = iter(blocks)
     lock = threading.Lock()
     failed = threading.Event()
+    inference = torch.is_inference_mode_enabled()  # tensors made in inference mode take in-place writes only there
 
     def work():
         while not failed.is_set():
@@ -232,8 +235,7 @@ def for_each_block(blocks: list, fn, workers: int) -> None:
                 raise
 
     def helper():
-        torch.set_num_threads(1)
-        with torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad():
             work()
 
     with ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="fused-loss-block") as pool:

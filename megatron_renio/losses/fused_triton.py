@@ -184,9 +184,10 @@ if triton is not None:
         sum of a one-sweep forward (``Plan.one_sweep``), in raw logits, with c_s and c_t each row's max
         over the first block (0 without a full block) and diff_v = (z^T_v - c_t) - (z^S_v - c_s):
         WEIGHT 1 (forward KL) sum_v e^(b_v - max_t) diff_v, WEIGHT 2 (reverse KL) sum_v e^(a_v - max_s) (-diff_v),
-        WEIGHT 0: W = 0 (c_s = c_t = 0). Each logit less its row's c is exact near c and the summands
-        stay at the size of the logits' spread, not of an offset between the models (which
-        ``_one_sweep_terms`` adds back exactly).
+        WEIGHT 0: W = 0 (c_s = c_t = 0). Each logit less its row's c is exact near c, and an offset between
+        the models (which ``_one_sweep_terms`` adds back exactly) leaves the summands: they are of the
+        size of each row's spread below its c (so a first block far below a row's max, e.g. 200 at
+        T = 0.3, costs precision that the two-sweep forward keeps).
         """
         N_FULL: tl.constexpr = N_VALID // BLOCK_V * BLOCK_V
         R: tl.constexpr = BLOCK_V // GROUP
