@@ -82,6 +82,22 @@ def test_a_list_of_eos_ids_is_kept():
             preset_from_hf_config(config, source="/m/config.json")
 
 
+def test_the_pad_id_is_kept_as_written():
+    """pad_token_id: an integer, -1 included (LLaMA-1-era configs), or none; written back unchanged; a
+    string is a one-line error."""
+    config = hf_config_dict(get_preset("llama-3.1-8b"))
+    for pad in (None, -1, 128004):
+        config["pad_token_id"] = pad
+        preset = preset_from_hf_config(config)
+        assert preset.pad_token_id == pad and hf_config_dict(preset)["pad_token_id"] == pad
+        assert ModelPreset.from_dict(json.loads(json.dumps(preset.to_dict()))) == preset
+    config.pop("pad_token_id")
+    assert preset_from_hf_config(config).pad_token_id is None
+    config["pad_token_id"] = "<pad>"
+    with pytest.raises(UserInputError, match=r"^/m/config.json: pad_token_id must be an integer, got '<pad>'$"):
+        preset_from_hf_config(config, source="/m/config.json")
+
+
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(UserInputError, match=r"unsupported architecture .*MistralForCausalLM.*supported: Qwen3ForCausalLM"):
         preset_from_hf_config({"architectures": ["MistralForCausalLM"]})

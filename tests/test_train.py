@@ -826,7 +826,8 @@ def test_pruning_keeps_the_latest_saves_of_this_run(tmp_path):
 
 def test_checkpoint_fingerprint_follows_a_copy_and_tells_weights_apart(tmp_path):
     """Same weights, same fingerprint: a copy, and the same model saved again (torch_dist's .metadata
-    holds a random id; renio_model.json's extra names where it came from). Other weights, another
+    holds a random id; renio_model.json's extra names where it came from; its preset's pad id is not
+    architecture). Other weights, another
     architecture or dtype: another fingerprint."""
     import json
     import shutil
@@ -847,6 +848,10 @@ def test_checkpoint_fingerprint_follows_a_copy_and_tells_weights_apart(tmp_path)
     (saved_again / "renio_model.json").write_text(json.dumps({"preset": {"x": 1}, "dtype": "bf16",
                                                               "extra": {"source": "/elsewhere"}}))
     assert checkpoint_fingerprint(saved_again) == fingerprint
+    for pad in (None, -1, 7):  # presets carry pad_token_id since 2026-11-28: converted again, the same fingerprint
+        (saved_again / "renio_model.json").write_text(json.dumps({"preset": {"x": 1, "pad_token_id": pad},
+                                                                  "dtype": "bf16"}))
+        assert checkpoint_fingerprint(saved_again) == fingerprint, pad
     for name, data in (("__0_0.distcp", b"\1" + big[1:]), ("__0_0.distcp", big[:-1] + b"\1"),
                        ("__1_0.distcp", b"one more file"),
                        # the data repeats every 256 bytes: 256 more in the middle keep the first and last MiB

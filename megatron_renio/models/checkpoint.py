@@ -128,14 +128,18 @@ def is_within(path: str | Path, folder: str | Path) -> bool:
 
 def checkpoint_fingerprint(directory: str | Path, sample_bytes: int = 1 << 20) -> str:
     """A hex digest that tells the weights of two model checkpoints apart without reading them whole:
-    SHA-256 of the architecture and dtype (``renio_model.json``'s preset and dtype, not its other
-    fields, which name where it came from) and, per file of ``model/`` other than ``.metadata``
+    SHA-256 of the architecture and dtype (``renio_model.json``'s preset without ``pad_token_id``,
+    which presets carry since 2026-11-28, and dtype; not its other fields, which name where it came
+    from) and, per file of ``model/`` other than ``.metadata``
     (which torch_dist writes with a random id), in name order, its relative path, its size and its
     first and last ``sample_bytes`` bytes. A moved or copied checkpoint keeps it, and so does the
     same HF model converted again; trainings of one architecture differ (their weight bytes do)."""
     directory = Path(directory)
     metadata = json.loads((directory / METADATA_FILE).read_text())
-    digest = hashlib.sha256(json.dumps([metadata.get("preset"), metadata.get("dtype")], sort_keys=True).encode())
+    preset = metadata.get("preset")
+    if isinstance(preset, dict):
+        preset = {key: value for key, value in preset.items() if key != "pad_token_id"}
+    digest = hashlib.sha256(json.dumps([preset, metadata.get("dtype")], sort_keys=True).encode())
     model = directory / MODEL_SUBDIR
     for path in sorted(p for p in model.rglob("*") if p.is_file() and p.name != ".metadata"):
         size = path.stat().st_size

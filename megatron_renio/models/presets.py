@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCaus
 # head_dim of a config.json that names none, as transformers reads it: Qwen3Config defaults it to 128;
 # Qwen2 and Llama use hidden_size / num_attention_heads.
 _DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
-_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # one id or a list of ids in config.json
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
 
 
 # What a preset field of each annotated type accepts: (check, the allowed values in words). Ints are not
@@ -61,9 +61,9 @@ class ModelPreset:
 
     ``vocab_size`` is the TRUE vocabulary size (``config.json``'s ``vocab_size``); the Megatron
     model pads it (see ``builder.padded_vocab_size``) and the padded rows are masked in every loss.
-    ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` are what ``config.json`` holds: one id (an
-    int), several ids (a tuple here, a list in JSON: Llama-3.1-Instruct stops on any of three) or
-    None; they are written back unchanged.
+    ``bos_token_id`` / ``eos_token_id`` are what ``config.json`` holds: one id (an int), several ids
+    (a tuple here, a list in JSON: Llama-3.1-Instruct stops on any of three) or None;
+    ``pad_token_id`` one integer (LLaMA-1-era configs hold -1) or None. All are written back unchanged.
     """
 
     architecture: str
@@ -83,7 +83,7 @@ class ModelPreset:
     rope_scaling: Llama3RopeScaling | None = None
     bos_token_id: int | tuple[int, ...] | None = None
     eos_token_id: int | tuple[int, ...] | None = None
-    pad_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         """ValueError naming the first field of the wrong type (a hand-edited ``renio_model.json``, say)."""
@@ -95,6 +95,8 @@ class ModelPreset:
             ids = value if isinstance(value, tuple) else (value,)
             if value is not None and not all(type(i) is int and i >= 0 for i in ids):
                 raise ValueError(f"{name} must be a token id, a list of token ids or none, got {value!r}")
+        if not (self.pad_token_id is None or type(self.pad_token_id) is int):
+            raise ValueError(f"pad_token_id must be an integer or none, got {self.pad_token_id!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -226,6 +228,14 @@ def _token_ids(config: dict, name: str, source: str) -> int | tuple[int, ...] | 
     return tuple(value) if isinstance(value, list) else value
 
 
+def _pad_id(config: dict, source: str) -> int | None:
+    """``config['pad_token_id']``: an integer, kept as written (-1 in LLaMA-1-era configs), or None."""
+    value = config.get("pad_token_id")
+    if not (value is None or type(value) is int):
+        raise UserInputError(f"{source}: pad_token_id must be an integer, got {value!r}")
+    return value
+
+
 def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPreset:
     """Build a preset from the dict of an HF ``config.json``; ``source`` names the file in errors."""
     architectures = config.get("architectures") or []
@@ -277,7 +287,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         rope_scaling=_llama3_scaling(scaling, source),
         bos_token_id=_token_ids(config, "bos_token_id", source),
         eos_token_id=_token_ids(config, "eos_token_id", source),
-        pad_token_id=_token_ids(config, "pad_token_id", source),
+        pad_token_id=_pad_id(config, source),
     )
 
 
@@ -325,6 +335,7 @@ def hf_config_dict(preset: ModelPreset, torch_dtype: str = "bfloat16") -> dict:
     for name in _TOKEN_ID_FIELDS:
         ids = getattr(preset, name)
         config[name] = list(ids) if isinstance(ids, tuple) else ids
+    config["pad_token_id"] = preset.pad_token_id
     if preset.architecture == "LlamaForCausalLM":
         config.update(attention_bias=False, mlp_bias=False)
     if preset.architecture == "Qwen3ForCausalLM":
