@@ -159,6 +159,19 @@ OFFSET_CASES = [("forward_kl", -50.0, 0.3), ("forward_kl", 300.0, 1.0), ("revers
                 ("reverse_kl", -50.0, 0.3)]
 
 
+def triton_forwards(student, teacher, forwards, *args) -> dict:
+    """{forward: run_path of the Triton path} for each of ``forwards``: 'one' (``Plan.one_sweep`` as
+    it is) and 'two' (turned off: the two-sweep forward), at the module's default launch."""
+    one_sweep, runs = fused_plan.Plan.one_sweep, {}
+    try:
+        for name in forwards:
+            fused_plan.Plan.one_sweep = one_sweep if name == "one" else property(lambda plan: False)
+            runs[name] = run_path(fused_token_terms, student, teacher, *args, impl="triton")
+    finally:
+        fused_plan.Plan.one_sweep = one_sweep
+    return runs
+
+
 def offset_errors(kind: str, offset: float, temperature: float) -> dict:
     """Largest error of D against ``token_terms`` in float64, on logits whose teacher is the student's plus
     noise plus ``offset``, of the Triton path's one-sweep forward ('one') and of its two sweeps ('two',
@@ -168,15 +181,8 @@ def offset_errors(kind: str, offset: float, temperature: float) -> dict:
     cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=None)
     args = (tokens, cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
     exact = run_path(token_terms, student.double(), teacher.double(), *args)["divergence"]
-    one_sweep, errors = fused_plan.Plan.one_sweep, {}
-    try:
-        for name in ("one", "two"):
-            fused_plan.Plan.one_sweep = one_sweep if name == "one" else property(lambda plan: False)
-            got = run_path(fused_token_terms, student, teacher, *args, impl="triton")["divergence"]
-            errors[name] = float((got.double() - exact).abs().max())
-    finally:
-        fused_plan.Plan.one_sweep = one_sweep
-    return errors
+    return {name: float((got["divergence"].double() - exact).abs().max())
+            for name, got in triton_forwards(student, teacher, ("one", "two"), *args).items()}
 
 
 # (kind, token_clip, temperature) on logits of standard deviation 8 (maxima near 30, as a language
@@ -194,17 +200,10 @@ def large_logit_errors(kind: str, clip, temperature: float, device="cpu") -> dic
     cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=clip)
     args = (tokens, cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
     exact = run_path(token_terms, student.double(), teacher.double(), *args)
-    one_sweep, errors = fused_plan.Plan.one_sweep, {}
     forwards = ("one", "two") if clip is None and kind != "jsd" else ("two",)
-    try:
-        for name in forwards:
-            fused_plan.Plan.one_sweep = one_sweep if name == "one" else property(lambda plan: False)
-            got = run_path(fused_token_terms, student, teacher, *args, impl="triton")
-            errors[name] = {key: float(((got[key].double() - exact[key]).abs() / (1e-5 + 1e-5 * exact[key].abs())).max())
-                            for key in OUTPUTS if key != "nonfinite"}
-    finally:
-        fused_plan.Plan.one_sweep = one_sweep
-    return errors
+    return {name: {key: float(((got[key].double() - exact[key]).abs() / (1e-5 + 1e-5 * exact[key].abs())).max())
+                   for key in OUTPUTS if key != "nonfinite"}
+            for name, got in triton_forwards(student, teacher, forwards, *args).items()}
 
 
 def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bool:
