@@ -215,28 +215,25 @@ def test_no_grad_and_frozen_student_store_nothing():
     assert not terms.divergence.requires_grad and not terms.student_logprobs.requires_grad
 
 
-def test_intra_op_thread_count_restored():
-    """The chunked path runs its block ops on one intra-op thread and restores the caller's setting,
-    forward and backward."""
-    student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=13)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        leaf = student.requires_grad_()
-        fused_token_terms(leaf, teacher, tokens, config(CASES[0]), VocabShard(0, 32, 32)).divergence.sum().backward()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
-
-
 @contextlib.contextmanager
 def intra_op_threads(count: int):
+    """torch's intra-op thread count set to ``count`` for the block, restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def test_intra_op_thread_count_restored():
+    """The chunked path runs its block ops on one intra-op thread and restores the caller's setting,
+    forward and backward."""
+    student, teacher, tokens, _, _ = make_logits(1, 2, 32, seed=13)
+    with intra_op_threads(2):
+        leaf = student.requires_grad_()
+        fused_token_terms(leaf, teacher, tokens, config(CASES[0]), VocabShard(0, 32, 32)).divergence.sum().backward()
+        assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["rows", "positions"])
