@@ -65,10 +65,16 @@ def test_a_new_or_replacing_run_starts_a_new_w_and_b_run(wandb_inits, tmp_path):
     assert wandb_inits[-1]["id"] is None  # no --save to keep an id in: W&B picks one
 
 
-def test_a_damaged_run_id_file_is_one_line(wandb_inits, tmp_path):
+def test_a_damaged_or_unwritable_run_id_file_is_one_line(wandb_inits, tmp_path):
     cfg = dataclasses.replace(TrainConfig(), save=str(tmp_path / "run"), wandb_project="p")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / run_logs.WANDB_RUN_ID_FILE).write_text("not an id\n")
     with pytest.raises(UserInputError, match=r"wandb_run_id: not a W&B run id \('not an id'\); delete the file"):
         open_logger(cfg, resumed_at=5)
+    (tmp_path / "run" / run_logs.WANDB_RUN_ID_FILE).unlink()
+    (tmp_path / "run" / run_logs.WANDB_RUN_ID_FILE).mkdir()  # where the id would go, a folder: it cannot be written
+    # the rename of the written id onto the folder fails: the line names the written file
+    with pytest.raises(UserInputError,
+                       match=r"/\.?wandb_run_id(\.partial-\w+)?: cannot read or write the W&B run id \(\w"):
+        open_logger(cfg)
     assert wandb_inits == []

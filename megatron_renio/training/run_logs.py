@@ -21,7 +21,7 @@ import torch
 
 from megatron_renio.config import TrainConfig
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import write_atomic
+from megatron_renio.output_paths import storage_error, write_atomic
 
 
 def metrics_path(cfg: TrainConfig) -> Path | None:
@@ -125,14 +125,17 @@ def wandb_run_id(cfg: TrainConfig, continues: bool) -> str | None:
     if not cfg.save:
         return None
     path = Path(cfg.save) / WANDB_RUN_ID_FILE
-    if continues and path.is_file():
-        run_id = path.read_text(encoding="utf-8", errors="replace").strip()
-        if not run_id or not all(c.isascii() and (c.isalnum() or c in "-_") for c in run_id):
-            raise UserInputError(f"{path}: not a W&B run id ({run_id[:40]!r}); delete the file to start a new W&B run")
-        return run_id
-    run_id = uuid.uuid4().hex[:16]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(str(path), [run_id + "\n"])
+    try:
+        if continues and path.is_file():
+            run_id = path.read_text(encoding="utf-8", errors="replace").strip()
+        else:
+            run_id = uuid.uuid4().hex[:16]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(str(path), [run_id + "\n"])
+    except OSError as e:
+        raise storage_error(e, path, "cannot read or write the W&B run id") from None
+    if not run_id or not all(c.isascii() and (c.isalnum() or c in "-_") for c in run_id):
+        raise UserInputError(f"{path}: not a W&B run id ({run_id[:40]!r}); delete the file to start a new W&B run")
     return run_id
 
 
