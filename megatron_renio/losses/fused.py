@@ -48,8 +48,8 @@ Sweeps over one rank's shard [b, t, V_local], each reading both logits shards on
 2. terms (forward): per token the local sums of clamp(d_v) and of h_v, and the local lookups of the
    sampled token's log-probs, all four summed over TP in one O(b*t) all-reduce.
 3. gradient (backward): h_j and q_j recomputed from both shards and the saved per-token row
-   statistics (the LSEs, or for the Triton path M and log S of each model) and H, the formula above
-   written straight into the gradient. No communication (the outputs
+   statistics (M and log S of each model) and H, the formula above written straight into the
+   gradient. No communication (the outputs
    are identical on every TP rank and each rank differentiates its own shard, the identity-backward
    convention of Megatron's reductions).
 
@@ -74,13 +74,15 @@ statistics all-reduces (``fused_triton._one_sweep_terms``), and the shares are s
 
 Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path), with the
 GPU's approximate exponential and log2 in the Triton kernels; the gradient is rounded once, to the
-logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``. The Triton
-kernels form log-probs as (z - M) / T - log S: z - M is exact near the max, so they keep fp32
-precision however large the logits (formed as z / T - LSE they rounded at the size of the LSE, and
-on logits of a language model's size, maxima near 30, reverse KL's gradient missed the fp32
-tolerance by 3.7-8.3x). The one-sweep D is a difference of two terms that each grow with the offset
-between the two models' logits; sweep 1 subtracts each model's first-block max from its own logits
-before the difference, and ``fused_triton._one_sweep_terms`` adds the offsets back in raw logits:
+logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``. Both
+implementations form log-probs as (z - M) / T - log S: z - M is exact near the max, so they keep
+fp32 precision however large the logits (formed as z / T - LSE they rounded at the size of the LSE,
+and on logits of a language model's size, maxima near 30, reverse KL's gradient missed the fp32
+tolerance by 3.7-8.3x in the Triton kernels; in the chunked path D and the gradient missed it by
+1.1-1.6x, and by 15x where a JSD clamp mask flipped at d = 0). The
+one-sweep D is a difference of two terms that each grow with the offset between the two models'
+logits; sweep 1 subtracts each model's first-block max from its own logits before the difference,
+and ``fused_triton._one_sweep_terms`` adds the offsets back in raw logits:
 at offsets of 50-300 nats its error is 0.6-1.5x the two-sweep path's (measured on the CPU).
 
 Implementations: ``'triton'`` (:mod:`~megatron_renio.losses.fused_triton`: GPU kernels, each program

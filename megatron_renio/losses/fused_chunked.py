@@ -44,12 +44,37 @@ def _row_blocks(n_b: int, n_t: int, n_cols: int):
 
 
 def _scaled(z_block: torch.Tensor, inv_temp: float, shift: torch.Tensor) -> torch.Tensor:
-    """New tensor z/T - shift (shift per row) in the dtype of ``shift``, in one pass over the block."""
+    """New tensor z/T - shift (shift per row) in the dtype of ``shift``, in one pass over the block
+    (one rounding: torch's CPU add with alpha is a fused multiply-add)."""
     return torch.add(shift.neg().unsqueeze(-1), z_block, alpha=inv_temp)
 
 
+def _max_shift(row_max: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """max(z)/T per row (== max(z/T) for T > 0), 0 where the row is all -inf (an empty shard)."""
+    shift = row_max * inv_temp
+    return torch.where(torch.isneginf(shift), 0.0, shift)
+
+
+def _log_probs(z_block: torch.Tensor, inv_temp: float, row_max: torch.Tensor, log_sum: torch.Tensor):
+    """New tensor log softmax(z/T) of a block = (z/T - M/T) - log_sum, from the global row max M of the
+    raw logits and log_sum = log sum exp(z/T - M/T) (:func:`~megatron_renio.losses.fused_plan.combine_stats`).
+
+    Subtracting M/T first keeps the values near the max exact however large the logits are; z/T - LSE
+    in one step rounds every log-prob at the size of the LSE (on logits of spread 8, the size of a
+    language model's, that alone put D's error against float64 at 0.7-1.6x the fp32 tolerance).
+    """
+    return _scaled(z_block, inv_temp, _max_shift(row_max, inv_temp)).sub_(log_sum.unsqueeze(-1))
+
+
+def _block_log_probs(zs, zt, cells: Cells, bs: slice, ts: slice, plan: Plan, row_stats):
+    """(student, teacher) log-prob blocks of cells [bs, ts] (:func:`_log_probs`); ``row_stats`` [4, b, t]
+    = (max, log_sum) of the student then the teacher."""
+    return tuple(_log_probs(cells.block(z, i, bs, ts, plan.n_valid), plan.inv_temp, row_stats[2 * i, bs, ts],
+                            row_stats[2 * i + 1, bs, ts]) for i, z in enumerate((zs, zt)))
+
+
 def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
-    """(max of z, sum of exp((z - max) / T), non-finite per row, the exp block) over the last dim.
+    """(max of z, sum of exp((z - max) / T), non-finite per row, (z - max) / T, its exp) over the last dim.
 
     The non-finite test is a row sum of the logits (inf, -inf or NaN anywhere makes it non-finite),
     cheaper on the CPU than an elementwise isfinite.
@@ -57,21 +82,22 @@ def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
     dtype = compute_dtype(z_block)
     if z_block.shape[-1] == 0:  # a TP rank holding only vocabulary padding
         empty = z_block.new_full(z_block.shape[:-1], float("-inf"), dtype=dtype)
-        return empty, torch.zeros_like(empty), torch.zeros(empty.shape, dtype=torch.bool, device=empty.device), None
+        no_rows = torch.zeros(empty.shape, dtype=torch.bool, device=empty.device)
+        return empty, torch.zeros_like(empty), no_rows, None, None
     row_max = z_block.amax(-1).to(dtype)
-    shift = row_max * inv_temp  # max(z)/T == max(z/T) for T > 0
     bad = ~torch.isfinite(z_block.sum(-1))
-    exps = _scaled(z_block, inv_temp, torch.where(torch.isneginf(shift), 0.0, shift)).exp_()
-    return row_max, exps.sum(-1), bad, exps
+    shifted = _scaled(z_block, inv_temp, _max_shift(row_max, inv_temp))
+    exps = shifted.exp()
+    return row_max, exps.sum(-1), bad, shifted, exps
 
-def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: Plan, exps=None, want_q: bool = False):
+
+def _chunk_elements(ls, lp, plan: Plan, exps=None, want_q: bool = False):
     """(clamped d, h, q or None) of one block, elementwise (module docstring); q = student probabilities.
 
+    ``ls``, ``lp``: the block's student and teacher log-probs (:func:`_log_probs`), overwritten.
     ``exps``: optional ((exp(a - m_s), S_s), (exp(b - m_t), S_t)) from :func:`_chunk_stats` when those
     statistics are already global (no TP): then q = exp_s / S_s and p = exp_t / S_t need no new exp.
     """
-    ls = _scaled(zs_block, plan.inv_temp, lse_s)
-    lp = _scaled(zt_block, plan.inv_temp, lse_t)
 
     def prob(i, log_prob):
         if exps is None:
@@ -106,59 +132,55 @@ def _chunk_elements(zs_block, zt_block, lse_s, lse_t, plan: Plan, exps=None, wan
 
 def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: int = 1):
     """Sweeps 1 and 2 with the chunked path on ``workers`` threads (:func:`block_threads`): the row
-    statistics that :func:`chunked_grad` reads ([2, b, t]: the global log-sum-exps of z^S / T and
-    z^T / T), per cell (D, H, s, u) of this shard, and the flag.
+    statistics that :func:`chunked_grad` reads ([4, b, t]: the global max of the raw logits and
+    log_sum, :func:`_log_probs`, of the student then the teacher), per cell (D, H, s, u) of this
+    shard, and the flag.
 
     D and H are 0 at empty cells, whose rows do not count for the flag.
     """
     n_b, n_t = cells.shape
     nv = plan.n_valid
     dtype = compute_dtype(zs)
-    stats = zs.new_empty((4, n_b, n_t), dtype=dtype)  # max_s, sumexp_s, max_t, sumexp_t
-    lse = zs.new_empty((2, n_b, n_t), dtype=dtype)
+    stats = zs.new_empty((4, n_b, n_t), dtype=dtype)  # max_s, sumexp_s, max_t, sumexp_t; sums to log-sums once global
     sums = zs.new_empty((2, n_b, n_t), dtype=dtype)  # D, H
     bad_rows = torch.zeros((n_b, n_t), dtype=torch.bool, device=zs.device)
     filled = cells.filled()
     fuse = group_size(tp_group) == 1
     blocks = list(_row_blocks(n_b, n_t, nv))
 
-    def rows(bs, ts):
-        return cells.block(zs, 0, bs, ts, nv), cells.block(zt, 1, bs, ts, nv)
-
-    def terms(block, bs, ts, exps=None):
-        d, h, _ = _chunk_elements(*block, lse[0, bs, ts], lse[1, bs, ts], plan, exps)
+    def terms(bs, ts, log_probs, exps=None):
+        d, h, _ = _chunk_elements(*log_probs, plan, exps)
         sums[0, bs, ts], sums[1, bs, ts] = d.sum(-1), h.sum(-1)
 
     def first_sweep(bs, ts):
-        block = rows(bs, ts)
-        exps = []
-        for i, z in enumerate(block):
-            row_max, sum_exp, row_bad, e = _chunk_stats(z, plan.inv_temp)
+        shifted, exps = [], []
+        for i, z in enumerate((zs, zt)):
+            row_max, sum_exp, row_bad, a, e = _chunk_stats(cells.block(z, i, bs, ts, nv), plan.inv_temp)
             stats[2 * i, bs, ts], stats[2 * i + 1, bs, ts] = row_max, sum_exp
+            shifted.append(a)
             exps.append((e, sum_exp))
             bad_rows[bs, ts] |= row_bad
         if fuse:  # without TP a block's statistics are final: finish it while it is in cache
-            maxes, log_sums, _ = combine_stats(stats[:, bs, ts], None, None, plan.inv_temp)
-            lse[:, bs, ts] = maxes * plan.inv_temp + log_sums
-            terms(block, bs, ts, exps)
+            log_sums = stats[1::2, bs, ts].log_()
+            terms(bs, ts, [a.sub_(log_sum.unsqueeze(-1)) for a, log_sum in zip(shifted, log_sums)], exps)
 
     for_each_block(blocks, first_sweep, workers)
     bad = (bad_rows if filled is None else bad_rows & filled).any()
     if not fuse:
         maxes, log_sums, bad = combine_stats(stats, bad, tp_group, plan.inv_temp)
-        lse = maxes * plan.inv_temp + log_sums
-        for_each_block(blocks, lambda bs, ts: terms(rows(bs, ts), bs, ts), workers)
+        stats[0::2], stats[1::2] = maxes, log_sums
+        for_each_block(blocks, lambda bs, ts: terms(bs, ts, _block_log_probs(zs, zt, cells, bs, ts, plan, stats)),
+                       workers)
     if filled is not None:
         sums.masked_fill_(~filled, 0.0)
-    s = _sampled_logprobs(zs, cells, 0, lse[0], col, plan.inv_temp)
-    u = _sampled_logprobs(zt, cells, 1, lse[1], col, plan.inv_temp)
-    return lse, sums[0], sums[1], s, u, bad
+    s = _sampled_logprobs(zs, cells, 0, stats[0:2], col, plan.inv_temp)
+    u = _sampled_logprobs(zt, cells, 1, stats[2:4], col, plan.inv_temp)
+    return stats, sums[0], sums[1], s, u, bad
 
 
 def chunked_grad(zs, zt, cells: Cells, plan: Plan, row_stats, coef, grad, workers: int = 1):
     """Sweep 3 into the filled rows of ``grad`` (real columns) on ``workers`` threads: coef_h * h -
     coef_q * q per block; the one-hot term follows. ``row_stats``: from :func:`chunked_forward`."""
-    lse_s, lse_t = row_stats
     coef_h, coef_q = coef
     nv = plan.n_valid
     # with positions a store also adds zeros to row 0 of each sample (Cells.store), which another
@@ -166,8 +188,7 @@ def chunked_grad(zs, zt, cells: Cells, plan: Plan, row_stats, coef, grad, worker
     store_lock = threading.Lock() if cells.positions is not None else contextlib.nullcontext()
 
     def third_sweep(bs, ts):
-        _, h, q = _chunk_elements(cells.block(zs, 0, bs, ts, nv), cells.block(zt, 1, bs, ts, nv), lse_s[bs, ts],
-                                  lse_t[bs, ts], plan, want_q=True)
+        _, h, q = _chunk_elements(*_block_log_probs(zs, zt, cells, bs, ts, plan, row_stats), plan, want_q=True)
         out = grad[bs, ts, :nv] if cells.positions is None else None  # a view to write into
         g = torch.mul(h, coef_h[bs, ts].unsqueeze(-1), out=out if out is not None and out.dtype == h.dtype else h)
         g.addcmul_(q, coef_q[bs, ts].neg().unsqueeze(-1))
@@ -245,10 +266,12 @@ def for_each_block(blocks: list, fn, workers: int) -> None:
         future.result()  # re-raises a helper's error
 
 
-def _sampled_logprobs(z, cells: Cells, model: int, lse, col, inv_temp: float):
+def _sampled_logprobs(z, cells: Cells, model: int, row_stats, col, inv_temp: float):
     """This rank's share of log softmax(z/T)[x] per cell from the local column of x (-1 where x is not
-    here, or the cell is empty: 0); ``model`` 0 student, 1 teacher."""
+    here, or the cell is empty: 0); ``model`` 0 student, 1 teacher; ``row_stats`` its (max, log_sum)."""
     hit = col >= 0
     samples, positions = cells.index(model, z.device)
-    value = z[samples, positions, col.clamp(min=0)].to(lse.dtype) * inv_temp - lse
+    row_max, log_sum = row_stats
+    value = _scaled(z[samples, positions, col.clamp(min=0)].unsqueeze(-1), inv_temp, _max_shift(row_max, inv_temp))
+    value = value.squeeze(-1) - log_sum
     return torch.where(hit, value, torch.zeros_like(value))

@@ -191,19 +191,30 @@ LARGE_LOGIT_CASES = [("reverse_kl", None, 0.7), ("forward_kl", None, 1.0), ("for
                      ("jsd", 0.05, 1.0)]
 
 
-def large_logit_errors(kind: str, clip, temperature: float, device="cpu") -> dict:
-    """{forward: {output: largest |error| / (1e-5 + 1e-5 |exact|)}} of the Triton path against ``token_terms``
-    in float64 on logits of standard deviation 8, for each forward it has for ``kind`` ('one' and 'two'
-    sweeps for a KL without a clamp, else 'two'), at the module's default launch, on ``device``."""
+def large_logit_errors(kind: str, clip, temperature: float, device="cpu", impl="triton", group=None) -> dict:
+    """{forward: {output: largest |error| / (1e-5 + 1e-5 |exact|)}} of ``fused_token_terms(impl)`` on this
+    rank's shard of ``group`` (None: TP=1) against ``token_terms`` in float64 on the whole vocabulary, on
+    logits of standard deviation 8, on ``device``. Forwards: the chunked path ('chunked'); the Triton path
+    at the module's default launch, at TP=1 only: 'one' and 'two' sweeps for a KL without a clamp, else
+    'two'."""
+    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     student, teacher, tokens, grad_d, grad_s = (x.to(device) for x in make_logits(2, 4, 3000, seed=32))
     student, teacher = student * 8.0, teacher * 8.0
     cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=clip)
-    args = (tokens, cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
-    exact = run_path(token_terms, student.double(), teacher.double(), *args)
-    forwards = ("one", "two") if clip is None and kind != "jsd" else ("two",)
+    exact = run_path(token_terms, student.double(), teacher.double(), tokens, cfg, VocabShard(0, 3000, 3000), None,
+                     grad_d, grad_s)
+    local = 3000 // world
+    cols = slice(rank * local, (rank + 1) * local)
+    exact["grad"] = exact["grad"][..., cols]
+    shards = (student[..., cols], teacher[..., cols])
+    args = (tokens, cfg, VocabShard(rank * local, local, 3000), group, grad_d, grad_s)
+    if impl == "triton":
+        runs = triton_forwards(*shards, ("one", "two") if clip is None and kind != "jsd" else ("two",), *args)
+    else:
+        runs = {impl: run_path(fused_token_terms, *shards, *args, impl=impl)}
     return {name: {key: float(((got[key].double() - exact[key]).abs() / (1e-5 + 1e-5 * exact[key].abs())).max())
                    for key in OUTPUTS if key != "nonfinite"}
-            for name, got in triton_forwards(student, teacher, forwards, *args).items()}
+            for name, got in runs.items()}
 
 
 def nonfinite_flag(which: str, column: int, value: float, _expected: bool) -> bool:
@@ -238,6 +249,8 @@ def main(out_dir: str) -> None:
     for i, (layout, case) in enumerate((layout, case) for layout in TP_LAYOUTS for case in TP_CASES):
         result["chunked"][case, layout] = case_results(case, *layout, group, seed=i)
         result["rows", "chunked"][case, layout] = rows_results(case, *layout, group, seed=i)
+    result["chunked_large_logits"] = {case: large_logit_errors(*case, impl="chunked", group=group)
+                                      for case in LARGE_LOGIT_CASES}
     result["bf16"] = case_results(("jsd", 0.5, 0.05, 1.1), *TP_LAYOUTS[0], group, seed=99, dtype=torch.bfloat16)
     result["triton_checked"] = fused_triton.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
     if result["triton_checked"]:
