@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from megatron_renio.errors import UserInputError
-from megatron_renio.losses import fused_chunked, fused_plan, fused_triton
+from megatron_renio.losses import fused, fused_chunked, fused_plan, fused_triton
 from megatron_renio.losses.divergence import DivergenceConfig, token_terms
 from megatron_renio.losses.fused import fused_token_terms, triton_available
 from megatron_renio.renio.vocab_parallel import VocabShard
@@ -145,9 +145,41 @@ def test_row_blocks_across_samples_and_megatron_layout(monkeypatch):
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6], CASES[9]], ids=case_id)
 def test_positions_read_rows_in_place(case, monkeypatch):
     """Student [3, 9, V] in Megatron's layout and teacher [3, 11, V] read through positions (a one-token
-    prompt, empty cells); row blocks of 4 cells span samples."""
+    prompt, empty cells); blocks of 4 cells: runs of rows read as views, a block where a completion ends
+    (gathered rows, the gradient scattered), blocks of empty cells only (left out)."""
     monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 4 * 130)
     assert_rows_in_place(rows_results(case, 130, 120, None, seed=15))
+
+
+def test_blocks_read_runs_of_rows_as_views_and_leave_out_empty_blocks(monkeypatch):
+    """How the chunked sweeps read each block through positions (``_blocks``): ``starts`` where every cell
+    is filled and both models' rows are consecutive from the same row in each of the block's samples."""
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 6 * 100)  # 6 rows: blocks of 2 samples x 3 cells
+    student = torch.tensor([[2, 3, 4], [2, 3, 4], [1, 2, 3], [4, 5, 6]])
+    teacher = torch.tensor([[5, 6, 7], [5, 6, 7], [1, 2, 3], [4, 5, 6]])
+    blocks = fused_chunked._blocks(fused_plan.Cells((4, 3), (student, teacher)), 100)
+    assert [(b.bs, b.ts, b.starts) for b in blocks] == [(slice(0, 2), slice(0, 3), (2, 5)),  # one run in both samples
+                                                         (slice(2, 4), slice(0, 3), None)]  # runs from other rows
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 3 * 100)  # blocks of 1 sample x 3 cells
+    student = torch.tensor([[0, 1, -1], [-1, -1, -1], [3, 5, 6], [3, 4, 5], [7, 8, 9]])
+    teacher = torch.tensor([[0, 1, 0], [0, 0, 0], [3, 4, 5], [3, 4, 6], [9, 10, 11]])
+    blocks = fused_chunked._blocks(fused_plan.Cells((5, 3), (student, teacher)), 100)
+    assert [(b.bs.start, b.starts) for b in blocks] == [(0, None), (2, None), (3, None), (4, (7, 9))]
+
+
+def test_runs_of_rows_across_samples_match_gathered_rows(monkeypatch):
+    """Every sample's completion at the same rows (as ``tools/bench_loss.py --prompt-rows`` lays them out):
+    blocks of two samples read them as views and write the gradient in place, with the numbers of
+    ``token_terms`` on the gathered rows, and zeros on the prompt rows."""
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 6 * 130)
+    student, teacher, tokens, grad_d, grad_s = make_logits(4, 7, 130, seed=21)
+    rows = torch.arange(4, 7).expand(4, 3)
+    args = (student, teacher, tokens[:, :3], config(CASES[6]), VocabShard(0, 130, 120), None, grad_d[:, :3],
+            grad_s[:, :3])
+    assert [b.starts for b in fused_chunked._blocks(fused_plan.Cells((4, 3), (rows, rows)), 120)] == [(4, 4)] * 2
+    got = run_path(fused_token_terms, *args, impl="chunked", positions=(rows, rows))
+    assert_same(got, run_path(fused._unfused_on_rows, *args, positions=(rows, rows)))
+    assert (got["grad"][:, :4] == 0).all()
 
 
 def test_positions_nonfinite_flag_counts_read_rows_only():
@@ -238,10 +270,11 @@ def test_intra_op_thread_count_restored():
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["rows", "positions"])
 def test_block_threads_give_the_same_bits_as_one_thread(in_place, monkeypatch):
-    """The chunked path with torch's intra-op count at 3 hands one-row blocks to 3 threads; forward and
-    backward give bit for bit what one thread gives. Through positions, cell (0, 0) writes student row
-    0 of a sample whose empty cell adds zeros to that row (Cells.store)."""
-    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 130)
+    """The chunked path with torch's intra-op count at 3 hands blocks of three rows to 3 threads; forward
+    and backward give bit for bit what one thread gives. Through positions, the blocks of runs write
+    their gradient rows in place while a block where a completion ends scatters its own (its empty cell
+    adds zeros to a row of its own filled cells, _Block.store)."""
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 3 * 130)
     workers = []
     spread = fused_chunked.for_each_block
     monkeypatch.setattr(fused_chunked, "for_each_block",
@@ -285,14 +318,14 @@ def test_block_threads_follow_torch_up_to_the_cap_on_the_cpu_only():
 def test_for_each_block_calls_every_block_once_across_threads():
     calls, lock = [], threading.Lock()
 
-    def record(bs, ts):
+    def record(block):
         time.sleep(0.002)  # long enough that every thread takes blocks
         with lock:
-            calls.append(((bs.start, ts.start), threading.get_ident()))
+            calls.append((block, threading.get_ident()))
 
-    blocks = [(slice(b, b + 1), slice(t, t + 1)) for b in range(3) for t in range(10)]
+    blocks = [(b, t) for b in range(3) for t in range(10)]
     fused_chunked.for_each_block(blocks, record, 3)
-    assert sorted(block for block, _ in calls) == sorted((bs.start, ts.start) for bs, ts in blocks)
+    assert sorted(block for block, _ in calls) == blocks
     assert len({thread for _, thread in calls}) == 3
 
 
@@ -302,14 +335,14 @@ def test_for_each_block_raises_the_first_error_after_the_threads_stop(failing_th
     thread it happened on."""
     caller, done, failed = threading.get_ident(), [], []
 
-    def fail_once(bs, ts):
+    def fail_once(block):
         time.sleep(0.002)
-        done.append(bs.start)
+        done.append(block)
         if not failed and (threading.get_ident() == caller) == (failing_thread == "caller"):
-            failed.append(bs.start)
-            raise ValueError(f"block {bs.start}")
+            failed.append(block)
+            raise ValueError(f"block {block}")
 
-    blocks = [(slice(b, b + 1), slice(0, 1)) for b in range(200)]
+    blocks = list(range(200))
     with pytest.raises(ValueError, match="block"):
         fused_chunked.for_each_block(blocks, fail_once, 2)
     assert len(done) < len(blocks) // 2
@@ -422,12 +455,32 @@ def test_bad_arguments_raise_user_input_error(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_forward_and_backward_take_the_same_clamp_mask_where_the_models_agree(temperature):
+    """Both models confident on the same token, as on most tokens of a distillation run: there the JSD
+    element d_v is of the order of (p_v - q_v)^2, about 1e-9, and its sign can turn on the last bit of p
+    or q. The gradient (h_j - q_j H) / T stays within the fp32 tolerance of float64 only if the forward's
+    H and the backward's h_j take the same mask; when the forward formed p and q as exp(a - m) / S and
+    the backward as exp(log p), 3 of 128 rows missed it by up to 36x (T = 0.7)."""
+    g = torch.Generator().manual_seed(0)
+    student = 2.0 * torch.randn(4, 32, 3000, generator=g)
+    student[..., 0] += 15.0
+    teacher = student + 0.3 * torch.randn(4, 32, 3000, generator=g)
+    grad_d, grad_s = torch.randn(2, 4, 32, generator=g)
+    cfg = DivergenceConfig(kind="jsd", beta=0.5, temperature=temperature, token_clip=0.05)
+    args = (torch.zeros(4, 32, dtype=torch.long), cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
+    exact = run_path(token_terms, student.double(), teacher.double(), *args)["grad"]
+    got = run_path(fused_token_terms, student, teacher, *args, impl="chunked")["grad"]
+    torch.testing.assert_close(got.double(), exact, **FP32_TOL)
+
+
 @pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=lambda case: f"{case[0]}-k{case[1]}-T{case[2]}")
-def test_keeps_fp32_precision_on_logits_of_a_language_models_size(case):
-    """Logits of standard deviation 8 (maxima near 30): D, s, u and the gradient stay within the fp32
-    tolerance of the float64 formula. Log-probs are formed as (z - max) / T - log_sum; as z / T - LSE they
-    rounded at the size of the LSE (D and the gradient 1.1-1.3x the tolerance, and a clamp-mask flip in
-    JSD put its gradient at 15x)."""
+def test_keeps_fp32_precision_on_large_logits(case):
+    """Logits of standard deviation 24 (maxima near 100): D, s, u and the gradient stay within the fp32
+    tolerance of the float64 formula. Log-probs are formed as (z/T - max/T) - log_sum; as z / T - LSE they
+    rounded at the size of the LSE (D and the gradient 1.1-1.3x the tolerance). The forward's D and H
+    and the backward's h take the same clamp mask: when the forward formed p and q otherwise, a JSD
+    mask flip where the models agree put the gradient at 15x (T = 1) and 11x (T = 0.7)."""
     errors = large_logit_errors(*case, impl="chunked")["chunked"]
     assert max(errors.values()) <= 1.0, errors
 
@@ -461,7 +514,7 @@ def test_tp2_positions_read_rows_in_place(tp2, case, layout):
 
 
 @pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=lambda case: f"{case[0]}-k{case[1]}-T{case[2]}")
-def test_tp2_keeps_fp32_precision_on_logits_of_a_language_models_size(tp2, case):
+def test_tp2_keeps_fp32_precision_on_large_logits(tp2, case):
     """As at TP=1, with the row statistics combined across the two ranks (the terms sweep of its own)."""
     for rank, result in enumerate(tp2):
         errors = result["chunked_large_logits"][case]["chunked"]
@@ -511,8 +564,8 @@ def test_one_sweep_error_stays_near_the_two_sweeps_when_the_models_logits_sit_ap
 
 
 @pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=lambda case: f"{case[0]}-k{case[1]}-T{case[2]}")
-def test_triton_keeps_fp32_precision_on_logits_of_a_language_models_size(tp2, case):
-    """Logits of standard deviation 8 (maxima near 30): D, s, u and the gradient of every Triton forward stay
+def test_triton_keeps_fp32_precision_on_large_logits(tp2, case):
+    """Logits of standard deviation 24 (maxima near 100): D, s, u and the gradient of every Triton forward stay
     within the fp32 tolerance of the float64 formula. Log-probs are formed as (z - max) / T - log_sum; as
     z / T - LSE they rounded at the size of the LSE and reverse KL's gradient missed it by 3.7-8.3x."""
     skip_unless_triton_ran(tp2)

@@ -74,12 +74,13 @@ statistics all-reduces (``fused_triton._one_sweep_terms``), and the shares are s
 
 Precision: arithmetic in fp32 for fp32/bf16/fp16 inputs (fp64 kept by the chunked path), with the
 GPU's approximate exponential and log2 in the Triton kernels; the gradient is rounded once, to the
-logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``. Both
-implementations form log-probs as (z - M) / T - log S: z - M is exact near the max, so they keep
-fp32 precision however large the logits (formed as z / T - LSE they rounded at the size of the LSE,
-and on logits of a language model's size, maxima near 30, reverse KL's gradient missed the fp32
-tolerance by 3.7-8.3x in the Triton kernels; in the chunked path D and the gradient missed it by
-1.1-1.6x, and by 15x where a JSD clamp mask flipped at d = 0). The
+logits' dtype. tests/test_fused_loss.py states the tolerances against ``token_terms``. The Triton
+kernels form log-probs as (z - M) / T - log S, z - M exact near the max; the chunked path as
+(z/T - M/T) - log S, one fused multiply-add with M/T rounded once per row (a shift common to the row,
+which cancels against log S). Both keep fp32 precision however large the logits: formed as
+z / T - LSE they rounded at the size of the LSE, and on logits of standard deviation 24 (maxima near
+100) reverse KL's gradient missed the fp32 tolerance by 3.7-8.3x in the Triton kernels, D and the
+gradient by 1.1-1.6x in the chunked path. The
 one-sweep D is a difference of two terms that each grow with the offset between the two models'
 logits; sweep 1 subtracts each model's first-block max from its own logits before the difference,
 and ``fused_triton._one_sweep_terms`` adds the offsets back in raw logits:

@@ -2,7 +2,7 @@
 
 Blocks of token rows spanning the local vocabulary, about ``_CHUNK_ELEMS`` elements each, so that no
 temporary is larger than a block. Without TP the terms of a block follow its statistics while it is
-in cache and reuse their exponentials (q = exp(a - m) / S). On the CPU the blocks are shared out
+in cache, from the shifted logits (z - max) / T of the statistics. On the CPU the blocks are shared out
 among as many threads as torch's intra-op thread count, each running its block ops single-threaded
 (:func:`block_threads`); every block writes only its own rows, so the result does not depend on the
 thread count. Arithmetic in float32, float64 inputs kept in float64. This is the CPU path and the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +31,8 @@ _MAX_BLOCK_THREADS = 4
 
 
 def _row_blocks(n_b: int, n_t: int, n_cols: int):
-    """Yield (b-slice, t-slice) pairs tiling the [n_b, n_t] token grid, each about _CHUNK_ELEMS / n_cols rows.
+    """Yield (b-slice, t-slice) pairs tiling the [n_b, n_t] token grid, each about _CHUNK_ELEMS / n_cols
+    rows, the slices clipped to the grid.
 
     Slicing the two leading dimensions (rather than flattening them) keeps every block a view, also
     for Megatron's [s, b, V] logits transposed to [b, s, V].
@@ -40,7 +42,87 @@ def _row_blocks(n_b: int, n_t: int, n_cols: int):
     b_step = max(1, rows // t_step)
     for b0 in range(0, n_b, b_step):
         for t0 in range(0, n_t, t_step):
-            yield slice(b0, b0 + b_step), slice(t0, t0 + t_step)
+            yield slice(b0, min(b0 + b_step, n_b)), slice(t0, min(t0 + t_step, n_t))
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The cells [bs, ts] of one block and where their logits rows are.
+
+    ``starts`` (student, teacher): every cell of the block is filled and, in each model, the block's
+    cells read consecutive rows beginning at that row in each of its samples; the rows are then read
+    as views and the gradient is written in place. None: without positions the rows are the cells
+    themselves (views too); with positions the rows are gathered and the gradient scattered back
+    (``rows`` and ``store``).
+    """
+
+    bs: slice
+    ts: slice
+    starts: tuple[int, int] | None = None
+
+    def rows(self, z: torch.Tensor, model: int, cells: Cells, n_cols: int) -> torch.Tensor:
+        """The first ``n_cols`` columns of the rows of this block's cells in ``model`` (0 student, 1 teacher):
+        a view, or with positions and no ``starts`` a copy (an empty cell reads position 0)."""
+        bs, ts = self.bs, self.ts
+        if cells.positions is None:
+            return z[bs, ts, :n_cols]
+        if self.starts is not None:
+            start = self.starts[model]
+            return z[bs, start:start + ts.stop - ts.start, :n_cols]
+        samples = torch.arange(z.shape[0], device=z.device)[bs].unsqueeze(-1)
+        return z[samples, cells.positions[model][bs, ts].clamp(min=0), :n_cols]
+
+    def grad_rows(self, grad: torch.Tensor, cells: Cells, n_cols: int) -> torch.Tensor | None:
+        """The view of ``grad`` that this block's gradient fills, where its rows are a view (else None)."""
+        if cells.positions is not None and self.starts is None:
+            return None
+        return self.rows(grad, 0, cells, n_cols)
+
+    def store(self, grad: torch.Tensor, cells: Cells, n_cols: int, values: torch.Tensor) -> None:
+        """Scatter ``values`` [len bs, len ts, n_cols] into the student rows of this block's filled cells
+        (positions, no ``starts``). ``grad`` must be zero on those rows, as the chunked backward makes it.
+
+        The empty cells of the block add zeros to the row of one of its filled cells (every block that is
+        stored has one: :func:`_blocks` leaves out blocks without), which no other block writes: filled
+        cells read distinct student rows, so blocks on different threads never write the same row. No
+        boolean indexing (a host sync per block on a GPU).
+        """
+        positions = cells.positions[0][self.bs, self.ts]
+        filled = positions >= 0
+        samples = torch.arange(grad.shape[0], device=grad.device)[self.bs].unsqueeze(-1).expand_as(positions)
+        spare = filled.flatten().to(torch.uint8).argmax()  # a filled cell of the block
+        samples = torch.where(filled, samples, samples.flatten()[spare])
+        positions = torch.where(filled, positions, positions.flatten()[spare])
+        values = torch.where(filled.unsqueeze(-1), values, 0.0).to(grad.dtype)
+        grad[:, :, :n_cols].index_put_((samples, positions), values, accumulate=True)
+
+
+def _blocks(cells: Cells, n_cols: int) -> list[_Block]:
+    """The blocks of the chunked sweeps (:func:`_row_blocks`), with positions less those without a filled
+    cell (their D, H, s and u are 0 and their rows get no gradient) and with their ``starts`` where their
+    rows are runs (:class:`_Block`): the trainer's completion rows are, but for the block where a
+    sample's completion ends. One copy of the positions to the host per call."""
+    tiles = _row_blocks(*cells.shape, n_cols)
+    if cells.positions is None:
+        return [_Block(bs, ts) for bs, ts in tiles]
+    positions = torch.stack(cells.positions).cpu()  # [2, b, t]: student, teacher
+    filled = positions[0] >= 0
+    follows = torch.ones_like(filled)  # the cell reads the rows after those of the previous cell, in both models
+    follows[:, 1:] = (positions[:, :, 1:] == positions[:, :, :-1] + 1).all(0)
+    filled_before = torch.nn.functional.pad(filled.cumsum(1), (1, 0)).tolist()  # filled cells before column j
+    breaks_before = torch.nn.functional.pad((~follows).cumsum(1), (1, 0)).tolist()
+    first_rows = positions.tolist()
+    blocks = []
+    for bs, ts in tiles:
+        samples, width = range(bs.start, bs.stop), ts.stop - ts.start
+        counts = [filled_before[i][ts.stop] - filled_before[i][ts.start] for i in samples]
+        if not any(counts):
+            continue
+        runs = all(count == width and breaks_before[i][ts.stop] == breaks_before[i][ts.start + 1] for i, count in
+                   zip(samples, counts))
+        starts = {(first_rows[0][i][ts.start], first_rows[1][i][ts.start]) for i in samples}
+        blocks.append(_Block(bs, ts, starts.pop() if runs and len(starts) == 1 else None))
+    return blocks
 
 
 def _scaled(z_block: torch.Tensor, inv_temp: float, shift: torch.Tensor) -> torch.Tensor:
@@ -59,22 +141,26 @@ def _log_probs(z_block: torch.Tensor, inv_temp: float, row_max: torch.Tensor, lo
     """New tensor log softmax(z/T) of a block = (z/T - M/T) - log_sum, from the global row max M of the
     raw logits and log_sum = log sum exp(z/T - M/T) (:func:`~megatron_renio.losses.fused_plan.combine_stats`).
 
-    Subtracting M/T first keeps the values near the max exact however large the logits are; z/T - LSE
-    in one step rounds every log-prob at the size of the LSE (on logits of spread 8, the size of a
-    language model's, that alone put D's error against float64 at 0.7-1.6x the fp32 tolerance).
+    z/T - M/T is one fused multiply-add with M/T rounded once per row: that rounding is common to the
+    row and cancels against log_sum, and each value is rounded once at its own size, which is small
+    near the max however large the logits are. z/T - LSE in one step rounds every log-prob at the size
+    of the LSE (on logits of spread 24, maxima near 100, D's error against float64 was up to 1.6x the
+    fp32 tolerance).
     """
     return _scaled(z_block, inv_temp, _max_shift(row_max, inv_temp)).sub_(log_sum.unsqueeze(-1))
 
 
-def _block_log_probs(zs, zt, cells: Cells, bs: slice, ts: slice, plan: Plan, row_stats):
-    """(student, teacher) log-prob blocks of cells [bs, ts] (:func:`_log_probs`); ``row_stats`` [4, b, t]
+def _block_log_probs(zs, zt, cells: Cells, block: _Block, plan: Plan, row_stats):
+    """(student, teacher) log-prob blocks of ``block``'s cells (:func:`_log_probs`); ``row_stats`` [4, b, t]
     = (max, log_sum) of the student then the teacher."""
-    return tuple(_log_probs(cells.block(z, i, bs, ts, plan.n_valid), plan.inv_temp, row_stats[2 * i, bs, ts],
+    bs, ts = block.bs, block.ts
+    return tuple(_log_probs(block.rows(z, i, cells, plan.n_valid), plan.inv_temp, row_stats[2 * i, bs, ts],
                             row_stats[2 * i + 1, bs, ts]) for i, z in enumerate((zs, zt)))
 
 
 def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
-    """(max of z, sum of exp((z - max) / T), non-finite per row, (z - max) / T, its exp) over the last dim.
+    """(max of z, sum of exp((z - max) / T), non-finite per row, (z - max) / T as :func:`_log_probs`
+    forms it) over the last dim.
 
     The non-finite test is a row sum of the logits (inf, -inf or NaN anywhere makes it non-finite),
     cheaper on the CPU than an elementwise isfinite.
@@ -82,43 +168,35 @@ def _chunk_stats(z_block: torch.Tensor, inv_temp: float):
     dtype = compute_dtype(z_block)
     if z_block.shape[-1] == 0:  # a TP rank holding only vocabulary padding
         empty = z_block.new_full(z_block.shape[:-1], float("-inf"), dtype=dtype)
-        no_rows = torch.zeros(empty.shape, dtype=torch.bool, device=empty.device)
-        return empty, torch.zeros_like(empty), no_rows, None, None
+        return empty, torch.zeros_like(empty), torch.zeros(empty.shape, dtype=torch.bool, device=empty.device), None
     row_max = z_block.amax(-1).to(dtype)
     bad = ~torch.isfinite(z_block.sum(-1))
     shifted = _scaled(z_block, inv_temp, _max_shift(row_max, inv_temp))
-    exps = shifted.exp()
-    return row_max, exps.sum(-1), bad, shifted, exps
+    return row_max, shifted.exp().sum(-1), bad, shifted
 
 
-def _chunk_elements(ls, lp, plan: Plan, exps=None, want_q: bool = False):
+def _chunk_elements(ls, lp, plan: Plan, want_q: bool = False):
     """(clamped d, h, q or None) of one block, elementwise (module docstring); q = student probabilities.
 
-    ``ls``, ``lp``: the block's student and teacher log-probs (:func:`_log_probs`), overwritten.
-    ``exps``: optional ((exp(a - m_s), S_s), (exp(b - m_t), S_t)) from :func:`_chunk_stats` when those
-    statistics are already global (no TP): then q = exp_s / S_s and p = exp_t / S_t need no new exp.
+    ``ls``, ``lp``: the block's student and teacher log-probs (:func:`_log_probs`), overwritten. Every
+    sweep forms them, and p and q from them, with the same ops, so that the forward's D and H and the
+    backward's h take the same clamp mask bit for bit (for JSD, d_v is of the order of (p_v - q_v)^2:
+    where the models agree, another rounding of p or q can flip its sign).
     """
-
-    def prob(i, log_prob):
-        if exps is None:
-            return log_prob.exp()
-        e, total = exps[i]
-        return e.div_(total.unsqueeze(-1))
-
     q = None
     if plan.kind == FORWARD_KL:
-        p = prob(1, lp)
+        p = lp.exp()
         d = lp.sub_(ls).mul_(p)
         h = p.neg_()
         if want_q:
             q = ls.exp_()
     elif plan.kind == REVERSE_KL:
-        q = prob(0, ls)
+        q = ls.exp()
         d = ls.sub_(lp).mul_(q)
         h = q + d if want_q else q.add_(d)
     else:  # with p' = beta p and q' = (1 - beta) q: m = p' + q', h = q' (ls - lm), d = p' (lp - lm) + h
-        p = prob(1, lp).mul_(plan.beta)
-        q = prob(0, ls).mul_(1.0 - plan.beta)
+        p = lp.exp().mul_(plan.beta)
+        q = ls.exp().mul_(1.0 - plan.beta)
         log_m = torch.add(p, q).clamp_min_(torch.finfo(p.dtype).tiny).log_()
         h = ls.sub_(log_m).mul_(q)
         d = lp.sub_(log_m).mul_(p).add_(h)
@@ -141,35 +219,36 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: in
     n_b, n_t = cells.shape
     nv = plan.n_valid
     dtype = compute_dtype(zs)
-    stats = zs.new_empty((4, n_b, n_t), dtype=dtype)  # max_s, sumexp_s, max_t, sumexp_t; sums to log-sums once global
-    sums = zs.new_empty((2, n_b, n_t), dtype=dtype)  # D, H
+    # max_s, sumexp_s, max_t, sumexp_t (the sums become log-sums once global); zeros where no block goes
+    stats = zs.new_zeros((4, n_b, n_t), dtype=dtype)
+    sums = zs.new_zeros((2, n_b, n_t), dtype=dtype)  # D, H
     bad_rows = torch.zeros((n_b, n_t), dtype=torch.bool, device=zs.device)
     filled = cells.filled()
     fuse = group_size(tp_group) == 1
-    blocks = list(_row_blocks(n_b, n_t, nv))
+    blocks = _blocks(cells, nv)
 
-    def terms(bs, ts, log_probs, exps=None):
-        d, h, _ = _chunk_elements(*log_probs, plan, exps)
-        sums[0, bs, ts], sums[1, bs, ts] = d.sum(-1), h.sum(-1)
+    def terms(block: _Block, log_probs):
+        d, h, _ = _chunk_elements(*log_probs, plan)
+        sums[0, block.bs, block.ts], sums[1, block.bs, block.ts] = d.sum(-1), h.sum(-1)
 
-    def first_sweep(bs, ts):
-        shifted, exps = [], []
+    def first_sweep(block: _Block):
+        bs, ts = block.bs, block.ts
+        shifted = []
         for i, z in enumerate((zs, zt)):
-            row_max, sum_exp, row_bad, a, e = _chunk_stats(cells.block(z, i, bs, ts, nv), plan.inv_temp)
+            row_max, sum_exp, row_bad, a = _chunk_stats(block.rows(z, i, cells, nv), plan.inv_temp)
             stats[2 * i, bs, ts], stats[2 * i + 1, bs, ts] = row_max, sum_exp
             shifted.append(a)
-            exps.append((e, sum_exp))
             bad_rows[bs, ts] |= row_bad
         if fuse:  # without TP a block's statistics are final: finish it while it is in cache
             log_sums = stats[1::2, bs, ts].log_()
-            terms(bs, ts, [a.sub_(log_sum.unsqueeze(-1)) for a, log_sum in zip(shifted, log_sums)], exps)
+            terms(block, [a.sub_(log_sum.unsqueeze(-1)) for a, log_sum in zip(shifted, log_sums)])
 
     for_each_block(blocks, first_sweep, workers)
     bad = (bad_rows if filled is None else bad_rows & filled).any()
     if not fuse:
         maxes, log_sums, bad = combine_stats(stats, bad, tp_group, plan.inv_temp)
         stats[0::2], stats[1::2] = maxes, log_sums
-        for_each_block(blocks, lambda bs, ts: terms(bs, ts, _block_log_probs(zs, zt, cells, bs, ts, plan, stats)),
+        for_each_block(blocks, lambda block: terms(block, _block_log_probs(zs, zt, cells, block, plan, stats)),
                        workers)
     if filled is not None:
         sums.masked_fill_(~filled, 0.0)
@@ -179,24 +258,24 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: in
 
 
 def chunked_grad(zs, zt, cells: Cells, plan: Plan, row_stats, coef, grad, workers: int = 1):
-    """Sweep 3 into the filled rows of ``grad`` (real columns) on ``workers`` threads: coef_h * h -
-    coef_q * q per block; the one-hot term follows. ``row_stats``: from :func:`chunked_forward`."""
+    """Sweep 3 into the rows of the filled cells in ``grad`` (real columns; with positions ``grad`` must
+    be zero there) on ``workers`` threads: coef_h * h - coef_q * q per block; the one-hot term follows.
+    ``row_stats``: from :func:`chunked_forward`."""
     coef_h, coef_q = coef
     nv = plan.n_valid
-    # with positions a store also adds zeros to row 0 of each sample (Cells.store), which another
-    # block may be writing: stores then take turns
-    store_lock = threading.Lock() if cells.positions is not None else contextlib.nullcontext()
 
-    def third_sweep(bs, ts):
-        _, h, q = _chunk_elements(*_block_log_probs(zs, zt, cells, bs, ts, plan, row_stats), plan, want_q=True)
-        out = grad[bs, ts, :nv] if cells.positions is None else None  # a view to write into
+    def third_sweep(block: _Block):
+        bs, ts = block.bs, block.ts
+        _, h, q = _chunk_elements(*_block_log_probs(zs, zt, cells, block, plan, row_stats), plan, want_q=True)
+        out = block.grad_rows(grad, cells, nv)
         g = torch.mul(h, coef_h[bs, ts].unsqueeze(-1), out=out if out is not None and out.dtype == h.dtype else h)
         g.addcmul_(q, coef_q[bs, ts].neg().unsqueeze(-1))
-        if g is not out:
-            with store_lock:
-                cells.store(grad, bs, ts, nv, g)
+        if out is None:
+            block.store(grad, cells, nv, g)
+        elif g is not out:
+            out.copy_(g)
 
-    for_each_block(list(_row_blocks(*cells.shape, nv)), third_sweep, workers)
+    for_each_block(_blocks(cells, nv), third_sweep, workers)
 
 
 @contextlib.contextmanager
@@ -226,7 +305,7 @@ def block_threads(device: torch.device):
 
 
 def for_each_block(blocks: list, fn, workers: int) -> None:
-    """Call ``fn(bs, ts)`` once for every block, on ``workers`` threads taking the next block in turn.
+    """Call ``fn(block)`` once for every block, on ``workers`` threads taking the next block in turn.
 
     ``fn`` must write only its own block's rows. The calling thread is one of the workers; the
     others run under ``torch.no_grad()`` and the caller's inference mode (both are per thread; no
@@ -235,8 +314,8 @@ def for_each_block(blocks: list, fn, workers: int) -> None:
     is done.
     """
     if workers <= 1 or len(blocks) <= 1:
-        for bs, ts in blocks:
-            fn(bs, ts)
+        for block in blocks:
+            fn(block)
         return
     todo = iter(blocks)
     lock = threading.Lock()
@@ -250,7 +329,7 @@ def for_each_block(blocks: list, fn, workers: int) -> None:
             if block is None:
                 return
             try:
-                fn(*block)
+                fn(block)
             except BaseException:
                 failed.set()
                 raise

@@ -65,28 +65,6 @@ class Cells:
             return samples, torch.arange(n_t, device=device).expand(n_b, n_t)
         return samples, self.positions[model].clamp(min=0)
 
-    def block(self, z: torch.Tensor, model: int, bs: slice, ts: slice, n_cols: int) -> torch.Tensor:
-        """The first ``n_cols`` columns of the rows of cells [bs, ts] in ``model``: a view without
-        positions, else a copy of those rows (an empty cell reads position 0)."""
-        if self.positions is None:
-            return z[bs, ts, :n_cols]
-        samples = torch.arange(z.shape[0], device=z.device)[bs].unsqueeze(-1)
-        return z[samples, self.positions[model][bs, ts].clamp(min=0), :n_cols]
-
-    def store(self, grad: torch.Tensor, bs: slice, ts: slice, n_cols: int, values: torch.Tensor) -> None:
-        """Write ``values`` [len bs, len ts, n_cols] into the student rows of the filled cells [bs, ts]
-        (with positions: ``grad`` must be zero on those rows, as the chunked backward makes it)."""
-        if self.positions is None:
-            grad[bs, ts, :n_cols] = values
-            return
-        positions = self.positions[0][bs, ts]
-        filled = (positions >= 0).unsqueeze(-1)
-        samples = torch.arange(grad.shape[0], device=grad.device)[bs].unsqueeze(-1).expand_as(positions)
-        # no boolean indexing (a host sync per block on a GPU): empty cells add zeros to row 0 of their
-        # sample, filled cells of a sample write distinct rows of the zero-initialised gradient
-        grad[:, :, :n_cols].index_put_((samples, positions.clamp(min=0)),
-                                       torch.where(filled, values, 0.0).to(grad.dtype), accumulate=True)
-
     def kernel_positions(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) positions as contiguous int32 [b, t] for the Triton kernels (-1 kept)."""
         if self.positions is None:
