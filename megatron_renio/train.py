@@ -148,7 +148,6 @@ def run(cfg: TrainConfig) -> dict:
         state = read_train_state(cfg.load) if cfg.load else None
         if state is None:
             run_logs.check_new_run_logs(cfg, requeued=bool(cfg.load))
-            run_logs.claim_logs(cfg)
         return state
 
     # Every rank acts on what rank 0 found, and must see the same folders: separate decisions on
@@ -210,6 +209,8 @@ def run(cfg: TrainConfig) -> dict:
     elif cfg.load:
         log0(f"no checkpoint in {cfg.load} yet: starting a new run")
 
+    if saved is None:  # once every check of the input has passed: bad input leaves --save as it was
+        distributed.on_rank0(lambda: run_logs.claim_logs(cfg))
     # --override-save starts the --save folder over unless the run resumes from that folder: its logs
     # now, every checkpoint of the run it replaces at its first save
     replaces_run = cfg.override_save and not (

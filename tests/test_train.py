@@ -487,9 +487,11 @@ def test_a_completion_fits_beside_the_longer_teacher_prompt(workdir):
 
 
 def test_prompts_longer_than_seq_length_are_skipped_or_refused(workdir):
-    proc = train(base_args(workdir, **{"--seq-length": 64, "--max-new-tokens": 8}), check=False)
+    save = workdir / "save_of_a_refused_run"
+    proc = train(base_args(workdir, **{"--seq-length": 64, "--max-new-tokens": 8, "--save": save}), check=False)
     assert proc.returncode == 2
     assert "longer than --seq-length 64" in proc.stderr.strip().splitlines()[-1]
+    assert not save.exists()  # bad input writes nothing
 
 
 @pytest.mark.parametrize(
@@ -501,9 +503,11 @@ def test_prompts_longer_than_seq_length_are_skipped_or_refused(workdir):
     ],
 )
 def test_bad_flags_and_paths(workdir, overrides, expected):
-    proc = train(base_args(workdir, **overrides), check=False)
+    save = workdir / "save_of_a_refused_run"
+    proc = train(base_args(workdir, **overrides, **{"--save": save}), check=False)
     assert proc.returncode == 2
     assert expected in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert not save.exists()  # bad input writes nothing
 
 
 def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
