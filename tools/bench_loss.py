@@ -442,11 +442,7 @@ def run_tp(args, device, dtype, memory):
     import torch.distributed as dist
 
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world != args.tp:
-        raise SystemExit(f"--tp {args.tp} needs torchrun --nproc-per-node {args.tp} (got {world} processes)")
-    if args.vocab % args.tp:
-        raise SystemExit(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
+    rank = dist.get_rank()
     zs, zt, ids = make_inputs(args.tokens, args.vocab, dtype, device)
     local = args.vocab // args.tp
     zs_local = zs.detach()[..., rank * local:(rank + 1) * local].clone().requires_grad_()
@@ -508,6 +504,13 @@ def main(argv=None):
     bad = [k for k in args.kinds if k not in KINDS]
     if bad:
         p.error(f"--kinds: unknown {', '.join(bad)}; allowed: {', '.join(KINDS)}")
+    if args.device == "cuda" and not cuda:
+        p.error("--device cuda: no CUDA device is available to torch here")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp > 1 and world != args.tp:
+        p.error(f"--tp {args.tp} needs torchrun --nproc-per-node {args.tp} (got {world} processes)")
+    if args.vocab % args.tp:
+        p.error(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and cuda) else "cpu")
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
