@@ -350,7 +350,5 @@ def _sampled_logprobs(z, cells: Cells, model: int, row_stats, col, inv_temp: flo
     here, or the cell is empty: 0); ``model`` 0 student, 1 teacher; ``row_stats`` its (max, log_sum)."""
     hit = col >= 0
     samples, positions = cells.index(model, z.device)
-    row_max, log_sum = row_stats
-    value = _scaled(z[samples, positions, col.clamp(min=0)].unsqueeze(-1), inv_temp, _max_shift(row_max, inv_temp))
-    value = value.squeeze(-1) - log_sum
+    value = _log_probs(z[samples, positions, col.clamp(min=0)].unsqueeze(-1), inv_temp, *row_stats).squeeze(-1)
     return torch.where(hit, value, torch.zeros_like(value))
