@@ -104,7 +104,7 @@ HELP = {
     "micro_batch_order": "how a rank's samples form micro-batches: data = in sampling order (the reference's); "
                          "length = longest first, so that each micro-batch pads to samples of similar length "
                          "(needs --renio-scope global, where the grouping does not change the loss)",
-    "data_path": "prompt files: JSONL or parquet",
+    "data_path": "prompt files: JSONL (.jsonl, .jsonl.gz) or parquet",
     "task": "the prompts' instruction (math: reason step by step, answer in \\boxed{}; coding: one python code block); math completions are also graded in the saved samples",
     "peak_tflops": "per-device peak TFLOP/s for the MFU log; 0 = known GPUs by name",
     "metrics_file": "JSONL of the step metrics (without it: --save/metrics.jsonl)",
@@ -528,7 +528,7 @@ def validate(c: TrainConfig) -> None:
             "also when resuming with --load"
         )
     if not c.data_path:
-        raise UserInputError("--data-path is required (one or more JSONL or parquet files)")
+        raise UserInputError("--data-path is required (one or more .jsonl, .jsonl.gz or .parquet files)")
     if c.sequence_parallel and c.tensor_model_parallel_size == 1:
         raise UserInputError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if c.global_batch_size % c.samples_per_prompt:

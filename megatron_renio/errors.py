@@ -13,6 +13,8 @@ for anything else. Entry points print a copy on global rank 0 only, so a job of 
 shows the error twice (the failing rank and rank 0), not a thousand times.
 """
 
+import contextlib
+
 
 class UserInputError(ValueError):
     """Bad input from the user: a one-line message naming what is wrong and where.
@@ -34,3 +36,14 @@ class RankFailure(RuntimeError):
     def __init__(self, reported_by: int, described: str):
         super().__init__(f"rank {reported_by} failed: {described}")
         self.reported_by = reported_by
+
+
+@contextlib.contextmanager
+def about_flag(flag: str):
+    """Reading the value of command-line flag ``flag`` (a path it gives): a :class:`UserInputError`
+    raised inside starts with ``flag: ``, so that a message naming only the file also names the flag
+    that gave it."""
+    try:
+        yield
+    except UserInputError as e:
+        raise UserInputError(f"{flag}: {e}", e.reported_by) from e

@@ -63,7 +63,7 @@ SFT_FLAGS = (
 # Whole help texts of the flags whose trainer text says something untrue of fine-tuning.
 SFT_HELP = {
     "tokenizer": "tokenizer folder (without it: the --pretrained-checkpoint's); default: none",
-    "data_path": "records with a problem and its reference solution: JSONL or parquet; required",
+    "data_path": "records with a problem and its reference solution: JSONL (.jsonl, .jsonl.gz) or parquet; required",
     "model": "named preset, randomly initialised (instead of --pretrained-checkpoint); default: none",
     "solution_field": "field holding the reference solution, the training target; default: solution",
     "task": "prompt template and answer format of the targets; one of math, coding; default: math",
@@ -245,7 +245,7 @@ def run(cfg: SFTConfig) -> list[float]:
     ctx = distributed.initialize(C.parallel_config(t), t.seed, distributed.fingerprint(cfg), t.distributed_timeout_minutes)
     C.samples_per_replica(t, ctx.dp_size)  # refuses a batch that does not split into micro-batches per replica
     check_shared_folder(t.save, f"--save {t.save}")  # every rank writes its shards of the model there
-    source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint/--model")
+    source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint", "--model")
     C.note_untrained_positions(t.seq_length, "model", source)
     C.check_recompute(t, source.preset)
     C.note_local_attention_memory(t, source.preset)

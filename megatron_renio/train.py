@@ -25,7 +25,7 @@ from megatron_renio.entrypoint import run_command
 from megatron_renio.renio.weights import batch_mean_weight_bound
 from megatron_renio.training import resume, run_logs
 from megatron_renio.training.exit_conditions import ExitConditions
-from megatron_renio.training.faults import injected, maybe_die
+from megatron_renio.training.faults import fault_spec, injected, maybe_die
 
 
 def _renio_notes(cfg: TrainConfig) -> list[str]:
@@ -133,12 +133,13 @@ def run(cfg: TrainConfig) -> dict:
     sampling = SamplingConfig(temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
                               top_k=cfg.rollout_top_k, max_new_tokens=cfg.max_new_tokens)
     sampling.validate()
+    fault_spec()
     ctx = distributed.initialize(C.parallel_config(cfg), cfg.seed, distributed.fingerprint(cfg),
                                  cfg.distributed_timeout_minutes)
     samples_per_rank = C.samples_per_replica(cfg, ctx.dp_size)
 
-    student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load/--model")
-    teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load/--teacher-model")
+    student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load", "--model")
+    teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load", "--teacher-model")
                       if cfg.teacher == "separate" else None)
 
     def read_run_folders() -> dict | None:

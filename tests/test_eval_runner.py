@@ -214,7 +214,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "--distributed-timeout-minutes: must be in (0, 10080]": [*load, "--benchmark", str(good),
                                                                  "--distributed-timeout-minutes", "1e30"],
         "--top-p": [*load, "--benchmark", str(good), "--top-p", "1.5"],
-        "not a model checkpoint": ["--load", str(tmp_path), "--benchmark", str(good)],
+        f"--load: {tmp_path} is not a model checkpoint": ["--load", str(tmp_path), "--benchmark", str(good)],
+        f"--tokenizer: tokenizer path {tmp_path / 'nowhere'} does not exist":
+            [*load, "--benchmark", str(good), "--tokenizer", str(tmp_path / "nowhere")],
         "broken.jsonl line 2": [*load, "--benchmark", str(broken)],
         "no such file": [*load, "--benchmark", str(tmp_path / "missing.jsonl")],
         "unknown field preset": [*load, "--benchmark", f"nope={good}"],
@@ -345,8 +347,16 @@ def test_field_flags_name_the_fields_of_files_without_a_preset(tmp_path):
     plain, preset = runner._load_benchmarks(args.benchmark, runner._benchmark_fields(args))
     assert (plain.items[0].id, plain.items[0].prompt, plain.items[0].answer) == ("g1", "1+1?", "2")
     assert (preset.items[0].id, preset.items[0].prompt) == ("a1", "2+2?")
-    with pytest.raises(UserInputError, match=r"gsm\.jsonl line 1: missing field 'final'$"):
+    with pytest.raises(UserInputError, match=r"gsm\.jsonl line 1: missing field 'final' \(name another field with "
+                                             r"--answer-field\)$"):
         runner._load_benchmarks([str(gsm)], {"answer": "final"})
+    unnamed = tmp_path / "unnamed.jsonl"  # the default layout's problem field is absent
+    unnamed.write_text(json.dumps({"question": "1+1?", "answer": 2}) + "\n")
+    with pytest.raises(UserInputError, match=r"unnamed\.jsonl line 1: missing field 'problem' \(name another field "
+                                             r"with --problem-field\)$"):
+        runner._load_benchmarks([str(unnamed)])
+    with pytest.raises(UserInputError, match=r"unnamed\.jsonl line 1: missing field 'problem'$"):  # no flag sets a preset's
+        runner._load_benchmarks([f"aime24={unnamed}"])
     for flags, message in (
         ([f"aime24={aime}", "humaneval", "--answer-field", "final"],
          "--answer-field applies to the benchmark files given without a preset; every --benchmark here has one"),

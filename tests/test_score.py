@@ -258,9 +258,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "'completion_ids' must be a list of integers": [*models, *data("not_ints")],
         "field 'prompt' is empty": [*models, *data("empty_prompt")],
         "leaves no room for the completion in --seq-length 32": [*models, *data("long_prompt"), "--seq-length", "32"],
-        "not a model checkpoint": ["--student-load", str(tmp_path), "--teacher-load", str(paths["teacher"]),
+        "--student-load: " + str(tmp_path) + " is not a model checkpoint": ["--student-load", str(tmp_path), "--teacher-load", str(paths["teacher"]),
                                    *data("good")],
-        "does not exist": [*models, *data("good"), "--tokenizer", str(tmp_path / "nowhere")],
+        "--tokenizer: tokenizer path " + str(tmp_path / "nowhere") + " does not exist":
+            [*models, *data("good"), "--tokenizer", str(tmp_path / "nowhere")],
         "--tensor-model-parallel-size 3 does not divide the student's attention heads (4)":
             [*models, *data("good"), "--tensor-model-parallel-size", "3"],
     }

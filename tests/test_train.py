@@ -394,7 +394,7 @@ def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     assert [(m["step"], m["skipped"]) for m in read_jsonl(requeued_metrics)] == [(3, True)]
 
 
-def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkeypatch):
+def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkeypatch, workdir):
     from megatron_renio.training.faults import injected
 
     assert not injected("nan-grad", 2)
@@ -405,9 +405,16 @@ def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkey
     assert not injected("nan-grad", 2)
     monkeypatch.setenv("MEGATRON_RENIO_FAULT", "nan-logits:2")
     assert injected("nan-logits", 2)
-    monkeypatch.setenv("MEGATRON_RENIO_FAULT", "nan-logit:2")
-    with pytest.raises(ValueError, match="the fault must be one of rollout, backward, checkpoint, nan-logits, nan-grad"):
-        injected("nan-logits", 2)
+    for spec in ("nan-logit:2", "nan-logits", "nan-logits:0", "nan-logits:2:x", "nan-logits:2:1:1"):
+        monkeypatch.setenv("MEGATRON_RENIO_FAULT", spec)
+        with pytest.raises(UserInputError, match=f"^MEGATRON_RENIO_FAULT={spec}: expected <fault>:<iteration>"
+                                                 r"\[:<rank>\], the fault one of rollout, backward, checkpoint, "
+                                                 "nan-logits, nan-grad$"):
+            injected("nan-logits", 2)
+    proc = train(base_args(workdir, **{"--save": workdir / "save_of_a_refused_run"}), check=False, fault="nan-logits")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: MEGATRON_RENIO_FAULT=nan-logits: expected")
+    assert not (workdir / "save_of_a_refused_run").exists()  # refused at start-up
 
 
 def test_too_many_nonfinite_steps_abort_with_a_message(workdir):
@@ -497,9 +504,10 @@ def test_prompts_longer_than_seq_length_are_skipped_or_refused(workdir):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        ({"--student-load": "/nonexistent/ckpt"}, "model checkpoint folder /nonexistent/ckpt does not exist"),
+        ({"--student-load": "/nonexistent/ckpt"}, "--student-load: model checkpoint folder /nonexistent/ckpt does not exist"),
+        ({"--teacher-load": "/nonexistent/ckpt"}, "--teacher-load: model checkpoint folder /nonexistent/ckpt does not exist"),
         ({"--renio-clip": 0}, "--renio-clip must be > 0"),
-        ({"--tokenizer": "/nonexistent/tok"}, "/nonexistent/tok"),
+        ({"--tokenizer": "/nonexistent/tok"}, "--tokenizer: tokenizer path /nonexistent/tok does not exist"),
     ],
 )
 def test_bad_flags_and_paths(workdir, overrides, expected):

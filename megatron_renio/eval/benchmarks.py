@@ -176,12 +176,15 @@ def _defines(prompt: str, entry_point: str | None) -> bool:
                for node in tree.body)
 
 
-def _field(record: Mapping, name: str | None, where: str, *, required: bool):
+def _field(record: Mapping, name: str | None, where: str, *, required: bool, flag: str | None = None):
+    """``record[name]``; None where ``name`` is None, or the field is absent or null and not ``required``
+    (else one line, naming ``flag`` when a flag chooses another field)."""
     if name is None:
         return None
     if name not in record or record[name] is None:
         if required:
-            raise UserInputError(f"{where}: missing field '{name}'")
+            hint = f" (name another field with {flag})" if flag else ""
+            raise UserInputError(f"{where}: missing field '{name}'{hint}")
         return None
     return record[name]
 
@@ -192,14 +195,15 @@ def _text(value, name: str, where: str) -> str:
     return value
 
 
-def _item(record: Mapping, layout: dict, where: str, default_id: str) -> BenchmarkItem:
+def _item(record: Mapping, layout: dict, where: str, default_id: str, field_flags: Mapping[str, str]) -> BenchmarkItem:
     task = layout["task"]
-    prompt = _text(_field(record, layout["prompt"], where, required=True), layout["prompt"], where)
+    prompt = _field(record, layout["prompt"], where, required=True, flag=field_flags.get("prompt"))
+    prompt = _text(prompt, layout["prompt"], where)
     raw_id = _field(record, layout.get("id"), where, required=False)
     item_id = default_id if raw_id is None else str(raw_id)
     if task == "math":
         name = layout["answer"]
-        answer = _field(record, name, where, required=True)
+        answer = _field(record, name, where, required=True, flag=field_flags.get("answer"))
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise UserInputError(f"{where}: field '{name}' must be a string or a number")
         if isinstance(answer, float) and not math.isfinite(answer):
@@ -234,9 +238,13 @@ def load_benchmark(
     name_or_path: str,
     task: str | None = None,
     fields: str | Mapping[str, str | None] | None = None,
+    field_flags: Mapping[str, str] | None = None,
 ) -> list[BenchmarkItem]:
     """Load a benchmark as :class:`BenchmarkItem` s (see the module docstring for the formats,
-    layouts and presets). Raises :class:`UserInputError` for any problem with the input."""
+    layouts and presets). Raises :class:`UserInputError` for any problem with the input.
+
+    ``field_flags``: layout key -> the command-line flag that names another field for it, which the
+    message of a record missing that field names."""
     if name_or_path == "humaneval":
         path = _humaneval_path()
         fields = "humaneval" if fields is None else fields
@@ -254,7 +262,7 @@ def load_benchmark(
     for row in read_rows(path, RECORD_EXTENSIONS):
         if layout is None:
             layout = _resolve_layout(fields, task, row.fields)
-        items.append(_item(row.fields, layout, row.where, default_id=f"{base}:{row.number}"))
+        items.append(_item(row.fields, layout, row.where, f"{base}:{row.number}", field_flags or {}))
     if not items:
         raise UserInputError(f"benchmark file {path}: no records")
     return items

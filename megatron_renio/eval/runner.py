@@ -87,7 +87,7 @@ from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, POSITIVE_INT, _
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
-from megatron_renio.errors import UserInputError
+from megatron_renio.errors import UserInputError, about_flag
 from megatron_renio.output_paths import check_output_file, write_atomic
 
 BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -278,7 +278,8 @@ def _load_benchmarks(specs: list[str], fields: dict[str, str] | None = None) -> 
         name = preset or Path(path).name.split(".")[0]
         if any(b.name == name for b in benchmarks):
             raise UserInputError(f"--benchmark: two benchmarks are named {name!r}; prefix one with its preset")
-        benchmarks.append(Benchmark(name, load_benchmark(path, fields=fields if preset is None else preset)))
+        flags = {} if preset else {key: "--" + flag.replace("_", "-") for flag, key in FIELD_FLAGS.items()}
+        benchmarks.append(Benchmark(name, load_benchmark(path, fields=preset or fields, field_flags=flags)))
     return benchmarks
 
 
@@ -391,13 +392,15 @@ def run(args: argparse.Namespace) -> dict | None:
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
     from megatron_renio.rollout.generate import generate
 
-    meta = read_checkpoint_metadata(args.load)
+    with about_flag("--load"):
+        meta = read_checkpoint_metadata(args.load)
     tokenizer_path = args.tokenizer or meta.tokenizer_dir
     if tokenizer_path is None:
         raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
     sampling = _sampling(args, tokenizer_path)
     benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
-    tokenizer = load_tokenizer(str(tokenizer_path))
+    with about_flag("--tokenizer" if args.tokenizer else "--load"):
+        tokenizer = load_tokenizer(str(tokenizer_path))
     if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
         tokenizer.add_stop_ids(meta.generation_config.parent)
     vocab = meta.preset.vocab_size

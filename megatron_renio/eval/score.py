@@ -68,7 +68,7 @@ from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
 from megatron_renio.data import records
 from megatron_renio.data.records import RECORD_EXTENSIONS
-from megatron_renio.errors import UserInputError
+from megatron_renio.errors import UserInputError, about_flag
 from megatron_renio.entrypoint import run_command
 from megatron_renio.distributed import log0, on_rank0
 from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines, same_file
@@ -128,8 +128,11 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     if "seq_length" not in values:  # what both models were trained for
         from megatron_renio.models.checkpoint import read_checkpoint_metadata
 
-        longest = min(read_checkpoint_metadata(values[name]).preset.max_position_embeddings
-                      for name in ("student_load", "teacher_load"))
+        lengths = []
+        for name in ("student_load", "teacher_load"):
+            with about_flag(_flag(name)):
+                lengths.append(read_checkpoint_metadata(values[name]).preset.max_position_embeddings)
+        longest = min(lengths)
         values["seq_length"] = max(8, longest // 8 * 8)
     micro_batch_size = values.get("micro_batch_size", TrainConfig.micro_batch_size)
     # Fixed settings that make training's cross-flag checks hold for a scoring run.

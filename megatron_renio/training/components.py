@@ -9,6 +9,7 @@ builders (models, DDP, optimizer) and the collective checks run after
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from megatron_renio.data.templates import build_prompt_ids
 from megatron_renio.data.token_sequences import TokenSequences
 from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_renio.distributed import ParallelConfig, log0
-from megatron_renio.errors import UserInputError
+from megatron_renio.errors import UserInputError, about_flag
 from megatron_renio.losses.divergence import DivergenceConfig
 from megatron_renio.models.builder import ModelInfo, build_gpt_model, freeze, padded_vocab_size
 from megatron_renio.models.presets import ModelPreset, get_preset
@@ -81,15 +82,20 @@ class ModelSource:
     generation_config: Path | None = None
 
 
-def resolve_model(checkpoint: str | None, preset_name: str | None, flag: str) -> ModelSource:
+def resolve_model(checkpoint: str | None, preset_name: str | None, load_flag: str, preset_flag: str | None = None
+                  ) -> ModelSource:
+    """The model that ``checkpoint`` (the value of ``load_flag``) or else preset ``preset_name`` (of
+    ``preset_flag``) names; errors name the flag."""
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
 
     if checkpoint:
-        meta = read_checkpoint_metadata(checkpoint)
+        with about_flag(load_flag):
+            meta = read_checkpoint_metadata(checkpoint)
         return ModelSource(meta.preset, Path(checkpoint), meta.tokenizer_dir, meta.generation_config)
     if preset_name:
-        return ModelSource(get_preset(preset_name), None, None)
-    raise UserInputError(f"{flag}: no checkpoint or preset given")
+        with about_flag(preset_flag):
+            return ModelSource(get_preset(preset_name), None, None)
+    raise UserInputError(f"{'/'.join(filter(None, (load_flag, preset_flag)))}: no checkpoint or preset given")
 
 
 def note_untrained_positions(seq_length: int, role: str, source: ModelSource | None) -> None:
@@ -135,7 +141,8 @@ def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSou
     path = cfg.tokenizer or (student.tokenizer_dir and str(student.tokenizer_dir))
     if not path:
         raise UserInputError("no tokenizer: give --tokenizer (an HF tokenizer folder or a sentencepiece model)")
-    tokenizer = load_tokenizer(path)
+    with about_flag("--tokenizer") if cfg.tokenizer else contextlib.nullcontext():
+        tokenizer = load_tokenizer(path)
     if cfg.tokenizer and student.generation_config is not None:
         tokenizer.add_stop_ids(student.generation_config.parent)
     label = f"--tokenizer {path}" if cfg.tokenizer else f"the student's ({path})"

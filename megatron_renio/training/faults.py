@@ -10,20 +10,31 @@ NaN behind a finite loss). Unset, each point costs one dictionary lookup.
 """
 
 import os
+import re
 import signal
+
+from megatron_renio.errors import UserInputError
 
 FATAL = ("rollout", "backward", "checkpoint")
 NONFINITE = ("nan-logits", "nan-grad")
 
 
-def injected(fault: str, iteration: int) -> bool:
-    """Whether ``MEGATRON_RENIO_FAULT`` names ``fault`` at ``iteration`` (and this rank); a value
-    naming no known fault raises ValueError."""
+def fault_spec() -> str | None:
+    """The value of ``MEGATRON_RENIO_FAULT`` (None: unset); a value of another form, or naming no known
+    fault, is a :class:`UserInputError` (the trainer checks it at start-up)."""
     spec = os.environ.get("MEGATRON_RENIO_FAULT")
+    if spec is not None and (spec.split(":")[0] not in FATAL + NONFINITE
+                             or not re.fullmatch(r"[\w-]+:[1-9]\d*(:\d+)?", spec)):
+        raise UserInputError(f"MEGATRON_RENIO_FAULT={spec}: expected <fault>:<iteration>[:<rank>], the fault one "
+                             f"of {', '.join(FATAL + NONFINITE)}")
+    return spec
+
+
+def injected(fault: str, iteration: int) -> bool:
+    """Whether ``MEGATRON_RENIO_FAULT`` names ``fault`` at ``iteration`` (and this rank)."""
+    spec = fault_spec()
     if spec is None:
         return False
-    if spec.split(":")[0] not in FATAL + NONFINITE:
-        raise ValueError(f"MEGATRON_RENIO_FAULT={spec}: the fault must be one of {', '.join(FATAL + NONFINITE)}")
     here = f"{fault}:{iteration}"
     return spec == here or spec == f"{here}:{os.environ.get('RANK', '0')}"
 
