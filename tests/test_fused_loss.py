@@ -315,18 +315,30 @@ def test_block_threads_follow_torch_up_to_the_cap_on_the_cpu_only():
         assert (workers, torch.get_num_threads()) == (1, 2)  # another device: torch's setting untouched
 
 
-def test_for_each_block_calls_every_block_once_across_threads():
+def test_for_each_block_calls_every_block_once_across_threads_each_with_its_own_scratch():
     calls, lock = [], threading.Lock()
 
-    def record(block):
+    def record(block, scratch):
         time.sleep(0.002)  # long enough that every thread takes blocks
         with lock:
-            calls.append((block, threading.get_ident()))
+            calls.append((block, threading.get_ident(), id(scratch)))
 
     blocks = [(b, t) for b in range(3) for t in range(10)]
     fused_chunked.for_each_block(blocks, record, 3)
-    assert sorted(block for block, _ in calls) == blocks
-    assert len({thread for _, thread in calls}) == 3
+    assert sorted(block for block, _, _ in calls) == blocks
+    assert len({thread for _, thread, _ in calls}) == 3
+    assert len({(thread, scratch) for _, thread, scratch in calls}) == 3  # one scratch per thread
+
+
+def test_scratch_buffers_are_reused_and_grow_when_a_block_needs_more():
+    scratch = fused_chunked._Scratch()
+    first = scratch.take("a", torch.Size([4, 5]), torch.float32, torch.device("cpu"))
+    smaller = scratch.take("a", torch.Size([2, 3]), torch.float32, torch.device("cpu"))
+    assert smaller.is_contiguous() and smaller.data_ptr() == first.data_ptr()
+    assert scratch.take("b", torch.Size([2, 3]), torch.float32, torch.device("cpu")).data_ptr() != first.data_ptr()
+    larger = scratch.take("a", torch.Size([5, 5]), torch.float32, torch.device("cpu"))
+    assert larger.shape == (5, 5) and larger.data_ptr() != first.data_ptr()
+    assert scratch.like("a", torch.zeros(3, 2, dtype=torch.float64)).dtype == torch.float64
 
 
 @pytest.mark.parametrize("failing_thread", ["caller", "helper"])
@@ -335,7 +347,7 @@ def test_for_each_block_raises_the_first_error_after_the_threads_stop(failing_th
     thread it happened on."""
     caller, done, failed = threading.get_ident(), [], []
 
-    def fail_once(block):
+    def fail_once(block, scratch):
         time.sleep(0.002)
         done.append(block)
         if not failed and (threading.get_ident() == caller) == (failing_thread == "caller"):
