@@ -330,6 +330,25 @@ def test_for_each_block_calls_every_block_once_across_threads_each_with_its_own_
     assert len({(thread, scratch) for _, thread, scratch in calls}) == 3  # one scratch per thread
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_chunked_sweeps_allocate_no_block_sized_tensor_per_block(kind, monkeypatch):
+    """Forward and backward allocate as many block-sized tensors (each thread's scratch buffers) for 20
+    blocks as for 40: no block op allocates one (_Scratch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 4 * 500)  # blocks of 4 rows: 8,000 bytes
+    counts = []
+    for rows in (40, 80):
+        student, teacher, tokens, _, _ = make_logits(2, rows, 500, seed=19)
+        cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=1.0, token_clip=0.05)
+        with intra_op_threads(1), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            leaf = student.requires_grad_()
+            fused_token_terms(leaf, teacher, tokens, cfg, VocabShard(0, 500, 500), impl="chunked").divergence.sum().backward()
+        gradient_bytes = student.numel() * 4
+        counts.append(sum(4 * 500 * 4 <= e.self_cpu_memory_usage < gradient_bytes for e in prof.events()))
+    assert counts[0] == counts[1] and 0 < counts[0] <= 12, counts
+
+
 def test_scratch_buffers_are_reused_and_grow_when_a_block_needs_more():
     scratch = fused_chunked._Scratch()
     first = scratch.take("a", torch.Size([4, 5]), torch.float32, torch.device("cpu"))
