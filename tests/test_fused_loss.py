@@ -152,32 +152,36 @@ def test_positions_read_rows_in_place(case, monkeypatch):
 
 
 def test_blocks_read_runs_of_rows_as_views_and_leave_out_empty_blocks(monkeypatch):
-    """How the chunked sweeps read each block through positions (``_blocks``): ``starts`` where every cell
+    """How the chunked sweeps read each block through positions (``chunked_blocks``): ``starts`` where every cell
     is filled and both models' rows are consecutive from the same row in each of the block's samples."""
     monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 6 * 100)  # 6 rows: blocks of 2 samples x 3 cells
     student = torch.tensor([[2, 3, 4], [2, 3, 4], [1, 2, 3], [4, 5, 6]])
     teacher = torch.tensor([[5, 6, 7], [5, 6, 7], [1, 2, 3], [4, 5, 6]])
-    blocks = fused_chunked._blocks(fused_plan.Cells((4, 3), (student, teacher)), 100)
+    blocks = fused_chunked.chunked_blocks(fused_plan.Cells((4, 3), (student, teacher)), 100)
     assert [(b.bs, b.ts, b.starts) for b in blocks] == [(slice(0, 2), slice(0, 3), (2, 5)),  # one run in both samples
                                                          (slice(2, 4), slice(0, 3), None)]  # runs from other rows
     monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 3 * 100)  # blocks of 1 sample x 3 cells
     student = torch.tensor([[0, 1, -1], [-1, -1, -1], [3, 5, 6], [3, 4, 5], [7, 8, 9]])
     teacher = torch.tensor([[0, 1, 0], [0, 0, 0], [3, 4, 5], [3, 4, 6], [9, 10, 11]])
-    blocks = fused_chunked._blocks(fused_plan.Cells((5, 3), (student, teacher)), 100)
+    blocks = fused_chunked.chunked_blocks(fused_plan.Cells((5, 3), (student, teacher)), 100)
     assert [(b.bs.start, b.starts) for b in blocks] == [(0, None), (2, None), (3, None), (4, (7, 9))]
 
 
 def test_runs_of_rows_across_samples_match_gathered_rows(monkeypatch):
     """Every sample's completion at the same rows (as ``tools/bench_loss.py --prompt-rows`` lays them out):
     blocks of two samples read them as views and write the gradient in place, with the numbers of
-    ``token_terms`` on the gathered rows, and zeros on the prompt rows."""
+    ``token_terms`` on the gathered rows, and zeros on the prompt rows. The blocks are made once, for
+    forward and backward (each making copies the positions to the host)."""
     monkeypatch.setattr(fused_chunked, "_CHUNK_ELEMS", 6 * 130)
+    made = []
+    monkeypatch.setattr(fused, "chunked_blocks", lambda *a: made.append(a) or fused_chunked.chunked_blocks(*a))
     student, teacher, tokens, grad_d, grad_s = make_logits(4, 7, 130, seed=21)
     rows = torch.arange(4, 7).expand(4, 3)
     args = (student, teacher, tokens[:, :3], config(CASES[6]), VocabShard(0, 130, 120), None, grad_d[:, :3],
             grad_s[:, :3])
-    assert [b.starts for b in fused_chunked._blocks(fused_plan.Cells((4, 3), (rows, rows)), 120)] == [(4, 4)] * 2
+    assert [b.starts for b in fused_chunked.chunked_blocks(fused_plan.Cells((4, 3), (rows, rows)), 120)] == [(4, 4)] * 2
     got = run_path(fused_token_terms, *args, impl="chunked", positions=(rows, rows))
+    assert len(made) == 1
     assert_same(got, run_path(fused._unfused_on_rows, *args, positions=(rows, rows)))
     assert (got["grad"][:, :4] == 0).all()
 

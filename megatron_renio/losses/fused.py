@@ -114,7 +114,7 @@ from torch.autograd.function import once_differentiable
 from megatron_renio.errors import UserInputError
 from megatron_renio.losses import fused_triton
 from megatron_renio.losses.divergence import DivergenceConfig, TokenTerms, gather_grid, token_terms
-from megatron_renio.losses.fused_chunked import block_threads, chunked_forward, chunked_grad
+from megatron_renio.losses.fused_chunked import block_threads, chunked_blocks, chunked_forward, chunked_grad
 from megatron_renio.losses.fused_plan import Cells, Plan
 from megatron_renio.losses.fused_triton import triton_available
 from megatron_renio.renio.vocab_parallel import VocabShard, compute_dtype, group_size
@@ -134,12 +134,15 @@ class _FusedTokenTerms(torch.autograd.Function):
         here = (local >= 0) & (local < plan.n_valid)
         filled = cells.filled()
         col = torch.where(here if filled is None else here & filled, local, -1)
+        blocks = None  # the chunked path's, for its backward too
         if use_triton:
             col = col.to(torch.int32).contiguous()
             row_stats, d_sum, h_sum, s, u, bad = fused_triton.triton_forward(zs, zt, cells, col, plan, tp_group)
         else:
+            blocks = chunked_blocks(cells, plan.n_valid)
             with block_threads(zs.device) as workers:
-                row_stats, d_sum, h_sum, s, u, bad = chunked_forward(zs, zt, cells, col, plan, tp_group, workers)
+                row_stats, d_sum, h_sum, s, u, bad = chunked_forward(zs, zt, cells, blocks, col, plan, tp_group,
+                                                                     workers)
         per_token = torch.stack([d_sum, h_sum, s, u])
         if group_size(tp_group) > 1:
             dist.all_reduce(per_token, group=tp_group)
@@ -148,7 +151,7 @@ class _FusedTokenTerms(torch.autograd.Function):
         if need_grad:
             in_vocab = (tokens >= 0) & (tokens < shard.true_vocab_size)  # else s = 0, a constant
             ctx.save_for_backward(zs, zt, row_stats, h_sum, col, in_vocab)
-        ctx.cells, ctx.plan, ctx.use_triton = cells, plan, use_triton
+        ctx.cells, ctx.plan, ctx.use_triton, ctx.blocks = cells, plan, use_triton, blocks
         ctx.grad_launch = fused_triton.TRITON_GRAD_LAUNCH  # the launch in effect at the forward, as for its kernels
         return d_sum, s, u, bad
 
@@ -172,7 +175,7 @@ class _FusedTokenTerms(torch.autograd.Function):
                 grad[..., plan.n_valid:] = 0
             else:
                 grad = torch.zeros_like(zs)
-            chunked_grad(zs, zt, cells, plan, row_stats, (coef_h, coef_q), grad, workers)
+            chunked_grad(zs, zt, cells, ctx.blocks, plan, row_stats, (coef_h, coef_q), grad, workers)
             samples, positions = cells.index(0, zs.device)  # coef_x is 0 at empty cells
             grad.index_put_((samples.expand_as(positions), positions, col.clamp(min=0)), coef_x.to(grad.dtype),
                             accumulate=True)

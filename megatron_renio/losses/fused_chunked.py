@@ -113,7 +113,7 @@ class _Block:
         (positions, no ``starts``). ``grad`` must be zero on those rows, as the chunked backward makes it.
 
         The empty cells of the block add zeros to the row of one of its filled cells (every block that is
-        stored has one: :func:`_blocks` leaves out blocks without), which no other block writes: filled
+        stored has one: :func:`chunked_blocks` leaves out blocks without), which no other block writes: filled
         cells read distinct student rows, so blocks on different threads never write the same row. No
         boolean indexing (a host sync per block on a GPU).
         """
@@ -127,11 +127,12 @@ class _Block:
         grad[:, :, :n_cols].index_put_((samples, positions), values, accumulate=True)
 
 
-def _blocks(cells: Cells, n_cols: int) -> list[_Block]:
+def chunked_blocks(cells: Cells, n_cols: int) -> list[_Block]:
     """The blocks of the chunked sweeps (:func:`_row_blocks`), with positions less those without a filled
     cell (their D, H, s and u are 0 and their rows get no gradient) and with their ``starts`` where their
     rows are runs (:class:`_Block`): the trainer's completion rows are, but for the block where a
-    sample's completion ends. One copy of the positions to the host per call."""
+    sample's completion ends. Made once per call (it copies the positions to the host), for
+    :func:`chunked_forward` and :func:`chunked_grad`."""
     tiles = _row_blocks(*cells.shape, n_cols)
     if cells.positions is None:
         return [_Block(bs, ts) for bs, ts in tiles]
@@ -246,8 +247,8 @@ def _chunk_elements(ls, lp, plan: Plan, scratch: _Scratch, want_q: bool = False)
     return d, h, q
 
 
-def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: int = 1):
-    """Sweeps 1 and 2 with the chunked path on ``workers`` threads (:func:`block_threads`): the row
+def chunked_forward(zs, zt, cells: Cells, blocks: list[_Block], col, plan: Plan, tp_group, workers: int = 1):
+    """Sweeps 1 and 2 over ``blocks`` (:func:`chunked_blocks`) on ``workers`` threads (:func:`block_threads`): the row
     statistics that :func:`chunked_grad` reads ([4, b, t]: the global max of the raw logits and
     log_sum, :func:`_log_probs`, of the student then the teacher), per cell (D, H, s, u) of this
     shard, and the flag.
@@ -263,7 +264,6 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: in
     bad_rows = torch.zeros((n_b, n_t), dtype=torch.bool, device=zs.device)
     filled = cells.filled()
     fuse = group_size(tp_group) == 1
-    blocks = _blocks(cells, nv)
 
     def terms(block: _Block, log_probs, scratch: _Scratch):
         d, h, _ = _chunk_elements(*log_probs, plan, scratch)
@@ -298,10 +298,10 @@ def chunked_forward(zs, zt, cells: Cells, col, plan: Plan, tp_group, workers: in
     return stats, sums[0], sums[1], s, u, bad
 
 
-def chunked_grad(zs, zt, cells: Cells, plan: Plan, row_stats, coef, grad, workers: int = 1):
-    """Sweep 3 into the rows of the filled cells in ``grad`` (real columns; with positions ``grad`` must
-    be zero there) on ``workers`` threads: coef_h * h - coef_q * q per block; the one-hot term follows.
-    ``row_stats``: from :func:`chunked_forward`."""
+def chunked_grad(zs, zt, cells: Cells, blocks: list[_Block], plan: Plan, row_stats, coef, grad, workers: int = 1):
+    """Sweep 3 over ``blocks`` into the rows of the filled cells in ``grad`` (real columns; with positions
+    ``grad`` must be zero there) on ``workers`` threads: coef_h * h - coef_q * q per block; the one-hot
+    term follows. ``blocks`` and ``row_stats``: as :func:`chunked_forward` had them."""
     coef_h, coef_q = coef
     nv = plan.n_valid
 
@@ -317,7 +317,7 @@ def chunked_grad(zs, zt, cells: Cells, plan: Plan, row_stats, coef, grad, worker
         elif g is not out:
             out.copy_(g)
 
-    for_each_block(_blocks(cells, nv), third_sweep, workers)
+    for_each_block(blocks, third_sweep, workers)
 
 
 @contextlib.contextmanager
