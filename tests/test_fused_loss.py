@@ -359,8 +359,11 @@ def test_scratch_buffers_are_reused_and_grow_when_a_block_needs_more():
     smaller = scratch.take("a", torch.Size([2, 3]), torch.float32, torch.device("cpu"))
     assert smaller.is_contiguous() and smaller.data_ptr() == first.data_ptr()
     assert scratch.take("b", torch.Size([2, 3]), torch.float32, torch.device("cpu")).data_ptr() != first.data_ptr()
+    assert scratch.take("a", torch.Size([4, 5]), torch.float32, torch.device("cpu")) is first  # no new view
     larger = scratch.take("a", torch.Size([5, 5]), torch.float32, torch.device("cpu"))
     assert larger.shape == (5, 5) and larger.data_ptr() != first.data_ptr()
+    again = scratch.take("a", torch.Size([4, 5]), torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == larger.data_ptr()  # a view of the grown buffer, not of the old one
     assert scratch.like("a", torch.zeros(3, 2, dtype=torch.float64)).dtype == torch.float64
 
 

@@ -45,15 +45,22 @@ class _Scratch:
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}  # (name, shape, dtype, device) -> the view ``take`` gives
 
     def take(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Buffer ``name`` as a contiguous tensor of ``shape`` (its values are left over from earlier
-        blocks); grown when a block needs more."""
-        count = shape.numel()
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < count or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._buffers[name] = torch.empty(count, dtype=dtype, device=device)
-        return buffer[:count].view(shape)
+        blocks); grown when a block needs more. The same tensor object for the same shape (blocks are
+        of one or two shapes), which costs a dictionary lookup, not two view ops."""
+        key = (name, shape, dtype, device)
+        view = self._views.get(key)
+        if view is None:
+            count = shape.numel()
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.numel() < count or buffer.dtype != dtype or buffer.device != device:
+                buffer = self._buffers[name] = torch.empty(count, dtype=dtype, device=device)
+                self._views = {k: v for k, v in self._views.items() if k[0] != name}  # views of the old buffer
+            view = self._views[key] = buffer[:count].view(shape)
+        return view
 
     def like(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Buffer ``name`` with the shape, dtype and device of ``tensor``."""
