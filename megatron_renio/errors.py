@@ -39,11 +39,13 @@ class RankFailure(RuntimeError):
 
 
 @contextlib.contextmanager
-def about_flag(flag: str):
+def about_flag(flag: str | None):
     """Reading the value of command-line flag ``flag`` (a path it gives): a :class:`UserInputError`
     raised inside starts with ``flag: ``, so that a message naming only the file also names the flag
-    that gave it."""
+    that gave it. ``flag`` None (the value came from no flag): messages pass unchanged."""
     try:
         yield
     except UserInputError as e:
+        if flag is None:
+            raise
         raise UserInputError(f"{flag}: {e}", e.reported_by) from e

@@ -377,3 +377,16 @@ def test_every_loss_flag_reaches_the_loss_settings():
     assert settings.renio == ReNIOConfig(enabled=True, clip=1.5, threshold=0.3, temperature=2.0, norm="clamp",
                                          scope="global", max_weight=3.0)
     assert (settings.loss_kind, settings.impl) == ("divergence", "unfused")
+
+
+def test_about_flag_names_the_flag_in_input_errors_only():
+    from megatron_renio.errors import UserInputError, about_flag
+
+    with pytest.raises(UserInputError, match=r"^--load: folder x does not exist$") as raised:
+        with about_flag("--load"):
+            raise UserInputError("folder x does not exist", reported_by=3)
+    assert raised.value.reported_by == 3
+    with pytest.raises(UserInputError, match=r"^folder x does not exist$"), about_flag(None):
+        raise UserInputError("folder x does not exist")
+    with pytest.raises(KeyError), about_flag("--load"):  # not bad input: left as it is
+        raise KeyError("x")

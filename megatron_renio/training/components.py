@@ -9,7 +9,6 @@ builders (models, DDP, optimizer) and the collective checks run after
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSou
     path = cfg.tokenizer or (student.tokenizer_dir and str(student.tokenizer_dir))
     if not path:
         raise UserInputError("no tokenizer: give --tokenizer (an HF tokenizer folder or a sentencepiece model)")
-    with about_flag("--tokenizer") if cfg.tokenizer else contextlib.nullcontext():
+    with about_flag("--tokenizer" if cfg.tokenizer else None):
         tokenizer = load_tokenizer(path)
     if cfg.tokenizer and student.generation_config is not None:
         tokenizer.add_stop_ids(student.generation_config.parent)
