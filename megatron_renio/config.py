@@ -210,8 +210,9 @@ class TrainConfig:
     debug: bool = False
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag_name(field: str) -> str:
+    """The command-line flag of a config field: ``--`` and the name with dashes for underscores."""
+    return "--" + field.replace("_", "-")
 
 
 def typed_arg(kind, check, allowed: str):
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", action=_GivenOnce,
                         help="YAML file whose keys are flag names; CLI flags override it")
     for f in dataclasses.fields(TrainConfig):
-        flag = _flag(f.name)
+        flag = flag_name(f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         words = [HELP.get(f.name), f"one of {', '.join(CHOICES[f.name])}" if f.name in CHOICES else None,
                  "required" if f.name == "data_path" else
@@ -416,7 +417,7 @@ def _load_yaml(path: str) -> dict:
         if name not in fields:
             raise UserInputError(f"--config {path}: unknown key {key!r}")
         if name in out:
-            raise UserInputError(f"--config {path}: key {key!r} sets {_flag(name)} again")
+            raise UserInputError(f"--config {path}: key {key!r} sets {flag_name(name)} again")
         out[name] = _yaml_value(path, key, fields[name], value)
     return out
 
@@ -455,23 +456,23 @@ def validate(c: TrainConfig) -> None:
     )
     for name in positive_ints:
         value = getattr(c, name)
-        _check(isinstance(value, int) and value >= 1, _flag(name), "an integer >= 1", value)
+        _check(isinstance(value, int) and value >= 1, flag_name(name), "an integer >= 1", value)
     for name in ("save_interval", "exit_interval", "lr_warmup_iters", "rollout_top_k", "save_samples_interval"):
         value = getattr(c, name)
-        _check(isinstance(value, int) and value >= 0, _flag(name), "an integer >= 0", value)
+        _check(isinstance(value, int) and value >= 0, flag_name(name), "an integer >= 0", value)
     for f in dataclasses.fields(c):  # what `--save "$SAVE"` passes when the variable is unset
         value = getattr(c, f.name)
         if value == "" or (isinstance(value, list) and "" in value):
-            raise UserInputError(f"{_flag(f.name)} is empty (an unset shell variable?): give a value or leave the flag out")
+            raise UserInputError(f"{flag_name(f.name)} is empty (an unset shell variable?): give a value or leave the flag out")
     _check(c.lr >= 0, "--lr", ">= 0", c.lr)
     _check(0 <= c.min_lr <= max(c.lr, 0), "--min-lr", f"in [0, --lr={c.lr}]", c.min_lr)
     _check(c.weight_decay >= 0, "--weight-decay", ">= 0", c.weight_decay)
     _check(c.clip_grad >= 0, "--clip-grad", ">= 0 (0 disables clipping)", c.clip_grad)
     for name in ("adam_beta1", "adam_beta2"):
-        _check(0 <= getattr(c, name) < 1, _flag(name), "in [0, 1)", getattr(c, name))
+        _check(0 <= getattr(c, name) < 1, flag_name(name), "in [0, 1)", getattr(c, name))
     _check(c.adam_eps > 0, "--adam-eps", "> 0", c.adam_eps)
     for name, allowed in CHOICES.items():
-        _check(getattr(c, name) in allowed, _flag(name), f"one of {', '.join(allowed)}", getattr(c, name))
+        _check(getattr(c, name) in allowed, flag_name(name), f"one of {', '.join(allowed)}", getattr(c, name))
     _check(0 < c.ema_decay < 1, "--ema-decay", "in (0, 1)", c.ema_decay)
     _check(0 <= c.kd_beta <= 1, "--kd-beta", "in [0, 1]", c.kd_beta)
     _check(c.kd_beta == 0 or c.loss == "jsd", "--kd-beta",
@@ -521,7 +522,7 @@ def validate(c: TrainConfig) -> None:
         raise UserInputError(f"{given} needs --teacher separate (--teacher {c.teacher}: the teacher is {kind})")
     for one, other in (("student_load", "model"), ("teacher_load", "teacher_model")):
         if getattr(c, one) and getattr(c, other):
-            raise UserInputError(f"give either {_flag(one)} or {_flag(other)}, not both")
+            raise UserInputError(f"give either {flag_name(one)} or {flag_name(other)}, not both")
     if not (c.student_load or c.model):  # the trainer builds the student from these; --load only restores state
         raise UserInputError(
             "no student model: give --student-load (a converted checkpoint) or --model (a preset), "

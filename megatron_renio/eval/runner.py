@@ -83,7 +83,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, POSITIVE_INT, _OneLineErrorParser, typed_arg
+from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, POSITIVE_INT, _OneLineErrorParser, flag_name, typed_arg
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples-per-problem", type=POSITIVE_INT, default=1, metavar="K",
                         help="completions per problem, the k of avg@k and pass@k; default: 1")
     for name, (kind, _, allowed) in _SAMPLING_CHECKS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+        parser.add_argument(flag_name(name), type=kind, default=None,
                             help=f"{allowed}; default: generation_config.json, else {BUILTIN_SAMPLING[name]}")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=1024, help="default: 1024")
     parser.add_argument("--greedy", action="store_true",
@@ -246,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     specs = [_benchmark_spec(spec) for spec in args.benchmark]
     if _benchmark_fields(args) and all(preset is not None for preset, _ in specs):
-        flag = next("--" + f.replace("_", "-") for f in FIELD_FLAGS if getattr(args, f) is not None)
+        flag = next(flag_name(f) for f in FIELD_FLAGS if getattr(args, f) is not None)
         raise UserInputError(f"{flag} applies to the benchmark files given without a preset; every --benchmark "
                              "here has one (or is humaneval)")
     outputs = [(path, flag) for path, flag in ((args.out, "--out"), (args.summary, "--summary")) if path is not None]
@@ -272,14 +272,15 @@ def _load_benchmarks(specs: list[str], fields: dict[str, str] | None = None) -> 
     (:func:`_benchmark_fields`) overrides the detected layout of the files given without a preset."""
     from megatron_renio.eval.benchmarks import load_benchmark
 
+    field_flags = {key: flag_name(field) for field, key in FIELD_FLAGS.items()}  # for files without a preset
     benchmarks: list[Benchmark] = []
     for spec in specs:
         preset, path = _benchmark_spec(spec)
         name = preset or Path(path).name.split(".")[0]
         if any(b.name == name for b in benchmarks):
             raise UserInputError(f"--benchmark: two benchmarks are named {name!r}; prefix one with its preset")
-        flags = {} if preset else {key: "--" + flag.replace("_", "-") for flag, key in FIELD_FLAGS.items()}
-        benchmarks.append(Benchmark(name, load_benchmark(path, fields=preset or fields, field_flags=flags)))
+        benchmarks.append(Benchmark(name, load_benchmark(path, fields=preset or fields,
+                                                         field_flags=None if preset else field_flags)))
     return benchmarks
 
 
@@ -300,7 +301,7 @@ def _sampling(args, tokenizer_path: str | Path):
     values = dict(BUILTIN_SAMPLING)
     for name, (kind, check, allowed) in _SAMPLING_CHECKS.items():
         if getattr(args, name) is not None:
-            value, origin = getattr(args, name), "--" + name.replace("_", "-")
+            value, origin = getattr(args, name), flag_name(name)
         elif defaults.get(name) is not None:
             value, origin = defaults[name], f"{config_file}: {name}"
         else:

@@ -63,7 +63,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from megatron_renio.config import TrainConfig, _OneLineErrorParser
+from megatron_renio.config import TrainConfig, _OneLineErrorParser, flag_name
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
 from megatron_renio.data import records
@@ -94,16 +94,12 @@ class ScoreArgs:
     per_token: bool
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Score's own flags; the training flags of :data:`TRAINING_FLAGS` are parsed by training's parser."""
     parser = _OneLineErrorParser(
         prog="megatron-renio score",
         description="ReNIO weights, pivotal tokens and divergences of given completions.",
-        epilog="training flags accepted: " + " ".join(_flag(name) for name in TRAINING_FLAGS),
+        epilog="training flags accepted: " + " ".join(flag_name(name) for name in TRAINING_FLAGS),
     )
     parser.add_argument("--data", required=True, help="JSONL rows: prompt / teacher_prompt / completion, text or _ids")
     parser.add_argument("--out", help="output JSONL (default: the --data name with .scores.jsonl)")
@@ -120,7 +116,7 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     values = {k: v for k, v in vars(build_train_parser().parse_args(rest)).items() if k != "config"}
     for name in ("student_load", "teacher_load"):
         if not values.get(name):
-            raise UserInputError(f"{_flag(name)} is required")
+            raise UserInputError(f"{flag_name(name)} is required")
     if not own.data.endswith(RECORD_EXTENSIONS):
         raise UserInputError(f"--data {own.data}: unknown format (expected one of {', '.join(RECORD_EXTENSIONS)})")
     if not os.path.isfile(own.data):
@@ -130,7 +126,7 @@ def parse_args(argv: list[str]) -> ScoreArgs:
 
         lengths = []
         for name in ("student_load", "teacher_load"):
-            with about_flag(_flag(name)):
+            with about_flag(flag_name(name)):
                 lengths.append(read_checkpoint_metadata(values[name]).preset.max_position_embeddings)
         longest = min(lengths)
         values["seq_length"] = max(8, longest // 8 * 8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_renio.config import TrainConfig
+from megatron_renio.config import TrainConfig, flag_name
 from megatron_renio.errors import UserInputError
 from megatron_renio.training.checkpointing import DP_RESHARDABLE
 
@@ -76,7 +76,7 @@ def check_resumed_settings(state: dict, cfg: TrainConfig, origin: dict | None) -
             "which any layout loads")
     for key, saved in state.get("adam", {}).items():
         if saved != getattr(cfg, key):
-            flag = "--" + key.replace("_", "-")
+            flag = flag_name(key)
             raise UserInputError(f"--load {cfg.load}: the run was saved with {flag} {saved:g}, which its optimizer "
                                  f"state keeps; resume with the same value, not {getattr(cfg, key):g}")
     saved_origin = state.get("teacher_origin")
