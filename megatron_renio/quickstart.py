@@ -29,7 +29,7 @@ accuracy vs step per method), ``weights.png`` (distribution of ReNIO weights),
 data, the models, every run's metrics / samples / checkpoints and one log per launch under
 ``logs/``. A table is printed at the end. ``--out`` must be empty, absent, or the output of an
 earlier quickstart (which is then replaced). Sizes: :data:`FULL` (under 15 minutes on 2 cores)
-and :data:`QUICK` (``--quick``, under 3 minutes, a smoke test whose numbers mean little).
+and :data:`QUICK` (``--quick``, 3-5 minutes on 2 cores, a smoke test whose numbers mean little).
 Everything is seeded: on the same machine the same seed gives the same numbers. It runs on the CPU
 also where GPUs are present (it hides them with ``CUDA_VISIBLE_DEVICES=``).
 """
@@ -513,7 +513,7 @@ def _plots(out: Path, summary: dict, samples: dict[str, list[dict]]) -> list[str
 def build_parser() -> _OneLineErrorParser:
     parser = _OneLineErrorParser(prog="megatron-renio quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
-    parser.add_argument("--quick", action="store_true", help="the small smoke-test sizes (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the small smoke-test sizes (3-5 minutes on 2 cores)")
     parser.add_argument("--tp", type=int, choices=(1, 2), default=1, help="tensor-parallel size of every launch (default: 1)")
     parser.add_argument("--nproc", type=int, choices=(1, 2), default=2,
                         help="processes per launch (data parallelism = nproc / tp; default: 2)")
