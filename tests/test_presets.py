@@ -142,6 +142,57 @@ def test_rope_theta_from_rope_parameters_when_the_top_level_key_is_null():
     assert preset_from_hf_config(config).rope_theta == 5e5
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen2", "qwen3-8b", "deepseek-r1-distill-qwen-7b"])
+def test_exported_qwen_configs_say_full_attention_in_every_layer(name):
+    """transformers 4.51-4.52 default sliding_window to 4,096 and apply it to every layer, even with
+    use_sliding_window false (measured: an export without the field gave other log-probs past 4,096
+    tokens): an exported Qwen2/Qwen3 config.json names no window, and transformers reads every layer as
+    full attention."""
+    import transformers
+
+    preset = get_preset(name)
+    config = hf_config_dict(preset)
+    assert (config["use_sliding_window"], config["sliding_window"], config["max_window_layers"]) == (
+        False, None, preset.num_layers)
+    read = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    assert read.sliding_window is None
+    assert set(getattr(read, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+
+
+def test_sliding_window_attention_is_refused_for_qwen2_and_qwen3():
+    for name in ("tiny-qwen2", "tiny-qwen3"):
+        config = hf_config_dict(get_preset(name))
+        config.update(use_sliding_window=True, sliding_window=4096)
+        with pytest.raises(UserInputError, match=r"^/m/config.json: use_sliding_window is true; sliding-window "
+                                                 r"attention is not supported$"):
+            preset_from_hf_config(config, source="/m/config.json")
+
+
+@pytest.mark.parametrize("architecture, config_class", [
+    ("Qwen3ForCausalLM", "Qwen3Config"), ("Qwen2ForCausalLM", "Qwen2Config"), ("LlamaForCausalLM", "LlamaConfig"),
+])
+def test_max_position_embeddings_defaults_as_transformers_reads_it(architecture, config_class):
+    """A config.json without max_position_embeddings: transformers' default for its architecture (2,048
+    for Llama, 32,768 for Qwen2 and Qwen3); it bounds eval's default --seq-length and is exported."""
+    import transformers
+
+    config = dict(architectures=[architecture], hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=32)
+    expected = getattr(transformers, config_class)().max_position_embeddings
+    assert preset_from_hf_config(config).max_position_embeddings == expected
+
+
+def test_a_rope_theta_of_zero_is_refused_not_replaced():
+    """At the top level or in transformers 5's rope_parameters: an error, not the default of 10,000."""
+    config = hf_config_dict(get_preset("tiny-llama3"))
+    config["rope_theta"] = 0
+    with pytest.raises(UserInputError, match=r"^/m/config.json: rope_theta must be a positive number, got 0$"):
+        preset_from_hf_config(config, source="/m/config.json")
+    config.update(rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 0})
+    with pytest.raises(UserInputError, match=r"^/m/config.json: rope_theta must be a positive number, got 0$"):
+        preset_from_hf_config(config, source="/m/config.json")
+
+
 @pytest.mark.parametrize("vocab, tp, expected", [(151936, 1, 151936), (151936, 2, 152064), (250, 2, 256), (50, 1, 128)])
 def test_vocab_padding(vocab, tp, expected):
     assert padded_vocab_size(vocab, tp) == expected

@@ -20,6 +20,9 @@ SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCaus
 # head_dim of a config.json that names none, as transformers reads it: Qwen3Config defaults it to 128;
 # Qwen2 and Llama use hidden_size / num_attention_heads.
 _DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
+# transformers' max_position_embeddings default per architecture (a config.json without the field)
+_DEFAULT_MAX_POSITIONS = {"Qwen3ForCausalLM": 32768, "Qwen2ForCausalLM": 32768, "LlamaForCausalLM": 2048}
+_SLIDING_WINDOW_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")  # their configs have use_sliding_window
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
 
 
@@ -265,10 +268,10 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
     heads = field("num_attention_heads")
     hidden = field("hidden_size")
     rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
-    rope_theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    rope_theta = next((v for v in (config.get("rope_theta"), rope.get("rope_theta")) if v is not None), 10000.0)
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
-    if architecture == "Qwen3ForCausalLM" and config.get("use_sliding_window"):
-        raise UserInputError(f"{source}: sliding-window attention is not supported")
+    if architecture in _SLIDING_WINDOW_ARCHITECTURES and config.get("use_sliding_window"):
+        raise UserInputError(f"{source}: use_sliding_window is true; sliding-window attention is not supported")
     return ModelPreset(
         architecture=architecture,
         num_layers=field("num_hidden_layers"),
@@ -278,7 +281,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         num_query_groups=field("num_key_value_heads", heads),
         head_dim=field("head_dim", _DEFAULT_HEAD_DIM.get(architecture, hidden // heads)),
         vocab_size=field("vocab_size"),
-        max_position_embeddings=field("max_position_embeddings", 32768),
+        max_position_embeddings=field("max_position_embeddings", _DEFAULT_MAX_POSITIONS[architecture]),
         rope_theta=field("rope_theta", rope_theta, float),
         rms_norm_eps=field("rms_norm_eps", 1e-6, float),
         qk_layernorm=architecture == "Qwen3ForCausalLM",
@@ -339,7 +342,10 @@ def hf_config_dict(preset: ModelPreset, torch_dtype: str = "bfloat16") -> dict:
     if preset.architecture == "LlamaForCausalLM":
         config.update(attention_bias=False, mlp_bias=False)
     if preset.architecture == "Qwen3ForCausalLM":
-        config.update(attention_bias=False, use_sliding_window=False)
+        config["attention_bias"] = False
+    if preset.architecture in _SLIDING_WINDOW_ARCHITECTURES:  # full attention in every layer, in every version:
+        # transformers 4.51-4.52 apply a 4,096-token window when sliding_window is absent, even without use_sliding_window
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=preset.num_layers)
     if preset.rope_scaling is not None:
         config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(preset.rope_scaling)}
     return config
