@@ -105,6 +105,42 @@ def test_a_save_is_on_stable_storage_before_the_marker_names_it(saved_run, tmp_p
     assert folder in events[checkpoint_at:marker_at] and folder in events[marker_at:]
 
 
+class _Killed(BaseException):
+    """The process dying at this point (no handler catches it)."""
+
+
+@pytest.mark.parametrize("deleted_first", [True, False])
+def test_a_save_over_the_latest_iteration_killed_while_the_old_folder_is_deleted(saved_run, tmp_path, monkeypatch,
+                                                                                deleted_first):
+    """A save of the iteration the marker already names (--override-save over an earlier run), killed
+    while the old folder is being deleted (after the deletion or before it): the marker's iteration has a
+    complete folder (the new one) and resumes; the next save removes what the kill left."""
+    from megatron_renio.training.checkpointing import LATEST, read_train_state
+
+    root = tmp_path / "run"
+    _step_and_save(saved_run[1], root, 3)
+    rmtree = shutil.rmtree
+
+    def dies_deleting_an_iteration(path, *args, **kwargs):
+        name = os.path.basename(path)
+        if "iter_0000003" in name and not name.startswith(".tmp_"):
+            if deleted_first:
+                rmtree(path, *args, **kwargs)
+            raise _Killed()
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dies_deleting_an_iteration)
+    with pytest.raises(_Killed):
+        _step_and_save(saved_run[1], root, 3)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert (root / LATEST).read_text().strip() == "3" and read_train_state(root)["iteration"] == 3
+    _resume(root, saved_run[1])
+    leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    assert len(leftovers) == (0 if deleted_first else 1)
+    _step_and_save(saved_run[1], root, 4)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000004", LATEST]
+
+
 @pytest.mark.parametrize("name, says", [
     ("renio_model.json", r"\S+/\.\.tmp_iter_0000003\.partial-\w+/renio_model\.json: cannot write the model checkpoint "),
     ("train_state.pt", r"\S+/\.tmp_iter_0000003/train_state\.pt: cannot publish checkpoint 3 "),

@@ -344,7 +344,7 @@ def hf_config_dict(preset: ModelPreset, torch_dtype: str = "bfloat16") -> dict:
     if preset.architecture == "Qwen3ForCausalLM":
         config["attention_bias"] = False
     if preset.architecture in _SLIDING_WINDOW_ARCHITECTURES:  # full attention in every layer, in every version:
-        # transformers 4.51-4.52 apply a 4,096-token window when sliding_window is absent, even without use_sliding_window
+        # transformers 4.51-4.52 apply a 4,096-token window without sliding_window, even with use_sliding_window false
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=preset.num_layers)
     if preset.rope_scaling is not None:
         config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(preset.rope_scaling)}

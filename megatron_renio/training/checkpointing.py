@@ -15,13 +15,15 @@ Layout of ``--save DIR``::
 A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished and its files
 and folders are on stable storage (fsync); only then is the ``latest`` marker replaced (atomically,
 and flushed too). A save interrupted at any point, or lost with a node that crashed, leaves the previous
-checkpoint as the latest, and a ``.tmp_`` folder that the next save removes. Then rank 0 prunes older
+checkpoint as the latest, and a ``.tmp_`` folder that the next save removes. A save of an iteration that
+already has a folder (``--override-save`` over an earlier run) renames that folder aside, renames the new one
+in, and only then deletes the old one, so the iteration the marker names always has a complete folder.
+Then rank 0 prunes older
 checkpoints (:func:`prune_checkpoints`) in a background thread while training goes on.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import threading
@@ -141,7 +143,7 @@ def save_training_checkpoint(
     added; ``tokenizer_dir`` and ``generation_config``: as for
     :func:`~megatron_renio.models.checkpoint.save_model_checkpoint`; ``fully_reshardable``: the
     distributed optimizer's state in :data:`FULLY_RESHARDABLE` format instead of :data:`DP_RESHARDABLE`."""
-    from megatron_renio.models.checkpoint import SHARD_SUFFIX, save_model_checkpoint, save_sharded
+    from megatron_renio.models.checkpoint import SHARD_SUFFIX, publish_directory, save_model_checkpoint, save_sharded
 
     root = Path(root)
     rank = torch.distributed.get_rank()
@@ -150,9 +152,11 @@ def save_training_checkpoint(
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
-        # an interrupted save's folder, and the model writer's staging folder inside it (..tmp_iter_*.partial-*)
-        for stale in [*root.glob(".tmp_iter_*"), *root.glob("..tmp_iter_*.partial-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
+        # an interrupted save's folder, the model writer's staging folder inside it (..tmp_iter_*.partial-*),
+        # and a replaced checkpoint whose deletion was interrupted (publish_directory's .iter_*.replaced-*)
+        for pattern in (".tmp_iter_*", "..tmp_iter_*.partial-*", ".iter_*.replaced-*"):
+            for stale in root.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
 
     # Rank 0's file operations run through on_rank0: its failure (a full disk, a lost permission)
     # ends every rank with its message instead of leaving them in the next barrier until the timeout.
@@ -195,10 +199,7 @@ def save_training_checkpoint(
                     fsync_tree(tmp / part, synced_by_writers=(SHARD_SUFFIX,))
             for path in (tmp / "train_state.pt", tmp / "rng", tmp):
                 fsync(path)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync(root)
+            publish_directory(tmp, final)  # a folder of the same iteration is deleted only once this one is in place
             write_atomic(root / LATEST, [str(iteration)])
         except OSError as e:
             raise storage_error(e, root, f"cannot publish checkpoint {iteration}") from None
