@@ -1369,6 +1369,39 @@ def test_console_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys,
     assert out.out == "train iteration 1/2 | loss 0.5\n" and out.err == ""
 
 
+def test_settings_that_other_flags_leave_without_effect_are_noted():
+    """A setting changed from its default that the other flags make inert: one note per reason, naming
+    the flags; the same setting where it acts, or at its default, gives none."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.train import _inert_notes
+
+    assert _inert_notes(TrainConfig(renio_norm="ema", renio_clip=3.0, renio_scope="global", ema_decay=0.9,
+                                    min_lr=1e-7, lr_decay_iters=5, loss="sampled_rkl", kd_top_k=5)) == [
+        "--renio-clip, --renio-norm have no effect without --renio",
+        "--ema-decay has no effect without --teacher ema",
+        "--min-lr, --lr-decay-iters have no effect with --lr-decay-style constant",
+        "--kd-top-k has no effect with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)"]
+    assert _inert_notes(TrainConfig(loss="sampled_rkl", kd_token_clip=None)) == [
+        "--kd-token-clip has no effect with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)"]
+    for quiet in (dict(), dict(renio=True, renio_norm="ema", renio_clip=3.0), dict(renio_scope="global"),
+                  dict(teacher="ema", ema_decay=0.9), dict(lr_decay_style="cosine", min_lr=1e-7, lr_decay_iters=5),
+                  dict(loss="sampled_rkl"), dict(kd_top_k=5, kd_token_clip=None)):
+        assert _inert_notes(TrainConfig(**quiet)) == [], quiet
+
+
+def test_sampled_rkl_trains_on_the_full_vocabulary_divergence_terms_without_clip_or_top_k():
+    """Its loss reads only the log-probs, which --kd-token-clip and --kd-top-k do not change: training
+    computes them without either (no unfused top-k path); score, which reports the divergence, keeps them."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.training import components as C
+
+    cfg = TrainConfig(loss="sampled_rkl", kd_top_k=5, kd_token_clip=0.01)
+    trained, scored = C.loss_settings(cfg, training=True).divergence, C.loss_settings(cfg).divergence
+    assert (trained.token_clip, trained.top_k, scored.token_clip, scored.top_k) == (None, None, 0.01, 5)
+    kept = C.loss_settings(TrainConfig(kd_top_k=5, kd_token_clip=0.01), training=True).divergence
+    assert (kept.token_clip, kept.top_k) == (0.01, 5)
+
+
 def test_a_save_interval_without_a_save_folder_is_noted():
     from megatron_renio.config import TrainConfig
     from megatron_renio.train import _save_notes
@@ -1437,7 +1470,7 @@ def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs
     assert [C.loss_settings(TrainConfig(loss_impl=impl)).impl for impl in ("auto", "chunked", "unfused")] == \
         ["auto", "chunked", "unfused"]
     assert [C.loss_settings(TrainConfig(loss=loss)).divergence.kind for loss in ("sampled_rkl", "jsd", "forward_kl")] \
-        == ["reverse_kl", "jsd", "forward_kl"]  # sampled_rkl computes (and logs) the reverse KL's terms
+        == ["reverse_kl", "jsd", "forward_kl"]  # sampled_rkl computes the reverse KL's terms (score reports D)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserInputError, match=r"^--loss-impl triton needs a GPU and the triton package \(here: no GPU"):
         C.loss_settings(TrainConfig(loss_impl="triton"))
@@ -1461,7 +1494,7 @@ def test_loss_settings_with_a_cost_or_a_bias_are_noted():
     assert _loss_notes(TrainConfig(kd_top_k=8)) == [
         "--kd-top-k 8 is not fused: the loss gathers full-vocabulary copies of the completion rows (more time and "
         "memory than without it)"]
-    for quiet in (dict(loss="sampled_rkl"),
+    for quiet in (dict(loss="sampled_rkl"), dict(loss="sampled_rkl", kd_top_k=8),  # not computed (_inert_notes)
                   dict(rollout_temperature=1.0, rollout_top_p=0.5)):
         assert _loss_notes(TrainConfig(**quiet)) == [], quiet
 
