@@ -172,6 +172,9 @@ def run(cfg: TrainConfig) -> dict:
         state = read_train_state(cfg.load) if cfg.load else None
         if state is None:
             run_logs.check_new_run_logs(cfg, requeued=bool(cfg.load))
+        else:
+            C.check_resumed_student(cfg, state["iteration"], student_source.preset,
+                                    "--student-load" if cfg.student_load else "--model")
         return state
 
     # Every rank acts on what rank 0 found, and must see the same folders: separate decisions on

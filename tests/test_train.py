@@ -723,6 +723,11 @@ def test_save_folder_of_another_model_is_refused(workdir):
     wider = base_args(workdir, **{"--student-load": workdir / "ckpt" / "teacher", "--train-iters": 1, "--save": save,
                                   "--save-interval": 1})
     assert "holds checkpoints of another model" in _last_error(train(wider, check=False))
+    # resuming it with another student (no --save) is refused before any model is built, naming what differs
+    teacher = workdir / "ckpt" / "teacher"
+    proc = train(base_args(workdir, **{"--student-load": teacher, "--train-iters": 3, "--load": save}), check=False)
+    assert _last_error(proc).startswith(f"error: --load {save}: iteration 2 holds another model than --student-load "
+                                        "(checkpoint vs --student-load: hidden_size ") and "student:" not in proc.stdout
     same = base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1})
     assert "resume with --load" in _last_error(train(same, check=False))
     assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1, 2]

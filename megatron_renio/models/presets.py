@@ -118,6 +118,11 @@ class ModelPreset:
     def replace(self, **changes) -> "ModelPreset":
         return dataclasses.replace(self, **changes)
 
+    def differences(self, other: "ModelPreset") -> list[str]:
+        """``'<field> <self's value> vs <other's>'`` for every field where ``other`` differs."""
+        return [f"{f.name} {getattr(self, f.name)} vs {getattr(other, f.name)}" for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
     def num_parameters(self) -> int:
         """Parameter count of the unpadded model (embeddings counted once when tied)."""
         h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers

@@ -480,6 +480,18 @@ def check_load_source(cfg: TrainConfig) -> None:
                          "the run to resume, or leave --load out to start a new run")
 
 
+def check_resumed_student(cfg: TrainConfig, iteration: int, student: ModelPreset, student_flag: str) -> None:
+    """The checkpoint that ``--load`` resumes (``iteration``) holds the model ``student_flag`` names: one
+    line listing the fields that differ, at start-up, not after both models are built and loaded."""
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+    from megatron_renio.training.checkpointing import iteration_dir
+
+    differences = read_checkpoint_metadata(iteration_dir(cfg.load, iteration)).preset.differences(student)
+    if differences:
+        raise UserInputError(f"--load {cfg.load}: iteration {iteration} holds another model than {student_flag} "
+                             f"(checkpoint vs {student_flag}: {'; '.join(differences)}); resume with the run's student")
+
+
 def check_run_outputs(cfg: TrainConfig) -> None:
     """``--save`` and ``--tensorboard-dir`` can be (or become) folders written in, ``--metrics-file`` a
     file: refused in one line at start-up, not at the first save or log line."""
