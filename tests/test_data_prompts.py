@@ -334,3 +334,18 @@ def test_sampler_errors():
         sampler.load_state_dict({"epoch": 0, "position": 8, "num_records": 41, "seed": 0})
     with pytest.raises(UserInputError, match="saved with seed 1"):
         sampler.load_state_dict({"epoch": 0, "position": 8, "num_records": 40, "seed": 1})
+
+
+def test_sampler_state_is_valid_for_its_data_fingerprint_only():
+    """Another fingerprint (the same number of other prompts) is refused; a state or a sampler without
+    one (checkpoints of earlier versions) is not compared."""
+    state = PromptSampler(40, 8, 0, 1, seed=0, data_fingerprint="aa").state_dict()
+    assert state["data_fingerprint"] == "aa"
+    with pytest.raises(UserInputError, match=r"^the checkpoint's prompt sampler was saved for other prompts \(40 of "
+                                             r"them too: other files, another order or other text"):
+        PromptSampler(40, 8, 0, 1, seed=0, data_fingerprint="bb").load_state_dict(state)
+    for sampler, saved in ((PromptSampler(40, 8, 0, 1, seed=0, data_fingerprint="aa"), state),
+                           (PromptSampler(40, 8, 0, 1, seed=0), state),
+                           (PromptSampler(40, 8, 0, 1, seed=0, data_fingerprint="bb"),
+                            {k: v for k, v in state.items() if k != "data_fingerprint"})):
+        sampler.load_state_dict(saved)

@@ -155,3 +155,17 @@ def test_load_prompts_holds_about_4_bytes_a_token(tmp_path, word_tokenizer):
     tokens = prompts.student.num_tokens + prompts.teacher.num_tokens
     assert prompts.skipped_too_long > 0 and tokens > 150_000
     assert held < 5 * tokens, f"{held / tokens:.1f} bytes a token"
+
+
+def test_the_hash_covers_the_ids_and_where_each_sequence_ends():
+    import hashlib
+
+    def digest(store):
+        h = hashlib.sha256()
+        store.update_hash(h)
+        return h.hexdigest()
+
+    seqs = TokenSequences([[1, 2], [3], [4, 5, 6]])
+    assert digest(seqs) == digest(TokenSequences([[1, 2], [3], [4, 5, 6]])) == digest(seqs.select([0, 1, 2]))
+    others = ([[1], [2, 3], [4, 5, 6]], [[3], [1, 2], [4, 5, 6]], [[1, 2], [3], [4, 5, 7]], [[1, 2], [3]])
+    assert len({digest(seqs), *(digest(TokenSequences(o)) for o in others)}) == 1 + len(others)

@@ -307,9 +307,11 @@ def test_resume_with_the_other_optimizer_kind_is_refused(workdir):
 
 def test_resume_refuses_what_the_checkpoint_cannot_honour_before_the_models_load(workdir):
     """The run's train state records --bf16, Adam's betas and epsilon and what the frozen teacher was
-    built from; a resume that changes one is refused in one line before any model is built (the
-    "student:" line follows the build). They used to be ignored (Adam's settings: the checkpoint's
-    optimizer kept its own; another --student-load: another fixed teacher) or a traceback (--bf16)."""
+    built from, and the sampler the prompts it was saved for; a resume that changes one, or the
+    student's architecture, is refused in one line before any model is built (the "student:" line
+    follows the build). They used to be ignored (Adam's settings: the checkpoint's optimizer kept its
+    own; another --student-load: another fixed teacher; the same number of other prompts), late
+    (another student) or a traceback (--bf16)."""
     from megatron_renio.models.checkpoint import checkpoint_fingerprint
 
     save = workdir / "recorded_state"
@@ -319,14 +321,21 @@ def test_resume_refuses_what_the_checkpoint_cannot_honour_before_the_models_load
     assert state["bf16"] is False and state["adam"] == {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}
     assert state["teacher_origin"] == {"flag": "--student-load", "source": str(student),
                                        "identity": checkpoint_fingerprint(student)}
+    reordered = workdir / "train_reversed.jsonl"  # the same prompts in another order
+    reordered.write_text("".join(reversed((workdir / "train.jsonl").read_text().splitlines(keepends=True))))
     for change, expected in (
             ({"--bf16": None}, "the run was saved without --bf16; resume without it"),
             ({"--adam-beta2": 0.5}, "the run was saved with --adam-beta2 0.999, which its optimizer state keeps; "
                                     "resume with the same value, not 0.5"),
-            ({"--student-load": workdir / "ckpt" / "odd_heads"},
-             f"the run's frozen teacher was built from --student-load {student}, but --student-load "
-             f"{workdir / 'ckpt' / 'odd_heads'} holds another model"),
-            ({"--lr-decay-style": "linear", "--lr-decay-iters": 1}, "--lr-decay-style sets lr_decay_style='linear'")):
+            ({"--student-load": workdir / "ckpt" / "odd_heads"},  # of the same architecture: the teacher check
+             f"iteration 1 holds another model than --student-load (checkpoint vs --student-load: "  # (unit test)
+             "num_attention_heads 4 vs 3; num_query_groups 2 vs 3)"),
+            ({"--lr-decay-style": "linear", "--lr-decay-iters": 1}, "--lr-decay-style sets lr_decay_style='linear'"),
+            ({"--data-path": reordered}, "the checkpoint's prompt sampler was saved for other prompts (48 of them too: "
+                                         "other files, another order or other text"),
+            ({"--seq-length": 272}, "the checkpoint's prompt sampler was saved for 48 prompts, but the prompt data "
+                                    "holds 12 prompts that fit --seq-length 272 (36 longer ones skipped): resume with "
+                                    "the run's data and --seq-length")):
         proc = train(base_args(workdir, **change, **{"--load": save}), check=False)
         assert expected in _last_error(proc) and "student:" not in proc.stdout, proc.stdout[-2000:]
 

@@ -149,11 +149,12 @@ class PromptSampler:
 
     def __init__(
         self, num_records: int, global_batch_prompts: int, dp_rank: int, dp_size: int, seed: int,
-        batch_label: str | None = None, data_label: str | None = None,
+        batch_label: str | None = None, data_label: str | None = None, data_fingerprint: str | None = None,
     ):
         """``batch_label`` names ``global_batch_prompts`` in errors by the flags it comes from (default
         ``--global-batch-size N``), ``data_label`` what ``num_records`` counts (default ``the prompt
-        data holds N prompts``)."""
+        data holds N prompts``); ``data_fingerprint`` identifies the records (a hash of their ids), so
+        that a state saved for other records of the same count is refused."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"invalid data-parallel rank {dp_rank} of size {dp_size}")
         label = batch_label or f"--global-batch-size {global_batch_prompts}"
@@ -161,14 +162,15 @@ class PromptSampler:
             raise UserInputError(f"{label} must be positive")
         if global_batch_prompts % dp_size != 0:
             raise UserInputError(f"{label} is not divisible by the data-parallel size {dp_size}")
+        self.data_label = data_label or f"the prompt data holds {num_records} prompts"
         if num_records < global_batch_prompts:
-            data = data_label or f"the prompt data holds {num_records} prompts"
-            raise UserInputError(f"{data}, fewer than {label}")
+            raise UserInputError(f"{self.data_label}, fewer than {label}")
         self.num_records = num_records
         self.global_batch_prompts = global_batch_prompts
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
+        self.data_fingerprint = data_fingerprint
         self._epoch = 0
         self._position = 0
         self._order: list[int] | None = None  # permutation of the current epoch, built lazily
@@ -206,25 +208,30 @@ class PromptSampler:
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         return torch.randperm(self.num_records, generator=generator).tolist()
 
-    def state_dict(self) -> dict[str, int]:
-        """The resumable state, plus the dataset size and seed it is valid for."""
-        return {
-            "epoch": self._epoch,
-            "position": self._position,
-            "num_records": self.num_records,
-            "seed": self.seed,
-        }
+    def state_dict(self) -> dict:
+        """The resumable state, plus the dataset size, seed and data fingerprint it is valid for."""
+        state = {"epoch": self._epoch, "position": self._position, "num_records": self.num_records, "seed": self.seed}
+        if self.data_fingerprint is not None:
+            state["data_fingerprint"] = self.data_fingerprint
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from :meth:`state_dict`, possibly of another rank or DP size).
 
-        Raises :class:`UserInputError` when the state was saved for another dataset size or seed:
-        resuming would then silently follow a different order.
+        Raises :class:`UserInputError` when the state was saved for another dataset (size, or
+        fingerprint where both have one) or seed: resuming would then silently follow a different order.
         """
         if state["num_records"] != self.num_records:
             raise UserInputError(
                 f"the checkpoint's prompt sampler was saved for {state['num_records']} prompts, "
-                f"but the prompt data now holds {self.num_records}"
+                f"but {self.data_label}: resume with the run's data and --seq-length"
+            )
+        saved = state.get("data_fingerprint")
+        if saved is not None and self.data_fingerprint is not None and saved != self.data_fingerprint:
+            raise UserInputError(
+                f"the checkpoint's prompt sampler was saved for other prompts ({self.num_records} of them too: "
+                "other files, another order or other text, or another tokenizer or template); resume with the "
+                "run's data, or start a new run from one of its checkpoints with --student-load"
             )
         if state["seed"] != self.seed:
             raise UserInputError(

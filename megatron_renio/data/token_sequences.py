@@ -75,6 +75,11 @@ class TokenSequences:
             out._offsets.append(len(out._tokens))
         return out
 
+    def update_hash(self, digest) -> None:
+        """Feed every sequence's length and ids, in order, to ``digest`` (a ``hashlib`` object), without a copy."""
+        digest.update(self._offsets)
+        digest.update(self._tokens)
+
     @property
     def num_tokens(self) -> int:
         """The number of tokens of all sequences together."""

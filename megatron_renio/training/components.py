@@ -9,6 +9,7 @@ builders (models, DDP, optimizer) and the collective checks run after
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -391,6 +392,14 @@ class PromptSet:
     answers: list[str | None]
     skipped_too_long: int
     budget_limited: int = 0  # kept prompts leaving less than --max-new-tokens of --seq-length
+
+    def fingerprint(self) -> str:
+        """SHA-256 of both prompt stores (the kept prompts' ids, in order): the prompt order a checkpoint's
+        sampler state continues is valid for this data only (:class:`~megatron_renio.data.prompts.PromptSampler`)."""
+        digest = hashlib.sha256()
+        for store in (self.student, self.teacher):
+            store.update_hash(digest)
+        return digest.hexdigest()
 
 
 def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
