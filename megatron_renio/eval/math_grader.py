@@ -55,6 +55,7 @@ _BOX_START = re.compile(
     r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<token>(?:\\[^\s)\]]|[^\s$\\])+))"
 )
 
+_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.S)  # a backslash and the character after it, or a brace
 # Slack for the child process's interpreter start-up and imports, on top of ``timeout_s``.
 _CHILD_STARTUP_ALLOWANCE_S = 30.0
 
@@ -85,27 +86,30 @@ def extract_boxed_answer(text: str) -> str | None:
       ``\\$`` is part of the token.
 
     Of each kind the box whose command starts last wins; ``None`` when ``text`` has no complete box.
+    Time is linear in the length of ``text`` (one pass pairs every brace), also for a repetition loop
+    of unclosed boxes.
     """
     matches = list(_BOX_START.finditer(text))
+    closing = _closing_braces(text) if any(not match.group("token") for match in matches) else {}
     for match in reversed(matches):
-        if match.group("token"):
-            continue
-        depth = 1
-        i = match.end()
-        while i < len(text):
-            ch = text[i]
-            if ch == "\\":
-                i += 2
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[match.end() : i].strip()
-            i += 1
+        end = closing.get(match.end() - 1)  # the box's brace: never escaped (a letter or a space precedes it)
+        if not match.group("token") and end is not None:
+            return text[match.end() : end].strip()
     tokens = [match.group("token").rstrip(".,;:") for match in matches if match.group("token")]
     return next((token for token in reversed(tokens) if token), None)
+
+
+def _closing_braces(text: str) -> dict[int, int]:
+    """The position of the closing brace of every balanced ``{`` of ``text``, by the opening one's
+    position; a backslash makes the character after it content (``\\{`` and ``\\}`` are not braces)."""
+    closing, open_at = {}, []
+    for match in _BRACE_OR_ESCAPE.finditer(text):
+        ch = match.group()
+        if ch == "{":
+            open_at.append(match.start())
+        elif ch == "}" and open_at:
+            closing[open_at.pop()] = match.start()
+    return closing
 
 
 def _reference_answer(reference: str) -> str:
