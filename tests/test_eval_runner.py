@@ -27,7 +27,7 @@ from megatron_renio.errors import UserInputError
 from megatron_renio.eval import runner
 from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
 from tests.python_forkserver import run_python
-from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun
+from tests.torchrun_harness import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
 from tests.workers.commands_worker import check_gather
 from tests.workers.tiny_models import tiny_checkpoints
 
@@ -180,6 +180,33 @@ def test_sampled_completions_depend_on_the_seed_not_the_layout(setup):
     assert [r["completion_ids"] for r in dp2] == [r["completion_ids"] for r in tp2]
     per_problem = [{tuple(r["completion_ids"]) for r in dp2[i * 3:(i + 1) * 3]} for i in range(len(PROBLEMS))]
     assert any(len(samples) > 1 for samples in per_problem), "samples of a problem should differ"
+
+
+def test_an_interrupted_eval_run_again_generates_only_what_is_missing(setup, paths, tmp_path):
+    """A run killed after its second batch (SIGKILL: no handler runs) left its graded batches in the
+    progress folder; the same command again continues from them and writes what one uninterrupted run
+    writes (the DP=2 run of the fixture, other batches: completions do not depend on them), then removes
+    the folder. A folder left by other settings (another seed) is not used: the run starts over."""
+    from megatron_renio.eval.progress import progress_folder
+
+    base = ["-m", "megatron_renio.eval.runner", "--load", paths["student"], "--benchmark",
+            setup["root"] / "tiny_math.jsonl", "--max-new-tokens", MAX_NEW, *FIELD_FLAGS, "--batch-size", "4"]
+    out = tmp_path / "sampled.jsonl"
+    killed = dict(subprocess_env(), MEGATRON_RENIO_FAULT="eval:2")
+    assert run_python([*base, *SAMPLED, "--out", out], env=killed).returncode == -9
+    assert not out.exists() and len((progress_folder(out) / "replica-00000.jsonl").read_text().splitlines()) == 8
+    again = run_python([*base, *SAMPLED, "--out", out])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"continuing an interrupted run of these settings, 8 of {len(PROBLEMS) * 3} generations" in again.stdout
+    assert read_jsonl(out) == setup["runs"]["sampled_dp2"] and not progress_folder(out).exists()
+
+    other_seed = [*SAMPLED[:-4], "--seed", "8", *SAMPLED[-2:]]
+    assert SAMPLED[-4:-2] == ["--seed", "7"]
+    out.unlink()
+    assert run_python([*base, *other_seed, "--out", out], env=killed).returncode == -9
+    again = run_python([*base, *SAMPLED, "--out", out])
+    assert again.returncode == 0 and "continuing" not in again.stdout, again.stderr[-3000:]
+    assert read_jsonl(out) == setup["runs"]["sampled_dp2"] and not progress_folder(out).exists()
 
 
 def test_output_is_analyze_input(setup):

@@ -62,6 +62,10 @@ sample, prompt (the prompt ids decoded with special tokens), answer (the math re
 code), completion, correct, num_tokens, finished (ended with EOS), prompt_ids, completion_ids: the
 input of ``megatron-renio analyze`` and ``megatron-renio score`` as is.
 
+Interrupted runs. With ``--out`` or ``--summary``, each replica's grader keeps its graded batches on
+disk as it goes (:mod:`~megatron_renio.eval.progress`); the same command run again after a crash
+generates only the batches that are missing, and gives the outputs of one uninterrupted run.
+
 Bad input (flags, files, checkpoint, prompts that do not fit): ``error: <one line>`` on stderr,
 exit status 2, no traceback (unless ``--debug``). Output files are written beside their target
 under a temporary name and renamed into place when complete, so a failed run leaves none.
@@ -73,11 +77,13 @@ results on rank 0, and the ``main`` wrapper.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +94,9 @@ from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError, about_flag
+from megatron_renio.eval.progress import ReplicaLog, progress_folder, read_finished, start_over
 from megatron_renio.output_paths import check_output_file, write_atomic
+from megatron_renio.training.faults import fault_spec, maybe_die
 
 BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
@@ -398,6 +406,7 @@ def run(args: argparse.Namespace) -> dict | None:
     tokenizer_path = args.tokenizer or meta.tokenizer_dir
     if tokenizer_path is None:
         raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
+    fault_spec()
     sampling = _sampling(args, tokenizer_path)
     benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
     with about_flag("--tokenizer" if args.tokenizer else "--load"):
@@ -420,14 +429,32 @@ def run(args: argparse.Namespace) -> dict | None:
     order = _spread_order(len(jobs))  # rows of the generation: positions in this order
     start, end = len(jobs) * ctx.dp_rank // ctx.dp_size, len(jobs) * (ctx.dp_rank + 1) // ctx.dp_size
     grader = ctx.tp_rank == 0 and ctx.pp_rank == 0
+    folder = progress_folder(args.out or args.summary) if args.out or args.summary else None
+    earlier: dict[int, dict] = {}  # rank 0: the records an interrupted run of this evaluation left
+
+    def read_progress() -> list[int] | None:
+        """Rank 0: the finished job indices in ``folder``, None when it holds no run of these settings."""
+        key = _progress_key(args, sampling, tokenizer, benchmarks, jobs, seq_length)
+        found = read_finished(folder, key)
+        if found is None:
+            start_over(folder, key)
+            return None
+        earlier.update(found)
+        log0(f"eval: continuing an interrupted run of these settings, {len(found)} of {len(jobs)} generations "
+             f"already graded ({folder})")
+        return sorted(found)
+
+    finished = set(distributed.on_rank0(read_progress) or ()) if folder is not None else set()
+    progress = ReplicaLog(folder, ctx.dp_rank, resumed=bool(finished)) if folder is not None and grader else None
     records: list[tuple[int, dict]] = []  # (index in jobs, record)
     nonfinite = False  # a token was drawn from non-finite logits (GenerationResult.nonfinite)
-    batches = range(start, end, args.batch_size)
+    batches = [first for first in range(start, end, args.batch_size)
+               if not finished.issuperset(order[first:min(first + args.batch_size, end)])]
     if ctx.rank == 0:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="eval", dynamic_ncols=True, file=sys.stderr)
-    for first in batches:
+    for number, first in enumerate(batches, 1):
         indices = order[first:min(first + args.batch_size, end)]
         batch = [jobs[i] for i in indices]
         result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
@@ -435,16 +462,25 @@ def run(args: argparse.Namespace) -> dict | None:
                           rows=(first, len(jobs)))
         nonfinite |= result.nonfinite
         if grader and not nonfinite:
-            records += [(i, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
-                        for i, job, completion in zip(indices, batch, result.completions)]
+            graded = [(i, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
+                      for i, job, completion in zip(indices, batch, result.completions)]
+            records += graded
+            if progress is not None:
+                progress.append(graded)
+        maybe_die("eval", number)
+    if progress is not None:
+        progress.close()
     if distributed.any_rank(nonfinite, ctx.device):  # every replica refuses together
+        if folder is not None and ctx.rank == 0:  # a run again would meet the same logits
+            shutil.rmtree(folder, ignore_errors=True)
         raise UserInputError(f"--load {args.load}: the model's logits hold NaN or inf (non-finite weights, or "
                              f"values that overflow {'bf16' if args.bf16 else 'fp32'}); its completions would "
                              "be meaningless: nothing graded, nothing written")
     gathered = gather_to_rank0(records)
     if gathered is None:
         return None
-    ordered = [record for _, record in sorted(gathered, key=lambda pair: pair[0])]
+    by_index = {**earlier, **dict(gathered)}  # a batch partly finished before was generated again, the same
+    ordered = [by_index[i] for i in range(len(jobs))]
     report = _report(benchmarks, ordered, args.samples_per_problem)
     if args.out:
         write_atomic(args.out, jsonl_lines(ordered))
@@ -453,11 +489,27 @@ def run(args: argparse.Namespace) -> dict | None:
                     "greedy": sampling.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
                     "top_k": sampling.top_k}
         write_atomic(args.summary, [json.dumps({"settings": settings, "benchmarks": report}, indent=2) + "\n"])
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
     for name, m in report.items():
         k = args.samples_per_problem
         log0(f"{name}: {m['problems']} problems x {k}  avg@{k} {m[f'avg@{k}']:.4f}  pass@{k} {m[f'pass@{k}']:.4f}  "
              f"mean length {m['mean_completion_tokens']:.1f} tokens  finished {m['finished_fraction']:.1%}")
     return report
+
+
+def _progress_key(args, sampling, tokenizer, benchmarks: list[Benchmark], jobs: list[Job], seq_length: int) -> str:
+    """SHA-256 of what an evaluation's generations and grades depend on (:mod:`~megatron_renio.eval.progress`):
+    the model's weights (:func:`~megatron_renio.models.checkpoint.checkpoint_fingerprint`) and dtype,
+    sampling, seed, lengths, stop ids, samples per problem, the benchmark items and every prompt."""
+    from megatron_renio.models.checkpoint import checkpoint_fingerprint
+
+    settings = {"model": checkpoint_fingerprint(args.load), "bf16": args.bf16, "sampling": dataclasses.asdict(sampling),
+                "seed": args.seed, "seq_length": seq_length, "stop_ids": sorted(tokenizer.stop_ids),
+                "samples": args.samples_per_problem,
+                "benchmarks": [[b.name, [dataclasses.asdict(item) for item in b.items]] for b in benchmarks],
+                "prompts": [job.prompt_ids for job in jobs if job.sample == 0]}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _build_model(meta, parallel, dtype: str, seq_length: int, fully_parallel: bool = False):

@@ -2,7 +2,8 @@
 whose numbers turn non-finite.
 
 Set ``MEGATRON_RENIO_FAULT=<fault>:<iteration>[:<rank>]`` in the environment, with a 1-based
-iteration and optionally the one global rank it applies to (every rank otherwise). ``fault`` is one
+iteration (for ``eval``: the evaluation's batch, counted from 1 by each rank after its graded records
+are on disk) and optionally the one global rank it applies to (every rank otherwise). ``fault`` is one
 of :data:`FATAL` (the process kills itself with SIGKILL when it reaches that point: no handler, no
 cleanup, like an out-of-memory kill or a node loss) or :data:`NONFINITE` (``nan-logits``: the
 student's logits of the step are NaN; ``nan-grad``: one entry of the reduced student gradient is
@@ -15,7 +16,7 @@ import signal
 
 from megatron_renio.errors import UserInputError
 
-FATAL = ("rollout", "backward", "checkpoint")
+FATAL = ("rollout", "backward", "checkpoint", "eval")
 NONFINITE = ("nan-logits", "nan-grad")
 
 
