@@ -104,7 +104,7 @@ HELP = {
     "micro_batch_order": "how a rank's samples form micro-batches: data = in sampling order (the reference's); "
                          "length = longest first, so that each micro-batch pads to samples of similar length "
                          "(needs --renio-scope global, where the grouping does not change the loss)",
-    "data_path": "prompt files: JSONL (.jsonl, .jsonl.gz) or parquet (the flag given twice takes both lists)",
+    "data_path": "prompt files: JSONL (.jsonl, .jsonl.gz) or parquet",
     "task": "the prompts' instruction (math: reason step by step, answer in \\boxed{}; coding: one python code block); math completions are also graded in the saved samples",
     "peak_tflops": "per-device peak TFLOP/s for the MFU log; 0 = known GPUs by name",
     "metrics_file": "JSONL of the step metrics (without it: --save/metrics.jsonl)",
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                  f"default: {DEFAULT_WORDS.get(f.name, 'none' if default is None else default)}"]
         text = "; ".join(w for w in words if w).replace("%", "%%")
         if f.name == "data_path":
-            parser.add_argument(flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=text)
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=text)
         elif isinstance(f.default, bool):
             parser.add_argument(flag, nargs="?", const=True, type=_kind(f), default=argparse.SUPPRESS, help=text)
         else:

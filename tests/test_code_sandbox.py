@@ -453,6 +453,17 @@ def test_the_programs_main_block_does_not_run_and_the_tests_do(host_check):
     assert run_python_tests("print(__name__)", "print(__name__)").stdout_tail == "solution\n__main__\n"
 
 
+def test_the_program_is_a_module_with_annotations_as_written(host_check):
+    """dataclasses and typing look a class's module up in sys.modules, and the sandbox's own
+    ``from __future__ import annotations`` must not turn the program's annotations into strings."""
+    program = ("import dataclasses, typing\n@dataclasses.dataclass\nclass P:\n    x: int\n"
+               "    n: typing.ClassVar[int] = 0\n    kw: dataclasses.KW_ONLY\n    y: int = 2\n"
+               "def area(p):\n    return p.x * p.y\n")
+    assert grade_code(f"```python\n{program}```", "assert area(P(3, y=4)) == 12\n")
+    result = run_python_tests("def f(a: int) -> int:\n    return a\n", "print(f.__annotations__)")
+    assert result.passed and result.stdout_tail == "{'a': <class 'int'>, 'return': <class 'int'>}\n"
+
+
 def test_without_an_entry_point_the_block_defining_a_called_function_wins(host_check):
     """MBPP-style asserts name the function: a solution followed by an example-usage block is graded
     on the solution (the example alone used to be taken, and failed)."""

@@ -50,15 +50,10 @@ def test_yaml_config_with_cli_override(tmp_path):
     assert cfg.lr == 4e-6 and cfg.renio_norm == "ema" and cfg.train_iters == 7 and cfg.data_path == ["a.jsonl", "b.jsonl"]
 
 
-def test_data_path_given_twice_takes_both_lists_and_replaces_the_config_files(tmp_path):
-    """Repeating --data-path adds files (argparse would keep only the last list); together they replace
-    the config file's list, as any flag replaces its key. Other flags keep their last value."""
+def test_a_flag_given_twice_keeps_its_last_value_data_path_too(tmp_path):
+    """As in Megatron-LM, so that a launch script's appended flags override its own ("$@" after them)."""
     cfg = parse_train_args(BASE + ["--data-path", "b.jsonl", "c.jsonl", "--lr", "1e-5", "--lr", "2e-5"])
-    assert cfg.data_path == ["train.jsonl", "b.jsonl", "c.jsonl"] and cfg.lr == 2e-5
-    path = tmp_path / "run.yaml"
-    path.write_text("data_path: [a.jsonl]\n")
-    cfg = parse_train_args(["--config", str(path)] + BASE + ["--data-path", "b.jsonl"])
-    assert cfg.data_path == ["train.jsonl", "b.jsonl"]
+    assert cfg.data_path == ["b.jsonl", "c.jsonl"] and cfg.lr == 2e-5
 
 
 def test_a_teacher_model_or_opd_means_a_separate_teacher_unless_told_otherwise(tmp_path):

@@ -209,6 +209,29 @@ def test_an_interrupted_eval_run_again_generates_only_what_is_missing(setup, pat
     assert read_jsonl(out) == setup["runs"]["sampled_dp2"] and not progress_folder(out).exists()
 
 
+def test_a_replica_log_is_on_disk_per_batch_and_survives_its_folders_removal(tmp_path):
+    """Another evaluation to the same output may take the folder over (start_over) while this one runs:
+    appends go on to the open file, and this run no longer holds the key, so it removes nothing; a line
+    cut short by a crash is ended before the next one, and skipped on reading."""
+    from megatron_renio.eval.progress import ReplicaLog, holds_key, read_finished, start_over
+
+    folder = tmp_path / ".out.jsonl.eval-progress"
+    start_over(folder, "ours")
+    log = ReplicaLog(folder, 0, resumed=False)
+    log.append([(3, {"r": 3})])
+    assert read_finished(folder, "ours") == {3: {"r": 3}} and read_finished(folder, "theirs") is None
+    start_over(folder, "theirs")
+    log.append([(4, {"r": 4})])
+    log.close()
+    assert not holds_key(folder, "ours") and read_finished(folder, "theirs") == {}
+    start_over(folder, "ours")
+    (folder / "replica-00001.jsonl").write_text('{"index": 1, "record": {"r": 1}}\n{"index": 2, "rec')
+    log = ReplicaLog(folder, 1, resumed=True)
+    log.append([(5, {"r": 5})])
+    log.close()
+    assert read_finished(folder, "ours") == {1: {"r": 1}, 5: {"r": 5}}
+
+
 def test_output_is_analyze_input(setup):
     from megatron_renio.eval.analysis import load_generations
 

@@ -159,6 +159,16 @@ def test_exported_qwen_configs_say_full_attention_in_every_layer(name):
     assert set(getattr(read, "layer_types", None) or ["full_attention"]) == {"full_attention"}
 
 
+def test_architecture_differences_leave_out_what_changes_no_weight():
+    """What a resume compares (check_resumed_student): not the token ids or the maximum positions, which
+    a checkpoint converted again may change (the load-time check and checkpoint_fingerprint skip them)."""
+    preset = get_preset("tiny-qwen3")
+    same = preset.replace(pad_token_id=7, eos_token_id=(1, 2), bos_token_id=3, max_position_embeddings=64)
+    assert preset.architecture_differences(same) == []
+    assert preset.architecture_differences(preset.replace(hidden_size=96, rope_theta=5e5)) == [
+        f"hidden_size {preset.hidden_size} vs 96", f"rope_theta {preset.rope_theta} vs 500000.0"]
+
+
 def test_sliding_window_attention_is_refused_for_qwen2_and_qwen3():
     for name in ("tiny-qwen2", "tiny-qwen3"):
         config = hf_config_dict(get_preset(name))

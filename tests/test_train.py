@@ -935,7 +935,8 @@ def test_resumed_settings_are_compared_with_the_run(tmp_path):
 
 
 def test_more_train_iters_resume_a_constant_lr_and_a_decay_with_its_own_length():
-    """A constant LR never reads the decay length: more --train-iters resume it as it is. A decaying LR
+    """A constant LR never reads the decay length or the minimum: more --train-iters (or another
+    --min-lr) resume it as it is. A decaying LR
     keeps its length with --lr-decay-iters (Megatron-LM's flag); without it more --train-iters would
     stretch the decay, refused in one line that says which flag to pass. The weight decay is constant,
     so its increment length (--train-iters) is not compared."""
@@ -946,6 +947,10 @@ def test_more_train_iters_resume_a_constant_lr_and_a_decay_with_its_own_length()
         return schedule_settings(TrainConfig(**{"load": "run", "train_iters": 100, **flags}))
 
     check_resumed_schedule(saved(), TrainConfig(load="run", train_iters=300))
+    check_resumed_schedule(saved(), TrainConfig(load="run", min_lr=1e-7))  # a constant LR never reads it either
+    with pytest.raises(UserInputError, match="--min-lr sets min_lr=1e-07"):
+        check_resumed_schedule(saved(lr_decay_style="cosine"), TrainConfig(load="run", lr_decay_style="cosine",
+                                                                           min_lr=1e-7))
     check_resumed_schedule(saved(lr_decay_style="cosine"),
                            TrainConfig(load="run", train_iters=300, lr_decay_style="cosine", lr_decay_iters=100))
     for flags, expected in (
@@ -1391,7 +1396,8 @@ def test_settings_that_other_flags_leave_without_effect_are_noted():
 
     assert _inert_notes(TrainConfig(renio_norm="ema", renio_clip=3.0, renio_scope="global", ema_decay=0.9,
                                     min_lr=1e-7, lr_decay_iters=5, loss="sampled_rkl", kd_top_k=5)) == [
-        "--renio-clip, --renio-norm have no effect without --renio",
+        "--renio-clip, --renio-norm have no effect on the loss without --renio (clip and threshold still shape "
+        "the logged pivotal statistics)",
         "--ema-decay has no effect without --teacher ema",
         "--min-lr, --lr-decay-iters have no effect with --lr-decay-style constant",
         "--kd-top-k has no effect with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)"]

@@ -70,6 +70,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from collections.abc import Iterable
 
 #: Characters of stdout / stderr kept in :class:`SandboxResult`.
@@ -583,11 +584,14 @@ def _child_main() -> None:
     _install_guards(root, violations)
 
     code = _EXIT_ERROR
-    namespace = {"__name__": _PROGRAM_NAME}
+    # A module in sys.modules, as an imported one is (dataclasses and typing look their class's module up
+    # there); compiled without this file's __future__ flags (they would make every annotation a string).
+    program = types.ModuleType(_PROGRAM_NAME)
+    sys.modules[_PROGRAM_NAME] = program
     try:
         for name, source in sources:  # the program, then the tests as __main__ (_PROGRAM_NAME)
-            exec(compile(source, name, "exec"), namespace)
-            namespace["__name__"] = "__main__"
+            exec(compile(source, name, "exec", dont_inherit=True), program.__dict__)
+            program.__name__ = "__main__"
         code = 0
     except _SandboxViolation:
         code = _EXIT_BLOCKED

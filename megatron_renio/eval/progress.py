@@ -15,9 +15,10 @@ a line cut short by the crash is skipped); with another key, or none, the folder
 given this run's key (:func:`start_over`). Every rank learns the finished job indices, so each replica skips the batches
 whose jobs are all finished (the sampling noise is keyed by a job's place in the order, so what is
 generated again or after is what one uninterrupted run gives). Rank 0 removes the folder once the
-outputs are written. The folder must be on storage every grader writes and rank 0 reads (as
-``--save`` is for training); where it is not, a grader's lines stay on its node and its jobs are
-generated again.
+outputs are written, if it still holds this run's key (another evaluation to the same output may have
+taken it over). The folder must be on storage every grader writes and rank 0 reads (as ``--save``
+is for training): a grader that does not see rank 0's key there keeps no file, and a rerun
+generates its jobs again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_renio.output_paths import fsync, write_atomic
+from megatron_renio.output_paths import write_atomic
 
 KEY_FILE = "key"
 
@@ -38,11 +39,16 @@ def progress_folder(output: str | Path) -> Path:
     return output.parent / f".{output.name}.eval-progress"
 
 
+def holds_key(folder: Path, key: str) -> bool:
+    """Whether ``folder`` holds (and this process sees) an evaluation of ``key``."""
+    key_file = folder / KEY_FILE
+    return key_file.is_file() and key_file.read_text().strip() == key
+
+
 def read_finished(folder: Path, key: str) -> dict[int, dict] | None:
     """The records in ``folder`` by job index when its key is ``key`` (lines that do not parse, such as
     one cut short by a crash, are skipped); None when the folder holds another key or none."""
-    key_file = folder / KEY_FILE
-    if not key_file.is_file() or key_file.read_text().strip() != key:
+    if not holds_key(folder, key):
         return None
     finished = {}
     for path in sorted(folder.glob("replica-*.jsonl")):
@@ -89,7 +95,7 @@ class ReplicaLog:
     def append(self, records: list[tuple[int, dict]]) -> None:
         self._file.writelines(json.dumps({"index": i, "record": r}, ensure_ascii=False) + "\n" for i, r in records)
         self._file.flush()
-        fsync(self.path)
+        os.fsync(self._file.fileno())  # by descriptor: the folder may be gone (another eval to the same output)
 
     def close(self) -> None:
         self._file.close()

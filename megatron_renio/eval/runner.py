@@ -94,7 +94,7 @@ from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError, about_flag
-from megatron_renio.eval.progress import ReplicaLog, progress_folder, read_finished, start_over
+from megatron_renio.eval.progress import ReplicaLog, holds_key, progress_folder, read_finished, start_over
 from megatron_renio.output_paths import check_output_file, write_atomic
 from megatron_renio.training.faults import fault_spec, maybe_die
 
@@ -432,20 +432,22 @@ def run(args: argparse.Namespace) -> dict | None:
     folder = progress_folder(args.out or args.summary) if args.out or args.summary else None
     earlier: dict[int, dict] = {}  # rank 0: the records an interrupted run of this evaluation left
 
-    def read_progress() -> list[int] | None:
-        """Rank 0: the finished job indices in ``folder``, None when it holds no run of these settings."""
+    def read_progress() -> tuple[str, list[int]]:
+        """Rank 0: this run's key and the finished job indices in ``folder`` (none unless it holds the key)."""
         key = _progress_key(args, sampling, tokenizer, benchmarks, jobs, seq_length)
         found = read_finished(folder, key)
         if found is None:
             start_over(folder, key)
-            return None
+            return key, []
         earlier.update(found)
         log0(f"eval: continuing an interrupted run of these settings, {len(found)} of {len(jobs)} generations "
              f"already graded ({folder})")
-        return sorted(found)
+        return key, sorted(found)
 
-    finished = set(distributed.on_rank0(read_progress) or ()) if folder is not None else set()
-    progress = ReplicaLog(folder, ctx.dp_rank, resumed=bool(finished)) if folder is not None and grader else None
+    key, finished = distributed.on_rank0(read_progress) if folder is not None else (None, [])
+    finished = set(finished)
+    progress = (ReplicaLog(folder, ctx.dp_rank, resumed=bool(finished))
+                if grader and folder is not None and holds_key(folder, key) else None)
     records: list[tuple[int, dict]] = []  # (index in jobs, record)
     nonfinite = False  # a token was drawn from non-finite logits (GenerationResult.nonfinite)
     batches = [first for first in range(start, end, args.batch_size)
@@ -471,7 +473,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if progress is not None:
         progress.close()
     if distributed.any_rank(nonfinite, ctx.device):  # every replica refuses together
-        if folder is not None and ctx.rank == 0:  # a run again would meet the same logits
+        if folder is not None and ctx.rank == 0 and holds_key(folder, key):  # a run again would meet the same logits
             shutil.rmtree(folder, ignore_errors=True)
         raise UserInputError(f"--load {args.load}: the model's logits hold NaN or inf (non-finite weights, or "
                              f"values that overflow {'bf16' if args.bf16 else 'fp32'}); its completions would "
@@ -489,7 +491,7 @@ def run(args: argparse.Namespace) -> dict | None:
                     "greedy": sampling.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
                     "top_k": sampling.top_k}
         write_atomic(args.summary, [json.dumps({"settings": settings, "benchmarks": report}, indent=2) + "\n"])
-    if folder is not None:
+    if folder is not None and holds_key(folder, key):
         shutil.rmtree(folder, ignore_errors=True)
     for name, m in report.items():
         k = args.samples_per_problem
@@ -501,12 +503,14 @@ def run(args: argparse.Namespace) -> dict | None:
 def _progress_key(args, sampling, tokenizer, benchmarks: list[Benchmark], jobs: list[Job], seq_length: int) -> str:
     """SHA-256 of what an evaluation's generations and grades depend on (:mod:`~megatron_renio.eval.progress`):
     the model's weights (:func:`~megatron_renio.models.checkpoint.checkpoint_fingerprint`) and dtype,
-    sampling, seed, lengths, stop ids, samples per problem, the benchmark items and every prompt."""
+    sampling, seed, lengths, stop ids, samples per problem, the benchmark items, every prompt, and this
+    package's version (the grader's)."""
+    from megatron_renio import __version__
     from megatron_renio.models.checkpoint import checkpoint_fingerprint
 
-    settings = {"model": checkpoint_fingerprint(args.load), "bf16": args.bf16, "sampling": dataclasses.asdict(sampling),
-                "seed": args.seed, "seq_length": seq_length, "stop_ids": sorted(tokenizer.stop_ids),
-                "samples": args.samples_per_problem,
+    settings = {"version": __version__, "model": checkpoint_fingerprint(args.load), "bf16": args.bf16,
+                "sampling": dataclasses.asdict(sampling), "seed": args.seed, "seq_length": seq_length,
+                "stop_ids": sorted(tokenizer.stop_ids), "samples": args.samples_per_problem,
                 "benchmarks": [[b.name, [dataclasses.asdict(item) for item in b.items]] for b in benchmarks],
                 "prompts": [job.prompt_ids for job in jobs if job.sample == 0]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

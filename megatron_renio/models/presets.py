@@ -24,6 +24,9 @@ _DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
 _DEFAULT_MAX_POSITIONS = {"Qwen3ForCausalLM": 32768, "Qwen2ForCausalLM": 32768, "LlamaForCausalLM": 2048}
 _SLIDING_WINDOW_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")  # their configs have use_sliding_window
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")  # one id or a list of ids in config.json
+# Preset fields that change no weight and no result (max_position_embeddings: with RoPE a run builds
+# its model for its own --seq-length), as the load-time check and checkpoint_fingerprint read them.
+_NOT_ARCHITECTURE = ("max_position_embeddings", *_TOKEN_ID_FIELDS, "pad_token_id")
 
 
 # What a preset field of each annotated type accepts: (check, the allowed values in words). Ints are not
@@ -118,10 +121,12 @@ class ModelPreset:
     def replace(self, **changes) -> "ModelPreset":
         return dataclasses.replace(self, **changes)
 
-    def differences(self, other: "ModelPreset") -> list[str]:
-        """``'<field> <self's value> vs <other's>'`` for every field where ``other`` differs."""
+    def architecture_differences(self, other: "ModelPreset") -> list[str]:
+        """``'<field> <self's value> vs <other's>'`` for every field where ``other`` differs, but those
+        that change no weight and no result (:data:`_NOT_ARCHITECTURE`): whether the weights of one
+        fit the other."""
         return [f"{f.name} {getattr(self, f.name)} vs {getattr(other, f.name)}" for f in dataclasses.fields(self)
-                if getattr(self, f.name) != getattr(other, f.name)]
+                if f.name not in _NOT_ARCHITECTURE and getattr(self, f.name) != getattr(other, f.name)]
 
     def num_parameters(self) -> int:
         """Parameter count of the unpadded model (embeddings counted once when tied)."""

@@ -335,16 +335,17 @@ def check_resumed_schedule(state: dict, cfg: TrainConfig) -> None:
     """Before a resume loads anything: the checkpoint's scheduler ``state`` must have the settings of
     the flags. Megatron's scheduler keeps the checkpoint's settings without a word, so a new ``--lr``
     or decay length would be ignored: a setting that differs is refused in one line naming its flag,
-    unless ``--override-opt-param-scheduler`` asks for the new settings. The decay length counts only
-    for a decaying LR (a constant one never reads it), so more ``--train-iters`` resume a constant-LR
-    run as they are, and a decaying one with ``--lr-decay-iters`` set to the saved length.
+    unless ``--override-opt-param-scheduler`` asks for the new settings. The decay length and the
+    minimum LR count only for a decaying LR (a constant one never reads them), so more
+    ``--train-iters`` resume a constant-LR run as they are, and a decaying one with
+    ``--lr-decay-iters`` set to the saved length.
     """
     if cfg.override_opt_param_scheduler:
         return
     current = schedule_settings(cfg)
     constant = cfg.lr_decay_style == "constant" and state.get("lr_decay_style", "constant") == "constant"
     for key, flag in _SCHEDULE_FLAGS.items():
-        if key not in state or state[key] == current[key] or (key == "lr_decay_steps" and constant):
+        if key not in state or state[key] == current[key] or (key in ("lr_decay_steps", "min_lr") and constant):
             continue
         if key == "lr_decay_steps":
             given = "--train-iters (--lr-decay-iters not given)" if cfg.lr_decay_iters is None else flag
@@ -490,12 +491,13 @@ def check_load_source(cfg: TrainConfig) -> None:
 
 
 def check_resumed_student(cfg: TrainConfig, iteration: int, student: ModelPreset, student_flag: str) -> None:
-    """The checkpoint that ``--load`` resumes (``iteration``) holds the model ``student_flag`` names: one
-    line listing the fields that differ, at start-up, not after both models are built and loaded."""
+    """The checkpoint that ``--load`` resumes (``iteration``) holds the architecture of the model
+    ``student_flag`` names (token ids and maximum positions may differ, as at load): one line listing
+    the fields that differ, at start-up, not after both models are built and loaded."""
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
     from megatron_renio.training.checkpointing import iteration_dir
 
-    differences = read_checkpoint_metadata(iteration_dir(cfg.load, iteration)).preset.differences(student)
+    differences = read_checkpoint_metadata(iteration_dir(cfg.load, iteration)).preset.architecture_differences(student)
     if differences:
         raise UserInputError(f"--load {cfg.load}: iteration {iteration} holds another model than {student_flag} "
                              f"(checkpoint vs {student_flag}: {'; '.join(differences)}); resume with the run's student")
