@@ -195,6 +195,7 @@ def run(cfg: TrainConfig) -> dict:
     C.note_local_attention_memory(cfg, student_source.preset)
     tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
     prompts = C.load_prompts(cfg, tokenizer)
+    log0(f"data: {len(prompts.student)} prompts from --data-path {' '.join(cfg.data_path)}")
     if prompts.skipped_too_long:
         log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
     if prompts.budget_limited:

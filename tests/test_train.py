@@ -728,10 +728,11 @@ def test_layout_errors(workdir, overrides, expected):
 
 def test_save_folder_of_another_model_is_refused(workdir):
     save = workdir / "other_model_run"
-    train(base_args(workdir, **{"--train-iters": 2, "--save": save, "--save-interval": 1}))
+    proc_first = train(base_args(workdir, **{"--train-iters": 2, "--save": save, "--save-interval": 1}))
     wider = base_args(workdir, **{"--student-load": workdir / "ckpt" / "teacher", "--train-iters": 1, "--save": save,
                                   "--save-interval": 1})
     assert "holds checkpoints of another model" in _last_error(train(wider, check=False))
+    assert f"data: 48 prompts from --data-path {workdir / 'train.jsonl'}\n" in proc_first.stdout  # the files it read
     # resuming it with another student (no --save) is refused before any model is built, naming what differs
     teacher = workdir / "ckpt" / "teacher"
     proc = train(base_args(workdir, **{"--student-load": teacher, "--train-iters": 3, "--load": save}), check=False)
