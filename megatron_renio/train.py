@@ -172,9 +172,6 @@ def run(cfg: TrainConfig) -> dict:
         state = read_train_state(cfg.load) if cfg.load else None
         if state is None:
             run_logs.check_new_run_logs(cfg, requeued=bool(cfg.load))
-        else:
-            C.check_resumed_student(cfg, state["iteration"], student_source.preset,
-                                    "--student-load" if cfg.student_load else "--model")
         return state
 
     # Every rank acts on what rank 0 found, and must see the same folders: separate decisions on
@@ -184,6 +181,8 @@ def run(cfg: TrainConfig) -> dict:
         check_shared_folder(cfg.save, f"--save {cfg.save}")
     if saved is not None:
         check_every_rank_sees(iteration_dir(cfg.load, saved["iteration"]) / "train_state.pt", f"--load {cfg.load}")
+        distributed.on_rank0(lambda: C.check_resumed_student(cfg, saved["iteration"], student_source.preset,
+                                                             "--student-load" if cfg.student_load else "--model"))
     teacher_origin = resume.teacher_origin(cfg, student_source, teacher_source)
     if saved is not None:
         resume.check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built

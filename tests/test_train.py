@@ -418,7 +418,7 @@ def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkey
         monkeypatch.setenv("MEGATRON_RENIO_FAULT", spec)
         with pytest.raises(UserInputError, match=f"^MEGATRON_RENIO_FAULT={spec}: expected <fault>:<iteration>"
                                                  r"\[:<rank>\], the fault one of rollout, backward, checkpoint, "
-                                                 "nan-logits, nan-grad$"):
+                                                 "eval, nan-logits, nan-grad$"):
             injected("nan-logits", 2)
     proc = train(base_args(workdir, **{"--save": workdir / "save_of_a_refused_run"}), check=False, fault="nan-logits")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
