@@ -4,17 +4,17 @@ missing.
 
 The folder is ``.<name>.eval-progress`` beside the evaluation's first output (``--out``, else
 ``--summary``). It holds ``key``, a digest of everything the generations and grades depend on
-(model, tokenizer stop ids, sampling, seed, lengths, benchmark items, prompts), and one file per
-data-parallel replica, ``replica-<dp rank>.jsonl``, to which the replica's grader appends one JSON
-line per generation (``{"index": <job index>, "record": <its output record>}``) after every batch,
-flushed to stable storage (:class:`ReplicaLog`).
+(model, tokenizer stop ids, sampling, seed, lengths, benchmark items, prompts, the package version),
+and one file per data-parallel replica, ``replica-<dp rank>.jsonl``, to which the replica's grader
+appends one JSON line per generation (``{"index": <job index>, "record": <its output record>}``)
+after every batch, flushed to stable storage (:class:`ReplicaLog`).
 
 At start-up global rank 0 reads the folder (:func:`read_finished`): with the same key, the records
 of every replica file are the finished jobs (a replica may have had another data-parallel rank, and
 a line cut short by the crash is skipped); with another key, or none, the folder is emptied and
-given this run's key (:func:`start_over`). Every rank learns the finished job indices, so each replica skips the batches
-whose jobs are all finished (the sampling noise is keyed by a job's place in the order, so what is
-generated again or after is what one uninterrupted run gives). Rank 0 removes the folder once the
+given this run's key (:func:`start_over`). Every rank learns the finished job indices, so each
+replica skips the batches whose jobs are all finished (the sampling noise is keyed by a job's place
+in the order, so what is generated again or after is what one uninterrupted run gives). Rank 0 removes the folder once the
 outputs are written, if it still holds this run's key (another evaluation to the same output may have
 taken it over). The folder must be on storage every grader writes and rank 0 reads (as ``--save``
 is for training): a grader that does not see rank 0's key there keeps no file, and a rerun
