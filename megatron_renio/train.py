@@ -205,9 +205,9 @@ def run(cfg: TrainConfig) -> dict:
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
     batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "
                    f"{prompts_per_step} prompts per step" if cfg.samples_per_prompt > 1 else None)
+    data_label = C.fitting_data_label(len(prompts.student), "prompts", prompts.skipped_too_long, cfg.seq_length)
     sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed, batch_label,
-                            C.fitting_data_label(len(prompts.student), "prompts", prompts.skipped_too_long, cfg.seq_length),
-                            prompts.fingerprint())
+                            data_label, prompts.fingerprint())
     if saved is not None:
         sampler.load_state_dict(saved["sampler"])  # refuses other data or another seed before the models load
 

@@ -14,11 +14,11 @@ of every replica file are the finished jobs (a replica may have had another data
 a line cut short by the crash is skipped); with another key, or none, the folder is emptied and
 given this run's key (:func:`start_over`). Every rank learns the finished job indices, so each
 replica skips the batches whose jobs are all finished (the sampling noise is keyed by a job's place
-in the order, so what is generated again or after is what one uninterrupted run gives). Rank 0 removes the folder once the
-outputs are written, if it still holds this run's key (another evaluation to the same output may have
-taken it over). The folder must be on storage every grader writes and rank 0 reads (as ``--save``
-is for training): a grader that does not see rank 0's key there keeps no file, and a rerun
-generates its jobs again.
+in the order, so what is generated again or after is what one uninterrupted run gives). Rank 0
+removes the folder once the outputs are written, if it still holds this run's key (another
+evaluation to the same output may have taken it over). The folder must be on storage every grader
+writes and rank 0 reads (as ``--save`` is for training): a grader that does not see rank 0's key
+there keeps no file, and a rerun generates its jobs again.
 """
 
 from __future__ import annotations
