@@ -212,7 +212,8 @@ def test_an_interrupted_eval_run_again_generates_only_what_is_missing(setup, pat
 def test_a_replica_log_is_on_disk_per_batch_and_survives_its_folders_removal(tmp_path):
     """Another evaluation to the same output may take the folder over (start_over) while this one runs:
     appends go on to the open file, and this run no longer holds the key, so it removes nothing; a line
-    cut short by a crash is ended before the next one, and skipped on reading."""
+    cut short by a crash is ended before the next one, and skipped on reading, as is a line that is not
+    a record; a key that is not text is no key (no traceback)."""
     from megatron_renio.eval.progress import ReplicaLog, holds_key, read_finished, start_over
 
     folder = tmp_path / ".out.jsonl.eval-progress"
@@ -225,11 +226,14 @@ def test_a_replica_log_is_on_disk_per_batch_and_survives_its_folders_removal(tmp
     log.close()
     assert not holds_key(folder, "ours") and read_finished(folder, "theirs") == {}
     start_over(folder, "ours")
-    (folder / "replica-00001.jsonl").write_text('{"index": 1, "record": {"r": 1}}\n{"index": 2, "rec')
+    (folder / "replica-00001.jsonl").write_text('{"index": 1, "record": {"r": 1}}\n{"index": 6, "record": 7}\n'
+                                                '{"index": 2, "rec')
     log = ReplicaLog(folder, 1, resumed=True)
     log.append([(5, {"r": 5})])
     log.close()
     assert read_finished(folder, "ours") == {1: {"r": 1}, 5: {"r": 5}}
+    (folder / "key").write_bytes(b"\xff\xfe")  # a damaged key: another run's, so the next one starts over
+    assert read_finished(folder, "ours") is None
 
 
 def test_output_is_analyze_input(setup):

@@ -42,12 +42,13 @@ def progress_folder(output: str | Path) -> Path:
 def holds_key(folder: Path, key: str) -> bool:
     """Whether ``folder`` holds (and this process sees) an evaluation of ``key``."""
     key_file = folder / KEY_FILE
-    return key_file.is_file() and key_file.read_text().strip() == key
+    return key_file.is_file() and key_file.read_text(encoding="utf-8", errors="replace").strip() == key
 
 
 def read_finished(folder: Path, key: str) -> dict[int, dict] | None:
-    """The records in ``folder`` by job index when its key is ``key`` (lines that do not parse, such as
-    one cut short by a crash, are skipped); None when the folder holds another key or none."""
+    """The records in ``folder`` by job index when its key is ``key`` (lines that are not an index and a
+    record, such as one cut short by a crash, are skipped); None when the folder holds another key, none,
+    or an unreadable one."""
     if not holds_key(folder, key):
         return None
     finished = {}
@@ -55,7 +56,8 @@ def read_finished(folder: Path, key: str) -> dict[int, dict] | None:
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
-                finished[int(entry["index"])] = entry["record"]
+                if isinstance(entry["record"], dict):
+                    finished[int(entry["index"])] = entry["record"]
             except (ValueError, KeyError, TypeError):
                 continue
     return finished
