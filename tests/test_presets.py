@@ -199,7 +199,8 @@ def test_a_rope_theta_of_zero_is_refused_not_replaced():
     with pytest.raises(UserInputError, match=r"^/m/config.json: rope_theta must be a positive number, got 0$"):
         preset_from_hf_config(config, source="/m/config.json")
     config.update(rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 0})
-    with pytest.raises(UserInputError, match=r"^/m/config.json: rope_theta must be a positive number, got 0$"):
+    with pytest.raises(UserInputError,
+                       match=r"^/m/config.json: rope_parameters.rope_theta must be a positive number, got 0$"):
         preset_from_hf_config(config, source="/m/config.json")
 
 

@@ -264,21 +264,29 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
+    def checked(name, value, kind):
+        """``value`` of the field ``name`` checked by the ``kind`` rule of a preset field."""
+        check, allowed = _FIELD_RULES[kind]
+        if not check(value):
+            raise UserInputError(f"{source}: {name} must be {allowed}, got {value!r}")
+        return kind(value)
+
     def field(name, default=None, kind=int):
         """config[name] (``default`` when absent or null) checked by the ``kind`` rule of a preset field."""
         value = config.get(name)
         value = default if value is None else value
         if value is None:
             raise UserInputError(f"{source}: missing field {name!r}")
-        check, allowed = _FIELD_RULES[kind]
-        if not check(value):
-            raise UserInputError(f"{source}: {name} must be {allowed}, got {value!r}")
-        return kind(value)
+        return checked(name, value, kind)
 
     heads = field("num_attention_heads")
     hidden = field("hidden_size")
     rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
-    rope_theta = next((v for v in (config.get("rope_theta"), rope.get("rope_theta")) if v is not None), 10000.0)
+    theta_key, rope_theta = next(
+        ((key, value) for key, value in (("rope_theta", config.get("rope_theta")),
+                                         ("rope_parameters.rope_theta", rope.get("rope_theta"))) if value is not None),
+        ("rope_theta", 10000.0),
+    )
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
     if architecture in _SLIDING_WINDOW_ARCHITECTURES and config.get("use_sliding_window"):
         raise UserInputError(f"{source}: use_sliding_window is true; sliding-window attention is not supported")
@@ -292,7 +300,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         head_dim=field("head_dim", _DEFAULT_HEAD_DIM.get(architecture, hidden // heads)),
         vocab_size=field("vocab_size"),
         max_position_embeddings=field("max_position_embeddings", _DEFAULT_MAX_POSITIONS[architecture]),
-        rope_theta=field("rope_theta", rope_theta, float),
+        rope_theta=checked(theta_key, rope_theta, float),
         rms_norm_eps=field("rms_norm_eps", 1e-6, float),
         qk_layernorm=architecture == "Qwen3ForCausalLM",
         add_qkv_bias=architecture == "Qwen2ForCausalLM" or field("attention_bias", False, bool),
