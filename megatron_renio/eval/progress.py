@@ -28,7 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_renio.output_paths import write_atomic
+from megatron_renio.output_paths import fsync, write_atomic
 
 KEY_FILE = "key"
 
@@ -91,6 +91,7 @@ class ReplicaLog:
         self.path = folder / f"replica-{dp_rank:05d}.jsonl"
         cut_short = resumed and _ends_mid_line(self.path)
         self._file = open(self.path, "a" if resumed else "w", encoding="utf-8")
+        fsync(folder)  # the file's entry: without it a power loss could drop the whole file
         if cut_short:
             self._file.write("\n")  # end the line a crash cut short, so that the next one parses
 
