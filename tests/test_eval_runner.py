@@ -369,6 +369,19 @@ def test_do_sample_false_is_greedy_unless_a_sampling_flag_is_given(tmp_path):
         sampling({"do_sample": "no"})
 
 
+def test_a_sampling_setting_eval_does_not_apply_gets_a_note(tmp_path, capsys):
+    """repetition_penalty, min_p and the like in generation_config.json: named in one note, unless they
+    are at the value that changes nothing."""
+    config = tmp_path / "generation_config.json"
+    config.write_text(json.dumps({"temperature": 0.7, "repetition_penalty": 1.05, "min_p": 0.0, "typical_p": 0.9}))
+    runner._sampling(runner.parse_args(["--load", "ckpt", "--benchmark", "b"]), tmp_path)
+    assert capsys.readouterr().out == (f"note: {config} sets repetition_penalty 1.05, typical_p 0.9, which eval does "
+                                       "not apply: it decodes with temperature, top-p and top-k only\n")
+    config.write_text(json.dumps({"temperature": 0.7, "repetition_penalty": 1.0, "num_beams": 1}))
+    runner._sampling(runner.parse_args(["--load", "ckpt", "--benchmark", "b"]), tmp_path)
+    assert capsys.readouterr().out == ""
+
+
 def test_benchmark_paths_may_hold_an_equals_sign(tmp_path):
     folder = tmp_path / "run=3"
     folder.mkdir()

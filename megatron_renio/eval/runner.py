@@ -45,7 +45,8 @@ not given takes its ``temperature``, ``top_p``, ``top_k``, else 1.0, 1.0 and 0 (
 takes the argmax; so does a temperature of 0 (flag or file, as in vLLM), and so does
 ``do_sample: false`` in that file (transformers then decodes greedily) unless ``--temperature``,
 ``--top-p`` or ``--top-k`` is given, which asks for sampling. Without ``do_sample`` the defaults
-are sampled.
+are sampled. The file's other sampling settings (``repetition_penalty``, ``min_p`` and the like)
+are not applied; a start-up note names those it sets.
 
 Grading. Completions are decoded without special tokens and graded by
 :func:`~megatron_renio.eval.benchmarks.grade` (math: the last box, math-verify; code: the last
@@ -99,6 +100,11 @@ from megatron_renio.output_paths import check_output_file, write_atomic
 from megatron_renio.training.faults import fault_spec, maybe_die
 
 BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+# generation_config.json settings of transformers' generate that change what is sampled, with the
+# values that leave it unchanged; eval applies none of them (Qwen2.5-Instruct's file sets
+# repetition_penalty 1.05), so a file that sets one gets a start-up note.
+_UNAPPLIED_SAMPLING = {"repetition_penalty": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                       "eta_cutoff": 0.0, "no_repeat_ngram_size": 0, "num_beams": 1}
 
 
 # -- helpers shared by the model commands (eval, score) -------------------------------------------
@@ -319,6 +325,11 @@ def _sampling(args, tokenizer_path: str | Path):
             raise UserInputError(f"{origin} must be {allowed}, got {value!r}")
         values[name] = kind(value)
     greedy = args.greedy or values["temperature"] == 0 or (do_sample is False and not sampling_flags)
+    unapplied = [f"{name} {defaults[name]!r}" for name, neutral in _UNAPPLIED_SAMPLING.items()
+                 if defaults.get(name) not in (None, neutral)]
+    if unapplied:
+        log0(f"note: {config_file} sets {', '.join(unapplied)}, which eval does not apply: it decodes with "
+             f"temperature, top-p and top-k only")
     return SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=greedy, **values)
 
 
