@@ -100,6 +100,8 @@ HELP = {
     "rollout_top_k": "the rollout samples among the k most likely tokens; 0 = off",
     "log_interval": "console progress every N iterations (the metrics file, TensorBoard and W&B get every step)",
     "max_new_tokens": "longest completion of the rollout",
+    "rollout_batch_size": "most samples a replica generates at once (one KV cache of --seq-length positions each); "
+                          "more are generated in turns, with the same draws. 0 = its whole share of the batch",
     "samples_per_prompt": "completions per prompt (consecutive rows of the batch)",
     "micro_batch_order": "how a rank's samples form micro-batches: data = in sampling order (the reference's); "
                          "length = longest first, so that each micro-batch pads to samples of similar length "
@@ -199,6 +201,7 @@ class TrainConfig:
     rollout_top_p: float = 1.0
     rollout_top_k: int = 0
     max_new_tokens: int = 1024
+    rollout_batch_size: int = 0
     samples_per_prompt: int = 1
     # data
     data_path: list[str] = field(default_factory=list)
@@ -457,7 +460,8 @@ def validate(c: TrainConfig) -> None:
     for name in positive_ints:
         value = getattr(c, name)
         _check(isinstance(value, int) and value >= 1, flag_name(name), "an integer >= 1", value)
-    for name in ("save_interval", "exit_interval", "lr_warmup_iters", "rollout_top_k", "save_samples_interval"):
+    for name in ("save_interval", "exit_interval", "lr_warmup_iters", "rollout_top_k", "save_samples_interval",
+                 "rollout_batch_size"):
         value = getattr(c, name)
         _check(isinstance(value, int) and value >= 0, flag_name(name), "an integer >= 0", value)
     for f in dataclasses.fields(c):  # what `--save "$SAVE"` passes when the variable is unset

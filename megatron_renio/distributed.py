@@ -21,12 +21,15 @@ import socket
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
 from megatron_renio import cpu_backend
 from megatron_renio.errors import RankFailure, UserInputError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -179,16 +182,31 @@ def log0(message: str) -> None:
         print(message, flush=True)
 
 
-def _check_ranks_agree(config_fingerprint: str) -> None:
-    """All ranks must run with the same configuration: compare fingerprints, name the first odd rank."""
-    fingerprints: list[str] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
-    torch.distributed.all_gather_object(fingerprints, config_fingerprint)
-    for rank, fingerprint in enumerate(fingerprints):
-        if fingerprint != fingerprints[0]:
-            raise UserInputError(
-                f"ranks disagree on the configuration: rank {rank} differs from rank 0 "
-                "(launch every rank with the same flags, config file and checkpoint)"
-            )
+def _check_ranks_agree(digest: str, what: str, remedy: str) -> None:
+    """Collective: every rank must hold the same ``digest`` of ``what``; else every rank raises one line
+    naming the first rank that differs from rank 0, and ``remedy``."""
+    digests: list[str] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(digests, digest)
+    for rank, other in enumerate(digests):
+        if other != digests[0]:
+            raise UserInputError(f"ranks disagree on {what}: rank {rank} differs from rank 0 ({remedy})")
+
+
+def same_on_every_rank(load: Callable[[], T], digest: Callable[[T], str], what: str, remedy: str) -> T:
+    """Collective: ``load()`` on every rank (reading files each rank reads for itself, such as the data),
+    then check that every rank got the same: ``digest`` of the result is compared across ranks
+    (:func:`_check_ranks_agree`, naming ``what`` and ``remedy``). An error on some ranks stops every rank
+    (:func:`raise_if_any_rank`): none waits in its next collective for one that failed (a node missing a
+    file), and an error every rank finds is printed by rank 0 alone, not once per rank."""
+    result, error = None, None
+    try:
+        result = load()
+    except Exception as e:  # every rank must learn about it, or the others hang
+        error = e
+    raise_if_any_rank(error)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        _check_ranks_agree(digest(result), what, remedy)
+    return result
 
 
 def fingerprint(*configs) -> str:
@@ -327,7 +345,8 @@ def initialize(
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                              store=store)
     if config_fingerprint is not None:
-        _check_ranks_agree(config_fingerprint)
+        _check_ranks_agree(config_fingerprint, "the configuration",
+                           "launch every rank with the same flags, config file and checkpoint")
 
     _destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(

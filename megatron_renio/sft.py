@@ -42,7 +42,7 @@ from functools import partial
 import torch
 
 from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, pad_multiple, validate
-from megatron_renio.data.token_sequences import TokenSequences
+from megatron_renio.data.token_sequences import TokenSequences, sha256_of
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import check_target_directory, is_within
@@ -147,7 +147,8 @@ def load_sft_examples(cfg: SFTConfig, tokenizer) -> SFTExamples:
     from megatron_renio.data.templates import answer_text, build_prompt_ids
 
     t = cfg.train
-    records = load_prompt_records(t.data_path, t.problem_field, t.solution_field, require_solution=True)
+    records = load_prompt_records(t.data_path, t.problem_field, t.solution_field, answer_field=None,
+                                  require_solution=True)  # SFT trains on solutions: answers are not read
     privileged = random.Random(t.seed).sample(range(len(records)), round(cfg.privileged_prompt_fraction * len(records)))
     # every record's student prompt, then the privileged records' teacher prompts; each example goes
     # into the compact stores as it is tokenised
@@ -249,8 +250,14 @@ def run(cfg: SFTConfig) -> list[float]:
     C.note_untrained_positions(t.seq_length, "model", source)
     C.check_recompute(t, source.preset)
     C.note_local_attention_memory(t, source.preset)
-    tokenizer = C.load_run_tokenizer(t, source, None)
-    examples = load_sft_examples(cfg, tokenizer)
+
+    def load_data():
+        tokenizer = C.load_run_tokenizer(t, source, None)
+        return tokenizer, load_sft_examples(cfg, tokenizer)
+
+    tokenizer, examples = distributed.same_on_every_rank(
+        load_data, lambda loaded: sha256_of(loaded[1].prompts, loaded[1].targets),
+        "the tokenised examples of --data-path", "every rank must read the same files with the same tokenizer")
     if examples.skipped_too_long:
         log0(f"skipped {examples.skipped_too_long} examples longer than --seq-length {t.seq_length}")
     model, info = C.build_model(source, t)

@@ -192,8 +192,14 @@ def run(cfg: TrainConfig) -> dict:
         C.note_untrained_positions(cfg.seq_length, role, source)
     C.check_recompute(cfg, student_source.preset)
     C.note_local_attention_memory(cfg, student_source.preset)
-    tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
-    prompts = C.load_prompts(cfg, tokenizer)
+
+    def load_data():
+        tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
+        return tokenizer, C.load_prompts(cfg, tokenizer)
+
+    tokenizer, prompts = distributed.same_on_every_rank(
+        load_data, lambda loaded: loaded[1].fingerprint(), "the tokenised prompts of --data-path",
+        "every rank must read the same files with the same tokenizer")
     log0(f"data: {len(prompts.student)} prompts from --data-path {' '.join(cfg.data_path)}")
     if prompts.skipped_too_long:
         log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
@@ -272,7 +278,8 @@ def run(cfg: TrainConfig) -> dict:
             # DP=N sample the same completions for the same prompts
             rollout = generate(student, s_prompts, sampling, eos_id=eos, true_vocab_size=true_vocab,
                                seed=cfg.seed * 1_000_003 + iteration, max_sequence_length=cfg.seq_length,
-                               rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size), limits=limits)
+                               rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size), limits=limits,
+                               max_batch=cfg.rollout_batch_size or None)
             t_rollout = time.perf_counter() - t0
             maybe_die("rollout", iteration + 1)
 
@@ -295,8 +302,10 @@ def run(cfg: TrainConfig) -> dict:
             maybe_die("backward", iteration + 1)
 
             t2 = time.perf_counter()
-            ok, grad_norm = C.step_if_finite(optimizer, student_ddp,
-                                             not result.nonfinite and math.isfinite(result.loss))
+            # a completion drawn from non-finite logits (on any replica) is not trained on, whatever its loss
+            drawn_nonfinite = distributed.any_rank(rollout.nonfinite, ctx.device)
+            ok, grad_norm = C.step_if_finite(optimizer, student_ddp, not (result.nonfinite or drawn_nonfinite)
+                                             and math.isfinite(result.loss))
             if ok:
                 scheduler.step(increment=1)
                 skipped_in_a_row = 0

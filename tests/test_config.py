@@ -79,6 +79,7 @@ def test_a_teacher_model_or_opd_means_a_separate_teacher_unless_told_otherwise(t
         (["--renio-clip", "0.5"], r"--renio-threshold must be <= --renio-clip 0.5 \(a clipped log-ratio never "
                                   r"exceeds the clip: no token would be pivotal and every weight would be 1\), got 0.8"),
         (["--rollout-top-p", "0"], r"--rollout-top-p must be in \(0, 1\], got 0.0"),
+        (["--rollout-batch-size", "-1"], "--rollout-batch-size must be an integer >= 0, got -1"),
         (["--lr", "-1"], "--lr must be >= 0, got -1.0"),
         (["--renio-norm", "median"], "--renio-norm must be one of none, batch_mean, ema, clamp"),
         (["--renio-temperature", "0.01"],

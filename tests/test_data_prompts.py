@@ -197,6 +197,21 @@ def test_json_nested_too_deeply_names_the_line_or_file(tmp_path):
         list(read_rows(str(array), RECORD_EXTENSIONS))
 
 
+def test_a_key_given_twice_or_an_integer_python_cannot_read_is_one_line(tmp_path):
+    """json keeps a repeated key's last value silently and raises a bare ValueError for an integer of
+    more than 4,300 digits: both are refused with the line (or, in a JSON array file, the file)."""
+    from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
+
+    twice = _write_lines(tmp_path / "twice.jsonl", [_row(), '{"problem": "first", "x": {"a": 1, "a": 2}}'])
+    assert _error([twice]) == f"{twice} line 2: field 'a' given twice in one object"
+    long = _write_lines(tmp_path / "long.jsonl", [_row(), '{"problem": "p", "answer": ' + "9" * 5000 + "}"])
+    assert _error([long]) == f"{long} line 2: a JSON integer has more than 4300 digits, more than Python reads"
+    array = tmp_path / "twice.json"
+    array.write_text('[{"problem": "first", "problem": "second"}]')
+    with pytest.raises(UserInputError, match=rf"^{array}: field 'problem' given twice in one object$"):
+        list(read_rows(str(array), RECORD_EXTENSIONS))
+
+
 def test_a_byte_order_mark_at_the_start_of_the_file_is_skipped(tmp_path):
     from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
 

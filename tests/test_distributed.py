@@ -64,6 +64,17 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
         assert r["disagree"].startswith("ranks disagree on the configuration: rank 1 differs from rank 0")
         assert "\n" not in r["disagree"]
         assert r["dp_size"] == 2 and r["device"] == "cpu"
+    # same_on_every_rank: a result that differs is refused on every rank, naming the first odd rank;
+    # an error of one rank is raised on every rank (a copy reported by it)
+    assert [r["same_differs"] for r in results] == [
+        "UserInputError: ranks disagree on the rank: rank 1 differs from rank 0 (a remedy)"] * 2
+    assert [r["same_fails"] for r in results] == ["UserInputError: no such file [reported by 1]",
+                                                  "UserInputError: no such file"]
+    # the trainer's data: other prompts on rank 1, or a file rank 1 does not have, stop both ranks
+    assert [r["train_other_data"] for r in results] == [
+        "ranks disagree on the tokenised prompts of --data-path: rank 1 differs from rank 0 "
+        "(every rank must read the same files with the same tokenizer)"] * 2
+    assert [r["train_data_missing_on_rank1"] for r in results] == ["prompt data file only0.jsonl not found"] * 2
     # on_rank0: rank 0's value everywhere; its error raised on rank 0 as it is, on the others as one line
     assert [r["on_rank0"] for r in results] == [{"rank": 0}, {"rank": 0}]
     # (a copy names the rank that reports the error: entry points print it there and on rank 0 only)

@@ -202,6 +202,15 @@ def test_sampling_with_a_seed_is_reproducible(ranks, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_generating_in_turns_draws_what_one_batch_draws(ranks, layout):
+    """max_batch (train's --rollout-batch-size): the prompts in turns of at most that many, with the
+    sampling noise still keyed by row and the per-prompt limits following their prompts."""
+    r = ranks[0][layout]
+    assert r["sampled_in_turns"] == (r["sampled_a"], sum(map(len, r["sampled_a"])))
+    assert r["row_limits_in_turns"] == r["row_limits"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_eos_and_length_limits(ranks, layout):
     r = ranks[0][layout]
     greedy, eos = r["greedy_kv"], r["eos_id"]

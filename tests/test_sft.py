@@ -147,3 +147,21 @@ def test_examples_are_every_student_prompt_then_the_privileged_teacher_prompts(t
     examples = load_sft_examples(cfg, tokenizer)
     assert examples.skipped_too_long == len(expected) - len(fitting) > 0
     assert list(zip(examples.prompts, examples.targets)) == fitting
+
+
+def test_an_answer_field_sft_does_not_use_is_not_checked(task, tmp_path):
+    """SFT trains on the solutions: a record whose 'answer' is a list (which training's answer check
+    refuses) is still an example."""
+    from megatron_renio.data.tokenizer import load_tokenizer
+    from megatron_renio.sft import load_sft_examples
+
+    data, tokenizer_dir = task
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["answer"] = ["1", "2"]
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = ["--tokenizer", tokenizer_dir, "--model", "tiny-qwen3", "--save", "unused"]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    plain = load_sft_examples(parse_sft_args(["--data-path", str(data), *flags]), tokenizer)
+    examples = load_sft_examples(parse_sft_args(["--data-path", str(odd), *flags]), tokenizer)
+    assert list(examples.prompts) == list(plain.prompts) and list(examples.targets) == list(plain.targets)

@@ -101,12 +101,13 @@ def test_opd_step_is_the_same_under_tp2_pp2_dp2(workdir, scope):
     # the layouts also recompute activations in the three ways (bitwise neutral on the CPU, see
     # test_cpu_backend): across TP, across PP stages, and with the DP gradient reduction, which DP=2
     # overlaps with the backward
-    # TP=2 also forms micro-batches of two rows longest first (global scope: the same loss as rows one by one)
+    # TP=2 also forms micro-batches of two rows longest first (global scope: the same loss as rows one by one);
+    # PP=2 generates its replica's 4 rollouts one at a time (the same draws)
     runs = {"tp1": ({}, 1),
             "tp2": ({"--tensor-model-parallel-size": 2, "--recompute-granularity": "selective", "--micro-batch-size": 2,
                      "--micro-batch-order": "length"}, 2),
             "pp2": ({"--pipeline-model-parallel-size": 2, "--recompute-granularity": "full",
-                     "--recompute-method": "block"}, 2),
+                     "--recompute-method": "block", "--rollout-batch-size": 1}, 2),
             "dp2": ({"--recompute-granularity": "full", "--recompute-method": "uniform", "--recompute-num-layers": 2,
                      "--overlap-grad-reduce": None}, 2)}
     prompts = load_prompts(TrainConfig(data_path=[str(workdir / "train.jsonl")], seq_length=384, max_new_tokens=12,

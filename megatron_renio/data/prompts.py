@@ -57,11 +57,12 @@ def load_prompt_records(
     paths: Sequence[str] | str,
     problem_field: str = "problem",
     solution_field: str = "solution",
-    answer_field: str = "answer",
+    answer_field: str | None = "answer",
     *,
     require_solution: bool = False,
 ) -> list[PromptRecord]:
-    """Read prompt records from every file in ``paths`` (JSONL, JSONL.gz or parquet), in order.
+    """Read prompt records from every file in ``paths`` (JSONL, JSONL.gz or parquet), in order;
+    ``answer_field`` None: answers are not read (each record's is None).
 
     Raises :class:`UserInputError` for: no files given, a missing file, an unknown extension, a
     malformed JSON line or non-object row (file and line), a row without ``problem_field`` or, when
@@ -81,13 +82,14 @@ def load_prompt_records(
         if not os.path.isfile(path):
             raise UserInputError(f"prompt data path {path} is not a file")
         count = 0
-        for row in read_rows(path, _EXTENSIONS, parquet_columns=(problem_field, solution_field, answer_field)):
+        columns = tuple(name for name in (problem_field, solution_field, answer_field) if name is not None)
+        for row in read_rows(path, _EXTENSIONS, parquet_columns=columns):
             records.append(
                 PromptRecord(
                     problem=_text_field(row.fields, problem_field, "--problem-field", row.where, required=True),
                     solution=_text_field(row.fields, solution_field, "--solution-field", row.where,
                                          required=require_solution),
-                    answer=_answer_field(row.fields, answer_field, row.where),
+                    answer=None if answer_field is None else _answer_field(row.fields, answer_field, row.where),
                     source=f"{path}:{row.number}",
                 )
             )

@@ -27,6 +27,7 @@ import gzip
 import io
 import json
 import re
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -105,16 +106,35 @@ def _decode_utf8(data: bytes, line_where: Callable[[int], str], first_line: int 
         raise UserInputError(f"{line_where(line)}: not valid UTF-8 ({exc.reason})") from None
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object names a key twice (``json`` would keep the last value silently)."""
+
+
+def _object_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The dict of a JSON object's ``pairs``; :class:`_DuplicateKey` when a key comes twice."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return obj
+
+
 def _parse_json(text: str, line_where: Callable[[int], str], first_line: int = 1, whole: str | None = None) -> Any:
     """The JSON value of ``text`` (file text from line ``first_line`` on); ``whole`` names all of
-    ``text`` where no line can be told (default: line ``first_line``)."""
+    ``text`` where no line can be told (default: line ``first_line``). An object that names a key
+    twice is refused, not read with its last value."""
+    where = whole or line_where(first_line)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_object_of)
     except json.JSONDecodeError as exc:
         line = first_line + exc.lineno - 1
         raise UserInputError(f"{line_where(line)}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+    except _DuplicateKey as exc:
+        raise UserInputError(f"{where}: field {exc.args[0]!r} given twice in one object") from None
+    except ValueError:  # the one other ValueError of json.loads, with no position
+        raise UserInputError(f"{where}: a JSON integer has more than {sys.get_int_max_str_digits()} digits, more "
+                             "than Python reads") from None
     except RecursionError:  # json gives no position
-        where = whole or line_where(first_line)
         raise UserInputError(f"{where}: JSON nested too deeply (deeper than Python's recursion limit)") from None
 
 

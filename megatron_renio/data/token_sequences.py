@@ -10,6 +10,7 @@ lists of ids (rollout, batching, samples) reads it unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -84,3 +85,12 @@ class TokenSequences:
     def num_tokens(self) -> int:
         """The number of tokens of all sequences together."""
         return len(self._tokens)
+
+
+def sha256_of(*stores: TokenSequences) -> str:
+    """SHA-256 hex digest of every sequence of ``stores``, in order: equal digests, equal ids (a
+    tokenised data set's identity, compared across ranks and with a checkpoint's)."""
+    digest = hashlib.sha256()
+    for store in stores:
+        store.update_hash(digest)
+    return digest.hexdigest()

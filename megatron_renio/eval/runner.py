@@ -408,33 +408,15 @@ def run(args: argparse.Namespace) -> dict | None:
     run several evaluations.
     """
     from megatron_renio import distributed
-    from megatron_renio.data.tokenizer import load_tokenizer
-    from megatron_renio.models.checkpoint import read_checkpoint_metadata
     from megatron_renio.rollout.generate import generate
 
-    with about_flag("--load"):
-        meta = read_checkpoint_metadata(args.load)
-    tokenizer_path = args.tokenizer or meta.tokenizer_dir
-    if tokenizer_path is None:
-        raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
     fault_spec()
-    sampling = _sampling(args, tokenizer_path)
-    benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
-    with about_flag("--tokenizer" if args.tokenizer else "--load"):
-        tokenizer = load_tokenizer(str(tokenizer_path))
-    if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
-        tokenizer.add_stop_ids(meta.generation_config.parent)
-    vocab = meta.preset.vocab_size
-    if tokenizer.vocab_size > vocab:
-        raise UserInputError(
-            f"the tokenizer ({tokenizer.vocab_size} ids) is larger than the model's vocabulary ({vocab})"
-        )
-    seq_length = args.seq_length or meta.preset.max_position_embeddings
-    jobs = _jobs(benchmarks, tokenizer, args.samples_per_problem, seq_length)
-
     parallel = distributed.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     ctx = distributed.initialize(parallel, args.seed, distributed.fingerprint(vars(args)),
                                  args.distributed_timeout_minutes)
+    meta, sampling, tokenizer, benchmarks, seq_length, jobs, inputs_digest = distributed.same_on_every_rank(
+        lambda: _read_inputs(args), lambda inputs: inputs[-1],
+        "the checkpoint's settings, the tokenizer and the benchmarks", "every rank must read the same files")
     model = _build_model(meta, parallel, "bf16" if args.bf16 else "fp32", seq_length, args.ckpt_fully_parallel_load)
 
     order = _spread_order(len(jobs))  # rows of the generation: positions in this order
@@ -445,7 +427,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     def read_progress() -> tuple[str, list[int]]:
         """Rank 0: this run's key and the finished job indices in ``folder`` (none unless it holds the key)."""
-        key = _progress_key(args, sampling, tokenizer, benchmarks, jobs, seq_length)
+        key = _progress_key(args, inputs_digest)
         found = read_finished(folder, key)
         if found is None:
             start_over(folder, key)
@@ -471,7 +453,7 @@ def run(args: argparse.Namespace) -> dict | None:
         indices = order[first:min(first + args.batch_size, end)]
         batch = [jobs[i] for i in indices]
         result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
-                          true_vocab_size=vocab, seed=args.seed, max_sequence_length=seq_length,
+                          true_vocab_size=meta.preset.vocab_size, seed=args.seed, max_sequence_length=seq_length,
                           rows=(first, len(jobs)))
         nonfinite |= result.nonfinite
         if grader and not nonfinite:
@@ -511,19 +493,53 @@ def run(args: argparse.Namespace) -> dict | None:
     return report
 
 
-def _progress_key(args, sampling, tokenizer, benchmarks: list[Benchmark], jobs: list[Job], seq_length: int) -> str:
+def _read_inputs(args) -> tuple:
+    """What every rank reads for an evaluation: the checkpoint's metadata, the sampling settings, the
+    tokenizer, the benchmarks, the sequence length, the jobs, and their :func:`_inputs_digest`."""
+    from megatron_renio.data.tokenizer import load_tokenizer
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+
+    with about_flag("--load"):
+        meta = read_checkpoint_metadata(args.load)
+    tokenizer_path = args.tokenizer or meta.tokenizer_dir
+    if tokenizer_path is None:
+        raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
+    sampling = _sampling(args, tokenizer_path)
+    benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
+    with about_flag("--tokenizer" if args.tokenizer else "--load"):
+        tokenizer = load_tokenizer(str(tokenizer_path))
+    if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
+        tokenizer.add_stop_ids(meta.generation_config.parent)
+    vocab = meta.preset.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise UserInputError(
+            f"the tokenizer ({tokenizer.vocab_size} ids) is larger than the model's vocabulary ({vocab})"
+        )
+    seq_length = args.seq_length or meta.preset.max_position_embeddings
+    jobs = _jobs(benchmarks, tokenizer, args.samples_per_problem, seq_length)
+    digest = _inputs_digest(args, sampling, tokenizer, benchmarks, seq_length, jobs)
+    return meta, sampling, tokenizer, benchmarks, seq_length, jobs, digest
+
+
+def _inputs_digest(args, sampling, tokenizer, benchmarks: list[Benchmark], seq_length: int, jobs: list[Job]) -> str:
+    """SHA-256 of the evaluation's inputs other than the model: sampling, lengths, stop ids, samples per
+    problem, the benchmark items and every prompt."""
+    settings = {"sampling": dataclasses.asdict(sampling), "seq_length": seq_length,
+                "stop_ids": sorted(tokenizer.stop_ids), "samples": args.samples_per_problem,
+                "benchmarks": [[b.name, [dataclasses.asdict(item) for item in b.items]] for b in benchmarks],
+                "prompts": [job.prompt_ids for job in jobs if job.sample == 0]}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _progress_key(args, inputs_digest: str) -> str:
     """SHA-256 of what an evaluation's generations and grades depend on (:mod:`~megatron_renio.eval.progress`):
-    the model's weights (:func:`~megatron_renio.models.checkpoint.checkpoint_fingerprint`) and dtype,
-    sampling, seed, lengths, stop ids, samples per problem, the benchmark items, every prompt, and this
-    package's version (the grader's)."""
+    the model's weights (:func:`~megatron_renio.models.checkpoint.checkpoint_fingerprint`) and dtype, the
+    seed, the other inputs (:func:`_inputs_digest`), and this package's version (the grader's)."""
     from megatron_renio import __version__
     from megatron_renio.models.checkpoint import checkpoint_fingerprint
 
     settings = {"version": __version__, "model": checkpoint_fingerprint(args.load), "bf16": args.bf16,
-                "sampling": dataclasses.asdict(sampling), "seed": args.seed, "seq_length": seq_length,
-                "stop_ids": sorted(tokenizer.stop_ids), "samples": args.samples_per_problem,
-                "benchmarks": [[b.name, [dataclasses.asdict(item) for item in b.items]] for b in benchmarks],
-                "prompts": [job.prompt_ids for job in jobs if job.sample == 0]}
+                "seed": args.seed, "inputs": inputs_digest}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

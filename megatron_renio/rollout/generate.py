@@ -191,6 +191,7 @@ def generate(
     use_kv_cache: bool = True,
     rows: tuple[int, int] | None = None,
     limits: Sequence[int] | None = None,
+    max_batch: int | None = None,
 ) -> GenerationResult:
     """Sample one completion per prompt with the student ``model`` (this rank's TP/PP shard).
 
@@ -206,7 +207,9 @@ def generate(
     ``max_sequence_length``, which bounds prompt + completion and sizes the KV cache; bad prompts,
     EOS ids or vocabulary sizes raise :class:`UserInputError`. ``limits`` (one per prompt, each at
     least 1) bounds each completion further, e.g. by what a longer teacher prompt leaves of the
-    sequence. Runs under ``torch.no_grad`` in eval mode and restores the model's training mode (and
+    sequence. ``max_batch``: generate at most that many prompts at once (the KV cache holds that many
+    rows), the next ones after them; the draws are the same (keyed by row). Runs under
+    ``torch.no_grad`` in eval mode and restores the model's training mode (and
     sequence parallelism) afterwards. Non-finite logits do not raise: the result's ``nonfinite`` says
     whether a generated token was drawn from one (the caller decides what to do with the completions).
     """
@@ -221,6 +224,15 @@ def generate(
     if len(most) != len(prompts) or min(most) < 1:
         raise ValueError(f"limits must hold one bound of at least 1 per prompt, got {list(limits)}")
     started = time.perf_counter()
+    if max_batch is not None and len(prompts) > max_batch:
+        first_row, total_rows = rows if rows is not None else (0, len(prompts))
+        parts = [generate(model, prompts[i:i + max_batch], cfg, eos_id=eos_id, true_vocab_size=true_vocab_size,
+                          seed=seed, max_sequence_length=max_sequence_length, use_kv_cache=use_kv_cache,
+                          rows=(first_row + i, total_rows), limits=most[i:i + max_batch])
+                 for i in range(0, len(prompts), max_batch)]
+        return GenerationResult([c for part in parts for c in part.completions],
+                                sum(part.num_generated_tokens for part in parts), time.perf_counter() - started,
+                                nonfinite=any(part.nonfinite for part in parts))
     device = next(gpt.parameters()).device
     batch_size = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)

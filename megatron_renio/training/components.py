@@ -9,7 +9,6 @@ builders (models, DDP, optimizer) and the collective checks run after
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from megatron_renio.config import TrainConfig, lr_decay_iters
 from megatron_renio.data.prompts import load_prompt_records
 from megatron_renio.data.templates import build_prompt_ids
-from megatron_renio.data.token_sequences import TokenSequences
+from megatron_renio.data.token_sequences import TokenSequences, sha256_of
 from megatron_renio.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_renio.distributed import ParallelConfig, log0
 from megatron_renio.errors import UserInputError, about_flag
@@ -397,10 +396,7 @@ class PromptSet:
     def fingerprint(self) -> str:
         """SHA-256 of both prompt stores (the kept prompts' ids, in order): the prompt order a checkpoint's
         sampler state continues is valid for this data only (:class:`~megatron_renio.data.prompts.PromptSampler`)."""
-        digest = hashlib.sha256()
-        for store in (self.student, self.teacher):
-            store.update_hash(digest)
-        return digest.hexdigest()
+        return sha256_of(self.student, self.teacher)
 
 
 def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:

@@ -130,6 +130,26 @@ def main(out_dir):
         result["log_trimming"] = described(e)
     result["train_node_local_save"] = train_refusal("--save", "run/opd")
     result["train_node_local_load"] = train_refusal("--load", "resume")
+    # data files each rank reads from its own storage (the working folder is node<rank>): other
+    # prompts on rank 1, then a file only rank 0 has
+    write_jsonl("prompts.jsonl", make_splits(rank, 8, 0)[0])
+    if rank == 0:
+        write_jsonl("only0.jsonl", make_splits(0, 8, 0)[0])
+    torch.distributed.barrier()
+    result["train_other_data"] = train_refusal("--data-path", "prompts.jsonl")
+    result["train_data_missing_on_rank1"] = train_refusal("--data-path", "only0.jsonl")
+    # same_on_every_rank itself: a value that differs, an error on rank 1 only
+    try:
+        distributed.same_on_every_rank(lambda: rank, str, "the rank", "a remedy")
+        result["same_differs"] = "no error"
+    except UserInputError as e:
+        result["same_differs"] = described(e)
+    try:
+        distributed.same_on_every_rank(fails(UserInputError("no such file")) if rank == 1 else lambda: 7, str,
+                                       "the data", "a remedy")
+        result["same_fails"] = "no error"
+    except UserInputError as e:
+        result["same_fails"] = described(e)
     save_rank_result(out_dir, result)
     distributed.destroy()
 

@@ -36,10 +36,10 @@ def sequence_parallel_flags(model):
     ]
 
 
-def run(model, prompts=PROMPTS, cfg=GREEDY, eos=EOS, seed=0, max_seq=MAX_SEQ, kv=True, limits=None):
+def run(model, prompts=PROMPTS, cfg=GREEDY, eos=EOS, seed=0, max_seq=MAX_SEQ, kv=True, limits=None, max_batch=None):
     return generate(
         model, prompts, cfg, eos_id=eos, true_vocab_size=VOCAB, seed=seed,
-        max_sequence_length=max_seq, use_kv_cache=kv, limits=limits,
+        max_sequence_length=max_seq, use_kv_cache=kv, limits=limits, max_batch=max_batch,
     )
 
 
@@ -178,6 +178,8 @@ def checks(model):
     out["sampled_a_again"] = run(model, cfg=SAMPLED, seed=11).completions
     out["sampled_b"] = run(model, cfg=SAMPLED, seed=12).completions
     out["sampled_full"] = run(model, cfg=SAMPLED, seed=11, kv=False).completions
+    in_turns = run(model, cfg=SAMPLED, seed=11, max_batch=3)  # 3 prompts, then the 4th
+    out["sampled_in_turns"] = (in_turns.completions, in_turns.num_generated_tokens)
     # EOS: a token that prompt 0's greedy completion first produces at step 4 or later
     first = greedy.completions[0]
     eos = next(t for i, t in enumerate(first) if i >= 3 and t not in first[:i])
@@ -189,6 +191,7 @@ def checks(model):
     out["seq_limit"] = run(model, max_seq=10).completions  # longest prompt (8) gets 2 tokens
     out["row_limits"] = run(model, limits=ROW_LIMITS).completions
     out["row_limits_full"] = run(model, limits=ROW_LIMITS, kv=False).completions
+    out["row_limits_in_turns"] = run(model, limits=ROW_LIMITS, max_batch=1).completions
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         boost_padded_rows(model)
         out["unmasked_argmax"] = unmasked_argmax(model, PROMPTS[2])  # 8 tokens: splits under SP
