@@ -262,15 +262,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
                                    *data("good")],
         "--tokenizer: tokenizer path " + str(tmp_path / "nowhere") + " does not exist":
             [*models, *data("good"), "--tokenizer", str(tmp_path / "nowhere")],
-        "--tensor-model-parallel-size 3 does not divide the student's attention heads (4)":
+        "world size 1 is not divisible by --tensor-model-parallel-size 3":
             [*models, *data("good"), "--tensor-model-parallel-size", "3"],
     }
     for expected, argv in cases.items():
         assert expected in _bad(argv, capsys, out), expected
-    assert score.main([*models, *data("good"), "--tensor-model-parallel-size", "3", "--seq-length", "512",
-                       "--out", str(out)]) == 2
+    assert score.main([*models, *data("bad_json"), "--seq-length", "512", "--out", str(out)]) == 2
     captured = capsys.readouterr()  # the note comes before the refusal
-    assert "exceeds the student's max_position_embeddings (256)" in captured.out and "does not divide" in captured.err
+    assert "exceeds the student's max_position_embeddings (256)" in captured.out and "malformed JSON" in captured.err
     assert score.main([*models, *data("good"), "--out", str(tmp_path / "good.jsonl")]) == 2
     assert "is the --data file" in capsys.readouterr().err
     link = tmp_path / "link.jsonl"  # another name of the --data file, which writing would replace

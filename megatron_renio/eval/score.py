@@ -59,6 +59,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -291,20 +293,31 @@ def run(args: ScoreArgs) -> list[dict] | None:
 
     cfg = args.train
     settings = C.loss_settings(cfg)
-    student_source = C.resolve_model(cfg.student_load, None, "--student-load")
-    teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
-    for role, source in (("student", student_source), ("teacher", teacher_source)):
-        C.note_untrained_positions(cfg.seq_length, role, source)
-        check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
-    # as in training: both built with the wider padded width, the ids both models hold are the vocabulary
-    padded_vocab, vocab = C.paired_vocab(cfg, student_source.preset, teacher_source.preset)
-    tokenizer = None
-    if cfg.tokenizer or student_source.tokenizer_dir:
-        tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
-    rows = read_rows(args.data, tokenizer, vocab, cfg.seq_length)
-
     ctx = distributed.initialize(C.parallel_config(cfg), cfg.seed, distributed.fingerprint(args),
                                  cfg.distributed_timeout_minutes)
+
+    def read_inputs():
+        """The two models' sources, the vocabulary sizes, the tokenizer (or None) and the rows."""
+        student_source = C.resolve_model(cfg.student_load, None, "--student-load")
+        teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
+        for role, source in (("student", student_source), ("teacher", teacher_source)):
+            C.note_untrained_positions(cfg.seq_length, role, source)
+            check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
+        # as in training: both built with the wider padded width, the ids both models hold are the vocabulary
+        padded_vocab, vocab = C.paired_vocab(cfg, student_source.preset, teacher_source.preset)
+        tokenizer = None
+        if cfg.tokenizer or student_source.tokenizer_dir:
+            tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
+        return student_source, teacher_source, padded_vocab, vocab, tokenizer, read_rows(
+            args.data, tokenizer, vocab, cfg.seq_length)
+
+    def rows_digest(inputs) -> str:
+        ids = [(row.student_prompt, row.teacher_prompt, row.completion) for row in inputs[-1]]
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+
+    student_source, teacher_source, padded_vocab, vocab, tokenizer, rows = distributed.same_on_every_rank(
+        read_inputs, rows_digest, "the tokenised rows of --data", "every rank must read the same files with the same "
+        "tokenizer")
     student, student_info = C.build_model(student_source, cfg, padded_vocab)
     teacher, teacher_info = C.build_model(teacher_source, cfg, padded_vocab)
     freeze(student)
