@@ -53,7 +53,7 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
         if world_size % model_parallel:
-            raise UserInputError(
+            raise _found_by_every_rank(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size "
                 f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
                 f"{self.pipeline_model_parallel_size} = {model_parallel}"
@@ -182,6 +182,13 @@ def log0(message: str) -> None:
         print(message, flush=True)
 
 
+def _found_by_every_rank(message: str) -> UserInputError:
+    """The error of a check whose outcome every rank computes alike from the same values (gathered, or
+    agreed before): rank 0's own, a copy reported by rank 0 elsewhere (printed once)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return UserInputError(message, reported_by=None if rank == 0 else 0)
+
+
 def _check_ranks_agree(digest: str, what: str, remedy: str) -> None:
     """Collective: every rank must hold the same ``digest`` of ``what``; else every rank raises one line
     naming the first rank that differs from rank 0, and ``remedy``."""
@@ -189,21 +196,27 @@ def _check_ranks_agree(digest: str, what: str, remedy: str) -> None:
     torch.distributed.all_gather_object(digests, digest)
     for rank, other in enumerate(digests):
         if other != digests[0]:
-            raise UserInputError(f"ranks disagree on {what}: rank {rank} differs from rank 0 ({remedy})")
+            raise _found_by_every_rank(f"ranks disagree on {what}: rank {rank} differs from rank 0 ({remedy})")
 
 
-def same_on_every_rank(load: Callable[[], T], digest: Callable[[T], str], what: str, remedy: str) -> T:
-    """Collective: ``load()`` on every rank (reading files each rank reads for itself, such as the data),
-    then check that every rank got the same: ``digest`` of the result is compared across ranks
-    (:func:`_check_ranks_agree`, naming ``what`` and ``remedy``). An error on some ranks stops every rank
-    (:func:`raise_if_any_rank`): none waits in its next collective for one that failed (a node missing a
-    file), and an error every rank finds is printed by rank 0 alone, not once per rank."""
+def on_every_rank(fn: Callable[[], T]) -> T:
+    """Collective: ``fn()`` on every rank (checks, or reading files each rank reads for itself). An
+    error on some ranks stops every rank (:func:`raise_if_any_rank`): none waits in its next collective
+    for one that failed (a node missing a file), and an error every rank finds is printed by rank 0
+    alone, not once per rank. ``fn`` must not run collectives itself."""
     result, error = None, None
     try:
-        result = load()
+        result = fn()
     except Exception as e:  # every rank must learn about it, or the others hang
         error = e
     raise_if_any_rank(error)
+    return result
+
+
+def same_on_every_rank(load: Callable[[], T], digest: Callable[[T], str], what: str, remedy: str) -> T:
+    """Collective: ``load()`` :func:`on_every_rank`, then check that every rank got the same: ``digest``
+    of the result is compared across ranks (:func:`_check_ranks_agree`, naming ``what`` and ``remedy``)."""
+    result = on_every_rank(load)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         _check_ranks_agree(digest(result), what, remedy)
     return result
@@ -324,7 +337,6 @@ def initialize(
     if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):
         raise UserInputError(f"environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} do "
                              "not fit together (0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0): launch with torchrun")
-    dp_size = parallel.data_parallel_size(world_size)
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world_size > 1 and missing and not torch.distributed.is_initialized():  # before the CPU backend's patches
         raise UserInputError(f"WORLD_SIZE={world_size} without {' and '.join(missing)}: launch with torchrun")
@@ -347,6 +359,7 @@ def initialize(
     if config_fingerprint is not None:
         _check_ranks_agree(config_fingerprint, "the configuration",
                            "launch every rank with the same flags, config file and checkpoint")
+    dp_size = parallel.data_parallel_size(world_size)  # after the flags agree: every rank finds the same
 
     _destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(

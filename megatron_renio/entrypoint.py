@@ -30,6 +30,13 @@ def debug_requested(argv: list[str]) -> bool:
     return requested
 
 
+def _env_rank(name: str) -> int | None:
+    """The launcher's ``RANK`` or ``LOCAL_RANK`` (0 when unset); None when it is no number (the error
+    that names it is then printed)."""
+    value = os.environ.get(name, "0")
+    return int(value) if value.isdigit() else None
+
+
 def _parsed_debug(parsed, requested: bool) -> bool:
     """The parsed ``debug`` (a config file may set it), else ``requested``: commands keep it on their
     config or on its ``train`` part."""
@@ -44,7 +51,9 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     """A model command's ``main``: ``run(parse(argv))``, then tear the process groups down.
 
     Bad input prints ``error: <one line>`` on stderr (ranks other than 0 name themselves) and gives
-    exit status 2. A copy of another rank's error (``reported_by``, :mod:`~megatron_renio.errors`) is
+    exit status 2; an error in the flags (parsing reads only the command line and the files it names,
+    alike for the ranks of a node) is printed by each node's local rank 0 alone. A copy of another
+    rank's error (``reported_by``, :mod:`~megatron_renio.errors`) is
     printed on rank 0 only, naming that rank, and gives exit status 2 (bad input) or 1 (another
     failure, whose traceback is in that rank's log). With ``--debug`` the exception propagates with its
     traceback. Without ``--debug``, warnings raised inside Megatron-Core, torch.distributed.checkpoint
@@ -55,14 +64,18 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     try:
-        parsed = parse(argv)
+        try:
+            parsed = parse(argv)
+        except UserInputError as e:
+            if _env_rank("LOCAL_RANK") not in (0, None):
+                e.reported_by = 0  # parsing reads argv and the files it names: the node's local rank 0 prints it
+            raise
         debug = _parsed_debug(parsed, debug)
         if not debug:
             warnings.filterwarnings("ignore", module=_QUIET_MODULES)
         run(parsed)
     except (UserInputError, RankFailure) as e:
-        rank = os.environ.get("RANK", "0")
-        rank = int(rank) if rank.isdigit() else None  # a RANK that is no number is this error's own subject
+        rank = _env_rank("RANK")
         source = rank if e.reported_by is None else e.reported_by
         if isinstance(e, RankFailure):
             line = f"error: {e} (its traceback is in rank {source}'s log)"

@@ -10,7 +10,10 @@ failed one until the timeout (:func:`megatron_renio.distributed.raise_if_any_ran
 :func:`~megatron_renio.distributed.on_rank0`). The other ranks raise a copy that names the rank
 which reports it (``reported_by``): a :class:`UserInputError` for bad input, a :class:`RankFailure`
 for anything else. Entry points print a copy on global rank 0 only, so a job of a thousand ranks
-shows the error twice (the failing rank and rank 0), not a thousand times.
+shows the error twice (the failing rank and rank 0), not a thousand times; an error that every rank
+finds alike (start-up checks run through :func:`~megatron_renio.distributed.on_every_rank`, or on
+values the ranks agreed on) is printed once, by rank 0. An error in the flags, found before the ranks
+can exchange anything, is printed once per node (:func:`~megatron_renio.entrypoint.run_command`).
 """
 
 import contextlib

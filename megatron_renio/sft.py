@@ -244,12 +244,18 @@ def run(cfg: SFTConfig) -> list[float]:
 
     t = cfg.train
     ctx = distributed.initialize(C.parallel_config(t), t.seed, distributed.fingerprint(cfg), t.distributed_timeout_minutes)
-    C.samples_per_replica(t, ctx.dp_size)  # refuses a batch that does not split into micro-batches per replica
+    # refuses a batch that does not split into micro-batches per replica
+    distributed.on_every_rank(lambda: C.samples_per_replica(t, ctx.dp_size))
     check_shared_folder(t.save, f"--save {t.save}")  # every rank writes its shards of the model there
-    source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint", "--model")
-    C.note_untrained_positions(t.seq_length, "model", source)
-    C.check_recompute(t, source.preset)
-    C.note_local_attention_memory(t, source.preset)
+
+    def resolve_model():
+        source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint", "--model")
+        C.note_untrained_positions(t.seq_length, "model", source)
+        C.check_recompute(t, source.preset)
+        C.note_local_attention_memory(t, source.preset)
+        return source
+
+    source = distributed.on_every_rank(resolve_model)
 
     def load_data():
         tokenizer = C.load_run_tokenizer(t, source, None)

@@ -159,11 +159,16 @@ def run(cfg: TrainConfig) -> dict:
     fault_spec()
     ctx = distributed.initialize(C.parallel_config(cfg), cfg.seed, distributed.fingerprint(cfg),
                                  cfg.distributed_timeout_minutes)
-    samples_per_rank = C.samples_per_replica(cfg, ctx.dp_size)
 
-    student_source = C.resolve_model(cfg.student_load, cfg.model, "--student-load", "--model")
-    teacher_source = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load", "--teacher-model")
-                      if cfg.teacher == "separate" else None)
+    def resolve_models():
+        """The check of the batch against the layout, then both models' sources (every rank reads them)."""
+        samples = C.samples_per_replica(cfg, ctx.dp_size)
+        student = C.resolve_model(cfg.student_load, cfg.model, "--student-load", "--model")
+        teacher = (C.resolve_model(cfg.teacher_load, cfg.teacher_model, "--teacher-load", "--teacher-model")
+                   if cfg.teacher == "separate" else None)
+        return samples, student, teacher
+
+    samples_per_rank, student_source, teacher_source = distributed.on_every_rank(resolve_models)
 
     def read_run_folders() -> dict | None:
         """On rank 0: the checks of --load and --save, and the train_state to resume (None: a new run)."""
@@ -186,12 +191,16 @@ def run(cfg: TrainConfig) -> dict:
     teacher_origin = resume.teacher_origin(cfg, student_source, teacher_source)
     if saved is not None:
         resume.check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
-    for role, source in (("student", student_source), ("teacher", teacher_source)):
-        if source is not None:
-            check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
-        C.note_untrained_positions(cfg.seq_length, role, source)
-    C.check_recompute(cfg, student_source.preset)
-    C.note_local_attention_memory(cfg, student_source.preset)
+
+    def check_models():
+        for role, source in (("student", student_source), ("teacher", teacher_source)):
+            if source is not None:
+                check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
+            C.note_untrained_positions(cfg.seq_length, role, source)
+        C.check_recompute(cfg, student_source.preset)
+        C.note_local_attention_memory(cfg, student_source.preset)
+
+    distributed.on_every_rank(check_models)
 
     def load_data():
         tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)

@@ -283,6 +283,22 @@ def test_an_error_of_every_rank_is_printed_by_the_rank_that_found_it_and_rank_0(
     assert capsys.readouterr().err == (printed + "\n" if printed else "")
 
 
+@pytest.mark.parametrize("rank, local_rank, printed", [
+    ("0", "0", "error: argument --lr: expected a finite number, got 'nan'"),
+    ("3", "3", ""),
+    ("8", "0", "error (rank 8): argument --lr: expected a finite number, got 'nan'"),  # another node's first rank
+])
+def test_a_flag_error_is_printed_once_per_node(rank, local_rank, printed, monkeypatch, capsys):
+    """Parsing reads only the command line and the files it names, alike on the ranks of a node: a flag
+    error is printed by the node's local rank 0, not by every rank; every rank exits with status 2."""
+    from megatron_renio.entrypoint import run_command
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert run_command(parse_train_args, lambda cfg: None, BASE + ["--lr", "nan"]) == 2
+    assert capsys.readouterr().err == (printed + "\n" if printed else "")
+
+
 def test_deprecation_notices_of_megatron_and_torch_distributed_are_hidden_without_debug():
     """Megatron's distributed optimizer calls torch's collectives by their deprecated names, and torch's
     wrapper warns from torch.distributed.c10d_logger on every rank (4 lines a run at 2 ranks); the

@@ -66,8 +66,10 @@ def test_ranks_that_disagree_get_one_line_error(tmp_path):
         assert r["dp_size"] == 2 and r["device"] == "cpu"
     # same_on_every_rank: a result that differs is refused on every rank, naming the first odd rank;
     # an error of one rank is raised on every rank (a copy reported by it)
+    # (every rank finds that one alike: rank 1 raises it as rank 0's, which prints it)
     assert [r["same_differs"] for r in results] == [
-        "UserInputError: ranks disagree on the rank: rank 1 differs from rank 0 (a remedy)"] * 2
+        "UserInputError: ranks disagree on the rank: rank 1 differs from rank 0 (a remedy)",
+        "UserInputError: ranks disagree on the rank: rank 1 differs from rank 0 (a remedy) [reported by 0]"]
     assert [r["same_fails"] for r in results] == ["UserInputError: no such file [reported by 1]",
                                                   "UserInputError: no such file"]
     # the trainer's data: other prompts on rank 1, or a file rank 1 does not have, stop both ranks
