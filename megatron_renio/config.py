@@ -443,6 +443,14 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
 # process-group timeout must stay a valid timedelta and gloo's millisecond count.
 MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_MINUTES = 7 * 24 * 60
+# Shorter waits fail the start-up itself: the rendezvous of a job's processes takes seconds, and more
+# on a busy cluster.
+MIN_TIMEOUT_MINUTES = 1
+TIMEOUT_RANGE = f"in [{MIN_TIMEOUT_MINUTES}, {MAX_TIMEOUT_MINUTES}] (a minute to a week)"
+# Below it the distributions of the loss are one-hot to float32 for any logit gap above 0.1 (exp(-100)
+# is no float32 number), and its log-probs lose their digits.
+MIN_KD_TEMPERATURE = 1e-3
+FLOAT32_TINY = 2.0 ** -126  # torch.finfo(torch.float32).tiny (this module imports no torch)
 
 
 def _check(condition: bool, flag: str, allowed: str, value) -> None:
@@ -474,14 +482,16 @@ def validate(c: TrainConfig) -> None:
     _check(c.clip_grad >= 0, "--clip-grad", ">= 0 (0 disables clipping)", c.clip_grad)
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(c, name) < 1, flag_name(name), "in [0, 1)", getattr(c, name))
-    _check(c.adam_eps > 0, "--adam-eps", "> 0", c.adam_eps)
+    _check(c.adam_eps >= FLOAT32_TINY, "--adam-eps", f">= {FLOAT32_TINY:.3g} (float32's smallest normal number: a "
+           "smaller one adds 0 to the square root of a zero second moment, and 0 / 0 is NaN)", c.adam_eps)
     for name, allowed in CHOICES.items():
         _check(getattr(c, name) in allowed, flag_name(name), f"one of {', '.join(allowed)}", getattr(c, name))
     _check(0 < c.ema_decay < 1, "--ema-decay", "in (0, 1)", c.ema_decay)
     _check(0 <= c.kd_beta <= 1, "--kd-beta", "in [0, 1]", c.kd_beta)
     _check(c.kd_beta == 0 or c.loss == "jsd", "--kd-beta",
            f"0 with --loss {c.loss} (only --loss jsd mixes by beta; pass --loss jsd --kd-beta {c.kd_beta:g})", c.kd_beta)
-    _check(c.kd_temperature > 0, "--kd-temperature", "> 0", c.kd_temperature)
+    _check(c.kd_temperature >= MIN_KD_TEMPERATURE, "--kd-temperature", f">= {MIN_KD_TEMPERATURE} (below it the "
+           "tempered distributions are one-hot in float32)", c.kd_temperature)
     _check(c.kd_token_clip is None or c.kd_token_clip > 0, "--kd-token-clip", "> 0 or none", c.kd_token_clip)
     _check(c.kd_top_k is None or c.kd_top_k >= 1, "--kd-top-k", "an integer >= 1 or none", c.kd_top_k)
     _check(c.renio_clip > 0, "--renio-clip", "> 0", c.renio_clip)
@@ -500,8 +510,8 @@ def validate(c: TrainConfig) -> None:
     _check(0 < c.rollout_top_p <= 1, "--rollout-top-p", "in (0, 1]", c.rollout_top_p)
     _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
-    _check(0 < c.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES, "--distributed-timeout-minutes",
-           f"in (0, {MAX_TIMEOUT_MINUTES}] (a week)", c.distributed_timeout_minutes)
+    _check(MIN_TIMEOUT_MINUTES <= c.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES, "--distributed-timeout-minutes",
+           TIMEOUT_RANGE, c.distributed_timeout_minutes)
     _check(0 <= c.seed <= MAX_SEED, "--seed", f"an integer in [0, {MAX_SEED}]", c.seed)
     multiple = pad_multiple(c)
     _check(c.seq_length % multiple == 0, "--seq-length",

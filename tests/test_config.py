@@ -28,6 +28,9 @@ def test_the_flag_choices_are_the_ones_the_core_modules_take():
     assert config.RENIO_NORMS == weights.NORM_MODES and config.RENIO_SCOPES == weights.SCOPES
     assert config.TASKS == templates.TASKS and config.MODES == templates.MODES
     assert config.LOSS_IMPLS == (*fused.IMPLS, "unfused")
+    import torch
+
+    assert config.FLOAT32_TINY == torch.finfo(torch.float32).tiny
     assert set(config.LOSSES) - {"sampled_rkl"} == set(divergence.DIVERGENCE_KINDS)
 
 
@@ -112,7 +115,12 @@ def test_a_teacher_model_or_opd_means_a_separate_teacher_unless_told_otherwise(t
         (["--kd-temperature", "inf"], "argument --kd-temperature: expected a finite number"),  # loss 0, no error
         (["--kd-token-clip", "nan"], "argument --kd-token-clip: expected a finite number, got 'nan'"),
         (["--seed", "99999999999999999999"], r"--seed must be an integer in \[0, 4294967295\]"),  # a traceback
-        (["--distributed-timeout-minutes", "1e30"], r"--distributed-timeout-minutes must be in \(0, 10080\]"),
+        (["--distributed-timeout-minutes", "1e30"], r"--distributed-timeout-minutes must be in \[1, 10080\] \(a minute "
+                                                    r"to a week\), got 1e\+30"),
+        (["--distributed-timeout-minutes", "0.001"], r"--distributed-timeout-minutes must be in \[1, 10080\]"),
+        (["--adam-eps", "1e-300"], r"--adam-eps must be >= 1.18e-38 \(float32's smallest normal number"),
+        (["--kd-temperature", "1e-9"], r"--kd-temperature must be >= 0.001 \(below it the tempered distributions "
+                                       r"are one-hot in float32\), got 1e-09"),
         (["--seed", "-1"], r"--seed must be an integer in \[0, 4294967295\], got -1"),  # numpy's traceback
         (["--recompute-granularity", "bogus"], "--recompute-granularity must be one of none, full, selective"),
         (["--recompute-num-layers", "0"], "--recompute-num-layers must be an integer >= 1"),

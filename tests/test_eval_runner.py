@@ -265,7 +265,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "--temperature": [*load, "--benchmark", str(good), "--temperature", "-0.5"],
         "--temperature must be a finite number >= 0": [*load, "--benchmark", str(good), "--temperature", "inf"],
         "--seed: must be an integer in [0, 4294967295]": [*load, "--benchmark", str(good), "--seed", "-1"],
-        "--distributed-timeout-minutes: must be in (0, 10080]": [*load, "--benchmark", str(good),
+        "--distributed-timeout-minutes: must be in [1, 10080] (a minute to a week)": [*load, "--benchmark", str(good),
                                                                  "--distributed-timeout-minutes", "1e30"],
         "--top-p": [*load, "--benchmark", str(good), "--top-p", "1.5"],
         f"--load: {tmp_path} is not a model checkpoint": ["--load", str(tmp_path), "--benchmark", str(good)],

@@ -90,7 +90,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from megatron_renio.config import MAX_SEED, MAX_TIMEOUT_MINUTES, POSITIVE_INT, _OneLineErrorParser, flag_name, typed_arg
+from megatron_renio.config import (MAX_SEED, MAX_TIMEOUT_MINUTES, MIN_TIMEOUT_MINUTES, POSITIVE_INT, TIMEOUT_RANGE,
+                                   _OneLineErrorParser, flag_name, typed_arg)
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     fully_parallel.default = False
     parser._add_action(fully_parallel)
     parser.add_argument("--distributed-timeout-minutes", default=60.0,
-                        type=typed_arg(float, lambda v: 0 < v <= MAX_TIMEOUT_MINUTES, f"in (0, {MAX_TIMEOUT_MINUTES}]"),
+                        type=typed_arg(float, lambda v: MIN_TIMEOUT_MINUTES <= v <= MAX_TIMEOUT_MINUTES, TIMEOUT_RANGE),
                         help="longest wait in a collective; replicas wait there for the slowest one's generation "
                              "(default 60)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
