@@ -24,9 +24,9 @@ rules of its architecture; :meth:`Adapter.mappings` expands them for a concrete 
 
 Both commands also share the single-process Megatron world (:func:`build_single_process_model`),
 the check that every tensor they write is finite in the output dtype
-(:func:`~megatron_renio.models.checkpoint.all_finite`, :func:`nonfinite_error`), the check of the tokenizer they copy (:func:`check_tokenizer`), the line
-a finished conversion prints (:func:`print_summary`) and the command-line wrapper (:func:`make_parser`,
-:func:`run_cli`).
+(:func:`~megatron_renio.models.checkpoint.all_finite`, :func:`nonfinite_error`), the check of the tokenizer
+they copy (:func:`check_tokenizer`), the line a finished conversion prints (:func:`print_summary`) and the
+command-line wrapper (:func:`make_parser`, :func:`path_arg`, :func:`run_cli`).
 """
 
 from __future__ import annotations
@@ -279,12 +279,10 @@ def build_single_process_model(preset: ModelPreset, dtype: str):
     Weights are left uninitialised (``perform_initialization=False``): the caller fills every
     parameter, and no memory or time goes into random weights that would be overwritten.
     """
-    import os
-
-    from megatron_renio.distributed import ParallelConfig, initialize
+    from megatron_renio.distributed import ParallelConfig, _env_int, initialize
     from megatron_renio.models.builder import build_gpt_model
 
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+    if _env_int("WORLD_SIZE", 1) != 1:  # a WORLD_SIZE that is not an integer: one line naming it
         raise UserInputError("conversion runs in one plain process: launch it with python, not torchrun")
     initialize(ParallelConfig(), seed=0)
     return build_gpt_model(preset, ParallelConfig(), dtype, perform_initialization=False)
@@ -333,11 +331,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def path_arg(text: str) -> Path:
+    """The argparse ``type`` of a path flag: an empty value (``--save "$OUT"`` with ``OUT`` unset), which
+    ``Path`` would read as the current folder, is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, got '' (an unset shell variable?)")
+    return Path(text)
+
+
 def make_parser(module: str, description: str, dtype_default: str) -> argparse.ArgumentParser:
     """A parser for ``python -m module`` with the flags both commands share: --save, --dtype
-    (``dtype_default`` says what it defaults to), --overwrite, --debug."""
+    (``dtype_default`` says what it defaults to), --overwrite, --debug. Path flags take ``type=path_arg``."""
     parser = _Parser(prog=f"python -m {module}", description=description)
-    parser.add_argument("--save", required=True, type=Path, help="output folder (must not exist or be empty)")
+    parser.add_argument("--save", required=True, type=path_arg, help="output folder (must not exist or be empty)")
     parser.add_argument(
         "--dtype", choices=tuple(HF_DTYPES), help=f"parameter dtype of the output (default: {dtype_default})"
     )

@@ -42,6 +42,7 @@ from checkpoints_conversion.common import (
     make_parser,
     megatron_parameters,
     nonfinite_error,
+    path_arg,
     print_summary,
     run_cli,
 )
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser(
         "checkpoints_conversion.hf_to_megatron", __doc__.split("\n\n")[0], "the dtype in config.json, else bf16"
     )
-    parser.add_argument("--hf-dir", required=True, type=Path, help="Hugging Face model folder")
-    parser.add_argument("--tokenizer-dir", type=Path, help="tokenizer files to copy (default: --hf-dir; "
+    parser.add_argument("--hf-dir", required=True, type=path_arg, help="Hugging Face model folder")
+    parser.add_argument("--tokenizer-dir", type=path_arg, help="tokenizer files to copy (default: --hf-dir; "
                         "the --hf-dir's generation_config.json is kept either way)")
     return run_cli(parser, lambda a: convert(a.hf_dir, a.save, a.dtype, a.overwrite, a.tokenizer_dir), argv)
 

@@ -37,6 +37,7 @@ from checkpoints_conversion.common import (
     make_parser,
     megatron_parameters,
     nonfinite_error,
+    path_arg,
     print_summary,
     run_cli,
 )
@@ -126,7 +127,7 @@ def convert(load: str | Path, save: str | Path, dtype: str | None = None, overwr
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser("checkpoints_conversion.megatron_to_hf", __doc__.split("\n\n")[0], "the checkpoint's")
-    parser.add_argument("--load", required=True, type=Path, help="megatron_renio model checkpoint folder")
+    parser.add_argument("--load", required=True, type=path_arg, help="megatron_renio model checkpoint folder")
     return run_cli(parser, lambda a: convert(a.load, a.save, a.dtype, a.overwrite), argv)
 
 

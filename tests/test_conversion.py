@@ -598,11 +598,14 @@ HF_BAD_INPUTS = {
                             "config.json: rope_scaling must be a JSON object or null, got 'linear'"),
     "architectures_string": (lambda d: _edit_config(d, architectures="Qwen2ForCausalLM"),
                              "config.json: architectures must be a list of class names, got 'Qwen2ForCausalLM'"),
+    "heads_not_a_multiple_of_kv_heads": (lambda d: _edit_config(d, num_key_value_heads=3),
+                                         "config.json: num_attention_heads (4) must be a multiple of "
+                                         "num_key_value_heads (3)"),
 }
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return run_python(["-m", f"checkpoints_conversion.{module}", *args], timeout=120)
+def _cli(module: str, *args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_python(["-m", f"checkpoints_conversion.{module}", *args], env=env, cwd=cwd, timeout=120)
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, expected: str, save: Path) -> None:
@@ -760,6 +763,60 @@ def test_hf_to_megatron_refuses_what_training_would_refuse_later(hf_models, conv
     _assert_one_line_error(proc, f"--save {copy / 'sub'} lies inside the --hf-dir input {copy}", copy / "sub")
 
 
+def test_empty_path_flags_are_refused(tmp_path):
+    """``--save "$OUT"`` with OUT unset passes an empty value, which a plain Path reads as the current
+    folder (that --overwrite replaced): every path flag refuses it in one line, and nothing is touched."""
+    work, hf_dir, save = tmp_path / "work", str(tmp_path / "hf"), str(tmp_path / "out")
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    for module, args, flag in (
+        ("hf_to_megatron", ["--hf-dir", hf_dir, "--save", "", "--overwrite"], "--save"),
+        ("hf_to_megatron", ["--hf-dir", "", "--save", save], "--hf-dir"),
+        ("hf_to_megatron", ["--hf-dir", hf_dir, "--save", save, "--tokenizer-dir", ""], "--tokenizer-dir"),
+        ("megatron_to_hf", ["--load", str(tmp_path / "ckpt"), "--save", "", "--overwrite"], "--save"),
+        ("megatron_to_hf", ["--load", "", "--save", save], "--load"),
+    ):
+        proc = _cli(module, *args, cwd=work)
+        assert proc.returncode == 2, (module, args, proc.stderr)
+        assert proc.stderr == (f"error: argument {flag}: must be a path, got '' (an unset shell variable?) "
+                               "(see --help)\n"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert [p.name for p in work.iterdir()] == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
+
+
+def test_save_never_replaces_the_working_directory_or_the_input(hf_models, converted, tmp_path):
+    """--save naming the current working directory or a folder above it is refused also with --overwrite
+    (which would move the process's own folder away and delete what it held), and so is a --save that
+    holds the --hf-dir; each one line, nothing touched."""
+    work = tmp_path / "parent" / "work"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    for module, source in (("hf_to_megatron", ["--hf-dir", str(hf_models["dirs"]["qwen2"])]),
+                           ("megatron_to_hf", ["--load", str(converted["ckpt"] / "qwen2")])):
+        for save, verb in ((".", "is"), (str(work), "is"), ("..", "holds")):
+            proc = _cli(module, *source, "--save", save, "--overwrite", cwd=work)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.splitlines() == [f"error: --save {save} {verb} the current working directory "
+                                                f"{work.resolve()}, which writing there would replace; choose "
+                                                "another folder"], (module, save)
+    assert [p.name for p in (tmp_path / "parent").iterdir()] == ["work"]
+    assert [p.name for p in work.iterdir()] == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
+    run = tmp_path / "run"
+    shutil.copytree(hf_models["dirs"]["qwen2"], run / "hf")
+    proc = _cli("hf_to_megatron", "--hf-dir", str(run / "hf"), "--save", str(run), "--overwrite")
+    _assert_one_line_error(proc, f"--save {run} holds the --hf-dir input, which writing there would replace", run)
+    assert (run / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "RANK", "LOCAL_RANK"])
+def test_a_launcher_variable_that_is_not_an_integer_is_one_line(hf_models, tmp_path, variable):
+    save = tmp_path / "out"
+    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_models["dirs"]["qwen2"]), "--save", str(save),
+                env={**subprocess_env(), variable: "abc"})
+    _assert_one_line_error(proc, f"environment variable {variable}='abc' is not an integer", save)
+    assert not save.exists()
+
+
 def test_each_conversion_ends_with_one_summary_line(hf_models, tmp_path):
     """Both commands print one line on stdout when done (nothing on stderr): the architecture, the
     parameter count (the HF model's: every tensor of the untied Qwen2 once), the dtype, the number of
@@ -831,7 +888,9 @@ def test_megatron_to_hf_bad_input(hf_models, converted, tmp_path):
     metadata = json.loads((converted["ckpt"] / "qwen2" / "renio_model.json").read_text())
     for field, value, expected in (("hidden_size", "64x", "hidden_size must be a positive integer, got '64x'"),
                                    ("vocab_size", "191", "vocab_size must be a positive integer, got '191'"),
-                                   ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false, got 1")):
+                                   ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false, got 1"),
+                                   ("num_query_groups", 3, "num_attention_heads (4) must be a multiple of "
+                                                           "num_query_groups (3)")):
         (corrupt / "renio_model.json").write_text(json.dumps({**metadata, "preset": {**metadata["preset"], field: value}}))
         proc = _cli("megatron_to_hf", "--load", str(corrupt), "--save", str(save))
         _assert_one_line_error(proc, f"corrupt checkpoint metadata (ValueError: {expected})", save)

@@ -134,6 +134,20 @@ def test_config_json_fields_of_the_wrong_json_type(field, value, expected):
     assert str(error.value) == f"/m/config.json: {expected}"
 
 
+def test_heads_must_be_a_multiple_of_the_kv_heads():
+    """Each query group holds a whole number of heads: a config.json (or a preset, as renio_model.json
+    holds it) with 4 heads and 3 key/value heads is one line naming both fields, not a failed reshape in
+    the conversion; more key/value heads than heads too."""
+    config = hf_config_dict(get_preset("tiny-qwen3"))
+    for kv in (3, 8):
+        config["num_key_value_heads"] = kv
+        with pytest.raises(UserInputError, match=rf"^/m/config.json: num_attention_heads \(4\) must be a multiple "
+                                                 rf"of num_key_value_heads \({kv}\)$"):
+            preset_from_hf_config(config, source="/m/config.json")
+    with pytest.raises(ValueError, match=r"^num_attention_heads \(4\) must be a multiple of num_query_groups \(3\)$"):
+        get_preset("tiny-qwen3").replace(num_query_groups=3)
+
+
 def test_rope_theta_from_rope_parameters_when_the_top_level_key_is_null():
     """transformers 5 nests rope settings in rope_parameters; a config.json that also writes a null
     rope_theta takes the nested one."""

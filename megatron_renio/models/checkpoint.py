@@ -158,13 +158,19 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
     """A save target must not exist (and be creatable), or be an empty folder, or (``overwrite``) be a
     folder, written in by a probe (:func:`~megatron_renio.output_paths.check_output_folder`); and it must
     not be, hold or lie inside one of ``inputs`` ((flag, path) pairs: what the command reads), which
-    replacing it would delete or change.
+    replacing it would delete or change, nor be or hold the current working directory (``--save .``,
+    or ``--save "$OUT"`` with ``OUT`` unset), even with ``overwrite``.
 
     ``label`` names the target the way a command line does (e.g. ``"--save /out"``); errors name the
     bare path by default. ``overwrite_flag``: the flag a refusal of a non-empty folder suggests (with
     ``label``), None for a command without one.
     """
     directory = Path(directory)
+    cwd = Path.cwd()
+    if is_within(cwd, directory):
+        relation = "is" if directory.resolve() == cwd.resolve() else "holds"
+        raise UserInputError(f"{label or directory} {relation} the current working directory {cwd}, which writing "
+                             "there would replace; choose another folder")
     for flag, source in inputs:
         if is_within(source, directory):
             relation = "is" if Path(source).resolve() == directory.resolve() else "holds"

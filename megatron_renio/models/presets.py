@@ -92,8 +92,12 @@ class ModelPreset:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        """ValueError naming the first field of the wrong type (a hand-edited ``renio_model.json``, say)."""
+        """ValueError naming the first field of the wrong type (a hand-edited ``renio_model.json``, say), or
+        the head counts when ``num_attention_heads`` is not a multiple of ``num_query_groups``."""
         _check_fields(self)
+        if self.num_attention_heads % self.num_query_groups:  # each query group holds a whole number of heads
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_query_groups ({self.num_query_groups})")
         if not (self.rope_scaling is None or isinstance(self.rope_scaling, Llama3RopeScaling)):
             raise ValueError(f"rope_scaling must be a llama3 scaling or none, got {self.rope_scaling!r}")
         for name in _TOKEN_ID_FIELDS:
@@ -280,6 +284,10 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         return checked(name, value, kind)
 
     heads = field("num_attention_heads")
+    kv_heads = field("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise UserInputError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                             f"({kv_heads})")
     hidden = field("hidden_size")
     rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
     theta_key, rope_theta = next(
@@ -296,7 +304,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         hidden_size=hidden,
         ffn_hidden_size=field("intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=field("num_key_value_heads", heads),
+        num_query_groups=kv_heads,
         head_dim=field("head_dim", _DEFAULT_HEAD_DIM.get(architecture, hidden // heads)),
         vocab_size=field("vocab_size"),
         max_position_embeddings=field("max_position_embeddings", _DEFAULT_MAX_POSITIONS[architecture]),
