@@ -5,8 +5,10 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 
+import numpy as np
 import pytest
 
 from megatron_renio.errors import UserInputError
@@ -80,6 +82,24 @@ def test_tokenisation_and_phrase_matching():
     assert count_phrases(word_tokens("ha ha ha"), ["ha ha"]) == {"ha ha": 2}
     with pytest.raises(ValueError):
         count_phrases(tokens, ["..."])
+    # letters and digits of any script; underscores and other punctuation separate tokens
+    assert word_tokens("Café NAÏVE—Ответ: 42; 等等, wait… snake_case L'été") == [
+        "café", "naïve", "ответ", "42", "等等", "wait", "snake", "case", "l'été"]
+    assert count_phrases(word_tokens("Attends, café... attendsx, ATTENDS"), ["attends", "café"]) == {
+        "attends": 2, "café": 1}
+
+
+def test_non_ascii_phrases_and_word_lengths(tmp_path):
+    records = [{"completion": "等等, 我再检查一下。 Attends... Vérifions.", "correct": False},
+               {"completion": "Donc ça fait 4.", "correct": True}]
+    out = tmp_path / "o"
+    assert main(["--generations", _write(tmp_path / "g.jsonl", records), "--out", str(out),
+                 "--phrases", "等等, vérifions"]) == 0
+    groups = json.loads((out / "summary.json").read_text())["groups"]
+    assert groups["incorrect"]["total_length"] == 4  # 等等 | 我再检查一下 | attends | vérifions
+    assert groups["correct"]["total_length"] == 4  # donc | ça | fait | 4
+    assert {p: r["count"] for p, r in groups["incorrect"]["reflection"].items()} == {
+        "等等": 1, "vérifions": 1, "all": 2}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -188,11 +208,17 @@ def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     "lines,message",
     [
         (['{"completion": "a", "correct": true}', '{"completion": "b", "correct": '], r"g\.jsonl line 2: malformed JSON \(Expecting value, column 32\)"),
-        (['{"completion": "a"}'], r"g\.jsonl line 1: missing field 'correct'"),
+        (['{"completion": "a"}', '{"completion": "b", "correct": null}'],
+         r"g\.jsonl: no record has a grade \(field 'correct'; 2 records read\)"),
         (['{"correct": false}'], r"g\.jsonl line 1: missing field 'completion'"),
         (['{"completion": "a", "correct": "yes"}'], r"g\.jsonl line 1: field 'correct' must be true or false"),
         (['{"completion": "a", "correct": true, "weight": "big"}'], r"g\.jsonl line 1: field 'weight'"),
         (['{"completion": "a", "correct": true, "num_tokens": -3}'], r"g\.jsonl line 1: field 'num_tokens'"),
+        # integers too big for a float
+        (['{"completion": "a", "correct": true}', '{"completion": "b", "correct": true, "weight": 1%s}' % ("0" * 400)],
+         r"g\.jsonl line 2: field 'weight' must be a finite number"),
+        (['{"completion": "a", "correct": true, "num_tokens": 2%s}' % ("0" * 308)],
+         r"g\.jsonl line 1: field 'num_tokens' must be a non-negative integer \(at most about 1\.8e308\)"),
         (['["a", true]'], r"g\.jsonl line 1: expected a JSON object"),
         ([""], r"no generations"),
     ],
@@ -284,3 +310,105 @@ def test_module_entry_point(tmp_path):
     proc = run_python(["-m", "megatron_renio.eval.analysis", "--generations", good, "--out", tmp_path / "o"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "report.md").is_file()
+
+
+def test_ungraded_records_are_left_out(tmp_path, capsys):
+    """The trainer's samples of --task code runs, or of prompts without an answer, have no 'correct'."""
+    rng = random.Random(5)
+    graded, _, _ = _fixture(rng, 20)
+    ungraded = [{"completion": "wait, wait", "weight": 9.0},  # no num_tokens: the unit stays tokens
+                {"completion": "hmm", "correct": None, "num_tokens": 1}]
+    records = graded[:7] + ungraded + graded[7:] + ungraded
+    path = _write(tmp_path / "mixed.jsonl", records)
+    out = tmp_path / "o"
+    assert main(["--generations", path, "--out", str(out)]) == 0
+    assert "; 4 records without a grade were left out;" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    expected = analyze(load_generations(_write(tmp_path / "graded.jsonl", graded)))
+    assert expected["num_ungraded"] == 0 and summary["num_ungraded"] == 4
+    assert {**summary, "num_ungraded": 0} == expected
+    assert summary["num_generations"] == 20 and summary["length_unit"] == "tokens"
+    assert "20 generations (13 correct, 7 incorrect); 4 records without a grade were left out." in (
+        (out / "report.md").read_text())
+    assert main(["--generations", _write(tmp_path / "one.jsonl", graded[:1] + ungraded[:1]),
+                 "--out", str(tmp_path / "o1")]) == 0
+    assert "; 1 record without a grade was left out;" in capsys.readouterr().out
+
+
+def _scaled(function, values, q=None):
+    """numpy's ``function`` of ``values`` computed on the values times 2**-1000 (exact) and scaled
+    back, so that nothing overflows: an independent check of the exact computation."""
+    scaled = np.asarray(values, dtype=float) * 2.0**-1000
+    return float((function(scaled) if q is None else function(scaled, q)) * 2.0**1000)
+
+
+@pytest.mark.parametrize(
+    "field,values",
+    [
+        ("weight", {"correct": [1e16, 1e16], "incorrect": [1e16]}),  # a single value numpy cannot widen by 0.5
+        ("weight", {"correct": [1.0, 1.0000000000000002], "incorrect": [0.9999999999999999, 1.0]}),  # 1 ulp apart
+        ("weight", {"correct": [1e308, 1.7e308], "incorrect": [-1e308, 5.0, 1.7976931348623157e308]}),
+        ("num_tokens", {"correct": [2**62, 2**62], "incorrect": [2**62]}),
+        ("num_tokens", {"correct": [10**300, 10**308, 0], "incorrect": [10**308, 10**308]}),
+    ],
+)
+def test_large_finite_numbers_are_analysed(tmp_path, field, values):
+    records = [{"completion": "wait", "correct": group == "correct", field: v}
+               for group in ("correct", "incorrect") for v in values[group]]
+    out = tmp_path / "o"
+    assert main(["--generations", _write(tmp_path / "g.jsonl", records), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for group, group_values in values.items():
+        mean = statistics.mean(group_values)  # exact (fractions), also for huge values
+        assert _scaled(np.mean, group_values) == pytest.approx(mean, rel=1e-15)
+        if field == "weight":
+            stats = summary["weight"][group]
+            assert stats["count"] == len(group_values)
+        else:
+            stats = summary["groups"][group]["length"]
+            assert summary["groups"][group]["total_length"] == sum(group_values)
+            assert stats["p90"] == pytest.approx(_scaled(np.percentile, group_values, 90), rel=1e-15)
+        assert stats["mean"] == pytest.approx(mean, rel=1e-15)
+        assert stats["median"] == pytest.approx(_scaled(np.median, group_values), rel=1e-15)
+    if field == "weight":
+        assert summary["weight"]["auc_incorrect"] == pytest.approx(
+            _brute_force_auc(values["incorrect"], values["correct"]))
+    png = b"\x89PNG\r\n\x1a\n"
+    plots = ["lengths.png", "reflection.png"] + (["weights.png"] if field == "weight" else [])
+    assert [(out / p).read_bytes()[:8] for p in plots] == [png] * len(plots)
+
+
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_folder_permissions_follow_the_umask(tmp_path, umask):
+    path = _write(tmp_path / "g.jsonl", [{"completion": "wait", "correct": True}])
+    out = tmp_path / "o"
+    old = os.umask(umask)
+    try:
+        assert main(["--generations", path, "--out", str(out)]) == 0
+        assert _mode(out) == 0o777 & ~umask  # as os.mkdir makes it
+        os.chmod(out, 0o755)
+        assert main(["--generations", path, "--out", str(out), "--overwrite"]) == 0
+        assert _mode(out) == 0o777 & ~umask
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["g.jsonl", "o"]
+
+
+def test_out_link_to_a_folder_writes_into_its_target(tmp_path, capsys):
+    path = _write(tmp_path / "g.jsonl", [{"completion": "wait", "correct": True}])
+    target, link = tmp_path / "scratch" / "analysis", tmp_path / "results"
+    target.mkdir(parents=True)
+    link.symlink_to(target)
+    assert main(["--generations", path, "--out", str(link)]) == 0
+    assert f"report: {link}/report.md" in capsys.readouterr().out
+    assert sorted(os.listdir(target)) == ["lengths.png", "reflection.png", "report.md", "summary.json"]
+    (target / "summary.json").write_text("old")
+    assert main(["--generations", path, "--out", str(link), "--overwrite"]) == 0
+    assert json.loads((link / "summary.json").read_text())["num_generations"] == 1
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert sorted(os.listdir(tmp_path)) == ["g.jsonl", "results", "scratch"]  # no staging or retired folder left
+    assert os.listdir(tmp_path / "scratch") == ["analysis"]

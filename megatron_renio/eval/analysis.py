@@ -4,32 +4,39 @@ Input: a file of graded generations (JSON lines, a JSON array, either gzipped, o
 :func:`~megatron_renio.data.records.read_rows`), one object per record, with the fields
 
 * ``completion`` (string, required): the generated text;
-* ``correct`` (``true`` / ``false``, required): the grade;
+* ``correct`` (``true`` / ``false``): the grade; a record without one (the trainer's samples of a
+  ``--task code`` run, or of a prompt without an answer) is counted as ungraded and left out of
+  the analysis (at least one record must have a grade);
 * ``weight`` (number, optional): the ReNIO weight the sample got;
 * ``num_tokens`` (non-negative integer, optional): the completion length in model tokens.
 
-Blank lines are skipped; ``null`` counts as absent for the optional fields.
+A number must convert to a finite float (a JSON integer beyond about 1.8e308 is refused). Blank
+lines are skipped; ``null`` counts as absent for every field but ``completion``.
 
 Output: a directory with ``summary.json``, ``report.md`` and, when matplotlib is importable,
-``lengths.png``, ``reflection.png`` and (when weights are present) ``weights.png``. Reported per
-group (correct / incorrect):
+``lengths.png``, ``reflection.png`` and (when weights are present) ``weights.png``.
+``summary["num_generations"]`` counts the graded records analysed, ``summary["num_ungraded"]``
+those left out. Reported per group (correct / incorrect):
 
 * **length**: mean, median, 90th percentile (linear interpolation), in model tokens when every
-  record has ``num_tokens``, otherwise in word tokens (see :mod:`.reflection`); the unit is
-  ``summary["length_unit"]``;
+  graded record has ``num_tokens``, otherwise in word tokens (see :mod:`.reflection`); the unit is
+  ``summary["length_unit"]``; computed exactly and rounded once, so no value a record may hold
+  overflows them;
 * **reflection**: for every phrase, the number of occurrences, the rate per 1,000 length units
   (occurrences / total length of the group x 1000) and the share of completions that contain it;
   the same for all phrases together;
-* **ReNIO weight** (records that have one): count, mean, median per group, and the AUC of the
-  weight as a detector of *incorrect* completions: the probability that a random incorrect
-  completion has a higher weight than a random correct one, ties counting one half (the
-  Mann-Whitney U statistic over n_incorrect x n_correct). ``null`` when either group has no
-  weighted record.
+* **ReNIO weight** (records that have one): count, mean, median (computed as for lengths) per
+  group, and the AUC of the weight as a detector of *incorrect* completions: the probability that
+  a random incorrect completion has a higher weight than a random correct one, ties counting one
+  half (the Mann-Whitney U statistic over n_incorrect x n_correct). ``null`` when either group has
+  no weighted record.
 
 Errors in the input (missing file, malformed line, missing or mistyped field) print
 ``error: <one line>`` on stderr and exit with status 2; nothing is written then. The output is
 assembled in a temporary directory beside the target and renamed into place at the end, so a
-failed run leaves no partial directory. An existing non-empty output directory is only replaced
+failed run leaves no partial directory; the directory gets the permissions that ``mkdir`` gives
+under the umask. An ``--out`` that is a symbolic link is followed: the output goes into the
+link's target, and the link stays. An existing non-empty output directory is only replaced
 with ``--overwrite``, and only when it holds nothing but files analyze writes (:data:`OUTPUT_FILES`):
 a folder with anything else in it (another command's output, a mistyped path) is refused. A bad
 flag is one line too.
@@ -45,7 +52,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import numpy as np
 
@@ -58,48 +66,63 @@ from megatron_renio.eval.reflection import DEFAULT_PHRASES, count_phrases, word_
 _GROUPS = ("correct", "incorrect")
 # everything an output directory holds: the summary, the report and write_plots's files
 OUTPUT_FILES = ("summary.json", "report.md", "lengths.png", "reflection.png", "weights.png")
+# matplotlib's axis arithmetic overflows near the largest float: beyond this magnitude a histogram
+# is drawn in units of a power of ten
+_PLOT_MAGNITUDE = 1e200
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """One graded completion (see the module docstring for the fields)."""
+    """One completion and its grade, ``correct`` None for an ungraded one (see the module docstring
+    for the fields)."""
 
     completion: str
-    correct: bool
+    correct: bool | None
     weight: float | None = None
     num_tokens: int | None = None
 
 
 def load_generations(path: str) -> list[Generation]:
-    """Read and validate a graded-generations file (:data:`RECORD_EXTENSIONS`, read by
-    :func:`~megatron_renio.data.records.read_rows`); :class:`UserInputError` names the line."""
+    """Read and validate a generations file (:data:`RECORD_EXTENSIONS`, read by
+    :func:`~megatron_renio.data.records.read_rows`), ungraded records included;
+    :class:`UserInputError` names the line, or the file when no record has a grade."""
     if not os.path.isfile(path):
         raise UserInputError(f"--generations {path}: no such file")
     generations = [_generation(row.fields, row.where) for row in read_rows(path, RECORD_EXTENSIONS)]
     if not generations:
         raise UserInputError(f"{path}: no generations in the file")
+    if all(g.correct is None for g in generations):
+        raise UserInputError(f"{path}: no record has a grade (field 'correct'; {len(generations)} records read), "
+                             "so there is nothing to compare")
     return generations
 
 
+def _finite(number: int | float) -> bool:
+    """Whether ``number`` converts to a finite float (a huge int raises in ``float``)."""
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:
+        return False
+
+
 def _generation(record: dict, where: str) -> Generation:
-    for name in ("completion", "correct"):
-        if name not in record:
-            raise UserInputError(f"{where}: missing field '{name}'")
-    completion, correct = record["completion"], record["correct"]
+    if "completion" not in record:
+        raise UserInputError(f"{where}: missing field 'completion'")
+    completion, correct = record["completion"], record.get("correct")
     if not isinstance(completion, str):
         raise UserInputError(f"{where}: field 'completion' must be a string")
-    if not isinstance(correct, bool):
+    if correct is not None and not isinstance(correct, bool):
         raise UserInputError(f"{where}: field 'correct' must be true or false")
     weight = record.get("weight")
     if weight is not None:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not _finite(weight):
             raise UserInputError(f"{where}: field 'weight' must be a finite number")
         weight = float(weight)
     num_tokens = record.get("num_tokens")
     if num_tokens is not None and (
-        isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0
+        isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0 or not _finite(num_tokens)
     ):
-        raise UserInputError(f"{where}: field 'num_tokens' must be a non-negative integer")
+        raise UserInputError(f"{where}: field 'num_tokens' must be a non-negative integer (at most about 1.8e308)")
     return Generation(completion, correct, weight, num_tokens)
 
 
@@ -126,28 +149,41 @@ def auc_incorrect(weights_incorrect: Sequence[float], weights_correct: Sequence[
     return float(u / (n_pos * n_neg))
 
 
-def _distribution(values: Sequence[float]) -> dict | None:
+def _distribution(values: Sequence[int | float]) -> dict | None:
+    """Mean, median and 90th percentile (linear interpolation, numpy's default) of numbers that
+    convert to finite floats, or None for none: computed exactly (fractions) and rounded once, so
+    neither a sum nor a difference of huge values overflows."""
     if not values:
         return None
-    arr = np.asarray(values, dtype=float)
+    ordered = sorted(values)
+
+    def percentile(share: Fraction) -> float:
+        position = share * (len(ordered) - 1)
+        low = math.floor(position)
+        below, above = Fraction(ordered[low]), Fraction(ordered[min(low + 1, len(ordered) - 1)])
+        return float(below + (above - below) * (position - low))
+
     return {
-        "mean": float(arr.mean()),
-        "median": float(np.median(arr)),
-        "p90": float(np.percentile(arr, 90)),
+        "mean": float(sum(map(Fraction, values)) / len(values)),
+        "median": percentile(Fraction(1, 2)),
+        "p90": percentile(Fraction(9, 10)),
     }
 
 
 def analyze(generations: Sequence[Generation], phrases: Sequence[str] = DEFAULT_PHRASES) -> dict:
-    """The summary written to ``summary.json`` (layout described in the module docstring)."""
-    use_tokens = all(g.num_tokens is not None for g in generations)
+    """The summary written to ``summary.json`` (layout described in the module docstring); ungraded
+    generations are only counted."""
+    graded = [g for g in generations if g.correct is not None]
+    use_tokens = all(g.num_tokens is not None for g in graded)
     summary: dict = {
-        "num_generations": len(generations),
+        "num_generations": len(graded),
+        "num_ungraded": len(generations) - len(graded),
         "length_unit": "tokens" if use_tokens else "words",
         "phrases": list(phrases),
         "groups": {},
     }
     for group in _GROUPS:
-        members = [g for g in generations if g.correct == (group == "correct")]
+        members = [g for g in graded if g.correct == (group == "correct")]
         tokens = [word_tokens(g.completion) for g in members]
         lengths = [g.num_tokens if use_tokens else len(t) for g, t in zip(members, tokens)]
         counts = [count_phrases(t, phrases) for t in tokens]
@@ -168,18 +204,14 @@ def analyze(generations: Sequence[Generation], phrases: Sequence[str] = DEFAULT_
             "reflection": reflection,
         }
     weighted = {
-        group: [g.weight for g in generations if g.weight is not None and g.correct == (group == "correct")]
+        group: [g.weight for g in graded if g.weight is not None and g.correct == (group == "correct")]
         for group in _GROUPS
     }
     if any(weighted.values()):
-        summary["weight"] = {
-            group: {
-                "count": len(ws),
-                "mean": float(np.mean(ws)) if ws else None,
-                "median": float(np.median(ws)) if ws else None,
-            }
-            for group, ws in weighted.items()
-        }
+        summary["weight"] = {}
+        for group, ws in weighted.items():
+            dist = _distribution(ws) or {}
+            summary["weight"][group] = {"count": len(ws), "mean": dist.get("mean"), "median": dist.get("median")}
         summary["weight"]["auc_incorrect"] = auc_incorrect(weighted["incorrect"], weighted["correct"])
     else:
         summary["weight"] = None
@@ -194,6 +226,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _ungraded_note(summary: dict) -> str:
+    """``"; N records without a grade were left out"``, or nothing when every record has one."""
+    n = summary["num_ungraded"]
+    if not n:
+        return ""
+    return f"; {n} records without a grade were left out" if n > 1 else "; 1 record without a grade was left out"
+
+
 def render_report(summary: dict, source: str, plots: Sequence[str]) -> str:
     """The Markdown report for a summary from :func:`analyze`."""
     groups = summary["groups"]
@@ -202,7 +242,7 @@ def render_report(summary: dict, source: str, plots: Sequence[str]) -> str:
         "# SGO analysis: correct vs incorrect completions",
         "",
         f"Source: `{source}`, {summary['num_generations']} generations "
-        f"({groups['correct']['count']} correct, {groups['incorrect']['count']} incorrect).",
+        f"({groups['correct']['count']} correct, {groups['incorrect']['count']} incorrect){_ungraded_note(summary)}.",
         "",
         f"## Length ({unit})",
         "",
@@ -247,8 +287,39 @@ def render_report(summary: dict, source: str, plots: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _histogram(plt, values_by_group: Mapping[str, Sequence[int | float]], xlabel: str, path: str) -> None:
+    """Write to ``path`` a histogram of each group's values (numbers that convert to finite floats,
+    at least one in all groups together) over 30 equal-width bins shared by the groups: fewer where
+    the values lie too close together for 31 distinct floats, one when they are all equal. Where a
+    value's magnitude exceeds :data:`_PLOT_MAGNITUDE`, the axis is in units of 10^k, which its label
+    names."""
+    arrays = {group: np.asarray(values, dtype=float) for group, values in values_by_group.items() if values}
+    peak = max(np.abs(a).max() for a in arrays.values())
+    if peak > _PLOT_MAGNITUDE:
+        exponent = math.floor(math.log10(peak))
+        arrays = {group: a / 10.0**exponent for group, a in arrays.items()}
+        xlabel += f" (x 1e{exponent})"
+    low = min(a.min() for a in arrays.values())
+    high = max(a.max() for a in arrays.values())
+    if low < high:
+        edges = np.unique(np.linspace(low, high, 31))
+    else:  # numpy widens a single value by 0.5 each way, which rounds away beyond 2**53
+        half = max(0.5, abs(low) * 1e-6)
+        edges = np.array([low - half, low + half])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for group, a in arrays.items():
+        ax.hist(a, bins=edges, alpha=0.6, label=f"{group} (n={len(a)})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("completions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(generations: Sequence[Generation], summary: dict, out_dir: str) -> list[str]:
-    """Write the PNG plots into ``out_dir``; returns their file names. Needs matplotlib."""
+    """Write the PNG plots of the graded ``generations`` (at least one) into ``out_dir``; returns
+    their file names. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,20 +329,12 @@ def write_plots(generations: Sequence[Generation], summary: dict, out_dir: str) 
         group: [g for g in generations if g.correct == (group == "correct")] for group in _GROUPS
     }
     unit = summary["length_unit"]
-    written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for group, members in by_group.items():
-        lengths = [g.num_tokens if unit == "tokens" else len(word_tokens(g.completion)) for g in members]
-        if lengths:
-            ax.hist(lengths, bins=30, alpha=0.6, label=f"{group} (n={len(lengths)})")
-    ax.set_xlabel(f"completion length ({unit})")
-    ax.set_ylabel("completions")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "lengths.png"), dpi=100)
-    plt.close(fig)
-    written.append("lengths.png")
+    lengths = {
+        group: [g.num_tokens if unit == "tokens" else len(word_tokens(g.completion)) for g in members]
+        for group, members in by_group.items()
+    }
+    _histogram(plt, lengths, f"completion length ({unit})", os.path.join(out_dir, "lengths.png"))
+    written = ["lengths.png"]
 
     fig, ax = plt.subplots(figsize=(7, 4))
     phrases = list(summary["phrases"])
@@ -288,17 +351,8 @@ def write_plots(generations: Sequence[Generation], summary: dict, out_dir: str) 
     written.append("reflection.png")
 
     if summary["weight"] is not None:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for group, members in by_group.items():
-            weights = [g.weight for g in members if g.weight is not None]
-            if weights:
-                ax.hist(weights, bins=30, alpha=0.6, label=f"{group} (n={len(weights)})")
-        ax.set_xlabel("ReNIO weight")
-        ax.set_ylabel("completions")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "weights.png"), dpi=100)
-        plt.close(fig)
+        weights = {group: [g.weight for g in members if g.weight is not None] for group, members in by_group.items()}
+        _histogram(plt, weights, "ReNIO weight", os.path.join(out_dir, "weights.png"))
         written.append("weights.png")
     return written
 
@@ -309,6 +363,13 @@ def _matplotlib_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _default_out(generations_path: str) -> str:
@@ -322,9 +383,9 @@ def _default_out(generations_path: str) -> str:
 
 def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrite: bool) -> dict:
     """Analyse ``generations_path`` and write the output directory; returns the summary."""
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir)  # a link to a folder: write into its target, keep the link
     source = os.path.realpath(generations_path)
-    if source.startswith(os.path.realpath(out_dir) + os.sep):
+    if source.startswith(out_dir + os.sep):
         raise UserInputError(f"--out {out_dir} holds the --generations file, which writing there would replace; "
                              "choose another folder")
     if os.path.exists(out_dir):
@@ -347,6 +408,7 @@ def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrit
     except OSError as exc:
         raise UserInputError(f"--out {out_dir}: cannot create ({exc.strerror})")
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700, readable by its owner only
         if _matplotlib_available():
             plots = write_plots(generations, summary, staging)
         else:
@@ -419,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     auc = summary["weight"]["auc_incorrect"] if summary["weight"] else None
     print(
         f"analyzed {summary['num_generations']} generations "
-        f"({groups['correct']['count']} correct, {groups['incorrect']['count']} incorrect); "
+        f"({groups['correct']['count']} correct, {groups['incorrect']['count']} incorrect){_ungraded_note(summary)}; "
         f"weight AUC for incorrect: {_fmt(auc)}; report: {os.path.join(out_dir, 'report.md')}"
     )
     return 0

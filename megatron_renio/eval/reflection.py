@@ -1,9 +1,11 @@
 """Counting reflection markers ("wait", "let me check", ...) in completions.
 
 Text is lower-cased and split into word tokens with nltk's ``RegexpTokenizer`` (no downloaded
-data needed): a token is a run of letters and digits, optionally with an apostrophe part
-(``isn't``, ``let's``); punctuation and hyphens separate tokens, so ``double-check``,
-``double check`` and ``Double-Check`` are the same two tokens. A phrase is tokenised the same
+data needed): a token is a run of letters and digits of any script (Unicode word characters but
+the underscore: ``café``, ``naïve``, ``ответ``; a script written without spaces, such as Chinese,
+gives one token per run), optionally with an apostrophe part (``isn't``, ``let's``); punctuation,
+underscores and hyphens separate tokens, so ``double-check``, ``double check`` and
+``Double-Check`` are the same two tokens. A phrase is tokenised the same
 way and counted at every token position where its whole token sequence starts; matching is on
 whole tokens, so ``verify`` does not count ``verified``. Phrases are counted independently of each
 other (a token can belong to matches of two different phrases).
@@ -28,7 +30,7 @@ DEFAULT_PHRASES: tuple[str, ...] = (
     "on second thought",
 )
 
-_TOKENIZER = RegexpTokenizer(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+_TOKENIZER = RegexpTokenizer(r"[^\W_]+(?:'[^\W_]+)*")  # [^\W_]: \w without "_"
 
 
 def word_tokens(text: str) -> list[str]:
