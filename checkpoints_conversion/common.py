@@ -26,7 +26,7 @@ Both commands also share the single-process Megatron world (:func:`build_single_
 the check that every tensor they write is finite in the output dtype
 (:func:`~megatron_renio.models.checkpoint.all_finite`, :func:`nonfinite_error`), the check of the tokenizer
 they copy (:func:`check_tokenizer`), the line a finished conversion prints (:func:`print_summary`) and the
-command-line wrapper (:func:`make_parser`, :func:`path_arg`, :func:`run_cli`).
+command-line wrapper (:func:`make_parser`, :func:`run_cli`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from megatron_renio.config import path_arg
 from megatron_renio.data.tokenizer import load_tokenizer
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import all_finite
@@ -331,17 +332,10 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def path_arg(text: str) -> Path:
-    """The argparse ``type`` of a path flag: an empty value (``--save "$OUT"`` with ``OUT`` unset), which
-    ``Path`` would read as the current folder, is refused."""
-    if not text:
-        raise argparse.ArgumentTypeError("must be a path, got '' (an unset shell variable?)")
-    return Path(text)
-
-
 def make_parser(module: str, description: str, dtype_default: str) -> argparse.ArgumentParser:
     """A parser for ``python -m module`` with the flags both commands share: --save, --dtype
-    (``dtype_default`` says what it defaults to), --overwrite, --debug. Path flags take ``type=path_arg``."""
+    (``dtype_default`` says what it defaults to), --overwrite, --debug. Path flags take
+    :func:`~megatron_renio.config.path_arg` as their ``type``."""
     parser = _Parser(prog=f"python -m {module}", description=description)
     parser.add_argument("--save", required=True, type=path_arg, help="output folder (must not exist or be empty)")
     parser.add_argument(

@@ -42,10 +42,10 @@ from checkpoints_conversion.common import (
     make_parser,
     megatron_parameters,
     nonfinite_error,
-    path_arg,
     print_summary,
     run_cli,
 )
+from megatron_renio.config import path_arg
 from megatron_renio.data.tokenizer import read_generation_config
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import (METADATA_FILE, all_finite, check_target_directory,

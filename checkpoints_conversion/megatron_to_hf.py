@@ -37,10 +37,10 @@ from checkpoints_conversion.common import (
     make_parser,
     megatron_parameters,
     nonfinite_error,
-    path_arg,
     print_summary,
     run_cli,
 )
+from megatron_renio.config import path_arg
 from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE
 from megatron_renio.models.checkpoint import (
     METADATA_FILE,

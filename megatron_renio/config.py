@@ -233,6 +233,14 @@ def typed_arg(kind, check, allowed: str):
     return parse
 
 
+def path_arg(text: str) -> str:
+    """The argparse ``type`` of a path flag: the text, unless it is empty (``--save "$OUT"`` with
+    ``OUT`` unset), which would name the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, got '' (an unset shell variable?)")
+    return text
+
+
 POSITIVE_INT = typed_arg(int, lambda v: v >= 1, "an integer >= 1")
 NON_NEGATIVE_INT = typed_arg(int, lambda v: v >= 0, "an integer >= 0")
 
@@ -510,8 +518,8 @@ def validate(c: TrainConfig) -> None:
     _check(0 < c.rollout_top_p <= 1, "--rollout-top-p", "in (0, 1]", c.rollout_top_p)
     _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
-    _check(MIN_TIMEOUT_MINUTES <= c.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES, "--distributed-timeout-minutes",
-           TIMEOUT_RANGE, c.distributed_timeout_minutes)
+    _check(MIN_TIMEOUT_MINUTES <= c.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES,
+           "--distributed-timeout-minutes", TIMEOUT_RANGE, c.distributed_timeout_minutes)
     _check(0 <= c.seed <= MAX_SEED, "--seed", f"an integer in [0, {MAX_SEED}]", c.seed)
     multiple = pad_multiple(c)
     _check(c.seq_length % multiple == 0, "--seq-length",

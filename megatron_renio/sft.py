@@ -41,7 +41,7 @@ from functools import partial
 
 import torch
 
-from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, pad_multiple, validate
+from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, pad_multiple, path_arg, validate
 from megatron_renio.data.token_sequences import TokenSequences, sha256_of
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
@@ -92,7 +92,7 @@ def build_sft_parser() -> argparse.ArgumentParser:
         action = shared[name]
         action.help = SFT_HELP.get(name, action.help)
         parser._add_action(action)
-    parser.add_argument("--pretrained-checkpoint", default=argparse.SUPPRESS,
+    parser.add_argument("--pretrained-checkpoint", type=path_arg, default=argparse.SUPPRESS,
                         help="model checkpoint folder with the initial weights (instead of --model)")
     parser.add_argument("--privileged-prompt-fraction", type=float, default=argparse.SUPPRESS,
                         help="fraction of records also trained with the OPSD teacher prompt (0..1); default: 0")

@@ -276,6 +276,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "unknown field preset": [*load, "--benchmark", f"nope={good}"],
         "two benchmarks are named": [*load, "--benchmark", str(good), str(good)],
         "--seq-length 8": [*load, "--benchmark", str(good), "--seq-length", "8"],
+        "argument --tokenizer: must be a path, got '' (an unset shell variable?)":
+            [*load, "--benchmark", str(good), "--tokenizer", ""],  # was: the checkpoint's tokenizer, silently
+        "argument --summary: must be a path, got ''": [*load, "--benchmark", str(good), "--summary", ""],
     }
     for expected, args in cases.items():
         assert expected in _bad(args, capsys, tmp_path), expected
@@ -310,6 +313,39 @@ def test_completions_from_non_finite_logits_are_refused(paths, capsys, tmp_path,
     assert all(p.startswith("eval:") for p in progress) and sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl"]
     assert line == (f"error: --load {paths['student']}: the model's logits hold NaN or inf (non-finite weights, or "
                     "values that overflow fp32); its completions would be meaningless: nothing graded, nothing written")
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_the_rerun_continues(paths, capsys, tmp_path,
+                                                                             monkeypatch):
+    """A full disk at the end: one line naming the file and the progress folder the graded generations
+    stay in; the same command run again writes the outputs (and removes the folder)."""
+    import errno
+
+    from megatron_renio.eval.progress import progress_folder
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    argv = ["--load", str(paths["student"]), "--benchmark", str(good), "--max-new-tokens", "2", "--out", str(out),
+            "--summary", str(summary)]
+    real = runner.write_atomic
+
+    def full_disk(path, lines):
+        if path == str(summary):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path, lines)
+
+    monkeypatch.setattr(runner, "write_atomic", full_disk)
+    assert runner.main(argv) == 2
+    folder = progress_folder(out)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {summary}: cannot write it; the same command run again continues from {folder} "
+        "(No space left on device)")
+    assert folder.is_dir() and not summary.exists()
+    monkeypatch.setattr(runner, "write_atomic", real)
+    assert runner.main(argv) == 0
+    assert "continuing an interrupted run" in capsys.readouterr().out
+    assert summary.is_file() and not folder.exists()
 
 
 def test_outputs_never_replace_an_input(tmp_path):

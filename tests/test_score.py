@@ -239,6 +239,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "not_ints": [{"prompt_ids": [1, 7], "completion_ids": [8, "9"]}],
         "empty_prompt": [{"prompt_ids": [], "completion_ids": [8]}],
         "long_prompt": [{"prompt_ids": [1] * 40, "completion_ids": [8]}],
+        "nan_field": [good, '{"prompt_ids": [1, 7], "completion_ids": [8], "score": NaN}'],
     }
     for name, lines in files.items():
         (tmp_path / f"{name}.jsonl").write_text(
@@ -262,6 +263,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
                                    *data("good")],
         "--tokenizer: tokenizer path " + str(tmp_path / "nowhere") + " does not exist":
             [*models, *data("good"), "--tokenizer", str(tmp_path / "nowhere")],
+        "nan_field.jsonl line 2: field 'score' cannot be copied to the JSON output (Out of range float values "
+        "are not JSON compliant": [*models, *data("nan_field")],
+        "--tokenizer is empty (an unset shell variable?)": [*models, *data("good"), "--tokenizer", ""],
         "world size 1 is not divisible by --tensor-model-parallel-size 3":
             [*models, *data("good"), "--tensor-model-parallel-size", "3"],
     }
@@ -270,6 +274,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
     assert score.main([*models, *data("bad_json"), "--seq-length", "512", "--out", str(out)]) == 2
     captured = capsys.readouterr()  # the note comes before the refusal
     assert "exceeds the student's max_position_embeddings (256)" in captured.out and "malformed JSON" in captured.err
+    for out_name, message in (("", "argument --out: must be a path, got ''"),
+                              ("s.jsonl.gz", "score writes plain JSON lines; give a name ending in .jsonl")):
+        assert score.main([*models, *data("good"), "--out", out_name and str(tmp_path / out_name)]) == 2
+        assert message in capsys.readouterr().err
     assert score.main([*models, *data("good"), "--out", str(tmp_path / "good.jsonl")]) == 2
     assert "is the --data file" in capsys.readouterr().err
     link = tmp_path / "link.jsonl"  # another name of the --data file, which writing would replace
@@ -449,3 +457,19 @@ def test_seq_length_defaults_to_what_the_models_were_trained_for(paths, tmp_path
     (short / "renio_model.json").write_text(json.dumps(meta))
     models[3] = str(short)
     assert score.parse_args(models).train.seq_length == 96
+
+
+def test_a_column_the_json_output_cannot_hold_is_refused_when_read(tmp_path):
+    """Extra fields are copied to the output: a parquet date or bytes column is refused before any model
+    runs, not by json.dumps after the whole scoring."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, column in (("day", pa.array([datetime.date(2026, 1, 1)])), ("raw", pa.array([b"\x00"]))):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"prompt_ids": [[1, 7]], "completion_ids": [[8]], name: column}), path)
+        with pytest.raises(UserInputError, match=rf"^{path} row 1: field '{name}' cannot be copied to the JSON "
+                                                 r"output \(Object of type \w+ is not JSON serializable\)$"):
+            score.read_rows(str(path), None, VOCAB, 32)

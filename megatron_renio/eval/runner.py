@@ -91,13 +91,13 @@ from pathlib import Path
 from typing import Iterable
 
 from megatron_renio.config import (MAX_SEED, MAX_TIMEOUT_MINUTES, MIN_TIMEOUT_MINUTES, POSITIVE_INT, TIMEOUT_RANGE,
-                                   _OneLineErrorParser, flag_name, typed_arg)
+                                   _OneLineErrorParser, flag_name, path_arg, typed_arg)
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError, about_flag
 from megatron_renio.eval.progress import ReplicaLog, holds_key, progress_folder, read_finished, start_over
-from megatron_renio.output_paths import check_output_file, write_atomic
+from megatron_renio.output_paths import check_output_file, storage_error, write_atomic
 from megatron_renio.training.faults import fault_spec, maybe_die
 
 BUILTIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-renio eval",
         description="Generate with the Megatron model on benchmarks, grade, report avg@k and pass@k.",
     )
-    parser.add_argument("--load", required=True, help="model checkpoint folder (converted or trained)")
-    parser.add_argument("--benchmark", required=True, nargs="+", metavar="[PRESET=]FILE_OR_NAME",
+    parser.add_argument("--load", required=True, type=path_arg, help="model checkpoint folder (converted or trained)")
+    parser.add_argument("--benchmark", required=True, nargs="+", type=path_arg, metavar="[PRESET=]FILE_OR_NAME",
                         help="benchmark files or 'humaneval', optionally prefixed with a field preset (one of "
                              f"{', '.join(PRESETS)}); without one the layout is detected from the first record")
     field_name = typed_arg(str, bool, "a field name")
@@ -212,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="argmax decoding (ignores temperature, top-p, top-k); also with a temperature of 0 "
                              "(flag or file), and when generation_config.json has do_sample false and no sampling "
                              "flag is given")
-    parser.add_argument("--out", help="JSONL file for every generation with its grade")
-    parser.add_argument("--summary", help="JSON file for the per-benchmark metrics")
-    parser.add_argument("--tokenizer", help="tokenizer folder or .model file (default: the checkpoint's)")
+    parser.add_argument("--out", type=path_arg, help="JSONL file for every generation with its grade")
+    parser.add_argument("--summary", type=path_arg, help="JSON file for the per-benchmark metrics")
+    parser.add_argument("--tokenizer", type=path_arg,
+                        help="tokenizer folder or .model file (default: the checkpoint's)")
     parser.add_argument("--seq-length", type=typed_arg(int, lambda v: v >= 2, "an integer >= 2"), default=None,
                         help="longest prompt + completion (default: the model's maximum positions)")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="prompts per generation batch per replica; default: 16")
@@ -478,13 +479,18 @@ def run(args: argparse.Namespace) -> dict | None:
     by_index = {**earlier, **dict(gathered)}  # a batch partly finished before was generated again, the same
     ordered = [by_index[i] for i in range(len(jobs))]
     report = _report(benchmarks, ordered, args.samples_per_problem)
-    if args.out:
-        write_atomic(args.out, jsonl_lines(ordered))
-    if args.summary:
-        settings = {"load": args.load, "seed": args.seed, "max_new_tokens": sampling.max_new_tokens,
-                    "greedy": sampling.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                    "top_k": sampling.top_k}
-        write_atomic(args.summary, [json.dumps({"settings": settings, "benchmarks": report}, indent=2) + "\n"])
+    settings = {"load": args.load, "seed": args.seed, "max_new_tokens": sampling.max_new_tokens,
+                "greedy": sampling.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "top_k": sampling.top_k}
+    summary = {"settings": settings, "benchmarks": report}
+    for path, lines in ((args.out, lambda: jsonl_lines(ordered)),
+                        (args.summary, lambda: [json.dumps(summary, indent=2) + "\n"])):
+        if path:
+            try:
+                write_atomic(path, lines())
+            except OSError as e:  # the graded generations stay in the progress folder: a rerun writes them
+                raise storage_error(e, path, f"cannot write it; the same command run again continues from {folder}") \
+                    from None
     if folder is not None and holds_key(folder, key):
         shutil.rmtree(folder, ignore_errors=True)
     for name, m in report.items():

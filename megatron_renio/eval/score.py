@@ -65,7 +65,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from megatron_renio.config import TrainConfig, _OneLineErrorParser, flag_name
+from megatron_renio.config import TrainConfig, _OneLineErrorParser, flag_name, path_arg
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
 from megatron_renio.data import records
@@ -74,7 +74,7 @@ from megatron_renio.errors import UserInputError, about_flag
 from megatron_renio.entrypoint import run_command
 from megatron_renio.distributed import log0, on_rank0
 from megatron_renio.eval.runner import gather_to_rank0, jsonl_lines, same_file
-from megatron_renio.output_paths import check_output_file, write_atomic
+from megatron_renio.output_paths import check_output_file, storage_error, write_atomic
 
 TRAINING_FLAGS = (
     "student_load", "teacher_load", "tokenizer", "seq_length", "micro_batch_size",
@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="ReNIO weights, pivotal tokens and divergences of given completions.",
         epilog="training flags accepted: " + " ".join(flag_name(name) for name in TRAINING_FLAGS),
     )
-    parser.add_argument("--data", required=True, help="JSONL rows: prompt / teacher_prompt / completion, text or _ids")
-    parser.add_argument("--out", help="output JSONL (default: the --data name with .scores.jsonl)")
+    parser.add_argument("--data", required=True, type=path_arg,
+                        help="JSONL rows: prompt / teacher_prompt / completion, text or _ids")
+    parser.add_argument("--out", type=path_arg, help="output JSONL (default: the --data name with .scores.jsonl)")
     parser.add_argument("--per-token", action="store_true", help="add every completion token's log-probs")
     return parser
 
@@ -139,6 +140,8 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     validate_train_config(train)
     stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its RECORD_EXTENSIONS entry
     out = own.out or stem + ".scores.jsonl"
+    if out.endswith(tuple(ext for ext in RECORD_EXTENSIONS if ext != ".jsonl")):  # what analyze reads as another format
+        raise UserInputError(f"--out {out}: score writes plain JSON lines; give a name ending in .jsonl")
     check_output_file(out, f"--out {out}")
     if same_file(out, own.data):
         raise UserInputError(f"--out {out} is the --data file")
@@ -210,6 +213,11 @@ def read_rows(path: str, tokenizer, vocab_size: int, seq_length: int) -> list[Ro
                     f"in --seq-length {seq_length}"
                 )
         extra = {k: v for k, v in fields.items() if k not in {f"{name}_ids" for name in FIELDS}}
+        for name, value in extra.items():  # copied to the output: refused now, not after the scoring
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as e:  # a parquet date or bytes column; NaN, which JSON has not
+                raise UserInputError(f"{where}: field {name!r} cannot be copied to the JSON output ({e})") from None
         rows.append(Row(student, teacher, completion, extra, where))
     if not rows:
         raise UserInputError(f"--data {path}: no rows")
@@ -364,7 +372,10 @@ def run(args: ScoreArgs) -> list[dict] | None:
     file_batch = dataclasses.replace(settings.renio, scope="local")
     weights = ReNIONormalizer().normalize(raw_all, file_batch).weights.tolist()
     output = [{**row.extra, "weight": weights[i], **by_row[i]} for i, row in enumerate(rows)]
-    write_atomic(args.out, jsonl_lines(output))
+    try:
+        write_atomic(args.out, jsonl_lines(output))
+    except OSError as e:
+        raise storage_error(e, args.out, "cannot write the scores") from None
     log0(f"scored {len(output)} rows: weight {min(weights):.4g} .. {max(weights):.4g}, "
          f"pivotal tokens {sum(r['num_pivotal'] for r in output)} of {sum(r['num_tokens'] for r in output)}; "
          f"wrote {args.out}")
