@@ -466,6 +466,16 @@ def _check(condition: bool, flag: str, allowed: str, value) -> None:
         raise UserInputError(f"{flag} must be {allowed}, got {value!r}")
 
 
+def _importable(module: str) -> bool:
+    """Whether ``import module`` would find it (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # in sys.modules without a spec (a stand-in): importable
+        return True
+
+
 def validate(c: TrainConfig) -> None:
     """Range and cross-flag checks for every flag (one line naming the flag and the allowed range)."""
     positive_ints = (
@@ -518,6 +528,8 @@ def validate(c: TrainConfig) -> None:
     _check(0 < c.rollout_top_p <= 1, "--rollout-top-p", "in (0, 1]", c.rollout_top_p)
     _check(c.exit_duration_in_mins >= 0, "--exit-duration-in-mins", ">= 0 (0 disables it)", c.exit_duration_in_mins)
     _check(c.peak_tflops >= 0, "--peak-tflops", ">= 0 (0 = by GPU name)", c.peak_tflops)
+    if c.wandb_project and not _importable("wandb"):  # refused now: the run would log nothing to W&B
+        raise UserInputError("--wandb-project needs the wandb package, which is not installed (pip install wandb)")
     _check(MIN_TIMEOUT_MINUTES <= c.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES,
            "--distributed-timeout-minutes", TIMEOUT_RANGE, c.distributed_timeout_minutes)
     _check(0 <= c.seed <= MAX_SEED, "--seed", f"an integer in [0, {MAX_SEED}]", c.seed)

@@ -95,6 +95,19 @@ def _env_int(name: str, default: int) -> int:
         raise UserInputError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _check_rendezvous_address() -> None:
+    """MASTER_PORT must be a port number and MASTER_ADDR a host this machine resolves: one line naming
+    the variable, not a traceback from the rendezvous (a manual launch, a job script's typo)."""
+    port = _env_int("MASTER_PORT", 0)
+    if not 0 < port < 65536:
+        raise UserInputError(f"environment variable MASTER_PORT={port} is not a port number (1 to 65535)")
+    address = os.environ["MASTER_ADDR"]
+    try:
+        socket.getaddrinfo(address, port)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserInputError(f"environment variable MASTER_ADDR={address!r}: no such host ({e})") from None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -340,6 +353,8 @@ def initialize(
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world_size > 1 and missing and not torch.distributed.is_initialized():  # before the CPU backend's patches
         raise UserInputError(f"WORLD_SIZE={world_size} without {' and '.join(missing)}: launch with torchrun")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        _check_rendezvous_address()
 
     backend, device = select_backend(local_rank)
 

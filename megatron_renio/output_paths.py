@@ -120,10 +120,11 @@ def _rank() -> int:
 
 def check_output_file(path: str | Path, label: str, create_folder: bool = False) -> None:
     """``path`` is not a folder, and its folder exists (or, ``create_folder``, can be created) and can be
-    written in; ``label`` as in :func:`check_output_folder`."""
-    path = Path(path)
-    if path.is_dir():
+    written in; ``label`` as in :func:`check_output_folder`. A path that ends with a separator
+    (``out/``) names a folder, which ``Path`` would read as a file."""
+    if Path(path).is_dir() or str(path).endswith(os.sep):
         raise UserInputError(f"{label} is a folder, not a file")
+    path = Path(path)
     _refuse_broken_link(path, label)
     folder = path.absolute().parent
     if not create_folder and not folder.is_dir():

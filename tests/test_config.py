@@ -307,6 +307,17 @@ def test_a_flag_error_is_printed_once_per_node(rank, local_rank, printed, monkey
     assert capsys.readouterr().err == (printed + "\n" if printed else "")
 
 
+def test_wandb_project_without_wandb_is_refused_at_parse_time(monkeypatch):
+    """It was a warning after the models were built, and the run logged nothing to W&B."""
+    from megatron_renio import config
+
+    assert config._importable("json") and not config._importable("no_such_module_for_megatron_renio")
+    monkeypatch.setattr(config, "_importable", lambda module: module != "wandb")
+    with pytest.raises(UserInputError, match=r"^--wandb-project needs the wandb package, which is not installed "
+                                             r"\(pip install wandb\)$"):
+        parse_train_args(BASE + ["--wandb-project", "p"])
+
+
 def test_deprecation_notices_of_megatron_and_torch_distributed_are_hidden_without_debug():
     """Megatron's distributed optimizer calls torch's collectives by their deprecated names, and torch's
     wrapper warns from torch.distributed.c10d_logger on every rank (4 lines a run at 2 ranks); the

@@ -224,6 +224,14 @@ def test_a_chat_template_that_fails_on_one_prompt_names_the_folder(tmp_path):
     message = f"^tokenizer folder {tmp_path}: its chat template fails: TemplateError: no$"
     with pytest.raises(UserInputError, match=message):
         tok.apply_chat_template([{"role": "user", "content": "a forbidden word"}])
+    # building a record's prompt: the record (file and line) and the prompt are named too
+    from megatron_renio.data.prompts import PromptRecord
+    from megatron_renio.data.templates import build_prompt_ids
+
+    record = PromptRecord(problem="a forbidden word", solution=None, answer=None, source="data.jsonl:7")
+    with pytest.raises(UserInputError, match=r"^data.jsonl:7 \(student prompt\): tokenizer folder .*: its chat "
+                                             r"template fails: TemplateError: no$"):
+        build_prompt_ids(tok, record, "math", "student", "opd")
 
 
 def test_tokenizer_without_eos(tmp_path):

@@ -172,6 +172,22 @@ def test_several_processes_without_a_rendezvous_are_one_line_and_leave_torch_unp
     assert out.stdout.split()[-4:] == ["exit", "2", "False", "False"]
 
 
+@pytest.mark.parametrize("address, port, expected", [
+    ("127.0.0.1", "abc", "error: environment variable MASTER_PORT='abc' is not an integer"),
+    ("127.0.0.1", "70000", "error: environment variable MASTER_PORT=70000 is not a port number (1 to 65535)"),
+    ("no.such.host.invalid", "29500", "error: environment variable MASTER_ADDR='no.such.host.invalid': no such host ("),
+])
+def test_a_rendezvous_address_that_cannot_work_is_one_line(address, port, expected):
+    """A manual launch's MASTER_PORT or MASTER_ADDR typo: one line naming the variable, not the rendezvous's
+    traceback."""
+    out = _start({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": address, "MASTER_PORT": port},
+                 "code = entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
+                 "distributed.ParallelConfig()), [])\n"
+                 "print('exit', code, torch.distributed.is_initialized())\n")
+    assert out.stderr.strip().startswith(expected), out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["exit", "2", "False"]
+
+
 @pytest.mark.parametrize("env", [{"WORLD_SIZE": "1", "RANK": "1"}, {"WORLD_SIZE": "0"},
                                  {"WORLD_SIZE": "2", "RANK": "-1"}, {"LOCAL_RANK": "-1"}])
 def test_rank_variables_that_do_not_fit_together_are_one_line(env, monkeypatch):

@@ -51,6 +51,8 @@ def test_a_file_output_must_not_be_a_folder(tmp_path):
     check_output_file(tmp_path / "m.jsonl", "--out m")
     with pytest.raises(UserInputError, match="^--out m is a folder, not a file$"):
         check_output_file(tmp_path, "--out m")
+    with pytest.raises(UserInputError, match="^--out newdir/ is a folder, not a file$"):  # Path drops the "/"
+        check_output_file(f"{tmp_path}/newdir/", "--out newdir/")
     with pytest.raises(UserInputError, match=f"^--out m: folder {tmp_path / 'no'} does not exist$"):
         check_output_file(tmp_path / "no" / "m.jsonl", "--out m")
     check_output_file(tmp_path / "no" / "m.jsonl", "--out m", create_folder=True)

@@ -89,7 +89,10 @@ def build_prompt_ids(
 ) -> list[int]:
     """Token ids of the prompt for ``role`` in ``mode`` (layout in the module docstring)."""
     text = build_prompt_text(record, task, role, mode)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    try:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    except UserInputError as e:  # a template that fails on some records only: name the record
+        raise UserInputError(f"{record.source} ({role} prompt): {e}", e.reported_by) from e
     if ids is None:
         ids = tokenizer.encode(text + "\n", add_special_tokens=True)
     return ids

@@ -168,13 +168,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(cfg.tensorboard_dir, purge_step=None if resumed_at is None else resumed_at + 1)
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                print("warning: --wandb-project given but wandb is not installed; skipping W&B", flush=True)
-            else:
-                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), id=run_id, resume="allow")
+        if cfg.wandb_project:  # config.validate checked that wandb is installed
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.rank0:
