@@ -157,7 +157,7 @@ def test_tp1_matches_transformers_and_the_reference_formulas(runs, reference):
     _check_against_reference(output, _expected(reference, DEFAULTS))
     assert sum(r["num_pivotal"] for r in output) > 0 and len({r["weight"] for r in output}) > 2
     assert [r["truncated"] for r in output] == [False, False, False, True, False]
-    assert "scored 5 rows" in runs["stdout"]
+    assert "scored 5 rows" in runs["stdout"] and f"; cut at --seq-length {SEQ_LENGTH}: 1 (field truncated)" in runs["stdout"]
 
 
 def test_output_rows_keep_order_and_input_fields(runs):

@@ -376,9 +376,11 @@ def run(args: ScoreArgs) -> list[dict] | None:
         write_atomic(args.out, jsonl_lines(output))
     except OSError as e:
         raise storage_error(e, args.out, "cannot write the scores") from None
+    truncated = sum(r["truncated"] for r in output)
+    cut = f"; cut at --seq-length {cfg.seq_length}: {truncated} (field truncated)" if truncated else ""
     log0(f"scored {len(output)} rows: weight {min(weights):.4g} .. {max(weights):.4g}, "
-         f"pivotal tokens {sum(r['num_pivotal'] for r in output)} of {sum(r['num_tokens'] for r in output)}; "
-         f"wrote {args.out}")
+         f"pivotal tokens {sum(r['num_pivotal'] for r in output)} of {sum(r['num_tokens'] for r in output)}"
+         f"{cut}; wrote {args.out}")
     return output
 
 
