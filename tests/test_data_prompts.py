@@ -122,6 +122,9 @@ def test_missing_solution_only_when_required(tmp_path):
     assert load_prompt_records([path])[2].solution is None
     assert _error([path], require_solution=True) == (
         f"{path} line 3: missing field 'solution' (name another field with --solution-field)")
+    null = _write_lines(tmp_path / "n.jsonl", [_row(), json.dumps({"problem": "p", "solution": None})])
+    assert _error([null], require_solution=True) == (  # was "missing field", though the field is there
+        f"{null} line 2: field 'solution' is null (name another field with --solution-field)")
 
 
 def test_empty_required_solution(tmp_path):

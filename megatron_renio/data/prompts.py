@@ -104,7 +104,9 @@ def _text_field(row: dict[str, Any], field: str, flag: str, where: str, required
     value = row.get(field)
     if value is None:
         if required:
-            raise UserInputError(f"{where}: missing field '{field}' (name another field with {flag})")
+            # null: a JSON null, or a parquet column's missing value
+            message = f"field '{field}' is null" if field in row else f"missing field '{field}'"
+            raise UserInputError(f"{where}: {message} (name another field with {flag})")
         return None
     if not isinstance(value, str):
         raise UserInputError(
