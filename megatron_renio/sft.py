@@ -266,13 +266,14 @@ def run(cfg: SFTConfig) -> list[float]:
         "the tokenised examples of --data-path", "every rank must read the same files with the same tokenizer")
     if examples.skipped_too_long:
         log0(f"skipped {examples.skipped_too_long} examples longer than --seq-length {t.seq_length}")
+    # refuses fewer examples than a batch before the model is built
+    sampler = distributed.on_every_rank(lambda: PromptSampler(
+        len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed,
+        data_label=C.fitting_data_label(len(examples.prompts), "examples", examples.skipped_too_long, t.seq_length)))
     model, info = C.build_model(source, t)
     model_ddp = C.wrap_ddp(model, t.use_distributed_optimizer, t.overlap_grad_reduce)
     optimizer, scheduler = C.build_optimizer(model_ddp, t)
     step = SFTStep(model_ddp, info.preset.vocab_size)
-    sampler = PromptSampler(len(examples.prompts), t.global_batch_size, ctx.dp_rank, ctx.dp_size, t.seed,
-                            data_label=C.fitting_data_label(len(examples.prompts), "examples",
-                                                            examples.skipped_too_long, t.seq_length))
     log0(f"sft: {C.model_info_summary(info)}; {len(examples.prompts)} examples")
     losses = []
     skipped_in_a_row = 0

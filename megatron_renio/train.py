@@ -189,10 +189,11 @@ def run(cfg: TrainConfig) -> dict:
         distributed.on_rank0(lambda: C.check_resumed_student(cfg, saved["iteration"], student_source.preset,
                                                              "--student-load" if cfg.student_load else "--model"))
     teacher_origin = resume.teacher_origin(cfg, student_source, teacher_source)
-    if saved is not None:
-        resume.check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
 
     def check_models():
+        """Every rank checks the same values alike: rank 0 alone prints a refusal."""
+        if saved is not None:
+            resume.check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
         for role, source in (("student", student_source), ("teacher", teacher_source)):
             if source is not None:
                 check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
@@ -221,10 +222,15 @@ def run(cfg: TrainConfig) -> dict:
     batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "
                    f"{prompts_per_step} prompts per step" if cfg.samples_per_prompt > 1 else None)
     data_label = C.fitting_data_label(len(prompts.student), "prompts", prompts.skipped_too_long, cfg.seq_length)
-    sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed, batch_label,
-                            data_label, prompts.fingerprint())
-    if saved is not None:
-        sampler.load_state_dict(saved["sampler"])  # refuses other data or another seed before the models load
+
+    def data_sampler():
+        sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed,
+                                batch_label, data_label, prompts.fingerprint())
+        if saved is not None:
+            sampler.load_state_dict(saved["sampler"])  # refuses other data or another seed before the models load
+        return sampler
+
+    sampler = distributed.on_every_rank(data_sampler)
 
     padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
     # a resume loads the student's weights from its checkpoint: the initial ones are not read for it
