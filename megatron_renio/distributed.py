@@ -6,8 +6,9 @@ process is a world of one; several started by srun or an MPI launcher without ``
 refused), picks NCCL when CUDA is present and gloo plus
 :mod:`megatron_renio.cpu_backend` otherwise, builds Megatron's tensor / pipeline / data-parallel
 groups (virtual pipeline off; DP = world / (TP x PP)) and seeds every generator the way
-Megatron-LM does. Layout errors are reported as one-line :class:`UserInputError` before any
-collective that could hang.
+Megatron-LM does. Layout errors are reported as one-line :class:`UserInputError`, once the ranks
+have met and agreed on the configuration (so that rank 0 alone prints them), before Megatron's
+groups are built.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def fsync_tree(path: str | Path, synced_by_writers: tuple[str, ...] = ()) -> Non
 
 def write_atomic(path: str, lines: Iterable[str]) -> None:
     """Write ``lines`` to a temporary file beside ``path``, flushed to stable storage, then rename it to
-    ``path`` and flush the rename (:func:`fsync`)."""
+    ``path`` and flush the rename (:func:`fsync`). An ``OSError`` names ``path``, not the temporary file."""
     target = Path(path).absolute()
     partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
@@ -184,8 +184,10 @@ def write_atomic(path: str, lines: Iterable[str]) -> None:
             f.writelines(lines)
         fsync(partial)
         os.replace(partial, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
+        if isinstance(e, OSError) and e.filename == str(partial):
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync(target.parent)

@@ -11,6 +11,7 @@ steps. Flags are documented in :mod:`megatron_renio.config`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -205,10 +206,11 @@ def run(cfg: TrainConfig) -> dict:
 
     def load_data():
         tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
-        return tokenizer, C.load_prompts(cfg, tokenizer)
+        prompts = C.load_prompts(cfg, tokenizer)
+        return tokenizer, prompts, prompts.fingerprint()
 
-    tokenizer, prompts = distributed.same_on_every_rank(
-        load_data, lambda loaded: loaded[1].fingerprint(), "the tokenised prompts of --data-path",
+    tokenizer, prompts, data_fingerprint = distributed.same_on_every_rank(
+        load_data, lambda loaded: loaded[2], "the tokenised prompts of --data-path",
         "every rank must read the same files with the same tokenizer")
     log0(f"data: {len(prompts.student)} prompts from --data-path {' '.join(cfg.data_path)}")
     if prompts.skipped_too_long:
@@ -225,14 +227,14 @@ def run(cfg: TrainConfig) -> dict:
 
     def data_sampler():
         sampler = PromptSampler(len(prompts.student), prompts_per_step, ctx.dp_rank, ctx.dp_size, cfg.seed,
-                                batch_label, data_label, prompts.fingerprint())
+                                batch_label, data_label, data_fingerprint)
         if saved is not None:
             sampler.load_state_dict(saved["sampler"])  # refuses other data or another seed before the models load
         return sampler
 
     sampler = distributed.on_every_rank(data_sampler)
-
-    padded_vocab, true_vocab = C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
+    padded_vocab, true_vocab = distributed.on_every_rank(
+        lambda: C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset))
     # a resume loads the student's weights from its checkpoint: the initial ones are not read for it
     student, student_info = C.build_model(student_source, cfg, padded_vocab, load_weights=saved is None)
     teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student, padded_vocab,
@@ -297,6 +299,8 @@ def run(cfg: TrainConfig) -> dict:
                                max_batch=cfg.rollout_batch_size or None)
             t_rollout = time.perf_counter() - t0
             maybe_die("rollout", iteration + 1)
+            if injected("nan-rollout", iteration + 1):
+                rollout = dataclasses.replace(rollout, nonfinite=True)
 
             batch = pack_pairs(s_prompts, t_prompts, rollout.completions, eos, tokenizer.pad_id, cfg.seq_length,
                                pad_multiple(cfg))
@@ -351,6 +355,7 @@ def run(cfg: TrainConfig) -> dict:
                 "loss": result.loss,
                 "skipped": not ok,
                 "skipped_total": skipped_total,
+                "rollout_nonfinite": drawn_nonfinite,  # a token was drawn from non-finite logits: skipped
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "lr": scheduler.get_lr(optimizer.param_groups[0]),  # after the update, as Megatron-LM logs it
                 "completion_length_mean": counts["length_sum"] / max(counts["completions"], 1),

@@ -180,3 +180,22 @@ def test_a_folder_that_cannot_be_synced_is_skipped_a_file_is_an_error_naming_it(
     with pytest.raises(OSError, match="Input/output error") as error:
         fsync_tree(tmp_path)
     assert error.value.filename == str(tmp_path / "a" / "x.pt")
+
+
+def test_write_atomic_errors_name_the_target_not_its_temporary_file(tmp_path):
+    gone = tmp_path / "gone"
+    with pytest.raises(OSError) as err:
+        write_atomic(str(gone / "out.jsonl"), ["x\n"])
+    assert err.value.filename == str(gone / "out.jsonl")
+
+
+def test_a_removed_working_folder_does_not_stop_a_save_elsewhere(tmp_path, monkeypatch):
+    """A long run's working folder (a scratch folder) removed under it: Path.cwd() raises, and the check
+    that a save target is not the working folder has nothing to guard."""
+    from megatron_renio.models.checkpoint import check_target_directory
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    work.rmdir()
+    check_target_directory(tmp_path / "save")

@@ -360,9 +360,20 @@ def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(workdir):
     m = read_jsonl(path)
     assert [x["skipped"] for x in m] == [False, True, False]
     assert m[1]["grad_norm"] is None and m[1]["nonfinite"] == 0 and m[1]["loss"] > 0
+    assert not any(x["rollout_nonfinite"] for x in m)
     w1, w2, w3 = (plain_tensors(save / f"iter_{i:07d}" / "model") for i in (1, 2, 3))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert any(not torch.equal(w2[k], w3[k]) for k in w2) and all(torch.isfinite(w3[k]).all() for k in w3)
+
+
+def test_a_rollout_drawn_from_nonfinite_logits_on_one_replica_skips_the_step_everywhere(workdir):
+    """DP=2: rank 1's rollout reports a token drawn from non-finite logits while every loss is finite:
+    both ranks skip the step (rank 0 alone would step, and the ranks would part ways) and log why."""
+    path = workdir / "nonfinite_rollout.jsonl"
+    train(base_args(workdir, **{"--train-iters": 3, "--metrics-file": path}), nproc=2, fault="nan-rollout:2:1")
+    m = read_jsonl(path)
+    assert [x["skipped"] for x in m] == [False, True, False]
+    assert [x["rollout_nonfinite"] for x in m] == [False, True, False] and m[1]["nonfinite"] == 0
 
 
 def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
@@ -419,7 +430,7 @@ def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkey
         monkeypatch.setenv("MEGATRON_RENIO_FAULT", spec)
         with pytest.raises(UserInputError, match=f"^MEGATRON_RENIO_FAULT={spec}: expected <fault>:<iteration>"
                                                  r"\[:<rank>\], the fault one of rollout, backward, checkpoint, "
-                                                 "eval, nan-logits, nan-grad$"):
+                                                 "eval, nan-logits, nan-grad, nan-rollout$"):
             injected("nan-logits", 2)
     proc = train(base_args(workdir, **{"--save": workdir / "save_of_a_refused_run"}), check=False, fault="nan-logits")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -63,6 +63,7 @@ import hashlib
 import json
 import os
 import sys
+from array import array
 from dataclasses import dataclass, field
 
 from megatron_renio.config import TrainConfig, _OneLineErrorParser, flag_name, path_arg
@@ -320,8 +321,12 @@ def run(args: ScoreArgs) -> list[dict] | None:
             args.data, tokenizer, vocab, cfg.seq_length)
 
     def rows_digest(inputs) -> str:
-        ids = [(row.student_prompt, row.teacher_prompt, row.completion) for row in inputs[-1]]
-        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+        """SHA-256 of every row's three id lists, each as its length and its ids (int64)."""
+        digest = hashlib.sha256()
+        for row in inputs[-1]:
+            for ids in (row.student_prompt, row.teacher_prompt, row.completion):
+                digest.update(len(ids).to_bytes(8, "little") + array("q", ids).tobytes())
+        return digest.hexdigest()
 
     student_source, teacher_source, padded_vocab, vocab, tokenizer, rows = distributed.same_on_every_rank(
         read_inputs, rows_digest, "the tokenised rows of --data", "every rank must read the same files with the same "

@@ -166,8 +166,11 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
     ``label``), None for a command without one.
     """
     directory = Path(directory)
-    cwd = Path.cwd()
-    if is_within(cwd, directory):
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:  # the working folder was removed (a long run's scratch): nothing to replace there
+        cwd = None
+    if cwd is not None and is_within(cwd, directory):
         relation = "is" if directory.resolve() == cwd.resolve() else "holds"
         raise UserInputError(f"{label or directory} {relation} the current working directory {cwd}, which writing "
                              "there would replace; choose another folder")

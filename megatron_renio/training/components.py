@@ -275,7 +275,8 @@ def stop_after_skipped_steps(skipped_in_a_row: int, cfg: TrainConfig, iteration:
     """One line (UserInputError) once ``--max-skipped-steps`` steps in a row were skipped."""
     if skipped_in_a_row >= cfg.max_skipped_steps:
         raise UserInputError(
-            f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
+            f"{skipped_in_a_row} consecutive steps had a non-finite loss or gradient, or a rollout drawn from "
+            "non-finite logits "
             f"(--max-skipped-steps {cfg.max_skipped_steps}); stopping at iteration {iteration}"
         )
 

@@ -7,7 +7,8 @@ are on disk) and optionally the one global rank it applies to (every rank otherw
 of :data:`FATAL` (the process kills itself with SIGKILL when it reaches that point: no handler, no
 cleanup, like an out-of-memory kill or a node loss) or :data:`NONFINITE` (``nan-logits``: the
 student's logits of the step are NaN; ``nan-grad``: one entry of the reduced student gradient is
-NaN behind a finite loss). Unset, each point costs one dictionary lookup.
+NaN behind a finite loss; ``nan-rollout``: the step's rollout reports a token drawn from non-finite
+logits, behind a finite loss). Unset, each point costs one dictionary lookup.
 """
 
 import os
@@ -17,7 +18,7 @@ import signal
 from megatron_renio.errors import UserInputError
 
 FATAL = ("rollout", "backward", "checkpoint", "eval")
-NONFINITE = ("nan-logits", "nan-grad")
+NONFINITE = ("nan-logits", "nan-grad", "nan-rollout")
 
 
 def fault_spec() -> str | None:

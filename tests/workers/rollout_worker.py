@@ -160,6 +160,24 @@ def greedy_with_a_disagreeing_rank(model):
         rollout.sample_next = original
 
 
+def kv_cache_rows(call):
+    """(``call()``, the row count of every KV cache generate made for it)."""
+    from megatron.core.inference import contexts
+
+    original, rows = contexts.StaticInferenceContext, []
+
+    class Recorded(original):
+        def __init__(self, max_batch_size, *args, **kwargs):
+            rows.append(max_batch_size)
+            super().__init__(max_batch_size, *args, **kwargs)
+
+    contexts.StaticInferenceContext = Recorded
+    try:
+        return call(), rows
+    finally:
+        contexts.StaticInferenceContext = original
+
+
 def checks(model):
     out = {}
     model.train()
@@ -178,8 +196,8 @@ def checks(model):
     out["sampled_a_again"] = run(model, cfg=SAMPLED, seed=11).completions
     out["sampled_b"] = run(model, cfg=SAMPLED, seed=12).completions
     out["sampled_full"] = run(model, cfg=SAMPLED, seed=11, kv=False).completions
-    in_turns = run(model, cfg=SAMPLED, seed=11, max_batch=3)  # 3 prompts, then the 4th
-    out["sampled_in_turns"] = (in_turns.completions, in_turns.num_generated_tokens)
+    in_turns, cache_rows = kv_cache_rows(lambda: run(model, cfg=SAMPLED, seed=11, max_batch=3))  # 3, then 1
+    out["sampled_in_turns"] = (in_turns.completions, in_turns.num_generated_tokens, cache_rows)
     # EOS: a token that prompt 0's greedy completion first produces at step 4 or later
     first = greedy.completions[0]
     eos = next(t for i, t in enumerate(first) if i >= 3 and t not in first[:i])
