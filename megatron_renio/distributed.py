@@ -227,7 +227,8 @@ def on_every_rank(fn: Callable[[], T]) -> T:
     return result
 
 
-def same_on_every_rank(load: Callable[[], T], digest: Callable[[T], str], what: str, remedy: str) -> T:
+def same_on_every_rank(load: Callable[[], T], digest: Callable[[T], str], what: str,
+                       remedy: str = "every rank must read the same files with the same tokenizer") -> T:
     """Collective: ``load()`` :func:`on_every_rank`, then check that every rank got the same: ``digest``
     of the result is compared across ranks (:func:`_check_ranks_agree`, naming ``what`` and ``remedy``)."""
     result = on_every_rank(load)

@@ -263,7 +263,7 @@ def run(cfg: SFTConfig) -> list[float]:
 
     tokenizer, examples = distributed.same_on_every_rank(
         load_data, lambda loaded: sha256_of(loaded[1].prompts, loaded[1].targets),
-        "the tokenised examples of --data-path", "every rank must read the same files with the same tokenizer")
+        "the tokenised examples of --data-path")
     if examples.skipped_too_long:
         log0(f"skipped {examples.skipped_too_long} examples longer than --seq-length {t.seq_length}")
     # refuses fewer examples than a batch before the model is built

@@ -210,8 +210,7 @@ def run(cfg: TrainConfig) -> dict:
         return tokenizer, prompts, prompts.fingerprint()
 
     tokenizer, prompts, data_fingerprint = distributed.same_on_every_rank(
-        load_data, lambda loaded: loaded[2], "the tokenised prompts of --data-path",
-        "every rank must read the same files with the same tokenizer")
+        load_data, lambda loaded: loaded[2], "the tokenised prompts of --data-path")
     log0(f"data: {len(prompts.student)} prompts from --data-path {' '.join(cfg.data_path)}")
     if prompts.skipped_too_long:
         log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")

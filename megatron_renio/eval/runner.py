@@ -418,7 +418,7 @@ def run(args: argparse.Namespace) -> dict | None:
                                  args.distributed_timeout_minutes)
     meta, sampling, tokenizer, benchmarks, seq_length, jobs, inputs_digest = distributed.same_on_every_rank(
         lambda: _read_inputs(args), lambda inputs: inputs[-1],
-        "the checkpoint's settings, the tokenizer and the benchmarks", "every rank must read the same files")
+        "the checkpoint's settings, the tokenizer and the benchmarks")
     model = _build_model(meta, parallel, "bf16" if args.bf16 else "fp32", seq_length, args.ckpt_fully_parallel_load)
 
     order = _spread_order(len(jobs))  # rows of the generation: positions in this order

@@ -329,8 +329,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
         return digest.hexdigest()
 
     student_source, teacher_source, padded_vocab, vocab, tokenizer, rows = distributed.same_on_every_rank(
-        read_inputs, rows_digest, "the tokenised rows of --data", "every rank must read the same files with the same "
-        "tokenizer")
+        read_inputs, rows_digest, "the tokenised rows of --data")
     student, student_info = C.build_model(student_source, cfg, padded_vocab)
     teacher, teacher_info = C.build_model(teacher_source, cfg, padded_vocab)
     freeze(student)
