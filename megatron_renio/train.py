@@ -191,8 +191,9 @@ def run(cfg: TrainConfig) -> dict:
                                                              "--student-load" if cfg.student_load else "--model"))
     teacher_origin = resume.teacher_origin(cfg, student_source, teacher_source)
 
-    def check_models():
-        """Every rank checks the same values alike: rank 0 alone prints a refusal."""
+    def check_models() -> tuple[int, int]:
+        """Every rank checks the same values alike (rank 0 alone prints a refusal); returns the paired
+        vocabulary (padded width, real size)."""
         if saved is not None:
             resume.check_resumed_settings(saved, cfg, teacher_origin)  # before any model is built
         for role, source in (("student", student_source), ("teacher", teacher_source)):
@@ -201,8 +202,9 @@ def run(cfg: TrainConfig) -> dict:
             C.note_untrained_positions(cfg.seq_length, role, source)
         C.check_recompute(cfg, student_source.preset)
         C.note_local_attention_memory(cfg, student_source.preset)
+        return C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)
 
-    distributed.on_every_rank(check_models)
+    padded_vocab, true_vocab = distributed.on_every_rank(check_models)
 
     def load_data():
         tokenizer = C.load_run_tokenizer(cfg, student_source, teacher_source)
@@ -232,8 +234,6 @@ def run(cfg: TrainConfig) -> dict:
         return sampler
 
     sampler = distributed.on_every_rank(data_sampler)
-    padded_vocab, true_vocab = distributed.on_every_rank(
-        lambda: C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset))
     # a resume loads the student's weights from its checkpoint: the initial ones are not read for it
     student, student_info = C.build_model(student_source, cfg, padded_vocab, load_weights=saved is None)
     teacher, teacher_info = C.build_teacher(cfg, student_source, teacher_source, student, padded_vocab,

@@ -59,11 +59,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
-from array import array
 from dataclasses import dataclass, field
 
 from megatron_renio.config import TrainConfig, _OneLineErrorParser, flag_name, path_arg
@@ -71,6 +69,7 @@ from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
 from megatron_renio.data import records
 from megatron_renio.data.records import RECORD_EXTENSIONS
+from megatron_renio.data.token_sequences import TokenSequences, sha256_of
 from megatron_renio.errors import UserInputError, about_flag
 from megatron_renio.entrypoint import run_command
 from megatron_renio.distributed import log0, on_rank0
@@ -321,12 +320,10 @@ def run(args: ScoreArgs) -> list[dict] | None:
             args.data, tokenizer, vocab, cfg.seq_length)
 
     def rows_digest(inputs) -> str:
-        """SHA-256 of every row's three id lists, each as its length and its ids (int64)."""
-        digest = hashlib.sha256()
-        for row in inputs[-1]:
-            for ids in (row.student_prompt, row.teacher_prompt, row.completion):
-                digest.update(len(ids).to_bytes(8, "little") + array("q", ids).tobytes())
-        return digest.hexdigest()
+        """The rows' student prompts, teacher prompts and completions, each as one store (:func:`sha256_of`)."""
+        rows = inputs[-1]
+        return sha256_of(*(TokenSequences(getattr(row, name) for row in rows)
+                           for name in ("student_prompt", "teacher_prompt", "completion")))
 
     student_source, teacher_source, padded_vocab, vocab, tokenizer, rows = distributed.same_on_every_rank(
         read_inputs, rows_digest, "the tokenised rows of --data")
