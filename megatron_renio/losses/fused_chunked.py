@@ -188,7 +188,12 @@ def _log_probs(z_block: torch.Tensor, inv_temp: float, row_max: torch.Tensor, lo
     of the LSE (on logits of spread 24, maxima near 100, D's error against float64 was up to 1.6x the
     fp32 tolerance).
     """
-    return _scaled(z_block, inv_temp, _max_shift(row_max, inv_temp), out).sub_(log_sum.unsqueeze(-1))
+    return _normalised(_scaled(z_block, inv_temp, _max_shift(row_max, inv_temp), out), log_sum)
+
+
+def _normalised(shifted: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+    """The log-probs ``shifted - log_sum`` (per row) in place, from ``shifted`` = z/T - M/T."""
+    return shifted.sub_(log_sum.unsqueeze(-1))
 
 
 def _block_log_probs(zs, zt, cells: Cells, block: _Block, plan: Plan, row_stats, scratch: _Scratch):
@@ -289,7 +294,7 @@ def chunked_forward(zs, zt, cells: Cells, blocks: list[_Block], col, plan: Plan,
             bad_rows[bs, ts] |= row_bad
         if fuse:  # without TP a block's statistics are final: finish it while it is in cache
             log_sums = stats[1::2, bs, ts].log_()
-            terms(block, [a.sub_(log_sum.unsqueeze(-1)) for a, log_sum in zip(shifted, log_sums)], scratch)
+            terms(block, [_normalised(a, log_sum) for a, log_sum in zip(shifted, log_sums)], scratch)
 
     for_each_block(blocks, first_sweep, workers)
     bad = (bad_rows if filled is None else bad_rows & filled).any()
