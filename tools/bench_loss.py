@@ -354,10 +354,12 @@ def run_single(args, device, dtype, memory):
                 print(f"{label:16s} {kind:11s} out of memory")
             else:
                 print(fmt_row(label, kind, *measured, ref=None if label == "reference" else ref))
-        if ref is not None and results["fused"] is not None:
-            speedups.append(ref[0] / results["fused"][0])
-            mem_ratios.append(results["fused"][1] / ref[1])
-        print(ratios_line(kind, results, floor_ms))
+        fused = results["fused"]
+        speedup = ref[0] / fused[0] if ref is not None and fused is not None else None
+        if speedup is not None:
+            speedups.append(speedup)
+            mem_ratios.append(fused[1] / ref[1])
+        print(ratios_line(kind, results, floor_ms, speedup))
         if kind == "jsd" and "liger(+lsm)" not in results:
             reason = "liger_kernel is not installed" if not liger_available() else "Liger-Kernel needs a GPU"
             print(f"{'liger(+lsm)':16s} jsd         skipped: {reason}")
@@ -365,15 +367,16 @@ def run_single(args, device, dtype, memory):
           f"memory_vs_reference={max(mem_ratios, default=math.nan):.3f}")
 
 
-def ratios_line(kind: str, results: dict, floor_ms: float) -> str:
-    """The fused path of one divergence kind: its time as a multiple of the floor's, its speedup over the
-    reference and over Liger-Kernel's JSD, from ``measure``'s results (None: out of memory)."""
+def ratios_line(kind: str, results: dict, floor_ms: float, speedup: float | None) -> str:
+    """The fused path of one divergence kind: its time as a multiple of the floor's, its ``speedup``
+    over the reference (None: one of them did not run) and over Liger-Kernel's JSD, from ``measure``'s
+    results (None: out of memory)."""
     fused = results["fused"]
     if fused is None:
         return f"ratios {kind}: the fused path ran out of memory"
     parts = [f"fused {fused[0]:.2f} ms = {fused[0] / floor_ms:.2f}x the floor"]
-    if results["reference"] is not None:
-        parts.append(f"speedup over the reference {results['reference'][0] / fused[0]:.2f}x")
+    if speedup is not None:
+        parts.append(f"speedup over the reference {speedup:.2f}x")
     if results.get("liger(+lsm)") is not None:
         parts.append(f"speedup over liger(+lsm) {results['liger(+lsm)'][0] / fused[0]:.2f}x")
     return f"ratios {kind}: " + "; ".join(parts)
