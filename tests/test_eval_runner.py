@@ -258,6 +258,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
     good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n{not json\n")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"problem": "a cat " * 200, "answer": "1"}) + "\n")
     load = ["--load", str(paths["student"])]
     cases = {
         "--bogus": [*load, "--benchmark", str(good), "--bogus"],
@@ -276,6 +278,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "unknown field preset": [*load, "--benchmark", f"nope={good}"],
         "two benchmarks are named": [*load, "--benchmark", str(good), str(good)],
         "--seq-length 8": [*load, "--benchmark", str(good), "--seq-length", "8"],
+        "room for a completion in the model's max_position_embeddings (the default --seq-length) 256":
+            [*load, "--benchmark", str(long)],
         "argument --tokenizer: must be a path, got '' (an unset shell variable?)":
             [*load, "--benchmark", str(good), "--tokenizer", ""],  # was: the checkpoint's tokenizer, silently
         "argument --summary: must be a path, got ''": [*load, "--benchmark", str(good), "--summary", ""],

@@ -345,7 +345,9 @@ class Job:
     prompt_ids: list
 
 
-def _jobs(benchmarks: list[Benchmark], tokenizer, samples: int, seq_length: int) -> list[Job]:
+def _jobs(benchmarks: list[Benchmark], tokenizer, samples: int, seq_length: int, length_source: str) -> list[Job]:
+    """One job per benchmark item and sample; ``length_source`` names where ``seq_length`` came from
+    (the flag, or the model's maximum positions) for the refusal of a prompt that fills it."""
     from megatron_renio.data.prompts import PromptRecord
     from megatron_renio.data.templates import build_prompt_ids
 
@@ -357,7 +359,7 @@ def _jobs(benchmarks: list[Benchmark], tokenizer, samples: int, seq_length: int)
             if len(ids) >= seq_length:
                 raise UserInputError(
                     f"benchmark {bench.name} item {item.id}: the prompt has {len(ids)} tokens, which leaves no "
-                    f"room for a completion in --seq-length {seq_length}"
+                    f"room for a completion in {length_source} {seq_length}"
                 )
             jobs += [Job(b, i, s, ids) for s in range(samples)]
     return jobs
@@ -523,7 +525,8 @@ def _read_inputs(args) -> tuple:
             f"the tokenizer ({tokenizer.vocab_size} ids) is larger than the model's vocabulary ({vocab})"
         )
     seq_length = args.seq_length or meta.preset.max_position_embeddings
-    jobs = _jobs(benchmarks, tokenizer, args.samples_per_problem, seq_length)
+    length_source = "--seq-length" if args.seq_length else "the model's max_position_embeddings (the default --seq-length)"
+    jobs = _jobs(benchmarks, tokenizer, args.samples_per_problem, seq_length, length_source)
     digest = _inputs_digest(args, sampling, tokenizer, benchmarks, seq_length, jobs)
     return meta, sampling, tokenizer, benchmarks, seq_length, jobs, digest
 
