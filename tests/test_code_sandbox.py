@@ -184,6 +184,36 @@ def test_the_task_limit_counts_threads_and_leaves_headroom(monkeypatch):
     assert code_sandbox._nproc_limit(1000) == 5 + 1 + 1 + TASK_HEADROOM
 
 
+_PRINT_LIMITS = ("import resource\n"
+                 "print([resource.getrlimit(getattr(resource, n)) for n in ('RLIMIT_AS', 'RLIMIT_CPU', "
+                 "'RLIMIT_FSIZE', 'RLIMIT_CORE')])")
+
+
+def test_runs_from_threads_each_get_their_own_limits(host_check):
+    """The child sets its limits itself (no ``preexec_fn``, unsafe in a multi-threaded parent): runs
+    started together from threads, with different limits, each report theirs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = [128, 192, 256, 320]
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        results = list(pool.map(lambda mb: run_python_tests(_PRINT_LIMITS, "", memory_mb=mb, timeout_s=20), sizes))
+    for mb, result in zip(sizes, results):
+        assert result.passed, result.stderr_tail
+        expected = [(mb << 20, mb << 20), (21, 22), (code_sandbox.MAX_FILE_BYTES,) * 2, (0, 0)]
+        assert eval(result.stdout_tail.strip()) == expected  # noqa: S307 - the child's own print of a list
+
+
+def test_limits_that_cannot_be_set_stop_the_child_before_the_program_runs(tmp_path):
+    (tmp_path / code_sandbox._SOLUTION_FILE).write_text("print('ran')\n")
+    (tmp_path / code_sandbox._TESTS_FILE).write_text("\n")
+    done = subprocess.run([sys.executable, "-I", "-B", code_sandbox.__file__, "RLIMIT_NOSUCH=1"], cwd=tmp_path,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert (done.returncode, done.stdout) == (code_sandbox._EXIT_LIMITS, "")
+    assert "RLIMIT_NOSUCH=1" in done.stderr
+    assert code_sandbox._classify_exit(done.returncode, done.stdout, "token")[1].startswith(
+        "the sandbox could not set its resource limits")
+
+
 _SANDBOX_RUN = (
     "import json, sys\n"
     "from megatron_renio.eval.code_sandbox import run_python_tests\n"

@@ -7,7 +7,9 @@
   directory on ``sys.path``; no bytecode written) in a fresh temporary directory as its working
   directory, with a minimal environment (``HOME`` and ``TMPDIR`` point at that directory), stdin
   at ``/dev/null``, in a new session and process group.
-* **Kernel limits** (set in ``preexec_fn``, never above the limits the caller already has):
+* **Kernel limits** (set by the child itself before it reads the program, never above the limits
+  the caller already has; not in a ``preexec_fn``, which can deadlock a child forked from a
+  multi-threaded process such as a trainer's, and would serialise concurrent runs):
   ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_CPU`` (``timeout_s`` rounded up, plus one second),
   ``RLIMIT_FSIZE`` (:data:`MAX_FILE_BYTES` per file), ``RLIMIT_CORE`` 0, and when not running as
   root ``RLIMIT_NPROC`` at the user's current number of tasks (threads, which the kernel counts
@@ -90,12 +92,14 @@ _PROGRAM_NAME = "solution"
 # Random bytes in the pass token (sent as a line of hex digits).
 _TOKEN_BYTES = 16
 # Exit codes the child uses to report its outcome (0 = passed, only together with the token).
-_EXIT_FAILED, _EXIT_ERROR, _EXIT_MEMORY, _EXIT_BLOCKED = 101, 102, 103, 104
+_EXIT_FAILED, _EXIT_ERROR, _EXIT_MEMORY, _EXIT_BLOCKED, _EXIT_LIMITS = 101, 102, 103, 104, 105
 _EXIT_STATUS = {
     _EXIT_FAILED: ("failed", "a test assertion failed"),
     _EXIT_ERROR: ("error", "the program raised an exception or called exit()"),
     _EXIT_MEMORY: ("memory", "MemoryError (address-space limit)"),
     _EXIT_BLOCKED: ("blocked", "the sandbox refused an operation"),
+    # not raised in the parent: a program could exit with this status itself
+    _EXIT_LIMITS: ("error", "the sandbox could not set its resource limits (see stderr); the program did not run"),
 }
 
 
@@ -134,30 +138,14 @@ def _nproc_limit(uid: int) -> int:
     return tasks + TASK_HEADROOM
 
 
-def _limit_setter(memory_mb: int, timeout_s: float):
-    """The ``preexec_fn`` that lowers the child's resource limits (see the module docstring)."""
-    import resource
-
-    cpu_s = math.ceil(timeout_s) + 1
-    limits = [
-        (resource.RLIMIT_AS, memory_mb << 20),
-        (resource.RLIMIT_CPU, cpu_s),
-        (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
-        (resource.RLIMIT_CORE, 0),
-    ]
+def _limit_args(memory_mb: int, timeout_s: float) -> list[str]:
+    """The child's resource limits (see the module docstring) as its command-line arguments
+    ``NAME=VALUE`` (:func:`_apply_limits` sets them)."""
+    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout_s) + 1,
+              "RLIMIT_FSIZE": MAX_FILE_BYTES, "RLIMIT_CORE": 0}
     if os.geteuid() != 0:
-        limits.append((resource.RLIMIT_NPROC, _nproc_limit(os.getuid())))
-
-    def apply() -> None:
-        for res, value in limits:
-            # The CPU hard limit one second above the soft one turns SIGXCPU into SIGKILL.
-            new_hard = value + 1 if res == resource.RLIMIT_CPU else value
-            _, hard = resource.getrlimit(res)
-            if hard != resource.RLIM_INFINITY:
-                value, new_hard = min(value, hard), min(new_hard, hard)
-            resource.setrlimit(res, (value, new_hard))
-
-    return apply
+        limits["RLIMIT_NPROC"] = _nproc_limit(os.getuid())
+    return [f"{name}={value}" for name, value in limits.items()]
 
 
 def _child_env(workdir: str) -> dict[str, str]:
@@ -247,14 +235,13 @@ def run_python_tests(
         token = secrets.token_hex(_TOKEN_BYTES)
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", os.path.abspath(__file__)],
+            [sys.executable, "-I", "-B", os.path.abspath(__file__), *_limit_args(memory_mb, timeout_s)],
             cwd=workdir,
             env=_child_env(workdir),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_limit_setter(memory_mb, timeout_s),
         )
         try:
             try:
@@ -560,8 +547,29 @@ def _install_guards(root: str, violations: list[str]) -> None:
             setattr(os, name, guarded)
 
 
+def _apply_limits(args: list[str]) -> None:
+    """Lower this process's resource limits to :func:`_limit_args`'s ``NAME=VALUE`` values, never above
+    the hard limits it has; the CPU hard limit one second above the soft one turns SIGXCPU into SIGKILL.
+    A limit that cannot be set (lowering one cannot fail on Linux) ends the child with
+    :data:`_EXIT_LIMITS` before the program runs."""
+    import resource
+
+    try:
+        for arg in args:
+            name, value = arg.split("=")
+            res, value = getattr(resource, name), int(value)
+            new_hard = value + 1 if res == resource.RLIMIT_CPU else value
+            _, hard = resource.getrlimit(res)
+            if hard != resource.RLIM_INFINITY:
+                value, new_hard = min(value, hard), min(new_hard, hard)
+            resource.setrlimit(res, (value, new_hard))
+    except (ValueError, AttributeError, OSError) as exc:
+        print(f"{arg}: {exc}", file=sys.stderr)
+        os._exit(_EXIT_LIMITS)
+
+
 def _child_main() -> None:
-    """Install the guards, run ``solution.py`` then ``tests.py`` (:data:`_PROGRAM_NAME`) and report through
+    """Set the limits (:func:`_apply_limits`), install the guards, run ``solution.py`` then ``tests.py`` (:data:`_PROGRAM_NAME`) and report through
     the exit status; when all ran, move the token line from the pipe it came on (stdin) to stdout after a
     newline.
 
@@ -571,6 +579,7 @@ def _child_main() -> None:
     """
     import traceback
 
+    _apply_limits(sys.argv[1:])
     token_fd = os.dup(0)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
