@@ -17,8 +17,10 @@ Bad input goes through ``main`` in this process: it fails before any process gro
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -518,3 +520,47 @@ def test_command_line_error_has_no_traceback(paths, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: benchmark file")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_batchs_code_items_are_graded_together_and_math_items_on_the_main_thread(monkeypatch):
+    """Code items wait together on one barrier (graded one at a time it would break after its timeout);
+    math items run on the calling thread (math_grader's SIGALRM bound). Records keep the batch order and
+    each item's grade."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_renio.eval import benchmarks as bench_module
+    from megatron_renio.eval.benchmarks import BenchmarkItem
+
+    items = [BenchmarkItem(f"c{i}", "code", "p", tests="t") for i in range(3)] + [BenchmarkItem("m", "math", "p", "1")]
+    bench = runner.Benchmark("mixed", items)
+    barrier = threading.Barrier(3, timeout=60)
+    threads = {}
+
+    def grade(item, text):
+        threads[item.id] = threading.current_thread()
+        if item.task == "code":
+            barrier.wait()
+        return text == f"right {item.id}"
+
+    monkeypatch.setattr(bench_module, "grade", grade)
+    completions = {"m": [9], "c0": [8, 2], "c1": [7], "c2": [6]}  # 2 is the stop id
+    decoded = {(1,): "prompt", (9,): "right m", (8, 2): "right c0", (7,): "wrong", (6,): "wrong"}
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: decoded[tuple(ids)], stop_ids=(2,))
+    jobs = [runner.Job(0, i, 0, [1]) for i in (3, 0, 1, 2)]
+    with ThreadPoolExecutor(4) as pool:
+        records = runner._graded_batch([bench], jobs, [completions[items[j.item].id] for j in jobs], tokenizer, pool)
+    assert [r["id"] for r in records] == ["m", "c0", "c1", "c2"]
+    assert [r["correct"] for r in records] == [True, True, False, False]
+    assert [r["finished"] for r in records] == [False, True, False, False]
+    assert threads["m"] is threading.main_thread()
+    assert len({threads[k] for k in ("c0", "c1", "c2")} - {threading.main_thread()}) == 3
+
+
+def test_grading_threads_share_the_cpus_among_the_nodes_ranks(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    for local_world_size, threads in (("8", 2), ("1", 16), ("32", 1), ("", 16)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+        assert runner.grading_threads() == threads
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert runner.grading_threads() == 16

@@ -52,7 +52,8 @@ Grading. Completions are decoded without special tokens and graded by
 :func:`~megatron_renio.eval.benchmarks.grade` (math: the last box, math-verify; code: the last
 fenced Python block, or the last one defining the entry point when there is one, in the sandbox)
 on the first rank of each replica, then gathered on rank 0 (over those ranks only:
-:func:`gather_to_rank0`).
+:func:`gather_to_rank0`). The code items of a batch are graded together on :func:`grading_threads`
+threads, each running one sandboxed child.
 
 Output (rank 0). Per benchmark: problems, samples per problem k, avg@k (the mean fraction of
 correct samples), pass@k (the unbiased estimator with n = k: the fraction of problems with a
@@ -87,6 +88,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -390,19 +392,36 @@ def _report(benchmarks: list[Benchmark], records: list[dict], samples: int) -> d
     return report
 
 
-def _graded(bench: Benchmark, job: Job, completion: list[int], tokenizer) -> dict:
-    """The output record of one generation, graded."""
+def _graded_batch(benchmarks: list[Benchmark], batch: list[Job], completions: list[list[int]], tokenizer,
+                  pool: ThreadPoolExecutor) -> list[dict]:
+    """The output records of one generation batch, graded, in order.
+
+    Code items are graded together on ``pool``'s threads, each waiting on its sandbox child (up to its
+    timeout: one at a time, a batch of looping programs would keep every rank of the replica waiting
+    that many times over); math items on this thread, where math_grader bounds an item with SIGALRM
+    (on another thread it would start a child process per item). Text is decoded here.
+    """
     from megatron_renio.eval.benchmarks import grade
 
-    item = bench.items[job.item]
-    text = tokenizer.decode(completion, skip_special_tokens=True)
-    return {
-        "benchmark": bench.name, "id": item.id, "sample": job.sample,
+    items = [benchmarks[job.benchmark].items[job.item] for job in batch]
+    texts = [tokenizer.decode(completion, skip_special_tokens=True) for completion in completions]
+    code = {k: pool.submit(grade, item, text) for k, (item, text) in enumerate(zip(items, texts))
+            if item.task != "math"}
+    correct = [code[k].result() if k in code else grade(item, text) for k, (item, text) in enumerate(zip(items, texts))]
+    return [{
+        "benchmark": benchmarks[job.benchmark].name, "id": item.id, "sample": job.sample,
         "prompt": tokenizer.decode(job.prompt_ids, skip_special_tokens=False), "answer": item.answer,
-        "completion": text, "correct": bool(grade(item, text)), "num_tokens": len(completion),
+        "completion": text, "correct": bool(right), "num_tokens": len(completion),
         "finished": bool(completion) and completion[-1] in tokenizer.stop_ids,
         "prompt_ids": job.prompt_ids, "completion_ids": completion,
-    }
+    } for job, item, text, right, completion in zip(batch, items, texts, correct, completions)]
+
+
+def grading_threads() -> int:
+    """Threads that grade code items together on a replica's grading rank: the CPUs this process may
+    use shared among the node's ranks (torchrun's ``LOCAL_WORLD_SIZE``), at least 1. Each runs one
+    sandboxed child at a time (at most one CPU second per wall second of its timeout)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -453,20 +472,20 @@ def run(args: argparse.Namespace) -> dict | None:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="eval", dynamic_ncols=True, file=sys.stderr)
-    for number, first in enumerate(batches, 1):
-        indices = order[first:min(first + args.batch_size, end)]
-        batch = [jobs[i] for i in indices]
-        result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
-                          true_vocab_size=meta.preset.vocab_size, seed=args.seed, max_sequence_length=seq_length,
-                          rows=(first, len(jobs)))
-        nonfinite |= result.nonfinite
-        if grader and not nonfinite:
-            graded = [(i, _graded(benchmarks[job.benchmark], job, completion, tokenizer))
-                      for i, job, completion in zip(indices, batch, result.completions)]
-            records += graded
-            if progress is not None:
-                progress.append(graded)
-        maybe_die("eval", number)
+    with ThreadPoolExecutor(grading_threads(), thread_name_prefix="grade") as pool:  # threads start on first use
+        for number, first in enumerate(batches, 1):
+            indices = order[first:min(first + args.batch_size, end)]
+            batch = [jobs[i] for i in indices]
+            result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
+                              true_vocab_size=meta.preset.vocab_size, seed=args.seed, max_sequence_length=seq_length,
+                              rows=(first, len(jobs)))
+            nonfinite |= result.nonfinite
+            if grader and not nonfinite:
+                graded = list(zip(indices, _graded_batch(benchmarks, batch, result.completions, tokenizer, pool)))
+                records += graded
+                if progress is not None:
+                    progress.append(graded)
+            maybe_die("eval", number)
     if progress is not None:
         progress.close()
     if distributed.any_rank(nonfinite, ctx.device):  # every replica refuses together
