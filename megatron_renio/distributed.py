@@ -115,13 +115,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def any_rank(flag, device) -> bool:
-    """Whether ``flag`` (a bool, or a bool tensor on ``device``) holds on some rank: one MAX all-reduce
-    over the world, so every rank takes the same branch (the flag itself without a process group)."""
-    value = torch.as_tensor(flag, device=device).float().reshape(1)
+def world_max(value, device) -> float:
+    """The largest ``value`` (a number or bool, or a one-element tensor on ``device``) over every rank:
+    one MAX all-reduce over the world in float64 (the value itself without a process group)."""
+    value = torch.as_tensor(value, device=device).double().reshape(1)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    return value.item()
+
+
+def any_rank(flag, device) -> bool:
+    """Whether ``flag`` (a bool, or a bool tensor on ``device``) holds on some rank (:func:`world_max`),
+    so every rank takes the same branch."""
+    return world_max(flag, device) > 0
 
 
 def _collective_device() -> torch.device:

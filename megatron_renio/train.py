@@ -26,7 +26,7 @@ from megatron_renio.entrypoint import run_command
 from megatron_renio.renio.weights import batch_mean_weight_bound
 from megatron_renio.training import resume, run_logs
 from megatron_renio.training.exit_conditions import ExitConditions
-from megatron_renio.training.faults import fault_spec, injected, maybe_die
+from megatron_renio.training.faults import SLOW_ROLLOUT_S, fault_spec, injected, maybe_die
 
 
 def _renio_notes(cfg: TrainConfig) -> list[str]:
@@ -109,7 +109,8 @@ def _step_counts(completions: list[list[int]], eos: list[int], limits: list[int]
     length, those cut at their limit (``--max-new-tokens``, or what the longer prompt leaves of
     ``--seq-length``) without a stop id, tokens generated, sequence positions
     computed by one model (padding included), and the model FLOPs of the replica's batch; and the
-    slowest replica's rollout time (the others wait for it at the step's first collective)."""
+    slowest replica's rollout time (the others wait for it here, the replicas' first collective after
+    their rollouts: the forward-backward timer starts after this)."""
     from megatron.core import parallel_state
 
     lengths = [len(c) for c in completions]
@@ -296,6 +297,8 @@ def run(cfg: TrainConfig) -> dict:
                                seed=cfg.seed * 1_000_003 + iteration, max_sequence_length=cfg.seq_length,
                                rows=(ctx.dp_rank * samples_per_rank, cfg.global_batch_size), limits=limits,
                                max_batch=cfg.rollout_batch_size or None)
+            if injected("slow-rollout", iteration + 1):
+                time.sleep(SLOW_ROLLOUT_S)
             t_rollout = time.perf_counter() - t0
             maybe_die("rollout", iteration + 1)
             if injected("nan-rollout", iteration + 1):
@@ -309,6 +312,17 @@ def run(cfg: TrainConfig) -> dict:
                 batch = batch.reordered(order)
                 records, completions = [records[i] for i in order], [completions[i] for i in order]
             micro = batch.micro_batches(cfg.micro_batch_size, pad_multiple(cfg))
+            # every sequence position of both models is computed (a micro-batch's padding included): 3
+            # student forwards' worth (forward and backward) and the teacher's forward per position; summed
+            # over the micro-batches and the replicas. Their all-reduce is where the replicas first meet
+            # after their rollouts: the forward-backward timer starts after it, not while a replica waits
+            # for the slowest rollout (time_rollout_s already counts that)
+            positions = sum(mb.student.tokens.numel() for mb in micro)
+            flops = sum(mb.student.tokens.numel() * (3 * C.forward_flops_per_position(student_info.preset, mb.seq_len)
+                                                     + C.forward_flops_per_position(teacher_info.preset, mb.seq_len))
+                        for mb in micro)
+            counts = _step_counts(rollout.completions, eos, limits, rollout.num_generated_tokens,
+                                  positions, flops, t_rollout, ctx.device)
             t1 = time.perf_counter()
             student_ddp.zero_grad_buffer()
             optimizer.zero_grad()
@@ -341,15 +355,6 @@ def run(cfg: TrainConfig) -> dict:
                                       completions, result.per_sample, tokenizer, prompts.answers, cfg)
 
             step_time = time.perf_counter() - t0
-            # every sequence position of both models is computed (a micro-batch's padding included): 3
-            # student forwards' worth (forward and backward) and the teacher's forward per position; summed
-            # over the micro-batches and the replicas
-            positions = sum(mb.student.tokens.numel() for mb in micro)
-            flops = sum(mb.student.tokens.numel() * (3 * C.forward_flops_per_position(student_info.preset, mb.seq_len)
-                                                     + C.forward_flops_per_position(teacher_info.preset, mb.seq_len))
-                        for mb in micro)
-            counts = _step_counts(rollout.completions, eos, limits, rollout.num_generated_tokens,
-                                  positions, flops, t_rollout, ctx.device)
             metrics = {
                 "loss": result.loss,
                 "skipped": not ok,
@@ -372,7 +377,8 @@ def run(cfg: TrainConfig) -> dict:
             if peak_flops:  # the model FLOPs of every replica over the peak of every rank
                 metrics["mfu"] = counts["flops"] / max(t_fwd_bwd, 1e-9) / (peak_flops * ctx.world_size)
             if torch.cuda.is_available():
-                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                # the fullest rank's (under PP the last stage holds the logits and the loss): world_max
+                metrics["peak_memory_gb"] = distributed.world_max(torch.cuda.max_memory_allocated() / 1e9, ctx.device)
             logger.log(iteration, metrics)  # every step, as Megatron-LM's TensorBoard; the console per --log-interval
             progress.update(iteration, {
                 "loss": f"{result.loss:.4g}", "grad norm": run_logs.norm_text(metrics["grad_norm"]),

@@ -376,6 +376,21 @@ def test_a_rollout_drawn_from_nonfinite_logits_on_one_replica_skips_the_step_eve
     assert [x["rollout_nonfinite"] for x in m] == [False, True, False] and m[1]["nonfinite"] == 0
 
 
+def test_a_replica_waiting_for_a_slower_rollout_does_not_count_the_wait_as_forward_backward(workdir):
+    """DP=2: rank 1's first rollout takes SLOW_ROLLOUT_S longer. Rank 0 waits for it before its
+    forward-backward timer starts: time_rollout_s (the slowest replica's) holds the wait, and the phases
+    fit in the step (counted in forward-backward too, the throughput and MFU came out several times too low)."""
+    from megatron_renio.training.faults import SLOW_ROLLOUT_S
+
+    path = workdir / "slow_rollout.jsonl"
+    train(base_args(workdir, **{"--train-iters": 2, "--metrics-file": path}), nproc=2, fault="slow-rollout:1:1")
+    m = read_jsonl(path)
+    assert m[0]["time_rollout_s"] >= SLOW_ROLLOUT_S > m[1]["time_rollout_s"]
+    for x in m:
+        phases = x["time_rollout_s"] + x["time_forward_backward_s"] + x["time_optimizer_s"]
+        assert phases <= x["time_step_s"] + 0.5, x
+
+
 def test_nonfinite_step_is_skipped_and_weights_unchanged(workdir):
     save = workdir / "nonfinite"
     path = workdir / "nonfinite.jsonl"
@@ -430,7 +445,7 @@ def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkey
         monkeypatch.setenv("MEGATRON_RENIO_FAULT", spec)
         with pytest.raises(UserInputError, match=f"^MEGATRON_RENIO_FAULT={spec}: expected <fault>:<iteration>"
                                                  r"\[:<rank>\], the fault one of rollout, backward, checkpoint, "
-                                                 "eval, nan-logits, nan-grad, nan-rollout$"):
+                                                 "eval, nan-logits, nan-grad, nan-rollout, slow-rollout$"):
             injected("nan-logits", 2)
     proc = train(base_args(workdir, **{"--save": workdir / "save_of_a_refused_run"}), check=False, fault="nan-logits")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

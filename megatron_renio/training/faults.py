@@ -8,7 +8,9 @@ of :data:`FATAL` (the process kills itself with SIGKILL when it reaches that poi
 cleanup, like an out-of-memory kill or a node loss) or :data:`NONFINITE` (``nan-logits``: the
 student's logits of the step are NaN; ``nan-grad``: one entry of the reduced student gradient is
 NaN behind a finite loss; ``nan-rollout``: the step's rollout reports a token drawn from non-finite
-logits, behind a finite loss). Unset, each point costs one dictionary lookup.
+logits, behind a finite loss) or :data:`SLOW` (``slow-rollout``: the rollout takes
+:data:`SLOW_ROLLOUT_S` seconds longer, as on a replica whose completions run long). Unset, each point
+costs one dictionary lookup.
 """
 
 import os
@@ -19,16 +21,19 @@ from megatron_renio.errors import UserInputError
 
 FATAL = ("rollout", "backward", "checkpoint", "eval")
 NONFINITE = ("nan-logits", "nan-grad", "nan-rollout")
+SLOW = ("slow-rollout",)
+#: The delay of ``slow-rollout``.
+SLOW_ROLLOUT_S = 3.0
 
 
 def fault_spec() -> str | None:
     """The value of ``MEGATRON_RENIO_FAULT`` (None: unset); a value of another form, or naming no known
     fault, is a :class:`UserInputError` (the trainer checks it at start-up)."""
     spec = os.environ.get("MEGATRON_RENIO_FAULT")
-    if spec is not None and (spec.split(":")[0] not in FATAL + NONFINITE
+    if spec is not None and (spec.split(":")[0] not in FATAL + NONFINITE + SLOW
                              or not re.fullmatch(r"[\w-]+:[1-9]\d*(:\d+)?", spec)):
         raise UserInputError(f"MEGATRON_RENIO_FAULT={spec}: expected <fault>:<iteration>[:<rank>], the fault one "
-                             f"of {', '.join(FATAL + NONFINITE)}")
+                             f"of {', '.join(FATAL + NONFINITE + SLOW)}")
     return spec
 
 
