@@ -8,7 +8,9 @@ refused), picks NCCL when CUDA is present and gloo plus
 groups (virtual pipeline off; DP = world / (TP x PP)) and seeds every generator the way
 Megatron-LM does. Layout errors are reported as one-line :class:`UserInputError`, once the ranks
 have met and agreed on the configuration (so that rank 0 alone prints them), before Megatron's
-groups are built.
+groups are built. Before ``init_process_group`` every rank checks in at the rendezvous store
+(:func:`check_in`), where a rank that failed earlier posts its error (:func:`report_failed_start`),
+so that no node waits for a rank that will never join.
 """
 
 from __future__ import annotations
@@ -154,15 +156,22 @@ def raise_if_any_rank(error: Exception | None) -> None:
     source = int(first.item())
     if source == world:
         return
-    payload = [(isinstance(error, UserInputError), f"{type(error).__name__}: {error}", str(error))] \
-        if dist.get_rank() == source else [None]
+    payload = [_described(error)] if dist.get_rank() == source else [None]
     dist.broadcast_object_list(payload, src=source)
     if dist.get_rank() == source:
         raise error
-    user, described, message = payload[0]
-    if user:
-        raise UserInputError(message, reported_by=source)
-    raise RankFailure(source, described)
+    raise _copy_of(source, *payload[0])
+
+
+def _described(error: Exception) -> tuple[bool, str, str]:
+    """What other ranks need to raise a copy of ``error`` (:func:`_copy_of`)."""
+    return isinstance(error, UserInputError), f"{type(error).__name__}: {error}", str(error)
+
+
+def _copy_of(source: int, user: bool, described: str, message: str) -> Exception:
+    """Rank ``source``'s error (:func:`_described`) as another rank raises it: a :class:`UserInputError`
+    with its message, or :class:`RankFailure`, reported by ``source``."""
+    return UserInputError(message, reported_by=source) if user else RankFailure(source, described)
 
 
 def on_rank0(fn):
@@ -285,21 +294,85 @@ def select_backend(local_rank: int = 0) -> tuple[str, torch.device]:
 _BACKEND_PLACES = {"nccl": "a GPU (NCCL)", "gloo": "the CPU (gloo: no GPU visible)"}
 
 
-def check_backend_agrees(store, rank: int, backend: str) -> None:
-    """Every rank's backend must be rank 0's, which rank 0 publishes in ``store``; each other rank
-    reads it once (so a world of N ranks makes N store calls). A node whose GPUs are not visible
-    (a driver fault, an empty ``CUDA_VISIBLE_DEVICES``) would otherwise join on gloo while the others
-    use NCCL, and the job would hang until the timeout."""
+#: How long a rank whose command failed before its process groups existed waits for the other ranks
+#: to read its error (:func:`report_failed_start`); the job stops either way.
+FAILED_START_WAIT = timedelta(minutes=5)
+_checked_in = False  # this process took part in a start-up check-in since its last destroy()
+
+
+def check_in(store, rank: int, world_size: int, backend: str | None, error: Exception | None) -> None:
+    """The start-up check-in of every rank through the rendezvous ``store``, before
+    ``init_process_group``: a rank that failed before it (a flag, a config file, a missing GPU) posts
+    its ``error`` and every rank raises together, as :func:`raise_if_any_rank` makes them do once the
+    process groups exist. Without it the other ranks wait in ``init_process_group`` until the
+    timeout: torchrun stops the ranks of the failing rank's node, nothing stops the other nodes'.
+
+    Rank 0 publishes its ``backend`` (None: it failed before choosing one); every other rank compares
+    its own, and a mismatch is its error: a node whose GPUs are not visible (a driver fault, an empty
+    ``CUDA_VISIBLE_DEVICES``) would join on gloo while the others use NCCL. The first error posted is
+    kept. Every rank then counts in, and once all have, reads it, counts out (rank 0 may host the
+    store, so no rank leaves before every rank has read) and raises: its own error, or a copy reported
+    by the rank that posted it (:func:`_copy_of`). A constant number of store calls per rank. A rank
+    that never checks in stops the others at the store's timeout, with one line."""
+    global _checked_in
+    _checked_in = True
+    own = torch.distributed.PrefixStore("megatron_renio/startup", store)
     if rank == 0:
-        store.set("backend_of_rank_0", backend)
+        own.set("backend_of_rank_0", backend or "")
+    elif error is None:
+        first = own.get("backend_of_rank_0").decode()
+        if first and first != backend:
+            error = UserInputError(
+                f"rank {rank} runs on {_BACKEND_PLACES.get(backend, backend)}, rank 0 on "
+                f"{_BACKEND_PLACES.get(first, first)}: every rank needs a GPU, or none does (check this node's "
+                "CUDA_VISIBLE_DEVICES and driver)")
+    if error is not None:
+        own.compare_set("failure", "", json.dumps([rank, *_described(error)]))
+    _all_reach(own, "checked_in", world_size)
+    if not own.check(["failure"]):
         return
-    first = store.get("backend_of_rank_0").decode()
-    if first != backend:
-        raise UserInputError(
-            f"rank {rank} runs on {_BACKEND_PLACES.get(backend, backend)}, rank 0 on "
-            f"{_BACKEND_PLACES.get(first, first)}: every rank needs a GPU, or none does (check this node's "
-            "CUDA_VISIBLE_DEVICES and driver)"
-        )
+    source, *described = json.loads(own.get("failure"))
+    _all_reach(own, "read_the_failure", world_size)
+    raise error if error is not None else _copy_of(source, *described)
+
+
+def _all_reach(store, point: str, world_size: int) -> None:
+    """Count this rank at ``point`` and wait until every rank has reached it (the last one to arrive
+    says so); a store timeout is one line naming how many ranks did."""
+    if store.add(point, 1) == world_size:
+        store.set(f"all_{point}", "")
+    try:
+        store.wait([f"all_{point}"])
+    except torch.distributed.DistStoreError:
+        raise UserInputError(f"only {store.add(point, 0)} of {world_size} ranks reached the start-up check-in within "
+                             "the timeout: a rank did not start or died before it (its log says why), or the launch "
+                             "counts more ranks than it started") from None
+
+
+def report_failed_start(error: Exception) -> None:
+    """A rank whose command failed with ``error`` before its process groups existed, in a launch of
+    several ranks: take part in the start-up check-in with it (:func:`check_in`), so that every other
+    rank stops with it instead of waiting until the timeout; wait at most :data:`FAILED_START_WAIT`.
+    Nothing for a world of one, a rank that already checked in, or launcher variables that reach no
+    store (their own error is the one to print): the caller reports ``error`` either way."""
+    import contextlib
+
+    rank, world_size = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
+    if _checked_in or torch.distributed.is_initialized() or not (rank.isdigit() and world_size.isdigit()):
+        return
+    rank, world_size = int(rank), int(world_size)
+    if not 0 <= rank < world_size or world_size == 1:
+        return
+    with contextlib.suppress(Exception):  # the check-in raises this rank's error; a store fault leaves it as it is
+        _check_rendezvous_address()
+        check_in(_rendezvous_store(rank, world_size, FAILED_START_WAIT), rank, world_size, None, error)
+
+
+def _rendezvous_store(rank: int, world_size: int, timeout: timedelta):
+    """The store of torchrun's rendezvous (``env://``), as ``init_process_group`` would make it."""
+    store, _, _ = next(torch.distributed.rendezvous("env://", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return store
 
 
 # Launchers that start one process per task without torchrun's variables: (variable, launcher).
@@ -372,10 +445,9 @@ def initialize(
             # One process needs no rendezvous: an in-process store, whatever MASTER_ADDR the shell exports
             # and whether or not torchrun started it (its workers only connect to the agent's store).
             store = torch.distributed.HashStore()
-        else:  # the rendezvous init_process_group would make, with the backend check before it
-            store, _, _ = next(torch.distributed.rendezvous("env://", rank, world_size, timeout=timeout))
-            store.set_timeout(timeout)
-            check_backend_agrees(torch.distributed.PrefixStore("megatron_renio", store), rank, backend)
+        else:  # the rendezvous init_process_group would make, with the start-up check-in before it
+            store = _rendezvous_store(rank, world_size, timeout)
+            check_in(store, rank, world_size, backend, None)
             store = torch.distributed.PrefixStore("default_pg", store)
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                              store=store)
@@ -412,7 +484,9 @@ def destroy() -> None:
     backend's patches, so that code running later in the process sees torch as it is."""
     from megatron.core import parallel_state
 
+    global _checked_in
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _checked_in = False
     cpu_backend.deactivate()

@@ -74,7 +74,12 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
         if not debug:
             warnings.filterwarnings("ignore", module=_QUIET_MODULES)
         run(parsed)
-    except (UserInputError, RankFailure) as e:
+    except Exception as e:
+        from megatron_renio import distributed
+
+        distributed.report_failed_start(e)  # before the process groups: the other nodes' ranks stop too
+        if not isinstance(e, (UserInputError, RankFailure)):
+            raise
         rank = _env_rank("RANK")
         source = rank if e.reported_by is None else e.reported_by
         if isinstance(e, RankFailure):

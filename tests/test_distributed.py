@@ -162,6 +162,58 @@ def test_a_rank_on_another_backend_is_one_line_not_a_hang(tmp_path):
             "or none does (check this node's CUDA_VISIBLE_DEVICES and driver)") in out.stderr
 
 
+_FAILS_BEFORE_THE_GROUPS = (
+    "import os, sys\nfrom megatron_renio import distributed, entrypoint\nfrom megatron_renio.errors import UserInputError\n"
+    "def parse(argv):\n"
+    "    if os.environ['RANK'] == os.environ['FAILING_RANK']:\n"
+    "        raise (UserInputError if os.environ['FAILURE'] == 'flag' else RuntimeError)('argument --lr: not a number')\n"
+    "raise SystemExit(entrypoint.run_command(parse, lambda _: distributed.initialize(distributed.ParallelConfig(), "
+    "timeout_minutes=10), []))\n"
+)
+
+
+@pytest.mark.parametrize("launch, failing_rank, failure", [("two_nodes", 1, "flag"), ("two_nodes", 0, "bug"),
+                                                           ("without_torchrun", 0, "flag")])
+def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, launch, failing_rank, failure):
+    """One node's rank fails before the process groups exist (a flag, a config file only that node
+    lacks): the other node's rank, which torchrun does not stop, stops within seconds with one line
+    naming the rank, not at the 10-minute timeout. Two torchrun agents of one process each joining one
+    c10d rendezvous, as two nodes do; and two plain processes whose rank 0 hosts the store and leaves
+    only after the other has read its error."""
+    from tests.torchrun_harness import free_port, subprocess_env
+
+    script = tmp_path / "fails.py"
+    script.write_text(_FAILS_BEFORE_THE_GROUPS)
+    env = {**subprocess_env(), "FAILING_RANK": str(failing_rank), "FAILURE": failure}
+    port = free_port()
+    if launch == "two_nodes":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=renio-test", str(script)]
+        procs = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    else:
+        procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    started = time.monotonic()
+    outputs = [p.communicate(timeout=300) for p in procs]  # a hang would last the 10-minute timeout
+    stderr = "\n".join(err for _, err in outputs)
+    assert time.monotonic() - started < 120, stderr[-3000:]
+    # torchrun exits 1 whatever its worker's status (and an agent may trace the other's leaving)
+    expected = [1, 1] if launch == "two_nodes" else [2 if failure == "flag" else 1] * 2
+    assert [p.returncode for p in procs] == expected, stderr[-3000:]
+    if failure == "flag":  # the failing node's rank prints it; rank 0 prints the copy when another rank failed
+        assert stderr.count("argument --lr: not a number") == 1 + (failing_rank != 0), stderr[-3000:]
+        if failing_rank != 0:
+            assert "error (rank 1): argument --lr: not a number" in stderr
+    else:
+        assert "error: rank 0 failed: RuntimeError: argument --lr: not a number (its traceback is in rank 0's log)" \
+            not in stderr  # rank 0 failed itself: its own traceback, no copy of it
+        assert "RuntimeError: argument --lr: not a number" in stderr and "Traceback" in stderr
+    assert "DistStoreError" not in stderr  # no store timeout
+
+
 def test_several_processes_without_a_rendezvous_are_one_line_and_leave_torch_unpatched():
     out = _start({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"},
                  "code = entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
