@@ -140,6 +140,10 @@ class CPURNGStatesTracker:
         return dict(self.states_)
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Take ``states`` (:meth:`get_states`'s); each must be a CPU generator's state, checked here
+        (RuntimeError) rather than at the first ``fork`` in the middle of a run."""
+        for state in states.values():
+            torch.Generator().set_state(state)
         self._is_initialized = True
         self.states_ = dict(states)
 

@@ -33,6 +33,9 @@ DAMAGES = [
     ("rng/rank_00000.pt", "garbage", True, UNREADABLE),
     ("rng/rank_00000.pt", "list", True, "holds no RNG states ("),
     ("rng/rank_00000.pt", "short_state", True, "holds no RNG states (RuntimeError"),  # torch's size check
+    # the tracker's states in a CUDA generator's format in a CPU run's file: refused at the load, not at the
+    # first dropout of the run
+    ("rng/rank_00000.pt", "tracker_state", True, "holds no RNG states (RuntimeError"),
 ]
 
 
@@ -175,6 +178,9 @@ def _damage(path, how):
     elif how == "short_state":  # the RNG file's layout, with a torch generator state of the wrong size
         state = torch.load(path, weights_only=False)
         torch.save({**state, "torch": torch.zeros(10, dtype=torch.uint8)}, path)
+    elif how == "tracker_state":  # the model-parallel tracker's states as a CUDA generator's (16 bytes)
+        state = torch.load(path, weights_only=False)
+        torch.save({**state, "tracker": {k: torch.zeros(16, dtype=torch.uint8) for k in state["tracker"]}}, path)
     else:  # a readable pickle of something else
         torch.save([1, 2], path)
 
@@ -222,6 +228,30 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(saved_run, tmp_path, mo
         _resume(run, build)
     assert str(caught.value).startswith(f"{target if names_file else target.parent}: {says}"), caught.value
     assert (caught.value in agreed) == (name != "train_state.pt")
+
+
+def test_rng_states_saved_on_a_gpu_resume_on_the_cpu_with_a_note(saved_run, tmp_path, capsys):
+    """A GPU run's RNG file (a CUDA state, the tracker's in a CUDA generator's format) resumed on the
+    CPU: the Python, NumPy and torch CPU generators are restored, the tracker keeps its seeded states,
+    and a note says so (the tracker's states were another device's format: the run would fail later)."""
+    import random
+
+    from megatron.core import tensor_parallel
+
+    root, build = saved_run
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    rng_file = run / "iter_0000001" / "rng" / "rank_00000.pt"
+    state = torch.load(rng_file, weights_only=False)
+    torch.save({**state, "cuda": torch.zeros(16, dtype=torch.uint8),
+                "tracker": {k: torch.zeros(16, dtype=torch.uint8) for k in state["tracker"]}}, rng_file)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    seeded = {k: v.clone() for k, v in tracker.get_states().items()}
+    _resume(run, build)
+    assert random.getstate() == state["python"] and torch.equal(torch.get_rng_state(), state["torch"])
+    assert all(torch.equal(seeded[k], v) for k, v in tracker.get_states().items())
+    assert f"note: {rng_file} was saved on a GPU and this run is on the CPU: the model-parallel RNG states " \
+           "start from --seed instead" in capsys.readouterr().out
 
 
 def test_a_metrics_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):

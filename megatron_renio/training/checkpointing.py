@@ -86,13 +86,24 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, where: Path) -> None:
+    """Restore :func:`_rng_state`'s states from file ``where``. States saved on the other kind of device
+    (a CPU run's file resumed on GPUs, or the reverse; a CPU run saves no CUDA state) keep only the
+    Python, NumPy and torch CPU generators: the model-parallel tracker's states are the other device's
+    generator format (the tracker keeps the seeded ones, with a note: dropout draws then differ from an
+    uninterrupted run)."""
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if (state["cuda"] is not None) != torch.cuda.is_available():
+        if torch.distributed.get_rank() == 0:
+            saved, here = ("a GPU", "the CPU") if state["cuda"] is not None else ("the CPU", "a GPU")
+            print(f"note: {where} was saved on {saved} and this run is on {here}: the model-parallel RNG states "
+                  "start from --seed instead (dropout draws differ from an uninterrupted run)", flush=True)
+        return
+    if state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -291,7 +302,7 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     error = None
     if rank_file.is_file():
         try:
-            _set_rng_state(_load_file(rank_file))
+            _set_rng_state(_load_file(rank_file), rank_file)
         except UserInputError as e:
             error = e
         except Exception as e:  # a readable file without the states _rng_state saves (a state of the wrong
