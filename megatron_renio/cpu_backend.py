@@ -21,7 +21,8 @@ The patches, each with the Megatron-Core files that need it:
    ``optimizer/clip_grads.py`` (``found_inf``, norms), ``transformer/utils.py`` (attention masks),
    ``dist_checkpointing/exchange_utils.py``. The same wrappers drop ``pin_memory`` (pinning needs an
    accelerator, and a CPU tensor is already in host memory): ``utils.py`` (packed-sequence
-   ``cu_seqlens``) and ``models/common/embeddings/rope_utils.py`` ask for pinned buffers. Patching the factory functions works in every thread
+   ``cu_seqlens``) and ``models/common/embeddings/rope_utils.py`` (context parallelism) ask for
+   pinned buffers; the project runs neither path today, the wrappers keep them runnable. Patching the factory functions works in every thread
    (a ``TorchFunctionMode`` would only cover the thread that entered it). torch's default-device
    context (``with torch.device("meta")``, which transformers' ``from_pretrained`` builds models
    under) recognises factories by identity in a cached set, so that set is filled with the original
@@ -29,7 +30,8 @@ The patches, each with the Megatron-Core files that need it:
    in the same process would get some buffers (RoPE's ``inv_freq``) on the wrong device, left
    uninitialised.
 4. ``Tensor.cuda()`` returns the tensor itself: ``optimizer/optimizer.py``,
-   ``optimizer/distrib_optimizer.py``, ``dist_checkpointing/exchange_utils.py``.
+   ``optimizer/distrib_optimizer.py``, ``dist_checkpointing/exchange_utils.py`` and
+   ``models/common/language_module/language_module.py`` (tied embeddings under pipeline parallelism).
 5. ``Tensor.type()`` without arguments reports the ``torch.cuda.*Tensor`` name that
    ``optimizer/clip_grads.py`` and ``optimizer/distrib_optimizer.py`` compare against.
 6. The model-parallel RNG tracker (``tensor_parallel/random.py``) keeps and forks *CPU* generator
