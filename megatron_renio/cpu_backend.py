@@ -115,6 +115,14 @@ def _tensor_type(self, *args, **kwargs):
 
 
 def _patch(owner, name, replacement) -> None:
+    """Set ``owner.name`` to ``replacement``, keeping the original for :func:`deactivate`. A name the
+    installed torch or Megatron-Core lacks is an error naming it (the patches target Megatron-Core
+    0.16.x), not a patch that silently does nothing."""
+    if not hasattr(owner, name):
+        from megatron.core import __version__
+
+        raise RuntimeError(f"CPU backend: {getattr(owner, '__name__', owner)}.{name} does not exist in this "
+                           f"torch {torch.__version__} / megatron-core {__version__}; it targets megatron-core 0.16.x")
     _ORIGINALS[(owner, name)] = getattr(owner, name)
     setattr(owner, name, replacement)
 
@@ -174,8 +182,8 @@ class CPURNGStatesTracker:
 def _install_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
-    mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
-    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _patch(mp_random, "_CUDA_RNG_STATE_TRACKER", CPURNGStatesTracker())
+    _patch(mp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
     _patch(mp_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8))
     _patch(mp_random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
 
@@ -211,9 +219,4 @@ def deactivate() -> None:
     for (owner, name), original in reversed(list(_ORIGINALS.items())):
         setattr(owner, name, original)
     _ORIGINALS.clear()
-    if _ACTIVE:
-        from megatron.core.tensor_parallel import random as mp_random
-
-        mp_random._CUDA_RNG_STATE_TRACKER = None
-        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
     _ACTIVE = False

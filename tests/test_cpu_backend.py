@@ -63,6 +63,25 @@ def test_activation_redirects_cuda_allocations_and_is_reversible():
     assert torch.zeros is original_zeros and not cpu_backend.is_active()
 
 
+def test_a_patch_target_missing_from_megatron_is_an_error_naming_it_and_nothing_stays_patched(monkeypatch):
+    """Another Megatron-Core without a patched name: activation stops with its name and the version it
+    targets, and deactivate() restores what was patched before it (the tracker globals included)."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    from megatron_renio import cpu_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is about a machine without CUDA")
+    monkeypatch.delattr(mp_random, "_set_cuda_rng_state")
+    tracker, original_zeros = mp_random._CUDA_RNG_STATE_TRACKER, torch.zeros
+    with pytest.raises(RuntimeError, match=r"^CPU backend: megatron\.core\.tensor_parallel\.random\._set_cuda_rng_state "
+                                           r"does not exist in this torch .* megatron-core .*; it targets megatron-core 0\.16\.x$"):
+        cpu_backend.activate()
+    assert mp_random._CUDA_RNG_STATE_TRACKER is not tracker  # patched before the missing name
+    cpu_backend.deactivate()
+    assert mp_random._CUDA_RNG_STATE_TRACKER is tracker and torch.zeros is original_zeros
+
+
 @pytest.mark.parametrize("granularity, method", [("full", "uniform"), ("full", "block"), ("selective", "uniform")])
 def test_activation_recompute_gives_the_same_outputs_and_gradients(granularity, method):
     """--recompute-granularity runs Megatron's CheckpointFunction, which saves and restores the RNG
