@@ -148,8 +148,9 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_renio.rollout.sampling import SamplingConfig
     from megatron_renio.training import components as C
     from megatron_renio.output_paths import check_every_rank_sees, check_shared_folder
-    from megatron_renio.training.checkpointing import (iteration_dir, load_training_checkpoint, read_train_state,
-                                                       save_training_checkpoint, wait_for_pruning)
+    from megatron_renio.training.checkpointing import (DP_RESHARDABLE, iteration_dir, load_training_checkpoint,
+                                                       read_train_state, save_training_checkpoint, saved_sharding,
+                                                       wait_for_pruning)
     from megatron_renio.training.ema import EmaTeacher
     from megatron_renio.training.paired import PairedModel
     from megatron_renio.training.step import DistillationStep
@@ -274,9 +275,33 @@ def run(cfg: TrainConfig) -> dict:
     logger = run_logs.MetricsLogger(cfg, resumed_at=iteration if restarts else None, replaces_run=replaces_run)
     progress = run_logs.ConsoleProgress("train", cfg.train_iters, iteration, cfg.log_interval)
     first_iteration = iteration
+
+    def save():
+        nonlocal replaces_run
+        save_training_checkpoint(
+            cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer, teacher=ema,
+            tokenizer_dir=cfg.tokenizer or student_source.tokenizer_dir,  # the one it trained with, as sft
+            generation_config=student_source.generation_config,  # the model's own, also with --tokenizer
+            keep_last=1 if replaces_run else cfg.keep_last,
+            fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
+            train_state={"iteration": iteration, "skipped_total": skipped_total,
+                         "skipped_in_a_row": skipped_in_a_row, "mode": cfg.mode,
+                         "teacher": cfg.teacher, "sampler": sampler.state_dict(),
+                         "normalizer": resume.gather_normalizer_states(normalizer.state_dict()),
+                         "scheduler": scheduler.state_dict(), "bf16": cfg.bf16,
+                         "adam": {key: getattr(cfg, key) for key in ("adam_beta1", "adam_beta2", "adam_eps")},
+                         "teacher_origin": teacher_origin},
+        )
+        replaces_run = False
+
     if iteration >= cfg.train_iters:
+        converts = (cfg.save and cfg.dist_ckpt_optim_fully_reshardable
+                    and saved_sharding(saved) == DP_RESHARDABLE)
+        if converts:  # what the refusal of another layout asks for: this checkpoint in the format any layout loads
+            save()
         log0(f"the run is at iteration {iteration} of --train-iters {cfg.train_iters}: nothing to train "
-             "(raise --train-iters to go on)")
+             + (f"(saved again with --dist-ckpt-optim-fully-reshardable in {iteration_dir(cfg.save, iteration)}, "
+                "which any layout loads)" if converts else "(raise --train-iters to go on)"))
     eos = tokenizer.stop_ids
     metrics: dict = {}
     peak_flops = C.peak_flops(cfg)
@@ -390,22 +415,7 @@ def run(cfg: TrainConfig) -> dict:
             exit_reason = exits.should_exit(iteration, ctx.device)
             due = iteration == cfg.train_iters or (cfg.save_interval and iteration % cfg.save_interval == 0)
             if cfg.save and (due or exit_reason):
-                save_training_checkpoint(
-                    cfg.save, iteration, student=student, student_info=student_info, optimizer=optimizer,
-                    teacher=ema,
-                    tokenizer_dir=cfg.tokenizer or student_source.tokenizer_dir,  # the one it trained with, as sft
-                    generation_config=student_source.generation_config,  # the model's own, also with --tokenizer
-                    keep_last=1 if replaces_run else cfg.keep_last,
-                    fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
-                    train_state={"iteration": iteration, "skipped_total": skipped_total,
-                                 "skipped_in_a_row": skipped_in_a_row, "mode": cfg.mode,
-                                 "teacher": cfg.teacher, "sampler": sampler.state_dict(),
-                                 "normalizer": resume.gather_normalizer_states(normalizer.state_dict()),
-                                 "scheduler": scheduler.state_dict(), "bf16": cfg.bf16,
-                                 "adam": {key: getattr(cfg, key) for key in ("adam_beta1", "adam_beta2", "adam_eps")},
-                                 "teacher_origin": teacher_origin},
-                )
-                replaces_run = False
+                save()
             if exit_reason:
                 log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))
                 break

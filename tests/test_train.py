@@ -216,12 +216,21 @@ def test_the_default_optimizer_format_resumes_at_another_dp_size_only(workdir):
         f"--load {save}: its distributed optimizer state was saved without --dist-ckpt-optim-fully-reshardable "
         "(Megatron's dp_reshardable format), which loads only at the TP/PP it was saved at: resume with "
         "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 (any DP size); to change the layout, resume "
-        "there once with --dist-ckpt-optim-fully-reshardable and save, which any layout loads") == 1  # by rank 0 only
+        "it once at the layout it was saved at with --dist-ckpt-optim-fully-reshardable (a finished run then saves its "
+        "checkpoint again, one that has iterations left at its next save), which any layout loads") == 1  # rank 0 only
     train(base_args(workdir, **common, **{"--load": save, "--metrics-file": resumed}), nproc=1)
     a, b = read_jsonl(straight), read_jsonl(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert (y["loss"], y["grad_norm"]) == pytest.approx((x["loss"], x["grad_norm"]), rel=1e-4), y["step"]
+    # as the refusal says: the checkpoint of a run that is done (--train-iters 2), resumed at its layout with the
+    # flag, is saved again in the format that loads at TP=2
+    done = {**common, "--train-iters": 2, "--lr-decay-iters": 4, "--load": save, "--save": save}
+    proc = train(base_args(workdir, **done, **{"--dist-ckpt-optim-fully-reshardable": None}), nproc=2)
+    assert f"nothing to train (saved again with --dist-ckpt-optim-fully-reshardable in {save / 'iter_0000002'}" \
+        in proc.stdout
+    proc = train(base_args(workdir, **done, **{"--tensor-model-parallel-size": 2}), nproc=2)
+    assert "resumed from" in proc.stdout and "nothing to train (raise --train-iters to go on)" in proc.stdout
 
 
 @pytest.mark.slow  # about 30 s of DP=2 launches; test_resume_continues_bitwise and the layout resume run in CI

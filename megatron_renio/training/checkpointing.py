@@ -338,8 +338,7 @@ def _check_gradient_buckets(request: dict, optimizer_dir: Path) -> None:
             error = UserInputError(
                 f"{optimizer_dir}: its optimizer state ({DP_RESHARDABLE}) was saved from other gradient buckets "
                 f"((bucket, size) {sizes(saved)}, here {sizes(wanted)}): resume with the run's "
-                "--overlap-grad-reduce (with it the bucket size grows with DP beyond 40 ranks), or first resume once "
-                "as saved with --dist-ckpt-optim-fully-reshardable and save")
+                f"--overlap-grad-reduce (with it the bucket size grows with DP beyond 40 ranks), or {CONVERT_TO_FULLY_RESHARDABLE}")
     raise_if_any_rank(error)  # each stage checks its own buckets: every rank refuses, none waits in the load
 
 
@@ -361,6 +360,13 @@ def _init_optimizer_state(optimizer) -> None:
             if isinstance(opt.optimizer, torch.optim.Adam):
                 for state in opt.optimizer.state.values():
                     state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+#: How a checkpoint in :data:`DP_RESHARDABLE` format becomes one that any layout loads (train saves a
+#: finished run's checkpoint again when resumed so).
+CONVERT_TO_FULLY_RESHARDABLE = (
+    "resume it once at the layout it was saved at with --dist-ckpt-optim-fully-reshardable (a finished run then "
+    "saves its checkpoint again, one that has iterations left at its next save), which any layout loads")
 
 
 def saved_sharding(train_state: dict) -> str:

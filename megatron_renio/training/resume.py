@@ -12,7 +12,7 @@ import torch
 
 from megatron_renio.config import TrainConfig, flag_name
 from megatron_renio.errors import UserInputError
-from megatron_renio.training.checkpointing import DP_RESHARDABLE
+from megatron_renio.training.checkpointing import CONVERT_TO_FULLY_RESHARDABLE, DP_RESHARDABLE
 
 
 def gather_normalizer_states(state: dict) -> list[dict]:
@@ -72,8 +72,7 @@ def check_resumed_settings(state: dict, cfg: TrainConfig, origin: dict | None) -
             f"--load {cfg.load}: its distributed optimizer state was saved without --dist-ckpt-optim-fully-reshardable "
             f"(Megatron's {DP_RESHARDABLE} format), which loads only at the TP/PP it was saved at: resume with "
             f"--tensor-model-parallel-size {saved_format['tp']} --pipeline-model-parallel-size {saved_format['pp']} "
-            "(any DP size); to change the layout, resume there once with --dist-ckpt-optim-fully-reshardable and save, "
-            "which any layout loads")
+            f"(any DP size); to change the layout, {CONVERT_TO_FULLY_RESHARDABLE}")
     for key, saved in state.get("adam", {}).items():
         if saved != getattr(cfg, key):
             flag = flag_name(key)
