@@ -217,7 +217,8 @@ def run(cfg: TrainConfig) -> dict:
         load_data, lambda loaded: loaded[2], "the tokenised prompts of --data-path")
     log0(f"data: {len(prompts.student)} prompts from --data-path {' '.join(cfg.data_path)}")
     if prompts.skipped_too_long:
-        log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows")
+        log0(f"skipped {prompts.skipped_too_long} prompts longer than --seq-length {cfg.seq_length} allows"
+             f"{prompts.teacher_note}")
     if prompts.budget_limited:
         log0(f"note: {prompts.budget_limited} prompts leave fewer than --max-new-tokens {cfg.max_new_tokens} tokens "
              f"of --seq-length {cfg.seq_length}; their completions end there")
@@ -377,7 +378,7 @@ def run(cfg: TrainConfig) -> dict:
             if cfg.save_samples_interval and iteration % cfg.save_samples_interval == 0 and result.per_sample \
                     and ctx.tp_rank == 0:
                 run_logs.save_samples(Path(cfg.save) / f"samples_rank{ctx.dp_rank}.jsonl", iteration, ctx.dp_rank, records,
-                                      completions, result.per_sample, tokenizer, prompts.answers, cfg)
+                                      completions, result.per_sample, tokenizer, prompts, cfg)
 
             step_time = time.perf_counter() - t0
             metrics = {

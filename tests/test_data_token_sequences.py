@@ -123,7 +123,7 @@ def _as_lists(cfg, tokenizer):
     kept = [k for k, n in enumerate(longest) if n + 1 <= cfg.seq_length]
     budget_limited = sum(cfg.seq_length - longest[k] < cfg.max_new_tokens for k in kept)
     return ([student[k] for k in kept], [teacher[k] for k in kept], [records[k].answer for k in kept],
-            len(records) - len(kept), budget_limited)
+            len(records) - len(kept), budget_limited, [records[k].source for k in kept])
 
 
 @pytest.mark.parametrize("long_every", [0, 7], ids=["all_fit", "some_too_long"])
@@ -134,9 +134,16 @@ def test_load_prompts_keeps_the_tokenizers_ids_and_counts(tmp_path, word_tokeniz
     _write_records(tmp_path / "train.jsonl", 60, seed=long_every, long_every=long_every)
     cfg = TrainConfig(data_path=[str(tmp_path / "train.jsonl")], seq_length=2048, max_new_tokens=800)
     prompts = load_prompts(cfg, word_tokenizer)
-    student, teacher, answers, skipped, budget_limited = _as_lists(cfg, word_tokenizer)
+    student, teacher, answers, skipped, budget_limited, sources = _as_lists(cfg, word_tokenizer)
     assert list(prompts.student) == student and list(prompts.teacher) == teacher
-    assert prompts.answers == answers
+    assert prompts.answers == answers and prompts.sources == sources
+    # the samples' source names the record's line, past the skipped ones (every 7th, from line 1)
+    assert prompts.sources[0] == f"{tmp_path / 'train.jsonl'}:{2 if long_every else 1}"
+    if long_every:  # the solutions made too long: the student prompts fit, the teacher's do not
+        assert prompts.teacher_note.startswith(f"; {skipped} of them for their teacher prompt alone, the problem with "
+                                               "its solution: teacher prompts have up to ")
+    else:
+        assert prompts.teacher_note == ""
     assert (prompts.skipped_too_long, prompts.budget_limited) == (skipped, budget_limited)
     assert len(prompts.student) == len(prompts.teacher) == 60 - skipped
     assert (skipped > 0) == bool(long_every) and budget_limited > 0

@@ -542,7 +542,9 @@ def test_prompts_longer_than_seq_length_are_skipped_or_refused(workdir):
     save = workdir / "save_of_a_refused_run"
     proc = train(base_args(workdir, **{"--seq-length": 64, "--max-new-tokens": 8, "--save": save}), check=False)
     assert proc.returncode == 2
-    assert "longer than --seq-length 64" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "longer than --seq-length 64" in last
+    assert "teacher prompt alone" not in last  # the student prompts do not fit either: no teacher note
     assert not save.exists()  # bad input writes nothing
 
 
@@ -1156,10 +1158,11 @@ def test_metrics_and_samples_write_non_finite_values_as_null(tmp_path):
     path = tmp_path / "samples_rank0.jsonl"
     per_sample = {"weights": torch.tensor([float("nan")]), "raw_weights": torch.tensor([float("inf")]),
                   "per_sample_loss": torch.tensor([float("-inf")])}
-    save_samples(path, 3, 0, [0], [[1, 2]], per_sample, SimpleNamespace(decode=lambda ids: "x"), [None],
-                  TrainConfig())
+    save_samples(path, 3, 0, [0], [[1, 2]], per_sample, SimpleNamespace(decode=lambda ids: "x"),
+                 SimpleNamespace(answers=[None], sources=["data.jsonl:1"]), TrainConfig())
     (record,) = [strict(line) for line in path.read_text().splitlines()]
     assert (record["weight"], record["raw_weight"], record["sample_loss"]) == (None, None, None)
+    assert record["source"] == "data.jsonl:1"
 
 
 def test_pipeline_outputs_are_deallocated_as_in_megatron_lm():

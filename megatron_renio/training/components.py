@@ -391,8 +391,11 @@ class PromptSet:
     student: TokenSequences
     teacher: TokenSequences
     answers: list[str | None]
+    sources: list[str]  # each kept record's "<file>:<line>" (PromptRecord.source)
     skipped_too_long: int
     budget_limited: int = 0  # kept prompts leaving less than --max-new-tokens of --seq-length
+    # why prompts were skipped, when the teacher's prompt (OPSD: problem and solution) is what did not fit
+    teacher_note: str = ""
 
     def fingerprint(self) -> str:
         """SHA-256 of both prompt stores (the kept prompts' ids, in order): the prompt order a checkpoint's
@@ -412,19 +415,34 @@ def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
     student = TokenSequences(build_prompt_ids(tokenizer, r, cfg.task, "student", cfg.mode) for r in records)
     teacher = TokenSequences(build_prompt_ids(tokenizer, r, cfg.task, "teacher", cfg.mode) for r in records)
     kept = filter_long_prompts(zip(student.lengths(), teacher.lengths()), cfg.seq_length, cfg.max_new_tokens)
+    note = _teacher_note(student.lengths(), teacher.lengths(), cfg.seq_length)
     if not kept.kept:
         raise UserInputError(
-            f"every prompt of --data-path is longer than --seq-length {cfg.seq_length} allows ({kept.skipped} skipped)"
-        )
+            f"every prompt of --data-path is longer than --seq-length {cfg.seq_length} allows ({kept.skipped} skipped"
+            f"{note})")
     if kept.skipped:  # else every record is kept, in order: the stores are already the result
         student, teacher = student.select(kept.kept), teacher.select(kept.kept)
     return PromptSet(
         student=student,
         teacher=teacher,
         answers=[records[i].answer for i in kept.kept],
+        sources=[records[i].source for i in kept.kept],
         skipped_too_long=kept.skipped,
         budget_limited=kept.budget_limited,
+        teacher_note=note,
     )
+
+
+def _teacher_note(student_lengths, teacher_lengths, seq_length: int) -> str:
+    """``; N of them for their teacher prompt alone (...)`` when some records' student prompts fit in
+    ``seq_length`` (with one completion token) and their longer teacher prompts (OPSD's problem with its
+    solution) do not; else empty."""
+    pairs = list(zip(student_lengths, teacher_lengths))
+    alone = sum(s + 1 <= seq_length < t + 1 for s, t in pairs)
+    if not alone:
+        return ""
+    return (f"; {alone} of them for their teacher prompt alone, the problem with its solution: teacher prompts have "
+            f"up to {max(t for _, t in pairs)} tokens, student prompts up to {max(s for s, _ in pairs)}")
 
 
 def model_info_summary(info: ModelInfo) -> str:

@@ -301,10 +301,11 @@ def check_new_run_logs(cfg: TrainConfig, requeued: bool = False) -> None:
 
 
 def save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], completions: list[list[int]],
-                  per_sample: dict, tokenizer, answers: list, cfg: TrainConfig) -> None:
+                  per_sample: dict, tokenizer, prompts, cfg: TrainConfig) -> None:
     """Append this rank's samples of step ``iteration`` to ``path``, one JSON object per completion:
-    step, rank (DP), index (row in this rank's batch, in micro-batch order), prompt_index (``records[index]``: record of
-    ``--data-path``, after the too-long filter), completion (text), completion_ids (EOS included when
+    step, rank (DP), index (row in this rank's batch, in micro-batch order), prompt_index (``records[index]``: the
+    prompt's place among the kept prompts of ``--data-path``, after the too-long filter), source (its record's
+    ``<file>:<line>``, :class:`~megatron_renio.training.components.PromptSet`), completion (text), completion_ids (EOS included when
     generated), num_tokens, weight (the ReNIO weight applied, 1 without ``--renio``), raw_weight
     (exp(a_i / gamma) before normalisation), sample_loss (L_i); with ``--task math`` and an answer in
     the record also answer and correct (:func:`~megatron_renio.eval.math_grader.grade_math`). The
@@ -317,11 +318,11 @@ def save_samples(path: Path, iteration: int, dp_rank: int, records: list[int], c
             text = tokenizer.decode(ids)
             record = {
                 "step": iteration, "rank": dp_rank, "index": row, "prompt_index": prompt_index,
-                "completion": text, "completion_ids": ids, "num_tokens": len(ids),
+                "source": prompts.sources[prompt_index], "completion": text, "completion_ids": ids, "num_tokens": len(ids),
                 "weight": float(per_sample["weights"][row]), "raw_weight": float(per_sample["raw_weights"][row]),
                 "sample_loss": float(per_sample["per_sample_loss"][row]),
             }
-            answer = answers[prompt_index]
+            answer = prompts.answers[prompt_index]
             if cfg.task == "math" and answer is not None:
                 record.update(answer=answer, correct=grade_math(text, answer))
             f.write(json.dumps(standard_json(record)) + "\n")
