@@ -172,8 +172,8 @@ _FAILS_BEFORE_THE_GROUPS = (
 )
 
 
-@pytest.mark.parametrize("launch, failing_rank, failure", [("two_nodes", 1, "flag"), ("two_nodes", 0, "bug"),
-                                                           ("without_torchrun", 0, "flag")])
+@pytest.mark.parametrize("launch, failing_rank, failure", [
+    ("two_nodes", 1, "flag"), pytest.param("two_nodes", 0, "bug", marks=pytest.mark.slow), ("without_torchrun", 0, "flag")])
 def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, launch, failing_rank, failure):
     """One node's rank fails before the process groups exist (a flag, a config file only that node
     lacks): the other node's rank, which torchrun does not stop, stops within seconds with one line
