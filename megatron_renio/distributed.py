@@ -297,26 +297,40 @@ _BACKEND_PLACES = {"nccl": "a GPU (NCCL)", "gloo": "the CPU (gloo: no GPU visibl
 #: How long a rank whose command failed before its process groups existed waits for the other ranks
 #: to read its error (:func:`report_failed_start`); the job stops either way.
 FAILED_START_WAIT = timedelta(minutes=5)
-_checked_in = False  # this process took part in a start-up check-in since its last destroy()
+_startup_round = 0  # start-up rendezvous this process has joined (the check-in's keys are per round)
+_in_round = False  # this process joined one since its last destroy()
 
 
-def check_in(store, rank: int, world_size: int, backend: str | None, error: Exception | None) -> None:
-    """The start-up check-in of every rank through the rendezvous ``store``, before
-    ``init_process_group``: a rank that failed before it (a flag, a config file, a missing GPU) posts
-    its ``error`` and every rank raises together, as :func:`raise_if_any_rank` makes them do once the
-    process groups exist. Without it the other ranks wait in ``init_process_group`` until the
-    timeout: torchrun stops the ranks of the failing rank's node, nothing stops the other nodes'.
+def _join_startup(rank: int, world_size: int, timeout: timedelta):
+    """Begin this process's next start-up round and return the rendezvous store (:func:`_rendezvous_store`)
+    and the round's key prefix for :func:`check_in` (a process may initialise several times, as the
+    tests do: each round keeps its own keys). A round that cannot reach the store still counts, so a
+    failed start does not try it again (:func:`report_failed_start`)."""
+    global _startup_round, _in_round
+    _startup_round += 1
+    _in_round = True
+    return _rendezvous_store(rank, world_size, timeout), f"megatron_renio/startup/{_startup_round}"
+
+
+def check_in(store, prefix: str, rank: int, world_size: int, backend: str | None,
+             failed: Exception | None = None) -> None:
+    """The start-up check-in of every rank through the rendezvous ``store`` (keys under ``prefix``,
+    :func:`_join_startup`), before ``init_process_group``: a rank that ``failed`` before it (a flag, a
+    config file, a missing GPU; :func:`report_failed_start`) posts its error and every rank stops
+    together, as :func:`raise_if_any_rank` makes them do once the process groups exist. Without it the
+    other ranks wait in ``init_process_group`` until the timeout: torchrun stops the ranks of the
+    failing rank's node, nothing stops the other nodes'.
 
     Rank 0 publishes its ``backend`` (None: it failed before choosing one); every other rank compares
     its own, and a mismatch is its error: a node whose GPUs are not visible (a driver fault, an empty
     ``CUDA_VISIBLE_DEVICES``) would join on gloo while the others use NCCL. The first error posted is
     kept. Every rank then counts in, and once all have, reads it, counts out (rank 0 may host the
-    store, so no rank leaves before every rank has read) and raises: its own error, or a copy reported
-    by the rank that posted it (:func:`_copy_of`). A constant number of store calls per rank. A rank
-    that never checks in stops the others at the store's timeout, with one line."""
-    global _checked_in
-    _checked_in = True
-    own = torch.distributed.PrefixStore("megatron_renio/startup", store)
+    store, so no rank leaves before every rank has read) and raises its own backend refusal, or a copy
+    of the posted error reported by the rank that posted it (:func:`_copy_of`); a rank that ``failed``
+    returns (its caller raises its error, with its own traceback). A constant number of store calls
+    per rank. A rank that never checks in stops the others at the store's timeout, with one line."""
+    own = torch.distributed.PrefixStore(prefix, store)
+    error = failed
     if rank == 0:
         own.set("backend_of_rank_0", backend or "")
     elif error is None:
@@ -333,7 +347,8 @@ def check_in(store, rank: int, world_size: int, backend: str | None, error: Exce
         return
     source, *described = json.loads(own.get("failure"))
     _all_reach(own, "read_the_failure", world_size)
-    raise error if error is not None else _copy_of(source, *described)
+    if failed is None:
+        raise error if error is not None else _copy_of(source, *described)
 
 
 def _all_reach(store, point: str, world_size: int) -> None:
@@ -358,14 +373,15 @@ def report_failed_start(error: Exception) -> None:
     import contextlib
 
     rank, world_size = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
-    if _checked_in or torch.distributed.is_initialized() or not (rank.isdigit() and world_size.isdigit()):
+    if _in_round or torch.distributed.is_initialized() or not (rank.isdigit() and world_size.isdigit()):
         return
     rank, world_size = int(rank), int(world_size)
     if not 0 <= rank < world_size or world_size == 1:
         return
-    with contextlib.suppress(Exception):  # the check-in raises this rank's error; a store fault leaves it as it is
+    with contextlib.suppress(Exception):  # a store that cannot be reached leaves the error as it is
         _check_rendezvous_address()
-        check_in(_rendezvous_store(rank, world_size, FAILED_START_WAIT), rank, world_size, None, error)
+        store, prefix = _join_startup(rank, world_size, FAILED_START_WAIT)
+        check_in(store, prefix, rank, world_size, None, failed=error)
 
 
 def _rendezvous_store(rank: int, world_size: int, timeout: timedelta):
@@ -446,8 +462,8 @@ def initialize(
             # and whether or not torchrun started it (its workers only connect to the agent's store).
             store = torch.distributed.HashStore()
         else:  # the rendezvous init_process_group would make, with the start-up check-in before it
-            store = _rendezvous_store(rank, world_size, timeout)
-            check_in(store, rank, world_size, backend, None)
+            store, prefix = _join_startup(rank, world_size, timeout)
+            check_in(store, prefix, rank, world_size, backend)
             store = torch.distributed.PrefixStore("default_pg", store)
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                              store=store)
@@ -484,9 +500,9 @@ def destroy() -> None:
     backend's patches, so that code running later in the process sees torch as it is."""
     from megatron.core import parallel_state
 
-    global _checked_in
+    global _in_round
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    _checked_in = False
+    _in_round = False
     cpu_backend.deactivate()

@@ -182,6 +182,11 @@ def test_the_task_limit_counts_threads_and_leaves_headroom(monkeypatch):
     processes = [process(1000, 5), process(1000, 1), process(1000, None), process(0, 40), process(None, 7)]
     monkeypatch.setattr(psutil, "process_iter", lambda *args, **kwargs: iter(processes))
     assert code_sandbox._nproc_limit(1000) == 5 + 1 + 1 + TASK_HEADROOM
+    # runs going at once: each one's threads count against every other's limit
+    assert code_sandbox._nproc_limit(1000, concurrent_runs=3) == 5 + 1 + 1 + 3 * TASK_HEADROOM
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    assert code_sandbox._limit_args(64, 1, 3)[-1] == f"RLIMIT_NPROC={7 + 3 * TASK_HEADROOM}"
 
 
 _PRINT_LIMITS = ("import resource\n"

@@ -167,19 +167,23 @@ _FAILS_BEFORE_THE_GROUPS = (
     "def parse(argv):\n"
     "    if os.environ['RANK'] == os.environ['FAILING_RANK']:\n"
     "        raise (UserInputError if os.environ['FAILURE'] == 'flag' else RuntimeError)('argument --lr: not a number')\n"
-    "raise SystemExit(entrypoint.run_command(parse, lambda _: distributed.initialize(distributed.ParallelConfig(), "
-    "timeout_minutes=10), []))\n"
+    "def start(_):\n"
+    "    distributed.initialize(distributed.ParallelConfig(), timeout_minutes=10)\n"
+    "if os.environ.get('ROUNDS') == '2':  # a first start that succeeds (run_command destroys the groups after it)\n"
+    "    assert entrypoint.run_command(lambda argv: None, start, []) == 0\n"
+    "raise SystemExit(entrypoint.run_command(parse, start, []))\n"
 )
 
 
 @pytest.mark.parametrize("launch, failing_rank, failure", [
-    ("two_nodes", 1, "flag"), pytest.param("two_nodes", 0, "bug", marks=pytest.mark.slow), ("without_torchrun", 0, "flag")])
+    ("two_nodes", 1, "flag"), pytest.param("two_nodes", 0, "bug", marks=pytest.mark.slow), ("without_torchrun", 0, "bug")])
 def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, launch, failing_rank, failure):
     """One node's rank fails before the process groups exist (a flag, a config file only that node
     lacks): the other node's rank, which torchrun does not stop, stops within seconds with one line
     naming the rank, not at the 10-minute timeout. Two torchrun agents of one process each joining one
     c10d rendezvous, as two nodes do; and two plain processes whose rank 0 hosts the store and leaves
-    only after the other has read its error."""
+    only after the other has read its error, in their second start (each start has its own keys). The
+    failing rank's traceback is its own (the check-in does not raise it)."""
     from tests.torchrun_harness import free_port, subprocess_env
 
     script = tmp_path / "fails.py"
@@ -194,7 +198,7 @@ def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, lau
     else:
         procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True,
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "ROUNDS": "2",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
     started = time.monotonic()
     outputs = [p.communicate(timeout=300) for p in procs]  # a hang would last the 10-minute timeout
@@ -211,7 +215,23 @@ def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, lau
         assert "error: rank 0 failed: RuntimeError: argument --lr: not a number (its traceback is in rank 0's log)" \
             not in stderr  # rank 0 failed itself: its own traceback, no copy of it
         assert "RuntimeError: argument --lr: not a number" in stderr and "Traceback" in stderr
+        assert "check_in" not in stderr
     assert "DistStoreError" not in stderr  # no store timeout
+
+
+def test_a_rank_that_cannot_reach_the_rendezvous_fails_at_its_timeout_only(tmp_path):
+    """No store at MASTER_PORT: the rank fails when the rendezvous times out (3 s here), and its failed
+    start does not try the rendezvous again (for report_failed_start's 5 minutes)."""
+    from tests.torchrun_harness import free_port, subprocess_env
+
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", "from megatron_renio import distributed, entrypoint\n"
+                          "entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
+                          "distributed.ParallelConfig(), timeout_minutes=0.05), [])\n"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                         env={**subprocess_env(), "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert out.returncode != 0 and time.monotonic() - started < 60, out.stderr[-3000:]
 
 
 def test_several_processes_without_a_rendezvous_are_one_line_and_leave_torch_unpatched():

@@ -537,8 +537,9 @@ def test_a_batchs_code_items_are_graded_together_and_math_items_on_the_main_thre
     barrier = threading.Barrier(3, timeout=60)
     threads = {}
 
-    def grade(item, text):
+    def grade(item, text, concurrent_runs=1):
         threads[item.id] = threading.current_thread()
+        assert concurrent_runs == (12 if item.task == "code" else 1)  # the sandbox's task limit leaves room for them
         if item.task == "code":
             barrier.wait()
         return text == f"right {item.id}"
@@ -549,7 +550,8 @@ def test_a_batchs_code_items_are_graded_together_and_math_items_on_the_main_thre
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: decoded[tuple(ids)], stop_ids=(2,))
     jobs = [runner.Job(0, i, 0, [1]) for i in (3, 0, 1, 2)]
     with ThreadPoolExecutor(4) as pool:
-        records = runner._graded_batch([bench], jobs, [completions[items[j.item].id] for j in jobs], tokenizer, pool)
+        records = runner._graded_batch([bench], jobs, [completions[items[j.item].id] for j in jobs], tokenizer, pool,
+                                       12)
     assert [r["id"] for r in records] == ["m", "c0", "c1", "c2"]
     assert [r["correct"] for r in records] == [True, True, False, False]
     assert [r["finished"] for r in records] == [False, True, False, False]
@@ -564,3 +566,5 @@ def test_grading_threads_share_the_cpus_among_the_nodes_ranks(monkeypatch):
         assert runner.grading_threads() == threads
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert runner.grading_threads() == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(224)))
+    assert runner.grading_threads() == runner.MAX_GRADING_THREADS == 16  # a fork bomb's bound grows with it

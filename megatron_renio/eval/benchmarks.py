@@ -268,12 +268,12 @@ def load_benchmark(
     return items
 
 
-def grade(item: BenchmarkItem, completion: str) -> bool:
+def grade(item: BenchmarkItem, completion: str, concurrent_runs: int = 1) -> bool:
     """Grade one completion: :func:`grade_math` for math items, :func:`grade_code` (sandboxed
-    tests) for code items."""
+    tests; ``concurrent_runs`` sandboxes may run at once on the machine) for code items."""
     if item.task == "math":
         return grade_math(completion, item.answer)
-    return grade_code(completion, item.tests, item.entry_point, setup=item.setup)
+    return grade_code(completion, item.tests, item.entry_point, setup=item.setup, concurrent_runs=concurrent_runs)
 
 
 def avg_at_k(grades_per_problem: Sequence[Sequence[bool]]) -> float:

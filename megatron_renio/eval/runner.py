@@ -393,10 +393,11 @@ def _report(benchmarks: list[Benchmark], records: list[dict], samples: int) -> d
 
 
 def _graded_batch(benchmarks: list[Benchmark], batch: list[Job], completions: list[list[int]], tokenizer,
-                  pool: ThreadPoolExecutor) -> list[dict]:
+                  pool: ThreadPoolExecutor, concurrent_runs: int) -> list[dict]:
     """The output records of one generation batch, graded, in order.
 
-    Code items are graded together on ``pool``'s threads, each waiting on its sandbox child (up to its
+    Code items are graded together on ``pool``'s threads, each waiting on its sandbox child (``concurrent_runs``
+    of them may run at once on this machine, :func:`grading_threads` per rank; up to its
     timeout: one at a time, a batch of looping programs would keep every rank of the replica waiting
     that many times over); math items on this thread, where math_grader bounds an item with SIGALRM
     (on another thread it would start a child process per item). Text is decoded here.
@@ -405,7 +406,7 @@ def _graded_batch(benchmarks: list[Benchmark], batch: list[Job], completions: li
 
     items = [benchmarks[job.benchmark].items[job.item] for job in batch]
     texts = [tokenizer.decode(completion, skip_special_tokens=True) for completion in completions]
-    code = {k: pool.submit(grade, item, text) for k, (item, text) in enumerate(zip(items, texts))
+    code = {k: pool.submit(grade, item, text, concurrent_runs) for k, (item, text) in enumerate(zip(items, texts))
             if item.task != "math"}
     correct = [code[k].result() if k in code else grade(item, text) for k, (item, text) in enumerate(zip(items, texts))]
     return [{
@@ -417,11 +418,21 @@ def _graded_batch(benchmarks: list[Benchmark], batch: list[Job], completions: li
     } for job, item, text, right, completion in zip(batch, items, texts, correct, completions)]
 
 
+#: The most threads one grading rank grades code items on (:func:`grading_threads`).
+MAX_GRADING_THREADS = 16
+
+
+def _local_world_size() -> int:
+    """torchrun's ``LOCAL_WORLD_SIZE`` (the ranks of this node), 1 without one."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def grading_threads() -> int:
     """Threads that grade code items together on a replica's grading rank: the CPUs this process may
-    use shared among the node's ranks (torchrun's ``LOCAL_WORLD_SIZE``), at least 1. Each runs one
-    sandboxed child at a time (at most one CPU second per wall second of its timeout)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    use shared among the node's ranks, at least 1 and at most :data:`MAX_GRADING_THREADS`. Each runs
+    one sandboxed child at a time (at most one CPU second per wall second of its timeout); each child's
+    task limit leaves room for the threads of every child the node's ranks may run at once."""
+    return max(1, min(MAX_GRADING_THREADS, len(os.sched_getaffinity(0)) // _local_world_size()))
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -472,7 +483,8 @@ def run(args: argparse.Namespace) -> dict | None:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="eval", dynamic_ncols=True, file=sys.stderr)
-    with ThreadPoolExecutor(grading_threads(), thread_name_prefix="grade") as pool:  # threads start on first use
+    threads = grading_threads()
+    with ThreadPoolExecutor(threads, thread_name_prefix="grade") as pool:  # threads start on first use
         for number, first in enumerate(batches, 1):
             indices = order[first:min(first + args.batch_size, end)]
             batch = [jobs[i] for i in indices]
@@ -481,7 +493,8 @@ def run(args: argparse.Namespace) -> dict | None:
                               rows=(first, len(jobs)))
             nonfinite |= result.nonfinite
             if grader and not nonfinite:
-                graded = list(zip(indices, _graded_batch(benchmarks, batch, result.completions, tokenizer, pool)))
+                graded = list(zip(indices, _graded_batch(benchmarks, batch, result.completions, tokenizer, pool,
+                                                                    threads * _local_world_size())))
                 records += graded
                 if progress is not None:
                     progress.append(graded)
