@@ -87,8 +87,8 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 

@@ -414,8 +414,9 @@ def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
     )
     student = TokenSequences(build_prompt_ids(tokenizer, r, cfg.task, "student", cfg.mode) for r in records)
     teacher = TokenSequences(build_prompt_ids(tokenizer, r, cfg.task, "teacher", cfg.mode) for r in records)
-    kept = filter_long_prompts(zip(student.lengths(), teacher.lengths()), cfg.seq_length, cfg.max_new_tokens)
-    note = _teacher_note(student.lengths(), teacher.lengths(), cfg.seq_length)
+    lengths = list(zip(student.lengths(), teacher.lengths()))
+    kept = filter_long_prompts(lengths, cfg.seq_length, cfg.max_new_tokens)
+    note = _teacher_note(lengths, cfg.seq_length)
     if not kept.kept:
         raise UserInputError(
             f"every prompt of --data-path is longer than --seq-length {cfg.seq_length} allows ({kept.skipped} skipped"
@@ -433,11 +434,10 @@ def load_prompts(cfg: TrainConfig, tokenizer: Tokenizer) -> PromptSet:
     )
 
 
-def _teacher_note(student_lengths, teacher_lengths, seq_length: int) -> str:
+def _teacher_note(pairs: list[tuple[int, int]], seq_length: int) -> str:
     """``; N of them for their teacher prompt alone (...)`` when some records' student prompts fit in
     ``seq_length`` (with one completion token) and their longer teacher prompts (OPSD's problem with its
-    solution) do not; else empty."""
-    pairs = list(zip(student_lengths, teacher_lengths))
+    solution) do not; else empty. ``pairs``: (student, teacher) prompt lengths per record."""
     alone = sum(s + 1 <= seq_length < t + 1 for s, t in pairs)
     if not alone:
         return ""
