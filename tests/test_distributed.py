@@ -219,18 +219,20 @@ def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, lau
     assert "DistStoreError" not in stderr  # no store timeout
 
 
+@pytest.mark.slow  # a guard against a 5-minute wait; the check-in's CI cases cover the report itself
 def test_a_rank_that_cannot_reach_the_rendezvous_fails_at_its_timeout_only(tmp_path):
     """No store at MASTER_PORT: the rank fails when the rendezvous times out (3 s here), and its failed
     start does not try the rendezvous again (for report_failed_start's 5 minutes)."""
     from tests.torchrun_harness import free_port, subprocess_env
 
+    from tests.python_forkserver import run_python
+
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", "from megatron_renio import distributed, entrypoint\n"
-                          "entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
-                          "distributed.ParallelConfig(), timeout_minutes=0.05), [])\n"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                         env={**subprocess_env(), "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    out = run_python(["-c", "from megatron_renio import distributed, entrypoint\n"
+                      "entrypoint.run_command(lambda argv: None, lambda _: distributed.initialize("
+                      "distributed.ParallelConfig(), timeout_minutes=0.05), [])\n"], timeout=300,
+                     env={**subprocess_env(), "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     assert out.returncode != 0 and time.monotonic() - started < 60, out.stderr[-3000:]
 
 
