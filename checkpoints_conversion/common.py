@@ -212,8 +212,6 @@ class Adapter:
             unsupported.append("mlp_bias=true")
         if config.get("attention_bias") and QKV_BIAS not in self.layer_rules:
             unsupported.append("attention_bias=true")
-        if config.get("use_sliding_window"):
-            unsupported.append("use_sliding_window=true")
         rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope settings here
         for name, value in (("partial_rotary_factor", config.get("partial_rotary_factor")),
                             ("rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor"))):

@@ -183,12 +183,42 @@ def test_architecture_differences_leave_out_what_changes_no_weight():
         f"hidden_size {preset.hidden_size} vs 96", f"rope_theta {preset.rope_theta} vs 500000.0"]
 
 
-def test_sliding_window_attention_is_refused_for_qwen2_and_qwen3():
-    for name in ("tiny-qwen2", "tiny-qwen3"):
-        config = hf_config_dict(get_preset(name))
-        config.update(use_sliding_window=True, sliding_window=4096)
-        with pytest.raises(UserInputError, match=r"^/m/config.json: use_sliding_window is true; sliding-window "
-                                                 r"attention is not supported$"):
+@pytest.mark.parametrize("name, config_class", [("tiny-qwen2", "Qwen2Config"), ("tiny-qwen3", "Qwen3Config")])
+def test_sliding_window_attention_is_refused_where_transformers_applies_it(name, config_class):
+    """A window is refused exactly when transformers gives some layer one (its config's layer_types), e.g.
+    use_sliding_window true with max_window_layers below the layer count; covering every layer is full
+    attention and is accepted."""
+    import transformers
+
+    preset = get_preset(name)
+    last = preset.num_layers - 1
+    cases = [  # (config.json fields, the first windowed layer or None)
+        (dict(use_sliding_window=True, sliding_window=4096, max_window_layers=0), 0),
+        (dict(use_sliding_window=True, sliding_window=4096, max_window_layers=1), 1),
+        (dict(use_sliding_window=True, sliding_window=4096), None),  # the default 28 covers the tiny model
+        (dict(use_sliding_window=True, sliding_window=4096, max_window_layers=preset.num_layers), None),
+        (dict(use_sliding_window=True, sliding_window=None, max_window_layers=0), None),
+        (dict(use_sliding_window=False, sliding_window=4096, max_window_layers=0), None),
+        (dict(use_sliding_window=True, sliding_window=4096,
+              layer_types=["full_attention"] * last + ["sliding_attention"]), last),
+    ]
+    for update, first_windowed in cases:
+        config = {key: value for key, value in hf_config_dict(preset).items() if key != "max_window_layers"}
+        config.update(update)
+        kinds = getattr(transformers, config_class)(**config).layer_types
+        assert (first_windowed is None) == ("sliding_attention" not in kinds), update
+        if first_windowed is None:
+            assert preset_from_hf_config(config, source="/m/config.json") == preset
+            continue
+        count = kinds.count("sliding_attention")
+        with pytest.raises(UserInputError, match=rf"^/m/config.json: use_sliding_window is true and {count} of the "
+                                                 rf"layers \(from layer {first_windowed}\) use a sliding window; "
+                                                 r"sliding-window attention is not supported$"):
+            preset_from_hf_config(config, source="/m/config.json")
+    for field, value, message in (("max_window_layers", "2", "max_window_layers must be an integer, got '2'"),
+                                  ("layer_types", "full", "layer_types must be a list, got 'full'")):
+        config = {**hf_config_dict(preset), "use_sliding_window": True, "sliding_window": 8, field: value}
+        with pytest.raises(UserInputError, match=rf"^/m/config.json: {message}$"):
             preset_from_hf_config(config, source="/m/config.json")
 
 

@@ -253,6 +253,23 @@ def _pad_id(config: dict, source: str) -> int | None:
     return value
 
 
+def _windowed_layers(config: dict, num_layers: int, source: str) -> list[int]:
+    """The layers to which transformers gives a sliding window, as Qwen2Config / Qwen3Config decide: none
+    unless ``use_sliding_window`` is true and ``sliding_window`` is set; then those ``layer_types`` marks
+    ``sliding_attention`` or, without ``layer_types``, every layer from ``max_window_layers`` (default 28) on."""
+    if not config.get("use_sliding_window") or config.get("sliding_window", 4096) is None:
+        return []
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise UserInputError(f"{source}: layer_types must be a list, got {layer_types!r}")
+        return [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    first = config.get("max_window_layers", 28)
+    if type(first) is not int:
+        raise UserInputError(f"{source}: max_window_layers must be an integer, got {first!r}")
+    return list(range(max(first, 0), num_layers))
+
+
 def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPreset:
     """Build a preset from the dict of an HF ``config.json``; ``source`` names the file in errors."""
     architectures = config.get("architectures") or []
@@ -296,11 +313,13 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         ("rope_theta", 10000.0),
     )
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
-    if architecture in _SLIDING_WINDOW_ARCHITECTURES and config.get("use_sliding_window"):
-        raise UserInputError(f"{source}: use_sliding_window is true; sliding-window attention is not supported")
+    num_layers = field("num_hidden_layers")
+    if architecture in _SLIDING_WINDOW_ARCHITECTURES and (windowed := _windowed_layers(config, num_layers, source)):
+        raise UserInputError(f"{source}: use_sliding_window is true and {len(windowed)} of the layers (from layer "
+                             f"{windowed[0]}) use a sliding window; sliding-window attention is not supported")
     return ModelPreset(
         architecture=architecture,
-        num_layers=field("num_hidden_layers"),
+        num_layers=num_layers,
         hidden_size=hidden,
         ffn_hidden_size=field("intermediate_size"),
         num_attention_heads=heads,
