@@ -15,6 +15,7 @@ so that no node waits for a rank that will never join.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -342,26 +343,26 @@ def check_in(store, prefix: str, rank: int, world_size: int, backend: str | None
                 "CUDA_VISIBLE_DEVICES and driver)")
     if error is not None:
         own.compare_set("failure", "", json.dumps([rank, *_described(error)]))
-    _all_reach(own, "checked_in", world_size)
+    _all_reach(own, "checked_in", world_size, "reached the start-up check-in")
     if not own.check(["failure"]):
         return
     source, *described = json.loads(own.get("failure"))
-    _all_reach(own, "read_the_failure", world_size)
+    _all_reach(own, "read_the_failure", world_size, "read the error posted at the start-up check-in")
     if failed is None:
         raise error if error is not None else _copy_of(source, *described)
 
 
-def _all_reach(store, point: str, world_size: int) -> None:
+def _all_reach(store, point: str, world_size: int, reached: str) -> None:
     """Count this rank at ``point`` and wait until every rank has reached it (the last one to arrive
-    says so); a store timeout is one line naming how many ranks did."""
+    says so); a store timeout is one line naming how many ranks did (``reached``: what they did)."""
     if store.add(point, 1) == world_size:
         store.set(f"all_{point}", "")
     try:
         store.wait([f"all_{point}"])
     except torch.distributed.DistStoreError:
-        raise UserInputError(f"only {store.add(point, 0)} of {world_size} ranks reached the start-up check-in within "
-                             "the timeout: a rank did not start or died before it (its log says why), or the launch "
-                             "counts more ranks than it started") from None
+        raise UserInputError(f"only {store.add(point, 0)} of {world_size} ranks {reached} within the timeout: a rank "
+                             "did not start or died before it (its log says why), or the launch counts more ranks "
+                             "than it started") from None
 
 
 def report_failed_start(error: Exception) -> None:
@@ -370,8 +371,6 @@ def report_failed_start(error: Exception) -> None:
     rank stops with it instead of waiting until the timeout; wait at most :data:`FAILED_START_WAIT`.
     Nothing for a world of one, a rank that already checked in, or launcher variables that reach no
     store (their own error is the one to print): the caller reports ``error`` either way."""
-    import contextlib
-
     rank, world_size = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")
     if _in_round or torch.distributed.is_initialized() or not (rank.isdigit() and world_size.isdigit()):
         return

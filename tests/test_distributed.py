@@ -219,6 +219,31 @@ def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, lau
     assert "DistStoreError" not in stderr  # no store timeout
 
 
+def test_the_check_in_times_out_with_one_line_naming_how_many_ranks_came():
+    """A rank that never checks in; a rank that posted its error and died before reading it back: the
+    waiting rank stops at the store's timeout with one line counting the ranks that came."""
+    import json
+    from datetime import timedelta
+
+    from megatron_renio.distributed import _described, check_in
+
+    def store():
+        hash_store = torch.distributed.HashStore()
+        hash_store.set_timeout(timedelta(seconds=0.2))
+        return hash_store
+
+    with pytest.raises(UserInputError, match=r"^only 1 of 2 ranks reached the start-up check-in within the timeout: "
+                                             r"a rank did not start or died before it \(its log says why\)"):
+        check_in(store(), "round", 0, 2, "gloo")
+    dead_after_posting = store()
+    rank_1 = torch.distributed.PrefixStore("round", dead_after_posting)
+    rank_1.set("failure", json.dumps([1, *_described(UserInputError("argument --lr: not a number"))]))
+    rank_1.add("checked_in", 1)
+    with pytest.raises(UserInputError, match=r"^only 1 of 2 ranks read the error posted at the start-up check-in "
+                                             r"within the timeout"):
+        check_in(dead_after_posting, "round", 0, 2, "gloo")
+
+
 @pytest.mark.slow  # a guard against a 5-minute wait; the check-in's CI cases cover the report itself
 def test_a_rank_that_cannot_reach_the_rendezvous_fails_at_its_timeout_only(tmp_path):
     """No store at MASTER_PORT: the rank fails when the rendezvous times out (3 s here), and its failed
