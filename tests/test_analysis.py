@@ -290,7 +290,7 @@ def test_missing_file_and_existing_output(tmp_path, capsys):
         shutil.rmtree(other)
     # --overwrite never replaces the input: an --out folder holding the --generations file is refused
     assert main(["--generations", path, "--out", str(tmp_path), "--overwrite"]) == 2
-    assert "holds the --generations file" in capsys.readouterr().err
+    assert f"holds the --generations file {path}, which" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["g.jsonl", "o"]
 
 
@@ -298,6 +298,30 @@ def test_default_output_directory(tmp_path):
     path = _write(tmp_path / "gens.jsonl", [{"completion": "hmm", "correct": False}])
     assert main(["--generations", path]) == 0
     assert (tmp_path / "gens_analysis" / "summary.json").is_file()
+
+
+def test_several_files_are_analysed_as_one_set(tmp_path, capsys):
+    """The trainer writes one samples file per data-parallel rank: analyze takes them all at once, with
+    the result of their concatenation; an error names the file and line; the default --out comes from
+    the first file."""
+    records, _, _ = _fixture(random.Random(11), 30)
+    ranks = [_write(tmp_path / f"samples_rank{r}.jsonl", records[r::3]) for r in range(3)]
+    together = _write(tmp_path / "all.jsonl", records[0::3] + records[1::3] + records[2::3])
+    assert main(["--generations", *ranks]) == 0
+    out = tmp_path / "samples_rank0_analysis"
+    assert "analyzed 30 generations" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text()) == analyze(load_generations(together))
+    assert f"Source: `{ranks[0]}`, `{ranks[1]}`, `{ranks[2]}`, 30 generations" in (out / "report.md").read_text()
+
+    (tmp_path / "samples_rank1.jsonl").write_text('{"completion": "so", "correct": "yes"}\n')
+    assert main(["--generations", *ranks, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: {ranks[1]} line 1: field 'correct' must be true or false\n"
+    assert main(["--generations", ranks[0], str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: --generations {tmp_path / 'nope.jsonl'}: no such file\n"
+    empty = [_write(tmp_path / "e1.jsonl", []), _write(tmp_path / "e2.jsonl", [])]
+    assert main(["--generations", *empty, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: {empty[0]}, {empty[1]}: no generations in the files\n"
+    assert not (tmp_path / "o").exists()
 
 
 def test_module_entry_point(tmp_path):

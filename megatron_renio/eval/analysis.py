@@ -1,7 +1,9 @@
 """``megatron-renio analyze``: how correct and incorrect student-generated outputs (SGOs) differ.
 
-Input: a file of graded generations (JSON lines, a JSON array, either gzipped, or parquet; read by
-:func:`~megatron_renio.data.records.read_rows`), one object per record, with the fields
+Input: one or more files of graded generations (JSON lines, a JSON array, either gzipped, or parquet;
+read by :func:`~megatron_renio.data.records.read_rows`; several files, e.g. the trainer's
+``samples_rank<R>.jsonl`` of every data-parallel rank, are analysed as one set), one object per record,
+with the fields
 
 * ``completion`` (string, required): the generated text;
 * ``correct`` (``true`` / ``false``): the grade; a record without one (the trainer's samples of a
@@ -82,17 +84,19 @@ class Generation:
     num_tokens: int | None = None
 
 
-def load_generations(path: str) -> list[Generation]:
-    """Read and validate a generations file (:data:`RECORD_EXTENSIONS`, read by
-    :func:`~megatron_renio.data.records.read_rows`), ungraded records included;
-    :class:`UserInputError` names the line, or the file when no record has a grade."""
-    if not os.path.isfile(path):
-        raise UserInputError(f"--generations {path}: no such file")
-    generations = [_generation(row.fields, row.where) for row in read_rows(path, RECORD_EXTENSIONS)]
+def load_generations(*paths: str) -> list[Generation]:
+    """Read and validate the records of the generations files ``paths``, in order (:data:`RECORD_EXTENSIONS`,
+    read by :func:`~megatron_renio.data.records.read_rows`), ungraded records included;
+    :class:`UserInputError` names the line, or the files when none has a record with a grade."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserInputError(f"--generations {path}: no such file")
+    generations = [_generation(row.fields, row.where) for path in paths for row in read_rows(path, RECORD_EXTENSIONS)]
+    named = ", ".join(paths)
     if not generations:
-        raise UserInputError(f"{path}: no generations in the file")
+        raise UserInputError(f"{named}: no generations in the file{'s' if len(paths) > 1 else ''}")
     if all(g.correct is None for g in generations):
-        raise UserInputError(f"{path}: no record has a grade (field 'correct'; {len(generations)} records read), "
+        raise UserInputError(f"{named}: no record has a grade (field 'correct'; {len(generations)} records read), "
                              "so there is nothing to compare")
     return generations
 
@@ -234,14 +238,14 @@ def _ungraded_note(summary: dict) -> str:
     return f"; {n} records without a grade were left out" if n > 1 else "; 1 record without a grade was left out"
 
 
-def render_report(summary: dict, source: str, plots: Sequence[str]) -> str:
-    """The Markdown report for a summary from :func:`analyze`."""
+def render_report(summary: dict, sources: Sequence[str], plots: Sequence[str]) -> str:
+    """The Markdown report for a summary from :func:`analyze` of the files ``sources``."""
     groups = summary["groups"]
     unit = summary["length_unit"]
     lines = [
         "# SGO analysis: correct vs incorrect completions",
         "",
-        f"Source: `{source}`, {summary['num_generations']} generations "
+        f"Source: {', '.join(f'`{source}`' for source in sources)}, {summary['num_generations']} generations "
         f"({groups['correct']['count']} correct, {groups['incorrect']['count']} incorrect){_ungraded_note(summary)}.",
         "",
         f"## Length ({unit})",
@@ -381,13 +385,13 @@ def _default_out(generations_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(generations_path)), f"{stem}_analysis")
 
 
-def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrite: bool) -> dict:
-    """Analyse ``generations_path`` and write the output directory; returns the summary."""
+def run(generations_paths: Sequence[str], out_dir: str, *, phrases: Sequence[str], overwrite: bool) -> dict:
+    """Analyse the files ``generations_paths`` as one set and write the output directory; returns the summary."""
     out_dir = os.path.realpath(out_dir)  # a link to a folder: write into its target, keep the link
-    source = os.path.realpath(generations_path)
-    if source.startswith(out_dir + os.sep):
-        raise UserInputError(f"--out {out_dir} holds the --generations file, which writing there would replace; "
-                             "choose another folder")
+    held = [path for path in generations_paths if os.path.realpath(path).startswith(out_dir + os.sep)]
+    if held:
+        raise UserInputError(f"--out {out_dir} holds the --generations file {held[0]}, which writing there would "
+                             "replace; choose another folder")
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise UserInputError(f"--out {out_dir}: exists and is not a directory")
@@ -398,7 +402,7 @@ def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrit
                                  "is not replaced; choose another")
         if entries and not overwrite:
             raise UserInputError(f"--out {out_dir}: directory is not empty (pass --overwrite to replace it)")
-    generations = load_generations(generations_path)
+    generations = load_generations(*generations_paths)
     summary = analyze(generations, phrases)
 
     parent = os.path.dirname(out_dir)
@@ -419,7 +423,7 @@ def run(generations_path: str, out_dir: str, *, phrases: Sequence[str], overwrit
             json.dump(summary, f, indent=2)
             f.write("\n")
         with open(os.path.join(staging, "report.md"), "w", encoding="utf-8") as f:
-            f.write(render_report(summary, generations_path, plots))
+            f.write(render_report(summary, generations_paths, plots))
         if os.path.exists(out_dir):
             retired = staging + ".old"
             os.rename(out_dir, retired)
@@ -448,11 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-renio analyze",
         description="Compare correct and incorrect generations: length, reflection markers, ReNIO weights.",
     )
-    parser.add_argument("--generations", required=True, metavar="FILE",
-                        help="graded generations: JSONL, JSON, gzipped or parquet (completion, correct, optional weight, "
-                             "num_tokens)")
+    parser.add_argument("--generations", required=True, nargs="+", metavar="FILE",
+                        help="graded generations: JSONL, JSON, gzipped or parquet (completion, correct, optional "
+                             "weight, num_tokens); several files are analysed as one set")
     parser.add_argument("--out", metavar="DIR",
-                        help="output directory (default: FILE without its extension, plus _analysis)")
+                        help="output directory (default: the first FILE without its extension, plus _analysis)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out directory that holds only an earlier analyze output")
     parser.add_argument("--phrases", metavar="LIST",
@@ -470,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         debug = args.debug
         phrases = _parse_phrases(args.phrases) if args.phrases is not None else list(DEFAULT_PHRASES)
-        out_dir = args.out if args.out is not None else _default_out(args.generations)
+        out_dir = args.out if args.out is not None else _default_out(args.generations[0])
         summary = run(args.generations, out_dir, phrases=phrases, overwrite=args.overwrite)
     except UserInputError as exc:
         if debug:
