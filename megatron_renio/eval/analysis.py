@@ -223,10 +223,11 @@ def analyze(generations: Sequence[Generation], phrases: Sequence[str] = DEFAULT_
 
 
 def _fmt(value) -> str:
+    """A report number: floats with 3 decimals, or 4 significant digits beyond [0.001, 1e6) (0 aside)."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.3f}" if value == 0 or 1e-3 <= abs(value) < 1e6 else f"{value:.4g}"
     return str(value)
 
 
