@@ -89,7 +89,9 @@ class DistributedContext:
         return self.pp_rank == self.pp_size - 1
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """The integer in the environment variable ``name`` (``default`` when unset); not an integer: one line
+    naming the variable (launcher variables such as RANK, WORLD_SIZE, MASTER_PORT)."""
     value = os.environ.get(name)
     if value is None:
         return default
@@ -102,7 +104,7 @@ def _env_int(name: str, default: int) -> int:
 def _check_rendezvous_address() -> None:
     """MASTER_PORT must be a port number and MASTER_ADDR a host this machine resolves: one line naming
     the variable, not a traceback from the rendezvous (a manual launch, a job script's typo)."""
-    port = _env_int("MASTER_PORT", 0)
+    port = env_int("MASTER_PORT", 0)
     if not 0 < port < 65536:
         raise UserInputError(f"environment variable MASTER_PORT={port} is not a port number (1 to 65535)")
     address = os.environ["MASTER_ADDR"]
@@ -207,7 +209,7 @@ def log0(message: str) -> None:
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
     else:
-        rank = _env_int("RANK", 0)
+        rank = env_int("RANK", 0)
     if rank == 0:
         print(message, flush=True)
 
@@ -441,8 +443,8 @@ def initialize(
 
     parallel.validate()
     _refuse_launcher_without_torchrun()
-    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    rank, world_size = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
+    local_rank = env_int("LOCAL_RANK", 0)
     if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):
         raise UserInputError(f"environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} do "
                              "not fit together (0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0): launch with torchrun")
