@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`TrainConfig` field, typed from the field's default; ``--help`` shows what it
     does (:data:`HELP`), its allowed values (:data:`CHOICES`) and its default."""
     parser = _OneLineErrorParser(prog="megatron_renio.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=_GivenOnce,
+    parser.add_argument("--config", action=_GivenOnce, type=path_arg,
                         help="YAML file whose keys are flag names; CLI flags override it")
     for f in dataclasses.fields(TrainConfig):
         flag = flag_name(f.name)
@@ -436,8 +436,8 @@ def _load_yaml(path: str) -> dict:
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse flags (and ``--config``), validate them, return the config."""
     args = vars(build_parser().parse_args(argv))
-    values = _load_yaml(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
+    config_file = args.pop("config")
+    values = _load_yaml(config_file) if config_file is not None else {}
     values.update(args)
     if "teacher" not in values and (values.get("mode") == "opd" or values.get("teacher_load")
                                     or values.get("teacher_model")):

@@ -134,6 +134,7 @@ def test_a_teacher_model_or_opd_means_a_separate_teacher_unless_told_otherwise(t
          r"--lr-warmup-iters must be smaller than --lr-decay-iters \(50\), got 50"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
         (["--config", "a.yaml", "--config", "b.yaml"], r"--config given twice \(a.yaml and b.yaml\): give one"),
+        (["--config", ""], r"argument --config: must be a path, got '' \(an unset shell variable\?\)"),  # not ignored
         (["--seq-len", "128"], "unrecognized arguments: --seq-len 128"),  # no abbreviations: --mod is not --mode
     ],
 )
