@@ -325,6 +325,11 @@ def print_summary(preset: ModelPreset, dtype: str, tensors: int, target: str) ->
 
 
 class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (``--over`` must not pass for ``--overwrite``), as the other commands' parser."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, like every other bad input
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)

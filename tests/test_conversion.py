@@ -784,6 +784,20 @@ def test_empty_path_flags_are_refused(tmp_path):
     assert [p.name for p in work.iterdir()] == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("module", ["hf_to_megatron", "megatron_to_hf"])
+def test_abbreviated_flags_are_refused(module, tmp_path, capsys):
+    """``--over`` must not pass for ``--overwrite``, nor ``--sa`` for ``--save`` (as the other commands)."""
+    import importlib
+
+    main = importlib.import_module(f"checkpoints_conversion.{module}").main
+    source = ["--hf-dir", str(tmp_path)] if module == "hf_to_megatron" else ["--load", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main([*source, "--sa", str(tmp_path / "out"), "--over"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --save (see --help)\n"
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_save_never_replaces_the_working_directory_or_the_input(hf_models, converted, tmp_path):
     """--save naming the current working directory or a folder above it is refused also with --overwrite
     (which would move the process's own folder away and delete what it held), and so is a --save that
