@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints_conversion import safetensors_io
 from checkpoints_conversion.common import QKVLayout
+from megatron_renio.errors import UserInputError
 from megatron_renio.models.checkpoint import read_checkpoint_metadata
 from megatron_renio.models.presets import ModelPreset, preset_from_hf_config, read_hf_config
 from tests.python_forkserver import run_python
@@ -300,6 +301,14 @@ def test_broken_checkpoint_is_a_one_line_error(converted):
     assert [line for line in result["stderr"].splitlines() if line.startswith("error: ")], result["stderr"]
     assert "Traceback" not in result["stderr"]
     assert not (converted["back"] / "broken").exists()
+
+
+def test_a_checkpoint_path_that_is_not_a_folder_says_which(tmp_path):
+    a_file = tmp_path / "train.jsonl"
+    a_file.write_text("{}\n")
+    for path, found in ((a_file, "is a file, not a folder"), (tmp_path / "missing", "does not exist")):
+        with pytest.raises(UserInputError, match=f"^model checkpoint folder {path} {found}$"):
+            read_checkpoint_metadata(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -949,7 +958,6 @@ def test_partial_rotary_factor_is_refused_unless_one():
     """RoPE on part of each head (partial_rotary_factor, at the top level or in rope_parameters) is one line
     naming the field; a factor of 1 is plain RoPE."""
     from checkpoints_conversion.adapters import get_adapter
-    from megatron_renio.errors import UserInputError
 
     adapter = get_adapter("LlamaForCausalLM")
     for fine in ({"partial_rotary_factor": 1.0}, {"rope_parameters": {"partial_rotary_factor": 1}}, {}):

@@ -458,7 +458,8 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserInputError(f"model checkpoint folder {directory} does not exist")
+        found = "is a file, not a folder" if directory.exists() else "does not exist"
+        raise UserInputError(f"model checkpoint folder {directory} {found}")
     path = directory / METADATA_FILE
     if not path.is_file():
         from megatron_renio.training.checkpointing import LATEST, iteration_dir, latest_iteration
