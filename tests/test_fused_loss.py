@@ -321,11 +321,14 @@ def test_block_threads_follow_torch_up_to_the_cap_on_the_cpu_only():
 
 def test_for_each_block_calls_every_block_once_across_threads_each_with_its_own_scratch():
     calls, lock = [], threading.Lock()
+    all_started = threading.Barrier(3, timeout=60)  # each thread's first block waits for the other two
 
     def record(block, scratch):
-        time.sleep(0.002)  # long enough that every thread takes blocks
         with lock:
+            first = all(thread != threading.get_ident() for _, thread, _ in calls)
             calls.append((block, threading.get_ident(), id(scratch)))
+        if first:
+            all_started.wait()  # broken (an error) unless three threads take blocks, however loaded the machine
 
     blocks = [(b, t) for b in range(3) for t in range(10)]
     fused_chunked.for_each_block(blocks, record, 3)
