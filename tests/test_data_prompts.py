@@ -235,9 +235,12 @@ def test_a_blank_or_nan_answer_is_no_answer_and_an_infinite_one_is_refused(tmp_p
     """A blank answer or NaN (JSON's NaN; a float column's missing value in a pandas-written parquet) is no answer, as a
     missing field is (its samples are not graded), not the text "nan" that every sample would fail;
     an infinite number is refused."""
-    rows = [_row()] + ['{"problem": "p", "answer": %s}' % value for value in ("NaN", '""', '" \\t"', "7", "0.5")]
+    rows = [_row()] + ['{"problem": "p", "answer": %s}' % value
+                       for value in ("NaN", '""', '" \\t"', "7", "0.5", "3.0", "1e16")]
     path = _write_lines(tmp_path / "a.jsonl", rows)
-    assert [r.answer for r in load_prompt_records([path])][1:] == [None, None, None, "7", "0.5"]
+    # a whole-number float is its digits: str(1e16) is '1e+16', which no boxed integer would match
+    assert [r.answer for r in load_prompt_records([path])][1:] == [None, None, None, "7", "0.5", "3",
+                                                                   "10000000000000000"]
     path = _write_lines(tmp_path / "inf.jsonl", [_row(), '{"problem": "p", "answer": -Infinity}'])
     assert _error([path]) == f"{path} line 2: field 'answer' must be a finite number, got -inf"
 

@@ -36,6 +36,7 @@ import torch
 
 from megatron_renio.data.records import read_rows
 from megatron_renio.errors import UserInputError
+from megatron_renio.eval.math_grader import number_answer
 
 _EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
 
@@ -118,7 +119,8 @@ def _text_field(row: dict[str, Any], field: str, flag: str, where: str, required
 
 
 def _answer_field(row: dict[str, Any], field: str, where: str) -> str | None:
-    """``row``'s answer under ``field`` as text (a number's ``str``); None when absent, blank or NaN
+    """``row``'s answer under ``field`` as text (a number as
+    :func:`~megatron_renio.eval.math_grader.number_answer` writes it); None when absent, blank or NaN
     (no answer: its samples are not graded)."""
     value = row.get(field)
     if value is None:
@@ -131,7 +133,8 @@ def _answer_field(row: dict[str, Any], field: str, where: str) -> str | None:
         return None
     if isinstance(value, float) and math.isinf(value):
         raise UserInputError(f"{where}: field '{field}' must be a finite number, got {value}")
-    return str(value) if str(value).strip() else None
+    text = value if isinstance(value, str) else number_answer(value)
+    return text if text.strip() else None
 
 
 class PromptSampler:

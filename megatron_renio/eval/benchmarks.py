@@ -21,8 +21,9 @@ dict that overrides keys of the default layout for the task; layout keys:
   and the asserts one per line, as MBPP's own harness shows them: the asserts name the function
   the model has to write;
 * ``answer`` (math): the reference answer, a string or a finite number; numbers are turned into
-  strings, and when the text contains ``\\boxed{...}`` (a full solution) the last box's content is
-  the answer, which must not be empty or blank;
+  strings (whole-number floats as their digits, :func:`~megatron_renio.eval.math_grader.number_answer`),
+  and when the text contains ``\\boxed{...}`` (a full solution) the last box's content is the answer,
+  which must not be empty or blank;
 * ``tests`` (code): test code, a string or a list of assert strings (joined with newlines), which
   must not be empty or blank;
 * ``entry_point`` (code, may be ``None``): the function name; ``check(<entry_point>)`` is called
@@ -79,7 +80,7 @@ from collections.abc import Mapping, Sequence
 from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
 from megatron_renio.errors import UserInputError
 from megatron_renio.eval.code_sandbox import grade_code
-from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math
+from megatron_renio.eval.math_grader import extract_boxed_answer, grade_math, number_answer
 
 TASKS = ("math", "code")
 _LAYOUT_KEYS = ("prompt", "answer", "tests", "entry_point", "setup", "id")
@@ -208,7 +209,7 @@ def _item(record: Mapping, layout: dict, where: str, default_id: str, field_flag
             raise UserInputError(f"{where}: field '{name}' must be a string or a number")
         if isinstance(answer, float) and not math.isfinite(answer):
             raise UserInputError(f"{where}: field '{name}' must be a finite number, got {answer}")
-        answer = str(answer)
+        answer = answer if isinstance(answer, str) else number_answer(answer)
         boxed = extract_boxed_answer(answer)
         answer = answer if boxed is None else boxed
         if not answer.strip():  # no completion could match it: every sample would be graded wrong

@@ -71,6 +71,13 @@ for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_SilenceDisabledTimeoutWarning())
 
 
+def number_answer(value: int | float) -> str:
+    """A reference answer stored as a JSON or parquet number, as text: a whole-number float as its
+    integer digits (``str(1e16)`` is ``'1e+16'``, which no boxed integer equals; a float column of a
+    pandas-written parquet holds every answer as a float), any other number as ``str``."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def extract_boxed_answer(text: str) -> str | None:
     """The answer of the last complete box in ``text``: ``\\boxed`` or ``\\fbox`` followed by
     either a braced group or, without a brace, whitespace and a token.
