@@ -355,7 +355,8 @@ def test_an_output_that_cannot_be_written_is_one_line_and_the_rerun_continues(pa
 
 
 def test_outputs_never_replace_an_input(tmp_path):
-    """--out and --summary may not name a --benchmark file (also behind a preset or a link) or each other."""
+    """--out and --summary may not name a --benchmark file (also behind a preset or a link), each other, or
+    a file of the --load or --tokenizer input."""
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"problem": "a cat", "answer": "1"}) + "\n")
     (tmp_path / "link.jsonl").symlink_to(good)
@@ -367,6 +368,21 @@ def test_outputs_never_replace_an_input(tmp_path):
         with pytest.raises(UserInputError, match=f"^--out .* {message}; choose another$"):
             runner.parse_args(["--load", "ckpt", *flags])
     assert good.read_text().startswith('{"problem"')
+    # nor a file of the model checkpoint or tokenizer read (--summary CKPT/renio_model.json replaced the metadata)
+    ckpt, tokenizer = tmp_path / "ckpt", tmp_path / "tok"
+    (ckpt / "tokenizer").mkdir(parents=True)
+    tokenizer.mkdir()
+    (tmp_path / "sp.model").write_text("")
+    for flags, message in (
+            (["--load", str(ckpt), "--summary", str(ckpt / "renio_model.json")], "--summary .* is inside the --load"),
+            (["--load", str(ckpt), "--out", str(ckpt / "tokenizer" / "o.jsonl")], "--out .* is inside the --load"),
+            (["--load", "c", "--tokenizer", str(tokenizer), "--out", str(tokenizer / "tokenizer.json")],
+             "--out .* is inside the --tokenizer"),
+            (["--load", "c", "--tokenizer", str(tmp_path / "sp.model"), "--out", str(tmp_path / "sp.model")],
+             "--out .* is also the --tokenizer file")):
+        with pytest.raises(UserInputError, match=f"^{message}"):
+            runner.parse_args(["--benchmark", str(good), *flags])
+    assert runner.parse_args(["--load", str(ckpt), "--benchmark", str(good), "--out", str(tmp_path / "o.jsonl")])
 
 
 def test_sampling_defaults_come_from_the_tokenizer_folder(paths, capsys, tmp_path):

@@ -269,11 +269,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "here has one (or is humaneval)")
     outputs = [(path, flag) for path, flag in ((args.out, "--out"), (args.summary, "--summary")) if path is not None]
     inputs = [(path, "--benchmark") for spec, (_, path) in zip(args.benchmark, specs) if spec != "humaneval"]
+    if args.tokenizer is not None:
+        inputs.append((args.tokenizer, "--tokenizer"))
+    model_folders = [(folder, flag) for folder, flag in ((args.load, "--load"), (args.tokenizer, "--tokenizer"))
+                     if folder is not None and os.path.isdir(folder)]
     for path, flag in outputs:
         check_output_file(path, f"{flag} {path}")
         for other, other_flag in inputs + [o for o in outputs if o[1] != flag]:
             if same_file(path, other):
                 raise UserInputError(f"{flag} {path} is also the {other_flag} file; choose another")
+        for folder, folder_flag in model_folders:  # e.g. --summary CKPT/renio_model.json would replace the metadata
+            if os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep):
+                raise UserInputError(f"{flag} {path} is inside the {folder_flag} folder, whose files it could "
+                                     "replace; choose another")
     return args
 
 
