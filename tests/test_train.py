@@ -769,7 +769,8 @@ def test_save_folder_of_another_model_is_refused(workdir):
     proc_first = train(base_args(workdir, **{"--train-iters": 2, "--save": save, "--save-interval": 1}))
     wider = base_args(workdir, **{"--student-load": workdir / "ckpt" / "teacher", "--train-iters": 1, "--save": save,
                                   "--save-interval": 1})
-    assert "holds checkpoints of another model" in _last_error(train(wider, check=False))
+    assert _last_error(train(wider, check=False)).startswith(
+        f"error: --save {save} holds checkpoints of another model (checkpoint vs this run: hidden_size ")
     assert f"data: 48 prompts from --data-path {workdir / 'train.jsonl'}\n" in proc_first.stdout  # the files it read
     # resuming it with another student (no --save) is refused before any model is built, naming what differs
     teacher = workdir / "ckpt" / "teacher"
