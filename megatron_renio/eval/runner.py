@@ -499,8 +499,10 @@ def run(args: argparse.Namespace) -> dict | None:
             result = generate(model, [j.prompt_ids for j in batch], sampling, eos_id=tokenizer.stop_ids,
                               true_vocab_size=meta.preset.vocab_size, seed=args.seed, max_sequence_length=seq_length,
                               rows=(first, len(jobs)))
-            nonfinite |= result.nonfinite
-            if grader and not nonfinite:
+            if result.nonfinite:  # the same on every rank of this replica: the rest would be as meaningless
+                nonfinite = True
+                break
+            if grader:
                 graded = list(zip(indices, _graded_batch(benchmarks, batch, result.completions, tokenizer, pool,
                                                                     threads * _local_world_size())))
                 records += graded
