@@ -333,6 +333,19 @@ def test_network_is_refused(host_check):
         server.close()
 
 
+def test_asyncio_and_writes_to_dev_null_pass(host_check):
+    """Correct programs that need no network and write nothing outside: asyncio's event loop wakes
+    itself through a local socket pair; printing to os.devnull. A socket pair of another family is
+    still the network."""
+    program = ("import asyncio, os\nasync def twice(x):\n    await asyncio.sleep(0)\n    return 2 * x\n"
+               "def double(x):\n    with open(os.devnull, 'w') as sink:\n        print('debug', file=sink)\n"
+               "    return asyncio.run(twice(x))\n")
+    result = run_python_tests(program, "assert double(2) == 4", timeout_s=20)
+    assert (result.passed, result.status) == (True, "passed"), result.stderr_tail
+    result = run_python_tests("import socket\nsocket.socketpair(socket.AF_INET)", "", timeout_s=20)
+    assert (result.passed, result.status) == (False, "blocked")
+
+
 @pytest.mark.parametrize(
     "program",
     [

@@ -29,10 +29,11 @@
   ``os.posix_spawn*`` family, ``os.kill`` / ``os.killpg`` / ``os.pidfd_open``,
   ``signal.pidfd_send_signal``, ``subprocess`` process creation and
   ``_posixsubprocess.fork_exec`` with functions that refuse; sockets (``socket.socket``,
-  ``_socket.socket``, ``socketpair``, ``fromfd``, ``create_connection``, name resolution) refuse
-  too, which blocks the network; ``open`` (``builtins``, ``io``, ``_io``), ``io.FileIO``,
+  ``_socket.socket``, ``socketpair`` but for ``socket.socketpair``'s local AF_UNIX pair, which
+  asyncio's event loop needs, ``fromfd``, ``create_connection``, name resolution) refuse too, which
+  blocks the network; ``open`` (``builtins``, ``io``, ``_io``), ``io.FileIO``,
   ``os.open`` and the ``os`` functions that create, remove, rename, link or modify paths refuse
-  any target whose real path is outside the working directory, and those that modify the file of
+  any target whose real path is outside the working directory (``/dev/null`` aside), and those that modify the file of
   an open descriptor (``os.fchmod``, ``os.fchown``, ``os.ftruncate``, ``os.chmod`` / ``os.chown``
   / ``os.utime`` / ``os.truncate`` / ``os.setxattr`` / ``os.removexattr`` given a descriptor)
   refuse one that is not of a file inside it, as ``/proc/self/fd`` names it (reading is
@@ -461,6 +462,15 @@ def _install_guards(root: str, violations: list[str]) -> None:
         def __init__(self, *args, **kwargs):
             deny("network access")
 
+    local_pair = _socket.socketpair
+
+    def socketpair(family=socket.AF_UNIX, type=socket.SOCK_STREAM, proto=0):
+        """Two connected local sockets (asyncio's event loop wakes itself through one): no network. They
+        are ``_socket`` objects (send, recv, fileno, close...), made in C past the refusing classes."""
+        if family != socket.AF_UNIX:
+            deny("network access")
+        return local_pair(family, type, proto)
+
     socket.socket = socket.SocketType = _NoSocket
     _socket.socket = _socket.SocketType = _NoRawSocket
     for module in (socket, _socket):
@@ -468,6 +478,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
                      "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
             if hasattr(module, name):
                 setattr(module, name, refuser("network access"))
+    socket.socketpair = socketpair
 
     readlink = os.readlink
 
@@ -484,7 +495,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
             else:
                 base = os.getcwd()
             full = os.path.realpath(os.path.join(base, path))
-        if full != root and not full.startswith(root + os.sep):
+        if full != root and not full.startswith(root + os.sep) and full != os.devnull:
             deny(f"writing {full}")
 
     def opens_for_writing(file, mode: str) -> bool:
