@@ -108,6 +108,31 @@ def test_a_save_is_on_stable_storage_before_the_marker_names_it(saved_run, tmp_p
     assert folder in events[checkpoint_at:marker_at] and folder in events[marker_at:]
 
 
+def test_checkpoint_folders_without_the_marker_are_refused_not_read_as_none(saved_run, tmp_path):
+    """A run folder whose ``latest`` marker is gone (a partial copy, a deleted marker): read as no
+    checkpoint, a new run or a requeue (--load = --save) would start over and its first save prune every
+    iter_* folder. One line instead; --override-save (which does not read it) still starts over."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.models.checkpoint import read_checkpoint_metadata
+    from megatron_renio.training.checkpointing import LATEST, latest_iteration
+    from megatron_renio.training.components import check_load_source, check_save_target
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_run[0], run)
+    assert latest_iteration(run) == 1
+    (run / LATEST).unlink()
+    message = (f"^{run} holds checkpoint folders \\(iter_0000001\\) but no {LATEST} naming the one to resume: write "
+               f"the iteration of a complete one into {run / LATEST} to resume it, or pass --override-save to start "
+               "over \\(which deletes them\\)$")
+    student = read_checkpoint_metadata(run / "iter_0000001").preset
+    for check, cfg in ((check_save_target, TrainConfig(save=str(run))),
+                       (check_load_source, TrainConfig(load=str(run), save=str(run)))):
+        with pytest.raises(UserInputError, match=message):
+            check(cfg, student) if check is check_save_target else check(cfg)
+    check_save_target(TrainConfig(save=str(run), override_save=True), student)
+    assert latest_iteration(tmp_path / "empty") is None
+
+
 class _Killed(BaseException):
     """The process dying at this point (no handler catches it)."""
 

@@ -1074,20 +1074,35 @@ def test_distributed_optimizer_state_round_trip(tmp_path, fully_reshardable, mon
         state = read_train_state(tmp_path)
         assert state["optimizer_format"] == {"sharding": "fully_reshardable" if fully_reshardable else "dp_reshardable",
                                              "tp": 1, "pp": 1}
-        if fully_reshardable:
-            save = torch.save
+        if fully_reshardable:  # a full disk at each of the files and folders the trainer writes itself
+            import errno
+            from pathlib import Path
 
-            def full_disk(obj, path, *args, **kwargs):
-                if isinstance(path, (str, os.PathLike)) and os.path.basename(path).startswith("rank_"):
+            save, mkdir, part = torch.save, Path.mkdir, tmp_path / ".tmp_iter_0000002"
+
+            def full_disk(obj, path, *args, **kwargs):  # torch.save reports it as RuntimeError
+                if isinstance(path, (str, os.PathLike)) and os.path.basename(path) == full.name:
                     raise RuntimeError("basic_ios::clear: iostream error")
                 return save(obj, path, *args, **kwargs)
 
+            def full_disk_folder(path, *args, **kwargs):
+                if path == full:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+                return mkdir(path, *args, **kwargs)
+
             monkeypatch.setattr(torch, "save", full_disk)
-            with pytest.raises(UserInputError, match=r"rank_00000\.pt: cannot write the checkpoint \(basic_ios"):
-                save_training_checkpoint(tmp_path, 2, student=model, student_info=info, optimizer=optimizer,
-                                         train_state={"iteration": 2}, fully_reshardable=True)
+            monkeypatch.setattr(Path, "mkdir", full_disk_folder)
+            for full, reason in ((part / "rng" / "rank_00000.pt", "basic_ios::clear: iostream error"),
+                                 (part / "train_state.pt", "basic_ios::clear: iostream error"),
+                                 (part / "rng", "No space left on device"),
+                                 (part / "optimizer", "No space left on device")):
+                with pytest.raises(UserInputError) as error:
+                    save_training_checkpoint(tmp_path, 2, student=model, student_info=info, optimizer=optimizer,
+                                             train_state={"iteration": 2}, fully_reshardable=True)
+                assert str(error.value) == f"{full}: cannot write the checkpoint ({reason}); the latest one stays"
+                assert read_train_state(tmp_path)["iteration"] == 1
             monkeypatch.setattr(torch, "save", save)
-            assert read_train_state(tmp_path)["iteration"] == 1
+            monkeypatch.setattr(Path, "mkdir", mkdir)
         if not fully_reshardable:
             model, _, _, optimizer, _ = build(bucket_size=20000)
             with pytest.raises(UserInputError, match=r"was saved from other gradient buckets \(\(bucket, size\) "

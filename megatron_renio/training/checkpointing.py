@@ -45,9 +45,18 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
 
 
 def latest_iteration(root: str | Path) -> int | None:
-    """The iteration named by the ``latest`` marker, or None when there is no checkpoint."""
+    """The iteration named by the ``latest`` marker, or None when there is no checkpoint. ``iter_*``
+    folders without a marker (a partial copy of a run folder, a deleted marker, a first save cut between
+    its rename and its marker) are one line: read as no checkpoint, a new run's first save would prune
+    them all."""
     marker = Path(root) / LATEST
     if not marker.is_file():
+        unmarked = sorted(path.name for path in Path(root).glob("iter_*") if path.name[len("iter_"):].isdigit())
+        if unmarked:
+            raise UserInputError(
+                f"{root} holds checkpoint folders ({', '.join(unmarked)}) but no {LATEST} naming the one to "
+                f"resume: write the iteration of a complete one into {marker} to resume it, or pass "
+                "--override-save to start over (which deletes them)")
         return None
     text = marker.read_text().strip()
     if not text.isdigit():
@@ -171,7 +180,7 @@ def save_training_checkpoint(
 
     # Rank 0's file operations run through on_rank0: its failure (a full disk, a lost permission)
     # ends every rank with its message instead of leaving them in the next barrier until the timeout.
-    on_rank0(prepare)
+    _on_rank0_writing(prepare, root)
     save_model_checkpoint(student, student_info, tmp, tokenizer_dir=tokenizer_dir, generation_config=generation_config,
                           extra_metadata={"iteration": iteration})
     saved_format = optimizer_format(optimizer, fully_reshardable)
@@ -180,7 +189,7 @@ def save_training_checkpoint(
     for name, state in (("optimizer", optimizer_state),
                         ("teacher", teacher.sharded_state_dict() if teacher is not None else None)):
         if state is not None:
-            on_rank0((tmp / name).mkdir)
+            _on_rank0_writing((tmp / name).mkdir, tmp / name)
             save_sharded(state, tmp / name)
     maybe_die("checkpoint", iteration)  # model and optimizer written, not yet published
 
@@ -189,14 +198,14 @@ def save_training_checkpoint(
         torch.save({**train_state, "distributed_optimizer": _distributed(optimizer), "optimizer_format": saved_format},
                    tmp / "train_state.pt")
 
-    on_rank0(write_train_state)
+    _on_rank0_writing(write_train_state, tmp / "train_state.pt")
     rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
     try:
         torch.save(_rng_state(), rng_file)
         fsync(rng_file)  # by the rank that wrote it: on another node rank 0's fsync would not flush it
         error = None
-    except Exception as e:  # torch.save reports a full disk or a lost folder as RuntimeError, not OSError
-        error = UserInputError(f"{rng_file}: cannot write the checkpoint ({e}); the latest one stays")
+    except (OSError, RuntimeError) as e:
+        error = _write_error(e, rng_file)
     raise_if_any_rank(error)
     final = iteration_dir(root, iteration)
 
@@ -219,6 +228,25 @@ def save_training_checkpoint(
     if rank == 0:  # nothing reads the older folders: training goes on while rank 0 deletes them
         _start_pruning(root, iteration, keep_last)
     return final
+
+
+def _write_error(error: OSError | RuntimeError, path: Path) -> UserInputError:
+    """The one line of a checkpoint part that could not be written (a full disk, a lost permission or
+    folder; torch.save reports them as RuntimeError, not OSError)."""
+    return UserInputError(f"{getattr(error, 'filename', None) or path}: cannot write the checkpoint "
+                          f"({getattr(error, 'strerror', None) or error}); the latest one stays")
+
+
+def _on_rank0_writing(write, path: Path) -> None:
+    """``on_rank0(write)``, its failure to write (:func:`_write_error`, naming ``path`` unless the system
+    names the file) one line on every rank."""
+    def guarded() -> None:
+        try:
+            write()
+        except (OSError, RuntimeError) as e:
+            raise _write_error(e, path) from None
+
+    on_rank0(guarded)
 
 
 _pruning: list[threading.Thread] = []
