@@ -33,3 +33,22 @@ def test_flags_it_cannot_honour_are_one_line(argv, expected, monkeypatch, capsys
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith(f": error: {expected}")  # after the program name, which argparse takes from argv[0]
+
+
+def test_a_failing_comparison_is_dropped_with_one_line_and_the_others_stay():
+    """Liger-Kernel's JSD is an optional third-party comparison: its failure (not running out of memory,
+    which the measurement reports) must not end the benchmark before the project's own rows."""
+    module = bench_loss()
+
+    def liger():
+        raise RuntimeError("triton compilation failed\nlong details")
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("no memory")
+
+    steps = {"fused": lambda: None, "liger(+lsm)": liger}
+    assert module._drop_if_failing(steps, "liger(+lsm)") == "failed: RuntimeError: triton compilation failed"
+    assert list(steps) == ["fused"]
+    assert module._drop_if_failing(steps, "liger(+lsm)") is None  # absent: nothing to run
+    steps["liger(+lsm)"] = out_of_memory
+    assert module._drop_if_failing(steps, "liger(+lsm)") is None and "liger(+lsm)" in steps

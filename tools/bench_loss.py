@@ -347,6 +347,7 @@ def run_single(args, device, dtype, memory):
                  if kind == "jsd" or path is not liger_loss}
         if args.split:
             steps["fused(forward)"] = forward_step(paths["fused"], zs, zt, ids, cfg, shard, None)
+        liger_failure = _drop_if_failing(steps, "liger(+lsm)")
         results = measure(steps, device, args.iters, args.warmup, memory, idle=device.type == "cuda")
         ref = results["reference"]
         for label, measured in results.items():
@@ -361,10 +362,27 @@ def run_single(args, device, dtype, memory):
             mem_ratios.append(fused[1] / ref[1])
         print(ratios_line(kind, results, floor_ms, speedup))
         if kind == "jsd" and "liger(+lsm)" not in results:
-            reason = "liger_kernel is not installed" if not liger_available() else "Liger-Kernel needs a GPU"
+            reason = liger_failure or ("liger_kernel is not installed" if not liger_available()
+                                       else "Liger-Kernel needs a GPU")
             print(f"{'liger(+lsm)':16s} jsd         skipped: {reason}")
     print(f"speedup_vs_reference={min(speedups, default=math.nan):.2f} "
           f"memory_vs_reference={max(mem_ratios, default=math.nan):.3f}")
+
+
+def _drop_if_failing(steps: dict, label: str) -> str | None:
+    """Run the optional comparison ``steps[label]`` once; an error other than running out of memory
+    (which ``measure`` reports) removes it and is returned as one line, so that it cannot cost the
+    rows of the project's own paths."""
+    if label not in steps:
+        return None
+    try:
+        steps[label]()
+    except torch.OutOfMemoryError:
+        return None
+    except Exception as e:  # noqa: BLE001 (a third-party kernel: any failure)
+        del steps[label]
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def ratios_line(kind: str, results: dict, floor_ms: float, speedup: float | None) -> str:
