@@ -372,6 +372,7 @@ def test_outputs_never_replace_an_input(tmp_path):
     # nor a file of the model checkpoint or tokenizer read (--summary CKPT/renio_model.json replaced the metadata)
     ckpt, tokenizer = tmp_path / "ckpt", tmp_path / "tok"
     (ckpt / "tokenizer").mkdir(parents=True)
+    (ckpt / "renio_model.json").write_text("{}")  # a model checkpoint folder (a folder that is not one is refused later)
     tokenizer.mkdir()
     (tmp_path / "sp.model").write_text("")
     for flags, message in (

@@ -1339,7 +1339,9 @@ def test_a_model_inside_the_save_folders_checkpoints_is_refused(tmp_path):
                                                      "whose iter_\\* folders the run's saves prune"):
                 check_save_target(TrainConfig(save=str(save), override_save=override,
                                               **{key: str(save / "iter_0000004")}), get_preset("tiny-qwen3"))
-    check_save_target(TrainConfig(save=str(save), student_load=str(save / "init")), get_preset("tiny-qwen3"))
+    # beside the iter_* folders (which, without a marker, only --override-save accepts): not pruned
+    check_save_target(TrainConfig(save=str(save), override_save=True, student_load=str(save / "init")),
+                      get_preset("tiny-qwen3"))
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-qwen3-untied", "tiny-qwen2", "tiny-llama3"])

@@ -261,6 +261,8 @@ def _benchmark_fields(args: argparse.Namespace) -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the eval flags (cheap checks only: nothing is loaded)."""
+    from megatron_renio.models.checkpoint import METADATA_FILE
+
     args = build_parser().parse_args(argv)
     specs = [_benchmark_spec(spec) for spec in args.benchmark]
     if _benchmark_fields(args) and all(preset is not None for preset, _ in specs):
@@ -271,8 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inputs = [(path, "--benchmark") for spec, (_, path) in zip(args.benchmark, specs) if spec != "humaneval"]
     if args.tokenizer is not None:
         inputs.append((args.tokenizer, "--tokenizer"))
-    model_folders = [(folder, flag) for folder, flag in ((args.load, "--load"), (args.tokenizer, "--tokenizer"))
-                     if folder is not None and os.path.isdir(folder)]
+    model_folders = [(args.load, "--load")] if os.path.isfile(os.path.join(args.load, METADATA_FILE)) else []
+    if args.tokenizer is not None and os.path.isdir(args.tokenizer):
+        model_folders.append((args.tokenizer, "--tokenizer"))
     for path, flag in outputs:
         check_output_file(path, f"{flag} {path}")
         for other, other_flag in inputs + [o for o in outputs if o[1] != flag]:
