@@ -342,8 +342,38 @@ def test_asyncio_and_writes_to_dev_null_pass(host_check):
                "    return asyncio.run(twice(x))\n")
     result = run_python_tests(program, "assert double(2) == 4", timeout_s=20)
     assert (result.passed, result.status) == (True, "passed"), result.stderr_tail
-    result = run_python_tests("import socket\nsocket.socketpair(socket.AF_INET)", "", timeout_s=20)
-    assert (result.passed, result.status) == (False, "blocked")
+    for refused in ("socket.socketpair(socket.AF_INET)", "socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)"):
+        result = run_python_tests(f"import socket\n{refused}", "", timeout_s=20)
+        assert (result.passed, result.status) == (False, "blocked"), refused
+
+
+@pytest.mark.parametrize("call", ["a.bind({path!r})", "a.connect({path!r})", "a.sendto(b'x', {path!r})"])
+def test_the_allowed_socket_pair_reaches_no_other_socket(host_check, tmp_path, call):
+    """asyncio's socket pair has only its self-pipe's calls: binding a socket file outside, or sending
+    to another process's socket, fails."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "listener.sock"))
+    listener.settimeout(0.5)
+    try:
+        program = "import socket\na, b = socket.socketpair()\n" + call.format(path=str(tmp_path / "listener.sock"))
+        assert not run_python_tests(program, "", timeout_s=20).passed
+        with pytest.raises(socket.timeout):
+            listener.recv(10)
+    finally:
+        listener.close()
+    bound = tmp_path / "bound.sock"
+    assert not run_python_tests(f"import socket\na, b = socket.socketpair()\na.bind({str(bound)!r})", "").passed
+    assert not bound.exists()
+
+
+# changes that would do no harm if the guard let them through (the same mode, itself as the new name)
+@pytest.mark.parametrize("change", ["os.chmod(os.devnull, 0o666)", "os.rename(os.devnull, os.devnull)",
+                                    "os.truncate(os.devnull, 0)", "os.utime(os.devnull)"])
+def test_dev_null_may_be_written_not_changed(host_check, change):
+    """Opening /dev/null for writing is allowed; the guard of changes to paths still refuses it."""
+    result = run_python_tests(f"import os\n{change}", "", timeout_s=20)
+    assert (result.passed, result.status) == (False, "blocked"), change
+    assert os.path.exists(os.devnull)
 
 
 @pytest.mark.parametrize(

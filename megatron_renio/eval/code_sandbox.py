@@ -29,11 +29,12 @@
   ``os.posix_spawn*`` family, ``os.kill`` / ``os.killpg`` / ``os.pidfd_open``,
   ``signal.pidfd_send_signal``, ``subprocess`` process creation and
   ``_posixsubprocess.fork_exec`` with functions that refuse; sockets (``socket.socket``,
-  ``_socket.socket``, ``socketpair`` but for ``socket.socketpair``'s local AF_UNIX pair, which
-  asyncio's event loop needs, ``fromfd``, ``create_connection``, name resolution) refuse too, which
-  blocks the network; ``open`` (``builtins``, ``io``, ``_io``), ``io.FileIO``,
-  ``os.open`` and the ``os`` functions that create, remove, rename, link or modify paths refuse
-  any target whose real path is outside the working directory (``/dev/null`` aside), and those that modify the file of
+  ``_socket.socket``, ``socketpair`` but for ``socket.socketpair``'s local AF_UNIX stream pair, which
+  asyncio's event loop needs, given with only send, recv, setblocking, fileno and close,
+  ``fromfd``, ``create_connection``, name resolution) refuse too, which blocks the network; ``open``
+  (``builtins``, ``io``, ``_io``), ``io.FileIO``, ``os.open`` and the ``os`` functions that create,
+  remove, rename, link or modify paths refuse any target whose real path is outside the working
+  directory (opening ``/dev/null`` for writing aside), and those that modify the file of
   an open descriptor (``os.fchmod``, ``os.fchown``, ``os.ftruncate``, ``os.chmod`` / ``os.chown``
   / ``os.utime`` / ``os.truncate`` / ``os.setxattr`` / ``os.removexattr`` given a descriptor)
   refuse one that is not of a file inside it, as ``/proc/self/fd`` names it (reading is
@@ -464,12 +465,33 @@ def _install_guards(root: str, violations: list[str]) -> None:
 
     local_pair = _socket.socketpair
 
+    class _LocalEnd:
+        """One end of a connected local socket pair with only the calls of an event loop's self-pipe
+        (no bind, connect or sendto, which could reach another process's socket)."""
+
+        def __init__(self, end):
+            self._end = end
+
+        def fileno(self):
+            return self._end.fileno()
+
+        def setblocking(self, flag):
+            self._end.setblocking(flag)
+
+        def recv(self, size):
+            return self._end.recv(size)
+
+        def send(self, data):
+            return self._end.send(data)
+
+        def close(self):
+            self._end.close()
+
     def socketpair(family=socket.AF_UNIX, type=socket.SOCK_STREAM, proto=0):
-        """Two connected local sockets (asyncio's event loop wakes itself through one): no network. They
-        are ``_socket`` objects (send, recv, fileno, close...), made in C past the refusing classes."""
-        if family != socket.AF_UNIX:
+        """Two connected local stream sockets (asyncio's event loop wakes itself through one): no network."""
+        if family != socket.AF_UNIX or type != socket.SOCK_STREAM:
             deny("network access")
-        return local_pair(family, type, proto)
+        return tuple(_LocalEnd(end) for end in local_pair(family, type, proto))
 
     socket.socket = socket.SocketType = _NoSocket
     _socket.socket = _socket.SocketType = _NoRawSocket
@@ -482,10 +504,11 @@ def _install_guards(root: str, violations: list[str]) -> None:
 
     readlink = os.readlink
 
-    def check_write(target, dir_fd=None) -> None:
+    def check_write(target, dir_fd=None, opening=False) -> None:
         """Refuse unless ``target`` lies inside ``root``: a path (relative to the descriptor
         ``dir_fd`` when given) or an open descriptor, whose file ``/proc/self/fd`` names (a pipe
-        or socket shows there as ``pipe:[...]`` / ``socket:[...]``, never inside)."""
+        or socket shows there as ``pipe:[...]`` / ``socket:[...]``, never inside); ``opening`` it
+        for writing, ``/dev/null`` too (removing or changing it stays refused)."""
         if isinstance(target, int):
             full = readlink(f"/proc/self/fd/{target}")
         else:
@@ -495,7 +518,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
             else:
                 base = os.getcwd()
             full = os.path.realpath(os.path.join(base, path))
-        if full != root and not full.startswith(root + os.sep) and full != os.devnull:
+        if full != root and not full.startswith(root + os.sep) and not (opening and full == os.devnull):
             deny(f"writing {full}")
 
     def opens_for_writing(file, mode: str) -> bool:
@@ -507,7 +530,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
 
     def guarded_open(file, mode="r", *args, **kwargs):
         if opens_for_writing(file, mode):
-            check_write(file)
+            check_write(file, opening=True)
         return real_open(file, mode, *args, **kwargs)
 
     builtins.open = io.open = _io.open = guarded_open
@@ -515,7 +538,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
     class _GuardedFileIO(_io.FileIO):
         def __init__(self, file, mode="r", *args, **kwargs):
             if opens_for_writing(file, mode):
-                check_write(file)
+                check_write(file, opening=True)
             super().__init__(file, mode, *args, **kwargs)
 
     io.FileIO = _io.FileIO = _GuardedFileIO
@@ -540,7 +563,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
     def guard_open(real):
         def guarded(path, flags, *args, **kwargs):
             if flags & write_flags:
-                check_write(path, kwargs.get("dir_fd"))
+                check_write(path, kwargs.get("dir_fd"), opening=True)
             return real(path, flags, *args, **kwargs)
 
         return guarded
