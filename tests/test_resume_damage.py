@@ -122,8 +122,8 @@ def test_checkpoint_folders_without_the_marker_are_refused_not_read_as_none(save
     assert latest_iteration(run) == 1
     (run / LATEST).unlink()
     message = (f"^{run} holds checkpoint folders \\(iter_0000001\\) but no {LATEST} naming the one to resume: write "
-               f"the iteration of a complete one into {run / LATEST} to resume it, or pass --override-save to start "
-               "over \\(which deletes them\\)$")
+               f"the iteration of a complete one into {run / LATEST} to resume it, or start over without --load and "
+               "with --override-save \\(which deletes them\\)$")
     student = read_checkpoint_metadata(run / "iter_0000001").preset
     for check, cfg in ((check_save_target, TrainConfig(save=str(run))),
                        (check_load_source, TrainConfig(load=str(run), save=str(run)))):

@@ -55,8 +55,8 @@ def latest_iteration(root: str | Path) -> int | None:
         if unmarked:
             raise UserInputError(
                 f"{root} holds checkpoint folders ({', '.join(unmarked)}) but no {LATEST} naming the one to "
-                f"resume: write the iteration of a complete one into {marker} to resume it, or pass "
-                "--override-save to start over (which deletes them)")
+                f"resume: write the iteration of a complete one into {marker} to resume it, or start over "
+                "without --load and with --override-save (which deletes them)")
         return None
     text = marker.read_text().strip()
     if not text.isdigit():
