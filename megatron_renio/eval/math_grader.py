@@ -38,6 +38,7 @@ returns is only stopped by the child-process path.
 
 from __future__ import annotations
 
+import decimal
 import json
 import logging
 import os
@@ -72,10 +73,13 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 
 
 def number_answer(value: int | float) -> str:
-    """A reference answer stored as a JSON or parquet number, as text: a whole-number float as its
-    integer digits (``str(1e16)`` is ``'1e+16'``, which no boxed integer equals; a float column of a
+    """A reference answer stored as a JSON or parquet number, as text: a whole-number float as the
+    integer digits of its shortest decimal form (``str(1e16)`` is ``'1e+16'``, which no boxed integer
+    equals, and ``int(1e23)`` the binary value 99999999999999991611392; a float column of a
     pandas-written parquet holds every answer as a float), any other number as ``str``."""
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    if isinstance(value, float) and value.is_integer():
+        return format(decimal.Decimal(repr(value)).to_integral_value(), "f") if value else "0"
+    return str(value)
 
 
 def extract_boxed_answer(text: str) -> str | None:
