@@ -88,9 +88,13 @@ def load_generations(*paths: str) -> list[Generation]:
     """Read and validate the records of the generations files ``paths``, in order (:data:`RECORD_EXTENSIONS`,
     read by :func:`~megatron_renio.data.records.read_rows`), ungraded records included;
     :class:`UserInputError` names the line, or the files when none has a record with a grade."""
+    seen = {}
     for path in paths:
         if not os.path.isfile(path):
             raise UserInputError(f"--generations {path}: no such file")
+        if os.path.realpath(path) in seen:  # its records would count twice
+            raise UserInputError(f"--generations {path}: the same file as {seen[os.path.realpath(path)]}")
+        seen[os.path.realpath(path)] = path
     generations = [_generation(row.fields, row.where) for path in paths for row in read_rows(path, RECORD_EXTENSIONS)]
     named = ", ".join(paths)
     if not generations:

@@ -556,7 +556,7 @@ def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
     differences = read_checkpoint_metadata(iteration_dir(cfg.save, iteration)).preset.architecture_differences(student)
     if differences:  # fields that change no weight (token ids, max positions) do not make another model
         raise UserInputError(
-            f"--save {cfg.save} holds checkpoints of another model (checkpoint vs this run: {', '.join(differences)}); "
+            f"--save {cfg.save} holds checkpoints of another model (checkpoint vs this run: {'; '.join(differences)}); "
             "choose another --save or pass --override-save"
         )
     if cfg.load is None or Path(cfg.load).resolve() != Path(cfg.save).resolve():
