@@ -204,7 +204,7 @@ def save_training_checkpoint(
         torch.save(_rng_state(), rng_file)
         fsync(rng_file)  # by the rank that wrote it: on another node rank 0's fsync would not flush it
         error = None
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # every rank must reach raise_if_any_rank, whatever stopped its write
         error = _write_error(e, rng_file)
     raise_if_any_rank(error)
     final = iteration_dir(root, iteration)
@@ -230,7 +230,7 @@ def save_training_checkpoint(
     return final
 
 
-def _write_error(error: OSError | RuntimeError, path: Path) -> UserInputError:
+def _write_error(error: Exception, path: Path) -> UserInputError:
     """The one line of a checkpoint part that could not be written (a full disk, a lost permission or
     folder; torch.save reports them as RuntimeError, not OSError)."""
     return UserInputError(f"{getattr(error, 'filename', None) or path}: cannot write the checkpoint "
