@@ -347,6 +347,13 @@ def test_asyncio_and_writes_to_dev_null_pass(host_check):
         assert (result.passed, result.status) == (False, "blocked"), refused
 
 
+def test_device_nodes_are_refused_even_inside_the_folder(host_check):
+    """As root a device node made in the working folder opens its device (a disk): mknod is refused.
+    (The null device's numbers: harmless if the guard let it through.)"""
+    result = run_python_tests("import os, stat\nos.mknod('null', stat.S_IFCHR | 0o666, os.makedev(1, 3))", "")
+    assert (result.passed, result.status) == (False, "blocked")
+
+
 @pytest.mark.parametrize("call", ["a.bind({path!r})", "a.connect({path!r})", "a.sendto(b'x', {path!r})"])
 def test_the_allowed_socket_pair_reaches_no_other_socket(host_check, tmp_path, call):
     """asyncio's socket pair has only its self-pipe's calls: binding a socket file outside, or sending

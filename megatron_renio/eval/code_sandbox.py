@@ -23,11 +23,13 @@
 * **Output**: stdout and stderr are read incrementally; once together they pass
   ``max_output_bytes`` the group is killed and the status is ``"output_limit"``. Only the last
   :data:`TAIL_CHARS` characters of each stream are kept.
-* **Prelude** (a best-effort guard, *not* a security boundary; code that reaches C directly, e.g.
-  through ``ctypes``, gets around it): before the program runs, the child replaces ``os.fork``,
+* **Prelude** (a best-effort guard against what a program does by accident, *not* a security
+  boundary: code that reaches C directly, e.g. through ``ctypes``, or digs the original objects out
+  of the replacements, e.g. a patched class's base class or a wrapper's attributes, gets around it):
+  before the program runs, the child replaces ``os.fork``,
   ``os.forkpty``, ``os.system``, ``os.popen``, the ``os.exec*`` / ``os.spawn*`` /
   ``os.posix_spawn*`` family, ``os.kill`` / ``os.killpg`` / ``os.pidfd_open``,
-  ``signal.pidfd_send_signal``, ``subprocess`` process creation and
+  ``signal.pidfd_send_signal``, ``os.mknod``, ``subprocess`` process creation and
   ``_posixsubprocess.fork_exec`` with functions that refuse; sockets (``socket.socket``,
   ``_socket.socket``, ``socketpair`` but for ``socket.socketpair``'s local AF_UNIX stream pair, which
   asyncio's event loop needs, given with only send, recv, setblocking, fileno and close,
@@ -579,7 +581,7 @@ def _install_guards(root: str, violations: list[str]) -> None:
     wrappers.update(dict.fromkeys(("rename", "replace", "link"), guard_two))
     wrappers.update(dict.fromkeys(
         ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "truncate", "utime",
-         "mkfifo", "mknod", "setxattr", "removexattr", "fchmod", "fchown", "ftruncate"),
+         "mkfifo", "setxattr", "removexattr", "fchmod", "fchown", "ftruncate"),
         guard_one,
     ))
     for name, wrap in wrappers.items():
@@ -587,6 +589,8 @@ def _install_guards(root: str, violations: list[str]) -> None:
             guarded = wrap(getattr(posix, name))
             setattr(posix, name, guarded)
             setattr(os, name, guarded)
+    for module in (os, posix):  # a device node, even inside the folder, opens the device (a disk, as root)
+        module.mknod = refuser("os.mknod")
 
 
 def _apply_limits(args: list[str]) -> None:
