@@ -318,9 +318,11 @@ def test_several_files_are_analysed_as_one_set(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {ranks[1]} line 1: field 'correct' must be true or false\n"
     assert main(["--generations", ranks[0], str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"error: --generations {tmp_path / 'nope.jsonl'}: no such file\n"
-    again = str(tmp_path / "." / "samples_rank0.jsonl")
-    assert main(["--generations", ranks[0], again, "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == f"error: --generations {again}: the same file as {ranks[0]}\n"
+    again = str(tmp_path / "hard_link.jsonl")
+    os.link(ranks[0], again)
+    for second in (str(tmp_path / "." / "samples_rank0.jsonl"), again):
+        assert main(["--generations", ranks[0], second, "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err == f"error: --generations {second}: the same file as {ranks[0]}\n"
     empty = [_write(tmp_path / "e1.jsonl", []), _write(tmp_path / "e2.jsonl", [])]
     assert main(["--generations", *empty, "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"error: {empty[0]}, {empty[1]}: no generations in the files\n"

@@ -92,9 +92,10 @@ def load_generations(*paths: str) -> list[Generation]:
     for path in paths:
         if not os.path.isfile(path):
             raise UserInputError(f"--generations {path}: no such file")
-        if os.path.realpath(path) in seen:  # its records would count twice
-            raise UserInputError(f"--generations {path}: the same file as {seen[os.path.realpath(path)]}")
-        seen[os.path.realpath(path)] = path
+        file = os.stat(path)  # the same file under two names (also a hard link): its records would count twice
+        if (file.st_dev, file.st_ino) in seen:
+            raise UserInputError(f"--generations {path}: the same file as {seen[file.st_dev, file.st_ino]}")
+        seen[file.st_dev, file.st_ino] = path
     generations = [_generation(row.fields, row.where) for path in paths for row in read_rows(path, RECORD_EXTENSIONS)]
     named = ", ".join(paths)
     if not generations:

@@ -73,13 +73,18 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 
 
 def number_answer(value: int | float) -> str:
-    """A reference answer stored as a JSON or parquet number, as text: a whole-number float as the
-    integer digits of its shortest decimal form (``str(1e16)`` is ``'1e+16'``, which no boxed integer
-    equals, and ``int(1e23)`` the binary value 99999999999999991611392; a float column of a
-    pandas-written parquet holds every answer as a float), any other number as ``str``."""
-    if isinstance(value, float) and value.is_integer():
-        return format(decimal.Decimal(repr(value)).to_integral_value(), "f") if value else "0"
-    return str(value)
+    """A reference answer stored as a JSON or parquet number, as text: an int as ``str``; a float as the
+    fixed-point digits of its shortest decimal form, without ``.0`` when whole (a float column of a
+    pandas-written parquet holds every answer as a float). ``str`` would give ``'1e+16'`` and
+    ``'1e-05'``, which math-verify matches to no boxed number, and ``int(1e23)`` the binary value
+    99999999999999991611392. The shortest form is a guess at the number as written: a float that holds
+    2**60 exactly reads 1152921504606847000 (written as a JSON integer, it stays exact)."""
+    if not isinstance(value, float):
+        return str(value)
+    if value == 0:
+        return "0"
+    number = decimal.Decimal(repr(value))
+    return format(number.to_integral_value() if value.is_integer() else number, "f")
 
 
 def extract_boxed_answer(text: str) -> str | None:
