@@ -225,12 +225,17 @@ def test_an_answer_no_completion_can_match_is_refused(tmp_path, answer, message)
 
 def test_numeric_answers_are_the_text_a_boxed_answer_matches(tmp_path):
     """A whole-number float (a pandas float column, or 1e16 in JSON) is its digits, not str's '1e+16'."""
+    import numpy
+
+    from megatron_renio.eval.math_grader import number_answer
+
     answers = [7, 3.0, 0.5, 1e16, 2.5e17, -4.0, 1e23, -0.0, 1e-05, -2.5e-07]
     path = _write_jsonl(tmp_path / "n.jsonl", [{"problem": f"p{i}", "answer": a} for i, a in enumerate(answers)])
     items = load_benchmark(path)
     expected = ["7", "3", "0.5", "10000000000000000", "250000000000000000", "-4", "1" + "0" * 23, "0", "0.00001",
                 "-0.00000025"]
     assert [item.answer for item in items] == expected  # 1e23: its decimal digits, not int(1e23)'s binary value
+    assert number_answer(numpy.float64(1e23)) == expected[6]  # a numpy float too (its repr names its type)
     assert [grade(item, f"\\boxed{{{text}}}") for text, item in
             zip(["7", "3", "1/2", *expected[3:6], "10^{23}", "0", "10^{-5}", "-2.5 \\times 10^{-7}"], items)] == [
         True] * len(answers)

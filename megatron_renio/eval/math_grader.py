@@ -83,7 +83,7 @@ def number_answer(value: int | float) -> str:
         return str(value)
     if value == 0:
         return "0"
-    number = decimal.Decimal(repr(value))
+    number = decimal.Decimal(repr(float(value)))  # float(): numpy's repr of its float64 is np.float64(...)
     return format(number.to_integral_value() if value.is_integer() else number, "f")
 
 
