@@ -153,6 +153,7 @@ def run(cfg: TrainConfig) -> dict:
                                                        wait_for_pruning)
     from megatron_renio.training.ema import EmaTeacher
     from megatron_renio.training.paired import PairedModel
+    from megatron_renio.training.save_lock import claim_save_folder, release_save_folder
     from megatron_renio.training.step import DistillationStep
 
     settings = C.loss_settings(cfg, training=True)
@@ -262,7 +263,13 @@ def run(cfg: TrainConfig) -> dict:
     elif cfg.load:
         log0(f"no checkpoint in {cfg.load} yet: starting a new run")
 
-    if saved is None:  # once every check of the input has passed: bad input leaves --save as it was
+    # once every check of the input has passed (bad input leaves --save as it was), before this run
+    # writes there: a second run on the same --save is refused
+    if cfg.save:
+        note = distributed.on_rank0(lambda: claim_save_folder(cfg.save))
+        if note:
+            log0(note)
+    if saved is None:
         distributed.on_rank0(lambda: run_logs.claim_logs(cfg))
     # --override-save starts the --save folder over unless the run resumes from that folder: its logs
     # now, every checkpoint of the run it replaces at its first save
@@ -429,6 +436,8 @@ def run(cfg: TrainConfig) -> dict:
         progress.close()
         logger.close()
         wait_for_pruning()  # a finished run leaves only the checkpoints it keeps
+        if cfg.save:
+            release_save_folder(cfg.save)
     return metrics
 
 

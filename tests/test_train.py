@@ -799,6 +799,22 @@ def test_save_folder_of_another_model_is_refused(workdir):
     assert sorted(p.name for p in copy.glob("iter_*")) == ["iter_0000004"]
 
 
+def test_a_save_folder_in_use_by_another_run_is_refused_before_anything_is_written(workdir):
+    """The requeue form (--load S --save S) started while the first attempt still runs: one line naming
+    the holder, once every check has passed, and the folder left as it was."""
+    from megatron_renio.training.save_lock import LOCK_FILE, claim_save_folder, release_save_folder
+
+    save = workdir / "held_run"
+    claim_save_folder(save)  # this process stands for the run that holds the folder
+    try:
+        proc = train(base_args(workdir, **{"--train-iters": 1, "--load": save, "--save": save}), check=False)
+        holder = (save / LOCK_FILE).read_text().strip()
+    finally:
+        release_save_folder(save)
+    assert _last_error(proc).startswith(f"error: --save {save} is in use by another run ({holder}); ")
+    assert "student:" in proc.stdout and [p.name for p in save.iterdir()] == [LOCK_FILE]
+
+
 @pytest.mark.parametrize("role", ["student", "teacher"])
 def test_tp_that_does_not_divide_the_heads(workdir, role):
     """The error names the model whose heads do not divide (a teacher with 3 heads said "the model's")."""
@@ -827,7 +843,7 @@ def test_two_nodes_through_the_rendezvous_launch_form(workdir):
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in outputs)
     assert [m["loss"] for m in read_jsonl(path)] == pytest.approx([m["loss"] for m in read_jsonl(static)], rel=1e-6)
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt",
+    assert sorted(p.name for p in save.iterdir()) == [".run_lock", "iter_0000002", "latest_checkpointed_iteration.txt",
                                                       "run_logs.json"]
     assert json.loads((save / "run_logs.json").read_text()) == [str(path.resolve())]  # the run's log outside --save
 

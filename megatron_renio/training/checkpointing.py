@@ -11,6 +11,7 @@ Layout of ``--save DIR``::
         train_state.pt           step, data position, ReNIO EMA, LR scheduler, counters
         rng/rank_00000.pt        every rank's python / numpy / torch / model-parallel RNG states
     DIR/latest_checkpointed_iteration.txt
+    DIR/.run_lock                the lock of the run saving there (megatron_renio.training.save_lock)
 
 A save is written to ``DIR/.tmp_iter_...`` and renamed when every rank has finished and its files
 and folders are on stable storage (fsync); only then is the ``latest`` marker replaced (atomically,

@@ -1,0 +1,76 @@
+"""One run at a time per ``--save`` folder.
+
+Two runs saving into one folder (a job submitted twice, a requeue while the first attempt still runs)
+delete each other's checkpoints: each one's saves prune the other's ``iter_*`` folders and replace
+the ``latest`` marker. Global rank 0 of a training run therefore holds an exclusive ``flock`` on
+``DIR/.run_lock`` from its start-up checks to its end; a second run on the folder is refused in one
+line that names the holder (host, process id and start time, which the holder writes into the file).
+
+The kernel drops the lock when the holding process ends, however it ends (a crash, ``kill -9``, a
+lost node once a network file system notices: NFS v4 after its lease, about 90 s), so a requeued run
+takes the folder over without a stale lock to clear. A file system that does not lock (Lustre mounted
+without ``flock``) leaves the run unprotected, with one line saying so.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.output_paths import storage_error
+
+LOCK_FILE = ".run_lock"
+
+# The locks this process holds: resolved folder -> the file descriptor whose open file holds it.
+_held: dict[Path, int] = {}
+
+
+def claim_save_folder(root: str | Path) -> str | None:
+    """Hold the lock of the run folder ``root`` (made if missing) until :func:`release_save_folder`
+    or the end of the process; a folder this process already holds is kept as it is. Another process
+    holding it: one line naming it. Returns a note when the file system cannot lock (the run goes on
+    unprotected), else None."""
+    root = Path(root)
+    key = root.resolve()
+    if key in _held:
+        return None
+    path = root / LOCK_FILE
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise storage_error(e, path, "cannot create the run's lock file") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return (f"note: --save {root}: the file system does not lock {path} ({e.strerror or e}), so a second "
+                    "run started on this folder would not be refused")
+        holder = path.read_text(errors="replace").strip() or "a process that has not yet named itself"
+        raise UserInputError(f"--save {root} is in use by another run ({holder}); two runs saving into one folder "
+                             "delete each other's checkpoints: wait for that run to end or stop it, or choose "
+                             "another --save") from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise storage_error(e, path, "cannot write the run's lock file") from None
+    _held[key] = fd
+    return None
+
+
+def release_save_folder(root: str | Path) -> None:
+    """Drop the lock :func:`claim_save_folder` took on ``root`` (nothing when this process holds none).
+    The file stays: removing it would let a run that opened it just before hold a lock on a file that
+    no longer has a name, beside a new one."""
+    fd = _held.pop(Path(root).resolve(), None)
+    if fd is not None:
+        os.close(fd)

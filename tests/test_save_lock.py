@@ -1,0 +1,85 @@
+"""One run at a time per --save folder (megatron_renio.training.save_lock): the flock of DIR/.run_lock."""
+
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_renio.errors import UserInputError
+from megatron_renio.training import save_lock
+from megatron_renio.training.save_lock import LOCK_FILE, claim_save_folder, release_save_folder
+from tests.torchrun_harness import REPO_ROOT, subprocess_env
+
+CLAIM = """
+import sys, time
+from megatron_renio.errors import UserInputError
+from megatron_renio.training.save_lock import claim_save_folder
+try:
+    claim_save_folder(sys.argv[1])
+except UserInputError as e:
+    print(e)
+    sys.exit(2)
+print("claimed", flush=True)
+if len(sys.argv) > 2:
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def claim_in_another_process(folder, hold_s=None):
+    args = [sys.executable, "-c", CLAIM, str(folder)] + ([str(hold_s)] if hold_s else [])
+    return subprocess.Popen(args, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_a_second_run_on_the_folder_is_refused_naming_the_first(tmp_path):
+    save = tmp_path / "run"
+    assert claim_save_folder(save) is None  # made when missing
+    try:
+        holder = (save / LOCK_FILE).read_text()
+        assert holder.startswith(f"host {os.uname().nodename}, pid {os.getpid()}, started ")
+        assert claim_save_folder(save) is None  # held by this process already: kept
+        second = claim_in_another_process(save)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert out == (f"--save {save} is in use by another run ({holder.strip()}); two runs saving into one folder "
+                       "delete each other's checkpoints: wait for that run to end or stop it, or choose another "
+                       "--save\n")
+    finally:
+        release_save_folder(save)
+    third = claim_in_another_process(save)
+    assert third.communicate(timeout=120)[0] == "claimed\n" and third.returncode == 0
+
+
+def test_the_lock_ends_with_the_process_that_held_it(tmp_path):
+    """A killed run leaves no stale lock: its requeue takes the folder over."""
+    first = claim_in_another_process(tmp_path, hold_s=600)
+    assert first.stdout.readline() == "claimed\n"
+    with pytest.raises(UserInputError, match=f"pid {first.pid}, started "):
+        claim_save_folder(tmp_path)
+    first.kill()
+    first.communicate(timeout=60)
+    try:
+        assert claim_save_folder(tmp_path) is None
+        assert f"pid {os.getpid()}, " in (tmp_path / LOCK_FILE).read_text()  # the new holder's name replaces it
+    finally:
+        release_save_folder(tmp_path)
+
+
+def test_a_file_system_that_does_not_lock_leaves_the_run_unprotected_with_a_note(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    note = claim_save_folder(tmp_path)
+    assert note == (f"note: --save {tmp_path}: the file system does not lock {tmp_path / LOCK_FILE} "
+                    f"({os.strerror(errno.ENOLCK)}), so a second run started on this folder would not be refused")
+    assert save_lock._held == {}
+
+
+def test_a_folder_it_cannot_create_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserInputError, match=f"^{tmp_path / 'file' / 'run'}.*: cannot create the run's lock file"):
+        claim_save_folder(tmp_path / "file" / "run")
