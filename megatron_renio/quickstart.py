@@ -161,10 +161,15 @@ class Launcher:
             log.write(" ".join(cmd) + "\n\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            while proc.poll() is None:
-                time.sleep(0.5)
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    _follow(bar, metrics_file)
                 _follow(bar, metrics_file)
-            _follow(bar, metrics_file)
+            finally:  # whatever stops the quickstart stops its launch (no orphaned torchrun training on)
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
         if proc.returncode != 0:
             print("".join(log_path.read_text().splitlines(keepends=True)[-30:]), file=sys.stderr)
             raise UserInputError(f"{name} failed (exit code {proc.returncode}); its output is in {log_path}")
@@ -172,13 +177,15 @@ class Launcher:
 
 
 def _follow(bar, metrics_file: Path) -> None:
-    """Advance ``bar`` to the number of steps logged in ``metrics_file`` and show the last loss."""
+    """Advance ``bar`` to the number of steps logged in ``metrics_file`` and show the last loss
+    (``skipped`` for a step whose loss was not finite, logged as null)."""
     if not metrics_file.is_file():
         return
     lines = metrics_file.read_text().splitlines()
     complete = [line for line in lines if line.endswith("}")]
     if complete:
-        bar.set_postfix(loss=f"{json.loads(complete[-1])['loss']:.4f}", refresh=False)
+        loss = json.loads(complete[-1])["loss"]
+        bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", refresh=False)
     bar.update(len(complete) - bar.n)
 
 

@@ -73,3 +73,66 @@ def test_bad_flags_are_one_line_before_anything_runs(argv, message, tmp_path, ca
     assert main(argv + ["--out", str(tmp_path / "qs")]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "qs").exists()
+
+
+class _Bar:
+    def __init__(self):
+        self.n, self.postfix = 0, None
+
+    def set_postfix(self, refresh=False, **values):
+        self.postfix = values
+
+    def update(self, steps):
+        self.n += steps
+
+
+def test_the_progress_bar_shows_a_skipped_step(tmp_path):
+    """A step whose loss was not finite is logged as null; the bar's loss format ended the quickstart."""
+    from megatron_renio.quickstart import _follow
+
+    metrics, bar = tmp_path / "metrics.jsonl", _Bar()
+    metrics.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": null}\n{"step": 3, "lo')
+    _follow(bar, metrics)
+    assert bar.n == 2 and bar.postfix == {"loss": "skipped"}
+    metrics.write_text('{"step": 1, "loss": 0.123456}\n')
+    _follow(bar, metrics)
+    assert bar.postfix == {"loss": "0.1235"}
+
+
+SLEEPER = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+def test_a_failing_quickstart_stops_the_launch_it_started(tmp_path, monkeypatch):
+    """Whatever ends the quickstart while a launch runs (here its progress bar) also ends that launch,
+    instead of leaving torchrun's worker training on."""
+    import os
+    import time
+
+    from megatron_renio import quickstart
+
+    (tmp_path / "renio_test_sleeper.py").write_text(SLEEPER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    pid_file = tmp_path / "worker.pid"
+
+    def failing_follow(bar, metrics_file):
+        if pid_file.is_file() and pid_file.read_text():
+            raise RuntimeError("the bar failed")
+
+    monkeypatch.setattr(quickstart, "_follow", failing_follow)
+    launcher = quickstart.Launcher(1, tmp_path)
+    with pytest.raises(RuntimeError, match="the bar failed"):
+        launcher.run("sleeper", "renio_test_sleeper", [str(pid_file)], tmp_path / "metrics.jsonl", 1)
+    worker = int(pid_file.read_text())
+    for _ in range(100):  # torchrun forwards the SIGTERM to its worker
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        raise AssertionError("the launch's worker outlived the quickstart")
