@@ -1624,6 +1624,7 @@ def test_a_gradient_whose_norm_overflows_float32_is_not_finite():
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
                                           ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                          ("NVIDIA H200 NVL", 835.0),
                                           ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
 def test_mfu_peak_by_device_name(name, tflops, monkeypatch):
     from megatron_renio.config import TrainConfig

@@ -465,10 +465,10 @@ def forward_flops_per_position(preset: ModelPreset, seq_length: int) -> float:
     return 2 * matmul_weights + attention
 
 
-# Dense bf16 datasheet peaks by device name; the first key the name contains decides (PCIe and NVL
-# H100s before the SXM part's plain "H100").
-_PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
-                     "L40S": 362.0}
+# Dense bf16 datasheet peaks by device name; the first key the name contains decides (the NVL and
+# PCIe parts before the SXM part's plain "H200" / "H100").
+_PEAK_TFLOPS_BF16 = {"H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+                     "A100": 312.0, "L40S": 362.0}
 
 
 def peak_flops(cfg: TrainConfig) -> float | None:
