@@ -52,3 +52,12 @@ def test_a_failing_comparison_is_dropped_with_one_line_and_the_others_stay():
     assert module._drop_if_failing(steps, "liger(+lsm)") is None  # absent: nothing to run
     steps["liger(+lsm)"] = out_of_memory
     assert module._drop_if_failing(steps, "liger(+lsm)") is None and "liger(+lsm)" in steps
+
+
+def test_the_forward_alone_is_not_compared_with_the_references_forward_and_backward(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    bench_loss().main(["--tokens", "32", "--vocab", "256", "--iters", "1", "--split", "--kinds", "forward_kl"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("fused", "fused(forward)")}
+    assert rows["fused"][3].endswith("x") and rows["fused"][5].endswith("x")  # time_ms x_time extra_MiB x_mem
+    assert rows["fused(forward)"][3] == rows["fused(forward)"][5] == "-"
