@@ -118,6 +118,14 @@ def test_unsupported_architecture_lists_supported():
     with pytest.raises(UserInputError, match="^config.json: rope_scaling has no 'high_freq_factor', "
                                              "'original_max_position_embeddings'$"):
         preset_from_hf_config(bad)
+    # transformers 5 writes the block as rope_parameters: the refusal names the field the file has
+    bad["rope_parameters"] = {**bad.pop("rope_scaling"), "rope_theta": 5e5}
+    with pytest.raises(UserInputError, match="^config.json: rope_parameters has no 'high_freq_factor', "
+                                             "'original_max_position_embeddings'$"):
+        preset_from_hf_config(bad)
+    bad["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5}
+    with pytest.raises(UserInputError, match="^config.json: rope_parameters type 'yarn' is not supported"):
+        preset_from_hf_config(bad)
 
 
 @pytest.mark.parametrize("field, value, expected", [

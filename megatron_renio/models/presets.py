@@ -215,9 +215,10 @@ def get_preset(name: str) -> ModelPreset:
     return PRESETS[key]
 
 
-def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling | None:
-    """The llama3 scaling of ``rope_scaling``, every one of its values given: a default would not be
-    the model's (transformers 4 refuses a block without one, transformers 5 starts the scaling at
+def _llama3_scaling(rope_scaling: dict | None, field: str, source: str) -> Llama3RopeScaling | None:
+    """The llama3 scaling of ``rope_scaling`` (the config's ``field``: ``rope_scaling``, or transformers
+    5's ``rope_parameters``), every one of its values given: a default would not be the model's
+    (transformers 4 refuses a block without one, transformers 5 starts the scaling at
     ``max_position_embeddings`` without ``original_max_position_embeddings``)."""
     if not rope_scaling:
         return None
@@ -225,15 +226,15 @@ def _llama3_scaling(rope_scaling: dict | None, source: str) -> Llama3RopeScaling
     if rope_type in (None, "default"):
         return None
     if rope_type != "llama3":
-        raise UserInputError(f"{source}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+        raise UserInputError(f"{source}: {field} type {rope_type!r} is not supported (only 'llama3')")
     names = [f.name for f in dataclasses.fields(Llama3RopeScaling)]
     missing = [name for name in names if rope_scaling.get(name) is None]
     if missing:
-        raise UserInputError(f"{source}: rope_scaling has no {', '.join(map(repr, missing))}")
+        raise UserInputError(f"{source}: {field} has no {', '.join(map(repr, missing))}")
     try:
         return Llama3RopeScaling(**{name: rope_scaling[name] for name in names})
     except ValueError as e:
-        raise UserInputError(f"{source}: rope_scaling.{e}") from None
+        raise UserInputError(f"{source}: {field}.{e}") from None
 
 
 def _token_ids(config: dict, name: str, source: str) -> int | tuple[int, ...] | None:
@@ -312,6 +313,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
                                          ("rope_parameters.rope_theta", rope.get("rope_theta"))) if value is not None),
         ("rope_theta", 10000.0),
     )
+    scaling_field = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
     num_layers = field("num_hidden_layers")
     if architecture in _SLIDING_WINDOW_ARCHITECTURES and (windowed := _windowed_layers(config, num_layers, source)):
@@ -332,7 +334,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json") -> ModelPre
         qk_layernorm=architecture == "Qwen3ForCausalLM",
         add_qkv_bias=architecture == "Qwen2ForCausalLM" or field("attention_bias", False, bool),
         tie_word_embeddings=field("tie_word_embeddings", False, bool),
-        rope_scaling=_llama3_scaling(scaling, source),
+        rope_scaling=_llama3_scaling(scaling, scaling_field, source),
         bos_token_id=_token_ids(config, "bos_token_id", source),
         eos_token_id=_token_ids(config, "eos_token_id", source),
         pad_token_id=_pad_id(config, source),
