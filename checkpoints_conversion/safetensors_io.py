@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,13 @@ def _entry(path: Path, name: str, info, data_start: int) -> TensorEntry:
     return TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is not a file to read, as the end of a sentence naming it."""
+    if path.is_symlink() and not path.exists():
+        return f"is a broken symbolic link (to {os.readlink(path)})"
+    return "is not a file" if path.exists() else "does not exist"
+
+
 def scan(model_dir: str | Path) -> dict[str, TensorEntry]:
     """Every tensor of a Hugging Face model folder, by name, in file then offset order.
 
@@ -138,8 +146,9 @@ def scan(model_dir: str | Path) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
     for file_name in files:
         path = model_dir / file_name
-        if not path.is_file():
-            raise UserInputError(f"{index_path}: lists {file_name}, which does not exist")
+        if not path.is_file():  # the index's entry, or what the glob found (an HF cache's dangling link)
+            where = f"{index_path}: lists {file_name}, which" if weight_map is not None else str(path)
+            raise UserInputError(f"{where} {_not_a_file(path)}")
         for name, entry in read_header(path).items():
             if name in entries:
                 raise UserInputError(f"tensor {name} is stored twice: in {entries[name].file.name} and {file_name}")

@@ -1011,6 +1011,22 @@ def test_sharded_writer_round_trip(tmp_path):
             assert torch.equal(tensor, tensors[name])
 
 
+def test_a_weights_file_that_cannot_be_read_is_named(tmp_path):
+    """Without an index the weights files come from a glob: a dangling link (an HF cache's snapshot copied
+    with cp -r) or a folder is named itself, not as an entry of an index the folder does not have."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    link = tmp_path / "model-00002-of-00002.safetensors"
+    link.symlink_to("../../blobs/0123abcd")
+    with pytest.raises(UserInputError, match=f"^{link} is a broken symbolic link \\(to ../../blobs/0123abcd\\)$"):
+        safetensors_io.scan(tmp_path)
+    link.unlink()
+    link.mkdir()
+    with pytest.raises(UserInputError, match=f"^{link} is not a file$"):
+        safetensors_io.scan(tmp_path)
+
+
 def test_a_killed_conversion_leaves_nothing_behind(hf_models, tmp_path):
     """SIGTERM while converting: exit 143, its staging folder removed; the full-size leftovers of a
     SIGKILLed one (staging and set-aside folders) go at the next save to the same --save."""
