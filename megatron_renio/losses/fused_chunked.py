@@ -299,7 +299,8 @@ def chunked_forward(zs, zt, cells: Cells, blocks: list[_Block], col, plan: Plan,
     for_each_block(blocks, first_sweep, workers)
     bad = (bad_rows if filled is None else bad_rows & filled).any()
     if not fuse:
-        maxes, log_sums, bad = combine_stats(stats, bad, tp_group, plan.inv_temp)
+        maxes, log_sums, bad = combine_stats(stats, bad, tp_group, plan.inv_temp,
+                                             shift=lambda row_max: _max_shift(row_max, plan.inv_temp))
         stats[0::2], stats[1::2] = maxes, log_sums
         for_each_block(blocks, lambda block, scratch: terms(
             block, _block_log_probs(zs, zt, cells, block, plan, stats, scratch), scratch), workers)

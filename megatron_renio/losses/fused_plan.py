@@ -86,7 +86,7 @@ class Cells:
 
 
 
-def combine_stats(stats, bad, tp_group, inv_temp: float):
+def combine_stats(stats, bad, tp_group, inv_temp: float, shift=None):
     """Global row statistics (max, log_sum) [2, ...] (student, teacher) from per-rank statistics; and the flag.
 
     ``stats`` is [4, ...] = (max_s, sumexp_s, max_t, sumexp_t): the max of the raw logits z and the sum
@@ -94,8 +94,10 @@ def combine_stats(stats, bad, tp_group, inv_temp: float):
     lets a kernel form log-probs as (z - max) / T - log_sum, exact near the max however large the
     logits are (z / T - lse rounds at the size of lse: at |lse| ~ 500 an error of 3e-5 in every
     log-prob). Under TP: one MAX all-reduce (both maxima and the flag), then one SUM all-reduce of the
-    sum-exps rescaled to the global max, exp((m_r - M) / T) (0 for a rank whose real columns are
-    empty, m_r = -inf).
+    sum-exps rescaled to the global max M, exp((m_r - M) / T) (0 for a rank whose real columns are
+    empty, m_r = -inf). ``shift``: for sweeps that subtract a rounded max / T per row (``shift(max)``)
+    rather than form (z - max) / T, the rescale is exp(shift(m_r) - shift(M)), so that the roundings
+    of both shifts cancel against the log-probs formed with shift(M), as they do without TP.
     """
     maxes = stats[0::2]
     sum_exp = stats[1::2]
@@ -104,6 +106,10 @@ def combine_stats(stats, bad, tp_group, inv_temp: float):
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=tp_group)
         local_max, maxes, bad = maxes, packed[:-1].view_as(maxes), packed[-1] > 0
         safe = torch.where(torch.isneginf(maxes), torch.zeros_like(maxes), maxes)
-        sum_exp = sum_exp * torch.exp((local_max - safe) * inv_temp)
+        if shift is None:
+            rescale = torch.exp((local_max - safe) * inv_temp)
+        else:  # exp(-shift(M)) may overflow where this rank's sum is 0 (no real columns): 0 there
+            rescale = torch.where(torch.isneginf(local_max), 0.0, torch.exp(shift(local_max) - shift(safe)))
+        sum_exp = sum_exp * rescale
         dist.all_reduce(sum_exp, group=tp_group)
     return maxes, sum_exp.log(), bad
