@@ -165,7 +165,8 @@ def test_a_rank_on_another_backend_is_one_line_not_a_hang(tmp_path):
 _FAILS_BEFORE_THE_GROUPS = (
     "import os, sys\nfrom megatron_renio import distributed, entrypoint\nfrom megatron_renio.errors import UserInputError\n"
     "def parse(argv):\n"
-    "    if os.environ['RANK'] == os.environ['FAILING_RANK']:\n"
+    "    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')  # FAILING_ATTEMPTS: torchrun's attempts that fail\n"
+    "    if os.environ['RANK'] == os.environ['FAILING_RANK'] and attempt in os.environ.get('FAILING_ATTEMPTS', attempt):\n"
     "        raise (UserInputError if os.environ['FAILURE'] == 'flag' else RuntimeError)('argument --lr: not a number')\n"
     "def start(_):\n"
     "    distributed.initialize(distributed.ParallelConfig(), timeout_minutes=10)\n"
@@ -217,6 +218,22 @@ def test_a_rank_failing_before_the_process_groups_stops_every_node(tmp_path, lau
         assert "RuntimeError: argument --lr: not a number" in stderr and "Traceback" in stderr
         assert "check_in" not in stderr
     assert "DistStoreError" not in stderr  # no store timeout
+
+
+def test_a_torchrun_restart_does_not_read_the_failure_of_the_attempt_before(tmp_path):
+    """torchrun --max-restarts keeps its store across attempts: rank 1 failing at the first attempt's
+    start-up only, the second attempt starts (each attempt checks in under its own keys; it stopped with
+    the first attempt's error)."""
+    from tests.torchrun_harness import free_port, subprocess_env
+
+    script = tmp_path / "fails.py"
+    script.write_text(_FAILS_BEFORE_THE_GROUPS)
+    env = {**subprocess_env(), "FAILING_RANK": "1", "FAILURE": "flag", "FAILING_ATTEMPTS": "0"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+                           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "error (rank 1): argument --lr: not a number" in proc.stderr  # the first attempt's
 
 
 def test_the_check_in_times_out_with_one_line_naming_how_many_ranks_came():
