@@ -78,3 +78,22 @@ def test_a_damaged_or_unwritable_run_id_file_is_one_line(wandb_inits, tmp_path):
                        match=r"/\.?wandb_run_id(\.partial-\w+)?: cannot read or write the W&B run id \(\w"):
         open_logger(cfg)
     assert wandb_inits == []
+
+
+def test_a_w_and_b_run_that_does_not_start_is_one_line(monkeypatch, tmp_path):
+    """Rank 0 alone starts W&B; its failure is one line that every rank raises (raise_if_any_rank), not
+    rank 0's traceback while the other ranks go on to their next collective."""
+    class UsageError(Exception):
+        pass
+
+    def init(**kwargs):
+        raise UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore details")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setattr(run_logs.torch.distributed, "get_rank", lambda: 0)
+    cfg = dataclasses.replace(TrainConfig(), save=str(tmp_path / "run"), wandb_project="p")
+    with pytest.raises(UserInputError, match=r"^--wandb-project p: W&B did not start \(UsageError: api_key not "
+                                             r"configured \(no-tty\)\. call wandb\.login\(key=\[your_api_key\]\)\); log "
+                                             r"in \(wandb login, WANDB_API_KEY\), or set WANDB_MODE=offline where the "
+                                             r"nodes have no network$"):
+        open_logger(cfg)

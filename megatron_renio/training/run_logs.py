@@ -148,9 +148,11 @@ class MetricsLogger:
     there) unless it ``replaces_run`` (``--override-save``)."""
 
     def __init__(self, cfg: TrainConfig, resumed_at: int | None = None, replaces_run: bool = False):
-        """Collective with ``--wandb-project``: rank 0 reads or writes the W&B run id, and a damaged id
-        file stops every rank with its line (``on_rank0``)."""
-        from megatron_renio.distributed import on_rank0
+        """Collective: rank 0 opens the sinks (with ``--wandb-project`` it first reads or writes the W&B
+        run id); a damaged id file, or a W&B run that does not start (no credentials, no network on the
+        compute nodes), stops every rank with one line, not rank 0 alone while the others go on to
+        their next collective."""
+        from megatron_renio.distributed import on_rank0, raise_if_any_rank
 
         self.rank0 = torch.distributed.get_rank() == 0
         self.jsonl = None
@@ -158,8 +160,15 @@ class MetricsLogger:
         self.wandb = None
         continues = resumed_at is not None and not replaces_run
         run_id = on_rank0(lambda: wandb_run_id(cfg, continues)) if cfg.wandb_project else None
-        if not self.rank0:
-            return
+        error = None
+        if self.rank0:
+            try:
+                self._open_sinks(cfg, resumed_at, run_id)
+            except Exception as e:  # every rank must learn of it
+                error = e
+        raise_if_any_rank(error)
+
+    def _open_sinks(self, cfg: TrainConfig, resumed_at: int | None, run_id: str | None) -> None:
         path = metrics_path(cfg)
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +180,13 @@ class MetricsLogger:
         if cfg.wandb_project:  # config.validate checked that wandb is installed
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), id=run_id, resume="allow")
+            try:
+                self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), id=run_id, resume="allow")
+            except Exception as e:  # wandb's own errors (wandb.errors.UsageError, CommError) and the network's
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise UserInputError(f"--wandb-project {cfg.wandb_project}: W&B did not start ({type(e).__name__}: "
+                                     f"{reason}); log in (wandb login, WANDB_API_KEY), or set WANDB_MODE=offline "
+                                     "where the nodes have no network") from None
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.rank0:
