@@ -562,6 +562,17 @@ def test_tp2_keeps_fp32_precision_on_large_logits(tp2, case):
         assert max(errors.values()) <= 1.0, (rank, errors)
 
 
+@pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=lambda case: f"{case[0]}-k{case[1]}-T{case[2]}")
+def test_tp2_keeps_fp32_precision_when_the_students_logits_sit_high(tp2, case):
+    """Logits of spread 3, the student's raised by 1,000 (max / T near 1,400, rounded at 1e-4): each rank's
+    sum-exp is rescaled to the global max by exp(m_r/T - M/T) formed from the rounded shifts its sweeps
+    subtract, so that their roundings cancel as at TP=1. From (m_r - M)/T they did not: D 2.3x the
+    tolerance (16x with an offset of 10,000)."""
+    for rank, result in enumerate(tp2):
+        errors = result["chunked_high_student"][case]["chunked"]
+        assert max(errors.values()) <= 1.0, (rank, errors)
+
+
 def test_tp2_bf16(tp2):
     for rank in tp2:
         assert_same(rank["bf16"]["fused"], rank["bf16"]["unfused"], bf16_grad=True)

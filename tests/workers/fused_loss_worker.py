@@ -191,15 +191,17 @@ LARGE_LOGIT_CASES = [("reverse_kl", None, 0.7), ("forward_kl", None, 1.0), ("for
                      ("jsd", 0.05, 1.0), ("jsd", 0.05, 0.7)]
 
 
-def large_logit_errors(kind: str, clip, temperature: float, device="cpu", impl="triton", group=None) -> dict:
+def large_logit_errors(kind: str, clip, temperature: float, device="cpu", impl="triton", group=None,
+                       spread: float = 8.0, student_offset: float = 0.0) -> dict:
     """{forward: {output: largest |error| / (1e-5 + 1e-5 |exact|)}} of ``fused_token_terms(impl)`` on this
     rank's shard of ``group`` (None: TP=1) against ``token_terms`` in float64 on the whole vocabulary, on
-    logits of standard deviation 24, on ``device``. Forwards: the chunked path ('chunked'); the Triton path
+    ``device``, on make_logits' logits times ``spread`` (standard deviation 24 by default), the student's
+    raised by ``student_offset`` (the same softmax). Forwards: the chunked path ('chunked'); the Triton path
     at the module's default launch, at TP=1 only: 'one' and 'two' sweeps for a KL without a clamp, else
     'two'."""
     rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     student, teacher, tokens, grad_d, grad_s = (x.to(device) for x in make_logits(2, 4, 3000, seed=32))
-    student, teacher = student * 8.0, teacher * 8.0  # make_logits' spread 3, times 8
+    student, teacher = student * spread + student_offset, teacher * spread
     cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=clip)
     exact = run_path(token_terms, student.double(), teacher.double(), tokens, cfg, VocabShard(0, 3000, 3000), None,
                      grad_d, grad_s)
@@ -251,6 +253,8 @@ def main(out_dir: str) -> None:
         result["rows", "chunked"][case, layout] = rows_results(case, *layout, group, seed=i)
     result["chunked_large_logits"] = {case: large_logit_errors(*case, impl="chunked", group=group)
                                       for case in LARGE_LOGIT_CASES}
+    result["chunked_high_student"] = {case: large_logit_errors(*case, impl="chunked", group=group, spread=1.0,
+                                                               student_offset=1000.0) for case in LARGE_LOGIT_CASES}
     result["bf16"] = case_results(("jsd", 0.5, 0.05, 1.1), *TP_LAYOUTS[0], group, seed=99, dtype=torch.bfloat16)
     result["triton_checked"] = fused_triton.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
     if result["triton_checked"]:
