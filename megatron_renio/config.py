@@ -444,7 +444,23 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         values["teacher"] = "separate"  # what --mode opd or a teacher model asks for (DEFAULT_WORDS)
     config = TrainConfig(**values)
     validate(config)
+    check_loss_impl_here(config)
     return config
+
+
+def check_loss_impl_here(c: TrainConfig) -> None:
+    """``--loss-impl triton`` needs a GPU and the triton package on this machine: refused with the flags
+    (each node's first rank prints it, not every rank), before anything is built."""
+    if c.loss_impl != "triton":
+        return
+    import torch
+
+    from megatron_renio.losses.fused import triton_available
+
+    if not (torch.cuda.is_available() and triton_available()):
+        raise UserInputError(
+            f"--loss-impl triton needs a GPU and the triton package (here: {'a GPU' if torch.cuda.is_available() else 'no GPU'}, "
+            f"triton {'importable' if triton_available() else 'missing'}); use --loss-impl auto or chunked")
 
 
 # Bounds of two flags every model command takes: seeds of 32 bits (numpy's range; torch's is wider); the

@@ -1557,7 +1557,7 @@ def test_a_global_batch_splits_into_micro_batches_per_replica():
 
 
 def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs_a_gpu(monkeypatch):
-    from megatron_renio.config import TrainConfig
+    from megatron_renio.config import TrainConfig, check_loss_impl_here, parse_train_args
     from megatron_renio.losses import fused_triton
     from megatron_renio.training import components as C
 
@@ -1565,13 +1565,14 @@ def test_the_loss_implementation_flag_reaches_the_loss_settings_and_triton_needs
         ["auto", "chunked", "unfused"]
     assert [C.loss_settings(TrainConfig(loss=loss)).divergence.kind for loss in ("sampled_rkl", "jsd", "forward_kl")] \
         == ["reverse_kl", "jsd", "forward_kl"]  # sampled_rkl computes the reverse KL's terms (score reports D)
+    # with the flags (parse_train_args, score's parse_args): each node's first rank prints it, not every rank
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserInputError, match=r"^--loss-impl triton needs a GPU and the triton package \(here: no GPU"):
-        C.loss_settings(TrainConfig(loss_impl="triton"))
+        parse_train_args(["--model", "tiny-qwen3", "--data-path", "d.jsonl", "--loss-impl", "triton"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(fused_triton, "triton", None)
     with pytest.raises(UserInputError, match=r"\(here: a GPU, triton missing\)"):
-        C.loss_settings(TrainConfig(loss_impl="triton"))
+        check_loss_impl_here(TrainConfig(loss_impl="triton"))
 
 
 def test_loss_settings_with_a_cost_or_a_bias_are_noted():

@@ -65,7 +65,7 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 
-from megatron_renio.config import TrainConfig, _OneLineErrorParser, flag_name, path_arg
+from megatron_renio.config import TrainConfig, _OneLineErrorParser, check_loss_impl_here, flag_name, path_arg
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.config import validate as validate_train_config
 from megatron_renio.data import records
@@ -139,6 +139,7 @@ def parse_args(argv: list[str]) -> ScoreArgs:
     train = TrainConfig(**values, mode="opd", teacher="separate", renio=True, data_path=[own.data],
                         max_new_tokens=1, global_batch_size=micro_batch_size)
     validate_train_config(train)
+    check_loss_impl_here(train)
     stem = own.data.removesuffix(".gz").rsplit(".", 1)[0]  # without its RECORD_EXTENSIONS entry
     out = own.out or stem + ".scores.jsonl"
     if out.endswith(tuple(ext for ext in RECORD_EXTENSIONS if ext != ".jsonl")):  # what analyze reads as another format

@@ -50,14 +50,7 @@ def loss_settings(cfg: TrainConfig, training: bool = False) -> LossSettings:
     """Map the loss / ReNIO flags onto the core configs (validated there too). ``--loss sampled_rkl``
     computes the reverse KL's terms: its loss reads only their log-probs, so in ``training`` the
     divergence is computed without ``--kd-token-clip`` and ``--kd-top-k`` (which shape only the
-    divergence that score reports); ``--loss-impl triton`` needs a GPU and the triton package (refused
-    here, before anything is built)."""
-    from megatron_renio.losses.fused import triton_available
-
-    if cfg.loss_impl == "triton" and not (torch.cuda.is_available() and triton_available()):
-        raise UserInputError(
-            f"--loss-impl triton needs a GPU and the triton package (here: {'a GPU' if torch.cuda.is_available() else 'no GPU'}, "
-            f"triton {'importable' if triton_available() else 'missing'}); use --loss-impl auto or chunked")
+    divergence that score reports)."""
     divergence_unused = training and cfg.loss == "sampled_rkl"
     divergence = DivergenceConfig(
         kind="reverse_kl" if cfg.loss == "sampled_rkl" else cfg.loss, beta=cfg.kd_beta, temperature=cfg.kd_temperature,
