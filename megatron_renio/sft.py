@@ -249,7 +249,12 @@ def run(cfg: SFTConfig) -> list[float]:
     check_shared_folder(t.save, f"--save {t.save}")  # every rank writes its shards of the model there
 
     def resolve_model():
+        """The model's source and the checks of its shape against the layout (on every rank alike: rank 0
+        alone prints a refusal)."""
+        from megatron_renio.models.builder import check_divisibility
+
         source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint", "--model")
+        check_divisibility(source.preset, C.parallel_config(t))
         C.note_untrained_positions(t.seq_length, "model", source)
         C.check_recompute(t, source.preset)
         C.note_local_attention_memory(t, source.preset)

@@ -1,5 +1,6 @@
 """Distributed start-up: layout validation, the rendezvous of a single process, cross-rank config agreement."""
 
+import json
 import os
 import subprocess
 import sys
@@ -396,3 +397,40 @@ def test_tasks_of_srun_or_mpirun_without_torchrun_are_refused(variable, monkeypa
         distributed._refuse_launcher_without_torchrun()
     finally:
         distributed.destroy()
+
+
+def test_a_layout_error_every_rank_finds_is_printed_once_by_sft_and_eval(tmp_path):
+    """TP 2 on a model of 3 heads: sft and eval check the model against the layout on every rank alike,
+    and rank 0 alone prints the refusal (each rank printed its own: a thousand lines at a thousand ranks)."""
+    from megatron_renio import distributed
+    from megatron_renio.data.arithmetic_task import build_char_tokenizer, make_splits, write_jsonl
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import build_gpt_model
+    from megatron_renio.models.checkpoint import save_model_checkpoint
+    from megatron_renio.models.presets import get_preset
+    from tests.torchrun_harness import subprocess_env, torchrun_args
+
+    train, _ = make_splits(seed=3, num_train=8, num_test=0)
+    write_jsonl(str(tmp_path / "train.jsonl"), train)
+    tokenizer = build_char_tokenizer(str(tmp_path / "tok"))
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
+    distributed.initialize(ParallelConfig(), seed=0)
+    try:
+        model, info = build_gpt_model(get_preset("tiny-qwen3").replace(num_attention_heads=3, num_query_groups=3),
+                                      ParallelConfig())
+        save_model_checkpoint(model, info, tmp_path / "odd", tokenizer_dir=tokenizer)
+    finally:
+        distributed.destroy()
+    commands = {
+        "sft": ["-m", "megatron_renio.sft", "--pretrained-checkpoint", tmp_path / "odd", "--data-path",
+                tmp_path / "train.jsonl", "--seq-length", "384", "--global-batch-size", "2", "--train-iters", "1",
+                "--save", tmp_path / "sft_out"],
+        "eval": ["-m", "megatron_renio.eval.runner", "--load", tmp_path / "odd", "--benchmark",
+                 tmp_path / "bench.jsonl", "--max-new-tokens", "2", "--greedy", "--out", tmp_path / "eval.jsonl"],
+    }
+    for name, command in commands.items():
+        proc = subprocess.run([sys.executable, *torchrun_args(2), *map(str, command), "--tensor-model-parallel-size", "2"],
+                              cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+        assert errors == ["error: --tensor-model-parallel-size 2 does not divide the model's attention heads (3)"], \
+            (name, proc.stderr[-3000:])

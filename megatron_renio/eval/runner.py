@@ -548,13 +548,17 @@ def run(args: argparse.Namespace) -> dict | None:
 
 
 def _read_inputs(args) -> tuple:
-    """What every rank reads for an evaluation: the checkpoint's metadata, the sampling settings, the
-    tokenizer, the benchmarks, the sequence length, the jobs, and their :func:`_inputs_digest`."""
+    """What every rank reads for an evaluation: the checkpoint's metadata (its model checked against the
+    layout), the sampling settings, the tokenizer, the benchmarks, the sequence length, the jobs, and
+    their :func:`_inputs_digest`."""
     from megatron_renio.data.tokenizer import load_tokenizer
+    from megatron_renio.distributed import ParallelConfig
+    from megatron_renio.models.builder import check_divisibility
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
 
     with about_flag("--load"):
         meta = read_checkpoint_metadata(args.load)
+    check_divisibility(meta.preset, ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size))
     tokenizer_path = args.tokenizer or meta.tokenizer_dir
     if tokenizer_path is None:
         raise UserInputError(f"--load {args.load} holds no tokenizer: give --tokenizer")
