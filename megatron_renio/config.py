@@ -79,7 +79,8 @@ HELP = {
     "override_teacher_check": "on resume, accept a frozen teacher (--student-load of --teacher fixed, --teacher-load) "
                               "whose files differ from the saved run's, e.g. the same weights saved at another layout",
     "loss": "per-token divergence (jsd with --kd-beta), or sampled_rkl: the sampled-token reverse KL",
-    "kd_beta": "JSD mixture weight of --loss jsd (0 = forward KL, 1 = reverse KL; other losses take none)",
+    "kd_beta": "JSD mixture weight of --loss jsd (0, the default, = forward KL, 1 = reverse KL; 0.5 = the symmetric "
+               "JSD; other losses take none)",
     "kd_temperature": "temperature of both models' distributions in the loss",
     "kd_token_clip": "clamp of each vocabulary entry of the divergence to [0, k]; none = no clamp",
     "kd_top_k": "both models restricted to the teacher's k most likely tokens and renormalised over them (not fused); none = full vocabulary",

@@ -49,11 +49,16 @@ def _renio_notes(cfg: TrainConfig) -> list[str]:
 
 
 def _loss_notes(cfg: TrainConfig) -> list[str]:
-    """Loss settings a user should know the cost or bias of: --kd-top-k runs the unfused loss on gathered
+    """Loss settings a user should know the cost or bias of: --loss jsd at --kd-beta 0 or 1 (its default
+    is 0) is exactly the forward or reverse KL; --kd-top-k runs the unfused loss on gathered
     full-vocabulary copies of the completion rows; --loss sampled_rkl estimates the reverse KL's gradient
     at --kd-temperature only from completions sampled from that same distribution (another rollout
     temperature, top-p or top-k biases it)."""
     notes = []
+    if cfg.loss == "jsd" and cfg.kd_beta in (0, 1):
+        same = "forward_kl" if cfg.kd_beta == 0 else "reverse_kl"
+        notes.append(f"--loss jsd with --kd-beta {cfg.kd_beta:g} is the --loss {same} (the mixture is one of the two "
+                     "models); pass --kd-beta between 0 and 1 (0.5: the symmetric JSD) to mix them")
     if cfg.kd_top_k is not None and cfg.loss != "sampled_rkl":
         notes.append(f"--kd-top-k {cfg.kd_top_k} is not fused: the loss gathers full-vocabulary copies of the "
                      "completion rows (more time and memory than without it)")

@@ -1589,8 +1589,14 @@ def test_loss_settings_with_a_cost_or_a_bias_are_noted():
     assert _loss_notes(TrainConfig(kd_top_k=8)) == [
         "--kd-top-k 8 is not fused: the loss gathers full-vocabulary copies of the completion rows (more time and "
         "memory than without it)"]
+    # --loss jsd without --kd-beta trained on exactly the forward KL without a word
+    assert _loss_notes(TrainConfig(loss="jsd")) == [
+        "--loss jsd with --kd-beta 0 is the --loss forward_kl (the mixture is one of the two models); pass --kd-beta "
+        "between 0 and 1 (0.5: the symmetric JSD) to mix them"]
+    assert _loss_notes(TrainConfig(loss="jsd", kd_beta=1.0))[0].startswith("--loss jsd with --kd-beta 1 is the --loss "
+                                                                           "reverse_kl ")
     for quiet in (dict(loss="sampled_rkl"), dict(loss="sampled_rkl", kd_top_k=8),  # not computed (_inert_notes)
-                  dict(rollout_temperature=1.0, rollout_top_p=0.5)):
+                  dict(rollout_temperature=1.0, rollout_top_p=0.5), dict(loss="jsd", kd_beta=0.5)):
         assert _loss_notes(TrainConfig(**quiet)) == [], quiet
 
 
