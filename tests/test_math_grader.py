@@ -158,6 +158,46 @@ def test_slow_comparison_times_out_as_wrong():
     assert time.monotonic() - started < 3.0
 
 
+def test_a_slow_comparison_in_a_worker_thread_times_out_as_wrong():
+    """Off the main thread each answer is graded in a child process, which enforces the same timeout."""
+    results = {}
+
+    def work():
+        started = time.monotonic()
+        results["graded"] = grade_math(r"\boxed{9^{9^{9^9}}}", "3", timeout_s=0.5)
+        results["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=120)
+    assert results["graded"] is False and results["seconds"] < 30.0, results
+
+
+def test_loading_the_checker_does_not_count_against_the_first_answers_timeout(monkeypatch):
+    """The first use of math_verify loads sympy and its LaTeX grammar (seconds on a loaded machine): it
+    happens before the timer starts, so a right answer is not graded wrong for it."""
+    from megatron_renio.eval import math_grader
+
+    math_grader._load_checker.cache_clear()
+    real, calls = math_grader._equivalent, []
+
+    def first_use_is_slow(answer, reference):
+        if not calls:
+            time.sleep(0.5)  # as the first import and parse do
+        calls.append(answer)
+        return real(answer, reference)
+
+    monkeypatch.setattr(math_grader, "_equivalent", first_use_is_slow)
+    assert grade_math(r"\boxed{1/2}", "0.5", timeout_s=0.2)
+
+
+def test_the_reference_is_math_verifys_gold_side():
+    """math_verify is not symmetric: an interval answer matches a reference written as an inequality, not
+    the other way round. The reference must be its gold (first) argument."""
+    assert grade_math(r"The answer is \boxed{(1,2)}", "1<x<2", timeout_s=30)
+    assert not grade_math(r"The answer is \boxed{1<x<2}", "(1,2)", timeout_s=30)
+
+
 def test_outer_alarm_timer_is_restored():
     import signal
 

@@ -39,6 +39,7 @@ returns is only stopped by the child-process path.
 from __future__ import annotations
 
 import decimal
+import functools
 import json
 import logging
 import os
@@ -147,15 +148,26 @@ def _equivalent(answer: str, reference: str) -> bool:
     return bool(verify(gold, pred, timeout_seconds=None))
 
 
+@functools.cache
+def _load_checker() -> None:
+    """Import math_verify and run it once (its parser loads sympy and the LaTeX grammar on first use):
+    seconds that must not count against the first answer's timeout, or against every answer graded in a
+    child process (a right answer was graded wrong when the import alone outlasted ``timeout_s``)."""
+    _equivalent("1/2", "0.5")
+
+
 class _Deadline(BaseException):
     """Raised by the SIGALRM handler; a BaseException so math_verify's ``except Exception`` lets it out."""
 
 
 def _equivalent_with_alarm(answer: str, reference: str, timeout_s: float) -> bool:
-    """:func:`_equivalent` bounded by an ITIMER_REAL timer; main thread only."""
+    """:func:`_equivalent` bounded by an ITIMER_REAL timer (set once the checker is loaded:
+    :func:`_load_checker`); main thread only."""
 
     def on_alarm(signum, frame):
         raise _Deadline()
+
+    _load_checker()
 
     old_handler = signal.signal(signal.SIGALRM, on_alarm)
     old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
