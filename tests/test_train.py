@@ -159,12 +159,15 @@ def straight_and_resumed(workdir, name: str, common: dict, stop: dict, resume: d
 
 
 def test_resume_continues_bitwise(workdir):
-    """4 steps straight == 2 steps, exit, fresh processes with --load, 2 more steps (DP=2, EMA teacher;
-    the resume reads model, optimizer and EMA teacher with Megatron's fully parallel load)."""
+    """4 steps straight == 2 steps, exit, fresh processes with --load, 2 more steps (DP=2, EMA teacher,
+    ReNIO's EMA normaliser; the resume reads model, optimizer and EMA teacher with Megatron's fully
+    parallel load)."""
     common = {"--train-iters": 4, "--teacher": "ema", "--ema-decay": 0.9, "--renio-scope": "global",
+              "--renio-norm": "ema", "--renio-threshold": -1.0, "--renio-temperature": 0.2,  # weights far from 1
               "--rollout-temperature": 1.3, "--save-interval": 1}
     a, b, save = straight_and_resumed(workdir, "resume", common, {"--exit-interval": 2},
                                       {"--save": workdir / "resume", "--ckpt-fully-parallel-load": None})
+    assert all(m["weight_std"] > 0.01 for m in a)  # the normaliser's EMA matters (it is 1 when every weight is)
     for x, y in zip(a, b):
         assert (x["loss"], x["grad_norm"], x["completion_length_mean"]) == (y["loss"], y["grad_norm"], y["completion_length_mean"])
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000004"]  # --keep-last 2
