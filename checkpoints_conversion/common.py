@@ -278,12 +278,10 @@ def build_single_process_model(preset: ModelPreset, dtype: str):
     Weights are left uninitialised (``perform_initialization=False``): the caller fills every
     parameter, and no memory or time goes into random weights that would be overwritten.
     """
-    from megatron_renio.distributed import ParallelConfig, env_int, initialize
+    from megatron_renio.distributed import ParallelConfig, initialize_single_process
     from megatron_renio.models.builder import build_gpt_model
 
-    if env_int("WORLD_SIZE", 1) != 1:  # a WORLD_SIZE that is not an integer: one line naming it
-        raise UserInputError("conversion runs in one plain process: launch it with python, not torchrun")
-    initialize(ParallelConfig(), seed=0)
+    initialize_single_process(seed=0)
     return build_gpt_model(preset, ParallelConfig(), dtype, perform_initialization=False)
 
 

@@ -398,17 +398,42 @@ def _rendezvous_store(rank: int, world_size: int, timeout: timedelta):
 _OTHER_LAUNCHERS = (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"), ("PMI_SIZE", "an MPI launcher"))
 
 
+def _launched_together(launchers) -> tuple[str, str, str] | None:
+    """(variable, value, launcher) of the first of ``launchers`` whose variable says that more than one
+    process was started together, else None."""
+    for variable, launcher in launchers:
+        value = os.environ.get(variable, "").strip()
+        if value.isdigit() and int(value) > 1:
+            return variable, value, launcher
+    return None
+
+
 def _refuse_launcher_without_torchrun() -> None:
     """Processes started several at once by srun or mpirun, without WORLD_SIZE, would each run alone
     (a world of one), as many separate runs writing into the same --save: one line instead."""
     if "WORLD_SIZE" in os.environ:
         return
-    for variable, launcher in _OTHER_LAUNCHERS:
-        value = os.environ.get(variable, "").strip()
-        if value.isdigit() and int(value) > 1:
-            raise UserInputError(f"{variable}={value} without WORLD_SIZE: {launcher} started several "
-                                 "processes that would each train alone; launch with torchrun (e.g. one torchrun per "
-                                 "node under srun, with --nnodes and --rdzv-endpoint)")
+    found = _launched_together(_OTHER_LAUNCHERS)
+    if found:
+        variable, value, launcher = found
+        raise UserInputError(f"{variable}={value} without WORLD_SIZE: {launcher} started several "
+                             "processes that would each train alone; launch with torchrun (e.g. one torchrun per "
+                             "node under srun, with --nnodes and --rdzv-endpoint)")
+
+
+def initialize_single_process(seed: int = 0) -> DistributedContext:
+    """:func:`initialize` as a world of one for a command that runs in one plain process (conversion):
+    several processes launched together (torchrun, srun, mpirun) are one line naming the variable that
+    says so; a launcher's other variables left in the environment (RANK, LOCAL_RANK) are ignored."""
+    found = _launched_together((("WORLD_SIZE", "torchrun"), *_OTHER_LAUNCHERS))
+    if found:
+        variable, value, launcher = found
+        raise UserInputError(f"{variable}={value}: {launcher} started {value} processes, but this command runs in "
+                             "one plain process: run it once with python (unset the variable if a job script "
+                             "exported it)")
+    for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(variable, None)
+    return initialize(ParallelConfig(), seed=seed)
 
 
 def _destroy_model_parallel_groups() -> None:

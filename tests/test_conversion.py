@@ -831,13 +831,28 @@ def test_save_never_replaces_the_working_directory_or_the_input(hf_models, conve
     assert (run / "hf" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("variable", ["WORLD_SIZE", "RANK", "LOCAL_RANK"])
-def test_a_launcher_variable_that_is_not_an_integer_is_one_line(hf_models, tmp_path, variable):
+@pytest.mark.parametrize("variable, value, launcher", [("WORLD_SIZE", "8", "torchrun"),
+                                                        ("OMPI_COMM_WORLD_SIZE", "2", "mpirun")])
+def test_several_launched_conversions_are_one_line_naming_the_variable(hf_models, tmp_path, variable, value,
+                                                                       launcher):
+    """Under torchrun, srun or mpirun (or a job script's exported WORLD_SIZE) the line says what to do
+    for a command of one process; it told mpirun users to launch with torchrun, then torchrun users to
+    launch with python."""
     save = tmp_path / "out"
     proc = _cli("hf_to_megatron", "--hf-dir", str(hf_models["dirs"]["qwen2"]), "--save", str(save),
-                env={**subprocess_env(), variable: "abc"})
-    _assert_one_line_error(proc, f"environment variable {variable}='abc' is not an integer", save)
+                env={**subprocess_env(), variable: value})
+    _assert_one_line_error(proc, f"{variable}={value}: {launcher} started {value} processes, but this command runs in "
+                                 "one plain process: run it once with python (unset the variable if a job script "
+                                 "exported it)", save)
     assert not save.exists()
+
+
+def test_a_launchers_leftover_variables_do_not_stop_a_conversion(hf_models, tmp_path):
+    """RANK=3 or an unparsable LOCAL_RANK left in the environment: conversion is a world of one anyway."""
+    save = tmp_path / "out"
+    proc = _cli("hf_to_megatron", "--hf-dir", str(hf_models["dirs"]["qwen2"]), "--save", str(save),
+                env={**subprocess_env(), "RANK": "3", "LOCAL_RANK": "abc", "WORLD_SIZE": "1"})
+    assert proc.returncode == 0 and (save / "renio_model.json").is_file(), proc.stderr[-3000:]
 
 
 def test_each_conversion_ends_with_one_summary_line(hf_models, tmp_path):
