@@ -36,6 +36,9 @@ def assert_matches_single_process(r: dict, case: str) -> None:
         assert r["weight_spread"] > 0.05  # the ReNIO weights really differ between samples
     # fp32 through a whole backward pass with a different reduction order: 1e-7 absolute
     assert r["max_grad_err"] <= 1e-7 + 1e-5 * r["grad_scale"], r
+    if CASES[case].get("norm") == "ema" and CASES[case]["scope"] == "global":
+        # one EMA for every replica: the mean raw weight of all their samples, not of one replica's
+        assert r["ema"] == pytest.approx(r["ref_ema"], rel=1e-5), r
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -39,6 +39,10 @@ CASES = {
     "forward_kl_renio_global": dict(kind="forward_kl", beta=0.0, loss_kind="divergence", renio=True, scope="global", impl="unfused"),
     "jsd_renio_local": dict(kind="jsd", beta=0.5, loss_kind="divergence", renio=True, scope="local", impl="unfused"),
     "reverse_kl_fused_global": dict(kind="reverse_kl", beta=1.0, loss_kind="divergence", renio=True, scope="global", impl="chunked"),
+    # the first step of the global EMA normaliser: each micro-batch's divisor is its mean weight (the EMA is
+    # unset), so the loss is batch_mean's; after the step the EMA is the mean raw weight of every replica's samples
+    "forward_kl_renio_ema_global": dict(kind="forward_kl", beta=0.0, loss_kind="divergence", renio=True,
+                                        scope="global", impl="chunked", norm="ema"),
     "sampled_rkl_plain": dict(kind="reverse_kl", beta=1.0, loss_kind="sampled_rkl", renio=False, scope="global", impl="unfused"),
     "sampled_rkl_fused": dict(kind="reverse_kl", beta=1.0, loss_kind="sampled_rkl", renio=False, scope="global", impl="chunked"),
     # the teacher's top-k ids (gathered over TP) and the clamp normalisation
@@ -99,7 +103,8 @@ def reference(student, teacher, batch, case):
         loss = (torch.cat([p["per_sample"] for p in parts]) * n).sum() / n.sum()
     loss.backward()
     raw = torch.cat([p["raw_weights"] for p in parts])
-    return float(loss), float(raw.max() - raw.min()), {n: p.grad.clone() for n, p in student.named_parameters()}
+    return (float(loss), float(raw.max() - raw.min()), float(raw.mean()),
+            {n: p.grad.clone() for n, p in student.named_parameters()})
 
 
 def run_layout(parallel, case, batch, ckpt, out, longest_first=False):
@@ -113,7 +118,8 @@ def run_layout(parallel, case, batch, ckpt, out, longest_first=False):
     teacher_before = [p.clone() for p in teacher.parameters()]
     ddp = wrap_ddp(student, use_distributed_optimizer=False)
     paired = PairedModel(ddp, teacher, STUDENT.hidden_size, TEACHER.hidden_size)
-    step = DistillationStep(paired, [ddp], settings(case), ReNIONormalizer(), VOCAB)
+    normalizer = ReNIONormalizer()
+    step = DistillationStep(paired, [ddp], settings(case), normalizer, VOCAB)
     per_rank = NUM_SAMPLES // ctx.dp_size
     mine = batch.rows(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
     if longest_first:
@@ -137,19 +143,23 @@ def run_layout(parallel, case, batch, ckpt, out, longest_first=False):
         out.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     dist_checkpointing.save(student.sharded_state_dict(), out)
-    return result.loss, teacher_unchanged, only_student_in_buffers
+    # the normaliser's EMA after the step where the loss is (the last stage), the largest over the replicas
+    ema = torch.tensor([float(normalizer.ema) if ctx.is_last_stage else float("-inf")], dtype=torch.float64)
+    torch.distributed.all_reduce(ema, op=torch.distributed.ReduceOp.MAX)
+    return result.loss, teacher_unchanged, only_student_in_buffers, float(ema)
 
 
-def compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged, only_student) -> dict:
+def compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged, only_student, ema, ref_ema) -> dict:
     """A layout's result: its loss and the largest difference of its gradients (saved in ``out``, read
-    back at TP=1) from the reference's."""
+    back at TP=1) from the reference's; the normaliser's EMA after the step and the reference's mean raw
+    weight."""
     distributed.initialize(ParallelConfig(), seed=0)
     holder = build(STUDENT, ParallelConfig())
     holder.load_state_dict(dist_checkpointing.load(holder.sharded_state_dict(), out))
     max_err = max(float((p - ref_grads[n]).abs().max()) for n, p in holder.named_parameters())
     scale = max(float(g.abs().max()) for g in ref_grads.values())
     return dict(loss=loss, ref_loss=ref_loss, max_grad_err=max_err, grad_scale=scale, weight_spread=weight_spread,
-                teacher_unchanged=teacher_unchanged, only_student=only_student)
+                teacher_unchanged=teacher_unchanged, only_student=only_student, ema=ema, ref_ema=ref_ema)
 
 
 def main(out_dir):
@@ -182,20 +192,20 @@ def main(out_dir):
         student, teacher = build(STUDENT, ParallelConfig()), build(TEACHER, ParallelConfig())
         student.load_state_dict(dist_checkpointing.load(student.sharded_state_dict(), ckpt / "student"))
         teacher.load_state_dict(dist_checkpointing.load(teacher.sharded_state_dict(), ckpt / "teacher"))
-        ref_loss, weight_spread, ref_grads = reference(student, teacher, batch, case)
+        ref_loss, weight_spread, ref_ema, ref_grads = reference(student, teacher, batch, case)
         for layout, parallel in layouts.items():
             out = tmp / f"grads_{name}_{layout}"
-            loss, teacher_unchanged, only_student = run_layout(parallel, case, batch, ckpt, out)
+            loss, teacher_unchanged, only_student, ema = run_layout(parallel, case, batch, ckpt, out)
             results[(name, layout)] = compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged,
-                                              only_student)
+                                              only_student, ema, ref_ema)
         # where the grouping of samples into micro-batches does not change the loss (at 4 ranks a replica
         # holds one micro-batch: nothing to regroup)
         if case["scope"] == "global" and not four_ranks:
             out = tmp / f"grads_{name}_dp2_longest_first"
-            loss, teacher_unchanged, only_student = run_layout(ParallelConfig(), case, batch, ckpt, out,
-                                                               longest_first=True)
+            loss, teacher_unchanged, only_student, ema = run_layout(ParallelConfig(), case, batch, ckpt, out,
+                                                                    longest_first=True)
             results[(name, "dp2-longest-first")] = compare(out, ref_grads, loss, ref_loss, weight_spread,
-                                                           teacher_unchanged, only_student)
+                                                           teacher_unchanged, only_student, ema, ref_ema)
     save_rank_result(out_dir, results)
 
     torch.distributed.barrier()
