@@ -83,6 +83,8 @@ def _loss_notes(cfg: TrainConfig) -> list[str]:
 _INERT_WHEN = (
     (lambda c: not c.renio, "on the loss without --renio (clip and threshold still shape the logged pivotal "
      "statistics)", ("renio_clip", "renio_threshold", "renio_temperature", "renio_norm", "renio_max_weight")),
+    (lambda c: c.renio and c.renio_norm in ("clamp", "none"), "with --renio-norm clamp or none (the cap bounds the "
+     "weights of batch_mean and ema)", ("renio_max_weight",)),
     (lambda c: c.teacher != "ema", "without --teacher ema", ("ema_decay",)),
     (lambda c: c.lr_decay_style == "constant", "with --lr-decay-style constant", ("min_lr", "lr_decay_iters")),
     (lambda c: c.loss == "sampled_rkl", "with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)",

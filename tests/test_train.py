@@ -1480,7 +1480,12 @@ def test_settings_that_other_flags_leave_without_effect_are_noted():
         "--kd-top-k has no effect with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)"]
     assert _inert_notes(TrainConfig(loss="sampled_rkl", kd_token_clip=None)) == [
         "--kd-token-clip has no effect with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)"]
+    for norm in ("clamp", "none"):  # a cap of 1.5 left weights of 3.75 without a word
+        assert _inert_notes(TrainConfig(renio=True, renio_norm=norm, renio_max_weight=1.5)) == [
+            "--renio-max-weight has no effect with --renio-norm clamp or none (the cap bounds the weights of "
+            "batch_mean and ema)"]
     for quiet in (dict(), dict(renio=True, renio_norm="ema", renio_clip=3.0), dict(renio_scope="global"),
+                  dict(renio=True, renio_max_weight=1.5), dict(renio=True, renio_norm="ema", renio_max_weight=1.5),
                   dict(teacher="ema", ema_decay=0.9), dict(lr_decay_style="cosine", min_lr=1e-7, lr_decay_iters=5),
                   dict(loss="sampled_rkl"), dict(kd_top_k=5, kd_token_clip=None)):
         assert _inert_notes(TrainConfig(**quiet)) == [], quiet
