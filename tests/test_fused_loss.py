@@ -515,6 +515,30 @@ def test_forward_and_backward_take_the_same_clamp_mask_where_the_models_agree(te
     torch.testing.assert_close(got.double(), exact, **FP32_TOL)
 
 
+def test_an_empty_token_grid_gives_empty_terms_as_token_terms():
+    """[b, 0] tokens: empty terms and an empty gradient (the chunked path divided by zero tiling them)."""
+    student = torch.randn(2, 0, 50, requires_grad=True)
+    tokens, cfg, shard = torch.zeros(2, 0, dtype=torch.long), DivergenceConfig(kind="jsd", beta=0.5), VocabShard(0, 50, 50)
+    terms = fused_token_terms(student, torch.randn(2, 0, 50), tokens, cfg, shard, impl="chunked")
+    expected = token_terms(student, torch.randn(2, 0, 50), tokens, cfg, shard, None)
+    assert terms.divergence.shape == terms.student_logprobs.shape == expected.divergence.shape == (2, 0)
+    assert not terms.nonfinite
+    (terms.divergence.sum() + terms.student_logprobs.sum()).backward()
+    assert student.grad.shape == (2, 0, 50)
+
+
+def test_finite_fp16_logits_whose_row_sum_passes_fp16s_range_are_finite():
+    """The chunked path's non-finite test sums each row in fp32: ordinary fp16 logits near 5 over 32,000
+    entries sum past 65,504, and the step was flagged (and would have been skipped)."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = ((3 * torch.randn(1, 4, 32000, generator=g) + 5.0).half() for _ in range(2))
+    assert torch.isinf(student.sum(-1)).all()  # in fp16
+    tokens, cfg, shard = torch.zeros(1, 4, dtype=torch.long), DivergenceConfig(kind="forward_kl"), VocabShard(0, 32000, 32000)
+    assert not fused_token_terms(student, teacher, tokens, cfg, shard, impl="chunked").nonfinite
+    student[0, 2, 7] = float("inf")
+    assert fused_token_terms(student, teacher, tokens, cfg, shard, impl="chunked").nonfinite
+
+
 @pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=lambda case: f"{case[0]}-k{case[1]}-T{case[2]}")
 def test_keeps_fp32_precision_on_large_logits(case):
     """Logits of standard deviation 24 (maxima near 100): D, s, u and the gradient stay within the fp32

@@ -75,6 +75,8 @@ def _row_blocks(n_b: int, n_t: int, n_cols: int):
     Slicing the two leading dimensions (rather than flattening them) keeps every block a view, also
     for Megatron's [s, b, V] logits transposed to [b, s, V].
     """
+    if n_b == 0 or n_t == 0:  # an empty token grid: no block
+        return
     rows = max(1, _CHUNK_ELEMS // max(n_cols, 1))
     t_step = min(n_t, rows)
     b_step = max(1, rows // t_step)
@@ -214,14 +216,15 @@ def _chunk_stats(z_block: torch.Tensor, inv_temp: float, shifted: torch.Tensor, 
     forms it, in ``shifted``) over the last dim; ``exps`` is overwritten.
 
     The non-finite test is a row sum of the logits (inf, -inf or NaN anywhere makes it non-finite),
-    cheaper on the CPU than an elementwise isfinite.
+    cheaper on the CPU than an elementwise isfinite; it is summed in the compute dtype (fp16 logits of an
+    ordinary row sum past fp16's 65,504).
     """
     dtype = compute_dtype(z_block)
     if z_block.shape[-1] == 0:  # a TP rank holding only vocabulary padding
         empty = z_block.new_full(z_block.shape[:-1], float("-inf"), dtype=dtype)
         return empty, torch.zeros_like(empty), torch.zeros(empty.shape, dtype=torch.bool, device=empty.device), None
     row_max = z_block.amax(-1).to(dtype)
-    bad = ~torch.isfinite(z_block.sum(-1))
+    bad = ~torch.isfinite(z_block.sum(-1, dtype=dtype))
     shifted = _scaled(z_block, inv_temp, _max_shift(row_max, inv_temp), shifted)
     return row_max, torch.exp(shifted, out=exps).sum(-1), bad, shifted
 
