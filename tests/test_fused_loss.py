@@ -629,11 +629,13 @@ def test_triton_kernels_with_a_shard_of_padding_only(tp2, case):
         assert_same(runs["fused"], runs["full"])
 
 
-@pytest.mark.parametrize("case", OFFSET_CASES, ids=lambda case: f"{case[0]}-offset{case[1]:+.0f}-T{case[2]}")
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=lambda case: f"{case[0]}-offset{case[1]:+.0f}-T{case[2]}-V{case[3]}")
 def test_one_sweep_error_stays_near_the_two_sweeps_when_the_models_logits_sit_apart(tp2, case):
     """D of the one-sweep forward is a difference of two terms that grow with an offset between the two
     models' logits (here up to 300 nats): with the row offset taken out of its weighted sum, its error
-    against the float64 formula stays within twice that of the two-sweep forward (measured: 0.6-1.5x)."""
+    against the float64 formula stays within twice that of the two-sweep forward (measured: 0.6-1.5x).
+    On a shard narrower than one block the offsets come from the tail (they were 0, and D's error grew
+    with the offset: 1.5x the fp32 tolerance at 100, 7.3x at 1,000)."""
     skip_unless_triton_ran(tp2)
     errors = tp2[0]["triton_offset"][case]
     assert errors["one"] <= 2.0 * errors["two"], errors

@@ -182,7 +182,9 @@ if triton is not None:
         running max (TritonLaunch.max_group). Non-finite: the plain sum of both rows' logits is not
         finite (inf, -inf or NaN anywhere; a sum that overflows float32 counts too). W, the weighted
         sum of a one-sweep forward (``Plan.one_sweep``), in raw logits, with c_s and c_t each row's max
-        over the first block (0 without a full block) and diff_v = (z^T_v - c_t) - (z^S_v - c_s):
+        over the real columns of its first block (the tail when no block is full: without it a narrow
+        shard's W cancelled at the size of the models' offset; 0 in a shard of padding only) and
+        diff_v = (z^T_v - c_t) - (z^S_v - c_s):
         WEIGHT 1 (forward KL) sum_v e^(b_v - max_t) diff_v, WEIGHT 2 (reverse KL) sum_v e^(a_v - max_s) (-diff_v),
         WEIGHT 0: W = 0 (c_s = c_t = 0). Each logit less its row's c is exact near c, and an offset between
         the models (which ``_one_sweep_terms`` adds back exactly) leaves the summands: they are of the
@@ -198,12 +200,15 @@ if triton is not None:
         acc_t = tl.zeros([R, GROUP], tl.float32)
         acc_z = tl.zeros([R, GROUP], tl.float32)
         acc_w = tl.zeros([R, GROUP], tl.float32)
-        zs, zt = _load_pair(zs_base, zt_base, tile, N_FULL, True)  # the first full block
+        # the first block: a full one (which the loop below starts from), else the tail
+        zs, zt = _load_pair(zs_base, zt_base, tile, N_VALID, True)
         first_s = 0.0
         first_t = 0.0
-        if WEIGHT != 0:  # 0 without a full block
-            first_s = tl.max(tl.max(zs, axis=1), axis=0)
-            first_t = tl.max(tl.max(zt, axis=1), axis=0)
+        if WEIGHT != 0:  # its max over the real columns; 0 in a shard of padding only
+            first_s = tl.max(tl.max(tl.where(tile < N_VALID, zs, float("-inf")), axis=1), axis=0)
+            first_t = tl.max(tl.max(tl.where(tile < N_VALID, zt, float("-inf")), axis=1), axis=0)
+            first_s = tl.where(first_s == float("-inf"), 0.0, first_s)
+            first_t = tl.where(first_t == float("-inf"), 0.0, first_t)
         for v0 in range(0, N_FULL, BLOCK_V):
             cols = v0 + tile
             if PREFETCH:

@@ -154,9 +154,10 @@ def rows_nonfinite_flags(impl: str) -> list[bool]:
     return flags
 
 
-# (kind, offset of the teacher's logits, temperature): models whose logits sit apart, by up to 300 nats.
-OFFSET_CASES = [("forward_kl", -50.0, 0.3), ("forward_kl", 300.0, 1.0), ("reverse_kl", 300.0, 1.0),
-                ("reverse_kl", -50.0, 0.3)]
+# (kind, offset of the teacher's logits, temperature, vocabulary): models whose logits sit apart, by up to
+# 300 nats; 1,000 columns are fewer than one block of the default launch (the row offsets come from the tail).
+OFFSET_CASES = [("forward_kl", -50.0, 0.3, 3000), ("forward_kl", 300.0, 1.0, 3000), ("reverse_kl", 300.0, 1.0, 3000),
+                ("reverse_kl", -50.0, 0.3, 3000), ("forward_kl", 300.0, 1.0, 1000), ("reverse_kl", 300.0, 1.0, 1000)]
 
 
 def triton_forwards(student, teacher, forwards, *args) -> dict:
@@ -172,14 +173,14 @@ def triton_forwards(student, teacher, forwards, *args) -> dict:
     return runs
 
 
-def offset_errors(kind: str, offset: float, temperature: float) -> dict:
-    """Largest error of D against ``token_terms`` in float64, on logits whose teacher is the student's plus
-    noise plus ``offset``, of the Triton path's one-sweep forward ('one') and of its two sweeps ('two',
-    ``Plan.one_sweep`` turned off), both at the module's default launch."""
-    student, teacher, tokens, grad_d, grad_s = make_logits(2, 4, 3000, seed=31)
+def offset_errors(kind: str, offset: float, temperature: float, vocab: int) -> dict:
+    """Largest error of D against ``token_terms`` in float64, on ``vocab`` columns of logits whose teacher is
+    the student's plus noise plus ``offset``, of the Triton path's one-sweep forward ('one') and of its two
+    sweeps ('two', ``Plan.one_sweep`` turned off), both at the module's default launch."""
+    student, teacher, tokens, grad_d, grad_s = make_logits(2, 4, vocab, seed=31)
     teacher = teacher + offset
     cfg = DivergenceConfig(kind=kind, beta=0.5, temperature=temperature, token_clip=None)
-    args = (tokens, cfg, VocabShard(0, 3000, 3000), None, grad_d, grad_s)
+    args = (tokens, cfg, VocabShard(0, vocab, vocab), None, grad_d, grad_s)
     exact = run_path(token_terms, student.double(), teacher.double(), *args)["divergence"]
     return {name: float((got["divergence"].double() - exact).abs().max())
             for name, got in triton_forwards(student, teacher, ("one", "two"), *args).items()}
