@@ -101,8 +101,9 @@ HELP = {
     "rollout_top_k": "the rollout samples among the k most likely tokens; 0 = off",
     "log_interval": "console progress every N iterations (the metrics file, TensorBoard and W&B get every step)",
     "max_new_tokens": "longest completion of the rollout",
-    "rollout_batch_size": "most samples a replica generates at once (one KV cache of --seq-length positions each); "
-                          "more are generated in turns, with the same draws. 0 = its whole share of the batch",
+    "rollout_batch_size": "most samples a replica generates at once (one KV cache each, of the turn's longest prompt "
+                          "plus --max-new-tokens positions, at most --seq-length); more are generated in turns, "
+                          "with the same draws. 0 = its whole share of the batch",
     "samples_per_prompt": "completions per prompt (consecutive rows of the batch)",
     "micro_batch_order": "how a rank's samples form micro-batches: data = in sampling order (the reference's); "
                          "length = longest first, so that each micro-batch pads to samples of similar length "
