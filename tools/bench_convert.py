@@ -5,9 +5,10 @@
 Writes a Hugging Face folder (``config.json`` + bf16 safetensors shards with an index, random
 weights written tensor by tensor with ``safetensors.torch.save_file``; no HF model is built), then
 runs ``checkpoints_conversion.hf_to_megatron`` and ``checkpoints_conversion.megatron_to_hf`` as
-subprocesses, each measured on its own: the peak resident memory of the conversion process (the
-kernel's ``ru_maxrss`` from ``wait4``, cross-checked by psutil sampling every 50 ms) and its ratio
-to the model's size in bytes. The target is at most about 1.5x. On two CPU cores the whole run
+subprocesses, each measured on its own: the peak resident memory of the conversion process (its
+``VmHWM``, read by the process itself as it exits, cross-checked by psutil sampling every 50 ms) and
+its ratio to the model's size in bytes. (``ru_maxrss`` from ``wait4`` would also count this
+benchmark's own peak, which a child inherits at fork: no conversion below it could show.) The target is at most about 1.5x. On two CPU cores the whole run
 takes a few minutes.
 """
 
@@ -83,11 +84,30 @@ def write_synthetic_hf(preset: ModelPreset, directory: Path, shard_bytes: int) -
     return total
 
 
+# Runs ``python -m <module> <args>`` and, as that process exits, writes its peak resident memory (VmHWM:
+# the high-water mark of its own address space, which starts at exec) in bytes into the file named last.
+_RUN_AND_REPORT_PEAK = """
+import atexit, runpy, sys
+report = sys.argv.pop()
+def write_peak():
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    with open(report, "w") as out:
+        out.write(str(kib * 1024))
+atexit.register(write_peak)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def measure(module: str, *args: str) -> tuple[int, int, float]:
-    """Run ``python -m module args``; return (ru_maxrss bytes, sampled peak RSS bytes, seconds)."""
+    """Run ``python -m module args``; return (its peak RSS bytes as it reports it, sampled peak RSS bytes,
+    seconds)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    report = Path(tempfile.mkstemp(prefix="bench_convert_peak_")[1])
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO_ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", _RUN_AND_REPORT_PEAK, module, *args, str(report)], env=env,
+                            cwd=REPO_ROOT)
     sampled = [0]
 
     def sample():
@@ -101,12 +121,15 @@ def measure(module: str, *args: str) -> tuple[int, int, float]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
+    seconds = time.time() - start
     sampler.join(timeout=1)
-    if proc.returncode != 0:
-        raise SystemExit(f"{module} failed with exit status {proc.returncode}")
-    return usage.ru_maxrss * 1024, sampled[0], time.time() - start
+    try:
+        if proc.returncode != 0:
+            raise SystemExit(f"{module} failed with exit status {proc.returncode}")
+        return int(report.read_text()), sampled[0], seconds
+    finally:
+        report.unlink(missing_ok=True)
 
 
 def main() -> None:
