@@ -781,7 +781,7 @@ def test_save_folder_of_another_model_is_refused(workdir):
     assert _last_error(proc).startswith(f"error: --load {save}: iteration 2 holds another model than --student-load "
                                         "(checkpoint vs --student-load: hidden_size ") and "student:" not in proc.stdout
     same = base_args(workdir, **{"--train-iters": 1, "--save": save, "--save-interval": 1})
-    assert "resume with --load" in _last_error(train(same, check=False))
+    assert "of a run of this architecture: resume it with --load" in _last_error(train(same, check=False))
     assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1, 2]
     # a new run does not append to the earlier run's metrics (refused before the models load)
     proc = train(base_args(workdir, **{"--train-iters": 1, "--metrics-file": save / "metrics.jsonl"}), check=False)

@@ -554,6 +554,6 @@ def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
         )
     if cfg.load is None or Path(cfg.load).resolve() != Path(cfg.save).resolve():
         raise UserInputError(
-            f"--save {cfg.save} already holds iteration {iteration} of this model: resume with --load {cfg.save}, "
-            "or pass --override-save to start over"
+            f"--save {cfg.save} already holds iteration {iteration} of a run of this architecture: resume it with "
+            f"--load {cfg.save}, or pass --override-save to start over"
         )
