@@ -56,7 +56,8 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
     rank's error (``reported_by``, :mod:`~megatron_renio.errors`) is
     printed on rank 0 only, naming that rank, and gives exit status 2 (bad input) or 1 (another
     failure, whose traceback is in that rank's log). With ``--debug`` the exception propagates with its
-    traceback. Without ``--debug``, warnings raised inside Megatron-Core, torch.distributed.checkpoint
+    traceback. Ctrl-C (SIGINT) ends the command with one line per node and exit status 130, not a
+    traceback per rank. Without ``--debug``, warnings raised inside Megatron-Core, torch.distributed.checkpoint
     (deprecation notices of checkpoint loading) and torch.distributed's deprecation wrapper (the
     collectives Megatron's distributed optimizer calls by their old names) are not shown: every rank
     would print them, and none is the user's to act on.
@@ -74,6 +75,12 @@ def run_command(parse: Callable, run: Callable, argv: list[str] | None) -> int:
         if not debug:
             warnings.filterwarnings("ignore", module=_QUIET_MODULES)
         run(parsed)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of a node: one line from the node's first rank
+        if debug:
+            raise
+        if _env_rank("LOCAL_RANK") in (0, None):
+            print("interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
     except Exception as e:
         from megatron_renio import distributed
 

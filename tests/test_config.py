@@ -433,3 +433,21 @@ def test_about_flag_names_the_flag_in_input_errors_only():
         raise UserInputError("folder x does not exist")
     with pytest.raises(KeyError), about_flag("--load"):  # not bad input: left as it is
         raise KeyError("x")
+
+
+@pytest.mark.parametrize("local_rank, printed", [("0", True), ("1", False), (None, True)])
+def test_ctrl_c_is_one_line_per_node_and_exit_status_130(local_rank, printed, monkeypatch, capsys):
+    """SIGINT reaches every rank of a node: each printed a KeyboardInterrupt traceback."""
+    from megatron_renio.entrypoint import run_command
+
+    def run(_cfg):
+        raise KeyboardInterrupt
+
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert run_command(lambda argv: None, run, []) == 130
+    assert capsys.readouterr().err == ("interrupted (SIGINT)\n" if printed else "")
+    with pytest.raises(KeyboardInterrupt):
+        run_command(lambda argv: None, run, ["--debug"])
