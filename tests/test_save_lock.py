@@ -81,5 +81,17 @@ def test_a_file_system_that_does_not_lock_leaves_the_run_unprotected_with_a_note
 
 def test_a_folder_it_cannot_create_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserInputError, match=f"^{tmp_path / 'file' / 'run'}.*: cannot create the run's lock file"):
+    with pytest.raises(UserInputError, match=f"^{tmp_path / 'file' / 'run'}.*: cannot open the run's lock file"):
         claim_save_folder(tmp_path / "file" / "run")
+
+
+def test_the_lock_file_follows_the_umask_as_the_runs_other_files(tmp_path):
+    """In a group-shared folder (umask 002) a teammate resumes the run: the lock file must be group-writable
+    as the checkpoints are (it was 0o644 whatever the umask)."""
+    old = os.umask(0o002)
+    try:
+        claim_save_folder(tmp_path / "shared")
+    finally:
+        os.umask(old)
+        release_save_folder(tmp_path / "shared")
+    assert (tmp_path / "shared" / LOCK_FILE).stat().st_mode & 0o777 == 0o664

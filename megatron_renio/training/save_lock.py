@@ -42,9 +42,10 @@ def claim_save_folder(root: str | Path) -> str | None:
     path = root / LOCK_FILE
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # 0o666 less the umask, as every other file of the run: in a group-shared folder a teammate resumes it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise storage_error(e, path, "cannot create the run's lock file") from None
+        raise storage_error(e, path, "cannot open the run's lock file for writing") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
