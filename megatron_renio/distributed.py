@@ -307,9 +307,12 @@ _in_round = False  # this process joined one since its last destroy()
 def _join_startup(rank: int, world_size: int, timeout: timedelta):
     """Begin this process's next start-up round and return the rendezvous store (:func:`_rendezvous_store`)
     and the round's key prefix for :func:`check_in` (a process may initialise several times, as the
-    tests do: each round keeps its own keys; so does each attempt of torchrun ``--max-restarts``, whose
-    store outlives the workers: a new attempt read the last one's failure). A round that cannot reach
-    the store still counts, so a failed start does not try it again (:func:`report_failed_start`)."""
+    tests do: each round keeps its own keys; so does each attempt of torchrun ``--max-restarts`` whose
+    ranks all restart together, as after a failed start: the store outlives the workers, and a new
+    attempt read the last one's failure. An agent that restarts for a membership change keeps its
+    count, so keys of nodes restarted for different reasons do not meet: that check-in waits until
+    the timeout). A round that cannot reach the store still counts, so a failed start does not try it
+    again (:func:`report_failed_start`)."""
     global _startup_round, _in_round
     _startup_round += 1
     _in_round = True
