@@ -143,16 +143,18 @@ def run_layout(parallel, case, batch, ckpt, out, longest_first=False):
         out.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     dist_checkpointing.save(student.sharded_state_dict(), out)
-    # the normaliser's EMA after the step where the loss is (the last stage), the largest over the replicas
-    ema = torch.tensor([float(normalizer.ema) if ctx.is_last_stage else float("-inf")], dtype=torch.float64)
+    # the normaliser's EMA after the step where the loss is (the last stage): the largest and the smallest over
+    # the replicas
+    value = float(normalizer.ema)
+    ema = torch.tensor([value, -value] if ctx.is_last_stage else [float("-inf")] * 2, dtype=torch.float64)
     torch.distributed.all_reduce(ema, op=torch.distributed.ReduceOp.MAX)
-    return result.loss, teacher_unchanged, only_student_in_buffers, float(ema)
+    return result.loss, teacher_unchanged, only_student_in_buffers, (float(ema[0]), -float(ema[1]))
 
 
 def compare(out, ref_grads, loss, ref_loss, weight_spread, teacher_unchanged, only_student, ema, ref_ema) -> dict:
     """A layout's result: its loss and the largest difference of its gradients (saved in ``out``, read
-    back at TP=1) from the reference's; the normaliser's EMA after the step and the reference's mean raw
-    weight."""
+    back at TP=1) from the reference's; the normaliser's EMA after the step (largest, smallest over the
+    replicas) and the reference's mean raw weight."""
     distributed.initialize(ParallelConfig(), seed=0)
     holder = build(STUDENT, ParallelConfig())
     holder.load_state_dict(dist_checkpointing.load(holder.sharded_state_dict(), out))
