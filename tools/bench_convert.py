@@ -104,7 +104,9 @@ def measure(module: str, *args: str) -> tuple[int, int, float]:
     """Run ``python -m module args``; return (its peak RSS bytes as it reports it, sampled peak RSS bytes,
     seconds)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    report = Path(tempfile.mkstemp(prefix="bench_convert_peak_")[1])
+    handle, name = tempfile.mkstemp(prefix="bench_convert_peak_")
+    os.close(handle)
+    report = Path(name)
     start = time.time()
     proc = subprocess.Popen([sys.executable, "-c", _RUN_AND_REPORT_PEAK, module, *args, str(report)], env=env,
                             cwd=REPO_ROOT)
