@@ -182,7 +182,10 @@ def run(cfg: TrainConfig) -> dict:
     samples_per_rank, student_source, teacher_source = distributed.on_every_rank(resolve_models)
 
     def read_run_folders() -> dict | None:
-        """On rank 0: the checks of --load and --save, and the train_state to resume (None: a new run)."""
+        """On rank 0: the checks of --load and --save, and the train_state to resume (None: a new run).
+        A --save that another run holds is refused first (the lock of a folder that has its lock file)."""
+        if cfg.save:
+            claim_save_folder(cfg.save, create=False)  # a file system that does not lock: noted below
         C.check_load_source(cfg)
         C.check_save_target(cfg, student_source.preset)
         state = read_train_state(cfg.load) if cfg.load else None

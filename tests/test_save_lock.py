@@ -95,3 +95,44 @@ def test_the_lock_file_follows_the_umask_as_the_runs_other_files(tmp_path):
         os.umask(old)
         release_save_folder(tmp_path / "shared")
     assert (tmp_path / "shared" / LOCK_FILE).stat().st_mode & 0o777 == 0o664
+
+
+FORKS_AND_DIES = """
+import os, sys, time
+from megatron_renio.training.save_lock import claim_save_folder
+claim_save_folder(sys.argv[1])
+child = os.fork()
+if child == 0:  # as Megatron's checkpoint writer processes, left behind when the trainer is killed
+    time.sleep(600)
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_forked_child_left_behind_does_not_keep_the_lock(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", FORKS_AND_DIES, str(tmp_path)], cwd=REPO_ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())  # the child keeps the pipe open: no waiting for its end
+    assert proc.wait(timeout=60) == 0  # the process that claimed the folder is gone; its child lingers
+    try:
+        assert claim_save_folder(tmp_path) is None
+    finally:
+        release_save_folder(tmp_path)
+        os.kill(child, 9)
+
+
+def test_the_first_claim_creates_nothing_and_refuses_a_held_folder(tmp_path):
+    """Before the trainer reads --save: a folder without a lock file is left as it is (bad input must not
+    change it), one whose lock another run holds is refused."""
+    assert claim_save_folder(tmp_path / "new", create=False) is None and not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    assert claim_save_folder(tmp_path / "old", create=False) is None and list((tmp_path / "old").iterdir()) == []
+    holder = claim_in_another_process(tmp_path / "held", hold_s=600)
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        with pytest.raises(UserInputError, match=f"^--save {tmp_path / 'held'} is in use by another run"):
+            claim_save_folder(tmp_path / "held", create=False)
+    finally:
+        holder.kill()
+        holder.communicate(timeout=60)

@@ -804,7 +804,7 @@ def test_save_folder_of_another_model_is_refused(workdir):
 
 def test_a_save_folder_in_use_by_another_run_is_refused_before_anything_is_written(workdir):
     """The requeue form (--load S --save S) started while the first attempt still runs: one line naming
-    the holder, once every check has passed, and the folder left as it was."""
+    the holder, before it reads the folder or builds a model, and the folder left as it was."""
     from megatron_renio.training.save_lock import LOCK_FILE, claim_save_folder, release_save_folder
 
     save = workdir / "held_run"
@@ -815,7 +815,7 @@ def test_a_save_folder_in_use_by_another_run_is_refused_before_anything_is_writt
     finally:
         release_save_folder(save)
     assert _last_error(proc).startswith(f"error: --save {save} is in use by another run ({holder}); ")
-    assert "student:" in proc.stdout and [p.name for p in save.iterdir()] == [LOCK_FILE]
+    assert "student:" not in proc.stdout and [p.name for p in save.iterdir()] == [LOCK_FILE]
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])

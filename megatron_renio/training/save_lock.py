@@ -8,7 +8,10 @@ line that names the holder (host, process id and start time, which the holder wr
 
 The kernel drops the lock when the holding process ends, however it ends (a crash, ``kill -9``, a
 lost node once a network file system notices: NFS v4 after its lease, about 90 s), so a requeued run
-takes the folder over without a stale lock to clear. A file system that does not lock (Lustre mounted
+takes the folder over without a stale lock to clear; forked children close their copies of it. The
+trainer claims the folder twice: before it reads it, when the lock file exists (any folder a run of
+this version saved into), so that a second run stops before it reads a checkpoint the first one may
+be pruning or loads models for minutes; and, creating it, once every check has passed. A file system that does not lock (Lustre mounted
 without ``flock``) leaves the run unprotected, with one line saying so.
 """
 
@@ -30,18 +33,21 @@ LOCK_FILE = ".run_lock"
 _held: dict[Path, int] = {}
 
 
-def claim_save_folder(root: str | Path) -> str | None:
-    """Hold the lock of the run folder ``root`` (made if missing) until :func:`release_save_folder`
-    or the end of the process; a folder this process already holds is kept as it is. Another process
-    holding it: one line naming it. Returns a note when the file system cannot lock (the run goes on
-    unprotected), else None."""
+def claim_save_folder(root: str | Path, create: bool = True) -> str | None:
+    """Hold the lock of the run folder ``root`` until :func:`release_save_folder` or the end of the
+    process; a folder this process already holds is kept as it is. Another process holding it: one
+    line naming it. ``create``: make the folder and its lock file when missing; without it a folder
+    without a lock file is left as it is, unlocked (the trainer's first claim, before it reads the
+    folder: bad input must leave --save as it was). Returns a note when the file system cannot lock
+    (the run goes on unprotected), else None."""
     root = Path(root)
     key = root.resolve()
-    if key in _held:
-        return None
     path = root / LOCK_FILE
+    if key in _held or not (create or path.is_file()):
+        return None
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
         # 0o666 less the umask, as every other file of the run: in a group-shared folder a teammate resumes it
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
@@ -66,6 +72,18 @@ def claim_save_folder(root: str | Path) -> str | None:
         raise storage_error(e, path, "cannot write the run's lock file") from None
     _held[key] = fd
     return None
+
+
+def _forget_in_forked_child() -> None:
+    """A forked child (Megatron's checkpoint writer processes) closes its copies of the lock's file
+    descriptors: a child left behind by a trainer killed during a save kept the lock, and every requeue
+    was refused. The lock stays with the trainer's own descriptor."""
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_forked_child)
 
 
 def release_save_folder(root: str | Path) -> None:
