@@ -157,10 +157,12 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def storage_error(error: OSError, path: str | Path, action: str) -> UserInputError:
+def storage_error(error: Exception, path: str | Path, action: str) -> UserInputError:
     """The one line of a write or sync that failed (a full disk, a lost permission, storage that fails to
-    flush): the file ``error`` names, else ``path``; ``action``; the system's reason."""
-    return UserInputError(f"{error.filename or path}: {action} ({error.strerror or error})")
+    flush): the file ``error`` names, else ``path``; ``action``; the system's reason (an error that is no
+    OSError, such as torch.save's RuntimeError, gives its message)."""
+    return UserInputError(f"{getattr(error, 'filename', None) or path}: {action} "
+                          f"({getattr(error, 'strerror', None) or error})")
 
 
 def fsync_tree(path: str | Path, synced_by_writers: tuple[str, ...] = ()) -> None:

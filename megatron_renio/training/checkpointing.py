@@ -233,9 +233,9 @@ def save_training_checkpoint(
 
 def _write_error(error: Exception, path: Path) -> UserInputError:
     """The one line of a checkpoint part that could not be written (a full disk, a lost permission or
-    folder; torch.save reports them as RuntimeError, not OSError)."""
-    return UserInputError(f"{getattr(error, 'filename', None) or path}: cannot write the checkpoint "
-                          f"({getattr(error, 'strerror', None) or error}); the latest one stays")
+    folder; torch.save reports them as RuntimeError, not OSError): :func:`storage_error`'s, and that
+    the latest checkpoint stays."""
+    return UserInputError(f"{storage_error(error, path, 'cannot write the checkpoint')}; the latest one stays")
 
 
 def _on_rank0_writing(write, path: Path) -> None:
