@@ -261,7 +261,7 @@ def _benchmark_fields(args: argparse.Namespace) -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the eval flags (cheap checks only: nothing is loaded)."""
-    from megatron_renio.models.checkpoint import METADATA_FILE
+    from megatron_renio.models.checkpoint import METADATA_FILE, is_within
 
     args = build_parser().parse_args(argv)
     specs = [_benchmark_spec(spec) for spec in args.benchmark]
@@ -282,7 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if same_file(path, other):
                 raise UserInputError(f"{flag} {path} is also the {other_flag} file; choose another")
         for folder, folder_flag in model_folders:  # e.g. --summary CKPT/renio_model.json would replace the metadata
-            if os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep):
+            if is_within(path, folder):
                 raise UserInputError(f"{flag} {path} is inside the {folder_flag} folder, whose files it could "
                                      "replace; choose another")
     return args
