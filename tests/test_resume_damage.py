@@ -279,6 +279,21 @@ def test_rng_states_saved_on_a_gpu_resume_on_the_cpu_with_a_note(saved_run, tmp_
            "start from --seed instead" in capsys.readouterr().out
 
 
+def test_a_missing_rng_file_resumes_with_a_note_naming_it(saved_run, tmp_path, capsys):
+    """A rank of the saving world whose RNG file is gone resumes from its seeded states, and a note
+    names the file; an undamaged copy gives no such note."""
+    root, build = saved_run
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    _resume(run, build)
+    assert "RNG files its run saved" not in capsys.readouterr().out
+    rng_folder = run / "iter_0000001" / "rng"
+    (rng_folder / "rank_00000.pt").unlink()
+    _resume(run, build)
+    assert f"note: {rng_folder} lacks rank_00000.pt (1 of the 1 RNG files its run saved): those ranks go on " \
+           "from --seed's states" in capsys.readouterr().out
+
+
 def test_a_metrics_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
     """drop_steps_after (a resume's rewrite of the JSONL logs) names a file that is not UTF-8 text and
     its line, and leaves it as it was."""

@@ -196,8 +196,8 @@ def save_training_checkpoint(
 
     def write_train_state() -> None:
         (tmp / "rng").mkdir()
-        torch.save({**train_state, "distributed_optimizer": _distributed(optimizer), "optimizer_format": saved_format},
-                   tmp / "train_state.pt")
+        torch.save({**train_state, "distributed_optimizer": _distributed(optimizer), "optimizer_format": saved_format,
+                    "world_size": torch.distributed.get_world_size()}, tmp / "train_state.pt")
 
     _on_rank0_writing(write_train_state, tmp / "train_state.pt")
     rng_file = tmp / "rng" / f"rank_{rank:05d}.pt"
@@ -300,7 +300,8 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
     :func:`read_train_state`) and checked, so that what is loaded is what was checked. A rank that
     finds the RNG file of its rank number (saved by a world at least as large) continues those
     streams: exactly at the same layout; at another layout they are the streams of another role, as
-    any seeded continuation would be. ``fully_parallel``: Megatron's fully parallel load of every part
+    any seeded continuation would be; a file missing of a rank that the saving world had is noted.
+    ``fully_parallel``: Megatron's fully parallel load of every part
     (:func:`~megatron_renio.models.checkpoint.load_sharded`). A part that cannot be loaded (a file
     missing, truncated or of something else) stops every rank with one line naming its file or folder,
     also where one rank alone reads it (its RNG file)."""
@@ -328,6 +329,8 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
         optimizer.load_state_dict(state)
     _untie_step_tensors(optimizer)
     rank_file = path / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt"
+    if torch.distributed.get_rank() == 0:
+        _note_missing_rng_files(path / "rng", train_state.get("world_size"))
     error = None
     if rank_file.is_file():
         try:
@@ -338,6 +341,22 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
             # size: torch's RuntimeError); this rank must still reach the agreement below
             error = UserInputError(f"{rank_file}: holds no RNG states ({describe_load_error(e)})")
     raise_if_any_rank(error)  # this rank's own file: the others must not wait for it in the next collective
+
+
+def _note_missing_rng_files(folder: Path, saved_world: int | None) -> None:
+    """A note naming the files of ``folder`` missing of the ranks that both the saving world (of
+    ``saved_world`` ranks; None: a checkpoint of an earlier version, which did not record it) and this
+    one have: those ranks go on with the states this run seeded, so their rollouts and dropout differ
+    from an uninterrupted run's (a rank of a larger world has no file to miss)."""
+    if saved_world is None:
+        return
+    shared = range(min(saved_world, torch.distributed.get_world_size()))
+    missing = [name for name in (f"rank_{rank:05d}.pt" for rank in shared) if not (folder / name).is_file()]
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        print(f"note: {folder} lacks {shown} ({len(missing)} of the {saved_world} RNG files its run saved): those "
+              "ranks go on from --seed's states (their rollouts and dropout differ from an uninterrupted run)",
+              flush=True)
 
 
 def _check_gradient_buckets(request: dict, optimizer_dir: Path) -> None:
