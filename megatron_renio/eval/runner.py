@@ -18,7 +18,9 @@ a preset the layout is detected from the first record, and ``--problem-field``, 
 and ``--id-field`` name the fields that hold the problem, the reference answer (math files; a code
 file has tests instead) and the item id in every such file (GSM8K's ``question`` / ``answer``:
 ``--problem-field question``). A benchmark is reported under its preset name, else under its file
-name without extensions; two benchmarks may not share a name.
+name without extensions; benchmarks that would share a name (``gsm8k/test.jsonl`` and
+``svamp/test.jsonl``) are named by the end of their paths instead, as many folders as tell them apart
+(``gsm8k/test``, ``svamp/test``; with a preset ``math500=a/test``). A file given twice is refused.
 
 Prompts. Each problem becomes the student prompt of training
 (:func:`~megatron_renio.data.templates.build_prompt_ids`, task math or coding: the problem, a blank
@@ -302,15 +304,32 @@ def _load_benchmarks(specs: list[str], fields: dict[str, str] | None = None) -> 
     from megatron_renio.eval.benchmarks import load_benchmark
 
     field_flags = {key: flag_name(field) for field, key in FIELD_FLAGS.items()}  # for files without a preset
-    benchmarks: list[Benchmark] = []
-    for spec in specs:
-        preset, path = _benchmark_spec(spec)
-        name = preset or Path(path).name.split(".")[0]
-        if any(b.name == name for b in benchmarks):
-            raise UserInputError(f"--benchmark: two benchmarks are named {name!r}; prefix one with its preset")
-        benchmarks.append(Benchmark(name, load_benchmark(path, fields=preset or fields,
-                                                         field_flags=None if preset else field_flags)))
-    return benchmarks
+    parsed = [_benchmark_spec(spec) for spec in specs]
+    return [Benchmark(name, load_benchmark(path, fields=preset or fields, field_flags=None if preset else field_flags))
+            for name, (preset, path) in zip(_benchmark_names(parsed), parsed)]
+
+
+def _benchmark_names(parsed: list[tuple[str | None, str]]) -> list[str]:
+    """The report names of ``(preset, path)`` benchmarks, by the rule of the module docstring: the
+    preset, else the file name without extensions; where names clash, the fewest trailing parts of
+    the absolute paths that tell the clashing files apart (after ``PRESET=`` when there is one; the
+    whole name, extensions too, of files that differ in those alone)."""
+    def parts(path: str) -> tuple[str, ...]:  # the folders, then the file name without extensions
+        absolute = Path(os.path.abspath(path))
+        return absolute.parent.parts + (absolute.name.split(".")[0],)
+
+    bases = [preset or parts(path)[-1] for preset, path in parsed]
+    names = []
+    for i, (preset, path) in enumerate(parsed):
+        rivals = [j for j, base in enumerate(bases) if base == bases[i] and j != i]
+        if any(parsed[j][0] == preset and os.path.abspath(parsed[j][1]) == os.path.abspath(path) for j in rivals):
+            raise UserInputError(f"--benchmark: {path} is given twice")
+        mine = parts(path)
+        depth = next((n for n in range(1, len(mine) + 1)
+                      if all(parts(parsed[j][1])[-n:] != mine[-n:] for j in rivals)), None)
+        tail = path if depth is None else "/".join(mine[-depth:])
+        names.append(bases[i] if not rivals else f"{preset}={tail}" if preset else tail)
+    return names
 
 
 def _sampling(args, tokenizer_path: str | Path):
