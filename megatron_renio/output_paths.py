@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import socket
 import tempfile
@@ -178,7 +179,9 @@ def fsync_tree(path: str | Path, synced_by_writers: tuple[str, ...] = ()) -> Non
 
 def write_atomic(path: str, lines: Iterable[str]) -> None:
     """Write ``lines`` to a temporary file beside ``path``, flushed to stable storage, then rename it to
-    ``path`` and flush the rename (:func:`fsync`). An ``OSError`` names ``path``, not the temporary file."""
+    ``path`` and flush the rename (:func:`fsync`); then delete the temporary files of earlier writes of
+    ``path`` that were killed before their rename. An ``OSError`` names ``path``, not the temporary
+    file. One writer of ``path`` at a time."""
     target = Path(path).absolute()
     partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
@@ -193,3 +196,6 @@ def write_atomic(path: str, lines: Iterable[str]) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync(target.parent)
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
