@@ -156,8 +156,8 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_renio.training import components as C
     from megatron_renio.output_paths import check_every_rank_sees, check_shared_folder
     from megatron_renio.training.checkpointing import (DP_RESHARDABLE, iteration_dir, load_training_checkpoint,
-                                                       read_train_state, save_training_checkpoint, saved_sharding,
-                                                       wait_for_pruning)
+                                                       read_train_state, restore_set_aside_checkpoint,
+                                                       save_training_checkpoint, saved_sharding, wait_for_pruning)
     from megatron_renio.training.ema import EmaTeacher
     from megatron_renio.training.paired import PairedModel
     from megatron_renio.training.save_lock import claim_save_folder, release_save_folder
@@ -186,6 +186,10 @@ def run(cfg: TrainConfig) -> dict:
         A --save that another run holds is refused first (the lock of a folder that has its lock file)."""
         if cfg.save:
             claim_save_folder(cfg.save, create=False)  # a file system that does not lock: noted below
+            if cfg.load and Path(cfg.load).resolve() == Path(cfg.save).resolve():
+                restored = restore_set_aside_checkpoint(cfg.save)
+                if restored:
+                    log0(f"note: {restored}")
         C.check_load_source(cfg)
         C.check_save_target(cfg, student_source.preset)
         state = read_train_state(cfg.load) if cfg.load else None

@@ -169,6 +169,43 @@ def test_a_save_over_the_latest_iteration_killed_while_the_old_folder_is_deleted
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000004", LATEST]
 
 
+def test_a_save_over_the_latest_iteration_killed_between_its_renames_is_restored(saved_run, tmp_path, monkeypatch):
+    """A save of the iteration the marker already names, killed after it renamed the old folder aside and
+    before it renamed the new one in: the marker's iteration has no folder. Reading the run folder is one
+    line naming the folder set aside; restore_set_aside_checkpoint (the requeue's) renames it back, and
+    the previous checkpoint resumes as after a save cut anywhere else."""
+    from megatron_renio.training.checkpointing import latest_iteration, restore_set_aside_checkpoint
+
+    root = tmp_path / "run"
+    _step_and_save(saved_run[1], root, 3)
+    before = plain_files(root / "iter_0000003")
+    replace = os.replace
+
+    def dies_renaming_the_new_folder_in(source, target):
+        if os.path.basename(source).startswith(".tmp_iter_0000003"):
+            raise _Killed()
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", dies_renaming_the_new_folder_in)
+    with pytest.raises(_Killed):
+        _step_and_save(saved_run[1], root, 3)
+    monkeypatch.setattr(os, "replace", replace)
+    [aside] = root.glob(".iter_0000003.replaced-*")
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(root))}/\S+ names iteration 3, but \S+ is missing; a save "
+                                             rf"of that iteration was killed between its renames and left the "
+                                             rf"checkpoint in {re.escape(str(aside))} "):
+        latest_iteration(root)
+    assert restore_set_aside_checkpoint(root).startswith(f"restored {root / 'iter_0000003'} from {aside.name}")
+    assert plain_files(root / "iter_0000003") == before and latest_iteration(root) == 3
+    assert restore_set_aside_checkpoint(root) is None  # nothing more to restore
+    _resume(root, saved_run[1])
+
+
+def plain_files(folder):
+    """The relative path and bytes of every file under ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("name, says", [
     ("renio_model.json", r"\S+/\.\.tmp_iter_0000003\.partial-\w+/renio_model\.json: cannot write the model checkpoint "),
     ("train_state.pt", r"\S+/\.tmp_iter_0000003/train_state\.pt: cannot publish checkpoint 3 "),

@@ -570,8 +570,8 @@ def test_bad_flags_and_paths(workdir, overrides, expected):
 
 def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
     """--load without a checkpoint is refused (a typo, or a model checkpoint), except when it is also --save:
-    the first launch of a requeued job starts fresh and says so. Resuming with another --mode or --teacher
-    is refused."""
+    the first launch of a requeued job starts fresh and says so; a requeue restores the checkpoint that a
+    save killed between its renames set aside. Resuming with another --mode or --teacher is refused."""
     student = workdir / "ckpt" / "student"
     for load, expected in ((workdir / "no_such_run", f"--load {workdir / 'no_such_run'} holds no checkpoint to "
                                                       "resume (no such folder)"),
@@ -599,7 +599,10 @@ def test_load_must_name_a_run_folder_unless_it_is_the_save_folder(workdir):
     assert json.loads((run / "run_logs.json").read_text()) == []  # no log outside --save to claim
     assert ("note: --seq-length 1024 exceeds the student's max_position_embeddings (512); positions beyond it were "
             "not trained") in proc.stdout + proc.stderr
+    # a save of iteration 1 over itself killed between its renames: the requeue renames the old folder back
+    (run / "iter_0000001").rename(run / ".iter_0000001.replaced-0badf00d")
     proc = train(base_args(workdir, **{"--load": run, "--save": run, "--train-iters": 1, "--seq-length": 1024}))
+    assert f"note: restored {run / 'iter_0000001'} from .iter_0000001.replaced-0badf00d" in proc.stdout
     assert ("the run is at iteration 1 of --train-iters 1: nothing to train (raise --train-iters to go on)"
             in proc.stdout) and "done:" not in proc.stdout
     proc = train(base_args(workdir, **{"--load": run / "iter_0000001", "--train-iters": 2}), check=False)

@@ -209,8 +209,19 @@ def publish_directory(staging: Path, target: str | Path) -> None:
     os.replace(staging, target)
     fsync(target.parent)
     for kind in ("partial", "replaced"):
-        for leftover in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
+        for leftover in _leftovers(target, kind):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def set_aside_folders(target: str | Path) -> list[Path]:
+    """The folders that :func:`publish_directory` renamed aside from ``target`` and did not delete,
+    newest first: a publish killed between its two renames leaves ``target`` missing and its old,
+    complete content in the first of them."""
+    return sorted(_leftovers(Path(target).absolute(), "replaced"), key=lambda path: path.stat().st_mtime, reverse=True)
+
+
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    return list(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
 
 
 def _dtype_name(torch_dtype) -> str:

@@ -18,13 +18,16 @@ and folders are on stable storage (fsync); only then is the ``latest`` marker re
 and flushed too). A save interrupted at any point, or lost with a node that crashed, leaves the previous
 checkpoint as the latest, and a ``.tmp_`` folder that the next save removes. A save of an iteration that
 already has a folder (``--override-save`` over an earlier run) renames that folder aside, renames the new one
-in, and only then deletes the old one, so the iteration the marker names always has a complete folder.
+in, and only then deletes the old one; killed between those renames it leaves the marker's iteration without
+a folder and the old one aside, which the requeue (``--load`` = ``--save``) renames back
+(:func:`restore_set_aside_checkpoint`), so that the previous checkpoint is again the latest.
 Then rank 0 prunes older
 checkpoints (:func:`prune_checkpoints`) in a background thread while training goes on.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import threading
@@ -62,9 +65,41 @@ def latest_iteration(root: str | Path) -> int | None:
     text = marker.read_text().strip()
     if not text.isdigit():
         raise UserInputError(f"{marker}: corrupt marker {text!r} (expected an iteration number)")
-    if not iteration_dir(root, int(text)).is_dir():
-        raise UserInputError(f"{marker} names iteration {text}, but {iteration_dir(root, int(text))} is missing")
+    final = iteration_dir(root, int(text))
+    if not final.is_dir():
+        from megatron_renio.models.checkpoint import set_aside_folders
+
+        aside = set_aside_folders(final)
+        cut = (f"; a save of that iteration was killed between its renames and left the checkpoint in {aside[0]} "
+               f"(a requeue with --load and --save {root} renames it back; or rename it to {final.name})"
+               if aside else "")
+        raise UserInputError(f"{marker} names iteration {text}, but {final} is missing{cut}")
     return int(text)
+
+
+def restore_set_aside_checkpoint(root: str | Path) -> str | None:
+    """When the iteration that the marker of ``root`` names has no folder because a save of that same
+    iteration (``--override-save``, or the re-save into another optimizer format) was killed between
+    :func:`~megatron_renio.models.checkpoint.publish_directory`'s two renames: rename the checkpoint it
+    set aside back, so that the save leaves the previous checkpoint the latest as a save cut anywhere
+    else does, and return a note saying so; None when there is nothing to restore. For the run that
+    holds the folder's lock (the one saving there)."""
+    from megatron_renio.models.checkpoint import set_aside_folders
+
+    marker = Path(root) / LATEST
+    text = marker.read_text().strip() if marker.is_file() else ""
+    if not text.isdigit():
+        return None
+    final = iteration_dir(root, int(text))
+    aside = set_aside_folders(final)
+    if final.exists() or not aside:
+        return None
+    try:
+        os.replace(aside[0], final)
+        fsync(root)
+    except OSError as e:
+        raise storage_error(e, root, f"cannot restore {final} from {aside[0].name}") from None
+    return f"restored {final} from {aside[0].name}, which a save of that iteration killed between its renames left"
 
 
 def prune_checkpoints(root: str | Path, published: int, keep_last: int) -> list[Path]:
