@@ -438,6 +438,9 @@ def run(cfg: TrainConfig) -> dict:
             due = iteration == cfg.train_iters or (cfg.save_interval and iteration % cfg.save_interval == 0)
             if cfg.save and (due or exit_reason):
                 save()
+                # a signal that came during a periodic save: this iteration's checkpoint is written, so
+                # stop now rather than after one more step and save (which may outlast the grace period)
+                exit_reason = exit_reason or exits.should_exit(iteration, ctx.device)
             if exit_reason:
                 log0(f"exiting after iteration {iteration}: {exit_reason}" + (f"; checkpoint in {cfg.save}" if cfg.save else ""))
                 break

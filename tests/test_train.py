@@ -457,7 +457,8 @@ def test_fault_injection_names_a_fault_an_iteration_and_optionally_a_rank(monkey
         monkeypatch.setenv("MEGATRON_RENIO_FAULT", spec)
         with pytest.raises(UserInputError, match=f"^MEGATRON_RENIO_FAULT={spec}: expected <fault>:<iteration>"
                                                  r"\[:<rank>\], the fault one of rollout, backward, checkpoint, "
-                                                 "eval, nan-logits, nan-grad, nan-rollout, slow-rollout$"):
+                                                 "eval, nan-logits, nan-grad, nan-rollout, slow-rollout, "
+                                                 "sigterm-in-checkpoint$"):
             injected("nan-logits", 2)
     proc = train(base_args(workdir, **{"--save": workdir / "save_of_a_refused_run"}), check=False, fault="nan-logits")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -676,9 +677,20 @@ def test_sigterm_to_every_process_of_the_step_after_a_save(workdir):
         workdir, "sigterm_all", {"--save-interval": 2}, lambda save, _: (save / "iter_0000002").is_dir(), whole_group)
     assert rc != 0  # torchrun itself was told to stop: it reports that, after its workers finished
     assert "exiting after iteration" in out and "SIGTERM received" in out and "Error" not in err, err[-3000:]
-    assert 2 < steps < 1000 and latest == steps  # a checkpoint beyond the periodic one, at the last step
+    assert 2 <= steps < 1000 and latest == steps  # the last step's checkpoint (2: the signal came during its save)
     kept = sorted({*range(2, steps + 1, 2), steps})[-2:]  # --keep-last 2, and no half-written folder left
     assert sorted(p.name for p in (workdir / "sigterm_all").glob("*iter_*")) == [f"iter_{i:07d}" for i in kept]
+
+
+def test_a_signal_during_a_periodic_save_exits_after_that_save(workdir):
+    """SIGTERM while iteration 2's checkpoint is written: the run exits once that save is done, without
+    another step and save (at scale a rollout and a second save could outlast the grace period)."""
+    save = workdir / "signalled_in_save"
+    proc = train(base_args(workdir, **{"--train-iters": 6, "--save": save, "--save-interval": 2}),
+                 fault="sigterm-in-checkpoint:2")
+    assert "exiting after iteration 2: SIGTERM received" in proc.stdout, proc.stdout[-2000:]
+    assert [m["step"] for m in read_jsonl(save / "metrics.jsonl")] == [1, 2]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
 
 def test_the_exit_signal_is_the_one_named(monkeypatch):
