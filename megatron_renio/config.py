@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ HELP = {
     "teacher_load": "model checkpoint folder of the separate teacher (--teacher separate)",
     "ema_decay": "decay of the EMA teacher (--teacher ema) per step",
     "tokenizer": "tokenizer folder (without it: the student checkpoint's)",
+    "chat_template_kwargs": "JSON object of variables for the tokenizer's chat template (transformers' and vLLM's "
+                            "chat_template_kwargs): '{\"enable_thinking\": false}' renders Qwen3's prompts without "
+                            "thinking; each must be a name the template reads",
     "problem_field": "field of a data record holding the prompt",
     "solution_field": "field holding the solution (the OPSD teacher's privileged information)",
     "answer_field": "field holding the final answer (graded in the saved samples)",
@@ -212,6 +216,7 @@ class TrainConfig:
     solution_field: str = "solution"
     answer_field: str = "answer"
     tokenizer: str | None = None
+    chat_template_kwargs: str | None = None
     debug: bool = False
 
 
@@ -241,6 +246,26 @@ def path_arg(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must be a path, got '' (an unset shell variable?)")
     return text
+
+
+def json_object_arg(text: str) -> str:
+    """The argparse ``type`` of ``--chat-template-kwargs``: the text, which must be a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return text
+
+
+# the file's scalars are read as text (``false`` is 'false'), so its mappings could not give JSON's types
+json_object_arg.expects = """a JSON object in quotes ('{"enable_thinking": false}')"""
+
+
+def template_variables(text: str | None) -> dict:
+    """The chat template variables of a ``--chat-template-kwargs`` value (checked by :func:`json_object_arg`)."""
+    return json.loads(text) if text else {}
 
 
 POSITIVE_INT = typed_arg(int, lambda v: v >= 1, "an integer >= 1")
@@ -291,6 +316,8 @@ def _kind(f: dataclasses.Field):
         return _optional(finite_float)
     if f.name in ("kd_top_k", "lr_decay_iters"):
         return _optional(int)
+    if f.name == "chat_template_kwargs":
+        return json_object_arg
     return {int: int, float: finite_float}.get(type(f.default), str)
 
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from megatron_renio.config import TrainConfig, build_parser, parse_train_args
+from megatron_renio.config import TrainConfig, build_parser, parse_train_args, template_variables
 from megatron_renio.errors import RankFailure, UserInputError
 
 BASE = ["--model", "tiny-qwen3", "--data-path", "train.jsonl", "--seq-length", "256", "--max-new-tokens", "32"]
@@ -136,6 +136,9 @@ def test_a_teacher_model_or_opd_means_a_separate_teacher_unless_told_otherwise(t
         (["--config", "a.yaml", "--config", "b.yaml"], r"--config given twice \(a.yaml and b.yaml\): give one"),
         (["--config", ""], r"argument --config: must be a path, got '' \(an unset shell variable\?\)"),  # not ignored
         (["--seq-len", "128"], "unrecognized arguments: --seq-len 128"),  # no abbreviations: --mod is not --mode
+        (["--chat-template-kwargs", "enable_thinking=false"], r"argument --chat-template-kwargs: must be a JSON object "
+                                                              r"such as '\{\"enable_thinking\": false\}', got "),
+        (["--chat-template-kwargs", "[1]"], "argument --chat-template-kwargs: must be a JSON object"),
     ],
 )
 def test_bad_flags_give_one_line_naming_the_flag(flags, message):
@@ -170,6 +173,15 @@ def test_yaml_values_are_converted_like_command_line_text(tmp_path):
     assert cfg.data_path == ["train.jsonl"]
 
 
+def test_chat_template_kwargs_are_json_text_on_the_command_line_and_in_the_file(tmp_path):
+    assert parse_train_args(BASE + ["--chat-template-kwargs", '{"enable_thinking": false}']).chat_template_kwargs == \
+        '{"enable_thinking": false}'
+    path = tmp_path / "run.yaml"
+    path.write_text("""chat_template_kwargs: '{"enable_thinking": false}'\n""")
+    assert template_variables(parse_train_args(["--config", str(path)] + BASE).chat_template_kwargs) == \
+        {"enable_thinking": False}
+
+
 def test_yaml_bool_flags(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("bf16: true\nrenio: yes\nuse_distributed_optimizer: off\ndebug: 1\n")
@@ -192,6 +204,9 @@ def test_yaml_bool_flags(tmp_path):
         ("lr: .inf", "key 'lr' must be a finite number, got '.inf'"),
         ("lr: 1e-5\nseed: 3\nlr: 1e-6", r"line 3 not valid YAML \(key 'lr' given twice\)"),  # the last one won
         ("lr: 1e-5\n--lr: 1e-6", "key '--lr' sets --lr again"),
+        ("chat_template_kwargs: {enable_thinking: false}", r"key 'chat_template_kwargs' must be a JSON object in quotes "
+                                                           r"\('\{\"enable_thinking\": false\}'\), got \{'enable_thinking': "
+                                                           r"'false'\}"),
     ],
 )
 def test_yaml_value_of_the_wrong_type_gives_one_line(tmp_path, text, message):

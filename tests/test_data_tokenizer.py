@@ -145,6 +145,34 @@ def test_chat_template_renders_ids(tmp_path):
     assert ids[: len(no_prompt)] == no_prompt and len(ids) > len(no_prompt)
 
 
+THINKING_TEMPLATE = CHAT_TEMPLATE + (  # Qwen3's switch: an empty thinking block when it is turned off
+    "{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %} <think></think>"
+    "{% endif %}")
+
+
+def test_chat_template_variables_reach_every_rendering(tmp_path, hf_dir, sp_model):
+    """set_template_variables (--chat-template-kwargs) renders as transformers' apply_chat_template with
+    those keyword arguments; a name the template never reads, and a tokenizer without a template, are
+    refused in one line."""
+    from transformers import AutoTokenizer
+
+    folder = _save_hf_tokenizer(tmp_path, chat_template=THINKING_TEMPLATE)
+    tok = load_tokenizer(folder)
+    messages = [{"role": "user", "content": "the sum of two numbers"}]
+    thinking = tok.apply_chat_template(messages)
+    tok.set_template_variables({"enable_thinking": False})
+    reference = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert reference.endswith("assistant: <think></think>")
+    assert tok.apply_chat_template(messages) == tok.encode(reference) != thinking
+    with pytest.raises(UserInputError, match=f"^tokenizer folder {folder}: its chat template never reads "
+                                             "'enable_thinkng'$"):
+        tok.set_template_variables({"enable_thinkng": False})
+    for plain in (hf_dir, sp_model):
+        with pytest.raises(UserInputError, match=f"^tokenizer {plain} has no chat template to pass variables to$"):
+            load_tokenizer(plain).set_template_variables({"enable_thinking": False})
+
+
 def test_fingerprint_equal_for_same_vocab_and_differs_otherwise(tmp_path, hf_dir):
     copy = _save_hf_tokenizer(tmp_path / "copy")
     grown = _save_hf_tokenizer(tmp_path / "grown", extra_tokens=("<tool>",))

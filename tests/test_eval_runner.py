@@ -281,6 +281,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
         f"--benchmark: {good} is given twice": [*load, "--benchmark", str(good), str(good)],
         "benchmark 'math500' has no built-in data: give its file as --benchmark math500=FILE":
             [*load, "--benchmark", "math500"],
+        f"--chat-template-kwargs: tokenizer {paths['student'] / 'tokenizer'} has no chat template to pass variables to":
+            [*load, "--benchmark", str(good), "--chat-template-kwargs", '{"enable_thinking": false}'],
+        "argument --chat-template-kwargs: must be a JSON object":
+            [*load, "--benchmark", str(good), "--chat-template-kwargs", "enable_thinking"],
         "--seq-length 8": [*load, "--benchmark", str(good), "--seq-length", "8"],
         "room for a completion in the model's max_position_embeddings (the default --seq-length) 256":
             [*load, "--benchmark", str(long)],

@@ -1664,3 +1664,33 @@ def test_mfu_peak_by_device_name(name, tflops, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     assert peak_flops(TrainConfig(bf16=True)) == (None if tflops is None else tflops * 1e12)
     assert peak_flops(TrainConfig(bf16=True, peak_tflops=100.0)) == 100e12
+
+
+def test_chat_template_kwargs_reach_the_prompts_of_the_run(tmp_path):
+    """--chat-template-kwargs: the run's tokenizer renders the student and teacher prompts with those
+    variables; a tokenizer without a chat template is refused in one line naming the flag."""
+    from megatron_renio.config import TrainConfig
+    from megatron_renio.data.prompts import PromptRecord
+    from transformers import AutoTokenizer
+
+    from megatron_renio.data.templates import build_prompt_ids, build_prompt_text
+    from megatron_renio.models.presets import get_preset
+    from megatron_renio.training.components import ModelSource, load_run_tokenizer
+    from tests.test_data_tokenizer import THINKING_TEMPLATE, _save_hf_tokenizer
+
+    folder = _save_hf_tokenizer(tmp_path / "tok", chat_template=THINKING_TEMPLATE)
+    source = ModelSource(get_preset("tiny-qwen3"), None, None)
+    record = PromptRecord(problem="the sum of two numbers", solution="3", answer="3", source="p.jsonl line 1")
+    kwargs = '{"enable_thinking": false}'
+    for mode in ("opd", "opsd"):
+        cfg = TrainConfig(tokenizer=folder, chat_template_kwargs=kwargs, mode=mode)
+        tokenizer = load_run_tokenizer(cfg, source, None)
+        for role in ("student", "teacher"):
+            text = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+                [{"role": "user", "content": build_prompt_text(record, "math", role, mode)}], tokenize=False,
+                add_generation_prompt=True, enable_thinking=False)
+            assert text.endswith("assistant: <think></think>")
+            assert build_prompt_ids(tokenizer, record, "math", role, mode) == tokenizer.encode(text)
+    plain = _save_hf_tokenizer(tmp_path / "plain")
+    with pytest.raises(UserInputError, match=f"^--chat-template-kwargs: tokenizer {plain} has no chat template"):
+        load_run_tokenizer(TrainConfig(tokenizer=plain, chat_template_kwargs=kwargs), source, None)

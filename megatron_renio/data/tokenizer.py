@@ -28,6 +28,10 @@ Contract shared by both kinds:
 * ``apply_chat_template(messages)`` returns the rendered conversation as ids, or ``None`` when the
   tokenizer has no chat template (callers then fall back to plain text); whatever the template
   raises becomes a :class:`~megatron_renio.errors.UserInputError` naming the folder.
+  ``set_template_variables(variables)`` passes ``variables`` to every later rendering (transformers'
+  ``apply_chat_template`` keyword arguments, e.g. Qwen3's ``enable_thinking``); it is refused for a
+  tokenizer without a chat template and for a name the template's text never contains (a misspelt
+  variable would change nothing).
 * ``fingerprint()`` is a hex digest of the id -> piece table; two tokenizers with the same digest
   map every id to the same piece (used to check that teacher and student share a vocabulary).
 """
@@ -53,6 +57,10 @@ class Tokenizer(abc.ABC):
     pad_id: int
     bos_id: int | None
     vocab_size: int
+
+    def set_template_variables(self, variables: dict) -> None:
+        """Render every later prompt with ``variables`` (the module docstring's contract)."""
+        raise UserInputError(f"tokenizer {self.name_or_path} has no chat template to pass variables to")
 
     def add_stop_ids(self, folder: str | os.PathLike) -> None:
         """Also stop on the EOS ids of ``folder``'s generation config (validated against the vocabulary)."""
@@ -210,7 +218,20 @@ class HFTokenizer(Tokenizer):
         self.bos_id = int(tok.bos_token_id) if tok.bos_token_id is not None else None
         self.vocab_size = len(tok)
         self.stop_ids = _stop_ids(self.eos_id, path, self.vocab_size)
+        self._template_variables: dict = {}
         self.apply_chat_template(_PROBE_MESSAGES)  # a template that cannot render fails now
+
+    def set_template_variables(self, variables: dict) -> None:
+        template = self._tok.chat_template
+        if not template:
+            super().set_template_variables(variables)
+        text = json.dumps(template) if isinstance(template, dict) else template  # named templates: all of them
+        unread = [name for name in variables if name not in text]
+        if unread:
+            raise UserInputError(f"tokenizer folder {self.name_or_path}: its chat template never reads "
+                                 f"{', '.join(map(repr, unread))}")
+        self._template_variables = dict(variables)
+        self.apply_chat_template(_PROBE_MESSAGES)  # values the template cannot render with fail now
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
@@ -227,7 +248,7 @@ class HFTokenizer(Tokenizer):
         # (this is what transformers does internally, independent of its return-type conventions).
         try:
             text = self._tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self._template_variables
             )
         except Exception as exc:  # the template is a program of the folder's: jinja2's errors, raise_exception, ...
             line = getattr(exc, "lineno", None)  # a syntax error's line in the template

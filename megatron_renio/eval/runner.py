@@ -94,8 +94,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from megatron_renio.config import HELP as TRAIN_HELP
 from megatron_renio.config import (MAX_SEED, MAX_TIMEOUT_MINUTES, MIN_TIMEOUT_MINUTES, POSITIVE_INT, TIMEOUT_RANGE,
-                                   _OneLineErrorParser, flag_name, path_arg, typed_arg)
+                                   _OneLineErrorParser, flag_name, json_object_arg, path_arg, template_variables,
+                                   typed_arg)
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
@@ -220,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--summary", type=path_arg, help="JSON file for the per-benchmark metrics")
     parser.add_argument("--tokenizer", type=path_arg,
                         help="tokenizer folder or .model file (default: the checkpoint's)")
+    parser.add_argument("--chat-template-kwargs", type=json_object_arg, metavar="JSON",
+                        help=TRAIN_HELP["chat_template_kwargs"].replace("%", "%%"))
     parser.add_argument("--seq-length", type=typed_arg(int, lambda v: v >= 2, "an integer >= 2"), default=None,
                         help="longest prompt + completion (default: the model's maximum positions)")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="prompts per generation batch per replica; default: 16")
@@ -585,6 +589,9 @@ def _read_inputs(args) -> tuple:
     benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
     with about_flag("--tokenizer" if args.tokenizer else "--load"):
         tokenizer = load_tokenizer(str(tokenizer_path))
+    if args.chat_template_kwargs:
+        with about_flag("--chat-template-kwargs"):
+            tokenizer.set_template_variables(template_variables(args.chat_template_kwargs))
     if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
         tokenizer.add_stop_ids(meta.generation_config.parent)
     vocab = meta.preset.vocab_size

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_renio.config import TrainConfig, lr_decay_iters
+from megatron_renio.config import TrainConfig, lr_decay_iters, template_variables
 from megatron_renio.data.prompts import load_prompt_records
 from megatron_renio.data.templates import build_prompt_ids
 from megatron_renio.data.token_sequences import TokenSequences, sha256_of
@@ -138,6 +138,9 @@ def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSou
         raise UserInputError("no tokenizer: give --tokenizer (an HF tokenizer folder or a sentencepiece model)")
     with about_flag("--tokenizer" if cfg.tokenizer else None):
         tokenizer = load_tokenizer(path)
+    if cfg.chat_template_kwargs:
+        with about_flag("--chat-template-kwargs"):
+            tokenizer.set_template_variables(template_variables(cfg.chat_template_kwargs))
     if cfg.tokenizer and student.generation_config is not None:
         tokenizer.add_stop_ids(student.generation_config.parent)
     label = f"--tokenizer {path}" if cfg.tokenizer else f"the student's ({path})"
