@@ -56,7 +56,7 @@ SFT_FLAGS = (
     "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "weight_decay", "clip_grad",
     "adam_beta1", "adam_beta2", "adam_eps", "train_iters", "use_distributed_optimizer", "overlap_grad_reduce",
     "bf16", "seed", "ckpt_fully_parallel_load",
-    "model", "tokenizer", "data_path", "task", "problem_field", "solution_field",
+    "model", "tokenizer", "chat_template_kwargs", "data_path", "task", "problem_field", "solution_field",
     "save", "log_interval", "tensorboard_dir", "wandb_project", "metrics_file",
     "distributed_timeout_minutes", "max_skipped_steps", "debug",
 )

@@ -165,3 +165,11 @@ def test_an_answer_field_sft_does_not_use_is_not_checked(task, tmp_path):
     plain = load_sft_examples(parse_sft_args(["--data-path", str(data), *flags]), tokenizer)
     examples = load_sft_examples(parse_sft_args(["--data-path", str(odd), *flags]), tokenizer)
     assert list(examples.prompts) == list(plain.prompts) and list(examples.targets) == list(plain.targets)
+
+
+def test_chat_template_kwargs_reach_the_run_config(tmp_path):
+    """Fine-tuning renders its prompts as the trainer does, so it takes the trainer's --chat-template-kwargs
+    (load_run_tokenizer applies them: tests/test_train.py)."""
+    cfg = parse_sft_args(["--data-path", "d.jsonl", "--model", "tiny-qwen3", "--save", str(tmp_path / "out"),
+                          "--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert cfg.train.chat_template_kwargs == '{"enable_thinking": false}'
