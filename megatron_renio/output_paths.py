@@ -177,13 +177,25 @@ def fsync_tree(path: str | Path, synced_by_writers: tuple[str, ...] = ()) -> Non
         fsync(here)
 
 
+def hidden_sibling(target: Path, kind: str) -> Path:
+    """A fresh hidden sibling ``.<name>.<kind>-<id>`` of the absolute path ``target``: ``partial``, what
+    a write of ``target`` fills before renaming it into place; ``replaced``, an old ``target`` renamed
+    aside."""
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def hidden_siblings(target: Path, kind: str) -> list[Path]:
+    """The :func:`hidden_sibling` s of ``kind`` that ``target`` has now: what killed writes left."""
+    return list(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
+
+
 def write_atomic(path: str, lines: Iterable[str]) -> None:
     """Write ``lines`` to a temporary file beside ``path``, flushed to stable storage, then rename it to
     ``path`` and flush the rename (:func:`fsync`); then delete the temporary files of earlier writes of
     ``path`` that were killed before their rename. An ``OSError`` names ``path``, not the temporary
     file. One writer of ``path`` at a time."""
     target = Path(path).absolute()
-    partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial = hidden_sibling(target, "partial")
     try:
         with open(partial, "x", encoding="utf-8") as f:
             f.writelines(lines)
@@ -196,6 +208,6 @@ def write_atomic(path: str, lines: Iterable[str]) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync(target.parent)
-    for leftover in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+    for leftover in hidden_siblings(target, "partial"):
         with contextlib.suppress(OSError):
             leftover.unlink()

@@ -34,12 +34,10 @@ job calls them. Problems with the folder or its content are one-line
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +45,8 @@ from megatron_renio.data.tokenizer import GENERATION_CONFIG_FILE, SENTENCEPIECE_
 from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
 from megatron_renio.models.presets import ModelPreset
-from megatron_renio.output_paths import check_output_folder, fsync, fsync_tree, is_empty_folder, storage_error
+from megatron_renio.output_paths import (check_output_folder, fsync, fsync_tree, hidden_sibling, hidden_siblings,
+                                         is_empty_folder, storage_error)
 
 FORMAT = "megatron_renio.model"
 FORMAT_VERSION = 1
@@ -191,7 +190,7 @@ def check_target_directory(directory: str | Path, overwrite: bool = False, label
 def staging_directory(target: str | Path) -> Path:
     """A fresh hidden sibling of ``target`` to write into before :func:`publish_directory`."""
     target = Path(target).absolute()
-    return target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    return hidden_sibling(target, "partial")
 
 
 def publish_directory(staging: Path, target: str | Path) -> None:
@@ -205,11 +204,11 @@ def publish_directory(staging: Path, target: str | Path) -> None:
     """
     target = Path(target).absolute()
     if target.is_dir() and any(target.iterdir()):
-        os.replace(target, target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
+        os.replace(target, hidden_sibling(target, "replaced"))
     os.replace(staging, target)
     fsync(target.parent)
     for kind in ("partial", "replaced"):
-        for leftover in _leftovers(target, kind):
+        for leftover in hidden_siblings(target, kind):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -217,11 +216,8 @@ def set_aside_folders(target: str | Path) -> list[Path]:
     """The folders that :func:`publish_directory` renamed aside from ``target`` and did not delete,
     newest first: a publish killed between its two renames leaves ``target`` missing and its old,
     complete content in the first of them."""
-    return sorted(_leftovers(Path(target).absolute(), "replaced"), key=lambda path: path.stat().st_mtime, reverse=True)
-
-
-def _leftovers(target: Path, kind: str) -> list[Path]:
-    return list(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
+    return sorted(hidden_siblings(Path(target).absolute(), "replaced"), key=lambda path: path.stat().st_mtime,
+                  reverse=True)
 
 
 def _dtype_name(torch_dtype) -> str:
