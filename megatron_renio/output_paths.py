@@ -191,9 +191,9 @@ def hidden_siblings(target: Path, kind: str) -> list[Path]:
 
 def write_atomic(path: str, lines: Iterable[str]) -> None:
     """Write ``lines`` to a temporary file beside ``path``, flushed to stable storage, then rename it to
-    ``path`` and flush the rename (:func:`fsync`); then delete the temporary files of earlier writes of
-    ``path`` that were killed before their rename. An ``OSError`` names ``path``, not the temporary
-    file. One writer of ``path`` at a time."""
+    ``path`` and flush the rename (:func:`fsync`). An ``OSError`` names ``path``, not the temporary file.
+    A write killed before its rename leaves its temporary file (:func:`hidden_siblings` of ``partial``):
+    only the writer's caller knows whether another write of ``path`` is still under way."""
     target = Path(path).absolute()
     partial = hidden_sibling(target, "partial")
     try:
@@ -208,6 +208,3 @@ def write_atomic(path: str, lines: Iterable[str]) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync(target.parent)
-    for leftover in hidden_siblings(target, "partial"):
-        with contextlib.suppress(OSError):
-            leftover.unlink()

@@ -107,19 +107,6 @@ def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_partial_on
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["latest.txt"]
 
 
-def test_an_atomic_write_deletes_the_temporary_files_of_writes_killed_before_their_rename(tmp_path):
-    """A writer killed between its temporary file and the rename (kill -9: no clean-up of its own) leaves
-    the temporary file; the next write of that target deletes it, and no other file."""
-    target = tmp_path / "latest.txt"
-    killed = [tmp_path / ".latest.txt.partial-0badf00d", tmp_path / ".latest.txt.partial-[x]"]
-    others = [tmp_path / ".other.txt.partial-0badf00d", tmp_path / "latest.txt.partial-kept"]
-    for path in killed + others:
-        path.write_text("7\n")
-    write_atomic(target, ["8\n"])
-    assert target.read_text() == "8\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [target, *others])
-
-
 def record_syncs_and_renames(monkeypatch, log: Path):
     """Make every os.fsync and os.replace (which still do their work) note ("fsync", path) or ("rename",
     source, target), absolute paths, as a line of the file ``log``, appended: processes forked from this

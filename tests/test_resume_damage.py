@@ -191,14 +191,30 @@ def test_a_save_over_the_latest_iteration_killed_between_its_renames_is_restored
         _step_and_save(saved_run[1], root, 3)
     monkeypatch.setattr(os, "replace", replace)
     [aside] = root.glob(".iter_0000003.replaced-*")
-    with pytest.raises(UserInputError, match=rf"^{re.escape(str(root))}/\S+ names iteration 3, but \S+ is missing; a save "
-                                             rf"of that iteration was killed between its renames and left the "
-                                             rf"checkpoint in {re.escape(str(aside))} "):
+    with pytest.raises(UserInputError, match=rf"^{re.escape(str(root))}/\S+ names iteration 3, but \S+ is missing; "
+                                             rf"a save of that iteration was killed between its renames and left "
+                                             rf"the checkpoint in {re.escape(str(aside))} "):
         latest_iteration(root)
     assert restore_set_aside_checkpoint(root).startswith(f"restored {root / 'iter_0000003'} from {aside.name}")
     assert plain_files(root / "iter_0000003") == before and latest_iteration(root) == 3
     assert restore_set_aside_checkpoint(root) is None  # nothing more to restore
     _resume(root, saved_run[1])
+
+
+def test_a_save_removes_the_marker_files_of_saves_killed_before_the_marker_rename(saved_run, tmp_path):
+    """A save killed after it wrote the new marker's temporary file and before the rename leaves that
+    file (write_atomic's .NAME.partial-*); the next save removes it, and nothing it does not own."""
+    from megatron_renio.training.checkpointing import LATEST
+
+    root = tmp_path / "run"
+    _step_and_save(saved_run[1], root, 3)
+    killed = [root / f".{LATEST}.partial-0badf00d", root / f".{LATEST}.partial-[x]"]
+    kept = [root / ".other.txt.partial-0badf00d", root / "notes.txt"]
+    for path in killed + kept:
+        path.write_text("3")
+    _step_and_save(saved_run[1], root, 4)
+    expected = ["iter_0000003", "iter_0000004", LATEST, *(p.name for p in kept)]
+    assert sorted(p.name for p in root.iterdir()) == sorted(expected)
 
 
 def plain_files(folder):

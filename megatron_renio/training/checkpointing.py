@@ -38,7 +38,7 @@ import torch
 
 from megatron_renio.distributed import on_rank0, raise_if_any_rank
 from megatron_renio.errors import UserInputError
-from megatron_renio.output_paths import fsync, fsync_tree, storage_error, write_atomic
+from megatron_renio.output_paths import fsync, fsync_tree, hidden_siblings, storage_error, write_atomic
 from megatron_renio.training.faults import maybe_die
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -213,6 +213,8 @@ def save_training_checkpoint(
         for pattern in (".tmp_iter_*", "..tmp_iter_*.partial-*", ".iter_*.replaced-*"):
             for stale in root.glob(pattern):
                 shutil.rmtree(stale, ignore_errors=True)
+        for stale in hidden_siblings(root / LATEST, "partial"):  # a marker write cut before its rename
+            stale.unlink(missing_ok=True)
 
     # Rank 0's file operations run through on_rank0: its failure (a full disk, a lost permission)
     # ends every rank with its message instead of leaving them in the next barrier until the timeout.
