@@ -383,8 +383,9 @@ def load_training_checkpoint(root: str | Path, train_state: dict, *, student, op
 def _note_missing_rng_files(folder: Path, saved_world: int | None) -> None:
     """A note naming the files of ``folder`` missing of the ranks that both the saving world (of
     ``saved_world`` ranks; None: a checkpoint of an earlier version, which did not record it) and this
-    one have: those ranks go on with the states this run seeded, so their rollouts and dropout differ
-    from an uninterrupted run's (a rank of a larger world has no file to miss)."""
+    one have: those ranks go on with the states this run seeded, so their dropout draws (if the model
+    has dropout) differ from an uninterrupted run's; rollouts draw from generators keyed by seed,
+    iteration and position, not from these states (a rank of a larger world has no file to miss)."""
     if saved_world is None:
         return
     shared = range(min(saved_world, torch.distributed.get_world_size()))
@@ -392,7 +393,7 @@ def _note_missing_rng_files(folder: Path, saved_world: int | None) -> None:
     if missing:
         shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
         print(f"note: {folder} lacks {shown} ({len(missing)} of the {saved_world} RNG files its run saved): those "
-              "ranks go on from --seed's states (their rollouts and dropout differ from an uninterrupted run)",
+              "ranks go on from --seed's states (their dropout draws, if any, differ from an uninterrupted run's)",
               flush=True)
 
 
