@@ -487,6 +487,13 @@ def test_benchmarks_of_one_file_name_are_named_by_their_folders(tmp_path, monkey
         ["aime24=gsm8k/test", "aime24=svamp/test"]
     with pytest.raises(UserInputError, match=r"^--benchmark: gsm8k/test\.jsonl is given twice$"):
         runner._load_benchmarks(["gsm8k/test.jsonl", "./gsm8k/test.jsonl"])
+    # the built-in keeps its name beside a file of that name, whatever the current folder
+    assert runner._benchmark_names([("humaneval", "humaneval"), ("humaneval", "x/humaneval.jsonl")]) == \
+        ["humaneval", "humaneval=x/humaneval"]
+    (tmp_path / "aime24=a.jsonl").write_text(json.dumps({"problem": "eq", "answer": "1"}) + "\n")  # '=' in a name
+    with pytest.raises(UserInputError, match=r"^--benchmark: x/a\.jsonl and \./aime24=a\.jsonl would both be "
+                                             r"reported as 'aime24=a'; rename one of the files$"):
+        runner._benchmark_names([("aime24", "gsm8k/test.jsonl"), ("aime24", "x/a.jsonl"), (None, "./aime24=a.jsonl")])
 
 
 def test_field_flags_name_the_fields_of_files_without_a_preset(tmp_path):

@@ -20,7 +20,8 @@ file has tests instead) and the item id in every such file (GSM8K's ``question``
 ``--problem-field question``). A benchmark is reported under its preset name, else under its file
 name without extensions; benchmarks that would share a name (``gsm8k/test.jsonl`` and
 ``svamp/test.jsonl``) are named by the end of their paths instead, as many folders as tell them apart
-(``gsm8k/test``, ``svamp/test``; with a preset ``math500=a/test``). A file given twice is refused.
+(``gsm8k/test``, ``svamp/test``; with a preset ``math500=a/test``); the built-in ``humaneval`` keeps its
+name. A file given twice, and names that still clash (file names holding ``=``), are refused.
 
 Prompts. Each problem becomes the student prompt of training
 (:func:`~megatron_renio.data.templates.build_prompt_ids`, task math or coding: the problem, a blank
@@ -317,22 +318,30 @@ def _benchmark_names(parsed: list[tuple[str | None, str]]) -> list[str]:
     """The report names of ``(preset, path)`` benchmarks, by the rule of the module docstring: the
     preset, else the file name without extensions; where names clash, the fewest trailing parts of
     the absolute paths that tell the clashing files apart (after ``PRESET=`` when there is one; the
-    whole name, extensions too, of files that differ in those alone)."""
-    def parts(path: str) -> tuple[str, ...]:  # the folders, then the file name without extensions
+    whole name, extensions too, of files that differ in those alone). The built-in humaneval keeps
+    its name. Benchmarks whose names still clash (file names that hold ``=``) are refused."""
+    def parts(preset: str | None, path: str) -> tuple[str, ...]:  # the folders, then the name without extensions
+        if (preset, path) == ("humaneval", "humaneval"):  # the built-in
+            return (path,)
         absolute = Path(os.path.abspath(path))
-        return absolute.parent.parts + (absolute.name.split(".")[0],)
+        return absolute.parts[1:-1] + (absolute.name.split(".")[0],)
 
-    bases = [preset or parts(path)[-1] for preset, path in parsed]
+    bases = [preset or parts(preset, path)[-1] for preset, path in parsed]
     names = []
     for i, (preset, path) in enumerate(parsed):
         rivals = [j for j, base in enumerate(bases) if base == bases[i] and j != i]
         if any(parsed[j][0] == preset and os.path.abspath(parsed[j][1]) == os.path.abspath(path) for j in rivals):
             raise UserInputError(f"--benchmark: {path} is given twice")
-        mine = parts(path)
+        mine = parts(preset, path)
         depth = next((n for n in range(1, len(mine) + 1)
-                      if all(parts(parsed[j][1])[-n:] != mine[-n:] for j in rivals)), None)
+                      if all(parts(*parsed[j])[-n:] != mine[-n:] for j in rivals)), None)
         tail = path if depth is None else "/".join(mine[-depth:])
-        names.append(bases[i] if not rivals else f"{preset}={tail}" if preset else tail)
+        builtin = mine == (path,)
+        names.append(bases[i] if not rivals or builtin else f"{preset}={tail}" if preset else tail)
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserInputError(f"--benchmark: {parsed[names.index(name)][1]} and {parsed[i][1]} would both be "
+                                 f"reported as {name!r}; rename one of the files")
     return names
 
 
