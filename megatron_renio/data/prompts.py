@@ -133,7 +133,7 @@ def _answer_field(row: dict[str, Any], field: str, where: str) -> str | None:
         return None
     if isinstance(value, float) and math.isinf(value):
         raise UserInputError(f"{where}: field '{field}' must be a finite number, got {value}")
-    text = value if isinstance(value, str) else number_answer(value)
+    text = number_answer(value)
     return text if text.strip() else None
 
 

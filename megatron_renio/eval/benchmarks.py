@@ -208,7 +208,7 @@ def _item(record: Mapping, layout: dict, where: str, default_id: str, field_flag
             raise UserInputError(f"{where}: field '{name}' must be a string or a number")
         if isinstance(answer, float) and not math.isfinite(answer):
             raise UserInputError(f"{where}: field '{name}' must be a finite number, got {answer}")
-        answer = answer if isinstance(answer, str) else number_answer(answer)
+        answer = number_answer(answer)
         boxed = extract_boxed_answer(answer)
         answer = answer if boxed is None else boxed
         if not answer.strip():  # no completion could match it: every sample would be graded wrong
