@@ -68,7 +68,7 @@ HELP = {
     "tokenizer": "tokenizer folder (without it: the student checkpoint's)",
     "chat_template_kwargs": "JSON object of variables for the tokenizer's chat template (transformers' and vLLM's "
                             "chat_template_kwargs): '{\"enable_thinking\": false}' renders Qwen3's prompts without "
-                            "thinking; each must be a name the template reads",
+                            "thinking; each must be a variable the template reads",
     "problem_field": "field of a data record holding the prompt",
     "solution_field": "field holding the solution (the OPSD teacher's privileged information)",
     "answer_field": "field holding the final answer (graded in the saved samples)",

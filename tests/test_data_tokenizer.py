@@ -152,8 +152,8 @@ THINKING_TEMPLATE = CHAT_TEMPLATE + (  # Qwen3's switch: an empty thinking block
 
 def test_chat_template_variables_reach_every_rendering(tmp_path, hf_dir, sp_model):
     """set_template_variables (--chat-template-kwargs) renders as transformers' apply_chat_template with
-    those keyword arguments; a name the template never reads, and a tokenizer without a template, are
-    refused in one line."""
+    those keyword arguments; a variable the template never reads (also one whose name is in its text),
+    one the trainer sets itself, and a tokenizer without a template are refused in one line."""
     from transformers import AutoTokenizer
 
     folder = _save_hf_tokenizer(tmp_path, chat_template=THINKING_TEMPLATE)
@@ -165,9 +165,14 @@ def test_chat_template_variables_reach_every_rendering(tmp_path, hf_dir, sp_mode
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert reference.endswith("assistant: <think></think>")
     assert tok.apply_chat_template(messages) == tok.encode(reference) != thinking
-    with pytest.raises(UserInputError, match=f"^tokenizer folder {folder}: its chat template never reads "
-                                             "'enable_thinkng'$"):
-        tok.set_template_variables({"enable_thinkng": False})
+    for misspelt in ("enable_thinkng", "thinking", "if"):  # the last two are in the template's text
+        with pytest.raises(UserInputError, match=f"^tokenizer folder {folder}: its chat template never reads "
+                                                 rf"'{misspelt}' \(it reads enable_thinking\)$"):
+            tok.set_template_variables({misspelt: False})
+    with pytest.raises(UserInputError, match="^'add_generation_prompt': passed to every rendering already, not a chat "
+                                             "template variable to set$"):
+        tok.set_template_variables({"add_generation_prompt": False})
+    assert tok.apply_chat_template(messages) == tok.encode(reference)  # the refused ones changed nothing
     for plain in (hf_dir, sp_model):
         with pytest.raises(UserInputError, match=f"^tokenizer {plain} has no chat template to pass variables to$"):
             load_tokenizer(plain).set_template_variables({"enable_thinking": False})

@@ -30,8 +30,8 @@ Contract shared by both kinds:
   raises becomes a :class:`~megatron_renio.errors.UserInputError` naming the folder.
   ``set_template_variables(variables)`` passes ``variables`` to every later rendering (transformers'
   ``apply_chat_template`` keyword arguments, e.g. Qwen3's ``enable_thinking``); it is refused for a
-  tokenizer without a chat template and for a name the template's text never contains (a misspelt
-  variable would change nothing).
+  tokenizer without a chat template, for a variable the template never reads (a misspelt one would
+  change nothing) and for what every rendering passes already (``add_generation_prompt``).
 * ``fingerprint()`` is a hex digest of the id -> piece table; two tokenizers with the same digest
   map every id to the same piece (used to check that teacher and student share a vocabulary).
 """
@@ -222,14 +222,16 @@ class HFTokenizer(Tokenizer):
         self.apply_chat_template(_PROBE_MESSAGES)  # a template that cannot render fails now
 
     def set_template_variables(self, variables: dict) -> None:
-        template = self._tok.chat_template
-        if not template:
+        if not self._tok.chat_template:
             super().set_template_variables(variables)
-        text = json.dumps(template) if isinstance(template, dict) else template  # named templates: all of them
-        unread = [name for name in variables if name not in text]
+        given = ", ".join(map(repr, (name for name in variables if name in _RENDERING_ARGUMENTS)))
+        if given:
+            raise UserInputError(f"{given}: passed to every rendering already, not a chat template variable to set")
+        read = _template_variables_read(self._tok.get_chat_template())
+        unread = ", ".join(map(repr, (name for name in variables if name not in read)))
         if unread:
-            raise UserInputError(f"tokenizer folder {self.name_or_path}: its chat template never reads "
-                                 f"{', '.join(map(repr, unread))}")
+            raise UserInputError(f"tokenizer folder {self.name_or_path}: its chat template never reads {unread} "
+                                 f"(it reads {', '.join(sorted(read - _RENDERING_ARGUMENTS)) or 'no other variable'})")
         self._template_variables = dict(variables)
         self.apply_chat_template(_PROBE_MESSAGES)  # values the template cannot render with fail now
 
@@ -263,6 +265,29 @@ class HFTokenizer(Tokenizer):
 
     def _vocabulary(self) -> list[tuple[int, str]]:
         return [(int(i), str(piece)) for piece, i in self._tok.get_vocab().items()]
+
+
+# What apply_chat_template passes a template itself (messages, add_generation_prompt) or takes as its own
+# arguments: never a --chat-template-kwargs name.
+_RENDERING_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "tokenize", "chat_template", "tools",
+                                  "documents", "continue_final_message", "return_dict", "return_tensors"})
+
+
+def _template_variables_read(template: str) -> set[str]:
+    """The variables that the chat template ``template`` reads from its context (jinja2's undeclared
+    names), parsed in the environment transformers renders it in (its ``{% generation %}`` tag, loop
+    controls); a plain sandbox with loop controls where that environment is not reachable."""
+    import jinja2.ext
+    import jinja2.meta
+    import jinja2.sandbox
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        environment = _compile_jinja_template(template).environment
+    except (ImportError, AttributeError):  # a private helper of transformers: another version may lack it
+        environment = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    return jinja2.meta.find_undeclared_variables(environment.parse(template))
 
 
 class SentencePieceTokenizer(Tokenizer):
