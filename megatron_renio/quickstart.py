@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from megatron_renio.config import MAX_SEED, _OneLineErrorParser
+from megatron_renio.config import MAX_SEED, _OneLineErrorParser, path_arg
 from megatron_renio.data.arithmetic_task import Difficulty
 from megatron_renio.errors import UserInputError
 from megatron_renio.output_paths import check_output_folder, is_empty_folder
@@ -310,12 +310,17 @@ def _task_texts(problems) -> list[str]:
 
 
 def _prepare_out(out: Path) -> None:
-    """``out`` must be absent, empty, or an earlier quickstart's output (cleared then)."""
+    """``out`` must be absent, empty, or an earlier quickstart's output (emptied then; the folder itself
+    stays, so that ``--out .`` inside one works)."""
     check_output_folder(out, f"--out {out}")
     if out.is_dir() and not is_empty_folder(out):
         if not (out / MARKER).is_file():
             raise UserInputError(f"--out {out} is not empty and was not written by the quickstart")
-        shutil.rmtree(out)
+        for entry in out.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by megatron_renio.quickstart; re-running it replaces this folder\n")
 
@@ -519,7 +524,7 @@ def _plots(out: Path, summary: dict, samples: dict[str, list[dict]]) -> list[str
 
 def build_parser() -> _OneLineErrorParser:
     parser = _OneLineErrorParser(prog="megatron-renio quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="quickstart_out", help="output folder (default: quickstart_out)")
+    parser.add_argument("--out", type=path_arg, default="quickstart_out", help="output folder (default: quickstart_out)")
     parser.add_argument("--quick", action="store_true", help="the small smoke-test sizes (3-5 minutes on 2 cores)")
     parser.add_argument("--tp", type=int, choices=(1, 2), default=1, help="tensor-parallel size of every launch (default: 1)")
     parser.add_argument("--nproc", type=int, choices=(1, 2), default=2,

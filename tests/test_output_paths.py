@@ -92,6 +92,21 @@ def test_quickstart_out_is_checked(tmp_path):
         _prepare_out(Path("/proc/qs"))
 
 
+def test_quickstart_out_of_an_earlier_run_is_emptied_also_as_the_current_folder(tmp_path, monkeypatch):
+    """A re-run into an earlier quickstart's output replaces what is in it; given as ``.`` from inside it,
+    the folder itself stays (removing the current folder failed half-way, with a traceback)."""
+    from megatron_renio.quickstart import MARKER, _prepare_out
+
+    earlier = tmp_path / "qs"
+    (earlier / "runs" / "opd").mkdir(parents=True)
+    (earlier / MARKER).write_text("earlier\n")
+    (earlier / "summary.json").write_text("{}")
+    (earlier / "link").symlink_to(tmp_path)  # a link is removed, not followed
+    monkeypatch.chdir(earlier)
+    _prepare_out(Path("."))
+    assert [p.name for p in earlier.iterdir()] == [MARKER] and tmp_path.is_dir()
+
+
 def test_an_interrupted_atomic_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
     target = tmp_path / "latest.txt"
     target.write_text("old\n")

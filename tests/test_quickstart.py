@@ -65,7 +65,9 @@ def test_incorrect_completions_get_higher_renio_weights(quick):
 
 @pytest.mark.parametrize("argv, message", [(["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
                                            (["--tp", "3"], "argument --tp: invalid choice: 3 (choose from 1, 2)"),
-                                           (["--bogus"], "unrecognized arguments: --bogus")])
+                                           (["--bogus"], "unrecognized arguments: --bogus"),
+                                           (["--out", ""], "argument --out: must be a path, got '' (an unset shell "
+                                                           "variable?)")])
 def test_bad_flags_are_one_line_before_anything_runs(argv, message, tmp_path, capsys):
     """A bad seed used to start the run and end in torchrun's traceback, its message only in a log file."""
     from megatron_renio.quickstart import main
