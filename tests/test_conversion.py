@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -369,6 +368,7 @@ def test_the_model_generation_config_travels_with_the_checkpoint(converted):
     the checkpoint's tokenizer folder also with a --tokenizer-dir that has another one (one note names
     both files) and without tokenizer files; a run's stop ids then hold the model's extra EOS ids, and
     megatron_to_hf writes it back."""
+    from megatron_renio.config import TrainConfig
     from megatron_renio.training.components import load_run_tokenizer, resolve_model
 
     ckpt, root = converted["ckpt"], converted["ckpt"].parent
@@ -381,7 +381,7 @@ def test_the_model_generation_config_travels_with_the_checkpoint(converted):
     checkpoint = read_checkpoint_metadata(ckpt / "llama_tokenizer_elsewhere")
     assert json.loads(checkpoint.generation_config.read_text()) == MODEL_GENERATION_CONFIG
     student = resolve_model(str(ckpt / "llama_tokenizer_elsewhere"), None, "--student-load")
-    tokenizer = load_run_tokenizer(SimpleNamespace(tokenizer=None), student, None)
+    tokenizer = load_run_tokenizer(TrainConfig(), student, None)
     assert tokenizer.eos_id == 2 and tokenizer.stop_ids == (2, 5, 7)
 
     assert converted["results"]["import:llama_no_tokenizer"]["rc"] == 0
