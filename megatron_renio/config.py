@@ -341,10 +341,13 @@ def lr_decay_iters(c: TrainConfig) -> int:
 
 
 class _GivenOnce(argparse.Action):
-    """A flag that may be given once (argparse keeps the last of several silently)."""
+    """A flag that may be given once (argparse keeps the last of several silently); a flag of several
+    values (``nargs='+'``) too, whose user may have meant the values of both."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, self.dest, None) is not None:
+            if isinstance(values, list):
+                parser.error(f"{option_string} given twice: give all its values after one {option_string}")
             parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give one")
         setattr(namespace, self.dest, values)
 

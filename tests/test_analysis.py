@@ -234,6 +234,14 @@ def test_bad_input_exits_2_without_output(tmp_path, capsys, lines, message):
     assert sorted(os.listdir(tmp_path)) == ["g.jsonl"]  # no output, no staging directory
 
 
+def test_generations_given_twice_are_refused_not_cut_to_the_last_files(tmp_path, capsys):
+    """--generations a --generations b kept b alone (argparse's last value) and analysed half the data."""
+    files = [_write(tmp_path / f"g{i}.jsonl", [{"completion": "a", "correct": True}]) for i in range(2)]
+    assert main(["--generations", files[0], "--generations", files[1], "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "error: --generations given twice: give all its values after one --generations\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_gzipped_json_array_and_parquet_read_like_jsonl(tmp_path, capsys):
     import gzip
 

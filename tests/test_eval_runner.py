@@ -283,6 +283,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(paths, capsys, tmp_path
             [*load, "--benchmark", "math500"],
         f"--chat-template-kwargs: tokenizer {paths['student'] / 'tokenizer'} has no chat template to pass variables to":
             [*load, "--benchmark", str(good), "--chat-template-kwargs", '{"enable_thinking": false}'],
+        "--benchmark given twice: give all its values after one --benchmark":
+            [*load, "--benchmark", str(good), "--benchmark", str(long)],  # was: the last one alone, silently
         "argument --chat-template-kwargs: must be a JSON object":
             [*load, "--benchmark", str(good), "--chat-template-kwargs", "enable_thinking"],
         "--seq-length 8": [*load, "--benchmark", str(good), "--seq-length", "8"],

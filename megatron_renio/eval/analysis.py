@@ -59,7 +59,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from megatron_renio.config import _OneLineErrorParser
+from megatron_renio.config import _GivenOnce, _OneLineErrorParser
 from megatron_renio.data.records import RECORD_EXTENSIONS, read_rows
 from megatron_renio.entrypoint import debug_requested
 from megatron_renio.errors import UserInputError
@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-renio analyze",
         description="Compare correct and incorrect generations: length, reflection markers, ReNIO weights.",
     )
-    parser.add_argument("--generations", required=True, nargs="+", metavar="FILE",
+    parser.add_argument("--generations", required=True, nargs="+", action=_GivenOnce, metavar="FILE",
                         help="graded generations: JSONL, JSON, gzipped or parquet (completion, correct, optional "
                              "weight, num_tokens); several files are analysed as one set")
     parser.add_argument("--out", metavar="DIR",

@@ -97,8 +97,8 @@ from typing import Iterable
 
 from megatron_renio.config import HELP as TRAIN_HELP
 from megatron_renio.config import (MAX_SEED, MAX_TIMEOUT_MINUTES, MIN_TIMEOUT_MINUTES, POSITIVE_INT, TIMEOUT_RANGE,
-                                   _OneLineErrorParser, flag_name, json_object_arg, path_arg, template_variables,
-                                   typed_arg)
+                                   _GivenOnce, _OneLineErrorParser, flag_name, json_object_arg, path_arg,
+                                   template_variables, typed_arg)
 from megatron_renio.config import build_parser as build_train_parser
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate with the Megatron model on benchmarks, grade, report avg@k and pass@k.",
     )
     parser.add_argument("--load", required=True, type=path_arg, help="model checkpoint folder (converted or trained)")
-    parser.add_argument("--benchmark", required=True, nargs="+", type=path_arg, metavar="[PRESET=]FILE_OR_NAME",
+    parser.add_argument("--benchmark", required=True, nargs="+", action=_GivenOnce, type=path_arg,
+                        metavar="[PRESET=]FILE_OR_NAME",
                         help="benchmark files or 'humaneval', optionally prefixed with a field preset (one of "
                              f"{', '.join(PRESETS)}); without one the layout is detected from the first record")
     field_name = typed_arg(str, bool, "a field name")
