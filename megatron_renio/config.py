@@ -305,6 +305,7 @@ def _optional(kind):
 
     parse.__name__ = kind.__name__
     parse.expects = f"{_KIND_WORDS[kind]} or none"
+    parse.takes_null = True  # a YAML null is its 'none'
     return parse
 
 
@@ -386,17 +387,23 @@ def _yaml_value(path: str, key, f: dataclasses.Field, value):
 
     A string goes through the flag's command-line converter, so the file accepts exactly what the
     command line does; a list is taken by ``data_path`` only; a YAML null (``~``, ``null``, empty)
-    leaves a flag whose default is None unset. Anything else raises :class:`UserInputError` naming
-    the file, the key and what the flag takes.
+    leaves a flag whose default is None unset, is the ``none`` of a flag that takes one
+    (``kd_token_clip``), and is refused for any other (the file's scalars are read as text: ``mode:
+    null`` would be the mode 'null'). Anything else raises
+    :class:`UserInputError` naming the file, the key and what the flag takes.
     """
     kind = _kind(f)
+    if isinstance(value, str) and value in _YAML_NULLS:
+        if f.default is None or getattr(kind, "takes_null", False):
+            return None
+        default = "" if f.default is dataclasses.MISSING else f" ({f.default})"
+        raise UserInputError(f"--config {path}: key {key!r} is null: give a value, or leave the key out for its "
+                             f"default{default}")
     if f.name == "data_path":
         items = value if isinstance(value, list) else [value]
         if items and all(isinstance(item, str) and item for item in items):
             return items
         expected = "a file path or a list of file paths"
-    elif f.default is None and value in _YAML_NULLS:
-        return None
     else:
         if isinstance(value, str):
             try:

@@ -204,6 +204,10 @@ def test_yaml_bool_flags(tmp_path):
         ("lr: .inf", "key 'lr' must be a finite number, got '.inf'"),
         ("lr: 1e-5\nseed: 3\nlr: 1e-6", r"line 3 not valid YAML \(key 'lr' given twice\)"),  # the last one won
         ("lr: 1e-5\n--lr: 1e-6", "key '--lr' sets --lr again"),
+        ("mode: null", r"key 'mode' is null: give a value, or leave the key out for its default \(opsd\)"),
+        ("problem_field: ~", r"key 'problem_field' is null: give a value, or leave the key out for its default "
+                             r"\(problem\)"),  # was: the field named 'null' ... '~', missing in every record
+        ("data_path:", "key 'data_path' is null: give a value, or leave the key out for its default$"),
         ("chat_template_kwargs: {enable_thinking: false}", r"key 'chat_template_kwargs' must be a JSON object in quotes "
                                                            r"\('\{\"enable_thinking\": false\}'\), got \{'enable_thinking': "
                                                            r"'false'\}"),
