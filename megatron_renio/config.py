@@ -225,6 +225,31 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+# Flags that other flags can leave without effect: (when, in words, the fields). Megatron-LM accepts such
+# flags too; a note says so, so that a YAML file shared by a run and its ablation (``--renio`` on and off)
+# still works. ``--renio-scope`` is not among them: without ReNIO it still picks the loss's normalisation.
+INERT_WHEN = (
+    (lambda c: not c.renio, "on the loss without --renio (clip and threshold still shape the logged pivotal "
+     "statistics)", ("renio_clip", "renio_threshold", "renio_temperature", "renio_norm", "renio_max_weight")),
+    (lambda c: c.renio and c.renio_norm in ("clamp", "none"), "with --renio-norm clamp or none (the cap bounds the "
+     "weights of batch_mean and ema)", ("renio_max_weight",)),
+    (lambda c: c.teacher != "ema", "without --teacher ema", ("ema_decay",)),
+    (lambda c: c.lr_decay_style == "constant", "with --lr-decay-style constant", ("min_lr", "lr_decay_iters")),
+    (lambda c: c.loss == "sampled_rkl", "with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)",
+     ("kd_token_clip", "kd_top_k")),
+)
+
+
+def inert_notes(cfg: TrainConfig) -> list[str]:
+    """Settings changed from their defaults that the other flags leave without effect (:data:`INERT_WHEN`)."""
+    notes = []
+    for applies, words, names in INERT_WHEN:
+        changed = [flag_name(n) for n in names if getattr(cfg, n) != getattr(TrainConfig, n)]
+        if applies(cfg) and changed:
+            notes.append(f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect {words}")
+    return notes
+
+
 def typed_arg(kind, check, allowed: str):
     """An argparse ``type``: ``kind(text)`` that must pass ``check``; the message says ``allowed``."""
 

@@ -41,7 +41,8 @@ from functools import partial
 
 import torch
 
-from megatron_renio.config import TrainConfig, _OneLineErrorParser, build_parser, pad_multiple, path_arg, validate
+from megatron_renio.config import (TrainConfig, _OneLineErrorParser, build_parser, inert_notes, pad_multiple, path_arg,
+                                   validate)
 from megatron_renio.data.token_sequences import TokenSequences, sha256_of
 from megatron_renio.entrypoint import run_command
 from megatron_renio.errors import UserInputError
@@ -261,6 +262,8 @@ def run(cfg: SFTConfig) -> list[float]:
         return source
 
     source = distributed.on_every_rank(resolve_model)
+    for note in inert_notes(t):  # the schedule's, as train notes them (the others' flags sft does not take)
+        log0(f"note: {note}")
 
     def load_data():
         tokenizer = C.load_run_tokenizer(t, source, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_renio.config import TrainConfig, flag_name, pad_multiple, parse_train_args
+from megatron_renio.config import TrainConfig, inert_notes, pad_multiple, parse_train_args
 from megatron_renio.distributed import log0
 from megatron_renio.entrypoint import run_command
 from megatron_renio.renio.weights import batch_mean_weight_bound
@@ -74,31 +74,6 @@ def _loss_notes(cfg: TrainConfig) -> list[str]:
     if changes:
         notes.append(f"--loss sampled_rkl with {', '.join(changes)}: completions are not sampled from the "
                      "distribution the loss compares, so the sampled-token loss is a biased estimate of the reverse KL")
-    return notes
-
-
-# Flags that other flags can leave without effect: (when, in words, the fields). Megatron-LM accepts such
-# flags too; a note says so, so that a YAML file shared by a run and its ablation (``--renio`` on and off)
-# still works. ``--renio-scope`` is not among them: without ReNIO it still picks the loss's normalisation.
-_INERT_WHEN = (
-    (lambda c: not c.renio, "on the loss without --renio (clip and threshold still shape the logged pivotal "
-     "statistics)", ("renio_clip", "renio_threshold", "renio_temperature", "renio_norm", "renio_max_weight")),
-    (lambda c: c.renio and c.renio_norm in ("clamp", "none"), "with --renio-norm clamp or none (the cap bounds the "
-     "weights of batch_mean and ema)", ("renio_max_weight",)),
-    (lambda c: c.teacher != "ema", "without --teacher ema", ("ema_decay",)),
-    (lambda c: c.lr_decay_style == "constant", "with --lr-decay-style constant", ("min_lr", "lr_decay_iters")),
-    (lambda c: c.loss == "sampled_rkl", "with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)",
-     ("kd_token_clip", "kd_top_k")),
-)
-
-
-def _inert_notes(cfg: TrainConfig) -> list[str]:
-    """Settings changed from their defaults that the other flags leave without effect (:data:`_INERT_WHEN`)."""
-    notes = []
-    for applies, words, names in _INERT_WHEN:
-        changed = [flag_name(n) for n in names if getattr(cfg, n) != getattr(TrainConfig, n)]
-        if applies(cfg) and changed:
-            notes.append(f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect {words}")
     return notes
 
 
@@ -237,7 +212,7 @@ def run(cfg: TrainConfig) -> dict:
     if prompts.budget_limited:
         log0(f"note: {prompts.budget_limited} prompts leave fewer than --max-new-tokens {cfg.max_new_tokens} tokens "
              f"of --seq-length {cfg.seq_length}; their completions end there")
-    for note in _inert_notes(cfg) + _renio_notes(cfg) + _loss_notes(cfg) + _save_notes(cfg):
+    for note in inert_notes(cfg) + _renio_notes(cfg) + _loss_notes(cfg) + _save_notes(cfg):
         log0(f"note: {note}")
     prompts_per_step = cfg.global_batch_size // cfg.samples_per_prompt
     batch_label = (f"--global-batch-size {cfg.global_batch_size} / --samples-per-prompt {cfg.samples_per_prompt} = "

@@ -40,6 +40,12 @@ def test_loss_falls_and_a_model_checkpoint_is_saved(launched):
     assert [r["loss"] for r in records] == pytest.approx(curve, rel=1e-6)
 
 
+def test_flags_the_schedule_leaves_without_effect_are_noted_as_train_notes_them(launched):
+    _, results = launched
+    assert results[0]["dp2_notes"] == ["note: --min-lr has no effect with --lr-decay-style constant"]
+    assert results[1]["dp2_notes"] == []  # rank 0 prints
+
+
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_first_step_loss_is_the_same_in_every_layout(launched, layout):
     _, results = launched

@@ -1484,26 +1484,26 @@ def test_settings_that_other_flags_leave_without_effect_are_noted():
     """A setting changed from its default that the other flags make inert: one note per reason, naming
     the flags; the same setting where it acts, or at its default, gives none."""
     from megatron_renio.config import TrainConfig
-    from megatron_renio.train import _inert_notes
+    from megatron_renio.config import inert_notes
 
-    assert _inert_notes(TrainConfig(renio_norm="ema", renio_clip=3.0, renio_scope="global", ema_decay=0.9,
+    assert inert_notes(TrainConfig(renio_norm="ema", renio_clip=3.0, renio_scope="global", ema_decay=0.9,
                                     min_lr=1e-7, lr_decay_iters=5, loss="sampled_rkl", kd_top_k=5)) == [
         "--renio-clip, --renio-norm have no effect on the loss without --renio (clip and threshold still shape "
         "the logged pivotal statistics)",
         "--ema-decay has no effect without --teacher ema",
         "--min-lr, --lr-decay-iters have no effect with --lr-decay-style constant",
         "--kd-top-k has no effect with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)"]
-    assert _inert_notes(TrainConfig(loss="sampled_rkl", kd_token_clip=None)) == [
+    assert inert_notes(TrainConfig(loss="sampled_rkl", kd_token_clip=None)) == [
         "--kd-token-clip has no effect with --loss sampled_rkl (its loss reads only the sampled tokens' log-probs)"]
     for norm in ("clamp", "none"):  # a cap of 1.5 left weights of 3.75 without a word
-        assert _inert_notes(TrainConfig(renio=True, renio_norm=norm, renio_max_weight=1.5)) == [
+        assert inert_notes(TrainConfig(renio=True, renio_norm=norm, renio_max_weight=1.5)) == [
             "--renio-max-weight has no effect with --renio-norm clamp or none (the cap bounds the weights of "
             "batch_mean and ema)"]
     for quiet in (dict(), dict(renio=True, renio_norm="ema", renio_clip=3.0), dict(renio_scope="global"),
                   dict(renio=True, renio_max_weight=1.5), dict(renio=True, renio_norm="ema", renio_max_weight=1.5),
                   dict(teacher="ema", ema_decay=0.9), dict(lr_decay_style="cosine", min_lr=1e-7, lr_decay_iters=5),
                   dict(loss="sampled_rkl"), dict(kd_top_k=5, kd_token_clip=None)):
-        assert _inert_notes(TrainConfig(**quiet)) == [], quiet
+        assert inert_notes(TrainConfig(**quiet)) == [], quiet
 
 
 def test_sampled_rkl_trains_on_the_full_vocabulary_divergence_terms_without_clip_or_top_k():
@@ -1618,7 +1618,7 @@ def test_loss_settings_with_a_cost_or_a_bias_are_noted():
         "between 0 and 1 (0.5: the symmetric JSD) to mix them"]
     assert _loss_notes(TrainConfig(loss="jsd", kd_beta=1.0))[0].startswith("--loss jsd with --kd-beta 1 is the --loss "
                                                                            "reverse_kl ")
-    for quiet in (dict(loss="sampled_rkl"), dict(loss="sampled_rkl", kd_top_k=8),  # not computed (_inert_notes)
+    for quiet in (dict(loss="sampled_rkl"), dict(loss="sampled_rkl", kd_top_k=8),  # not computed (inert_notes)
                   dict(rollout_temperature=1.0, rollout_top_p=0.5), dict(loss="jsd", kd_beta=0.5)):
         assert _loss_notes(TrainConfig(**quiet)) == [], quiet
 
