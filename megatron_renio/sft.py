@@ -256,7 +256,7 @@ def run(cfg: SFTConfig) -> list[float]:
 
         source = C.resolve_model(t.student_load, t.model, "--pretrained-checkpoint", "--model")
         check_divisibility(source.preset, C.parallel_config(t))
-        C.note_untrained_positions(t.seq_length, "model", source)
+        C.note_untrained_positions(t.seq_length, "model", source.preset)
         C.check_recompute(t, source.preset)
         C.note_local_attention_memory(t, source.preset)
         return source

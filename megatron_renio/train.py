@@ -191,7 +191,7 @@ def run(cfg: TrainConfig) -> dict:
         for role, source in (("student", student_source), ("teacher", teacher_source)):
             if source is not None:
                 check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
-            C.note_untrained_positions(cfg.seq_length, role, source)
+                C.note_untrained_positions(cfg.seq_length, role, source.preset)
         C.check_recompute(cfg, student_source.preset)
         C.note_local_attention_memory(cfg, student_source.preset)
         return C.paired_vocab(cfg, student_source.preset, (teacher_source or student_source).preset)

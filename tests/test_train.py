@@ -1402,16 +1402,15 @@ def test_forward_flops_match_a_flop_count_of_the_hf_model(name):
     assert forward_flops_per_position(preset, seq) == pytest.approx(counted, rel=0.01)
 
 def test_untrained_positions_note_names_the_role_and_limit(capsys):
-    """train, sft and score share the note; it is silent up to max_position_embeddings."""
+    """train, sft, score and eval share the note; it is silent up to max_position_embeddings."""
     from megatron_renio.models.presets import get_preset
-    from megatron_renio.training.components import ModelSource, note_untrained_positions
+    from megatron_renio.training.components import note_untrained_positions
 
-    source = ModelSource(get_preset("tiny-qwen3"), None, None)
-    limit = source.preset.max_position_embeddings
-    note_untrained_positions(limit, "model", source)
-    note_untrained_positions(limit + 1, "teacher", None)
+    preset = get_preset("tiny-qwen3")
+    limit = preset.max_position_embeddings
+    note_untrained_positions(limit, "model", preset)
     assert capsys.readouterr().out == ""
-    note_untrained_positions(limit + 1, "model", source)
+    note_untrained_positions(limit + 1, "model", preset)
     assert capsys.readouterr().out == (f"note: --seq-length {limit + 1} exceeds the model's max_position_embeddings "
                                        f"({limit}); positions beyond it were not trained\n")
 

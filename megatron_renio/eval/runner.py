@@ -588,6 +588,7 @@ def _read_inputs(args) -> tuple:
     from megatron_renio.distributed import ParallelConfig
     from megatron_renio.models.builder import check_divisibility
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
+    from megatron_renio.training.components import note_untrained_positions
 
     with about_flag("--load"):
         meta = read_checkpoint_metadata(args.load)
@@ -610,6 +611,7 @@ def _read_inputs(args) -> tuple:
             f"the tokenizer ({tokenizer.vocab_size} ids) is larger than the model's vocabulary ({vocab})"
         )
     seq_length = args.seq_length or meta.preset.max_position_embeddings
+    note_untrained_positions(seq_length, "model", meta.preset)
     length_source = "--seq-length" if args.seq_length else "the model's max_position_embeddings (the default --seq-length)"
     jobs = _jobs(benchmarks, tokenizer, args.samples_per_problem, seq_length, length_source)
     digest = _inputs_digest(args, sampling, tokenizer, benchmarks, seq_length, jobs)

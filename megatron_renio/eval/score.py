@@ -317,7 +317,7 @@ def run(args: ScoreArgs) -> list[dict] | None:
         student_source = C.resolve_model(cfg.student_load, None, "--student-load")
         teacher_source = C.resolve_model(cfg.teacher_load, None, "--teacher-load")
         for role, source in (("student", student_source), ("teacher", teacher_source)):
-            C.note_untrained_positions(cfg.seq_length, role, source)
+            C.note_untrained_positions(cfg.seq_length, role, source.preset)
             check_divisibility(source.preset, C.parallel_config(cfg), role)  # names the model, before building
         # as in training: both built with the wider padded width, the ids both models hold are the vocabulary
         padded_vocab, vocab = C.paired_vocab(cfg, student_source.preset, teacher_source.preset)

@@ -93,11 +93,12 @@ def resolve_model(checkpoint: str | None, preset_name: str | None, load_flag: st
     raise UserInputError(f"{'/'.join(filter(None, (load_flag, preset_flag)))}: no checkpoint or preset given")
 
 
-def note_untrained_positions(seq_length: int, role: str, source: ModelSource | None) -> None:
-    """Log (rank 0) when ``--seq-length`` reaches positions the model never saw in its training."""
-    if source is not None and seq_length > source.preset.max_position_embeddings:
+def note_untrained_positions(seq_length: int, role: str, preset: ModelPreset) -> None:
+    """Log (rank 0) when ``--seq-length`` reaches positions the model (of ``preset``) never saw in its
+    training."""
+    if seq_length > preset.max_position_embeddings:
         log0(f"note: --seq-length {seq_length} exceeds the {role}'s max_position_embeddings "
-             f"({source.preset.max_position_embeddings}); positions beyond it were not trained")
+             f"({preset.max_position_embeddings}); positions beyond it were not trained")
 
 
 def note_local_attention_memory(cfg: TrainConfig, preset: ModelPreset, gpu_without_te: bool | None = None) -> None:
