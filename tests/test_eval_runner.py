@@ -125,7 +125,9 @@ def test_report_has_avg_and_pass_at_k_and_mean_length(setup):
     assert metrics[f"avg@{SAMPLES}"] == pytest.approx(sum(sum(g) / SAMPLES for g in per_problem) / len(PROBLEMS))
     assert metrics[f"pass@{SAMPLES}"] == pytest.approx(sum(any(g) for g in per_problem) / len(PROBLEMS))
     assert metrics["mean_completion_tokens"] == pytest.approx(sum(r["num_tokens"] for r in records) / len(records))
-    assert setup["summary"]["settings"]["greedy"] is True
+    settings = setup["summary"]["settings"]
+    assert settings["greedy"] is True and settings["seq_length"] == 300 and settings["bf16"] is False
+    assert settings["chat_template_kwargs"] == {} and settings["tokenizer"].endswith("tokenizer")
     assert f"tiny_math: {len(PROBLEMS)} problems x {SAMPLES}  avg@{SAMPLES}" in setup["stdout"]
     assert ("note: --seq-length 300 exceeds the model's max_position_embeddings (256); positions beyond it were not "
             "trained") in setup["stdout"]

@@ -61,7 +61,8 @@ threads, each running one sandboxed child.
 Output (rank 0). Per benchmark: problems, samples per problem k, avg@k (the mean fraction of
 correct samples), pass@k (the unbiased estimator with n = k: the fraction of problems with a
 correct sample), the mean completion length in tokens (EOS included) and the fraction of
-completions that ended with EOS; printed, and written as JSON to ``--summary``. ``--out`` gets one
+completions that ended with EOS; printed, and written as JSON to ``--summary`` with the settings that
+produced them (checkpoint, tokenizer, seed, lengths, sampling, dtype, chat template variables). ``--out`` gets one
 JSON line per generation, in benchmark, problem, sample order, with the fields benchmark, id,
 sample, prompt (the prompt ids decoded with special tokens), answer (the math reference, null for
 code), completion, correct, num_tokens, finished (ended with EOS), prompt_ids, completion_ids: the
@@ -559,9 +560,10 @@ def run(args: argparse.Namespace) -> dict | None:
     by_index = {**earlier, **dict(gathered)}  # a batch partly finished before was generated again, the same
     ordered = [by_index[i] for i in range(len(jobs))]
     report = _report(benchmarks, ordered, args.samples_per_problem)
-    settings = {"load": args.load, "seed": args.seed, "max_new_tokens": sampling.max_new_tokens,
-                "greedy": sampling.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                "top_k": sampling.top_k}
+    settings = {"load": args.load, "tokenizer": tokenizer.name_or_path, "seed": args.seed,
+                "max_new_tokens": sampling.max_new_tokens, "seq_length": seq_length, "greedy": sampling.greedy,
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                "bf16": args.bf16, "chat_template_kwargs": template_variables(args.chat_template_kwargs)}
     summary = {"settings": settings, "benchmarks": report}
     for path, lines in ((args.out, lambda: jsonl_lines(ordered)),
                         (args.summary, lambda: [json.dumps(summary, indent=2) + "\n"])):
