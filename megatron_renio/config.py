@@ -320,7 +320,7 @@ def finite_float(value: str) -> float:
 
 # What each converter accepts, in words (for the one-line error on a bad YAML value).
 _KIND_WORDS = {int: "an integer", finite_float: "a finite number", str: "a string", _bool_arg: "true or false"}
-# YAML's spellings of null; they leave a flag whose default is None unset.
+# YAML's spellings of null, unquoted (the config loader reads them as None).
 _YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
@@ -411,19 +411,16 @@ def _yaml_value(path: str, key, f: dataclasses.Field, value):
     """One value of the config file (as written: a string, or a list or mapping of them) as the flag's value.
 
     A string goes through the flag's command-line converter, so the file accepts exactly what the
-    command line does; a list is taken by ``data_path`` only; a YAML null (``~``, ``null``, empty)
-    leaves a flag whose default is None unset, is the ``none`` of a flag that takes one
-    (``kd_token_clip``), and is refused for any other (the file's scalars are read as text: ``mode:
-    null`` would be the mode 'null'). Anything else raises
-    :class:`UserInputError` naming the file, the key and what the flag takes.
+    command line does; a list is taken by ``data_path`` only; a YAML null (``~``, ``null``, empty;
+    unquoted) leaves a flag whose default is None unset, is the ``none`` of a flag that takes one
+    (``kd_token_clip``), and is refused for any other. Anything else raises :class:`UserInputError`
+    naming the file, the key and what the flag takes.
     """
     kind = _kind(f)
-    if isinstance(value, str) and value in _YAML_NULLS:
+    if value is None:  # an unquoted null (the loader's)
         if f.default is None or getattr(kind, "takes_null", False):
             return None
-        default = "" if f.default is dataclasses.MISSING else f" ({f.default})"
-        raise UserInputError(f"--config {path}: key {key!r} is null: give a value, or leave the key out for its "
-                             f"default{default}")
+        raise UserInputError(f"--config {path}: key {key!r} is null: give a value, or leave the key out")
     if f.name == "data_path":
         items = value if isinstance(value, list) else [value]
         if items and all(isinstance(item, str) and item for item in items):
@@ -457,6 +454,12 @@ def _unique_key_loader():
                                                             key_node.start_mark)
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
+
+        def construct_scalar(self, node):
+            """The text of a scalar, or None for an unquoted null (``~``, ``null``, nothing): quoted,
+            ``"null"`` stays text."""
+            value = super().construct_scalar(node)
+            return None if node.style is None and value in _YAML_NULLS else value
 
     return Loader
 

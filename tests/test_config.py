@@ -182,6 +182,13 @@ def test_chat_template_kwargs_are_json_text_on_the_command_line_and_in_the_file(
         {"enable_thinking": False}
 
 
+def test_a_quoted_null_in_the_config_file_is_text(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text('problem_field: "null"\nkd_token_clip: ~\nsave:\n')
+    cfg = parse_train_args(["--config", str(path)] + BASE)
+    assert (cfg.problem_field, cfg.kd_token_clip, cfg.save) == ("null", None, None)
+
+
 def test_yaml_bool_flags(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("bf16: true\nrenio: yes\nuse_distributed_optimizer: off\ndebug: 1\n")
@@ -204,10 +211,11 @@ def test_yaml_bool_flags(tmp_path):
         ("lr: .inf", "key 'lr' must be a finite number, got '.inf'"),
         ("lr: 1e-5\nseed: 3\nlr: 1e-6", r"line 3 not valid YAML \(key 'lr' given twice\)"),  # the last one won
         ("lr: 1e-5\n--lr: 1e-6", "key '--lr' sets --lr again"),
-        ("mode: null", r"key 'mode' is null: give a value, or leave the key out for its default \(opsd\)"),
-        ("problem_field: ~", r"key 'problem_field' is null: give a value, or leave the key out for its default "
-                             r"\(problem\)"),  # was: the field named 'null' ... '~', missing in every record
-        ("data_path:", "key 'data_path' is null: give a value, or leave the key out for its default$"),
+        ("mode: null", "key 'mode' is null: give a value, or leave the key out$"),
+        ("problem_field: ~", "key 'problem_field' is null: give a value, or leave the key out$"),  # was: the field '~'
+        ("data_path:", "key 'data_path' is null: give a value, or leave the key out$"),
+        ("data_path: [a.jsonl, ~]", r"key 'data_path' must be a file path or a list of file paths, got \['a.jsonl', "
+                                    r"None\]"),
         ("chat_template_kwargs: {enable_thinking: false}", r"key 'chat_template_kwargs' must be a JSON object in quotes "
                                                            r"\('\{\"enable_thinking\": false\}'\), got \{'enable_thinking': "
                                                            r"'false'\}"),

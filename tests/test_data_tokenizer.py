@@ -169,9 +169,10 @@ def test_chat_template_variables_reach_every_rendering(tmp_path, hf_dir, sp_mode
         with pytest.raises(UserInputError, match=f"^tokenizer folder {folder}: its chat template never reads "
                                                  rf"'{misspelt}' \(it reads enable_thinking\)$"):
             tok.set_template_variables({misspelt: False})
-    with pytest.raises(UserInputError, match="^'add_generation_prompt': passed to every rendering already, not a chat "
-                                             "template variable to set$"):
-        tok.set_template_variables({"add_generation_prompt": False})
+    for own in ("add_generation_prompt", "max_length", "messages"):  # transformers' own: never the template's
+        with pytest.raises(UserInputError, match=f"^'{own}': set by apply_chat_template itself, not a chat template "
+                                                 "variable$"):
+            tok.set_template_variables({own: 8})
     assert tok.apply_chat_template(messages) == tok.encode(reference)  # the refused ones changed nothing
     for plain in (hf_dir, sp_model):
         with pytest.raises(UserInputError, match=f"^tokenizer {plain} has no chat template to pass variables to$"):

@@ -1693,3 +1693,4 @@ def test_chat_template_kwargs_reach_the_prompts_of_the_run(tmp_path):
     plain = _save_hf_tokenizer(tmp_path / "plain")
     with pytest.raises(UserInputError, match=f"^--chat-template-kwargs: tokenizer {plain} has no chat template"):
         load_run_tokenizer(TrainConfig(tokenizer=plain, chat_template_kwargs=kwargs), source, None)
+    load_run_tokenizer(TrainConfig(tokenizer=plain, chat_template_kwargs="{}"), source, None)  # sets nothing

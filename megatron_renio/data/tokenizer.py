@@ -31,7 +31,8 @@ Contract shared by both kinds:
   ``set_template_variables(variables)`` passes ``variables`` to every later rendering (transformers'
   ``apply_chat_template`` keyword arguments, e.g. Qwen3's ``enable_thinking``); it is refused for a
   tokenizer without a chat template, for a variable the template never reads (a misspelt one would
-  change nothing) and for what every rendering passes already (``add_generation_prompt``).
+  change nothing) and for an argument of transformers' ``apply_chat_template`` itself
+  (``add_generation_prompt``, ``max_length``: the template never sees it).
 * ``fingerprint()`` is a hex digest of the id -> piece table; two tokenizers with the same digest
   map every id to the same piece (used to check that teacher and student share a vocabulary).
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -224,14 +226,16 @@ class HFTokenizer(Tokenizer):
     def set_template_variables(self, variables: dict) -> None:
         if not self._tok.chat_template:
             super().set_template_variables(variables)
-        given = ", ".join(map(repr, (name for name in variables if name in _RENDERING_ARGUMENTS)))
+        # transformers' own arguments never reach the template as variables; the conversation is its messages
+        own = {"messages", *inspect.signature(self._tok.apply_chat_template).parameters} - {"kwargs"}
+        given = ", ".join(map(repr, (name for name in variables if name in own)))
         if given:
-            raise UserInputError(f"{given}: passed to every rendering already, not a chat template variable to set")
+            raise UserInputError(f"{given}: set by apply_chat_template itself, not a chat template variable")
         read = _template_variables_read(self._tok.get_chat_template())
         unread = ", ".join(map(repr, (name for name in variables if name not in read)))
         if unread:
             raise UserInputError(f"tokenizer folder {self.name_or_path}: its chat template never reads {unread} "
-                                 f"(it reads {', '.join(sorted(read - _RENDERING_ARGUMENTS)) or 'no other variable'})")
+                                 f"(it reads {', '.join(sorted(read - own)) or 'no other variable'})")
         self._template_variables = dict(variables)
         self.apply_chat_template(_PROBE_MESSAGES)  # values the template cannot render with fail now
 
@@ -265,12 +269,6 @@ class HFTokenizer(Tokenizer):
 
     def _vocabulary(self) -> list[tuple[int, str]]:
         return [(int(i), str(piece)) for piece, i in self._tok.get_vocab().items()]
-
-
-# What apply_chat_template passes a template itself (messages, add_generation_prompt) or takes as its own
-# arguments: never a --chat-template-kwargs name.
-_RENDERING_ARGUMENTS = frozenset({"messages", "add_generation_prompt", "tokenize", "chat_template", "tools",
-                                  "documents", "continue_final_message", "return_dict", "return_tensors"})
 
 
 def _template_variables_read(template: str) -> set[str]:

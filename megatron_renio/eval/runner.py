@@ -602,9 +602,10 @@ def _read_inputs(args) -> tuple:
     benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
     with about_flag("--tokenizer" if args.tokenizer else "--load"):
         tokenizer = load_tokenizer(str(tokenizer_path))
-    if args.chat_template_kwargs:
+    variables = template_variables(args.chat_template_kwargs)
+    if variables:  # '{}' sets nothing, also for a tokenizer without a template
         with about_flag("--chat-template-kwargs"):
-            tokenizer.set_template_variables(template_variables(args.chat_template_kwargs))
+            tokenizer.set_template_variables(variables)
     if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
         tokenizer.add_stop_ids(meta.generation_config.parent)
     vocab = meta.preset.vocab_size
