@@ -316,6 +316,8 @@ def _prepare_out(out: Path) -> None:
     if out.is_dir() and not is_empty_folder(out):
         if not (out / MARKER).is_file():
             raise UserInputError(f"--out {out} is not empty and was not written by the quickstart")
+        if out.resolve() in Path.cwd().resolve().parents:  # emptying it would delete the current folder
+            raise UserInputError(f"--out {out} holds the current folder; run the quickstart from outside it")
         for entry in out.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

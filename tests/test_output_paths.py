@@ -102,6 +102,10 @@ def test_quickstart_out_of_an_earlier_run_is_emptied_also_as_the_current_folder(
     (earlier / MARKER).write_text("earlier\n")
     (earlier / "summary.json").write_text("{}")
     (earlier / "link").symlink_to(tmp_path)  # a link is removed, not followed
+    monkeypatch.chdir(earlier / "runs")
+    with pytest.raises(UserInputError, match=r"^--out \.\. holds the current folder; run the quickstart from outside "
+                                             "it$"):
+        _prepare_out(Path(".."))
     monkeypatch.chdir(earlier)
     _prepare_out(Path("."))
     assert [p.name for p in earlier.iterdir()] == [MARKER] and tmp_path.is_dir()
