@@ -29,8 +29,8 @@ Contract shared by both kinds:
   tokenizer has no chat template (callers then fall back to plain text); whatever the template
   raises becomes a :class:`~megatron_renio.errors.UserInputError` naming the folder.
   ``set_template_variables(variables)`` passes ``variables`` to every later rendering (transformers'
-  ``apply_chat_template`` keyword arguments, e.g. Qwen3's ``enable_thinking``); it is refused for a
-  tokenizer without a chat template, for a variable the template never reads (a misspelt one would
+  ``apply_chat_template`` keyword arguments, e.g. Qwen3's ``enable_thinking``; none: nothing
+  changes); it is refused for a tokenizer without a chat template, for a variable the template never reads (a misspelt one would
   change nothing) and for an argument of transformers' ``apply_chat_template`` itself
   (``add_generation_prompt``, ``max_length``: the template never sees it).
 * ``fingerprint()`` is a hex digest of the id -> piece table; two tokenizers with the same digest
@@ -62,7 +62,8 @@ class Tokenizer(abc.ABC):
 
     def set_template_variables(self, variables: dict) -> None:
         """Render every later prompt with ``variables`` (the module docstring's contract)."""
-        raise UserInputError(f"tokenizer {self.name_or_path} has no chat template to pass variables to")
+        if variables:
+            raise UserInputError(f"tokenizer {self.name_or_path} has no chat template to pass variables to")
 
     def add_stop_ids(self, folder: str | os.PathLike) -> None:
         """Also stop on the EOS ids of ``folder``'s generation config (validated against the vocabulary)."""
@@ -225,7 +226,7 @@ class HFTokenizer(Tokenizer):
 
     def set_template_variables(self, variables: dict) -> None:
         if not self._tok.chat_template:
-            super().set_template_variables(variables)
+            return super().set_template_variables(variables)
         # transformers' own arguments never reach the template as variables; the conversation is its messages
         own = {"messages", *inspect.signature(self._tok.apply_chat_template).parameters} - {"kwargs"}
         given = ", ".join(map(repr, (name for name in variables if name in own)))

@@ -322,8 +322,11 @@ def _benchmark_names(parsed: list[tuple[str | None, str]]) -> list[str]:
     the absolute paths that tell the clashing files apart (after ``PRESET=`` when there is one; the
     whole name, extensions too, of files that differ in those alone). The built-in humaneval keeps
     its name. Benchmarks whose names still clash (file names that hold ``=``) are refused."""
+    def builtin(preset: str | None, path: str) -> bool:
+        return (preset, path) == ("humaneval", "humaneval")
+
     def parts(preset: str | None, path: str) -> tuple[str, ...]:  # the folders, then the name without extensions
-        if (preset, path) == ("humaneval", "humaneval"):  # the built-in
+        if builtin(preset, path):
             return (path,)
         absolute = Path(os.path.abspath(path))
         return absolute.parts[1:-1] + (absolute.name.split(".")[0],)
@@ -338,8 +341,7 @@ def _benchmark_names(parsed: list[tuple[str | None, str]]) -> list[str]:
         depth = next((n for n in range(1, len(mine) + 1)
                       if all(parts(*parsed[j])[-n:] != mine[-n:] for j in rivals)), None)
         tail = path if depth is None else "/".join(mine[-depth:])
-        builtin = mine == (path,)
-        names.append(bases[i] if not rivals or builtin else f"{preset}={tail}" if preset else tail)
+        names.append(bases[i] if not rivals or builtin(preset, path) else f"{preset}={tail}" if preset else tail)
     for i, name in enumerate(names):
         if name in names[:i]:
             raise UserInputError(f"--benchmark: {parsed[names.index(name)][1]} and {parsed[i][1]} would both be "
@@ -602,10 +604,8 @@ def _read_inputs(args) -> tuple:
     benchmarks = _load_benchmarks(args.benchmark, _benchmark_fields(args))
     with about_flag("--tokenizer" if args.tokenizer else "--load"):
         tokenizer = load_tokenizer(str(tokenizer_path))
-    variables = template_variables(args.chat_template_kwargs)
-    if variables:  # '{}' sets nothing, also for a tokenizer without a template
-        with about_flag("--chat-template-kwargs"):
-            tokenizer.set_template_variables(variables)
+    with about_flag("--chat-template-kwargs"):
+        tokenizer.set_template_variables(template_variables(args.chat_template_kwargs))
     if args.tokenizer and meta.generation_config is not None:  # the model's own stop ids too
         tokenizer.add_stop_ids(meta.generation_config.parent)
     vocab = meta.preset.vocab_size

@@ -139,10 +139,8 @@ def load_run_tokenizer(cfg: TrainConfig, student: ModelSource, teacher: ModelSou
         raise UserInputError("no tokenizer: give --tokenizer (an HF tokenizer folder or a sentencepiece model)")
     with about_flag("--tokenizer" if cfg.tokenizer else None):
         tokenizer = load_tokenizer(path)
-    variables = template_variables(cfg.chat_template_kwargs)
-    if variables:  # '{}' sets nothing, also for a tokenizer without a template
-        with about_flag("--chat-template-kwargs"):
-            tokenizer.set_template_variables(variables)
+    with about_flag("--chat-template-kwargs"):
+        tokenizer.set_template_variables(template_variables(cfg.chat_template_kwargs))
     if cfg.tokenizer and student.generation_config is not None:
         tokenizer.add_stop_ids(student.generation_config.parent)
     label = f"--tokenizer {path}" if cfg.tokenizer else f"the student's ({path})"
