@@ -505,13 +505,20 @@ def check_resumed_student(cfg: TrainConfig, iteration: int, student: ModelPreset
     """The checkpoint that ``--load`` resumes (``iteration``) holds the architecture of the model
     ``student_flag`` names (token ids and maximum positions may differ, as at load): one line listing
     the fields that differ, at start-up, not after both models are built and loaded."""
+    differences = _saved_model_differences(cfg.load, iteration, student)
+    if differences:
+        raise UserInputError(f"--load {cfg.load}: iteration {iteration} holds another model than {student_flag} "
+                             f"(checkpoint vs {student_flag}: {differences}); resume with the run's student")
+
+
+def _saved_model_differences(root: str, iteration: int, model: ModelPreset) -> str:
+    """The fields where the model of checkpoint ``iteration`` of the run folder ``root`` differs from
+    ``model``'s architecture (``ModelPreset.architecture_differences``), joined by '; '; empty when
+    they are the same model."""
     from megatron_renio.models.checkpoint import read_checkpoint_metadata
     from megatron_renio.training.checkpointing import iteration_dir
 
-    differences = read_checkpoint_metadata(iteration_dir(cfg.load, iteration)).preset.architecture_differences(student)
-    if differences:
-        raise UserInputError(f"--load {cfg.load}: iteration {iteration} holds another model than {student_flag} "
-                             f"(checkpoint vs {student_flag}: {'; '.join(differences)}); resume with the run's student")
+    return "; ".join(read_checkpoint_metadata(iteration_dir(root, iteration)).preset.architecture_differences(model))
 
 
 def check_run_outputs(cfg: TrainConfig) -> None:
@@ -531,8 +538,8 @@ def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
     must be writable (:func:`check_run_outputs`). A
     ``--student-load`` / ``--teacher-load`` inside one of its ``iter_*`` folders is refused: the saves
     would delete the model the run starts from (a resume rebuilds a frozen teacher from it)."""
-    from megatron_renio.models.checkpoint import is_within, read_checkpoint_metadata
-    from megatron_renio.training.checkpointing import iteration_dir, latest_iteration
+    from megatron_renio.models.checkpoint import is_within
+    from megatron_renio.training.checkpointing import latest_iteration
 
     check_run_outputs(cfg)
     if not cfg.save:
@@ -549,10 +556,10 @@ def check_save_target(cfg: TrainConfig, student: ModelPreset) -> None:
     iteration = latest_iteration(cfg.save)
     if iteration is None:
         return
-    differences = read_checkpoint_metadata(iteration_dir(cfg.save, iteration)).preset.architecture_differences(student)
+    differences = _saved_model_differences(cfg.save, iteration, student)
     if differences:  # fields that change no weight (token ids, max positions) do not make another model
         raise UserInputError(
-            f"--save {cfg.save} holds checkpoints of another model (checkpoint vs this run: {'; '.join(differences)}); "
+            f"--save {cfg.save} holds checkpoints of another model (checkpoint vs this run: {differences}); "
             "choose another --save or pass --override-save"
         )
     if cfg.load is None or Path(cfg.load).resolve() != Path(cfg.save).resolve():
