@@ -524,10 +524,11 @@ def check_loss_impl_here(c: TrainConfig) -> None:
 
     from megatron_renio.losses.fused import triton_available
 
-    if not (torch.cuda.is_available() and triton_available()):
+    gpu, importable = torch.cuda.is_available(), triton_available()
+    if not (gpu and importable):
         raise UserInputError(
-            f"--loss-impl triton needs a GPU and the triton package (here: {'a GPU' if torch.cuda.is_available() else 'no GPU'}, "
-            f"triton {'importable' if triton_available() else 'missing'}); use --loss-impl auto or chunked")
+            f"--loss-impl triton needs a GPU and the triton package (here: {'a GPU' if gpu else 'no GPU'}, "
+            f"triton {'importable' if importable else 'missing'}); use --loss-impl auto or chunked")
 
 
 # Bounds of two flags every model command takes: seeds of 32 bits (numpy's range; torch's is wider); the
