@@ -30,9 +30,10 @@ Contract shared by both kinds:
   raises becomes a :class:`~megatron_renio.errors.UserInputError` naming the folder.
   ``set_template_variables(variables)`` passes ``variables`` to every later rendering (transformers'
   ``apply_chat_template`` keyword arguments, e.g. Qwen3's ``enable_thinking``; none: nothing
-  changes); it is refused for a tokenizer without a chat template, for a variable the template never reads (a misspelt one would
-  change nothing) and for an argument of transformers' ``apply_chat_template`` itself
-  (``add_generation_prompt``, ``max_length``: the template never sees it).
+  changes); it is refused for a tokenizer without a chat template, for a variable the template
+  never reads (a misspelt one would change nothing) and for an argument of transformers'
+  ``apply_chat_template`` itself (``add_generation_prompt``, ``max_length``: the template never
+  sees it).
 * ``fingerprint()`` is a hex digest of the id -> piece table; two tokenizers with the same digest
   map every id to the same piece (used to check that teacher and student share a vocabulary).
 """

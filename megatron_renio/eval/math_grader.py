@@ -76,9 +76,9 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 def number_answer(value: str | int | float) -> str:
     """A reference answer stored as a JSON or parquet string or number, as text: a string as it is; an
     int as ``str``; a float as the fixed-point digits of its shortest decimal form, without ``.0`` when
-    whole (a float column of a pandas-written parquet holds every answer as a float). ``str`` would give ``'1e+16'`` and
-    ``'1e-05'``, which math-verify matches to no boxed number, and ``int(1e23)`` the binary value
-    99999999999999991611392. The shortest form is a guess at the number as written: a float that holds
+    whole (a float column of a pandas-written parquet holds every answer as a float). ``str`` would
+    give ``'1e+16'`` and ``'1e-05'``, which math-verify matches to no boxed number, and ``int(1e23)``
+    the binary value 99999999999999991611392. The shortest form is a guess at the number as written: a float that holds
     2**60 exactly reads 1152921504606847000 (written as a JSON integer, it stays exact)."""
     if isinstance(value, str):
         return value

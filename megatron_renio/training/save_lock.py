@@ -11,8 +11,9 @@ lost node once a network file system notices: NFS v4 after its lease, about 90 s
 takes the folder over without a stale lock to clear; forked children close their copies of it. The
 trainer claims the folder twice: before it reads it, when the lock file exists (any folder a run of
 this version saved into), so that a second run stops before it reads a checkpoint the first one may
-be pruning or loads models for minutes; and, creating it, once every check has passed. A file system that does not lock (Lustre mounted
-without ``flock``) leaves the run unprotected, with one line saying so.
+be pruning or loads models for minutes; and, creating it, once every check has passed. A file
+system that does not lock (Lustre mounted without ``flock``) leaves the run unprotected, with one
+line saying so.
 """
 
 from __future__ import annotations
